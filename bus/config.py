@@ -1,0 +1,208 @@
+"""Every setting of every bus process, defined once.
+
+Values flow one way: defaults < config file < environment < command-line flags.
+`load_config` builds one frozen `BusConfig`; no other module reads the
+environment. The config file is TOML whose keys are the environment variable
+names (`BATCH_SIZE = 500`), so one name means one setting everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/bus/bus.toml")
+CONFIG_PATH_ENV = "BUS_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A setting has a value of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str
+    env: str
+    type: type
+    default: Any
+    help: str
+
+
+# The one table of settings. Endpoint defaults stay on loopback: exposing the
+# bus beyond the host is an explicit decision (`tcp://*:5550`).
+SETTINGS: tuple[Setting, ...] = (
+    Setting("pub_endpoint", "BUS_PUB_ENDPOINT", str, "tcp://127.0.0.1:5550",
+            "proxy XSUB; publishers connect here"),
+    Setting("sub_endpoint", "BUS_SUB_ENDPOINT", str, "tcp://127.0.0.1:5551",
+            "proxy XPUB; subscribers connect here"),
+    Setting("capture_endpoint", "BUS_CAPTURE_ENDPOINT", str, "tcp://127.0.0.1:5552",
+            "writer PULL (bound); the proxy's capture PUSH connects here"),
+    Setting("control_endpoint", "BUS_CONTROL_ENDPOINT", str, "tcp://127.0.0.1:5553",
+            "writer REP for trusted commands (stats, flush)"),
+    Setting("proxy_control_endpoint", "BUS_PROXY_CONTROL_ENDPOINT", str, "tcp://127.0.0.1:5554",
+            "proxy REP for stats"),
+    Setting("db", "BUS_DB", str, "bus.db", "SQLite database file (the writer creates it)"),
+    Setting("batch_write_enabled", "BATCH_WRITE_ENABLED", bool, True,
+            "false: one transaction per message (debug / comparison)"),
+    Setting("batch_size", "BATCH_SIZE", int, 100, "rows per transaction when flushing by size"),
+    Setting("batch_flush_interval_ms", "BATCH_FLUSH_INTERVAL_MS", int, 50,
+            "oldest buffered row waits at most this long"),
+    Setting("batch_max_buffer_size", "BATCH_MAX_BUFFER_SIZE", int, 10000,
+            "rows held when flushes fail; the writer stops reading at this size"),
+    Setting("batch_low_load_threshold", "BATCH_LOW_LOAD_THRESHOLD", float, 100.0,
+            "below this many messages/s the writer flushes as soon as it is idle"),
+    Setting("batch_load_window_seconds", "BATCH_LOAD_WINDOW_SECONDS", float, 2.0,
+            "window over which requests_per_second is measured"),
+    Setting("sqlite_synchronous", "BUS_SQLITE_SYNCHRONOUS", str, "NORMAL",
+            "NORMAL (survives process crashes) or FULL (also power loss)"),
+    Setting("capture_hwm", "BUS_CAPTURE_HWM", int, 1_000_000,
+            "messages the proxy queues for a stopped or slow writer"),
+    Setting("sub_hwm", "BUS_SUB_HWM", int, 100_000,
+            "messages the proxy queues per subscriber before dropping for it"),
+    Setting("pub_hwm", "BUS_PUB_HWM", int, 100_000,
+            "messages queued in the proxy per publisher and in each Publisher"),
+    Setting("max_topic_bytes", "BUS_MAX_TOPIC_BYTES", int, 256, "longest topic stored"),
+    Setting("max_message_bytes", "BUS_MAX_MESSAGE_BYTES", int, 1_048_576,
+            "largest message (all frames) stored"),
+    Setting("proxy_max_frame_bytes", "BUS_PROXY_MAX_FRAME_BYTES", int, 16_777_216,
+            "the proxy disconnects a peer sending a larger frame (memory guard)"),
+    Setting("shutdown_timeout_ms", "BUS_SHUTDOWN_TIMEOUT_MS", int, 10_000,
+            "longest a process spends draining and flushing when stopped"),
+    Setting("drain_idle_ms", "BUS_DRAIN_IDLE_MS", int, 200,
+            "on stop, the writer drains the capture until it is quiet this long"),
+    Setting("request_timeout_ms", "BUS_REQUEST_TIMEOUT_MS", int, 3000,
+            "client wait for a control reply or for the proxy's subscription"),
+    Setting("log_level", "BUS_LOG_LEVEL", str, "info", "debug, info, warning, error"),
+    Setting("log_format", "BUS_LOG_FORMAT", str, "auto",
+            "auto (JSON unless stderr is a terminal), json, console"),
+)
+
+_BY_FIELD = {s.field: s for s in SETTINGS}
+_BY_ENV = {s.env: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    pub_endpoint: str
+    sub_endpoint: str
+    capture_endpoint: str
+    control_endpoint: str
+    proxy_control_endpoint: str
+    db: str
+    batch_write_enabled: bool
+    batch_size: int
+    batch_flush_interval_ms: int
+    batch_max_buffer_size: int
+    batch_low_load_threshold: float
+    batch_load_window_seconds: float
+    sqlite_synchronous: str
+    capture_hwm: int
+    sub_hwm: int
+    pub_hwm: int
+    max_topic_bytes: int
+    max_message_bytes: int
+    proxy_max_frame_bytes: int
+    shutdown_timeout_ms: int
+    drain_idle_ms: int
+    request_timeout_ms: int
+    log_level: str
+    log_format: str
+    source: str = "defaults"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "batch_max_buffer_size", "max_topic_bytes",
+                     "max_message_bytes", "capture_hwm", "sub_hwm", "pub_hwm"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_BY_FIELD[name].env} must be at least 1")
+        if self.batch_flush_interval_ms < 0:
+            raise ConfigError("BATCH_FLUSH_INTERVAL_MS must not be negative")
+        if self.batch_size > self.batch_max_buffer_size:
+            raise ConfigError("BATCH_SIZE must not exceed BATCH_MAX_BUFFER_SIZE")
+        if self.batch_load_window_seconds <= 0:
+            raise ConfigError("BATCH_LOAD_WINDOW_SECONDS must be positive")
+        if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA", "OFF"):
+            raise ConfigError("BUS_SQLITE_SYNCHRONOUS must be NORMAL, FULL, EXTRA or OFF")
+        if self.log_format not in ("auto", "json", "console"):
+            raise ConfigError("BUS_LOG_FORMAT must be auto, json or console")
+
+    def public(self) -> dict[str, Any]:
+        """The settings as their environment names, for stats and start-up logs."""
+        return {s.env: getattr(self, s.field) for s in SETTINGS}
+
+
+def _coerce(setting: Setting, value: Any) -> Any:
+    if setting.type is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{setting.env}: expected true/false, got {value!r}")
+    if setting.type in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{setting.env}: expected a number, got {value!r}")
+        try:
+            return setting.type(str(value).replace("_", "")) if isinstance(value, str) \
+                else setting.type(value)
+        except ValueError:
+            raise ConfigError(f"{setting.env}: expected a number, got {value!r}") from None
+    return str(value)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    unknown = sorted(set(data) - set(_BY_ENV))
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {', '.join(unknown)}")
+    return {_BY_ENV[k].field: v for k, v in data.items()}
+
+
+def load_config(overrides: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] | None = None,
+                config_path: str | os.PathLike | None = None) -> BusConfig:
+    """Build the config: defaults < file < environment < overrides (flags).
+
+    `overrides` is keyed by field name; None values mean "flag not given".
+    The file is `config_path`, else $BUS_CONFIG, else /etc/bus/bus.toml if present.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {s.field: s.default for s in SETTINGS}
+    sources = ["defaults"]
+
+    explicit = config_path or env.get(CONFIG_PATH_ENV)
+    path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    if explicit or path.exists():
+        try:
+            values.update(read_config_file(path))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        sources.append(str(path))
+
+    from_env = {s.field: env[s.env] for s in SETTINGS if s.env in env}
+    if from_env:
+        values.update(from_env)
+        sources.append("environment")
+
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(_BY_FIELD))
+    if unknown:
+        raise ConfigError(f"unknown settings {', '.join(unknown)}")
+    if given:
+        values.update(given)
+        sources.append("flags")
+
+    typed = {field: _coerce(_BY_FIELD[field], v) for field, v in values.items()}
+    typed["sqlite_synchronous"] = typed["sqlite_synchronous"].upper()
+    return BusConfig(**typed, source=" < ".join(sources))
+
+
+def with_overrides(config: BusConfig, **changes: Any) -> BusConfig:
+    return dataclasses.replace(config, **changes)

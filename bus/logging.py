@@ -1,0 +1,67 @@
+"""Structured logs: JSON lines for journald and files, readable lines on a terminal.
+
+Logs go to stderr so that commands like `bus-cli tail` keep stdout for data.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", process: str | None = None) -> None:
+    """Set up structlog once per process. fmt: auto | json | console."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if use_json:
+        processors += [structlog.processors.format_exc_info,
+                       structlog.processors.JSONRenderer()]
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level.lower(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.clear_contextvars()
+    if process:
+        structlog.contextvars.bind_contextvars(process=process)
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(component=name)
+
+
+class RateLimitedLog:
+    """Logs an event at most once per `interval` seconds per key, with the count suppressed.
+
+    Bad input can arrive at line rate; the log must not become the bottleneck
+    or fill the journal.
+    """
+
+    def __init__(self, log: Any, interval: float = 5.0) -> None:
+        self._log = log
+        self._interval = interval
+        self._next_at: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, event: str, now: float | None = None, **fields: Any) -> None:
+        now = time.monotonic() if now is None else now
+        if now < self._next_at.get(key, 0.0):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._next_at[key] = now + self._interval
+        suppressed = self._suppressed.pop(key, 0)
+        self._log.warning(event, reason=key, suppressed_since_last=suppressed, **fields)

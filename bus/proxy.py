@@ -1,0 +1,138 @@
+"""bus-proxy: the live pub/sub hub.
+
+Binds   XSUB  pub_endpoint            publishers connect here
+Binds   XPUB  sub_endpoint            subscribers connect here
+Connects PUSH capture_endpoint        every message and subscription frame to the writer
+Binds   REP   proxy_control_endpoint  `stats`, `ping`
+
+Messages are forwarded by libzmq's own steerable proxy loop on a thread of its
+own (it runs without the GIL); this process's Python loop only answers control
+requests and watches for SIGTERM/SIGINT, which end the proxy with TERMINATE.
+On stop the capture socket lingers up to shutdown_timeout_ms so that what is
+queued for the writer is still delivered.
+
+Counters come from libzmq's STATISTICS command; libzmq counts frames (message
+parts), not messages, so they are reported as frames.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from bus import protocol, sockets
+from bus.config import BusConfig
+from bus.logging import RateLimitedLog, get_logger
+from bus.runner import StopSignal
+
+log = get_logger("proxy")
+
+_STAT_NAMES = (
+    "frontend_frames_in", "frontend_bytes_in", "frontend_frames_out", "frontend_bytes_out",
+    "backend_frames_in", "backend_bytes_in", "backend_frames_out", "backend_bytes_out",
+)
+
+
+class Proxy:
+    name = "proxy"
+
+    def __init__(self, config: BusConfig) -> None:
+        self.config = config
+        self.ctx: zmq.Context | None = None
+        self._thread: threading.Thread | None = None
+        self._proxy_error: BaseException | None = None
+        self._bad_requests = 0
+        self._started = time.monotonic()
+        self._rejects = RateLimitedLog(log)
+
+    def initialize(self, stop: StopSignal) -> None:
+        cfg = self.config
+        self.stop = stop
+        self.ctx = zmq.Context()
+        self.frontend = sockets.open_proxy_frontend(self.ctx, cfg)
+        self.backend = sockets.open_proxy_backend(self.ctx, cfg)
+        self.capture = sockets.open_proxy_capture(self.ctx, cfg)
+        self.control = sockets.open_proxy_control(self.ctx, cfg)
+        self.steer = self.ctx.socket(zmq.PAIR)
+        self.steer.bind(sockets.PROXY_STEERING_ENDPOINT)
+        steered = self.ctx.socket(zmq.PAIR)
+        steered.connect(sockets.PROXY_STEERING_ENDPOINT)
+        self._steered = steered
+        self._thread = threading.Thread(target=self._run_proxy, name="zmq-proxy", daemon=True)
+        self._thread.start()
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(stop.fileno(), zmq.POLLIN)
+        log.info("started", pub_endpoint=cfg.pub_endpoint, sub_endpoint=cfg.sub_endpoint,
+                 capture_endpoint=cfg.capture_endpoint,
+                 control_endpoint=cfg.proxy_control_endpoint, capture_hwm=cfg.capture_hwm,
+                 config_source=cfg.source)
+
+    def _run_proxy(self) -> None:
+        try:
+            zmq.proxy_steerable(self.frontend, self.backend, self.capture, self._steered)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.ETERM:
+                self._proxy_error = exc
+        except BaseException as exc:  # reported by the main loop, which exits non-zero
+            self._proxy_error = exc
+
+    def loop(self, now: float | None = None) -> None:
+        events = dict(self.poller.poll(1000))
+        if self._thread is not None and not self._thread.is_alive():
+            raise RuntimeError(f"proxy loop ended: {self._proxy_error!r}")
+        if self.stop.fileno() in events:
+            self.stop.clear_wakeup()
+        if self.control in events:
+            self.handle_control(self.control.recv())
+
+    def handle_control(self, raw: bytes) -> None:
+        request_id: Any = None
+        try:
+            request_id, cmd, _args = protocol.decode_request(raw)
+            if cmd == "stats":
+                reply = protocol.encode_reply_ok(request_id, self.read_stats())
+            elif cmd == "ping":
+                reply = protocol.encode_reply_ok(request_id, "pong")
+            else:
+                reply = protocol.encode_reply_error(request_id, "unknown_command",
+                                                    f"no command {cmd!r}")
+        except protocol.ProtocolError as exc:
+            self._bad_requests += 1
+            request_id = getattr(exc, "request_id", request_id)
+            self._rejects.warning(exc.reason, "bad_control_request", detail=exc.detail)
+            reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
+        self.control.send(reply)
+
+    def read_stats(self) -> dict[str, Any]:
+        self.steer.send(b"STATISTICS")
+        if not self.steer.poll(2000):
+            raise RuntimeError("proxy loop did not answer STATISTICS")
+        values = [struct.unpack("=Q", part)[0] for part in self.steer.recv_multipart()]
+        stats: dict[str, Any] = dict(zip(_STAT_NAMES, values))
+        stats.update(uptime_seconds=round(time.monotonic() - self._started, 3),
+                     bad_control_requests=self._bad_requests,
+                     capture_hwm=self.config.capture_hwm,
+                     endpoints={"pub": self.config.pub_endpoint, "sub": self.config.sub_endpoint,
+                                "capture": self.config.capture_endpoint})
+        return stats
+
+    def shutdown(self) -> None:
+        if self.ctx is None:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            self.steer.send(b"TERMINATE")
+            self._thread.join(5)
+        for name in ("frontend", "backend", "control", "steer", "_steered"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)
+        # Lingers up to shutdown_timeout_ms: queued captures still reach the writer.
+        if getattr(self, "capture", None) is not None:
+            self.capture.close()
+        self.ctx.term()
+        self.ctx = None

@@ -1,0 +1,1 @@
+"""bus-cli: the command-line entry point."""

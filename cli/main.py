@@ -1,0 +1,379 @@
+"""bus-cli: run the bus processes and talk to them.
+
+    bus-cli up                      proxy + writer in the foreground (development)
+    bus-cli proxy | writer          one process each (what the systemd units run)
+    bus-cli publish TOPIC [DATA]    publish DATA, or one message per stdin line
+    bus-cli tail [PREFIX...]        print messages as they pass
+    bus-cli stats                   writer batch/load metrics and proxy counters
+
+Every setting is a flag here, an environment variable, or a key of the config
+file (see `bus.config.SETTINGS`); flags win.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+import msgpack
+
+from bus import protocol
+from bus.client import BusError, ControlClient, Publisher, Subscriber
+from bus.config import SETTINGS, BusConfig, ConfigError, load_config
+from bus.logging import configure_logging
+
+_SETTING = {s.field: s for s in SETTINGS}
+ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
+                   "proxy_control_endpoint")
+BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
+                "batch_max_buffer_size", "sqlite_synchronous")
+
+
+def setting_options(*fields: str) -> Callable[[Callable], Callable]:
+    """Add one flag per setting, named after the setting (`--pub-endpoint`)."""
+    def decorate(fn: Callable) -> Callable:
+        for name in reversed(fields):
+            s = _SETTING[name]
+            flag = name.replace("_", "-")
+            decls = [f"--{flag}/--no-{flag}"] if s.type is bool else [f"--{flag}"]
+            fn = click.option(*decls, name, default=None, type=s.type,
+                              help=f"{s.help} [env {s.env}; default {s.default}]")(fn)
+        return fn
+    return decorate
+
+
+def build_config(ctx: click.Context, flags: dict[str, Any], process: str | None = None) -> BusConfig:
+    try:
+        cfg = load_config({k: v for k, v in flags.items() if k in _SETTING},
+                          config_path=ctx.obj.get("config_path"))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    configure_logging(cfg.log_level, cfg.log_format, process=process)
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML config file [env BUS_CONFIG; default /etc/bus/bus.toml if present]")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """ZeroMQ message bus with a batching SQLite writer."""
+    ctx.obj = {"config_path": config_path}
+
+
+# --- processes ---------------------------------------------------------------
+
+@main.command()
+@setting_options("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",
+                 "capture_hwm")
+@click.pass_context
+def proxy(ctx: click.Context, **flags: Any) -> None:
+    """Run the XSUB/XPUB proxy with its capture pipe to the writer."""
+    from bus.proxy import Proxy
+    from bus.runner import run_role
+    sys.exit(run_role(Proxy(build_config(ctx, flags, "proxy"))))
+
+
+@main.command()
+@setting_options("capture_endpoint", "control_endpoint", "db", *BATCH_FIELDS)
+@click.pass_context
+def writer(ctx: click.Context, **flags: Any) -> None:
+    """Run the batching SQLite writer."""
+    from bus.runner import run_role
+    from writer.service import Writer
+    sys.exit(run_role(Writer(build_config(ctx, flags, "writer"))))
+
+
+@main.command()
+@setting_options(*ENDPOINT_FIELDS, "db", *BATCH_FIELDS)
+@click.pass_context
+def up(ctx: click.Context, **flags: Any) -> None:
+    """Run proxy + writer in the foreground until Ctrl-C.
+
+    Ctrl-C stops the proxy first, so that everything it captured reaches the
+    writer, then the writer, which flushes and closes the database.
+    """
+    cfg = build_config(ctx, flags, "up")
+    env = dict(os.environ)
+    env.update({s.env: str(getattr(cfg, s.field)).lower() if s.type is bool
+                else str(getattr(cfg, s.field)) for s in SETTINGS})
+    cmd = [sys.executable, "-m", "cli.main"]
+    if ctx.obj.get("config_path"):
+        cmd += ["--config", ctx.obj["config_path"]]
+    # Own sessions: the terminal's Ctrl-C reaches only this process, which then
+    # stops the children in the safe order.
+    writer_proc = subprocess.Popen(cmd + ["writer"], env=env, start_new_session=True)
+    proxy_proc = subprocess.Popen(cmd + ["proxy"], env=env, start_new_session=True)
+    children = {"proxy": proxy_proc, "writer": writer_proc}
+    stopping = {"signal": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping["signal"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    status = 0
+    try:
+        if not _wait_ready(cfg, children, stopping):
+            status = 1
+        else:
+            click.echo(
+                f"bus is up: proxy pid {proxy_proc.pid}, writer pid {writer_proc.pid}, "
+                f"database {os.path.abspath(cfg.db)}\n"
+                f"  publishers connect to   {cfg.pub_endpoint}   (BUS_PUB_ENDPOINT)\n"
+                f"  subscribers connect to  {cfg.sub_endpoint}   (BUS_SUB_ENDPOINT)\n"
+                f"  writer capture (PULL)   {cfg.capture_endpoint}   (BUS_CAPTURE_ENDPOINT)\n"
+                f"  writer control (REP)    {cfg.control_endpoint}   (BUS_CONTROL_ENDPOINT)\n"
+                f"  proxy control (REP)     {cfg.proxy_control_endpoint}   "
+                f"(BUS_PROXY_CONTROL_ENDPOINT)\n"
+                "Ctrl-C stops both.", err=False)
+            sys.stdout.flush()
+            while stopping["signal"] is None:
+                for name, proc in children.items():
+                    if proc.poll() is not None:
+                        click.echo(f"{name} exited with status {proc.returncode}", err=True)
+                        status = 1
+                        stopping["signal"] = signal.SIGTERM
+                time.sleep(0.1)
+    finally:
+        timeout = cfg.shutdown_timeout_ms / 1000.0 + 5
+        for name in ("proxy", "writer"):
+            proc = children[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            if code != 0:
+                status = 1
+    click.echo("bus stopped" + ("" if status == 0 else " with errors"), err=True)
+    sys.exit(status)
+
+
+def _wait_ready(cfg: BusConfig, children: dict[str, subprocess.Popen], stopping: dict) -> bool:
+    deadline = time.monotonic() + 15
+    pending = {"writer": cfg.control_endpoint, "proxy": cfg.proxy_control_endpoint}
+    while pending and time.monotonic() < deadline and stopping["signal"] is None:
+        for name, endpoint in list(pending.items()):
+            if children[name].poll() is not None:
+                click.echo(f"{name} exited with status {children[name].returncode}", err=True)
+                return False
+            with ControlClient(endpoint, timeout_ms=200) as client:
+                try:
+                    client.request("ping")
+                    del pending[name]
+                except BusError:
+                    pass
+    if pending:
+        click.echo(f"not ready: {', '.join(pending)}", err=True)
+    return not pending
+
+
+# --- publish -------------------------------------------------------------------
+
+def encode_payload(data: str, encoding: str) -> tuple[bytes, str]:
+    if encoding == "raw":
+        return data.encode("utf-8"), protocol.CONTENT_TEXT
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"--{encoding} needs JSON input: {exc}", param_hint="DATA")
+    if encoding == "json":
+        return json.dumps(value, separators=(",", ":")).encode("utf-8"), protocol.CONTENT_JSON
+    return msgpack.packb(value), protocol.CONTENT_MSGPACK
+
+
+@main.command()
+@click.argument("topic")
+@click.argument("data", required=False)
+@click.option("--raw", "encoding", flag_value="raw", default=True,
+              help="payload is DATA's UTF-8 bytes (default)")
+@click.option("--json", "encoding", flag_value="json", help="DATA is JSON; payload is JSON")
+@click.option("--msgpack", "encoding", flag_value="msgpack",
+              help="DATA is JSON; payload is its msgpack encoding")
+@click.option("--count", "-c", type=click.IntRange(min=1), default=1,
+              help="publish DATA this many times")
+@click.option("--rate", "-r", type=click.FloatRange(min=0), default=0.0,
+              help="messages per second with --count (0: as fast as possible)")
+@click.option("--producer-id", default=None, help="producer id in meta (default: host-pid-random)")
+@click.option("--header", "-H", multiple=True, help="KEY=VALUE header in meta (repeatable)")
+@setting_options("pub_endpoint", "request_timeout_ms")
+@click.pass_context
+def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, count: int,
+            rate: float, producer_id: str | None, header: tuple[str, ...], **flags: Any) -> None:
+    """Publish DATA to TOPIC, or one message per line of standard input."""
+    cfg = build_config(ctx, flags, "publish")
+    headers = {}
+    for item in header:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--header")
+        headers[key] = value
+    try:
+        protocol.decode_topic(topic.encode("utf-8"), cfg.max_topic_bytes)
+    except protocol.ProtocolError as exc:
+        raise click.BadParameter(str(exc), param_hint="TOPIC")
+    if data is None and count > 1:
+        raise click.UsageError("--count needs DATA")
+    if data is not None:
+        payloads: Any = [encode_payload(data, encoding)] * count
+        total: int | None = count
+    else:
+        payloads = (encode_payload(line.rstrip("\n"), encoding) for line in sys.stdin)
+        total = None
+    sent = 0
+    try:
+        with Publisher(cfg, producer_id=producer_id) as pub:
+            with click.progressbar(length=count, file=sys.stderr, label=f"publishing to {topic}",
+                                   show_pos=True) if count > 1 else _NoBar() as bar:
+                started = time.monotonic()
+                for payload, content_type in payloads:
+                    if rate > 0:
+                        delay = started + sent / rate - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                    pub.publish(topic, payload, content_type=content_type, headers=headers or None)
+                    sent += 1
+                    if sent % 1000 == 0 or sent == total:
+                        bar.update(sent - bar.pos if hasattr(bar, "pos") else 0)
+            last = pub.last_seq
+    except BusError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"published {sent} message{'s' if sent != 1 else ''} to {topic} "
+               f"(producer {pub.producer_id}, seq {last - sent + 1}..{last})", err=True)
+
+
+class _NoBar:
+    pos = 0
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        self.pos += n
+
+
+# --- tail ----------------------------------------------------------------------
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def decode_payload(msg: protocol.Message) -> tuple[str, Any]:
+    """('value', x) for msgpack/JSON payloads, ('text', s) for UTF-8, ('base64', s) otherwise."""
+    content_type = msg.meta.get(protocol.META_CONTENT_TYPE, "")
+    try:
+        if content_type == protocol.CONTENT_MSGPACK:
+            return "value", msgpack.unpackb(msg.payload, raw=False, strict_map_key=False)
+        if content_type == protocol.CONTENT_JSON:
+            return "value", json.loads(msg.payload)
+    except Exception:
+        pass
+    try:
+        return "text", msg.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64", base64.b64encode(msg.payload).decode("ascii")
+
+
+def format_line(msg: protocol.Message) -> str:
+    ts = msg.time_ns or time.time_ns()
+    when = dt.datetime.fromtimestamp(ts / 1e9, dt.timezone.utc).isoformat(timespec="milliseconds")
+    kind, value = decode_payload(msg)
+    shown = json.dumps(value, default=_jsonable) if kind == "value" else \
+        (value if kind == "text" else f"base64:{value}")
+    origin = f" {msg.producer}#{msg.seq}" if msg.producer else ""
+    return f"{when.replace('+00:00', 'Z')} {msg.topic}{origin} {shown}"
+
+
+def format_json(msg: protocol.Message) -> str:
+    kind, value = decode_payload(msg)
+    record = {"topic": msg.topic, "meta": msg.meta,
+              ("payload" if kind != "base64" else "payload_base64"): value}
+    return json.dumps(record, default=_jsonable, separators=(",", ":"))
+
+
+@main.command()
+@click.argument("prefixes", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.option("-n", "limit", type=click.IntRange(min=1), default=None,
+              help="stop after this many messages")
+@setting_options("sub_endpoint")
+@click.pass_context
+def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: int | None,
+         **flags: Any) -> None:
+    """Print messages whose topic starts with one of PREFIXES (all if none)."""
+    cfg = build_config(ctx, flags, "tail")
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    shown = 0
+    fmt = format_json if as_json else format_line
+    with Subscriber(prefixes or ("",), cfg) as sub:
+        try:
+            while not stop["now"] and (limit is None or shown < limit):
+                msg = sub.receive(timeout=0.2)
+                if msg is None:
+                    continue
+                sys.stdout.write(fmt(msg) + "\n")
+                sys.stdout.flush()
+                shown += 1
+        except KeyboardInterrupt:
+            pass
+        except BrokenPipeError:
+            sys.stderr.close()
+
+
+# --- stats ---------------------------------------------------------------------
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@setting_options("control_endpoint", "proxy_control_endpoint", "request_timeout_ms")
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
+    """Show the writer's batch and load metrics and the proxy's counters."""
+    cfg = build_config(ctx, flags, "stats")
+    result: dict[str, Any] = {}
+    failed = False
+    for name, endpoint in (("writer", cfg.control_endpoint), ("proxy", cfg.proxy_control_endpoint)):
+        with ControlClient(endpoint, timeout_ms=cfg.request_timeout_ms) as client:
+            try:
+                result[name] = client.request("stats")
+            except BusError as exc:
+                result[name] = {"error": str(exc)}
+                failed = True
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=_jsonable))
+    else:
+        for name, section in result.items():
+            click.echo(f"[{name}]")
+            _print_tree(section, "  ")
+    sys.exit(1 if failed else 0)
+
+
+def _print_tree(data: dict[str, Any], indent: str) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict) and value and key != "config":
+            click.echo(f"{indent}{key}:")
+            _print_tree(value, indent + "  ")
+        elif key != "config":
+            click.echo(f"{indent}{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The single SQLite writer: the only process that writes the database."""

@@ -1,0 +1,156 @@
+"""The batch buffer and the writer's batch and load metrics.
+
+Pure bookkeeping, no I/O and no clock of its own: every method takes `now`
+(time.monotonic() seconds), so unit tests step it by hand.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from writer.store import MessageRow, SubscriptionRow
+
+# Why a batch was flushed; each has a counter `flush_by_<reason>`.
+FLUSH_REASONS = ("size", "time", "shutdown", "low_load", "request")
+
+
+class BatchBuffer:
+    """Rows waiting for the next transaction, by kind.
+
+    Flush by size when `batch_size` rows are waiting, by time when the oldest has
+    waited `flush_interval` seconds. Rows stay here until their transaction has
+    committed, so a failed flush loses nothing; `is_full` tells the writer to stop
+    reading its socket, which pushes back to the proxy's high-water mark.
+    """
+
+    def __init__(self, batch_size: int, flush_interval: float, max_size: int) -> None:
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.max_size = max_size
+        self.messages: list[MessageRow] = []
+        self.subscriptions: list[SubscriptionRow] = []
+        # Durable-consumer positions join the batch here (the seed's "consumptions").
+        self.consumptions: list[tuple[Any, ...]] = []
+        self.oldest_at: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.messages) + len(self.subscriptions) + len(self.consumptions)
+
+    def add_message(self, row: MessageRow, now: float) -> None:
+        if self.oldest_at is None:
+            self.oldest_at = now
+        self.messages.append(row)
+
+    def add_subscription(self, row: SubscriptionRow, now: float) -> None:
+        if self.oldest_at is None:
+            self.oldest_at = now
+        self.subscriptions.append(row)
+
+    @property
+    def room(self) -> int:
+        """How many more rows to read before the next flush by size."""
+        return max(0, self.batch_size - len(self))
+
+    @property
+    def is_full(self) -> bool:
+        return len(self) >= self.max_size
+
+    def due(self, now: float) -> str | None:
+        """The reason a flush is due now, or None."""
+        if not self:
+            return None
+        if len(self) >= self.batch_size:
+            return "size"
+        if now - self.oldest_at >= self.flush_interval:
+            return "time"
+        return None
+
+    def seconds_until_due(self, now: float) -> float | None:
+        if self.oldest_at is None:
+            return None
+        return max(0.0, self.oldest_at + self.flush_interval - now)
+
+    def clear(self) -> None:
+        self.messages = []
+        self.subscriptions = []
+        self.consumptions = []
+        self.oldest_at = None
+
+    def sizes(self) -> dict[str, int]:
+        return {"messages": len(self.messages), "consumptions": len(self.consumptions),
+                "subscriptions": len(self.subscriptions)}
+
+
+class BatchMetrics:
+    def __init__(self) -> None:
+        self.total_flushes = 0
+        self.total_writes = 0
+        self.total_batched_items = 0
+        self.flush_by = dict.fromkeys(FLUSH_REASONS, 0)
+        self.flush_errors = 0
+        self.max_batch_size = 0
+        self.min_batch_size: int | None = None
+        self.last_flush_ms = 0.0
+        self.max_flush_ms = 0.0
+
+    def record_flush(self, items: int, reason: str, seconds: float, batched: bool) -> None:
+        self.total_flushes += 1
+        self.total_writes += items
+        if batched:
+            self.total_batched_items += items
+        self.flush_by[reason] += 1
+        self.max_batch_size = max(self.max_batch_size, items)
+        self.min_batch_size = items if self.min_batch_size is None else min(self.min_batch_size, items)
+        self.last_flush_ms = seconds * 1000.0
+        self.max_flush_ms = max(self.max_flush_ms, self.last_flush_ms)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "total_flushes": self.total_flushes,
+            "total_writes": self.total_writes,
+            "total_batched_items": self.total_batched_items,
+            **{f"flush_by_{reason}": n for reason, n in self.flush_by.items()},
+            "flush_errors": self.flush_errors,
+            "avg_batch_size": round(self.total_writes / self.total_flushes, 2)
+            if self.total_flushes else 0.0,
+            "max_batch_size": self.max_batch_size,
+            "min_batch_size": self.min_batch_size or 0,
+            "last_flush_ms": round(self.last_flush_ms, 3),
+            "max_flush_ms": round(self.max_flush_ms, 3),
+        }
+
+
+class LoadMeter:
+    """Messages per second over a sliding window, kept in one-second buckets."""
+
+    def __init__(self, threshold: float, window_seconds: float) -> None:
+        self.threshold = threshold
+        self.window_seconds = window_seconds
+        self._buckets: deque[list[float]] = deque()  # [second, count]
+        self._in_window = 0
+
+    def record(self, count: int, now: float) -> None:
+        second = float(int(now))
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += count
+        else:
+            self._buckets.append([second, count])
+        self._in_window += count
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        while self._buckets and self._buckets[0][0] <= now - self.window_seconds:
+            self._in_window -= int(self._buckets.popleft()[1])
+
+    def requests_per_second(self, now: float) -> float:
+        self._expire(now)
+        return self._in_window / self.window_seconds
+
+    def is_low_load(self, now: float) -> bool:
+        return self.requests_per_second(now) < self.threshold
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {"requests_per_second": round(self.requests_per_second(now), 2),
+                "is_low_load": self.is_low_load(now), "threshold": self.threshold,
+                "window_seconds": self.window_seconds}

@@ -1,0 +1,261 @@
+"""bus-writer: the only process that writes the SQLite database.
+
+Binds PULL capture_endpoint   the proxy's capture pipe: data messages and
+                              subscription frames (untrusted: never commands)
+Binds REP  control_endpoint   trusted commands: `stats`, `flush`, `ping`
+
+Messages are validated, buffered and committed in batches: one transaction per
+BATCH_SIZE rows, or when the oldest row has waited BATCH_FLUSH_INTERVAL_MS, or
+at once when the socket is idle and the load is low. BATCH_WRITE_ENABLED=false
+commits every message on its own. On SIGTERM/SIGINT the writer drains the
+capture until it has been quiet for BUS_DRAIN_IDLE_MS, flushes, closes the
+database and exits 0.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import zmq
+
+from bus import protocol, sockets
+from bus.config import BusConfig
+from bus.logging import RateLimitedLog, get_logger
+from bus.runner import StopSignal
+from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
+from writer.store import TRANSIENT_ERRORS, Store
+
+log = get_logger("writer")
+
+# After a failed flush, wait this long before trying again.
+FLUSH_RETRY_SECONDS = 0.5
+
+
+class Writer:
+    name = "writer"
+
+    def __init__(self, config: BusConfig) -> None:
+        cfg = config
+        self.config = cfg
+        self.buffer = BatchBuffer(cfg.batch_size if cfg.batch_write_enabled else 1,
+                                  cfg.batch_flush_interval_ms / 1000.0, cfg.batch_max_buffer_size)
+        self.metrics = BatchMetrics()
+        self.load = LoadMeter(cfg.batch_low_load_threshold, cfg.batch_load_window_seconds)
+        self.rejected: dict[str, int] = {}
+        self.messages_received = 0
+        self.subscriptions_received = 0
+        self.reserved_skipped = 0
+        self.bad_control_requests = 0
+        self._retry_at = 0.0
+        self._started = time.monotonic()
+        self._rejects = RateLimitedLog(log)
+        self.ctx: zmq.Context | None = None
+        self.store: Store | None = None
+
+    # --- life cycle ---------------------------------------------------------
+
+    def initialize(self, stop: StopSignal) -> None:
+        cfg = self.config
+        self.stop = stop
+        self.store = Store(cfg.db, cfg.sqlite_synchronous)
+        self.ctx = zmq.Context()
+        self.capture = sockets.open_writer_capture(self.ctx, cfg)
+        self.control = sockets.open_writer_control(self.ctx, cfg)
+        self.poller = zmq.Poller()
+        self.poller.register(self.capture, zmq.POLLIN)
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(stop.fileno(), zmq.POLLIN)
+        # While the buffer is full the capture is not read: its pending input must
+        # not wake the poll either, or the loop would spin.
+        self.paused_poller = zmq.Poller()
+        self.paused_poller.register(self.control, zmq.POLLIN)
+        self.paused_poller.register(stop.fileno(), zmq.POLLIN)
+        log.info("started", db=cfg.db, capture_endpoint=cfg.capture_endpoint,
+                 control_endpoint=cfg.control_endpoint, config_source=cfg.source,
+                 config=cfg.public())
+
+    def loop(self, now: float | None = None) -> None:
+        timeout_ms = self._poll_timeout_ms(time.monotonic() if now is None else now)
+        poller = self.paused_poller if self.buffer.is_full else self.poller
+        events = dict(poller.poll(timeout_ms))
+        now = time.monotonic() if now is None else now
+        if self.stop.fileno() in events:
+            self.stop.clear_wakeup()
+        if self.control in events:
+            self.handle_control(self.control.recv(), now)
+        idle = True
+        if self.capture in events:
+            idle = self.drain_capture(now)
+        self.flush_if_due(now, idle)
+
+    def shutdown(self) -> None:
+        if self.store is not None and self.ctx is not None:
+            self.drain_before_exit()
+            self.flush("shutdown", time.monotonic())
+        if self.ctx is not None:
+            self.capture.close(linger=0)
+            self.control.close(linger=0)
+            self.ctx.term()
+            self.ctx = None
+        if self.store is not None:
+            log.info("database_closed", db=self.config.db, **self.store_counts())
+            self.store.close()
+            self.store = None
+
+    def drain_before_exit(self) -> None:
+        """Read what the proxy already sent until the pipe is quiet, within the deadline."""
+        deadline = time.monotonic() + self.config.shutdown_timeout_ms / 1000.0
+        idle_ms = self.config.drain_idle_ms
+        while time.monotonic() < deadline:
+            if not self.capture.poll(idle_ms):
+                return
+            now = time.monotonic()
+            self.drain_capture(now)
+            if self.buffer.due(now) or self.buffer.is_full:
+                self.flush("shutdown", now)
+
+    # --- capture pipe -------------------------------------------------------
+
+    def drain_capture(self, now: float) -> bool:
+        """Read until the next flush by size is due; True if the socket ran dry."""
+        recv = self.capture.recv_multipart
+        room = max(1, self.buffer.room)
+        received = 0
+        idle = False
+        while received < room:
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                idle = True
+                break
+            received += 1
+            self.ingest(frames, now)
+            if not self.config.batch_write_enabled and self.buffer:
+                self.flush("size", now)
+        self.load.record(received, now)
+        return idle
+
+    def ingest(self, frames: list[bytes], now: float) -> None:
+        """Validate one capture message and buffer its row; bad input is counted."""
+        if protocol.is_subscription_frame(frames):
+            frame = frames[0]
+            self.subscriptions_received += 1
+            self.buffer.add_subscription((frame[0], frame[1:]), now)
+            return
+        cfg = self.config
+        try:
+            topic, payload, meta_raw, meta = protocol.decode_message(
+                frames, cfg.max_topic_bytes, cfg.max_message_bytes)
+        except protocol.ProtocolError as exc:
+            self.reject(exc, frames)
+            return
+        if topic[0] == protocol.RESERVED_PREFIX:
+            self.reserved_skipped += 1
+            return
+        self.messages_received += 1
+        self.buffer.add_message((topic, payload, meta_raw, meta.get(protocol.META_PRODUCER),
+                                 meta.get(protocol.META_SEQ), meta.get(protocol.META_TIME_NS)),
+                                now)
+
+    def reject(self, exc: protocol.ProtocolError, frames: list[bytes]) -> None:
+        self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+        topic = frames[0][:64] if frames else b""
+        self._rejects.warning(exc.reason, "message_rejected", detail=exc.detail,
+                              frames=len(frames), topic=topic.decode("utf-8", "replace"))
+
+    # --- flushing -----------------------------------------------------------
+
+    def flush_if_due(self, now: float, idle: bool) -> None:
+        if not self.buffer or now < self._retry_at:
+            return
+        reason = self.buffer.due(now)
+        if reason is None and idle and self.load.is_low_load(now):
+            reason = "low_load"
+        if reason is not None:
+            self.flush(reason, now)
+
+    def flush(self, reason: str, now: float) -> bool:
+        """Commit the whole buffer as one transaction. On a transient database
+        error the rows stay buffered and the flush is retried later."""
+        if not self.buffer or self.store is None:
+            return True
+        items = len(self.buffer)
+        started = time.perf_counter()
+        try:
+            self.store.write_batch(self.buffer.messages, self.buffer.subscriptions)
+        except TRANSIENT_ERRORS as exc:
+            self.metrics.flush_errors += 1
+            self._retry_at = now + FLUSH_RETRY_SECONDS
+            log.error("flush_failed", error=str(exc), error_type=type(exc).__name__,
+                      buffered=items, will_retry_in_s=FLUSH_RETRY_SECONDS)
+            return False
+        self.metrics.record_flush(items, reason, time.perf_counter() - started,
+                                  batched=self.config.batch_write_enabled)
+        self.buffer.clear()
+        return True
+
+    def _poll_timeout_ms(self, now: float) -> int:
+        if self.buffer.is_full or (self.buffer and now < self._retry_at):
+            return max(1, int((self._retry_at - now) * 1000) + 1)
+        wait = self.buffer.seconds_until_due(now)
+        return 1000 if wait is None else int(wait * 1000) + 1
+
+    # --- control endpoint ---------------------------------------------------
+
+    def handle_control(self, raw: bytes, now: float) -> None:
+        """Decode, execute, and answer ok/error echoing the request id.
+
+        stats -> the metrics map (see docs/protocol.md)
+        flush -> {"flushed": rows} once the buffer is committed
+        ping  -> "pong"
+        """
+        request_id: Any = None
+        try:
+            request_id, cmd, _args = protocol.decode_request(raw)
+            if cmd == "stats":
+                reply = protocol.encode_reply_ok(request_id, self.stats(now))
+            elif cmd == "flush":
+                items = len(self.buffer)
+                if self.flush("request", now):
+                    reply = protocol.encode_reply_ok(request_id, {"flushed": items})
+                else:
+                    reply = protocol.encode_reply_error(request_id, "flush_failed",
+                                                        "database write failed; rows kept")
+            elif cmd == "ping":
+                reply = protocol.encode_reply_ok(request_id, "pong")
+            else:
+                reply = protocol.encode_reply_error(request_id, "unknown_command",
+                                                    f"no command {cmd!r}")
+        except protocol.ProtocolError as exc:
+            self.bad_control_requests += 1
+            request_id = getattr(exc, "request_id", request_id)
+            self._rejects.warning(exc.reason, "bad_control_request", detail=exc.detail)
+            reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
+        self.control.send(reply)
+
+    def store_counts(self) -> dict[str, Any]:
+        row = self.store.conn.execute("SELECT max(id) FROM messages").fetchone()
+        return {"last_message_id": row[0]}
+
+    def stats(self, now: float) -> dict[str, Any]:
+        cfg = self.config
+        batch = self.metrics.snapshot()
+        batch.update(buffer_sizes=self.buffer.sizes(), queue_size=len(self.buffer),
+                     config={"enabled": cfg.batch_write_enabled, "batch_size": cfg.batch_size,
+                             "flush_interval_ms": cfg.batch_flush_interval_ms,
+                             "max_buffer_size": cfg.batch_max_buffer_size})
+        return {
+            "batch": batch,
+            "load": self.load.snapshot(now),
+            "ingest": {"messages_received": self.messages_received,
+                       "subscriptions_received": self.subscriptions_received,
+                       "reserved_skipped": self.reserved_skipped,
+                       "rejected_total": sum(self.rejected.values()),
+                       "rejected": dict(self.rejected),
+                       "bad_control_requests": self.bad_control_requests},
+            "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
+                         **self.store_counts()},
+            "uptime_seconds": round(now - self._started, 3),
+            "config": cfg.public(),
+        }

@@ -1,0 +1,108 @@
+"""The database: schema, connection pragmas, and the write transactions.
+
+Only the writer process opens the database for writing. One `connect()` sets
+the pragmas; every write goes through `Store.transaction()`, which commits or
+rolls back, so one batch is exactly one transaction.
+The schema is documented in docs/protocol.md; change both together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import apsw
+
+SCHEMA_VERSION = 1
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS messages (
+        id            INTEGER PRIMARY KEY,   -- commit order, never reused
+        topic         TEXT    NOT NULL,
+        payload       BLOB    NOT NULL,
+        meta          BLOB,                  -- the msgpack map as received, or NULL
+        producer_id   TEXT,                  -- meta.producer
+        producer_seq  INTEGER,               -- meta.seq
+        publish_ns    INTEGER,               -- meta.time_ns
+        committed_ns  INTEGER NOT NULL       -- when the writer committed its batch
+    )""",
+    """CREATE TABLE IF NOT EXISTS subscriptions (
+        id            INTEGER PRIMARY KEY,
+        subscribed    INTEGER NOT NULL,      -- 1 subscribe, 0 unsubscribe
+        prefix        BLOB    NOT NULL,      -- topic prefix, as bytes
+        committed_ns  INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS bus_meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+)
+
+INSERT_MESSAGE = ("INSERT INTO messages (topic, payload, meta, producer_id, producer_seq,"
+                  " publish_ns, committed_ns) VALUES (?, ?, ?, ?, ?, ?, ?)")
+INSERT_SUBSCRIPTION = "INSERT INTO subscriptions (subscribed, prefix, committed_ns) VALUES (?, ?, ?)"
+
+# A message row as buffered: (topic, payload, meta, producer_id, producer_seq, publish_ns).
+MessageRow = tuple[str, bytes, "bytes | None", "str | None", "int | None", "int | None"]
+SubscriptionRow = tuple[int, bytes]
+
+TRANSIENT_ERRORS = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError,
+                    apsw.CantOpenError)
+
+
+def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> apsw.Connection:
+    """Open the database for writing with the bus's pragmas and schema."""
+    conn = apsw.Connection(path)
+    conn.set_busy_timeout(busy_timeout_ms)
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise RuntimeError(f"{path}: could not switch to WAL (journal_mode={mode})")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    # Checkpoints run on the writer's thread; a larger WAL means fewer, longer ones.
+    conn.execute("PRAGMA wal_autocheckpoint=4000")
+    conn.execute("PRAGMA cache_size=-32000")
+    with conn:
+        for ddl in SCHEMA:
+            conn.execute(ddl)
+        conn.execute("INSERT OR IGNORE INTO bus_meta VALUES ('schema_version', ?)",
+                     (str(SCHEMA_VERSION),))
+    return conn
+
+
+class Store:
+    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self.conn = connect(path, synchronous)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[apsw.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def write_batch(self, messages: Sequence[MessageRow],
+                    subscriptions: Sequence[SubscriptionRow]) -> int:
+        """Write everything in one transaction; returns the commit timestamp (ns)."""
+        committed_ns = time.time_ns()
+        with self.transaction() as conn:
+            if messages:
+                conn.executemany(INSERT_MESSAGE, [(*row, committed_ns) for row in messages])
+            if subscriptions:
+                conn.executemany(INSERT_SUBSCRIPTION,
+                                 [(*row, committed_ns) for row in subscriptions])
+        return committed_ns
+
+    def counts(self) -> dict[str, Any]:
+        msgs = self.conn.execute("SELECT count(*), max(id) FROM messages").fetchone()
+        subs = self.conn.execute("SELECT count(*) FROM subscriptions").fetchone()
+        return {"messages": msgs[0], "last_message_id": msgs[1], "subscriptions": subs[0]}
+
+    def close(self) -> None:
+        self.conn.close()
