@@ -33,6 +33,7 @@ META_CONTENT_TYPE = "content_type"  # str: e.g. application/msgpack
 META_HEADERS = "headers"          # map str -> str
 META_ACK = "ack"                  # bool: producer asks for a commit acknowledgement
 
+MAX_FRAMES = 3                   # [topic, payload, meta]
 SUBSCRIBE = 0x01
 UNSUBSCRIBE = 0x00
 
@@ -142,7 +143,7 @@ def decode_message(frames: list[bytes], max_topic_bytes: int, max_message_bytes:
     n = len(frames)
     if n < 2:
         raise ProtocolError(TOO_FEW_FRAMES, "a data message needs [topic, payload]")
-    if n > 3:
+    if n > MAX_FRAMES:
         raise ProtocolError(TOO_MANY_FRAMES, f"{n} frames")
     size = len(frames[0]) + len(frames[1]) + (len(frames[2]) if n == 3 else 0)
     if size > max_message_bytes:

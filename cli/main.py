@@ -234,38 +234,25 @@ def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, cou
         total = None
     sent = 0
     try:
-        with Publisher(cfg, producer_id=producer_id) as pub:
-            with click.progressbar(length=count, file=sys.stderr, label=f"publishing to {topic}",
-                                   show_pos=True) if count > 1 else _NoBar() as bar:
-                started = time.monotonic()
-                for payload, content_type in payloads:
-                    if rate > 0:
-                        delay = started + sent / rate - time.monotonic()
-                        if delay > 0:
-                            time.sleep(delay)
-                    pub.publish(topic, payload, content_type=content_type, headers=headers or None)
-                    sent += 1
-                    if sent % 1000 == 0 or sent == total:
-                        bar.update(sent - bar.pos if hasattr(bar, "pos") else 0)
+        with Publisher(cfg, producer_id=producer_id) as pub, \
+                click.progressbar(length=count, file=sys.stderr, label=f"publishing to {topic}",
+                                  show_pos=True, hidden=count == 1) as bar:
+            started = time.monotonic()
+            for payload, content_type in payloads:
+                if rate > 0:
+                    delay = started + sent / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                pub.publish(topic, payload, content_type=content_type, headers=headers or None)
+                sent += 1
+                if sent % 1000 == 0 or sent == total:
+                    bar.update(sent - bar.pos)
             last = pub.last_seq
     except BusError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(f"published {sent} message{'s' if sent != 1 else ''} to {topic} "
                f"(producer {pub.producer_id}, seq {last - sent + 1}..{last})", err=True)
-
-
-class _NoBar:
-    pos = 0
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def update(self, n: int) -> None:
-        self.pos += n
 
 
 # --- tail ----------------------------------------------------------------------

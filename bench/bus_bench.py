@@ -1,0 +1,247 @@
+"""End-to-end benchmark of the bus; prints a table (not a test).
+
+Starts the real processes on free loopback ports and measures, in one run:
+  1. persisted msg/s of the bare prototype (bench/prototype.py), the baseline;
+  2. persisted msg/s of the bus, batch mode (defaults unless overridden);
+  3. persisted msg/s of the bus with BATCH_WRITE_ENABLED=false;
+  4. live delivery latency p50/p99 through the proxy at a fixed rate;
+  5. the writer's peak RSS (VmHWM) over all of the above.
+"Persisted" = from the publisher's first send until the last row is visible to
+a separate SQLite reader. Payloads are 100 bytes. Publishers run in their own
+processes; the machine's cores are shared by publisher, proxy and writer.
+
+    python bench/bus_bench.py [--messages 1000000] [--sequential-messages 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PAYLOAD_BYTES = 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def endpoints() -> dict[str, str]:
+    names = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
+             "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT")
+    return {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def wait_rows(db: str, count: int, timeout: float) -> float:
+    """Poll a read-only connection until `count` rows are stored; returns the time."""
+    deadline = time.monotonic() + timeout
+    conn = None
+    while time.monotonic() < deadline:
+        try:
+            conn = conn or sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            n = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+            if n >= count:
+                return time.monotonic()
+        except sqlite3.OperationalError:
+            conn = None
+        time.sleep(0.02)
+    raise TimeoutError(f"{db}: fewer than {count} rows after {timeout}s")
+
+
+def run_child(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(Path(__file__)), *args], env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+class Bus:
+    def __init__(self, workdir: Path, **settings: str) -> None:
+        self.env = dict(os.environ, **endpoints(), BUS_DB=str(workdir / "bus.db"),
+                        BUS_LOG_FORMAT="json", BUS_LOG_LEVEL="warning", **settings)
+        self.db = self.env["BUS_DB"]
+        cmd = [sys.executable, "-m", "cli.main"]
+        self.writer = subprocess.Popen(cmd + ["writer"], env=self.env, cwd=ROOT)
+        self.proxy = subprocess.Popen(cmd + ["proxy"], env=self.env, cwd=ROOT)
+        from bus.client import BusError, ControlClient
+        for endpoint in (self.env["BUS_CONTROL_ENDPOINT"], self.env["BUS_PROXY_CONTROL_ENDPOINT"]):
+            deadline = time.monotonic() + 15
+            while True:
+                with ControlClient(endpoint, timeout_ms=300) as c:
+                    try:
+                        c.request("ping")
+                        break
+                    except BusError:
+                        if time.monotonic() > deadline:
+                            raise
+
+    def stop(self) -> tuple[float, float]:
+        """Stops proxy then writer; returns their peak RSS in MB (writer, proxy)."""
+        rss = peak_rss_mb(self.writer.pid), peak_rss_mb(self.proxy.pid)
+        for proc in (self.proxy, self.writer):
+            proc.terminate()
+            if proc.wait(30) != 0:
+                raise RuntimeError(f"process exited with {proc.returncode}")
+        return rss
+
+
+def persisted_rate(endpoint: str, db: str, count: int, mode: str) -> float:
+    pub = run_child(["_publish", mode, endpoint, str(count)])
+    started = float(pub.stdout.readline())   # after connect, before the first send
+    done = wait_rows(db, count, timeout=max(60.0, count / 2000))
+    pub.wait(30)
+    return count / (done - started)
+
+
+def latency(env: dict[str, str], rate: int, seconds: float) -> dict[str, float]:
+    count = int(rate * seconds)
+    sub = run_child(["_subscribe", env["BUS_SUB_ENDPOINT"], str(count)])
+    assert sub.stdout.readline().strip() == "ready"
+    pub = run_child(["_publish", "bus", env["BUS_PUB_ENDPOINT"], str(count), str(rate)])
+    out = json.loads(sub.stdout.readline())
+    pub.wait(30)
+    sub.wait(30)
+    return out
+
+
+# --- child processes ----------------------------------------------------------
+
+def child_publish(mode: str, endpoint: str, count: int, rate: float = 0.0) -> None:
+    import zmq
+    payload = os.urandom(PAYLOAD_BYTES)
+    if mode == "bus":
+        from bus.client import Publisher
+        from bus.config import load_config
+        pub = Publisher(load_config({"pub_endpoint": endpoint}), linger_ms=60000)
+        pub.connect()
+        send = pub.publish
+    else:  # bare [topic, payload] frames; XPUB+NODROP so the baseline loses nothing either
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.XPUB_NODROP, 1)
+        sock.connect(endpoint)
+        assert sock.recv() == b"\x01"  # the proxy's upstream subscription
+
+        def send(topic: str, data: bytes) -> None:  # as the bus's Publisher sends
+            sock.send(topic.encode(), zmq.SNDMORE)
+            sock.send(data)
+    print(time.monotonic(), flush=True)
+    started = time.monotonic()
+    for i in range(count):
+        if rate:
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        send("bench.trade", payload)
+    if mode == "bus":
+        pub.close()
+    else:
+        sock.close(linger=60000)
+        ctx.term()
+
+
+def child_subscribe(endpoint: str, count: int) -> None:
+    from bus.client import Subscriber
+    from bus.config import load_config
+    sub = Subscriber(["bench."], load_config({"sub_endpoint": endpoint}))
+    time.sleep(0.5)  # let the subscription reach the proxy before the publisher starts
+    print("ready", flush=True)
+    lat = []
+    while len(lat) < count:
+        msg = sub.receive(timeout=10)
+        if msg is None:
+            break
+        lat.append(time.time_ns() - msg.time_ns)
+    lat.sort()
+    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6  # noqa: E731
+    print(json.dumps({"received": len(lat), "p50_ms": pick(0.50), "p99_ms": pick(0.99),
+                      "max_ms": lat[-1] / 1e6}), flush=True)
+    sub.close()
+
+
+# --- main ----------------------------------------------------------------------
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_publish":
+        a = sys.argv[2:]
+        return child_publish(a[0], a[1], int(a[2]), float(a[3]) if len(a) > 3 else 0.0)
+    if len(sys.argv) > 1 and sys.argv[1] == "_subscribe":
+        return child_subscribe(sys.argv[2], int(sys.argv[3]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--messages", type=int, default=1_000_000)
+    ap.add_argument("--sequential-messages", type=int, default=50_000)
+    ap.add_argument("--latency-rate", type=int, default=10_000)
+    ap.add_argument("--latency-seconds", type=float, default=5.0)
+    ap.add_argument("--synchronous", default="NORMAL", help="BUS_SQLITE_SYNCHRONOUS for the bus runs")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        eps = endpoints()
+        proto = subprocess.Popen([sys.executable, str(ROOT / "bench" / "prototype.py"),
+                                  eps["BUS_PUB_ENDPOINT"], eps["BUS_SUB_ENDPOINT"],
+                                  str(work / "proto.db")])
+        time.sleep(0.5)
+        proto_rate = persisted_rate(eps["BUS_PUB_ENDPOINT"], str(work / "proto.db"),
+                                    args.messages, "raw")
+        proto.kill()
+        proto.wait()
+
+        def run_bus(name: str, count: int, **settings: str) -> tuple[Bus, float]:
+            (work / name).mkdir()
+            bus = Bus(work / name, BUS_SQLITE_SYNCHRONOUS=args.synchronous, **settings)
+            return bus, persisted_rate(bus.env["BUS_PUB_ENDPOINT"], bus.db, count, "bus")
+
+        bus, batch_rate = run_bus("batch", args.messages)
+        lat = latency(bus.env, args.latency_rate, args.latency_seconds)
+        batch_rss = bus.stop()
+        bus, big_rate = run_bus("batch1000", args.messages, BATCH_SIZE="1000")
+        bus.stop()
+        bus, seq_rate = run_bus("seq", args.sequential_messages, BATCH_WRITE_ENABLED="false")
+        seq_rss = bus.stop()
+
+    rows = [
+        ("prototype (zmq.proxy + executemany 1000, 2 columns)", f"{proto_rate:,.0f} msg/s", ""),
+        ("bus, batch mode (defaults, BATCH_SIZE=100)", f"{batch_rate:,.0f} msg/s",
+         f"{batch_rate / proto_rate:.0%} of prototype"),
+        ("bus, BATCH_SIZE=1000", f"{big_rate:,.0f} msg/s",
+         f"{big_rate / proto_rate:.0%} of prototype"),
+        ("bus, BATCH_WRITE_ENABLED=false", f"{seq_rate:,.0f} msg/s",
+         f"batch mode = {batch_rate / seq_rate:.1f}x, BATCH_SIZE=1000 = "
+         f"{big_rate / seq_rate:.1f}x"),
+        (f"live latency at {args.latency_rate:,} msg/s",
+         f"p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms",
+         f"max {lat['max_ms']:.2f} ms, {lat['received']:,} received"),
+        ("peak RSS, batch run (publisher outruns writer)",
+         f"writer {batch_rss[0]:.1f} MB", f"proxy {batch_rss[1]:.1f} MB"),
+        ("peak RSS, sequential run (publisher outruns writer)",
+         f"writer {seq_rss[0]:.1f} MB", f"proxy {seq_rss[1]:.1f} MB"),
+    ]
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, {args.messages:,} x {PAYLOAD_BYTES}-byte messages, "
+          f"synchronous={args.synchronous}")
+    print("| measure | result | note |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+
+
+if __name__ == "__main__":
+    main()
