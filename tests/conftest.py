@@ -1,0 +1,262 @@
+"""Fixtures that run the real bus: `bus-cli proxy` and `bus-cli writer` as
+subprocesses on free loopback ports, with a SQLite file in the test's temp dir.
+
+Every wait is a poll on a condition with a deadline (`wait_for`); every process
+a test starts is stopped, and killed if it will not stop, when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus.client import BusError, ControlClient
+
+BUS_CLI = str(Path(sys.executable).with_name("bus-cli"))
+ENDPOINT_VARS = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
+                 "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT")
+DEADLINE = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, interval: float = 0.02,
+             message: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def query(db: str | Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Read the writer's database through a separate read-only connection."""
+    if not Path(db).exists():
+        return []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:  # schema not created yet
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        conn.close()
+
+
+def count_messages(db: str | Path, topic_prefix: str = "") -> int:
+    return query(db, "SELECT count(*) FROM messages WHERE substr(topic, 1, ?) = ?",
+                 (len(topic_prefix), topic_prefix))[0][0] if Path(db).exists() else 0
+
+
+class LineReader:
+    """Collects a subprocess's output lines on a thread, so tests can wait on them."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+
+    def collect(self) -> list[str]:
+        while True:
+            try:
+                self.lines.append(self._queue.get_nowait())
+            except queue.Empty:
+                return self.lines
+
+    def wait_line(self, predicate: Callable[[str], bool], timeout: float = DEADLINE) -> str:
+        return wait_for(lambda: next((ln for ln in self.collect() if predicate(ln)), None),
+                        timeout, message="an output line")
+
+
+class Proc:
+    """A started subprocess whose stdout and stderr are collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path | None = None,
+                 stdin: Any = subprocess.DEVNULL) -> None:
+        self.args = args
+        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdin=stdin, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+        self.stdout = LineReader(self.popen.stdout)
+        self.stderr = LineReader(self.popen.stderr)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def send_signal(self, sig: int) -> None:
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = DEADLINE) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.args} did not exit within {timeout}s; "
+                        f"stderr: {self.stderr.collect()[-20:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
+        if self.popen.poll() is None:
+            self.send_signal(sig)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The JSON log lines written to stderr so far."""
+        import json
+        events = []
+        for line in self.stderr.collect():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+        return events
+
+
+def ping(endpoint: str) -> bool:
+    with ControlClient(endpoint, timeout_ms=200) as client:
+        try:
+            return client.request("ping") == "pong"
+        except BusError:
+            return False
+
+
+class Bus:
+    """One bus (writer + proxy) with its own ports and database file."""
+
+    def __init__(self, tmp_path: Path, **settings: Any) -> None:
+        self.tmp_path = tmp_path
+        self.db = str(tmp_path / "bus.db")
+        # Only the test's settings: none inherited from the shell running pytest.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("BUS_", "BATCH_"))}
+        self.env.update(BUS_DB=self.db, BUS_LOG_FORMAT="json")
+        self.env.update({name: f"tcp://127.0.0.1:{free_port()}" for name in ENDPOINT_VARS})
+        self.env.update({k: str(v).lower() if isinstance(v, bool) else str(v)
+                         for k, v in settings.items()})
+        self.procs: list[Proc] = []
+        self.writer: Proc | None = None
+        self.proxy: Proc | None = None
+
+    def __getitem__(self, name: str) -> str:
+        return self.env[name]
+
+    def run(self, *args: str, stdin: Any = subprocess.DEVNULL) -> Proc:
+        proc = Proc([BUS_CLI, *args], self.env, cwd=self.tmp_path, stdin=stdin)
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str, input: str | None = None, timeout: float = DEADLINE
+            ) -> subprocess.CompletedProcess:
+        """Run a short bus-cli command to completion."""
+        return subprocess.run([BUS_CLI, *args], env=self.env, cwd=self.tmp_path, input=input,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start_writer(self) -> Proc:
+        self.writer = self.run("writer")
+        wait_for(lambda: ping(self["BUS_CONTROL_ENDPOINT"]) or self._exited(self.writer),
+                 message="writer ping")
+        assert self.writer.popen.poll() is None, self.writer.stderr.collect()
+        return self.writer
+
+    def start_proxy(self) -> Proc:
+        self.proxy = self.run("proxy")
+        wait_for(lambda: ping(self["BUS_PROXY_CONTROL_ENDPOINT"]) or self._exited(self.proxy),
+                 message="proxy ping")
+        assert self.proxy.popen.poll() is None, self.proxy.stderr.collect()
+        return self.proxy
+
+    def start(self) -> Bus:
+        self.start_writer()
+        self.start_proxy()
+        return self
+
+    @staticmethod
+    def _exited(proc: Proc) -> bool:
+        return proc.popen.poll() is not None
+
+    def stop(self) -> tuple[int, int]:
+        """SIGTERM the proxy, then the writer (the order systemd and `up` use)."""
+        codes = (self.proxy.stop() if self.proxy else 0, self.writer.stop() if self.writer else 0)
+        return codes
+
+    def writer_stats(self) -> dict[str, Any]:
+        with ControlClient(self["BUS_CONTROL_ENDPOINT"], timeout_ms=3000) as client:
+            return client.request("stats")
+
+    def proxy_stats(self) -> dict[str, Any]:
+        with ControlClient(self["BUS_PROXY_CONTROL_ENDPOINT"], timeout_ms=3000) as client:
+            return client.request("stats")
+
+    def config(self) -> Any:
+        from bus.config import load_config
+        return load_config(env=self.env)
+
+    def count(self, topic_prefix: str = "") -> int:
+        return count_messages(self.db, topic_prefix)
+
+    def wait_count(self, n: int, topic_prefix: str = "", timeout: float = DEADLINE) -> int:
+        wait_for(lambda: self.count(topic_prefix) >= n, timeout,
+                 message=f"{n} rows for {topic_prefix!r}* (have {self.count(topic_prefix)})")
+        return self.count(topic_prefix)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.popen.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.popen.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            for stream in (proc.popen.stdout, proc.popen.stderr):
+                stream.close()
+
+
+@pytest.fixture
+def make_bus(tmp_path: Path) -> Iterator[Callable[..., Bus]]:
+    """make_bus(**env settings) -> a Bus not yet started; all are torn down after the test."""
+    buses: list[Bus] = []
+
+    def factory(**settings: Any) -> Bus:
+        path = tmp_path / f"bus{len(buses)}"
+        path.mkdir()
+        bus = Bus(path, **settings)
+        buses.append(bus)
+        return bus
+
+    yield factory
+    for bus in buses:
+        bus.close()
+
+
+@pytest.fixture
+def bus(make_bus: Callable[..., Bus]) -> Bus:
+    """A running bus with default batching."""
+    return make_bus().start()

@@ -1,0 +1,117 @@
+"""The systemd units: checked by systemd-analyze, and their command lines run for real.
+
+No systemd runs here, so each unit's ExecStart is run as a subprocess with the
+unit's config file pointed at a temp copy of deploy/bus.toml (free ports, temp
+database) and stopped with the unit's KillSignal.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bus.client import Publisher
+from bus.config import load_config
+from tests.conftest import BUS_CLI, ENDPOINT_VARS, Proc, count_messages, free_port, ping, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "deploy" / "systemd"
+INSTALLED_CLI = "/opt/bus/.venv/bin/bus-cli"
+INSTALLED_CONFIG = "/etc/bus/bus.toml"
+
+
+def read_unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None,
+                                       comment_prefixes=("#", ";"))
+    parser.optionxform = str  # keys are case-sensitive
+    parser.read(UNITS / name)
+    return parser
+
+
+def local_config(tmp_path: Path) -> Path:
+    """deploy/bus.toml with free ports and a temp database, as /etc/bus/bus.toml."""
+    text = (ROOT / "deploy" / "bus.toml").read_text()
+    lines = []
+    for line in text.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in ENDPOINT_VARS:
+            line = f'{key} = "tcp://127.0.0.1:{free_port()}"'
+        elif key == "BUS_DB":
+            line = f'BUS_DB = "{tmp_path / "bus.db"}"'
+        lines.append(line)
+    path = tmp_path / "bus.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def localize(text: str, config: Path) -> str:
+    return text.replace(INSTALLED_CLI, BUS_CLI).replace(INSTALLED_CONFIG, str(config))
+
+
+def test_deploy_has_one_unit_per_process_and_a_target() -> None:
+    assert sorted(p.name for p in UNITS.iterdir()) == \
+        ["bus-proxy.service", "bus-writer.service", "bus.target"]
+    target = read_unit("bus.target")
+    assert set(target["Unit"]["Wants"].split()) == {"bus-writer.service", "bus-proxy.service"}
+    for name in ("bus-proxy.service", "bus-writer.service"):
+        unit = read_unit(name)
+        assert unit["Service"]["Restart"] == "on-failure"
+        assert INSTALLED_CONFIG in unit["Service"]["ExecStart"]
+        assert unit["Unit"]["PartOf"] == "bus.target"
+        assert unit["Install"]["WantedBy"] == "bus.target"
+    # Stopped in reverse start order: the proxy (After= the writer) stops first,
+    # so what it captured is stored before the writer exits.
+    assert "bus-writer.service" in read_unit("bus-proxy.service")["Unit"]["After"].split()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_units_pass_systemd_analyze(tmp_path: Path) -> None:
+    config = local_config(tmp_path)
+    units = []
+    for src in sorted(UNITS.iterdir()):
+        dst = tmp_path / src.name
+        dst.write_text(localize(src.read_text(), config))
+        units.append(str(dst))
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
+    for unit in units:
+        if unit.endswith(".service"):
+            security = subprocess.run(["systemd-analyze", "security", "--offline=true", unit],
+                                      capture_output=True, text=True, timeout=60)
+            assert security.returncode == 0, security.stderr
+            level = float(security.stdout.split("Overall exposure level for")[1].split()[1])
+            assert level <= 2.0, security.stdout
+
+
+def test_unit_command_lines_run_and_stop_cleanly(tmp_path: Path) -> None:
+    config = local_config(tmp_path)
+    cfg = load_config(env={}, config_path=config)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("BUS_", "BATCH_"))}
+    env["BUS_LOG_FORMAT"] = "json"
+    procs = {}
+    try:
+        for name in ("bus-writer.service", "bus-proxy.service"):  # the After= order
+            service = read_unit(name)["Service"]
+            argv = shlex.split(localize(service["ExecStart"], config))
+            assert argv[0] == BUS_CLI
+            procs[name] = Proc(argv, env, cwd=tmp_path)
+        wait_for(lambda: ping(cfg.control_endpoint) and ping(cfg.proxy_control_endpoint),
+                 message="both units' processes to answer ping")
+        with Publisher(cfg, producer_id="unit") as pub:
+            pub.publish("unit.check", b"stored through the units' command lines")
+        for name in ("bus-proxy.service", "bus-writer.service"):  # reverse order on stop
+            kill = getattr(signal, read_unit(name)["Service"]["KillSignal"])
+            assert procs[name].stop(kill) == 0, procs[name].stderr.collect()
+        assert count_messages(tmp_path / "bus.db", "unit.") == 1
+    finally:
+        for proc in procs.values():
+            proc.kill()

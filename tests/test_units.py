@@ -1,0 +1,191 @@
+"""Pure logic, no processes: config precedence, the batch buffer, load meter, protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from bus import protocol
+from bus.config import ConfigError, load_config
+from bus.logging import RateLimitedLog
+from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
+
+# --- config ----------------------------------------------------------------------
+
+
+def test_config_defaults_are_the_seed_contract() -> None:
+    cfg = load_config(env={}, config_path=None)
+    assert (cfg.batch_write_enabled, cfg.batch_size, cfg.batch_flush_interval_ms,
+            cfg.batch_max_buffer_size) == (True, 100, 50, 10000)
+    assert cfg.pub_endpoint == "tcp://127.0.0.1:5550" and cfg.db == "bus.db"
+
+
+def test_config_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    path = tmp_path / "bus.toml"
+    path.write_text('BATCH_SIZE = 500\nBUS_DB = "/from/file.db"\nBATCH_FLUSH_INTERVAL_MS = 7\n')
+    cfg = load_config({"batch_size": 900, "db": None},
+                      env={"BUS_DB": "/from/env.db", "BATCH_WRITE_ENABLED": "false"},
+                      config_path=path)
+    assert cfg.batch_size == 900            # flag beats file
+    assert cfg.db == "/from/env.db"         # env beats file; a None flag is "not given"
+    assert cfg.batch_flush_interval_ms == 7  # file beats default
+    assert cfg.batch_write_enabled is False
+    assert cfg.batch_max_buffer_size == 10000
+    assert cfg.source == f"defaults < {path} < environment < flags"
+
+
+def test_config_file_from_environment_variable(tmp_path: Path) -> None:
+    path = tmp_path / "other.toml"
+    path.write_text("BATCH_SIZE = 3\n")
+    assert load_config(env={"BUS_CONFIG": str(path)}).batch_size == 3
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"BATCH_SIZE": "lots"}, "BATCH_SIZE: expected a number"),
+    ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be at least 1"),
+    ({"BATCH_WRITE_ENABLED": "maybe"}, "expected true/false"),
+    ({"BATCH_SIZE": "20000"}, "must not exceed BATCH_MAX_BUFFER_SIZE"),
+    ({"BUS_SQLITE_SYNCHRONOUS": "sometimes"}, "NORMAL, FULL"),
+])
+def test_config_rejects_bad_values_with_the_variable_name(env, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(env=env)
+
+
+def test_config_file_errors_are_clear(tmp_path: Path) -> None:
+    path = tmp_path / "bus.toml"
+    path.write_text("BATCH_SIZ = 5\n")
+    with pytest.raises(ConfigError, match="unknown settings BATCH_SIZ"):
+        load_config(env={}, config_path=path)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(env={}, config_path=tmp_path / "missing.toml")
+
+
+# --- batch buffer, metrics, load -------------------------------------------------
+
+ROW = ("t", b"p", None, None, None, None)
+
+
+def test_buffer_is_due_by_size_then_by_time() -> None:
+    buf = BatchBuffer(batch_size=3, flush_interval=0.05, max_size=10)
+    assert buf.due(0.0) is None and buf.seconds_until_due(0.0) is None
+    buf.add_message(ROW, 10.0)
+    buf.add_subscription((1, b"x"), 10.01)
+    assert buf.due(10.02) is None and buf.room == 1
+    assert buf.seconds_until_due(10.02) == pytest.approx(0.03)
+    assert buf.due(10.05) == "time"       # the oldest row's age counts
+    buf.add_message(ROW, 10.02)
+    assert buf.due(10.02) == "size" and buf.room == 0
+    assert buf.sizes() == {"messages": 2, "consumptions": 0, "subscriptions": 1}
+    buf.clear()
+    assert len(buf) == 0 and buf.due(99.0) is None
+
+
+def test_buffer_reports_full_at_its_bound() -> None:
+    buf = BatchBuffer(batch_size=2, flush_interval=1.0, max_size=4)
+    for i in range(4):
+        assert not buf.is_full
+        buf.add_message(ROW, float(i))
+    assert buf.is_full
+
+
+def test_metrics_count_flushes_by_reason() -> None:
+    m = BatchMetrics()
+    m.record_flush(100, "size", 0.002, batched=True)
+    m.record_flush(20, "time", 0.001, batched=True)
+    m.record_flush(5, "shutdown", 0.001, batched=True)
+    snap = m.snapshot()
+    assert (snap["total_flushes"], snap["total_writes"], snap["total_batched_items"]) == \
+        (3, 125, 125)
+    assert (snap["flush_by_size"], snap["flush_by_time"], snap["flush_by_shutdown"]) == (1, 1, 1)
+    assert (snap["avg_batch_size"], snap["max_batch_size"], snap["min_batch_size"]) == \
+        (41.67, 100, 5)
+    assert snap["max_flush_ms"] == 2.0
+    unbatched = BatchMetrics()
+    unbatched.record_flush(1, "size", 0.001, batched=False)
+    assert unbatched.snapshot()["total_batched_items"] == 0
+
+
+def test_load_meter_window() -> None:
+    meter = LoadMeter(threshold=100, window_seconds=2)
+    assert meter.is_low_load(0.0)
+    meter.record(150, 100.2)
+    meter.record(150, 101.7)
+    assert meter.requests_per_second(101.9) == 150.0
+    assert not meter.is_low_load(101.9)
+    assert meter.requests_per_second(102.5) == 75.0   # the first second left the window
+    assert meter.is_low_load(102.5)
+    assert meter.requests_per_second(110.0) == 0.0
+    assert meter.snapshot(110.0) == {"requests_per_second": 0.0, "is_low_load": True,
+                                     "threshold": 100, "window_seconds": 2}
+
+
+def test_rate_limited_log_counts_what_it_suppresses() -> None:
+    calls = []
+
+    class Sink:
+        def warning(self, event, **fields):
+            calls.append((event, fields))
+
+    log = RateLimitedLog(Sink(), interval=5.0)
+    for i in range(10):
+        log.warning("meta_not_map", "message_rejected", now=100.0 + i * 0.1)
+    log.warning("too_few_frames", "message_rejected", now=100.5)
+    log.warning("meta_not_map", "message_rejected", now=105.5)
+    assert [(f["reason"], f["suppressed_since_last"]) for _, f in calls] == \
+        [("meta_not_map", 0), ("too_few_frames", 0), ("meta_not_map", 9)]
+
+
+# --- protocol --------------------------------------------------------------------
+
+def test_meta_round_trip_keeps_unknown_keys() -> None:
+    raw = protocol.encode_meta("p-1", 3, time_ns=5, content_type="application/json",
+                               headers={"k": "v"}, ack=True)
+    meta = protocol.decode_meta(raw)
+    assert meta == {"producer": "p-1", "seq": 3, "time_ns": 5,
+                    "content_type": "application/json", "headers": {"k": "v"}, "ack": True}
+    extra = msgpack.packb({"seq": 1, "x-custom": [1, 2]})
+    assert protocol.parse_message([b"t", b"p", extra]).meta["x-custom"] == [1, 2]
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([b"t"], "too_few_frames"),
+    ([b"t", b"p", b"m", b"x"], "too_many_frames"),
+    ([b"", b"p"], "empty_topic"),
+    ([b"\xc3\x28", b"p"], "topic_not_utf8"),
+    ([b"x" * 9, b"p"], "topic_too_long"),
+    ([b"\x01sub", b"p"], "topic_control_char"),
+    ([b"t", b"p" * 100], "message_too_large"),
+    ([b"t", b"p", b"\xc1"], "meta_not_msgpack"),
+    ([b"t", b"p", msgpack.packb("str")], "meta_not_map"),
+    ([b"t", b"p", msgpack.packb({"seq": 0})], "meta_bad_value"),
+    ([b"t", b"p", msgpack.packb({"producer": 5})], "meta_bad_value"),
+    ([b"t", b"p", msgpack.packb({"time_ns": 1.5})], "meta_bad_value"),
+])
+def test_decode_message_rejects_with_a_reason(frames, reason) -> None:
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.decode_message(frames, max_topic_bytes=8, max_message_bytes=64)
+    assert err.value.reason == reason
+
+
+def test_two_frame_message_has_no_meta() -> None:
+    assert protocol.decode_message([b"a.b", b""], 8, 64) == ("a.b", b"", None, {})
+
+
+def test_subscription_frames() -> None:
+    assert protocol.is_subscription_frame([protocol.subscription_frame(b"orders.")])
+    assert protocol.is_subscription_frame([protocol.subscription_frame(b"", subscribe=False)])
+    assert not protocol.is_subscription_frame([b"orders."])
+    assert not protocol.is_subscription_frame([b"\x01a", b"payload"])
+
+
+def test_control_request_and_reply_shapes() -> None:
+    assert protocol.decode_request(protocol.encode_request(7, "stats")) == (7, "stats", {})
+    with pytest.raises(protocol.RequestError) as err:
+        protocol.decode_request(msgpack.packb({"id": "x", "args": {}}))
+    assert err.value.request_id == "x" and err.value.reason == "bad_request"
+    reply = protocol.decode_reply(protocol.encode_reply_error(7, "flush_failed", "disk full"))
+    assert reply == {"id": 7, "ok": False, "error": {"code": "flush_failed",
+                                                     "reason": "disk full"}}

@@ -1,0 +1,248 @@
+"""The writer's batching contract, metrics, shutdown and bad input, on real processes."""
+
+from __future__ import annotations
+
+import signal
+
+import msgpack
+import pytest
+import zmq
+
+from bus import protocol
+from bus.client import ControlClient, Publisher
+from tests.conftest import Bus, query, wait_for
+
+# A flush interval of ten minutes: anything stored before then was flushed by
+# size, by request or by shutdown. A low-load threshold of 0 turns off the
+# "flush at once when idle" path.
+NEVER_MS = 600_000
+
+
+def publish_many(bus: Bus, topic: str, n: int, producer_id: str = "p") -> None:
+    with Publisher(bus.config(), producer_id=producer_id) as pub:
+        for i in range(n):
+            pub.publish(topic, b"%d" % i)
+
+
+def wait_received(bus: Bus, n: int) -> dict:
+    return wait_for(lambda: (s := bus.writer_stats())["ingest"]["messages_received"] >= n and s,
+                    message=f"writer to receive {n} messages")
+
+
+def test_flush_by_size_and_everything_else_on_sigterm(make_bus) -> None:
+    bus = make_bus(BATCH_SIZE=10, BATCH_FLUSH_INTERVAL_MS=NEVER_MS,
+                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+    publish_many(bus, "size.t", 25)
+    stats = wait_received(bus, 25)
+    assert bus.count() == 20, "two full batches committed, five rows waiting"
+    batch = stats["batch"]
+    assert (batch["flush_by_size"], batch["flush_by_time"], batch["queue_size"]) == (2, 0, 5)
+    assert batch["buffer_sizes"]["messages"] == 5
+    assert bus.stop() == (0, 0)
+    assert bus.count() == 25
+    assert [r[0] for r in query(bus.db, "SELECT producer_seq FROM messages ORDER BY id")] == \
+        list(range(1, 26))
+    closed = [e for e in bus.writer.log_events() if e["event"] == "database_closed"]
+    assert closed and closed[0]["last_message_id"] == 25
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_flushes_a_partial_batch_with_minutes_interval(make_bus, sig) -> None:
+    bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=NEVER_MS,
+                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+    publish_many(bus, "term.t", 7)
+    wait_received(bus, 7)
+    assert bus.count() == 0
+    assert bus.writer.stop(sig) == 0
+    assert bus.count("term.t") == 7
+    assert bus.proxy.stop() == 0
+
+
+def test_stopping_the_proxy_first_loses_nothing_in_flight(make_bus) -> None:
+    # The order systemd and `bus-cli up` use: everything the proxy captured
+    # reaches the writer, which stores it before exiting.
+    bus = make_bus(BATCH_SIZE=500, BATCH_FLUSH_INTERVAL_MS=NEVER_MS).start()
+    publish_many(bus, "inflight.t", 5000)
+    assert bus.stop() == (0, 0)
+    assert bus.count("inflight.t") == 5000
+
+
+def test_flush_by_time(make_bus) -> None:
+    bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=200,
+                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+    publish_many(bus, "time.t", 3)
+    bus.wait_count(3, "time.t", timeout=5)
+    batch = bus.writer_stats()["batch"]
+    assert batch["flush_by_time"] >= 1 and batch["flush_by_size"] == 0
+    assert batch["flush_by_low_load"] == 0
+
+
+def test_low_load_flushes_when_idle_without_waiting_for_the_timer(make_bus) -> None:
+    bus = make_bus(BATCH_FLUSH_INTERVAL_MS=NEVER_MS).start()  # default threshold 100 msg/s
+    publish_many(bus, "quiet.t", 1)
+    bus.wait_count(1, "quiet.t", timeout=5)
+    stats = bus.writer_stats()
+    assert stats["batch"]["flush_by_low_load"] >= 1 and stats["batch"]["flush_by_time"] == 0
+    assert stats["load"]["is_low_load"] is True
+
+
+def test_flush_request_commits_the_buffer(make_bus) -> None:
+    bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=NEVER_MS,
+                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+    publish_many(bus, "req.t", 4)
+    wait_received(bus, 4)
+    assert bus.count() == 0
+    with ControlClient(bus["BUS_CONTROL_ENDPOINT"]) as client:
+        assert client.request("flush") == {"flushed": 4}
+    assert bus.count("req.t") == 4  # committed before the reply
+    assert bus.writer_stats()["batch"]["flush_by_request"] == 1
+
+
+def test_sequential_mode_commits_each_message_alone(make_bus) -> None:
+    bus = make_bus(BATCH_WRITE_ENABLED=False, BATCH_SIZE=100).start()
+    publish_many(bus, "seq.t", 20)
+    bus.wait_count(20, "seq.t")
+    batch = wait_for(lambda: (b := bus.writer_stats()["batch"])["total_writes"] >= 20 and b,
+                     message="20 writes counted")
+    assert batch["config"]["enabled"] is False
+    assert batch["max_batch_size"] == 1 and batch["min_batch_size"] == 1
+    assert batch["total_flushes"] == batch["total_writes"] >= 20
+    assert batch["total_batched_items"] == 0
+    # Each row has its own commit time.
+    assert len({r[0] for r in query(bus.db, "SELECT committed_ns FROM messages")}) == 20
+
+
+def test_stats_report_the_seed_metrics_and_proxy_counters(make_bus) -> None:
+    bus = make_bus(BATCH_SIZE=10, BATCH_FLUSH_INTERVAL_MS=NEVER_MS,
+                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+    publish_many(bus, "stats.t", 30)
+    bus.wait_count(30, "stats.t")
+    result = bus.cli("stats", "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+    stats = json.loads(result.stdout)
+    batch, load = stats["writer"]["batch"], stats["writer"]["load"]
+    for field in ("total_flushes", "total_writes", "total_batched_items", "flush_by_size",
+                  "flush_by_time", "flush_by_shutdown", "avg_batch_size", "max_batch_size",
+                  "min_batch_size", "queue_size", "buffer_sizes", "config"):
+        assert field in batch, field
+    assert set(batch["buffer_sizes"]) == {"messages", "consumptions", "subscriptions"}
+    assert batch["config"] == {"enabled": True, "batch_size": 10, "flush_interval_ms": NEVER_MS,
+                               "max_buffer_size": 10000}
+    assert (batch["total_flushes"], batch["total_writes"], batch["flush_by_size"]) == (3, 30, 3)
+    assert batch["total_batched_items"] == 30
+    assert (batch["avg_batch_size"], batch["max_batch_size"], batch["min_batch_size"]) == \
+        (10.0, 10, 10)
+    assert set(load) == {"requests_per_second", "is_low_load", "threshold", "window_seconds"}
+    assert load["threshold"] == 0 and load["window_seconds"] == 2
+    assert stats["writer"]["ingest"]["messages_received"] == 30
+    assert stats["writer"]["database"]["last_message_id"] == 30
+    proxy = stats["proxy"]
+    # Each message is three frames (topic, payload, meta) in from the publisher.
+    assert proxy["frontend_frames_in"] >= 90 and proxy["frontend_bytes_in"] > 30 * 10
+    human = bus.cli("stats")
+    assert human.returncode == 0 and "[writer]" in human.stdout and "flush_by_size: 3" in \
+        human.stdout and "[proxy]" in human.stdout
+
+
+def test_stats_exits_non_zero_when_a_process_is_down(make_bus) -> None:
+    bus = make_bus(BUS_REQUEST_TIMEOUT_MS=300)
+    bus.start_writer()
+    result = bus.cli("stats", "--json")
+    assert result.returncode == 1
+    import json
+    out = json.loads(result.stdout)
+    assert "batch" in out["writer"] and "no reply" in out["proxy"]["error"]
+
+
+def test_bad_input_is_counted_and_valid_messages_around_it_are_stored(make_bus) -> None:
+    bus = make_bus(BUS_MAX_MESSAGE_BYTES=4096, BUS_MAX_TOPIC_BYTES=64).start()
+    good_meta = protocol.encode_meta("raw", 1)
+    bad = {
+        "too_few_frames": [b"only.one.frame"],
+        "too_many_frames": [b"t", b"p", good_meta, b"extra"],
+        "meta_not_msgpack": [b"t", b"p", b"\xc1"],
+        "meta_not_map": [b"t", b"p", msgpack.packb([1, 2, 3])],
+        "meta_bad_value": [b"t", b"p", msgpack.packb({"seq": "one"})],
+        "message_too_large": [b"t", b"x" * 5000],
+        "topic_not_utf8": [b"\xff\xfe.topic", b"p"],
+        "topic_too_long": [b"t" * 65, b"p"],
+        "empty_topic": [b"", b"p"],
+        "topic_control_char": [b"\x02ctl", b"p"],
+    }
+    ctx = zmq.Context()
+    # An XPUB, like the Publisher, so the first message is not lost to the slow joiner.
+    sock = ctx.socket(zmq.XPUB)
+    sock.connect(bus["BUS_PUB_ENDPOINT"])
+    try:
+        assert sock.poll(5000) and sock.recv() == b"\x01"
+        for i, frames in enumerate(bad.values()):
+            sock.send_multipart([b"good.before", b"%d" % i])
+            sock.send_multipart(frames)
+            sock.send_multipart([b"good.after", b"%d" % i, protocol.encode_meta("raw", i + 1)])
+        # The same bad message many times: counted each time, logged at a bounded rate.
+        for _ in range(200):
+            sock.send_multipart(bad["meta_not_map"])
+        sock.send_multipart([b"good.last", b"end"])
+    finally:
+        sock.close(linger=5000)
+        ctx.term()
+    bus.wait_count(2 * len(bad) + 1, "good.")
+    assert bus.count() == 2 * len(bad) + 1, "no bad message was stored"
+    stats = wait_for(lambda: (s := bus.writer_stats())["ingest"]["rejected_total"] >= 210 and s,
+                     message="rejects counted")
+    expected = dict.fromkeys(bad, 1)
+    expected["meta_not_map"] = 201
+    assert stats["ingest"]["rejected"] == expected
+    rejected_logs = [e for e in bus.writer.log_events() if e["event"] == "message_rejected"]
+    assert {e["reason"] for e in rejected_logs} == set(bad)
+    assert len(rejected_logs) < 30, "rejects are logged at a bounded rate"
+    assert all(e["level"] == "warning" for e in rejected_logs)
+    assert bus.writer.popen.poll() is None and bus.proxy.popen.poll() is None
+    assert bus.stop() == (0, 0)
+
+
+def test_reserved_topics_are_not_stored(bus: Bus) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.XPUB)
+    sock.connect(bus["BUS_PUB_ENDPOINT"])
+    try:
+        assert sock.poll(5000) and sock.recv() == b"\x01"
+        sock.send_multipart([b"$bus.fake", b"x"])
+        sock.send_multipart([b"after.reserved", b"y"])
+    finally:
+        sock.close(linger=5000)
+        ctx.term()
+    bus.wait_count(1, "after.")
+    assert bus.count("$") == 0
+    assert wait_for(lambda: bus.writer_stats()["ingest"]["reserved_skipped"] == 1,
+                    message="reserved skip counted")
+
+
+def test_bad_control_requests_get_an_error_reply(bus: Bus) -> None:
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.REQ)
+    req.connect(bus["BUS_CONTROL_ENDPOINT"])
+    try:
+        for raw, code in ((b"\xc1", "bad_request"), (msgpack.packb([1]), "bad_request"),
+                          (protocol.encode_request(9, "drop_tables"), "unknown_command")):
+            req.send(raw)
+            assert req.poll(3000)
+            reply = msgpack.unpackb(req.recv())
+            assert reply["ok"] is False and reply["error"]["code"] == code
+        assert reply["id"] == 9
+    finally:
+        req.close(linger=0)
+        ctx.term()
+    assert bus.writer_stats()["ingest"]["bad_control_requests"] == 2
+
+
+def test_writer_logs_start_config_and_stop(make_bus) -> None:
+    bus = make_bus(BATCH_SIZE=42).start()
+    assert bus.stop() == (0, 0)
+    events = bus.writer.log_events()
+    started = next(e for e in events if e["event"] == "started")
+    assert started["config"]["BATCH_SIZE"] == 42 and started["db"] == bus.db
+    assert started["process"] == "writer" and "timestamp" in started
+    assert [e["event"] for e in events][-1] == "stopped"
+    assert any(e["event"] == "stopping" and e["signal"] == "SIGTERM" for e in events)
