@@ -74,6 +74,7 @@ class Publisher:
         self._sock: zmq.Socket | None = None
         self._seq = itertools.count(1)
         self.last_seq = 0
+        self._topics: dict[str, bytes] = {}  # validated topic -> frame
 
     def connect(self) -> Publisher:
         if self._sock is not None:
@@ -95,12 +96,25 @@ class Publisher:
 
     def publish(self, topic: str, payload: bytes | str, *, content_type: str | None = None,
                 headers: dict[str, str] | None = None) -> int:
-        """Send one message; returns its sequence number."""
+        """Send one message; returns its sequence number.
+
+        Raises protocol.ProtocolError (a ValueError) for a topic the writer
+        would not store, before anything is sent.
+        """
         if self._sock is None:
             self.connect()
+        topic_frame = self._topics.get(topic)
+        if topic_frame is None:
+            topic_frame = protocol.encode_topic(topic, self.config.max_topic_bytes)
+            if len(self._topics) >= 1024:  # bounded: publishers with endless topics
+                self._topics.clear()
+            self._topics[topic] = topic_frame
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
             content_type = content_type or protocol.CONTENT_TEXT
+        if len(topic_frame) + len(payload) > self.config.max_message_bytes:
+            raise protocol.ProtocolError(protocol.MESSAGE_TOO_LARGE,
+                                         f"payload of {len(payload)} bytes")
         seq = next(self._seq)
         meta = protocol.encode_meta(self.producer_id, seq, content_type=content_type,
                                     headers=headers)
@@ -109,7 +123,7 @@ class Publisher:
             # Three sends, not send_multipart: a third of the CPU per message here.
             # libzmq checks the high-water mark on the first part only, so a
             # message is never left half-sent.
-            send(topic.encode("utf-8"), zmq.SNDMORE)
+            send(topic_frame, zmq.SNDMORE)
             send(payload, zmq.SNDMORE)
             send(meta)
         except zmq.Again:

@@ -74,7 +74,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_timeout_ms", "BUS_SHUTDOWN_TIMEOUT_MS", int, 10_000,
             "longest a process spends draining and flushing when stopped"),
     Setting("drain_idle_ms", "BUS_DRAIN_IDLE_MS", int, 200,
-            "on stop, the writer drains the capture until it is quiet this long"),
+            "on stop, proxy and writer keep forwarding/storing until quiet this long"),
     Setting("request_timeout_ms", "BUS_REQUEST_TIMEOUT_MS", int, 3000,
             "client wait for a control reply or for the proxy's subscription"),
     Setting("log_level", "BUS_LOG_LEVEL", str, "info", "debug, info, warning, error"),

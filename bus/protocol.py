@@ -54,6 +54,7 @@ META_NOT_MSGPACK = "meta_not_msgpack"
 META_NOT_MAP = "meta_not_map"
 META_BAD_VALUE = "meta_bad_value"
 BAD_REQUEST = "bad_request"
+RESERVED_TOPIC = "reserved_topic"    # raised to clients only: the writer skips these silently
 
 
 class ProtocolError(ValueError):
@@ -116,6 +117,17 @@ def decode_topic(raw: bytes, max_topic_bytes: int) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError(TOPIC_NOT_UTF8, str(exc)) from None
+
+
+def encode_topic(topic: str, max_topic_bytes: int) -> bytes:
+    """A client's topic as its frame; raises ProtocolError if the writer would
+    not store it (too long, control character, reserved `$` prefix)."""
+    raw = topic.encode("utf-8")
+    decode_topic(raw, max_topic_bytes)
+    if is_reserved(topic):
+        raise ProtocolError(RESERVED_TOPIC, f"topics starting with {RESERVED_PREFIX!r} "
+                                            "belong to the bus")
+    return raw
 
 
 def decode_meta(raw: bytes) -> dict[str, Any]:

@@ -8,8 +8,9 @@ Binds   REP   proxy_control_endpoint  `stats`, `ping`
 Messages are forwarded by libzmq's own steerable proxy loop on a thread of its
 own (it runs without the GIL); this process's Python loop only answers control
 requests and watches for SIGTERM/SIGINT, which end the proxy with TERMINATE.
-On stop the capture socket lingers up to shutdown_timeout_ms so that what is
-queued for the writer is still delivered.
+On stop the proxy keeps forwarding until publishers have been quiet for
+drain_idle_ms, then its capture socket lingers up to shutdown_timeout_ms so
+that what is queued for the writer is still delivered.
 
 Counters come from libzmq's STATISTICS command; libzmq counts frames (message
 parts), not messages, so they are reported as frames.
@@ -70,7 +71,7 @@ class Proxy:
         log.info("started", pub_endpoint=cfg.pub_endpoint, sub_endpoint=cfg.sub_endpoint,
                  capture_endpoint=cfg.capture_endpoint,
                  control_endpoint=cfg.proxy_control_endpoint, capture_hwm=cfg.capture_hwm,
-                 config_source=cfg.source)
+                 config_source=cfg.source, config=cfg.public())
 
     def _run_proxy(self) -> None:
         try:
@@ -108,12 +109,16 @@ class Proxy:
             reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
         self.control.send(reply)
 
-    def read_stats(self) -> dict[str, Any]:
+    def counters(self) -> dict[str, int]:
+        """libzmq's frame and byte counters of the running proxy loop."""
         self.steer.send(b"STATISTICS")
         if not self.steer.poll(2000):
             raise RuntimeError("proxy loop did not answer STATISTICS")
         values = [struct.unpack("=Q", part)[0] for part in self.steer.recv_multipart()]
-        stats: dict[str, Any] = dict(zip(_STAT_NAMES, values))
+        return dict(zip(_STAT_NAMES, values))
+
+    def read_stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self.counters()
         stats.update(uptime_seconds=round(time.monotonic() - self._started, 3),
                      bad_control_requests=self._bad_requests,
                      capture_hwm=self.config.capture_hwm,
@@ -121,10 +126,30 @@ class Proxy:
                                 "capture": self.config.capture_endpoint})
         return stats
 
+    def drain_before_exit(self) -> None:
+        """Keep forwarding until publishers have been quiet for drain_idle_ms,
+        within the shutdown deadline: messages they already sent are in the
+        proxy's queues, and closing now would drop them."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.shutdown_timeout_ms / 1000.0
+        idle = cfg.drain_idle_ms / 1000.0
+        seen = self.counters()["frontend_frames_in"]
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(min(0.05, idle))
+            now_seen = self.counters()["frontend_frames_in"]
+            if now_seen != seen:
+                seen, quiet_since = now_seen, time.monotonic()
+            elif time.monotonic() - quiet_since >= idle:
+                return
+        log.warning("drain_timeout", forwarded_frames=seen,
+                    shutdown_timeout_ms=cfg.shutdown_timeout_ms)
+
     def shutdown(self) -> None:
         if self.ctx is None:
             return
         if self._thread is not None and self._thread.is_alive():
+            self.drain_before_exit()
             self.steer.send(b"TERMINATE")
             self._thread.join(5)
         for name in ("frontend", "backend", "control", "steer", "_steered"):

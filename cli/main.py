@@ -221,7 +221,7 @@ def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, cou
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--header")
         headers[key] = value
     try:
-        protocol.decode_topic(topic.encode("utf-8"), cfg.max_topic_bytes)
+        protocol.encode_topic(topic, cfg.max_topic_bytes)
     except protocol.ProtocolError as exc:
         raise click.BadParameter(str(exc), param_hint="TOPIC")
     if data is None and count > 1:

@@ -200,3 +200,18 @@ def test_bus_cli_up_runs_both_and_ctrl_c_stores_everything(make_bus) -> None:
     assert up.stop(signal.SIGINT) == 0, up.stderr.collect()
     assert bus.count("up.t") == 50
     assert "bus stopped" in up.stderr.collect()[-1]
+
+
+def test_publisher_refuses_what_the_writer_would_not_store(bus: Bus) -> None:
+    with Publisher(bus.config(), producer_id="strict") as pub:
+        for topic, payload, reason in (("$bus.ack", b"", "reserved_topic"),
+                                       ("t" * 300, b"", "topic_too_long"),
+                                       ("\x01t", b"", "topic_control_char"),
+                                       ("big", b"x" * (1 << 20), "message_too_large")):
+            with pytest.raises(protocol.ProtocolError) as err:
+                pub.publish(topic, payload)
+            assert err.value.reason == reason
+        assert pub.publish("ok.after", b"fine") == 1, "refused messages take no sequence"
+    bus.wait_count(1, "ok.")
+    result = bus.cli("publish", "$bus.fake", "x")
+    assert result.returncode == 2 and "reserved_topic" in result.stderr

@@ -62,9 +62,27 @@ def test_stopping_the_proxy_first_loses_nothing_in_flight(make_bus) -> None:
     # The order systemd and `bus-cli up` use: everything the proxy captured
     # reaches the writer, which stores it before exiting.
     bus = make_bus(BATCH_SIZE=500, BATCH_FLUSH_INTERVAL_MS=NEVER_MS).start()
-    publish_many(bus, "inflight.t", 5000)
+    publish_many(bus, "inflight.t", 20_000)
     assert bus.stop() == (0, 0)
-    assert bus.count("inflight.t") == 5000
+    assert bus.count("inflight.t") == 20_000
+
+
+def test_proxy_forwards_what_publishers_already_sent_before_it_exits(make_bus) -> None:
+    # Publishers send while the proxy is frozen (SIGSTOP); it is then asked to
+    # stop as it wakes up, with all of that still unread in its sockets.
+    import os
+    bus = make_bus().start()
+    with Publisher(bus.config(), producer_id="frozen", linger_ms=10_000) as pub:
+        os.kill(bus.proxy.pid, signal.SIGSTOP)
+        try:
+            for i in range(5000):
+                pub.publish("frozen.t", b"%d" % i)
+            bus.proxy.send_signal(signal.SIGTERM)
+        finally:
+            os.kill(bus.proxy.pid, signal.SIGCONT)
+        assert bus.proxy.wait() == 0
+    assert bus.writer.stop() == 0
+    assert bus.count("frozen.t") == 5000
 
 
 def test_flush_by_time(make_bus) -> None:
@@ -246,3 +264,34 @@ def test_writer_logs_start_config_and_stop(make_bus) -> None:
     assert started["process"] == "writer" and "timestamp" in started
     assert [e["event"] for e in events][-1] == "stopped"
     assert any(e["event"] == "stopping" and e["signal"] == "SIGTERM" for e in events)
+
+
+def test_writer_down_loses_nothing_and_stalls_no_subscriber(make_bus) -> None:
+    # While the writer is stopped the proxy keeps delivering live and queues
+    # the capture (BUS_CAPTURE_HWM); the restarted writer stores all of it once.
+    from bus.client import Subscriber
+    bus = make_bus().start()
+    with Subscriber(["down."], bus.config()) as sub, \
+            Publisher(bus.config(), producer_id="down") as pub:
+        def probe_arrives() -> bool:
+            pub.publish("down.probe", b"")
+            return sub.receive(timeout=0.05) is not None
+        wait_for(probe_arrives, message="subscription to reach the proxy")
+        wait_for(lambda: bus.count("down.probe") > 0, message="probe stored")
+        assert bus.writer.stop() == 0
+        probes = bus.count("down.probe")
+        for i in range(20_000):
+            pub.publish("down.data", b"%d" % i)
+        live = 0
+        while live < 20_000:
+            msg = sub.receive(timeout=5)
+            assert msg is not None, f"live delivery stalled after {live} messages"
+            live += msg.topic == "down.data"
+        assert bus.count("down.data") == 0
+        bus.start_writer()
+        bus.wait_count(20_000, "down.data")
+    assert bus.stop() == (0, 0)
+    seqs = [r[0] for r in query(bus.db, "SELECT producer_seq FROM messages "
+                                        "WHERE topic = 'down.data' ORDER BY id")]
+    assert seqs == list(range(seqs[0], seqs[0] + 20_000)), "each message once, in order"
+    assert bus.count("down.probe") == probes
