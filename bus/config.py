@@ -60,6 +60,9 @@ SETTINGS: tuple[Setting, ...] = (
             "window over which requests_per_second is measured"),
     Setting("sqlite_synchronous", "BUS_SQLITE_SYNCHRONOUS", str, "NORMAL",
             "NORMAL (survives process crashes) or FULL (also power loss)"),
+    Setting("sqlite_busy_timeout_ms", "BUS_SQLITE_BUSY_TIMEOUT_MS", int, 5000,
+            "a commit waits this long for a lock held by another process, then "
+            "keeps its rows and retries"),
     Setting("capture_hwm", "BUS_CAPTURE_HWM", int, 1_000_000,
             "messages the proxy queues for a stopped or slow writer"),
     Setting("sub_hwm", "BUS_SUB_HWM", int, 100_000,
@@ -101,6 +104,7 @@ class BusConfig:
     batch_low_load_threshold: float
     batch_load_window_seconds: float
     sqlite_synchronous: str
+    sqlite_busy_timeout_ms: int
     capture_hwm: int
     sub_hwm: int
     pub_hwm: int

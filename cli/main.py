@@ -35,7 +35,7 @@ _SETTING = {s.field: s for s in SETTINGS}
 ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
                    "proxy_control_endpoint")
 BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
-                "batch_max_buffer_size", "sqlite_synchronous")
+                "batch_max_buffer_size", "sqlite_synchronous", "sqlite_busy_timeout_ms")
 
 
 def setting_options(*fields: str) -> Callable[[Callable], Callable]:

@@ -295,3 +295,29 @@ def test_writer_down_loses_nothing_and_stalls_no_subscriber(make_bus) -> None:
                                         "WHERE topic = 'down.data' ORDER BY id")]
     assert seqs == list(range(seqs[0], seqs[0] + 20_000)), "each message once, in order"
     assert bus.count("down.probe") == probes
+
+
+def test_a_failed_commit_keeps_its_rows_and_retries(make_bus) -> None:
+    # Another process holds the database's write lock: commits fail with
+    # SQLITE_BUSY, the writer keeps the rows, stays responsive, and stores them
+    # once the lock is gone.
+    import sqlite3
+    bus = make_bus(BATCH_SIZE=10, BUS_SQLITE_BUSY_TIMEOUT_MS=50).start()
+    locker = sqlite3.connect(bus.db, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        publish_many(bus, "locked.t", 25)
+        stats = wait_for(lambda: (s := bus.writer_stats())["batch"]["flush_errors"] >= 2 and s,
+                         message="failed flushes counted")
+        assert stats["batch"]["total_writes"] == 0
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    bus.wait_count(25, "locked.t")
+    stats = wait_for(lambda: (s := bus.writer_stats())["batch"]["queue_size"] == 0 and s,
+                     message="buffer emptied")
+    assert stats["batch"]["total_writes"] == 25
+    assert [r[0] for r in query(bus.db, "SELECT producer_seq FROM messages ORDER BY id")] == \
+        list(range(1, 26))
+    failures = [e for e in bus.writer.log_events() if e["event"] == "flush_failed"]
+    assert failures and failures[0]["error_type"] == "BusyError" and failures[0]["level"] == "error"

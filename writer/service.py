@@ -58,7 +58,7 @@ class Writer:
     def initialize(self, stop: StopSignal) -> None:
         cfg = self.config
         self.stop = stop
-        self.store = Store(cfg.db, cfg.sqlite_synchronous)
+        self.store = Store(cfg.db, cfg.sqlite_synchronous, cfg.sqlite_busy_timeout_ms)
         self.ctx = zmq.Context()
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
         self.control = sockets.open_writer_control(self.ctx, cfg)
@@ -99,7 +99,8 @@ class Writer:
             self.ctx.term()
             self.ctx = None
         if self.store is not None:
-            log.info("database_closed", db=self.config.db, **self.store_counts())
+            log.info("database_closed", db=self.config.db,
+                     last_message_id=self.store.last_message_id())
             self.store.close()
             self.store = None
 
@@ -246,10 +247,6 @@ class Writer:
             reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
         self.control.send(reply)
 
-    def store_counts(self) -> dict[str, Any]:
-        row = self.store.conn.execute("SELECT max(id) FROM messages").fetchone()
-        return {"last_message_id": row[0]}
-
     def stats(self, now: float) -> dict[str, Any]:
         cfg = self.config
         batch = self.metrics.snapshot()
@@ -267,7 +264,7 @@ class Writer:
                        "rejected": dict(self.rejected),
                        "bad_control_requests": self.bad_control_requests},
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
-                         **self.store_counts()},
+                         "last_message_id": self.store.last_message_id()},
             "uptime_seconds": round(now - self._started, 3),
             "config": cfg.public(),
         }

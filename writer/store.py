@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import apsw
 
@@ -73,9 +72,9 @@ def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000)
 
 
 class Store:
-    def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> None:
         self.path = path
-        self.conn = connect(path, synchronous)
+        self.conn = connect(path, synchronous, busy_timeout_ms)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[apsw.Connection]:
@@ -99,10 +98,8 @@ class Store:
                                  [(*row, committed_ns) for row in subscriptions])
         return committed_ns
 
-    def counts(self) -> dict[str, Any]:
-        msgs = self.conn.execute("SELECT count(*), max(id) FROM messages").fetchone()
-        subs = self.conn.execute("SELECT count(*) FROM subscriptions").fetchone()
-        return {"messages": msgs[0], "last_message_id": msgs[1], "subscriptions": subs[0]}
+    def last_message_id(self) -> int | None:
+        return self.conn.execute("SELECT max(id) FROM messages").fetchone()[0]
 
     def close(self) -> None:
         self.conn.close()
