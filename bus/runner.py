@@ -17,6 +17,11 @@ from typing import Any, Protocol
 from bus.logging import get_logger
 
 
+class StartupError(RuntimeError):
+    """A role cannot start for a reason the operator must fix (endpoint or
+    database in use, unreadable file): logged as one line, no traceback."""
+
+
 class StopSignal:
     """Set by SIGTERM/SIGINT; `fileno()` becomes readable when it is set."""
 
@@ -75,6 +80,9 @@ def run_role(role: Role) -> int:
         while not stop.requested:
             role.loop()
         log.info("stopping", signal=stop.signal_name)
+    except StartupError as exc:
+        log.error("cannot_start", error=str(exc))
+        status = 1
     except Exception:
         log.exception("crashed")
         status = 1

@@ -12,12 +12,48 @@ options of a socket are read in one place:
 
 from __future__ import annotations
 
+import os
+import socket
+
 import zmq
 
 from bus.config import BusConfig
+from bus.runner import StartupError
 
 # Inside the proxy process: the steerable proxy's control pipe.
 PROXY_STEERING_ENDPOINT = "inproc://bus-proxy-steering"
+
+
+class EndpointInUse(StartupError):
+    """Another process already serves this endpoint."""
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> None:
+    """Bind, refusing an endpoint another process serves.
+
+    tcp fails by itself (EADDRINUSE). For ipc, libzmq silently unlinks the
+    other process's socket file and takes the path over, so a second writer or
+    proxy would steal the first one's traffic: check for a listener first.
+    """
+    if endpoint.startswith("ipc://") and _unix_listener_at(endpoint[len("ipc://"):]):
+        raise EndpointInUse(f"{endpoint} is in use by another process")
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EADDRINUSE:
+            raise EndpointInUse(f"{endpoint} is in use by another process") from None
+        raise
+
+
+def _unix_listener_at(path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False  # a stale file: libzmq replaces it
+    return True
 
 
 def _set_common(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
@@ -35,7 +71,7 @@ def open_proxy_frontend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.XSUB), 0)
     sock.setsockopt(zmq.RCVHWM, cfg.pub_hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, cfg.proxy_max_frame_bytes)
-    sock.bind(cfg.pub_endpoint)
+    bind(sock, cfg.pub_endpoint)
     # Subscribe to everything so that a message with no live subscriber still
     # reaches the capture pipe. XSUB refcounts prefixes, so a subscriber's own
     # "" unsubscribe never cancels this one.
@@ -48,7 +84,7 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.XPUB), 0)
     sock.setsockopt(zmq.SNDHWM, cfg.sub_hwm)
     sock.setsockopt(zmq.XPUB_VERBOSER, 1)
-    sock.bind(cfg.sub_endpoint)
+    bind(sock, cfg.sub_endpoint)
     return sock
 
 
@@ -64,7 +100,7 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 
 def open_proxy_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.REP), 0)
-    sock.bind(cfg.proxy_control_endpoint)
+    bind(sock, cfg.proxy_control_endpoint)
     return sock
 
 
@@ -76,13 +112,13 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.PULL), 0)
     sock.setsockopt(zmq.RCVHWM, max(1000, cfg.batch_max_buffer_size))
     sock.setsockopt(zmq.RCVBUF, 4 << 20)
-    sock.bind(cfg.capture_endpoint)
+    bind(sock, cfg.capture_endpoint)
     return sock
 
 
 def open_writer_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.REP), 0)
-    sock.bind(cfg.control_endpoint)
+    bind(sock, cfg.control_endpoint)
     return sock
 
 

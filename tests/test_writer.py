@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 
 import msgpack
 import pytest
@@ -10,7 +11,7 @@ import zmq
 
 from bus import protocol
 from bus.client import ControlClient, Publisher
-from tests.conftest import Bus, query, wait_for
+from tests.conftest import BUS_CLI, DEADLINE, Bus, query, wait_for
 
 # A flush interval of ten minutes: anything stored before then was flushed by
 # size, by request or by shutdown. A low-load threshold of 0 turns off the
@@ -321,3 +322,37 @@ def test_a_failed_commit_keeps_its_rows_and_retries(make_bus) -> None:
         list(range(1, 26))
     failures = [e for e in bus.writer.log_events() if e["event"] == "flush_failed"]
     assert failures and failures[0]["error_type"] == "BusyError" and failures[0]["level"] == "error"
+
+
+def test_a_second_writer_or_proxy_refuses_to_start(make_bus, tmp_path) -> None:
+    bus = make_bus().start()
+    # Same database, other endpoints: refused by the database lock.
+    other = dict(bus.env, BUS_CAPTURE_ENDPOINT=f"ipc://{tmp_path}/cap",
+                 BUS_CONTROL_ENDPOINT=f"ipc://{tmp_path}/ctl")
+    second = subprocess.run([BUS_CLI, "writer"], env=other, capture_output=True, text=True,
+                            timeout=DEADLINE)
+    assert second.returncode == 1
+    assert "is open in another bus writer" in second.stderr and "Traceback" not in second.stderr
+    # Same endpoints, other database: refused by the endpoint check.
+    for cmd in ("writer", "proxy"):
+        again = subprocess.run([BUS_CLI, cmd], env=dict(bus.env, BUS_DB=str(tmp_path / "b.db")),
+                               capture_output=True, text=True, timeout=DEADLINE)
+        assert again.returncode == 1 and "is in use by another process" in again.stderr, cmd
+    assert bus.stop() == (0, 0)
+
+
+def test_ipc_endpoints_are_not_stolen_from_a_running_bus(make_bus, tmp_path) -> None:
+    # libzmq would silently unlink and take over an ipc path; the bus checks first.
+    run = tmp_path / "run"
+    run.mkdir()
+    endpoints = {name: f"ipc://{run}/{name.lower()}" for name in
+                 ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
+                  "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT")}
+    bus = make_bus(**endpoints).start()
+    for cmd in ("writer", "proxy"):
+        again = subprocess.run([BUS_CLI, cmd], env=dict(bus.env, BUS_DB=str(tmp_path / "b.db")),
+                               capture_output=True, text=True, timeout=DEADLINE)
+        assert again.returncode == 1 and "is in use by another process" in again.stderr, cmd
+    publish_many(bus, "ipc.t", 10)
+    bus.wait_count(10, "ipc.t")
+    assert bus.stop() == (0, 0)

@@ -90,12 +90,14 @@ class Writer:
         self.flush_if_due(now, idle)
 
     def shutdown(self) -> None:
-        if self.store is not None and self.ctx is not None:
+        capture = getattr(self, "capture", None)
+        if self.store is not None and capture is not None:
             self.drain_before_exit()
             self.flush("shutdown", time.monotonic())
         if self.ctx is not None:
-            self.capture.close(linger=0)
-            self.control.close(linger=0)
+            for sock in (capture, getattr(self, "control", None)):
+                if sock is not None:
+                    sock.close(linger=0)
             self.ctx.term()
             self.ctx = None
         if self.store is not None:

@@ -9,10 +9,14 @@ The schema is documented in docs/protocol.md; change both together.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import time
 from collections.abc import Iterator, Sequence
 
 import apsw
+
+from bus.runner import StartupError
 
 SCHEMA_VERSION = 1
 
@@ -71,10 +75,40 @@ def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000)
     return conn
 
 
+class DatabaseInUse(StartupError):
+    """Another writer has this database open."""
+
+
+def lock_single_writer(path: str) -> int:
+    """Take an exclusive flock on the database file (created if missing) and
+    return its descriptor, to be closed only after SQLite's connection.
+
+    A second writer on the same file would interleave batches and break the
+    one-writer design; SQLite's own locks only serialize transactions. flock is
+    independent of SQLite's POSIX locks, but closing any descriptor of the file
+    drops this process's POSIX locks, hence the order.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StartupError(f"cannot open database {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DatabaseInUse(f"{path} is open in another bus writer") from None
+    return fd
+
+
 class Store:
     def __init__(self, path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> None:
         self.path = path
-        self.conn = connect(path, synchronous, busy_timeout_ms)
+        self._lock_fd = lock_single_writer(path)
+        try:
+            self.conn = connect(path, synchronous, busy_timeout_ms)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[apsw.Connection]:
@@ -103,3 +137,4 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+        os.close(self._lock_fd)
