@@ -356,3 +356,30 @@ def test_ipc_endpoints_are_not_stolen_from_a_running_bus(make_bus, tmp_path) -> 
     publish_many(bus, "ipc.t", 10)
     bus.wait_count(10, "ipc.t")
     assert bus.stop() == (0, 0)
+
+
+@pytest.mark.parametrize("release_lock", [True, False])
+def test_shutdown_retries_a_failed_commit_until_its_deadline(make_bus, release_lock) -> None:
+    import sqlite3
+    bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=NEVER_MS, BATCH_LOW_LOAD_THRESHOLD=0,
+                   BUS_SQLITE_BUSY_TIMEOUT_MS=50, BUS_SHUTDOWN_TIMEOUT_MS=3000).start()
+    publish_many(bus, "late.t", 5)
+    wait_received(bus, 5)
+    assert bus.proxy.stop() == 0
+    locker = sqlite3.connect(bus.db, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        bus.writer.send_signal(signal.SIGTERM)
+        wait_for(lambda: any(e["event"] == "flush_failed" for e in bus.writer.log_events()),
+                 message="a failed shutdown flush")
+        if release_lock:
+            locker.execute("ROLLBACK")
+        code = bus.writer.wait()
+    finally:
+        locker.close()
+    if release_lock:
+        assert code == 0 and bus.count("late.t") == 5
+    else:
+        assert code == 1 and bus.count("late.t") == 0
+        assert any("5 buffered rows could not be committed" in line
+                   for line in bus.writer.stderr.collect())

@@ -91,9 +91,13 @@ class Writer:
 
     def shutdown(self) -> None:
         capture = getattr(self, "capture", None)
+        unsaved = 0
         if self.store is not None and capture is not None:
-            self.drain_before_exit()
-            self.flush("shutdown", time.monotonic())
+            deadline = time.monotonic() + self.config.shutdown_timeout_ms / 1000.0
+            self.drain_before_exit(deadline)
+            while not self.flush("shutdown", time.monotonic()) and time.monotonic() < deadline:
+                time.sleep(FLUSH_RETRY_SECONDS)
+            unsaved = len(self.buffer)
         if self.ctx is not None:
             for sock in (capture, getattr(self, "control", None)):
                 if sock is not None:
@@ -105,12 +109,16 @@ class Writer:
                      last_message_id=self.store.last_message_id())
             self.store.close()
             self.store = None
+        if unsaved:
+            raise RuntimeError(f"{unsaved} buffered rows could not be committed before the "
+                               "shutdown deadline (see flush_failed)")
 
-    def drain_before_exit(self) -> None:
-        """Read what the proxy already sent until the pipe is quiet, within the deadline."""
-        deadline = time.monotonic() + self.config.shutdown_timeout_ms / 1000.0
+    def drain_before_exit(self, deadline: float) -> None:
+        """Read what the proxy already sent until the pipe is quiet, within the deadline.
+        Stops early if commits fail and the buffer is full: what is not read stays
+        in the proxy's queue for the next writer."""
         idle_ms = self.config.drain_idle_ms
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.buffer.is_full:
             if not self.capture.poll(idle_ms):
                 return
             now = time.monotonic()
