@@ -1,16 +1,18 @@
 """End-to-end benchmark of the bus; prints a table (not a test).
 
 Starts the real processes on free loopback ports and measures, in one run:
-  1. persisted msg/s of the bare prototype (bench/prototype.py), the baseline;
-  2. persisted msg/s of the bus, batch mode (defaults unless overridden);
-  3. persisted msg/s of the bus with BATCH_WRITE_ENABLED=false;
-  4. live delivery latency p50/p99 through the proxy at a fixed rate;
-  5. the writer's peak RSS (VmHWM) over all of the above.
+  1. persisted msg/s of the bare prototype (bench/prototype.py), the baseline,
+     and of the bus with defaults and with BATCH_SIZE=1000, alternating for
+     --rounds rounds (medians shown, and each round's ratio to the prototype);
+  2. persisted msg/s of the bus with BATCH_WRITE_ENABLED=false;
+  3. live delivery latency p50/p99 through the proxy at a fixed rate;
+  4. peak RSS (VmHWM) of writer and proxy.
 "Persisted" = from the publisher's first send until the last row is visible to
-a separate SQLite reader. Payloads are 100 bytes. Publishers run in their own
-processes; the machine's cores are shared by publisher, proxy and writer.
+a separate SQLite reader. Payloads are 100 bytes. One publisher process sends as
+fast as it can, so it outruns the writer and backpressure holds it; publisher,
+proxy and writer share the machine's cores.
 
-    python bench/bus_bench.py [--messages 1000000] [--sequential-messages 50000]
+    python bench/bus_bench.py [--messages 300000] [--rounds 3] [--synchronous FULL]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import platform
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +71,13 @@ def wait_rows(db: str, count: int, timeout: float) -> float:
     raise TimeoutError(f"{db}: fewer than {count} rows after {timeout}s")
 
 
+def stored_rows(db: str) -> int:
+    if not Path(db).exists():
+        return 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+
+
 def run_child(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(Path(__file__)), *args], env=env,
                             stdout=subprocess.PIPE, text=True)
@@ -106,7 +116,7 @@ class Bus:
 def persisted_rate(endpoint: str, db: str, count: int, mode: str) -> float:
     pub = run_child(["_publish", mode, endpoint, str(count)])
     started = float(pub.stdout.readline())   # after connect, before the first send
-    done = wait_rows(db, count, timeout=max(60.0, count / 2000))
+    done = wait_rows(db, stored_rows(db) + count, timeout=max(60.0, count / 2000))
     pub.wait(30)
     return count / (done - started)
 
@@ -187,10 +197,14 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_subscribe":
         return child_subscribe(sys.argv[2], int(sys.argv[3]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--messages", type=int, default=1_000_000)
+    ap.add_argument("--messages", type=int, default=300_000, help="per throughput run")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="prototype and bus runs alternate this many times; medians shown")
     ap.add_argument("--sequential-messages", type=int, default=50_000)
     ap.add_argument("--latency-rate", type=int, default=10_000)
     ap.add_argument("--latency-seconds", type=float, default=5.0)
+    ap.add_argument("--latency-runs", type=int, default=3,
+                    help="latency is measured this many times; the median run is shown")
     ap.add_argument("--synchronous", default="NORMAL", help="BUS_SQLITE_SYNCHRONOUS for the bus runs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,41 +213,54 @@ def main() -> None:
         proto = subprocess.Popen([sys.executable, str(ROOT / "bench" / "prototype.py"),
                                   eps["BUS_PUB_ENDPOINT"], eps["BUS_SUB_ENDPOINT"],
                                   str(work / "proto.db")])
-        time.sleep(0.5)
-        proto_rate = persisted_rate(eps["BUS_PUB_ENDPOINT"], str(work / "proto.db"),
-                                    args.messages, "raw")
+        buses = {}
+        for name, settings in (("batch", {}), ("batch1000", {"BATCH_SIZE": "1000"}),
+                               ("seq", {"BATCH_WRITE_ENABLED": "false"})):
+            (work / name).mkdir()
+            buses[name] = Bus(work / name, BUS_SQLITE_SYNCHRONOUS=args.synchronous, **settings)
+        # Rounds alternate prototype and bus runs so that both see the same
+        # machine; idle processes only wake for their poll timeouts.
+        rates: dict[str, list[float]] = {name: [] for name in ("proto", "batch", "batch1000")}
+        for _ in range(args.rounds):
+            rates["proto"].append(persisted_rate(eps["BUS_PUB_ENDPOINT"], str(work / "proto.db"),
+                                                 args.messages, "raw"))
+            for name in ("batch", "batch1000"):
+                rates[name].append(persisted_rate(buses[name].env["BUS_PUB_ENDPOINT"],
+                                                  buses[name].db, args.messages, "bus"))
         proto.kill()
         proto.wait()
+        seq_rate = persisted_rate(buses["seq"].env["BUS_PUB_ENDPOINT"], buses["seq"].db,
+                                  args.sequential_messages, "bus")
+        runs = sorted((latency(buses["batch"].env, args.latency_rate, args.latency_seconds)
+                       for _ in range(args.latency_runs)), key=lambda r: r["p99_ms"])
+        lat = runs[len(runs) // 2]
+        rss = {name: bus.stop() for name, bus in buses.items()}
 
-        def run_bus(name: str, count: int, **settings: str) -> tuple[Bus, float]:
-            (work / name).mkdir()
-            bus = Bus(work / name, BUS_SQLITE_SYNCHRONOUS=args.synchronous, **settings)
-            return bus, persisted_rate(bus.env["BUS_PUB_ENDPOINT"], bus.db, count, "bus")
+    proto_rate, batch_rate, big_rate = (statistics.median(rates[n])
+                                        for n in ("proto", "batch", "batch1000"))
 
-        bus, batch_rate = run_bus("batch", args.messages)
-        lat = latency(bus.env, args.latency_rate, args.latency_seconds)
-        batch_rss = bus.stop()
-        bus, big_rate = run_bus("batch1000", args.messages, BATCH_SIZE="1000")
-        bus.stop()
-        bus, seq_rate = run_bus("seq", args.sequential_messages, BATCH_WRITE_ENABLED="false")
-        seq_rss = bus.stop()
+    def versus_prototype(name: str) -> str:
+        each = ", ".join(f"{b / p:.0%}" for b, p in zip(rates[name], rates["proto"]))
+        median = statistics.median(rates[name]) / proto_rate
+        return f"{median:.0%} of prototype (each round: {each})"
 
     rows = [
         ("prototype (zmq.proxy + executemany 1000, 2 columns)", f"{proto_rate:,.0f} msg/s", ""),
         ("bus, batch mode (defaults, BATCH_SIZE=100)", f"{batch_rate:,.0f} msg/s",
-         f"{batch_rate / proto_rate:.0%} of prototype"),
+         versus_prototype("batch")),
         ("bus, BATCH_SIZE=1000", f"{big_rate:,.0f} msg/s",
-         f"{big_rate / proto_rate:.0%} of prototype"),
+         versus_prototype("batch1000")),
         ("bus, BATCH_WRITE_ENABLED=false", f"{seq_rate:,.0f} msg/s",
          f"batch mode = {batch_rate / seq_rate:.1f}x, BATCH_SIZE=1000 = "
          f"{big_rate / seq_rate:.1f}x"),
         (f"live latency at {args.latency_rate:,} msg/s",
          f"p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms",
-         f"max {lat['max_ms']:.2f} ms, {lat['received']:,} received"),
-        ("peak RSS, batch run (publisher outruns writer)",
-         f"writer {batch_rss[0]:.1f} MB", f"proxy {batch_rss[1]:.1f} MB"),
-        ("peak RSS, sequential run (publisher outruns writer)",
-         f"writer {seq_rss[0]:.1f} MB", f"proxy {seq_rss[1]:.1f} MB"),
+         f"median of {len(runs)} runs of {lat['received']:,} messages; p99 of each: "
+         + ", ".join(f"{r['p99_ms']:.2f}" for r in runs) + " ms"),
+        ("peak RSS, batch runs incl. latency (publisher outruns writer)",
+         f"writer {rss['batch'][0]:.1f} MB", f"proxy {rss['batch'][1]:.1f} MB"),
+        ("peak RSS, sequential run (writer far behind)",
+         f"writer {rss['seq'][0]:.1f} MB", f"proxy {rss['seq'][1]:.1f} MB"),
     ]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, {args.messages:,} x {PAYLOAD_BYTES}-byte messages, "

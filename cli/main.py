@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import itertools
 import json
 import os
 import signal
@@ -227,7 +228,7 @@ def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, cou
     if data is None and count > 1:
         raise click.UsageError("--count needs DATA")
     if data is not None:
-        payloads: Any = [encode_payload(data, encoding)] * count
+        payloads: Any = itertools.repeat(encode_payload(data, encoding), count)
         total: int | None = count
     else:
         payloads = (encode_payload(line.rstrip("\n"), encoding) for line in sys.stdin)
