@@ -169,7 +169,11 @@ class Bus:
         return self.env[name]
 
     def run(self, *args: str, stdin: Any = subprocess.DEVNULL) -> Proc:
-        proc = Proc([BUS_CLI, *args], self.env, cwd=self.tmp_path, stdin=stdin)
+        """Start `bus-cli ARGS` with this bus's settings; stopped at teardown."""
+        return self.spawn([BUS_CLI, *args], stdin=stdin)
+
+    def spawn(self, argv: list[str], stdin: Any = subprocess.DEVNULL) -> Proc:
+        proc = Proc(argv, self.env, cwd=self.tmp_path, stdin=stdin)
         self.procs.append(proc)
         return proc
 
