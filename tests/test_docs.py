@@ -1,8 +1,9 @@
-"""docs/protocol.md's C publisher and subscriber, compiled and run against a real bus.
+"""docs/protocol.md's C and JavaScript clients, run against a real bus.
 
 The page promises that a client can be written from it alone; this keeps the
-examples honest. Needs gcc and libzmq's headers (`apt-get install gcc
-libzmq3-dev`, which .ci/run does); skipped without them.
+examples honest. The C test needs gcc and libzmq's headers (`apt-get install
+gcc libzmq3-dev`), the JavaScript test node and `npm ci --prefix tests/js`;
+.ci/run installs both. Each is skipped without its tools.
 """
 
 from __future__ import annotations
@@ -28,16 +29,22 @@ def have_libzmq_headers() -> bool:
     return probe.returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not have_libzmq_headers(),
-                                reason="gcc or libzmq headers (libzmq3-dev) not installed")
+JS_DIR = Path(__file__).resolve().parent / "js"
+needs_c = pytest.mark.skipif(not have_libzmq_headers(),
+                             reason="gcc or libzmq headers (libzmq3-dev) not installed")
+needs_js = pytest.mark.skipif(shutil.which("node") is None
+                              or not (JS_DIR / "node_modules" / "zeromq").is_dir(),
+                              reason="node or tests/js/node_modules (npm ci --prefix tests/js) "
+                                     "missing")
+
+
+def local_endpoints(code: str, bus: Bus) -> str:
+    return code.replace("tcp://127.0.0.1:5550", bus["BUS_PUB_ENDPOINT"]) \
+               .replace("tcp://127.0.0.1:5551", bus["BUS_SUB_ENDPOINT"])
 
 
 def c_examples(bus: Bus) -> tuple[str, str]:
     publisher, subscriber = re.findall(r"```c\n(.*?)```", PROTOCOL_MD.read_text(), re.S)[:2]
-
-    def local(code: str) -> str:
-        return code.replace("tcp://127.0.0.1:5550", bus["BUS_PUB_ENDPOINT"]) \
-                   .replace("tcp://127.0.0.1:5551", bus["BUS_SUB_ENDPOINT"])
 
     # The subscriber snippet is a loop body: wrap it in a program that prints
     # each frame's size and stops after one message.
@@ -46,7 +53,7 @@ def c_examples(bus: Bus) -> tuple[str, str]:
         'printf("frame %d: %zu\\n", i, zmq_msg_size(&part)); zmq_msg_close(&part); i++;')
     subscriber = ("#include <zmq.h>\n#include <stdio.h>\nint main(void) {\n"
                   "void *ctx = zmq_ctx_new();\n" + subscriber + "return 0;\n}\n")
-    return local(publisher), local(subscriber)
+    return local_endpoints(publisher, bus), local_endpoints(subscriber, bus)
 
 
 def compile_c(source: str, path: Path) -> Path:
@@ -56,6 +63,7 @@ def compile_c(source: str, path: Path) -> Path:
     return path
 
 
+@needs_c
 def test_c_examples_publish_and_subscribe(bus: Bus, tmp_path: Path) -> None:
     publisher_src, subscriber_src = c_examples(bus)
     publisher = compile_c(publisher_src, tmp_path / "pub")
@@ -73,3 +81,30 @@ def test_c_examples_publish_and_subscribe(bus: Bus, tmp_path: Path) -> None:
     assert msgpack.unpackb(meta) == {"producer": "c-1", "seq": 1}
     assert sub.wait() == 0
     assert sub.stdout.collect() == ["frame 0: 10", "frame 1: 8", "frame 2: 19"]
+
+
+@needs_js
+def test_javascript_example_publishes_and_subscribes(bus: Bus) -> None:
+    [example] = re.findall(r"```js\n(.*?)```", PROTOCOL_MD.read_text(), re.S)
+    print_line = "console.log(topic.toString(), payload.toString(), meta ? decode(meta, big) : {});"
+    assert print_line in example
+    example = local_endpoints(example, bus).replace(
+        print_line, print_line + ' if (topic.toString() === "orders.done") process.exit(0);')
+    script = JS_DIR / f"example-{bus.tmp_path.name}.mjs"  # beside node_modules, for imports
+    script.write_text(example)
+    try:
+        node = bus.spawn(["node", str(script)])
+        bus.wait_count(1, "orders.new")
+        wait_for(lambda: query(bus.db, "SELECT 1 FROM subscriptions WHERE prefix = ?",
+                               (b"orders.",)), message="the JavaScript subscriber's subscription")
+        result = bus.cli("publish", "orders.done", '{"n": 1}', "--json", "--producer-id", "py")
+        assert result.returncode == 0, result.stderr
+        assert node.wait() == 0, node.stderr.collect()
+    finally:
+        script.unlink()
+    [(payload, producer, seq, publish_ns)] = query(
+        bus.db, "SELECT payload, producer_id, producer_seq, publish_ns FROM messages "
+                "WHERE topic = 'orders.new'")
+    assert (payload, producer, seq) == (b'{"id":7}', "js-1", 1) and publish_ns > 10**18
+    out = "\n".join(node.stdout.collect())
+    assert 'orders.done {"n":1}' in out and "producer: 'py'" in out and "seq: 1" in out
