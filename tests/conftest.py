@@ -7,6 +7,7 @@ a test starts is stopped, and killed if it will not stop, when the test ends.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -131,7 +132,6 @@ class Proc:
 
     def log_events(self) -> list[dict[str, Any]]:
         """The JSON log lines written to stderr so far."""
-        import json
         events = []
         for line in self.stderr.collect():
             try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import sqlite3
 import subprocess
 
 import msgpack
@@ -10,7 +13,7 @@ import pytest
 import zmq
 
 from bus import protocol
-from bus.client import ControlClient, Publisher
+from bus.client import ControlClient, Publisher, Subscriber
 from tests.conftest import BUS_CLI, DEADLINE, Bus, query, wait_for
 
 # A flush interval of ten minutes: anything stored before then was flushed by
@@ -71,7 +74,6 @@ def test_stopping_the_proxy_first_loses_nothing_in_flight(make_bus) -> None:
 def test_proxy_forwards_what_publishers_already_sent_before_it_exits(make_bus) -> None:
     # Publishers send while the proxy is frozen (SIGSTOP); it is then asked to
     # stop as it wakes up, with all of that still unread in its sockets.
-    import os
     bus = make_bus().start()
     with Publisher(bus.config(), producer_id="frozen", linger_ms=10_000) as pub:
         os.kill(bus.proxy.pid, signal.SIGSTOP)
@@ -138,7 +140,6 @@ def test_stats_report_the_seed_metrics_and_proxy_counters(make_bus) -> None:
     bus.wait_count(30, "stats.t")
     result = bus.cli("stats", "--json")
     assert result.returncode == 0, result.stderr
-    import json
     stats = json.loads(result.stdout)
     batch, load = stats["writer"]["batch"], stats["writer"]["load"]
     for field in ("total_flushes", "total_writes", "total_batched_items", "flush_by_size",
@@ -169,7 +170,6 @@ def test_stats_exits_non_zero_when_a_process_is_down(make_bus) -> None:
     bus.start_writer()
     result = bus.cli("stats", "--json")
     assert result.returncode == 1
-    import json
     out = json.loads(result.stdout)
     assert "batch" in out["writer"] and "no reply" in out["proxy"]["error"]
 
@@ -270,7 +270,6 @@ def test_writer_logs_start_config_and_stop(make_bus) -> None:
 def test_writer_down_loses_nothing_and_stalls_no_subscriber(make_bus) -> None:
     # While the writer is stopped the proxy keeps delivering live and queues
     # the capture (BUS_CAPTURE_HWM); the restarted writer stores all of it once.
-    from bus.client import Subscriber
     bus = make_bus().start()
     with Subscriber(["down."], bus.config()) as sub, \
             Publisher(bus.config(), producer_id="down") as pub:
@@ -302,7 +301,6 @@ def test_a_failed_commit_keeps_its_rows_and_retries(make_bus) -> None:
     # Another process holds the database's write lock: commits fail with
     # SQLITE_BUSY, the writer keeps the rows, stays responsive, and stores them
     # once the lock is gone.
-    import sqlite3
     bus = make_bus(BATCH_SIZE=10, BUS_SQLITE_BUSY_TIMEOUT_MS=50).start()
     locker = sqlite3.connect(bus.db, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")
@@ -360,7 +358,6 @@ def test_ipc_endpoints_are_not_stolen_from_a_running_bus(make_bus, tmp_path) -> 
 
 @pytest.mark.parametrize("release_lock", [True, False])
 def test_shutdown_retries_a_failed_commit_until_its_deadline(make_bus, release_lock) -> None:
-    import sqlite3
     bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=NEVER_MS, BATCH_LOW_LOAD_THRESHOLD=0,
                    BUS_SQLITE_BUSY_TIMEOUT_MS=50, BUS_SHUTDOWN_TIMEOUT_MS=3000).start()
     publish_many(bus, "late.t", 5)
