@@ -189,3 +189,16 @@ def test_control_request_and_reply_shapes() -> None:
     reply = protocol.decode_reply(protocol.encode_reply_error(7, "flush_failed", "disk full"))
     assert reply == {"id": 7, "ok": False, "error": {"code": "flush_failed",
                                                      "reason": "disk full"}}
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"content_type": "text/plain"}, {"headers": {"a": "b", "c": "d"}},
+    {"content_type": "application/json", "headers": {"k": "v"}, "ack": True},
+])
+def test_meta_encoder_writes_what_msgpack_writes_for_the_map(fields) -> None:
+    encoder = protocol.MetaEncoder("pricer-é")
+    for seq in (1, 127, 128, 70_000, 2**40):
+        expected = {"producer": "pricer-é", "seq": seq, "time_ns": 1_795_000_000_000_000_000}
+        expected.update(fields)
+        assert encoder.encode(seq, time_ns=expected["time_ns"], **fields) == \
+            msgpack.packb(expected)
