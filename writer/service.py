@@ -24,6 +24,7 @@ from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
+from writer.producers import ProducerLedger
 from writer.store import TRANSIENT_ERRORS, Store
 
 log = get_logger("writer")
@@ -48,6 +49,7 @@ class Writer:
         self.reserved_skipped = 0
         self.bad_control_requests = 0
         self._retry_at = 0.0
+        self._drain_ns = 0
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
         self.ctx: zmq.Context | None = None
@@ -59,6 +61,7 @@ class Writer:
         cfg = self.config
         self.stop = stop
         self.store = Store(cfg.db, cfg.sqlite_synchronous, cfg.sqlite_busy_timeout_ms)
+        self.producers = ProducerLedger(self.store.load_producer)
         self.ctx = zmq.Context()
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
         self.control = sockets.open_writer_control(self.ctx, cfg)
@@ -138,6 +141,7 @@ class Writer:
         """
         recv = self.capture.recv
         room = max(1, self.buffer.room)
+        self._drain_ns = time.time_ns()  # "last seen" time of producers in this read
         received = 0
         idle = False
         while received < room:
@@ -177,9 +181,12 @@ class Writer:
             self.reserved_skipped += 1
             return
         self.messages_received += 1
-        self.buffer.add_message((topic, payload, meta_raw, meta.get(protocol.META_PRODUCER),
-                                 meta.get(protocol.META_SEQ), meta.get(protocol.META_TIME_NS)),
-                                now)
+        producer, seq = meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ)
+        if producer is not None and seq is not None and \
+                not self.producers.accept(producer, seq, self._drain_ns):
+            return  # a retransmission of a stored message
+        self.buffer.add_message((topic, payload, meta_raw, producer, seq,
+                                 meta.get(protocol.META_TIME_NS)), now)
 
     def reject(self, exc: protocol.ProtocolError, frames: list[bytes]) -> None:
         self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
@@ -201,21 +208,24 @@ class Writer:
     def flush(self, reason: str, now: float) -> bool:
         """Commit the whole buffer as one transaction. On a transient database
         error the rows stay buffered and the flush is retried later."""
-        if not self.buffer or self.store is None:
+        if self.store is None or not (self.buffer or self.producers.dirty):
             return True
         items = len(self.buffer)
         started = time.perf_counter()
         try:
-            self.store.write_batch(self.buffer.messages, self.buffer.subscriptions)
+            self.store.write_batch(self.buffer.messages, self.buffer.subscriptions,
+                                   self.producers.dirty_rows())
         except TRANSIENT_ERRORS as exc:
             self.metrics.flush_errors += 1
             self._retry_at = now + FLUSH_RETRY_SECONDS
             log.error("flush_failed", error=str(exc), error_type=type(exc).__name__,
                       buffered=items, will_retry_in_s=FLUSH_RETRY_SECONDS)
             return False
-        self.metrics.record_flush(items, reason, time.perf_counter() - started,
-                                  batched=self.config.batch_write_enabled)
+        if items:  # not for a write of producer counters alone
+            self.metrics.record_flush(items, reason, time.perf_counter() - started,
+                                      batched=self.config.batch_write_enabled)
         self.buffer.clear()
+        self.producers.committed()
         return True
 
     def _poll_timeout_ms(self, now: float) -> int:
@@ -273,6 +283,7 @@ class Writer:
                        "rejected_total": sum(self.rejected.values()),
                        "rejected": dict(self.rejected),
                        "bad_control_requests": self.bad_control_requests},
+            "producers": self.producers.snapshot(),
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
                          "last_message_id": self.store.last_message_id()},
             "uptime_seconds": round(now - self._started, 3),

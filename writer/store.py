@@ -13,12 +13,13 @@ import fcntl
 import os
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import apsw
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -37,6 +38,17 @@ SCHEMA = (
         prefix        BLOB    NOT NULL,      -- topic prefix, as bytes
         committed_ns  INTEGER NOT NULL
     )""",
+    """CREATE TABLE IF NOT EXISTS producers (
+        producer_id     TEXT    PRIMARY KEY,
+        contiguous_seq  INTEGER NOT NULL,    -- every seq 1..contiguous_seq is stored
+        max_seq         INTEGER NOT NULL,    -- highest seq stored
+        holes           BLOB,                -- msgpack [[first, last], ...] not yet stored
+        gaps            INTEGER NOT NULL,    -- holes opened (jumps forward in seq)
+        abandoned       INTEGER NOT NULL,    -- seqs given up on (too many holes)
+        duplicates      INTEGER NOT NULL,    -- retransmissions skipped
+        first_seen_ns   INTEGER NOT NULL,
+        last_seen_ns    INTEGER NOT NULL
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS bus_meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -46,6 +58,11 @@ SCHEMA = (
 INSERT_MESSAGE = ("INSERT INTO messages (topic, payload, meta, producer_id, producer_seq,"
                   " publish_ns, committed_ns) VALUES (?, ?, ?, ?, ?, ?, ?)")
 INSERT_SUBSCRIPTION = "INSERT INTO subscriptions (subscribed, prefix, committed_ns) VALUES (?, ?, ?)"
+UPSERT_PRODUCER = ("INSERT OR REPLACE INTO producers (producer_id, contiguous_seq, max_seq, holes,"
+                   " gaps, abandoned, duplicates, first_seen_ns, last_seen_ns)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+SELECT_PRODUCER = ("SELECT producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
+                   " first_seen_ns, last_seen_ns FROM producers WHERE producer_id = ?")
 
 # A message row as buffered: (topic, payload, meta, producer_id, producer_seq, publish_ns).
 MessageRow = tuple[str, bytes, "bytes | None", "str | None", "int | None", "int | None"]
@@ -70,7 +87,7 @@ def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000)
     with conn:
         for ddl in SCHEMA:
             conn.execute(ddl)
-        conn.execute("INSERT OR IGNORE INTO bus_meta VALUES ('schema_version', ?)",
+        conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('schema_version', ?)",
                      (str(SCHEMA_VERSION),))
     return conn
 
@@ -121,8 +138,10 @@ class Store:
         self.conn.execute("COMMIT")
 
     def write_batch(self, messages: Sequence[MessageRow],
-                    subscriptions: Sequence[SubscriptionRow]) -> int:
-        """Write everything in one transaction; returns the commit timestamp (ns)."""
+                    subscriptions: Sequence[SubscriptionRow],
+                    producers: Sequence[tuple[Any, ...]] = ()) -> int:
+        """Write everything in one transaction; returns the commit timestamp (ns).
+        `producers` are ledger rows describing the messages of this batch."""
         committed_ns = time.time_ns()
         with self.transaction() as conn:
             if messages:
@@ -130,7 +149,12 @@ class Store:
             if subscriptions:
                 conn.executemany(INSERT_SUBSCRIPTION,
                                  [(*row, committed_ns) for row in subscriptions])
+            if producers:
+                conn.executemany(UPSERT_PRODUCER, producers)
         return committed_ns
+
+    def load_producer(self, producer_id: str) -> tuple[Any, ...] | None:
+        return self.conn.execute(SELECT_PRODUCER, (producer_id,)).fetchone()
 
     def last_message_id(self) -> int | None:
         return self.conn.execute("SELECT max(id) FROM messages").fetchone()[0]
