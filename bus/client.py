@@ -16,9 +16,11 @@ import os
 import socket as _socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import msgpack
 import zmq
 
 from bus import protocol, sockets
@@ -48,18 +50,28 @@ def default_producer_id() -> str:
 
 
 class Publisher:
-    """Publishes data messages through the proxy.
+    """Publishes data messages through the proxy, and learns what was stored.
 
     `connect()` (or entering the context manager) blocks until the proxy has
-    subscribed, or raises BusTimeout. `publish()` blocks while the queue to the
-    proxy is full (backpressure) up to `send_timeout` seconds, then raises.
-    `close()` waits up to `linger_ms` for queued messages to leave.
+    subscribed to this publisher and to its acknowledgement topic, or raises
+    BusTimeout. `publish()` blocks while the queue to the proxy is full
+    (backpressure) up to `send_timeout` seconds, then raises.
+
+    Every message is kept until the writer acknowledges it (`$bus.ack.<producer>`
+    carries the highest sequence up to which everything is stored). `flush()`
+    waits for that, re-sending what is still unacknowledged every
+    `resend_after` seconds with the same sequence numbers (the writer stores each
+    (producer, seq) once); `publish(..., wait=True)` is publish + flush. At most
+    `max_unacked` messages are kept: past that, `publish` waits for
+    acknowledgements first. `close()` does not wait for acknowledgements; it
+    waits up to `linger_ms` for queued messages to leave.
     """
 
     def __init__(self, config: BusConfig | None = None, *, endpoint: str | None = None,
                  producer_id: str | None = None, context: zmq.Context | None = None,
                  connect_timeout: float | None = None, send_timeout: float | None = None,
-                 linger_ms: int = 5000) -> None:
+                 linger_ms: int = 5000, resend_after: float = 1.0,
+                 max_unacked: int = 100_000) -> None:
         config = config or load_config()
         if endpoint:
             config = with_overrides(config, pub_endpoint=endpoint)
@@ -69,13 +81,20 @@ class Publisher:
                                 if connect_timeout is None else connect_timeout)
         self.send_timeout = send_timeout
         self.linger_ms = linger_ms
+        self.resend_after = resend_after
+        self.max_unacked = max_unacked
         self._own_context = context is None
         self._ctx = context or zmq.Context()
         self._sock: zmq.Socket | None = None
+        self._acks: zmq.Socket | None = None
         self._seq = itertools.count(1)
         self.last_seq = 0
+        self.acked_seq = 0      # every message up to this one is stored
+        self.resent = 0
+        self._unacked: OrderedDict[int, tuple[bytes, bytes, bytes]] = OrderedDict()
         self._topics: dict[str, bytes] = {}  # validated topic -> frame
         self._meta = protocol.MetaEncoder(self.producer_id)
+        self._ack_topic = protocol.ack_topic(self.producer_id)
 
     def connect(self) -> Publisher:
         if self._sock is not None:
@@ -84,21 +103,26 @@ class Publisher:
         if self.send_timeout is not None:
             sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
         self._sock = sock
+        self._acks = sockets.open_subscriber(self._ctx, self.config, [self._ack_topic])
+        # The proxy passes every subscription on to every publisher: seeing our own
+        # acknowledgement subscription arrive means acknowledgements will reach us.
+        waiting_for = {b"\x01", b"\x01" + self._ack_topic}
         deadline = time.monotonic() + self.connect_timeout
-        while True:
+        while waiting_for:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                 self.close(linger_ms=0)
                 raise BusTimeout(f"proxy at {self.config.pub_endpoint} did not subscribe "
                                  f"within {self.connect_timeout:g}s (is bus-proxy running?)")
-            frame = sock.recv()
-            if frame[:1] == b"\x01":
-                return self
+            waiting_for.discard(sock.recv())
+        return self
 
     def publish(self, topic: str, payload: bytes | str, *, content_type: str | None = None,
-                headers: dict[str, str] | None = None) -> int:
+                headers: dict[str, str] | None = None, wait: bool = False,
+                timeout: float | None = None) -> int:
         """Send one message; returns its sequence number.
 
+        wait=True returns only once the writer has committed it (see flush).
         Raises protocol.ProtocolError (a ValueError) for a topic the writer
         would not store, before anything is sent.
         """
@@ -116,26 +140,97 @@ class Publisher:
         if len(topic_frame) + len(payload) > self.config.max_message_bytes:
             raise protocol.ProtocolError(protocol.MESSAGE_TOO_LARGE,
                                          f"payload of {len(payload)} bytes")
+        if len(self._unacked) >= self.max_unacked:
+            self._wait_acked(self.max_unacked // 2, timeout)
         seq = next(self._seq)
-        meta = self._meta.encode(seq, content_type=content_type, headers=headers)
+        frames = (topic_frame, payload, self._meta.encode(seq, content_type=content_type,
+                                                          headers=headers))
+        self._send(frames)
+        self._unacked[seq] = frames
+        self.last_seq = seq
+        if wait:
+            self.flush(timeout)
+        elif seq & 0xFF == 0:
+            self._read_acks(0)  # now and then, so the unacknowledged set stays small
+        return seq
+
+    def _send(self, frames: tuple[bytes, bytes, bytes]) -> None:
         send = self._sock.send
         try:
             # Three sends, not send_multipart: a third of the CPU per message here.
             # libzmq checks the high-water mark on the first part only, so a
             # message is never left half-sent.
-            send(topic_frame, zmq.SNDMORE)
-            send(payload, zmq.SNDMORE)
-            send(meta)
+            send(frames[0], zmq.SNDMORE)
+            send(frames[1], zmq.SNDMORE)
+            send(frames[2])
         except zmq.Again:
             raise BusTimeout(f"publish blocked for {self.send_timeout}s: the proxy is not "
                              "reading (queue full)") from None
-        self.last_seq = seq
-        return seq
+
+    @property
+    def unacked(self) -> int:
+        return len(self._unacked)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Return once every message published so far is committed; re-send the
+        unacknowledged ones every `resend_after` seconds. Raises BusTimeout after
+        `timeout` seconds (default BUS_REQUEST_TIMEOUT_MS); nothing is dropped
+        then, a later flush() continues."""
+        self._wait_acked(0, timeout)
+
+    def _wait_acked(self, at_most: int, timeout: float | None) -> None:
+        timeout = self.config.request_timeout_ms / 1000.0 if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        resend_at = time.monotonic() + self.resend_after
+        while len(self._unacked) > at_most:
+            now = time.monotonic()
+            if now >= deadline:
+                raise BusTimeout(f"{len(self._unacked)} messages not acknowledged within "
+                                 f"{timeout:g}s (is bus-writer running?)")
+            if now >= resend_at:
+                for frames in list(self._unacked.values()):
+                    self._send(frames)
+                self.resent += len(self._unacked)
+                resend_at = now + self.resend_after
+            before = len(self._unacked)
+            self._read_acks(min(deadline, resend_at) - now)
+            if len(self._unacked) < before:
+                resend_at = time.monotonic() + self.resend_after  # progress: no resend yet
+
+    def _read_acks(self, wait: float) -> None:
+        """Apply the acknowledgements that arrive within `wait` seconds."""
+        acks = self._acks
+        if acks is None or not acks.poll(max(0, int(wait * 1000))):
+            return
+        while True:
+            try:
+                frames = acks.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                ack = msgpack.unpackb(frames[1])
+                acked = int(ack["contiguous_seq"])
+            except Exception:
+                continue  # not an acknowledgement we understand
+            if acked > self.acked_seq:
+                self.acked_seq = acked
+        unacked = self._unacked
+        while unacked:
+            seq = next(iter(unacked))
+            if seq > self.acked_seq:
+                break
+            del unacked[seq]
+        # Subscription notices pile up on the XPUB when nobody reads them.
+        while self._sock.poll(0):
+            self._sock.recv()
 
     def close(self, linger_ms: int | None = None) -> None:
         if self._sock is not None:
             self._sock.close(linger=self.linger_ms if linger_ms is None else linger_ms)
             self._sock = None
+        if self._acks is not None:
+            self._acks.close(linger=0)
+            self._acks = None
         if self._own_context and not self._ctx.closed:
             self._ctx.term()
 

@@ -24,6 +24,8 @@ import msgpack
 
 # Topics starting with this are the bus's own (acks, watermarks); never stored.
 RESERVED_PREFIX = "$"
+ACK_TOPIC_PREFIX = "$bus.ack."      # + producer id: {producer, contiguous_seq, max_seq, committed_ns}
+COMMIT_TOPIC = "$bus.commit"        # {last_id, rows, committed_ns} after each commit
 
 # Known meta keys. Unknown keys are kept as received.
 META_PRODUCER = "producer"        # str: producer id, stable for one Publisher
@@ -89,6 +91,10 @@ class Message:
 
 def is_reserved(topic: str) -> bool:
     return topic.startswith(RESERVED_PREFIX)
+
+
+def ack_topic(producer: str) -> bytes:
+    return (ACK_TOPIC_PREFIX + producer).encode("utf-8")
 
 
 class MetaEncoder:

@@ -6,6 +6,7 @@ options of a socket are read in one place:
     publishers  XPUB --connect--> pub_endpoint      (proxy XSUB, bound)
     subscribers SUB  --connect--> sub_endpoint      (proxy XPUB, bound)
     proxy       PUSH --connect--> capture_endpoint  (writer PULL, bound)
+    writer      PUB  --connect--> pub_endpoint      ($bus.* notifications)
     clients     REQ  --connect--> control_endpoint  (writer REP, bound)
     clients     REQ  --connect--> proxy_control_endpoint (proxy REP, bound)
 """
@@ -119,6 +120,17 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 def open_writer_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.REP), 0)
     bind(sock, cfg.control_endpoint)
+    return sock
+
+
+def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+    """PUB connected to the proxy's XSUB, like any publisher: commit
+    acknowledgements and the commit watermark. A plain PUB on purpose: while
+    the proxy is away these are dropped instead of blocking the writer, and the
+    next commit's notifications supersede them (they carry watermarks)."""
+    sock = _set_common(ctx.socket(zmq.PUB), 1000)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.connect(cfg.pub_endpoint)
     return sock
 
 

@@ -209,11 +209,20 @@ def encode_payload(data: str, encoding: str) -> tuple[bytes, str]:
               help="messages per second with --count (0: as fast as possible)")
 @click.option("--producer-id", default=None, help="producer id in meta (default: host-pid-random)")
 @click.option("--header", "-H", multiple=True, help="KEY=VALUE header in meta (repeatable)")
-@setting_options("pub_endpoint", "request_timeout_ms")
+@click.option("--wait", is_flag=True,
+              help="exit 0 only once the writer has committed every message")
+@click.option("--wait-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="seconds --wait waits for the commit acknowledgements")
+@setting_options("pub_endpoint", "sub_endpoint", "request_timeout_ms")
 @click.pass_context
 def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, count: int,
-            rate: float, producer_id: str | None, header: tuple[str, ...], **flags: Any) -> None:
-    """Publish DATA to TOPIC, or one message per line of standard input."""
+            rate: float, producer_id: str | None, header: tuple[str, ...], wait: bool,
+            wait_timeout: float, **flags: Any) -> None:
+    """Publish DATA to TOPIC, or one message per line of standard input.
+
+    With --wait, unacknowledged messages are re-sent (same sequence numbers,
+    stored once) until the writer acknowledges them all or --wait-timeout passes.
+    """
     cfg = build_config(ctx, flags, "publish")
     headers = {}
     for item in header:
@@ -249,11 +258,14 @@ def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, cou
                 if sent % 1000 == 0 or sent == total:
                     bar.update(sent - bar.pos)
             last = pub.last_seq
+            if wait:
+                pub.flush(wait_timeout)
     except BusError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     click.echo(f"published {sent} message{'s' if sent != 1 else ''} to {topic} "
-               f"(producer {pub.producer_id}, seq {last - sent + 1}..{last})", err=True)
+               f"(producer {pub.producer_id}, seq {last - sent + 1}..{last})"
+               + (", committed" if wait else ""), err=True)
 
 
 # --- tail ----------------------------------------------------------------------

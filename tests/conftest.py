@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
+from bus import protocol
 from bus.client import BusError, ControlClient
 
 BUS_CLI = str(Path(sys.executable).with_name("bus-cli"))
@@ -139,6 +141,29 @@ class Proc:
             except ValueError:
                 pass
         return events
+
+
+class RawProducer:
+    """A bare client: an XPUB that waits for the proxy's subscription and sends
+    [topic, payload, meta] with chosen (producer, seq) pairs, e.g. retransmissions.
+    Unlike Publisher it opens no acknowledgement subscription, so batches hold
+    exactly the messages a test sends."""
+
+    def __init__(self, bus: Bus, producer: str) -> None:
+        self.producer = producer
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.XPUB)
+        self.sock.connect(bus["BUS_PUB_ENDPOINT"])
+        assert self.sock.poll(5000) and self.sock.recv() == b"\x01"
+
+    def send(self, *seqs: int, topic: bytes = b"idem.t") -> None:
+        for seq in seqs:
+            self.sock.send_multipart([topic, b"payload-%d" % seq,
+                                      protocol.encode_meta(self.producer, seq)])
+
+    def close(self) -> None:
+        self.sock.close(linger=5000)
+        self.ctx.term()
 
 
 def ping(endpoint: str) -> bool:

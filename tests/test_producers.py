@@ -7,8 +7,7 @@ import msgpack
 import pytest
 import zmq
 
-from bus import protocol
-from tests.conftest import Bus, query, wait_for
+from tests.conftest import Bus, RawProducer, query, wait_for
 from writer.producers import ProducerLedger, ProducerState
 
 # --- the ledger's logic -------------------------------------------------------
@@ -64,26 +63,6 @@ def test_ledger_loads_on_demand_and_keeps_dirty_states_until_committed() -> None
 
 
 # --- through the real writer ----------------------------------------------------
-
-
-class RawProducer:
-    """Sends chosen (producer, seq) pairs, as a client that retransmits would."""
-
-    def __init__(self, bus: Bus, producer: str) -> None:
-        self.producer = producer
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.XPUB)
-        self.sock.connect(bus["BUS_PUB_ENDPOINT"])
-        assert self.sock.poll(5000) and self.sock.recv() == b"\x01"
-
-    def send(self, *seqs: int, topic: bytes = b"idem.t") -> None:
-        for seq in seqs:
-            self.sock.send_multipart([topic, b"payload-%d" % seq,
-                                      protocol.encode_meta(self.producer, seq)])
-
-    def close(self) -> None:
-        self.sock.close(linger=5000)
-        self.ctx.term()
 
 
 def stored_seqs(bus: Bus, producer: str) -> list[int]:

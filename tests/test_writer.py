@@ -14,7 +14,7 @@ import zmq
 
 from bus import protocol
 from bus.client import ControlClient, Publisher, Subscriber
-from tests.conftest import BUS_CLI, DEADLINE, Bus, query, wait_for
+from tests.conftest import BUS_CLI, DEADLINE, Bus, RawProducer, query, wait_for
 
 # A flush interval of ten minutes: anything stored before then was flushed by
 # size, by request or by shutdown. A low-load threshold of 0 turns off the
@@ -23,9 +23,12 @@ NEVER_MS = 600_000
 
 
 def publish_many(bus: Bus, topic: str, n: int, producer_id: str = "p") -> None:
-    with Publisher(bus.config(), producer_id=producer_id) as pub:
-        for i in range(n):
-            pub.publish(topic, b"%d" % i)
+    """n messages with seq 1..n; no acknowledgement subscription to count in batches."""
+    producer = RawProducer(bus, producer_id)
+    try:
+        producer.send(*range(1, n + 1), topic=topic.encode())
+    finally:
+        producer.close()
 
 
 def wait_received(bus: Bus, n: int) -> dict:
@@ -234,7 +237,8 @@ def test_reserved_topics_are_not_stored(bus: Bus) -> None:
         ctx.term()
     bus.wait_count(1, "after.")
     assert bus.count("$") == 0
-    assert wait_for(lambda: bus.writer_stats()["ingest"]["reserved_skipped"] == 1,
+    # (The writer's own $bus notifications come back through the capture too.)
+    assert wait_for(lambda: bus.writer_stats()["ingest"]["reserved_skipped"] >= 1,
                     message="reserved skip counted")
 
 

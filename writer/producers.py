@@ -139,8 +139,11 @@ class ProducerLedger:
         """Rows for the producers table, to commit with the current batch."""
         return [state.row() for state in self._dirty.values()]
 
-    def committed(self) -> None:
+    def committed(self) -> list[ProducerState]:
+        """The states just committed, now clean."""
+        states = list(self._dirty.values())
         self._dirty.clear()
+        return states
 
     def snapshot(self, limit: int = 20) -> dict[str, Any]:
         with_holes = [s for s in self._states.values() if s.holes]

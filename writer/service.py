@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import msgpack
 import zmq
 
 from bus import protocol, sockets
@@ -24,7 +25,7 @@ from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
-from writer.producers import ProducerLedger
+from writer.producers import ProducerLedger, ProducerState
 from writer.store import TRANSIENT_ERRORS, Store
 
 log = get_logger("writer")
@@ -65,6 +66,8 @@ class Writer:
         self.ctx = zmq.Context()
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
         self.control = sockets.open_writer_control(self.ctx, cfg)
+        self.notify = sockets.open_writer_notify(self.ctx, cfg)
+        self.last_id = self.store.last_message_id()
         self.poller = zmq.Poller()
         self.poller.register(self.capture, zmq.POLLIN)
         self.poller.register(self.control, zmq.POLLIN)
@@ -105,6 +108,8 @@ class Writer:
             for sock in (capture, getattr(self, "control", None)):
                 if sock is not None:
                     sock.close(linger=0)
+            if getattr(self, "notify", None) is not None:
+                self.notify.close()  # lingers briefly: the last acknowledgements
             self.ctx.term()
             self.ctx = None
         if self.store is not None:
@@ -197,7 +202,14 @@ class Writer:
     # --- flushing -----------------------------------------------------------
 
     def flush_if_due(self, now: float, idle: bool) -> None:
-        if not self.buffer or now < self._retry_at:
+        if now < self._retry_at:
+            return
+        if not self.buffer:
+            if self.producers.dirty:
+                # Only retransmissions arrived: what they repeat is committed, but
+                # their publisher missed the acknowledgement. A commit of the ledger
+                # alone sends it again.
+                self.flush("ack", now)
             return
         reason = self.buffer.due(now)
         if reason is None and idle and self.load.is_low_load(now):
@@ -213,8 +225,8 @@ class Writer:
         items = len(self.buffer)
         started = time.perf_counter()
         try:
-            self.store.write_batch(self.buffer.messages, self.buffer.subscriptions,
-                                   self.producers.dirty_rows())
+            committed_ns, last_id = self.store.write_batch(
+                self.buffer.messages, self.buffer.subscriptions, self.producers.dirty_rows())
         except TRANSIENT_ERRORS as exc:
             self.metrics.flush_errors += 1
             self._retry_at = now + FLUSH_RETRY_SECONDS
@@ -224,9 +236,24 @@ class Writer:
         if items:  # not for a write of producer counters alone
             self.metrics.record_flush(items, reason, time.perf_counter() - started,
                                       batched=self.config.batch_write_enabled)
+        messages = len(self.buffer.messages)
         self.buffer.clear()
-        self.producers.committed()
+        self.notify_commit(committed_ns, last_id, messages, self.producers.committed())
         return True
+
+    def notify_commit(self, committed_ns: int, last_id: int | None, messages: int,
+                      producers: list[ProducerState]) -> None:
+        """Publish, through the proxy, one acknowledgement per producer of the
+        batch (its contiguous watermark) and the commit watermark."""
+        send = self.notify.send_multipart
+        for state in producers:
+            send((protocol.ack_topic(state.producer_id), msgpack.packb({
+                "producer": state.producer_id, "contiguous_seq": state.contiguous_seq,
+                "max_seq": state.max_seq, "committed_ns": committed_ns})))
+        if last_id is not None:
+            self.last_id = last_id
+            send((protocol.COMMIT_TOPIC.encode(), msgpack.packb({
+                "last_id": last_id, "rows": messages, "committed_ns": committed_ns})))
 
     def _poll_timeout_ms(self, now: float) -> int:
         if self.buffer.is_full or (self.buffer and now < self._retry_at):

@@ -139,8 +139,9 @@ class Store:
 
     def write_batch(self, messages: Sequence[MessageRow],
                     subscriptions: Sequence[SubscriptionRow],
-                    producers: Sequence[tuple[Any, ...]] = ()) -> int:
-        """Write everything in one transaction; returns the commit timestamp (ns).
+                    producers: Sequence[tuple[Any, ...]] = ()) -> tuple[int, int | None]:
+        """Write everything in one transaction; returns the commit timestamp (ns)
+        and the id of the last message written (None if none).
         `producers` are ledger rows describing the messages of this batch."""
         committed_ns = time.time_ns()
         with self.transaction() as conn:
@@ -149,9 +150,10 @@ class Store:
             if subscriptions:
                 conn.executemany(INSERT_SUBSCRIPTION,
                                  [(*row, committed_ns) for row in subscriptions])
+            last_id = conn.last_insert_rowid() if messages else None
             if producers:
                 conn.executemany(UPSERT_PRODUCER, producers)
-        return committed_ns
+        return committed_ns, last_id
 
     def load_producer(self, producer_id: str) -> tuple[Any, ...] | None:
         return self.conn.execute(SELECT_PRODUCER, (producer_id,)).fetchone()
