@@ -113,8 +113,9 @@ class Bus:
         return rss
 
 
-def persisted_rate(endpoint: str, db: str, count: int, mode: str) -> float:
-    pub = run_child(["_publish", mode, endpoint, str(count)])
+def persisted_rate(endpoints: dict[str, str], db: str, count: int, mode: str) -> float:
+    pub = run_child(["_publish", mode, endpoints["BUS_PUB_ENDPOINT"],
+                     endpoints["BUS_SUB_ENDPOINT"], str(count)])
     started = float(pub.stdout.readline())   # after connect, before the first send
     done = wait_rows(db, stored_rows(db) + count, timeout=max(60.0, count / 2000))
     pub.wait(30)
@@ -125,7 +126,8 @@ def latency(env: dict[str, str], rate: int, seconds: float) -> dict[str, float]:
     count = int(rate * seconds)
     sub = run_child(["_subscribe", env["BUS_SUB_ENDPOINT"], str(count)])
     assert sub.stdout.readline().strip() == "ready"
-    pub = run_child(["_publish", "bus", env["BUS_PUB_ENDPOINT"], str(count), str(rate)])
+    pub = run_child(["_publish", "bus", env["BUS_PUB_ENDPOINT"], env["BUS_SUB_ENDPOINT"],
+                     str(count), str(rate)])
     out = json.loads(sub.stdout.readline())
     pub.wait(30)
     sub.wait(30)
@@ -134,13 +136,15 @@ def latency(env: dict[str, str], rate: int, seconds: float) -> dict[str, float]:
 
 # --- child processes ----------------------------------------------------------
 
-def child_publish(mode: str, endpoint: str, count: int, rate: float = 0.0) -> None:
+def child_publish(mode: str, endpoint: str, sub_endpoint: str, count: int,
+                  rate: float = 0.0) -> None:
     import zmq
     payload = os.urandom(PAYLOAD_BYTES)
     if mode == "bus":
         from bus.client import Publisher
         from bus.config import load_config
-        pub = Publisher(load_config({"pub_endpoint": endpoint}), linger_ms=60000)
+        pub = Publisher(load_config({"pub_endpoint": endpoint, "sub_endpoint": sub_endpoint}),
+                        linger_ms=60000)
         pub.connect()
         send = pub.publish
     else:  # bare [topic, payload] frames; XPUB+NODROP so the baseline loses nothing either
@@ -193,7 +197,7 @@ def child_subscribe(endpoint: str, count: int) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_publish":
         a = sys.argv[2:]
-        return child_publish(a[0], a[1], int(a[2]), float(a[3]) if len(a) > 3 else 0.0)
+        return child_publish(a[0], a[1], a[2], int(a[3]), float(a[4]) if len(a) > 4 else 0.0)
     if len(sys.argv) > 1 and sys.argv[1] == "_subscribe":
         return child_subscribe(sys.argv[2], int(sys.argv[3]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -222,14 +226,14 @@ def main() -> None:
         # machine; idle processes only wake for their poll timeouts.
         rates: dict[str, list[float]] = {name: [] for name in ("proto", "batch", "batch1000")}
         for _ in range(args.rounds):
-            rates["proto"].append(persisted_rate(eps["BUS_PUB_ENDPOINT"], str(work / "proto.db"),
-                                                 args.messages, "raw"))
+            rates["proto"].append(persisted_rate(eps, str(work / "proto.db"), args.messages,
+                                                 "raw"))
             for name in ("batch", "batch1000"):
-                rates[name].append(persisted_rate(buses[name].env["BUS_PUB_ENDPOINT"],
-                                                  buses[name].db, args.messages, "bus"))
+                rates[name].append(persisted_rate(buses[name].env, buses[name].db,
+                                                  args.messages, "bus"))
         proto.kill()
         proto.wait()
-        seq_rate = persisted_rate(buses["seq"].env["BUS_PUB_ENDPOINT"], buses["seq"].db,
+        seq_rate = persisted_rate(buses["seq"].env, buses["seq"].db,
                                   args.sequential_messages, "bus")
         runs = sorted((latency(buses["batch"].env, args.latency_rate, args.latency_seconds)
                        for _ in range(args.latency_runs)), key=lambda r: r["p99_ms"])

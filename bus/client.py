@@ -59,12 +59,14 @@ class Publisher:
 
     Every message is kept until the writer acknowledges it (`$bus.ack.<producer>`
     carries the highest sequence up to which everything is stored). `flush()`
-    waits for that, re-sending what is still unacknowledged every
-    `resend_after` seconds with the same sequence numbers (the writer stores each
-    (producer, seq) once); `publish(..., wait=True)` is publish + flush. At most
+    waits for that, re-sending what is still unacknowledged when
+    acknowledgements stop for `resend_after` seconds (then 2x, 4x, ... up to
+    30 s), with the same sequence numbers: the writer stores each (producer,
+    seq) once. `publish(..., wait=True)` is publish + flush. At most
     `max_unacked` messages are kept: past that, `publish` waits for
-    acknowledgements first. `close()` does not wait for acknowledgements; it
-    waits up to `linger_ms` for queued messages to leave.
+    acknowledgements first (up to `send_timeout`, like a full socket).
+    `close()` does not wait for acknowledgements; it waits up to `linger_ms`
+    for queued messages to leave.
     """
 
     def __init__(self, config: BusConfig | None = None, *, endpoint: str | None = None,
@@ -106,14 +108,21 @@ class Publisher:
         self._acks = sockets.open_subscriber(self._ctx, self.config, [self._ack_topic])
         # The proxy passes every subscription on to every publisher: seeing our own
         # acknowledgement subscription arrive means acknowledgements will reach us.
-        waiting_for = {b"\x01", b"\x01" + self._ack_topic}
+        proxy_ready, acks_ready = b"\x01", b"\x01" + self._ack_topic
+        waiting_for = {proxy_ready, acks_ready}
         deadline = time.monotonic() + self.connect_timeout
         while waiting_for:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                 self.close(linger_ms=0)
-                raise BusTimeout(f"proxy at {self.config.pub_endpoint} did not subscribe "
-                                 f"within {self.connect_timeout:g}s (is bus-proxy running?)")
+                if proxy_ready in waiting_for:
+                    raise BusTimeout(f"proxy at {self.config.pub_endpoint} did not subscribe "
+                                     f"within {self.connect_timeout:g}s (is bus-proxy running?)")
+                raise BusTimeout(f"the proxy at {self.config.pub_endpoint} answered, but this "
+                                 "publisher's acknowledgement subscription through "
+                                 f"{self.config.sub_endpoint} did not reach it within "
+                                 f"{self.connect_timeout:g}s (is BUS_SUB_ENDPOINT the same "
+                                 "proxy's?)")
             waiting_for.discard(sock.recv())
         return self
 
@@ -140,8 +149,8 @@ class Publisher:
         if len(topic_frame) + len(payload) > self.config.max_message_bytes:
             raise protocol.ProtocolError(protocol.MESSAGE_TOO_LARGE,
                                          f"payload of {len(payload)} bytes")
-        if len(self._unacked) >= self.max_unacked:
-            self._wait_acked(self.max_unacked // 2, timeout)
+        if len(self._unacked) >= self.max_unacked:  # backpressure, like a full socket
+            self._wait_acked(self.max_unacked // 2, self.send_timeout)
         seq = next(self._seq)
         frames = (topic_frame, payload, self._meta.encode(seq, content_type=content_type,
                                                           headers=headers))
@@ -172,30 +181,38 @@ class Publisher:
         return len(self._unacked)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Return once every message published so far is committed; re-send the
-        unacknowledged ones every `resend_after` seconds. Raises BusTimeout after
-        `timeout` seconds (default BUS_REQUEST_TIMEOUT_MS); nothing is dropped
-        then, a later flush() continues."""
-        self._wait_acked(0, timeout)
+        """Return once every message published so far is committed, re-sending
+        the unacknowledged ones when acknowledgements stop (see _wait_acked).
+        Raises BusTimeout after `timeout` seconds (default BUS_REQUEST_TIMEOUT_MS);
+        nothing is dropped then, a later flush() continues."""
+        self._wait_acked(0, self.config.request_timeout_ms / 1000.0 if timeout is None
+                         else timeout)
 
     def _wait_acked(self, at_most: int, timeout: float | None) -> None:
-        timeout = self.config.request_timeout_ms / 1000.0 if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        resend_at = time.monotonic() + self.resend_after
+        """Read acknowledgements until at most `at_most` messages are unacknowledged,
+        re-sending them when none arrive: after `resend_after` seconds, then
+        doubling up to 30 s while there is still no progress, so that a writer
+        that is down is not buried under copies. timeout None: no limit."""
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        interval = self.resend_after
+        resend_at = started + interval
         while len(self._unacked) > at_most:
             now = time.monotonic()
-            if now >= deadline:
+            if deadline is not None and now >= deadline:
                 raise BusTimeout(f"{len(self._unacked)} messages not acknowledged within "
                                  f"{timeout:g}s (is bus-writer running?)")
             if now >= resend_at:
                 for frames in list(self._unacked.values()):
                     self._send(frames)
                 self.resent += len(self._unacked)
-                resend_at = now + self.resend_after
+                interval = min(interval * 2, 30.0)
+                resend_at = now + interval
             before = len(self._unacked)
-            self._read_acks(min(deadline, resend_at) - now)
-            if len(self._unacked) < before:
-                resend_at = time.monotonic() + self.resend_after  # progress: no resend yet
+            self._read_acks(min(resend_at, deadline or resend_at) - now)
+            if len(self._unacked) < before:  # progress: start the re-send clock again
+                interval = self.resend_after
+                resend_at = time.monotonic() + interval
 
     def _read_acks(self, wait: float) -> None:
         """Apply the acknowledgements that arrive within `wait` seconds."""

@@ -67,7 +67,8 @@ class Writer:
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
         self.control = sockets.open_writer_control(self.ctx, cfg)
         self.notify = sockets.open_writer_notify(self.ctx, cfg)
-        self.last_id = self.store.last_message_id()
+        self._owed_acks: dict[str, dict[str, Any]] = {}
+        self._owed_commit: dict[str, Any] | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.capture, zmq.POLLIN)
         self.poller.register(self.control, zmq.POLLIN)
@@ -94,6 +95,7 @@ class Writer:
         if self.capture in events:
             idle = self.drain_capture(now)
         self.flush_if_due(now, idle)
+        self.send_notifications()
 
     def shutdown(self) -> None:
         capture = getattr(self, "capture", None)
@@ -104,6 +106,7 @@ class Writer:
             while not self.flush("shutdown", time.monotonic()) and time.monotonic() < deadline:
                 time.sleep(FLUSH_RETRY_SECONDS)
             unsaved = len(self.buffer)
+            self.send_notifications()
         if self.ctx is not None:
             for sock in (capture, getattr(self, "control", None)):
                 if sock is not None:
@@ -145,7 +148,10 @@ class Writer:
         msgpack and SQLite handle fastest.
         """
         recv = self.capture.recv
-        room = max(1, self.buffer.room)
+        # One transaction per message in sequential mode, but still many messages
+        # per poll: the comparison is about commits, not system calls.
+        room = max(1, self.buffer.room) if self.config.batch_write_enabled \
+            else self.config.batch_size
         self._drain_ns = time.time_ns()  # "last seen" time of producers in this read
         received = 0
         idle = False
@@ -236,24 +242,36 @@ class Writer:
         if items:  # not for a write of producer counters alone
             self.metrics.record_flush(items, reason, time.perf_counter() - started,
                                       batched=self.config.batch_write_enabled)
-        messages = len(self.buffer.messages)
+        self._owe_notifications(committed_ns, last_id, len(self.buffer.messages),
+                                self.producers.committed())
         self.buffer.clear()
-        self.notify_commit(committed_ns, last_id, messages, self.producers.committed())
         return True
 
-    def notify_commit(self, committed_ns: int, last_id: int | None, messages: int,
-                      producers: list[ProducerState]) -> None:
-        """Publish, through the proxy, one acknowledgement per producer of the
-        batch (its contiguous watermark) and the commit watermark."""
-        send = self.notify.send_multipart
+    def _owe_notifications(self, committed_ns: int, last_id: int | None, messages: int,
+                           producers: list[ProducerState]) -> None:
+        """Note what was just committed; send_notifications() tells it once per loop
+        iteration, so that many commits in one iteration (sequential mode) cost
+        one acknowledgement per producer, not one per commit. Values are copied
+        now: the states move on with messages not yet committed."""
         for state in producers:
-            send((protocol.ack_topic(state.producer_id), msgpack.packb({
+            self._owed_acks[state.producer_id] = {
                 "producer": state.producer_id, "contiguous_seq": state.contiguous_seq,
-                "max_seq": state.max_seq, "committed_ns": committed_ns})))
+                "max_seq": state.max_seq, "committed_ns": committed_ns}
         if last_id is not None:
-            self.last_id = last_id
-            send((protocol.COMMIT_TOPIC.encode(), msgpack.packb({
-                "last_id": last_id, "rows": messages, "committed_ns": committed_ns})))
+            rows = self._owed_commit["rows"] if self._owed_commit else 0
+            self._owed_commit = {"last_id": last_id, "rows": rows + messages,
+                                 "committed_ns": committed_ns}
+
+    def send_notifications(self) -> None:
+        """Publish, through the proxy, each owed acknowledgement ($bus.ack.<producer>,
+        the producer's contiguous watermark) and the commit watermark ($bus.commit)."""
+        send = self.notify.send_multipart
+        for producer, ack in self._owed_acks.items():
+            send((protocol.ack_topic(producer), msgpack.packb(ack)))
+        self._owed_acks.clear()
+        if self._owed_commit:
+            send((protocol.COMMIT_TOPIC.encode(), msgpack.packb(self._owed_commit)))
+            self._owed_commit = None
 
     def _poll_timeout_ms(self, now: float) -> int:
         if self.buffer.is_full or (self.buffer and now < self._retry_at):
