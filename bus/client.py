@@ -16,7 +16,7 @@ import os
 import socket as _socket
 import time
 import uuid
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -93,7 +93,8 @@ class Publisher:
         self.last_seq = 0
         self.acked_seq = 0      # every message up to this one is stored
         self.resent = 0
-        self._unacked: OrderedDict[int, tuple[bytes, bytes, bytes]] = OrderedDict()
+        # (seq, frames) in seq order, oldest first: acknowledgements pop from the left.
+        self._unacked: deque[tuple[int, tuple[bytes, bytes, bytes]]] = deque()
         self._topics: dict[str, bytes] = {}  # validated topic -> frame
         self._meta = protocol.MetaEncoder(self.producer_id)
         self._ack_topic = protocol.ack_topic(self.producer_id)
@@ -155,7 +156,7 @@ class Publisher:
         frames = (topic_frame, payload, self._meta.encode(seq, content_type=content_type,
                                                           headers=headers))
         self._send(frames)
-        self._unacked[seq] = frames
+        self._unacked.append((seq, frames))
         self.last_seq = seq
         if wait:
             self.flush(timeout)
@@ -203,7 +204,7 @@ class Publisher:
                 raise BusTimeout(f"{len(self._unacked)} messages not acknowledged within "
                                  f"{timeout:g}s (is bus-writer running?)")
             if now >= resend_at:
-                for frames in list(self._unacked.values()):
+                for _seq, frames in list(self._unacked):
                     self._send(frames)
                 self.resent += len(self._unacked)
                 interval = min(interval * 2, 30.0)
@@ -232,11 +233,8 @@ class Publisher:
             if acked > self.acked_seq:
                 self.acked_seq = acked
         unacked = self._unacked
-        while unacked:
-            seq = next(iter(unacked))
-            if seq > self.acked_seq:
-                break
-            del unacked[seq]
+        while unacked and unacked[0][0] <= self.acked_seq:
+            unacked.popleft()
         # Subscription notices pile up on the XPUB when nobody reads them.
         while self._sock.poll(0):
             self._sock.recv()
