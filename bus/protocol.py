@@ -203,13 +203,6 @@ def parse_message(frames: list[bytes], max_topic_bytes: int = 1 << 16,
     return Message(topic, payload, meta)
 
 
-def encode_message(topic: str, payload: bytes, meta: bytes | None = None) -> list[bytes]:
-    frames = [topic.encode("utf-8"), payload]
-    if meta is not None:
-        frames.append(meta)
-    return frames
-
-
 def is_subscription_frame(frames: list[bytes]) -> bool:
     return len(frames) == 1 and len(frames[0]) >= 1 and frames[0][0] in (SUBSCRIBE, UNSUBSCRIBE)
 
