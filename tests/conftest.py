@@ -153,6 +153,10 @@ class RawProducer:
         self.producer = producer
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.XPUB)
+        # Like Publisher: a full queue blocks instead of dropping (an XPUB, like a
+        # PUB, silently drops at its high-water mark otherwise).
+        self.sock.setsockopt(zmq.XPUB_NODROP, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.connect(bus["BUS_PUB_ENDPOINT"])
         assert self.sock.poll(5000) and self.sock.recv() == b"\x01"
 
