@@ -225,6 +225,8 @@ class Publisher:
                 frames = acks.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if frames[0] != self._ack_topic:
+                continue  # another producer whose id starts with ours (prefix match)
             try:
                 ack = msgpack.unpackb(frames[1])
                 acked = int(ack["contiguous_seq"])

@@ -11,7 +11,7 @@ import pytest
 
 from bus import protocol
 from bus.client import BusTimeout, Publisher, Subscriber
-from tests.conftest import Bus, query, wait_for
+from tests.conftest import Bus, RawProducer, query, wait_for
 
 
 def seqs_of(bus: Bus, producer: str) -> list[int]:
@@ -113,3 +113,21 @@ def test_commit_watermark_and_acks_are_published(bus: Bus) -> None:
     assert seen["commit"]["last_id"] == last_id and seen["commit"]["rows"] >= 1
     assert seen["ack"]["producer"] == "seen" and seen["ack"]["max_seq"] == pub.last_seq
     assert bus.count("$") == 0, "notifications are not stored"
+
+
+def test_acknowledgements_for_another_producer_are_ignored(make_bus) -> None:
+    # SUB matches by prefix: "pp" also receives "$bus.ack.pp-other".
+    bus = make_bus(BUS_SHUTDOWN_TIMEOUT_MS=1000).start()
+    assert bus.writer.stop() == 0
+    forger = RawProducer(bus, "forger")
+    try:
+        with Publisher(bus.config(), producer_id="pp", resend_after=5) as pub:
+            pub.publish("ack.own", b"1")
+            forger.sock.send_multipart([b"$bus.ack.pp-other", msgpack.packb(
+                {"producer": "pp-other", "contiguous_seq": 99, "max_seq": 99,
+                 "committed_ns": 1})])
+            with pytest.raises(BusTimeout):
+                pub.flush(timeout=0.5)
+            assert pub.acked_seq == 0 and pub.unacked == 1
+    finally:
+        forger.close()
