@@ -5,12 +5,13 @@ return only once the writer has committed, re-sending what was not acknowledged.
 from __future__ import annotations
 
 import signal
+import threading
 
 import msgpack
 import pytest
 
 from bus import protocol
-from bus.client import BusTimeout, Publisher, Subscriber
+from bus.client import BusTimeout, ControlClient, Publisher, Subscriber
 from tests.conftest import Bus, RawProducer, query, wait_for
 
 
@@ -20,17 +21,27 @@ def seqs_of(bus: Bus, producer: str) -> list[int]:
 
 
 def test_publish_wait_returns_after_the_commit(make_bus) -> None:
-    # Nothing is committed until the 1.5 s flush interval (no size or low-load
-    # flush): wait=True must wait for that commit, no less.
-    bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=1500,
+    # Nothing is committed by size, time or low load; the test asks for the
+    # commit itself, a little later, from another thread. wait=True must wait for it.
+    bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=600_000,
                    BATCH_LOW_LOAD_THRESHOLD=0).start()
+
+    def request_flush() -> None:
+        with ControlClient(bus["BUS_CONTROL_ENDPOINT"]) as client:
+            client.request("flush")
+
     with Publisher(bus.config(), producer_id="waiter") as pub:
         for i in range(4):
             pub.publish("ack.t", b"%d" % i)
         wait_for(lambda: bus.writer_stats()["ingest"]["messages_received"] == 4,
                  message="the writer to receive 4 messages")
         assert bus.count("ack.t") == 0 and pub.unacked == 4
-        pub.publish("ack.t", b"4", wait=True)
+        later = threading.Timer(0.3, request_flush)
+        later.start()
+        try:
+            pub.publish("ack.t", b"4", wait=True, timeout=10)
+        finally:
+            later.join()
         assert seqs_of(bus, "waiter") == [1, 2, 3, 4, 5], "committed before wait returned"
         assert (pub.unacked, pub.acked_seq) == (0, 5)
 
