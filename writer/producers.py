@@ -102,12 +102,6 @@ class ProducerLedger:
     def accept(self, producer_id: str, seq: int, now_ns: int) -> bool:
         """True if (producer_id, seq) is new and its message must be stored."""
         state = self._states.get(producer_id)
-        if state is not None and seq == state.max_seq + 1:  # the usual case, kept short
-            state.max_seq = seq
-            state.last_seen_ns = now_ns
-            self._dirty[producer_id] = state
-            self._states.move_to_end(producer_id)
-            return True
         if state is None:
             state = self._fetch(producer_id, now_ns)
         else:
@@ -125,10 +119,10 @@ class ProducerLedger:
             ProducerState(producer_id, first_seen_ns=now_ns)
         self._states[producer_id] = state
         if len(self._states) > self.max_cached:
-            for old_id in list(self._states):  # oldest first; dirty ones wait for their commit
-                if old_id not in self._dirty:
-                    del self._states[old_id]
-                    break
+            # The least recently used clean state; dirty ones wait for their commit.
+            victim = next((pid for pid in self._states if pid not in self._dirty), None)
+            if victim is not None:
+                del self._states[victim]
         return state
 
     @property
