@@ -161,13 +161,32 @@ class RawProducer:
         assert self.sock.poll(5000) and self.sock.recv() == b"\x01"
 
     def send(self, *seqs: int, topic: bytes = b"idem.t") -> None:
-        for seq in seqs:
-            self.sock.send_multipart([topic, b"payload-%d" % seq,
-                                      protocol.encode_meta(self.producer, seq)])
+        self.send_frames(*([topic, b"payload-%d" % seq, protocol.encode_meta(self.producer, seq)]
+                           for seq in seqs))
+
+    def send_frames(self, *messages: list[bytes]) -> None:
+        """Send each message's frames exactly as given, valid or not."""
+        for frames in messages:
+            self.sock.send_multipart(frames)
 
     def close(self) -> None:
         self.sock.close(linger=5000)
         self.ctx.term()
+
+    def __enter__(self) -> RawProducer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def wait_until_delivered(pub: Any, sub: Any, topic: str) -> None:
+    """Publish probes on `topic` until `sub` receives one: a SUB's subscription
+    reaches the proxy asynchronously, and only then is anything delivered to it."""
+    def probe_arrives() -> bool:
+        pub.publish(topic, b"")
+        return sub.receive(timeout=0.05) is not None
+    wait_for(probe_arrives, message=f"a probe on {topic} to reach the subscriber")
 
 
 def ping(endpoint: str) -> bool:
@@ -213,18 +232,20 @@ class Bus:
                               capture_output=True, text=True, timeout=timeout)
 
     def start_writer(self) -> Proc:
-        self.writer = self.run("writer")
-        wait_for(lambda: ping(self["BUS_CONTROL_ENDPOINT"]) or self._exited(self.writer),
-                 message="writer ping")
-        assert self.writer.popen.poll() is None, self.writer.stderr.collect()
+        self.writer = self._start_role("writer", "BUS_CONTROL_ENDPOINT")
         return self.writer
 
     def start_proxy(self) -> Proc:
-        self.proxy = self.run("proxy")
-        wait_for(lambda: ping(self["BUS_PROXY_CONTROL_ENDPOINT"]) or self._exited(self.proxy),
-                 message="proxy ping")
-        assert self.proxy.popen.poll() is None, self.proxy.stderr.collect()
+        self.proxy = self._start_role("proxy", "BUS_PROXY_CONTROL_ENDPOINT")
         return self.proxy
+
+    def _start_role(self, role: str, control_endpoint: str) -> Proc:
+        """Start `bus-cli ROLE` and wait until it answers ping (or fails)."""
+        proc = self.run(role)
+        wait_for(lambda: ping(self[control_endpoint]) or self._exited(proc),
+                 message=f"{role} ping")
+        assert proc.popen.poll() is None, proc.stderr.collect()
+        return proc
 
     def start(self) -> Bus:
         self.start_writer()

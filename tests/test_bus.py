@@ -12,7 +12,7 @@ import zmq
 
 from bus import protocol
 from bus.client import BusTimeout, Publisher, Subscriber
-from tests.conftest import Bus, query, wait_for
+from tests.conftest import Bus, query, wait_for, wait_until_delivered
 
 
 def test_published_message_is_stored_with_its_meta(bus: Bus) -> None:
@@ -138,10 +138,7 @@ def test_tail_stops_after_n_messages(bus: Bus) -> None:
 def test_library_subscriber_yields_topic_payload_meta(bus: Bus) -> None:
     with Subscriber(["lib."], bus.config()) as sub, \
             Publisher(bus.config(), producer_id="lib") as pub:
-        def probe_arrives() -> bool:
-            pub.publish("lib.probe", b"")
-            return sub.receive(timeout=0.05) is not None
-        wait_for(probe_arrives, message="subscription to reach the proxy")
+        wait_until_delivered(pub, sub, "lib.probe")
         seq = pub.publish("lib.event", b"\x00\xffbinary")
         msg = sub.receive(timeout=5)
         while msg is not None and msg.topic == "lib.probe":  # probes still in flight

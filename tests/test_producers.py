@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-import zmq
 
 from tests.conftest import Bus, RawProducer, query, wait_for
 from writer.producers import ProducerLedger, ProducerState
@@ -134,15 +133,7 @@ def test_the_ledger_survives_a_writer_restart(bus: Bus, raw) -> None:
 
 
 def test_messages_without_producer_meta_are_never_deduplicated(bus: Bus) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.XPUB)
-    sock.connect(bus["BUS_PUB_ENDPOINT"])
-    try:
-        assert sock.poll(5000) and sock.recv() == b"\x01"
-        for _ in range(3):
-            sock.send_multipart([b"plain.t", b"same"])
-            sock.send_multipart([b"plain.t", b"same", msgpack.packb({"seq": 1})])
-    finally:
-        sock.close(linger=5000)
-        ctx.term()
+    with RawProducer(bus, "unused") as raw:
+        raw.send_frames(*[[b"plain.t", b"same"], [b"plain.t", b"same", msgpack.packb({"seq": 1})]]
+                        * 3)
     bus.wait_count(6, "plain.")

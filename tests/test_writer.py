@@ -14,7 +14,8 @@ import zmq
 
 from bus import protocol
 from bus.client import ControlClient, Publisher, Subscriber
-from tests.conftest import BUS_CLI, DEADLINE, Bus, RawProducer, query, wait_for
+from tests.conftest import (BUS_CLI, DEADLINE, Bus, RawProducer, query, wait_for,
+                            wait_until_delivered)
 
 # A flush interval of ten minutes: anything stored before then was flushed by
 # size, by request or by shutdown. A low-load threshold of 0 turns off the
@@ -192,23 +193,12 @@ def test_bad_input_is_counted_and_valid_messages_around_it_are_stored(make_bus) 
         "empty_topic": [b"", b"p"],
         "topic_control_char": [b"\x02ctl", b"p"],
     }
-    ctx = zmq.Context()
-    # An XPUB, like the Publisher, so the first message is not lost to the slow joiner.
-    sock = ctx.socket(zmq.XPUB)
-    sock.connect(bus["BUS_PUB_ENDPOINT"])
-    try:
-        assert sock.poll(5000) and sock.recv() == b"\x01"
+    with RawProducer(bus, "raw") as raw:
         for i, frames in enumerate(bad.values()):
-            sock.send_multipart([b"good.before", b"%d" % i])
-            sock.send_multipart(frames)
-            sock.send_multipart([b"good.after", b"%d" % i, protocol.encode_meta("raw", i + 1)])
+            raw.send_frames([b"good.before", b"%d" % i], frames,
+                            [b"good.after", b"%d" % i, protocol.encode_meta("raw", i + 1)])
         # The same bad message many times: counted each time, logged at a bounded rate.
-        for _ in range(200):
-            sock.send_multipart(bad["meta_not_map"])
-        sock.send_multipart([b"good.last", b"end"])
-    finally:
-        sock.close(linger=5000)
-        ctx.term()
+        raw.send_frames(*[bad["meta_not_map"]] * 200, [b"good.last", b"end"])
     bus.wait_count(2 * len(bad) + 1, "good.")
     assert bus.count() == 2 * len(bad) + 1, "no bad message was stored"
     stats = wait_for(lambda: (s := bus.writer_stats())["ingest"]["rejected_total"] >= 210 and s,
@@ -225,16 +215,8 @@ def test_bad_input_is_counted_and_valid_messages_around_it_are_stored(make_bus) 
 
 
 def test_reserved_topics_are_not_stored(bus: Bus) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.XPUB)
-    sock.connect(bus["BUS_PUB_ENDPOINT"])
-    try:
-        assert sock.poll(5000) and sock.recv() == b"\x01"
-        sock.send_multipart([b"$bus.fake", b"x"])
-        sock.send_multipart([b"after.reserved", b"y"])
-    finally:
-        sock.close(linger=5000)
-        ctx.term()
+    with RawProducer(bus, "raw") as raw:
+        raw.send_frames([b"$bus.fake", b"x"], [b"after.reserved", b"y"])
     bus.wait_count(1, "after.")
     assert bus.count("$") == 0
     # (The writer's own $bus notifications come back through the capture too.)
@@ -277,10 +259,7 @@ def test_writer_down_loses_nothing_and_stalls_no_subscriber(make_bus) -> None:
     bus = make_bus().start()
     with Subscriber(["down."], bus.config()) as sub, \
             Publisher(bus.config(), producer_id="down") as pub:
-        def probe_arrives() -> bool:
-            pub.publish("down.probe", b"")
-            return sub.receive(timeout=0.05) is not None
-        wait_for(probe_arrives, message="subscription to reach the proxy")
+        wait_until_delivered(pub, sub, "down.probe")
         wait_for(lambda: bus.count("down.probe") > 0, message="probe stored")
         assert bus.writer.stop() == 0
         probes = bus.count("down.probe")
