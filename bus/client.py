@@ -4,13 +4,16 @@ Publisher connects an XPUB to the proxy's XSUB and waits for the proxy's
 upstream subscription before its first message, so the first message published
 right after connecting is not dropped (ZeroMQ's slow joiner). Each message
 carries meta with the producer id, a sequence starting at 1, and the publish
-time. Subscriber is a SUB on the proxy's XPUB. ControlClient speaks the
+time. Subscriber is a SUB on the proxy's XPUB, and reads stored messages
+through HistoryClient (the reader) to catch up or to resume a durable
+consumer. ControlClient speaks the
 request/reply control protocol with a timeout, closing and reopening its REQ
 socket after a timeout (the ZeroMQ Guide's Lazy Pirate).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import os
 import socket as _socket
@@ -18,6 +21,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -27,7 +31,8 @@ from bus import protocol, sockets
 from bus.config import BusConfig, load_config, with_overrides
 from bus.protocol import Message
 
-__all__ = ["BusError", "BusTimeout", "ControlClient", "Message", "Publisher", "Subscriber"]
+__all__ = ["BusError", "BusTimeout", "ControlClient", "HistoryClient", "HistoryPage", "Message",
+           "Publisher", "Subscriber"]
 
 
 class BusError(Exception):
@@ -258,31 +263,220 @@ class Publisher:
         self.close()
 
 
+@dataclass(frozen=True)
+class HistoryPage:
+    messages: list[Message]
+    after_id: int     # ask for the next page after this id
+    last_id: int      # the newest stored id when the page was read
+    more: bool        # more stored messages after `after_id`
+
+
+class HistoryClient:
+    """Reads pages of stored messages from the reader (`bus-cli reader`)."""
+
+    def __init__(self, config: BusConfig | None = None, *, endpoint: str | None = None,
+                 context: zmq.Context | None = None, timeout_ms: int | None = None,
+                 retries: int = 1) -> None:
+        config = config or load_config()
+        self.config = config
+        self._client = ControlClient(endpoint or config.read_endpoint,
+                                     timeout_ms or config.request_timeout_ms, retries, context)
+
+    def page(self, prefixes: Iterable[str] = ("",), *, after_id: int | None = None,
+             since_ns: int | None = None, limit: int | None = None) -> HistoryPage:
+        """Messages with id > after_id, or committed at/after since_ns, or from the
+        oldest; the reader bounds the page (rows, bytes, rows examined)."""
+        args: dict[str, Any] = {"prefixes": list(prefixes) or [""]}
+        for key, value in (("after_id", after_id), ("since_ns", since_ns), ("limit", limit)):
+            if value is not None:
+                args[key] = value
+        result = self._client.request("history", args)
+        return HistoryPage([protocol.message_from_row(row) for row in result["messages"]],
+                           result["after_id"], result["last_id"], result["more"])
+
+    def messages(self, prefixes: Iterable[str] = ("",), *, after_id: int | None = None,
+                 since_ns: int | None = None, limit: int | None = None) -> Iterator[Message]:
+        """Every stored message from the start point to the newest, page by page
+        (at most `limit`)."""
+        prefixes = list(prefixes)
+        left = limit
+        while left is None or left > 0:
+            page = self.page(prefixes, after_id=after_id, since_ns=since_ns, limit=left)
+            yield from page.messages
+            if left is not None:
+                left -= len(page.messages)
+            if not page.more:
+                return
+            after_id, since_ns = page.after_id, None
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HistoryClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def since_to_ns(since: dt.datetime | dt.timedelta | int | float) -> int:
+    """A start time as ns since the epoch: a datetime, a timedelta ago, or
+    seconds since the epoch (int/float)."""
+    if isinstance(since, dt.timedelta):
+        return time.time_ns() - int(since.total_seconds() * 1e9)
+    if isinstance(since, dt.datetime):
+        if since.tzinfo is None:
+            raise ValueError("since: give an aware datetime (with a time zone)")
+        return int(since.timestamp() * 1e9)
+    return int(since * 1e9)
+
+
 class Subscriber:
     """Receives data messages whose topic starts with one of `prefixes`.
 
-    Topics starting with "$" (the bus's own) are delivered only to a prefix
-    that itself starts with "$". Malformed messages are skipped and counted in
-    `invalid`.
+    Three modes:
+    - live (default): what passes the proxy from now on. Topics starting with
+      "$" (the bus's own) are delivered only to a prefix that starts with "$".
+    - `since=` (a timedelta ago, an aware datetime, or epoch seconds) or
+      `after_id=`: stored messages from there, then live ones, with no gap and
+      no duplicate at the seam for messages that carry producer meta (see
+      docs/protocol.md, "Catching up").
+    - `durable="NAME"`: stored messages after the last one NAME acknowledged,
+      across restarts of this process and of the bus. Delivery follows the
+      commits (woken by $bus.commit, polling every `poll_interval` s when no
+      notification comes), and every message has its stored `id`. With
+      `auto_ack` (default) a message counts as acknowledged once the next one
+      is asked for, or `ack()` is called; positions reach the writer at most
+      every `ack_interval` s and on close(). A new NAME starts at `since` /
+      `after_id` if given, else after the newest stored message.
+    Malformed live messages are skipped and counted in `invalid`.
     """
 
     def __init__(self, prefixes: Iterable[str] = ("",), config: BusConfig | None = None, *,
-                 endpoint: str | None = None, context: zmq.Context | None = None) -> None:
+                 endpoint: str | None = None, context: zmq.Context | None = None,
+                 since: dt.datetime | dt.timedelta | int | float | None = None,
+                 after_id: int | None = None, durable: str | None = None,
+                 auto_ack: bool = True, ack_interval: float = 0.2,
+                 poll_interval: float = 1.0) -> None:
         config = config or load_config()
         if endpoint:
             config = with_overrides(config, sub_endpoint=endpoint)
         self.config = config
         self.prefixes = list(prefixes) or [""]
         self._wants_reserved = any(p.startswith(protocol.RESERVED_PREFIX) for p in self.prefixes)
+        self.stored = durable is not None or since is not None or after_id is not None
+        if self.stored and self._wants_reserved:
+            raise ValueError("'$' topics are not stored: subscribe to them live")
+        self.durable = durable
+        self.auto_ack = auto_ack
+        self.ack_interval = ack_interval
+        self.poll_interval = poll_interval
         self._own_context = context is None
         self._ctx = context or zmq.Context()
-        self._sock = sockets.open_subscriber(self._ctx, config,
-                                             [p.encode("utf-8") for p in self.prefixes])
         self.invalid = 0
+        self.errors = 0                  # failed requests to the reader or writer
+        self.last_error: str | None = None
+        # Live data is subscribed to except for a durable consumer, which reads
+        # only what is stored; stored modes also hear the commit watermark.
+        live = [] if durable is not None else [p.encode("utf-8") for p in self.prefixes]
+        watch = [protocol.COMMIT_TOPIC.encode()] if self.stored else []
+        self._sock = sockets.open_subscriber(self._ctx, config, live + watch)
+        if not self.stored:
+            return
+        self._history = HistoryClient(config, context=self._ctx)
+        self._since_ns = None if since is None else since_to_ns(since)
+        self._after_id = after_id
+        self._more = True                # ask the reader before waiting for a commit
+        self._next_poll = 0.0
+        self._pending: deque[Message] = deque()
+        # Since-mode seam (see _cut_at_seam): live messages held until the stored
+        # stream reaches one of them, indexed by (producer, seq).
+        self.switched_to_live = False
+        self._held: deque[Message] = deque()
+        self._held_keys: set[tuple[str, int]] = set()
+        self._delivered: dict[str, int] = {}  # producer -> highest seq delivered
+        self.duplicates_skipped = 0
+        if durable is not None:
+            self._control = ControlClient(config.control_endpoint, config.request_timeout_ms,
+                                          1, self._ctx)
+            self._acked_id = self._sent_ack_id = self._start_durable(durable)
+            self._ack_sent_at = time.monotonic()
+            self._to_ack: int | None = None
+
+    # --- durable positions ----------------------------------------------------
+
+    def _start_durable(self, name: str) -> int:
+        """The id to resume after: NAME's stored position, or for a new NAME the
+        requested start (or the newest stored id), stored at once."""
+        known = self._control.request("consumer_get", {"consumer": name})
+        if known["last_id"] is not None:
+            self._after_id, self._since_ns = known["last_id"], None
+            return known["last_id"]
+        if self._after_id is None and self._since_ns is None:
+            self._after_id = known["last_message_id"] or 0
+        elif self._after_id is None:
+            page = self._history.page(self.prefixes, since_ns=self._since_ns, limit=1)
+            self._after_id = page.messages[0].id - 1 if page.messages else page.after_id
+        self._since_ns = None
+        self._control.request("consumer_ack", {"consumer": name, "last_id": self._after_id})
+        return self._after_id
+
+    def ack(self, message: Message | None = None) -> None:
+        """Acknowledge `message` (default: the last one received) and all before it."""
+        if self.durable is None:
+            return
+        target = self._to_ack if message is None else message.id
+        if target is not None and target > self._acked_id:
+            self._acked_id = target
+        self._send_ack(force=False)
+
+    def _send_ack(self, force: bool) -> None:
+        if self._acked_id <= self._sent_ack_id:
+            return
+        now = time.monotonic()
+        if not force and now - self._ack_sent_at < self.ack_interval:
+            return
+        self._ack_sent_at = now
+        try:
+            self._control.request("consumer_ack", {"consumer": self.durable,
+                                                   "last_id": self._acked_id})
+            self._sent_ack_id = self._acked_id
+        except BusError as exc:  # kept: sent with the next ack or on close
+            self._failed(exc)
+
+    def _failed(self, exc: BusError) -> None:
+        self.errors += 1
+        self.last_error = str(exc)
+
+    # --- receiving --------------------------------------------------------------
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, or None if none arrives within `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.stored:
+            return self._receive_live(deadline)
+        if self.durable is not None and self.auto_ack:
+            self.ack()
+        while True:
+            if self._pending:
+                msg = self._pending.popleft()
+                if self.durable is not None:
+                    self._to_ack = msg.id
+                return msg
+            if self.switched_to_live:
+                msg = self._receive_live(deadline)
+                if msg is None or self._first_delivery(msg):
+                    return msg
+                continue
+            if self._more or time.monotonic() >= self._next_poll:
+                self._read_page()
+                continue
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            self._wait_for_commit(remaining)
+
+    def _receive_live(self, deadline: float | None) -> Message | None:
         while True:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
@@ -298,6 +492,99 @@ class Subscriber:
                 continue
             return msg
 
+    def _read_page(self) -> None:
+        self._hold_live()
+        try:
+            page = self._history.page(self.prefixes, after_id=self._after_id,
+                                      since_ns=self._since_ns)
+        except BusError as exc:  # reader down: try again at the next poll
+            self._failed(exc)
+            self._more = False
+            self._next_poll = time.monotonic() + self.poll_interval
+            return
+        self._after_id, self._since_ns, self._more = page.after_id, None, page.more
+        self._next_poll = time.monotonic() + self.poll_interval
+        messages = page.messages if self.durable is not None else self._cut_at_seam(page.messages)
+        for msg in messages:
+            if self._first_delivery(msg):
+                self._pending.append(msg)
+
+    def _wait_for_commit(self, remaining: float | None) -> None:
+        """Sleep until a commit may have stored something for us, the poll interval
+        passes, or `remaining` runs out. Live data that arrives meanwhile is held."""
+        wait = self._next_poll - time.monotonic()
+        if remaining is not None:
+            wait = min(wait, remaining)
+        if wait > 0 and not self._sock.poll(int(wait * 1000) + 1):
+            return
+        self._hold_live()
+
+    def _hold_live(self) -> None:
+        """Read what the SUB socket has: commit notices tell that more is stored;
+        live data is held (since mode) until the stored stream meets it."""
+        commit_topic = protocol.COMMIT_TOPIC
+        held = self._held
+        while self._sock.poll(0):
+            frames = self._sock.recv_multipart()
+            try:
+                msg = protocol.parse_message(frames)
+            except protocol.ProtocolError:
+                self.invalid += 1
+                continue
+            if msg.topic == commit_topic:
+                try:
+                    last_id = msgpack.unpackb(msg.payload)["last_id"]
+                except Exception:
+                    continue
+                if last_id > (self._after_id or 0):
+                    self._more = True
+                continue
+            if len(held) >= self.config.sub_hwm:  # bounded; the stored stream has them all
+                held.clear()
+                self._held_keys.clear()
+            held.append(msg)
+            if msg.producer is not None and msg.seq is not None:
+                self._held_keys.add((msg.producer, msg.seq))
+
+    def _cut_at_seam(self, stored: list[Message]) -> list[Message]:
+        """Since mode: the stored messages to deliver from this page. When a stored
+        message is also held from the live stream, the two streams have met:
+        everything the proxy passed before it is stored (the writer commits in
+        capture order, and capture and live see the proxy's order), and
+        everything after it arrives live. So deliver stored messages up to it,
+        then the held live messages after it, then live."""
+        keys = self._held_keys
+        if not keys:
+            return stored
+        for i, msg in enumerate(stored):
+            if (msg.producer, msg.seq) in keys:
+                meeting = (msg.producer, msg.seq)
+                held = list(self._held)
+                cut = next(j for j, m in enumerate(held) if (m.producer, m.seq) == meeting)
+                # Held messages before the meeting point were stored before it;
+                # those with producer meta go through the duplicate filter anyway.
+                after = [m for m in held[:cut] if m.producer is not None] + held[cut + 1:]
+                self._held.clear()
+                keys.clear()
+                self.switched_to_live = True
+                return stored[:i + 1] + after
+        return stored
+
+    def _first_delivery(self, msg: Message) -> bool:
+        """False for a message with producer meta whose seq was delivered already
+        (the seam's overlap, or a publisher's re-send seen live)."""
+        producer, seq = msg.producer, msg.seq
+        if producer is None or seq is None or self.durable is not None:
+            return True
+        delivered = self._delivered
+        if seq <= delivered.get(producer, 0):
+            self.duplicates_skipped += 1
+            return False
+        if len(delivered) >= 100_000 and producer not in delivered:
+            delivered.clear()  # bounded; a forgotten producer only loses its dedupe
+        delivered[producer] = seq
+        return True
+
     def __iter__(self) -> Iterator[Message]:
         while True:
             msg = self.receive()
@@ -305,6 +592,13 @@ class Subscriber:
                 yield msg
 
     def close(self) -> None:
+        if self.durable is not None:
+            if self.auto_ack:
+                self.ack()
+            self._send_ack(force=True)
+            self._control.close()
+        if self.stored:
+            self._history.close()
         self._sock.close(linger=0)
         if self._own_context and not self._ctx.closed:
             self._ctx.term()

@@ -46,6 +46,8 @@ SETTINGS: tuple[Setting, ...] = (
             "writer REP for trusted commands (stats, flush)"),
     Setting("proxy_control_endpoint", "BUS_PROXY_CONTROL_ENDPOINT", str, "tcp://127.0.0.1:5554",
             "proxy REP for stats"),
+    Setting("read_endpoint", "BUS_READ_ENDPOINT", str, "tcp://127.0.0.1:5555",
+            "reader REP: history pages from a read-only connection"),
     Setting("db", "BUS_DB", str, "bus.db", "SQLite database file (the writer creates it)"),
     Setting("batch_write_enabled", "BATCH_WRITE_ENABLED", bool, True,
             "false: one transaction per message (debug / comparison)"),
@@ -63,6 +65,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sqlite_busy_timeout_ms", "BUS_SQLITE_BUSY_TIMEOUT_MS", int, 5000,
             "a commit waits this long for a lock held by another process, then "
             "keeps its rows and retries"),
+    Setting("retention_max_age_s", "BUS_RETENTION_MAX_AGE_S", float, 0.0,
+            "delete messages committed longer ago than this (0: keep)"),
+    Setting("retention_max_messages", "BUS_RETENTION_MAX_MESSAGES", int, 0,
+            "keep at most this many messages, deleting the oldest (0: no limit)"),
+    Setting("retention_chunk_rows", "BUS_RETENTION_CHUNK_ROWS", int, 2000,
+            "rows deleted per retention transaction (bounds the stall of ingest)"),
+    Setting("max_consumers", "BUS_MAX_CONSUMERS", int, 10_000,
+            "durable consumer positions the writer keeps"),
+    Setting("history_page_rows", "BUS_HISTORY_PAGE_ROWS", int, 5000,
+            "most messages in one history page"),
+    Setting("history_page_bytes", "BUS_HISTORY_PAGE_BYTES", int, 4 << 20,
+            "a history page stops growing past this many payload+meta bytes"),
+    Setting("history_scan_rows", "BUS_HISTORY_SCAN_ROWS", int, 200_000,
+            "rows one history request examines for a topic filter, at most"),
     Setting("capture_hwm", "BUS_CAPTURE_HWM", int, 1_000_000,
             "messages the proxy queues for a stopped or slow writer"),
     Setting("sub_hwm", "BUS_SUB_HWM", int, 100_000,
@@ -96,6 +112,7 @@ class BusConfig:
     capture_endpoint: str
     control_endpoint: str
     proxy_control_endpoint: str
+    read_endpoint: str
     db: str
     batch_write_enabled: bool
     batch_size: int
@@ -105,6 +122,13 @@ class BusConfig:
     batch_load_window_seconds: float
     sqlite_synchronous: str
     sqlite_busy_timeout_ms: int
+    retention_max_age_s: float
+    retention_max_messages: int
+    retention_chunk_rows: int
+    max_consumers: int
+    history_page_rows: int
+    history_page_bytes: int
+    history_scan_rows: int
     capture_hwm: int
     sub_hwm: int
     pub_hwm: int
@@ -120,13 +144,18 @@ class BusConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "batch_max_buffer_size", "max_topic_bytes",
-                     "max_message_bytes", "capture_hwm", "sub_hwm", "pub_hwm"):
+                     "max_message_bytes", "capture_hwm", "sub_hwm", "pub_hwm",
+                     "retention_chunk_rows", "max_consumers", "history_page_rows",
+                     "history_page_bytes", "history_scan_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_BY_FIELD[name].env} must be at least 1")
         if self.batch_flush_interval_ms < 0:
             raise ConfigError("BATCH_FLUSH_INTERVAL_MS must not be negative")
         if self.batch_size > self.batch_max_buffer_size:
             raise ConfigError("BATCH_SIZE must not exceed BATCH_MAX_BUFFER_SIZE")
+        if self.retention_max_age_s < 0 or self.retention_max_messages < 0:
+            raise ConfigError("BUS_RETENTION_MAX_AGE_S and BUS_RETENTION_MAX_MESSAGES "
+                              "must not be negative (0 turns a limit off)")
         if self.batch_load_window_seconds <= 0:
             raise ConfigError("BATCH_LOAD_WINDOW_SECONDS must be positive")
         if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA", "OFF"):

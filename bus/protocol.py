@@ -27,6 +27,10 @@ RESERVED_PREFIX = "$"
 ACK_TOPIC_PREFIX = "$bus.ack."      # + producer id: {producer, contiguous_seq, max_seq, committed_ns}
 COMMIT_TOPIC = "$bus.commit"        # {last_id, rows, committed_ns} after each commit
 
+# A history page (reader `history` reply) lists each message as an array in this order;
+# meta is the msgpack map as published (bytes), or nil.
+HISTORY_ROW_FIELDS = ("id", "topic", "payload", "meta", "committed_ns")
+
 # Known meta keys. Unknown keys are kept as received.
 META_PRODUCER = "producer"        # str: producer id, stable for one Publisher
 META_SEQ = "seq"                  # int >= 1: per-producer sequence, 1, 2, 3...
@@ -75,6 +79,8 @@ class Message:
     topic: str
     payload: bytes
     meta: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None            # the stored row's id; None when received live
+    committed_ns: int | None = None  # when the writer committed it (stored rows only)
 
     @property
     def producer(self) -> str | None:
@@ -201,6 +207,15 @@ def parse_message(frames: list[bytes], max_topic_bytes: int = 1 << 16,
                   max_message_bytes: int = 1 << 31) -> Message:
     topic, payload, _, meta = decode_message(frames, max_topic_bytes, max_message_bytes)
     return Message(topic, payload, meta)
+
+
+def message_from_row(row: list[Any] | tuple[Any, ...]) -> Message:
+    """A history row (see HISTORY_ROW_FIELDS) as a Message. Stored meta was
+    validated by the writer, so it is only unpacked here."""
+    row_id, topic, payload, meta_raw, committed_ns = row
+    meta = {} if meta_raw is None else msgpack.unpackb(meta_raw, raw=False,
+                                                       strict_map_key=False)
+    return Message(topic, payload, meta, row_id, committed_ns)
 
 
 def is_subscription_frame(frames: list[bytes]) -> bool:

@@ -9,6 +9,7 @@ options of a socket are read in one place:
     writer      PUB  --connect--> pub_endpoint      ($bus.* notifications)
     clients     REQ  --connect--> control_endpoint  (writer REP, bound)
     clients     REQ  --connect--> proxy_control_endpoint (proxy REP, bound)
+    clients     REQ  --connect--> read_endpoint     (reader REP, bound)
 """
 
 from __future__ import annotations
@@ -131,6 +132,14 @@ def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.PUB), 1000)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.connect(cfg.pub_endpoint)
+    return sock
+
+
+# --- reader ------------------------------------------------------------------
+
+def open_reader(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+    sock = _set_common(ctx.socket(zmq.REP), 0)
+    bind(sock, cfg.read_endpoint)
     return sock
 
 

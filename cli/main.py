@@ -1,10 +1,11 @@
 """bus-cli: run the bus processes and talk to them.
 
-    bus-cli up                      proxy + writer in the foreground (development)
-    bus-cli proxy | writer          one process each (what the systemd units run)
+    bus-cli up                      proxy + writer + reader in the foreground (development)
+    bus-cli proxy | writer | reader one process each (what the systemd units run)
     bus-cli publish TOPIC [DATA]    publish DATA, or one message per stdin line
-    bus-cli tail [PREFIX...]        print messages as they pass
-    bus-cli stats                   writer batch/load metrics and proxy counters
+    bus-cli tail [PREFIX...]        print messages as they pass (--since, --durable)
+    bus-cli history [PREFIX...]     print stored messages
+    bus-cli stats                   writer/reader metrics and proxy counters
 
 Every setting is a flag here, an environment variable, or a key of the config
 file (see `bus.config.SETTINGS`); flags win.
@@ -17,6 +18,7 @@ import datetime as dt
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,13 +30,14 @@ import click
 import msgpack
 
 from bus import protocol
-from bus.client import BusError, ControlClient, Publisher, Subscriber
+from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscriber, since_to_ns
 from bus.config import SETTINGS, BusConfig, ConfigError, load_config
 from bus.logging import configure_logging
 
 _SETTING = {s.field: s for s in SETTINGS}
 ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
-                   "proxy_control_endpoint")
+                   "proxy_control_endpoint", "read_endpoint")
+RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_chunk_rows")
 BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
                 "batch_max_buffer_size", "sqlite_synchronous", "sqlite_busy_timeout_ms")
 
@@ -85,7 +88,7 @@ def proxy(ctx: click.Context, **flags: Any) -> None:
 
 
 @main.command()
-@setting_options("capture_endpoint", "control_endpoint", "db", *BATCH_FIELDS)
+@setting_options("capture_endpoint", "control_endpoint", "db", *BATCH_FIELDS, *RETENTION_FIELDS)
 @click.pass_context
 def writer(ctx: click.Context, **flags: Any) -> None:
     """Run the batching SQLite writer."""
@@ -95,13 +98,24 @@ def writer(ctx: click.Context, **flags: Any) -> None:
 
 
 @main.command()
-@setting_options(*ENDPOINT_FIELDS, "db", *BATCH_FIELDS)
+@setting_options("read_endpoint", "db", "history_page_rows", "history_page_bytes",
+                 "history_scan_rows")
+@click.pass_context
+def reader(ctx: click.Context, **flags: Any) -> None:
+    """Serve history pages from a read-only database connection."""
+    from bus.runner import run_role
+    from reader.service import Reader
+    sys.exit(run_role(Reader(build_config(ctx, flags, "reader"))))
+
+
+@main.command()
+@setting_options(*ENDPOINT_FIELDS, "db", *BATCH_FIELDS, *RETENTION_FIELDS)
 @click.pass_context
 def up(ctx: click.Context, **flags: Any) -> None:
-    """Run proxy + writer in the foreground until Ctrl-C.
+    """Run proxy + writer + reader in the foreground until Ctrl-C.
 
     Ctrl-C stops the proxy first, so that everything it captured reaches the
-    writer, then the writer, which flushes and closes the database.
+    writer, then the writer, which flushes and closes the database, then the reader.
     """
     cfg = build_config(ctx, flags, "up")
     env = dict(os.environ)
@@ -114,7 +128,8 @@ def up(ctx: click.Context, **flags: Any) -> None:
     # stops the children in the safe order.
     writer_proc = subprocess.Popen(cmd + ["writer"], env=env, start_new_session=True)
     proxy_proc = subprocess.Popen(cmd + ["proxy"], env=env, start_new_session=True)
-    children = {"proxy": proxy_proc, "writer": writer_proc}
+    reader_proc = subprocess.Popen(cmd + ["reader"], env=env, start_new_session=True)
+    children = {"proxy": proxy_proc, "writer": writer_proc, "reader": reader_proc}
     stopping = {"signal": None}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -129,14 +144,15 @@ def up(ctx: click.Context, **flags: Any) -> None:
         else:
             click.echo(
                 f"bus is up: proxy pid {proxy_proc.pid}, writer pid {writer_proc.pid}, "
-                f"database {os.path.abspath(cfg.db)}\n"
+                f"reader pid {reader_proc.pid}, database {os.path.abspath(cfg.db)}\n"
                 f"  publishers connect to   {cfg.pub_endpoint}   (BUS_PUB_ENDPOINT)\n"
                 f"  subscribers connect to  {cfg.sub_endpoint}   (BUS_SUB_ENDPOINT)\n"
                 f"  writer capture (PULL)   {cfg.capture_endpoint}   (BUS_CAPTURE_ENDPOINT)\n"
                 f"  writer control (REP)    {cfg.control_endpoint}   (BUS_CONTROL_ENDPOINT)\n"
                 f"  proxy control (REP)     {cfg.proxy_control_endpoint}   "
                 f"(BUS_PROXY_CONTROL_ENDPOINT)\n"
-                "Ctrl-C stops both.", err=False)
+                f"  history reads (REP)     {cfg.read_endpoint}   (BUS_READ_ENDPOINT)\n"
+                "Ctrl-C stops all three.", err=False)
             sys.stdout.flush()
             while stopping["signal"] is None:
                 for name, proc in children.items():
@@ -147,7 +163,7 @@ def up(ctx: click.Context, **flags: Any) -> None:
                 time.sleep(0.1)
     finally:
         timeout = cfg.shutdown_timeout_ms / 1000.0 + 5
-        for name in ("proxy", "writer"):
+        for name in ("proxy", "writer", "reader"):
             proc = children[name]
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -164,7 +180,8 @@ def up(ctx: click.Context, **flags: Any) -> None:
 
 def _wait_ready(cfg: BusConfig, children: dict[str, subprocess.Popen], stopping: dict) -> bool:
     deadline = time.monotonic() + 15
-    pending = {"writer": cfg.control_endpoint, "proxy": cfg.proxy_control_endpoint}
+    pending = {"writer": cfg.control_endpoint, "proxy": cfg.proxy_control_endpoint,
+               "reader": cfg.read_endpoint}
     while pending and time.monotonic() < deadline and stopping["signal"] is None:
         for name, endpoint in list(pending.items()):
             if children[name].poll() is not None:
@@ -293,20 +310,62 @@ def decode_payload(msg: protocol.Message) -> tuple[str, Any]:
 
 
 def format_line(msg: protocol.Message) -> str:
-    ts = msg.time_ns or time.time_ns()
+    ts = msg.time_ns or msg.committed_ns or time.time_ns()
     when = dt.datetime.fromtimestamp(ts / 1e9, dt.timezone.utc).isoformat(timespec="milliseconds")
     kind, value = decode_payload(msg)
     shown = json.dumps(value, default=_jsonable) if kind == "value" else \
         (value if kind == "text" else f"base64:{value}")
     origin = f" {msg.producer}#{msg.seq}" if msg.producer else ""
-    return f"{when.replace('+00:00', 'Z')} {msg.topic}{origin} {shown}"
+    stored = f" [{msg.id}]" if msg.id is not None else ""
+    return f"{when.replace('+00:00', 'Z')}{stored} {msg.topic}{origin} {shown}"
 
 
 def format_json(msg: protocol.Message) -> str:
     kind, value = decode_payload(msg)
-    record = {"topic": msg.topic, "meta": msg.meta,
-              ("payload" if kind != "base64" else "payload_base64"): value}
+    record: dict[str, Any] = {"topic": msg.topic, "meta": msg.meta,
+                              ("payload" if kind != "base64" else "payload_base64"): value}
+    if msg.id is not None:
+        record.update(id=msg.id, committed_ns=msg.committed_ns)
     return json.dumps(record, default=_jsonable, separators=(",", ":"))
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str) -> dt.datetime | dt.timedelta:
+    """'10m', '30s', '2h', '1d', '500ms' ago, or an ISO 8601 time (UTC if no zone)."""
+    match = _DURATION.match(text.strip())
+    if match:
+        return dt.timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected a duration like 10m, 30s, 2h, 1d "
+                                 "or an ISO 8601 time", param_hint="--since") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def print_messages(messages: Any, as_json: bool, limit: int | None,
+                   stop: Callable[[], bool] = lambda: False) -> int:
+    """Print messages (an iterable, or a callable returning the next or None)
+    until `limit`, `stop()` or the end; returns how many were printed."""
+    fmt = format_json if as_json else format_line
+    shown = 0
+    try:
+        for msg in messages:
+            if stop() or (limit is not None and shown >= limit):
+                break
+            if msg is None:
+                continue
+            sys.stdout.write(fmt(msg) + "\n")
+            sys.stdout.flush()
+            shown += 1
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        sys.stderr.close()
+    return shown
 
 
 @main.command()
@@ -314,43 +373,87 @@ def format_json(msg: protocol.Message) -> str:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 @click.option("-n", "limit", type=click.IntRange(min=1), default=None,
               help="stop after this many messages")
-@setting_options("sub_endpoint")
+@click.option("--since", "since", default=None,
+              help="first print what was stored since then (10m, 2h, ISO time), then live")
+@click.option("--from-id", type=click.IntRange(min=1), default=None,
+              help="first print stored messages from this id on, then live")
+@click.option("--durable", default=None, metavar="NAME",
+              help="resume after the last message NAME printed, across restarts")
+@setting_options("sub_endpoint", "read_endpoint", "control_endpoint", "request_timeout_ms")
 @click.pass_context
 def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: int | None,
-         **flags: Any) -> None:
-    """Print messages whose topic starts with one of PREFIXES (all if none)."""
+         since: str | None, from_id: int | None, durable: str | None, **flags: Any) -> None:
+    """Print messages whose topic starts with one of PREFIXES (all if none).
+
+    With --since or --from-id, stored messages come first, then live ones,
+    with no gap or duplicate between them for messages with producer meta.
+    With --durable NAME, each printed message is acknowledged for NAME and a
+    later `tail --durable NAME` resumes after it (a new NAME starts now, or at
+    --since / --from-id).
+    """
     cfg = build_config(ctx, flags, "tail")
+    if since is not None and from_id is not None:
+        raise click.UsageError("give --since or --from-id, not both")
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    shown = 0
-    fmt = format_json if as_json else format_line
-    with Subscriber(prefixes or ("",), cfg) as sub:
+    try:
+        sub = Subscriber(prefixes or ("",), cfg, durable=durable,
+                         since=parse_since(since) if since else None,
+                         after_id=from_id - 1 if from_id else None)
+    except (BusError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    with sub:
+        print_messages(iter(lambda: sub.receive(timeout=0.2), False), as_json, limit,
+                       lambda: stop["now"])
+
+
+@main.command()
+@click.argument("prefixes", nargs=-1)
+@click.option("--since", "since", default=None, help="stored since then (10m, 2h, ISO time)")
+@click.option("--from-id", type=click.IntRange(min=1), default=None,
+              help="stored messages from this id on")
+@click.option("--limit", "-n", "limit", type=click.IntRange(min=1), default=None,
+              help="print at most this many (default: all, up to the newest)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@setting_options("read_endpoint", "request_timeout_ms")
+@click.pass_context
+def history(ctx: click.Context, prefixes: tuple[str, ...], since: str | None,
+            from_id: int | None, limit: int | None, as_json: bool, **flags: Any) -> None:
+    """Print stored messages whose topic starts with one of PREFIXES, oldest first.
+
+    From the oldest kept message, or --since / --from-id, to the newest one
+    stored when the command reached it; each line shows the stored [id].
+    """
+    cfg = build_config(ctx, flags, "history")
+    if since is not None and from_id is not None:
+        raise click.UsageError("give --since or --from-id, not both")
+    since_ns = since_to_ns(parse_since(since)) if since else None
+    with HistoryClient(cfg) as client:
         try:
-            while not stop["now"] and (limit is None or shown < limit):
-                msg = sub.receive(timeout=0.2)
-                if msg is None:
-                    continue
-                sys.stdout.write(fmt(msg) + "\n")
-                sys.stdout.flush()
-                shown += 1
-        except KeyboardInterrupt:
-            pass
-        except BrokenPipeError:
-            sys.stderr.close()
+            print_messages(client.messages(prefixes or ("",), since_ns=since_ns,
+                                           after_id=from_id - 1 if from_id else None,
+                                           limit=limit), as_json, limit)
+        except BusError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
 
 
 # --- stats ---------------------------------------------------------------------
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@setting_options("control_endpoint", "proxy_control_endpoint", "request_timeout_ms")
+@setting_options("control_endpoint", "proxy_control_endpoint", "read_endpoint",
+                 "request_timeout_ms")
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
-    """Show the writer's batch and load metrics and the proxy's counters."""
+    """Show the writer's batch, load, producer and consumer metrics, the
+    reader's and the proxy's counters."""
     cfg = build_config(ctx, flags, "stats")
     result: dict[str, Any] = {}
     failed = False
-    for name, endpoint in (("writer", cfg.control_endpoint), ("proxy", cfg.proxy_control_endpoint)):
+    for name, endpoint in (("writer", cfg.control_endpoint), ("proxy", cfg.proxy_control_endpoint),
+                           ("reader", cfg.read_endpoint)):
         with ControlClient(endpoint, timeout_ms=cfg.request_timeout_ms) as client:
             try:
                 result[name] = client.request("stats")

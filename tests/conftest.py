@@ -1,5 +1,5 @@
-"""Fixtures that run the real bus: `bus-cli proxy` and `bus-cli writer` as
-subprocesses on free loopback ports, with a SQLite file in the test's temp dir.
+"""Fixtures that run the real bus: `bus-cli proxy`, `bus-cli writer` and
+`bus-cli reader` as subprocesses on free loopback ports, with a SQLite file in the test's temp dir.
 
 Every wait is a poll on a condition with a deadline (`wait_for`); every process
 a test starts is stopped, and killed if it will not stop, when the test ends.
@@ -29,7 +29,7 @@ from bus.client import BusError, ControlClient
 
 BUS_CLI = str(Path(sys.executable).with_name("bus-cli"))
 ENDPOINT_VARS = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
-                 "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT")
+                 "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT")
 DEADLINE = 15.0
 
 
@@ -198,7 +198,7 @@ def ping(endpoint: str) -> bool:
 
 
 class Bus:
-    """One bus (writer + proxy) with its own ports and database file."""
+    """One bus (writer + proxy + reader) with its own ports and database file."""
 
     def __init__(self, tmp_path: Path, **settings: Any) -> None:
         self.tmp_path = tmp_path
@@ -212,6 +212,7 @@ class Bus:
         self.procs: list[Proc] = []
         self.writer: Proc | None = None
         self.proxy: Proc | None = None
+        self.reader: Proc | None = None
 
     def __getitem__(self, name: str) -> str:
         return self.env[name]
@@ -239,6 +240,10 @@ class Bus:
         self.proxy = self._start_role("proxy", "BUS_PROXY_CONTROL_ENDPOINT")
         return self.proxy
 
+    def start_reader(self) -> Proc:
+        self.reader = self._start_role("reader", "BUS_READ_ENDPOINT")
+        return self.reader
+
     def _start_role(self, role: str, control_endpoint: str) -> Proc:
         """Start `bus-cli ROLE` and wait until it answers ping (or fails)."""
         proc = self.run(role)
@@ -250,6 +255,7 @@ class Bus:
     def start(self) -> Bus:
         self.start_writer()
         self.start_proxy()
+        self.start_reader()
         return self
 
     @staticmethod
@@ -259,6 +265,8 @@ class Bus:
     def stop(self) -> tuple[int, int]:
         """SIGTERM the proxy, then the writer (the order systemd and `up` use)."""
         codes = (self.proxy.stop() if self.proxy else 0, self.writer.stop() if self.writer else 0)
+        if self.reader:
+            assert self.reader.stop() == 0, self.reader.stderr.collect()[-5:]
         return codes
 
     def writer_stats(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import zmq
 
 from bus import protocol
 from bus.client import BusTimeout, Publisher, Subscriber
-from tests.conftest import Bus, query, wait_for, wait_until_delivered
+from tests.conftest import ENDPOINT_VARS, Bus, query, wait_for, wait_until_delivered
 
 
 def test_published_message_is_stored_with_its_meta(bus: Bus) -> None:
@@ -181,13 +181,12 @@ def test_plain_zmq_pub_without_meta_is_stored(bus: Bus) -> None:
     assert rows == [(b"price=%d" % i, None, None, None, None) for i in range(3)]
 
 
-def test_bus_cli_up_runs_both_and_ctrl_c_stores_everything(make_bus) -> None:
+def test_bus_cli_up_runs_all_three_and_ctrl_c_stores_everything(make_bus) -> None:
     bus = make_bus(BATCH_FLUSH_INTERVAL_MS=600_000, BATCH_LOW_LOAD_THRESHOLD=0)
     up = bus.run("up")
-    up.stdout.wait_line(lambda ln: ln == "Ctrl-C stops both.")
+    up.stdout.wait_line(lambda ln: ln == "Ctrl-C stops all three.")
     shown = "\n".join(up.stdout.collect())
-    for name in ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
-                 "BUS_CONTROL_ENDPOINT"):
+    for name in ENDPOINT_VARS:
         assert f"{bus[name]}   ({name})" in shown
     assert bus.db in shown
     with Publisher(bus.config()) as pub:

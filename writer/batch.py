@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from writer.store import MessageRow, SubscriptionRow
+from writer.store import ConsumptionRow, MessageRow, SubscriptionRow
 
 # Why a batch was flushed; each has a counter `flush_by_<reason>`.
 FLUSH_REASONS = ("size", "time", "shutdown", "low_load", "request")
@@ -31,7 +31,7 @@ class BatchBuffer:
         self.messages: list[MessageRow] = []
         self.subscriptions: list[SubscriptionRow] = []
         # Durable-consumer positions join the batch here (the seed's "consumptions").
-        self.consumptions: list[tuple[Any, ...]] = []
+        self.consumptions: list[ConsumptionRow] = []
         self.oldest_at: float | None = None
 
     def __len__(self) -> int:
@@ -46,6 +46,11 @@ class BatchBuffer:
         if self.oldest_at is None:
             self.oldest_at = now
         self.subscriptions.append(row)
+
+    def add_consumption(self, row: ConsumptionRow, now: float) -> None:
+        if self.oldest_at is None:
+            self.oldest_at = now
+        self.consumptions.append(row)
 
     @property
     def room(self) -> int:

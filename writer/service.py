@@ -2,14 +2,19 @@
 
 Binds PULL capture_endpoint   the proxy's capture pipe: data messages and
                               subscription frames (untrusted: never commands)
-Binds REP  control_endpoint   trusted commands: `stats`, `flush`, `ping`
+Binds REP  control_endpoint   trusted commands: `stats`, `flush`, `ping`, and the
+                              durable consumers' `consumer_ack` / `consumer_get` /
+                              `consumer_delete`
+Connects PUB pub_endpoint     $bus.ack.<producer> and $bus.commit after each commit
 
 Messages are validated, buffered and committed in batches: one transaction per
 BATCH_SIZE rows, or when the oldest row has waited BATCH_FLUSH_INTERVAL_MS, or
 at once when the socket is idle and the load is low. BATCH_WRITE_ENABLED=false
 commits every message on its own. On SIGTERM/SIGINT the writer drains the
 capture until it has been quiet for BUS_DRAIN_IDLE_MS, flushes, closes the
-database and exits 0.
+database and exits 0. Retention (BUS_RETENTION_*) deletes the oldest messages
+in chunks of its own transactions between batches, so ingest never waits for
+more than one chunk.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
+from writer.consumers import ConsumerError, ConsumerPositions
 from writer.producers import ProducerLedger, ProducerState
 from writer.store import TRANSIENT_ERRORS, Store
 
@@ -32,6 +38,8 @@ log = get_logger("writer")
 
 # After a failed flush, wait this long before trying again.
 FLUSH_RETRY_SECONDS = 0.5
+# Retention runs this often when it has nothing left to delete, else every loop.
+RETENTION_IDLE_SECONDS = 1.0
 
 
 class Writer:
@@ -50,6 +58,9 @@ class Writer:
         self.reserved_skipped = 0
         self.bad_control_requests = 0
         self._retry_at = 0.0
+        self._retention_at = 0.0
+        self.retention = {"deleted_total": 0, "chunks": 0, "errors": 0,
+                          "last_chunk_ms": 0.0, "max_chunk_ms": 0.0}
         self._drain_ns = 0
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
@@ -63,6 +74,7 @@ class Writer:
         self.stop = stop
         self.store = Store(cfg.db, cfg.sqlite_synchronous, cfg.sqlite_busy_timeout_ms)
         self.producers = ProducerLedger(self.store.load_producer)
+        self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers)
         self.ctx = zmq.Context()
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
         self.control = sockets.open_writer_control(self.ctx, cfg)
@@ -96,6 +108,7 @@ class Writer:
             idle = self.drain_capture(now)
         self.flush_if_due(now, idle)
         self.send_notifications()
+        self.apply_retention(now)
 
     def shutdown(self) -> None:
         capture = getattr(self, "capture", None)
@@ -232,7 +245,8 @@ class Writer:
         started = time.perf_counter()
         try:
             committed_ns, last_id = self.store.write_batch(
-                self.buffer.messages, self.buffer.subscriptions, self.producers.dirty_rows())
+                self.buffer.messages, self.buffer.subscriptions, self.producers.dirty_rows(),
+                self.buffer.consumptions)
         except TRANSIENT_ERRORS as exc:
             self.metrics.flush_errors += 1
             self._retry_at = now + FLUSH_RETRY_SECONDS
@@ -273,11 +287,45 @@ class Writer:
             send((protocol.COMMIT_TOPIC.encode(), msgpack.packb(self._owed_commit)))
             self._owed_commit = None
 
+    # --- retention ----------------------------------------------------------
+
+    def apply_retention(self, now: float) -> None:
+        """Delete one chunk of expired messages when due: every loop iteration
+        while there is a backlog, else once a second. One chunk is one short
+        transaction between batches, so ingest waits for one chunk at most."""
+        cfg = self.config
+        if now < self._retention_at or not (cfg.retention_max_age_s or
+                                            cfg.retention_max_messages):
+            return
+        before_ns = time.time_ns() - int(cfg.retention_max_age_s * 1e9) \
+            if cfg.retention_max_age_s else None
+        started = time.perf_counter()
+        try:
+            deleted = self.store.delete_expired(before_ns, cfg.retention_max_messages or None,
+                                                cfg.retention_chunk_rows)
+        except TRANSIENT_ERRORS as exc:
+            self.retention["errors"] += 1
+            self._retention_at = now + RETENTION_IDLE_SECONDS
+            log.warning("retention_failed", error=str(exc), error_type=type(exc).__name__)
+            return
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if deleted:
+            stats = self.retention
+            stats["deleted_total"] += deleted
+            stats["chunks"] += 1
+            stats["last_chunk_ms"] = round(elapsed_ms, 3)
+            stats["max_chunk_ms"] = round(max(stats["max_chunk_ms"], elapsed_ms), 3)
+        backlog = deleted >= cfg.retention_chunk_rows
+        self._retention_at = now if backlog else now + RETENTION_IDLE_SECONDS
+
     def _poll_timeout_ms(self, now: float) -> int:
         if self.buffer.is_full or (self.buffer and now < self._retry_at):
             return max(1, int((self._retry_at - now) * 1000) + 1)
         wait = self.buffer.seconds_until_due(now)
-        return 1000 if wait is None else int(wait * 1000) + 1
+        timeout_ms = 1000 if wait is None else int(wait * 1000) + 1
+        if self.config.retention_max_age_s or self.config.retention_max_messages:
+            timeout_ms = min(timeout_ms, max(0, int((self._retention_at - now) * 1000) + 1))
+        return timeout_ms
 
     # --- control endpoint ---------------------------------------------------
 
@@ -287,11 +335,14 @@ class Writer:
         stats -> the metrics map (see docs/protocol.md)
         flush -> {"flushed": rows} once the buffer is committed
         ping  -> "pong"
+        consumer_ack / consumer_get / consumer_delete -> see handle_consumer
         """
         request_id: Any = None
         try:
-            request_id, cmd, _args = protocol.decode_request(raw)
-            if cmd == "stats":
+            request_id, cmd, args = protocol.decode_request(raw)
+            if cmd.startswith("consumer_"):
+                reply = self.handle_consumer(request_id, cmd, args, now)
+            elif cmd == "stats":
                 reply = protocol.encode_reply_ok(request_id, self.stats(now))
             elif cmd == "flush":
                 items = len(self.buffer)
@@ -312,6 +363,37 @@ class Writer:
             reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
         self.control.send(reply)
 
+    def handle_consumer(self, request_id: Any, cmd: str, args: dict[str, Any],
+                        now: float) -> bytes:
+        """consumer_ack {consumer, last_id} -> {consumer, last_id}: the position
+            moves forward and is committed with the next batch;
+        consumer_get {consumer} -> {consumer, last_id (nil if unknown), updated_ns,
+            last_message_id};
+        consumer_delete {consumer} -> {consumer, deleted}."""
+        consumers = self.consumers
+        try:
+            if cmd == "consumer_ack":
+                position, row = consumers.ack(args.get("consumer"), args.get("last_id"),
+                                              time.time_ns())
+                if row is not None:
+                    self.buffer.add_consumption(row, now)
+                result: Any = {"consumer": args["consumer"], "last_id": position}
+            elif cmd == "consumer_get":
+                result = consumers.get(args.get("consumer"))
+                result["last_message_id"] = self.store.last_message_id()
+            elif cmd == "consumer_delete":
+                row = consumers.delete(args.get("consumer"), time.time_ns())
+                if row is not None:
+                    self.buffer.add_consumption(row, now)
+                result = {"consumer": args["consumer"], "deleted": row is not None}
+            else:
+                return protocol.encode_reply_error(request_id, "unknown_command",
+                                                   f"no command {cmd!r}")
+        except ConsumerError as exc:
+            self.bad_control_requests += 1
+            return protocol.encode_reply_error(request_id, exc.code, str(exc))
+        return protocol.encode_reply_ok(request_id, result)
+
     def stats(self, now: float) -> dict[str, Any]:
         cfg = self.config
         batch = self.metrics.snapshot()
@@ -319,6 +401,7 @@ class Writer:
                      config={"enabled": cfg.batch_write_enabled, "batch_size": cfg.batch_size,
                              "flush_interval_ms": cfg.batch_flush_interval_ms,
                              "max_buffer_size": cfg.batch_max_buffer_size})
+        last_id = self.store.last_message_id()
         return {
             "batch": batch,
             "load": self.load.snapshot(now),
@@ -329,8 +412,12 @@ class Writer:
                        "rejected": dict(self.rejected),
                        "bad_control_requests": self.bad_control_requests},
             "producers": self.producers.snapshot(),
+            "consumers": self.consumers.snapshot(last_id),
+            "retention": {"max_age_s": cfg.retention_max_age_s,
+                          "max_messages": cfg.retention_max_messages, **self.retention},
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
-                         "last_message_id": self.store.last_message_id()},
+                         "first_message_id": self.store.first_message_id(),
+                         "last_message_id": last_id},
             "uptime_seconds": round(now - self._started, 3),
             "config": cfg.public(),
         }

@@ -19,7 +19,7 @@ import apsw
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -49,6 +49,11 @@ SCHEMA = (
         first_seen_ns   INTEGER NOT NULL,
         last_seen_ns    INTEGER NOT NULL
     ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS consumers (
+        name        TEXT    PRIMARY KEY,     -- durable consumer name
+        last_id     INTEGER NOT NULL,        -- messages.id it acknowledged last
+        updated_ns  INTEGER NOT NULL
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS bus_meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -61,12 +66,16 @@ INSERT_SUBSCRIPTION = "INSERT INTO subscriptions (subscribed, prefix, committed_
 UPSERT_PRODUCER = ("INSERT OR REPLACE INTO producers (producer_id, contiguous_seq, max_seq, holes,"
                    " gaps, abandoned, duplicates, first_seen_ns, last_seen_ns)"
                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+UPSERT_CONSUMER = "INSERT OR REPLACE INTO consumers (name, last_id, updated_ns) VALUES (?, ?, ?)"
+DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
 SELECT_PRODUCER = ("SELECT producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
                    " first_seen_ns, last_seen_ns FROM producers WHERE producer_id = ?")
 
 # A message row as buffered: (topic, payload, meta, producer_id, producer_seq, publish_ns).
 MessageRow = tuple[str, bytes, "bytes | None", "str | None", "int | None", "int | None"]
 SubscriptionRow = tuple[int, bytes]
+# A consumer position: (name, last_id, updated_ns); last_id None deletes the consumer.
+ConsumptionRow = tuple[str, "int | None", int]
 
 TRANSIENT_ERRORS = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError,
                     apsw.CantOpenError)
@@ -139,7 +148,8 @@ class Store:
 
     def write_batch(self, messages: Sequence[MessageRow],
                     subscriptions: Sequence[SubscriptionRow],
-                    producers: Sequence[tuple[Any, ...]] = ()) -> tuple[int, int | None]:
+                    producers: Sequence[tuple[Any, ...]] = (),
+                    consumptions: Sequence[ConsumptionRow] = ()) -> tuple[int, int | None]:
         """Write everything in one transaction; returns the commit timestamp (ns)
         and the id of the last message written (None if none).
         `producers` are ledger rows describing the messages of this batch."""
@@ -153,7 +163,49 @@ class Store:
             last_id = conn.last_insert_rowid() if messages else None
             if producers:
                 conn.executemany(UPSERT_PRODUCER, producers)
+            for name, position, updated_ns in consumptions:
+                if position is None:
+                    conn.execute(DELETE_CONSUMER, (name,))
+                else:
+                    conn.execute(UPSERT_CONSUMER, (name, position, updated_ns))
         return committed_ns, last_id
+
+    def delete_expired(self, before_ns: int | None, keep: int | None, chunk: int) -> int:
+        """Delete, in one transaction, up to `chunk` of the oldest messages that
+        were committed before `before_ns` or are not among the newest `keep`;
+        returns how many. Examines at most `chunk` rows: ids are dense (rows are
+        only ever deleted from the oldest end) and commit times grow with ids.
+        The newest message is never deleted, so ids are never reused.
+        Subscription events older than the oldest message left go too."""
+        with self.transaction() as conn:
+            first, last = conn.execute("SELECT min(id), max(id) FROM messages").fetchone()
+            if first is None:
+                return 0
+            cut = first - 1
+            upto = min(first + chunk - 1, last - 1)
+            if keep:
+                cut = max(cut, min(upto, last - keep))
+            if before_ns is not None:
+                aged = conn.execute("SELECT max(id) FROM messages WHERE id BETWEEN ? AND ?"
+                                    " AND committed_ns < ?", (first, upto, before_ns)).fetchone()[0]
+                cut = max(cut, aged or cut)
+            if cut < first:
+                return 0
+            conn.execute("DELETE FROM messages WHERE id <= ?", (cut,))
+            deleted = conn.changes()
+            oldest_ns = conn.execute("SELECT committed_ns FROM messages WHERE id > ? "
+                                     "ORDER BY id LIMIT 1", (cut,)).fetchone()[0]
+            conn.execute("DELETE FROM subscriptions WHERE id IN (SELECT id FROM subscriptions"
+                         " WHERE committed_ns < ? ORDER BY id LIMIT ?)", (oldest_ns, chunk))
+        return deleted
+
+    def load_consumers(self) -> dict[str, tuple[int, int]]:
+        """name -> (last_id, updated_ns) of every durable consumer."""
+        return {name: (last_id, updated_ns) for name, last_id, updated_ns in
+                self.conn.execute("SELECT name, last_id, updated_ns FROM consumers")}
+
+    def first_message_id(self) -> int | None:
+        return self.conn.execute("SELECT min(id) FROM messages").fetchone()[0]
 
     def load_producer(self, producer_id: str) -> tuple[Any, ...] | None:
         return self.conn.execute(SELECT_PRODUCER, (producer_id,)).fetchone()

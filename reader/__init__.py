@@ -1,0 +1,1 @@
+"""bus-reader: history pages on a read-only connection."""

@@ -1,0 +1,233 @@
+"""bus-reader: pages of stored messages, served from a read-only connection.
+
+Binds REP read_endpoint   `history`, `stats`, `ping`
+
+History reads never touch the write path: this is its own process (its own
+core and GIL) with its own read-only SQLite connection, and WAL lets it read
+while the writer commits. Every request is one short read transaction bounded
+in rows (BUS_HISTORY_PAGE_ROWS), bytes (BUS_HISTORY_PAGE_BYTES) and rows
+examined for a topic filter (BUS_HISTORY_SCAN_ROWS): a snapshot held for long
+would keep the writer's checkpoints from recycling the WAL. A client pages on
+with the reply's `after_id`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import apsw
+import zmq
+
+from bus import protocol, sockets
+from bus.config import BusConfig
+from bus.logging import RateLimitedLog, get_logger
+from bus.runner import StopSignal
+
+log = get_logger("reader")
+
+MAX_PREFIXES = 64
+
+
+class Unavailable(Exception):
+    """The database cannot be read yet (not created, or no schema)."""
+
+
+class History:
+    """History queries on a read-only connection, opened on first use: the
+    reader may start before the writer has created the database."""
+
+    def __init__(self, path: str, page_rows: int, page_bytes: int, scan_rows: int,
+                 busy_timeout_ms: int) -> None:
+        self.path = path
+        self.page_rows = page_rows
+        self.page_bytes = page_bytes
+        self.scan_rows = scan_rows
+        self.busy_timeout_ms = busy_timeout_ms
+        self._conn: apsw.Connection | None = None
+
+    def connection(self) -> apsw.Connection:
+        if self._conn is None:
+            try:
+                conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
+                conn.set_busy_timeout(self.busy_timeout_ms)
+                conn.execute("SELECT 1 FROM messages LIMIT 0").fetchall()
+            except (apsw.CantOpenError, apsw.SQLError) as exc:
+                raise Unavailable(f"database {self.path} is not readable yet: {exc}") from None
+            self._conn = conn
+        return self._conn
+
+    def page(self, prefixes: list[str], after_id: int | None = None,
+             since_ns: int | None = None, limit: int | None = None) -> dict[str, Any]:
+        """Messages with id > after_id (or committed at/after since_ns, or all),
+        whose topic starts with one of `prefixes`, oldest first."""
+        conn = self.connection()
+        limit = self.page_rows if limit is None else max(1, min(limit, self.page_rows))
+        prefixes = [p for p in prefixes if p] if "" not in prefixes else []
+        conn.execute("BEGIN")  # one snapshot for the page and its bounds
+        try:
+            first_id, last_id = conn.execute("SELECT min(id), max(id) FROM messages").fetchone()
+            last_id = last_id or 0
+            if after_id is None:
+                after_id = self._id_before(conn, since_ns, first_id, last_id) \
+                    if since_ns is not None else 0
+            # A topic filter may match few rows: examine at most scan_rows of them.
+            upto = min(last_id, after_id + self.scan_rows) if prefixes else last_id
+            sql = "SELECT id, topic, payload, meta, committed_ns FROM messages " \
+                  "WHERE id > ? AND id <= ?"
+            params: list[Any] = [after_id, upto]
+            if prefixes:
+                sql += " AND (" + " OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) + ")"
+                for prefix in prefixes:
+                    params += (len(prefix), prefix)
+            sql += " ORDER BY id LIMIT ?"
+            params.append(limit)
+            rows, size, full = [], 0, False
+            cursor = conn.execute(sql, params)
+            for row in cursor:
+                rows.append(row)
+                size += len(row[2]) + (len(row[3]) if row[3] is not None else 0)
+                if size >= self.page_bytes:
+                    full = True
+                    break
+            cursor.close()
+        finally:
+            conn.execute("COMMIT")
+        if full or len(rows) == limit:
+            after_id = rows[-1][0]
+        else:
+            after_id = max(after_id, upto)  # everything up to `upto` was examined
+        return {"messages": rows, "after_id": after_id, "first_id": first_id,
+                "last_id": last_id, "more": after_id < last_id}
+
+    @staticmethod
+    def _id_before(conn: apsw.Connection, since_ns: int, first_id: int | None,
+                   last_id: int) -> int:
+        """The largest id committed before since_ns (0 if none): a binary search
+        over ids, since commit times grow with ids; no index on time needed."""
+        if first_id is None:
+            return 0
+        lo, hi = first_id - 1, last_id  # every row with id <= lo is older than since_ns
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            row = conn.execute("SELECT committed_ns FROM messages WHERE id <= ? "
+                               "ORDER BY id DESC LIMIT 1", (mid,)).fetchone()
+            if row is None or row[0] < since_ns:
+                lo = mid
+            else:
+                hi = mid - 1
+        return max(lo, 0)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def parse_history_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Validate a `history` request's args; raises RequestError-compatible ValueError."""
+    prefixes = args.get("prefixes", [""])
+    if not (isinstance(prefixes, list) and 0 < len(prefixes) <= MAX_PREFIXES
+            and all(isinstance(p, str) for p in prefixes)):
+        raise ValueError(f"'prefixes' must be a list of 1-{MAX_PREFIXES} strings")
+    parsed: dict[str, Any] = {"prefixes": prefixes}
+    for key in ("after_id", "since_ns", "limit"):
+        value = args.get(key)
+        if value is not None:
+            if type(value) is not int or value < 0:
+                raise ValueError(f"'{key}' must be a non-negative integer")
+            parsed[key] = value
+    if "after_id" in parsed and "since_ns" in parsed:
+        raise ValueError("give 'after_id' or 'since_ns', not both")
+    return parsed
+
+
+class Reader:
+    name = "reader"
+
+    def __init__(self, config: BusConfig) -> None:
+        self.config = config
+        self.history = History(config.db, config.history_page_rows, config.history_page_bytes,
+                               config.history_scan_rows, config.sqlite_busy_timeout_ms)
+        self.requests = 0
+        self.rows_served = 0
+        self.bad_requests = 0
+        self.unavailable = 0
+        self.max_page_ms = 0.0
+        self._started = time.monotonic()
+        self._rejects = RateLimitedLog(log)
+        self.ctx: zmq.Context | None = None
+
+    def initialize(self, stop: StopSignal) -> None:
+        cfg = self.config
+        self.stop = stop
+        self.ctx = zmq.Context()
+        self.rep = sockets.open_reader(self.ctx, cfg)
+        self.poller = zmq.Poller()
+        self.poller.register(self.rep, zmq.POLLIN)
+        self.poller.register(stop.fileno(), zmq.POLLIN)
+        log.info("started", db=cfg.db, read_endpoint=cfg.read_endpoint,
+                 config_source=cfg.source, config=cfg.public())
+
+    def loop(self, now: float | None = None) -> None:
+        events = dict(self.poller.poll(1000))
+        if self.stop.fileno() in events:
+            self.stop.clear_wakeup()
+        if self.rep in events:
+            self.rep.send(self.handle(self.rep.recv()))
+
+    def handle(self, raw: bytes) -> bytes:
+        request_id: Any = None
+        try:
+            request_id, cmd, args = protocol.decode_request(raw)
+            if cmd == "history":
+                try:
+                    query = parse_history_args(args)
+                except ValueError as exc:
+                    raise protocol.RequestError(request_id, protocol.BAD_REQUEST,
+                                                str(exc)) from None
+                return protocol.encode_reply_ok(request_id, self.serve_page(query))
+            if cmd == "stats":
+                return protocol.encode_reply_ok(request_id, self.stats())
+            if cmd == "ping":
+                return protocol.encode_reply_ok(request_id, "pong")
+            return protocol.encode_reply_error(request_id, "unknown_command",
+                                               f"no command {cmd!r}")
+        except protocol.ProtocolError as exc:
+            self.bad_requests += 1
+            request_id = getattr(exc, "request_id", request_id)
+            self._rejects.warning(exc.reason, "bad_request", detail=exc.detail)
+            return protocol.encode_reply_error(request_id, exc.reason, str(exc))
+        except Unavailable as exc:
+            self.unavailable += 1
+            self._rejects.warning("unavailable", "database_unavailable", error=str(exc))
+            return protocol.encode_reply_error(request_id, "unavailable", str(exc))
+        except apsw.Error as exc:  # busy, I/O: the client may retry
+            self.unavailable += 1
+            self.history.close()
+            self._rejects.warning("read_failed", "read_failed", error=str(exc),
+                                  error_type=type(exc).__name__)
+            return protocol.encode_reply_error(request_id, "read_failed", str(exc))
+
+    def serve_page(self, query: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        page = self.history.page(**query)
+        self.requests += 1
+        self.rows_served += len(page["messages"])
+        self.max_page_ms = max(self.max_page_ms, (time.perf_counter() - started) * 1000)
+        return page
+
+    def stats(self) -> dict[str, Any]:
+        return {"requests": self.requests, "rows_served": self.rows_served,
+                "bad_requests": self.bad_requests, "unavailable": self.unavailable,
+                "max_page_ms": round(self.max_page_ms, 3),
+                "uptime_seconds": round(time.monotonic() - self._started, 3),
+                "database": self.config.db, "read_endpoint": self.config.read_endpoint}
+
+    def shutdown(self) -> None:
+        if self.ctx is not None:
+            if getattr(self, "rep", None) is not None:
+                self.rep.close(linger=0)
+            self.ctx.term()
+            self.ctx = None
+        self.history.close()

@@ -1,0 +1,73 @@
+"""Durable consumer positions: the last message id each named consumer acknowledged.
+
+The writer is the only process that writes them (the seed's "consumptions"):
+a consumer reports its position over the control endpoint, the new position
+joins the next batch and is committed with it. All positions are kept in
+memory (at most BUS_MAX_CONSUMERS, each a few dozen bytes) so that `get` answers
+with the newest position even before its commit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from writer.store import ConsumptionRow
+
+MAX_NAME_CHARS = 128
+
+
+class ConsumerError(ValueError):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+def check_name(name: Any) -> str:
+    if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS and name.isprintable()):
+        raise ConsumerError("bad_request",
+                            f"'consumer' must be a printable string of 1-{MAX_NAME_CHARS} chars")
+    return name
+
+
+class ConsumerPositions:
+    def __init__(self, stored: dict[str, tuple[int, int]], max_consumers: int) -> None:
+        self.positions = dict(stored)  # name -> (last_id, updated_ns)
+        self.max_consumers = max_consumers
+
+    def ack(self, name: Any, last_id: Any, now_ns: int) -> tuple[int, ConsumptionRow | None]:
+        """Move `name` forward to `last_id`; never back (a late, repeated ack
+        must not undo a newer one). Returns the position and the row to store,
+        None if nothing changed."""
+        name = check_name(name)
+        if type(last_id) is not int or last_id < 0:
+            raise ConsumerError("bad_request", "'last_id' must be a non-negative integer")
+        current = self.positions.get(name)
+        if current is None and len(self.positions) >= self.max_consumers:
+            raise ConsumerError("too_many_consumers",
+                                f"{self.max_consumers} consumers exist (BUS_MAX_CONSUMERS); "
+                                "delete unused ones")
+        if current is not None and last_id <= current[0]:
+            return current[0], None
+        self.positions[name] = (last_id, now_ns)
+        return last_id, (name, last_id, now_ns)
+
+    def get(self, name: Any) -> dict[str, Any]:
+        name = check_name(name)
+        last_id, updated_ns = self.positions.get(name, (None, None))
+        return {"consumer": name, "last_id": last_id, "updated_ns": updated_ns}
+
+    def delete(self, name: Any, now_ns: int) -> ConsumptionRow | None:
+        name = check_name(name)
+        if self.positions.pop(name, None) is None:
+            return None
+        return (name, None, now_ns)
+
+    def snapshot(self, last_message_id: int | None, shown: int = 100) -> dict[str, Any]:
+        """Each consumer's position and lag (messages stored after it), the most
+        lagging first, at most `shown` of them."""
+        head = last_message_id or 0
+        ranked = sorted(self.positions.items(), key=lambda item: item[1][0])[:shown]
+        return {"count": len(self.positions),
+                "positions": {name: {"last_id": last_id, "lag": max(0, head - last_id),
+                                     "updated_ns": updated_ns}
+                              for name, (last_id, updated_ns) in ranked}}
