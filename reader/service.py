@@ -23,6 +23,7 @@ from bus import protocol, sockets
 from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
+from writer.store import SELECT_ID_RANGE
 
 log = get_logger("reader")
 
@@ -66,7 +67,7 @@ class History:
         prefixes = [p for p in prefixes if p] if "" not in prefixes else []
         conn.execute("BEGIN")  # one snapshot for the page and its bounds
         try:
-            first_id, last_id = conn.execute("SELECT min(id), max(id) FROM messages").fetchone()
+            first_id, last_id = conn.execute(SELECT_ID_RANGE).fetchone()
             last_id = last_id or 0
             if after_id is None:
                 after_id = self._id_before(conn, since_ns, first_id, last_id) \

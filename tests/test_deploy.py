@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bus.client import Publisher
+from bus.client import HistoryClient, Publisher
 from bus.config import load_config
 from tests.conftest import BUS_CLI, ENDPOINT_VARS, Proc, count_messages, free_port, ping, wait_for
 
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "deploy" / "systemd"
 INSTALLED_CLI = "/opt/bus/.venv/bin/bus-cli"
 INSTALLED_CONFIG = "/etc/bus/bus.toml"
+SERVICES = ("bus-writer.service", "bus-proxy.service", "bus-reader.service")  # start order
 
 
 def read_unit(name: str) -> configparser.ConfigParser:
@@ -57,10 +58,10 @@ def localize(text: str, config: Path) -> str:
 
 def test_deploy_has_one_unit_per_process_and_a_target() -> None:
     assert sorted(p.name for p in UNITS.iterdir()) == \
-        ["bus-proxy.service", "bus-writer.service", "bus.target"]
+        ["bus-proxy.service", "bus-reader.service", "bus-writer.service", "bus.target"]
     target = read_unit("bus.target")
-    assert set(target["Unit"]["Wants"].split()) == {"bus-writer.service", "bus-proxy.service"}
-    for name in ("bus-proxy.service", "bus-writer.service"):
+    assert set(target["Unit"]["Wants"].split()) == set(SERVICES)
+    for name in SERVICES:
         unit = read_unit(name)
         assert unit["Service"]["Restart"] == "on-failure"
         assert INSTALLED_CONFIG in unit["Service"]["ExecStart"]
@@ -69,6 +70,9 @@ def test_deploy_has_one_unit_per_process_and_a_target() -> None:
     # Stopped in reverse start order: the proxy (After= the writer) stops first,
     # so what it captured is stored before the writer exits.
     assert "bus-writer.service" in read_unit("bus-proxy.service")["Unit"]["After"].split()
+    # The reader opens the writer's database file: same (dynamic) user.
+    assert read_unit("bus-reader.service")["Service"]["User"] == \
+        read_unit("bus-writer.service")["Service"]["User"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -99,16 +103,20 @@ def test_unit_command_lines_run_and_stop_cleanly(tmp_path: Path) -> None:
     env["BUS_LOG_FORMAT"] = "json"
     procs = {}
     try:
-        for name in ("bus-writer.service", "bus-proxy.service"):  # the After= order
+        for name in SERVICES:  # the After= order
             service = read_unit(name)["Service"]
             argv = shlex.split(localize(service["ExecStart"], config))
             assert argv[0] == BUS_CLI
             procs[name] = Proc(argv, env, cwd=tmp_path)
-        wait_for(lambda: ping(cfg.control_endpoint) and ping(cfg.proxy_control_endpoint),
-                 message="both units' processes to answer ping")
+        wait_for(lambda: all(ping(e) for e in (cfg.control_endpoint, cfg.proxy_control_endpoint,
+                                               cfg.read_endpoint)),
+                 message="the units' processes to answer ping")
         with Publisher(cfg, producer_id="unit") as pub:
-            pub.publish("unit.check", b"stored through the units' command lines")
-        for name in ("bus-proxy.service", "bus-writer.service"):  # reverse order on stop
+            pub.publish("unit.check", b"stored through the units' command lines", wait=True)
+        with HistoryClient(cfg) as history:
+            assert [m.payload for m in history.messages(["unit."])] == \
+                [b"stored through the units' command lines"]
+        for name in reversed(SERVICES):  # reverse order on stop
             kill = getattr(signal, read_unit(name)["Service"]["KillSignal"])
             assert procs[name].stop(kill) == 0, procs[name].stderr.collect()
         assert count_messages(tmp_path / "bus.db", "unit.") == 1

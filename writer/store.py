@@ -68,6 +68,9 @@ UPSERT_PRODUCER = ("INSERT OR REPLACE INTO producers (producer_id, contiguous_se
                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 UPSERT_CONSUMER = "INSERT OR REPLACE INTO consumers (name, last_id, updated_ns) VALUES (?, ?, ?)"
 DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
+# min() and max() in one SELECT would scan the table: SQLite's min/max shortcut
+# (one index seek) applies to a query with a single min() or max() only.
+SELECT_ID_RANGE = "SELECT (SELECT min(id) FROM messages), (SELECT max(id) FROM messages)"
 SELECT_PRODUCER = ("SELECT producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
                    " first_seen_ns, last_seen_ns FROM producers WHERE producer_id = ?")
 
@@ -178,7 +181,7 @@ class Store:
         The newest message is never deleted, so ids are never reused.
         Subscription events older than the oldest message left go too."""
         with self.transaction() as conn:
-            first, last = conn.execute("SELECT min(id), max(id) FROM messages").fetchone()
+            first, last = conn.execute(SELECT_ID_RANGE).fetchone()
             if first is None:
                 return 0
             cut = first - 1
