@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -346,15 +346,17 @@ def parse_since(text: str) -> dt.datetime | dt.timedelta:
     return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
-def print_messages(messages: Any, as_json: bool, limit: int | None,
-                   stop: Callable[[], bool] = lambda: False) -> int:
-    """Print messages (an iterable, or a callable returning the next or None)
-    until `limit`, `stop()` or the end; returns how many were printed."""
+def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
+                   limit: int | None, stop: Callable[[], bool] = lambda: False) -> int:
+    """Print messages until `limit`, `stop()` or the end; None items are waits.
+    The limit is checked before the next message is taken: a durable tail
+    acknowledges what it took, so it must not take one it will not print."""
     fmt = format_json if as_json else format_line
     shown = 0
     try:
-        for msg in messages:
-            if stop() or (limit is not None and shown >= limit):
+        while not stop() and (limit is None or shown < limit):
+            msg = next(messages, False)
+            if msg is False:
                 break
             if msg is None:
                 continue

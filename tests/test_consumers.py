@@ -1,0 +1,103 @@
+"""Durable consumers (issue #3, part 5): Subscriber(durable=NAME) and
+`bus-cli tail --durable NAME` resume after the last message acknowledged,
+across restarts of the consumer and of every bus process; the writer stores
+the positions and `stats` shows each consumer's lag."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bus.client import BusError, ControlClient, Publisher, Subscriber
+from tests.conftest import Bus, query, wait_for
+
+
+def publish(bus: Bus, topic: str, count: int, producer: str = "src") -> None:
+    with Publisher(bus.config(), producer_id=producer) as pub:
+        for i in range(count):
+            pub.publish(topic, b"%d" % i)
+        pub.flush(timeout=10)
+
+
+def positions(bus: Bus) -> dict[str, int]:
+    return dict(query(bus.db, "SELECT name, last_id FROM consumers"))
+
+
+def test_tail_durable_resumes_after_the_last_printed_message(bus: Bus) -> None:
+    publish(bus, "dur.t", 100)
+    first = bus.cli("tail", "dur.", "--durable", "audit", "--from-id", "1", "-n", "40", "--json")
+    assert first.returncode == 0, first.stderr
+    ids = [json.loads(line)["id"] for line in first.stdout.splitlines()]
+    assert ids == list(range(1, 41))
+    second = bus.cli("tail", "dur.", "--durable", "audit", "-n", "40", "--json")
+    assert [json.loads(line)["id"] for line in second.stdout.splitlines()] == list(range(41, 81))
+    # --from-id only places a new consumer; a known one resumes where it was.
+    third = bus.cli("tail", "dur.", "--durable", "audit", "--from-id", "1", "-n", "20", "--json")
+    assert [json.loads(line)["id"] for line in third.stdout.splitlines()] == list(range(81, 101))
+    wait_for(lambda: positions(bus).get("audit") == 100, message="position 100 committed")
+
+
+def test_a_new_durable_consumer_starts_at_the_newest_message(bus: Bus) -> None:
+    publish(bus, "new.t", 5)
+    with Subscriber(["new."], bus.config(), durable="late") as sub:
+        assert sub.receive(timeout=0.3) is None, "what was stored before it is not replayed"
+        publish(bus, "new.t", 2, producer="second")
+        got = [sub.receive(timeout=5), sub.receive(timeout=5)]
+    assert [(m.producer, m.payload, m.id) for m in got] == [("second", b"0", 6),
+                                                            ("second", b"1", 7)]
+
+
+def test_explicit_acks_survive_a_restart_of_every_bus_process(make_bus) -> None:
+    bus = make_bus().start()
+    publish(bus, "acked.t", 30)
+    with Subscriber(["acked."], bus.config(), durable="worker", after_id=0,
+                    auto_ack=False) as sub:
+        msgs = [sub.receive(timeout=5) for _ in range(12)]
+        sub.ack(msgs[9])  # processed 10; 11 and 12 were received, not acknowledged
+    assert bus.stop() == (0, 0)
+    assert positions(bus) == {"worker": 10}
+
+    bus.start()
+    stats = bus.writer_stats()["consumers"]
+    assert stats == {"count": 1, "positions": {"worker": {
+        "last_id": 10, "lag": 20, "updated_ns": stats["positions"]["worker"]["updated_ns"]}}}
+    with Subscriber(["acked."], bus.config(), durable="worker") as sub:
+        assert [sub.receive(timeout=5).id for _ in range(20)] == list(range(11, 31))
+        assert sub.receive(timeout=0.3) is None
+    assert bus.writer_stats()["consumers"]["positions"]["worker"]["lag"] == 0
+
+
+def test_durable_consumer_follows_commits_and_only_its_prefixes(bus: Bus) -> None:
+    with Subscriber(["mine."], bus.config(), durable="follower") as sub:
+        with Publisher(bus.config(), producer_id="mixed") as pub:
+            for i in range(200):
+                pub.publish("mine.t" if i % 2 else "other.t", b"%d" % i)
+            got = [sub.receive(timeout=5) for _ in range(100)]
+        assert [m.payload for m in got] == [b"%d" % i for i in range(1, 200, 2)]
+        assert all(m.topic == "mine.t" for m in got)
+        assert sub.receive(timeout=0.3) is None
+
+
+def test_consumer_requests_are_validated_and_bounded(make_bus) -> None:
+    bus = make_bus(BUS_MAX_CONSUMERS=2).start()
+    with ControlClient(bus["BUS_CONTROL_ENDPOINT"]) as client:
+        for args in ({"consumer": "", "last_id": 1}, {"consumer": "x" * 200, "last_id": 1},
+                     {"consumer": "a\nb", "last_id": 1}, {"consumer": "ok", "last_id": -1},
+                     {"consumer": "ok", "last_id": "7"}, {"last_id": 1}):
+            with pytest.raises(BusError) as err:
+                client.request("consumer_ack", args)
+            assert err.value.code == "bad_request"
+        assert client.request("consumer_ack", {"consumer": "a", "last_id": 5})["last_id"] == 5
+        assert client.request("consumer_ack", {"consumer": "a", "last_id": 3})["last_id"] == 5, \
+            "a late ack never moves a position back"
+        client.request("consumer_ack", {"consumer": "b", "last_id": 1})
+        with pytest.raises(BusError) as err:
+            client.request("consumer_ack", {"consumer": "c", "last_id": 1})
+        assert err.value.code == "too_many_consumers"
+        assert client.request("consumer_delete", {"consumer": "b"})["deleted"] is True
+        assert client.request("consumer_ack", {"consumer": "c", "last_id": 2})["last_id"] == 2
+        assert client.request("consumer_get", {"consumer": "b"})["last_id"] is None
+        client.request("flush")
+    assert positions(bus) == {"a": 5, "c": 2}
+    assert bus.writer_stats()["ingest"]["bad_control_requests"] == 7
