@@ -20,6 +20,12 @@ DEFAULT_CONFIG_PATH = Path("/etc/bus/bus.toml")
 CONFIG_PATH_ENV = "BUS_CONFIG"
 
 
+# On stop, the proxy and the writer forward/store until quiet for drain_idle_ms,
+# but for at most this many such periods: under steady load it is never quiet,
+# and what stays queued is not lost (see docs/architecture.md, "Shutdown").
+DRAIN_WINDOW_IDLES = 5
+
+
 class ConfigError(ValueError):
     """A setting has a value of the wrong type or out of range."""
 
@@ -93,7 +99,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_timeout_ms", "BUS_SHUTDOWN_TIMEOUT_MS", int, 10_000,
             "longest a process spends draining and flushing when stopped"),
     Setting("drain_idle_ms", "BUS_DRAIN_IDLE_MS", int, 200,
-            "on stop, proxy and writer keep forwarding/storing until quiet this long"),
+            "on stop, proxy and writer keep forwarding/storing until quiet this long "
+            "(for at most 5 such periods)"),
     Setting("request_timeout_ms", "BUS_REQUEST_TIMEOUT_MS", int, 3000,
             "client wait for a control reply or for the proxy's subscription"),
     Setting("log_level", "BUS_LOG_LEVEL", str, "info", "debug, info, warning, error"),

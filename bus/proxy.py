@@ -9,8 +9,9 @@ Messages are forwarded by libzmq's own steerable proxy loop on a thread of its
 own (it runs without the GIL); this process's Python loop only answers control
 requests and watches for SIGTERM/SIGINT, which end the proxy with TERMINATE.
 On stop the proxy keeps forwarding until publishers have been quiet for
-drain_idle_ms, then its capture socket lingers up to shutdown_timeout_ms so
-that what is queued for the writer is still delivered.
+drain_idle_ms (at most 5 such periods), then its capture socket lingers for the
+rest of shutdown_timeout_ms so that what is queued for the writer is still
+delivered.
 
 Counters come from libzmq's STATISTICS command; libzmq counts frames (message
 parts), not messages, so they are reported as frames.
@@ -26,7 +27,7 @@ from typing import Any
 import zmq
 
 from bus import protocol, sockets
-from bus.config import BusConfig
+from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
 
@@ -126,13 +127,14 @@ class Proxy:
                                 "capture": self.config.capture_endpoint})
         return stats
 
-    def drain_before_exit(self) -> None:
-        """Keep forwarding until publishers have been quiet for drain_idle_ms,
-        within the shutdown deadline: messages they already sent are in the
-        proxy's queues, and closing now would drop them."""
-        cfg = self.config
-        deadline = time.monotonic() + cfg.shutdown_timeout_ms / 1000.0
-        idle = cfg.drain_idle_ms / 1000.0
+    def drain_before_exit(self, deadline: float) -> None:
+        """Keep forwarding until publishers have been quiet for drain_idle_ms:
+        messages they already sent are in the proxy's queues, and closing now
+        would drop them. At most DRAIN_WINDOW_IDLES x drain_idle_ms (1 s by
+        default): under steady load publishers are never quiet, and what they
+        send after the proxy is gone is theirs to re-send (acknowledgements)."""
+        idle = self.config.drain_idle_ms / 1000.0
+        deadline = min(deadline, time.monotonic() + DRAIN_WINDOW_IDLES * idle)
         seen = self.counters()["frontend_frames_in"]
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
@@ -142,22 +144,24 @@ class Proxy:
                 seen, quiet_since = now_seen, time.monotonic()
             elif time.monotonic() - quiet_since >= idle:
                 return
-        log.warning("drain_timeout", forwarded_frames=seen,
-                    shutdown_timeout_ms=cfg.shutdown_timeout_ms)
+        log.warning("drain_cut_short", forwarded_frames=seen,
+                    drain_window_ms=int(DRAIN_WINDOW_IDLES * self.config.drain_idle_ms))
 
     def shutdown(self) -> None:
         if self.ctx is None:
             return
+        deadline = time.monotonic() + self.config.shutdown_timeout_ms / 1000.0
         if self._thread is not None and self._thread.is_alive():
-            self.drain_before_exit()
+            self.drain_before_exit(deadline)
             self.steer.send(b"TERMINATE")
             self._thread.join(5)
         for name in ("frontend", "backend", "control", "steer", "_steered"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)
-        # Lingers up to shutdown_timeout_ms: queued captures still reach the writer.
+        # Lingers for the rest of the shutdown deadline: queued captures still
+        # reach the writer.
         if getattr(self, "capture", None) is not None:
-            self.capture.close()
+            self.capture.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
         self.ctx.term()
         self.ctx = None

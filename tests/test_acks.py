@@ -84,6 +84,8 @@ def test_kill_9_of_the_writer_loses_no_acknowledged_message(make_bus) -> None:
         pub.flush(timeout=30)
         assert pub.acked_seq == 20_000
     assert seqs_of(bus, "survivor") == list(range(1, 20_001)), "every message exactly once"
+    assert bus.stop() == (0, 0)
+    assert query(bus.db, "PRAGMA integrity_check") == [("ok",)]
 
 
 def test_bus_cli_publish_wait(make_bus) -> None:

@@ -278,6 +278,7 @@ def test_writer_down_loses_nothing_and_stalls_no_subscriber(make_bus) -> None:
                                         "WHERE topic = 'down.data' ORDER BY id")]
     assert seqs == list(range(seqs[0], seqs[0] + 20_000)), "each message once, in order"
     assert bus.count("down.probe") == probes
+    assert query(bus.db, "PRAGMA integrity_check") == [("ok",)]
 
 
 def test_a_failed_commit_keeps_its_rows_and_retries(make_bus) -> None:

@@ -11,7 +11,8 @@ Messages are validated, buffered and committed in batches: one transaction per
 BATCH_SIZE rows, or when the oldest row has waited BATCH_FLUSH_INTERVAL_MS, or
 at once when the socket is idle and the load is low. BATCH_WRITE_ENABLED=false
 commits every message on its own. On SIGTERM/SIGINT the writer drains the
-capture until it has been quiet for BUS_DRAIN_IDLE_MS, flushes, closes the
+capture until it has been quiet for BUS_DRAIN_IDLE_MS (at most 5 such periods:
+the rest stays queued in the proxy), flushes, closes the
 database and exits 0. Retention (BUS_RETENTION_*) deletes the oldest messages
 in chunks of its own transactions between batches, so ingest never waits for
 more than one chunk.
@@ -26,7 +27,7 @@ import msgpack
 import zmq
 
 from bus import protocol, sockets
-from bus.config import BusConfig
+from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
@@ -138,10 +139,13 @@ class Writer:
                                "shutdown deadline (see flush_failed)")
 
     def drain_before_exit(self, deadline: float) -> None:
-        """Read what the proxy already sent until the pipe is quiet, within the deadline.
-        Stops early if commits fail and the buffer is full: what is not read stays
-        in the proxy's queue for the next writer."""
+        """Read what the proxy already sent until the pipe is quiet, within the
+        deadline and for at most DRAIN_WINDOW_IDLES x drain_idle_ms: what is not
+        read stays in the proxy's queue for the next writer (except this
+        socket's own receive queue). Stops early if commits fail and the buffer
+        is full."""
         idle_ms = self.config.drain_idle_ms
+        deadline = min(deadline, time.monotonic() + DRAIN_WINDOW_IDLES * idle_ms / 1000.0)
         while time.monotonic() < deadline and not self.buffer.is_full:
             if not self.capture.poll(idle_ms):
                 return
