@@ -6,7 +6,13 @@ Starts the real processes on free loopback ports and measures, in one run:
      --rounds rounds (medians shown, and each round's ratio to the prototype);
   2. persisted msg/s of the bus with BATCH_WRITE_ENABLED=false;
   3. live delivery latency p50/p99 through the proxy at a fixed rate;
-  4. peak RSS (VmHWM) of writer and proxy.
+  4. acknowledged publishing: msg/s of a Publisher that waits until the writer
+     has acknowledged everything (windowed: up to 100,000 unacknowledged), in
+     the same run as 1.; and acknowledgement latency p50/p99 (publish -> ack
+     seen) at a fixed rate;
+  5. catch-up replay: msg/s of a Subscriber reading --replay-messages stored
+     messages from the reader (after_id=0), and of a durable one;
+  6. peak RSS (VmHWM) of writer, proxy and reader.
 "Persisted" = from the publisher's first send until the last row is visible to
 a separate SQLite reader. Payloads are 100 bytes. One publisher process sends as
 fast as it can, so it outruns the writer and backpressure holds it; publisher,
@@ -44,7 +50,7 @@ def free_port() -> int:
 
 def endpoints() -> dict[str, str]:
     names = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
-             "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT")
+             "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT")
     return {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
 
 
@@ -91,8 +97,10 @@ class Bus:
         cmd = [sys.executable, "-m", "cli.main"]
         self.writer = subprocess.Popen(cmd + ["writer"], env=self.env, cwd=ROOT)
         self.proxy = subprocess.Popen(cmd + ["proxy"], env=self.env, cwd=ROOT)
+        self.reader = subprocess.Popen(cmd + ["reader"], env=self.env, cwd=ROOT)
         from bus.client import BusError, ControlClient
-        for endpoint in (self.env["BUS_CONTROL_ENDPOINT"], self.env["BUS_PROXY_CONTROL_ENDPOINT"]):
+        for endpoint in (self.env["BUS_CONTROL_ENDPOINT"], self.env["BUS_PROXY_CONTROL_ENDPOINT"],
+                         self.env["BUS_READ_ENDPOINT"]):
             deadline = time.monotonic() + 15
             while True:
                 with ControlClient(endpoint, timeout_ms=300) as c:
@@ -103,10 +111,11 @@ class Bus:
                         if time.monotonic() > deadline:
                             raise
 
-    def stop(self) -> tuple[float, float]:
-        """Stops proxy then writer; returns their peak RSS in MB (writer, proxy)."""
-        rss = peak_rss_mb(self.writer.pid), peak_rss_mb(self.proxy.pid)
-        for proc in (self.proxy, self.writer):
+    def stop(self) -> tuple[float, float, float]:
+        """Stops proxy, writer, reader; returns their peak RSS in MB (writer, proxy, reader)."""
+        rss = peak_rss_mb(self.writer.pid), peak_rss_mb(self.proxy.pid), \
+            peak_rss_mb(self.reader.pid)
+        for proc in (self.proxy, self.writer, self.reader):
             proc.terminate()
             if proc.wait(30) != 0:
                 raise RuntimeError(f"process exited with {proc.returncode}")
@@ -114,10 +123,11 @@ class Bus:
 
 
 def persisted_rate(endpoints: dict[str, str], db: str, count: int, mode: str) -> float:
+    before = stored_rows(db)  # before the child starts: it may store rows at once
     pub = run_child(["_publish", mode, endpoints["BUS_PUB_ENDPOINT"],
                      endpoints["BUS_SUB_ENDPOINT"], str(count)])
     started = float(pub.stdout.readline())   # after connect, before the first send
-    done = wait_rows(db, stored_rows(db) + count, timeout=max(60.0, count / 2000))
+    done = wait_rows(db, before + count, timeout=max(60.0, count / 2000))
     pub.wait(30)
     return count / (done - started)
 
@@ -134,7 +144,92 @@ def latency(env: dict[str, str], rate: int, seconds: float) -> dict[str, float]:
     return out
 
 
+def acked_rate(env: dict[str, str], count: int) -> float:
+    pub = run_child(["_publish_acked", env["BUS_PUB_ENDPOINT"], env["BUS_SUB_ENDPOINT"],
+                     str(count)])
+    out = json.loads(pub.stdout.readline())
+    pub.wait(30)
+    return out["rate"]
+
+
+def ack_latency(env: dict[str, str], rate: int, seconds: float) -> dict[str, float]:
+    pub = run_child(["_publish_acked", env["BUS_PUB_ENDPOINT"], env["BUS_SUB_ENDPOINT"],
+                     str(int(rate * seconds)), str(rate)])
+    out = json.loads(pub.stdout.readline())
+    pub.wait(30)
+    return out
+
+
+def replay(env: dict[str, str], count: int, durable: bool) -> float:
+    sub = run_child(["_replay", env["BUS_SUB_ENDPOINT"], env["BUS_READ_ENDPOINT"],
+                     env["BUS_CONTROL_ENDPOINT"], str(count), "durable" if durable else "since"])
+    out = json.loads(sub.stdout.readline())
+    sub.wait(30)
+    if out["received"] < count:
+        raise RuntimeError(f"replay received {out['received']} of {count}")
+    return out["rate"]
+
+
 # --- child processes ----------------------------------------------------------
+
+def child_publish_acked(endpoint: str, sub_endpoint: str, count: int, rate: float = 0.0) -> None:
+    """Publish `count` messages and wait until all are acknowledged. With a rate,
+    also time each message from publish() until its acknowledgement is seen
+    (acknowledgements are read after every publish)."""
+    from bus.client import Publisher
+    from bus.config import load_config
+    payload = os.urandom(PAYLOAD_BYTES)
+    pub = Publisher(load_config({"pub_endpoint": endpoint, "sub_endpoint": sub_endpoint}),
+                    linger_ms=60000).connect()
+    sent = [0.0] * (count + 1)
+    lat: list[float] = []
+    seen = 0
+
+    def note_acks(acked: int) -> None:
+        nonlocal seen
+        if acked > seen:
+            now = time.perf_counter()
+            lat.extend(now - sent[s] for s in range(seen + 1, acked + 1))
+            seen = acked
+    started = time.perf_counter()
+    for i in range(count):
+        if rate:
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        sent[pub.publish("bench.acked", payload)] = time.perf_counter()
+        if rate:
+            note_acks(pub.read_acks())
+    while seen < count:
+        note_acks(pub.read_acks(0.001) if rate else count)
+        if not rate:
+            pub.flush(timeout=120)
+    elapsed = time.perf_counter() - started
+    out = {"rate": count / elapsed}
+    if rate:
+        lat.sort()
+        out.update(p50_ms=lat[len(lat) // 2] * 1e3, p99_ms=lat[int(0.99 * len(lat))] * 1e3,
+                   max_ms=lat[-1] * 1e3)
+    print(json.dumps(out), flush=True)
+    pub.close()
+
+
+def child_replay(sub_endpoint: str, read_endpoint: str, control_endpoint: str, count: int,
+                 mode: str) -> None:
+    from bus.client import Subscriber
+    from bus.config import load_config
+    cfg = load_config({"sub_endpoint": sub_endpoint, "read_endpoint": read_endpoint,
+                       "control_endpoint": control_endpoint})
+    started = time.perf_counter()
+    sub = Subscriber(["bench."], cfg, after_id=0,
+                     durable=f"bench-{os.getpid()}" if mode == "durable" else None)
+    received = 0
+    while received < count and sub.receive(timeout=5) is not None:
+        received += 1
+    elapsed = time.perf_counter() - started
+    sub.close()
+    print(json.dumps({"received": received, "rate": received / elapsed}), flush=True)
+
 
 def child_publish(mode: str, endpoint: str, sub_endpoint: str, count: int,
                   rate: float = 0.0) -> None:
@@ -200,6 +295,12 @@ def main() -> None:
         return child_publish(a[0], a[1], a[2], int(a[3]), float(a[4]) if len(a) > 4 else 0.0)
     if len(sys.argv) > 1 and sys.argv[1] == "_subscribe":
         return child_subscribe(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) > 1 and sys.argv[1] == "_publish_acked":
+        a = sys.argv[2:]
+        return child_publish_acked(a[0], a[1], int(a[2]), float(a[3]) if len(a) > 3 else 0.0)
+    if len(sys.argv) > 1 and sys.argv[1] == "_replay":
+        a = sys.argv[2:]
+        return child_replay(a[0], a[1], a[2], int(a[3]), a[4])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--messages", type=int, default=300_000, help="per throughput run")
     ap.add_argument("--rounds", type=int, default=3,
@@ -209,6 +310,9 @@ def main() -> None:
     ap.add_argument("--latency-seconds", type=float, default=5.0)
     ap.add_argument("--latency-runs", type=int, default=3,
                     help="latency is measured this many times; the median run is shown")
+    ap.add_argument("--ack-rate", type=int, default=10_000,
+                    help="messages/s for the acknowledgement latency run")
+    ap.add_argument("--replay-messages", type=int, default=1_000_000)
     ap.add_argument("--synchronous", default="NORMAL", help="BUS_SQLITE_SYNCHRONOUS for the bus runs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,13 +328,15 @@ def main() -> None:
             buses[name] = Bus(work / name, BUS_SQLITE_SYNCHRONOUS=args.synchronous, **settings)
         # Rounds alternate prototype and bus runs so that both see the same
         # machine; idle processes only wake for their poll timeouts.
-        rates: dict[str, list[float]] = {name: [] for name in ("proto", "batch", "batch1000")}
+        rates: dict[str, list[float]] = {name: [] for name in
+                                         ("proto", "batch", "batch1000", "acked")}
         for _ in range(args.rounds):
             rates["proto"].append(persisted_rate(eps, str(work / "proto.db"), args.messages,
                                                  "raw"))
             for name in ("batch", "batch1000"):
                 rates[name].append(persisted_rate(buses[name].env, buses[name].db,
                                                   args.messages, "bus"))
+            rates["acked"].append(acked_rate(buses["batch"].env, args.messages))
         proto.kill()
         proto.wait()
         seq_rate = persisted_rate(buses["seq"].env, buses["seq"].db,
@@ -238,10 +344,21 @@ def main() -> None:
         runs = sorted((latency(buses["batch"].env, args.latency_rate, args.latency_seconds)
                        for _ in range(args.latency_runs)), key=lambda r: r["p99_ms"])
         lat = runs[len(runs) // 2]
+        ack_runs = sorted((ack_latency(buses["batch"].env, args.ack_rate, args.latency_seconds)
+                           for _ in range(args.latency_runs)), key=lambda r: r["p99_ms"])
+        ack_lat = ack_runs[len(ack_runs) // 2]
+        batch = buses["batch"]
+        while stored_rows(batch.db) < args.replay_messages:  # top up, untimed
+            persisted_rate(batch.env, batch.db,
+                           min(args.messages, args.replay_messages - stored_rows(batch.db)), "bus")
+        replays = {mode: [replay(batch.env, args.replay_messages, mode == "durable")
+                          for _ in range(args.rounds)] for mode in ("since", "durable")}
         rss = {name: bus.stop() for name, bus in buses.items()}
 
-    proto_rate, batch_rate, big_rate = (statistics.median(rates[n])
-                                        for n in ("proto", "batch", "batch1000"))
+    from bus.config import load_config
+    flush_ms = load_config(env={}, config_path=os.devnull).batch_flush_interval_ms
+    proto_rate, batch_rate, big_rate, acked = (statistics.median(rates[n]) for n in
+                                               ("proto", "batch", "batch1000", "acked"))
 
     def versus_prototype(name: str) -> str:
         each = ", ".join(f"{b / p:.0%}" for b, p in zip(rates[name], rates["proto"]))
@@ -261,8 +378,24 @@ def main() -> None:
          f"p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms",
          f"median of {len(runs)} runs of {lat['received']:,} messages; p99 of each: "
          + ", ".join(f"{r['p99_ms']:.2f}" for r in runs) + " ms"),
-        ("peak RSS, batch runs incl. latency (publisher outruns writer)",
-         f"writer {rss['batch'][0]:.1f} MB", f"proxy {rss['batch'][1]:.1f} MB"),
+        ("acknowledged publishing (window 100,000; until every ack)", f"{acked:,.0f} msg/s",
+         f"{acked / batch_rate:.0%} of the plain bus run (each round: "
+         + ", ".join(f"{a / b:.0%}" for a, b in zip(rates["acked"], rates["batch"])) + ")"),
+        (f"acknowledgement latency at {args.ack_rate:,} msg/s",
+         f"p50 {ack_lat['p50_ms']:.1f} ms, p99 {ack_lat['p99_ms']:.1f} ms",
+         f"median of {len(ack_runs)} runs; p99 of each: "
+         + ", ".join(f"{r['p99_ms']:.1f}" for r in ack_runs)
+         + f" ms; BATCH_FLUSH_INTERVAL_MS={flush_ms}"),
+        (f"catch-up replay of {args.replay_messages:,} stored messages",
+         f"{statistics.median(replays['since']):,.0f} msg/s",
+         "Subscriber(after_id=0); each run: "
+         + ", ".join(f"{r:,.0f}" for r in replays["since"])),
+        ("the same, durable consumer", f"{statistics.median(replays['durable']):,.0f} msg/s",
+         "Subscriber(durable=..., after_id=0), auto-ack; each run: "
+         + ", ".join(f"{r:,.0f}" for r in replays["durable"])),
+        ("peak RSS, batch runs incl. latency and replay (publisher outruns writer)",
+         f"writer {rss['batch'][0]:.1f} MB",
+         f"proxy {rss['batch'][1]:.1f} MB, reader {rss['batch'][2]:.1f} MB"),
         ("peak RSS, sequential run (writer far behind)",
          f"writer {rss['seq'][0]:.1f} MB", f"proxy {rss['seq'][1]:.1f} MB"),
     ]

@@ -170,7 +170,7 @@ class Publisher:
         if wait:
             self.flush(timeout)
         elif seq & 0xFF == 0:
-            self._read_acks(0)  # now and then, so the unacknowledged set stays small
+            self.read_acks()  # now and then, so the unacknowledged set stays small
         return seq
 
     def _send(self, frames: tuple[bytes, bytes, bytes]) -> None:
@@ -219,16 +219,18 @@ class Publisher:
                 interval = min(interval * 2, 30.0)
                 resend_at = now + interval
             before = len(self._unacked)
-            self._read_acks(min(resend_at, deadline or resend_at) - now)
+            self.read_acks(min(resend_at, deadline or resend_at) - now)
             if len(self._unacked) < before:  # progress: start the re-send clock again
                 interval = self.resend_after
                 resend_at = time.monotonic() + interval
 
-    def _read_acks(self, wait: float) -> None:
-        """Apply the acknowledgements that arrive within `wait` seconds."""
+    def read_acks(self, wait: float = 0.0) -> int:
+        """Apply the acknowledgements that arrive within `wait` seconds (none by
+        default: what has arrived); returns `acked_seq`. publish() does this now
+        and then by itself; call it to learn sooner what is stored."""
         acks = self._acks
         if acks is None or not acks.poll(max(0, int(wait * 1000))):
-            return
+            return self.acked_seq
         while True:
             try:
                 frames = acks.recv_multipart(zmq.NOBLOCK)
@@ -249,6 +251,7 @@ class Publisher:
         # Subscription notices pile up on the XPUB when nobody reads them.
         while self._sock.poll(0):
             self._sock.recv()
+        return self.acked_seq
 
     def close(self, linger_ms: int | None = None) -> None:
         if self._sock is not None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from tests.conftest import Bus, query, wait_for
+from bus.client import Publisher
+from tests.conftest import Bus, Proc, query, wait_for
 
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -39,8 +40,25 @@ needs_js = pytest.mark.skipif(shutil.which("node") is None
 
 
 def local_endpoints(code: str, bus: Bus) -> str:
-    return code.replace("tcp://127.0.0.1:5550", bus["BUS_PUB_ENDPOINT"]) \
-               .replace("tcp://127.0.0.1:5551", bus["BUS_SUB_ENDPOINT"])
+    for default, name in (("5550", "BUS_PUB_ENDPOINT"), ("5551", "BUS_SUB_ENDPOINT"),
+                          ("5553", "BUS_CONTROL_ENDPOINT"), ("5555", "BUS_READ_ENDPOINT")):
+        code = code.replace(f"tcp://127.0.0.1:{default}", bus[name])
+    return code
+
+
+def js_examples() -> list[str]:
+    return re.findall(r"```js\n(.*?)```", PROTOCOL_MD.read_text(), re.S)
+
+
+def run_js(bus: Bus, code: str) -> Proc:
+    script = JS_DIR / f"example-{bus.tmp_path.name}.mjs"  # beside node_modules, for imports
+    script.write_text(local_endpoints(code, bus))
+    try:
+        node = bus.spawn(["node", str(script)])
+        node.wait(30)
+    finally:
+        script.unlink()
+    return node
 
 
 def c_examples(bus: Bus) -> tuple[str, str]:
@@ -85,7 +103,7 @@ def test_c_examples_publish_and_subscribe(bus: Bus, tmp_path: Path) -> None:
 
 @needs_js
 def test_javascript_example_publishes_and_subscribes(bus: Bus) -> None:
-    [example] = re.findall(r"```js\n(.*?)```", PROTOCOL_MD.read_text(), re.S)
+    example = js_examples()[0]
     print_line = "console.log(topic.toString(), payload.toString(), meta ? decode(meta, big) : {});"
     assert print_line in example
     example = local_endpoints(example, bus).replace(
@@ -108,3 +126,23 @@ def test_javascript_example_publishes_and_subscribes(bus: Bus) -> None:
     assert (payload, producer, seq) == (b'{"id":7}', "js-1", 1) and publish_ns > 10**18
     out = "\n".join(node.stdout.collect())
     assert 'orders.done {"n":1}' in out and "producer: 'py'" in out and "seq: 1" in out
+
+
+@needs_js
+def test_javascript_durable_consumer_example_pages_and_stores_its_position(bus: Bus) -> None:
+    example = js_examples()[1]
+    with Publisher(bus.config(), producer_id="src") as pub:
+        for i in range(7):
+            pub.publish("orders.new" if i != 3 else "other.t", b"o%d" % i)
+        pub.flush(timeout=10)
+    first = run_js(bus, example)
+    assert first.popen.returncode == 0, first.stderr.collect()
+    assert first.stdout.collect() == [f"{i + 1} orders.new o{i} {i + 1}" for i in range(7)
+                                      if i != 3]
+    assert bus.writer_stats()["consumers"]["positions"]["js-audit"]["last_id"] == 7
+
+    with Publisher(bus.config(), producer_id="src2") as pub:
+        pub.publish("orders.new", b"late", wait=True)
+    again = run_js(bus, example)
+    assert again.popen.returncode == 0, again.stderr.collect()
+    assert again.stdout.collect() == ["8 orders.new late 1"], "resumed after its position"
