@@ -428,7 +428,13 @@ class Subscriber:
         if durable is not None:
             self._control = ControlClient(config.control_endpoint, config.request_timeout_ms,
                                           1, self._ctx)
-            self._acked_id = self._sent_ack_id = self._start_durable(durable)
+            try:
+                self._acked_id = self._sent_ack_id = self._start_durable(durable)
+            except BaseException:  # writer or reader unreachable: leave nothing open
+                self.durable = None
+                self._control.close()
+                self.close()
+                raise
             self._ack_sent_at = time.monotonic()
             self._unchecked_acks = 0
 
@@ -457,6 +463,9 @@ class Subscriber:
         target = self._to_ack if message is None else message.id
         if target is not None and target > self._acked_id:
             self._acked_id = target
+        self._send_ack_if_due()
+
+    def _send_ack_if_due(self) -> None:
         if self._acked_id > self._sent_ack_id and \
                 time.monotonic() - self._ack_sent_at >= self.ack_interval:
             self._send_ack()
@@ -485,13 +494,14 @@ class Subscriber:
         """The next message, or None if none arrives within `timeout` seconds."""
         if not self.stored:
             return self._receive_live(None if timeout is None else time.monotonic() + timeout)
-        if self.durable is not None and self.auto_ack and self._to_ack is not None:
-            self._acked_id = self._to_ack  # ids only grow
+        if self.durable is not None:
+            if self.auto_ack and self._to_ack is not None and self._to_ack > self._acked_id:
+                self._acked_id = self._to_ack
             self._unchecked_acks += 1
             # The clock is read every 64 messages, and when the page runs out.
             if self._unchecked_acks >= 64 or not self._pending:
                 self._unchecked_acks = 0
-                self.ack()
+                self._send_ack_if_due()
         if self._pending:  # the replay's fast path
             msg = self._pending.popleft()
             self._to_ack = msg.id
@@ -613,6 +623,7 @@ class Subscriber:
                 self._held.clear()
                 keys.clear()
                 self.switched_to_live = True
+                self._sock.setsockopt(zmq.UNSUBSCRIBE, protocol.COMMIT_TOPIC.encode())
                 return stored[:i + 1] + after
         return stored
 

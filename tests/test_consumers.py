@@ -81,10 +81,12 @@ def test_durable_consumer_follows_commits_and_only_its_prefixes(bus: Bus) -> Non
 
 def test_consumer_requests_are_validated_and_bounded(make_bus) -> None:
     bus = make_bus(BUS_MAX_CONSUMERS=2).start()
+    publish(bus, "val.t", 10)
     with ControlClient(bus["BUS_CONTROL_ENDPOINT"]) as client:
         for args in ({"consumer": "", "last_id": 1}, {"consumer": "x" * 200, "last_id": 1},
                      {"consumer": "a\nb", "last_id": 1}, {"consumer": "ok", "last_id": -1},
-                     {"consumer": "ok", "last_id": "7"}, {"last_id": 1}):
+                     {"consumer": "ok", "last_id": "7"}, {"last_id": 1},
+                     {"consumer": "ok", "last_id": 11}):  # beyond the newest: would skip
             with pytest.raises(BusError) as err:
                 client.request("consumer_ack", args)
             assert err.value.code == "bad_request"
@@ -100,4 +102,12 @@ def test_consumer_requests_are_validated_and_bounded(make_bus) -> None:
         assert client.request("consumer_get", {"consumer": "b"})["last_id"] is None
         client.request("flush")
     assert positions(bus) == {"a": 5, "c": 2}
-    assert bus.writer_stats()["ingest"]["bad_control_requests"] == 7
+    assert bus.writer_stats()["ingest"]["bad_control_requests"] == 8
+
+
+def test_a_durable_consumer_cannot_start_without_the_writer_and_says_so(make_bus) -> None:
+    bus = make_bus(BUS_REQUEST_TIMEOUT_MS=300).start()
+    assert bus.writer.stop() == 0
+    result = bus.cli("tail", "--durable", "nobody", "-n", "1")
+    assert result.returncode == 1
+    assert "error: no reply to 'consumer_get'" in result.stderr and "within 300 ms" in result.stderr

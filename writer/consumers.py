@@ -34,13 +34,18 @@ class ConsumerPositions:
         self.positions = dict(stored)  # name -> (last_id, updated_ns)
         self.max_consumers = max_consumers
 
-    def ack(self, name: Any, last_id: Any, now_ns: int) -> tuple[int, ConsumptionRow | None]:
+    def ack(self, name: Any, last_id: Any, now_ns: int, newest_id: int
+            ) -> tuple[int, ConsumptionRow | None]:
         """Move `name` forward to `last_id`; never back (a late, repeated ack
-        must not undo a newer one). Returns the position and the row to store,
-        None if nothing changed."""
+        must not undo a newer one), nor past `newest_id`, the newest stored
+        message (a position beyond it would silently skip what comes next).
+        Returns the position and the row to store, None if nothing changed."""
         name = check_name(name)
         if type(last_id) is not int or last_id < 0:
             raise ConsumerError("bad_request", "'last_id' must be a non-negative integer")
+        if last_id > newest_id:
+            raise ConsumerError("bad_request", f"'last_id' {last_id} is beyond the newest "
+                                               f"stored message ({newest_id})")
         current = self.positions.get(name)
         if current is None and len(self.positions) >= self.max_consumers:
             raise ConsumerError("too_many_consumers",

@@ -12,10 +12,9 @@ BATCH_SIZE rows, or when the oldest row has waited BATCH_FLUSH_INTERVAL_MS, or
 at once when the socket is idle and the load is low. BATCH_WRITE_ENABLED=false
 commits every message on its own. On SIGTERM/SIGINT the writer drains the
 capture until it has been quiet for BUS_DRAIN_IDLE_MS (at most 5 such periods:
-the rest stays queued in the proxy), flushes, closes the
-database and exits 0. Retention (BUS_RETENTION_*) deletes the oldest messages
-in chunks of its own transactions between batches, so ingest never waits for
-more than one chunk.
+the rest stays queued in the proxy), flushes, closes the database and exits 0.
+Retention (BUS_RETENTION_*) deletes the oldest messages in chunks, each its own
+transaction between batches, so ingest never waits for more than one chunk.
 """
 
 from __future__ import annotations
@@ -378,7 +377,7 @@ class Writer:
         try:
             if cmd == "consumer_ack":
                 position, row = consumers.ack(args.get("consumer"), args.get("last_id"),
-                                              time.time_ns())
+                                              time.time_ns(), self.store.last_message_id() or 0)
                 if row is not None:
                     self.buffer.add_consumption(row, now)
                 result: Any = {"consumer": args["consumer"], "last_id": position}
