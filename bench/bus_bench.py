@@ -12,7 +12,9 @@ Starts the real processes on free loopback ports and measures, in one run:
      seen) at a fixed rate;
   5. catch-up replay: msg/s of a Subscriber reading --replay-messages stored
      messages from the reader (after_id=0), and of a durable one;
-  6. peak RSS (VmHWM) of writer, proxy and reader.
+  6. persisted msg/s of a bus with BUS_RETENTION_MAX_MESSAGES set, past its
+     limit, and its longest retention chunk;
+  7. peak RSS (VmHWM) of writer, proxy and reader.
 "Persisted" = from the publisher's first send until the last row is visible to
 a separate SQLite reader. Payloads are 100 bytes. One publisher process sends as
 fast as it can, so it outruns the writer and backpressure holds it; publisher,
@@ -110,6 +112,11 @@ class Bus:
                     except BusError:
                         if time.monotonic() > deadline:
                             raise
+
+    def writer_stats(self) -> dict:
+        from bus.client import ControlClient
+        with ControlClient(self.env["BUS_CONTROL_ENDPOINT"]) as client:
+            return client.request("stats")
 
     def stop(self) -> tuple[float, float, float]:
         """Stops proxy, writer, reader; returns their peak RSS in MB (writer, proxy, reader)."""
@@ -313,6 +320,8 @@ def main() -> None:
     ap.add_argument("--ack-rate", type=int, default=10_000,
                     help="messages/s for the acknowledgement latency run")
     ap.add_argument("--replay-messages", type=int, default=1_000_000)
+    ap.add_argument("--retention-messages", type=int, default=100_000,
+                    help="BUS_RETENTION_MAX_MESSAGES of the retention run")
     ap.add_argument("--synchronous", default="NORMAL", help="BUS_SQLITE_SYNCHRONOUS for the bus runs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -323,13 +332,15 @@ def main() -> None:
                                   str(work / "proto.db")])
         buses = {}
         for name, settings in (("batch", {}), ("batch1000", {"BATCH_SIZE": "1000"}),
-                               ("seq", {"BATCH_WRITE_ENABLED": "false"})):
+                               ("seq", {"BATCH_WRITE_ENABLED": "false"}),
+                               ("retention", {"BUS_RETENTION_MAX_MESSAGES":
+                                              str(args.retention_messages)})):
             (work / name).mkdir()
             buses[name] = Bus(work / name, BUS_SQLITE_SYNCHRONOUS=args.synchronous, **settings)
         # Rounds alternate prototype and bus runs so that both see the same
         # machine; idle processes only wake for their poll timeouts.
         rates: dict[str, list[float]] = {name: [] for name in
-                                         ("proto", "batch", "batch1000", "acked")}
+                                         ("proto", "batch", "batch1000", "acked", "retention")}
         for _ in range(args.rounds):
             rates["proto"].append(persisted_rate(eps, str(work / "proto.db"), args.messages,
                                                  "raw"))
@@ -337,6 +348,9 @@ def main() -> None:
                 rates[name].append(persisted_rate(buses[name].env, buses[name].db,
                                                   args.messages, "bus"))
             rates["acked"].append(acked_rate(buses["batch"].env, args.messages))
+            # Past the limit from the first round on: every batch meets deletions.
+            rates["retention"].append(persisted_rate(buses["retention"].env,
+                                                     buses["retention"].db, args.messages, "bus"))
         proto.kill()
         proto.wait()
         seq_rate = persisted_rate(buses["seq"].env, buses["seq"].db,
@@ -353,6 +367,9 @@ def main() -> None:
                            min(args.messages, args.replay_messages - stored_rows(batch.db)), "bus")
         replays = {mode: [replay(batch.env, args.replay_messages, mode == "durable")
                           for _ in range(args.rounds)] for mode in ("since", "durable")}
+        retention = buses["retention"].writer_stats()["retention"]
+        longest_commit = {name: buses[name].writer_stats()["batch"]["max_flush_ms"]
+                    for name in ("batch", "retention")}
         rss = {name: bus.stop() for name, bus in buses.items()}
 
     from bus.config import load_config
@@ -393,6 +410,12 @@ def main() -> None:
         ("the same, durable consumer", f"{statistics.median(replays['durable']):,.0f} msg/s",
          "Subscriber(durable=..., after_id=0), auto-ack; each run: "
          + ", ".join(f"{r:,.0f}" for r in replays["durable"])),
+        (f"bus, retention at {args.retention_messages:,} messages (deleting as it stores)",
+         f"{statistics.median(rates['retention']):,.0f} msg/s",
+         f"{statistics.median(rates['retention']) / batch_rate:.0%} of the plain bus run; "
+         f"{retention['deleted_total']:,} rows deleted in {retention['chunks']:,} chunks, "
+         f"longest {retention['max_chunk_ms']:.1f} ms; longest batch commit "
+         f"{longest_commit['retention']:.1f} ms (plain bus: {longest_commit['batch']:.1f} ms)"),
         ("peak RSS, batch runs incl. latency and replay (publisher outruns writer)",
          f"writer {rss['batch'][0]:.1f} MB",
          f"proxy {rss['batch'][1]:.1f} MB, reader {rss['batch'][2]:.1f} MB"),
