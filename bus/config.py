@@ -79,6 +79,10 @@ SETTINGS: tuple[Setting, ...] = (
             "rows deleted per retention transaction (bounds the stall of ingest)"),
     Setting("max_consumers", "BUS_MAX_CONSUMERS", int, 10_000,
             "durable consumer positions the writer keeps"),
+    Setting("utxo_max_lease_s", "BUS_UTXO_MAX_LEASE_S", float, 3600.0,
+            "longest lease a UTXO reservation or renewal may ask for"),
+    Setting("utxo_request_ttl_s", "BUS_UTXO_REQUEST_TTL_S", float, 86400.0,
+            "how long the writer keeps each utxo_* reply for retries of its request id"),
     Setting("history_page_rows", "BUS_HISTORY_PAGE_ROWS", int, 5000,
             "most messages in one history page"),
     Setting("history_page_bytes", "BUS_HISTORY_PAGE_BYTES", int, 4 << 20,
@@ -133,6 +137,8 @@ class BusConfig:
     retention_max_messages: int
     retention_chunk_rows: int
     max_consumers: int
+    utxo_max_lease_s: float
+    utxo_request_ttl_s: float
     history_page_rows: int
     history_page_bytes: int
     history_scan_rows: int
@@ -163,6 +169,8 @@ class BusConfig:
         if self.retention_max_age_s < 0 or self.retention_max_messages < 0:
             raise ConfigError("BUS_RETENTION_MAX_AGE_S and BUS_RETENTION_MAX_MESSAGES "
                               "must not be negative (0 turns a limit off)")
+        if self.utxo_max_lease_s <= 0 or self.utxo_request_ttl_s <= 0:
+            raise ConfigError("BUS_UTXO_MAX_LEASE_S and BUS_UTXO_REQUEST_TTL_S must be positive")
         if self.batch_load_window_seconds <= 0:
             raise ConfigError("BATCH_LOAD_WINDOW_SECONDS must be positive")
         if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA", "OFF"):

@@ -6,6 +6,7 @@
     bus-cli tail [PREFIX...]        print messages as they pass (--since, --durable)
     bus-cli history [PREFIX...]     print stored messages
     bus-cli stats                   writer/reader metrics and proxy counters
+    bus-cli utxo stats              the wallet's UTXO table and reservation counters
 
 Every setting is a flag here, an environment variable, or a key of the config
 file (see `bus.config.SETTINGS`); flags win.
@@ -462,13 +463,18 @@ def stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
             except BusError as exc:
                 result[name] = {"error": str(exc)}
                 failed = True
+    print_sections(result, as_json)
+    sys.exit(1 if failed else 0)
+
+
+def print_sections(result: dict[str, Any], as_json: bool) -> None:
+    """{section: map} as indented text, or as JSON."""
     if as_json:
         click.echo(json.dumps(result, indent=2, default=_jsonable))
-    else:
-        for name, section in result.items():
-            click.echo(f"[{name}]")
-            _print_tree(section, "  ")
-    sys.exit(1 if failed else 0)
+        return
+    for name, section in result.items():
+        click.echo(f"[{name}]")
+        _print_tree(section, "  ")
 
 
 def _print_tree(data: dict[str, Any], indent: str) -> None:
@@ -479,6 +485,11 @@ def _print_tree(data: dict[str, Any], indent: str) -> None:
         elif key != "config":
             click.echo(f"{indent}{key}: {value}")
 
+
+# Sub-command groups in their own modules, registered last (they import from here).
+from cli.anchoring import utxo  # noqa: E402
+
+main.add_command(utxo)
 
 if __name__ == "__main__":
     main()

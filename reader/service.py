@@ -1,6 +1,6 @@
 """bus-reader: pages of stored messages, served from a read-only connection.
 
-Binds REP read_endpoint   `history`, `stats`, `ping`
+Binds REP read_endpoint   `history`, `utxo_stats`, `stats`, `ping`
 
 History reads never touch the write path: this is its own process (its own
 core and GIL) with its own read-only SQLite connection, and WAL lets it read
@@ -23,6 +23,7 @@ from bus import protocol, sockets
 from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
+from writer import utxos
 from writer.store import SELECT_ID_RANGE
 
 log = get_logger("reader")
@@ -119,6 +120,14 @@ class History:
                 hi = mid - 1
         return max(lo, 0)
 
+    def utxo_stats(self) -> dict[str, Any]:
+        conn = self.connection()
+        conn.execute("BEGIN")
+        try:
+            return utxos.summarize(conn)
+        finally:
+            conn.execute("COMMIT")
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -188,6 +197,8 @@ class Reader:
                     raise protocol.RequestError(request_id, protocol.BAD_REQUEST,
                                                 str(exc)) from None
                 return protocol.encode_reply_ok(request_id, self.serve_page(query))
+            if cmd == "utxo_stats":
+                return protocol.encode_reply_ok(request_id, self.history.utxo_stats())
             if cmd == "stats":
                 return protocol.encode_reply_ok(request_id, self.stats())
             if cmd == "ping":

@@ -2,9 +2,10 @@
 
 Binds PULL capture_endpoint   the proxy's capture pipe: data messages and
                               subscription frames (untrusted: never commands)
-Binds REP  control_endpoint   trusted commands: `stats`, `flush`, `ping`, and the
+Binds REP  control_endpoint   trusted commands: `stats`, `flush`, `ping`, the
                               durable consumers' `consumer_ack` / `consumer_get` /
-                              `consumer_delete`
+                              `consumer_delete`, and the wallet's `utxo_*`
+                              (reservations and sync, writer/utxos.py)
 Connects PUB pub_endpoint     $bus.ack.<producer> and $bus.commit after each commit
 
 Messages are validated, buffered and committed in batches: one transaction per
@@ -33,6 +34,7 @@ from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
 from writer.producers import ProducerLedger, ProducerState
 from writer.store import TRANSIENT_ERRORS, Store
+from writer.utxos import UtxoBook, UtxoError
 
 log = get_logger("writer")
 
@@ -40,6 +42,8 @@ log = get_logger("writer")
 FLUSH_RETRY_SECONDS = 0.5
 # Retention runs this often when it has nothing left to delete, else every loop.
 RETENTION_IDLE_SECONDS = 1.0
+# Expired UTXO leases go back to the pool, and old utxo_* replies are pruned, this often.
+UTXO_UPKEEP_SECONDS = 1.0
 
 
 class Writer:
@@ -59,6 +63,7 @@ class Writer:
         self.bad_control_requests = 0
         self._retry_at = 0.0
         self._retention_at = 0.0
+        self._utxo_upkeep_at = 0.0
         self.retention = {"deleted_total": 0, "chunks": 0, "errors": 0,
                           "last_chunk_ms": 0.0, "max_chunk_ms": 0.0}
         self._drain_ns = 0
@@ -75,6 +80,8 @@ class Writer:
         self.store = Store(cfg.db, cfg.sqlite_synchronous, cfg.sqlite_busy_timeout_ms)
         self.producers = ProducerLedger(self.store.load_producer)
         self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers)
+        self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
+                              cfg.utxo_request_ttl_s)
         self.ctx = zmq.Context()
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
         self.control = sockets.open_writer_control(self.ctx, cfg)
@@ -109,6 +116,7 @@ class Writer:
         self.flush_if_due(now, idle)
         self.send_notifications()
         self.apply_retention(now)
+        self.utxo_upkeep(now)
 
     def shutdown(self) -> None:
         capture = getattr(self, "capture", None)
@@ -321,6 +329,21 @@ class Writer:
         backlog = deleted >= cfg.retention_chunk_rows
         self._retention_at = now if backlog else now + RETENTION_IDLE_SECONDS
 
+    def utxo_upkeep(self, now: float) -> None:
+        """Return expired leases to the pool and prune old stored replies, once a
+        second (a reservation also expires leases itself before it picks)."""
+        if now < self._utxo_upkeep_at:
+            return
+        self._utxo_upkeep_at = now + UTXO_UPKEEP_SECONDS
+        try:
+            expired = self.utxos.expire_leases()
+            self.utxos.prune_requests()
+        except TRANSIENT_ERRORS as exc:
+            log.warning("utxo_upkeep_failed", error=str(exc), error_type=type(exc).__name__)
+            return
+        if expired:
+            log.info("utxo_leases_expired", count=expired)
+
     def _poll_timeout_ms(self, now: float) -> int:
         if self.buffer.is_full or (self.buffer and now < self._retry_at):
             return max(1, int((self._retry_at - now) * 1000) + 1)
@@ -345,6 +368,8 @@ class Writer:
             request_id, cmd, args = protocol.decode_request(raw)
             if cmd.startswith("consumer_"):
                 reply = self.handle_consumer(request_id, cmd, args, now)
+            elif cmd.startswith("utxo_"):
+                reply = self.handle_utxo(request_id, cmd, args)
             elif cmd == "stats":
                 reply = protocol.encode_reply_ok(request_id, self.stats(now))
             elif cmd == "flush":
@@ -397,6 +422,21 @@ class Writer:
             return protocol.encode_reply_error(request_id, exc.code, str(exc))
         return protocol.encode_reply_ok(request_id, result)
 
+    def handle_utxo(self, request_id: Any, cmd: str, args: dict[str, Any]) -> bytes:
+        """The wallet's commands (writer/utxos.py); each is committed before
+        its reply. A busy database is answered `unavailable`: retry."""
+        try:
+            result = self.utxos.handle(cmd, args)
+        except UtxoError as exc:
+            if exc.code == "bad_request":
+                self.bad_control_requests += 1
+            return protocol.encode_reply_error(request_id, exc.code, str(exc))
+        except TRANSIENT_ERRORS as exc:
+            log.warning("utxo_request_failed", cmd=cmd, error=str(exc))
+            return protocol.encode_reply_error(request_id, "unavailable",
+                                               f"database busy ({type(exc).__name__}); retry")
+        return protocol.encode_reply_ok(request_id, result)
+
     def stats(self, now: float) -> dict[str, Any]:
         cfg = self.config
         batch = self.metrics.snapshot()
@@ -416,6 +456,7 @@ class Writer:
                        "bad_control_requests": self.bad_control_requests},
             "producers": self.producers.snapshot(),
             "consumers": self.consumers.snapshot(last_id),
+            "utxos": self.utxos.snapshot(),
             "retention": {"max_age_s": cfg.retention_max_age_s,
                           "max_messages": cfg.retention_max_messages, **self.retention},
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,

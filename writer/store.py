@@ -19,7 +19,7 @@ import apsw
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -54,6 +54,41 @@ SCHEMA = (
         last_id     INTEGER NOT NULL,        -- messages.id it acknowledged last
         updated_ns  INTEGER NOT NULL
     ) WITHOUT ROWID""",
+    # The wallet's outputs (see writer/utxos.py). Confirmations are counted from
+    # block_height and the wallet tip (bus_meta 'wallet_tip'), not stored per row.
+    """CREATE TABLE IF NOT EXISTS utxos (
+        txid              TEXT    NOT NULL,  -- 64 hex chars, as bitcoind shows it
+        vout              INTEGER NOT NULL,
+        amount_sat        INTEGER NOT NULL,  -- satoshis, never a float
+        address           TEXT,
+        script_pubkey     TEXT,              -- hex
+        block_height      INTEGER,           -- block that confirmed it; NULL: unconfirmed
+        block_time        INTEGER,           -- that block's time, s since the epoch
+        status            INTEGER NOT NULL,  -- 0 available, 1 reserved, 2 spent
+        lease_id          TEXT,              -- set while reserved, kept once spent
+        lease_expires_ns  INTEGER,           -- a reserved row is available again after this
+        lease_owner       TEXT,              -- who reserved it (for operators)
+        spent_txid        TEXT,              -- the transaction spending it
+        sync_generation   INTEGER NOT NULL,  -- the full wallet load that saw it last
+        updated_ns        INTEGER NOT NULL,
+        PRIMARY KEY (txid, vout)
+    ) WITHOUT ROWID""",
+    # "One available UTXO >= N sat with block_height <= H": one range seek.
+    """CREATE INDEX IF NOT EXISTS utxos_available ON utxos (amount_sat, block_height)
+        WHERE status = 0""",
+    """CREATE INDEX IF NOT EXISTS utxos_lease_expiry ON utxos (lease_expires_ns)
+        WHERE status = 1""",
+    """CREATE UNIQUE INDEX IF NOT EXISTS utxos_lease ON utxos (lease_id)
+        WHERE lease_id IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS utxos_spent_by ON utxos (spent_txid)
+        WHERE spent_txid IS NOT NULL""",
+    # The reply to each mutating utxo_* request, so a retry gets the same answer.
+    """CREATE TABLE IF NOT EXISTS utxo_requests (
+        request_id  TEXT    PRIMARY KEY,
+        reply       BLOB    NOT NULL,        -- msgpack, as sent
+        created_ns  INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS utxo_requests_age ON utxo_requests (created_ns)""",
     """CREATE TABLE IF NOT EXISTS bus_meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
