@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from bus.client import BusError, ControlClient
-from cli.main import build_config, print_sections, setting_options
+from cli.common import build_config, print_sections, setting_options
 
 
 @click.group()

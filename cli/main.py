@@ -32,38 +32,15 @@ import msgpack
 
 from bus import protocol
 from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscriber, since_to_ns
-from bus.config import SETTINGS, BusConfig, ConfigError, load_config
-from bus.logging import configure_logging
+from bus.config import SETTINGS, BusConfig
+from cli.anchoring import utxo
+from cli.common import build_config, jsonable, print_sections, setting_options
 
-_SETTING = {s.field: s for s in SETTINGS}
 ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
                    "proxy_control_endpoint", "read_endpoint")
 RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_chunk_rows")
 BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
                 "batch_max_buffer_size", "sqlite_synchronous", "sqlite_busy_timeout_ms")
-
-
-def setting_options(*fields: str) -> Callable[[Callable], Callable]:
-    """Add one flag per setting, named after the setting (`--pub-endpoint`)."""
-    def decorate(fn: Callable) -> Callable:
-        for name in reversed(fields):
-            s = _SETTING[name]
-            flag = name.replace("_", "-")
-            decls = [f"--{flag}/--no-{flag}"] if s.type is bool else [f"--{flag}"]
-            fn = click.option(*decls, name, default=None, type=s.type,
-                              help=f"{s.help} [env {s.env}; default {s.default}]")(fn)
-        return fn
-    return decorate
-
-
-def build_config(ctx: click.Context, flags: dict[str, Any], process: str | None = None) -> BusConfig:
-    try:
-        cfg = load_config({k: v for k, v in flags.items() if k in _SETTING},
-                          config_path=ctx.obj.get("config_path"))
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    configure_logging(cfg.log_level, cfg.log_format, process=process)
-    return cfg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -288,12 +265,6 @@ def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, cou
 
 # --- tail ----------------------------------------------------------------------
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return {"base64": base64.b64encode(value).decode("ascii")}
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
 def decode_payload(msg: protocol.Message) -> tuple[str, Any]:
     """('value', x) for msgpack/JSON payloads, ('text', s) for UTF-8, ('base64', s) otherwise."""
     content_type = msg.meta.get(protocol.META_CONTENT_TYPE, "")
@@ -314,7 +285,7 @@ def format_line(msg: protocol.Message) -> str:
     ts = msg.time_ns or msg.committed_ns or time.time_ns()
     when = dt.datetime.fromtimestamp(ts / 1e9, dt.timezone.utc).isoformat(timespec="milliseconds")
     kind, value = decode_payload(msg)
-    shown = json.dumps(value, default=_jsonable) if kind == "value" else \
+    shown = json.dumps(value, default=jsonable) if kind == "value" else \
         (value if kind == "text" else f"base64:{value}")
     origin = f" {msg.producer}#{msg.seq}" if msg.producer else ""
     stored = f" [{msg.id}]" if msg.id is not None else ""
@@ -327,7 +298,7 @@ def format_json(msg: protocol.Message) -> str:
                               ("payload" if kind != "base64" else "payload_base64"): value}
     if msg.id is not None:
         record.update(id=msg.id, committed_ns=msg.committed_ns)
-    return json.dumps(record, default=_jsonable, separators=(",", ":"))
+    return json.dumps(record, default=jsonable, separators=(",", ":"))
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
@@ -467,27 +438,7 @@ def stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     sys.exit(1 if failed else 0)
 
 
-def print_sections(result: dict[str, Any], as_json: bool) -> None:
-    """{section: map} as indented text, or as JSON."""
-    if as_json:
-        click.echo(json.dumps(result, indent=2, default=_jsonable))
-        return
-    for name, section in result.items():
-        click.echo(f"[{name}]")
-        _print_tree(section, "  ")
 
-
-def _print_tree(data: dict[str, Any], indent: str) -> None:
-    for key, value in data.items():
-        if isinstance(value, dict) and value and key != "config":
-            click.echo(f"{indent}{key}:")
-            _print_tree(value, indent + "  ")
-        elif key != "config":
-            click.echo(f"{indent}{key}: {value}")
-
-
-# Sub-command groups in their own modules, registered last (they import from here).
-from cli.anchoring import utxo  # noqa: E402
 
 main.add_command(utxo)
 

@@ -11,7 +11,7 @@ Why it holds:
   reservation is an UPDATE ... WHERE status = available inside the
   transaction that picked the row.
 - A lease has an expiry; expired leases are returned to the pool before every
-  reservation and once a second, so a crashed worker's UTXOs come back.
+  command and once a second, so a crashed worker's UTXOs come back.
 - A mutating request carries a `request_id`; its reply is stored with the
   change, and a retry with the same id (a lost reply, a writer restart)
   gets that stored reply instead of a second change.
@@ -134,8 +134,6 @@ class UtxoBook:
     `transaction` is Store.transaction: one BEGIN IMMEDIATE ... COMMIT.
     """
 
-    MUTATING = ("utxo_reserve", "utxo_renew", "utxo_release", "utxo_spend")
-
     def __init__(self, conn: apsw.Connection, transaction: Callable[[], Any],
                  max_lease_s: float, request_ttl_s: float) -> None:
         self.conn = conn
@@ -154,6 +152,18 @@ class UtxoBook:
             "utxo_upsert": self.upsert, "utxo_remove": self.remove,
             "utxo_sweep": self.sweep, "utxo_tip": self.set_tip, "utxo_get": self.get,
         }
+        # Commands whose reply is stored under their request_id (required if listed).
+        self.idempotent = {"utxo_reserve": True, "utxo_renew": False, "utxo_release": False,
+                           "utxo_spend": False}
+
+    def register(self, cmd: str, handler: Callable[[dict[str, Any], int], Any],
+                 request_id: bool | None = None) -> None:
+        """Add a command run like the utxo_* ones (the anchor records use it):
+        one transaction; request_id True: required and its reply stored,
+        False: optional, None: not used."""
+        self.handlers[cmd] = handler
+        if request_id is not None:
+            self.idempotent[cmd] = request_id
 
     # --- dispatch -------------------------------------------------------------
 
@@ -168,11 +178,8 @@ class UtxoBook:
             raise UtxoError("unknown_command", f"no command {cmd!r}")
         now_ns = time.time_ns()
         request_id = None
-        if cmd in self.MUTATING:
-            request_id = _str(args, "request_id", required=cmd == "utxo_reserve")
-        # A handler checks everything before it writes, so a refused request
-        # commits nothing of its own; the transaction still commits what came
-        # before the check (returning expired leases to the pool).
+        if cmd in self.idempotent:
+            request_id = _str(args, "request_id", required=self.idempotent[cmd])
         refused: UtxoError | None = None
         with self.transaction():
             if request_id is not None:
@@ -181,14 +188,21 @@ class UtxoBook:
                 if stored is not None:
                     self.counters["replayed"] += 1
                     return msgpack.unpackb(stored[0], raw=False)
+            # Leases that have run out go back to the pool first, so that every
+            # command sees them as expired (an index probe when none has).
+            self._expire(now_ns)
+            # A refused command leaves nothing of its own behind.
+            self.conn.execute("SAVEPOINT command")
             try:
                 result = handler(args, now_ns)
             except UtxoError as exc:
+                self.conn.execute("ROLLBACK TO command")
                 refused = exc
             else:
                 if request_id is not None:
                     self.conn.execute("INSERT INTO utxo_requests VALUES (?, ?, ?)",
                                       (request_id, msgpack.packb(result), now_ns))
+            self.conn.execute("RELEASE command")
         if refused is not None:
             self.counters["errors"] += 1
             raise refused
@@ -206,7 +220,6 @@ class UtxoBook:
             raise UtxoError("bad_request", f"'policy' must be one of {', '.join(POLICIES)}")
         min_conf = _int(args, "min_confirmations", 0, 10**6, 1)
         owner = _str(args, "owner", required=False)
-        self._expire(now_ns)
         if min_conf:
             if self.tip_height is None:
                 raise self._no_utxo(amount, min_conf, "the wallet tip is unknown (no sync yet)")
