@@ -108,6 +108,11 @@ class UtxoClient:
     def set_tip(self, height: int, block_hash: str) -> None:
         self.call("utxo_tip", {"height": height, "hash": block_hash})
 
+    def tip(self) -> tuple[int | None, str | None]:
+        """The wallet tip the table was last synced to."""
+        tip = self.call("utxo_tip", {})
+        return tip["height"], tip["hash"]
+
     def close(self) -> None:
         self._control.close()
 

@@ -456,11 +456,13 @@ class Subscriber:
         self._control.request("consumer_ack", {"consumer": name, "last_id": self._after_id})
         return self._after_id
 
-    def ack(self, message: Message | None = None) -> None:
-        """Acknowledge `message` (default: the last one received) and all before it."""
+    def ack(self, message: Message | int | None = None) -> None:
+        """Acknowledge `message` (a message, or its id; default: the last one
+        received) and all before it."""
         if self.durable is None:
             return
-        target = self._to_ack if message is None else message.id
+        target = self._to_ack if message is None else \
+            message if isinstance(message, int) else message.id
         if target is not None and target > self._acked_id:
             self._acked_id = target
         self._send_ack_if_due()

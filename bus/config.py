@@ -83,6 +83,42 @@ SETTINGS: tuple[Setting, ...] = (
             "longest lease a UTXO reservation or renewal may ask for"),
     Setting("utxo_request_ttl_s", "BUS_UTXO_REQUEST_TTL_S", float, 86400.0,
             "how long the writer keeps each utxo_* reply for retries of its request id"),
+    Setting("bitcoind_rpc_url", "BUS_BITCOIND_RPC_URL", str, "http://127.0.0.1:8332",
+            "bitcoind JSON-RPC (add /wallet/NAME for a named wallet)"),
+    Setting("bitcoind_rpc_user", "BUS_BITCOIND_RPC_USER", str, "", "RPC user (rpcauth)"),
+    Setting("bitcoind_rpc_password", "BUS_BITCOIND_RPC_PASSWORD", str, "", "RPC password"),
+    Setting("bitcoind_rpc_cookie", "BUS_BITCOIND_RPC_COOKIE", str, "",
+            "bitcoind's .cookie file, instead of user and password"),
+    Setting("bitcoind_zmq_hashblock", "BUS_BITCOIND_ZMQ_HASHBLOCK", str, "",
+            "bitcoind's -zmqpubhashblock endpoint (empty: learn blocks by polling only)"),
+    Setting("anchor_block_poll_s", "BUS_ANCHOR_BLOCK_POLL_S", float, 30.0,
+            "ask bitcoind for its best block this often (the fallback for ZMQ)"),
+    Setting("anchor_interval_s", "BUS_ANCHOR_INTERVAL_S", float, 60.0,
+            "anchor the collected documents this long after the first arrived"),
+    Setting("anchor_max_documents", "BUS_ANCHOR_MAX_DOCUMENTS", int, 10_000,
+            "documents per anchor transaction (anchored at once when reached)"),
+    Setting("anchor_fee_rate_sat_vb", "BUS_ANCHOR_FEE_RATE_SAT_VB", float, 0.0,
+            "fee rate of anchor transactions (0: bitcoind's estimatesmartfee)"),
+    Setting("anchor_fallback_fee_rate_sat_vb", "BUS_ANCHOR_FALLBACK_FEE_RATE_SAT_VB", float, 5.0,
+            "fee rate when estimatesmartfee has no estimate"),
+    Setting("anchor_max_fee_rate_sat_vb", "BUS_ANCHOR_MAX_FEE_RATE_SAT_VB", float, 200.0,
+            "no anchor transaction, or fee bump, pays more than this"),
+    Setting("anchor_conf_target", "BUS_ANCHOR_CONF_TARGET", int, 6,
+            "estimatesmartfee's confirmation target, in blocks"),
+    Setting("anchor_confirmations", "BUS_ANCHOR_CONFIRMATIONS", int, 3,
+            "anchor.confirmed is published after this many confirmations"),
+    Setting("anchor_bump_after_blocks", "BUS_ANCHOR_BUMP_AFTER_BLOCKS", int, 3,
+            "an anchor transaction not mined after this many blocks is fee-bumped (RBF)"),
+    Setting("anchor_lease_s", "BUS_ANCHOR_LEASE_S", float, 600.0,
+            "lease of the UTXO reserved for an anchoring (renewed while it is built)"),
+    Setting("anchor_utxo_min_confirmations", "BUS_ANCHOR_UTXO_MIN_CONFIRMATIONS", int, 1,
+            "an anchoring spends only UTXOs with this many confirmations"),
+    Setting("anchor_consumer", "BUS_ANCHOR_CONSUMER", str, "anchor",
+            "durable consumer name under which anchor.request messages are read"),
+    Setting("anchor_sync_page", "BUS_ANCHOR_SYNC_PAGE", int, 1000,
+            "most UTXOs one listunspent page of the wallet sync brings"),
+    Setting("anchor_retry_max_s", "BUS_ANCHOR_RETRY_MAX_S", float, 30.0,
+            "longest wait between retries when bitcoind or the writer is unavailable"),
     Setting("history_page_rows", "BUS_HISTORY_PAGE_ROWS", int, 5000,
             "most messages in one history page"),
     Setting("history_page_bytes", "BUS_HISTORY_PAGE_BYTES", int, 4 << 20,
@@ -113,6 +149,8 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _BY_FIELD = {s.field: s for s in SETTINGS}
+# Never shown in stats or logs.
+SECRET_FIELDS = ("bitcoind_rpc_password",)
 _BY_ENV = {s.env: s for s in SETTINGS}
 
 
@@ -139,6 +177,25 @@ class BusConfig:
     max_consumers: int
     utxo_max_lease_s: float
     utxo_request_ttl_s: float
+    bitcoind_rpc_url: str
+    bitcoind_rpc_user: str
+    bitcoind_rpc_password: str
+    bitcoind_rpc_cookie: str
+    bitcoind_zmq_hashblock: str
+    anchor_block_poll_s: float
+    anchor_interval_s: float
+    anchor_max_documents: int
+    anchor_fee_rate_sat_vb: float
+    anchor_fallback_fee_rate_sat_vb: float
+    anchor_max_fee_rate_sat_vb: float
+    anchor_conf_target: int
+    anchor_confirmations: int
+    anchor_bump_after_blocks: int
+    anchor_lease_s: float
+    anchor_utxo_min_confirmations: int
+    anchor_consumer: str
+    anchor_sync_page: int
+    anchor_retry_max_s: float
     history_page_rows: int
     history_page_bytes: int
     history_scan_rows: int
@@ -159,7 +216,9 @@ class BusConfig:
         for name in ("batch_size", "batch_max_buffer_size", "max_topic_bytes",
                      "max_message_bytes", "capture_hwm", "sub_hwm", "pub_hwm",
                      "retention_chunk_rows", "max_consumers", "history_page_rows",
-                     "history_page_bytes", "history_scan_rows"):
+                     "history_page_bytes", "history_scan_rows", "anchor_max_documents",
+                     "anchor_confirmations", "anchor_bump_after_blocks", "anchor_sync_page",
+                     "anchor_conf_target"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_BY_FIELD[name].env} must be at least 1")
         if self.batch_flush_interval_ms < 0:
@@ -171,6 +230,13 @@ class BusConfig:
                               "must not be negative (0 turns a limit off)")
         if self.utxo_max_lease_s <= 0 or self.utxo_request_ttl_s <= 0:
             raise ConfigError("BUS_UTXO_MAX_LEASE_S and BUS_UTXO_REQUEST_TTL_S must be positive")
+        for name in ("anchor_block_poll_s", "anchor_interval_s", "anchor_lease_s",
+                     "anchor_retry_max_s", "anchor_fallback_fee_rate_sat_vb",
+                     "anchor_max_fee_rate_sat_vb"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_BY_FIELD[name].env} must be positive")
+        if self.anchor_fee_rate_sat_vb < 0:
+            raise ConfigError("BUS_ANCHOR_FEE_RATE_SAT_VB must not be negative (0: estimate)")
         if self.batch_load_window_seconds <= 0:
             raise ConfigError("BATCH_LOAD_WINDOW_SECONDS must be positive")
         if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA", "OFF"):
@@ -179,8 +245,10 @@ class BusConfig:
             raise ConfigError("BUS_LOG_FORMAT must be auto, json or console")
 
     def public(self) -> dict[str, Any]:
-        """The settings as their environment names, for stats and start-up logs."""
-        return {s.env: getattr(self, s.field) for s in SETTINGS}
+        """The settings as their environment names, for stats and start-up logs;
+        secrets show as "***" when set."""
+        return {s.env: "***" if s.field in SECRET_FIELDS and getattr(self, s.field)
+                else getattr(self, s.field) for s in SETTINGS}
 
 
 def _coerce(setting: Setting, value: Any) -> Any:

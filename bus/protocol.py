@@ -27,6 +27,12 @@ RESERVED_PREFIX = "$"
 ACK_TOPIC_PREFIX = "$bus.ack."      # + producer id: {producer, contiguous_seq, max_seq, committed_ns}
 COMMIT_TOPIC = "$bus.commit"        # {last_id, rows, committed_ns} after each commit
 
+# Anchoring (anchor worker): requests in, results out; payloads in docs/protocol.md.
+ANCHOR_REQUEST_TOPIC = "anchor.request"      # {hash: 32 bytes, ref?: str}
+ANCHOR_SUBMITTED_TOPIC = "anchor.submitted"  # txid, root, each document's inclusion proof
+ANCHOR_CONFIRMED_TOPIC = "anchor.confirmed"  # after BUS_ANCHOR_CONFIRMATIONS
+ANCHOR_ERROR_TOPIC = "anchor.error"          # a request refused, or anchoring held back
+
 # A history page (reader `history` reply) lists each message as an array in this order;
 # meta is the msgpack map as published (bytes), or nil.
 HISTORY_ROW_FIELDS = ("id", "topic", "payload", "meta", "committed_ns")

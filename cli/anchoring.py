@@ -1,19 +1,160 @@
-"""bus-cli commands of the anchoring side: `utxo stats`.
+"""bus-cli commands of the anchoring side.
 
-The UTXO table is summarized by the reader (its counts walk indexes of up to
-millions of rows, which must not run on the writer's thread); the reservation
-counters come from the writer.
+    bus-cli anchor                      the anchor worker (what bus-anchor.service runs)
+    bus-cli anchor submit FILE|--hash   request an anchoring; --wait for the proof
+    bus-cli anchor proof HASH           a document's inclusion proof (JSON)
+    bus-cli anchor verify PROOF_FILE    check a proof offline (--tx-hex: and its transaction)
+    bus-cli utxo stats                  the wallet's UTXO table and reservation counters
+
+Proofs and the UTXO summary come from the reader (off the write path); the
+reservation counters from the writer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
+import time
 from typing import Any
 
 import click
+import msgpack
 
-from bus.client import BusError, ControlClient
+from bus import protocol
+from bus.client import BusError, ControlClient, Publisher
 from cli.common import build_config, print_sections, setting_options
+
+ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpoint",
+                 "request_timeout_ms", "bitcoind_rpc_url", "bitcoind_rpc_user",
+                 "bitcoind_rpc_password", "bitcoind_rpc_cookie", "bitcoind_zmq_hashblock",
+                 "anchor_block_poll_s", "anchor_interval_s", "anchor_max_documents",
+                 "anchor_fee_rate_sat_vb", "anchor_fallback_fee_rate_sat_vb",
+                 "anchor_max_fee_rate_sat_vb", "anchor_conf_target", "anchor_confirmations",
+                 "anchor_bump_after_blocks", "anchor_lease_s", "anchor_utxo_min_confirmations",
+                 "anchor_consumer", "anchor_sync_page", "anchor_retry_max_s")
+
+
+@click.group(invoke_without_command=True)
+@setting_options(*ANCHOR_FIELDS)
+@click.pass_context
+def anchor(ctx: click.Context, **flags: Any) -> None:
+    """Run the anchor worker (without a sub-command), or talk to it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from anchor.worker import AnchorWorker
+    from bus.runner import run_role
+    sys.exit(run_role(AnchorWorker(build_config(ctx, flags, "anchor"))))
+
+
+def _document_hash(file: str | None, hex_hash: str | None) -> bytes:
+    if (file is None) == (hex_hash is None):
+        raise click.UsageError("give FILE or --hash HEX (one of them)")
+    if hex_hash is not None:
+        try:
+            digest = bytes.fromhex(hex_hash)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise click.UsageError("--hash must be a SHA-256: 64 hex characters")
+        return digest
+    sha = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.digest()
+
+
+def _proof(cfg: Any, digest: bytes) -> dict[str, Any] | None:
+    with ControlClient(cfg.read_endpoint, timeout_ms=cfg.request_timeout_ms) as client:
+        return client.request("anchor_proof", {"hash": digest})
+
+
+@anchor.command()
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--hash", "hex_hash", help="the document's SHA-256 (hex) instead of FILE")
+@click.option("--ref", default=None, help="a reference stored with the anchoring (256 chars)")
+@click.option("--wait", is_flag=True, help="wait until the document is anchored in a "
+              "broadcast transaction, then print its proof")
+@click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="seconds --wait waits")
+@setting_options("pub_endpoint", "sub_endpoint", "read_endpoint", "request_timeout_ms")
+@click.pass_context
+def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str | None,
+           wait: bool, timeout: float, **flags: Any) -> None:
+    """Request the anchoring of FILE's SHA-256 (or --hash). Exits once the
+    request is stored by the bus (so the worker will see it), or with --wait
+    once the document is in a broadcast anchor transaction."""
+    cfg = build_config(ctx, flags, "anchor")
+    digest = _document_hash(file, hex_hash)
+    request = {"hash": digest} | ({"ref": ref} if ref else {})
+    try:
+        with Publisher(cfg) as pub:
+            pub.publish(protocol.ANCHOR_REQUEST_TOPIC, msgpack.packb(request),
+                        content_type=protocol.CONTENT_MSGPACK, wait=True,
+                        timeout=cfg.request_timeout_ms / 1000 * 3)
+    except BusError as exc:
+        click.echo(f"error: the request was not stored: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"requested {digest.hex()}", err=True)
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            proof = _proof(cfg, digest)
+        except BusError as exc:
+            proof = None
+            click.echo(f"waiting: {exc}", err=True)
+        if proof is not None and proof["status"] in ("submitted", "confirmed"):
+            click.echo(json.dumps(proof, indent=2))
+            return
+        if time.monotonic() >= deadline:
+            click.echo(f"error: {digest.hex()} is not anchored after {timeout:g} s "
+                       "(is bus-cli anchor running? see its log)", err=True)
+            sys.exit(1)
+        time.sleep(0.5)
+
+
+@anchor.command()
+@click.argument("hex_hash", metavar="HASH")
+@setting_options("read_endpoint", "request_timeout_ms")
+@click.pass_context
+def proof(ctx: click.Context, hex_hash: str, **flags: Any) -> None:
+    """Print the inclusion proof (JSON) of the document whose SHA-256 is HASH."""
+    cfg = build_config(ctx, flags, "anchor")
+    digest = _document_hash(None, hex_hash)
+    try:
+        found = _proof(cfg, digest)
+    except BusError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if found is None:
+        click.echo(f"error: {hex_hash} is not anchored", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(found, indent=2))
+
+
+@anchor.command()
+@click.argument("proof_file", type=click.File("r"))
+@click.option("--tx-hex", default=None, help="the anchor transaction (hex), to check it too")
+@click.pass_context
+def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None) -> None:
+    """Check a proof offline: its audit path leads to its root, the root is in
+    its OP_RETURN data, and with --tx-hex that this transaction has the
+    proof's txid and carries that OP_RETURN. Exit 0 if it holds, 1 if not."""
+    from anchor.proof import ProofError, verify_proof
+    try:
+        checked = verify_proof(json.load(proof_file), tx_hex)
+    except (ProofError, ValueError) as exc:
+        click.echo(f"INVALID: {exc}", err=True)
+        sys.exit(1)
+    what = "proof and transaction" if checked["transaction_checked"] else \
+        "proof (give --tx-hex to check the transaction too)"
+    click.echo(f"OK: {what}: document {checked['document']} is leaf {checked['leaf_index']} "
+               f"of {checked['tree_size']} under root {checked['root']}"
+               + (f", in OP_RETURN output {checked['op_return_vout']} of {checked['txid']}"
+                  if checked["transaction_checked"] else ""))
 
 
 @click.group()

@@ -6,6 +6,7 @@
     bus-cli tail [PREFIX...]        print messages as they pass (--since, --durable)
     bus-cli history [PREFIX...]     print stored messages
     bus-cli stats                   writer/reader metrics and proxy counters
+    bus-cli anchor [submit|proof|verify]  the anchor worker, and anchoring requests/proofs
     bus-cli utxo stats              the wallet's UTXO table and reservation counters
 
 Every setting is a flag here, an environment variable, or a key of the config
@@ -33,7 +34,7 @@ import msgpack
 from bus import protocol
 from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscriber, since_to_ns
 from bus.config import SETTINGS, BusConfig
-from cli.anchoring import utxo
+from cli.anchoring import anchor, utxo
 from cli.common import build_config, jsonable, print_sections, setting_options
 
 ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
@@ -440,6 +441,7 @@ def stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
 
 
 
+main.add_command(anchor)
 main.add_command(utxo)
 
 if __name__ == "__main__":

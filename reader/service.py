@@ -1,6 +1,6 @@
 """bus-reader: pages of stored messages, served from a read-only connection.
 
-Binds REP read_endpoint   `history`, `utxo_stats`, `stats`, `ping`
+Binds REP read_endpoint   `history`, `utxo_stats`, `anchor_proof`, `stats`, `ping`
 
 History reads never touch the write path: this is its own process (its own
 core and GIL) with its own read-only SQLite connection, and WAL lets it read
@@ -24,6 +24,7 @@ from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
 from writer import utxos
+from writer.anchors import document_proof
 from writer.store import SELECT_ID_RANGE
 
 log = get_logger("reader")
@@ -121,10 +122,17 @@ class History:
         return max(lo, 0)
 
     def utxo_stats(self) -> dict[str, Any]:
+        return self._snapshot(utxos.summarize)
+
+    def proof(self, document_hash: bytes) -> dict[str, Any] | None:
+        """A document's inclusion proof, or None if it is not anchored."""
+        return self._snapshot(lambda conn: document_proof(conn, document_hash))
+
+    def _snapshot(self, read: Any) -> Any:
         conn = self.connection()
         conn.execute("BEGIN")
         try:
-            return utxos.summarize(conn)
+            return read(conn)
         finally:
             conn.execute("COMMIT")
 
@@ -199,6 +207,12 @@ class Reader:
                 return protocol.encode_reply_ok(request_id, self.serve_page(query))
             if cmd == "utxo_stats":
                 return protocol.encode_reply_ok(request_id, self.history.utxo_stats())
+            if cmd == "anchor_proof":
+                document = args.get("hash")
+                if not (isinstance(document, bytes) and len(document) == 32):
+                    raise protocol.RequestError(request_id, protocol.BAD_REQUEST,
+                                                "'hash' must be 32 bytes (a SHA-256)")
+                return protocol.encode_reply_ok(request_id, self.history.proof(document))
             if cmd == "stats":
                 return protocol.encode_reply_ok(request_id, self.stats())
             if cmd == "ping":

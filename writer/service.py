@@ -4,8 +4,9 @@ Binds PULL capture_endpoint   the proxy's capture pipe: data messages and
                               subscription frames (untrusted: never commands)
 Binds REP  control_endpoint   trusted commands: `stats`, `flush`, `ping`, the
                               durable consumers' `consumer_ack` / `consumer_get` /
-                              `consumer_delete`, and the wallet's `utxo_*`
-                              (reservations and sync, writer/utxos.py)
+                              `consumer_delete`, the wallet's `utxo_*`
+                              (reservations and sync, writer/utxos.py) and the
+                              `anchor_*` records (writer/anchors.py)
 Connects PUB pub_endpoint     $bus.ack.<producer> and $bus.commit after each commit
 
 Messages are validated, buffered and committed in batches: one transaction per
@@ -34,6 +35,7 @@ from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
 from writer.producers import ProducerLedger, ProducerState
 from writer.store import TRANSIENT_ERRORS, Store
+from writer.anchors import AnchorBook
 from writer.utxos import UtxoBook, UtxoError
 
 log = get_logger("writer")
@@ -82,6 +84,7 @@ class Writer:
         self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers)
         self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
                               cfg.utxo_request_ttl_s)
+        self.anchors = AnchorBook(self.utxos)
         self.ctx = zmq.Context()
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
         self.control = sockets.open_writer_control(self.ctx, cfg)
@@ -368,8 +371,8 @@ class Writer:
             request_id, cmd, args = protocol.decode_request(raw)
             if cmd.startswith("consumer_"):
                 reply = self.handle_consumer(request_id, cmd, args, now)
-            elif cmd.startswith("utxo_"):
-                reply = self.handle_utxo(request_id, cmd, args)
+            elif cmd.startswith(("utxo_", "anchor_")):
+                reply = self.handle_wallet(request_id, cmd, args)
             elif cmd == "stats":
                 reply = protocol.encode_reply_ok(request_id, self.stats(now))
             elif cmd == "flush":
@@ -422,9 +425,10 @@ class Writer:
             return protocol.encode_reply_error(request_id, exc.code, str(exc))
         return protocol.encode_reply_ok(request_id, result)
 
-    def handle_utxo(self, request_id: Any, cmd: str, args: dict[str, Any]) -> bytes:
-        """The wallet's commands (writer/utxos.py); each is committed before
-        its reply. A busy database is answered `unavailable`: retry."""
+    def handle_wallet(self, request_id: Any, cmd: str, args: dict[str, Any]) -> bytes:
+        """The wallet's and the anchor records' commands (writer/utxos.py,
+        writer/anchors.py); each is committed before its reply. A busy
+        database is answered `unavailable`: retry."""
         try:
             result = self.utxos.handle(cmd, args)
         except UtxoError as exc:
@@ -432,7 +436,7 @@ class Writer:
                 self.bad_control_requests += 1
             return protocol.encode_reply_error(request_id, exc.code, str(exc))
         except TRANSIENT_ERRORS as exc:
-            log.warning("utxo_request_failed", cmd=cmd, error=str(exc))
+            log.warning("wallet_request_failed", cmd=cmd, error=str(exc))
             return protocol.encode_reply_error(request_id, "unavailable",
                                                f"database busy ({type(exc).__name__}); retry")
         return protocol.encode_reply_ok(request_id, result)
@@ -457,6 +461,7 @@ class Writer:
             "producers": self.producers.snapshot(),
             "consumers": self.consumers.snapshot(last_id),
             "utxos": self.utxos.snapshot(),
+            "anchors": self.anchors.snapshot(),
             "retention": {"max_age_s": cfg.retention_max_age_s,
                           "max_messages": cfg.retention_max_messages, **self.retention},
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,

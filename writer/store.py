@@ -89,6 +89,39 @@ SCHEMA = (
         created_ns  INTEGER NOT NULL
     ) WITHOUT ROWID""",
     """CREATE INDEX IF NOT EXISTS utxo_requests_age ON utxo_requests (created_ns)""",
+    # Anchorings (writer/anchors.py): one row per Merkle root put in a transaction.
+    """CREATE TABLE IF NOT EXISTS anchors (
+        id                INTEGER PRIMARY KEY,
+        root              BLOB    NOT NULL,  -- 32-byte RFC 6962 Merkle root
+        size              INTEGER NOT NULL,  -- documents (leaves)
+        txid              TEXT    NOT NULL,  -- its transaction (the newest after fee bumps,
+                                             -- the mined one once confirmed)
+        raw_tx            BLOB    NOT NULL,  -- that transaction, signed
+        fee_sat           INTEGER NOT NULL,
+        vsize             INTEGER NOT NULL,
+        lease_id          TEXT    NOT NULL,  -- the lease of the UTXO it spends
+        utxo_txid         TEXT    NOT NULL,
+        utxo_vout         INTEGER NOT NULL,
+        replaced_txids    BLOB,              -- msgpack list of the txids it replaced
+        status            TEXT    NOT NULL,  -- signed, submitted, confirmed, failed
+        broadcast_height  INTEGER NOT NULL,  -- wallet tip when (re)signed
+        created_ns        INTEGER NOT NULL,
+        submitted_ns      INTEGER,
+        confirmed_ns      INTEGER,
+        block_hash        TEXT,
+        block_height      INTEGER
+    )""",
+    """CREATE INDEX IF NOT EXISTS anchors_open ON anchors (status)
+        WHERE status IN ('signed', 'submitted')""",
+    """CREATE TABLE IF NOT EXISTS anchor_documents (
+        doc_hash    BLOB    PRIMARY KEY,     -- the document's SHA-256: anchored once
+        anchor_id   INTEGER NOT NULL REFERENCES anchors (id),
+        leaf_index  INTEGER NOT NULL,
+        ref         TEXT,                    -- the request's reference, if any
+        message_id  INTEGER                  -- messages.id of its anchor.request
+    ) WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS anchor_documents_leaves
+        ON anchor_documents (anchor_id, leaf_index)""",
     """CREATE TABLE IF NOT EXISTS bus_meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL

@@ -383,7 +383,9 @@ class UtxoBook:
 
     def set_tip(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{height, hash} -> the same: the wallet's best block, from which
-        confirmations are counted."""
+        confirmations are counted. {} -> the tip as stored (nil if none)."""
+        if not args:
+            return {"height": self.tip_height, "hash": self.tip_hash}
         height = _int(args, "height", 0, 10**9)
         block_hash = _txid(args.get("hash"), "hash")
         self.conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('wallet_tip', ?)",

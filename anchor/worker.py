@@ -1,0 +1,542 @@
+"""bus-anchor: anchors document hashes in Bitcoin transactions.
+
+Reads    anchor.request (durable consumer BUS_ANCHOR_CONSUMER: nothing is lost
+         while the worker is down; its position moves only past requests that
+         are recorded in an anchor, or refused)
+Asks     the writer (REQ, Lazy Pirate): UTXO leases, anchor records, wallet sync
+Talks to bitcoind: JSON-RPC, and ZMQ hashblock (polling as the fallback)
+Publishes anchor.submitted, anchor.confirmed, anchor.error
+
+One anchoring: collect requests for BUS_ANCHOR_INTERVAL_S or up to
+BUS_ANCHOR_MAX_DOCUMENTS, leave out the hashes already anchored, build the
+RFC 6962 Merkle tree, reserve one UTXO, build and sign with bitcoind's wallet
+a transaction with one OP_RETURN (b"BUSA" 0x01 root) and change back to the
+wallet, RECORD it through the writer (anchor, documents, UTXO spent: one
+transaction), acknowledge the requests, then broadcast. Recording first means a
+crash at any point leaves either nothing (the lease expires, the requests are
+read again) or a recorded transaction, which the next start broadcasts. An
+anchor not mined within BUS_ANCHOR_BUMP_AFTER_BLOCKS is fee-bumped: the same
+input, the same OP_RETURN, a higher fee (RBF), so at most one of its
+transactions can ever be mined.
+
+bitcoind or the writer unreachable: the work is kept and retried with
+backoff (up to BUS_ANCHOR_RETRY_MAX_S). No spendable UTXO: an anchor.error
+event, and the requests wait for the next try.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zmq
+
+from anchor.bitcoind import (RPC_VERIFY_ALREADY_IN_CHAIN, RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED,
+                             BitcoinRpc, RpcError, RpcUnavailable, open_hashblock,
+                             parse_hashblock, parse_tx, to_btc, vsize)
+from anchor.merkle import MerkleTree
+from anchor.proof import op_return_payload
+from anchor.reservations import NoUtxo, UtxoClient
+from anchor.sync import WalletSync
+from bus import protocol
+from bus.client import BusError, Publisher, Subscriber
+from bus.config import BusConfig
+from bus.logging import RateLimitedLog, get_logger
+from bus.protocol import Message
+from bus.runner import StopSignal
+
+log = get_logger("anchor")
+
+RBF_SEQUENCE = 0xFFFFFFFD      # signals replaceability (BIP 125)
+DUST_SAT = 546                 # no change output below this: it goes to the fee
+ESTIMATED_VSIZE = 160          # one P2WPKH input, a 37-byte OP_RETURN, one change output
+BUMP_HEADROOM = 4              # the reserved UTXO covers fee bumps up to 4x the first rate
+PROOFS_PER_EVENT = 500         # documents per anchor.submitted message (< 1 MiB)
+MAX_REF_CHARS = 256
+POLL_SECONDS = 0.2             # longest wait of one loop pass
+
+
+class RequestRefused(ValueError):
+    """An anchor.request that cannot be anchored (bad payload)."""
+
+
+class BuildFailed(ValueError):
+    """No valid anchor transaction could be built from the reserved UTXO."""
+
+
+@dataclass(slots=True)
+class Document:
+    hash: bytes
+    ref: str | None
+    message_id: int | None
+
+
+def parse_request(payload: bytes) -> tuple[bytes, str | None]:
+    """(hash, ref) of an anchor.request payload: a msgpack or JSON map
+    {hash: 32 bytes or 64 hex chars, ref?: str}, or the 32 raw bytes."""
+    if len(payload) == 32:
+        return payload, None
+    try:
+        request = msgpack.unpackb(payload, raw=False)
+    except Exception:
+        try:
+            request = json.loads(payload)
+        except ValueError:
+            raise RequestRefused("payload is not msgpack, JSON or 32 raw bytes") from None
+    if not isinstance(request, dict):
+        raise RequestRefused("payload must be a map {hash, ref?}")
+    digest = request.get("hash")
+    if isinstance(digest, str):
+        try:
+            digest = bytes.fromhex(digest)
+        except ValueError:
+            raise RequestRefused("'hash' is not hex") from None
+    if not (isinstance(digest, bytes) and len(digest) == 32):
+        raise RequestRefused("'hash' must be a SHA-256: 32 bytes or 64 hex characters")
+    ref = request.get("ref")
+    if ref is not None and not (isinstance(ref, str) and len(ref) <= MAX_REF_CHARS):
+        raise RequestRefused(f"'ref' must be a string of at most {MAX_REF_CHARS} characters")
+    return digest, ref
+
+
+class AnchorWorker:
+    name = "anchor"
+
+    def __init__(self, config: BusConfig) -> None:
+        self.config = config
+        self.counters = {"requests": 0, "refused": 0, "duplicates": 0, "anchored": 0,
+                         "documents": 0, "broadcasts": 0, "bumps": 0, "confirmed": 0,
+                         "failed": 0, "no_utxo": 0, "unavailable": 0, "blocks": 0}
+        self.pending: list[Document] = []
+        self._pending_hashes: set[bytes] = set()
+        self._pending_since: float | None = None
+        self._last_taken: Message | None = None   # the newest request read
+        self._batch_id: str | None = None          # request ids of the anchoring in progress
+        self.open: dict[int, dict[str, Any]] = {}  # anchors not yet confirmed, by id
+        self._leaves: dict[int, list[Document]] = {}
+        self._recovered = False
+        self._block_due = True                     # sync and check anchors at start
+        self._next_block_poll = 0.0
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self._warnings = RateLimitedLog(log)
+        self.ctx: zmq.Context | None = None
+        self.requests: Subscriber | None = None
+        self.events: Publisher | None = None
+        self.sync: WalletSync | None = None
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def initialize(self, stop: StopSignal) -> None:
+        cfg = self.config
+        self.stop = stop
+        self.ctx = zmq.Context()
+        owner = f"anchor@{socket.gethostname()}:{os.getpid()}"
+        self.utxos = UtxoClient(cfg.control_endpoint, timeout_ms=cfg.request_timeout_ms,
+                                retry_for_s=3 * cfg.request_timeout_ms / 1000, owner=owner,
+                                context=self.ctx)
+        self.rpc = BitcoinRpc(cfg.bitcoind_rpc_url, cfg.bitcoind_rpc_user,
+                              cfg.bitcoind_rpc_password, cfg.bitcoind_rpc_cookie)
+        self.hashblock = open_hashblock(self.ctx, cfg.bitcoind_zmq_hashblock) \
+            if cfg.bitcoind_zmq_hashblock else None
+        self.poller = zmq.Poller()
+        self.poller.register(stop.fileno(), zmq.POLLIN)
+        if self.hashblock is not None:
+            self.poller.register(self.hashblock, zmq.POLLIN)
+        log.info("started", bitcoind=cfg.bitcoind_rpc_url, hashblock=cfg.bitcoind_zmq_hashblock,
+                 consumer=cfg.anchor_consumer, config_source=cfg.source, config=cfg.public())
+
+    def loop(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        try:
+            self._connect(now)
+            self._take_requests(now)
+            self._watch_blocks(now)
+            if time.monotonic() >= self._retry_at:
+                self._work()
+                self._backoff = 0.0
+        except NoUtxo as exc:
+            self.counters["no_utxo"] += 1
+            self._event(protocol.ANCHOR_ERROR_TOPIC, {
+                "error": "no_utxo", "reason": str(exc), "documents": len(self.pending)})
+            self._hold_back(exc, "no_utxo")
+        except (RpcUnavailable, BusError) as exc:
+            self.counters["unavailable"] += 1
+            self._hold_back(exc, "unavailable")
+        except RpcError as exc:  # bitcoind refused a call (wallet locked, say): not fatal
+            self._hold_back(exc, "bitcoind_refused")
+        except BuildFailed as exc:
+            self._event(protocol.ANCHOR_ERROR_TOPIC, {
+                "error": "build_failed", "reason": str(exc), "documents": len(self.pending)})
+            self._hold_back(exc, "build_failed")
+        if self.events is not None:
+            self.events.read_acks()
+
+    def shutdown(self) -> None:
+        if self.requests is not None:
+            self.requests.close()  # stores the position of what was recorded, no further
+        if self.events is not None:
+            try:
+                self.events.flush(timeout=2.0)
+            except BusError:
+                log.warning("events_not_acknowledged", unacked=self.events.unacked)
+            self.events.close()
+        if getattr(self, "utxos", None) is not None:
+            self.utxos.close()
+            self.rpc.close()
+        if self.ctx is not None:
+            if self.hashblock is not None:
+                self.hashblock.close()
+            self.ctx.term()
+            self.ctx = None
+        log.info("anchor_stopped", pending=len(self.pending), open_anchors=len(self.open),
+                 **self.counters)
+
+    def _hold_back(self, exc: Exception, reason: str) -> None:
+        """Retry the work later, backing off to BUS_ANCHOR_RETRY_MAX_S."""
+        self._backoff = min(max(0.5, self._backoff * 2), self.config.anchor_retry_max_s)
+        self._retry_at = time.monotonic() + self._backoff
+        self._warnings.warning(reason, "anchor_held_back", error=str(exc),
+                               retry_in_s=self._backoff, pending=len(self.pending))
+
+    # --- the bus side -----------------------------------------------------------------
+
+    def _connect(self, now: float) -> None:
+        """Open what needs the bus (writer, reader, proxy) once they answer."""
+        cfg = self.config
+        if self.events is None:
+            events = Publisher(cfg, context=self.ctx, send_timeout=5.0,
+                               producer_id=f"anchor-{uuid.uuid4().hex[:12]}")
+            events.connect()
+            self.events = events
+        if self.requests is None:
+            self.requests = Subscriber([protocol.ANCHOR_REQUEST_TOPIC], cfg, context=self.ctx,
+                                       durable=cfg.anchor_consumer, auto_ack=False)
+        if self.sync is None:
+            self.sync = WalletSync(self.rpc, self.utxos, cfg.anchor_sync_page)
+
+    def _take_requests(self, now: float) -> None:
+        """Read requests until the batch is full or the wait is over."""
+        wait = POLL_SECONDS
+        if self._pending_since is not None:
+            wait = min(wait, max(0.0, self._pending_since + self.config.anchor_interval_s - now))
+        if len(self.pending) >= self.config.anchor_max_documents or self.requests is None:
+            self.poller.poll(int(wait * 1000))
+            return
+        msg = self.requests.receive(wait)
+        while msg is not None:
+            self._accept(msg)
+            if len(self.pending) >= self.config.anchor_max_documents:
+                break
+            msg = self.requests.receive(0)
+        if not self.pending and self._last_taken is not None:
+            self.requests.ack(self._last_taken)  # only refused or repeated requests read
+
+    def _accept(self, msg: Message) -> None:
+        self.counters["requests"] += 1
+        self._last_taken = msg
+        try:
+            digest, ref = parse_request(msg.payload)
+        except RequestRefused as exc:
+            self.counters["refused"] += 1
+            self._warnings.warning("refused", "anchor_request_refused", message_id=msg.id,
+                                   detail=str(exc))
+            self._event(protocol.ANCHOR_ERROR_TOPIC, {"error": "bad_request", "reason": str(exc),
+                                                      "message_id": msg.id})
+            return
+        if digest in self._pending_hashes:
+            self.counters["duplicates"] += 1
+            return
+        self._pending_hashes.add(digest)
+        self.pending.append(Document(digest, ref, msg.id))
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+
+    def _event(self, topic: str, body: dict[str, Any]) -> None:
+        if self.events is None:
+            log.warning("event_not_published", topic=topic, **{k: v for k, v in body.items()
+                                                                if not isinstance(v, list)})
+            return
+        self.events.publish(topic, msgpack.packb(body), content_type=protocol.CONTENT_MSGPACK)
+
+    # --- blocks -----------------------------------------------------------------------
+
+    def _watch_blocks(self, now: float) -> None:
+        if self.hashblock is not None:
+            while self.hashblock.poll(0):
+                if parse_hashblock(self.hashblock.recv_multipart()) is not None:
+                    self._block_due = True
+        if now >= self._next_block_poll and self.sync is not None:
+            # The fallback: notifications can be lost (HWM, a bitcoind restart).
+            self._next_block_poll = now + self.config.anchor_block_poll_s
+            if self.rpc.call("getbestblockhash") != self.sync.tip_hash:
+                self._block_due = True
+
+    # --- the work ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        if not self._recovered:
+            self._recover()
+        if self._block_due:
+            self._block_due = False
+            try:
+                if self.sync.sync():
+                    self.counters["blocks"] += 1
+                self._check_open()
+            except BaseException:
+                self._block_due = True
+                raise
+        for anchor in list(self.open.values()):
+            if anchor["status"] == "signed":
+                self._broadcast(anchor)
+        if self.pending and (len(self.pending) >= self.config.anchor_max_documents or
+                             time.monotonic() >= self._pending_since
+                             + self.config.anchor_interval_s):
+            self._anchor_pending()
+
+    def _recover(self) -> None:
+        """The anchors a previous run recorded and did not see confirmed."""
+        for anchor in self.utxos.call("anchor_open", {})["anchors"]:
+            self.open[anchor["anchor_id"]] = anchor
+        self._recovered = True
+        if self.open:
+            log.info("anchors_recovered", open=len(self.open),
+                     signed=sum(a["status"] == "signed" for a in self.open.values()))
+
+    def _fee_rate(self) -> float:
+        cfg = self.config
+        rate = cfg.anchor_fee_rate_sat_vb
+        if not rate:
+            estimate = self.rpc.call("estimatesmartfee", cfg.anchor_conf_target)
+            rate = float(estimate["feerate"]) * 100_000 if "feerate" in estimate \
+                else cfg.anchor_fallback_fee_rate_sat_vb
+        return min(max(rate, 1.0), cfg.anchor_max_fee_rate_sat_vb)
+
+    def _anchor_pending(self) -> None:
+        batch = self.pending[:self.config.anchor_max_documents]
+        known = set(self.utxos.call("anchor_known", {"hashes": [d.hash for d in batch]})["known"])
+        fresh = [d for d in batch if d.hash not in known]
+        self.counters["duplicates"] += len(batch) - len(fresh)
+        if fresh:
+            self._batch_id = self._batch_id or uuid.uuid4().hex
+            anchor = self._record(fresh)
+        self._forget(batch)
+        if fresh:
+            self._broadcast(anchor)
+
+    def _forget(self, batch: list[Document]) -> None:
+        """The batch is recorded (or was anchored before): it is done here, and the
+        durable position moves past its newest request."""
+        del self.pending[:len(batch)]
+        for doc in batch:
+            self._pending_hashes.discard(doc.hash)
+        self._pending_since = time.monotonic() if self.pending else None
+        self._batch_id = None
+        if not self.pending:
+            self.requests.ack(self._last_taken)
+        else:  # the rest of what was read waits for the next anchoring
+            self.requests.ack(max(d.message_id or 0 for d in batch))
+
+    def _record(self, docs: list[Document]) -> dict[str, Any]:
+        cfg = self.config
+        tree = MerkleTree([d.hash for d in docs])
+        rate = self._fee_rate()
+        need = math.ceil(rate * ESTIMATED_VSIZE * BUMP_HEADROOM) + DUST_SAT
+        lease = self.utxos.reserve(need, cfg.anchor_lease_s,
+                                   min_confirmations=cfg.anchor_utxo_min_confirmations,
+                                   request_id=f"{self._batch_id}-reserve")
+        try:
+            tx = self._build(lease, tree.root, rate)
+            tip = self.sync.tip_height or 0
+            recorded = self.utxos.call("anchor_record", {
+                "request_id": f"{self._batch_id}-record", "root": tree.root, "size": tree.size,
+                "documents": [[d.hash, d.ref, d.message_id] for d in docs],
+                "lease_id": lease["lease_id"], "tip_height": tip, **tx})
+        except (RpcUnavailable, RpcError, BuildFailed):
+            self.utxos.release(lease["lease_id"])
+            raise
+        anchor = {"anchor_id": recorded["anchor_id"], "root": tree.root, "size": tree.size,
+                  "txid": tx["txid"], "raw_tx": tx["raw_tx"], "fee_sat": tx["fee_sat"],
+                  "vsize": tx["vsize"], "lease_id": lease["lease_id"],
+                  "utxo_txid": lease["txid"], "utxo_vout": lease["vout"], "replaced_txids": [],
+                  "status": "signed", "broadcast_height": tip}
+        self.open[anchor["anchor_id"]] = anchor
+        self._leaves[anchor["anchor_id"]] = docs
+        self.counters["anchored"] += 1
+        self.counters["documents"] += len(docs)
+        log.info("anchor_recorded", anchor_id=anchor["anchor_id"], txid=tx["txid"],
+                 documents=len(docs), root=tree.root.hex(), fee_sat=tx["fee_sat"],
+                 vsize=tx["vsize"], fee_rate=round(tx["fee_sat"] / tx["vsize"], 2))
+        return anchor
+
+    def _build(self, utxo: dict[str, Any], root: bytes, rate: float,
+               min_fee: int = 0) -> dict[str, Any]:
+        """Sign, with bitcoind's wallet, a transaction spending `utxo` into one
+        OP_RETURN and change, paying `rate` sat/vB (and at least `min_fee`).
+        Signed again when the estimated size was wrong, with the fee of the real size."""
+        change_address = self.rpc.call("getrawchangeaddress")
+        inputs = [{"txid": utxo["txid"], "vout": utxo["vout"], "sequence": RBF_SEQUENCE}]
+        size = ESTIMATED_VSIZE
+        for attempt in range(3):
+            fee = max(math.ceil(rate * size), min_fee)
+            change = utxo["amount_sat"] - fee
+            if change < 0:
+                raise BuildFailed(f"UTXO {utxo['txid']}:{utxo['vout']} of {utxo['amount_sat']} sat"
+                                 f" cannot pay a fee of {fee} sat")
+            outputs: list[dict[str, Any]] = [{"data": op_return_payload(root).hex()}]
+            if change >= DUST_SAT:
+                outputs.append({change_address: to_btc(change)})
+            raw = self.rpc.call("createrawtransaction", inputs, outputs, 0, True)
+            signed = self.rpc.call("signrawtransactionwithwallet", raw)
+            if not signed.get("complete"):
+                raise BuildFailed(f"bitcoind's wallet could not sign: {signed.get('errors')}")
+            tx = parse_tx(signed["hex"])
+            actual = vsize(tx)
+            needed = max(math.ceil(rate * actual), min_fee)
+            if needed == fee or (needed < fee and attempt > 0):
+                break  # exact, or over by a signature byte after a second signing
+            size = actual
+        if needed > fee:
+            raise BuildFailed(f"the fee of {fee} sat did not settle at {rate} sat/vB")
+        if change < DUST_SAT:
+            fee, change = utxo["amount_sat"], 0
+        txid = tx.txid().hex()
+        change_outputs = [{"txid": txid, "vout": 1, "amount_sat": change,
+                           "address": change_address,
+                           "script_pubkey": tx.vout[1].script_pubkey.data.hex()}] if change else []
+        return {"txid": txid, "raw_tx": bytes.fromhex(signed["hex"]), "fee_sat": fee,
+                "vsize": actual, "change": change_outputs}
+
+    def _broadcast(self, anchor: dict[str, Any]) -> None:
+        max_rate = to_btc(math.ceil(self.config.anchor_max_fee_rate_sat_vb * 1000))
+        try:
+            self.rpc.call("sendrawtransaction", anchor["raw_tx"].hex(), max_rate)
+        except RpcError as exc:
+            if exc.code != RPC_VERIFY_ALREADY_IN_CHAIN:
+                if exc.code in (RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED):
+                    self._refused(anchor, exc)
+                    return
+                raise
+        self.utxos.call("anchor_update", {"anchor_id": anchor["anchor_id"],
+                                          "status": "submitted"})
+        anchor["status"] = "submitted"
+        self.counters["broadcasts"] += 1
+        self._announce(anchor)
+
+    def _refused(self, anchor: dict[str, Any], exc: RpcError) -> None:
+        """bitcoind will not take the transaction. A fee bump refused: the one
+        before it stands. A first transaction refused: the anchor fails, its
+        documents are requested again and its UTXO goes back (unless spent)."""
+        if anchor["replaced_txids"]:
+            log.warning("fee_bump_refused", anchor_id=anchor["anchor_id"], txid=anchor["txid"],
+                        error=exc.message)
+            anchor["status"] = "submitted"  # the previous transaction is still out there
+            return
+        inputs_spent = "missingorspent" in exc.message
+        self.utxos.call("anchor_fail", {"anchor_id": anchor["anchor_id"], "reason": exc.message,
+                                        "inputs_spent": inputs_spent})
+        del self.open[anchor["anchor_id"]]
+        docs = self._leaves.pop(anchor["anchor_id"], None) or self._stored_leaves(anchor)
+        for doc in docs:
+            if doc.hash not in self._pending_hashes:
+                self._pending_hashes.add(doc.hash)
+                self.pending.append(doc)
+        self._pending_since = self._pending_since or time.monotonic()
+        self.counters["failed"] += 1
+        log.error("anchor_refused", anchor_id=anchor["anchor_id"], txid=anchor["txid"],
+                  error=exc.message, documents_requeued=len(docs))
+        self._event(protocol.ANCHOR_ERROR_TOPIC, {
+            "error": "transaction_refused", "reason": exc.message, "txid": anchor["txid"],
+            "anchor_id": anchor["anchor_id"], "documents": len(docs)})
+
+    def _stored_leaves(self, anchor: dict[str, Any]) -> list[Document]:
+        leaves = self.utxos.call("anchor_leaves", {"anchor_id": anchor["anchor_id"]})["leaves"]
+        return [Document(h, ref, mid) for h, ref, mid in leaves]
+
+    def _announce(self, anchor: dict[str, Any]) -> None:
+        """anchor.submitted: the txid, the root, and each document's proof."""
+        docs = self._leaves.get(anchor["anchor_id"]) or self._stored_leaves(anchor)
+        self._leaves[anchor["anchor_id"]] = docs
+        tree = MerkleTree([d.hash for d in docs])
+        for start in range(0, len(docs), PROOFS_PER_EVENT):
+            self._event(protocol.ANCHOR_SUBMITTED_TOPIC, {
+                "anchor_id": anchor["anchor_id"], "txid": anchor["txid"], "root": tree.root,
+                "tree_size": tree.size, "fee_sat": anchor["fee_sat"],
+                "replaces": anchor["replaced_txids"][-1] if anchor["replaced_txids"] else None,
+                "documents": [{"hash": d.hash, "ref": d.ref, "leaf_index": i,
+                               "path": tree.path(i)}
+                              for i, d in enumerate(docs[start:start + PROOFS_PER_EVENT], start)]})
+
+    def _check_open(self) -> None:
+        """After a block: confirm what is deep enough, bump what is stuck."""
+        tip = self.sync.tip_height or 0
+        for anchor in list(self.open.values()):
+            if anchor["status"] != "submitted":
+                continue
+            mined = self._mined(anchor)
+            if mined is not None:
+                txid, info = mined
+                if info["confirmations"] >= self.config.anchor_confirmations:
+                    self._confirmed(anchor, txid, info)
+            elif tip - anchor["broadcast_height"] >= self.config.anchor_bump_after_blocks:
+                self._bump(anchor, tip)
+
+    def _mined(self, anchor: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """The anchor's transaction that is in a block, if any (after a fee bump,
+        the replaced one may be the one mined)."""
+        for txid in [anchor["txid"], *reversed(anchor["replaced_txids"])]:
+            try:
+                info = self.rpc.call("gettransaction", txid)
+            except RpcError as exc:
+                if exc.code == -5:  # never reached this node
+                    continue
+                raise
+            if info.get("confirmations", 0) > 0:
+                return txid, info
+        return None
+
+    def _confirmed(self, anchor: dict[str, Any], txid: str, info: dict[str, Any]) -> None:
+        self.utxos.call("anchor_update", {"anchor_id": anchor["anchor_id"], "status": "confirmed",
+                                          "txid": txid, "block_hash": info["blockhash"],
+                                          "block_height": info["blockheight"]})
+        del self.open[anchor["anchor_id"]]
+        self._leaves.pop(anchor["anchor_id"], None)
+        self.counters["confirmed"] += 1
+        log.info("anchor_confirmed", anchor_id=anchor["anchor_id"], txid=txid,
+                 block_height=info["blockheight"], confirmations=info["confirmations"])
+        self._event(protocol.ANCHOR_CONFIRMED_TOPIC, {
+            "anchor_id": anchor["anchor_id"], "txid": txid, "root": anchor["root"],
+            "tree_size": anchor["size"], "block_hash": info["blockhash"],
+            "block_height": info["blockheight"], "confirmations": info["confirmations"]})
+
+    def _bump(self, anchor: dict[str, Any], tip: int) -> None:
+        """Replace the transaction: same input, same OP_RETURN, a higher fee (BIP 125:
+        more than the old fee plus 1 sat/vB of the new size)."""
+        cfg = self.config
+        old_rate = anchor["fee_sat"] / anchor["vsize"]
+        rate = min(max(old_rate * 1.5, old_rate + 1), cfg.anchor_max_fee_rate_sat_vb)
+        if rate <= old_rate:
+            self._warnings.warning(f"capped-{anchor['anchor_id']}", "fee_bump_capped",
+                                   anchor_id=anchor["anchor_id"], fee_rate=round(old_rate, 2))
+            return
+        utxo = self.utxos.get(anchor["utxo_txid"], anchor["utxo_vout"])
+        tx = self._build(utxo, anchor["root"], rate, min_fee=anchor["fee_sat"] + anchor["vsize"]
+                         + 1)
+        replaced = self.utxos.call("anchor_replace", {
+            "request_id": f"bump-{anchor['anchor_id']}-{anchor['txid']}",
+            "anchor_id": anchor["anchor_id"], "tip_height": tip, **tx})
+        anchor["replaced_txids"] = anchor["replaced_txids"] + [anchor["txid"]]
+        anchor.update(txid=replaced["txid"], raw_tx=tx["raw_tx"], fee_sat=tx["fee_sat"],
+                      vsize=tx["vsize"], status="signed", broadcast_height=tip)
+        self.counters["bumps"] += 1
+        log.info("anchor_fee_bumped", anchor_id=anchor["anchor_id"], txid=replaced["txid"],
+                 replaces=replaced["replaced_txid"], fee_sat=tx["fee_sat"],
+                 fee_rate=round(tx["fee_sat"] / tx["vsize"], 2))
+        self._broadcast(anchor)

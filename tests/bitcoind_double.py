@@ -1,0 +1,602 @@
+"""A stand-in for bitcoind in regtest mode, for the calls the anchor worker makes.
+
+bitcoind cannot be installed on the test machines; this double serves the same
+JSON-RPC (HTTP, basic auth, JSON-RPC 1.0 error shapes and codes) and the same
+ZMQ `hashblock` notifications, over a small but real chain:
+
+- a wallet of real secp256k1 keys (P2WPKH, regtest bech32 addresses);
+- transactions decoded with embit (a Bitcoin library), signed for real by
+  `signrawtransactionwithwallet` and checked by `sendrawtransaction` as
+  bitcoind would: unknown or spent inputs, outputs above inputs, fee above
+  `maxfeerate` or below the relay minimum, dust, more than one OP_RETURN,
+  bad signatures; a conflicting spend is a replacement (full RBF, as bitcoind
+  28+) only if it pays more (BIP 125 rules 3 and 4), else `txn-mempool-conflict`;
+- blocks mined by `generatetoaddress` take the mempool (what pays at least
+  `mine_min_fee_rate`: how a fee bump gets tested); `invalidateblock`
+  disconnects blocks (a reorg): their transactions go back to the mempool,
+  except funding transactions (like coinbases), which vanish with what spends them;
+- `listunspent` with query options (unsorted, as bitcoind's), `listsinceblock`
+  with `removed` after a reorg, `gettransaction` with `decoded`.
+
+Test-only controls are methods and attributes (`fund`, `mine`, `stop`,
+`start`, `hold`/`release` a method, `calls`, `mine_min_fee_rate`);
+everything else goes over the wire. Amounts are BTC in JSON, as bitcoind's.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import zmq
+from embit import ec, script
+from embit.networks import NETWORKS
+from embit.transaction import Transaction, TransactionInput, TransactionOutput
+
+from anchor.bitcoind import vsize
+
+NET = NETWORKS["regtest"]
+COIN = 100_000_000
+SEQUENCE_FINAL = 0xFFFFFFFF
+DUST_SAT = 294                 # P2WPKH dust threshold at 3 sat/vB
+MIN_RELAY_SAT_VB = 1
+INCREMENTAL_SAT_VB = 1
+
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def btc(sat: int) -> float:
+    return float(Decimal(sat) / COIN)
+
+
+def sat(amount: Any) -> int:
+    value = Decimal(str(amount)) * COIN
+    if value != value.to_integral_value() or value < 0:
+        raise RpcError(-3, "Invalid amount")
+    return int(value)
+
+
+def is_op_return(spk: script.Script) -> bool:
+    return spk.data[:1] == b"\x6a"
+
+
+@dataclass
+class Block:
+    hash: str
+    height: int
+    time: int
+    prev: str | None
+    txids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TxEntry:
+    tx: Transaction
+    txid: str
+    time: int
+    funding: bool = False            # created by fund(): like a coinbase
+    block: str | None = None         # hash of the active-chain block holding it
+    replaced_by: str | None = None
+
+
+class BitcoindDouble:
+    def __init__(self, user: str = "anchor", password: str = "secret") -> None:
+        self.user, self.password = user, password
+        self.lock = threading.RLock()
+        self.keys: dict[bytes, ec.PrivateKey] = {}   # script_pubkey -> key
+        self.txs: dict[str, TxEntry] = {}            # every tx ever accepted
+        self.mempool: list[str] = []                 # txids, parents first
+        self.spender: dict[tuple[str, int], str] = {}  # outpoint -> txid (chain or mempool)
+        self.blocks: list[Block] = []                # the active chain
+        self.orphans: dict[str, Block] = {}          # disconnected blocks by hash
+        self.fee_rate_sat_vb = 2          # what estimatesmartfee answers
+        self.mine_min_fee_rate = 0.0      # miners leave cheaper transactions in the mempool
+        self.calls: Counter[str] = Counter()
+        self.gates: dict[str, threading.Event] = {}  # method -> held until set
+        self.held: Counter[str] = Counter()          # calls that reached a gate
+        self._key_counter = 0
+        self._zmq_seq = 0
+        self._ctx = zmq.Context.instance()
+        self.zmq_pub = self._ctx.socket(zmq.PUB)
+        self.zmq_pub.setsockopt(zmq.LINGER, 0)
+        port = self.zmq_pub.bind_to_random_port("tcp://127.0.0.1")
+        self.zmq_endpoint = f"tcp://127.0.0.1:{port}"
+        self._server: ThreadingHTTPServer | None = None
+        self.port = 0
+        self._append_block([])  # genesis
+        self.start()
+
+    # --- test controls ----------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Serve JSON-RPC (again, on the same port after stop())."""
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                double._serve(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop answering: connections are refused, as with bitcoind down."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def close(self) -> None:
+        self.stop()
+        self.zmq_pub.close()
+
+    def hold(self, method: str) -> None:
+        """Calls of `method` wait (up to 60 s) until release(method): a slow or
+        hung node, or a moment to kill the caller in."""
+        self.gates[method] = threading.Event()
+
+    def release(self, method: str) -> None:
+        self.gates.pop(method).set()
+
+    def new_address(self) -> str:
+        with self.lock:
+            self._key_counter += 1
+            key = ec.PrivateKey(hashlib.sha256(b"double-key-%d" % self._key_counter).digest())
+            spk = script.p2wpkh(key.get_public_key())
+            self.keys[spk.data] = key
+            return spk.address(NET)
+
+    def fund(self, amounts_sat: list[int], confirmations: int = 1, per_tx: int = 1000) -> list[str]:
+        """Pay the wallet one output per amount (funding transactions, like
+        coinbases; mined whatever mine_min_fee_rate), then mine `confirmations`
+        blocks. Returns the funding txids."""
+        txids = []
+        with self.lock:
+            for start in range(0, len(amounts_sat), per_tx):
+                outs = [TransactionOutput(amount, script.Script.from_address(self.new_address()))
+                        for amount in amounts_sat[start:start + per_tx]]
+                marker = hashlib.sha256(b"fund-%d-%d" % (len(self.txs), start)).digest()
+                tx = Transaction(vin=[TransactionInput(marker, 0xFFFFFFFF)], vout=outs)
+                entry = TxEntry(tx, tx.txid().hex(), int(time.time()), funding=True)
+                self.txs[entry.txid] = entry
+                self.mempool.append(entry.txid)
+                txids.append(entry.txid)
+        if confirmations:
+            self.mine(confirmations)
+        return txids
+
+    def mine(self, n: int = 1) -> list[str]:
+        return self.generatetoaddress(n, self.new_address())
+
+    # --- HTTP -------------------------------------------------------------------
+
+    def _serve(self, handler: BaseHTTPRequestHandler) -> None:
+        expected = "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        if handler.headers.get("Authorization") != expected:
+            handler.send_response(401)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        body = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
+        request_id = None
+        try:
+            request = json.loads(body)
+            request_id = request.get("id")
+            method, params = request["method"], request.get("params") or []
+            fn = getattr(self, method, None) if not method.startswith("_") else None
+            if fn is None or method in ("start", "stop", "close", "fund", "mine", "new_address",
+                                        "hold", "release"):
+                raise RpcError(-32601, "Method not found")
+            self.calls[method] += 1
+            gate = self.gates.get(method)
+            if gate is not None:
+                self.held[method] += 1
+                gate.wait(60)
+            with self.lock:
+                result = fn(*params) if isinstance(params, list) else fn(**params)
+            status, reply = 200, {"result": result, "error": None, "id": request_id}
+        except RpcError as exc:
+            status = 404 if exc.code == -32601 else 500
+            reply = {"result": None, "error": {"code": exc.code, "message": str(exc)},
+                     "id": request_id}
+        except (TypeError, ValueError, KeyError) as exc:
+            status, reply = 500, {"result": None, "error": {"code": -1, "message": str(exc)},
+                                  "id": request_id}
+        data = json.dumps(reply).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    # --- chain state --------------------------------------------------------------
+
+    @property
+    def height(self) -> int:
+        return len(self.blocks) - 1
+
+    def _append_block(self, txids: list[str]) -> Block:
+        prev = self.blocks[-1].hash if self.blocks else None
+        seed = f"{prev}-{len(self.blocks)}-{time.time_ns()}-{len(self.orphans)}".encode()
+        block = Block(hashlib.sha256(seed).hexdigest(), len(self.blocks), int(time.time()),
+                      prev, txids)
+        self.blocks.append(block)
+        for txid in txids:
+            self.txs[txid].block = block.hash
+        return block
+
+    def _confirmations(self, entry: TxEntry) -> int:
+        if entry.block is not None:
+            return self.height - self._block(entry.block).height + 1
+        for vin in entry.tx.vin:  # conflicted with a confirmed transaction
+            other = self.spender.get((vin.txid.hex(), vin.vout))
+            if other and other != entry.txid and self.txs[other].block is not None:
+                return -self._confirmations(self.txs[other])
+        return 0
+
+    def _block(self, block_hash: str) -> Block:
+        for block in self.blocks:
+            if block.hash == block_hash:
+                return block
+        if block_hash in self.orphans:
+            return self.orphans[block_hash]
+        raise RpcError(-5, "Block not found")
+
+    def _live(self, txid: str) -> bool:
+        entry = self.txs.get(txid)
+        return entry is not None and (entry.block is not None or txid in self.mempool)
+
+    def _output(self, txid: str, vout: int) -> TransactionOutput | None:
+        if not self._live(txid) or vout >= len(self.txs[txid].tx.vout):
+            return None
+        return self.txs[txid].tx.vout[vout]
+
+    def _wallet_outputs(self, entry: TxEntry) -> list[tuple[int, TransactionOutput]]:
+        return [(n, out) for n, out in enumerate(entry.tx.vout) if out.script_pubkey.data in self.keys]
+
+    def _wallet_inputs(self, entry: TxEntry) -> bool:
+        if entry.funding:
+            return False
+        return any((out := self._output(i.txid.hex(), i.vout)) is not None
+                   and out.script_pubkey.data in self.keys for i in entry.tx.vin)
+
+    def _evict(self, txid: str) -> None:
+        """Remove a mempool transaction and everything that spends it."""
+        if txid not in self.mempool:
+            return
+        self.mempool.remove(txid)
+        entry = self.txs[txid]
+        for vin in entry.tx.vin:
+            if self.spender.get((vin.txid.hex(), vin.vout)) == txid:
+                del self.spender[(vin.txid.hex(), vin.vout)]
+        for n in range(len(entry.tx.vout)):
+            child = self.spender.get((txid, n))
+            if child:
+                self._evict(child)
+
+    # --- blockchain RPCs ------------------------------------------------------------
+
+    def getblockchaininfo(self) -> dict[str, Any]:
+        return {"chain": "regtest", "blocks": self.height, "headers": self.height,
+                "bestblockhash": self.blocks[-1].hash}
+
+    def getblockcount(self) -> int:
+        return self.height
+
+    def getbestblockhash(self) -> str:
+        return self.blocks[-1].hash
+
+    def getblockhash(self, height: int) -> str:
+        if not 0 <= height <= self.height:
+            raise RpcError(-8, "Block height out of range")
+        return self.blocks[height].hash
+
+    def getblockheader(self, block_hash: str, verbose: bool = True) -> dict[str, Any]:
+        block = self._block(block_hash)
+        active = block_hash not in self.orphans
+        return {"hash": block.hash, "height": block.height, "time": block.time,
+                "confirmations": self.height - block.height + 1 if active else -1,
+                "previousblockhash": block.prev}
+
+    def generatetoaddress(self, nblocks: int, address: str, maxtries: int = 1000) -> list[str]:
+        hashes = []
+        with self.lock:
+            for _ in range(nblocks):
+                taken = [t for t in self.mempool if self.txs[t].funding or
+                         self._fee(self.txs[t].tx) >= self.mine_min_fee_rate
+                         * vsize(self.txs[t].tx)]
+                self.mempool = [t for t in self.mempool if t not in taken]
+                block = self._append_block(taken)
+                hashes.append(block.hash)
+                self._zmq_seq += 1
+                self.zmq_pub.send_multipart([b"hashblock", bytes.fromhex(block.hash),
+                                             (self._zmq_seq - 1).to_bytes(4, "little")])
+        return hashes
+
+    def invalidateblock(self, block_hash: str) -> None:
+        """Disconnect this block and its descendants: a reorg once new blocks are mined."""
+        block = self._block(block_hash)
+        if block_hash in self.orphans or block.height == 0:
+            raise RpcError(-5, "Block not found")
+        disconnected = self.blocks[block.height:]
+        del self.blocks[block.height:]
+        back: list[str] = []
+        for old in disconnected:
+            self.orphans[old.hash] = old
+            for txid in old.txids:
+                self.txs[txid].block = None
+                back.append(txid)
+        self.mempool[:0] = back
+        for txid in back:
+            if self.txs[txid].funding:
+                self._evict(txid)
+
+    # --- wallet RPCs ------------------------------------------------------------------
+
+    def getnewaddress(self, label: str = "", address_type: str = "bech32") -> str:
+        return self.new_address()
+
+    def getrawchangeaddress(self, address_type: str = "bech32") -> str:
+        return self.new_address()
+
+    def estimatesmartfee(self, conf_target: int, estimate_mode: str = "conservative"
+                         ) -> dict[str, Any]:
+        return {"feerate": btc(self.fee_rate_sat_vb * 1000), "blocks": conf_target}
+
+    def listunspent(self, minconf: int = 1, maxconf: int = 9_999_999,
+                    addresses: list[str] | None = None, include_unsafe: bool = True,
+                    query_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        options = query_options or {}
+        low = sat(options.get("minimumAmount", 0))
+        high = sat(options["maximumAmount"]) if "maximumAmount" in options else None
+        count = options.get("maximumCount")
+        result = []
+        # bitcoind's order is its map's, not by amount: callers must not rely on one.
+        for txid in sorted(self.txs):
+            entry = self.txs[txid]
+            if not self._live(txid):
+                continue
+            confirmations = self._confirmations(entry)
+            if not minconf <= confirmations <= maxconf:
+                continue
+            for n, out in self._wallet_outputs(entry):
+                if (txid, n) in self.spender or out.value < low or \
+                        (high is not None and out.value > high):
+                    continue
+                result.append({"txid": txid, "vout": n,
+                               "address": out.script_pubkey.address(NET),
+                               "scriptPubKey": out.script_pubkey.data.hex(),
+                               "amount": btc(out.value), "confirmations": confirmations,
+                               "spendable": True, "solvable": True, "safe": True})
+                if count and len(result) >= count:
+                    return result
+        return result
+
+    def _wallet_entries(self, entry: TxEntry) -> list[dict[str, Any]]:
+        """listsinceblock/listtransactions lines: a receive per wallet output of a
+        transaction that did not spend wallet coins, else one send (change hidden)."""
+        confirmations = self._confirmations(entry)
+        common: dict[str, Any] = {"txid": entry.txid, "confirmations": confirmations,
+                                  "time": entry.time, "bip125-replaceable": "no"}
+        if entry.block is not None:
+            block = self._block(entry.block)
+            common.update(blockhash=block.hash, blockheight=block.height, blocktime=block.time)
+        if entry.replaced_by:
+            common["replaced_by_txid"] = entry.replaced_by
+        if self._wallet_inputs(entry):
+            lines = []
+            for n, out in enumerate(entry.tx.vout):
+                if out.script_pubkey.data in self.keys:
+                    continue
+                address = None if is_op_return(out.script_pubkey) else \
+                    out.script_pubkey.address(NET)
+                lines.append({**common, "category": "send", "vout": n, "address": address,
+                              "amount": -btc(out.value)})
+            return lines
+        return [{**common, "category": "receive", "vout": n,
+                 "address": out.script_pubkey.address(NET), "amount": btc(out.value)}
+                for n, out in self._wallet_outputs(entry)]
+
+    def listsinceblock(self, blockhash: str | None = None, target_confirmations: int = 1,
+                       include_watchonly: bool = False, include_removed: bool = True
+                       ) -> dict[str, Any]:
+        since_height, removed = -1, []
+        if blockhash:
+            block = self._block(blockhash)
+            walk = block
+            while walk.hash in self.orphans:  # back to the fork point
+                for txid in walk.txids:
+                    if self.txs[txid].block is None and include_removed:
+                        removed.extend(self._wallet_entries(self.txs[txid]))
+                walk = self._block(walk.prev)
+            since_height = walk.height
+        transactions = []
+        for block in self.blocks[since_height + 1:]:
+            for txid in block.txids:
+                transactions.extend(self._wallet_entries(self.txs[txid]))
+        for txid in self.mempool:
+            transactions.extend(self._wallet_entries(self.txs[txid]))
+        last = self.blocks[max(0, self.height - target_confirmations + 1)]
+        return {"transactions": transactions, "removed": removed, "lastblock": last.hash}
+
+    def gettransaction(self, txid: str, include_watchonly: bool = False,
+                       verbose: bool = False) -> dict[str, Any]:
+        entry = self.txs.get(txid)
+        if entry is None or not (self._wallet_inputs(entry) or self._wallet_outputs(entry)):
+            raise RpcError(-5, "Invalid or non-wallet transaction id")
+        result: dict[str, Any] = {"txid": txid, "confirmations": self._confirmations(entry),
+                                  "time": entry.time, "hex": entry.tx.serialize().hex(),
+                                  "details": self._wallet_entries(entry)}
+        if entry.block is not None:
+            block = self._block(entry.block)
+            result.update(blockhash=block.hash, blockheight=block.height, blocktime=block.time)
+        if entry.replaced_by:
+            result["replaced_by_txid"] = entry.replaced_by
+        if verbose:
+            result["decoded"] = self.decoderawtransaction(result["hex"])
+        return result
+
+    def gettxout(self, txid: str, n: int, include_mempool: bool = True) -> dict[str, Any] | None:
+        out = self._output(txid, n)
+        entry = self.txs.get(txid)
+        if out is None or (txid, n) in self.spender or \
+                (entry.block is None and not include_mempool):
+            return None
+        return {"bestblock": self.blocks[-1].hash, "confirmations": self._confirmations(entry),
+                "value": btc(out.value), "scriptPubKey": {"hex": out.script_pubkey.data.hex()}}
+
+    def decoderawtransaction(self, hexstring: str) -> dict[str, Any]:
+        tx = self._parse(hexstring)
+        return {"txid": tx.txid().hex(), "vsize": vsize(tx),
+                "vin": [{"txid": i.txid.hex(), "vout": i.vout, "sequence": i.sequence}
+                        for i in tx.vin],
+                "vout": [{"value": btc(o.value), "n": n,
+                          "scriptPubKey": {"hex": o.script_pubkey.data.hex(),
+                                           **({} if is_op_return(o.script_pubkey) else
+                                              {"address": o.script_pubkey.address(NET)})}}
+                         for n, o in enumerate(tx.vout)]}
+
+    @staticmethod
+    def _parse(hexstring: str) -> Transaction:
+        try:
+            return Transaction.parse(bytes.fromhex(hexstring))
+        except Exception:
+            raise RpcError(-22, "TX decode failed") from None
+
+    # --- building, signing, sending ----------------------------------------------------
+
+    def createrawtransaction(self, inputs: list[dict[str, Any]], outputs: Any,
+                             locktime: int = 0, replaceable: bool = False) -> str:
+        vin = []
+        for item in inputs:
+            sequence = item.get("sequence", 0xFFFFFFFD if replaceable else 0xFFFFFFFE)
+            vin.append(TransactionInput(bytes.fromhex(item["txid"]), item["vout"],
+                                        sequence=sequence))
+        pairs = outputs if isinstance(outputs, list) else [outputs]
+        vout, seen_data = [], False
+        for pair in pairs:
+            for key, value in pair.items():
+                if key == "data":
+                    if seen_data:
+                        raise RpcError(-8, "Invalid parameter, duplicate key: data")
+                    seen_data = True
+                    data = bytes.fromhex(value)
+                    vout.append(TransactionOutput(0, script.Script(b"\x6a" + bytes([len(data)])
+                                                                   + data)))
+                else:
+                    try:
+                        spk = script.Script.from_address(key)
+                    except Exception:
+                        raise RpcError(-5, f"Invalid Bitcoin address: {key}") from None
+                    vout.append(TransactionOutput(sat(value), spk))
+        return Transaction(version=2, vin=vin, vout=vout, locktime=locktime).serialize().hex()
+
+    def signrawtransactionwithwallet(self, hexstring: str, prevtxs: Any = None,
+                                     sighashtype: str = "ALL") -> dict[str, Any]:
+        tx = self._parse(hexstring)
+        errors = []
+        for n, vin in enumerate(tx.vin):
+            out = self._output(vin.txid.hex(), vin.vout)
+            key = self.keys.get(out.script_pubkey.data) if out is not None else None
+            if key is None:
+                errors.append({"txid": vin.txid.hex(), "vout": vin.vout,
+                               "error": "Input not found or already spent"})
+                continue
+            pub = key.get_public_key()
+            digest = tx.sighash_segwit(n, script.p2pkh(pub), out.value)
+            vin.witness = script.Witness([key.sign(digest).serialize() + b"\x01", pub.sec()])
+        result: dict[str, Any] = {"hex": tx.serialize().hex(), "complete": not errors}
+        if errors:
+            result["errors"] = errors
+        return result
+
+    def sendrawtransaction(self, hexstring: str, maxfeerate: Any = 0.10) -> str:
+        tx = self._parse(hexstring)
+        txid = tx.txid().hex()
+        if txid in self.txs and self._live(txid):
+            if self.txs[txid].block is not None:
+                raise RpcError(-27, "Transaction already in block chain")
+            return txid
+        if sum(1 for o in tx.vout if is_op_return(o.script_pubkey)) > 1:
+            raise RpcError(-26, "multi-op-return")
+        for o in tx.vout:
+            if not is_op_return(o.script_pubkey) and o.value < DUST_SAT:
+                raise RpcError(-26, "dust")
+        total_in, conflicts = 0, set()
+        for n, vin in enumerate(tx.vin):
+            point = (vin.txid.hex(), vin.vout)
+            out = self._output(*point)
+            if out is None:
+                raise RpcError(-25, "bad-txns-inputs-missingorspent")
+            other = self.spender.get(point)
+            if other is not None:
+                if self.txs[other].block is not None:
+                    raise RpcError(-25, "bad-txns-inputs-missingorspent")
+                conflicts.add(other)
+            self._check_signature(tx, n, out)
+            total_in += out.value
+        total_out = sum(o.value for o in tx.vout)
+        if total_out > total_in:
+            raise RpcError(-26, "bad-txns-in-belowout")
+        fee, size = total_in - total_out, vsize(tx)
+        if fee < MIN_RELAY_SAT_VB * size:
+            raise RpcError(-26, "min relay fee not met")
+        if maxfeerate and fee > sat(maxfeerate) * size / 1000:
+            raise RpcError(-25, "Fee exceeds maximum configured by user (e.g. -maxtxfee, "
+                                "maxfeerate)")
+        if conflicts:
+            replaced_fee = sum(self._fee(self.txs[c].tx) for c in conflicts)
+            if fee < replaced_fee + INCREMENTAL_SAT_VB * size:
+                raise RpcError(-26, "insufficient fee")
+            for other in conflicts:
+                self.txs[other].replaced_by = txid
+                self._evict(other)
+        self.txs[txid] = TxEntry(tx, txid, int(time.time()))
+        self.mempool.append(txid)
+        for vin in tx.vin:
+            self.spender[(vin.txid.hex(), vin.vout)] = txid
+        return txid
+
+    def _fee(self, tx: Transaction) -> int:
+        total_in = sum(self.txs[i.txid.hex()].tx.vout[i.vout].value for i in tx.vin)
+        return total_in - sum(o.value for o in tx.vout)
+
+    def _check_signature(self, tx: Transaction, n: int, out: TransactionOutput) -> None:
+        fail = RpcError(-26, "mandatory-script-verify-flag-failed (Signature must be zero for "
+                             "failed CHECK(MULTI)SIG operation)")
+        items = tx.vin[n].witness.items if tx.vin[n].witness else []
+        if len(items) != 2:
+            raise fail
+        try:
+            pub = ec.PublicKey.parse(items[1])
+            if script.p2wpkh(pub).data != out.script_pubkey.data:
+                raise fail
+            digest = tx.sighash_segwit(n, script.p2pkh(pub), out.value)
+            if not pub.verify(ec.Signature.parse(items[0][:-1]), digest):
+                raise fail
+        except RpcError:
+            raise
+        except Exception:
+            raise fail from None

@@ -1,0 +1,244 @@
+"""Anchor records: which documents each Bitcoin transaction anchors.
+
+The anchor worker records an anchoring through the writer *before* it
+broadcasts the transaction: `anchor_record` stores the anchor (its Merkle
+root, the signed transaction) and its documents, and spends the leased UTXO,
+in one transaction. Whatever happens after, a restarted worker finds the
+transaction and broadcasts it again; it never builds a second one for the
+same documents. A document hash is anchored once (`anchor_documents` is keyed
+by it). A fee bump (`anchor_replace`) swaps the transaction of an anchor and
+keeps the txids it replaced, so whichever of them is mined is recognised.
+
+The commands run through UtxoBook's dispatcher (one transaction each, replies
+stored by request id); the proof of a document is built by the reader
+(`document_proof`), off the write path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apsw
+import msgpack
+
+from anchor.merkle import MerkleTree
+from anchor.proof import make_proof
+from writer.utxos import UtxoBook, UtxoError, _int, _str, _txid
+
+MAX_DOCUMENTS = 100_000      # one anchor's documents, at most
+MAX_OPEN_LISTED = 1000
+STATUSES = ("signed", "submitted", "confirmed", "failed")
+ANCHOR_COLUMNS = ("id, root, size, txid, raw_tx, fee_sat, vsize, lease_id, utxo_txid, utxo_vout,"
+                  " replaced_txids, status, broadcast_height, created_ns, submitted_ns,"
+                  " confirmed_ns, block_hash, block_height")
+
+
+def _hash32(value: Any, what: str = "hash") -> bytes:
+    if not (isinstance(value, bytes) and len(value) == 32):
+        raise UtxoError("bad_request", f"'{what}' must be 32 bytes (a SHA-256)")
+    return value
+
+
+def _documents(args: dict[str, Any]) -> list[tuple[bytes, str | None, int | None]]:
+    items = args.get("documents")
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_DOCUMENTS:
+        raise UtxoError("bad_request", f"'documents' must be a list of 1-{MAX_DOCUMENTS}")
+    docs = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise UtxoError("bad_request", "a document is [hash, ref, message_id]")
+        ref, message_id = item[1], item[2]
+        if ref is not None and not (isinstance(ref, str) and len(ref) <= 256):
+            raise UtxoError("bad_request", "a document's ref must be a string of at most 256")
+        if message_id is not None and type(message_id) is not int:
+            raise UtxoError("bad_request", "a document's message_id must be an integer")
+        docs.append((_hash32(item[0], "document hash"), ref, message_id))
+    return docs
+
+
+def describe(row: tuple[Any, ...]) -> dict[str, Any]:
+    keys = [k.strip() for k in ANCHOR_COLUMNS.split(",")]
+    anchor = dict(zip(keys, row))
+    anchor["anchor_id"] = anchor.pop("id")
+    anchor["replaced_txids"] = msgpack.unpackb(anchor["replaced_txids"]) \
+        if anchor["replaced_txids"] else []
+    return anchor
+
+
+class AnchorBook:
+    def __init__(self, utxos: UtxoBook) -> None:
+        self.utxos = utxos
+        self.conn = utxos.conn
+        self.counters = {"recorded": 0, "documents": 0, "replaced": 0, "confirmed": 0,
+                         "failed": 0}
+        utxos.register("anchor_record", self.record, request_id=True)
+        utxos.register("anchor_replace", self.replace, request_id=True)
+        utxos.register("anchor_fail", self.fail, request_id=False)
+        utxos.register("anchor_update", self.update)
+        utxos.register("anchor_open", self.open_anchors)
+        utxos.register("anchor_known", self.known)
+        utxos.register("anchor_leaves", self.leaves)
+
+    def record(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{request_id, root, size, txid, raw_tx, fee_sat, vsize, lease_id, change,
+        documents: [[hash, ref, message_id]...] in leaf order, tip_height}
+        -> {anchor_id, txid}: status `signed`, the leased UTXO spent."""
+        root = _hash32(args.get("root"), "root")
+        docs = _documents(args)
+        if _int(args, "size", 1, MAX_DOCUMENTS) != len(docs):
+            raise UtxoError("bad_request", "'size' must be the number of documents")
+        raw_tx, fee, size, tip = self._tx_fields(args)
+        hashes = [d[0] for d in docs]
+        if len(set(hashes)) != len(hashes):
+            raise UtxoError("bad_request", "a document hash appears twice")
+        already = self._known(hashes)
+        if already:
+            raise UtxoError("already_anchored", f"{len(already)} of the documents are anchored "
+                                                f"already, e.g. {already[0].hex()}")
+        spent = self.utxos.spend({"lease_id": args.get("lease_id"), "change": args.get("change"),
+                                  "spending_txid": args.get("txid")}, now_ns)
+        if spent["replaced_txid"] is not None:  # rolled back by the dispatcher
+            raise UtxoError("bad_request", "this lease already spent its UTXO in another anchor")
+        self.conn.execute(
+            "INSERT INTO anchors (root, size, txid, raw_tx, fee_sat, vsize, lease_id, utxo_txid,"
+            " utxo_vout, status, broadcast_height, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " 'signed', ?, ?)", (root, len(docs), args["txid"], raw_tx, fee, size,
+                                 args["lease_id"], spent["txid"], spent["vout"], tip, now_ns))
+        anchor_id = self.conn.last_insert_rowid()
+        self.conn.executemany("INSERT INTO anchor_documents VALUES (?, ?, ?, ?, ?)",
+                              [(h, anchor_id, i, ref, mid) for i, (h, ref, mid) in enumerate(docs)])
+        self.counters["recorded"] += 1
+        self.counters["documents"] += len(docs)
+        return {"anchor_id": anchor_id, "txid": args["txid"]}
+
+    def _tx_fields(self, args: dict[str, Any]) -> tuple[bytes, int, int, int]:
+        _txid(args.get("txid"))
+        raw_tx = args.get("raw_tx")
+        if not isinstance(raw_tx, bytes) or not raw_tx:
+            raise UtxoError("bad_request", "'raw_tx' must be the signed transaction's bytes")
+        return (raw_tx, _int(args, "fee_sat", 0, 10**10), _int(args, "vsize", 1, 10**6),
+                _int(args, "tip_height", 0, 10**9))
+
+    def _anchor(self, args: dict[str, Any]) -> dict[str, Any]:
+        anchor_id = _int(args, "anchor_id", 1, 2**62)
+        row = self.conn.execute(f"SELECT {ANCHOR_COLUMNS} FROM anchors WHERE id = ?",
+                                (anchor_id,)).fetchone()
+        if row is None:
+            raise UtxoError("not_found", f"no anchor {anchor_id}")
+        return describe(row)
+
+    def replace(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{request_id, anchor_id, txid, raw_tx, fee_sat, vsize, change, tip_height}
+        -> {anchor_id, txid, replaced_txid}: a fee bump of the same input."""
+        anchor = self._anchor(args)
+        raw_tx, fee, size, tip = self._tx_fields(args)
+        if anchor["status"] not in ("signed", "submitted"):
+            raise UtxoError("bad_request", f"anchor {anchor['anchor_id']} is {anchor['status']}")
+        if fee <= anchor["fee_sat"]:
+            raise UtxoError("bad_request", "a replacement must pay a higher fee")
+        spent = self.utxos.spend({"lease_id": anchor["lease_id"], "change": args.get("change"),
+                                  "spending_txid": args["txid"]}, now_ns)
+        replaced = anchor["replaced_txids"] + [anchor["txid"]]
+        self.conn.execute("UPDATE anchors SET txid = ?, raw_tx = ?, fee_sat = ?, vsize = ?,"
+                          " replaced_txids = ?, status = 'signed', broadcast_height = ?"
+                          " WHERE id = ?", (args["txid"], raw_tx, fee, size,
+                                            msgpack.packb(replaced), tip, anchor["anchor_id"]))
+        self.counters["replaced"] += 1
+        return {"anchor_id": anchor["anchor_id"], "txid": args["txid"],
+                "replaced_txid": spent["replaced_txid"]}
+
+    def update(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{anchor_id, status: submitted|confirmed, txid?, block_hash?, block_height?}:
+        `submitted` once broadcast, `confirmed` with the block of whichever of
+        its transactions was mined (`txid`, if an earlier one)."""
+        anchor = self._anchor(args)
+        status = args.get("status")
+        if status == "submitted":
+            self.conn.execute("UPDATE anchors SET status = 'submitted', submitted_ns ="
+                              " coalesce(submitted_ns, ?) WHERE id = ? AND status = 'signed'",
+                              (now_ns, anchor["anchor_id"]))
+        elif status == "confirmed":
+            txid = _txid(args.get("txid", anchor["txid"]))
+            if txid not in [anchor["txid"], *anchor["replaced_txids"]]:
+                raise UtxoError("bad_request", f"{txid} is not a transaction of this anchor")
+            self.conn.execute("UPDATE anchors SET status = 'confirmed', txid = ?, confirmed_ns = ?,"
+                              " block_hash = ?, block_height = ? WHERE id = ?",
+                              (txid, now_ns, _txid(args.get("block_hash"), "block_hash"),
+                               _int(args, "block_height", 0, 10**9), anchor["anchor_id"]))
+            self.counters["confirmed"] += anchor["status"] != "confirmed"
+        else:
+            raise UtxoError("bad_request", "'status' must be submitted or confirmed")
+        return {"anchor_id": anchor["anchor_id"], "status": status}
+
+    def fail(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{anchor_id, reason, inputs_spent}: bitcoind refused the transaction for
+        good. Its documents are forgotten (so they can be anchored again) and its
+        UTXO goes back to the pool, unless `inputs_spent` (spent elsewhere)."""
+        anchor = self._anchor(args)
+        reason = _str(args, "reason", max_len=500)
+        if anchor["status"] != "signed":
+            raise UtxoError("bad_request", f"anchor {anchor['anchor_id']} is {anchor['status']};"
+                                           " only a transaction never accepted can fail")
+        self.conn.execute("DELETE FROM anchor_documents WHERE anchor_id = ?", (anchor["anchor_id"],))
+        self.conn.execute("UPDATE anchors SET status = 'failed', raw_tx = ? WHERE id = ?",
+                          (reason.encode(), anchor["anchor_id"]))
+        self.conn.execute("DELETE FROM utxos WHERE txid = ? AND status = 0", (anchor["txid"],))
+        if not args.get("inputs_spent"):
+            self.conn.execute("UPDATE utxos SET status = 0, lease_id = NULL, lease_expires_ns ="
+                              " NULL, lease_owner = NULL, spent_txid = NULL, updated_ns = ?"
+                              " WHERE txid = ? AND vout = ?",
+                              (now_ns, anchor["utxo_txid"], anchor["utxo_vout"]))
+        self.counters["failed"] += 1
+        return {"anchor_id": anchor["anchor_id"], "status": "failed"}
+
+    def open_anchors(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{} -> {anchors: [...]}: every anchor not yet confirmed, oldest first."""
+        rows = self.conn.execute(f"SELECT {ANCHOR_COLUMNS} FROM anchors WHERE status IN"
+                                 " ('signed', 'submitted') ORDER BY id LIMIT ?",
+                                 (MAX_OPEN_LISTED,)).fetchall()
+        return {"anchors": [describe(row) for row in rows]}
+
+    def known(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{hashes: [32 bytes...]} -> {known: [...]}: those already anchored."""
+        hashes = args.get("hashes")
+        if not isinstance(hashes, list) or len(hashes) > MAX_DOCUMENTS:
+            raise UtxoError("bad_request", f"'hashes' must be a list of at most {MAX_DOCUMENTS}")
+        return {"known": self._known([_hash32(h) for h in hashes])}
+
+    def leaves(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{anchor_id} -> {leaves: [[hash, ref, message_id]...]} in leaf order:
+        what a restarted worker needs to announce an anchor it recorded."""
+        anchor = self._anchor(args)
+        return {"leaves": [list(row) for row in self.conn.execute(
+            "SELECT doc_hash, ref, message_id FROM anchor_documents WHERE anchor_id = ?"
+            " ORDER BY leaf_index", (anchor["anchor_id"],))]}
+
+    def _known(self, hashes: list[bytes]) -> list[bytes]:
+        found = []
+        for start in range(0, len(hashes), 500):
+            chunk = hashes[start:start + 500]
+            found += [row[0] for row in self.conn.execute(
+                "SELECT doc_hash FROM anchor_documents WHERE doc_hash IN"
+                f" ({','.join('?' * len(chunk))})", chunk)]
+        return found
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self.counters)
+
+
+def document_proof(conn: apsw.Connection, document_hash: bytes) -> dict[str, Any] | None:
+    """The inclusion proof of a document (see anchor/proof.py), or None if it
+    is not anchored. Rebuilds its anchor's tree from the stored leaves."""
+    row = conn.execute("SELECT anchor_id, leaf_index, ref FROM anchor_documents"
+                       " WHERE doc_hash = ?", (document_hash,)).fetchone()
+    if row is None:
+        return None
+    anchor_id, index, ref = row
+    anchor = describe(conn.execute(f"SELECT {ANCHOR_COLUMNS} FROM anchors WHERE id = ?",
+                                   (anchor_id,)).fetchone())
+    leaves = [r[0] for r in conn.execute("SELECT doc_hash FROM anchor_documents WHERE"
+                                         " anchor_id = ? ORDER BY leaf_index", (anchor_id,))]
+    tree = MerkleTree(leaves)
+    if tree.root != anchor["root"]:
+        raise RuntimeError(f"anchor {anchor_id}: stored leaves do not give the stored root")
+    return make_proof(document_hash, index, tree.size, tree.path(index), anchor, ref)
