@@ -43,7 +43,7 @@ from anchor.bitcoind import (RPC_VERIFY_ALREADY_IN_CHAIN, RPC_VERIFY_ERROR, RPC_
                              parse_hashblock, parse_tx, to_btc, vsize)
 from anchor.merkle import MerkleTree
 from anchor.proof import op_return_payload
-from anchor.reservations import NoUtxo, UtxoClient
+from anchor.reservations import RETRYABLE, NoUtxo, UtxoClient
 from anchor.sync import WalletSync
 from bus import protocol
 from bus.client import BusError, Publisher, Subscriber
@@ -122,6 +122,7 @@ class AnchorWorker:
         self.open: dict[int, dict[str, Any]] = {}  # anchors not yet confirmed, by id
         self._leaves: dict[int, list[Document]] = {}
         self._recovered = False
+        self._ready = False                        # recovered and synced once
         self._block_due = True                     # sync and check anchors at start
         self._next_block_poll = 0.0
         self._retry_at = 0.0
@@ -282,8 +283,12 @@ class AnchorWorker:
     # --- the work ---------------------------------------------------------------------
 
     def _work(self) -> None:
-        if not self._recovered:
-            self._recover()
+        if not self._ready:
+            if not self._recovered:
+                self._recover()
+            self.sync.sync()
+            self._ready = True
+            log.info("anchor_ready", tip_height=self.sync.tip_height, open_anchors=len(self.open))
         if self._block_due:
             self._block_due = False
             try:
@@ -349,9 +354,13 @@ class AnchorWorker:
         tree = MerkleTree([d.hash for d in docs])
         rate = self._fee_rate()
         need = math.ceil(rate * ESTIMATED_VSIZE * BUMP_HEADROOM) + DUST_SAT
-        lease = self.utxos.reserve(need, cfg.anchor_lease_s,
-                                   min_confirmations=cfg.anchor_utxo_min_confirmations,
-                                   request_id=f"{self._batch_id}-reserve")
+        try:
+            lease = self.utxos.reserve(need, cfg.anchor_lease_s,
+                                       min_confirmations=cfg.anchor_utxo_min_confirmations,
+                                       request_id=f"{self._batch_id}-reserve")
+        except NoUtxo:
+            self._batch_id = None
+            raise
         try:
             tx = self._build(lease, tree.root, rate)
             tip = self.sync.tip_height or 0
@@ -361,6 +370,14 @@ class AnchorWorker:
                 "lease_id": lease["lease_id"], "tip_height": tip, **tx})
         except (RpcUnavailable, RpcError, BuildFailed):
             self.utxos.release(lease["lease_id"])
+            self._batch_id = None  # the next attempt is a new request, for a new lease
+            raise
+        except BusError as exc:
+            # A timeout leaves the outcome unknown: the retry keeps the request
+            # ids and gets the writer's stored replies. A refusal (the lease ran
+            # out, say) is final: the next attempt starts afresh.
+            if exc.code not in RETRYABLE:
+                self._batch_id = None
             raise
         anchor = {"anchor_id": recorded["anchor_id"], "root": tree.root, "size": tree.size,
                   "txid": tx["txid"], "raw_tx": tx["raw_tx"], "fee_sat": tx["fee_sat"],

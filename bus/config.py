@@ -81,7 +81,7 @@ SETTINGS: tuple[Setting, ...] = (
             "durable consumer positions the writer keeps"),
     Setting("utxo_max_lease_s", "BUS_UTXO_MAX_LEASE_S", float, 3600.0,
             "longest lease a UTXO reservation or renewal may ask for"),
-    Setting("utxo_request_ttl_s", "BUS_UTXO_REQUEST_TTL_S", float, 86400.0,
+    Setting("utxo_request_ttl_s", "BUS_UTXO_REQUEST_TTL_S", float, 3600.0,
             "how long the writer keeps each utxo_* reply for retries of its request id"),
     Setting("bitcoind_rpc_url", "BUS_BITCOIND_RPC_URL", str, "http://127.0.0.1:8332",
             "bitcoind JSON-RPC (add /wallet/NAME for a named wallet)"),

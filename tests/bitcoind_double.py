@@ -149,6 +149,8 @@ class BitcoindDouble:
             self._server = None
 
     def close(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
         self.stop()
         self.zmq_pub.close()
 
@@ -274,7 +276,8 @@ class BitcoindDouble:
         return self.txs[txid].tx.vout[vout]
 
     def _wallet_outputs(self, entry: TxEntry) -> list[tuple[int, TransactionOutput]]:
-        return [(n, out) for n, out in enumerate(entry.tx.vout) if out.script_pubkey.data in self.keys]
+        return [(n, out) for n, out in enumerate(entry.tx.vout)
+                if out.script_pubkey.data in self.keys]
 
     def _wallet_inputs(self, entry: TxEntry) -> bool:
         if entry.funding:

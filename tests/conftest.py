@@ -27,6 +27,7 @@ import zmq
 
 from bus import protocol
 from bus.client import BusError, ControlClient
+from tests.bitcoind_double import BitcoindDouble
 
 BUS_CLI = str(Path(sys.executable).with_name("bus-cli"))
 ENDPOINT_VARS = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
@@ -339,3 +340,11 @@ def make_bus(tmp_path: Path) -> Iterator[Callable[..., Bus]]:
 def bus(make_bus: Callable[..., Bus]) -> Bus:
     """A running bus with default batching."""
     return make_bus().start()
+
+
+@pytest.fixture
+def node() -> Iterator[BitcoindDouble]:
+    """The bitcoind double (JSON-RPC and ZMQ hashblock on loopback), closed after the test."""
+    double = BitcoindDouble()
+    yield double
+    double.close()

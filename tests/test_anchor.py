@@ -7,7 +7,6 @@ import hashlib
 import json
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -31,13 +30,6 @@ def doc(n: int | str) -> bytes:
 
 
 @pytest.fixture
-def node() -> Iterator[BitcoindDouble]:
-    double = BitcoindDouble()
-    yield double
-    double.close()
-
-
-@pytest.fixture
 def anchoring(make_bus: Any, node: BitcoindDouble) -> Bus:
     """A running bus whose settings point the anchor worker at the double."""
     bus = make_bus(BUS_BITCOIND_RPC_URL=node.url, BUS_BITCOIND_RPC_USER=node.user,
@@ -48,8 +40,8 @@ def anchoring(make_bus: Any, node: BitcoindDouble) -> Bus:
 
 def start_worker(bus: Bus) -> Proc:
     worker = bus.run("anchor")
-    wait_for(lambda: any(e.get("event") == "wallet_loaded" for e in worker.log_events())
-             or worker.popen.poll() is not None, message="the wallet loaded")
+    wait_for(lambda: any(e.get("event") == "anchor_ready" for e in worker.log_events())
+             or worker.popen.poll() is not None, message="the worker ready")
     assert worker.popen.poll() is None, worker.stderr.collect()[-10:]
     return worker
 
@@ -87,6 +79,14 @@ class Events:
         self.sub.close()
 
 
+@pytest.fixture
+def events(anchoring: Bus) -> Iterator[Events]:
+    """anchor.* events of the bus, subscribed before the test starts a worker."""
+    subscription = Events(anchoring)
+    yield subscription
+    subscription.close()
+
+
 def submitted_docs(events: Events) -> dict[bytes, dict]:
     return {d["hash"]: {**d, "root": e["root"], "txid": e["txid"], "size": e["tree_size"]}
             for e in events.of("anchor.submitted") for d in e["documents"]}
@@ -96,9 +96,9 @@ def anchor_rows(bus: Bus) -> list[tuple]:
     return query(bus.db, "SELECT id, txid, status, size FROM anchors ORDER BY id")
 
 
-def test_requests_are_anchored_proved_confirmed_and_verified(anchoring: Bus, node, tmp_path) -> None:
+def test_requests_are_anchored_proved_confirmed_and_verified(anchoring, node, events,
+                                                             tmp_path) -> None:
     node.fund([200_000, 300_000, 400_000])
-    events = Events(anchoring)
     start_worker(anchoring)
     hashes = [doc(i) for i in range(25)]
     request(anchoring, *hashes, hashes[3], payloads=(b"not a hash",))
@@ -138,4 +138,97 @@ def test_requests_are_anchored_proved_confirmed_and_verified(anchoring: Bus, nod
     assert bad.returncode == 1 and "INVALID: the audit path leads to" in bad.stderr
     missing = anchoring.cli("anchor", "proof", doc("never").hex())
     assert missing.returncode == 1 and "is not anchored" in missing.stderr
-    events.close()
+
+
+def utxo_status(bus: Bus) -> list[tuple]:
+    return query(bus.db, "SELECT amount_sat, status FROM utxos ORDER BY amount_sat")
+
+
+def test_a_crashed_workers_lease_expires_and_its_requests_are_anchored_once(anchoring, node,
+                                                                          events) -> None:
+    node.fund([200_000])
+    node.hold("signrawtransactionwithwallet")
+    worker = start_worker(anchoring)
+    request(anchoring, *[doc(i) for i in range(10)])
+    wait_for(lambda: node.held["signrawtransactionwithwallet"], message="the worker signing")
+    assert utxo_status(anchoring) == [(200_000, 1)]      # leased
+    worker.send_signal(signal.SIGKILL)
+    assert worker.wait() == -signal.SIGKILL
+    node.release("signrawtransactionwithwallet")
+    # BUS_ANCHOR_LEASE_S=2: the UTXO comes back by itself.
+    wait_for(lambda: utxo_status(anchoring) == [(200_000, 0)], message="the lease to expire")
+    assert anchoring.writer_stats()["utxos"]["expired"] == 1
+    start_worker(anchoring)
+    submitted = wait_for(lambda: len(submitted_docs(events)) == 10 and submitted_docs(events),
+                         message="the 10 requests anchored after the restart")
+    assert {d["hash"] for d in submitted.values()} == {doc(i) for i in range(10)}
+    assert [(size, status) for _, _, status, size in anchor_rows(anchoring)] == \
+        [(10, "submitted")]
+    assert query(anchoring.db, "SELECT count(*) FROM utxos WHERE status = 2") == [(1,)]
+
+
+def test_a_worker_killed_after_recording_broadcasts_on_restart(anchoring, node, events) -> None:
+    node.fund([200_000])
+    node.hold("sendrawtransaction")
+    worker = start_worker(anchoring)
+    request(anchoring, doc("a"), doc("b"))
+    wait_for(lambda: node.held["sendrawtransaction"], message="the worker broadcasting")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    [(_, txid, status, _)] = anchor_rows(anchoring)
+    assert status == "signed"
+    node.mempool.clear()  # the node never saw it (the held call is dropped)
+    node.release("sendrawtransaction")
+    start_worker(anchoring)
+    wait_for(lambda: node.mempool == [txid], message="the recorded transaction broadcast")
+    assert events.wait("anchor.submitted")[0]["txid"] == txid
+    assert [row[1:3] for row in anchor_rows(anchoring)] == [(txid, "submitted")]
+
+
+def test_bitcoind_unreachable_keeps_the_requests_until_it_is_back(anchoring, node, events) -> None:
+    node.fund([200_000])
+    worker = start_worker(anchoring)
+    node.stop()
+    request(anchoring, doc(1), doc(2), doc(3))
+    # It tried: reserved a UTXO, could not build, gave the lease back. The next
+    # try must be a new reservation, not a replay of the released one.
+    wait_for(lambda: anchoring.writer_stats()["utxos"]["released"] >= 1,
+             message="a try while bitcoind is down")
+    assert any(e.get("event") == "anchor_held_back" and "did not answer" in e.get("error", "")
+               for e in worker.log_events())
+    assert anchor_rows(anchoring) == []
+    node.start()
+    submitted = wait_for(lambda: len(submitted_docs(events)) == 3, message="3 documents anchored")
+    assert submitted and worker.popen.poll() is None
+    assert anchoring.writer_stats()["utxos"]["errors"] == 0  # no stale lease was used
+
+
+def test_no_spendable_utxo_is_an_error_event_and_the_requests_wait(anchoring, node, events) -> None:
+    start_worker(anchoring)
+    request(anchoring, doc("x"))
+    error = events.wait("anchor.error")[0]
+    assert error["error"] == "no_utxo" and "no available UTXO" in error["reason"]
+    assert anchoring.writer_stats()["utxos"]["no_utxo"] >= 1
+    node.fund([100_000])  # a block: the worker syncs and tries again
+    wait_for(lambda: doc("x") in submitted_docs(events), message="anchored once funded")
+
+
+def test_a_transaction_not_mined_in_time_is_fee_bumped_never_anchored_twice(anchoring, node,
+                                                                           events) -> None:
+    node.fund([200_000])
+    node.mine_min_fee_rate = 2.5   # the first transaction pays 2 sat/vB: left in the mempool
+    start_worker(anchoring)
+    request(anchoring, doc("slow"))
+    first = events.wait("anchor.submitted")[0]["txid"]
+    node.mine(2)                   # BUS_ANCHOR_BUMP_AFTER_BLOCKS=2
+    bumped = events.wait("anchor.submitted", lambda e: e["replaces"] == first)[0]
+    assert node.mempool == [bumped["txid"]]   # the replacement evicted the first
+    assert bumped["fee_sat"] > 1.5 * 2 * 150
+    node.mine(2)
+    confirmed = events.wait("anchor.confirmed")[0]
+    assert confirmed["txid"] == bumped["txid"]
+    assert query(anchoring.db, "SELECT txid, status, replaced_txids FROM anchors") == \
+        [(bumped["txid"], "confirmed", msgpack.packb([first]))]
+    assert query(anchoring.db, "SELECT spent_txid FROM utxos WHERE amount_sat = 200000") == \
+        [(bumped["txid"],)]
+    assert query(anchoring.db, "SELECT count(*) FROM utxos WHERE txid = ?", (first,)) == [(0,)]

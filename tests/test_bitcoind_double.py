@@ -17,13 +17,6 @@ from tests.bitcoind_double import BitcoindDouble
 
 
 @pytest.fixture
-def node() -> Iterator[BitcoindDouble]:
-    double = BitcoindDouble()
-    yield double
-    double.close()
-
-
-@pytest.fixture
 def rpc(node: BitcoindDouble) -> Iterator[BitcoinRpc]:
     client = BitcoinRpc(node.url, node.user, node.password, timeout_s=5)
     yield client

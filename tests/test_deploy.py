@@ -19,6 +19,7 @@ import pytest
 
 from bus.client import HistoryClient, Publisher
 from bus.config import load_config
+from tests.bitcoind_double import BitcoindDouble
 from tests.conftest import BUS_CLI, ENDPOINT_VARS, Proc, count_messages, free_port, ping, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,7 @@ UNITS = ROOT / "deploy" / "systemd"
 INSTALLED_CLI = "/opt/bus/.venv/bin/bus-cli"
 INSTALLED_CONFIG = "/etc/bus/bus.toml"
 SERVICES = ("bus-writer.service", "bus-proxy.service", "bus-reader.service")  # start order
+ANCHOR = "bus-anchor.service"  # optional (needs bitcoind): enabled on its own
 
 
 def read_unit(name: str) -> configparser.ConfigParser:
@@ -36,8 +38,9 @@ def read_unit(name: str) -> configparser.ConfigParser:
     return parser
 
 
-def local_config(tmp_path: Path) -> Path:
-    """deploy/bus.toml with free ports and a temp database, as /etc/bus/bus.toml."""
+def local_config(tmp_path: Path, **replace: str) -> Path:
+    """deploy/bus.toml with free ports, a temp database and `replace`d keys,
+    as /etc/bus/bus.toml."""
     text = (ROOT / "deploy" / "bus.toml").read_text()
     lines = []
     for line in text.splitlines():
@@ -46,7 +49,10 @@ def local_config(tmp_path: Path) -> Path:
             line = f'{key} = "tcp://127.0.0.1:{free_port()}"'
         elif key == "BUS_DB":
             line = f'BUS_DB = "{tmp_path / "bus.db"}"'
+        elif key in replace:
+            line = f'{key} = "{replace.pop(key)}"'
         lines.append(line)
+    lines += [f'{key} = "{value}"' for key, value in replace.items()]
     path = tmp_path / "bus.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -58,10 +64,11 @@ def localize(text: str, config: Path) -> str:
 
 def test_deploy_has_one_unit_per_process_and_a_target() -> None:
     assert sorted(p.name for p in UNITS.iterdir()) == \
-        ["bus-proxy.service", "bus-reader.service", "bus-writer.service", "bus.target"]
+        ["bus-anchor.service", "bus-proxy.service", "bus-reader.service", "bus-writer.service",
+         "bus.target"]
     target = read_unit("bus.target")
     assert set(target["Unit"]["Wants"].split()) == set(SERVICES)
-    for name in SERVICES:
+    for name in (*SERVICES, ANCHOR):
         unit = read_unit(name)
         assert unit["Service"]["Restart"] == "on-failure"
         assert INSTALLED_CONFIG in unit["Service"]["ExecStart"]
@@ -73,6 +80,10 @@ def test_deploy_has_one_unit_per_process_and_a_target() -> None:
     # The reader opens the writer's database file: same (dynamic) user.
     assert read_unit("bus-reader.service")["Service"]["User"] == \
         read_unit("bus-writer.service")["Service"]["User"]
+    # The anchor worker needs no database: another user, started after the bus.
+    writer_user = read_unit("bus-writer.service")["Service"]["User"]
+    assert read_unit(ANCHOR)["Service"]["User"] != writer_user
+    assert set(SERVICES) <= set(read_unit(ANCHOR)["Unit"]["After"].split())
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -96,30 +107,40 @@ def test_units_pass_systemd_analyze(tmp_path: Path) -> None:
 
 
 def test_unit_command_lines_run_and_stop_cleanly(tmp_path: Path) -> None:
-    config = local_config(tmp_path)
+    node = BitcoindDouble()
+    config = local_config(tmp_path, BUS_BITCOIND_RPC_URL=node.url,
+                          BUS_BITCOIND_ZMQ_HASHBLOCK=node.zmq_endpoint,
+                          BUS_BITCOIND_RPC_COOKIE=str(tmp_path / ".cookie"))
+    (tmp_path / ".cookie").write_text(f"{node.user}:{node.password}")
     cfg = load_config(env={}, config_path=config)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("BUS_", "BATCH_"))}
     env["BUS_LOG_FORMAT"] = "json"
     procs = {}
     try:
-        for name in SERVICES:  # the After= order
+        for name in (*SERVICES, ANCHOR):  # the After= order
             service = read_unit(name)["Service"]
             argv = shlex.split(localize(service["ExecStart"], config))
             assert argv[0] == BUS_CLI
             procs[name] = Proc(argv, env, cwd=tmp_path)
-        wait_for(lambda: all(ping(e) for e in (cfg.control_endpoint, cfg.proxy_control_endpoint,
-                                               cfg.read_endpoint)),
-                 message="the units' processes to answer ping")
+            if name == SERVICES[-1]:
+                wait_for(lambda: all(ping(e) for e in (cfg.control_endpoint,
+                                                       cfg.proxy_control_endpoint,
+                                                       cfg.read_endpoint)),
+                         message="the units' processes to answer ping")
+        # The worker reaches bitcoind with the cookie file, and the bus.
+        wait_for(lambda: any(e.get("event") == "anchor_ready" for e in procs[ANCHOR].log_events()),
+                 message="the anchor worker ready")
         with Publisher(cfg, producer_id="unit") as pub:
             pub.publish("unit.check", b"stored through the units' command lines", wait=True)
         with HistoryClient(cfg) as history:
             assert [m.payload for m in history.messages(["unit."])] == \
                 [b"stored through the units' command lines"]
-        for name in reversed(SERVICES):  # reverse order on stop
+        for name in reversed((*SERVICES, ANCHOR)):  # reverse order on stop
             kill = getattr(signal, read_unit(name)["Service"]["KillSignal"])
             assert procs[name].stop(kill) == 0, procs[name].stderr.collect()
         assert count_messages(tmp_path / "bus.db", "unit.") == 1
     finally:
         for proc in procs.values():
             proc.kill()
+        node.close()

@@ -161,6 +161,14 @@ class AnchorBook:
             txid = _txid(args.get("txid", anchor["txid"]))
             if txid not in [anchor["txid"], *anchor["replaced_txids"]]:
                 raise UtxoError("bad_request", f"{txid} is not a transaction of this anchor")
+            if txid != anchor["txid"]:
+                # A replaced transaction was mined, not the newest: the newest's
+                # change never existed; the mined one's comes with the wallet sync.
+                self.conn.execute("DELETE FROM utxos WHERE txid = ? AND status = 0",
+                                  (anchor["txid"],))
+                self.conn.execute("UPDATE utxos SET spent_txid = ?, updated_ns = ? WHERE"
+                                  " txid = ? AND vout = ?", (txid, now_ns, anchor["utxo_txid"],
+                                                            anchor["utxo_vout"]))
             self.conn.execute("UPDATE anchors SET status = 'confirmed', txid = ?, confirmed_ns = ?,"
                               " block_hash = ?, block_height = ? WHERE id = ?",
                               (txid, now_ns, _txid(args.get("block_hash"), "block_hash"),
@@ -179,7 +187,8 @@ class AnchorBook:
         if anchor["status"] != "signed":
             raise UtxoError("bad_request", f"anchor {anchor['anchor_id']} is {anchor['status']};"
                                            " only a transaction never accepted can fail")
-        self.conn.execute("DELETE FROM anchor_documents WHERE anchor_id = ?", (anchor["anchor_id"],))
+        self.conn.execute("DELETE FROM anchor_documents WHERE anchor_id = ?",
+                          (anchor["anchor_id"],))
         self.conn.execute("UPDATE anchors SET status = 'failed', raw_tx = ? WHERE id = ?",
                           (reason.encode(), anchor["anchor_id"]))
         self.conn.execute("DELETE FROM utxos WHERE txid = ? AND status = 0", (anchor["txid"],))

@@ -1,0 +1,90 @@
+"""Wallet sync: the writer's utxos table follows the bitcoind double's wallet,
+a page at a time: full load, new blocks, spends, a reorg."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from embit import ec, script
+from embit.networks import NETWORKS
+
+from anchor.bitcoind import BitcoinRpc, to_btc, to_sat
+from anchor.reservations import UtxoClient
+from anchor.sync import WalletSync
+from tests.bitcoind_double import BitcoindDouble
+from tests.conftest import Bus, query
+
+
+@pytest.fixture
+def sync(make_bus: Any, node: BitcoindDouble) -> Iterator[tuple[WalletSync, Bus]]:
+    bus = make_bus()
+    bus.start_writer()
+    rpc = BitcoinRpc(node.url, node.user, node.password, timeout_s=5)
+    utxos = UtxoClient(bus["BUS_CONTROL_ENDPOINT"], retry_for_s=5)
+    yield WalletSync(rpc, utxos, page=5), bus
+    utxos.close()
+    rpc.close()
+
+
+def table(bus: Bus) -> set[tuple]:
+    """(txid, vout, amount, confirmations-derived height) of available rows."""
+    return set(query(bus.db, "SELECT txid, vout, amount_sat, block_height FROM utxos"
+                             " WHERE status = 0"))
+
+
+def wallet(node: BitcoindDouble, rpc: BitcoinRpc) -> set[tuple]:
+    tip = node.height
+    return {(u["txid"], u["vout"], to_sat(u["amount"]),
+             tip - u["confirmations"] + 1 if u["confirmations"] else None)
+            for u in rpc.call("listunspent", 0)}
+
+
+def outside_address() -> str:
+    key = ec.PrivateKey(hashlib.sha256(b"someone else").digest())
+    return script.p2wpkh(key.get_public_key()).address(NETWORKS["regtest"])
+
+
+def test_full_load_pages_by_amount_and_matches_the_wallet(sync, node) -> None:
+    ws, bus = sync
+    # 43 outputs, 12 of one amount (more than a page of 5: that band cannot split).
+    amounts = [1_000 + 37 * i for i in range(31)] + [5_000] * 12
+    node.fund(amounts[:20], confirmations=3)
+    node.fund(amounts[20:], confirmations=1)
+    ws.sync()
+    assert table(bus) == wallet(node, ws.rpc) and len(table(bus)) == 43
+    assert ws.counters["full_loads"] == 1 and ws.counters["listunspent_calls"] > 43 // 5
+    # Heights come from confirmations: the first 20 are 3 blocks below the tip.
+    assert query(bus.db, "SELECT count(*) FROM utxos WHERE block_height = ?",
+                 (node.height - 3,)) == [(20,)]
+
+
+def test_new_blocks_spends_and_a_reorg_follow_incrementally(sync, node) -> None:
+    ws, bus = sync
+    node.fund([100_000, 200_000, 300_000], confirmations=2)
+    ws.sync()
+    # An outside spend from the wallet, with change back to it, and a new payment.
+    spent = next(u for u in ws.rpc.call("listunspent") if to_sat(u["amount"]) == 200_000)
+    raw = ws.rpc.call("createrawtransaction", [{"txid": spent["txid"], "vout": spent["vout"]}],
+                      [{outside_address(): to_btc(50_000)},
+                       {ws.rpc.call("getrawchangeaddress"): to_btc(149_000)}])
+    spend_txid = ws.rpc.call("sendrawtransaction",
+                             ws.rpc.call("signrawtransactionwithwallet", raw)["hex"])
+    [paid] = node.fund([70_000], confirmations=1)
+    assert ws.sync() is True
+    assert table(bus) == wallet(node, ws.rpc)
+    assert query(bus.db, "SELECT status, spent_txid FROM utxos WHERE txid = ? AND vout = ?",
+                 (spent["txid"], spent["vout"])) == [(2, spend_txid)]
+    assert (spend_txid, 1, 149_000, node.height) in table(bus)  # the change, found too
+    assert ws.sync() is False  # nothing new
+    # Reorg: the block with the 70,000 payment is replaced by two without it.
+    paid_block = node.txs[paid].block
+    ws.rpc.call("invalidateblock", paid_block)
+    node.mine(2)
+    ws.sync()
+    assert ws.counters["reorgs"] == 1
+    assert query(bus.db, "SELECT status FROM utxos WHERE txid = ?", (paid,)) == [(2,)]
+    assert table(bus) == wallet(node, ws.rpc)  # heights of re-mined outputs follow too
+    assert ws.utxos.tip() == (node.height, node.getbestblockhash())
