@@ -1,5 +1,5 @@
 # Two commands for a fresh clone (Python 3.11 and make are all they need):
-#   make up     start the bus (proxy + writer) on ./bus.db; Ctrl-C stops it
+#   make up     start the bus (proxy + writer + reader) on ./bus.db; Ctrl-C stops it
 #   make test   run the whole test suite
 # Each creates or refreshes .venv when pyproject.toml has changed.
 

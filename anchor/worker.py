@@ -225,9 +225,11 @@ class AnchorWorker:
 
     def _take_requests(self, now: float) -> None:
         """Read requests until the batch is full or the wait is over."""
-        wait = POLL_SECONDS
-        if self._pending_since is not None:
-            wait = min(wait, max(0.0, self._pending_since + self.config.anchor_interval_s - now))
+        wake = now + POLL_SECONDS
+        if self._pending_since is not None:  # not before a back-off ends: no spinning
+            wake = min(wake, max(self._pending_since + self.config.anchor_interval_s,
+                                 self._retry_at))
+        wait = max(0.0, wake - now)
         if len(self.pending) >= self.config.anchor_max_documents or self.requests is None:
             self.poller.poll(int(wait * 1000))
             return

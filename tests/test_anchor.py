@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -140,6 +143,11 @@ def test_requests_are_anchored_proved_confirmed_and_verified(anchoring, node, ev
     assert missing.returncode == 1 and "is not anchored" in missing.stderr
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def utxo_status(bus: Bus) -> list[tuple]:
     return query(bus.db, "SELECT amount_sat, status FROM utxos ORDER BY amount_sat")
 
@@ -197,10 +205,16 @@ def test_bitcoind_unreachable_keeps_the_requests_until_it_is_back(anchoring, nod
     assert any(e.get("event") == "anchor_held_back" and "did not answer" in e.get("error", "")
                for e in worker.log_events())
     assert anchor_rows(anchoring) == []
+    # Waiting with overdue requests is waiting, not spinning: CPU over a 2 s window.
+    cpu, wall = cpu_seconds(worker.pid), time.monotonic()
+    time.sleep(2)
+    used = cpu_seconds(worker.pid) - cpu
+    assert used < 0.5 * (time.monotonic() - wall), (used, worker.log_events()[-5:])
     node.start()
     submitted = wait_for(lambda: len(submitted_docs(events)) == 3, message="3 documents anchored")
     assert submitted and worker.popen.poll() is None
-    assert anchoring.writer_stats()["utxos"]["errors"] == 0  # no stale lease was used
+    stats = anchoring.writer_stats()["utxos"]
+    assert stats["errors"] == 0, (stats, worker.log_events()[-8:])  # no stale lease was used
 
 
 def test_no_spendable_utxo_is_an_error_event_and_the_requests_wait(anchoring, node, events) -> None:
@@ -232,3 +246,20 @@ def test_a_transaction_not_mined_in_time_is_fee_bumped_never_anchored_twice(anch
     assert query(anchoring.db, "SELECT spent_txid FROM utxos WHERE amount_sat = 200000") == \
         [(bumped["txid"],)]
     assert query(anchoring.db, "SELECT count(*) FROM utxos WHERE txid = ?", (first,)) == [(0,)]
+
+
+def test_submit_waits_for_the_proof_of_a_file(anchoring, node, tmp_path) -> None:
+    node.fund([200_000])
+    start_worker(anchoring)
+    document = tmp_path / "contract.txt"
+    document.write_bytes(b"the parties agree" * 1000)
+    out = anchoring.cli("anchor", "submit", str(document), "--ref", "contract-7", "--wait",
+                        "--timeout", "15")
+    assert out.returncode == 0, out.stderr
+    proof = json.loads(out.stdout)
+    digest = hashlib.sha256(document.read_bytes()).hexdigest()
+    assert (proof["document"], proof["ref"], proof["status"]) == (digest, "contract-7",
+                                                                  "submitted")
+    assert node.mempool == [proof["txid"]]
+    bad = anchoring.cli("anchor", "submit", "--hash", "abc")
+    assert bad.returncode == 2 and "64 hex characters" in bad.stderr
