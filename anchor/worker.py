@@ -269,6 +269,18 @@ class AnchorWorker:
             return
         self.events.publish(topic, msgpack.packb(body), content_type=protocol.CONTENT_MSGPACK)
 
+    def _flush_events(self) -> None:
+        """Wait until the writer has stored the events published so far (they are
+        re-sent meanwhile if need be); on a timeout they stay queued for the next
+        flush, and the work goes on."""
+        if self.events is None or not self.events.unacked:
+            return
+        try:
+            self.events.flush(timeout=self.config.request_timeout_ms / 1000)
+        except BusError as exc:
+            self._warnings.warning("events", "events_not_acknowledged", error=str(exc),
+                                   unacked=self.events.unacked)
+
     # --- blocks -----------------------------------------------------------------------
 
     def _watch_blocks(self, now: float) -> None:
@@ -474,6 +486,7 @@ class AnchorWorker:
         self._event(protocol.ANCHOR_ERROR_TOPIC, {
             "error": "transaction_refused", "reason": exc.message, "txid": anchor["txid"],
             "anchor_id": anchor["anchor_id"], "documents": len(docs)})
+        self._flush_events()
 
     def _stored_leaves(self, anchor: dict[str, Any]) -> list[Document]:
         leaves = self.utxos.call("anchor_leaves", {"anchor_id": anchor["anchor_id"]})["leaves"]
@@ -492,6 +505,7 @@ class AnchorWorker:
                 "documents": [{"hash": d.hash, "ref": d.ref, "leaf_index": i,
                                "path": tree.path(i)}
                               for i, d in enumerate(docs[start:start + PROOFS_PER_EVENT], start)]})
+        self._flush_events()
 
     def _check_open(self) -> None:
         """After a block: confirm what is deep enough, bump what is stuck."""
@@ -534,6 +548,7 @@ class AnchorWorker:
             "anchor_id": anchor["anchor_id"], "txid": txid, "root": anchor["root"],
             "tree_size": anchor["size"], "block_hash": info["blockhash"],
             "block_height": info["blockheight"], "confirmations": info["confirmations"]})
+        self._flush_events()
 
     def _bump(self, anchor: dict[str, Any], tip: int) -> None:
         """Replace the transaction: same input, same OP_RETURN, a higher fee (BIP 125:

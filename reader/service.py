@@ -24,7 +24,7 @@ from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
 from writer import utxos
-from writer.anchors import document_proof
+from writer.anchors import ProofUnavailable, document_proof
 from writer.store import SELECT_ID_RANGE
 
 log = get_logger("reader")
@@ -228,6 +228,9 @@ class Reader:
             self.unavailable += 1
             self._rejects.warning("unavailable", "database_unavailable", error=str(exc))
             return protocol.encode_reply_error(request_id, "unavailable", str(exc))
+        except ProofUnavailable as exc:
+            self._rejects.warning("proof_failed", "proof_failed", error=str(exc))
+            return protocol.encode_reply_error(request_id, "proof_failed", str(exc))
         except apsw.Error as exc:  # busy, I/O: the client may retry
             self.unavailable += 1
             self.history.close()

@@ -33,6 +33,10 @@ ANCHOR_COLUMNS = ("id, root, size, txid, raw_tx, fee_sat, vsize, lease_id, utxo_
                   " confirmed_ns, block_hash, block_height")
 
 
+class ProofUnavailable(ValueError):
+    """The stored records of an anchor do not add up (a damaged database)."""
+
+
 def _hash32(value: Any, what: str = "hash") -> bytes:
     if not (isinstance(value, bytes) and len(value) == 32):
         raise UtxoError("bad_request", f"'{what}' must be 32 bytes (a SHA-256)")
@@ -249,5 +253,5 @@ def document_proof(conn: apsw.Connection, document_hash: bytes) -> dict[str, Any
                                          " anchor_id = ? ORDER BY leaf_index", (anchor_id,))]
     tree = MerkleTree(leaves)
     if tree.root != anchor["root"]:
-        raise RuntimeError(f"anchor {anchor_id}: stored leaves do not give the stored root")
+        raise ProofUnavailable(f"anchor {anchor_id}: its stored leaves do not give its root")
     return make_proof(document_hash, index, tree.size, tree.path(index), anchor, ref)

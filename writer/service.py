@@ -31,11 +31,11 @@ from bus import protocol, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
+from writer.anchors import AnchorBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
 from writer.producers import ProducerLedger, ProducerState
 from writer.store import TRANSIENT_ERRORS, Store
-from writer.anchors import AnchorBook
 from writer.utxos import UtxoBook, UtxoError
 
 log = get_logger("writer")
