@@ -32,13 +32,17 @@ def doc(n: int | str) -> bytes:
     return hashlib.sha256(f"document {n}".encode()).digest()
 
 
-@pytest.fixture
-def anchoring(make_bus: Any, node: BitcoindDouble) -> Bus:
+def bus_for(make_bus: Any, node: BitcoindDouble, **settings: Any) -> Bus:
     """A running bus whose settings point the anchor worker at the double."""
     bus = make_bus(BUS_BITCOIND_RPC_URL=node.url, BUS_BITCOIND_RPC_USER=node.user,
                    BUS_BITCOIND_RPC_PASSWORD=node.password,
-                   BUS_BITCOIND_ZMQ_HASHBLOCK=node.zmq_endpoint, **FAST)
+                   BUS_BITCOIND_ZMQ_HASHBLOCK=node.zmq_endpoint, **{**FAST, **settings})
     return bus.start()
+
+
+@pytest.fixture
+def anchoring(make_bus: Any, node: BitcoindDouble) -> Bus:
+    return bus_for(make_bus, node)
 
 
 def start_worker(bus: Bus) -> Proc:
@@ -248,7 +252,10 @@ def test_a_transaction_not_mined_in_time_is_fee_bumped_never_anchored_twice(anch
     assert query(anchoring.db, "SELECT count(*) FROM utxos WHERE txid = ?", (first,)) == [(0,)]
 
 
-def test_submit_waits_for_the_proof_of_a_file(anchoring, node, tmp_path) -> None:
+def test_submit_waits_for_the_proof_of_a_file(make_bus, node, tmp_path) -> None:
+    """Also: with no fee rate set, the rate is bitcoind's estimatesmartfee."""
+    anchoring = bus_for(make_bus, node, BUS_ANCHOR_FEE_RATE_SAT_VB=0)
+    node.fee_rate_sat_vb = 3
     node.fund([200_000])
     start_worker(anchoring)
     document = tmp_path / "contract.txt"
@@ -261,5 +268,8 @@ def test_submit_waits_for_the_proof_of_a_file(anchoring, node, tmp_path) -> None
     assert (proof["document"], proof["ref"], proof["status"]) == (digest, "contract-7",
                                                                   "submitted")
     assert node.mempool == [proof["txid"]]
+    tx = node.txs[proof["txid"]].tx
+    fee = 200_000 - tx.vout[1].value
+    assert 3 * vsize(tx) <= fee <= 3 * vsize(tx) + 3 and node.calls["estimatesmartfee"] >= 1
     bad = anchoring.cli("anchor", "submit", "--hash", "abc")
     assert bad.returncode == 2 and "64 hex characters" in bad.stderr
