@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from bus.client import BusError, BusTimeout, ControlClient
+from bus.client import BusError, ControlClient
 
 # Errors after which the same request may succeed later.
 RETRYABLE = ("timeout", "unavailable")
@@ -122,5 +122,3 @@ class UtxoClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-__all__ = ["NoUtxo", "UtxoClient", "BusTimeout"]

@@ -263,10 +263,7 @@ class AnchorWorker:
             self._pending_since = time.monotonic()
 
     def _event(self, topic: str, body: dict[str, Any]) -> None:
-        if self.events is None:
-            log.warning("event_not_published", topic=topic, **{k: v for k, v in body.items()
-                                                                if not isinstance(v, list)})
-            return
+        # Never before _connect() has opened the publisher: no work happens before.
         self.events.publish(topic, msgpack.packb(body), content_type=protocol.CONTENT_MSGPACK)
 
     def _flush_events(self) -> None:

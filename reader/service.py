@@ -14,6 +14,7 @@ with the reply's `after_id`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import apsw
@@ -128,7 +129,7 @@ class History:
         """A document's inclusion proof, or None if it is not anchored."""
         return self._snapshot(lambda conn: document_proof(conn, document_hash))
 
-    def _snapshot(self, read: Any) -> Any:
+    def _snapshot(self, read: Callable[[apsw.Connection], Any]) -> Any:
         conn = self.connection()
         conn.execute("BEGIN")
         try:

@@ -23,7 +23,7 @@ import msgpack
 
 from anchor.merkle import MerkleTree
 from anchor.proof import make_proof
-from writer.utxos import UtxoBook, UtxoError, _int, _str, _txid
+from writer.utxos import UtxoBook, UtxoError, check_int, check_str, check_txid
 
 MAX_DOCUMENTS = 100_000      # one anchor's documents, at most
 MAX_OPEN_LISTED = 1000
@@ -60,9 +60,12 @@ def _documents(args: dict[str, Any]) -> list[tuple[bytes, str | None, int | None
     return docs
 
 
+_ANCHOR_KEYS = [k.strip() for k in ANCHOR_COLUMNS.split(",")]
+
+
 def describe(row: tuple[Any, ...]) -> dict[str, Any]:
-    keys = [k.strip() for k in ANCHOR_COLUMNS.split(",")]
-    anchor = dict(zip(keys, row))
+    """A stored anchor row as a map (`id` as `anchor_id`, replaced txids unpacked)."""
+    anchor = dict(zip(_ANCHOR_KEYS, row))
     anchor["anchor_id"] = anchor.pop("id")
     anchor["replaced_txids"] = msgpack.unpackb(anchor["replaced_txids"]) \
         if anchor["replaced_txids"] else []
@@ -89,7 +92,7 @@ class AnchorBook:
         -> {anchor_id, txid}: status `signed`, the leased UTXO spent."""
         root = _hash32(args.get("root"), "root")
         docs = _documents(args)
-        if _int(args, "size", 1, MAX_DOCUMENTS) != len(docs):
+        if check_int(args, "size", 1, MAX_DOCUMENTS) != len(docs):
             raise UtxoError("bad_request", "'size' must be the number of documents")
         raw_tx, fee, size, tip = self._tx_fields(args)
         hashes = [d[0] for d in docs]
@@ -116,15 +119,15 @@ class AnchorBook:
         return {"anchor_id": anchor_id, "txid": args["txid"]}
 
     def _tx_fields(self, args: dict[str, Any]) -> tuple[bytes, int, int, int]:
-        _txid(args.get("txid"))
+        check_txid(args.get("txid"))
         raw_tx = args.get("raw_tx")
         if not isinstance(raw_tx, bytes) or not raw_tx:
             raise UtxoError("bad_request", "'raw_tx' must be the signed transaction's bytes")
-        return (raw_tx, _int(args, "fee_sat", 0, 10**10), _int(args, "vsize", 1, 10**6),
-                _int(args, "tip_height", 0, 10**9))
+        return (raw_tx, check_int(args, "fee_sat", 0, 10**10), check_int(args, "vsize", 1, 10**6),
+                check_int(args, "tip_height", 0, 10**9))
 
     def _anchor(self, args: dict[str, Any]) -> dict[str, Any]:
-        anchor_id = _int(args, "anchor_id", 1, 2**62)
+        anchor_id = check_int(args, "anchor_id", 1, 2**62)
         row = self.conn.execute(f"SELECT {ANCHOR_COLUMNS} FROM anchors WHERE id = ?",
                                 (anchor_id,)).fetchone()
         if row is None:
@@ -162,7 +165,7 @@ class AnchorBook:
                               " coalesce(submitted_ns, ?) WHERE id = ? AND status = 'signed'",
                               (now_ns, anchor["anchor_id"]))
         elif status == "confirmed":
-            txid = _txid(args.get("txid", anchor["txid"]))
+            txid = check_txid(args.get("txid", anchor["txid"]))
             if txid not in [anchor["txid"], *anchor["replaced_txids"]]:
                 raise UtxoError("bad_request", f"{txid} is not a transaction of this anchor")
             if txid != anchor["txid"]:
@@ -175,8 +178,8 @@ class AnchorBook:
                                                             anchor["utxo_vout"]))
             self.conn.execute("UPDATE anchors SET status = 'confirmed', txid = ?, confirmed_ns = ?,"
                               " block_hash = ?, block_height = ? WHERE id = ?",
-                              (txid, now_ns, _txid(args.get("block_hash"), "block_hash"),
-                               _int(args, "block_height", 0, 10**9), anchor["anchor_id"]))
+                              (txid, now_ns, check_txid(args.get("block_hash"), "block_hash"),
+                               check_int(args, "block_height", 0, 10**9), anchor["anchor_id"]))
             self.counters["confirmed"] += anchor["status"] != "confirmed"
         else:
             raise UtxoError("bad_request", "'status' must be submitted or confirmed")
@@ -187,7 +190,7 @@ class AnchorBook:
         good. Its documents are forgotten (so they can be anchored again) and its
         UTXO goes back to the pool, unless `inputs_spent` (spent elsewhere)."""
         anchor = self._anchor(args)
-        reason = _str(args, "reason", max_len=500)
+        reason = check_str(args, "reason", max_len=500)
         if anchor["status"] != "signed":
             raise UtxoError("bad_request", f"anchor {anchor['anchor_id']} is {anchor['status']};"
                                            " only a transaction never accepted can fail")

@@ -73,9 +73,9 @@ class UtxoError(ValueError):
         self.code = code
 
 
-# --- argument checks ---------------------------------------------------------
+# --- argument checks (shared with writer/anchors.py) -------------------------
 
-def _int(args: dict[str, Any], key: str, low: int, high: int, default: Any = ...) -> int:
+def check_int(args: dict[str, Any], key: str, low: int, high: int, default: Any = ...) -> int:
     value = args.get(key, default)
     if value is ...:
         raise UtxoError("bad_request", f"missing '{key}'")
@@ -84,7 +84,8 @@ def _int(args: dict[str, Any], key: str, low: int, high: int, default: Any = ...
     return value
 
 
-def _str(args: dict[str, Any], key: str, required: bool = True, max_len: int = 128) -> str | None:
+def check_str(args: dict[str, Any], key: str, required: bool = True,
+              max_len: int = 128) -> str | None:
     value = args.get(key)
     if value is None and not required:
         return None
@@ -93,7 +94,7 @@ def _str(args: dict[str, Any], key: str, required: bool = True, max_len: int = 1
     return value
 
 
-def _txid(value: Any, key: str = "txid") -> str:
+def check_txid(value: Any, key: str = "txid") -> str:
     if not (isinstance(value, str) and _TXID.match(value)):
         raise UtxoError("bad_request", f"'{key}' must be 64 lowercase hex characters")
     return value
@@ -104,20 +105,20 @@ def _utxo_row(item: Any, generation: int, now_ns: int) -> tuple[Any, ...]:
         raise UtxoError("bad_request", "each UTXO must be a map")
     height = item.get("block_height")
     if height is not None:
-        height = _int(item, "block_height", 0, 10**9)
+        height = check_int(item, "block_height", 0, 10**9)
     block_time = item.get("block_time")
     if block_time is not None:
-        block_time = _int(item, "block_time", 0, 2**40)
-    return (_txid(item.get("txid")), _int(item, "vout", 0, 2**32 - 1),
-            _int(item, "amount_sat", 0, MAX_SAT), _str(item, "address", False, 128),
-            _str(item, "script_pubkey", False, 20_000), height, block_time,
+        block_time = check_int(item, "block_time", 0, 2**40)
+    return (check_txid(item.get("txid")), check_int(item, "vout", 0, 2**32 - 1),
+            check_int(item, "amount_sat", 0, MAX_SAT), check_str(item, "address", False, 128),
+            check_str(item, "script_pubkey", False, 20_000), height, block_time,
             generation, now_ns)
 
 
 def _outpoint(item: Any) -> tuple[str, int]:
     if not (isinstance(item, (list, tuple)) and len(item) == 2):
         raise UtxoError("bad_request", "an outpoint is [txid, vout]")
-    return _txid(item[0]), _int({"vout": item[1]}, "vout", 0, 2**32 - 1)
+    return check_txid(item[0]), check_int({"vout": item[1]}, "vout", 0, 2**32 - 1)
 
 
 def _rows(args: dict[str, Any], key: str) -> list[Any]:
@@ -179,7 +180,7 @@ class UtxoBook:
         now_ns = time.time_ns()
         request_id = None
         if cmd in self.idempotent:
-            request_id = _str(args, "request_id", required=self.idempotent[cmd])
+            request_id = check_str(args, "request_id", required=self.idempotent[cmd])
         refused: UtxoError | None = None
         with self.transaction():
             if request_id is not None:
@@ -213,13 +214,13 @@ class UtxoBook:
     def reserve(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{request_id, min_amount_sat, lease_seconds, policy?, min_confirmations?,
         owner?} -> the UTXO and its lease."""
-        amount = _int(args, "min_amount_sat", 0, MAX_SAT)
+        amount = check_int(args, "min_amount_sat", 0, MAX_SAT)
         lease_s = self._lease_seconds(args)
         policy = args.get("policy", "smallest")
         if policy not in POLICIES:
             raise UtxoError("bad_request", f"'policy' must be one of {', '.join(POLICIES)}")
-        min_conf = _int(args, "min_confirmations", 0, 10**6, 1)
-        owner = _str(args, "owner", required=False)
+        min_conf = check_int(args, "min_confirmations", 0, 10**6, 1)
+        owner = check_str(args, "owner", required=False)
         if min_conf:
             if self.tip_height is None:
                 raise self._no_utxo(amount, min_conf, "the wallet tip is unknown (no sync yet)")
@@ -256,7 +257,7 @@ class UtxoBook:
             f"(largest available: {largest if largest is not None else 'none'} sat)"))
 
     def _leased(self, args: dict[str, Any], now_ns: int) -> tuple[Any, ...]:
-        lease_id = _str(args, "lease_id", max_len=64)
+        lease_id = check_str(args, "lease_id", max_len=64)
         row = self.conn.execute(f"SELECT {UTXO_COLUMNS}, status, lease_expires_ns, spent_txid"
                                 " FROM utxos WHERE lease_id = ?", (lease_id,)).fetchone()
         if row is None or (row[7] == RESERVED and row[8] <= now_ns):
@@ -279,7 +280,7 @@ class UtxoBook:
     def release(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{lease_id} -> {released}: the UTXO is available again. Releasing an
         unknown or expired lease is not an error (released: false)."""
-        lease_id = _str(args, "lease_id", max_len=64)
+        lease_id = check_str(args, "lease_id", max_len=64)
         self.conn.execute("UPDATE utxos SET status = 0, lease_id = NULL, lease_expires_ns = NULL,"
                           " lease_owner = NULL, updated_ns = ? WHERE lease_id = ? AND status = 1",
                           (now_ns, lease_id))
@@ -293,7 +294,7 @@ class UtxoBook:
         and the change outputs join the pool, unconfirmed. Spending it again
         under the same lease with another txid records a replacement (RBF): the
         change of the replaced transaction is removed."""
-        spending = _txid(args.get("spending_txid"), "spending_txid")
+        spending = check_txid(args.get("spending_txid"), "spending_txid")
         change = [_utxo_row(item, 0, now_ns) for item in _rows({"change": args.get("change", [])},
                                                                 "change")]
         for item in change:
@@ -342,7 +343,7 @@ class UtxoBook:
         """{utxos: [{txid, vout, amount_sat, address?, script_pubkey?, block_height?,
         block_time?}], generation?} -> {upserted}. New outputs join the pool;
         known ones get their block and generation, never a new status."""
-        generation = _int(args, "generation", 0, 2**62, 0)
+        generation = check_int(args, "generation", 0, 2**62, 0)
         rows = [_utxo_row(item, generation, now_ns) for item in _rows(args, "utxos")]
         self.conn.executemany(UPSERT_SQL, rows)
         self.counters["upserted"] += len(rows)
@@ -354,7 +355,7 @@ class UtxoBook:
         their lease."""
         spending = args.get("spending_txid")
         if spending is not None:
-            _txid(spending, "spending_txid")
+            check_txid(spending, "spending_txid")
         points = [_outpoint(item) for item in _rows(args, "outpoints")]
         removed = 0
         for txid, vout in points:
@@ -372,7 +373,7 @@ class UtxoBook:
         (the time it started, ns), available rows that the load did not see and
         that nothing touched since it started are gone from the wallet; marks
         up to SWEEP_CHUNK_ROWS of them spent. Repeat while `more`."""
-        generation = _int(args, "generation", 0, 2**62)
+        generation = check_int(args, "generation", 0, 2**62)
         self.conn.execute("UPDATE utxos SET status = 2, updated_ns = ? WHERE (txid, vout) IN"
                           " (SELECT txid, vout FROM utxos WHERE status = 0 AND"
                           " sync_generation < ?2 AND updated_ns < ?2 LIMIT ?3)",
@@ -386,8 +387,8 @@ class UtxoBook:
         confirmations are counted. {} -> the tip as stored (nil if none)."""
         if not args:
             return {"height": self.tip_height, "hash": self.tip_hash}
-        height = _int(args, "height", 0, 10**9)
-        block_hash = _txid(args.get("hash"), "hash")
+        height = check_int(args, "height", 0, 10**9)
+        block_hash = check_txid(args.get("hash"), "hash")
         self.conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('wallet_tip', ?)",
                           (msgpack.packb([height, block_hash]).hex(),))
         self.tip_height, self.tip_hash = height, block_hash
