@@ -38,9 +38,10 @@ from typing import Any
 import msgpack
 import zmq
 
-from anchor.bitcoind import (RPC_VERIFY_ALREADY_IN_CHAIN, RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED,
-                             BitcoinRpc, RpcError, RpcUnavailable, open_hashblock,
-                             parse_hashblock, parse_tx, to_btc, vsize)
+from anchor.bitcoind import (RPC_INVALID_ADDRESS_OR_KEY, RPC_VERIFY_ALREADY_IN_CHAIN,
+                             RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED, BitcoinRpc, RpcError,
+                             RpcUnavailable, open_hashblock, parse_hashblock, parse_tx, to_btc,
+                             vsize)
 from anchor.merkle import MerkleTree
 from anchor.proof import op_return_payload
 from anchor.reservations import RETRYABLE, NoUtxo, UtxoClient
@@ -471,7 +472,8 @@ class AnchorWorker:
         self.utxos.call("anchor_fail", {"anchor_id": anchor["anchor_id"], "reason": exc.message,
                                         "inputs_spent": inputs_spent})
         del self.open[anchor["anchor_id"]]
-        docs = self._leaves.pop(anchor["anchor_id"], None) or self._stored_leaves(anchor)
+        docs = self._documents(anchor)
+        del self._leaves[anchor["anchor_id"]]
         for doc in docs:
             if doc.hash not in self._pending_hashes:
                 self._pending_hashes.add(doc.hash)
@@ -485,14 +487,20 @@ class AnchorWorker:
             "anchor_id": anchor["anchor_id"], "documents": len(docs)})
         self._flush_events()
 
-    def _stored_leaves(self, anchor: dict[str, Any]) -> list[Document]:
-        leaves = self.utxos.call("anchor_leaves", {"anchor_id": anchor["anchor_id"]})["leaves"]
-        return [Document(h, ref, mid) for h, ref, mid in leaves]
+    def _documents(self, anchor: dict[str, Any]) -> list[Document]:
+        """The anchor's documents in leaf order: kept from its recording, or (for
+        an anchor recovered after a restart) asked of the writer once."""
+        docs = self._leaves.get(anchor["anchor_id"])
+        if docs is None:
+            leaves = self.utxos.call("anchor_leaves",
+                                     {"anchor_id": anchor["anchor_id"]})["leaves"]
+            docs = self._leaves[anchor["anchor_id"]] = [Document(h, ref, mid)
+                                                        for h, ref, mid in leaves]
+        return docs
 
     def _announce(self, anchor: dict[str, Any]) -> None:
         """anchor.submitted: the txid, the root, and each document's proof."""
-        docs = self._leaves.get(anchor["anchor_id"]) or self._stored_leaves(anchor)
-        self._leaves[anchor["anchor_id"]] = docs
+        docs = self._documents(anchor)
         tree = MerkleTree([d.hash for d in docs])
         for start in range(0, len(docs), PROOFS_PER_EVENT):
             self._event(protocol.ANCHOR_SUBMITTED_TOPIC, {
@@ -525,7 +533,7 @@ class AnchorWorker:
             try:
                 info = self.rpc.call("gettransaction", txid)
             except RpcError as exc:
-                if exc.code == -5:  # never reached this node
+                if exc.code == RPC_INVALID_ADDRESS_OR_KEY:  # never reached this node
                     continue
                 raise
             if info.get("confirmations", 0) > 0:

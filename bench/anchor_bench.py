@@ -46,10 +46,9 @@ from bus_bench import Bus, peak_rss_mb  # noqa: E402
 
 def fill_table(db: str, size: int, real: list[dict], tip: tuple[int, str]) -> float:
     """Create the schema and `size` UTXO rows (+ the double's `real` ones)."""
-    import msgpack
-
     from anchor.bitcoind import to_sat
     from writer.store import connect
+    from writer.utxos import write_tip
     started = time.monotonic()
     conn = connect(db)
     height = tip[0]
@@ -67,8 +66,7 @@ def fill_table(db: str, size: int, real: list[dict], tip: tuple[int, str]) -> fl
         conn.executemany(sql, [(u["txid"], u["vout"], to_sat(u["amount"]), u["address"],
                                 u["scriptPubKey"], height - u["confirmations"] + 1,
                                 1_700_000_000, now) for u in real])
-        conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('wallet_tip', ?)",
-                     (msgpack.packb([height, tip[1]]).hex(),))
+        write_tip(conn, height, tip[1])
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     return time.monotonic() - started

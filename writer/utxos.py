@@ -65,6 +65,17 @@ EXPIRE_SQL = ("UPDATE utxos SET status = 0, lease_id = NULL, lease_expires_ns = 
               " lease_owner = NULL, updated_ns = ? WHERE status = 1 AND lease_expires_ns <= ?")
 
 
+def read_tip(conn: apsw.Connection) -> tuple[int | None, str | None]:
+    """The wallet tip (height, block hash) the table was synced to; (None, None) before."""
+    row = conn.execute("SELECT value FROM bus_meta WHERE key = 'wallet_tip'").fetchone()
+    return (None, None) if row is None else tuple(msgpack.unpackb(bytes.fromhex(row[0])))
+
+
+def write_tip(conn: apsw.Connection, height: int, block_hash: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('wallet_tip', ?)",
+                 (msgpack.packb([height, block_hash]).hex(),))
+
+
 class UtxoError(ValueError):
     """A request that cannot be carried out; `code` is the error reply's code."""
 
@@ -144,9 +155,7 @@ class UtxoBook:
         self.counters = {"reserved": 0, "renewed": 0, "released": 0, "expired": 0,
                          "spent": 0, "replaced": 0, "no_utxo": 0, "replayed": 0,
                          "upserted": 0, "removed": 0, "swept": 0, "errors": 0}
-        row = conn.execute("SELECT value FROM bus_meta WHERE key = 'wallet_tip'").fetchone()
-        self.tip_height, self.tip_hash = (None, None) if row is None else \
-            msgpack.unpackb(bytes.fromhex(row[0]))
+        self.tip_height, self.tip_hash = read_tip(conn)
         self.handlers: dict[str, Callable[[dict[str, Any], int], Any]] = {
             "utxo_reserve": self.reserve, "utxo_renew": self.renew,
             "utxo_release": self.release, "utxo_spend": self.spend,
@@ -389,8 +398,7 @@ class UtxoBook:
             return {"height": self.tip_height, "hash": self.tip_hash}
         height = check_int(args, "height", 0, 10**9)
         block_hash = check_txid(args.get("hash"), "hash")
-        self.conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('wallet_tip', ?)",
-                          (msgpack.packb([height, block_hash]).hex(),))
+        write_tip(self.conn, height, block_hash)
         self.tip_height, self.tip_hash = height, block_hash
         return {"height": height, "hash": block_hash}
 
@@ -426,8 +434,7 @@ def summarize(conn: apsw.Connection) -> dict[str, Any]:
     reserved = conn.execute("SELECT count(*), coalesce(sum(amount_sat), 0), min(lease_expires_ns)"
                             " FROM utxos WHERE status = 1").fetchone()
     spent = conn.execute("SELECT count(*) FROM utxos WHERE spent_txid IS NOT NULL").fetchone()[0]
-    tip = conn.execute("SELECT value FROM bus_meta WHERE key = 'wallet_tip'").fetchone()
-    height, block_hash = (None, None) if tip is None else msgpack.unpackb(bytes.fromhex(tip[0]))
+    height, block_hash = read_tip(conn)
     return {"available": {"count": available[0], "amount_sat": available[1],
                           "unconfirmed": available[0] - available[2]},
             "reserved": {"count": reserved[0], "amount_sat": reserved[1],
