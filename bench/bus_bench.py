@@ -52,7 +52,8 @@ def free_port() -> int:
 
 def endpoints() -> dict[str, str]:
     names = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
-             "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT")
+             "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT",
+             "BUS_NOTIFY_ENDPOINT")
     return {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
 
 
@@ -86,8 +87,11 @@ def stored_rows(db: str) -> int:
         return conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
 
 
-def run_child(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(Path(__file__)), *args], env=env,
+def run_child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A child of this script with the settings of the bus in `env` (a
+    Publisher also needs the writer's control and notify endpoints)."""
+    return subprocess.Popen([sys.executable, str(Path(__file__)), *args],
+                            env=dict(os.environ, **env),
                             stdout=subprocess.PIPE, text=True)
 
 
@@ -132,7 +136,7 @@ class Bus:
 def persisted_rate(endpoints: dict[str, str], db: str, count: int, mode: str) -> float:
     before = stored_rows(db)  # before the child starts: it may store rows at once
     pub = run_child(["_publish", mode, endpoints["BUS_PUB_ENDPOINT"],
-                     endpoints["BUS_SUB_ENDPOINT"], str(count)])
+                     endpoints["BUS_SUB_ENDPOINT"], str(count)], endpoints)
     started = float(pub.stdout.readline())   # after connect, before the first send
     done = wait_rows(db, before + count, timeout=max(60.0, count / 2000))
     pub.wait(30)
@@ -141,10 +145,10 @@ def persisted_rate(endpoints: dict[str, str], db: str, count: int, mode: str) ->
 
 def latency(env: dict[str, str], rate: int, seconds: float) -> dict[str, float]:
     count = int(rate * seconds)
-    sub = run_child(["_subscribe", env["BUS_SUB_ENDPOINT"], str(count)])
+    sub = run_child(["_subscribe", env["BUS_SUB_ENDPOINT"], str(count)], env)
     assert sub.stdout.readline().strip() == "ready"
     pub = run_child(["_publish", "bus", env["BUS_PUB_ENDPOINT"], env["BUS_SUB_ENDPOINT"],
-                     str(count), str(rate)])
+                     str(count), str(rate)], env)
     out = json.loads(sub.stdout.readline())
     pub.wait(30)
     sub.wait(30)
@@ -153,7 +157,7 @@ def latency(env: dict[str, str], rate: int, seconds: float) -> dict[str, float]:
 
 def acked_rate(env: dict[str, str], count: int) -> float:
     pub = run_child(["_publish_acked", env["BUS_PUB_ENDPOINT"], env["BUS_SUB_ENDPOINT"],
-                     str(count)])
+                     str(count)], env)
     out = json.loads(pub.stdout.readline())
     pub.wait(30)
     return out["rate"]
@@ -161,7 +165,7 @@ def acked_rate(env: dict[str, str], count: int) -> float:
 
 def ack_latency(env: dict[str, str], rate: int, seconds: float) -> dict[str, float]:
     pub = run_child(["_publish_acked", env["BUS_PUB_ENDPOINT"], env["BUS_SUB_ENDPOINT"],
-                     str(int(rate * seconds)), str(rate)])
+                     str(int(rate * seconds)), str(rate)], env)
     out = json.loads(pub.stdout.readline())
     pub.wait(30)
     return out
@@ -169,7 +173,8 @@ def ack_latency(env: dict[str, str], rate: int, seconds: float) -> dict[str, flo
 
 def replay(env: dict[str, str], count: int, durable: bool) -> float:
     sub = run_child(["_replay", env["BUS_SUB_ENDPOINT"], env["BUS_READ_ENDPOINT"],
-                     env["BUS_CONTROL_ENDPOINT"], str(count), "durable" if durable else "since"])
+                     env["BUS_CONTROL_ENDPOINT"], str(count), "durable" if durable else "since"],
+                    env)
     out = json.loads(sub.stdout.readline())
     sub.wait(30)
     if out["received"] < count:

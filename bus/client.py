@@ -1,12 +1,14 @@
-"""Client library: Publisher, Subscriber and ControlClient.
+"""Client library: Publisher, Subscriber, HistoryClient and ControlClient.
 
-Publisher connects an XPUB to the proxy's XSUB and waits for the proxy's
-upstream subscription before its first message, so the first message published
-right after connecting is not dropped (ZeroMQ's slow joiner). Each message
-carries meta with the producer id, a sequence starting at 1, and the publish
-time. Subscriber is a SUB on the proxy's XPUB, and reads stored messages
-through HistoryClient (the reader) to catch up or to resume a durable
-consumer. ControlClient speaks the
+Publisher opens a producer session with the writer (`producer_open`: an epoch
+and the seq to go on from), connects an XPUB to the proxy's SUB and waits for
+the proxy's subscriptions before its first message, so the first message
+published right after connecting is not dropped (ZeroMQ's slow joiner). Each
+message carries meta with the producer id, the epoch, a sequence, and the
+publish time; acknowledgements and nacks come from the writer's notify
+endpoint. Subscriber is a SUB on the proxy's PUB (and on the writer's notify
+endpoint for "$" topics), and reads stored messages through HistoryClient (the
+reader) to catch up or to resume a durable consumer. ControlClient speaks the
 request/reply control protocol with a timeout, closing and reopening its REQ
 socket after a timeout (the ZeroMQ Guide's Lazy Pirate).
 """
@@ -32,7 +34,7 @@ from bus.config import BusConfig, load_config, with_overrides
 from bus.protocol import Message
 
 __all__ = ["BusError", "BusTimeout", "ControlClient", "HistoryClient", "HistoryPage", "Message",
-           "Publisher", "Subscriber"]
+           "MessageRefused", "ProducerFenced", "Publisher", "Subscriber"]
 
 
 class BusError(Exception):
@@ -50,8 +52,35 @@ class BusTimeout(BusError):
         super().__init__(message, "timeout")
 
 
+class ProducerFenced(BusError):
+    """A newer session of this producer id was opened (another Publisher with
+    the same id, usually a restarted one): this one may not publish any more."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, protocol.PRODUCER_FENCED)
+
+
+class MessageRefused(BusError):
+    """The writer refused messages: `refused` lists (seq, code, reason), oldest
+    first; `code` is the first one's. `unknown` counts refusals whose seqs could
+    not be learned (more than the writer remembers were missed)."""
+
+    def __init__(self, refused: list[tuple[int, str, str]], unknown: int = 0) -> None:
+        parts = [f"seq {seq}: {code} ({reason})" for seq, code, reason in refused[:5]]
+        if len(refused) > 5:
+            parts.append(f"and {len(refused) - 5} more")
+        if unknown:
+            parts.append(f"{unknown} more refused, seqs unknown")
+        super().__init__(f"{len(refused) + unknown} message(s) refused by the writer: "
+                         + "; ".join(parts), refused[0][1] if refused else "refused")
+        self.refused = refused
+        self.unknown = unknown
+
+
 # A durable consumer whose position could not be stored tries again this much later.
 ACK_RETRY_SECONDS = 1.0
+# Refusals a Publisher keeps for its next flush() to raise (the count goes on).
+MAX_REFUSALS_REPORTED = 10_000
 
 
 def default_producer_id() -> str:
@@ -61,18 +90,24 @@ def default_producer_id() -> str:
 class Publisher:
     """Publishes data messages through the proxy, and learns what was stored.
 
-    `connect()` (or entering the context manager) blocks until the proxy has
-    subscribed to this publisher and to its acknowledgement topic, or raises
+    `connect()` (or entering the context manager) opens a producer session with
+    the writer (`producer_open`: the next epoch of `producer_id` and the seq to
+    continue from; an older incarnation of the same id still running is fenced
+    from then on) and blocks until the proxy has subscribed to this publisher
+    and the first acknowledgement of the session has arrived, or raises
     BusTimeout. `publish()` blocks while the queue to the proxy is full
     (backpressure) up to `send_timeout` seconds, then raises.
 
     Every message is kept until the writer acknowledges it (`$bus.ack.<producer>`
-    carries the highest sequence up to which everything is stored). `flush()`
-    waits for that, re-sending what is still unacknowledged when
+    on the writer's notify endpoint carries the highest sequence up to which
+    everything is decided: stored, or refused with a `$bus.nack.<producer>`).
+    `flush()` waits for that, re-sending what is still unacknowledged when
     acknowledgements stop for `resend_after` seconds (then 2x, 4x, ... up to
     30 s), with the same sequence numbers: the writer stores each (producer,
-    seq) once. `publish(..., wait=True)` is publish + flush. At most
-    `max_unacked` messages are kept: past that, `publish` waits for
+    seq) once. It raises MessageRefused for messages the writer refused since
+    the last flush, and ProducerFenced once a newer session of the same
+    producer id was opened. `publish(..., wait=True)` is publish + flush. At
+    most `max_unacked` messages are kept: past that, `publish` waits for
     acknowledgements first (up to `send_timeout`, like a full socket).
     `close()` does not wait for acknowledgements; it waits up to `linger_ms`
     for queued messages to leave.
@@ -88,6 +123,9 @@ class Publisher:
             config = with_overrides(config, pub_endpoint=endpoint)
         self.config = config
         self.producer_id = producer_id or default_producer_id()
+        if not protocol.is_producer_id(self.producer_id):
+            raise ValueError(f"producer_id must be a string of 1-{protocol.MAX_PRODUCER_CHARS} "
+                             "chars")
         self.connect_timeout = (config.request_timeout_ms / 1000.0
                                 if connect_timeout is None else connect_timeout)
         self.send_timeout = send_timeout
@@ -98,43 +136,86 @@ class Publisher:
         self._ctx = context or zmq.Context()
         self._sock: zmq.Socket | None = None
         self._acks: zmq.Socket | None = None
-        self._seq = itertools.count(1)
+        self._control: ControlClient | None = None
+        self.epoch: int | None = None  # this session's, from producer_open
         self.last_seq = 0
-        self.acked_seq = 0      # every message up to this one is stored
+        self.acked_seq = 0      # every message up to this one is decided (stored or refused)
         self.resent = 0
+        self.refused_total = 0  # messages of this session the writer refused
         # (seq, frames) in seq order, oldest first: acknowledgements pop from the left.
         self._unacked: deque[tuple[int, tuple[bytes, bytes, bytes]]] = deque()
+        self._refusals: dict[int, tuple[str, str]] = {}  # seq -> (code, reason), not yet acked
+        self._refused_report: list[tuple[int, str, str]] = []  # for the next flush to raise
+        self._refusals_unknown = 0  # refusals the writer counted that could not be told apart
+        self._fenced: str | None = None
+        self._session_acked = False
+        self._proxy_prefixes: set[bytes] = set()  # the proxy's subscriptions seen so far
         self._topics: dict[str, bytes] = {}  # validated topic -> frame
         self._meta = protocol.MetaEncoder(self.producer_id)
         self._ack_topic = protocol.ack_topic(self.producer_id)
+        self._nack_topic = protocol.nack_topic(self.producer_id)
 
     def connect(self) -> Publisher:
         if self._sock is not None:
             return self
-        sock = sockets.open_publisher(self._ctx, self.config, self.linger_ms)
-        if self.send_timeout is not None:
-            sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
-        self._sock = sock
-        self._acks = sockets.open_subscriber(self._ctx, self.config, [self._ack_topic])
-        # The proxy passes every subscription on to every publisher: seeing our own
-        # acknowledgement subscription arrive means acknowledgements will reach us.
-        proxy_ready, acks_ready = b"\x01", b"\x01" + self._ack_topic
-        waiting_for = {proxy_ready, acks_ready}
+        cfg = self.config
         deadline = time.monotonic() + self.connect_timeout
-        while waiting_for:
+        self._sock = sockets.open_publisher(self._ctx, cfg, self.linger_ms)
+        if self.send_timeout is not None:
+            self._sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
+        self._acks = sockets.open_subscriber(self._ctx, cfg, [self._ack_topic, self._nack_topic],
+                                             cfg.notify_endpoint)
+        self._control = ControlClient(cfg.control_endpoint,
+                                      max(1, int(self.connect_timeout * 1000)), 0, self._ctx)
+        try:
+            self._open_session()
+            self._wait_ready(deadline)
+        except BaseException:
+            self.close(linger_ms=0)
+            raise
+        return self
+
+    def _open_session(self) -> None:
+        try:
+            session = self._control.request("producer_open", {"producer": self.producer_id})
+        except BusTimeout:
+            raise BusTimeout(f"the writer at {self.config.control_endpoint} did not open a "
+                             f"producer session within {self.connect_timeout:g}s (is bus-writer "
+                             "running?)") from None
+        self.epoch, next_seq = session["epoch"], session["next_seq"]
+        self.last_seq = self.acked_seq = next_seq - 1
+        self._meta = protocol.MetaEncoder(self.producer_id, self.epoch)
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Until the proxy has subscribed to this publisher (its first subscription
+        frame) and this session's first acknowledgement has arrived (the writer
+        sends one when our subscription reaches it: acknowledgements reach us)."""
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._acks, zmq.POLLIN)
+        while not (self._proxy_prefixes and self._session_acked):
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
-                self.close(linger_ms=0)
-                if proxy_ready in waiting_for:
+            if remaining <= 0 or not poller.poll(int(remaining * 1000) + 1):
+                if not self._proxy_prefixes:
                     raise BusTimeout(f"proxy at {self.config.pub_endpoint} did not subscribe "
                                      f"within {self.connect_timeout:g}s (is bus-proxy running?)")
-                raise BusTimeout(f"the proxy at {self.config.pub_endpoint} answered, but this "
-                                 "publisher's acknowledgement subscription through "
-                                 f"{self.config.sub_endpoint} did not reach it within "
-                                 f"{self.connect_timeout:g}s (is BUS_SUB_ENDPOINT the same "
-                                 "proxy's?)")
-            waiting_for.discard(sock.recv())
-        return self
+                raise BusTimeout(f"no acknowledgement from the writer's notify endpoint "
+                                 f"{self.config.notify_endpoint} within "
+                                 f"{self.connect_timeout:g}s (is BUS_NOTIFY_ENDPOINT the "
+                                 "writer's?)")
+            self.read_acks()
+
+    def _wait_proxy_subscription(self, prefix: bytes) -> None:
+        """The proxy subscribes to every first byte a topic may have, all at once
+        when we connect; a message sent before its byte's subscription arrived
+        would be dropped by our own socket."""
+        deadline = time.monotonic() + self.connect_timeout
+        while prefix not in self._proxy_prefixes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
+                raise BusTimeout(f"the proxy at {self.config.pub_endpoint} has not subscribed "
+                                 f"to topics starting with {prefix!r}")
+            self._read_proxy_subscriptions()
 
     def publish(self, topic: str, payload: bytes | str, *, content_type: str | None = None,
                 headers: dict[str, str] | None = None, wait: bool = False,
@@ -142,29 +223,38 @@ class Publisher:
         """Send one message; returns its sequence number.
 
         wait=True returns only once the writer has committed it (see flush).
-        Raises protocol.ProtocolError (a ValueError) for a topic the writer
-        would not store, before anything is sent.
+        Raises protocol.ProtocolError (a ValueError) for a message the writer
+        would refuse (topic, size of all frames, header types), before anything
+        is sent; ProducerFenced once a newer session of this producer exists.
         """
         if self._sock is None:
             self.connect()
+        self._raise_if_fenced()
         topic_frame = self._topics.get(topic)
         if topic_frame is None:
             topic_frame = protocol.encode_topic(topic, self.config.max_topic_bytes)
+            self._wait_proxy_subscription(topic_frame[:1])
             if len(self._topics) >= 1024:  # bounded: publishers with endless topics
                 self._topics.clear()
             self._topics[topic] = topic_frame
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
             content_type = content_type or protocol.CONTENT_TEXT
-        if len(topic_frame) + len(payload) > self.config.max_message_bytes:
-            raise protocol.ProtocolError(protocol.MESSAGE_TOO_LARGE,
-                                         f"payload of {len(payload)} bytes")
+        if headers is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in headers.items()):
+            raise protocol.ProtocolError(protocol.META_BAD_VALUE, "headers must map str to str")
         if len(self._unacked) >= self.max_unacked:  # backpressure, like a full socket
             self._wait_acked(self.max_unacked // 2, self.send_timeout)
-        seq = next(self._seq)
+        seq = self.last_seq + 1
         frames = (topic_frame, payload, self._meta.encode(seq, content_type=content_type,
                                                           headers=headers))
+        size = len(topic_frame) + len(payload) + len(frames[2])
+        if size > self.config.max_message_bytes:
+            raise protocol.ProtocolError(protocol.MESSAGE_TOO_LARGE,
+                                         f"{size} > {self.config.max_message_bytes} bytes "
+                                         "(topic, payload and meta)")
         self._send(frames)
+        # Only now is the seq used: a message that was not sent leaves no hole.
         self._unacked.append((seq, frames))
         self.last_seq = seq
         if wait:
@@ -194,9 +284,15 @@ class Publisher:
         """Return once every message published so far is committed, re-sending
         the unacknowledged ones when acknowledgements stop (see _wait_acked).
         Raises BusTimeout after `timeout` seconds (default BUS_REQUEST_TIMEOUT_MS);
-        nothing is dropped then, a later flush() continues."""
+        nothing is dropped then, a later flush() continues. Raises MessageRefused
+        (once) for the messages the writer refused since the last flush, after
+        the others are committed; ProducerFenced if this session was replaced."""
         self._wait_acked(0, self.config.request_timeout_ms / 1000.0 if timeout is None
                          else timeout)
+        if self._refused_report or self._refusals_unknown:
+            refused, unknown = self._refused_report, self._refusals_unknown
+            self._refused_report, self._refusals_unknown = [], 0
+            raise MessageRefused(refused, unknown)
 
     def _wait_acked(self, at_most: int, timeout: float | None) -> None:
         """Read acknowledgements until at most `at_most` messages are unacknowledged,
@@ -208,6 +304,7 @@ class Publisher:
         interval = self.resend_after
         resend_at = started + interval
         while len(self._unacked) > at_most:
+            self._raise_if_fenced()
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise BusTimeout(f"{len(self._unacked)} messages not acknowledged within "
@@ -225,33 +322,102 @@ class Publisher:
                 resend_at = time.monotonic() + interval
 
     def read_acks(self, wait: float = 0.0) -> int:
-        """Apply the acknowledgements that arrive within `wait` seconds (none by
-        default: what has arrived); returns `acked_seq`. publish() does this now
-        and then by itself; call it to learn sooner what is stored."""
+        """Apply the acknowledgements and nacks that arrive within `wait` seconds
+        (none by default: what has arrived); returns `acked_seq`. publish() does
+        this now and then by itself; call it to learn sooner what is stored."""
         acks = self._acks
-        if acks is None or not acks.poll(max(0, int(wait * 1000))):
+        if acks is None:
             return self.acked_seq
-        while True:
-            try:
-                frames = acks.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if frames[0] != self._ack_topic:
-                continue  # another producer whose id starts with ours (prefix match)
-            try:
-                ack = msgpack.unpackb(frames[1])
-                acked = int(ack["contiguous_seq"])
-            except Exception:
-                continue  # not an acknowledgement we understand
-            if acked > self.acked_seq:
-                self.acked_seq = acked
-        unacked = self._unacked
+        if acks.poll(max(0, int(wait * 1000))):
+            while True:
+                try:
+                    topic, payload = acks.recv_multipart(zmq.NOBLOCK)[:2]
+                except zmq.Again:
+                    break
+                except ValueError:
+                    continue  # one frame: not a notification
+                # Exact match: a prefix subscription also brings the notifications
+                # of producers whose ids start with ours.
+                if topic == self._ack_topic:
+                    self._apply_ack(payload)
+                elif topic == self._nack_topic:
+                    self._apply_nack(payload)
+        unacked, refusals = self._unacked, self._refusals
         while unacked and unacked[0][0] <= self.acked_seq:
-            unacked.popleft()
-        # Subscription notices pile up on the XPUB when nobody reads them.
-        while self._sock.poll(0):
-            self._sock.recv()
+            seq = unacked.popleft()[0]
+            if refusals and seq in refusals:
+                self._refused_report.append((seq, *refusals.pop(seq)))
+        del self._refused_report[:-MAX_REFUSALS_REPORTED]
+        self._read_proxy_subscriptions()
         return self.acked_seq
+
+    def _read_proxy_subscriptions(self) -> None:
+        """Subscription notices pile up on the XPUB when nobody reads them."""
+        while self._sock.poll(0):
+            frame = self._sock.recv()
+            if frame[:1] == b"\x01":
+                self._proxy_prefixes.add(frame[1:])
+
+    def _apply_ack(self, payload: bytes) -> None:
+        try:
+            ack = msgpack.unpackb(payload)
+            epoch, acked, refused = ack["epoch"], int(ack["contiguous_seq"]), int(ack["refused"])
+        except Exception:
+            return  # not an acknowledgement we understand
+        if epoch != self.epoch:
+            if isinstance(epoch, int) and epoch > (self.epoch or 0):
+                self._fence(epoch)
+            return  # an older session's
+        self._session_acked = True
+        if acked <= self.acked_seq:
+            return
+        if refused > self.refused_total and not self._learn_refusals(refused):
+            return  # which seqs were refused is not known yet: keep them unacknowledged
+        self.acked_seq = acked
+
+    def _apply_nack(self, payload: bytes) -> None:
+        try:
+            nack = msgpack.unpackb(payload)
+            epoch, seq, code, reason = nack["epoch"], nack["seq"], nack["code"], nack["reason"]
+        except Exception:
+            return
+        if epoch != self.epoch:
+            return
+        if code == protocol.PRODUCER_FENCED:
+            self._fenced = f"producer {self.producer_id!r}: {reason}"
+        else:
+            self._note_refusal(seq, code, reason)
+
+    def _note_refusal(self, seq: int, code: str, reason: str) -> None:
+        if seq > self.acked_seq and seq not in self._refusals:
+            self._refusals[seq] = (code, reason)
+            self.refused_total += 1
+
+    def _learn_refusals(self, refused: int) -> bool:
+        """An acknowledgement counts more refusals than the nacks that arrived:
+        ask the writer which (producer_status keeps the session's last 256).
+        False if it cannot say now (the acknowledgement is applied later)."""
+        try:
+            status = self._control.request("producer_status", {"producer": self.producer_id})
+        except BusError:
+            return False
+        if not status or status["epoch"] != self.epoch:
+            return False
+        for seq, code in status["refusals"]:
+            self._note_refusal(seq, code, "refused (the nack was missed; learned from "
+                                          "producer_status)")
+        if refused > self.refused_total:  # more than the writer remembers
+            self._refusals_unknown += refused - self.refused_total
+            self.refused_total = refused
+        return True
+
+    def _fence(self, epoch: int) -> None:
+        self._fenced = (f"producer {self.producer_id!r} was opened again (epoch {epoch}); this "
+                        f"publisher's session (epoch {self.epoch}) is fenced")
+
+    def _raise_if_fenced(self) -> None:
+        if self._fenced is not None:
+            raise ProducerFenced(self._fenced)
 
     def close(self, linger_ms: int | None = None) -> None:
         if self._sock is not None:
@@ -260,6 +426,9 @@ class Publisher:
         if self._acks is not None:
             self._acks.close(linger=0)
             self._acks = None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         if self._own_context and not self._ctx.closed:
             self._ctx.term()
 
@@ -363,8 +532,9 @@ class Subscriber:
     """Receives data messages whose topic starts with one of `prefixes`.
 
     Three modes:
-    - live (default): what passes the proxy from now on. Topics starting with
-      "$" (the bus's own) are delivered only to a prefix that starts with "$".
+    - live (default): what passes the proxy from now on. A prefix starting
+      with "$" subscribes to the writer's notifications ($bus.ack.*,
+      $bus.nack.*, $bus.commit) on its notify endpoint instead.
     - `since=` (a timedelta ago, an aware datetime, or epoch seconds) or
       `after_id=`: stored messages from there, then live ones, with no gap and
       no duplicate at the seam for messages that carry producer meta (see
@@ -405,10 +575,20 @@ class Subscriber:
         self.errors = 0                  # failed requests to the reader or writer
         self.last_error: str | None = None
         # Live data is subscribed to except for a durable consumer, which reads
-        # only what is stored; stored modes also hear the commit watermark.
-        live = [] if durable is not None else [p.encode("utf-8") for p in self.prefixes]
-        watch = [protocol.COMMIT_TOPIC.encode()] if self.stored else []
-        self._sock = sockets.open_subscriber(self._ctx, config, live + watch)
+        # only what is stored; stored modes also hear the commit watermark, from
+        # the writer's notify endpoint like every "$" topic.
+        live = [] if durable is not None else \
+            [p.encode("utf-8") for p in self.prefixes if not protocol.is_reserved(p)]
+        notices = [p.encode("utf-8") for p in self.prefixes if protocol.is_reserved(p)] + \
+            ([protocol.COMMIT_TOPIC.encode()] if self.stored else [])
+        self._sock = sockets.open_subscriber(self._ctx, config, live)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._notify: zmq.Socket | None = None
+        if notices:
+            self._notify = sockets.open_subscriber(self._ctx, config, notices,
+                                                   config.notify_endpoint)
+            self._poller.register(self._notify, zmq.POLLIN)
         if not self.stored:
             return
         self._history = HistoryClient(config, context=self._ctx)
@@ -527,13 +707,23 @@ class Subscriber:
                 return None
             self._wait_for_commit(remaining)
 
+    def _recv(self, timeout_ms: int | None) -> list[bytes] | None:
+        """A message's frames from the data or the notify socket, whichever has
+        one within timeout_ms (None: no limit), else None."""
+        events = dict(self._poller.poll(timeout_ms))
+        for sock in (self._sock, self._notify):
+            if sock is not None and sock in events:
+                return sock.recv_multipart()
+        return None
+
     def _receive_live(self, deadline: float | None) -> Message | None:
         while True:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
-                    return None
-            frames = self._sock.recv_multipart()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            frames = self._recv(None if remaining is None else int(remaining * 1000) + 1)
+            if frames is None:
+                return None
             try:
                 msg = protocol.parse_message(frames)
             except protocol.ProtocolError:
@@ -573,7 +763,7 @@ class Subscriber:
         wait = self._next_poll - time.monotonic()
         if remaining is not None:
             wait = min(wait, remaining)
-        if wait > 0 and not self._sock.poll(int(wait * 1000) + 1):
+        if wait > 0 and not self._poller.poll(int(wait * 1000) + 1):
             return
         self._hold_live()
 
@@ -582,8 +772,7 @@ class Subscriber:
         live data is held (since mode) until the stored stream meets it."""
         commit_topic = protocol.COMMIT_TOPIC
         held = self._held
-        while self._sock.poll(0):
-            frames = self._sock.recv_multipart()
+        while (frames := self._recv(0)) is not None:
             try:
                 msg = protocol.parse_message(frames)
             except protocol.ProtocolError:
@@ -625,7 +814,7 @@ class Subscriber:
                 self._held.clear()
                 keys.clear()
                 self.switched_to_live = True
-                self._sock.setsockopt(zmq.UNSUBSCRIBE, protocol.COMMIT_TOPIC.encode())
+                self._notify.setsockopt(zmq.UNSUBSCRIBE, protocol.COMMIT_TOPIC.encode())
                 return stored[:i + 1] + after
         return stored
 
@@ -659,6 +848,8 @@ class Subscriber:
         if self.stored:
             self._history.close()
         self._sock.close(linger=0)
+        if self._notify is not None:
+            self._notify.close(linger=0)
         if self._own_context and not self._ctx.closed:
             self._ctx.term()
 

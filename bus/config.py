@@ -43,9 +43,9 @@ class Setting:
 # bus beyond the host is an explicit decision (`tcp://*:5550`).
 SETTINGS: tuple[Setting, ...] = (
     Setting("pub_endpoint", "BUS_PUB_ENDPOINT", str, "tcp://127.0.0.1:5550",
-            "proxy XSUB; publishers connect here"),
+            "proxy SUB; publishers connect here"),
     Setting("sub_endpoint", "BUS_SUB_ENDPOINT", str, "tcp://127.0.0.1:5551",
-            "proxy XPUB; subscribers connect here"),
+            "proxy PUB; subscribers connect here"),
     Setting("capture_endpoint", "BUS_CAPTURE_ENDPOINT", str, "tcp://127.0.0.1:5552",
             "writer PULL (bound); the proxy's capture PUSH connects here"),
     Setting("control_endpoint", "BUS_CONTROL_ENDPOINT", str, "tcp://127.0.0.1:5553",
@@ -54,6 +54,8 @@ SETTINGS: tuple[Setting, ...] = (
             "proxy REP for stats"),
     Setting("read_endpoint", "BUS_READ_ENDPOINT", str, "tcp://127.0.0.1:5555",
             "reader REP: history pages from a read-only connection"),
+    Setting("notify_endpoint", "BUS_NOTIFY_ENDPOINT", str, "tcp://127.0.0.1:5556",
+            "writer XPUB: $bus.ack/nack/commit notifications; only the writer sends there"),
     Setting("db", "BUS_DB", str, "bus.db", "SQLite database file (the writer creates it)"),
     Setting("batch_write_enabled", "BATCH_WRITE_ENABLED", bool, True,
             "false: one transaction per message (debug / comparison)"),
@@ -162,6 +164,7 @@ class BusConfig:
     control_endpoint: str
     proxy_control_endpoint: str
     read_endpoint: str
+    notify_endpoint: str
     db: str
     batch_write_enabled: bool
     batch_size: int

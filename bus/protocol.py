@@ -3,8 +3,9 @@
 Data message (publisher -> proxy -> subscribers and writer), multipart:
     [topic, payload]            a plain ZeroMQ PUB in any language
     [topic, payload, meta]      meta: a msgpack map (see META_* keys)
-Subscription frame (subscriber -> proxy, seen by the writer through capture):
-    one frame, first byte 0x01 (subscribe) or 0x00 (unsubscribe), then the prefix.
+Subscription frame (a SUB to the socket it connects to): one frame, first byte
+    0x01 (subscribe) or 0x00 (unsubscribe), then the prefix. The proxy's own
+    subscriptions (PROXY_SUBSCRIPTIONS) decide which topics it takes in.
 Control request / reply (REQ -> REP, one frame each, msgpack maps):
     {"id": any, "cmd": str, "args": map}  ->  {"id": same, "ok": true, "result": any}
                                           or  {"id": same, "ok": false,
@@ -22,9 +23,12 @@ from typing import Any
 
 import msgpack
 
-# Topics starting with this are the bus's own (acks, watermarks); never stored.
+# Topics starting with this are the bus's own (acks, watermarks): only the writer
+# sends them, on its notify endpoint; the proxy never takes them in, nothing stores them.
 RESERVED_PREFIX = "$"
-ACK_TOPIC_PREFIX = "$bus.ack."      # + producer id: {producer, contiguous_seq, max_seq, committed_ns}
+ACK_TOPIC_PREFIX = "$bus.ack."      # + producer id: {producer, epoch, contiguous_seq, max_seq,
+                                    #   refused, committed_ns}
+NACK_TOPIC_PREFIX = "$bus.nack."    # + producer id: {producer, epoch, seq, code, reason}
 COMMIT_TOPIC = "$bus.commit"        # {last_id, rows, committed_ns} after each commit
 
 # Anchoring (anchor worker): requests in, results out; payloads in docs/protocol.md.
@@ -40,6 +44,7 @@ HISTORY_ROW_FIELDS = ("id", "topic", "payload", "meta", "committed_ns")
 # Known meta keys. Unknown keys are kept as received.
 META_PRODUCER = "producer"        # str: producer id, stable for one Publisher
 META_SEQ = "seq"                  # int >= 1: per-producer sequence, 1, 2, 3...
+META_EPOCH = "epoch"              # int >= 1: the producer session (producer_open)
 META_TIME_NS = "time_ns"          # int: publish time, ns since the Unix epoch
 META_CONTENT_TYPE = "content_type"  # str: e.g. application/msgpack
 META_HEADERS = "headers"          # map str -> str
@@ -48,6 +53,17 @@ META_ACK = "ack"                  # bool: producer asks for a commit acknowledge
 MAX_FRAMES = 3                   # [topic, payload, meta]
 SUBSCRIBE = 0x01
 UNSUBSCRIBE = 0x00
+# Integers the database stores are signed 64-bit.
+MAX_INT64 = (1 << 63) - 1
+MAX_PRODUCER_CHARS = 128
+
+# The first bytes a storable topic can start with: printable ASCII but "$", and
+# the lead bytes of multi-byte UTF-8. The proxy subscribes to exactly these, one
+# prefix each, so it takes in nothing else: no reserved topic, no frame that
+# starts with a control byte, whoever sends it.
+TOPIC_FIRST_BYTES = bytes(b for b in [*range(0x20, 0x80), *range(0xC2, 0xF5)]
+                          if b != ord(RESERVED_PREFIX))
+PROXY_SUBSCRIPTIONS = tuple(bytes((b,)) for b in TOPIC_FIRST_BYTES)
 
 CONTENT_MSGPACK = "application/msgpack"
 CONTENT_JSON = "application/json"
@@ -67,6 +83,9 @@ META_NOT_MAP = "meta_not_map"
 META_BAD_VALUE = "meta_bad_value"
 BAD_REQUEST = "bad_request"
 RESERVED_TOPIC = "reserved_topic"    # raised to clients only: the writer skips these silently
+# Refusals that only the writer can decide (nacks), beside the reason codes above.
+PRODUCER_FENCED = "producer_fenced"  # an older session of the producer: a newer one was opened
+UNKNOWN_SESSION = "unknown_session"  # an epoch the writer never handed out (database replaced?)
 
 
 class ProtocolError(ValueError):
@@ -110,19 +129,26 @@ def ack_topic(producer: str) -> bytes:
     return (ACK_TOPIC_PREFIX + producer).encode("utf-8")
 
 
-class MetaEncoder:
-    """Encodes the meta maps of one producer.
+def nack_topic(producer: str) -> bytes:
+    return (NACK_TOPIC_PREFIX + producer).encode("utf-8")
 
-    The same bytes as msgpack.packb of the map {producer, seq, time_ns,
-    content_type?, headers?, ack?} in that order, but the producer entry is
-    packed once and the rest with a reused Packer: less than half the CPU of
-    packb(dict), which matters on a publisher's hot path. Not thread-safe, like
-    the socket it feeds.
+
+class MetaEncoder:
+    """Encodes the meta maps of one producer (session).
+
+    The same bytes as msgpack.packb of the map {producer, epoch?, seq, time_ns,
+    content_type?, headers?, ack?} in that order, but the producer and epoch
+    entries are packed once and the rest with a reused Packer: less than half
+    the CPU of packb(dict), which matters on a publisher's hot path. Not
+    thread-safe, like the socket it feeds.
     """
 
-    def __init__(self, producer: str) -> None:
+    def __init__(self, producer: str, epoch: int | None = None) -> None:
         self._pack = msgpack.Packer().pack
         self._producer = self._pack(META_PRODUCER) + self._pack(producer)
+        if epoch is not None:
+            self._producer += self._pack(META_EPOCH) + self._pack(epoch)
+        self._fixed_pairs = 1 if epoch is None else 2
 
     def encode(self, seq: int, *, time_ns: int | None = None, content_type: str | None = None,
                headers: dict[str, str] | None = None, ack: bool = False) -> bytes:
@@ -135,7 +161,8 @@ class MetaEncoder:
             parts += (_PACKED_HEADERS, pack(headers))
         if ack:
             parts += (_PACKED_ACK, _PACKED_TRUE)
-        parts[0] = bytes((0x80 | len(parts) // 2,))  # fixmap header: producer + pairs
+        # fixmap header: producer (+ epoch) and the pairs after them
+        parts[0] = bytes((0x80 | (self._fixed_pairs + len(parts) // 2 - 1),))
         return b"".join(parts)
 
 
@@ -144,9 +171,9 @@ _PACKED_SEQ, _PACKED_TIME_NS, _PACKED_CONTENT_TYPE, _PACKED_HEADERS, _PACKED_ACK
                                META_ACK, True))
 
 
-def encode_meta(producer: str, seq: int, **fields: Any) -> bytes:
+def encode_meta(producer: str, seq: int, epoch: int | None = None, **fields: Any) -> bytes:
     """One meta map; see MetaEncoder for the fields."""
-    return MetaEncoder(producer).encode(seq, **fields)
+    return MetaEncoder(producer, epoch).encode(seq, **fields)
 
 
 def decode_topic(raw: bytes, max_topic_bytes: int) -> str:
@@ -154,7 +181,7 @@ def decode_topic(raw: bytes, max_topic_bytes: int) -> str:
         raise ProtocolError(EMPTY_TOPIC)
     if len(raw) > max_topic_bytes:
         raise ProtocolError(TOPIC_TOO_LONG, f"{len(raw)} > {max_topic_bytes} bytes")
-    # 0x00/0x01 would make a topic look like a subscription frame on the capture pipe.
+    # The proxy takes in no topic starting below 0x20 (see TOPIC_FIRST_BYTES).
     if raw[0] < 0x20:
         raise ProtocolError(TOPIC_CONTROL_CHAR, f"first byte 0x{raw[0]:02x}")
     try:
@@ -182,15 +209,54 @@ def decode_meta(raw: bytes) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ProtocolError(META_NOT_MAP, type(meta).__name__)
     producer = meta.get(META_PRODUCER)
-    seq = meta.get(META_SEQ)
+    if producer is not None and not is_producer_id(producer):
+        raise ProtocolError(META_BAD_VALUE, f"producer must be a string of 1-{MAX_PRODUCER_CHARS}"
+                                            " chars")
+    for key in (META_SEQ, META_EPOCH):
+        value = meta.get(key)
+        if value is not None and not _is_counter(value):
+            raise ProtocolError(META_BAD_VALUE, f"{key} must be an integer from 1 to 2^63-1")
     time_ns = meta.get(META_TIME_NS)
-    if producer is not None and not (isinstance(producer, str) and 0 < len(producer) <= 128):
-        raise ProtocolError(META_BAD_VALUE, "producer must be a string of 1-128 chars")
-    if seq is not None and not (type(seq) is int and seq >= 1):
-        raise ProtocolError(META_BAD_VALUE, "seq must be an integer >= 1")
-    if time_ns is not None and type(time_ns) is not int:
-        raise ProtocolError(META_BAD_VALUE, "time_ns must be an integer")
+    if time_ns is not None and not (type(time_ns) is int and -MAX_INT64 <= time_ns <= MAX_INT64):
+        raise ProtocolError(META_BAD_VALUE, "time_ns must be a signed 64-bit integer")
     return meta
+
+
+def is_producer_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_PRODUCER_CHARS
+
+
+def _is_counter(value: Any) -> bool:
+    return type(value) is int and 1 <= value <= MAX_INT64
+
+
+Identity = tuple[str, int, int]  # (producer, epoch, seq) of a message in a producer session
+
+
+def session_identity(meta: dict[str, Any]) -> Identity | None:
+    """(producer, epoch, seq) when the meta names all three, else None: only
+    such messages are deduplicated, acknowledged and refused with a nack."""
+    producer, epoch, seq = meta.get(META_PRODUCER), meta.get(META_EPOCH), meta.get(META_SEQ)
+    if producer is None or epoch is None or seq is None:
+        return None
+    return producer, epoch, seq
+
+
+def refused_identity(frames: list[bytes]) -> Identity | None:
+    """The session identity of a message the writer refuses, if its meta frame
+    still names a valid one (the refusal can then be told to its producer)."""
+    if len(frames) < 3:
+        return None
+    try:
+        meta = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    if not isinstance(meta, dict):
+        return None
+    producer, epoch, seq = meta.get(META_PRODUCER), meta.get(META_EPOCH), meta.get(META_SEQ)
+    if is_producer_id(producer) and _is_counter(epoch) and _is_counter(seq):
+        return producer, epoch, seq
+    return None
 
 
 def decode_message(frames: list[bytes], max_topic_bytes: int, max_message_bytes: int
@@ -223,14 +289,6 @@ def message_from_row(row: list[Any] | tuple[Any, ...]) -> Message:
     meta = {} if meta_raw is None else msgpack.unpackb(meta_raw, raw=False,
                                                        strict_map_key=False)
     return Message(topic, payload, meta, row_id, committed_ns)
-
-
-def is_subscription_frame(frames: list[bytes]) -> bool:
-    return len(frames) == 1 and len(frames[0]) >= 1 and frames[0][0] in (SUBSCRIBE, UNSUBSCRIBE)
-
-
-def subscription_frame(prefix: bytes, subscribe: bool = True) -> bytes:
-    return bytes([SUBSCRIBE if subscribe else UNSUBSCRIBE]) + prefix
 
 
 # --- control requests and replies -------------------------------------------

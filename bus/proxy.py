@@ -1,13 +1,17 @@
 """bus-proxy: the live pub/sub hub.
 
-Binds   XSUB  pub_endpoint            publishers connect here
-Binds   XPUB  sub_endpoint            subscribers connect here
-Connects PUSH capture_endpoint        every message and subscription frame to the writer
+Binds   SUB   pub_endpoint            publishers connect here
+Binds   PUB   sub_endpoint            subscribers connect here
+Connects PUSH capture_endpoint        every data message taken in, to the writer
 Binds   REP   proxy_control_endpoint  `stats`, `ping`
 
 Messages are forwarded by libzmq's own steerable proxy loop on a thread of its
 own (it runs without the GIL); this process's Python loop only answers control
 requests and watches for SIGTERM/SIGINT, which end the proxy with TERMINATE.
+The publisher side is a SUB subscribed to the first bytes of storable topics
+and the subscriber side a PUB (bus/sockets.py): the proxy takes in no reserved
+`$` topic from anyone, and nothing flows from subscribers to publishers or to
+the writer. The bus's own notifications come from the writer's notify endpoint.
 On stop the proxy keeps forwarding until publishers have been quiet for
 drain_idle_ms (at most 5 such periods), then its capture socket lingers for the
 rest of shutdown_timeout_ms so that what is queued for the writer is still

@@ -3,10 +3,10 @@
 Each function opens one socket of the architecture from the config, so the
 options of a socket are read in one place:
 
-    publishers  XPUB --connect--> pub_endpoint      (proxy XSUB, bound)
-    subscribers SUB  --connect--> sub_endpoint      (proxy XPUB, bound)
+    publishers  XPUB --connect--> pub_endpoint      (proxy SUB, bound)
+    subscribers SUB  --connect--> sub_endpoint      (proxy PUB, bound)
     proxy       PUSH --connect--> capture_endpoint  (writer PULL, bound)
-    writer      PUB  --connect--> pub_endpoint      ($bus.* notifications)
+    clients     SUB  --connect--> notify_endpoint   (writer XPUB, bound: $bus.* notifications)
     clients     REQ  --connect--> control_endpoint  (writer REP, bound)
     clients     REQ  --connect--> proxy_control_endpoint (proxy REP, bound)
     clients     REQ  --connect--> read_endpoint     (reader REP, bound)
@@ -19,11 +19,15 @@ import socket
 
 import zmq
 
+from bus import protocol
 from bus.config import BusConfig
 from bus.runner import StartupError
 
 # Inside the proxy process: the steerable proxy's control pipe.
 PROXY_STEERING_ENDPOINT = "inproc://bus-proxy-steering"
+# Largest frame a peer may send to the writer's notify endpoint: a subscription
+# to "$bus.nack." + the longest producer id (128 chars of up to 4 UTF-8 bytes).
+NOTIFY_MAX_FRAME_BYTES = 1 + len(protocol.NACK_TOPIC_PREFIX) + 4 * protocol.MAX_PRODUCER_CHARS
 
 
 class EndpointInUse(StartupError):
@@ -69,23 +73,31 @@ def _set_common(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
 # --- proxy -------------------------------------------------------------------
 
 def open_proxy_frontend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    """XSUB bound for publishers; subscribed upstream to everything."""
-    sock = _set_common(ctx.socket(zmq.XSUB), 0)
+    """SUB bound for publishers, subscribed to every first byte a storable topic
+    can have (protocol.PROXY_SUBSCRIPTIONS), so a message with no live
+    subscriber still reaches the capture pipe. A SUB, not an XSUB: it filters
+    what it receives by these subscriptions, so a reserved topic ("$bus.ack...")
+    or a frame starting with a control byte sent by any client, however it
+    was built, never gets into the proxy; and no subscriber can change them."""
+    sock = _set_common(ctx.socket(zmq.SUB), 0)
     sock.setsockopt(zmq.RCVHWM, cfg.pub_hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, cfg.proxy_max_frame_bytes)
+    for prefix in protocol.PROXY_SUBSCRIPTIONS:
+        sock.setsockopt(zmq.SUBSCRIBE, prefix)
     bind(sock, cfg.pub_endpoint)
-    # Subscribe to everything so that a message with no live subscriber still
-    # reaches the capture pipe. XSUB refcounts prefixes, so a subscriber's own
-    # "" unsubscribe never cancels this one.
-    sock.send(b"\x01")
     return sock
 
 
 def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    """XPUB bound for subscribers; every (un)subscription is passed on (VERBOSER)."""
-    sock = _set_common(ctx.socket(zmq.XPUB), 0)
+    """PUB bound for subscribers. A PUB, not an XPUB: it applies subscriptions
+    itself and passes nothing to the proxy loop, so neither a subscription nor
+    data sent by a peer on this side reaches publishers or the writer. A
+    subscription longer than a topic can be is refused (the peer is
+    disconnected): it could never match, and libzmq's subscription trie is
+    recursive in the prefix length."""
+    sock = _set_common(ctx.socket(zmq.PUB), 0)
     sock.setsockopt(zmq.SNDHWM, cfg.sub_hwm)
-    sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_topic_bytes + 1)
     bind(sock, cfg.sub_endpoint)
     return sock
 
@@ -125,13 +137,19 @@ def open_writer_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 
 
 def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    """PUB connected to the proxy's XSUB, like any publisher: commit
-    acknowledgements and the commit watermark. A plain PUB on purpose: while
-    the proxy is away these are dropped instead of blocking the writer, and the
-    next commit's notifications supersede them (they carry watermarks)."""
-    sock = _set_common(ctx.socket(zmq.PUB), 1000)
+    """XPUB bound for the $bus.* notifications (acknowledgements, nacks, the
+    commit watermark): only the writer binds it, so nothing else can send them.
+    VERBOSE passes every subscription to the writer, duplicates too: each new
+    acknowledgement subscription is answered with the producer's current
+    acknowledgement, which tells its client that the path works. It drops for a
+    subscriber whose queue is full instead of blocking the writer, and the next
+    notification supersedes a dropped one (they carry watermarks); a frame longer
+    than any notification topic's subscription disconnects its peer."""
+    sock = _set_common(ctx.socket(zmq.XPUB), 1000)
     sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.connect(cfg.pub_endpoint)
+    sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, NOTIFY_MAX_FRAME_BYTES)
+    bind(sock, cfg.notify_endpoint)
     return sock
 
 
@@ -146,8 +164,8 @@ def open_reader(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 # --- clients -----------------------------------------------------------------
 
 def open_publisher(ctx: zmq.Context, cfg: BusConfig, linger_ms: int) -> zmq.Socket:
-    """XPUB (not PUB) so the client sees the proxy's upstream subscription arrive
-    and can hold its first message until then (the slow-joiner fix). NODROP turns
+    """XPUB (not PUB) so the client sees the proxy's subscriptions arrive and
+    can hold its first message until then (the slow-joiner fix). NODROP turns
     a full queue into backpressure instead of silent loss."""
     sock = _set_common(ctx.socket(zmq.XPUB), linger_ms)
     sock.setsockopt(zmq.SNDHWM, cfg.pub_hwm)
@@ -156,12 +174,15 @@ def open_publisher(ctx: zmq.Context, cfg: BusConfig, linger_ms: int) -> zmq.Sock
     return sock
 
 
-def open_subscriber(ctx: zmq.Context, cfg: BusConfig, prefixes: list[bytes]) -> zmq.Socket:
+def open_subscriber(ctx: zmq.Context, cfg: BusConfig, prefixes: list[bytes],
+                    endpoint: str | None = None) -> zmq.Socket:
+    """SUB to the proxy's data (sub_endpoint), or to the writer's notifications
+    (endpoint=cfg.notify_endpoint)."""
     sock = _set_common(ctx.socket(zmq.SUB), 0)
     sock.setsockopt(zmq.RCVHWM, cfg.sub_hwm)
     for prefix in prefixes:
         sock.setsockopt(zmq.SUBSCRIBE, prefix)
-    sock.connect(cfg.sub_endpoint)
+    sock.connect(endpoint or cfg.sub_endpoint)
     return sock
 
 

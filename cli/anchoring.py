@@ -26,6 +26,7 @@ from bus.client import BusError, ControlClient, Publisher
 from cli.common import build_config, print_sections, setting_options
 
 ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpoint",
+                 "notify_endpoint",
                  "request_timeout_ms", "bitcoind_rpc_url", "bitcoind_rpc_user",
                  "bitcoind_rpc_password", "bitcoind_rpc_cookie", "bitcoind_zmq_hashblock",
                  "anchor_block_poll_s", "anchor_interval_s", "anchor_max_documents",
@@ -78,7 +79,8 @@ def _proof(cfg: Any, digest: bytes) -> dict[str, Any] | None:
               "broadcast transaction, then print its proof")
 @click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
               help="seconds --wait waits")
-@setting_options("pub_endpoint", "sub_endpoint", "read_endpoint", "request_timeout_ms")
+@setting_options("pub_endpoint", "sub_endpoint", "control_endpoint", "notify_endpoint",
+                 "read_endpoint", "request_timeout_ms")
 @click.pass_context
 def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str | None,
            wait: bool, timeout: float, **flags: Any) -> None:

@@ -38,7 +38,9 @@ from cli.anchoring import anchor, utxo
 from cli.common import build_config, jsonable, print_sections, setting_options
 
 ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
-                   "proxy_control_endpoint", "read_endpoint")
+                   "proxy_control_endpoint", "read_endpoint", "notify_endpoint")
+# What a Publisher talks to: the proxy, and the writer for its session and acknowledgements.
+PUBLISHER_FIELDS = ("pub_endpoint", "control_endpoint", "notify_endpoint", "request_timeout_ms")
 RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_chunk_rows")
 BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
                 "batch_max_buffer_size", "sqlite_synchronous", "sqlite_busy_timeout_ms")
@@ -60,14 +62,15 @@ def main(ctx: click.Context, config_path: str | None) -> None:
                  "capture_hwm")
 @click.pass_context
 def proxy(ctx: click.Context, **flags: Any) -> None:
-    """Run the XSUB/XPUB proxy with its capture pipe to the writer."""
+    """Run the proxy (publishers in, subscribers out) with its capture pipe to the writer."""
     from bus.proxy import Proxy
     from bus.runner import run_role
     sys.exit(run_role(Proxy(build_config(ctx, flags, "proxy"))))
 
 
 @main.command()
-@setting_options("capture_endpoint", "control_endpoint", "db", *BATCH_FIELDS, *RETENTION_FIELDS)
+@setting_options("capture_endpoint", "control_endpoint", "notify_endpoint", "db", *BATCH_FIELDS,
+                 *RETENTION_FIELDS)
 @click.pass_context
 def writer(ctx: click.Context, **flags: Any) -> None:
     """Run the batching SQLite writer."""
@@ -131,6 +134,7 @@ def up(ctx: click.Context, **flags: Any) -> None:
                 f"  proxy control (REP)     {cfg.proxy_control_endpoint}   "
                 f"(BUS_PROXY_CONTROL_ENDPOINT)\n"
                 f"  history reads (REP)     {cfg.read_endpoint}   (BUS_READ_ENDPOINT)\n"
+                f"  notifications (XPUB)    {cfg.notify_endpoint}   (BUS_NOTIFY_ENDPOINT)\n"
                 "Ctrl-C stops all three.", err=False)
             sys.stdout.flush()
             while stopping["signal"] is None:
@@ -209,7 +213,7 @@ def encode_payload(data: str, encoding: str) -> tuple[bytes, str]:
               help="exit 0 only once the writer has committed every message")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="seconds --wait waits for the commit acknowledgements")
-@setting_options("pub_endpoint", "sub_endpoint", "request_timeout_ms")
+@setting_options(*PUBLISHER_FIELDS, "max_topic_bytes", "max_message_bytes")
 @click.pass_context
 def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, count: int,
             rate: float, producer_id: str | None, header: tuple[str, ...], wait: bool,
@@ -217,7 +221,8 @@ def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, cou
     """Publish DATA to TOPIC, or one message per line of standard input.
 
     With --wait, unacknowledged messages are re-sent (same sequence numbers,
-    stored once) until the writer acknowledges them all or --wait-timeout passes.
+    stored once) until the writer acknowledges them all or --wait-timeout passes;
+    the exit status is 1, naming the reason, if the writer refused any.
     """
     cfg = build_config(ctx, flags, "publish")
     headers = {}
@@ -258,6 +263,10 @@ def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, cou
                 pub.flush(wait_timeout)
     except BusError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except protocol.ProtocolError as exc:  # a message the writer would refuse: none sent
+        line = f"line {sent + 1} of standard input: " if data is None else ""
+        click.echo(f"error: {line}{exc} (after {sent} published)", err=True)
         sys.exit(1)
     click.echo(f"published {sent} message{'s' if sent != 1 else ''} to {topic} "
                f"(producer {pub.producer_id}, seq {last - sent + 1}..{last})"
@@ -320,10 +329,13 @@ def parse_since(text: str) -> dt.datetime | dt.timedelta:
 
 
 def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
-                   limit: int | None, stop: Callable[[], bool] = lambda: False) -> int:
+                   limit: int | None, stop: Callable[[], bool] = lambda: False,
+                   printed: Callable[[protocol.Message], None] = lambda msg: None) -> int:
     """Print messages until `limit`, `stop()` or the end; None items are waits.
-    The limit is checked before the next message is taken: a durable tail
-    acknowledges what it took, so it must not take one it will not print."""
+    `printed(msg)` follows each line that reached standard output: a durable
+    tail acknowledges there, so a message taken but not written (Ctrl-C, a
+    closed pipe) is not acknowledged. The limit is checked before the next
+    message is taken."""
     fmt = format_json if as_json else format_line
     shown = 0
     try:
@@ -336,6 +348,7 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
             sys.stdout.write(fmt(msg) + "\n")
             sys.stdout.flush()
             shown += 1
+            printed(msg)
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:
@@ -354,7 +367,8 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
               help="first print stored messages from this id on, then live")
 @click.option("--durable", default=None, metavar="NAME",
               help="resume after the last message NAME printed, across restarts")
-@setting_options("sub_endpoint", "read_endpoint", "control_endpoint", "request_timeout_ms")
+@setting_options("sub_endpoint", "read_endpoint", "control_endpoint", "notify_endpoint",
+                 "request_timeout_ms")
 @click.pass_context
 def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: int | None,
          since: str | None, from_id: int | None, durable: str | None, **flags: Any) -> None:
@@ -372,7 +386,9 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
-        sub = Subscriber(prefixes or ("",), cfg, durable=durable,
+        # A durable tail acknowledges a message once its line is written, not
+        # when the next one is taken (auto_ack): that one may never be printed.
+        sub = Subscriber(prefixes or ("",), cfg, durable=durable, auto_ack=False,
                          since=parse_since(since) if since else None,
                          after_id=from_id - 1 if from_id else None)
     except (BusError, ValueError) as exc:
@@ -380,7 +396,7 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
         sys.exit(1)
     with sub:
         print_messages(iter(lambda: sub.receive(timeout=0.2), False), as_json, limit,
-                       lambda: stop["now"])
+                       lambda: stop["now"], sub.ack)
 
 
 @main.command()

@@ -31,7 +31,8 @@ from tests.bitcoind_double import BitcoindDouble
 
 BUS_CLI = str(Path(sys.executable).with_name("bus-cli"))
 ENDPOINT_VARS = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
-                 "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT")
+                 "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT",
+                 "BUS_NOTIFY_ENDPOINT")
 DEADLINE = 15.0
 
 
@@ -162,13 +163,21 @@ class Proc:
 
 
 class RawProducer:
-    """A bare client: an XPUB that waits for the proxy's subscription and sends
-    [topic, payload, meta] with chosen (producer, seq) pairs, e.g. retransmissions.
-    Unlike Publisher it opens no acknowledgement subscription, so batches hold
+    """A bare client: an XPUB that waits for the proxy's subscriptions and sends
+    [topic, payload, meta] with chosen seqs, e.g. retransmissions. It opens a
+    producer session (`producer_open`) unless session=False, and then sends
+    (producer, epoch, seq); without one it sends (producer, seq) only. Unlike
+    Publisher it opens no acknowledgement subscription, so batches hold
     exactly the messages a test sends."""
 
-    def __init__(self, bus: Bus, producer: str) -> None:
+    def __init__(self, bus: Bus, producer: str, session: bool = True) -> None:
         self.producer = producer
+        self.epoch: int | None = None
+        self.next_seq = 1
+        if session:
+            with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=5000) as control:
+                opened = control.request("producer_open", {"producer": producer})
+            self.epoch, self.next_seq = opened["epoch"], opened["next_seq"]
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.XPUB)
         # Like Publisher: a full queue blocks instead of dropping (an XPUB, like a
@@ -176,11 +185,16 @@ class RawProducer:
         self.sock.setsockopt(zmq.XPUB_NODROP, 1)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.connect(bus["BUS_PUB_ENDPOINT"])
-        assert self.sock.poll(5000) and self.sock.recv() == b"\x01"
+        wanted = {b"\x01" + prefix for prefix in protocol.PROXY_SUBSCRIPTIONS}
+        while wanted:
+            assert self.sock.poll(5000), f"the proxy did not subscribe to {sorted(wanted)[:3]}"
+            wanted.discard(self.sock.recv())
+
+    def meta(self, seq: int) -> bytes:
+        return protocol.encode_meta(self.producer, seq, self.epoch)
 
     def send(self, *seqs: int, topic: bytes = b"idem.t") -> None:
-        self.send_frames(*([topic, b"payload-%d" % seq, protocol.encode_meta(self.producer, seq)]
-                           for seq in seqs))
+        self.send_frames(*([topic, b"payload-%d" % seq, self.meta(seq)] for seq in seqs))
 
     def send_frames(self, *messages: list[bytes]) -> None:
         """Send each message's frames exactly as given, valid or not."""

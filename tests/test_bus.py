@@ -86,13 +86,18 @@ def test_bus_cli_publish_rejects_bad_arguments(bus: Bus) -> None:
     assert bad_topic.returncode == 2 and "topic_too_long" in bad_topic.stderr
 
 
-def test_publish_without_a_proxy_fails_clearly(make_bus) -> None:
+def test_publish_without_a_proxy_or_a_writer_fails_clearly(make_bus) -> None:
     bus = make_bus(BUS_REQUEST_TIMEOUT_MS=300)
     result = bus.cli("publish", "t", "data")
     assert result.returncode == 1
-    assert "did not subscribe" in result.stderr and "bus-proxy running" in result.stderr
-    with pytest.raises(BusTimeout):
+    assert "did not open a producer session" in result.stderr and \
+        "bus-writer running" in result.stderr
+    with pytest.raises(BusTimeout, match="bus-writer running"):
         Publisher(bus.config(), connect_timeout=0.2).connect()
+    bus.start_writer()
+    result = bus.cli("publish", "t", "data")
+    assert result.returncode == 1
+    assert "did not subscribe" in result.stderr and "bus-proxy running" in result.stderr
 
 
 def test_tail_prints_what_is_published_after_it_started(bus: Bus) -> None:
@@ -147,18 +152,6 @@ def test_library_subscriber_yields_topic_payload_meta(bus: Bus) -> None:
     assert (msg.topic, msg.payload, msg.producer, msg.seq) == ("lib.event", b"\x00\xffbinary",
                                                                "lib", seq)
     assert isinstance(msg.time_ns, int)
-
-
-def test_subscriptions_are_stored_as_events(bus: Bus) -> None:
-    sub = Subscriber(["watch.me"], bus.config())
-    wait_for(lambda: query(bus.db, "SELECT subscribed, prefix FROM subscriptions "
-                                   "WHERE prefix = ?", (b"watch.me",)),
-             message="subscribe event row")
-    sub.close()
-    rows = wait_for(lambda: (r := query(bus.db, "SELECT subscribed FROM subscriptions "
-                                                "WHERE prefix = ? ORDER BY id", (b"watch.me",)))
-                    and len(r) == 2 and r, message="unsubscribe event row")
-    assert [r[0] for r in rows] == [1, 0]
 
 
 def test_plain_zmq_pub_without_meta_is_stored(bus: Bus) -> None:

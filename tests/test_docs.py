@@ -1,9 +1,11 @@
 """docs/protocol.md's C and JavaScript clients, run against a real bus.
 
 The page promises that a client can be written from it alone; this keeps the
-examples honest. The C test needs gcc and libzmq's headers (`apt-get install
-gcc libzmq3-dev`), the JavaScript test node and `npm ci --prefix tests/js`;
-.ci/run installs both. Each is skipped without its tools.
+examples honest. The C test needs gcc and the headers of libzmq and msgpack-c
+(`apt-get install gcc libzmq3-dev libmsgpack-dev`), the JavaScript test node
+and `npm ci --prefix tests/js`; .ci/run installs both. Each is skipped without
+its tools. Each publisher example runs twice with its fixed producer id, and
+must store its message both times (a producer session each run).
 """
 
 from __future__ import annotations
@@ -22,17 +24,19 @@ from tests.conftest import Bus, Proc, query, wait_for
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 
-def have_libzmq_headers() -> bool:
+def have_c_headers() -> bool:
     if shutil.which("gcc") is None:
         return False
-    probe = subprocess.run(["gcc", "-E", "-x", "c", "-"], input="#include <zmq.h>\n",
+    probe = subprocess.run(["gcc", "-E", "-x", "c", "-"],
+                           input="#include <zmq.h>\n#include <msgpack.h>\n",
                            capture_output=True, text=True)
     return probe.returncode == 0
 
 
 JS_DIR = Path(__file__).resolve().parent / "js"
-needs_c = pytest.mark.skipif(not have_libzmq_headers(),
-                             reason="gcc or libzmq headers (libzmq3-dev) not installed")
+needs_c = pytest.mark.skipif(not have_c_headers(),
+                             reason="gcc or the headers of libzmq / msgpack-c (libzmq3-dev, "
+                                    "libmsgpack-dev) not installed")
 needs_js = pytest.mark.skipif(shutil.which("node") is None
                               or not (JS_DIR / "node_modules" / "zeromq").is_dir(),
                               reason="node or tests/js/node_modules (npm ci --prefix tests/js) "
@@ -41,7 +45,8 @@ needs_js = pytest.mark.skipif(shutil.which("node") is None
 
 def local_endpoints(code: str, bus: Bus) -> str:
     for default, name in (("5550", "BUS_PUB_ENDPOINT"), ("5551", "BUS_SUB_ENDPOINT"),
-                          ("5553", "BUS_CONTROL_ENDPOINT"), ("5555", "BUS_READ_ENDPOINT")):
+                          ("5553", "BUS_CONTROL_ENDPOINT"), ("5555", "BUS_READ_ENDPOINT"),
+                          ("5556", "BUS_NOTIFY_ENDPOINT")):
         code = code.replace(f"tcp://127.0.0.1:{default}", bus[name])
     return code
 
@@ -65,11 +70,12 @@ def c_examples(bus: Bus) -> tuple[str, str]:
     publisher, subscriber = re.findall(r"```c\n(.*?)```", PROTOCOL_MD.read_text(), re.S)[:2]
 
     # The subscriber snippet is a loop body: wrap it in a program that prints
-    # each frame's size and stops after one message.
-    subscriber = subscriber.replace("for (;;) {", "for (int k = 0; k < 1; k++) {").replace(
+    # each frame's size, unbuffered, and stops after 50 messages.
+    subscriber = subscriber.replace("for (;;) {", "for (int k = 0; k < 50; k++) {").replace(
         "zmq_msg_close(&part); i++;",
         'printf("frame %d: %zu\\n", i, zmq_msg_size(&part)); zmq_msg_close(&part); i++;')
     subscriber = ("#include <zmq.h>\n#include <stdio.h>\nint main(void) {\n"
+                  "setvbuf(stdout, NULL, _IONBF, 0);\n"
                   "void *ctx = zmq_ctx_new();\n" + subscriber + "return 0;\n}\n")
     return local_endpoints(publisher, bus), local_endpoints(subscriber, bus)
 
@@ -77,32 +83,46 @@ def c_examples(bus: Bus) -> tuple[str, str]:
 def compile_c(source: str, path: Path) -> Path:
     path.with_suffix(".c").write_text(source)
     subprocess.run(["gcc", "-Wall", "-Werror", "-o", str(path), str(path.with_suffix(".c")),
-                    "-lzmq"], check=True, capture_output=True, timeout=60)
+                    "-lzmq", "-lmsgpackc"], check=True, capture_output=True, timeout=60)
     return path
 
 
+def stored_sessions(bus: Bus, topic: str) -> list[tuple[str, int, int, bytes]]:
+    """(producer, epoch, seq, payload) of every stored message on `topic`."""
+    return [(producer, msgpack.unpackb(meta)["epoch"], seq, payload) for producer, seq, meta,
+            payload in query(bus.db, "SELECT producer_id, producer_seq, meta, payload "
+                                     "FROM messages WHERE topic = ? ORDER BY id", (topic,))]
+
+
 @needs_c
-def test_c_examples_publish_and_subscribe(bus: Bus, tmp_path: Path) -> None:
+def test_c_examples_publish_on_every_run_and_subscribe(bus: Bus, tmp_path: Path) -> None:
     publisher_src, subscriber_src = c_examples(bus)
     publisher = compile_c(publisher_src, tmp_path / "pub")
     subscriber = compile_c(subscriber_src, tmp_path / "sub")
     sub = bus.spawn([str(subscriber)])
-    # The proxy passes the subscription to the writer, which stores it: wait for that.
-    wait_for(lambda: query(bus.db, "SELECT 1 FROM subscriptions WHERE prefix = ?",
-                           (b"orders.",)), message="the C subscriber's subscription")
-    result = subprocess.run([str(publisher)], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, "the C publisher saw no proxy subscription"
-    bus.wait_count(1, "orders.")
-    [(topic, payload, producer, seq, meta)] = query(
-        bus.db, "SELECT topic, payload, producer_id, producer_seq, meta FROM messages")
-    assert (topic, payload, producer, seq) == ("orders.new", b'{"id":7}', "c-1", 1)
-    assert msgpack.unpackb(meta) == {"producer": "c-1", "seq": 1}
-    assert sub.wait() == 0
-    assert sub.stdout.collect() == ["frame 0: 10", "frame 1: 8", "frame 2: 19"]
+    with Publisher(bus.config(), producer_id="probe") as probe:
+        # A subscription reaches the proxy some time after the connect.
+        wait_for(lambda: probe.publish("orders.probe", b"p") and "frame 0: 12" in
+                 sub.stdout.collect(), message="the C subscriber to receive a probe")
+    for run in (1, 2):
+        result = subprocess.run([str(publisher)], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, f"run {run}: exit {result.returncode} (2: no writer, " \
+                                       "1: no proxy)"
+        bus.wait_count(run, "orders.new")
+    assert stored_sessions(bus, "orders.new") == [("c-1", 1, 1, b'{"id":7}'),
+                                                  ("c-1", 2, 2, b'{"id":7}')]
+    meta = query(bus.db, "SELECT meta FROM messages WHERE topic = 'orders.new'")[0][0]
+    assert msgpack.unpackb(meta) == {"producer": "c-1", "epoch": 1, "seq": 1}
+    wait_for(lambda: sub.stdout.collect().count("frame 0: 10") == 2,
+             message="both messages at the C subscriber")
+    lines = sub.stdout.collect()
+    first = lines.index("frame 0: 10")
+    assert lines[first:first + 3] == ["frame 0: 10", "frame 1: 8", f"frame 2: {len(meta)}"]
+    sub.kill()
 
 
 @needs_js
-def test_javascript_example_publishes_and_subscribes(bus: Bus) -> None:
+def test_javascript_example_publishes_on_every_run_and_subscribes(bus: Bus) -> None:
     example = js_examples()[0]
     print_line = "console.log(topic.toString(), payload.toString(), meta ? decode(meta, big) : {});"
     assert print_line in example
@@ -111,21 +131,29 @@ def test_javascript_example_publishes_and_subscribes(bus: Bus) -> None:
     script = JS_DIR / f"example-{bus.tmp_path.name}.mjs"  # beside node_modules, for imports
     script.write_text(example)
     try:
-        node = bus.spawn(["node", str(script)])
-        bus.wait_count(1, "orders.new")
-        wait_for(lambda: query(bus.db, "SELECT 1 FROM subscriptions WHERE prefix = ?",
-                               (b"orders.",)), message="the JavaScript subscriber's subscription")
-        result = bus.cli("publish", "orders.done", '{"n": 1}', "--json", "--producer-id", "py")
-        assert result.returncode == 0, result.stderr
-        assert node.wait() == 0, node.stderr.collect()
+        with Publisher(bus.config(), producer_id="py") as pub:
+            for run in (1, 2):
+                node = bus.spawn(["node", str(script)])
+                # It exits 0 only after its message was acknowledged and a
+                # "orders.done" reached its subscriber (published until one does).
+                bus.wait_count(run, "orders.new")
+
+                def exited() -> bool:
+                    if node.popen.poll() is not None:
+                        return True
+                    pub.publish("orders.done", '{"n": 1}', content_type="application/json")
+                    return False
+                wait_for(exited, interval=0.05, message="the JavaScript example to exit")
+                assert node.wait() == 0, node.stderr.collect()
     finally:
         script.unlink()
-    [(payload, producer, seq, publish_ns)] = query(
-        bus.db, "SELECT payload, producer_id, producer_seq, publish_ns FROM messages "
-                "WHERE topic = 'orders.new'")
-    assert (payload, producer, seq) == (b'{"id":7}', "js-1", 1) and publish_ns > 10**18
+    rows = stored_sessions(bus, "orders.new")
+    assert [row[:3] for row in rows] == [("js-1", 1, 1), ("js-1", 2, 2)]
+    assert all(row[3] == b'{"id":7}' for row in rows)
+    publish_ns = query(bus.db, "SELECT publish_ns FROM messages WHERE topic = 'orders.new'")
+    assert all(ns > 10**18 for (ns,) in publish_ns)
     out = "\n".join(node.stdout.collect())
-    assert 'orders.done {"n":1}' in out and "producer: 'py'" in out and "seq: 1" in out
+    assert 'orders.done {"n": 1}' in out and "producer: 'py'" in out
 
 
 @needs_js

@@ -48,15 +48,16 @@ def test_state_round_trips_through_its_row() -> None:
 
 
 def test_ledger_loads_on_demand_and_keeps_dirty_states_until_committed() -> None:
-    saved = {"old": ProducerState("old", max_seq=4).row()}
+    saved = {"old": ProducerState("old", max_seq=4, epoch=2).row()}
     ledger = ProducerLedger(saved.get, max_cached=1)
-    assert ledger.accept("old", 3, now_ns=1) is False      # loaded: 1..4 stored before
-    assert ledger.accept("old", 5, now_ns=2) is True
-    assert ledger.accept("new", 1, now_ns=3) is True       # over max_cached, but "old" is dirty
+    assert ledger.accept("old", 2, 3, now_ns=1) == (False, None)  # loaded: 1..4 stored before
+    assert ledger.accept("old", 2, 5, now_ns=2) == (True, None)
+    assert ledger.open("new", now_ns=3).epoch == 1         # over max_cached, but "old" is dirty
+    assert ledger.accept("new", 1, 1, now_ns=3) == (True, None)
     assert {row[0] for row in ledger.dirty_rows()} == {"old", "new"}
     ledger.committed()
     assert not ledger.dirty
-    ledger.accept("third", 1, now_ns=4)                     # now a clean state is evicted
+    ledger.open("third", now_ns=4)                           # now a clean state is evicted
     assert ledger.snapshot()["cached"] <= 2
     assert ledger.duplicates == 1
 
@@ -105,8 +106,8 @@ def test_gaps_are_counted_and_filled_by_late_messages(bus: Bus, raw) -> None:
     p.send(1, 2, 5, 6, 9)
     wait_for(lambda: len(stored_seqs(bus, "gappy")) == 5, message="5 rows")
     missing = bus.writer_stats()["producers"]["missing"]
-    assert missing == [{"producer": "gappy", "contiguous_seq": 2, "max_seq": 9, "missing": 4,
-                        "gaps": 2, "abandoned": 0, "duplicates": 0}]
+    assert missing == [{"producer": "gappy", "epoch": 1, "contiguous_seq": 2, "max_seq": 9,
+                        "missing": 4, "gaps": 2, "abandoned": 0, "duplicates": 0, "refused": 0}]
     contiguous, max_seq, holes, gaps, _ = wait_for(lambda: producer_row(bus, "gappy"),
                                                    message="ledger row")
     assert (contiguous, max_seq, msgpack.unpackb(holes), gaps) == (2, 9, [[3, 4], [7, 8]], 2)

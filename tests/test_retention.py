@@ -5,6 +5,7 @@ reused, so the database file stops growing under steady load past the limit."""
 from __future__ import annotations
 
 import os
+import sqlite3
 
 from bus.client import Publisher
 from tests.conftest import Bus, query, wait_for
@@ -37,7 +38,12 @@ def test_max_messages_keeps_the_newest_deleting_in_chunks(make_bus) -> None:
 
 def test_max_age_deletes_old_messages_but_never_the_newest(make_bus) -> None:
     bus = make_bus(BUS_RETENTION_MAX_AGE_S=0.5).start()
-    publish(bus, 200, "aging")
+    publish(bus, 1, "aging")
+    # A subscription event as writers up to schema 4 stored them.
+    with sqlite3.connect(bus.db, timeout=10) as conn:
+        conn.execute("INSERT INTO subscriptions (subscribed, prefix, committed_ns) "
+                     "VALUES (1, x'61', 1)")
+    publish(bus, 199, "aging")
     wait_for(lambda: id_range(bus)[2] == 1, message="all but the newest message expired")
     assert id_range(bus)[:2] == (200, 200), "ids are never reused: the newest row stays"
     # Subscription events older than the oldest message left are deleted too.

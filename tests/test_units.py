@@ -72,13 +72,13 @@ def test_buffer_is_due_by_size_then_by_time() -> None:
     buf = BatchBuffer(batch_size=3, flush_interval=0.05, max_size=10)
     assert buf.due(0.0) is None and buf.seconds_until_due(0.0) is None
     buf.add_message(ROW, 10.0)
-    buf.add_subscription((1, b"x"), 10.01)
+    buf.add_consumption(("c", 1, 0), 10.01)
     assert buf.due(10.02) is None and buf.room == 1
     assert buf.seconds_until_due(10.02) == pytest.approx(0.03)
     assert buf.due(10.05) == "time"       # the oldest row's age counts
     buf.add_message(ROW, 10.02)
     assert buf.due(10.02) == "size" and buf.room == 0
-    assert buf.sizes() == {"messages": 2, "consumptions": 0, "subscriptions": 1}
+    assert buf.sizes() == {"messages": 2, "consumptions": 1, "subscriptions": 0}
     buf.clear()
     assert len(buf) == 0 and buf.due(99.0) is None
 
@@ -174,11 +174,11 @@ def test_two_frame_message_has_no_meta() -> None:
     assert protocol.decode_message([b"a.b", b""], 8, 64) == ("a.b", b"", None, {})
 
 
-def test_subscription_frames() -> None:
-    assert protocol.is_subscription_frame([protocol.subscription_frame(b"orders.")])
-    assert protocol.is_subscription_frame([protocol.subscription_frame(b"", subscribe=False)])
-    assert not protocol.is_subscription_frame([b"orders."])
-    assert not protocol.is_subscription_frame([b"\x01a", b"payload"])
+def test_the_proxy_subscribes_to_exactly_the_first_bytes_of_storable_topics() -> None:
+    first_bytes = {chr(c).encode("utf-8")[0] for c in range(0x20, 0x110000)
+                   if not 0xD800 <= c <= 0xDFFF}
+    assert set(protocol.TOPIC_FIRST_BYTES) == first_bytes - {ord("$")}
+    assert set(protocol.PROXY_SUBSCRIPTIONS) == {bytes((b,)) for b in protocol.TOPIC_FIRST_BYTES}
 
 
 def test_control_request_and_reply_shapes() -> None:

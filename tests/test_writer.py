@@ -188,20 +188,24 @@ def test_bad_input_is_counted_and_valid_messages_around_it_are_stored(make_bus) 
         "meta_not_map": [b"t", b"p", msgpack.packb([1, 2, 3])],
         "meta_bad_value": [b"t", b"p", msgpack.packb({"seq": "one"})],
         "message_too_large": [b"t", b"x" * 5000],
-        "topic_not_utf8": [b"\xff\xfe.topic", b"p"],
+        "topic_not_utf8": [b"t\xff\xfe.topic", b"p"],
         "topic_too_long": [b"t" * 65, b"p"],
-        "empty_topic": [b"", b"p"],
-        "topic_control_char": [b"\x02ctl", b"p"],
     }
+    # Dropped by the proxy's own socket (it takes in only the first bytes a
+    # storable topic can have): never seen by the writer, so not counted there.
+    dropped = [[b"", b"p"], [b"\x02ctl", b"p"], [b"\x01sub"], [b"\xff\xfe.topic", b"p"],
+               [b"$bus.ack.raw", b"p"]]
     with RawProducer(bus, "raw") as raw:
         for i, frames in enumerate(bad.values()):
             raw.send_frames([b"good.before", b"%d" % i], frames,
                             [b"good.after", b"%d" % i, protocol.encode_meta("raw", i + 1)])
+        raw.send_frames(*dropped)
         # The same bad message many times: counted each time, logged at a bounded rate.
         raw.send_frames(*[bad["meta_not_map"]] * 200, [b"good.last", b"end"])
     bus.wait_count(2 * len(bad) + 1, "good.")
     assert bus.count() == 2 * len(bad) + 1, "no bad message was stored"
-    stats = wait_for(lambda: (s := bus.writer_stats())["ingest"]["rejected_total"] >= 210 and s,
+    stats = wait_for(lambda: (s := bus.writer_stats())["ingest"]["rejected_total"] >= len(bad) + 200
+                     and s,
                      message="rejects counted")
     expected = dict.fromkeys(bad, 1)
     expected["meta_not_map"] = 201
@@ -219,9 +223,19 @@ def test_reserved_topics_are_not_stored(bus: Bus) -> None:
         raw.send_frames([b"$bus.fake", b"x"], [b"after.reserved", b"y"])
     bus.wait_count(1, "after.")
     assert bus.count("$") == 0
-    # (The writer's own $bus notifications come back through the capture too.)
-    assert wait_for(lambda: bus.writer_stats()["ingest"]["reserved_skipped"] >= 1,
-                    message="reserved skip counted")
+    # Pushed straight into the capture pipe (the proxy takes none in): refused there.
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(bus["BUS_CAPTURE_ENDPOINT"])
+    try:
+        push.send_multipart([b"$bus.fake", b"x"])
+        push.send_multipart([b"after.pushed", b"y"])
+        bus.wait_count(1, "after.pushed")
+    finally:
+        push.close(linger=1000)
+        ctx.term()
+    assert bus.count("$") == 0
+    assert bus.writer_stats()["ingest"]["rejected"] == {"reserved_topic": 1}
 
 
 def test_bad_control_requests_get_an_error_reply(bus: Bus) -> None:
@@ -286,16 +300,18 @@ def test_a_failed_commit_keeps_its_rows_and_retries(make_bus) -> None:
     # SQLITE_BUSY, the writer keeps the rows, stays responsive, and stores them
     # once the lock is gone.
     bus = make_bus(BATCH_SIZE=10, BUS_SQLITE_BUSY_TIMEOUT_MS=50).start()
+    producer = RawProducer(bus, "locked")  # its session is committed before the lock
     locker = sqlite3.connect(bus.db, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")
     try:
-        publish_many(bus, "locked.t", 25)
+        producer.send(*range(1, 26), topic=b"locked.t")
         stats = wait_for(lambda: (s := bus.writer_stats())["batch"]["flush_errors"] >= 2 and s,
                          message="failed flushes counted")
         assert stats["batch"]["total_writes"] == 0
     finally:
         locker.execute("ROLLBACK")
         locker.close()
+        producer.close()
     bus.wait_count(25, "locked.t")
     stats = wait_for(lambda: (s := bus.writer_stats())["batch"]["queue_size"] == 0 and s,
                      message="buffer emptied")

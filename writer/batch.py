@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from writer.store import ConsumptionRow, MessageRow, SubscriptionRow
+from writer.store import ConsumptionRow, MessageRow
 
 # Why a batch was flushed; each has a counter `flush_by_<reason>`.
 FLUSH_REASONS = ("size", "time", "shutdown", "low_load", "request")
@@ -29,23 +29,17 @@ class BatchBuffer:
         self.flush_interval = flush_interval
         self.max_size = max_size
         self.messages: list[MessageRow] = []
-        self.subscriptions: list[SubscriptionRow] = []
         # Durable-consumer positions join the batch here (the seed's "consumptions").
         self.consumptions: list[ConsumptionRow] = []
         self.oldest_at: float | None = None
 
     def __len__(self) -> int:
-        return len(self.messages) + len(self.subscriptions) + len(self.consumptions)
+        return len(self.messages) + len(self.consumptions)
 
     def add_message(self, row: MessageRow, now: float) -> None:
         if self.oldest_at is None:
             self.oldest_at = now
         self.messages.append(row)
-
-    def add_subscription(self, row: SubscriptionRow, now: float) -> None:
-        if self.oldest_at is None:
-            self.oldest_at = now
-        self.subscriptions.append(row)
 
     def add_consumption(self, row: ConsumptionRow, now: float) -> None:
         if self.oldest_at is None:
@@ -78,13 +72,14 @@ class BatchBuffer:
 
     def clear(self) -> None:
         self.messages = []
-        self.subscriptions = []
         self.consumptions = []
         self.oldest_at = None
 
     def sizes(self) -> dict[str, int]:
+        # "subscriptions" stays for the seed's metrics shape: the proxy no longer
+        # passes subscriptions to the writer (docs/protocol.md, "The capture pipe").
         return {"messages": len(self.messages), "consumptions": len(self.consumptions),
-                "subscriptions": len(self.subscriptions)}
+                "subscriptions": 0}
 
 
 class BatchMetrics:

@@ -1,16 +1,30 @@
-"""Per-producer sequence ledger: each (producer id, seq) is stored once.
+"""Producer sessions: each (producer id, seq) is stored once, and a restarted
+producer never loses a message.
 
-A producer's state is its highest sequence seen (`max_seq`) and the holes below
-it: ranges of sequences not yet stored. A message is new when its seq is above
-`max_seq` or inside a hole; anything else is a retransmission and is skipped.
-`contiguous_seq` (every seq up to it is stored) is what acknowledgements report.
+A producer opens a session with `producer_open` (the writer's control
+endpoint) and is handed the next epoch and the seq to continue from. Its
+messages carry (producer, epoch, seq). The writer keeps, per producer, the
+current epoch, the highest seq seen (`max_seq`) and the holes below it: a
+message of the current epoch is new when its seq is above `max_seq` or inside
+a hole, and a retransmission otherwise. A message of an older epoch is refused
+(`producer_fenced`: a newer incarnation took over), one of an epoch never
+handed out is refused (`unknown_session`). Opening a session gives up the
+previous session's holes (counted in `abandoned`): nobody is left to re-send
+them, and sequence numbers go on from `max_seq + 1`, so (producer, seq) stays
+unique across restarts.
+
+A message of the current epoch that the writer refuses (too large, bad meta,
+...) is *decided*: its seq leaves the holes like a stored one, so
+`contiguous_seq` (every seq up to it is stored or refused) passes it, and the
+refusal is remembered (the last MAX_REFUSALS of the session) for a producer
+that missed the nack. Acknowledgements carry `refused`, the session's count.
 
 The state is saved in the `producers` table in the same transaction as the
-rows it describes, so after a crash it matches what was committed. Memory is
-bounded: at most `max_cached` states are kept (least recently used clean ones
-are dropped and reloaded on demand), and at most `max_holes` hole ranges per
-producer (the oldest are abandoned and counted; a retransmission that arrives
-after its hole was abandoned is treated as a duplicate).
+rows it describes, so after a crash it matches what was committed; an open is
+committed before it is answered. Memory is bounded: at most `max_cached`
+states are kept (least recently used clean ones are dropped and reloaded on
+demand), and at most `max_holes` hole ranges and MAX_REFUSALS refusals per
+producer.
 """
 
 from __future__ import annotations
@@ -22,7 +36,11 @@ from typing import Any
 
 import msgpack
 
+from bus import protocol
+
 MAX_HOLES = 1000
+# Refusals of the current session kept for producers that missed their nack.
+MAX_REFUSALS = 256
 
 
 @dataclass
@@ -31,10 +49,13 @@ class ProducerState:
     max_seq: int = 0
     holes: list[list[int]] = field(default_factory=list)  # sorted [first, last] ranges
     gaps: int = 0            # holes opened (jumps forward in seq)
-    abandoned: int = 0       # sequences given up on when max_holes was exceeded
+    abandoned: int = 0       # seqs given up on: too many holes, or left by an ended session
     duplicates: int = 0
     first_seen_ns: int = 0
     last_seen_ns: int = 0
+    epoch: int = 0           # the current session; 0: none opened yet
+    refused: int = 0         # seqs of this session refused (decided, not stored)
+    refusals: list[list[Any]] = field(default_factory=list)  # [[seq, code], ...], newest last
 
     @property
     def contiguous_seq(self) -> int:
@@ -45,7 +66,14 @@ class ProducerState:
         return sum(last - first + 1 for first, last in self.holes)
 
     def accept(self, seq: int, max_holes: int) -> bool:
-        """Record `seq`; False if it was already stored (or given up on)."""
+        """Record `seq`; False if it was already decided (or given up on)."""
+        if self._decide(seq, max_holes):
+            return True
+        self.duplicates += 1
+        return False
+
+    def _decide(self, seq: int, max_holes: int) -> bool:
+        """Take `seq` out of what is still to come; False if it was not."""
         if seq > self.max_seq:
             if seq > self.max_seq + 1:
                 self.holes.append([self.max_seq + 1, seq - 1])
@@ -68,25 +96,59 @@ class ProducerState:
                 else:
                     self.holes[i:i + 1] = [[first, seq - 1], [seq + 1, last]]
                 return True
-        self.duplicates += 1
         return False
+
+    def refusal_of(self, seq: int) -> str | None:
+        """The code `seq` was refused with, if it is among the remembered refusals."""
+        return next((code for refused_seq, code in self.refusals if refused_seq == seq), None)
+
+    def refuse(self, seq: int, code: str, max_holes: int) -> str | None:
+        """Decide `seq` as refused with `code`; returns the code to tell the
+        producer, or None if `seq` was stored before (a retransmission)."""
+        if not self.accept(seq, max_holes):  # a retransmission: refused, or stored, before
+            return self.refusal_of(seq)
+        self.refused += 1
+        self.refusals.append([seq, code])
+        del self.refusals[:-MAX_REFUSALS]
+        return code
+
+    def open_session(self) -> None:
+        """A new incarnation: the next epoch, the previous session's holes given up."""
+        self.epoch += 1
+        self.abandoned += self.missing
+        self.holes = []
+        self.refused = 0
+        self.refusals = []
 
     def row(self) -> tuple[Any, ...]:
         return (self.producer_id, self.contiguous_seq, self.max_seq,
                 msgpack.packb(self.holes) if self.holes else None, self.gaps, self.abandoned,
-                self.duplicates, self.first_seen_ns, self.last_seen_ns)
+                self.duplicates, self.first_seen_ns, self.last_seen_ns, self.epoch, self.refused,
+                msgpack.packb(self.refusals) if self.refusals else None)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> ProducerState:
         (producer_id, _contiguous, max_seq, holes, gaps, abandoned, duplicates,
-         first_seen_ns, last_seen_ns) = row
+         first_seen_ns, last_seen_ns, epoch, refused, refusals) = row
         return cls(producer_id, max_seq, msgpack.unpackb(holes) if holes else [], gaps,
-                   abandoned, duplicates, first_seen_ns, last_seen_ns)
+                   abandoned, duplicates, first_seen_ns, last_seen_ns, epoch, refused,
+                   msgpack.unpackb(refusals) if refusals else [])
+
+    def ack(self, committed_ns: int) -> dict[str, Any]:
+        """The acknowledgement ($bus.ack.<producer>) of this state."""
+        return {"producer": self.producer_id, "epoch": self.epoch,
+                "contiguous_seq": self.contiguous_seq, "max_seq": self.max_seq,
+                "refused": self.refused, "committed_ns": committed_ns}
+
+    def status(self) -> dict[str, Any]:
+        """producer_status: the acknowledgement's fields and the remembered refusals."""
+        return {**self.ack(0), "refusals": self.refusals}
 
     def summary(self) -> dict[str, Any]:
-        return {"producer": self.producer_id, "contiguous_seq": self.contiguous_seq,
-                "max_seq": self.max_seq, "missing": self.missing, "gaps": self.gaps,
-                "abandoned": self.abandoned, "duplicates": self.duplicates}
+        return {"producer": self.producer_id, "epoch": self.epoch,
+                "contiguous_seq": self.contiguous_seq, "max_seq": self.max_seq,
+                "missing": self.missing, "gaps": self.gaps, "abandoned": self.abandoned,
+                "duplicates": self.duplicates, "refused": self.refused}
 
 
 class ProducerLedger:
@@ -99,28 +161,65 @@ class ProducerLedger:
         self._dirty: dict[str, ProducerState] = {}
         self.duplicates = 0
 
-    def accept(self, producer_id: str, seq: int, now_ns: int) -> bool:
-        """True if (producer_id, seq) is new and its message must be stored."""
-        state = self._states.get(producer_id)
+    def accept(self, producer_id: str, epoch: int, seq: int, now_ns: int
+               ) -> tuple[bool, str | None]:
+        """(store, nack): store the message if `store`; else, if `nack` is a code,
+        refuse it with that code, and if None it is a retransmission (acknowledged again)."""
+        state = self._touch(producer_id, now_ns)
+        if epoch != state.epoch:
+            return False, self._foreign_epoch(state, epoch)
+        self._dirty[producer_id] = state
+        if state.accept(seq, self.max_holes):
+            return True, None
+        self.duplicates += 1
+        return False, state.refusal_of(seq)
+
+    def refuse(self, producer_id: str, epoch: int, seq: int, code: str, now_ns: int) -> str | None:
+        """A message of this producer that the writer will not store: the code to
+        nack it with, or None if its seq was stored before."""
+        state = self._touch(producer_id, now_ns)
+        if epoch != state.epoch:
+            return self._foreign_epoch(state, epoch)
+        self._dirty[producer_id] = state
+        return state.refuse(seq, code, self.max_holes)
+
+    @staticmethod
+    def _foreign_epoch(state: ProducerState, epoch: int) -> str:
+        return protocol.PRODUCER_FENCED if epoch < state.epoch else protocol.UNKNOWN_SESSION
+
+    def open(self, producer_id: str, now_ns: int) -> ProducerState:
+        """Start the next session of `producer_id`; committed with the next flush."""
+        state = self._touch(producer_id, now_ns)
+        state.open_session()
+        self._dirty[producer_id] = state
+        return state
+
+    def peek(self, producer_id: str) -> ProducerState | None:
+        """The state of a known producer (loaded if need be), None for an unknown one."""
+        state = self._states.get(producer_id) or self._dirty.get(producer_id)
+        if state is not None:
+            return state
+        row = self._load(producer_id)
+        return None if row is None else self._cache(ProducerState.from_row(row))
+
+    def _touch(self, producer_id: str, now_ns: int) -> ProducerState:
+        state = self._states.get(producer_id) or self._dirty.get(producer_id)
         if state is None:
-            state = self._fetch(producer_id, now_ns)
+            row = self._load(producer_id)
+            state = self._cache(ProducerState.from_row(row) if row else
+                                ProducerState(producer_id, first_seen_ns=now_ns))
         else:
             self._states.move_to_end(producer_id)
         state.last_seen_ns = now_ns
-        self._dirty[producer_id] = state
-        if state.accept(seq, self.max_holes):
-            return True
-        self.duplicates += 1
-        return False
+        return state
 
-    def _fetch(self, producer_id: str, now_ns: int) -> ProducerState:
-        row = self._load(producer_id)
-        state = ProducerState.from_row(row) if row else \
-            ProducerState(producer_id, first_seen_ns=now_ns)
-        self._states[producer_id] = state
+    def _cache(self, state: ProducerState) -> ProducerState:
+        self._states[state.producer_id] = state
         if len(self._states) > self.max_cached:
-            # The least recently used clean state; dirty ones wait for their commit.
-            victim = next((pid for pid in self._states if pid not in self._dirty), None)
+            # The least recently used clean state other than this one (about to be
+            # used); dirty ones wait for their commit.
+            victim = next((pid for pid in self._states
+                           if pid not in self._dirty and pid != state.producer_id), None)
             if victim is not None:
                 del self._states[victim]
         return state
@@ -128,6 +227,10 @@ class ProducerLedger:
     @property
     def dirty(self) -> bool:
         return bool(self._dirty)
+
+    def is_dirty(self, producer_id: str) -> bool:
+        """Has `producer_id` changes not yet committed?"""
+        return producer_id in self._dirty
 
     def dirty_rows(self) -> list[tuple[Any, ...]]:
         """Rows for the producers table, to commit with the current batch."""

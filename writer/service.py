@@ -1,13 +1,17 @@
 """bus-writer: the only process that writes the SQLite database.
 
-Binds PULL capture_endpoint   the proxy's capture pipe: data messages and
-                              subscription frames (untrusted: never commands)
-Binds REP  control_endpoint   trusted commands: `stats`, `flush`, `ping`, the
+Binds PULL capture_endpoint   the proxy's capture pipe: data messages
+                              (untrusted: never commands)
+Binds REP  control_endpoint   trusted commands: `stats`, `flush`, `ping`, producer
+                              sessions (`producer_open`, `producer_status`), the
                               durable consumers' `consumer_ack` / `consumer_get` /
                               `consumer_delete`, the wallet's `utxo_*`
                               (reservations and sync, writer/utxos.py) and the
                               `anchor_*` records (writer/anchors.py)
-Connects PUB pub_endpoint     $bus.ack.<producer> and $bus.commit after each commit
+Binds XPUB notify_endpoint    $bus.nack.<producer> for refused messages, then
+                              $bus.ack.<producer> and $bus.commit after each commit;
+                              a new acknowledgement subscription gets the
+                              producer's current acknowledgement
 
 Messages are validated, buffered and committed in batches: one transaction per
 BATCH_SIZE rows, or when the oldest row has waited BATCH_FLUSH_INTERVAL_MS, or
@@ -46,6 +50,17 @@ FLUSH_RETRY_SECONDS = 0.5
 RETENTION_IDLE_SECONDS = 1.0
 # Expired UTXO leases go back to the pool, and old utxo_* replies are pruned, this often.
 UTXO_UPKEEP_SECONDS = 1.0
+# Frames read from the notify endpoint per loop pass: subscriptions are rare, and
+# a peer that floods it must not starve the capture.
+NOTIFY_READS_PER_PASS = 100
+# A client's subscription to its acknowledgements, as the notify XPUB passes it on.
+ACK_SUBSCRIPTION = bytes((protocol.SUBSCRIBE,)) + protocol.ACK_TOPIC_PREFIX.encode()
+# The reason a nack gives for the refusals that only the writer decides.
+REFUSAL_REASONS = {
+    protocol.PRODUCER_FENCED: "a newer session of this producer was opened (producer_open): "
+                              "this one is fenced",
+    protocol.UNKNOWN_SESSION: "this writer never opened this epoch: open a new session",
+}
 
 
 class Writer:
@@ -60,9 +75,8 @@ class Writer:
         self.load = LoadMeter(cfg.batch_low_load_threshold, cfg.batch_load_window_seconds)
         self.rejected: dict[str, int] = {}
         self.messages_received = 0
-        self.subscriptions_received = 0
-        self.reserved_skipped = 0
         self.bad_control_requests = 0
+        self.nacked: dict[str, int] = {}
         self._retry_at = 0.0
         self._retention_at = 0.0
         self._utxo_upkeep_at = 0.0
@@ -89,20 +103,23 @@ class Writer:
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
         self.control = sockets.open_writer_control(self.ctx, cfg)
         self.notify = sockets.open_writer_notify(self.ctx, cfg)
+        self._owed_nacks: list[dict[str, Any]] = []
         self._owed_acks: dict[str, dict[str, Any]] = {}
         self._owed_commit: dict[str, Any] | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.capture, zmq.POLLIN)
         self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.notify, zmq.POLLIN)
         self.poller.register(stop.fileno(), zmq.POLLIN)
         # While the buffer is full the capture is not read: its pending input must
         # not wake the poll either, or the loop would spin.
         self.paused_poller = zmq.Poller()
         self.paused_poller.register(self.control, zmq.POLLIN)
+        self.paused_poller.register(self.notify, zmq.POLLIN)
         self.paused_poller.register(stop.fileno(), zmq.POLLIN)
         log.info("started", db=cfg.db, capture_endpoint=cfg.capture_endpoint,
-                 control_endpoint=cfg.control_endpoint, config_source=cfg.source,
-                 config=cfg.public())
+                 control_endpoint=cfg.control_endpoint, notify_endpoint=cfg.notify_endpoint,
+                 config_source=cfg.source, config=cfg.public())
 
     def loop(self, now: float | None = None) -> None:
         timeout_ms = self._poll_timeout_ms(time.monotonic() if now is None else now)
@@ -113,6 +130,8 @@ class Writer:
             self.stop.clear_wakeup()
         if self.control in events:
             self.handle_control(self.control.recv(), now)
+        if self.notify in events:
+            self.handle_notify_subscriptions()
         idle = True
         if self.capture in events:
             idle = self.drain_capture(now)
@@ -202,27 +221,26 @@ class Writer:
         return idle
 
     def ingest(self, frames: list[bytes], now: float) -> None:
-        """Validate one capture message and buffer its row; bad input is counted."""
-        if protocol.is_subscription_frame(frames):
-            first = frames[0]
-            self.subscriptions_received += 1
-            self.buffer.add_subscription((first[0], first[1:]), now)
-            return
+        """Validate one capture message and buffer its row; bad input is counted,
+        and refused with a nack when it names a producer session."""
         cfg = self.config
         try:
             topic, payload, meta_raw, meta = protocol.decode_message(
                 frames, cfg.max_topic_bytes, cfg.max_message_bytes)
+            if topic[0] == protocol.RESERVED_PREFIX:  # the proxy takes none in: pushed here
+                raise protocol.ProtocolError(protocol.RESERVED_TOPIC, topic[:64])
         except protocol.ProtocolError as exc:
             self.reject(exc, frames)
             return
-        if topic[0] == protocol.RESERVED_PREFIX:
-            self.reserved_skipped += 1
-            return
         self.messages_received += 1
         producer, seq = meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ)
-        if producer is not None and seq is not None and \
-                not self.producers.accept(producer, seq, self._drain_ns):
-            return  # a retransmission of a stored message
+        epoch = meta.get(protocol.META_EPOCH)
+        if producer is not None and seq is not None and epoch is not None:
+            store, nack = self.producers.accept(producer, epoch, seq, self._drain_ns)
+            if not store:
+                if nack is not None:  # an older session, or a seq refused before
+                    self._owe_nack(producer, epoch, seq, nack, "")
+                return  # or a retransmission of a stored message: acknowledged again
         self.buffer.add_message((topic, payload, meta_raw, producer, seq,
                                  meta.get(protocol.META_TIME_NS)), now)
 
@@ -231,6 +249,40 @@ class Writer:
         topic = frames[0][:64] if frames else b""
         self._rejects.warning(exc.reason, "message_rejected", detail=exc.detail,
                               frames=len(frames), topic=topic.decode("utf-8", "replace"))
+        identity = protocol.refused_identity(frames)
+        if identity is not None:
+            producer, epoch, seq = identity
+            code = self.producers.refuse(producer, epoch, seq, exc.reason, self._drain_ns)
+            if code is not None:
+                self._owe_nack(producer, epoch, seq, code,
+                               str(exc) if code == exc.reason else "")
+
+    def _owe_nack(self, producer: str, epoch: int, seq: int, code: str, reason: str) -> None:
+        """Tell the producer, after this loop pass, that (epoch, seq) is not stored."""
+        self.nacked[code] = self.nacked.get(code, 0) + 1
+        self._owed_nacks.append({"producer": producer, "epoch": epoch, "seq": seq, "code": code,
+                                 "reason": reason or REFUSAL_REASONS.get(code, code)})
+
+    def handle_notify_subscriptions(self) -> None:
+        """Answer each new acknowledgement subscription with the producer's
+        current acknowledgement, so that its client knows the path works. Only a
+        producer with nothing uncommitted: its in-memory state would acknowledge
+        rows not yet stored (a dirty one is acknowledged by its commit anyway).
+        Anything else a peer sends here is read and dropped."""
+        for _ in range(NOTIFY_READS_PER_PASS):
+            try:
+                frame = self.notify.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not frame.startswith(ACK_SUBSCRIPTION):
+                continue
+            try:
+                producer = frame[len(ACK_SUBSCRIPTION):].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            state = self.producers.peek(producer) if producer else None
+            if state is not None and not self.producers.is_dirty(producer):
+                self._owed_acks[producer] = state.ack(time.time_ns())
 
     # --- flushing -----------------------------------------------------------
 
@@ -259,8 +311,7 @@ class Writer:
         started = time.perf_counter()
         try:
             committed_ns, last_id = self.store.write_batch(
-                self.buffer.messages, self.buffer.subscriptions, self.producers.dirty_rows(),
-                self.buffer.consumptions)
+                self.buffer.messages, self.producers.dirty_rows(), self.buffer.consumptions)
         except TRANSIENT_ERRORS as exc:
             self.metrics.flush_errors += 1
             self._retry_at = now + FLUSH_RETRY_SECONDS
@@ -282,18 +333,21 @@ class Writer:
         one acknowledgement per producer, not one per commit. Values are copied
         now: the states move on with messages not yet committed."""
         for state in producers:
-            self._owed_acks[state.producer_id] = {
-                "producer": state.producer_id, "contiguous_seq": state.contiguous_seq,
-                "max_seq": state.max_seq, "committed_ns": committed_ns}
+            self._owed_acks[state.producer_id] = state.ack(committed_ns)
         if last_id is not None:
             rows = self._owed_commit["rows"] if self._owed_commit else 0
             self._owed_commit = {"last_id": last_id, "rows": rows + messages,
                                  "committed_ns": committed_ns}
 
     def send_notifications(self) -> None:
-        """Publish, through the proxy, each owed acknowledgement ($bus.ack.<producer>,
-        the producer's contiguous watermark) and the commit watermark ($bus.commit)."""
+        """Publish on the notify endpoint each owed nack ($bus.nack.<producer>),
+        then each owed acknowledgement ($bus.ack.<producer>, the producer's
+        contiguous watermark) and the commit watermark ($bus.commit). Nacks go
+        first: an acknowledgement passes the seqs it refused."""
         send = self.notify.send_multipart
+        for nack in self._owed_nacks:
+            send((protocol.nack_topic(nack["producer"]), msgpack.packb(nack)))
+        self._owed_nacks.clear()
         for producer, ack in self._owed_acks.items():
             send((protocol.ack_topic(producer), msgpack.packb(ack)))
         self._owed_acks.clear()
@@ -371,6 +425,8 @@ class Writer:
             request_id, cmd, args = protocol.decode_request(raw)
             if cmd.startswith("consumer_"):
                 reply = self.handle_consumer(request_id, cmd, args, now)
+            elif cmd.startswith("producer_"):
+                reply = self.handle_producer(request_id, cmd, args, now)
             elif cmd.startswith(("utxo_", "anchor_")):
                 reply = self.handle_wallet(request_id, cmd, args)
             elif cmd == "stats":
@@ -425,6 +481,34 @@ class Writer:
             return protocol.encode_reply_error(request_id, exc.code, str(exc))
         return protocol.encode_reply_ok(request_id, result)
 
+    def handle_producer(self, request_id: Any, cmd: str, args: dict[str, Any],
+                        now: float) -> bytes:
+        """producer_open {producer} -> {producer, epoch, next_seq}: a new session,
+            committed before the reply; older sessions are fenced from then on;
+        producer_status {producer} -> {producer, epoch, contiguous_seq, max_seq,
+            refused, refusals [[seq, code], ...]} (nil for an unknown producer):
+            what a producer that missed nacks needs."""
+        producer = args.get("producer")
+        if not protocol.is_producer_id(producer):
+            self.bad_control_requests += 1
+            return protocol.encode_reply_error(
+                request_id, protocol.BAD_REQUEST,
+                f"'producer' must be a string of 1-{protocol.MAX_PRODUCER_CHARS} chars")
+        if cmd == "producer_status":
+            state = self.producers.peek(producer)
+            return protocol.encode_reply_ok(request_id, state and state.status())
+        if cmd != "producer_open":
+            return protocol.encode_reply_error(request_id, "unknown_command",
+                                               f"no command {cmd!r}")
+        state = self.producers.open(producer, time.time_ns())
+        if not self.flush("request", now):
+            return protocol.encode_reply_error(request_id, "unavailable",
+                                               "database write failed; retry")
+        log.info("producer_session_opened", producer=producer, epoch=state.epoch,
+                 next_seq=state.max_seq + 1)
+        return protocol.encode_reply_ok(request_id, {"producer": producer, "epoch": state.epoch,
+                                                     "next_seq": state.max_seq + 1})
+
     def handle_wallet(self, request_id: Any, cmd: str, args: dict[str, Any]) -> bytes:
         """The wallet's and the anchor records' commands (writer/utxos.py,
         writer/anchors.py); each is committed before its reply. A busy
@@ -453,10 +537,9 @@ class Writer:
             "batch": batch,
             "load": self.load.snapshot(now),
             "ingest": {"messages_received": self.messages_received,
-                       "subscriptions_received": self.subscriptions_received,
-                       "reserved_skipped": self.reserved_skipped,
                        "rejected_total": sum(self.rejected.values()),
                        "rejected": dict(self.rejected),
+                       "nacked": dict(self.nacked),
                        "bad_control_requests": self.bad_control_requests},
             "producers": self.producers.snapshot(),
             "consumers": self.consumers.snapshot(last_id),

@@ -19,7 +19,7 @@ import apsw
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -32,6 +32,8 @@ SCHEMA = (
         publish_ns    INTEGER,               -- meta.time_ns
         committed_ns  INTEGER NOT NULL       -- when the writer committed its batch
     )""",
+    # Written up to schema 4, when the proxy passed subscriptions to the writer;
+    # kept so that old rows stay readable (retention still deletes them).
     """CREATE TABLE IF NOT EXISTS subscriptions (
         id            INTEGER PRIMARY KEY,
         subscribed    INTEGER NOT NULL,      -- 1 subscribe, 0 unsubscribe
@@ -40,14 +42,17 @@ SCHEMA = (
     )""",
     """CREATE TABLE IF NOT EXISTS producers (
         producer_id     TEXT    PRIMARY KEY,
-        contiguous_seq  INTEGER NOT NULL,    -- every seq 1..contiguous_seq is stored
-        max_seq         INTEGER NOT NULL,    -- highest seq stored
-        holes           BLOB,                -- msgpack [[first, last], ...] not yet stored
+        contiguous_seq  INTEGER NOT NULL,    -- every seq 1..contiguous_seq is decided
+        max_seq         INTEGER NOT NULL,    -- highest seq decided (stored or refused)
+        holes           BLOB,                -- msgpack [[first, last], ...] not yet decided
         gaps            INTEGER NOT NULL,    -- holes opened (jumps forward in seq)
-        abandoned       INTEGER NOT NULL,    -- seqs given up on (too many holes)
+        abandoned       INTEGER NOT NULL,    -- seqs given up on (too many holes, ended session)
         duplicates      INTEGER NOT NULL,    -- retransmissions skipped
         first_seen_ns   INTEGER NOT NULL,
-        last_seen_ns    INTEGER NOT NULL
+        last_seen_ns    INTEGER NOT NULL,
+        epoch           INTEGER NOT NULL DEFAULT 0,  -- current session (producer_open)
+        refused         INTEGER NOT NULL DEFAULT 0,  -- seqs of this session refused
+        refusals        BLOB                 -- msgpack [[seq, code], ...], the last 256
     ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS consumers (
         name        TEXT    PRIMARY KEY,     -- durable consumer name
@@ -130,21 +135,25 @@ SCHEMA = (
 
 INSERT_MESSAGE = ("INSERT INTO messages (topic, payload, meta, producer_id, producer_seq,"
                   " publish_ns, committed_ns) VALUES (?, ?, ?, ?, ?, ?, ?)")
-INSERT_SUBSCRIPTION = "INSERT INTO subscriptions (subscribed, prefix, committed_ns) VALUES (?, ?, ?)"
-UPSERT_PRODUCER = ("INSERT OR REPLACE INTO producers (producer_id, contiguous_seq, max_seq, holes,"
-                   " gaps, abandoned, duplicates, first_seen_ns, last_seen_ns)"
-                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# Columns added to tables of an older schema, in place: (table, column, definition).
+ADDED_COLUMNS = (
+    ("producers", "epoch", "INTEGER NOT NULL DEFAULT 0"),
+    ("producers", "refused", "INTEGER NOT NULL DEFAULT 0"),
+    ("producers", "refusals", "BLOB"),
+)
+PRODUCER_COLUMNS = ("producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
+                    " first_seen_ns, last_seen_ns, epoch, refused, refusals")
+UPSERT_PRODUCER = (f"INSERT OR REPLACE INTO producers ({PRODUCER_COLUMNS})"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 UPSERT_CONSUMER = "INSERT OR REPLACE INTO consumers (name, last_id, updated_ns) VALUES (?, ?, ?)"
 DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
 # min() and max() in one SELECT would scan the table: SQLite's min/max shortcut
 # (one index seek) applies to a query with a single min() or max() only.
 SELECT_ID_RANGE = "SELECT (SELECT min(id) FROM messages), (SELECT max(id) FROM messages)"
-SELECT_PRODUCER = ("SELECT producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
-                   " first_seen_ns, last_seen_ns FROM producers WHERE producer_id = ?")
+SELECT_PRODUCER = f"SELECT {PRODUCER_COLUMNS} FROM producers WHERE producer_id = ?"
 
 # A message row as buffered: (topic, payload, meta, producer_id, producer_seq, publish_ns).
 MessageRow = tuple[str, bytes, "bytes | None", "str | None", "int | None", "int | None"]
-SubscriptionRow = tuple[int, bytes]
 # A consumer position: (name, last_id, updated_ns); last_id None deletes the consumer.
 ConsumptionRow = tuple[str, "int | None", int]
 
@@ -167,6 +176,10 @@ def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000)
     with conn:
         for ddl in SCHEMA:
             conn.execute(ddl)
+        for table, column, definition in ADDED_COLUMNS:
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('schema_version', ?)",
                      (str(SCHEMA_VERSION),))
     return conn
@@ -218,7 +231,6 @@ class Store:
         self.conn.execute("COMMIT")
 
     def write_batch(self, messages: Sequence[MessageRow],
-                    subscriptions: Sequence[SubscriptionRow],
                     producers: Sequence[tuple[Any, ...]] = (),
                     consumptions: Sequence[ConsumptionRow] = ()) -> tuple[int, int | None]:
         """Write everything in one transaction; returns the commit timestamp (ns)
@@ -228,9 +240,6 @@ class Store:
         with self.transaction() as conn:
             if messages:
                 conn.executemany(INSERT_MESSAGE, [(*row, committed_ns) for row in messages])
-            if subscriptions:
-                conn.executemany(INSERT_SUBSCRIPTION,
-                                 [(*row, committed_ns) for row in subscriptions])
             last_id = conn.last_insert_rowid() if messages else None
             if producers:
                 conn.executemany(UPSERT_PRODUCER, producers)
