@@ -204,6 +204,7 @@ class Publisher:
                                  f"{self.connect_timeout:g}s (is BUS_NOTIFY_ENDPOINT the "
                                  "writer's?)")
             self.read_acks()
+            self._raise_if_fenced()  # another open of our id came first
 
     def _wait_proxy_subscription(self, prefix: bytes) -> None:
         """The proxy subscribes to every first byte a topic may have, all at once
@@ -599,10 +600,10 @@ class Subscriber:
         self._pending: deque[Message] = deque()
         self._to_ack: int | None = None  # the message returned last (durable)
         # Since-mode seam (see _cut_at_seam): live messages held until the stored
-        # stream reaches one of them, indexed by (producer, seq).
+        # stream reaches one of them, indexed by their session key.
         self.switched_to_live = False
         self._held: deque[Message] = deque()
-        self._held_keys: set[tuple[str, int]] = set()
+        self._held_keys: set[protocol.Identity] = set()
         self._delivered: dict[str, int] = {}  # producer -> highest seq delivered
         self.duplicates_skipped = 0
         if durable is not None:
@@ -790,8 +791,8 @@ class Subscriber:
                 held.clear()
                 self._held_keys.clear()
             held.append(msg)
-            if msg.producer is not None and msg.seq is not None:
-                self._held_keys.add((msg.producer, msg.seq))
+            if (key := msg.session_key) is not None:
+                self._held_keys.add(key)
 
     def _cut_at_seam(self, stored: list[Message]) -> list[Message]:
         """Since mode: the stored messages to deliver from this page. When a stored
@@ -804,13 +805,13 @@ class Subscriber:
         if not keys:
             return stored
         for i, msg in enumerate(stored):
-            if (msg.producer, msg.seq) in keys:
-                meeting = (msg.producer, msg.seq)
+            if msg.session_key in keys:
+                meeting = msg.session_key
                 held = list(self._held)
-                cut = next(j for j, m in enumerate(held) if (m.producer, m.seq) == meeting)
+                cut = next(j for j, m in enumerate(held) if m.session_key == meeting)
                 # Held messages before the meeting point were stored before it;
                 # those with producer meta go through the duplicate filter anyway.
-                after = [m for m in held[:cut] if m.producer is not None] + held[cut + 1:]
+                after = [m for m in held[:cut] if m.session_key is not None] + held[cut + 1:]
                 self._held.clear()
                 keys.clear()
                 self.switched_to_live = True
@@ -819,11 +820,14 @@ class Subscriber:
         return stored
 
     def _first_delivery(self, msg: Message) -> bool:
-        """False for a message with producer meta whose seq was delivered already
-        (the seam's overlap, or a publisher's re-send seen live)."""
-        producer, seq = msg.producer, msg.seq
-        if producer is None or seq is None or self.durable is not None:
+        """False for a message of a producer session whose seq was delivered
+        already (the seam's overlap, or a publisher's re-send seen live). Its
+        seqs go on across the producer's sessions; a message without a session
+        identifies nothing and is always delivered."""
+        key = msg.session_key
+        if key is None or self.durable is not None:
             return True
+        producer, _epoch, seq = key
         delivered = self._delivered
         if seq <= delivered.get(producer, 0):
             self.duplicates_skipped += 1

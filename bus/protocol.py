@@ -85,6 +85,7 @@ BAD_REQUEST = "bad_request"
 RESERVED_TOPIC = "reserved_topic"    # raised to clients only: the writer skips these silently
 # Refusals that only the writer can decide (nacks), beside the reason codes above.
 PRODUCER_FENCED = "producer_fenced"  # an older session of the producer: a newer one was opened
+SEQ_OUT_OF_WINDOW = "seq_out_of_window"  # seq too far above the producer's highest (not decided)
 UNKNOWN_SESSION = "unknown_session"  # an epoch the writer never handed out (database replaced?)
 
 
@@ -119,6 +120,12 @@ class Message:
     @property
     def time_ns(self) -> int | None:
         return self.meta.get(META_TIME_NS)
+
+    @property
+    def session_key(self) -> Identity | None:
+        """(producer, epoch, seq) if the message was sent in a producer session:
+        only those identify one message (see session_identity)."""
+        return session_identity(self.meta)
 
 
 def is_reserved(topic: str) -> bool:
@@ -217,7 +224,7 @@ def decode_meta(raw: bytes) -> dict[str, Any]:
         if value is not None and not _is_counter(value):
             raise ProtocolError(META_BAD_VALUE, f"{key} must be an integer from 1 to 2^63-1")
     time_ns = meta.get(META_TIME_NS)
-    if time_ns is not None and not (type(time_ns) is int and -MAX_INT64 <= time_ns <= MAX_INT64):
+    if time_ns is not None and not (type(time_ns) is int and -MAX_INT64 - 1 <= time_ns <= MAX_INT64):
         raise ProtocolError(META_BAD_VALUE, "time_ns must be a signed 64-bit integer")
     return meta
 
@@ -297,8 +304,13 @@ def encode_request(request_id: Any, cmd: str, args: dict[str, Any] | None = None
     return msgpack.packb({"id": request_id, "cmd": cmd, "args": args or {}})
 
 
-def decode_request(raw: bytes) -> tuple[Any, str, dict[str, Any]]:
-    """Returns (id, cmd, args). The id is recovered when possible, for the error reply."""
+def decode_request(frames: list[bytes]) -> tuple[Any, str, dict[str, Any]]:
+    """A request's frames (all of them: a REP socket must read every frame
+    before it can reply) -> (id, cmd, args). The id is recovered when possible,
+    for the error reply."""
+    if len(frames) != 1:
+        raise ProtocolError(BAD_REQUEST, f"a request is one frame, not {len(frames)}")
+    raw = frames[0]
     try:
         req = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except Exception as exc:

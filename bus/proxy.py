@@ -94,12 +94,12 @@ class Proxy:
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.control in events:
-            self.handle_control(self.control.recv())
+            self.handle_control(self.control.recv_multipart())
 
-    def handle_control(self, raw: bytes) -> None:
+    def handle_control(self, frames: list[bytes]) -> None:
         request_id: Any = None
         try:
-            request_id, cmd, _args = protocol.decode_request(raw)
+            request_id, cmd, _args = protocol.decode_request(frames)
             if cmd == "stats":
                 reply = protocol.encode_reply_ok(request_id, self.read_stats())
             elif cmd == "ping":

@@ -25,9 +25,16 @@ from bus.runner import StartupError
 
 # Inside the proxy process: the steerable proxy's control pipe.
 PROXY_STEERING_ENDPOINT = "inproc://bus-proxy-steering"
+# A subscription on the wire: "\x01" + prefix, or with ZMTP 3.1 peers (libzmq
+# 4.3.5 and later) the SUBSCRIBE command, "\x09SUBSCRIBE" + prefix.
+SUBSCRIPTION_OVERHEAD_BYTES = 10
 # Largest frame a peer may send to the writer's notify endpoint: a subscription
 # to "$bus.nack." + the longest producer id (128 chars of up to 4 UTF-8 bytes).
-NOTIFY_MAX_FRAME_BYTES = 1 + len(protocol.NACK_TOPIC_PREFIX) + 4 * protocol.MAX_PRODUCER_CHARS
+NOTIFY_MAX_FRAME_BYTES = (SUBSCRIPTION_OVERHEAD_BYTES + len(protocol.NACK_TOPIC_PREFIX)
+                          + 4 * protocol.MAX_PRODUCER_CHARS)
+# Largest control request a REP socket reads (a utxo_upsert of 5,000 outputs is
+# about 1.5 MB); a peer sending more is disconnected before it costs memory.
+MAX_REQUEST_BYTES = 16 << 20
 
 
 class EndpointInUse(StartupError):
@@ -97,7 +104,7 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     recursive in the prefix length."""
     sock = _set_common(ctx.socket(zmq.PUB), 0)
     sock.setsockopt(zmq.SNDHWM, cfg.sub_hwm)
-    sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_topic_bytes + 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_topic_bytes + SUBSCRIPTION_OVERHEAD_BYTES)
     bind(sock, cfg.sub_endpoint)
     return sock
 
@@ -112,10 +119,16 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     return sock
 
 
-def open_proxy_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+def open_reply(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """REP bound for control requests (proxy, writer, reader)."""
     sock = _set_common(ctx.socket(zmq.REP), 0)
-    bind(sock, cfg.proxy_control_endpoint)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+    bind(sock, endpoint)
     return sock
+
+
+def open_proxy_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+    return open_reply(ctx, cfg.proxy_control_endpoint)
 
 
 # --- writer ------------------------------------------------------------------
@@ -131,9 +144,7 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 
 
 def open_writer_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    sock = _set_common(ctx.socket(zmq.REP), 0)
-    bind(sock, cfg.control_endpoint)
-    return sock
+    return open_reply(ctx, cfg.control_endpoint)
 
 
 def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
@@ -156,9 +167,7 @@ def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 # --- reader ------------------------------------------------------------------
 
 def open_reader(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    sock = _set_common(ctx.socket(zmq.REP), 0)
-    bind(sock, cfg.read_endpoint)
-    return sock
+    return open_reply(ctx, cfg.read_endpoint)
 
 
 # --- clients -----------------------------------------------------------------

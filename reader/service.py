@@ -193,12 +193,12 @@ class Reader:
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.rep in events:
-            self.rep.send(self.handle(self.rep.recv()))
+            self.rep.send(self.handle(self.rep.recv_multipart()))
 
-    def handle(self, raw: bytes) -> bytes:
+    def handle(self, frames: list[bytes]) -> bytes:
         request_id: Any = None
         try:
-            request_id, cmd, args = protocol.decode_request(raw)
+            request_id, cmd, args = protocol.decode_request(frames)
             if cmd == "history":
                 try:
                     query = parse_history_args(args)

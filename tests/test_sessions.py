@@ -373,3 +373,51 @@ def test_a_durable_tail_cut_by_a_closed_pipe_or_ctrl_c_skips_nothing(bus: Bus) -
         assert interrupted.wait() == 0
         pub.publish("feed.t", b"m6", wait=True, timeout=10)
     assert tail_lines("-n", "1") == ["m6"], "resumed after the last line printed"
+
+
+# --- hostile input on the paths this issue added ----------------------------------
+
+
+def test_a_request_of_two_frames_is_refused_not_fatal(bus: Bus) -> None:
+    ctx = zmq.Context()
+    try:
+        for name in ("BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT"):
+            req = raw_socket(ctx, zmq.REQ, bus[name])
+            req.send_multipart([protocol.encode_request(1, "ping"), b"x"])
+            assert req.poll(5000), f"no reply from {name}"
+            reply = msgpack.unpackb(req.recv())
+            assert reply["ok"] is False and reply["error"]["code"] == "bad_request", reply
+            req.close()
+    finally:
+        ctx.term()
+    for proc in (bus.writer, bus.proxy, bus.reader):
+        assert proc.popen.poll() is None, proc.stderr.collect()[-5:]
+
+
+def test_a_seq_far_ahead_is_refused_and_does_not_break_the_producer(bus: Bus) -> None:
+    ctx = zmq.Context()
+    notes = raw_socket(ctx, zmq.SUB, bus["BUS_NOTIFY_ENDPOINT"])
+    notes.setsockopt(zmq.SUBSCRIBE, b"$bus.nack.jump")
+    try:
+        with RawProducer(bus, "jump") as raw:
+            wait_for(lambda: raw.send(2**63 - 1, topic=b"jump.t") or notes.poll(100),
+                     message="the nack of a seq at 2^63-1")
+            assert {n["code"] for n in nacks(notes, 1)} == {protocol.SEQ_OUT_OF_WINDOW}
+            raw.send(1, 2, topic=b"jump.t")
+            bus.wait_count(2, "jump.")
+    finally:
+        notes.close()
+        ctx.term()
+    with Publisher(bus.config(), producer_id="jump") as pub:
+        assert pub.last_seq == 2, "the sequence goes on from what was stored"
+        pub.publish("jump.t", b"3", wait=True, timeout=10)
+    assert sorted(r[0] for r in query(bus.db, "SELECT producer_seq FROM messages "
+                                              "WHERE producer_id = 'jump'")) == [1, 2, 3]
+
+
+def test_a_subscription_as_long_as_a_topic_is_served(bus: Bus) -> None:
+    topic = "long." + "x" * (bus.config().max_topic_bytes - 5)
+    with Subscriber([topic], bus.config()) as sub, \
+            Publisher(bus.config(), producer_id="long") as pub:
+        wait_for(lambda: pub.publish(topic, b"p") and sub.receive(timeout=0.1),
+                 message="a message on a 256-byte topic to reach its subscriber")

@@ -182,9 +182,11 @@ def test_the_proxy_subscribes_to_exactly_the_first_bytes_of_storable_topics() ->
 
 
 def test_control_request_and_reply_shapes() -> None:
-    assert protocol.decode_request(protocol.encode_request(7, "stats")) == (7, "stats", {})
+    assert protocol.decode_request([protocol.encode_request(7, "stats")]) == (7, "stats", {})
+    with pytest.raises(protocol.ProtocolError, match="one frame, not 2"):
+        protocol.decode_request([protocol.encode_request(7, "stats"), b"x"])
     with pytest.raises(protocol.RequestError) as err:
-        protocol.decode_request(msgpack.packb({"id": "x", "args": {}}))
+        protocol.decode_request([msgpack.packb({"id": "x", "args": {}})])
     assert err.value.request_id == "x" and err.value.reason == "bad_request"
     reply = protocol.decode_reply(protocol.encode_reply_error(7, "flush_failed", "disk full"))
     assert reply == {"id": 7, "ok": False, "error": {"code": "flush_failed",

@@ -8,10 +8,11 @@ current epoch, the highest seq seen (`max_seq`) and the holes below it: a
 message of the current epoch is new when its seq is above `max_seq` or inside
 a hole, and a retransmission otherwise. A message of an older epoch is refused
 (`producer_fenced`: a newer incarnation took over), one of an epoch never
-handed out is refused (`unknown_session`). Opening a session gives up the
-previous session's holes (counted in `abandoned`): nobody is left to re-send
-them, and sequence numbers go on from `max_seq + 1`, so (producer, seq) stays
-unique across restarts.
+handed out is refused (`unknown_session`), and so is one whose seq is more
+than MAX_SEQ_AHEAD above `max_seq` (`seq_out_of_window`, not decided).
+Opening a session gives up the previous session's holes (counted in
+`abandoned`): nobody is left to re-send them, and sequence numbers go on from
+`max_seq + 1`, so (producer, seq) stays unique across restarts.
 
 A message of the current epoch that the writer refuses (too large, bad meta,
 ...) is *decided*: its seq leaves the holes like a stored one, so
@@ -41,6 +42,11 @@ from bus import protocol
 MAX_HOLES = 1000
 # Refusals of the current session kept for producers that missed their nack.
 MAX_REFUSALS = 256
+# A seq further than this above the highest one seen is refused and not decided
+# (seq_out_of_window): one message must not open a hole no one will fill, nor
+# push the sequence to the end of its 63 bits. A Publisher keeps at most
+# 100,000 messages in flight.
+MAX_SEQ_AHEAD = 1_000_000
 
 
 @dataclass
@@ -168,6 +174,8 @@ class ProducerLedger:
         state = self._touch(producer_id, now_ns)
         if epoch != state.epoch:
             return False, self._foreign_epoch(state, epoch)
+        if seq > state.max_seq + MAX_SEQ_AHEAD:
+            return False, protocol.SEQ_OUT_OF_WINDOW
         self._dirty[producer_id] = state
         if state.accept(seq, self.max_holes):
             return True, None
@@ -180,6 +188,8 @@ class ProducerLedger:
         state = self._touch(producer_id, now_ns)
         if epoch != state.epoch:
             return self._foreign_epoch(state, epoch)
+        if seq > state.max_seq + MAX_SEQ_AHEAD:
+            return protocol.SEQ_OUT_OF_WINDOW
         self._dirty[producer_id] = state
         return state.refuse(seq, code, self.max_holes)
 

@@ -38,7 +38,7 @@ from bus.runner import StopSignal
 from writer.anchors import AnchorBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
-from writer.producers import ProducerLedger, ProducerState
+from writer.producers import MAX_SEQ_AHEAD, ProducerLedger, ProducerState
 from writer.store import TRANSIENT_ERRORS, Store
 from writer.utxos import UtxoBook, UtxoError
 
@@ -60,6 +60,8 @@ REFUSAL_REASONS = {
     protocol.PRODUCER_FENCED: "a newer session of this producer was opened (producer_open): "
                               "this one is fenced",
     protocol.UNKNOWN_SESSION: "this writer never opened this epoch: open a new session",
+    protocol.SEQ_OUT_OF_WINDOW: f"seq more than {MAX_SEQ_AHEAD:,} above the highest one of "
+                                "this producer: not stored, and not decided",
 }
 
 
@@ -129,7 +131,7 @@ class Writer:
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.control in events:
-            self.handle_control(self.control.recv(), now)
+            self.handle_control(self.control.recv_multipart(), now)
         if self.notify in events:
             self.handle_notify_subscriptions()
         idle = True
@@ -412,7 +414,7 @@ class Writer:
 
     # --- control endpoint ---------------------------------------------------
 
-    def handle_control(self, raw: bytes, now: float) -> None:
+    def handle_control(self, frames: list[bytes], now: float) -> None:
         """Decode, execute, and answer ok/error echoing the request id.
 
         stats -> the metrics map (see docs/protocol.md)
@@ -422,7 +424,7 @@ class Writer:
         """
         request_id: Any = None
         try:
-            request_id, cmd, args = protocol.decode_request(raw)
+            request_id, cmd, args = protocol.decode_request(frames)
             if cmd.startswith("consumer_"):
                 reply = self.handle_consumer(request_id, cmd, args, now)
             elif cmd.startswith("producer_"):
