@@ -230,7 +230,8 @@ class Publisher:
         """
         if self._sock is None:
             self.connect()
-        self._raise_if_fenced()
+        if self._fenced is not None:
+            raise ProducerFenced(self._fenced)
         topic_frame = self._topics.get(topic)
         if topic_frame is None:
             topic_frame = protocol.encode_topic(topic, self.config.max_topic_bytes)

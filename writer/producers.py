@@ -73,6 +73,9 @@ class ProducerState:
 
     def accept(self, seq: int, max_holes: int) -> bool:
         """Record `seq`; False if it was already decided (or given up on)."""
+        if seq == self.max_seq + 1:  # the usual case, on the writer's hot path
+            self.max_seq = seq
+            return True
         if self._decide(seq, max_holes):
             return True
         self.duplicates += 1
@@ -171,7 +174,12 @@ class ProducerLedger:
                ) -> tuple[bool, str | None]:
         """(store, nack): store the message if `store`; else, if `nack` is a code,
         refuse it with that code, and if None it is a retransmission (acknowledged again)."""
-        state = self._touch(producer_id, now_ns)
+        state = self._states.get(producer_id)  # _touch, inlined for the hot path
+        if state is None:
+            state = self._touch(producer_id, now_ns)
+        else:
+            self._states.move_to_end(producer_id)
+            state.last_seen_ns = now_ns
         if epoch != state.epoch:
             return False, self._foreign_epoch(state, epoch)
         if seq > state.max_seq + MAX_SEQ_AHEAD:
