@@ -31,10 +31,10 @@ import zmq
 
 from bus import protocol, sockets
 from bus.config import BusConfig, load_config, with_overrides
-from bus.protocol import Message
+from bus.protocol import Message, ProtocolError
 
 __all__ = ["BusError", "BusTimeout", "ControlClient", "HistoryClient", "HistoryPage", "Message",
-           "MessageRefused", "ProducerFenced", "Publisher", "Subscriber"]
+           "MessageRefused", "ProducerFenced", "ProtocolError", "Publisher", "Subscriber"]
 
 
 class BusError(Exception):
@@ -289,6 +289,7 @@ class Publisher:
         nothing is dropped then, a later flush() continues. Raises MessageRefused
         (once) for the messages the writer refused since the last flush, after
         the others are committed; ProducerFenced if this session was replaced."""
+        self._raise_if_fenced()
         self._wait_acked(0, self.config.request_timeout_ms / 1000.0 if timeout is None
                          else timeout)
         if self._refused_report or self._refusals_unknown:

@@ -222,7 +222,9 @@ def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, cou
 
     With --wait, unacknowledged messages are re-sent (same sequence numbers,
     stored once) until the writer acknowledges them all or --wait-timeout passes;
-    the exit status is 1, naming the reason, if the writer refused any.
+    the exit status is 1, naming the reason, if the writer refused any. Lines
+    from standard input stop at the first one the writer would refuse (too
+    large, ...): the lines before it are published, the rest are not.
     """
     cfg = build_config(ctx, flags, "publish")
     headers = {}
@@ -278,6 +280,8 @@ def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, cou
 def decode_payload(msg: protocol.Message) -> tuple[str, Any]:
     """('value', x) for msgpack/JSON payloads, ('text', s) for UTF-8, ('base64', s) otherwise."""
     content_type = msg.meta.get(protocol.META_CONTENT_TYPE, "")
+    if protocol.is_reserved(msg.topic):  # the writer's notifications: msgpack maps
+        content_type = protocol.CONTENT_MSGPACK
     try:
         if content_type == protocol.CONTENT_MSGPACK:
             return "value", msgpack.unpackb(msg.payload, raw=False, strict_map_key=False)

@@ -4,6 +4,7 @@ that acknowledges only what it printed."""
 
 from __future__ import annotations
 
+import json
 import select
 import signal
 import subprocess
@@ -99,6 +100,8 @@ def test_an_old_incarnation_left_running_is_fenced(bus: Bus) -> None:
                 old.flush(timeout=10)
             with pytest.raises(ProducerFenced):
                 old.publish("twin.t", b"old-3")
+            with pytest.raises(ProducerFenced):
+                old.flush(timeout=1)  # nothing pending: still told
             new.publish("twin.t", b"new-3", wait=True, timeout=10)
     finally:
         old.close()
@@ -421,3 +424,13 @@ def test_a_subscription_as_long_as_a_topic_is_served(bus: Bus) -> None:
             Publisher(bus.config(), producer_id="long") as pub:
         wait_for(lambda: pub.publish(topic, b"p") and sub.receive(timeout=0.1),
                  message="a message on a 256-byte topic to reach its subscriber")
+
+
+def test_bus_cli_tail_shows_the_writer_notifications_decoded(bus: Bus) -> None:
+    tail = bus.run("tail", "$bus.ack.shown", "--json")
+    with Publisher(bus.config(), producer_id="shown") as pub:
+        line = wait_for(lambda: pub.publish("shown.t", b"x", wait=True) and
+                        next(iter(tail.stdout.collect()), None), message="an ack line")
+    record = json.loads(line)
+    assert record["topic"] == "$bus.ack.shown" and record["payload"]["producer"] == "shown"
+    assert record["payload"]["epoch"] == 1 and "contiguous_seq" in record["payload"]
