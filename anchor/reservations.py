@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from bus.client import BusError, ControlClient
+from bus.security import ClientKeys
 
 # Errors after which the same request may succeed later.
 RETRYABLE = ("timeout", "unavailable")
@@ -29,11 +30,13 @@ class NoUtxo(BusError):
 
 class UtxoClient:
     def __init__(self, endpoint: str, *, timeout_ms: int = 1000, retry_for_s: float = 30.0,
-                 owner: str | None = None, context: zmq.Context | None = None) -> None:
+                 owner: str | None = None, context: zmq.Context | None = None,
+                 curve: ClientKeys | None = None) -> None:
         self.retry_for_s = retry_for_s
         self.owner = owner
         self.retries = 0  # requests sent again after a timeout or a busy writer
-        self._control = ControlClient(endpoint, timeout_ms=timeout_ms, context=context)
+        self._control = ControlClient(endpoint, timeout_ms=timeout_ms, context=context,
+                                      curve=curve)
 
     def call(self, cmd: str, args: dict[str, Any]) -> Any:
         """Send until answered or retry_for_s has passed; BusTimeout then.

@@ -46,7 +46,7 @@ from anchor.merkle import MerkleTree
 from anchor.proof import op_return_payload
 from anchor.reservations import RETRYABLE, NoUtxo, UtxoClient
 from anchor.sync import WalletSync
-from bus import protocol
+from bus import protocol, security
 from bus.client import BusError, Publisher, Subscriber
 from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
@@ -143,7 +143,7 @@ class AnchorWorker:
         owner = f"anchor@{socket.gethostname()}:{os.getpid()}"
         self.utxos = UtxoClient(cfg.control_endpoint, timeout_ms=cfg.request_timeout_ms,
                                 retry_for_s=3 * cfg.request_timeout_ms / 1000, owner=owner,
-                                context=self.ctx)
+                                context=self.ctx, curve=security.client_keys(cfg))
         self.rpc = BitcoinRpc(cfg.bitcoind_rpc_url, cfg.bitcoind_rpc_user,
                               cfg.bitcoind_rpc_password, cfg.bitcoind_rpc_cookie)
         self.hashblock = open_hashblock(self.ctx, cfg.bitcoind_zmq_hashblock) \

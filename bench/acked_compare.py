@@ -1,15 +1,18 @@
-"""Acknowledged publishing of this tree against another revision, side by side
-(not a test): what producer sessions and nacks cost (issue #10's target: at
-most 5% of acknowledged throughput).
+"""Acknowledged publishing side by side (not a test), one of:
 
-The other revision is checked out in a temporary git worktree. Rounds
-alternate the two trees, each a fresh bus (writer + proxy, from that tree's
-code) on free loopback ports and one Publisher process (that tree's client)
-publishing --messages 100-byte messages with up to 100,000 unacknowledged,
-timed until every one is acknowledged. The machine is shared and noisy: the
-ratio of each round, taken minutes apart at most, is what to read.
+- this tree against another revision: what producer sessions and nacks cost
+  (issue #10's target: at most 5% of acknowledged throughput). The other
+  revision is checked out in a temporary git worktree;
+- --curve: this tree with CURVE authentication (BUS_CURVE_DIR, fresh keys)
+  against this tree without (target: at least 0.7x).
 
-    python bench/acked_compare.py [--baseline 4549d21] [--messages 200000] [--rounds 3]
+Rounds alternate the two sides, each a fresh bus (writer + proxy, from that
+side's code) on free loopback ports and one Publisher process (that side's
+client) publishing --messages 100-byte messages with up to 100,000
+unacknowledged, timed until every one is acknowledged. The machine is shared
+and noisy: the ratio of each round, taken minutes apart at most, is what to read.
+
+    python bench/acked_compare.py [--baseline 4549d21 | --curve] [--messages 200000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -56,10 +59,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ping(endpoint: str, deadline: float) -> None:
+def wait_ping(endpoint: str, deadline: float, env: dict[str, str]) -> None:
+    from bus import security
     from bus.client import BusError, ControlClient
+    from bus.config import load_config
+    curve = security.client_keys(load_config(env=env))
     while True:
-        with ControlClient(endpoint, timeout_ms=300) as client:
+        with ControlClient(endpoint, timeout_ms=300, curve=curve) as client:
             try:
                 client.request("ping")
                 return
@@ -68,16 +74,29 @@ def wait_ping(endpoint: str, deadline: float) -> None:
                     raise
 
 
-def acked_rate(tree: Path, workdir: Path, messages: int) -> float:
+def make_keys(directory: Path) -> dict[str, str]:
+    """A BUS_CURVE_DIR with one publisher key; the settings of that publisher."""
+    import zmq.auth
+    for name in ("server", "proxy"):
+        zmq.auth.create_certificates(directory, name)
+    (directory / "publishers").mkdir()
+    public, secret = zmq.auth.create_certificates(directory, "bench")
+    Path(public).rename(directory / "publishers" / "bench.key")
+    return {"BUS_CURVE_DIR": str(directory), "BUS_CURVE_KEY": secret}
+
+
+def acked_rate(tree: Path, workdir: Path, messages: int,
+               settings: dict[str, str] | None = None) -> float:
     env = dict(os.environ, BUS_DB=str(workdir / "bus.db"), BUS_LOG_FORMAT="json",
                BUS_LOG_LEVEL="warning", BENCH_MESSAGES=str(messages),
-               **{name: f"tcp://127.0.0.1:{free_port()}" for name in ENDPOINTS})
+               **{name: f"tcp://127.0.0.1:{free_port()}" for name in ENDPOINTS},
+               **(settings or {}))
     procs = [subprocess.Popen([sys.executable, "-m", "cli.main", role], cwd=tree, env=env)
              for role in ROLES]
     try:
         deadline = time.monotonic() + 15
         for name in ("BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT"):
-            wait_ping(env[name], deadline)
+            wait_ping(env[name], deadline, env)
         out = subprocess.run([sys.executable, "-c", PUBLISHER], cwd=tree, env=env, check=True,
                              capture_output=True, text=True, timeout=600).stdout
         return json.loads(out.splitlines()[-1])["rate"]
@@ -91,30 +110,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="4549d21",
                         help="git revision to compare with (default: main before issue #10)")
+    parser.add_argument("--curve", action="store_true",
+                        help="compare this tree with CURVE against this tree without")
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bus-compare-") as tmp:
-        baseline = Path(tmp) / "baseline"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(baseline),
-                        args.baseline], check=True, capture_output=True)
+        if args.curve:
+            curve = make_keys(Path(tmp) / "curve")
+            sides = {"plain": (ROOT, {}), "curve": (ROOT, curve)}
+        else:
+            baseline = Path(tmp) / "baseline"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach",
+                            str(baseline), args.baseline], check=True, capture_output=True)
+            sides = {f"baseline {args.baseline}": (baseline, {}), "current": (ROOT, {})}
         try:
-            rates: dict[str, list[float]] = {"baseline": [], "current": []}
+            rates: dict[str, list[float]] = {name: [] for name in sides}
             for n in range(args.rounds):
-                for name, tree in (("baseline", baseline), ("current", ROOT)):
-                    workdir = Path(tmp) / f"{name}-{n}"
+                for name, (tree, settings) in sides.items():
+                    workdir = Path(tmp) / f"{name.split()[0]}-{n}"
                     workdir.mkdir()
-                    rates[name].append(acked_rate(tree, workdir, args.messages))
+                    rates[name].append(acked_rate(tree, workdir, args.messages, settings))
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                            str(baseline)], check=False)
+            if not args.curve:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                                str(baseline)], check=False)
+    first, second = sides
     print(f"acknowledged publishing, {args.messages:,} messages of 100 bytes per run, "
           f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"{'round':>5}  {'baseline ' + args.baseline:>18}  {'current':>12}  ratio")
-    for n, (old, new) in enumerate(zip(rates["baseline"], rates["current"]), 1):
-        print(f"{n:>5}  {old:>14,.0f} msg/s  {new:>8,.0f} msg/s  {new / old:.3f}")
-    ratios = [new / old for old, new in zip(rates["baseline"], rates["current"])]
-    print(f"median ratio current/baseline: {statistics.median(ratios):.3f}")
+    print(f"{'round':>5}  {first:>18}  {second:>14}  ratio")
+    for n, (old, new) in enumerate(zip(rates[first], rates[second]), 1):
+        print(f"{n:>5}  {old:>12,.0f} msg/s  {new:>8,.0f} msg/s  {new / old:.3f}")
+    ratios = [new / old for old, new in zip(rates[first], rates[second])]
+    print(f"median ratio {second}/{first}: {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

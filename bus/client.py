@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from bus import protocol, sockets
+from bus import protocol, security, sockets
 from bus.config import BusConfig, load_config, with_overrides
 from bus.protocol import Message, ProtocolError
 
@@ -163,10 +163,13 @@ class Publisher:
         self._sock = sockets.open_publisher(self._ctx, cfg, self.linger_ms)
         if self.send_timeout is not None:
             self._sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
+        # A nack missed while the nack subscription is still on its way is
+        # learned from the acknowledgements' `refused` count (_learn_refusals).
         self._acks = sockets.open_subscriber(self._ctx, cfg, [self._ack_topic, self._nack_topic],
                                              cfg.notify_endpoint)
         self._control = ControlClient(cfg.control_endpoint,
-                                      max(1, int(self.connect_timeout * 1000)), 0, self._ctx)
+                                      max(1, int(self.connect_timeout * 1000)), 0, self._ctx,
+                                      security.client_keys(cfg))
         try:
             self._open_session()
             self._wait_ready(deadline)
@@ -463,7 +466,8 @@ class HistoryClient:
         config = config or load_config()
         self.config = config
         self._client = ControlClient(endpoint or config.read_endpoint,
-                                     timeout_ms or config.request_timeout_ms, retries, context)
+                                     timeout_ms or config.request_timeout_ms, retries, context,
+                                     security.client_keys(config))
 
     def page(self, prefixes: Iterable[str] = ("",), *, after_id: int | None = None,
              since_ns: int | None = None, limit: int | None = None) -> HistoryPage:
@@ -610,7 +614,7 @@ class Subscriber:
         self.duplicates_skipped = 0
         if durable is not None:
             self._control = ControlClient(config.control_endpoint, config.request_timeout_ms,
-                                          1, self._ctx)
+                                          1, self._ctx, security.client_keys(config))
             try:
                 self._acked_id = self._sent_ack_id = self._start_durable(durable)
             except BaseException:  # writer or reader unreachable: leave nothing open
@@ -874,8 +878,10 @@ class ControlClient:
     """
 
     def __init__(self, endpoint: str, timeout_ms: int = 3000, retries: int = 0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None,
+                 curve: security.ClientKeys | None = None) -> None:
         self.endpoint = endpoint
+        self.curve = curve
         self.timeout_ms = timeout_ms
         self.retries = retries
         self._own_context = context is None
@@ -902,7 +908,7 @@ class ControlClient:
             self._sock.close(linger=0)  # an uncollected reply: drop it with its socket
             self._sock = None
         if self._sock is None:
-            self._sock = sockets.open_request(self._ctx, self.endpoint)
+            self._sock = sockets.open_request(self._ctx, self.endpoint, self.curve)
         self._sock.send(protocol.encode_request(request_id, cmd, args))
         self._pending = (request_id, cmd)
 

@@ -56,6 +56,11 @@ SETTINGS: tuple[Setting, ...] = (
             "reader REP: history pages from a read-only connection"),
     Setting("notify_endpoint", "BUS_NOTIFY_ENDPOINT", str, "tcp://127.0.0.1:5556",
             "writer XPUB: $bus.ack/nack/commit notifications; only the writer sends there"),
+    Setting("curve_dir", "BUS_CURVE_DIR", str, "",
+            "CURVE key directory (server.key, proxy.key, publishers/ readers/ admins/); "
+            "empty: no authentication"),
+    Setting("curve_key", "BUS_CURVE_KEY", str, "",
+            "this client's secret CURVE certificate (NAME.key_secret), with BUS_CURVE_DIR"),
     Setting("db", "BUS_DB", str, "bus.db", "SQLite database file (the writer creates it)"),
     Setting("batch_write_enabled", "BATCH_WRITE_ENABLED", bool, True,
             "false: one transaction per message (debug / comparison)"),
@@ -165,6 +170,8 @@ class BusConfig:
     proxy_control_endpoint: str
     read_endpoint: str
     notify_endpoint: str
+    curve_dir: str
+    curve_key: str
     db: str
     batch_write_enabled: bool
     batch_size: int

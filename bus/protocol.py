@@ -88,6 +88,7 @@ RESERVED_TOPIC = "reserved_topic"    # raised to clients only: the writer skips 
 PRODUCER_FENCED = "producer_fenced"  # an older session of the producer: a newer one was opened
 SEQ_OUT_OF_WINDOW = "seq_out_of_window"  # seq too far above the producer's highest (not decided)
 UNKNOWN_SESSION = "unknown_session"  # an epoch the writer never handed out (database replaced?)
+FORBIDDEN = "forbidden"              # (CURVE) the request's key may not run this command
 
 
 class ProtocolError(ValueError):

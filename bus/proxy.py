@@ -30,7 +30,7 @@ from typing import Any
 
 import zmq
 
-from bus import protocol, sockets
+from bus import protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
@@ -59,6 +59,7 @@ class Proxy:
         cfg = self.config
         self.stop = stop
         self.ctx = zmq.Context()
+        self.auth = security.start_authenticator(self.ctx, cfg)
         self.frontend = sockets.open_proxy_frontend(self.ctx, cfg)
         self.backend = sockets.open_proxy_backend(self.ctx, cfg)
         self.capture = sockets.open_proxy_capture(self.ctx, cfg)
@@ -126,6 +127,7 @@ class Proxy:
         stats: dict[str, Any] = self.counters()
         stats.update(uptime_seconds=round(time.monotonic() - self._started, 3),
                      bad_control_requests=self._bad_requests,
+                     security=security.snapshot(self.config),
                      capture_hwm=self.config.capture_hwm,
                      endpoints={"pub": self.config.pub_endpoint, "sub": self.config.sub_endpoint,
                                 "capture": self.config.capture_endpoint})
@@ -167,5 +169,7 @@ class Proxy:
         # reach the writer.
         if getattr(self, "capture", None) is not None:
             self.capture.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()
         self.ctx.term()
         self.ctx = None

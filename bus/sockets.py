@@ -19,7 +19,7 @@ import socket
 
 import zmq
 
-from bus import protocol
+from bus import protocol, security
 from bus.config import BusConfig
 from bus.runner import StartupError
 
@@ -28,10 +28,14 @@ PROXY_STEERING_ENDPOINT = "inproc://bus-proxy-steering"
 # A subscription on the wire: "\x01" + prefix, or with ZMTP 3.1 peers (libzmq
 # 4.3.5 and later) the SUBSCRIBE command, "\x09SUBSCRIBE" + prefix.
 SUBSCRIPTION_OVERHEAD_BYTES = 10
+# libzmq applies MAXMSGSIZE to every frame of a connection, the handshake's
+# included: CURVE's INITIATE command (a few hundred bytes) must fit, and so must
+# the encryption of each frame that follows.
+MIN_FRAME_LIMIT_BYTES = 1024
 # Largest frame a peer may send to the writer's notify endpoint: a subscription
 # to "$bus.nack." + the longest producer id (128 chars of up to 4 UTF-8 bytes).
-NOTIFY_MAX_FRAME_BYTES = (SUBSCRIPTION_OVERHEAD_BYTES + len(protocol.NACK_TOPIC_PREFIX)
-                          + 4 * protocol.MAX_PRODUCER_CHARS)
+NOTIFY_MAX_FRAME_BYTES = max(MIN_FRAME_LIMIT_BYTES, SUBSCRIPTION_OVERHEAD_BYTES
+                             + len(protocol.NACK_TOPIC_PREFIX) + 4 * protocol.MAX_PRODUCER_CHARS)
 # Largest control request a REP socket reads (a utxo_upsert of 5,000 outputs is
 # about 1.5 MB); a peer sending more is disconnected before it costs memory.
 MAX_REQUEST_BYTES = 16 << 20
@@ -91,6 +95,7 @@ def open_proxy_frontend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock.setsockopt(zmq.MAXMSGSIZE, cfg.proxy_max_frame_bytes)
     for prefix in protocol.PROXY_SUBSCRIPTIONS:
         sock.setsockopt(zmq.SUBSCRIBE, prefix)
+    security.secure_server(sock, cfg, "pub")
     bind(sock, cfg.pub_endpoint)
     return sock
 
@@ -99,12 +104,14 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     """PUB bound for subscribers. A PUB, not an XPUB: it applies subscriptions
     itself and passes nothing to the proxy loop, so neither a subscription nor
     data sent by a peer on this side reaches publishers or the writer. A
-    subscription longer than a topic can be is refused (the peer is
+    subscription much longer than a topic can be is refused (the peer is
     disconnected): it could never match, and libzmq's subscription trie is
     recursive in the prefix length."""
     sock = _set_common(ctx.socket(zmq.PUB), 0)
     sock.setsockopt(zmq.SNDHWM, cfg.sub_hwm)
-    sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_topic_bytes + SUBSCRIPTION_OVERHEAD_BYTES)
+    sock.setsockopt(zmq.MAXMSGSIZE, max(MIN_FRAME_LIMIT_BYTES,
+                                        cfg.max_topic_bytes + SUBSCRIPTION_OVERHEAD_BYTES))
+    security.secure_server(sock, cfg, "sub")
     bind(sock, cfg.sub_endpoint)
     return sock
 
@@ -115,20 +122,24 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.PUSH), cfg.shutdown_timeout_ms)
     sock.setsockopt(zmq.SNDHWM, cfg.capture_hwm)
     sock.setsockopt(zmq.SNDBUF, 4 << 20)
+    if security.enabled(cfg):  # the only key the writer's capture lets in
+        security.secure_client(sock, security.client_keys(
+            cfg, own_key=f"{cfg.curve_dir}/proxy.key_secret"))
     sock.connect(cfg.capture_endpoint)
     return sock
 
 
-def open_reply(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def open_reply(ctx: zmq.Context, cfg: BusConfig, endpoint: str, domain: str) -> zmq.Socket:
     """REP bound for control requests (proxy, writer, reader)."""
     sock = _set_common(ctx.socket(zmq.REP), 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+    security.secure_server(sock, cfg, domain)
     bind(sock, endpoint)
     return sock
 
 
 def open_proxy_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    return open_reply(ctx, cfg.proxy_control_endpoint)
+    return open_reply(ctx, cfg, cfg.proxy_control_endpoint, "proxy_control")
 
 
 # --- writer ------------------------------------------------------------------
@@ -139,12 +150,13 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.PULL), 0)
     sock.setsockopt(zmq.RCVHWM, max(1000, cfg.batch_max_buffer_size))
     sock.setsockopt(zmq.RCVBUF, 4 << 20)
+    security.secure_server(sock, cfg, "capture")
     bind(sock, cfg.capture_endpoint)
     return sock
 
 
 def open_writer_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    return open_reply(ctx, cfg.control_endpoint)
+    return open_reply(ctx, cfg, cfg.control_endpoint, "control")
 
 
 def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
@@ -160,6 +172,7 @@ def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.XPUB_VERBOSE, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, NOTIFY_MAX_FRAME_BYTES)
+    security.secure_server(sock, cfg, "notify")
     bind(sock, cfg.notify_endpoint)
     return sock
 
@@ -167,7 +180,7 @@ def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 # --- reader ------------------------------------------------------------------
 
 def open_reader(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    return open_reply(ctx, cfg.read_endpoint)
+    return open_reply(ctx, cfg, cfg.read_endpoint, "read")
 
 
 # --- clients -----------------------------------------------------------------
@@ -179,6 +192,7 @@ def open_publisher(ctx: zmq.Context, cfg: BusConfig, linger_ms: int) -> zmq.Sock
     sock = _set_common(ctx.socket(zmq.XPUB), linger_ms)
     sock.setsockopt(zmq.SNDHWM, cfg.pub_hwm)
     sock.setsockopt(zmq.XPUB_NODROP, 1)
+    security.secure_client(sock, security.client_keys(cfg))
     sock.connect(cfg.pub_endpoint)
     return sock
 
@@ -191,11 +205,14 @@ def open_subscriber(ctx: zmq.Context, cfg: BusConfig, prefixes: list[bytes],
     sock.setsockopt(zmq.RCVHWM, cfg.sub_hwm)
     for prefix in prefixes:
         sock.setsockopt(zmq.SUBSCRIBE, prefix)
+    security.secure_client(sock, security.client_keys(cfg))
     sock.connect(endpoint or cfg.sub_endpoint)
     return sock
 
 
-def open_request(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def open_request(ctx: zmq.Context, endpoint: str,
+                 keys: security.ClientKeys | None = None) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.REQ), 0)
+    security.secure_client(sock, keys)
     sock.connect(endpoint)
     return sock

@@ -21,9 +21,9 @@ from typing import Any
 import click
 import msgpack
 
-from bus import protocol
+from bus import protocol, security
 from bus.client import BusError, ControlClient, Publisher
-from cli.common import build_config, print_sections, setting_options
+from cli.common import CURVE_FIELDS, build_config, print_sections, setting_options
 
 ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpoint",
                  "notify_endpoint",
@@ -37,7 +37,7 @@ ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpo
 
 
 @click.group(invoke_without_command=True)
-@setting_options(*ANCHOR_FIELDS)
+@setting_options(*ANCHOR_FIELDS, *CURVE_FIELDS)
 @click.pass_context
 def anchor(ctx: click.Context, **flags: Any) -> None:
     """Run the anchor worker (without a sub-command), or talk to it."""
@@ -67,7 +67,8 @@ def _document_hash(file: str | None, hex_hash: str | None) -> bytes:
 
 
 def _proof(cfg: Any, digest: bytes) -> dict[str, Any] | None:
-    with ControlClient(cfg.read_endpoint, timeout_ms=cfg.request_timeout_ms) as client:
+    with ControlClient(cfg.read_endpoint, timeout_ms=cfg.request_timeout_ms,
+                       curve=security.client_keys(cfg)) as client:
         return client.request("anchor_proof", {"hash": digest})
 
 
@@ -80,7 +81,7 @@ def _proof(cfg: Any, digest: bytes) -> dict[str, Any] | None:
 @click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
               help="seconds --wait waits")
 @setting_options("pub_endpoint", "sub_endpoint", "control_endpoint", "notify_endpoint",
-                 "read_endpoint", "request_timeout_ms")
+                 "read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str | None,
            wait: bool, timeout: float, **flags: Any) -> None:
@@ -120,7 +121,7 @@ def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str 
 
 @anchor.command()
 @click.argument("hex_hash", metavar="HASH")
-@setting_options("read_endpoint", "request_timeout_ms")
+@setting_options("read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def proof(ctx: click.Context, hex_hash: str, **flags: Any) -> None:
     """Print the inclusion proof (JSON) of the document whose SHA-256 is HASH."""
@@ -166,7 +167,7 @@ def utxo() -> None:
 
 @utxo.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@setting_options("control_endpoint", "read_endpoint", "request_timeout_ms")
+@setting_options("control_endpoint", "read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def utxo_stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     """Available, reserved and spent UTXOs, the wallet tip, and the writer's
@@ -176,7 +177,8 @@ def utxo_stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     failed = False
     for name, endpoint, cmd in (("table", cfg.read_endpoint, "utxo_stats"),
                                 ("writer", cfg.control_endpoint, "stats")):
-        with ControlClient(endpoint, timeout_ms=cfg.request_timeout_ms) as client:
+        with ControlClient(endpoint, timeout_ms=cfg.request_timeout_ms,
+                           curve=security.client_keys(cfg)) as client:
             try:
                 reply = client.request(cmd)
                 result[name] = reply["utxos"] if cmd == "stats" else reply

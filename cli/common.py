@@ -10,10 +10,15 @@ from typing import Any
 
 import click
 
+from bus import security
 from bus.config import SETTINGS, BusConfig, ConfigError, load_config
 from bus.logging import configure_logging
 
 _SETTING = {s.field: s for s in SETTINGS}
+# Every command that talks to the bus takes its CURVE keys (bus/security.py).
+CURVE_FIELDS = ("curve_dir", "curve_key")
+# The processes that only bind (their keys come from BUS_CURVE_DIR alone).
+SERVER_PROCESSES = ("writer", "proxy", "reader")
 
 
 def setting_options(*fields: str) -> Callable[[Callable], Callable]:
@@ -36,6 +41,13 @@ def build_config(ctx: click.Context, flags: dict[str, Any], process: str | None 
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     configure_logging(cfg.log_level, cfg.log_format, process=process)
+    if cfg.curve_dir:
+        try:  # what is wrong with the keys, as one line, before any socket is opened
+            security.load_keyring(cfg.curve_dir)
+            if process not in SERVER_PROCESSES:
+                security.client_keys(cfg)
+        except security.SecurityError as exc:
+            raise click.UsageError(str(exc)) from None
     return cfg
 
 

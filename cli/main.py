@@ -26,16 +26,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
 import msgpack
+import zmq.auth
 
-from bus import protocol
+from bus import protocol, security
 from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscriber, since_to_ns
 from bus.config import SETTINGS, BusConfig
 from cli.anchoring import anchor, utxo
-from cli.common import build_config, jsonable, print_sections, setting_options
+from cli.common import CURVE_FIELDS, build_config, jsonable, print_sections, setting_options
 
 ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
                    "proxy_control_endpoint", "read_endpoint", "notify_endpoint")
@@ -59,7 +61,7 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 @main.command()
 @setting_options("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",
-                 "capture_hwm")
+                 "capture_hwm", *CURVE_FIELDS)
 @click.pass_context
 def proxy(ctx: click.Context, **flags: Any) -> None:
     """Run the proxy (publishers in, subscribers out) with its capture pipe to the writer."""
@@ -70,7 +72,7 @@ def proxy(ctx: click.Context, **flags: Any) -> None:
 
 @main.command()
 @setting_options("capture_endpoint", "control_endpoint", "notify_endpoint", "db", *BATCH_FIELDS,
-                 *RETENTION_FIELDS)
+                 *RETENTION_FIELDS, *CURVE_FIELDS)
 @click.pass_context
 def writer(ctx: click.Context, **flags: Any) -> None:
     """Run the batching SQLite writer."""
@@ -81,7 +83,7 @@ def writer(ctx: click.Context, **flags: Any) -> None:
 
 @main.command()
 @setting_options("read_endpoint", "db", "history_page_rows", "history_page_bytes",
-                 "history_scan_rows")
+                 "history_scan_rows", *CURVE_FIELDS)
 @click.pass_context
 def reader(ctx: click.Context, **flags: Any) -> None:
     """Serve history pages from a read-only database connection."""
@@ -91,7 +93,7 @@ def reader(ctx: click.Context, **flags: Any) -> None:
 
 
 @main.command()
-@setting_options(*ENDPOINT_FIELDS, "db", *BATCH_FIELDS, *RETENTION_FIELDS)
+@setting_options(*ENDPOINT_FIELDS, "db", *BATCH_FIELDS, *RETENTION_FIELDS, *CURVE_FIELDS)
 @click.pass_context
 def up(ctx: click.Context, **flags: Any) -> None:
     """Run proxy + writer + reader in the foreground until Ctrl-C.
@@ -170,7 +172,7 @@ def _wait_ready(cfg: BusConfig, children: dict[str, subprocess.Popen], stopping:
             if children[name].poll() is not None:
                 click.echo(f"{name} exited with status {children[name].returncode}", err=True)
                 return False
-            with ControlClient(endpoint, timeout_ms=200) as client:
+            with ControlClient(endpoint, timeout_ms=200, curve=security.client_keys(cfg)) as client:
                 try:
                     client.request("ping")
                     del pending[name]
@@ -213,7 +215,7 @@ def encode_payload(data: str, encoding: str) -> tuple[bytes, str]:
               help="exit 0 only once the writer has committed every message")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="seconds --wait waits for the commit acknowledgements")
-@setting_options(*PUBLISHER_FIELDS, "max_topic_bytes", "max_message_bytes")
+@setting_options(*PUBLISHER_FIELDS, "max_topic_bytes", "max_message_bytes", *CURVE_FIELDS)
 @click.pass_context
 def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, count: int,
             rate: float, producer_id: str | None, header: tuple[str, ...], wait: bool,
@@ -372,7 +374,7 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
 @click.option("--durable", default=None, metavar="NAME",
               help="resume after the last message NAME printed, across restarts")
 @setting_options("sub_endpoint", "read_endpoint", "control_endpoint", "notify_endpoint",
-                 "request_timeout_ms")
+                 "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: int | None,
          since: str | None, from_id: int | None, durable: str | None, **flags: Any) -> None:
@@ -411,7 +413,7 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
 @click.option("--limit", "-n", "limit", type=click.IntRange(min=1), default=None,
               help="print at most this many (default: all, up to the newest)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
-@setting_options("read_endpoint", "request_timeout_ms")
+@setting_options("read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def history(ctx: click.Context, prefixes: tuple[str, ...], since: str | None,
             from_id: int | None, limit: int | None, as_json: bool, **flags: Any) -> None:
@@ -439,7 +441,7 @@ def history(ctx: click.Context, prefixes: tuple[str, ...], since: str | None,
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @setting_options("control_endpoint", "proxy_control_endpoint", "read_endpoint",
-                 "request_timeout_ms")
+                 "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     """Show the writer's batch, load, producer and consumer metrics, the
@@ -449,7 +451,8 @@ def stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     failed = False
     for name, endpoint in (("writer", cfg.control_endpoint), ("proxy", cfg.proxy_control_endpoint),
                            ("reader", cfg.read_endpoint)):
-        with ControlClient(endpoint, timeout_ms=cfg.request_timeout_ms) as client:
+        with ControlClient(endpoint, timeout_ms=cfg.request_timeout_ms,
+                           curve=security.client_keys(cfg)) as client:
             try:
                 result[name] = client.request("stats")
             except BusError as exc:
@@ -459,6 +462,38 @@ def stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     sys.exit(1 if failed else 0)
 
 
+# --- keys ----------------------------------------------------------------------
+
+@main.group()
+def keys() -> None:
+    """CURVE key pairs, in the certificate format of pyzmq's zmq.auth."""
+
+
+@keys.command("generate")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("name")
+def keys_generate(directory: str, name: str) -> None:
+    """Write DIRECTORY/NAME.key (the public key: copy it into the bus's
+    publishers/, readers/ or admins/ list) and DIRECTORY/NAME.key_secret (the
+    pair: keep it where the client runs; readable by its owner only).
+
+    The bus's own pairs are named `server` and `proxy` in BUS_CURVE_DIR."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise click.BadParameter("letters, digits, '.', '_' and '-' (at most 64)",
+                                 param_hint="NAME")
+    target = Path(directory)
+    existing = [p for p in (target / f"{name}.key", target / f"{name}.key_secret") if p.exists()]
+    if existing:
+        click.echo(f"error: {existing[0]} exists; a key is never overwritten", err=True)
+        sys.exit(1)
+    target.mkdir(parents=True, exist_ok=True)
+    old_umask = os.umask(0o077)  # the secret file is never readable by others, even briefly
+    try:
+        public, secret = zmq.auth.create_certificates(target, name)
+    finally:
+        os.umask(old_umask)
+    os.chmod(public, 0o644)
+    click.echo(f"public key  {public}\nsecret pair {secret}")
 
 
 main.add_command(anchor)

@@ -20,7 +20,7 @@ from typing import Any
 import apsw
 import zmq
 
-from bus import protocol, sockets
+from bus import protocol, security, sockets
 from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
@@ -181,6 +181,7 @@ class Reader:
         cfg = self.config
         self.stop = stop
         self.ctx = zmq.Context()
+        self.auth = security.start_authenticator(self.ctx, cfg)
         self.rep = sockets.open_reader(self.ctx, cfg)
         self.poller = zmq.Poller()
         self.poller.register(self.rep, zmq.POLLIN)
@@ -252,12 +253,15 @@ class Reader:
                 "bad_requests": self.bad_requests, "unavailable": self.unavailable,
                 "max_page_ms": round(self.max_page_ms, 3),
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
-                "database": self.config.db, "read_endpoint": self.config.read_endpoint}
+                "database": self.config.db, "read_endpoint": self.config.read_endpoint,
+                "security": security.snapshot(self.config)}
 
     def shutdown(self) -> None:
         if self.ctx is not None:
             if getattr(self, "rep", None) is not None:
                 self.rep.close(linger=0)
+            if getattr(self, "auth", None) is not None:
+                self.auth.stop()
             self.ctx.term()
             self.ctx = None
         self.history.close()

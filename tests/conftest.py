@@ -221,8 +221,8 @@ def wait_until_delivered(pub: Any, sub: Any, topic: str) -> None:
     wait_for(probe_arrives, message=f"a probe on {topic} to reach the subscriber")
 
 
-def ping(endpoint: str) -> bool:
-    with ControlClient(endpoint, timeout_ms=200) as client:
+def ping(endpoint: str, curve: Any = None) -> bool:
+    with ControlClient(endpoint, timeout_ms=200, curve=curve) as client:
         try:
             return client.request("ping") == "pong"
         except BusError:
@@ -279,7 +279,7 @@ class Bus:
     def _start_role(self, role: str, control_endpoint: str) -> Proc:
         """Start `bus-cli ROLE` and wait until it answers ping (or fails)."""
         proc = self.run(role)
-        wait_for(lambda: ping(self[control_endpoint]) or self._exited(proc),
+        wait_for(lambda: ping(self[control_endpoint], self.curve()) or self._exited(proc),
                  message=f"{role} ping")
         assert proc.popen.poll() is None, proc.stderr.collect()
         return proc
@@ -302,12 +302,20 @@ class Bus:
         return codes
 
     def writer_stats(self) -> dict[str, Any]:
-        with ControlClient(self["BUS_CONTROL_ENDPOINT"], timeout_ms=3000) as client:
-            return client.request("stats")
+        return self.request("BUS_CONTROL_ENDPOINT", "stats")
 
     def proxy_stats(self) -> dict[str, Any]:
-        with ControlClient(self["BUS_PROXY_CONTROL_ENDPOINT"], timeout_ms=3000) as client:
-            return client.request("stats")
+        return self.request("BUS_PROXY_CONTROL_ENDPOINT", "stats")
+
+    def request(self, endpoint: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """One control request, as this bus's own client (its CURVE key, if any)."""
+        with ControlClient(self[endpoint], timeout_ms=3000, curve=self.curve()) as client:
+            return client.request(cmd, args)
+
+    def curve(self) -> Any:
+        """The CURVE keys of this bus's own client (BUS_CURVE_KEY), or None."""
+        from bus import security
+        return security.client_keys(self.config())
 
     def config(self) -> Any:
         from bus.config import load_config

@@ -31,7 +31,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from bus import protocol, sockets
+from bus import protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
@@ -78,6 +78,7 @@ class Writer:
         self.rejected: dict[str, int] = {}
         self.messages_received = 0
         self.bad_control_requests = 0
+        self.forbidden = 0  # commands refused to the key that sent them (CURVE)
         self.nacked: dict[str, int] = {}
         self._retry_at = 0.0
         self._retention_at = 0.0
@@ -102,6 +103,7 @@ class Writer:
                               cfg.utxo_request_ttl_s)
         self.anchors = AnchorBook(self.utxos)
         self.ctx = zmq.Context()
+        self.auth = security.start_authenticator(self.ctx, cfg)
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
         self.control = sockets.open_writer_control(self.ctx, cfg)
         self.notify = sockets.open_writer_notify(self.ctx, cfg)
@@ -131,7 +133,8 @@ class Writer:
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.control in events:
-            self.handle_control(self.control.recv_multipart(), now)
+            frames = self.control.recv_multipart(copy=False)
+            self.handle_control([f.bytes for f in frames], now, security.user_id(frames))
         if self.notify in events:
             self.handle_notify_subscriptions()
         idle = True
@@ -158,6 +161,8 @@ class Writer:
                     sock.close(linger=0)
             if getattr(self, "notify", None) is not None:
                 self.notify.close()  # lingers briefly: the last acknowledgements
+            if getattr(self, "auth", None) is not None:
+                self.auth.stop()
             self.ctx.term()
             self.ctx = None
         if self.store is not None:
@@ -414,7 +419,7 @@ class Writer:
 
     # --- control endpoint ---------------------------------------------------
 
-    def handle_control(self, frames: list[bytes], now: float) -> None:
+    def handle_control(self, frames: list[bytes], now: float, user: str | None = None) -> None:
         """Decode, execute, and answer ok/error echoing the request id.
 
         stats -> the metrics map (see docs/protocol.md)
@@ -425,10 +430,13 @@ class Writer:
         request_id: Any = None
         try:
             request_id, cmd, args = protocol.decode_request(frames)
+            refusal = security.authorize(self.config, user, cmd)
+            if refusal is not None:
+                raise protocol.RequestError(request_id, protocol.FORBIDDEN, refusal)
             if cmd.startswith("consumer_"):
                 reply = self.handle_consumer(request_id, cmd, args, now)
             elif cmd.startswith("producer_"):
-                reply = self.handle_producer(request_id, cmd, args, now)
+                reply = self.handle_producer(request_id, cmd, args, now, user)
             elif cmd.startswith(("utxo_", "anchor_")):
                 reply = self.handle_wallet(request_id, cmd, args)
             elif cmd == "stats":
@@ -446,7 +454,10 @@ class Writer:
                 reply = protocol.encode_reply_error(request_id, "unknown_command",
                                                     f"no command {cmd!r}")
         except protocol.ProtocolError as exc:
-            self.bad_control_requests += 1
+            if exc.reason == protocol.FORBIDDEN:
+                self.forbidden += 1
+            else:
+                self.bad_control_requests += 1
             request_id = getattr(exc, "request_id", request_id)
             self._rejects.warning(exc.reason, "bad_control_request", detail=exc.detail)
             reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
@@ -484,12 +495,14 @@ class Writer:
         return protocol.encode_reply_ok(request_id, result)
 
     def handle_producer(self, request_id: Any, cmd: str, args: dict[str, Any],
-                        now: float) -> bytes:
+                        now: float, user: str | None = None) -> bytes:
         """producer_open {producer} -> {producer, epoch, next_seq}: a new session,
             committed before the reply; older sessions are fenced from then on;
         producer_status {producer} -> {producer, epoch, contiguous_seq, max_seq,
             refused, refusals [[seq, code], ...]} (nil for an unknown producer):
-            what a producer that missed nacks needs."""
+            what a producer that missed nacks needs.
+        With CURVE, a producer id belongs to the key that opened it first: no
+        other key can open (and so fence) it."""
         producer = args.get("producer")
         if not protocol.is_producer_id(producer):
             self.bad_control_requests += 1
@@ -502,7 +515,13 @@ class Writer:
         if cmd != "producer_open":
             return protocol.encode_reply_error(request_id, "unknown_command",
                                                f"no command {cmd!r}")
-        state = self.producers.open(producer, time.time_ns())
+        known = self.producers.peek(producer)
+        if user is not None and known is not None and known.owner not in (None, user):
+            self.forbidden += 1
+            return protocol.encode_reply_error(
+                request_id, protocol.FORBIDDEN,
+                f"producer {producer!r} belongs to another key: open your own producer id")
+        state = self.producers.open(producer, time.time_ns(), owner=user)
         if not self.flush("request", now):
             return protocol.encode_reply_error(request_id, "unavailable",
                                                "database write failed; retry")
@@ -549,6 +568,7 @@ class Writer:
             "anchors": self.anchors.snapshot(),
             "retention": {"max_age_s": cfg.retention_max_age_s,
                           "max_messages": cfg.retention_max_messages, **self.retention},
+            "security": {**security.snapshot(cfg), "commands_forbidden": self.forbidden},
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
                          "first_message_id": self.store.first_message_id(),
                          "last_message_id": last_id},

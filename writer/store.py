@@ -52,7 +52,8 @@ SCHEMA = (
         last_seen_ns    INTEGER NOT NULL,
         epoch           INTEGER NOT NULL DEFAULT 0,  -- current session (producer_open)
         refused         INTEGER NOT NULL DEFAULT 0,  -- seqs of this session refused
-        refusals        BLOB                 -- msgpack [[seq, code], ...], the last 256
+        refusals        BLOB,                -- msgpack [[seq, code], ...], the last 256
+        owner           TEXT                 -- (CURVE) public key that opened it first
     ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS consumers (
         name        TEXT    PRIMARY KEY,     -- durable consumer name
@@ -140,11 +141,12 @@ ADDED_COLUMNS = (
     ("producers", "epoch", "INTEGER NOT NULL DEFAULT 0"),
     ("producers", "refused", "INTEGER NOT NULL DEFAULT 0"),
     ("producers", "refusals", "BLOB"),
+    ("producers", "owner", "TEXT"),
 )
 PRODUCER_COLUMNS = ("producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
-                    " first_seen_ns, last_seen_ns, epoch, refused, refusals")
+                    " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner")
 UPSERT_PRODUCER = (f"INSERT OR REPLACE INTO producers ({PRODUCER_COLUMNS})"
-                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 UPSERT_CONSUMER = "INSERT OR REPLACE INTO consumers (name, last_id, updated_ns) VALUES (?, ?, ?)"
 DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
 # min() and max() in one SELECT would scan the table: SQLite's min/max shortcut

@@ -1,0 +1,224 @@
+"""CURVE authentication: libzmq's CURVE with a ZAP handler (pyzmq's zmq.auth).
+
+Off unless BUS_CURVE_DIR names the bus's key directory, in pyzmq's
+certificate format (`bus-cli keys generate`):
+
+    server.key, server.key_secret   the key pair of every endpoint the bus binds
+                                    (the secret only where a bus process runs)
+    proxy.key, proxy.key_secret     the proxy's own pair: the only key the
+                                    writer's capture endpoint lets in
+    publishers/*.key                who may publish (and open producer sessions)
+    readers/*.key                   who may subscribe and read history
+    admins/*.key                    who may also run the commands that change
+                                    state (utxo_*, anchor_*, consumer_delete, flush)
+
+A client names its own secret certificate with BUS_CURVE_KEY and needs
+`server.key` from the directory. Every socket the bus binds is a CURVE server
+with a ZAP domain (DOMAIN_ROLES says which lists it lets in); each bus process
+runs one ZAP handler for its sockets, which counts refused connections per
+endpoint and logs each refused key once. Commands are authorized per key on
+the writer's control endpoint (`authorize`): the ZAP handler sets each
+message's User-Id to the client's public key.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from bus.config import BusConfig
+from bus.logging import get_logger
+from bus.runner import StartupError
+
+log = get_logger("security")
+
+ADMINS, PUBLISHERS, READERS, PROXY = "admins", "publishers", "readers", "proxy"
+ROLES = (ADMINS, PUBLISHERS, READERS)
+
+# ZAP domain of each bound endpoint -> the key lists it lets in.
+DOMAIN_ROLES: dict[str, tuple[str, ...]] = {
+    "pub": (PUBLISHERS, ADMINS),
+    "sub": (READERS, ADMINS),
+    "notify": (PUBLISHERS, READERS, ADMINS),  # acknowledgements; commit watermarks
+    "control": (PUBLISHERS, READERS, ADMINS),  # then per command: authorize()
+    "read": (READERS, ADMINS),
+    "proxy_control": (PUBLISHERS, READERS, ADMINS),
+    "capture": (PROXY,),
+}
+
+# Writer commands by the role that may run them; admins may run every command.
+PUBLISHER_COMMANDS = frozenset({"producer_open", "producer_status", "ping", "stats"})
+READER_COMMANDS = frozenset({"consumer_ack", "consumer_get", "ping", "stats"})
+# How many refused keys are remembered, to log each once.
+MAX_LOGGED_KEYS = 1000
+
+
+class SecurityError(StartupError):
+    """BUS_CURVE_DIR or BUS_CURVE_KEY is unusable (missing files, wrong format):
+    a process cannot start, a command cannot run."""
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """What a CURVE client socket needs: the server's public key and its own pair."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+
+@dataclass
+class Keyring:
+    """The keys of one BUS_CURVE_DIR, as z85 bytes."""
+
+    server_public: bytes
+    server_secret: bytes | None
+    members: dict[str, frozenset[bytes]]  # role -> public keys (and PROXY -> the proxy's)
+    denied: dict[str, int] = field(default_factory=dict)  # ZAP domain -> refusals
+    _logged: set[bytes] = field(default_factory=set)
+
+    def role_of(self, public_key: str | bytes | None) -> str | None:
+        """The most powerful role of a public key (z85), None for an unknown one."""
+        if public_key is None:
+            return None
+        key = public_key.encode() if isinstance(public_key, str) else public_key
+        return next((role for role in ROLES if key in self.members[role]), None)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """pyzmq's credentials-provider hook: may `key` connect to `domain`?"""
+        if any(key in self.members[role] for role in DOMAIN_ROLES.get(domain, ())):
+            return True
+        self.denied[domain] = self.denied.get(domain, 0) + 1
+        if key not in self._logged and len(self._logged) < MAX_LOGGED_KEYS:
+            self._logged.add(key)
+            log.warning("connection_refused", endpoint=domain, client_key=key.decode(),
+                        reason="key in none of the lists this endpoint allows",
+                        allowed=list(DOMAIN_ROLES.get(domain, ())))
+        return False
+
+
+def _load_pair(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise SecurityError(f"cannot read CURVE certificate {path}: {exc}") from None
+
+
+def _public_keys(directory: Path) -> frozenset[bytes]:
+    if not directory.is_dir():
+        return frozenset()
+    return frozenset(_load_pair(path)[0] for path in sorted(directory.glob("*.key")))
+
+
+@functools.lru_cache(maxsize=4)
+def load_keyring(curve_dir: str) -> Keyring:
+    root = Path(curve_dir)
+    server_public, _ = _load_pair(root / "server.key")
+    secret_file = root / "server.key_secret"
+    server_secret = _load_pair(secret_file)[1] if secret_file.exists() else None
+    members = {role: _public_keys(root / role) for role in ROLES}
+    proxy_file = root / "proxy.key"
+    members[PROXY] = frozenset([_load_pair(proxy_file)[0]]) if proxy_file.exists() \
+        else frozenset()
+    return Keyring(server_public, server_secret, members)
+
+
+def enabled(cfg: BusConfig) -> bool:
+    return bool(cfg.curve_dir)
+
+
+def keyring(cfg: BusConfig) -> Keyring | None:
+    return load_keyring(cfg.curve_dir) if cfg.curve_dir else None
+
+
+def client_keys(cfg: BusConfig, own_key: str | None = None) -> ClientKeys | None:
+    """The keys of a client of the bus (own_key: a certificate file instead of
+    BUS_CURVE_KEY, e.g. the proxy's), or None when CURVE is off."""
+    ring = keyring(cfg)
+    if ring is None:
+        return None
+    path = own_key or cfg.curve_key
+    if not path:
+        raise SecurityError("BUS_CURVE_DIR is set: name this client's secret certificate "
+                            "with BUS_CURVE_KEY (bus-cli keys generate)")
+    public, secret = _load_pair(Path(path))
+    if secret is None:
+        raise SecurityError(f"{path} holds no secret key (use the .key_secret file)")
+    return ClientKeys(ring.server_public, public, secret)
+
+
+def secure_server(sock: zmq.Socket, cfg: BusConfig, domain: str) -> None:
+    """Make a socket about to be bound a CURVE server of ZAP domain `domain`."""
+    ring = keyring(cfg)
+    if ring is None:
+        return
+    if ring.server_secret is None:
+        raise SecurityError(f"{cfg.curve_dir}/server.key_secret is missing: a bus process "
+                            "that binds endpoints needs the server's secret key")
+    sock.curve_secretkey = ring.server_secret
+    sock.curve_publickey = ring.server_public
+    sock.curve_server = True
+    sock.zap_domain = domain.encode()
+
+
+def secure_client(sock: zmq.Socket, keys: ClientKeys | None) -> None:
+    """Make a socket about to connect a CURVE client (nothing when keys is None)."""
+    if keys is None:
+        return
+    sock.curve_serverkey = keys.server_public
+    sock.curve_publickey = keys.public
+    sock.curve_secretkey = keys.secret
+
+
+def start_authenticator(ctx: zmq.Context, cfg: BusConfig) -> ThreadAuthenticator | None:
+    """The ZAP handler of a process that binds CURVE endpoints; started before
+    any of them is bound (libzmq asks it about every new connection)."""
+    ring = keyring(cfg)
+    if ring is None:
+        return None
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    for domain in DOMAIN_ROLES:  # pyzmq looks providers up by the exact domain
+        auth.configure_curve_callback(domain, credentials_provider=ring)
+    return auth
+
+
+def authorize(cfg: BusConfig, user_id: str | None, cmd: str) -> str | None:
+    """Why the key `user_id` may not run the writer command `cmd`, or None if
+    it may (always, with CURVE off)."""
+    ring = keyring(cfg)
+    if ring is None:
+        return None
+    role = ring.role_of(user_id)
+    if role == ADMINS or (role == PUBLISHERS and cmd in PUBLISHER_COMMANDS) or \
+            (role == READERS and cmd in READER_COMMANDS):
+        return None
+    return f"{cmd!r} is not allowed to a key in {role or 'no list'}: commands that change " \
+           f"state need a key in {ADMINS}/"
+
+
+def snapshot(cfg: BusConfig) -> dict[str, Any]:
+    """For `stats`: whether CURVE is on, and the refused connections per endpoint."""
+    ring = keyring(cfg)
+    if ring is None:
+        return {"curve": False, "note": "authentication is off: set BUS_CURVE_DIR"}
+    return {"curve": True, "keys": {role: len(ring.members[role]) for role in ROLES},
+            "connections_refused": dict(ring.denied)}
+
+
+def user_id(frames: Iterable[zmq.Frame]) -> str | None:
+    """The client's public key (z85) that the ZAP handler attached to a message."""
+    first = next(iter(frames), None)
+    if first is None:
+        return None
+    try:
+        return first.get("User-Id")
+    except zmq.ZMQError:  # no ZAP handler: CURVE off
+        return None

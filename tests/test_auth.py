@@ -1,0 +1,184 @@
+"""CURVE authentication (issue #10): with BUS_CURVE_DIR every endpoint needs a
+known key, three lists decide who publishes, who reads and who changes state,
+a producer id belongs to the key that opened it, and the capture pipe lets in
+the proxy alone. Refused connections and commands are counted."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from bus import protocol, security
+from bus.client import BusError, BusTimeout, ControlClient, HistoryClient, Publisher, Subscriber
+from bus.config import with_overrides
+from tests.conftest import Bus, wait_for
+
+ROLE_OF_CLIENT = {"pub1": "publishers", "reader1": "readers", "admin1": "admins"}
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """A BUS_CURVE_DIR with the bus's pairs and the three lists, and a directory
+    of client certificates: pub1, reader1, admin1, and stranger (in no list)."""
+    curve = tmp_path / "curve"
+    clients = tmp_path / "clients"
+    curve.mkdir()
+    clients.mkdir()
+    for name in ("server", "proxy"):
+        zmq.auth.create_certificates(curve, name)
+    for name, role in [*ROLE_OF_CLIENT.items(), ("stranger", None)]:
+        public, _secret = zmq.auth.create_certificates(clients, name)
+        if role:
+            (curve / role).mkdir(exist_ok=True)
+            Path(public).rename(curve / role / f"{name}.key")
+    security.load_keyring.cache_clear()
+    return tmp_path
+
+
+def as_client(bus: Bus, keys: Path, name: str):
+    """The bus's config as the client `name` sees it."""
+    return with_overrides(bus.config(), curve_key=str(keys / "clients" / f"{name}.key_secret"))
+
+
+@pytest.fixture
+def secure_bus(make_bus, keys: Path) -> Bus:
+    return make_bus(BUS_CURVE_DIR=keys / "curve",
+                    BUS_CURVE_KEY=keys / "clients" / "admin1.key_secret",
+                    BUS_REQUEST_TIMEOUT_MS=1000).start()
+
+
+def test_known_keys_publish_subscribe_and_read_and_everything_is_stored(secure_bus: Bus,
+                                                                         keys: Path) -> None:
+    bus = secure_bus
+    with Subscriber(["sec."], as_client(bus, keys, "reader1")) as sub, \
+            Publisher(as_client(bus, keys, "pub1"), producer_id="sec-pub") as pub:
+        wait_for(lambda: pub.publish("sec.probe", b"p") and sub.receive(timeout=0.1),
+                 message="a reader's subscriber to receive")
+        for i in range(200):
+            pub.publish("sec.t", b"%d" % i)
+        pub.flush(timeout=10)
+        assert pub.acked_seq == pub.last_seq
+    assert bus.count("sec.t") == 200
+    with HistoryClient(as_client(bus, keys, "reader1")) as history:
+        assert len(list(history.messages(["sec.t"]))) == 200
+    done = bus.cli("stats", "--json")
+    assert done.returncode == 0, done.stderr
+    assert '"curve": true' in done.stdout
+
+
+def test_an_unknown_key_can_do_nothing_and_is_counted(secure_bus: Bus, keys: Path) -> None:
+    bus = secure_bus
+    stranger = as_client(bus, keys, "stranger")
+    with pytest.raises(BusTimeout):
+        Publisher(stranger, producer_id="intruder", connect_timeout=1).connect()
+    with pytest.raises(BusTimeout):
+        with HistoryClient(stranger, timeout_ms=500) as history:
+            history.page(["sec."])
+    with pytest.raises(BusTimeout):
+        with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=500,
+                           curve=security.client_keys(stranger)) as control:
+            control.request("utxo_reserve", {"request_id": "r1", "min_amount_sat": 1,
+                                             "lease_seconds": 10})
+    # A subscriber with an unknown key hears nothing while a known one does.
+    with Subscriber(["sec."], stranger) as outsider, \
+            Subscriber(["sec."], as_client(bus, keys, "reader1")) as insider, \
+            Publisher(as_client(bus, keys, "pub1"), producer_id="sec-pub") as pub:
+        wait_for(lambda: pub.publish("sec.live", b"x") and insider.receive(timeout=0.1),
+                 message="the known subscriber to receive")
+        pub.publish("sec.live", b"last", wait=True)
+        assert insider.receive(timeout=1) is not None
+        assert outsider.receive(timeout=0.2) is None
+    # Straight into the capture pipe: with the stranger's key, and with none.
+    ctx = zmq.Context()
+    pushes = []
+    try:
+        for curve in (security.client_keys(stranger), None):
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            security.secure_client(push, curve)
+            push.connect(bus["BUS_CAPTURE_ENDPOINT"])
+            push.send_multipart([b"pushed.t", b"x"], zmq.NOBLOCK)  # queued: never delivered
+            pushes.append(push)
+
+        def refused() -> dict[str, int]:
+            return {**bus.writer_stats()["security"]["connections_refused"],
+                    **bus.proxy_stats()["security"]["connections_refused"],
+                    **bus.request("BUS_READ_ENDPOINT", "stats")["security"][
+                        "connections_refused"]}
+        domains = ("pub", "sub", "control", "read", "notify", "capture")
+        counted = wait_for(lambda: all(refused().get(d, 0) >= 1 for d in domains) and refused(),
+                           message="a refused connection counted at every endpoint")
+    finally:
+        for push in pushes:
+            push.close()
+        ctx.term()
+    assert set(domains) <= set(counted)
+    assert bus.count("pushed.") == 0 and bus.count("intruder") == 0
+    for proc in (bus.writer, bus.proxy, bus.reader):
+        keys_logged = Counter(e["client_key"] for e in proc.log_events()
+                              if e["event"] == "connection_refused")
+        assert keys_logged and max(keys_logged.values()) == 1, "each refused key logged once"
+
+
+def test_a_publish_only_key_cannot_change_state(secure_bus: Bus, keys: Path) -> None:
+    bus = secure_bus
+    publisher = security.client_keys(as_client(bus, keys, "pub1"))
+    reader = security.client_keys(as_client(bus, keys, "reader1"))
+    with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=2000, curve=publisher) as control:
+        for cmd, args in (("utxo_reserve", {"request_id": "r1", "min_amount_sat": 1,
+                                            "lease_seconds": 10}),
+                          ("consumer_delete", {"consumer": "billing"}), ("flush", {}),
+                          ("consumer_ack", {"consumer": "billing", "last_id": 5})):
+            with pytest.raises(BusError) as refused:
+                control.request(cmd, args)
+            assert refused.value.code == protocol.FORBIDDEN, cmd
+        assert control.request("producer_open", {"producer": "pub1-own"})["epoch"] == 1
+        assert control.request("ping") == "pong"
+    with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=2000, curve=reader) as control:
+        with pytest.raises(BusError, match="changes state|admins"):
+            control.request("producer_open", {"producer": "reader-own"})
+        assert control.request("consumer_get", {"consumer": "billing"})["last_id"] is None
+    security_stats = bus.writer_stats()["security"]
+    assert security_stats["commands_forbidden"] == 5
+    # What is valid is still stored and acknowledged.
+    with Publisher(as_client(bus, keys, "pub1"), producer_id="after") as pub:
+        pub.publish("after.t", b"ok", wait=True, timeout=10)
+    assert bus.count("after.t") == 1
+
+
+def test_a_producer_id_belongs_to_the_key_that_opened_it(secure_bus: Bus, keys: Path) -> None:
+    bus = secure_bus
+    with Publisher(as_client(bus, keys, "pub1"), producer_id="owned") as pub:
+        pub.publish("own.t", b"1", wait=True, timeout=10)
+        # Another key, even an admin's, can neither open nor so fence it.
+        with pytest.raises(BusError) as refused:
+            Publisher(as_client(bus, keys, "admin1"), producer_id="owned").connect()
+        assert refused.value.code == protocol.FORBIDDEN
+        pub.publish("own.t", b"2", wait=True, timeout=10)
+    with Publisher(as_client(bus, keys, "pub1"), producer_id="owned") as again:
+        assert again.epoch == 2  # its owner may open it again
+    assert bus.count("own.t") == 2
+
+
+def test_without_keys_stats_says_authentication_is_off(bus: Bus) -> None:
+    done = bus.cli("stats")
+    assert done.returncode == 0, done.stderr
+    assert "authentication is off" in done.stdout
+
+
+def test_bus_cli_keys_generate_writes_a_pair_and_never_overwrites(tmp_path: Path,
+                                                                  bus: Bus) -> None:
+    done = bus.cli("keys", "generate", str(tmp_path / "k"), "alice")
+    assert done.returncode == 0, done.stderr
+    public, secret = tmp_path / "k" / "alice.key", tmp_path / "k" / "alice.key_secret"
+    assert zmq.auth.load_certificate(public)[1] is None
+    assert zmq.auth.load_certificate(secret)[1] is not None
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    again = bus.cli("keys", "generate", str(tmp_path / "k"), "alice")
+    assert again.returncode == 1 and "never overwritten" in again.stderr
