@@ -77,9 +77,9 @@ def wait_ping(endpoint: str, deadline: float, env: dict[str, str]) -> None:
 def make_keys(directory: Path) -> dict[str, str]:
     """A BUS_CURVE_DIR with one publisher key; the settings of that publisher."""
     import zmq.auth
+    (directory / "publishers").mkdir(parents=True)
     for name in ("server", "proxy"):
         zmq.auth.create_certificates(directory, name)
-    (directory / "publishers").mkdir()
     public, secret = zmq.auth.create_certificates(directory, "bench")
     Path(public).rename(directory / "publishers" / "bench.key")
     return {"BUS_CURVE_DIR": str(directory), "BUS_CURVE_KEY": secret}
