@@ -16,7 +16,8 @@ A client names its own secret certificate with BUS_CURVE_KEY and needs
 `server.key` from the directory. Every socket the bus binds is a CURVE server
 with a ZAP domain (DOMAIN_ROLES says which lists it lets in); each bus process
 runs one ZAP handler for its sockets, which counts refused connections per
-endpoint and logs each refused key once. Commands are authorized per key on
+endpoint and logs each refused key once per endpoint. A key may be in several
+lists and has the rights of each. Commands are authorized per key on
 the writer's control endpoint (`authorize`): the ZAP handler sets each
 message's User-Id to the client's public key.
 """
@@ -32,6 +33,7 @@ from typing import Any
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from bus.config import BusConfig
 from bus.logging import get_logger
@@ -82,33 +84,53 @@ class Keyring:
     server_secret: bytes | None
     members: dict[str, frozenset[bytes]]  # role -> public keys (and PROXY -> the proxy's)
     denied: dict[str, int] = field(default_factory=dict)  # ZAP domain -> refusals
-    _logged: set[bytes] = field(default_factory=set)
+    _logged: set[tuple[str, bytes]] = field(default_factory=set)
 
-    def role_of(self, public_key: str | bytes | None) -> str | None:
-        """The most powerful role of a public key (z85), None for an unknown one."""
+    def roles_of(self, public_key: str | bytes | None) -> set[str]:
+        """The lists a public key (z85) is in (a key may be in several)."""
         if public_key is None:
-            return None
+            return set()
         key = public_key.encode() if isinstance(public_key, str) else public_key
-        return next((role for role in ROLES if key in self.members[role]), None)
+        return {role for role in ROLES if key in self.members[role]}
 
     def callback(self, domain: str, key: bytes) -> bool:
         """pyzmq's credentials-provider hook: may `key` connect to `domain`?"""
         if any(key in self.members[role] for role in DOMAIN_ROLES.get(domain, ())):
             return True
         self.denied[domain] = self.denied.get(domain, 0) + 1
-        if key not in self._logged and len(self._logged) < MAX_LOGGED_KEYS:
-            self._logged.add(key)
+        if (domain, key) in self._logged:
+            return False
+        if len(self._logged) < MAX_LOGGED_KEYS:
+            self._logged.add((domain, key))
             log.warning("connection_refused", endpoint=domain, client_key=key.decode(),
                         reason="key in none of the lists this endpoint allows",
                         allowed=list(DOMAIN_ROLES.get(domain, ())))
+        elif len(self._logged) == MAX_LOGGED_KEYS:
+            self._logged.add((domain, b""))  # once: say that the log stops here
+            log.warning("connection_refused_not_logged", endpoint=domain,
+                        reason=f"over {MAX_LOGGED_KEYS} refused keys: further ones are "
+                               "counted in stats, not logged")
         return False
 
 
 def _load_pair(path: Path) -> tuple[bytes, bytes | None]:
     try:
-        return zmq.auth.load_certificate(path)
+        public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise SecurityError(f"cannot read CURVE certificate {path}: {exc}") from None
+    for key in (public, secret):
+        if key is not None and not _is_z85_key(key):
+            raise SecurityError(f"{path}: a CURVE key is 40 Z85 characters")
+    if secret is not None and zmq.curve_public(secret) != public:
+        raise SecurityError(f"{path}: its public key does not belong to its secret key")
+    return public, secret
+
+
+def _is_z85_key(key: bytes) -> bool:
+    try:
+        return len(key) == 40 and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _public_keys(directory: Path) -> frozenset[bytes]:
@@ -122,7 +144,12 @@ def load_keyring(curve_dir: str) -> Keyring:
     root = Path(curve_dir)
     server_public, _ = _load_pair(root / "server.key")
     secret_file = root / "server.key_secret"
-    server_secret = _load_pair(secret_file)[1] if secret_file.exists() else None
+    server_secret = None
+    if secret_file.exists():
+        public, server_secret = _load_pair(secret_file)
+        if public != server_public:
+            raise SecurityError(f"{root}/server.key is not the public half of "
+                                "server.key_secret")
     members = {role: _public_keys(root / role) for role in ROLES}
     proxy_file = root / "proxy.key"
     members[PROXY] = frozenset([_load_pair(proxy_file)[0]]) if proxy_file.exists() \
@@ -162,6 +189,9 @@ def secure_server(sock: zmq.Socket, cfg: BusConfig, domain: str) -> None:
     if ring.server_secret is None:
         raise SecurityError(f"{cfg.curve_dir}/server.key_secret is missing: a bus process "
                             "that binds endpoints needs the server's secret key")
+    if domain == "capture" and not ring.members[PROXY]:
+        raise SecurityError(f"{cfg.curve_dir}/proxy.key is missing: the capture endpoint "
+                            "would let no proxy in, and nothing would be stored")
     sock.curve_secretkey = ring.server_secret
     sock.curve_publickey = ring.server_public
     sock.curve_server = True
@@ -196,12 +226,14 @@ def authorize(cfg: BusConfig, user_id: str | None, cmd: str) -> str | None:
     ring = keyring(cfg)
     if ring is None:
         return None
-    role = ring.role_of(user_id)
-    if role == ADMINS or (role == PUBLISHERS and cmd in PUBLISHER_COMMANDS) or \
-            (role == READERS and cmd in READER_COMMANDS):
+    roles = ring.roles_of(user_id)
+    if ADMINS in roles or (PUBLISHERS in roles and cmd in PUBLISHER_COMMANDS) or \
+            (READERS in roles and cmd in READER_COMMANDS):
         return None
-    return f"{cmd!r} is not allowed to a key in {role or 'no list'}: commands that change " \
-           f"state need a key in {ADMINS}/"
+    needs = [role for role, allowed in ((PUBLISHERS, PUBLISHER_COMMANDS),
+                                        (READERS, READER_COMMANDS)) if cmd in allowed]
+    return f"{cmd!r} needs a key in {'/ or '.join([*needs, ADMINS])}/; this key is in " \
+           f"{'/, '.join(sorted(roles)) + '/' if roles else 'no list'}"
 
 
 def snapshot(cfg: BusConfig) -> dict[str, Any]:

@@ -121,9 +121,10 @@ def test_an_unknown_key_can_do_nothing_and_is_counted(secure_bus: Bus, keys: Pat
     assert set(domains) <= set(counted)
     assert bus.count("pushed.") == 0 and bus.count("intruder") == 0
     for proc in (bus.writer, bus.proxy, bus.reader):
-        keys_logged = Counter(e["client_key"] for e in proc.log_events()
+        keys_logged = Counter((e["endpoint"], e["client_key"]) for e in proc.log_events()
                               if e["event"] == "connection_refused")
-        assert keys_logged and max(keys_logged.values()) == 1, "each refused key logged once"
+        assert keys_logged and max(keys_logged.values()) == 1, \
+            "each refused key logged once per endpoint"
 
 
 def test_a_publish_only_key_cannot_change_state(secure_bus: Bus, keys: Path) -> None:
@@ -182,3 +183,37 @@ def test_bus_cli_keys_generate_writes_a_pair_and_never_overwrites(tmp_path: Path
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
     again = bus.cli("keys", "generate", str(tmp_path / "k"), "alice")
     assert again.returncode == 1 and "never overwritten" in again.stderr
+
+
+def test_bad_keys_are_refused_at_start_in_one_line(make_bus, keys: Path) -> None:
+    curve = keys / "curve"
+    (curve / "proxy.key").rename(keys / "proxy.key.away")
+    bus = make_bus(BUS_CURVE_DIR=curve)
+    done = bus.cli("writer", timeout=20)
+    assert done.returncode == 1 and "proxy.key is missing" in done.stderr
+    assert "Traceback" not in done.stderr
+    (keys / "proxy.key.away").rename(curve / "proxy.key")
+    server_key = (curve / "server.key").read_text()
+    (curve / "server.key").write_text((keys / "clients" / "stranger.key").read_text())
+    done = bus.cli("writer", timeout=20)
+    assert done.returncode == 2 and "not the public half" in done.stderr
+    (curve / "server.key").write_text(server_key)
+    short = keys / "clients" / "short.key_secret"
+    short.write_text('metadata\ncurve\n    public-key = "short"\n    secret-key = "short"\n')
+    done = bus.cli("stats", "--curve-key", str(short))
+    assert done.returncode == 2 and "40 Z85 characters" in done.stderr
+
+
+def test_a_key_in_two_lists_has_the_rights_of_both(make_bus, keys: Path) -> None:
+    curve = keys / "curve"
+    (curve / "readers" / "pub1.key").write_text((curve / "publishers" / "pub1.key").read_text())
+    bus = make_bus(BUS_CURVE_DIR=curve,
+                   BUS_CURVE_KEY=keys / "clients" / "admin1.key_secret").start()
+    both = security.client_keys(as_client(bus, keys, "pub1"))
+    with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=2000, curve=both) as control:
+        assert control.request("producer_open", {"producer": "both"})["epoch"] == 1
+        assert control.request("consumer_get", {"consumer": "both"})["last_id"] is None
+        with pytest.raises(BusError, match="needs a key in admins/"):
+            control.request("flush")
+    logged = [e for e in bus.writer.log_events() if e["event"] == "command_forbidden"]
+    assert logged and logged[0]["client_key"] == both.public.decode()

@@ -454,14 +454,20 @@ class Writer:
                 reply = protocol.encode_reply_error(request_id, "unknown_command",
                                                     f"no command {cmd!r}")
         except protocol.ProtocolError as exc:
+            request_id = getattr(exc, "request_id", request_id)
             if exc.reason == protocol.FORBIDDEN:
-                self.forbidden += 1
+                self._refuse_command(exc.detail, user)
             else:
                 self.bad_control_requests += 1
-            request_id = getattr(exc, "request_id", request_id)
-            self._rejects.warning(exc.reason, "bad_control_request", detail=exc.detail)
+                self._rejects.warning(exc.reason, "bad_control_request", detail=exc.detail)
             reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
         self.control.send(reply)
+
+    def _refuse_command(self, reason: str, user: str | None) -> None:
+        """A command the request's key may not run: counted, logged at a bounded rate."""
+        self.forbidden += 1
+        self._rejects.warning(protocol.FORBIDDEN, "command_forbidden", detail=reason,
+                              client_key=user)
 
     def handle_consumer(self, request_id: Any, cmd: str, args: dict[str, Any],
                         now: float) -> bytes:
@@ -517,10 +523,9 @@ class Writer:
                                                f"no command {cmd!r}")
         known = self.producers.peek(producer)
         if user is not None and known is not None and known.owner not in (None, user):
-            self.forbidden += 1
-            return protocol.encode_reply_error(
-                request_id, protocol.FORBIDDEN,
-                f"producer {producer!r} belongs to another key: open your own producer id")
+            reason = f"producer {producer!r} belongs to another key: open your own producer id"
+            self._refuse_command(reason, user)
+            return protocol.encode_reply_error(request_id, protocol.FORBIDDEN, reason)
         state = self.producers.open(producer, time.time_ns(), owner=user)
         if not self.flush("request", now):
             return protocol.encode_reply_error(request_id, "unavailable",
