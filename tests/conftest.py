@@ -43,18 +43,28 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+# Ports handed out by free_port in this test run: a port is free when checked
+# but only taken when the bus binds it, so the same one must not be handed out
+# twice (two endpoints of one bus, or a bus whose processes are still stopping).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range. A port the kernel
-    hands out (bind to 0) can be taken again, before the bus binds it, by the
-    ephemeral end of any client connection: these tests open many."""
+    """A free loopback port below the kernel's ephemeral range, not handed out
+    before in this run. A port the kernel hands out (bind to 0) can be taken
+    again, before the bus binds it, by the ephemeral end of any client
+    connection: these tests open many."""
     low = _ephemeral_low()
     while True:
         port = random.randrange(10_000, low)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        _HANDED_OUT.add(port)
         return port
 
 
