@@ -17,6 +17,9 @@ Every decode failure raises ProtocolError with a short reason code that `stats` 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +52,7 @@ META_TIME_NS = "time_ns"          # int: publish time, ns since the Unix epoch
 META_CONTENT_TYPE = "content_type"  # str: e.g. application/msgpack
 META_HEADERS = "headers"          # map str -> str
 META_ACK = "ack"                  # bool: producer asks for a commit acknowledgement
+META_MAC = "mac"                  # bin: (CURVE) the message's authentication code, see message_mac
 
 MAX_FRAMES = 3                   # [topic, payload, meta]
 SUBSCRIBE = 0x01
@@ -57,6 +61,7 @@ UNSUBSCRIBE = 0x00
 MAX_INT64 = (1 << 63) - 1
 MIN_INT64 = -(1 << 63)
 MAX_PRODUCER_CHARS = 128
+MAC_BYTES = 16
 
 # The first bytes a storable topic can start with: printable ASCII but "$", and
 # the lead bytes of multi-byte UTF-8. The proxy subscribes to exactly these, one
@@ -160,7 +165,8 @@ class MetaEncoder:
         self._fixed_pairs = 1 if epoch is None else 2
 
     def encode(self, seq: int, *, time_ns: int | None = None, content_type: str | None = None,
-               headers: dict[str, str] | None = None, ack: bool = False) -> bytes:
+               headers: dict[str, str] | None = None, ack: bool = False,
+               mac: bytes | None = None) -> bytes:
         pack = self._pack
         parts = [b"", self._producer, _PACKED_SEQ, pack(seq), _PACKED_TIME_NS,
                  pack(time.time_ns() if time_ns is None else time_ns)]
@@ -170,14 +176,28 @@ class MetaEncoder:
             parts += (_PACKED_HEADERS, pack(headers))
         if ack:
             parts += (_PACKED_ACK, _PACKED_TRUE)
+        if mac is not None:
+            parts += (_PACKED_MAC, pack(mac))
         # fixmap header: producer (+ epoch) and the pairs after them
         parts[0] = bytes((0x80 | (self._fixed_pairs + len(parts) // 2 - 1),))
         return b"".join(parts)
 
 
-_PACKED_SEQ, _PACKED_TIME_NS, _PACKED_CONTENT_TYPE, _PACKED_HEADERS, _PACKED_ACK, _PACKED_TRUE = (
-    msgpack.packb(v) for v in (META_SEQ, META_TIME_NS, META_CONTENT_TYPE, META_HEADERS,
-                               META_ACK, True))
+(_PACKED_SEQ, _PACKED_TIME_NS, _PACKED_CONTENT_TYPE, _PACKED_HEADERS, _PACKED_ACK, _PACKED_TRUE,
+ _PACKED_MAC) = (msgpack.packb(v) for v in (META_SEQ, META_TIME_NS, META_CONTENT_TYPE,
+                                            META_HEADERS, META_ACK, True, META_MAC))
+
+
+def message_mac(session_key: bytes, topic: bytes, payload: bytes, epoch: int, seq: int) -> bytes:
+    """The `mac` of a message of a producer session when CURVE is on: the first
+    16 bytes of HMAC-SHA256 under the session key (from producer_open) of
+    uint32 len(topic) | topic | uint64 epoch | uint64 seq | payload (big-endian).
+    Only the key that opened the session has its key: no other key can
+    send a message the writer takes for one of this producer's."""
+    mac = hmac.new(session_key, struct.pack(">I", len(topic)) + topic +
+                   struct.pack(">QQ", epoch, seq), hashlib.sha256)
+    mac.update(payload)
+    return mac.digest()[:MAC_BYTES]
 
 
 def encode_meta(producer: str, seq: int, epoch: int | None = None, **fields: Any) -> bytes:
@@ -254,6 +274,15 @@ def session_identity(meta: dict[str, Any]) -> Identity | None:
     if producer is None or epoch is None or seq is None:
         return None
     return producer, epoch, seq
+
+
+def refused_mac(frames: list[bytes]) -> Any:
+    """The `mac` of a refused message's meta, if it decodes (see refused_identity)."""
+    try:
+        meta = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    return meta.get(META_MAC) if isinstance(meta, dict) else None
 
 
 def refused_identity(frames: list[bytes]) -> Identity | None:

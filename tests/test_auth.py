@@ -10,6 +10,7 @@ import stat
 from collections import Counter
 from pathlib import Path
 
+import msgpack
 import pytest
 import zmq
 import zmq.auth
@@ -17,7 +18,7 @@ import zmq.auth
 from bus import protocol, security
 from bus.client import BusError, BusTimeout, ControlClient, HistoryClient, Publisher, Subscriber
 from bus.config import with_overrides
-from tests.conftest import Bus, wait_for
+from tests.conftest import Bus, query, wait_for
 
 ROLE_OF_CLIENT = {"pub1": "publishers", "reader1": "readers", "admin1": "admins"}
 
@@ -217,3 +218,50 @@ def test_a_key_in_two_lists_has_the_rights_of_both(make_bus, keys: Path) -> None
             control.request("flush")
     logged = [e for e in bus.writer.log_events() if e["event"] == "command_forbidden"]
     assert logged and logged[0]["client_key"] == both.public.decode()
+
+
+def test_another_key_cannot_pre_empt_a_producers_messages(secure_bus: Bus, keys: Path) -> None:
+    """pub2 (another publisher key) learns the victim's epoch and next seqs and
+    sends messages in its name first: they are dropped and counted; the
+    victim's own messages are stored and acknowledged."""
+    bus = secure_bus
+    curve = keys / "curve"
+    public, _ = zmq.auth.create_certificates(keys / "clients", "pub2")
+    Path(public).rename(curve / "publishers" / "pub2.key")
+    bus.writer.stop()
+    bus.proxy.stop()
+    security.load_keyring.cache_clear()
+    bus.start_writer()
+    bus.start_proxy()
+    pub2 = as_client(bus, keys, "pub2")
+    with Publisher(as_client(bus, keys, "pub1"), producer_id="victim-1") as victim:
+        victim.publish("victim.t", b"real-1", wait=True, timeout=10)
+        with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=2000,
+                           curve=security.client_keys(pub2)) as control:
+            status = control.request("producer_status", {"producer": "victim-1"})
+        ctx = zmq.Context()
+        forger = ctx.socket(zmq.XPUB)
+        forger.setsockopt(zmq.LINGER, 2000)
+        security.secure_client(forger, security.client_keys(pub2))
+        forger.connect(bus["BUS_PUB_ENDPOINT"])
+        try:
+            assert forger.poll(5000)
+            forger.recv()
+            for seq in range(2, 5):
+                for mac in (None, b"x" * 16):
+                    meta = {"producer": "victim-1", "epoch": status["epoch"], "seq": seq}
+                    if mac:
+                        meta["mac"] = mac
+                    forger.send_multipart([b"victim.t", b"FORGED-%d" % seq,
+                                           msgpack.packb(meta)])
+            wait_for(lambda: bus.writer_stats()["security"]["messages_not_authentic"] >= 6,
+                     message="the forged messages counted")
+        finally:
+            forger.close()
+            ctx.term()
+        for seq in range(2, 5):
+            victim.publish("victim.t", b"real-%d" % seq)
+        victim.flush(timeout=10)
+    rows = [r[0] for r in query(bus.db, "SELECT payload FROM messages WHERE producer_id = "
+                                        "'victim-1' ORDER BY producer_seq")]
+    assert rows == [b"real-1", b"real-2", b"real-3", b"real-4"]

@@ -63,6 +63,7 @@ class ProducerState:
     refused: int = 0         # seqs of this session refused (decided, not stored)
     refusals: list[list[Any]] = field(default_factory=list)  # [[seq, code], ...], newest last
     owner: str | None = None  # (CURVE) the public key that opened it first
+    session_key: bytes | None = None  # (CURVE) the current session's MAC key
 
     @property
     def contiguous_seq(self) -> int:
@@ -134,15 +135,16 @@ class ProducerState:
         return (self.producer_id, self.contiguous_seq, self.max_seq,
                 msgpack.packb(self.holes) if self.holes else None, self.gaps, self.abandoned,
                 self.duplicates, self.first_seen_ns, self.last_seen_ns, self.epoch, self.refused,
-                msgpack.packb(self.refusals) if self.refusals else None, self.owner)
+                msgpack.packb(self.refusals) if self.refusals else None, self.owner,
+                self.session_key)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> ProducerState:
         (producer_id, _contiguous, max_seq, holes, gaps, abandoned, duplicates,
-         first_seen_ns, last_seen_ns, epoch, refused, refusals, owner) = row
+         first_seen_ns, last_seen_ns, epoch, refused, refusals, owner, session_key) = row
         return cls(producer_id, max_seq, msgpack.unpackb(holes) if holes else [], gaps,
                    abandoned, duplicates, first_seen_ns, last_seen_ns, epoch, refused,
-                   msgpack.unpackb(refusals) if refusals else [], owner)
+                   msgpack.unpackb(refusals) if refusals else [], owner, session_key)
 
     def ack(self, committed_ns: int) -> dict[str, Any]:
         """The acknowledgement ($bus.ack.<producer>) of this state."""
@@ -206,12 +208,15 @@ class ProducerLedger:
     def _foreign_epoch(state: ProducerState, epoch: int) -> str:
         return protocol.PRODUCER_FENCED if epoch < state.epoch else protocol.UNKNOWN_SESSION
 
-    def open(self, producer_id: str, now_ns: int, owner: str | None = None) -> ProducerState:
+    def open(self, producer_id: str, now_ns: int, owner: str | None = None,
+             session_key: bytes | None = None) -> ProducerState:
         """Start the next session of `producer_id`; committed with the next flush.
-        `owner` (a key) is recorded if the producer has none yet."""
+        `owner` (a key) is recorded if the producer has none yet; `session_key`
+        (CURVE) authenticates the session's messages."""
         state = self._touch(producer_id, now_ns)
         state.open_session()
         state.owner = state.owner or owner
+        state.session_key = session_key
         self._dirty[producer_id] = state
         return state
 

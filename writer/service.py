@@ -25,6 +25,8 @@ transaction between batches, so ingest never waits for more than one chunk.
 
 from __future__ import annotations
 
+import hmac
+import os
 import time
 from typing import Any
 
@@ -79,6 +81,8 @@ class Writer:
         self.messages_received = 0
         self.bad_control_requests = 0
         self.forbidden = 0  # commands refused to the key that sent them (CURVE)
+        self.forged = 0     # session messages without their session's MAC (CURVE)
+        self.authenticating = security.enabled(cfg)
         self.nacked: dict[str, int] = {}
         self._retry_at = 0.0
         self._retention_at = 0.0
@@ -243,6 +247,9 @@ class Writer:
         producer, seq = meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ)
         epoch = meta.get(protocol.META_EPOCH)
         if producer is not None and seq is not None and epoch is not None:
+            if self.authenticating and not self.authentic(frames, producer, epoch, seq,
+                                                          meta.get(protocol.META_MAC)):
+                return
             store, nack = self.producers.accept(producer, epoch, seq, self._drain_ns)
             if not store:
                 if nack is not None:  # an older session, or a seq refused before
@@ -259,10 +266,32 @@ class Writer:
         identity = protocol.refused_identity(frames)
         if identity is not None:
             producer, epoch, seq = identity
+            if self.authenticating and not self.authentic(
+                    frames, producer, epoch, seq, protocol.refused_mac(frames)):
+                return  # refusing it would decide, and nack, the real message's seq
             code = self.producers.refuse(producer, epoch, seq, exc.reason, self._drain_ns)
             if code is not None:
                 self._owe_nack(producer, epoch, seq, code,
                                str(exc) if code == exc.reason else "")
+
+    def authentic(self, frames: list[bytes], producer: str, epoch: int, seq: int,
+                  mac: Any) -> bool:
+        """(CURVE) Does a message of the producer's current session carry the MAC
+        of its session key? One that does not was sent by another key: it is
+        dropped and counted, with no nack (that would reach the real producer).
+        Messages of another epoch are refused anyway, their nack harmless."""
+        state = self.producers.peek(producer)
+        if state is None or state.epoch != epoch:
+            return True
+        key = state.session_key
+        if key is not None and isinstance(mac, bytes) and len(frames) >= 2 and hmac.compare_digest(
+                mac, protocol.message_mac(key, frames[0], frames[1], epoch, seq)):
+            return True
+        self.forged += 1
+        self._rejects.warning("forged", "message_not_authentic", producer=producer,
+                              epoch=epoch, seq=seq,
+                              detail="no valid mac: not sent by the key of this session")
+        return False
 
     def _owe_nack(self, producer: str, epoch: int, seq: int, code: str, reason: str) -> None:
         """Tell the producer, after this loop pass, that (epoch, seq) is not stored."""
@@ -526,14 +555,18 @@ class Writer:
             reason = f"producer {producer!r} belongs to another key: open your own producer id"
             self._refuse_command(reason, user)
             return protocol.encode_reply_error(request_id, protocol.FORBIDDEN, reason)
-        state = self.producers.open(producer, time.time_ns(), owner=user)
+        session_key = os.urandom(32) if self.authenticating else None
+        state = self.producers.open(producer, time.time_ns(), owner=user,
+                                    session_key=session_key)
         if not self.flush("request", now):
             return protocol.encode_reply_error(request_id, "unavailable",
                                                "database write failed; retry")
         log.info("producer_session_opened", producer=producer, epoch=state.epoch,
                  next_seq=state.max_seq + 1)
-        return protocol.encode_reply_ok(request_id, {"producer": producer, "epoch": state.epoch,
-                                                     "next_seq": state.max_seq + 1})
+        opened = {"producer": producer, "epoch": state.epoch, "next_seq": state.max_seq + 1}
+        if session_key is not None:  # over the encrypted CURVE channel only
+            opened["session_key"] = session_key
+        return protocol.encode_reply_ok(request_id, opened)
 
     def handle_wallet(self, request_id: Any, cmd: str, args: dict[str, Any]) -> bytes:
         """The wallet's and the anchor records' commands (writer/utxos.py,
@@ -573,7 +606,8 @@ class Writer:
             "anchors": self.anchors.snapshot(),
             "retention": {"max_age_s": cfg.retention_max_age_s,
                           "max_messages": cfg.retention_max_messages, **self.retention},
-            "security": {**security.snapshot(cfg), "commands_forbidden": self.forbidden},
+            "security": {**security.snapshot(cfg), "commands_forbidden": self.forbidden,
+                         "messages_not_authentic": self.forged},
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
                          "first_message_id": self.store.first_message_id(),
                          "last_message_id": last_id},

@@ -53,7 +53,8 @@ SCHEMA = (
         epoch           INTEGER NOT NULL DEFAULT 0,  -- current session (producer_open)
         refused         INTEGER NOT NULL DEFAULT 0,  -- seqs of this session refused
         refusals        BLOB,                -- msgpack [[seq, code], ...], the last 256
-        owner           TEXT                 -- (CURVE) public key that opened it first
+        owner           TEXT,                -- (CURVE) public key that opened it first
+        session_key     BLOB                 -- (CURVE) the session's MAC key
     ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS consumers (
         name        TEXT    PRIMARY KEY,     -- durable consumer name
@@ -142,11 +143,12 @@ ADDED_COLUMNS = (
     ("producers", "refused", "INTEGER NOT NULL DEFAULT 0"),
     ("producers", "refusals", "BLOB"),
     ("producers", "owner", "TEXT"),
+    ("producers", "session_key", "BLOB"),
 )
 PRODUCER_COLUMNS = ("producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
-                    " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner")
+                    " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner, session_key")
 UPSERT_PRODUCER = (f"INSERT OR REPLACE INTO producers ({PRODUCER_COLUMNS})"
-                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 UPSERT_CONSUMER = "INSERT OR REPLACE INTO consumers (name, last_id, updated_ns) VALUES (?, ?, ?)"
 DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
 # min() and max() in one SELECT would scan the table: SQLite's min/max shortcut
