@@ -149,7 +149,7 @@ class Publisher:
         self._refusals_unknown = 0  # refusals the writer counted that could not be told apart
         self._fenced: str | None = None
         self._session_acked = False
-        self._session_key: bytes | None = None
+        self._mac: protocol.SessionMac | None = None
         self._proxy_prefixes: set[bytes] = set()  # the proxy's subscriptions seen so far
         self._topics: dict[str, bytes] = {}  # validated topic -> frame
         self._meta = protocol.MetaEncoder(self.producer_id)
@@ -187,7 +187,8 @@ class Publisher:
                              f"producer session within {self.connect_timeout:g}s (is bus-writer "
                              "running?)") from None
         self.epoch, next_seq = session["epoch"], session["next_seq"]
-        self._session_key = session.get("session_key")  # CURVE: each message's MAC
+        key = session.get("session_key")  # CURVE: each message carries its MAC
+        self._mac = None if key is None else protocol.SessionMac(key)
         self.last_seq = self.acked_seq = next_seq - 1
         self._meta = protocol.MetaEncoder(self.producer_id, self.epoch)
 
@@ -253,8 +254,7 @@ class Publisher:
         if len(self._unacked) >= self.max_unacked:  # backpressure, like a full socket
             self._wait_acked(self.max_unacked // 2, self.send_timeout)
         seq = self.last_seq + 1
-        mac = None if self._session_key is None else \
-            protocol.message_mac(self._session_key, topic_frame, payload, self.epoch, seq)
+        mac = None if self._mac is None else self._mac(topic_frame, payload, self.epoch, seq)
         frames = (topic_frame, payload, self._meta.encode(seq, content_type=content_type,
                                                           headers=headers, mac=mac))
         size = len(topic_frame) + len(payload) + len(frames[2])

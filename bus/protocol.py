@@ -18,7 +18,6 @@ Every decode failure raises ProtocolError with a short reason code that `stats` 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import struct
 import time
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ META_TIME_NS = "time_ns"          # int: publish time, ns since the Unix epoch
 META_CONTENT_TYPE = "content_type"  # str: e.g. application/msgpack
 META_HEADERS = "headers"          # map str -> str
 META_ACK = "ack"                  # bool: producer asks for a commit acknowledgement
-META_MAC = "mac"                  # bin: (CURVE) the message's authentication code, see message_mac
+META_MAC = "mac"                  # bin: (CURVE) the message's authentication code, see SessionMac
 
 MAX_FRAMES = 3                   # [topic, payload, meta]
 SUBSCRIBE = 0x01
@@ -188,16 +187,32 @@ class MetaEncoder:
                                             META_HEADERS, META_ACK, True, META_MAC))
 
 
-def message_mac(session_key: bytes, topic: bytes, payload: bytes, epoch: int, seq: int) -> bytes:
-    """The `mac` of a message of a producer session when CURVE is on: the first
-    16 bytes of HMAC-SHA256 under the session key (from producer_open) of
-    uint32 len(topic) | topic | uint64 epoch | uint64 seq | payload (big-endian).
-    Only the key that opened the session has its key: no other key can
-    send a message the writer takes for one of this producer's."""
-    mac = hmac.new(session_key, struct.pack(">I", len(topic)) + topic +
-                   struct.pack(">QQ", epoch, seq), hashlib.sha256)
-    mac.update(payload)
-    return mac.digest()[:MAC_BYTES]
+class SessionMac:
+    """The `mac` of the messages of one producer session when CURVE is on: the
+    first 16 bytes of HMAC-SHA256 (RFC 2104) under the session key from
+    producer_open, of uint32 len(topic) | uint64 epoch | uint64 seq | topic |
+    payload (big-endian). Only the key that opened the session knows the
+    session key: no other key can send a message the writer takes for one of
+    this producer's. The SHA-256 states of the padded key are computed once:
+    a third of the cost of hmac.digest per message (see bench/)."""
+
+    def __init__(self, session_key: bytes) -> None:
+        if len(session_key) > 64:
+            session_key = hashlib.sha256(session_key).digest()
+        padded = session_key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+
+    def __call__(self, topic: bytes, payload: bytes, epoch: int, seq: int) -> bytes:
+        inner = self._inner.copy()
+        inner.update(_MAC_HEADER(len(topic), epoch, seq) + topic)
+        inner.update(payload)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:MAC_BYTES]
+
+
+_MAC_HEADER = struct.Struct(">IQQ").pack
 
 
 def encode_meta(producer: str, seq: int, epoch: int | None = None, **fields: Any) -> bytes:

@@ -265,3 +265,13 @@ def test_another_key_cannot_pre_empt_a_producers_messages(secure_bus: Bus, keys:
     rows = [r[0] for r in query(bus.db, "SELECT payload FROM messages WHERE producer_id = "
                                         "'victim-1' ORDER BY producer_seq")]
     assert rows == [b"real-1", b"real-2", b"real-3", b"real-4"]
+
+
+def test_the_session_mac_is_hmac_sha256_as_documented() -> None:
+    import hashlib
+    import hmac
+    import struct
+    for key in (os.urandom(32), os.urandom(80)):
+        expected = hmac.new(key, struct.pack(">IQQ", 3, 7, 2**63 - 1) + b"t.x" + b"payload",
+                            hashlib.sha256).digest()[:16]
+        assert protocol.SessionMac(key)(b"t.x", b"payload", 7, 2**63 - 1) == expected

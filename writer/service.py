@@ -52,6 +52,8 @@ FLUSH_RETRY_SECONDS = 0.5
 RETENTION_IDLE_SECONDS = 1.0
 # Expired UTXO leases go back to the pool, and old utxo_* replies are pruned, this often.
 UTXO_UPKEEP_SECONDS = 1.0
+# Session MACs kept ready (CURVE), one per session key in use.
+MAX_CACHED_MACS = 10_000
 # Frames read from the notify endpoint per loop pass: subscriptions are rare, and
 # a peer that floods it must not starve the capture.
 NOTIFY_READS_PER_PASS = 100
@@ -82,6 +84,7 @@ class Writer:
         self.bad_control_requests = 0
         self.forbidden = 0  # commands refused to the key that sent them (CURVE)
         self.forged = 0     # session messages without their session's MAC (CURVE)
+        self._macs: dict[bytes, protocol.SessionMac] = {}  # session key -> its MAC
         self.authenticating = security.enabled(cfg)
         self.nacked: dict[str, int] = {}
         self._retry_at = 0.0
@@ -283,10 +286,14 @@ class Writer:
         state = self.producers.peek(producer)
         if state is None or state.epoch != epoch:
             return True
-        key = state.session_key
-        if key is not None and isinstance(mac, bytes) and len(frames) >= 2 and hmac.compare_digest(
-                mac, protocol.message_mac(key, frames[0], frames[1], epoch, seq)):
-            return True
+        if state.session_key is not None and isinstance(mac, bytes) and len(frames) >= 2:
+            signer = self._macs.get(state.session_key)
+            if signer is None:
+                if len(self._macs) >= MAX_CACHED_MACS:  # bounded: one per live session
+                    self._macs.clear()
+                signer = self._macs[state.session_key] = protocol.SessionMac(state.session_key)
+            if hmac.compare_digest(mac, signer(frames[0], frames[1], epoch, seq)):
+                return True
         self.forged += 1
         self._rejects.warning("forged", "message_not_authentic", producer=producer,
                               epoch=epoch, seq=seq,
