@@ -801,7 +801,7 @@ class Subscriber:
                 held.clear()
                 self._held_keys.clear()
             held.append(msg)
-            if (key := msg.session_key) is not None:
+            if (key := msg.identity) is not None:
                 self._held_keys.add(key)
 
     def _cut_at_seam(self, stored: list[Message]) -> list[Message]:
@@ -815,13 +815,13 @@ class Subscriber:
         if not keys:
             return stored
         for i, msg in enumerate(stored):
-            if msg.session_key in keys:
-                meeting = msg.session_key
+            if msg.identity in keys:
+                meeting = msg.identity
                 held = list(self._held)
-                cut = next(j for j, m in enumerate(held) if m.session_key == meeting)
+                cut = next(j for j, m in enumerate(held) if m.identity == meeting)
                 # Held messages before the meeting point were stored before it;
                 # those with producer meta go through the duplicate filter anyway.
-                after = [m for m in held[:cut] if m.session_key is not None] + held[cut + 1:]
+                after = [m for m in held[:cut] if m.identity is not None] + held[cut + 1:]
                 self._held.clear()
                 keys.clear()
                 self.switched_to_live = True
@@ -834,7 +834,7 @@ class Subscriber:
         already (the seam's overlap, or a publisher's re-send seen live). Its
         seqs go on across the producer's sessions; a message without a session
         identifies nothing and is always delivered."""
-        key = msg.session_key
+        key = msg.identity
         if key is None or self.durable is not None:
             return True
         producer, _epoch, seq = key

@@ -128,7 +128,7 @@ class Message:
         return self.meta.get(META_TIME_NS)
 
     @property
-    def session_key(self) -> Identity | None:
+    def identity(self) -> Identity | None:
         """(producer, epoch, seq) if the message was sent in a producer session:
         only those identify one message (see session_identity)."""
         return session_identity(self.meta)
@@ -291,18 +291,10 @@ def session_identity(meta: dict[str, Any]) -> Identity | None:
     return producer, epoch, seq
 
 
-def refused_mac(frames: list[bytes]) -> Any:
-    """The `mac` of a refused message's meta, if it decodes (see refused_identity)."""
-    try:
-        meta = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
-    except Exception:
-        return None
-    return meta.get(META_MAC) if isinstance(meta, dict) else None
-
-
-def refused_identity(frames: list[bytes]) -> Identity | None:
-    """The session identity of a message the writer refuses, if its meta frame
-    still names a valid one (the refusal can then be told to its producer)."""
+def refused_session(frames: list[bytes]) -> tuple[Identity, Any] | None:
+    """The session identity and `mac` of a message the writer refuses, if its
+    meta frame still names a valid identity (the refusal can then be told to
+    its producer)."""
     if len(frames) < 3:
         return None
     try:
@@ -313,7 +305,7 @@ def refused_identity(frames: list[bytes]) -> Identity | None:
         return None
     producer, epoch, seq = meta.get(META_PRODUCER), meta.get(META_EPOCH), meta.get(META_SEQ)
     if is_producer_id(producer) and _is_counter(epoch) and _is_counter(seq):
-        return producer, epoch, seq
+        return (producer, epoch, seq), meta.get(META_MAC)
     return None
 
 

@@ -223,9 +223,8 @@ def test_each_refusal_gets_its_nack_and_acknowledgements_go_on(make_bus) -> None
     notes = raw_socket(ctx, zmq.SUB, bus["BUS_NOTIFY_ENDPOINT"])
     notes.setsockopt(zmq.SUBSCRIBE, b"$bus.nack.refused")
     notes.setsockopt(zmq.SUBSCRIBE, b"$bus.ack.refused")
-    raw = RawProducer(bus, "refused")
-    old_epoch = raw.epoch
-    raw.epoch = None
+    with RawProducer(bus, "refused") as first:
+        old_epoch = first.epoch
     raw = RawProducer(bus, "refused")             # a second session: epoch 2
     try:
         meta = raw.meta

@@ -266,11 +266,10 @@ class Writer:
         topic = frames[0][:64] if frames else b""
         self._rejects.warning(exc.reason, "message_rejected", detail=exc.detail,
                               frames=len(frames), topic=topic.decode("utf-8", "replace"))
-        identity = protocol.refused_identity(frames)
-        if identity is not None:
-            producer, epoch, seq = identity
-            if self.authenticating and not self.authentic(
-                    frames, producer, epoch, seq, protocol.refused_mac(frames)):
+        session = protocol.refused_session(frames)
+        if session is not None:
+            (producer, epoch, seq), mac = session
+            if self.authenticating and not self.authentic(frames, producer, epoch, seq, mac):
                 return  # refusing it would decide, and nack, the real message's seq
             code = self.producers.refuse(producer, epoch, seq, exc.reason, self._drain_ns)
             if code is not None:
