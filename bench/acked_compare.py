@@ -9,10 +9,13 @@
 Rounds alternate the two sides, each a fresh bus (writer + proxy, from that
 side's code) on free loopback ports and one Publisher process (that side's
 client) publishing --messages 100-byte messages with up to 100,000
-unacknowledged, timed until every one is acknowledged. The machine is shared
-and noisy: the ratio of each round, taken minutes apart at most, is what to read.
+unacknowledged, timed until every one is acknowledged; each process's CPU time
+(user + system, its libzmq I/O threads included) is divided by the messages.
+The machine is shared and noisy: the ratio of each round, taken minutes apart
+at most, is what to read.
 
-    python bench/acked_compare.py [--baseline 4549d21 | --curve] [--messages 200000] [--rounds 3]
+    python bench/acked_compare.py [--baseline 4549d21 | --curve] [--ipc-capture]
+                                  [--messages 200000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -85,25 +88,41 @@ def make_keys(directory: Path) -> dict[str, str]:
     return {"BUS_CURVE_DIR": str(directory), "BUS_CURVE_KEY": secret}
 
 
-def acked_rate(tree: Path, workdir: Path, messages: int,
-               settings: dict[str, str] | None = None) -> float:
+def cpu_seconds(proc: subprocess.Popen) -> float:
+    """Reap a process that is exiting; its user + system CPU time."""
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def acked_rate(tree: Path, workdir: Path, messages: int, settings: dict[str, str] | None = None,
+               ipc_capture: bool = False) -> tuple[float, dict[str, float]]:
+    """Acknowledged msg/s, and each process's CPU microseconds per message."""
     env = dict(os.environ, BUS_DB=str(workdir / "bus.db"), BUS_LOG_FORMAT="json",
                BUS_LOG_LEVEL="warning", BENCH_MESSAGES=str(messages),
                **{name: f"tcp://127.0.0.1:{free_port()}" for name in ENDPOINTS},
                **(settings or {}))
+    if ipc_capture:
+        env["BUS_CAPTURE_ENDPOINT"] = f"ipc://{workdir}/capture.sock"
     procs = [subprocess.Popen([sys.executable, "-m", "cli.main", role], cwd=tree, env=env)
              for role in ROLES]
     try:
         deadline = time.monotonic() + 15
         for name in ("BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT"):
             wait_ping(env[name], deadline, env)
-        out = subprocess.run([sys.executable, "-c", PUBLISHER], cwd=tree, env=env, check=True,
-                             capture_output=True, text=True, timeout=600).stdout
-        return json.loads(out.splitlines()[-1])["rate"]
+        publisher = subprocess.Popen([sys.executable, "-c", PUBLISHER], cwd=tree, env=env,
+                                     stdout=subprocess.PIPE, text=True)
+        out = publisher.stdout.read()  # until it exits; reaped by cpu_seconds
+        cpu = {"publisher": cpu_seconds(publisher)}
+        if publisher.returncode != 0:
+            raise RuntimeError(f"the publisher exited {publisher.returncode}")
+        rate = json.loads(out.splitlines()[-1])["rate"]
     finally:
         for proc in reversed(procs):  # the proxy first, as systemd stops them
             proc.terminate()
-            proc.wait(30)
+    for role, proc in zip(ROLES, procs):
+        cpu[role] = cpu_seconds(proc)
+    return rate, {role: seconds / messages * 1e6 for role, seconds in cpu.items()}
 
 
 def main() -> None:
@@ -112,6 +131,9 @@ def main() -> None:
                         help="git revision to compare with (default: main before issue #10)")
     parser.add_argument("--curve", action="store_true",
                         help="compare this tree with CURVE against this tree without")
+    parser.add_argument("--ipc-capture", action="store_true",
+                        help="proxy -> writer over ipc (no CURVE on that hop: owner-only "
+                             "socket file) instead of tcp, on both sides")
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -126,23 +148,33 @@ def main() -> None:
             sides = {f"baseline {args.baseline}": (baseline, {}), "current": (ROOT, {})}
         try:
             rates: dict[str, list[float]] = {name: [] for name in sides}
+            cpus: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
             for n in range(args.rounds):
                 for name, (tree, settings) in sides.items():
                     workdir = Path(tmp) / f"{name.split()[0]}-{n}"
                     workdir.mkdir()
-                    rates[name].append(acked_rate(tree, workdir, args.messages, settings))
+                    rate, cpu = acked_rate(tree, workdir, args.messages, settings,
+                                           args.ipc_capture)
+                    rates[name].append(rate)
+                    cpus[name].append(cpu)
         finally:
             if not args.curve:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                                 str(baseline)], check=False)
     first, second = sides
     print(f"acknowledged publishing, {args.messages:,} messages of 100 bytes per run, "
+          f"capture over {'ipc' if args.ipc_capture else 'tcp'}, "
           f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"{'round':>5}  {first:>18}  {second:>14}  ratio")
     for n, (old, new) in enumerate(zip(rates[first], rates[second]), 1):
         print(f"{n:>5}  {old:>12,.0f} msg/s  {new:>8,.0f} msg/s  {new / old:.3f}")
     ratios = [new / old for old, new in zip(rates[first], rates[second])]
     print(f"median ratio {second}/{first}: {statistics.median(ratios):.3f}")
+    print("CPU per message, median of the rounds (user + system, all threads):")
+    for name in sides:
+        print(f"  {name:>18}: " + ", ".join(
+            f"{role} {statistics.median(c[role] for c in cpus[name]):.1f} us"
+            for role in ("publisher",) + ROLES))
 
 
 if __name__ == "__main__":

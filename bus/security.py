@@ -6,7 +6,9 @@ certificate format (`bus-cli keys generate`):
     server.key, server.key_secret   the key pair of every endpoint the bus binds
                                     (the secret only where a bus process runs)
     proxy.key, proxy.key_secret     the proxy's own pair: the only key the
-                                    writer's capture endpoint lets in
+                                    writer's capture endpoint lets in (not
+                                    used with an ipc:// capture endpoint: its
+                                    socket file is the bus user's alone)
     publishers/*.key                who may publish (and open producer sessions)
     readers/*.key                   who may subscribe and read history
     admins/*.key                    who may also run the commands that change
@@ -161,6 +163,17 @@ def enabled(cfg: BusConfig) -> bool:
     return bool(cfg.curve_dir)
 
 
+def capture_by_file_permissions(cfg: BusConfig) -> bool:
+    """With CURVE on, is the capture hop guarded by its socket file instead?
+    An ipc:// capture endpoint is bound owner-only (0600): only processes of
+    the bus's own user can connect, the same ones that could read
+    proxy.key_secret, so CURVE would add no protection there, only the cost
+    of encrypting every frame once more (see bench/acked_compare.py). Not an
+    abstract socket (ipc://@name): it has no file, and anyone may connect."""
+    return enabled(cfg) and cfg.capture_endpoint.startswith("ipc://") \
+        and not cfg.capture_endpoint.startswith("ipc://@")
+
+
 def keyring(cfg: BusConfig) -> Keyring | None:
     return load_keyring(cfg.curve_dir) if cfg.curve_dir else None
 
@@ -242,6 +255,8 @@ def snapshot(cfg: BusConfig) -> dict[str, Any]:
     if ring is None:
         return {"curve": False, "note": "authentication is off: set BUS_CURVE_DIR"}
     return {"curve": True, "keys": {role: len(ring.members[role]) for role in ROLES},
+            "capture": "ipc socket file, owner only" if capture_by_file_permissions(cfg)
+            else "curve, proxy.key only",
             "connections_refused": dict(ring.denied)}
 
 

@@ -122,7 +122,8 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.PUSH), cfg.shutdown_timeout_ms)
     sock.setsockopt(zmq.SNDHWM, cfg.capture_hwm)
     sock.setsockopt(zmq.SNDBUF, 4 << 20)
-    if security.enabled(cfg):  # the only key the writer's capture lets in
+    if security.enabled(cfg) and not security.capture_by_file_permissions(cfg):
+        # The only key the writer's capture lets in.
         security.secure_client(sock, security.client_keys(
             cfg, own_key=f"{cfg.curve_dir}/proxy.key_secret"))
     sock.connect(cfg.capture_endpoint)
@@ -150,8 +151,17 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.PULL), 0)
     sock.setsockopt(zmq.RCVHWM, max(1000, cfg.batch_max_buffer_size))
     sock.setsockopt(zmq.RCVBUF, 4 << 20)
-    security.secure_server(sock, cfg, "capture")
-    bind(sock, cfg.capture_endpoint)
+    if not security.capture_by_file_permissions(cfg):
+        security.secure_server(sock, cfg, "capture")
+        bind(sock, cfg.capture_endpoint)
+        return sock
+    # libzmq creates the socket file inside zmq_bind, with the process's umask:
+    # owner-only from its first moment, no window for another user to connect.
+    umask = os.umask(0o177)
+    try:
+        bind(sock, cfg.capture_endpoint)
+    finally:
+        os.umask(umask)
     return sock
 
 

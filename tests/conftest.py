@@ -263,8 +263,10 @@ class Bus:
         """Start `bus-cli ARGS` with this bus's settings; stopped at teardown."""
         return self.spawn([BUS_CLI, *args], stdin=stdin)
 
-    def spawn(self, argv: list[str], stdin: Any = subprocess.DEVNULL) -> Proc:
-        proc = Proc(argv, self.env, cwd=self.tmp_path, stdin=stdin)
+    def spawn(self, argv: list[str], stdin: Any = subprocess.DEVNULL,
+              env: dict[str, str] | None = None) -> Proc:
+        """Start any program with this bus's settings (and `env`'s over them)."""
+        proc = Proc(argv, {**self.env, **(env or {})}, cwd=self.tmp_path, stdin=stdin)
         self.procs.append(proc)
         return proc
 

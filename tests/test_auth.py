@@ -275,3 +275,114 @@ def test_the_session_mac_is_hmac_sha256_as_documented() -> None:
         expected = hmac.new(key, struct.pack(">IQQ", 3, 7, 2**63 - 1) + b"t.x" + b"payload",
                             hashlib.sha256).digest()[:16]
         assert protocol.SessionMac(key)(b"t.x", b"payload", 7, 2**63 - 1) == expected
+
+
+def test_an_ipc_capture_is_the_bus_users_alone_and_needs_no_proxy_key(make_bus, keys: Path,
+                                                                       tmp_path: Path) -> None:
+    """With CURVE on, an ipc:// capture endpoint is guarded by its socket file
+    (owner-only from the bind on) instead of CURVE: the proxy needs no key of
+    its own, and everything is still stored and acknowledged."""
+    curve = keys / "curve"
+    for name in ("proxy.key", "proxy.key_secret"):
+        (curve / name).unlink()
+    # A directory others may enter: only the socket file's own mode keeps them out.
+    run = tmp_path / "run"
+    run.mkdir()
+    for directory in (run, *run.parents):
+        if directory == Path(directory.anchor):
+            break
+        directory.chmod(directory.stat().st_mode | 0o011)
+    bus = make_bus(BUS_CURVE_DIR=curve, BUS_CURVE_KEY=keys / "clients" / "admin1.key_secret",
+                   BUS_CAPTURE_ENDPOINT=f"ipc://{run}/capture.sock").start()
+    mode = (run / "capture.sock").stat()
+    assert stat.S_ISSOCK(mode.st_mode) and stat.S_IMODE(mode.st_mode) == 0o600
+    assert mode.st_uid == os.geteuid()
+    with Publisher(as_client(bus, keys, "pub1"), producer_id="ipc-pub") as pub:
+        for i in range(300):
+            pub.publish("ipc.t", b"%d" % i)
+        pub.flush(timeout=10)
+    assert bus.count("ipc.t") == 300
+    assert bus.writer_stats()["security"]["capture"] == "ipc socket file, owner only"
+    if os.geteuid() == 0:  # another user cannot connect at all
+        assert connect_as_nobody(run / "capture.sock") == "PermissionError"
+
+
+def connect_as_nobody(path: Path) -> str:
+    """Connect to a Unix socket from a child process running as uid 65534: the
+    name of the error, or "connected"."""
+    import socket
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        outcome = b"connected"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            socket.socket(socket.AF_UNIX).connect(str(path))
+        except OSError as exc:
+            outcome = type(exc).__name__.encode()
+        os.write(write_end, outcome)
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as result:
+        return result.read().decode()
+
+
+def test_a_consumer_name_belongs_to_the_key_that_acknowledged_it_first(make_bus,
+                                                                       keys: Path) -> None:
+    curve = keys / "curve"
+    public, _ = zmq.auth.create_certificates(keys / "clients", "reader2")
+    Path(public).rename(curve / "readers" / "reader2.key")
+    bus = make_bus(BUS_CURVE_DIR=curve,
+                   BUS_CURVE_KEY=keys / "clients" / "admin1.key_secret").start()
+    with Publisher(as_client(bus, keys, "pub1"), producer_id="cons-src") as pub:
+        for i in range(5):
+            pub.publish("cons.t", b"%d" % i)
+        pub.flush(timeout=10)
+
+    def control(name: str) -> ControlClient:
+        return ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=2000,
+                             curve=security.client_keys(as_client(bus, keys, name)))
+    with control("reader1") as owner:
+        assert owner.request("consumer_ack", {"consumer": "billing", "last_id": 2})["last_id"] == 2
+    bus.writer.stop()  # the owner is stored with the position
+    bus.start_writer()
+    with control("reader2") as other:
+        with pytest.raises(BusError, match="belongs to another key") as refused:
+            other.request("consumer_ack", {"consumer": "billing", "last_id": 5})
+        assert refused.value.code == protocol.FORBIDDEN
+        assert other.request("consumer_get", {"consumer": "billing"})["last_id"] == 2
+    assert bus.writer_stats()["security"]["commands_forbidden"] == 1
+    with control("reader1") as owner:
+        assert owner.request("consumer_ack", {"consumer": "billing", "last_id": 3})["last_id"] == 3
+    assert bus.request("BUS_CONTROL_ENDPOINT", "consumer_delete",
+                       {"consumer": "billing"})["deleted"] is True
+    with control("reader2") as other:  # deleted by an admin: the name is free again
+        assert other.request("consumer_ack", {"consumer": "billing", "last_id": 1})["last_id"] == 1
+    bus.writer.stop()
+    assert query(bus.db, "SELECT name, last_id, owner FROM consumers") == \
+        [("billing", 1, security.client_keys(as_client(bus, keys, "reader2")).public.decode())]
+
+
+def test_an_abstract_ipc_capture_still_needs_curve(make_bus, keys: Path) -> None:
+    """ipc://@name has no socket file whose mode could keep anyone out."""
+    bus = make_bus(BUS_CURVE_DIR=keys / "curve",
+                   BUS_CURVE_KEY=keys / "clients" / "admin1.key_secret",
+                   BUS_CAPTURE_ENDPOINT=f"ipc://@bus-test-{os.getpid()}-{id(keys)}").start()
+    assert bus.writer_stats()["security"]["capture"] == "curve, proxy.key only"
+    with Publisher(as_client(bus, keys, "pub1"), producer_id="abstract") as pub:
+        pub.publish("abs.t", b"x", wait=True, timeout=10)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)  # a key not in the proxy's place: refused, nothing stored
+    push.setsockopt(zmq.LINGER, 0)
+    try:
+        security.secure_client(push, security.client_keys(as_client(bus, keys, "stranger")))
+        push.connect(bus["BUS_CAPTURE_ENDPOINT"])
+        push.send_multipart([b"pushed.t", b"x"], zmq.NOBLOCK)
+        wait_for(lambda: bus.writer_stats()["security"]["connections_refused"].get("capture"),
+                 message="the stranger's capture connection refused")
+    finally:
+        push.close()
+        ctx.term()
+    assert bus.count("pushed.") == 0 and bus.count("abs.t") == 1

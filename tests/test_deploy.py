@@ -45,7 +45,10 @@ def local_config(tmp_path: Path, **replace: str) -> Path:
     lines = []
     for line in text.splitlines():
         key = line.split("=", 1)[0].strip()
-        if key in ENDPOINT_VARS:
+        if key in ENDPOINT_VARS and '"ipc://' in line:  # the same socket file, in tmp_path
+            name = line.split('"')[1].rsplit("/", 1)[1]
+            line = f'{key} = "ipc://{tmp_path / name}"'
+        elif key in ENDPOINT_VARS:
             line = f'{key} = "tcp://127.0.0.1:{free_port()}"'
         elif key == "BUS_DB":
             line = f'BUS_DB = "{tmp_path / "bus.db"}"'
@@ -80,6 +83,14 @@ def test_deploy_has_one_unit_per_process_and_a_target() -> None:
     # The reader opens the writer's database file: same (dynamic) user.
     assert read_unit("bus-reader.service")["Service"]["User"] == \
         read_unit("bus-writer.service")["Service"]["User"]
+    # The capture socket file (ipc, owner-only) is in the writer's and the
+    # proxy's RuntimeDirectory, which both keep, and they share its user.
+    capture = load_config(env={}, config_path=ROOT / "deploy" / "bus.toml").capture_endpoint
+    assert capture.startswith("ipc:///run/bus/")
+    for name in ("bus-writer.service", "bus-proxy.service"):
+        service = read_unit(name)["Service"]
+        assert service["RuntimeDirectory"] == "bus" and service["User"] == "bus"
+        assert service["RuntimeDirectoryPreserve"] == "yes"
     # The anchor worker needs no database: another user, started after the bus.
     writer_user = read_unit("bus-writer.service")["Service"]["User"]
     assert read_unit(ANCHOR)["Service"]["User"] != writer_user

@@ -2,10 +2,12 @@
 
 The page promises that a client can be written from it alone; this keeps the
 examples honest. The C test needs gcc and the headers of libzmq and msgpack-c
-(`apt-get install gcc libzmq3-dev libmsgpack-dev`), the JavaScript test node
+(`apt-get install gcc libzmq3-dev libmsgpack-dev libsodium-dev`), the JavaScript test node
 and `npm ci --prefix tests/js`; .ci/run installs both. Each is skipped without
 its tools. Each publisher example runs twice with its fixed producer id, and
-must store its message both times (a producer session each run).
+must store its message both times (a producer session each run); each runs
+once without CURVE and once with keys (BUS_CURVE_DIR, BUS_CURVE_KEY), where it
+must sign its messages with the session MAC or nothing is stored.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import zmq.auth
 
+from bus import security
 from bus.client import Publisher
 from tests.conftest import Bus, Proc, query, wait_for
 
@@ -28,19 +32,50 @@ def have_c_headers() -> bool:
     if shutil.which("gcc") is None:
         return False
     probe = subprocess.run(["gcc", "-E", "-x", "c", "-"],
-                           input="#include <zmq.h>\n#include <msgpack.h>\n",
+                           input="#include <zmq.h>\n#include <msgpack.h>\n#include <sodium.h>\n",
                            capture_output=True, text=True)
     return probe.returncode == 0
 
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 needs_c = pytest.mark.skipif(not have_c_headers(),
-                             reason="gcc or the headers of libzmq / msgpack-c (libzmq3-dev, "
-                                    "libmsgpack-dev) not installed")
+                             reason="gcc or the headers of libzmq / msgpack-c / libsodium "
+                                    "(libzmq3-dev, libmsgpack-dev, libsodium-dev) not installed")
 needs_js = pytest.mark.skipif(shutil.which("node") is None
                               or not (JS_DIR / "node_modules" / "zeromq").is_dir(),
                               reason="node or tests/js/node_modules (npm ci --prefix tests/js) "
                                      "missing")
+
+
+@pytest.fixture(params=["plain", "curve"])
+def docs_bus(request: pytest.FixtureRequest, make_bus, tmp_path: Path
+             ) -> tuple[Bus, dict[str, str]]:
+    """A running bus, and the environment of the example programs: empty
+    without CURVE; with it, BUS_CURVE_DIR and a BUS_CURVE_KEY in publishers/
+    and readers/ (the examples publish and subscribe), while the test's own
+    clients use an admin key."""
+    if request.param == "plain":
+        return make_bus().start(), {}
+    curve, clients = tmp_path / "curve", tmp_path / "clients"
+    for directory in (curve / "publishers", curve / "readers", curve / "admins", clients):
+        directory.mkdir(parents=True)
+    for name in ("server", "proxy"):
+        zmq.auth.create_certificates(curve, name)
+    admin, _ = zmq.auth.create_certificates(clients, "admin")
+    Path(admin).rename(curve / "admins" / "admin.key")
+    example, _ = zmq.auth.create_certificates(clients, "example")
+    for role in ("publishers", "readers"):
+        (curve / role / "example.key").write_text(Path(example).read_text())
+    security.load_keyring.cache_clear()
+    bus = make_bus(BUS_CURVE_DIR=curve, BUS_CURVE_KEY=clients / "admin.key_secret").start()
+    return bus, {"BUS_CURVE_KEY": str(clients / "example.key_secret")}
+
+
+def session_macs_checked(bus: Bus, example_env: dict[str, str]) -> None:
+    """With CURVE, the writer stored the examples' messages as authentic: none
+    was dropped for a wrong MAC."""
+    if example_env:
+        assert bus.writer_stats()["security"]["messages_not_authentic"] == 0
 
 
 def local_endpoints(code: str, bus: Bus) -> str:
@@ -55,11 +90,11 @@ def js_examples() -> list[str]:
     return re.findall(r"```js\n(.*?)```", PROTOCOL_MD.read_text(), re.S)
 
 
-def run_js(bus: Bus, code: str) -> Proc:
+def run_js(bus: Bus, code: str, env: dict[str, str] | None = None) -> Proc:
     script = JS_DIR / f"example-{bus.tmp_path.name}.mjs"  # beside node_modules, for imports
     script.write_text(local_endpoints(code, bus))
     try:
-        node = bus.spawn(["node", str(script)])
+        node = bus.spawn(["node", str(script)], env=env)
         node.wait(30)
     finally:
         script.unlink()
@@ -69,21 +104,25 @@ def run_js(bus: Bus, code: str) -> Proc:
 def c_examples(bus: Bus) -> tuple[str, str]:
     publisher, subscriber = re.findall(r"```c\n(.*?)```", PROTOCOL_MD.read_text(), re.S)[:2]
 
-    # The subscriber snippet is a loop body: wrap it in a program that prints
-    # each frame's size, unbuffered, and stops after 50 messages.
+    # The subscriber snippet is a loop body: wrap it in a program with the
+    # publisher's helpers (load_curve, secure) that prints each frame's size,
+    # unbuffered, and stops after 50 messages.
     subscriber = subscriber.replace("for (;;) {", "for (int k = 0; k < 50; k++) {").replace(
         "zmq_msg_close(&part); i++;",
         'printf("frame %d: %zu\\n", i, zmq_msg_size(&part)); zmq_msg_close(&part); i++;')
-    subscriber = ("#include <zmq.h>\n#include <stdio.h>\nint main(void) {\n"
+    helpers = publisher[:publisher.index("int main(void) {")]
+    subscriber = (helpers + "int main(void) {\n"
                   "setvbuf(stdout, NULL, _IONBF, 0);\n"
+                  "if (load_curve() != 0) return 3;\n"
                   "void *ctx = zmq_ctx_new();\n" + subscriber + "return 0;\n}\n")
     return local_endpoints(publisher, bus), local_endpoints(subscriber, bus)
 
 
-def compile_c(source: str, path: Path) -> Path:
+def compile_c(source: str, path: Path, *flags: str) -> Path:
     path.with_suffix(".c").write_text(source)
-    subprocess.run(["gcc", "-Wall", "-Werror", "-o", str(path), str(path.with_suffix(".c")),
-                    "-lzmq", "-lmsgpackc"], check=True, capture_output=True, timeout=60)
+    subprocess.run(["gcc", "-Wall", "-Werror", *flags, "-o", str(path),
+                    str(path.with_suffix(".c")), "-lzmq", "-lmsgpackc", "-lsodium"],
+                   check=True, capture_output=True, timeout=60)
     return path
 
 
@@ -95,34 +134,45 @@ def stored_sessions(bus: Bus, topic: str) -> list[tuple[str, int, int, bytes]]:
 
 
 @needs_c
-def test_c_examples_publish_on_every_run_and_subscribe(bus: Bus, tmp_path: Path) -> None:
+def test_c_examples_publish_on_every_run_and_subscribe(docs_bus: tuple[Bus, dict[str, str]],
+                                                       tmp_path: Path) -> None:
+    bus, example_env = docs_bus
     publisher_src, subscriber_src = c_examples(bus)
     publisher = compile_c(publisher_src, tmp_path / "pub")
-    subscriber = compile_c(subscriber_src, tmp_path / "sub")
-    sub = bus.spawn([str(subscriber)])
+    subscriber = compile_c(subscriber_src, tmp_path / "sub", "-Wno-unused-function")
+    sub = bus.spawn([str(subscriber)], env=example_env)
     with Publisher(bus.config(), producer_id="probe") as probe:
         # A subscription reaches the proxy some time after the connect.
         wait_for(lambda: probe.publish("orders.probe", b"p") and "frame 0: 12" in
                  sub.stdout.collect(), message="the C subscriber to receive a probe")
     for run in (1, 2):
-        result = subprocess.run([str(publisher)], capture_output=True, text=True, timeout=30)
-        assert result.returncode == 0, f"run {run}: exit {result.returncode} (2: no writer, " \
-                                       "1: no proxy)"
+        result = subprocess.run([str(publisher)], capture_output=True, text=True, timeout=30,
+                                env={**bus.env, **example_env})
+        assert result.returncode == 0, f"run {run}: exit {result.returncode} (3: bad keys, " \
+                                       "2: no writer, 1: no proxy)"
         bus.wait_count(run, "orders.new")
-    assert stored_sessions(bus, "orders.new") == [("c-1", 1, 1, b'{"id":7}'),
-                                                  ("c-1", 2, 2, b'{"id":7}')]
-    meta = query(bus.db, "SELECT meta FROM messages WHERE topic = 'orders.new'")[0][0]
-    assert msgpack.unpackb(meta) == {"producer": "c-1", "epoch": 1, "seq": 1}
+    assert [row[:3] for row in stored_sessions(bus, "orders.new")] == [("c-1", 1, 1),
+                                                                       ("c-1", 2, 2)]
+    meta = msgpack.unpackb(query(bus.db, "SELECT meta FROM messages "
+                                         "WHERE topic = 'orders.new'")[0][0])
+    assert {k: meta[k] for k in ("producer", "epoch", "seq")} == \
+        {"producer": "c-1", "epoch": 1, "seq": 1}
+    assert set(meta) == ({"producer", "epoch", "seq", "mac"} if example_env
+                         else {"producer", "epoch", "seq"})
+    session_macs_checked(bus, example_env)
     wait_for(lambda: sub.stdout.collect().count("frame 0: 10") == 2,
              message="both messages at the C subscriber")
     lines = sub.stdout.collect()
     first = lines.index("frame 0: 10")
-    assert lines[first:first + 3] == ["frame 0: 10", "frame 1: 8", f"frame 2: {len(meta)}"]
+    assert lines[first:first + 3] == ["frame 0: 10", "frame 1: 8",
+                                      f"frame 2: {len(msgpack.packb(meta))}"]
     sub.kill()
 
 
 @needs_js
-def test_javascript_example_publishes_on_every_run_and_subscribes(bus: Bus) -> None:
+def test_javascript_example_publishes_on_every_run_and_subscribes(
+        docs_bus: tuple[Bus, dict[str, str]]) -> None:
+    bus, example_env = docs_bus
     example = js_examples()[0]
     print_line = "console.log(topic.toString(), payload.toString(), meta ? decode(meta, big) : {});"
     assert print_line in example
@@ -133,7 +183,7 @@ def test_javascript_example_publishes_on_every_run_and_subscribes(bus: Bus) -> N
     try:
         with Publisher(bus.config(), producer_id="py") as pub:
             for run in (1, 2):
-                node = bus.spawn(["node", str(script)])
+                node = bus.spawn(["node", str(script)], env=example_env)
                 # It exits 0 only after its message was acknowledged and a
                 # "orders.done" reached its subscriber (published until one does).
                 bus.wait_count(run, "orders.new")
@@ -150,6 +200,7 @@ def test_javascript_example_publishes_on_every_run_and_subscribes(bus: Bus) -> N
     rows = stored_sessions(bus, "orders.new")
     assert [row[:3] for row in rows] == [("js-1", 1, 1), ("js-1", 2, 2)]
     assert all(row[3] == b'{"id":7}' for row in rows)
+    session_macs_checked(bus, example_env)
     publish_ns = query(bus.db, "SELECT publish_ns FROM messages WHERE topic = 'orders.new'")
     assert all(ns > 10**18 for (ns,) in publish_ns)
     out = "\n".join(node.stdout.collect())

@@ -72,7 +72,7 @@ def test_buffer_is_due_by_size_then_by_time() -> None:
     buf = BatchBuffer(batch_size=3, flush_interval=0.05, max_size=10)
     assert buf.due(0.0) is None and buf.seconds_until_due(0.0) is None
     buf.add_message(ROW, 10.0)
-    buf.add_consumption(("c", 1, 0), 10.01)
+    buf.add_consumption(("c", 1, 0, None), 10.01)
     assert buf.due(10.02) is None and buf.room == 1
     assert buf.seconds_until_due(10.02) == pytest.approx(0.03)
     assert buf.due(10.05) == "time"       # the oldest row's age counts

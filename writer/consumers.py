@@ -5,12 +5,17 @@ a consumer reports its position over the control endpoint, the new position
 joins the next batch and is committed with it. All positions are kept in
 memory (at most BUS_MAX_CONSUMERS, each a few dozen bytes) so that `get` answers
 with the newest position even before its commit.
+
+With CURVE, a consumer name belongs to the key that acknowledged it first, as a
+producer id does: no other key can move it (`forbidden`); an admin key can
+delete it, which frees the name.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from bus.protocol import FORBIDDEN
 from writer.store import ConsumptionRow
 
 MAX_NAME_CHARS = 128
@@ -30,42 +35,49 @@ def check_name(name: Any) -> str:
 
 
 class ConsumerPositions:
-    def __init__(self, stored: dict[str, tuple[int, int]], max_consumers: int) -> None:
-        self.positions = dict(stored)  # name -> (last_id, updated_ns)
+    def __init__(self, stored: dict[str, tuple[int, int, str | None]],
+                 max_consumers: int) -> None:
+        self.positions = dict(stored)  # name -> (last_id, updated_ns, owner)
         self.max_consumers = max_consumers
 
-    def ack(self, name: Any, last_id: Any, now_ns: int, newest_id: int
-            ) -> tuple[int, ConsumptionRow | None]:
+    def ack(self, name: Any, last_id: Any, now_ns: int, newest_id: int,
+            user: str | None = None) -> tuple[int, ConsumptionRow | None]:
         """Move `name` forward to `last_id`; never back (a late, repeated ack
         must not undo a newer one), nor past `newest_id`, the newest stored
         message (a position beyond it would silently skip what comes next).
+        `user`: the request's key (CURVE), which must own the name.
         Returns the position and the row to store, None if nothing changed."""
         name = check_name(name)
+        current = self.positions.get(name)
+        owner = current[2] if current is not None else user
+        if user is not None and owner not in (None, user):
+            raise ConsumerError(FORBIDDEN, f"consumer {name!r} belongs to another key: "
+                                           "acknowledge under your own consumer name")
         if type(last_id) is not int or last_id < 0:
             raise ConsumerError("bad_request", "'last_id' must be a non-negative integer")
         if last_id > newest_id:
             raise ConsumerError("bad_request", f"'last_id' {last_id} is beyond the newest "
                                                f"stored message ({newest_id})")
-        current = self.positions.get(name)
         if current is None and len(self.positions) >= self.max_consumers:
             raise ConsumerError("too_many_consumers",
                                 f"{self.max_consumers} consumers exist (BUS_MAX_CONSUMERS); "
                                 "delete unused ones")
         if current is not None and last_id <= current[0]:
             return current[0], None
-        self.positions[name] = (last_id, now_ns)
-        return last_id, (name, last_id, now_ns)
+        owner = owner or user  # a name first acknowledged while CURVE was off
+        self.positions[name] = (last_id, now_ns, owner)
+        return last_id, (name, last_id, now_ns, owner)
 
     def get(self, name: Any) -> dict[str, Any]:
         name = check_name(name)
-        last_id, updated_ns = self.positions.get(name, (None, None))
+        last_id, updated_ns, _owner = self.positions.get(name, (None, None, None))
         return {"consumer": name, "last_id": last_id, "updated_ns": updated_ns}
 
     def delete(self, name: Any, now_ns: int) -> ConsumptionRow | None:
         name = check_name(name)
         if self.positions.pop(name, None) is None:
             return None
-        return (name, None, now_ns)
+        return (name, None, now_ns, None)
 
     def snapshot(self, last_message_id: int | None, shown: int = 100) -> dict[str, Any]:
         """Each consumer's position and lag (messages stored after it), the most
@@ -75,4 +87,4 @@ class ConsumerPositions:
         return {"count": len(self.positions),
                 "positions": {name: {"last_id": last_id, "lag": max(0, head - last_id),
                                      "updated_ns": updated_ns}
-                              for name, (last_id, updated_ns) in ranked}}
+                              for name, (last_id, updated_ns, _owner) in ranked}}

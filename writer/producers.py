@@ -30,6 +30,7 @@ producer.
 
 from __future__ import annotations
 
+import hmac
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,16 @@ MAX_REFUSALS = 256
 # 100,000 messages in flight.
 MAX_SEQ_AHEAD = 1_000_000
 
+# (CURVE) What a session message's MAC covers, and the MAC it carries:
+# (topic frame, payload frame, mac), see protocol.SessionMac.
+Signed = tuple[bytes, bytes, Any]
+
+
+class NotAuthentic(Exception):
+    """A message of a producer's current session without the MAC of its session
+    key: another key sent it. Dropped, never nacked (a nack would decide the
+    real message's seq)."""
+
 
 @dataclass
 class ProducerState:
@@ -64,6 +75,7 @@ class ProducerState:
     refusals: list[list[Any]] = field(default_factory=list)  # [[seq, code], ...], newest last
     owner: str | None = None  # (CURVE) the public key that opened it first
     session_key: bytes | None = None  # (CURVE) the current session's MAC key
+    _signer: protocol.SessionMac | None = field(default=None, repr=False, compare=False)
 
     @property
     def contiguous_seq(self) -> int:
@@ -108,6 +120,15 @@ class ProducerState:
                     self.holes[i:i + 1] = [[first, seq - 1], [seq + 1, last]]
                 return True
         return False
+
+    def authentic(self, signed: Signed, seq: int) -> bool:
+        """Does this message of the current session carry its session key's MAC?"""
+        topic, payload, mac = signed
+        if self.session_key is None or not isinstance(mac, bytes):
+            return False
+        if self._signer is None:  # once per session (and per reload from the table)
+            self._signer = protocol.SessionMac(self.session_key)
+        return hmac.compare_digest(mac, self._signer(topic, payload, self.epoch, seq))
 
     def refusal_of(self, seq: int) -> str | None:
         """The code `seq` was refused with, if it is among the remembered refusals."""
@@ -173,10 +194,13 @@ class ProducerLedger:
         self._dirty: dict[str, ProducerState] = {}
         self.duplicates = 0
 
-    def accept(self, producer_id: str, epoch: int, seq: int, now_ns: int
-               ) -> tuple[bool, str | None]:
+    def accept(self, producer_id: str, epoch: int, seq: int, now_ns: int,
+               signed: Signed | None = None) -> tuple[bool, str | None]:
         """(store, nack): store the message if `store`; else, if `nack` is a code,
-        refuse it with that code, and if None it is a retransmission (acknowledged again)."""
+        refuse it with that code, and if None it is a retransmission (acknowledged again).
+        With `signed` (CURVE), a message of the current session must carry its
+        MAC, or NotAuthentic is raised. Messages of another epoch are refused
+        whoever sent them: that nack tells the real producer nothing false."""
         state = self._states.get(producer_id)  # _touch, inlined for the hot path
         if state is None:
             state = self._touch(producer_id, now_ns)
@@ -185,6 +209,8 @@ class ProducerLedger:
             state.last_seen_ns = now_ns
         if epoch != state.epoch:
             return False, self._foreign_epoch(state, epoch)
+        if signed is not None and not state.authentic(signed, seq):
+            raise NotAuthentic(producer_id)
         if seq > state.max_seq + MAX_SEQ_AHEAD:
             return False, protocol.SEQ_OUT_OF_WINDOW
         self._dirty[producer_id] = state
@@ -193,12 +219,15 @@ class ProducerLedger:
         self.duplicates += 1
         return False, state.refusal_of(seq)
 
-    def refuse(self, producer_id: str, epoch: int, seq: int, code: str, now_ns: int) -> str | None:
+    def refuse(self, producer_id: str, epoch: int, seq: int, code: str, now_ns: int,
+               signed: Signed | None = None) -> str | None:
         """A message of this producer that the writer will not store: the code to
-        nack it with, or None if its seq was stored before."""
+        nack it with, or None if its seq was stored before. `signed` as for accept."""
         state = self._touch(producer_id, now_ns)
         if epoch != state.epoch:
             return self._foreign_epoch(state, epoch)
+        if signed is not None and not state.authentic(signed, seq):
+            raise NotAuthentic(producer_id)
         if seq > state.max_seq + MAX_SEQ_AHEAD:
             return protocol.SEQ_OUT_OF_WINDOW
         self._dirty[producer_id] = state
@@ -216,7 +245,7 @@ class ProducerLedger:
         state = self._touch(producer_id, now_ns)
         state.open_session()
         state.owner = state.owner or owner
-        state.session_key = session_key
+        state.session_key, state._signer = session_key, None
         self._dirty[producer_id] = state
         return state
 

@@ -25,7 +25,6 @@ transaction between batches, so ingest never waits for more than one chunk.
 
 from __future__ import annotations
 
-import hmac
 import os
 import time
 from typing import Any
@@ -40,7 +39,7 @@ from bus.runner import StopSignal
 from writer.anchors import AnchorBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
-from writer.producers import MAX_SEQ_AHEAD, ProducerLedger, ProducerState
+from writer.producers import MAX_SEQ_AHEAD, NotAuthentic, ProducerLedger, ProducerState
 from writer.store import TRANSIENT_ERRORS, Store
 from writer.utxos import UtxoBook, UtxoError
 
@@ -52,8 +51,6 @@ FLUSH_RETRY_SECONDS = 0.5
 RETENTION_IDLE_SECONDS = 1.0
 # Expired UTXO leases go back to the pool, and old utxo_* replies are pruned, this often.
 UTXO_UPKEEP_SECONDS = 1.0
-# Session MACs kept ready (CURVE), one per session key in use.
-MAX_CACHED_MACS = 10_000
 # Frames read from the notify endpoint per loop pass: subscriptions are rare, and
 # a peer that floods it must not starve the capture.
 NOTIFY_READS_PER_PASS = 100
@@ -84,7 +81,6 @@ class Writer:
         self.bad_control_requests = 0
         self.forbidden = 0  # commands refused to the key that sent them (CURVE)
         self.forged = 0     # session messages without their session's MAC (CURVE)
-        self._macs: dict[bytes, protocol.SessionMac] = {}  # session key -> its MAC
         self.authenticating = security.enabled(cfg)
         self.nacked: dict[str, int] = {}
         self._retry_at = 0.0
@@ -250,10 +246,14 @@ class Writer:
         producer, seq = meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ)
         epoch = meta.get(protocol.META_EPOCH)
         if producer is not None and seq is not None and epoch is not None:
-            if self.authenticating and not self.authentic(frames, producer, epoch, seq,
-                                                          meta.get(protocol.META_MAC)):
+            try:
+                store, nack = self.producers.accept(
+                    producer, epoch, seq, self._drain_ns,
+                    (frames[0], frames[1], meta.get(protocol.META_MAC))
+                    if self.authenticating else None)
+            except NotAuthentic:
+                self.not_authentic(producer, epoch, seq)
                 return
-            store, nack = self.producers.accept(producer, epoch, seq, self._drain_ns)
             if not store:
                 if nack is not None:  # an older session, or a seq refused before
                     self._owe_nack(producer, epoch, seq, nack, "")
@@ -269,35 +269,26 @@ class Writer:
         session = protocol.refused_session(frames)
         if session is not None:
             (producer, epoch, seq), mac = session
-            if self.authenticating and not self.authentic(frames, producer, epoch, seq, mac):
-                return  # refusing it would decide, and nack, the real message's seq
-            code = self.producers.refuse(producer, epoch, seq, exc.reason, self._drain_ns)
+            signed = None
+            if self.authenticating:  # refusing a forgery would decide the real message's seq
+                signed = (frames[0], frames[1], mac) if len(frames) >= 2 else (b"", b"", None)
+            try:
+                code = self.producers.refuse(producer, epoch, seq, exc.reason, self._drain_ns,
+                                             signed)
+            except NotAuthentic:
+                self.not_authentic(producer, epoch, seq)
+                return
             if code is not None:
                 self._owe_nack(producer, epoch, seq, code,
                                str(exc) if code == exc.reason else "")
 
-    def authentic(self, frames: list[bytes], producer: str, epoch: int, seq: int,
-                  mac: Any) -> bool:
-        """(CURVE) Does a message of the producer's current session carry the MAC
-        of its session key? One that does not was sent by another key: it is
-        dropped and counted, with no nack (that would reach the real producer).
-        Messages of another epoch are refused anyway, their nack harmless."""
-        state = self.producers.peek(producer)
-        if state is None or state.epoch != epoch:
-            return True
-        if state.session_key is not None and isinstance(mac, bytes) and len(frames) >= 2:
-            signer = self._macs.get(state.session_key)
-            if signer is None:
-                if len(self._macs) >= MAX_CACHED_MACS:  # bounded: one per live session
-                    self._macs.clear()
-                signer = self._macs[state.session_key] = protocol.SessionMac(state.session_key)
-            if hmac.compare_digest(mac, signer(frames[0], frames[1], epoch, seq)):
-                return True
+    def not_authentic(self, producer: str, epoch: int, seq: int) -> None:
+        """(CURVE) A message of a producer's current session without its MAC: sent
+        by another key. Counted and logged (rate-limited), never nacked."""
         self.forged += 1
         self._rejects.warning("forged", "message_not_authentic", producer=producer,
                               epoch=epoch, seq=seq,
                               detail="no valid mac: not sent by the key of this session")
-        return False
 
     def _owe_nack(self, producer: str, epoch: int, seq: int, code: str, reason: str) -> None:
         """Tell the producer, after this loop pass, that (epoch, seq) is not stored."""
@@ -469,7 +460,7 @@ class Writer:
             if refusal is not None:
                 raise protocol.RequestError(request_id, protocol.FORBIDDEN, refusal)
             if cmd.startswith("consumer_"):
-                reply = self.handle_consumer(request_id, cmd, args, now)
+                reply = self.handle_consumer(request_id, cmd, args, now, user)
             elif cmd.startswith("producer_"):
                 reply = self.handle_producer(request_id, cmd, args, now, user)
             elif cmd.startswith(("utxo_", "anchor_")):
@@ -505,17 +496,19 @@ class Writer:
                               client_key=user)
 
     def handle_consumer(self, request_id: Any, cmd: str, args: dict[str, Any],
-                        now: float) -> bytes:
+                        now: float, user: str | None = None) -> bytes:
         """consumer_ack {consumer, last_id} -> {consumer, last_id}: the position
             moves forward and is committed with the next batch;
         consumer_get {consumer} -> {consumer, last_id (nil if unknown), updated_ns,
             last_message_id};
-        consumer_delete {consumer} -> {consumer, deleted}."""
+        consumer_delete {consumer} -> {consumer, deleted}.
+        With CURVE, only the key that owns a consumer name moves it."""
         consumers = self.consumers
         try:
             if cmd == "consumer_ack":
                 position, row = consumers.ack(args.get("consumer"), args.get("last_id"),
-                                              time.time_ns(), self.store.last_message_id() or 0)
+                                              time.time_ns(), self.store.last_message_id() or 0,
+                                              user)
                 if row is not None:
                     self.buffer.add_consumption(row, now)
                 result: Any = {"consumer": args["consumer"], "last_id": position}
@@ -531,7 +524,10 @@ class Writer:
                 return protocol.encode_reply_error(request_id, "unknown_command",
                                                    f"no command {cmd!r}")
         except ConsumerError as exc:
-            self.bad_control_requests += 1
+            if exc.code == protocol.FORBIDDEN:
+                self._refuse_command(str(exc), user)
+            else:
+                self.bad_control_requests += 1
             return protocol.encode_reply_error(request_id, exc.code, str(exc))
         return protocol.encode_reply_ok(request_id, result)
 

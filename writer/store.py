@@ -19,7 +19,7 @@ import apsw
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -59,7 +59,8 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS consumers (
         name        TEXT    PRIMARY KEY,     -- durable consumer name
         last_id     INTEGER NOT NULL,        -- messages.id it acknowledged last
-        updated_ns  INTEGER NOT NULL
+        updated_ns  INTEGER NOT NULL,
+        owner       TEXT                     -- (CURVE) public key that acknowledged first
     ) WITHOUT ROWID""",
     # The wallet's outputs (see writer/utxos.py). Confirmations are counted from
     # block_height and the wallet tip (bus_meta 'wallet_tip'), not stored per row.
@@ -144,12 +145,14 @@ ADDED_COLUMNS = (
     ("producers", "refusals", "BLOB"),
     ("producers", "owner", "TEXT"),
     ("producers", "session_key", "BLOB"),
+    ("consumers", "owner", "TEXT"),
 )
 PRODUCER_COLUMNS = ("producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
                     " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner, session_key")
 UPSERT_PRODUCER = (f"INSERT OR REPLACE INTO producers ({PRODUCER_COLUMNS})"
                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-UPSERT_CONSUMER = "INSERT OR REPLACE INTO consumers (name, last_id, updated_ns) VALUES (?, ?, ?)"
+UPSERT_CONSUMER = ("INSERT OR REPLACE INTO consumers (name, last_id, updated_ns, owner)"
+                   " VALUES (?, ?, ?, ?)")
 DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
 # min() and max() in one SELECT would scan the table: SQLite's min/max shortcut
 # (one index seek) applies to a query with a single min() or max() only.
@@ -158,8 +161,8 @@ SELECT_PRODUCER = f"SELECT {PRODUCER_COLUMNS} FROM producers WHERE producer_id =
 
 # A message row as buffered: (topic, payload, meta, producer_id, producer_seq, publish_ns).
 MessageRow = tuple[str, bytes, "bytes | None", "str | None", "int | None", "int | None"]
-# A consumer position: (name, last_id, updated_ns); last_id None deletes the consumer.
-ConsumptionRow = tuple[str, "int | None", int]
+# A consumer position: (name, last_id, updated_ns, owner); last_id None deletes the consumer.
+ConsumptionRow = tuple[str, "int | None", int, "str | None"]
 
 TRANSIENT_ERRORS = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError,
                     apsw.CantOpenError)
@@ -247,11 +250,11 @@ class Store:
             last_id = conn.last_insert_rowid() if messages else None
             if producers:
                 conn.executemany(UPSERT_PRODUCER, producers)
-            for name, position, updated_ns in consumptions:
+            for name, position, updated_ns, owner in consumptions:
                 if position is None:
                     conn.execute(DELETE_CONSUMER, (name,))
                 else:
-                    conn.execute(UPSERT_CONSUMER, (name, position, updated_ns))
+                    conn.execute(UPSERT_CONSUMER, (name, position, updated_ns, owner))
         return committed_ns, last_id
 
     def delete_expired(self, before_ns: int | None, keep: int | None, chunk: int) -> int:
@@ -283,10 +286,10 @@ class Store:
                          " WHERE committed_ns < ? ORDER BY id LIMIT ?)", (oldest_ns, chunk))
         return deleted
 
-    def load_consumers(self) -> dict[str, tuple[int, int]]:
-        """name -> (last_id, updated_ns) of every durable consumer."""
-        return {name: (last_id, updated_ns) for name, last_id, updated_ns in
-                self.conn.execute("SELECT name, last_id, updated_ns FROM consumers")}
+    def load_consumers(self) -> dict[str, tuple[int, int, str | None]]:
+        """name -> (last_id, updated_ns, owner) of every durable consumer."""
+        return {name: (last_id, updated_ns, owner) for name, last_id, updated_ns, owner in
+                self.conn.execute("SELECT name, last_id, updated_ns, owner FROM consumers")}
 
     def first_message_id(self) -> int | None:
         return self.conn.execute("SELECT min(id) FROM messages").fetchone()[0]
