@@ -58,10 +58,17 @@ class RateLimitedLog:
         self._suppressed: dict[str, int] = {}
 
     def warning(self, key: str, event: str, now: float | None = None, **fields: Any) -> None:
+        self._emit(self._log.warning, key, event, now, fields)
+
+    def error(self, key: str, event: str, now: float | None = None, **fields: Any) -> None:
+        self._emit(self._log.error, key, event, now, fields)
+
+    def _emit(self, method: Any, key: str, event: str, now: float | None,
+              fields: dict[str, Any]) -> None:
         now = time.monotonic() if now is None else now
         if now < self._next_at.get(key, 0.0):
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
         self._next_at[key] = now + self._interval
         suppressed = self._suppressed.pop(key, 0)
-        self._log.warning(event, reason=key, suppressed_since_last=suppressed, **fields)
+        method(event, reason=key, suppressed_since_last=suppressed, **fields)

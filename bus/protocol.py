@@ -93,6 +93,8 @@ PRODUCER_FENCED = "producer_fenced"  # an older session of the producer: a newer
 SEQ_OUT_OF_WINDOW = "seq_out_of_window"  # seq too far above the producer's highest (not decided)
 UNKNOWN_SESSION = "unknown_session"  # an epoch the writer never handed out (database replaced?)
 FORBIDDEN = "forbidden"              # (CURVE) the request's key may not run this command
+BUSY = "busy"                        # the process cannot answer this now (proxy stats): retry
+INTERNAL_ERROR = "internal_error"    # a bug in the process: answered and logged, never fatal
 
 
 class ProtocolError(ValueError):
@@ -365,7 +367,28 @@ def decode_request(frames: list[bytes]) -> tuple[Any, str, dict[str, Any]]:
         raise RequestError(req.get("id"), BAD_REQUEST, "missing 'cmd' string")
     if not isinstance(args, dict):
         raise RequestError(req.get("id"), BAD_REQUEST, "'args' must be a map")
+    if not _within_int64(args):
+        raise RequestError(req.get("id"), BAD_REQUEST,
+                           "an integer in 'args' is outside -2^63..2^63-1")
     return req.get("id"), cmd, args
+
+
+def _within_int64(value: Any) -> bool:
+    """Is every integer inside `value` one SQLite can store? msgpack carries
+    up to 2^64-1; beyond 2^63-1 SQLite's bindings raise OverflowError, so no
+    request gets that far. Iterative: nesting may be as deep as msgpack allows."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is int:
+            if not MIN_INT64 <= item <= MAX_INT64:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 class RequestError(ProtocolError):

@@ -37,6 +37,11 @@ from bus.runner import StopSignal
 
 log = get_logger("proxy")
 
+# How long `stats` waits for the forwarding loop's counters. The loop is busy
+# or blocked (e.g. the capture queue is full while the writer is down) when it
+# does not answer in time: `stats` then answers `busy`.
+STATISTICS_WAIT_MS = 2000
+
 _STAT_NAMES = (
     "frontend_frames_in", "frontend_bytes_in", "frontend_frames_out", "frontend_bytes_out",
     "backend_frames_in", "backend_bytes_in", "backend_frames_out", "backend_bytes_out",
@@ -51,7 +56,10 @@ class Proxy:
         self.ctx: zmq.Context | None = None
         self._thread: threading.Thread | None = None
         self._proxy_error: BaseException | None = None
+        self._statistics_pending = False  # a STATISTICS the loop has not answered yet
+        self._capture_linger_ms = 0       # set by shutdown, used by the loop's thread
         self._bad_requests = 0
+        self._internal_errors = 0
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
 
@@ -80,6 +88,9 @@ class Proxy:
                  config_source=cfg.source, config=cfg.public())
 
     def _run_proxy(self) -> None:
+        """The forwarding loop's thread. Its sockets are closed here, where they
+        are used: at shutdown the loop may be blocked in a capture send (writer
+        down, queue full) and only the context's termination (ETERM) frees it."""
         try:
             zmq.proxy_steerable(self.frontend, self.backend, self.capture, self._steered)
         except zmq.ZMQError as exc:
@@ -87,6 +98,11 @@ class Proxy:
                 self._proxy_error = exc
         except BaseException as exc:  # reported by the main loop, which exits non-zero
             self._proxy_error = exc
+        finally:
+            for sock in (self.frontend, self.backend, self._steered):
+                sock.close(linger=0)
+            # Queued captures still reach the writer within the shutdown deadline.
+            self.capture.close(linger=self._capture_linger_ms)
 
     def loop(self, now: float | None = None) -> None:
         events = dict(self.poller.poll(1000))
@@ -102,7 +118,12 @@ class Proxy:
         try:
             request_id, cmd, _args = protocol.decode_request(frames)
             if cmd == "stats":
-                reply = protocol.encode_reply_ok(request_id, self.read_stats())
+                stats = self.read_stats()
+                reply = protocol.encode_reply_error(
+                    request_id, protocol.BUSY,
+                    f"the forwarding loop did not answer within {STATISTICS_WAIT_MS} ms: it is "
+                    "busy or blocked (a full capture queue while the writer is down?); retry"
+                ) if stats is None else protocol.encode_reply_ok(request_id, stats)
             elif cmd == "ping":
                 reply = protocol.encode_reply_ok(request_id, "pong")
             else:
@@ -113,20 +134,37 @@ class Proxy:
             request_id = getattr(exc, "request_id", request_id)
             self._rejects.warning(exc.reason, "bad_control_request", detail=exc.detail)
             reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
+        except Exception as exc:  # a bug must cost one request, not the proxy
+            self._internal_errors += 1
+            self._rejects.error(protocol.INTERNAL_ERROR, "control_request_failed",
+                                exc_info=True, error=f"{type(exc).__name__}: {exc}")
+            reply = protocol.encode_reply_error(request_id, protocol.INTERNAL_ERROR,
+                                                f"{type(exc).__name__}: {exc}")
         self.control.send(reply)
 
-    def counters(self) -> dict[str, int]:
-        """libzmq's frame and byte counters of the running proxy loop."""
+    def counters(self, wait_ms: int = STATISTICS_WAIT_MS) -> dict[str, int] | None:
+        """libzmq's frame and byte counters of the running proxy loop, or None
+        if it does not answer within `wait_ms`. The unanswered command's reply
+        comes later, and is read and dropped before the next command is sent."""
+        if self._statistics_pending:
+            if not self.steer.poll(0):
+                return None
+            self.steer.recv_multipart()
+            self._statistics_pending = False
         self.steer.send(b"STATISTICS")
-        if not self.steer.poll(2000):
-            raise RuntimeError("proxy loop did not answer STATISTICS")
+        if not self.steer.poll(wait_ms):
+            self._statistics_pending = True
+            return None
         values = [struct.unpack("=Q", part)[0] for part in self.steer.recv_multipart()]
         return dict(zip(_STAT_NAMES, values))
 
-    def read_stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = self.counters()
+    def read_stats(self) -> dict[str, Any] | None:
+        stats: dict[str, Any] | None = self.counters()
+        if stats is None:
+            return None
         stats.update(uptime_seconds=round(time.monotonic() - self._started, 3),
                      bad_control_requests=self._bad_requests,
+                     internal_errors=self._internal_errors,
                      security=security.snapshot(self.config),
                      capture_hwm=self.config.capture_hwm,
                      endpoints={"pub": self.config.pub_endpoint, "sub": self.config.sub_endpoint,
@@ -138,37 +176,47 @@ class Proxy:
         messages they already sent are in the proxy's queues, and closing now
         would drop them. At most DRAIN_WINDOW_IDLES x drain_idle_ms (1 s by
         default): under steady load publishers are never quiet, and what they
-        send after the proxy is gone is theirs to re-send (acknowledgements)."""
+        send after the proxy is gone is theirs to re-send (acknowledgements).
+        A loop blocked on a full capture queue cannot drain: skipped."""
         idle = self.config.drain_idle_ms / 1000.0
         deadline = min(deadline, time.monotonic() + DRAIN_WINDOW_IDLES * idle)
-        seen = self.counters()["frontend_frames_in"]
-        quiet_since = time.monotonic()
-        while time.monotonic() < deadline:
+        counters = self.counters()
+        seen, quiet_since = counters and counters["frontend_frames_in"], time.monotonic()
+        while counters is not None and time.monotonic() < deadline:
             time.sleep(min(0.05, idle))
-            now_seen = self.counters()["frontend_frames_in"]
-            if now_seen != seen:
-                seen, quiet_since = now_seen, time.monotonic()
-            elif time.monotonic() - quiet_since >= idle:
+            counters = self.counters()
+            if counters is not None and counters["frontend_frames_in"] != seen:
+                seen, quiet_since = counters["frontend_frames_in"], time.monotonic()
+            elif counters is not None and time.monotonic() - quiet_since >= idle:
                 return
-        log.warning("drain_cut_short", forwarded_frames=seen,
-                    drain_window_ms=int(DRAIN_WINDOW_IDLES * self.config.drain_idle_ms))
+        if counters is None:
+            log.warning("drain_skipped", reason="the forwarding loop is blocked (a full "
+                                                "capture queue while the writer is down?)")
+        else:
+            log.warning("drain_cut_short", forwarded_frames=seen,
+                        drain_window_ms=int(DRAIN_WINDOW_IDLES * self.config.drain_idle_ms))
 
     def shutdown(self) -> None:
         if self.ctx is None:
             return
         deadline = time.monotonic() + self.config.shutdown_timeout_ms / 1000.0
-        if self._thread is not None and self._thread.is_alive():
+        thread = self._thread
+        if thread is not None and thread.is_alive():
             self.drain_before_exit(deadline)
+            self._capture_linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
             self.steer.send(b"TERMINATE")
-            self._thread.join(5)
-        for name in ("frontend", "backend", "control", "steer", "_steered"):
+            # Blocked in a capture send, the loop never reads TERMINATE: the
+            # context's termination below ends it (ETERM).
+            thread.join(1.0)
+        elif thread is None:  # never started: its sockets are closed here
+            for name in ("frontend", "backend", "_steered", "capture"):
+                sock = getattr(self, name, None)
+                if sock is not None:
+                    sock.close(linger=0)
+        for name in ("control", "steer"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)
-        # Lingers for the rest of the shutdown deadline: queued captures still
-        # reach the writer.
-        if getattr(self, "capture", None) is not None:
-            self.capture.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
         if getattr(self, "auth", None) is not None:
             self.auth.stop()
         self.ctx.term()

@@ -171,6 +171,7 @@ class Reader:
         self.requests = 0
         self.rows_served = 0
         self.bad_requests = 0
+        self.internal_errors = 0
         self.unavailable = 0
         self.max_page_ms = 0.0
         self._started = time.monotonic()
@@ -239,6 +240,12 @@ class Reader:
             self._rejects.warning("read_failed", "read_failed", error=str(exc),
                                   error_type=type(exc).__name__)
             return protocol.encode_reply_error(request_id, "read_failed", str(exc))
+        except Exception as exc:  # a bug must cost one request, not the reader
+            self.internal_errors += 1
+            self._rejects.error(protocol.INTERNAL_ERROR, "request_failed",
+                                exc_info=True, error=f"{type(exc).__name__}: {exc}")
+            return protocol.encode_reply_error(request_id, protocol.INTERNAL_ERROR,
+                                               f"{type(exc).__name__}: {exc}")
 
     def serve_page(self, query: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -250,7 +257,8 @@ class Reader:
 
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "rows_served": self.rows_served,
-                "bad_requests": self.bad_requests, "unavailable": self.unavailable,
+                "bad_requests": self.bad_requests, "internal_errors": self.internal_errors,
+                "unavailable": self.unavailable,
                 "max_page_ms": round(self.max_page_ms, 3),
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
                 "database": self.config.db, "read_endpoint": self.config.read_endpoint,

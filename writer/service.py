@@ -79,6 +79,7 @@ class Writer:
         self.rejected: dict[str, int] = {}
         self.messages_received = 0
         self.bad_control_requests = 0
+        self.internal_errors = 0  # control requests that failed on a bug (logged)
         self.forbidden = 0  # commands refused to the key that sent them (CURVE)
         self.forged = 0     # session messages without their session's MAC (CURVE)
         self.authenticating = security.enabled(cfg)
@@ -487,6 +488,12 @@ class Writer:
                 self.bad_control_requests += 1
                 self._rejects.warning(exc.reason, "bad_control_request", detail=exc.detail)
             reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
+        except Exception as exc:  # a bug must cost one request, not the writer
+            self.internal_errors += 1
+            self._rejects.error(protocol.INTERNAL_ERROR, "control_request_failed",
+                                exc_info=True, error=f"{type(exc).__name__}: {exc}")
+            reply = protocol.encode_reply_error(request_id, protocol.INTERNAL_ERROR,
+                                                f"{type(exc).__name__}: {exc}")
         self.control.send(reply)
 
     def _refuse_command(self, reason: str, user: str | None) -> None:
@@ -601,7 +608,8 @@ class Writer:
                        "rejected_total": sum(self.rejected.values()),
                        "rejected": dict(self.rejected),
                        "nacked": dict(self.nacked),
-                       "bad_control_requests": self.bad_control_requests},
+                       "bad_control_requests": self.bad_control_requests,
+                       "internal_errors": self.internal_errors},
             "producers": self.producers.snapshot(),
             "consumers": self.consumers.snapshot(last_id),
             "utxos": self.utxos.snapshot(),

@@ -1,0 +1,221 @@
+"""No input crashes, stalls or exhausts the bus (issue #11): each test sends
+what a hostile or buggy local client would, with real processes on real
+sockets, and checks that every process is still up, that the input was
+refused and counted, and that valid messages around it are stored."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from bus import protocol
+from bus.client import Publisher
+from tests.conftest import Bus, RawProducer, wait_for
+
+INT64_EDGES = (2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63), 0)
+
+
+def all_alive(bus: Bus) -> bool:
+    return all(proc.popen.poll() is None for proc in (bus.writer, bus.proxy, bus.reader)
+               if proc is not None)
+
+
+def raw_request(endpoint: str, frames: list[bytes], timeout_ms: int = 3000) -> Any:
+    """Send `frames` from an ordinary REQ socket; the decoded one-frame reply."""
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    try:
+        req.connect(endpoint)
+        req.send_multipart(frames)
+        assert req.poll(timeout_ms), f"no reply from {endpoint} to {len(frames)} frame(s)"
+        return msgpack.unpackb(req.recv(), strict_map_key=False)
+    finally:
+        req.close()
+        ctx.term()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_meta_integers_at_and_beyond_64_bits_are_refused_not_fatal(bus: Bus) -> None:
+    """Item 1: seq, epoch or time_ns at 2^63 and beyond (and below zero) used
+    to overflow SQLite's 64-bit integer in the batch and crash the writer."""
+    with RawProducer(bus, "edges", session=False) as raw:
+        bad = []
+        for value in INT64_EDGES:
+            for key in ("seq", "time_ns", "epoch"):
+                meta = {"producer": "edges", "seq": 1, key: value}
+                if not (key == "time_ns" and -(2**63) <= value < 2**63) and \
+                        not (key in ("seq", "epoch") and 1 <= value < 2**63):
+                    bad.append([b"edge.bad", b"p", msgpack.packb(meta)])
+        raw.send_frames(*[frames for message in bad
+                          for frames in (message, [b"edge.good", b"ok"])])
+    bus.wait_count(len(bad), "edge.good")
+    stats = wait_for(lambda: (s := bus.writer_stats())["ingest"]["rejected_total"] >= len(bad)
+                     and s, message="the bad metas counted")
+    assert stats["ingest"]["rejected"] == {"meta_bad_value": len(bad)}
+    assert bus.count("edge.bad") == 0
+    with RawProducer(bus, "edges-session") as raw:  # in a session: nacked, not fatal
+        raw.send_frames([b"edge.s", b"p", msgpack.packb(
+            {"producer": "edges-session", "epoch": raw.epoch, "seq": 1, "time_ns": 2**64 - 1})])
+        raw.send(2)
+    bus.wait_count(1, "idem.t")
+    assert all_alive(bus)
+
+
+def test_every_control_endpoint_answers_a_request_of_the_wrong_shape(bus: Bus) -> None:
+    """Item 2: a 2-frame request from an ordinary REQ socket used to break the
+    REP state machine of the writer, the reader and the proxy. Any frame count,
+    empty or not msgpack, gets an error reply; the process goes on."""
+    ping = protocol.encode_request(1, "ping")
+    shapes = ([ping, ping], [ping, b""], [b""], [b"", b"", b""], [b"\x91\xc1"],
+              [msgpack.packb({"id": 1, "cmd": "ping", "args": [1]})],
+              [msgpack.packb({"id": 1, "cmd": 7})])
+    for endpoint in ("BUS_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT"):
+        for frames in shapes:
+            reply = raw_request(bus[endpoint], frames)
+            assert reply["ok"] is False and reply["error"]["code"] == protocol.BAD_REQUEST, \
+                (endpoint, frames, reply)
+        assert raw_request(bus[endpoint], [ping])["result"] == "pong"
+    assert all_alive(bus)
+
+
+def test_integers_beyond_64_bits_in_any_request_are_refused(bus: Bus) -> None:
+    """Items 3 and 4: `history` with after_id >= 2^63 crashed the reader,
+    `anchor_record` with a document's message_id >= 2^63 the writer. Every
+    integer in every request is checked against SQLite's range."""
+    for value in (2**63, 2**64 - 1):
+        for args in ({"after_id": value}, {"since_ns": value}, {"limit": value}):
+            reply = raw_request(bus["BUS_READ_ENDPOINT"],
+                                [protocol.encode_request(1, "history", args)])
+            assert reply["error"]["code"] == protocol.BAD_REQUEST, (args, reply)
+        for cmd, args in (
+                ("anchor_record", {"request_id": "r", "root": b"\0" * 32, "size": 1,
+                                   "documents": [[b"\1" * 32, None, value]]}),
+                ("utxo_upsert", {"utxos": [{"txid": "00" * 32, "vout": 0,
+                                            "amount_sat": value}]}),
+                ("consumer_ack", {"consumer": "c", "last_id": value}),
+                ("utxo_tip", {"height": value, "hash": "00" * 32})):
+            reply = raw_request(bus["BUS_CONTROL_ENDPOINT"],
+                                [protocol.encode_request(1, cmd, args)])
+            assert reply["error"]["code"] == protocol.BAD_REQUEST, (cmd, reply)
+    assert all_alive(bus)
+    assert bus.request("BUS_READ_ENDPOINT", "history", {"after_id": 2**63 - 1})["messages"] == []
+
+
+def test_a_huge_subscription_is_refused_and_its_disconnect_is_harmless(bus: Bus) -> None:
+    """Item 5: a subscriber holding a 128 KiB prefix made the proxy overflow
+    its stack when it disconnected. Subscriptions longer than a topic can be
+    are refused (the connection is dropped by libzmq's MAXMSGSIZE)."""
+    ctx = zmq.Context()
+    try:
+        for _ in range(3):
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.connect(bus["BUS_SUB_ENDPOINT"])
+            sub.setsockopt(zmq.SUBSCRIBE, b"a" * (128 << 10))
+            sub.close()
+    finally:
+        ctx.term()
+    with Publisher(bus.config(), producer_id="after-huge") as pub:
+        pub.publish("huge.after", b"x", wait=True, timeout=10)
+    assert all_alive(bus)
+
+
+def test_a_forged_unsubscribe_stops_nothing(bus: Bus) -> None:
+    """Item 6: a peer on the subscriber endpoint that never subscribed sends
+    unsubscribe frames; the proxy's own subscription to every topic used to
+    drop to zero and ingestion stopped."""
+    ctx = zmq.Context()
+    xsub = ctx.socket(zmq.XSUB)
+    xsub.setsockopt(zmq.LINGER, 0)
+    try:
+        xsub.connect(bus["BUS_SUB_ENDPOINT"])
+        for frame in (b"\x00", b"\x00o", b"\x00\x00", b"\x00" + bytes(range(0x20, 0x7f))):
+            for _ in range(50):
+                xsub.send(frame)
+        with Publisher(bus.config(), producer_id="after-unsub", connect_timeout=5) as pub:
+            for i in range(500):
+                pub.publish("unsub.after", b"%d" % i)
+            pub.flush(timeout=10)
+    finally:
+        xsub.close()
+        ctx.term()
+    assert bus.count("unsub.after") == 500 and all_alive(bus)
+
+
+def test_stats_on_a_blocked_proxy_answers_busy_and_the_proxy_lives(make_bus) -> None:
+    """Item 8: `stats` while the forwarding loop is blocked (here: the writer
+    is stopped and the capture queue is full, so the proxy's capture send
+    blocks) used to raise out of the control handler and end the proxy."""
+    bus = make_bus(BUS_CAPTURE_HWM=10).start()
+    payload = os.urandom(256 << 10)
+    try:
+        with RawProducer(bus, "blocked") as raw:
+            bus.writer.send_signal(signal.SIGSTOP)
+            # 40 MiB: past the capture queue (10 messages) and both socket buffers.
+            raw.send_frames(*([b"block.t", payload, raw.meta(seq)] for seq in range(1, 161)))
+            first = wait_for(lambda: (r := raw_request(bus["BUS_PROXY_CONTROL_ENDPOINT"],
+                                                       [protocol.encode_request(1, "stats")],
+                                                       timeout_ms=10_000))
+                             and not r["ok"] and r, timeout=30,
+                             message="the proxy to say it is busy")
+            assert first["error"]["code"] == "busy", first
+            assert bus.proxy.popen.poll() is None
+            bus.writer.send_signal(signal.SIGCONT)
+            bus.wait_count(160, "block.t", timeout=60)
+    finally:
+        bus.writer.send_signal(signal.SIGCONT)
+    stats = wait_for(lambda: (r := raw_request(bus["BUS_PROXY_CONTROL_ENDPOINT"],
+                                               [protocol.encode_request(2, "stats")]))["ok"]
+                     and r, message="stats to answer again")
+    assert stats["id"] == 2 and stats["result"]["frontend_frames_in"] >= 160 * 3
+    assert all_alive(bus)
+
+
+def test_a_proxy_blocked_on_a_full_capture_queue_still_stops_cleanly(make_bus) -> None:
+    """SIGTERM while the forwarding loop is blocked in a capture send (writer
+    stopped, queue full): no drain is possible, and the proxy exits 0 within
+    its shutdown deadline instead of hanging on the blocked thread."""
+    bus = make_bus(BUS_CAPTURE_HWM=10, BUS_SHUTDOWN_TIMEOUT_MS=2000).start()
+    payload = os.urandom(256 << 10)
+    try:
+        with RawProducer(bus, "blocked") as raw:
+            bus.writer.send_signal(signal.SIGSTOP)
+            raw.send_frames(*([b"block.t", payload, raw.meta(seq)] for seq in range(1, 161)))
+            wait_for(lambda: not raw_request(bus["BUS_PROXY_CONTROL_ENDPOINT"],
+                                             [protocol.encode_request(1, "stats")],
+                                             timeout_ms=10_000)["ok"],
+                     timeout=30, message="the proxy loop to block")
+            started = time.monotonic()
+            assert bus.proxy.stop(timeout=10) == 0, bus.proxy.stderr.collect()[-5:]
+            assert time.monotonic() - started < 6
+            assert any(e["event"] == "drain_skipped" for e in bus.proxy.log_events())
+    finally:
+        bus.writer.send_signal(signal.SIGCONT)
+    assert bus.writer.popen.poll() is None
+
+
+def test_a_bug_in_a_request_handler_costs_one_request_not_the_process(tmp_path) -> None:
+    """No exception escapes a control handler: an unexpected one (a bug) is
+    answered `internal_error`, logged with its traceback and counted."""
+    from bus.config import load_config
+    from reader.service import Reader
+    reader = Reader(load_config(env={"BUS_DB": str(tmp_path / "none.db")}))
+
+    def broken_page(**_query: Any) -> dict[str, Any]:
+        raise TypeError("a bug")
+    reader.history.page = broken_page  # type: ignore[method-assign]
+    reply = msgpack.unpackb(reader.handle([protocol.encode_request(5, "history", {})]))
+    assert reply == {"id": 5, "ok": False, "error": {"code": protocol.INTERNAL_ERROR,
+                                                     "reason": "TypeError: a bug"}}
+    assert reader.stats()["internal_errors"] == 1
+    assert msgpack.unpackb(reader.handle([protocol.encode_request(6, "ping")]))["ok"] is True
