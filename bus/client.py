@@ -399,7 +399,9 @@ class Publisher:
             self._note_refusal(seq, code, reason)
 
     def _note_refusal(self, seq: int, code: str, reason: str) -> None:
-        if seq > self.acked_seq and seq not in self._refusals:
+        # Only a seq this session sent: another key can make the writer nack
+        # (epoch, seq) pairs before this session exists (unknown_session).
+        if self.acked_seq < seq <= self.last_seq and seq not in self._refusals:
             self._refusals[seq] = (code, reason)
             self.refused_total += 1
 

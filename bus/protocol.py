@@ -88,6 +88,7 @@ META_NOT_MAP = "meta_not_map"
 META_BAD_VALUE = "meta_bad_value"
 BAD_REQUEST = "bad_request"
 RESERVED_TOPIC = "reserved_topic"    # raised to clients only: the writer skips these silently
+SESSION_REQUIRED = "session_required"  # (CURVE) meta names a producer but no epoch: no session
 # Refusals that only the writer can decide (nacks), beside the reason codes above.
 PRODUCER_FENCED = "producer_fenced"  # an older session of the producer: a newer one was opened
 SEQ_OUT_OF_WINDOW = "seq_out_of_window"  # seq too far above the producer's highest (not decided)

@@ -27,6 +27,8 @@ message's User-Id to the client's public key.
 from __future__ import annotations
 
 import functools
+import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +174,33 @@ def capture_by_file_permissions(cfg: BusConfig) -> bool:
     abstract socket (ipc://@name): it has no file, and anyone may connect."""
     return enabled(cfg) and cfg.capture_endpoint.startswith("ipc://") \
         and not cfg.capture_endpoint.startswith("ipc://@")
+
+
+def check_capture_directory(cfg: BusConfig) -> None:
+    """With the capture hop guarded by its socket file, the file's directory
+    must be writable by this user alone, and every directory above it by this
+    user or root alone (sticky ones excepted: nobody else can rename what is in
+    them): otherwise another user could put a socket of its own at the path,
+    and the proxy, no longer a CURVE client there, would send it every message."""
+    if not capture_by_file_permissions(cfg):
+        return
+    directory = Path(os.path.realpath(Path(cfg.capture_endpoint[len("ipc://"):]).parent))
+    me = os.geteuid()
+    for path in (directory, *directory.parents):
+        try:
+            info = path.stat()
+        except OSError as exc:
+            raise SecurityError(f"capture endpoint {cfg.capture_endpoint}: {exc}") from None
+        if info.st_uid not in (me, 0):
+            problem = f"owned by uid {info.st_uid}"
+        elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and (
+                path == directory or not info.st_mode & stat.S_ISVTX):
+            problem = "writable by other users"
+        else:
+            continue
+        raise SecurityError(f"capture endpoint {cfg.capture_endpoint}: {path} is {problem}; "
+                            "with CURVE, an ipc capture needs a directory only the bus's "
+                            "user can write (e.g. the units' RuntimeDirectory /run/bus, 0700)")
 
 
 def keyring(cfg: BusConfig) -> Keyring | None:

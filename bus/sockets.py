@@ -122,6 +122,7 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.PUSH), cfg.shutdown_timeout_ms)
     sock.setsockopt(zmq.SNDHWM, cfg.capture_hwm)
     sock.setsockopt(zmq.SNDBUF, 4 << 20)
+    security.check_capture_directory(cfg)  # nobody else's socket can be at the path
     if security.enabled(cfg) and not security.capture_by_file_permissions(cfg):
         # The only key the writer's capture lets in.
         security.secure_client(sock, security.client_keys(
@@ -155,6 +156,7 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
         security.secure_server(sock, cfg, "capture")
         bind(sock, cfg.capture_endpoint)
         return sock
+    security.check_capture_directory(cfg)
     # libzmq creates the socket file inside zmq_bind, with the process's umask:
     # owner-only from its first moment, no window for another user to connect.
     umask = os.umask(0o177)

@@ -6,6 +6,7 @@ the proxy alone. Refused connections and commands are counted."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 from collections import Counter
 from pathlib import Path
@@ -356,6 +357,19 @@ def test_a_consumer_name_belongs_to_the_key_that_acknowledged_it_first(make_bus,
     assert bus.writer_stats()["security"]["commands_forbidden"] == 1
     with control("reader1") as owner:
         assert owner.request("consumer_ack", {"consumer": "billing", "last_id": 3})["last_id"] == 3
+    # A name from before CURVE (no owner) is claimed by the first key's ack,
+    # even one that does not move it.
+    bus.writer.stop()
+    with sqlite3.connect(bus.db) as conn:
+        conn.execute("UPDATE consumers SET owner = NULL WHERE name = 'billing'")
+        assert conn.total_changes == 1
+    conn.close()
+    bus.start_writer()
+    with control("reader1") as owner:
+        assert owner.request("consumer_ack", {"consumer": "billing", "last_id": 1})["last_id"] == 3
+    with control("reader2") as other:
+        with pytest.raises(BusError, match="belongs to another key"):
+            other.request("consumer_ack", {"consumer": "billing", "last_id": 5})
     assert bus.request("BUS_CONTROL_ENDPOINT", "consumer_delete",
                        {"consumer": "billing"})["deleted"] is True
     with control("reader2") as other:  # deleted by an admin: the name is free again
@@ -386,3 +400,48 @@ def test_an_abstract_ipc_capture_still_needs_curve(make_bus, keys: Path) -> None
         push.close()
         ctx.term()
     assert bus.count("pushed.") == 0 and bus.count("abs.t") == 1
+
+
+def test_an_ipc_capture_in_a_directory_others_can_write_is_refused(make_bus, keys: Path,
+                                                                   tmp_path: Path) -> None:
+    """Another user's socket at the capture path would receive every message
+    (the proxy is no CURVE client there): writer and proxy refuse to start
+    unless only the bus's user can write the directory."""
+    for mode in (0o777, 0o1777):  # sticky or not: others can create the path first
+        shared = tmp_path / f"shared-{mode:o}"
+        shared.mkdir()
+        shared.chmod(mode)
+        bus = make_bus(BUS_CURVE_DIR=keys / "curve",
+                       BUS_CURVE_KEY=keys / "clients" / "admin1.key_secret",
+                       BUS_CAPTURE_ENDPOINT=f"ipc://{shared}/capture.sock")
+        for role in ("writer", "proxy"):
+            done = bus.cli(role, timeout=20)
+            assert done.returncode != 0 and "writable by other users" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr
+        assert not (shared / "capture.sock").exists()
+
+
+def test_with_curve_a_message_naming_a_producer_needs_its_session(secure_bus: Bus,
+                                                                  keys: Path) -> None:
+    """Without an epoch there is no MAC: any key could store rows in a
+    producer's name. Refused (counted), while anonymous messages are stored."""
+    bus = secure_bus
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 2000)
+    security.secure_client(pub, security.client_keys(as_client(bus, keys, "pub1")))
+    try:
+        pub.connect(bus["BUS_PUB_ENDPOINT"])
+        assert pub.poll(5000)
+        pub.recv()
+        pub.send_multipart([b"legacy.t", b"forged", msgpack.packb({"producer": "victim",
+                                                                   "seq": 4})])
+        pub.send_multipart([b"legacy.anon", b"anonymous"])
+        bus.wait_count(1, "legacy.anon")
+    finally:
+        pub.close()
+        ctx.term()
+    stats = wait_for(lambda: (s := bus.writer_stats())["ingest"]["rejected"] and s,
+                     message="the sessionless message counted")
+    assert stats["ingest"]["rejected"] == {protocol.SESSION_REQUIRED: 1}
+    assert bus.count("legacy.t") == 0

@@ -433,3 +433,20 @@ def test_bus_cli_tail_shows_the_writer_notifications_decoded(bus: Bus) -> None:
     record = json.loads(line)
     assert record["topic"] == "$bus.ack.shown" and record["payload"]["producer"] == "shown"
     assert record["payload"]["epoch"] == 1 and "contiguous_seq" in record["payload"]
+
+
+def test_a_nack_for_a_seq_this_session_did_not_send_is_ignored() -> None:
+    """Another key can make the writer nack (epoch + 1, seq) before this
+    session is opened with that epoch (unknown_session): the nack must not be
+    taken for a refusal of a message this session sends later."""
+    from bus.config import load_config
+    pub = Publisher(load_config(env={}), producer_id="p")
+    pub.epoch, pub.last_seq, pub.acked_seq = 3, 10, 7
+    for seq in (11, 50, 7, 3):  # not sent yet, or decided before
+        pub._apply_nack(msgpack.packb({"epoch": 3, "seq": seq, "code": "unknown_session",
+                                       "reason": "forged"}))
+    assert pub.refused_total == 0
+    pub._apply_nack(msgpack.packb({"epoch": 3, "seq": 9, "code": "topic_too_long",
+                                   "reason": "real"}))
+    assert pub.refused_total == 1 and pub._refusals == {9: ("topic_too_long", "real")}
+    pub.close()

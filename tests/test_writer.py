@@ -380,3 +380,16 @@ def test_shutdown_retries_a_failed_commit_until_its_deadline(make_bus, release_l
         assert code == 1 and bus.count("late.t") == 0
         assert any("5 buffered rows could not be committed" in line
                    for line in bus.writer.stderr.collect())
+
+
+def test_a_database_of_a_newer_bus_is_refused(make_bus) -> None:
+    """An older writer would rewrite what it does not know (e.g. consumer owners)."""
+    bus = make_bus()
+    bus.start_writer()
+    bus.writer.stop()
+    with sqlite3.connect(bus.db) as conn:
+        conn.execute("UPDATE bus_meta SET value = '999' WHERE key = 'schema_version'")
+    conn.close()
+    done = bus.cli("writer", timeout=20)
+    assert done.returncode != 0 and "schema 999, newer than this writer" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -62,11 +62,14 @@ class ConsumerPositions:
             raise ConsumerError("too_many_consumers",
                                 f"{self.max_consumers} consumers exist (BUS_MAX_CONSUMERS); "
                                 "delete unused ones")
-        if current is not None and last_id <= current[0]:
+        claims = current is not None and current[2] is None and user is not None
+        if current is not None and last_id <= current[0] and not claims:
             return current[0], None
-        owner = owner or user  # a name first acknowledged while CURVE was off
-        self.positions[name] = (last_id, now_ns, owner)
-        return last_id, (name, last_id, now_ns, owner)
+        # A name first acknowledged while CURVE was off is its first key's now.
+        owner = owner or user
+        position = max(last_id, current[0]) if current is not None else last_id
+        self.positions[name] = (position, now_ns, owner)
+        return position, (name, position, now_ns, owner)
 
     def get(self, name: Any) -> dict[str, Any]:
         name = check_name(name)

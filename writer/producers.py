@@ -200,7 +200,8 @@ class ProducerLedger:
         refuse it with that code, and if None it is a retransmission (acknowledged again).
         With `signed` (CURVE), a message of the current session must carry its
         MAC, or NotAuthentic is raised. Messages of another epoch are refused
-        whoever sent them: that nack tells the real producer nothing false."""
+        whoever sent them (their MAC key is not known): a client takes a nack
+        only for a seq it sent in its session (docs/protocol.md, step 5)."""
         state = self._states.get(producer_id)  # _touch, inlined for the hot path
         if state is None:
             state = self._touch(producer_id, now_ns)

@@ -246,6 +246,12 @@ class Writer:
         self.messages_received += 1
         producer, seq = meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ)
         epoch = meta.get(protocol.META_EPOCH)
+        if self.authenticating and producer is not None and epoch is None:
+            # Only a session's MAC shows who sent a message in a producer's name.
+            self.reject(protocol.ProtocolError(
+                protocol.SESSION_REQUIRED, "with CURVE, a message naming a producer must be "
+                                           "sent in its session (producer_open)"), frames)
+            return
         if producer is not None and seq is not None and epoch is not None:
             try:
                 store, nack = self.producers.accept(

@@ -183,13 +183,26 @@ def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000)
     with conn:
         for ddl in SCHEMA:
             conn.execute(ddl)
-        for table, column, definition in ADDED_COLUMNS:
-            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-        conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('schema_version', ?)",
-                     (str(SCHEMA_VERSION),))
+        stored = conn.execute("SELECT value FROM bus_meta WHERE key = 'schema_version'"
+                              ).fetchone()
+        newer = stored is not None and int(stored[0]) > SCHEMA_VERSION
+        if not newer:
+            for table, column, definition in ADDED_COLUMNS:
+                have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
+    if newer:
+        conn.close()
+        raise NewerSchema(f"{path} has schema {stored[0]}, newer than this writer's "
+                          f"({SCHEMA_VERSION}): run the bus version that wrote it, or a newer one")
     return conn
+
+
+class NewerSchema(StartupError):
+    """The database was written by a newer bus: an older writer would drop what
+    it does not know (e.g. consumer owners)."""
 
 
 class DatabaseInUse(StartupError):
