@@ -69,6 +69,9 @@ SETTINGS: tuple[Setting, ...] = (
             "oldest buffered row waits at most this long"),
     Setting("batch_max_buffer_size", "BATCH_MAX_BUFFER_SIZE", int, 10000,
             "rows held when flushes fail; the writer stops reading at this size"),
+    Setting("batch_max_buffer_bytes", "BATCH_MAX_BUFFER_BYTES", int, 64 << 20,
+            "bytes of messages held when flushes fail; the writer stops reading at this "
+            "size too"),
     Setting("batch_low_load_threshold", "BATCH_LOW_LOAD_THRESHOLD", float, 100.0,
             "below this many messages/s the writer flushes as soon as it is idle"),
     Setting("batch_load_window_seconds", "BATCH_LOAD_WINDOW_SECONDS", float, 2.0,
@@ -177,6 +180,7 @@ class BusConfig:
     batch_size: int
     batch_flush_interval_ms: int
     batch_max_buffer_size: int
+    batch_max_buffer_bytes: int
     batch_low_load_threshold: float
     batch_load_window_seconds: float
     sqlite_synchronous: str
@@ -223,7 +227,7 @@ class BusConfig:
     source: str = "defaults"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "batch_max_buffer_size", "max_topic_bytes",
+        for name in ("batch_size", "batch_max_buffer_size", "batch_max_buffer_bytes", "max_topic_bytes",
                      "max_message_bytes", "capture_hwm", "sub_hwm", "pub_hwm",
                      "retention_chunk_rows", "max_consumers", "history_page_rows",
                      "history_page_bytes", "history_scan_rows", "anchor_max_documents",

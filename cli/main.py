@@ -45,7 +45,8 @@ ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_
 PUBLISHER_FIELDS = ("pub_endpoint", "control_endpoint", "notify_endpoint", "request_timeout_ms")
 RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_chunk_rows")
 BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
-                "batch_max_buffer_size", "sqlite_synchronous", "sqlite_busy_timeout_ms")
+                "batch_max_buffer_size", "batch_max_buffer_bytes", "sqlite_synchronous",
+                "sqlite_busy_timeout_ms")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -251,6 +251,7 @@ class Bus:
         self.env.update({name: f"tcp://127.0.0.1:{free_port()}" for name in ENDPOINT_VARS})
         self.env.update({k: str(v).lower() if isinstance(v, bool) else str(v)
                          for k, v in settings.items()})
+        self.db = self.env["BUS_DB"]  # a test may put the database elsewhere
         self.procs: list[Proc] = []
         self.writer: Proc | None = None
         self.proxy: Proc | None = None

@@ -83,6 +83,35 @@ def test_buffer_is_due_by_size_then_by_time() -> None:
     assert len(buf) == 0 and buf.due(99.0) is None
 
 
+def test_buffer_is_full_at_its_byte_budget_and_gives_back_a_committed_part() -> None:
+    buf = BatchBuffer(batch_size=100, flush_interval=1.0, max_size=1000, max_bytes=3000)
+    big = ("t", b"x" * 999, None, None, None, None)  # 1,000 bytes with its topic
+    for i in range(3):
+        assert not buf.is_full
+        buf.add_message(big, float(i))
+    assert buf.is_full and buf.bytes == 3000
+    buf.add_consumption(("c", 1, 0, None), 3.0)
+    buf.take(2)
+    assert buf.bytes == 1000 and len(buf.messages) == 1 and buf.consumptions == []
+    buf.take(1)
+    assert buf.bytes == 0 and len(buf) == 0 and buf.oldest_at is None
+
+
+def test_replay_gives_the_states_of_a_committed_part_only() -> None:
+    """The ledger rows stored with part of the buffer must describe exactly the
+    messages of that part (a crash between parts must not lose any seq)."""
+    from writer.producers import ProducerLedger, ProducerState
+    committed = ProducerState("p", max_seq=4, epoch=2)
+    ledger = ProducerLedger(lambda pid: committed.row() if pid == "p" else None)
+    rows = [("t", b"", protocol.encode_meta("p", seq, 2), "p", seq, None) for seq in (5, 6, 8)]
+    rows += [("t", b"", protocol.encode_meta("p", 7), "p", 7, None),           # no session
+             ("t", b"", protocol.encode_meta("q", 1, 1), "q", 1, None)]        # unknown
+    states = {state.producer_id: state for state in ledger.replay(rows)}
+    assert (states["p"].max_seq, states["p"].holes, states["p"].contiguous_seq) == (8, [[7, 7]], 6)
+    assert "q" not in states  # its session is not committed: nothing of it to store
+    assert committed.max_seq == 4, "the committed state itself is not touched"
+
+
 def test_buffer_reports_full_at_its_bound() -> None:
     buf = BatchBuffer(batch_size=2, flush_interval=1.0, max_size=4)
     for i in range(4):

@@ -24,10 +24,13 @@ class BatchBuffer:
     reading its socket, which pushes back to the proxy's high-water mark.
     """
 
-    def __init__(self, batch_size: int, flush_interval: float, max_size: int) -> None:
+    def __init__(self, batch_size: int, flush_interval: float, max_size: int,
+                 max_bytes: int = 64 << 20) -> None:
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.max_size = max_size
+        self.max_bytes = max_bytes
+        self.bytes = 0  # topic, payload and meta of the buffered messages
         self.messages: list[MessageRow] = []
         # Durable-consumer positions join the batch here (the seed's "consumptions").
         self.consumptions: list[ConsumptionRow] = []
@@ -40,6 +43,7 @@ class BatchBuffer:
         if self.oldest_at is None:
             self.oldest_at = now
         self.messages.append(row)
+        self.bytes += _row_bytes(row)
 
     def add_consumption(self, row: ConsumptionRow, now: float) -> None:
         if self.oldest_at is None:
@@ -53,7 +57,7 @@ class BatchBuffer:
 
     @property
     def is_full(self) -> bool:
-        return len(self) >= self.max_size
+        return len(self) >= self.max_size or self.bytes >= self.max_bytes
 
     def due(self, now: float) -> str | None:
         """The reason a flush is due now, or None."""
@@ -74,12 +78,26 @@ class BatchBuffer:
         self.messages = []
         self.consumptions = []
         self.oldest_at = None
+        self.bytes = 0
+
+    def take(self, count: int) -> None:
+        """Drop the oldest `count` messages and every consumption: committed by a
+        transaction of part of the buffer (writer: a full disk's backlog)."""
+        self.bytes -= sum(_row_bytes(row) for row in self.messages[:count])
+        del self.messages[:count]
+        self.consumptions = []
+        if not self.messages:
+            self.clear()
 
     def sizes(self) -> dict[str, int]:
         # "subscriptions" stays for the seed's metrics shape: the proxy no longer
         # passes subscriptions to the writer (docs/protocol.md, "The capture pipe").
         return {"messages": len(self.messages), "consumptions": len(self.consumptions),
                 "subscriptions": 0}
+
+
+def _row_bytes(row: MessageRow) -> int:
+    return len(row[0]) + len(row[1]) + (len(row[2]) if row[2] else 0)
 
 
 class BatchMetrics:

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import hmac
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
 from bus import protocol
+from writer.store import MessageRow
 
 MAX_HOLES = 1000
 # Refusals of the current session kept for producers that missed their nack.
@@ -249,6 +250,30 @@ class ProducerLedger:
         state.session_key, state._signer = session_key, None
         self._dirty[producer_id] = state
         return state
+
+    def replay(self, rows: Sequence[MessageRow]) -> list[ProducerState]:
+        """The producers of `rows` (the oldest buffered messages) as committed,
+        plus these rows: what a transaction of only these rows must store beside
+        them, so that the table always matches the committed messages (a full
+        disk's backlog is committed in parts). Refusals among them are left out:
+        their seqs stay holes until the whole backlog is committed, which only
+        delays their acknowledgement. The cached states are not touched."""
+        states: dict[str, ProducerState] = {}
+        changed: dict[str, ProducerState] = {}
+        for _topic, _payload, meta, producer, seq, _time_ns in rows:
+            if producer is None or seq is None or not meta:
+                continue
+            identity = protocol.session_identity(msgpack.unpackb(meta))
+            if identity is None:
+                continue  # no session: stored without the ledger
+            state = states.get(producer)
+            if state is None:
+                row = self._load(producer)
+                state = states[producer] = ProducerState.from_row(row) if row \
+                    else ProducerState(producer)
+            if identity[1] == state.epoch and state.accept(seq, self.max_holes):
+                changed[producer] = state
+        return list(changed.values())
 
     def peek(self, producer_id: str) -> ProducerState | None:
         """The state of a known producer (loaded if need be), None for an unknown one."""

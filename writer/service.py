@@ -29,6 +29,7 @@ import os
 import time
 from typing import Any
 
+import apsw
 import msgpack
 import zmq
 
@@ -73,7 +74,8 @@ class Writer:
         cfg = config
         self.config = cfg
         self.buffer = BatchBuffer(cfg.batch_size if cfg.batch_write_enabled else 1,
-                                  cfg.batch_flush_interval_ms / 1000.0, cfg.batch_max_buffer_size)
+                                  cfg.batch_flush_interval_ms / 1000.0, cfg.batch_max_buffer_size,
+                                  cfg.batch_max_buffer_bytes)
         self.metrics = BatchMetrics()
         self.load = LoadMeter(cfg.batch_low_load_threshold, cfg.batch_load_window_seconds)
         self.rejected: dict[str, int] = {}
@@ -85,6 +87,9 @@ class Writer:
         self.authenticating = security.enabled(cfg)
         self.nacked: dict[str, int] = {}
         self._retry_at = 0.0
+        self._failing_since: float | None = None  # first failed commit of a failing run
+        self._last_error: str | None = None
+        self._part_rows: int | None = None  # after a full disk: rows per transaction
         self._retention_at = 0.0
         self._utxo_upkeep_at = 0.0
         self.retention = {"deleted_total": 0, "chunks": 0, "errors": 0,
@@ -343,21 +348,28 @@ class Writer:
             self.flush(reason, now)
 
     def flush(self, reason: str, now: float) -> bool:
-        """Commit the whole buffer as one transaction. On a transient database
-        error the rows stay buffered and the flush is retried later."""
+        """Commit the whole buffer as one transaction; True once it is. On a
+        transient database error the rows stay buffered and the flush is retried
+        later. After a full disk, the backlog is committed in parts that fit
+        (halved after each failure, doubled after each success), so that any
+        space freed is used at once, until the rest fits in one transaction."""
         if self.store is None or not (self.buffer or self.producers.dirty):
             return True
+        while self._part_rows is not None and len(self.buffer.messages) > self._part_rows:
+            if not self._commit_part(reason, now):
+                return False
         items = len(self.buffer)
         started = time.perf_counter()
         try:
             committed_ns, last_id = self.store.write_batch(
                 self.buffer.messages, self.producers.dirty_rows(), self.buffer.consumptions)
         except TRANSIENT_ERRORS as exc:
-            self.metrics.flush_errors += 1
-            self._retry_at = now + FLUSH_RETRY_SECONDS
-            log.error("flush_failed", error=str(exc), error_type=type(exc).__name__,
-                      buffered=items, will_retry_in_s=FLUSH_RETRY_SECONDS)
+            self._flush_failed(exc, now)
             return False
+        if self._failing_since is not None:
+            log.info("flush_recovered", failed_for_s=round(now - self._failing_since, 3),
+                     rows=items)
+            self._failing_since = self._part_rows = self._last_error = None
         if items:  # not for a write of producer counters alone
             self.metrics.record_flush(items, reason, time.perf_counter() - started,
                                       batched=self.config.batch_write_enabled)
@@ -365,6 +377,51 @@ class Writer:
                                 self.producers.committed())
         self.buffer.clear()
         return True
+
+    def _commit_part(self, reason: str, now: float) -> bool:
+        """Commit the oldest `_part_rows` buffered messages (and the consumer
+        positions) with their producers' states as of those messages."""
+        count = self._part_rows or 1
+        part = self.buffer.messages[:count]
+        states = self.producers.replay(part)
+        positions = len(self.buffer.consumptions)
+        started = time.perf_counter()
+        try:
+            committed_ns, last_id = self.store.write_batch(
+                part, [state.row() for state in states], self.buffer.consumptions)
+        except TRANSIENT_ERRORS as exc:
+            self._flush_failed(exc, now)
+            return False
+        self.metrics.record_flush(count + positions, reason, time.perf_counter() - started,
+                                  batched=self.config.batch_write_enabled)
+        self._owe_notifications(committed_ns, last_id, count, states)
+        self.buffer.take(count)
+        self._part_rows = count * 2
+        log.info("backlog_part_committed", rows=count, waiting_rows=len(self.buffer),
+                 waiting_bytes=self.buffer.bytes)
+        return True
+
+    def _flush_failed(self, exc: Exception, now: float) -> None:
+        self.metrics.flush_errors += 1
+        self._retry_at = now + FLUSH_RETRY_SECONDS
+        if self._failing_since is None:
+            self._failing_since = now
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, apsw.FullError):
+            # All or nothing would wait for room for the whole backlog at once.
+            waiting = len(self.buffer.messages)
+            self._part_rows = max(1, min(self._part_rows or waiting, waiting) // 2)
+        log.error("flush_failed", error=str(exc), error_type=type(exc).__name__,
+                  waiting_rows=len(self.buffer), waiting_bytes=self.buffer.bytes,
+                  failing_for_s=round(now - self._failing_since, 3),
+                  will_retry_in_s=FLUSH_RETRY_SECONDS, next_part_rows=self._part_rows)
+
+    def backlog(self, now: float) -> dict[str, Any]:
+        """stats: what waits for a commit, and since when commits fail."""
+        return {"rows": len(self.buffer), "bytes": self.buffer.bytes,
+                "failing_for_s": None if self._failing_since is None
+                else round(now - self._failing_since, 3),
+                "last_error": self._last_error, "part_rows": self._part_rows}
 
     def _owe_notifications(self, committed_ns: int, last_id: int | None, messages: int,
                            producers: list[ProducerState]) -> None:
@@ -624,6 +681,7 @@ class Writer:
                           "max_messages": cfg.retention_max_messages, **self.retention},
             "security": {**security.snapshot(cfg), "commands_forbidden": self.forbidden,
                          "messages_not_authentic": self.forged},
+            "backlog": self.backlog(now),
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
                          "first_message_id": self.store.first_message_id(),
                          "last_message_id": last_id},
