@@ -79,6 +79,8 @@ class MessageRefused(BusError):
 
 # A durable consumer whose position could not be stored tries again this much later.
 ACK_RETRY_SECONDS = 1.0
+# Control errors that no retry can cure: a durable subscriber stops on them.
+PERMANENT_ERRORS = frozenset({protocol.FORBIDDEN, protocol.BAD_REQUEST, "too_many_consumers"})
 # Refusals a Publisher keeps for its next flush() to raise (the count goes on).
 MAX_REFUSALS_REPORTED = 10_000
 
@@ -185,7 +187,8 @@ class Publisher:
         except BusTimeout:
             raise BusTimeout(f"the writer at {self.config.control_endpoint} did not open a "
                              f"producer session within {self.connect_timeout:g}s (is bus-writer "
-                             "running?)") from None
+                             "running?" + (" With CURVE: is this key in publishers/?"
+                                           if self.config.curve_dir else "") + ")") from None
         self.epoch, next_seq = session["epoch"], session["next_seq"]
         key = session.get("session_key")  # CURVE: each message carries its MAC
         self._mac = None if key is None else protocol.SessionMac(key)
@@ -639,6 +642,9 @@ class Subscriber:
         known = self._control.request("consumer_get", {"consumer": name})
         if known["last_id"] is not None:
             self._after_id, self._since_ns = known["last_id"], None
+            # An ack that does not move it: with CURVE, NAME must be this key's
+            # (forbidden otherwise), which is better learned before reading.
+            self._control.request("consumer_ack", {"consumer": name, "last_id": known["last_id"]})
             return known["last_id"]
         if self._after_id is None and self._since_ns is None:
             self._after_id = known["last_message_id"] or 0
@@ -676,6 +682,8 @@ class Subscriber:
                                                    "last_id": self._acked_id})
             self._sent_ack_id = self._acked_id
         except BusError as exc:
+            if exc.code in PERMANENT_ERRORS:  # retrying cannot help: stop reading
+                raise
             self._failed(exc)
             self._ack_sent_at = time.monotonic() + ACK_RETRY_SECONDS
 
@@ -927,7 +935,9 @@ class ControlClient:
             self._sock.close(linger=0)
             self._sock = None
             raise BusTimeout(f"no reply to {cmd!r} from {self.endpoint} within "
-                             f"{self.timeout_ms} ms (is the process running?)")
+                             f"{self.timeout_ms} ms (is the process running?"
+                             + (" With CURVE: is this key in a list that endpoint lets in?"
+                                if self.curve is not None else "") + ")")
         reply = protocol.decode_reply(self._sock.recv())
         if reply.get("id") != request_id:
             raise BusError(f"reply id {reply.get('id')!r} does not match {request_id!r}",

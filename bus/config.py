@@ -78,9 +78,9 @@ SETTINGS: tuple[Setting, ...] = (
             "window over which requests_per_second is measured"),
     Setting("sqlite_synchronous", "BUS_SQLITE_SYNCHRONOUS", str, "NORMAL",
             "NORMAL (survives process crashes) or FULL (also power loss)"),
-    Setting("sqlite_busy_timeout_ms", "BUS_SQLITE_BUSY_TIMEOUT_MS", int, 5000,
+    Setting("sqlite_busy_timeout_ms", "BUS_SQLITE_BUSY_TIMEOUT_MS", int, 200,
             "a commit waits this long for a lock held by another process, then "
-            "keeps its rows and retries"),
+            "keeps its rows and retries in 0.5 s (the writer answers requests meanwhile)"),
     Setting("retention_max_age_s", "BUS_RETENTION_MAX_AGE_S", float, 0.0,
             "delete messages committed longer ago than this (0: keep)"),
     Setting("retention_max_messages", "BUS_RETENTION_MAX_MESSAGES", int, 0,

@@ -52,8 +52,13 @@ def bind(sock: zmq.Socket, endpoint: str) -> None:
     other process's socket file and takes the path over, so a second writer or
     proxy would steal the first one's traffic: check for a listener first.
     """
-    if endpoint.startswith("ipc://") and _unix_listener_at(endpoint[len("ipc://"):]):
-        raise EndpointInUse(f"{endpoint} is in use by another process")
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        directory = os.path.dirname(endpoint[len("ipc://"):]) or "."
+        if not os.path.isdir(directory):
+            raise StartupError(f"{endpoint}: no directory {directory} (create it, writable by "
+                               "the bus's user alone, e.g. mode 0700)")
+        if _unix_listener_at(endpoint[len("ipc://"):]):
+            raise EndpointInUse(f"{endpoint} is in use by another process")
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:

@@ -357,6 +357,13 @@ def test_a_consumer_name_belongs_to_the_key_that_acknowledged_it_first(make_bus,
     assert bus.writer_stats()["security"]["commands_forbidden"] == 1
     with control("reader1") as owner:
         assert owner.request("consumer_ack", {"consumer": "billing", "last_id": 3})["last_id"] == 3
+    # A durable subscriber (`bus-cli tail --durable`) learns it before reading anything.
+    with pytest.raises(BusError, match="belongs to another key"):
+        Subscriber(["cons."], as_client(bus, keys, "reader2"), durable="billing")
+    tail = bus.cli("tail", "cons.", "--durable", "billing", "-n", "1",
+                   "--curve-key", str(keys / "clients" / "reader2.key_secret"))
+    assert tail.returncode != 0 and "belongs to another key" in tail.stderr, tail
+    assert tail.stdout == ""
     # A name from before CURVE (no owner) is claimed by the first key's ack,
     # even one that does not move it.
     bus.writer.stop()

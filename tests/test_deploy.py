@@ -74,6 +74,10 @@ def test_deploy_has_one_unit_per_process_and_a_target() -> None:
     for name in (*SERVICES, ANCHOR):
         unit = read_unit(name)
         assert unit["Service"]["Restart"] == "on-failure"
+        # A crash loop must not leave the bus down for good (systemd's default
+        # start limit would): restarts never stop, at most one per 2 s.
+        assert unit["Unit"]["StartLimitIntervalSec"] == "0"
+        assert int(unit["Service"]["RestartSec"]) >= 2
         assert INSTALLED_CONFIG in unit["Service"]["ExecStart"]
         assert unit["Unit"]["PartOf"] == "bus.target"
         assert unit["Install"]["WantedBy"] == "bus.target"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 import zmq
 
 from bus import protocol
-from bus.client import Publisher
+from bus.client import ControlClient, Publisher
 from tests.conftest import Bus, RawProducer, query, wait_for
 
 INT64_EDGES = (2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63), 0)
@@ -287,3 +288,59 @@ def test_a_full_disk_is_survived_and_any_space_freed_is_used_at_once(make_bus,
     backlog = bus.writer_stats()["backlog"]
     assert backlog["rows"] == 0 and backlog["failing_for_s"] is None
     assert bus.writer.stop() == 0
+
+
+def test_a_long_reader_grows_the_wal_only_while_it_reads(make_bus) -> None:
+    """Item 11: a reader's snapshot held for a long time made the WAL grow
+    (310 MB), and it was never cut back afterwards; the checkpoint that
+    finally ran stalled one commit for a second. Checkpoints now run off the
+    writer's thread, and the WAL is cut back once the reader lets go."""
+    from writer.store import WAL_SIZE_LIMIT
+    bus = make_bus().start()
+    wal = Path(bus.db + "-wal")
+    payload = os.urandom(1000)
+    with Publisher(bus.config(), producer_id="wal") as pub:
+        pub.publish("wal.t", payload, wait=True, timeout=10)
+        reader = sqlite3.connect(bus.db)
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM messages").fetchone() == (1,)
+        while wal.stat().st_size <= WAL_SIZE_LIMIT + (8 << 20):  # bounded: ~45 MB
+            for _ in range(2000):
+                pub.publish("wal.t", payload)
+            pub.flush(timeout=60)
+        held = wait_for(lambda: (w := bus.writer_stats()["wal"])["behind_frames"] and w,
+                        message="a checkpoint stopped short by the reader")
+        assert held["incomplete_for_s"] is not None and held["bytes"] > WAL_SIZE_LIMIT
+        reader.rollback()
+        reader.close()
+
+        def cut_back() -> bool:
+            pub.publish("wal.after", b"x", wait=True, timeout=10)
+            return wal.stat().st_size <= WAL_SIZE_LIMIT
+        wait_for(cut_back, timeout=30, interval=0.2, message="the WAL to be cut back")
+    stats = bus.writer_stats()
+    assert stats["wal"]["checkpoints"] > 0 and stats["wal"]["max_checkpoint_ms"] > 0
+    assert query(bus.db, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_write_lock_held_elsewhere_does_not_stall_control_replies(make_bus) -> None:
+    """Item 11: a commit waited for another process's write lock for the whole
+    busy timeout (5 s), and control requests waited with it."""
+    bus = make_bus().start()
+    with Publisher(bus.config(), producer_id="locked") as pub:
+        pub.publish("lock.t", b"first", wait=True, timeout=10)
+        other = sqlite3.connect(bus.db, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            for i in range(50):
+                pub.publish("lock.t", b"%d" % i)
+            wait_for(lambda: bus.writer_stats()["backlog"]["failing_for_s"], timeout=10,
+                     message="commits to fail on the lock")
+            with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=1000) as control:
+                for _ in range(5):  # each answered within 1 s while the lock is held
+                    assert control.request("ping") == "pong"
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        pub.flush(timeout=10)
+    assert bus.count("lock.t") == 51

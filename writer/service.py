@@ -682,6 +682,7 @@ class Writer:
             "security": {**security.snapshot(cfg), "commands_forbidden": self.forbidden,
                          "messages_not_authentic": self.forged},
             "backlog": self.backlog(now),
+            "wal": self.store.checkpointer.snapshot(),
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
                          "first_message_id": self.store.first_message_id(),
                          "last_message_id": last_id},

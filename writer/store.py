@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,6 +21,10 @@ import apsw
 from bus.runner import StartupError
 
 SCHEMA_VERSION = 6
+# The WAL file is truncated back to this size whenever it starts over.
+WAL_SIZE_LIMIT = 32 << 20
+# How often the Checkpointer copies the WAL into the database while commits happen.
+CHECKPOINT_INTERVAL_S = 0.5
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -177,8 +182,12 @@ def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000)
         raise RuntimeError(f"{path}: could not switch to WAL (journal_mode={mode})")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
-    # Checkpoints run on the writer's thread; a larger WAL means fewer, longer ones.
-    conn.execute("PRAGMA wal_autocheckpoint=4000")
+    # No checkpoint inside a commit: the Checkpointer's thread does them, so a
+    # commit never waits for one. Each time the WAL starts over (after a complete
+    # checkpoint) it is cut back to WAL_SIZE_LIMIT, however far a long reader
+    # made it grow.
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     conn.execute("PRAGMA cache_size=-32000")
     with conn:
         for ddl in SCHEMA:
@@ -230,6 +239,74 @@ def lock_single_writer(path: str) -> int:
     return fd
 
 
+class Checkpointer:
+    """Copies the WAL into the database file on a thread of its own, with a
+    connection of its own, so that no commit waits for a checkpoint (a commit
+    that ran one stalled for a second after a long reader let go). PASSIVE
+    checkpoints never wait for readers or the writer: a reader holding an old
+    snapshot only stops one short, and the WAL grows until it lets go
+    (`behind_frames`, `incomplete_for_s` in stats); the next complete one lets
+    the WAL start over, cut back to WAL_SIZE_LIMIT."""
+
+    def __init__(self, path: str, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self.checkpoints = 0
+        self.last_ms = 0.0
+        self.max_ms = 0.0
+        self.wal_frames = 0
+        self.behind_frames = 0  # WAL frames not yet in the database file
+        self.errors = 0
+        self._incomplete_since: float | None = None
+        self._conn = apsw.Connection(path)
+        self._conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        self._due = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
+        self._thread.start()
+
+    def commit_happened(self) -> None:
+        """The writer committed: a checkpoint is due at the next interval."""
+        self._due.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            time.sleep(self.interval_s)
+            if self._stopping or not self._due.is_set():
+                continue
+            self._due.clear()
+            started = time.perf_counter()
+            try:
+                _busy, frames, done = self._conn.execute(
+                    "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except apsw.Error:
+                self.errors += 1  # e.g. a full disk: tried again after the next commit
+                continue
+            self.last_ms = (time.perf_counter() - started) * 1000.0
+            self.max_ms = max(self.max_ms, self.last_ms)
+            self.checkpoints += 1
+            self.wal_frames, self.behind_frames = max(frames, 0), max(frames - done, 0)
+            if self.behind_frames == 0:
+                self._incomplete_since = None
+            elif self._incomplete_since is None:
+                self._incomplete_since = time.monotonic()
+
+    def snapshot(self) -> dict[str, Any]:
+        wal = self.path + "-wal"
+        return {"bytes": os.path.getsize(wal) if os.path.exists(wal) else 0,
+                "size_limit": WAL_SIZE_LIMIT, "checkpoints": self.checkpoints,
+                "last_checkpoint_ms": round(self.last_ms, 3),
+                "max_checkpoint_ms": round(self.max_ms, 3), "frames": self.wal_frames,
+                "behind_frames": self.behind_frames, "errors": self.errors,
+                "incomplete_for_s": None if self._incomplete_since is None
+                else round(time.monotonic() - self._incomplete_since, 3)}
+
+    def close(self) -> None:
+        self._stopping = True
+        self._thread.join()
+        self._conn.close()
+
+
 class Store:
     def __init__(self, path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> None:
         self.path = path
@@ -239,6 +316,7 @@ class Store:
         except BaseException:
             os.close(self._lock_fd)
             raise
+        self.checkpointer = Checkpointer(path)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[apsw.Connection]:
@@ -249,6 +327,7 @@ class Store:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+        self.checkpointer.commit_happened()
 
     def write_batch(self, messages: Sequence[MessageRow],
                     producers: Sequence[tuple[Any, ...]] = (),
@@ -314,5 +393,6 @@ class Store:
         return self.conn.execute("SELECT max(id) FROM messages").fetchone()[0]
 
     def close(self) -> None:
-        self.conn.close()
+        self.checkpointer.close()
+        self.conn.close()  # the last connection: SQLite checkpoints and removes the WAL
         os.close(self._lock_fd)
