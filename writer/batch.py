@@ -39,11 +39,12 @@ class BatchBuffer:
     def __len__(self) -> int:
         return len(self.messages) + len(self.consumptions)
 
-    def add_message(self, row: MessageRow, now: float) -> None:
+    def add_message(self, row: MessageRow, now: float, size: int | None = None) -> None:
+        """Buffer a message row; `size`: its bytes if the caller knows them."""
         if self.oldest_at is None:
             self.oldest_at = now
         self.messages.append(row)
-        self.bytes += _row_bytes(row)
+        self.bytes += _row_bytes(row) if size is None else size
 
     def add_consumption(self, row: ConsumptionRow, now: float) -> None:
         if self.oldest_at is None:
@@ -97,7 +98,8 @@ class BatchBuffer:
 
 
 def _row_bytes(row: MessageRow) -> int:
-    return len(row[0]) + len(row[1]) + (len(row[2]) if row[2] else 0)
+    """The bytes of a buffered message's frames, as the writer received them."""
+    return len(row[0].encode("utf-8")) + len(row[1]) + (len(row[2]) if row[2] else 0)
 
 
 class BatchMetrics:

@@ -271,7 +271,8 @@ class Writer:
                     self._owe_nack(producer, epoch, seq, nack, "")
                 return  # or a retransmission of a stored message: acknowledged again
         self.buffer.add_message((topic, payload, meta_raw, producer, seq,
-                                 meta.get(protocol.META_TIME_NS)), now)
+                                 meta.get(protocol.META_TIME_NS)), now,
+                                len(frames[0]) + len(payload) + (len(meta_raw) if meta_raw else 0))
 
     def reject(self, exc: protocol.ProtocolError, frames: list[bytes]) -> None:
         self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1

@@ -23,8 +23,12 @@ from bus.runner import StartupError
 SCHEMA_VERSION = 6
 # The WAL file is truncated back to this size whenever it starts over.
 WAL_SIZE_LIMIT = 32 << 20
-# How often the Checkpointer copies the WAL into the database while commits happen.
-CHECKPOINT_INTERVAL_S = 0.5
+# WAL frames after a commit that make a checkpoint due (16 MiB of 4 KiB pages):
+# fewer, larger checkpoints cost less per message (each one syncs the database).
+CHECKPOINT_PAGES = 4000
+# At most one checkpoint this often, however many commits ask for one (a reader
+# holding an old snapshot keeps them incomplete, and every commit asks again).
+CHECKPOINT_MIN_INTERVAL_S = 0.2
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -242,15 +246,16 @@ def lock_single_writer(path: str) -> int:
 class Checkpointer:
     """Copies the WAL into the database file on a thread of its own, with a
     connection of its own, so that no commit waits for a checkpoint (a commit
-    that ran one stalled for a second after a long reader let go). PASSIVE
+    that ran one stalled for a second after a long reader let go). The
+    writer's connection asks for one (`request`, from its WAL hook) when a
+    commit leaves CHECKPOINT_PAGES frames or more in the WAL. PASSIVE
     checkpoints never wait for readers or the writer: a reader holding an old
     snapshot only stops one short, and the WAL grows until it lets go
     (`behind_frames`, `incomplete_for_s` in stats); the next complete one lets
     the WAL start over, cut back to WAL_SIZE_LIMIT."""
 
-    def __init__(self, path: str, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.interval_s = interval_s
         self.checkpoints = 0
         self.last_ms = 0.0
         self.max_ms = 0.0
@@ -261,35 +266,38 @@ class Checkpointer:
         self._conn = apsw.Connection(path)
         self._conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         self._due = threading.Event()
-        self._stopping = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
         self._thread.start()
 
-    def commit_happened(self) -> None:
-        """The writer committed: a checkpoint is due at the next interval."""
+    def request(self) -> None:
         self._due.set()
 
     def _run(self) -> None:
-        while not self._stopping:
-            time.sleep(self.interval_s)
-            if self._stopping or not self._due.is_set():
-                continue
+        while True:
+            self._due.wait()
+            if self._stopping.is_set():
+                return
             self._due.clear()
-            started = time.perf_counter()
-            try:
-                _busy, frames, done = self._conn.execute(
-                    "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except apsw.Error:
-                self.errors += 1  # e.g. a full disk: tried again after the next commit
-                continue
-            self.last_ms = (time.perf_counter() - started) * 1000.0
-            self.max_ms = max(self.max_ms, self.last_ms)
-            self.checkpoints += 1
-            self.wal_frames, self.behind_frames = max(frames, 0), max(frames - done, 0)
-            if self.behind_frames == 0:
-                self._incomplete_since = None
-            elif self._incomplete_since is None:
-                self._incomplete_since = time.monotonic()
+            self._checkpoint()
+            if self._stopping.wait(CHECKPOINT_MIN_INTERVAL_S):
+                return
+
+    def _checkpoint(self) -> None:
+        started = time.perf_counter()
+        try:
+            _busy, frames, done = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except apsw.Error:
+            self.errors += 1  # e.g. a full disk: tried again when a commit asks
+            return
+        self.last_ms = (time.perf_counter() - started) * 1000.0
+        self.max_ms = max(self.max_ms, self.last_ms)
+        self.checkpoints += 1
+        self.wal_frames, self.behind_frames = max(frames, 0), max(frames - done, 0)
+        if self.behind_frames == 0:
+            self._incomplete_since = None
+        elif self._incomplete_since is None:
+            self._incomplete_since = time.monotonic()
 
     def snapshot(self) -> dict[str, Any]:
         wal = self.path + "-wal"
@@ -302,7 +310,8 @@ class Checkpointer:
                 else round(time.monotonic() - self._incomplete_since, 3)}
 
     def close(self) -> None:
-        self._stopping = True
+        self._stopping.set()
+        self._due.set()
         self._thread.join()
         self._conn.close()
 
@@ -317,6 +326,13 @@ class Store:
             os.close(self._lock_fd)
             raise
         self.checkpointer = Checkpointer(path)
+        self.conn.set_wal_hook(self._after_commit)
+
+    def _after_commit(self, _conn: apsw.Connection, _name: str, frames: int) -> int:
+        """SQLite's WAL hook, after each commit of this connection."""
+        if frames >= CHECKPOINT_PAGES:
+            self.checkpointer.request()
+        return apsw.SQLITE_OK
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[apsw.Connection]:
@@ -327,7 +343,6 @@ class Store:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
-        self.checkpointer.commit_happened()
 
     def write_batch(self, messages: Sequence[MessageRow],
                     producers: Sequence[tuple[Any, ...]] = (),
