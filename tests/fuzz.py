@@ -1,0 +1,374 @@
+"""Fuzz harness (issue #11): malformed frames of every shape at every endpoint
+of a running bus, mixed with valid acknowledged messages.
+
+Each endpoint gets its own sender on a thread: data messages of 1-6 frames
+(empty, huge, control bytes, `$`, invalid UTF-8, metas that are not msgpack,
+not maps, or maps with integers at and past 64 bits) to the publisher side
+and straight into the capture pipe; subscription frames of every length to
+the subscriber side and the notify endpoint; request envelopes of every shape
+(wrong frame counts, not msgpack, wrong types, known commands with garbage
+arguments, integers past 64 bits) to the three REP endpoints, from a REQ
+socket and from a DEALER that skips the envelope. Meanwhile a Publisher sends
+valid messages. Afterwards: every process is still running, every valid
+message is acknowledged and stored exactly once, `PRAGMA integrity_check` is
+ok, and each process's RSS is sampled (peak, and after the burst).
+
+    .venv/bin/python -m tests.fuzz --frames 1000000     # per endpoint, on demand
+    .venv/bin/python -m tests.fuzz --frames 2000 --seconds 20
+
+tests/test_fuzz.py runs it in CI with a short budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from bus import protocol
+from bus.client import Publisher
+from tests.conftest import Bus, query
+
+VALID_PRODUCER = "fuzz-valid"
+ROLES = ("writer", "proxy", "reader")
+COMMANDS = ("ping", "stats", "flush", "history", "utxo_stats", "anchor_proof", "consumer_ack",
+            "consumer_get", "consumer_delete", "producer_open", "producer_status",
+            "utxo_reserve", "utxo_renew", "utxo_release", "utxo_spend", "utxo_get",
+            "utxo_upsert", "utxo_remove", "utxo_sweep", "utxo_tip", "anchor_record",
+            "anchor_replace", "anchor_fail", "anchor_update", "anchor_open", "anchor_known",
+            "anchor_leaves", "nope", "")
+INT_EDGES = (0, 1, -1, 2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, -(2**63))
+META_KEYS = ("producer", "epoch", "seq", "time_ns", "content_type", "headers", "ack", "mac")
+REPLY_WAIT_MS = 2000
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+class Shapes:
+    """Random frames of the shapes that break parsers, from one seeded RNG."""
+
+    def __init__(self, rng: random.Random, max_message_bytes: int) -> None:
+        self.rng = rng
+        self.max_message_bytes = max_message_bytes
+
+    def blob(self) -> bytes:
+        r = self.rng.random()
+        if r < 0.1:
+            return b""
+        if r < 0.15:  # around the message limit, or well past it
+            return self.rng.randbytes(self.rng.choice((self.max_message_bytes - 1,
+                                                       self.max_message_bytes + 1,
+                                                       2 * self.max_message_bytes)))
+        return self.rng.randbytes(self.rng.choice((1, 7, 64, 300, 4096)))
+
+    def value(self, depth: int = 0) -> Any:
+        r = self.rng.random()
+        if depth < 3 and r < 0.1:
+            return [self.value(depth + 1) for _ in range(self.rng.randrange(4))]
+        if depth < 3 and r < 0.2:
+            return {self.rng.choice(("a", "seq", "producer", 1)): self.value(depth + 1)
+                    for _ in range(self.rng.randrange(4))}
+        if r < 0.5:
+            return self.rng.choice(INT_EDGES)
+        if r < 0.6:
+            return self.rng.choice((None, True, False, 1.5, float("nan")))
+        if r < 0.8:
+            return self.rng.choice(("", "x" * 300, "é", "fuzz", "\x00", "a" * 129))
+        return self.blob()
+
+    def packed(self, value: Any) -> bytes:
+        try:
+            return msgpack.packb(value)
+        except (OverflowError, ValueError, TypeError):
+            return b"\xc1"
+
+    def topic(self) -> bytes:
+        return self.rng.choice((b"", b"$bus.ack.fuzz", b"\x00t", b"\x01t", b"\xff\xfe",
+                                b"t" * 257, b"fuzz.t", "fuzz.é".encode(), b"fuzz.\xc3",
+                                self.rng.randbytes(5)))
+
+    def meta(self) -> bytes:
+        r = self.rng.random()
+        if r < 0.15:
+            return self.rng.choice((b"\xc1", b"\x91", b"\xde\xff\xff", self.rng.randbytes(9)))
+        if r < 0.3:
+            return self.packed(self.value())
+        meta = {key: self.value() for key in self.rng.sample(META_KEYS, self.rng.randrange(5))}
+        if meta.get("producer") == VALID_PRODUCER:
+            meta["producer"] = "fuzz-other"
+        return self.packed(meta)
+
+    def data_message(self) -> list[bytes]:
+        frames = [self.topic(), self.blob()]
+        extra = self.rng.choice((0, 1, 1, 1, 2, 4))
+        if extra == 0 and self.rng.random() < 0.3:
+            return frames[:1]
+        return frames + [self.meta() for _ in range(extra)]
+
+    def subscription(self) -> bytes:
+        body = self.rng.randbytes(self.rng.choice((0, 1, 10, 100, 300, 2000)))
+        return self.rng.choice((b"\x01", b"\x00", b"", b"\x02")) + body
+
+    def request(self) -> list[bytes]:
+        r = self.rng.random()
+        if r < 0.1:
+            return [self.rng.randbytes(self.rng.randrange(1, 40))]
+        if r < 0.2:
+            return [protocol.encode_request(1, "ping")] * self.rng.randrange(2, 4)
+        cmd = self.rng.choice(COMMANDS)
+        if cmd in ("producer_open", "consumer_delete", "consumer_ack"):  # never the valid ones
+            args = {"producer": "fuzz-other", "consumer": "fuzz-consumer",
+                    "last_id": self.value()}
+        else:
+            args = {key: self.value() for key in self.rng.sample(
+                ("after_id", "since_ns", "limit", "prefixes", "hash", "request_id", "utxos",
+                 "lease_id", "documents", "root", "height", "amount_sat", "anchor_id"),
+                self.rng.randrange(4))}
+        return [self.packed(self.rng.choice(({"id": self.value(), "cmd": cmd, "args": args},
+                                             {"cmd": cmd, "args": self.value()},
+                                             {"id": 1, "cmd": self.value()})))]
+
+
+class Sender:
+    """One endpoint's fuzzing loop on a thread, within a frame and time budget."""
+
+    def __init__(self, name: str, loop: Callable[[Sender], None], frames: int,
+                 deadline: float) -> None:
+        self.name = name
+        self.budget = frames
+        self.deadline = deadline
+        self.frames = 0
+        self.replies = 0
+        self.unanswered = 0
+        self.error: BaseException | None = None
+        self._loop = loop
+        self.thread = threading.Thread(target=self._run, name=f"fuzz-{name}", daemon=True)
+
+    def more(self) -> bool:
+        return self.frames < self.budget and time.monotonic() < self.deadline
+
+    def _run(self) -> None:
+        try:
+            self._loop(self)
+        except BaseException as exc:  # reported in the result
+            self.error = exc
+
+
+def send_data(ctx: zmq.Context, kind: int, endpoint: str, shapes: Shapes
+              ) -> Callable[[Sender], None]:
+    def loop(sender: Sender) -> None:
+        sock = ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, 100)
+        sock.connect(endpoint)
+        if kind == zmq.XPUB:  # wait for the proxy's subscriptions, as a publisher would
+            sock.poll(5000)
+        try:
+            while sender.more():
+                frames = shapes.data_message()
+                try:
+                    sock.send_multipart(frames)
+                except zmq.Again:
+                    continue
+                sender.frames += len(frames)
+                if kind == zmq.XPUB:
+                    while sock.poll(0):
+                        sock.recv()
+        finally:
+            sock.close()
+    return loop
+
+
+def send_subscriptions(ctx: zmq.Context, endpoint: str, shapes: Shapes
+                       ) -> Callable[[Sender], None]:
+    def loop(sender: Sender) -> None:
+        sock = None
+        try:
+            while sender.more():
+                if sock is None or shapes.rng.random() < 0.001:  # connections come and go
+                    if sock is not None:
+                        sock.close()
+                    sock = ctx.socket(zmq.XSUB)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.setsockopt(zmq.SNDTIMEO, 100)
+                    sock.connect(endpoint)
+                frames = [shapes.subscription()] if shapes.rng.random() < 0.9 else \
+                    [shapes.subscription(), shapes.blob()]
+                try:
+                    sock.send_multipart(frames)
+                except zmq.Again:
+                    continue
+                sender.frames += len(frames)
+                while sock.poll(0):
+                    sock.recv_multipart()
+        finally:
+            if sock is not None:
+                sock.close()
+    return loop
+
+
+def send_requests(ctx: zmq.Context, endpoint: str, shapes: Shapes
+                  ) -> Callable[[Sender], None]:
+    def loop(sender: Sender) -> None:
+        req = dealer = None
+        try:
+            while sender.more():
+                if shapes.rng.random() < 0.1:  # no envelope at all: REP drops it
+                    if dealer is None:
+                        dealer = ctx.socket(zmq.DEALER)
+                        dealer.setsockopt(zmq.LINGER, 0)
+                        dealer.connect(endpoint)
+                    frames = shapes.request()
+                    dealer.send_multipart(frames)
+                    sender.frames += len(frames)
+                    while dealer.poll(0):
+                        dealer.recv_multipart()
+                    continue
+                if req is None:
+                    req = ctx.socket(zmq.REQ)
+                    req.setsockopt(zmq.LINGER, 0)
+                    req.connect(endpoint)
+                frames = shapes.request()
+                req.send_multipart(frames)
+                sender.frames += len(frames)
+                if req.poll(REPLY_WAIT_MS):
+                    req.recv_multipart()
+                    sender.replies += 1
+                else:  # a REQ without its reply is stuck: a new one
+                    sender.unanswered += 1
+                    req.close()
+                    req = None
+        finally:
+            for sock in (req, dealer):
+                if sock is not None:
+                    sock.close()
+    return loop
+
+
+class RssSampler:
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.peak = dict.fromkeys(pids, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+        self._thread.start()
+
+    def now(self) -> dict[str, int]:
+        return {role: rss_kib(pid) for role, pid in self.pids.items()}
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            for role, kib in self.now().items():
+                self.peak[role] = max(self.peak[role], kib)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+ENDPOINTS = ("pub", "capture", "sub", "notify", "control", "proxy_control", "read")
+
+
+def fuzz(bus: Bus, frames: int, seconds: float, seed: int = 1, valid_every: float = 0.002
+         ) -> dict[str, Any]:
+    """Fuzz a started bus (no CURVE: the capture pipe is reachable) with up to
+    `frames` frames per endpoint for at most `seconds`; the figures."""
+    cfg = bus.config()
+    ctx = zmq.Context()
+    deadline = time.monotonic() + seconds
+    # An RNG per sender: one Random shared by threads would interleave its draws.
+    senders = [Sender(name, loops_for(name, ctx, cfg, Shapes(random.Random(seed * 100 + n),
+                                                             cfg.max_message_bytes)),
+                      frames, deadline) for n, name in enumerate(ENDPOINTS)]
+    rss = RssSampler({role: getattr(bus, role).pid for role in ROLES})
+    before = rss.now()
+    valid = 0
+    started = time.monotonic()
+    with Publisher(cfg, producer_id=VALID_PRODUCER) as pub:
+        for sender in senders:
+            sender.thread.start()
+        while any(sender.thread.is_alive() for sender in senders):
+            pub.publish("fuzz.valid", b"%d" % valid)
+            valid += 1
+            time.sleep(valid_every)
+        burst_s = time.monotonic() - started
+        pub.flush(timeout=120)
+    after_burst = rss.now()
+    settled = _settle(rss)
+    rss.stop()
+    ctx.destroy(linger=0)
+    stored = query(bus.db, "SELECT count(*), count(DISTINCT producer_seq) FROM messages "
+                           "WHERE producer_id = ?", (VALID_PRODUCER,))[0]
+    return {
+        "frames_per_endpoint": {s.name: s.frames for s in senders},
+        "replies": {s.name: s.replies for s in senders if s.replies or s.unanswered},
+        "unanswered": {s.name: s.unanswered for s in senders if s.unanswered},
+        "sender_errors": {s.name: repr(s.error) for s in senders if s.error},
+        "burst_seconds": round(burst_s, 1),
+        "alive": {role: getattr(bus, role).popen.poll() is None for role in ROLES},
+        "valid_published": valid, "valid_stored": stored[0], "valid_distinct": stored[1],
+        "integrity": query(bus.db, "PRAGMA integrity_check")[0][0],
+        "rss_kib": {role: {"before": before[role], "peak": rss.peak[role],
+                           "after_burst": after_burst[role], "settled": settled[role]}
+                    for role in ROLES},
+        "writer_rejected": bus.writer_stats()["ingest"]["rejected"],
+    }
+
+
+def loops_for(name: str, ctx: zmq.Context, cfg: Any, shapes: Shapes) -> Callable[[Sender], None]:
+    if name in ("pub", "capture"):
+        return send_data(ctx, zmq.XPUB if name == "pub" else zmq.PUSH,
+                         cfg.pub_endpoint if name == "pub" else cfg.capture_endpoint, shapes)
+    if name in ("sub", "notify"):
+        return send_subscriptions(ctx, cfg.sub_endpoint if name == "sub" else
+                                  cfg.notify_endpoint, shapes)
+    endpoint = {"control": cfg.control_endpoint, "proxy_control": cfg.proxy_control_endpoint,
+                "read": cfg.read_endpoint}[name]
+    return send_requests(ctx, endpoint, shapes)
+
+
+def _settle(rss: RssSampler, seconds: float = 10.0) -> dict[str, int]:
+    """RSS once it stops falling (or after `seconds`): what the burst left behind."""
+    deadline = time.monotonic() + seconds
+    last = rss.now()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = rss.now()
+        if all(now[r] >= last[r] for r in now):
+            return now
+        last = now
+    return last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1_000_000, help="per endpoint")
+    parser.add_argument("--seconds", type=float, default=3600.0)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bus-fuzz-") as tmp:
+        bus = Bus(Path(tmp)).start()
+        try:
+            result = fuzz(bus, args.frames, args.seconds, args.seed)
+        finally:
+            bus.close()
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
