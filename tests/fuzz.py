@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import socket
 import tempfile
 import threading
 import time
@@ -194,12 +195,56 @@ def send_data(ctx: zmq.Context, kind: int, endpoint: str, shapes: Shapes
     return loop
 
 
+class RawSub:
+    """A hand-made ZMTP 3.0 peer (NULL mechanism, socket type SUB) over TCP: it
+    sends whatever frames it is given, multi-frame messages included. libzmq's
+    own XSUB crashes its process when it sends multipart messages (libzmq
+    4.3.5: a segfault at close), and a hostile peer is not libzmq anyway."""
+
+    GREETING = b"\xff" + b"\0" * 8 + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32
+
+    def __init__(self, endpoint: str) -> None:
+        host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.sock.sendall(self.GREETING)
+        ready = b"\x05READY" + b"\x0bSocket-Type" + (3).to_bytes(4, "big") + b"SUB"
+        self.sock.sendall(bytes((0x04, len(ready))) + ready)
+        self.sock.setblocking(False)
+
+    def send(self, frames: list[bytes]) -> None:
+        wire = bytearray()
+        for n, frame in enumerate(frames):
+            more = 0x01 if n < len(frames) - 1 else 0
+            if len(frame) > 255:
+                wire += bytes((more | 0x02,)) + len(frame).to_bytes(8, "big")
+            else:
+                wire += bytes((more, len(frame)))
+            wire += frame
+        self.sock.settimeout(1.0)
+        self.sock.sendall(wire)
+        self.sock.setblocking(False)
+        try:
+            while self.sock.recv(65536):  # whatever the peer sends back: dropped
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def send_subscriptions(ctx: zmq.Context, endpoint: str, shapes: Shapes
                        ) -> Callable[[Sender], None]:
+    """Single subscription frames from libzmq XSUBs that come and go, and
+    multi-frame messages of subscriptions and garbage from a raw ZMTP peer."""
     def loop(sender: Sender) -> None:
-        sock = None
+        sock = raw = None
         try:
             while sender.more():
+                if raw is None or shapes.rng.random() < 0.001:
+                    if raw is not None:
+                        raw.close()
+                    raw = RawSub(endpoint)
                 if sock is None or shapes.rng.random() < 0.001:  # connections come and go
                     if sock is not None:
                         sock.close()
@@ -207,18 +252,27 @@ def send_subscriptions(ctx: zmq.Context, endpoint: str, shapes: Shapes
                     sock.setsockopt(zmq.LINGER, 0)
                     sock.setsockopt(zmq.SNDTIMEO, 100)
                     sock.connect(endpoint)
-                frames = [shapes.subscription()] if shapes.rng.random() < 0.9 else \
-                    [shapes.subscription(), shapes.blob()]
+                if shapes.rng.random() < 0.1:
+                    frames = [shapes.subscription(), shapes.blob()]
+                    try:
+                        raw.send(frames)
+                    except OSError:  # dropped by the peer (e.g. MAXMSGSIZE): a new one
+                        raw.close()
+                        raw = None
+                        continue
+                    sender.frames += len(frames)
+                    continue
                 try:
-                    sock.send_multipart(frames)
+                    sock.send(shapes.subscription())
                 except zmq.Again:
                     continue
-                sender.frames += len(frames)
+                sender.frames += 1
                 while sock.poll(0):
                     sock.recv_multipart()
         finally:
-            if sock is not None:
-                sock.close()
+            for peer in (sock, raw):
+                if peer is not None:
+                    peer.close()
     return loop
 
 
