@@ -157,6 +157,9 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.PULL), 0)
     sock.setsockopt(zmq.RCVHWM, max(1000, cfg.batch_max_buffer_size))
     sock.setsockopt(zmq.RCVBUF, 4 << 20)
+    # The proxy passes no larger frame; a peer pushing one straight in is
+    # disconnected before the frame costs memory.
+    sock.setsockopt(zmq.MAXMSGSIZE, max(MIN_FRAME_LIMIT_BYTES, cfg.proxy_max_frame_bytes))
     if not security.capture_by_file_permissions(cfg):
         security.secure_server(sock, cfg, "capture")
         bind(sock, cfg.capture_endpoint)

@@ -344,3 +344,27 @@ def test_a_write_lock_held_elsewhere_does_not_stall_control_replies(make_bus) ->
             other.close()
         pub.flush(timeout=10)
     assert bus.count("lock.t") == 51
+
+
+def test_a_frame_larger_than_the_proxy_passes_is_refused_at_the_capture(make_bus) -> None:
+    """Item 10: the capture PULL had no MAXMSGSIZE, so a peer pushing straight
+    into it could make the writer hold any frame size in memory."""
+    bus = make_bus(BUS_PROXY_MAX_FRAME_BYTES=1 << 20).start()
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    try:
+        push.connect(bus["BUS_CAPTURE_ENDPOINT"])
+        push.send_multipart([b"huge.t", b"x" * (4 << 20)])  # dropped with its connection
+        push.close()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 2000)
+        push.connect(bus["BUS_CAPTURE_ENDPOINT"])
+        push.send_multipart([b"small.t", b"x" * 1000])
+        bus.wait_count(1, "small.t")
+    finally:
+        push.close()
+        ctx.term()
+    assert bus.count("huge.t") == 0 and all_alive(bus)
+    # Not read and refused by the writer: never received at all.
+    assert bus.writer_stats()["ingest"]["rejected"].get("message_too_large", 0) == 0
