@@ -10,8 +10,10 @@ Restart=on-failure restarts it).
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import socket
+import time
 from typing import Any, Protocol
 
 from bus.logging import get_logger
@@ -71,14 +73,39 @@ class Role(Protocol):
     def shutdown(self) -> None: ...
 
 
+# How often a process gives freed heap memory back (MemoryTrim).
+TRIM_INTERVAL_S = 10.0
+
+
+class MemoryTrim:
+    """Gives freed heap back to the system now and then (glibc's malloc_trim).
+    After a burst (a subscription flood, a backlog) libzmq and Python free
+    their memory, but glibc kept it in its arenas: RSS stayed at its peak."""
+
+    def __init__(self, interval_s: float = TRIM_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._next = 0.0
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            self._trim = None
+
+    def maybe(self, now: float) -> None:
+        if self._trim is not None and now >= self._next:
+            self._next = now + self.interval_s
+            self._trim(0)
+
+
 def run_role(role: Role) -> int:
     log = get_logger(role.name)
     stop = StopSignal()
     status = 0
     try:
         role.initialize(stop)
+        trim = MemoryTrim()
         while not stop.requested:
             role.loop()
+            trim.maybe(time.monotonic())
         log.info("stopping", signal=stop.signal_name)
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
