@@ -368,7 +368,9 @@ def decode_request(frames: list[bytes]) -> tuple[Any, str, dict[str, Any]]:
         raise RequestError(req.get("id"), BAD_REQUEST, "missing 'cmd' string")
     if not isinstance(args, dict):
         raise RequestError(req.get("id"), BAD_REQUEST, "'args' must be a map")
-    if not _within_int64(args):
+    # Only msgpack's uint64 (0xcf) encodes integers past 2^63-1: a request
+    # without that byte needs no walk (the walk costs ~0.1 us an element).
+    if b"\xcf" in raw and not _within_int64(args):
         raise RequestError(req.get("id"), BAD_REQUEST,
                            "an integer in 'args' is outside -2^63..2^63-1")
     return req.get("id"), cmd, args

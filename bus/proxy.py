@@ -203,11 +203,12 @@ class Proxy:
         thread = self._thread
         if thread is not None and thread.is_alive():
             self.drain_before_exit(deadline)
-            self._capture_linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            join_s = 1.0
+            self._capture_linger_ms = max(0, int((deadline - time.monotonic() - join_s) * 1000))
             self.steer.send(b"TERMINATE")
             # Blocked in a capture send, the loop never reads TERMINATE: the
             # context's termination below ends it (ETERM).
-            thread.join(1.0)
+            thread.join(join_s)
         elif thread is None:  # never started: its sockets are closed here
             for name in ("frontend", "backend", "_steered", "capture"):
                 sock = getattr(self, name, None)

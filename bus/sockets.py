@@ -38,7 +38,8 @@ NOTIFY_MAX_FRAME_BYTES = max(MIN_FRAME_LIMIT_BYTES, SUBSCRIPTION_OVERHEAD_BYTES
                              + len(protocol.NACK_TOPIC_PREFIX) + 4 * protocol.MAX_PRODUCER_CHARS)
 # Largest control request a REP socket reads (a utxo_upsert of 5,000 outputs is
 # about 1.5 MB); a peer sending more is disconnected before it costs memory.
-MAX_REQUEST_BYTES = 16 << 20
+# Decoded, a request of tiny msgpack objects takes about 80 times its size.
+MAX_REQUEST_BYTES = 4 << 20
 
 
 class EndpointInUse(StartupError):

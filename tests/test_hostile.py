@@ -399,3 +399,22 @@ def test_a_subscription_flood_is_given_back_when_its_subscriber_leaves(bus: Bus)
     wait_for(lambda: rss_kib(proxy_pid) < before + (32 << 10), timeout=30, interval=0.5,
              message="the proxy's memory to be given back")
     assert bus.count("flood.valid") == 1000 and all_alive(bus)
+
+
+def test_a_transaction_too_big_for_a_full_disk_fails_as_full(small_disk: Path) -> None:
+    """A transaction larger than SQLite's page cache spills to the WAL before
+    COMMIT; on a full disk SQLite then rolls back by itself, and the writer's
+    own ROLLBACK raised "no transaction is active", hiding SQLITE_FULL (the
+    part-by-part recovery never started, and the writer crashed)."""
+    import apsw
+    from writer.store import Store
+    store = Store(str(small_disk / "bus.db"))
+    try:
+        fill(small_disk, "filler", 2 << 20)
+        rows = [("big.t", os.urandom(1 << 20), None, None, None, None) for _ in range(40)]
+        with pytest.raises(apsw.FullError):
+            store.write_batch(rows)
+        (small_disk / "filler").unlink()
+        store.write_batch(rows[:2])  # and the store goes on
+    finally:
+        store.close()

@@ -112,6 +112,21 @@ def test_replay_gives_the_states_of_a_committed_part_only() -> None:
     assert committed.max_seq == 4, "the committed state itself is not touched"
 
 
+def test_replay_gives_up_no_hole_and_reads_any_meta_the_writer_took() -> None:
+    """A part's ledger rows must not give up a hole (it would be acknowledged
+    while its message may still wait in the buffer), and a meta with an
+    integer key (the writer takes those) must not stop the replay."""
+    from writer.producers import ProducerLedger, ProducerState
+    committed = ProducerState("p", max_seq=0, epoch=1)
+    ledger = ProducerLedger(lambda pid: committed.row(), max_holes=2)
+    seqs = [2, 4, 6, 8, 10]  # holes at 1, 3, 5, 7, 9: more than max_holes
+    rows = [("t", b"", msgpack.packb({1: 0, "producer": "p", "epoch": 1, "seq": seq}), "p",
+             seq, None) for seq in seqs]
+    (state,) = ledger.replay(rows)
+    assert state.holes == [[1, 1], [3, 3], [5, 5], [7, 7], [9, 9]]
+    assert state.contiguous_seq == 0 and state.abandoned == 0
+
+
 def test_buffer_reports_full_at_its_bound() -> None:
     buf = BatchBuffer(batch_size=2, flush_interval=1.0, max_size=4)
     for i in range(4):

@@ -389,7 +389,10 @@ def test_a_database_of_a_newer_bus_is_refused(make_bus) -> None:
     bus.writer.stop()
     with sqlite3.connect(bus.db) as conn:
         conn.execute("UPDATE bus_meta SET value = '999' WHERE key = 'schema_version'")
+        conn.execute("DROP TABLE subscriptions")  # as a newer schema might
     conn.close()
     done = bus.cli("writer", timeout=20)
     assert done.returncode != 0 and "schema 999, newer than this writer" in done.stderr
     assert "Traceback" not in done.stderr
+    assert query(bus.db, "SELECT name FROM sqlite_master WHERE name = 'subscriptions'") == [], \
+        "the refused file is left as it was"

@@ -31,6 +31,7 @@ producer.
 from __future__ import annotations
 
 import hmac
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -257,13 +258,15 @@ class ProducerLedger:
         them, so that the table always matches the committed messages (a full
         disk's backlog is committed in parts). Refusals among them are left out:
         their seqs stay holes until the whole backlog is committed, which only
-        delays their acknowledgement. The cached states are not touched."""
+        delays their acknowledgement; no hole is given up, however many there
+        are. The cached states are not touched."""
         states: dict[str, ProducerState] = {}
         changed: dict[str, ProducerState] = {}
         for _topic, _payload, meta, producer, seq, _time_ns in rows:
             if producer is None or seq is None or not meta:
                 continue
-            identity = protocol.session_identity(msgpack.unpackb(meta))
+            identity = protocol.session_identity(
+                msgpack.unpackb(meta, raw=False, strict_map_key=False))
             if identity is None:
                 continue  # no session: stored without the ledger
             state = states.get(producer)
@@ -271,7 +274,9 @@ class ProducerLedger:
                 row = self._load(producer)
                 state = states[producer] = ProducerState.from_row(row) if row \
                     else ProducerState(producer)
-            if identity[1] == state.epoch and state.accept(seq, self.max_holes):
+            # No hole is given up here (MAX_HOLES): one given up would be
+            # acknowledged though its message may still wait in the buffer.
+            if identity[1] == state.epoch and state.accept(seq, sys.maxsize):
                 changed[producer] = state
         return list(changed.values())
 

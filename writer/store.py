@@ -193,23 +193,24 @@ def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000)
     conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     conn.execute("PRAGMA cache_size=-32000")
-    with conn:
-        for ddl in SCHEMA:
-            conn.execute(ddl)
+    try:
         stored = conn.execute("SELECT value FROM bus_meta WHERE key = 'schema_version'"
                               ).fetchone()
-        newer = stored is not None and int(stored[0]) > SCHEMA_VERSION
-        if not newer:
-            for table, column, definition in ADDED_COLUMNS:
-                have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-            conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('schema_version', ?)",
-                         (str(SCHEMA_VERSION),))
-    if newer:
+    except apsw.SQLError:  # a new file: no bus_meta yet
+        stored = None
+    if stored is not None and int(stored[0]) > SCHEMA_VERSION:  # changed nothing yet
         conn.close()
         raise NewerSchema(f"{path} has schema {stored[0]}, newer than this writer's "
                           f"({SCHEMA_VERSION}): run the bus version that wrote it, or a newer one")
+    with conn:
+        for ddl in SCHEMA:
+            conn.execute(ddl)
+        for table, column, definition in ADDED_COLUMNS:
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('schema_version', ?)",
+                     (str(SCHEMA_VERSION),))
     return conn
 
 
@@ -340,7 +341,11 @@ class Store:
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # SQLite has rolled back by itself after some errors (SQLITE_FULL
+            # while spilling a large transaction): ROLLBACK would then raise
+            # and hide the error that matters.
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
 
