@@ -406,6 +406,11 @@ def encode_reply_ok(request_id: Any, result: Any) -> bytes:
     return msgpack.packb({"id": request_id, "ok": True, "result": result})
 
 
+def internal_error_reply(request_id: Any, exc: BaseException) -> bytes:
+    """The reply to a request that failed on a bug (the handler logs it)."""
+    return encode_reply_error(request_id, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+
 def encode_reply_error(request_id: Any, code: str, reason: str) -> bytes:
     return msgpack.packb({"id": request_id, "ok": False,
                           "error": {"code": code, "reason": reason}})

@@ -137,9 +137,8 @@ class Proxy:
         except Exception as exc:  # a bug must cost one request, not the proxy
             self._internal_errors += 1
             self._rejects.error(protocol.INTERNAL_ERROR, "control_request_failed",
-                                exc_info=True, error=f"{type(exc).__name__}: {exc}")
-            reply = protocol.encode_reply_error(request_id, protocol.INTERNAL_ERROR,
-                                                f"{type(exc).__name__}: {exc}")
+                                exc_info=True)
+            reply = protocol.internal_error_reply(request_id, exc)
         self.control.send(reply)
 
     def counters(self, wait_ms: int = STATISTICS_WAIT_MS) -> dict[str, int] | None:

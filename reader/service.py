@@ -242,10 +242,8 @@ class Reader:
             return protocol.encode_reply_error(request_id, "read_failed", str(exc))
         except Exception as exc:  # a bug must cost one request, not the reader
             self.internal_errors += 1
-            self._rejects.error(protocol.INTERNAL_ERROR, "request_failed",
-                                exc_info=True, error=f"{type(exc).__name__}: {exc}")
-            return protocol.encode_reply_error(request_id, protocol.INTERNAL_ERROR,
-                                               f"{type(exc).__name__}: {exc}")
+            self._rejects.error(protocol.INTERNAL_ERROR, "request_failed", exc_info=True)
+            return protocol.internal_error_reply(request_id, exc)
 
     def serve_page(self, query: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()

@@ -276,6 +276,13 @@ def send_subscriptions(ctx: zmq.Context, endpoint: str, shapes: Shapes
     return loop
 
 
+def connected(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
 def send_requests(ctx: zmq.Context, endpoint: str, shapes: Shapes
                   ) -> Callable[[Sender], None]:
     def loop(sender: Sender) -> None:
@@ -283,20 +290,14 @@ def send_requests(ctx: zmq.Context, endpoint: str, shapes: Shapes
         try:
             while sender.more():
                 if shapes.rng.random() < 0.1:  # no envelope at all: REP drops it
-                    if dealer is None:
-                        dealer = ctx.socket(zmq.DEALER)
-                        dealer.setsockopt(zmq.LINGER, 0)
-                        dealer.connect(endpoint)
+                    dealer = dealer or connected(ctx, zmq.DEALER, endpoint)
                     frames = shapes.request()
                     dealer.send_multipart(frames)
                     sender.frames += len(frames)
                     while dealer.poll(0):
                         dealer.recv_multipart()
                     continue
-                if req is None:
-                    req = ctx.socket(zmq.REQ)
-                    req.setsockopt(zmq.LINGER, 0)
-                    req.connect(endpoint)
+                req = req or connected(ctx, zmq.REQ, endpoint)
                 frames = shapes.request()
                 req.send_multipart(frames)
                 sender.frames += len(frames)

@@ -21,6 +21,7 @@ import zmq
 from bus import protocol
 from bus.client import ControlClient, Publisher
 from tests.conftest import Bus, RawProducer, query, wait_for
+from tests.fuzz import rss_kib
 
 INT64_EDGES = (2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63), 0)
 
@@ -45,9 +46,12 @@ def raw_request(endpoint: str, frames: list[bytes], timeout_ms: int = 3000) -> A
         ctx.term()
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+def publish_acked(bus: Bus, producer: str, topic: str, n: int) -> None:
+    """n messages from a Publisher, returning once all are acknowledged."""
+    with Publisher(bus.config(), producer_id=producer, connect_timeout=5) as pub:
+        for i in range(n):
+            pub.publish(topic, b"%d" % i)
+        pub.flush(timeout=10)
 
 
 def test_meta_integers_at_and_beyond_64_bits_are_refused_not_fatal(bus: Bus) -> None:
@@ -147,10 +151,7 @@ def test_a_forged_unsubscribe_stops_nothing(bus: Bus) -> None:
         for frame in (b"\x00", b"\x00o", b"\x00\x00", b"\x00" + bytes(range(0x20, 0x7f))):
             for _ in range(50):
                 xsub.send(frame)
-        with Publisher(bus.config(), producer_id="after-unsub", connect_timeout=5) as pub:
-            for i in range(500):
-                pub.publish("unsub.after", b"%d" % i)
-            pub.flush(timeout=10)
+        publish_acked(bus, "after-unsub", "unsub.after", 500)
     finally:
         xsub.close()
         ctx.term()
@@ -389,10 +390,7 @@ def test_a_subscription_flood_is_given_back_when_its_subscriber_leaves(bus: Bus)
             xsub.send(b"\x01" + rng.randbytes(200))
         wait_for(lambda: rss_kib(proxy_pid) > before + (100 << 10), timeout=30,
                  message="the subscriptions to reach the proxy")
-        with Publisher(bus.config(), producer_id="flooded") as pub:
-            for i in range(1000):
-                pub.publish("flood.valid", b"%d" % i)
-            pub.flush(timeout=10)
+        publish_acked(bus, "flooded", "flood.valid", 1000)
     finally:
         xsub.close()
         ctx.term()

@@ -555,9 +555,8 @@ class Writer:
         except Exception as exc:  # a bug must cost one request, not the writer
             self.internal_errors += 1
             self._rejects.error(protocol.INTERNAL_ERROR, "control_request_failed",
-                                exc_info=True, error=f"{type(exc).__name__}: {exc}")
-            reply = protocol.encode_reply_error(request_id, protocol.INTERNAL_ERROR,
-                                                f"{type(exc).__name__}: {exc}")
+                                exc_info=True)
+            reply = protocol.internal_error_reply(request_id, exc)
         self.control.send(reply)
 
     def _refuse_command(self, reason: str, user: str | None) -> None:
