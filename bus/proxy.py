@@ -179,21 +179,20 @@ class Proxy:
         A loop blocked on a full capture queue cannot drain: skipped."""
         idle = self.config.drain_idle_ms / 1000.0
         deadline = min(deadline, time.monotonic() + DRAIN_WINDOW_IDLES * idle)
-        counters = self.counters()
-        seen, quiet_since = counters and counters["frontend_frames_in"], time.monotonic()
-        while counters is not None and time.monotonic() < deadline:
-            time.sleep(min(0.05, idle))
+        seen, quiet_since = None, time.monotonic()
+        while seen is None or time.monotonic() < deadline:
             counters = self.counters()
-            if counters is not None and counters["frontend_frames_in"] != seen:
-                seen, quiet_since = counters["frontend_frames_in"], time.monotonic()
-            elif counters is not None and time.monotonic() - quiet_since >= idle:
+            if counters is None:
+                log.warning("drain_skipped", reason="the forwarding loop is blocked (a full "
+                                                    "capture queue while the writer is down?)")
                 return
-        if counters is None:
-            log.warning("drain_skipped", reason="the forwarding loop is blocked (a full "
-                                                "capture queue while the writer is down?)")
-        else:
-            log.warning("drain_cut_short", forwarded_frames=seen,
-                        drain_window_ms=int(DRAIN_WINDOW_IDLES * self.config.drain_idle_ms))
+            if counters["frontend_frames_in"] != seen:
+                seen, quiet_since = counters["frontend_frames_in"], time.monotonic()
+            elif time.monotonic() - quiet_since >= idle:
+                return
+            time.sleep(min(0.05, idle))
+        log.warning("drain_cut_short", forwarded_frames=seen,
+                    drain_window_ms=int(DRAIN_WINDOW_IDLES * self.config.drain_idle_ms))
 
     def shutdown(self) -> None:
         if self.ctx is None:

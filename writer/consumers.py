@@ -49,8 +49,9 @@ class ConsumerPositions:
         Returns the position and the row to store, None if nothing changed."""
         name = check_name(name)
         current = self.positions.get(name)
-        owner = current[2] if current is not None else user
-        if user is not None and owner not in (None, user):
+        # A name first acknowledged while CURVE was off is its first key's now.
+        owner = (current[2] if current is not None else None) or user
+        if user is not None and owner != user:
             raise ConsumerError(FORBIDDEN, f"consumer {name!r} belongs to another key: "
                                            "acknowledge under your own consumer name")
         if type(last_id) is not int or last_id < 0:
@@ -65,8 +66,6 @@ class ConsumerPositions:
         claims = current is not None and current[2] is None and user is not None
         if current is not None and last_id <= current[0] and not claims:
             return current[0], None
-        # A name first acknowledged while CURVE was off is its first key's now.
-        owner = owner or user
         position = max(last_id, current[0]) if current is not None else last_id
         self.positions[name] = (position, now_ns, owner)
         return position, (name, position, now_ns, owner)

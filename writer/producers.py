@@ -210,12 +210,9 @@ class ProducerLedger:
         else:
             self._states.move_to_end(producer_id)
             state.last_seen_ns = now_ns
-        if epoch != state.epoch:
-            return False, self._foreign_epoch(state, epoch)
-        if signed is not None and not state.authentic(signed, seq):
-            raise NotAuthentic(producer_id)
-        if seq > state.max_seq + MAX_SEQ_AHEAD:
-            return False, protocol.SEQ_OUT_OF_WINDOW
+        refusal = self._refusal(state, epoch, seq, signed)
+        if refusal is not None:
+            return False, refusal
         self._dirty[producer_id] = state
         if state.accept(seq, self.max_holes):
             return True, None
@@ -227,18 +224,23 @@ class ProducerLedger:
         """A message of this producer that the writer will not store: the code to
         nack it with, or None if its seq was stored before. `signed` as for accept."""
         state = self._touch(producer_id, now_ns)
-        if epoch != state.epoch:
-            return self._foreign_epoch(state, epoch)
-        if signed is not None and not state.authentic(signed, seq):
-            raise NotAuthentic(producer_id)
-        if seq > state.max_seq + MAX_SEQ_AHEAD:
-            return protocol.SEQ_OUT_OF_WINDOW
+        refusal = self._refusal(state, epoch, seq, signed)
+        if refusal is not None:
+            return refusal
         self._dirty[producer_id] = state
         return state.refuse(seq, code, self.max_holes)
 
     @staticmethod
-    def _foreign_epoch(state: ProducerState, epoch: int) -> str:
-        return protocol.PRODUCER_FENCED if epoch < state.epoch else protocol.UNKNOWN_SESSION
+    def _refusal(state: ProducerState, epoch: int, seq: int, signed: Signed | None) -> str | None:
+        """Why a message of (epoch, seq) is refused whatever its content, or None;
+        NotAuthentic if it is not the session key's (with `signed`)."""
+        if epoch != state.epoch:
+            return protocol.PRODUCER_FENCED if epoch < state.epoch else protocol.UNKNOWN_SESSION
+        if signed is not None and not state.authentic(signed, seq):
+            raise NotAuthentic(state.producer_id)
+        if seq > state.max_seq + MAX_SEQ_AHEAD:
+            return protocol.SEQ_OUT_OF_WINDOW
+        return None
 
     def open(self, producer_id: str, now_ns: int, owner: str | None = None,
              session_key: bytes | None = None) -> ProducerState:
@@ -282,14 +284,14 @@ class ProducerLedger:
 
     def peek(self, producer_id: str) -> ProducerState | None:
         """The state of a known producer (loaded if need be), None for an unknown one."""
-        state = self._states.get(producer_id) or self._dirty.get(producer_id)
+        state = self._states.get(producer_id)
         if state is not None:
             return state
         row = self._load(producer_id)
         return None if row is None else self._cache(ProducerState.from_row(row))
 
     def _touch(self, producer_id: str, now_ns: int) -> ProducerState:
-        state = self._states.get(producer_id) or self._dirty.get(producer_id)
+        state = self._states.get(producer_id)
         if state is None:
             row = self._load(producer_id)
             state = self._cache(ProducerState.from_row(row) if row else

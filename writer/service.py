@@ -245,18 +245,17 @@ class Writer:
                 frames, cfg.max_topic_bytes, cfg.max_message_bytes)
             if topic[0] == protocol.RESERVED_PREFIX:  # the proxy takes none in: pushed here
                 raise protocol.ProtocolError(protocol.RESERVED_TOPIC, topic[:64])
+            producer, seq = meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ)
+            epoch = meta.get(protocol.META_EPOCH)
+            if self.authenticating and producer is not None and epoch is None:
+                # Only a session's MAC shows who sent a message in a producer's name.
+                raise protocol.ProtocolError(protocol.SESSION_REQUIRED,
+                                             "with CURVE, a message naming a producer must "
+                                             "be sent in its session (producer_open)")
         except protocol.ProtocolError as exc:
             self.reject(exc, frames)
             return
         self.messages_received += 1
-        producer, seq = meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ)
-        epoch = meta.get(protocol.META_EPOCH)
-        if self.authenticating and producer is not None and epoch is None:
-            # Only a session's MAC shows who sent a message in a producer's name.
-            self.reject(protocol.ProtocolError(
-                protocol.SESSION_REQUIRED, "with CURVE, a message naming a producer must be "
-                                           "sent in its session (producer_open)"), frames)
-            return
         if producer is not None and seq is not None and epoch is not None:
             try:
                 store, nack = self.producers.accept(
@@ -282,9 +281,9 @@ class Writer:
         session = protocol.refused_session(frames)
         if session is not None:
             (producer, epoch, seq), mac = session
-            signed = None
-            if self.authenticating:  # refusing a forgery would decide the real message's seq
-                signed = (frames[0], frames[1], mac) if len(frames) >= 2 else (b"", b"", None)
+            # (refused_session names only messages of 3 frames or more.) Refusing
+            # a forgery would decide the real message's seq: its MAC is checked.
+            signed = (frames[0], frames[1], mac) if self.authenticating else None
             try:
                 code = self.producers.refuse(producer, epoch, seq, exc.reason, self._drain_ns,
                                              signed)
@@ -612,8 +611,7 @@ class Writer:
         other key can open (and so fence) it."""
         producer = args.get("producer")
         if not protocol.is_producer_id(producer):
-            self.bad_control_requests += 1
-            return protocol.encode_reply_error(
+            raise protocol.RequestError(
                 request_id, protocol.BAD_REQUEST,
                 f"'producer' must be a string of 1-{protocol.MAX_PRODUCER_CHARS} chars")
         if cmd == "producer_status":
@@ -624,9 +622,9 @@ class Writer:
                                                f"no command {cmd!r}")
         known = self.producers.peek(producer)
         if user is not None and known is not None and known.owner not in (None, user):
-            reason = f"producer {producer!r} belongs to another key: open your own producer id"
-            self._refuse_command(reason, user)
-            return protocol.encode_reply_error(request_id, protocol.FORBIDDEN, reason)
+            raise protocol.RequestError(request_id, protocol.FORBIDDEN,
+                                        f"producer {producer!r} belongs to another key: open "
+                                        "your own producer id")
         session_key = os.urandom(32) if self.authenticating else None
         state = self.producers.open(producer, time.time_ns(), owner=user,
                                     session_key=session_key)
