@@ -146,6 +146,9 @@ SETTINGS: tuple[Setting, ...] = (
             "largest message (all frames) stored"),
     Setting("proxy_max_frame_bytes", "BUS_PROXY_MAX_FRAME_BYTES", int, 16_777_216,
             "the proxy disconnects a peer sending a larger frame (memory guard)"),
+    Setting("proxy_memory_limit_bytes", "BUS_PROXY_MEMORY_LIMIT_BYTES", int, 1 << 30,
+            "over this RSS the proxy stops taking in, then cuts off subscribers, then "
+            "publishers, until it is back under (0: off)"),
     Setting("shutdown_timeout_ms", "BUS_SHUTDOWN_TIMEOUT_MS", int, 10_000,
             "longest a process spends draining and flushing when stopped"),
     Setting("drain_idle_ms", "BUS_DRAIN_IDLE_MS", int, 200,
@@ -162,6 +165,10 @@ _BY_FIELD = {s.field: s for s in SETTINGS}
 # Never shown in stats or logs.
 SECRET_FIELDS = ("bitcoind_rpc_password",)
 _BY_ENV = {s.env: s for s in SETTINGS}
+
+
+# The proxy's memory limit must leave room for the process itself.
+PROXY_MEMORY_LIMIT_MIN = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,7 @@ class BusConfig:
     max_topic_bytes: int
     max_message_bytes: int
     proxy_max_frame_bytes: int
+    proxy_memory_limit_bytes: int
     shutdown_timeout_ms: int
     drain_idle_ms: int
     request_timeout_ms: int
@@ -249,6 +257,9 @@ class BusConfig:
                      "anchor_max_fee_rate_sat_vb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_BY_FIELD[name].env} must be positive")
+        if self.proxy_memory_limit_bytes and self.proxy_memory_limit_bytes < PROXY_MEMORY_LIMIT_MIN:
+            raise ConfigError(f"BUS_PROXY_MEMORY_LIMIT_BYTES must be 0 (off) or at least "
+                              f"{PROXY_MEMORY_LIMIT_MIN} (the proxy alone takes about 40 MB)")
         if self.anchor_fee_rate_sat_vb < 0:
             raise ConfigError("BUS_ANCHOR_FEE_RATE_SAT_VB must not be negative (0: estimate)")
         if self.batch_load_window_seconds <= 0:

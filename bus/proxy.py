@@ -19,6 +19,25 @@ delivered.
 
 Counters come from libzmq's STATISTICS command; libzmq counts frames (message
 parts), not messages, so they are reported as frames.
+
+libzmq bounds its queues in messages, never in bytes, and cannot limit the
+number of subscriptions or the frames of one message. The memory guard
+(BUS_PROXY_MEMORY_LIMIT_BYTES) bounds the process in bytes instead. Over the
+limit it pauses: the forwarding loop is ended (libzmq 4.3.5's PAUSE command
+does not stop it) and nothing more is queued, while the capture queue drains
+into the writer. While paused:
+- memory that still grows by an eighth of the limit is someone streaming in
+  (an endless multipart message, a subscription flood): the publishers' side
+  is cut off, and if it grows again the subscribers' side;
+- memory not back within a second is a slow subscriber's queue (or held
+  subscriptions): the subscribers' side is cut off;
+- under 75% of the limit, or 10 s after the last action in any case, the
+  sides are opened again and forwarding resumes.
+A side cut off loses its connections, queues and subscriptions; its peers
+reconnect once it is open again (subscribers subscribe again, publishers re-send
+what was not acknowledged). Redis's client-output-buffer-limit and NATS's
+slow-consumer cut-off do the same per client; libzmq's PUB cannot tell which
+subscriber is slow, so here a whole side goes.
 """
 
 from __future__ import annotations
@@ -33,7 +52,7 @@ import zmq
 from bus import protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.logging import RateLimitedLog, get_logger
-from bus.runner import StopSignal
+from bus.runner import StopSignal, release_free_memory, resident_bytes
 
 log = get_logger("proxy")
 
@@ -41,6 +60,22 @@ log = get_logger("proxy")
 # or blocked (e.g. the capture queue is full while the writer is down) when it
 # does not answer in time: `stats` then answers `busy`.
 STATISTICS_WAIT_MS = 2000
+
+# The memory guard: how often it reads RSS (what arrives between two reads is
+# the most the limit can be overshot by), the fraction of the limit under which
+# forwarding resumes, how long a pause may not bring memory back before
+# subscribers are cut off, and how much growth while paused cuts off a side.
+MEMORY_CHECK_S = 0.02
+MEMORY_RESUME_FRACTION = 0.75
+SUBSCRIBER_CUTOFF_AFTER_S = 1.0
+CUTOFF_GROWTH_FRACTION = 0.125
+# Paused this long since its last action without memory coming back, the guard
+# resumes forwarding anyway (and pauses again if memory grows again).
+PAUSE_GIVE_UP_S = 10.0
+# How long a cut-off side may take to bind its endpoint again: libzmq closes
+# the old listener asynchronously.
+REBIND_WAIT_S = 5.0
+SUBSCRIBERS, PUBLISHERS = "subscribers", "publishers"
 
 _STAT_NAMES = (
     "frontend_frames_in", "frontend_bytes_in", "frontend_frames_out", "frontend_bytes_out",
@@ -56,12 +91,24 @@ class Proxy:
         self.ctx: zmq.Context | None = None
         self._thread: threading.Thread | None = None
         self._proxy_error: BaseException | None = None
-        self._statistics_pending = False  # a STATISTICS the loop has not answered yet
+        self._unanswered = 0              # steering commands the loop has not answered yet
         self._capture_linger_ms = 0       # set by shutdown, used by the loop's thread
         self._bad_requests = 0
         self._internal_errors = 0
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
+        # libzmq's counters start from zero with each run of its loop: what the
+        # loops before the current one counted.
+        self._counted = dict.fromkeys(_STAT_NAMES, 0)
+        # The memory guard's state: when forwarding was paused (None: running),
+        # when it last acted, RSS after that, when to read RSS next, and what it
+        # did so far.
+        self._paused_at: float | None = None
+        self._last_action = 0.0
+        self._memory_mark = 0
+        self._next_memory_check = 0.0
+        self._rss = 0
+        self.memory_actions = {"pauses": 0, "subscriber_cutoffs": 0, "publisher_cutoffs": 0}
 
     def initialize(self, stop: StopSignal) -> None:
         cfg = self.config
@@ -77,20 +124,27 @@ class Proxy:
         steered = self.ctx.socket(zmq.PAIR)
         steered.connect(sockets.PROXY_STEERING_ENDPOINT)
         self._steered = steered
-        self._thread = threading.Thread(target=self._run_proxy, name="zmq-proxy", daemon=True)
-        self._thread.start()
+        self._start_forwarding()
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(stop.fileno(), zmq.POLLIN)
         log.info("started", pub_endpoint=cfg.pub_endpoint, sub_endpoint=cfg.sub_endpoint,
                  capture_endpoint=cfg.capture_endpoint,
                  control_endpoint=cfg.proxy_control_endpoint, capture_hwm=cfg.capture_hwm,
+                 memory_limit_bytes=cfg.proxy_memory_limit_bytes,
                  config_source=cfg.source, config=cfg.public())
 
+    def _start_forwarding(self) -> None:
+        self._unanswered = 0  # a loop that owed answers is gone
+        self._thread = threading.Thread(target=self._run_proxy, name="zmq-proxy", daemon=True)
+        self._thread.start()
+
     def _run_proxy(self) -> None:
-        """The forwarding loop's thread. Its sockets are closed here, where they
-        are used: at shutdown the loop may be blocked in a capture send (writer
-        down, queue full) and only the context's termination (ETERM) frees it."""
+        """The forwarding loop's thread. At shutdown its sockets are closed
+        here, where they are used: the loop may be blocked in a capture send
+        (writer down, queue full) and only the context's termination (ETERM)
+        frees it. When the memory guard ends it, the main thread takes the
+        sockets over until it starts the loop again."""
         try:
             zmq.proxy_steerable(self.frontend, self.backend, self.capture, self._steered)
         except zmq.ZMQError as exc:
@@ -99,19 +153,31 @@ class Proxy:
         except BaseException as exc:  # reported by the main loop, which exits non-zero
             self._proxy_error = exc
         finally:
-            for sock in (self.frontend, self.backend, self._steered):
+            if self._paused_at is None or self._proxy_error is not None:
+                self._close_forwarding_sockets()
+
+    def _close_forwarding_sockets(self) -> None:
+        for name in ("frontend", "backend", "_steered"):
+            sock = getattr(self, name, None)
+            if sock is not None:
                 sock.close(linger=0)
+        if getattr(self, "capture", None) is not None:
             # Queued captures still reach the writer within the shutdown deadline.
             self.capture.close(linger=self._capture_linger_ms)
 
+    def _forwarding(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def loop(self, now: float | None = None) -> None:
-        events = dict(self.poller.poll(1000))
-        if self._thread is not None and not self._thread.is_alive():
+        events = dict(self.poller.poll(int(MEMORY_CHECK_S * 1000)))
+        if self._thread is not None and not self._forwarding() and (
+                self._paused_at is None or self._proxy_error is not None):
             raise RuntimeError(f"proxy loop ended: {self._proxy_error!r}")
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.control in events:
             self.handle_control(self.control.recv_multipart())
+        self.guard_memory(time.monotonic() if now is None else now)
 
     def handle_control(self, frames: list[bytes]) -> None:
         request_id: Any = None
@@ -141,21 +207,32 @@ class Proxy:
             reply = protocol.internal_error_reply(request_id, exc)
         self.control.send(reply)
 
-    def counters(self, wait_ms: int = STATISTICS_WAIT_MS) -> dict[str, int] | None:
-        """libzmq's frame and byte counters of the running proxy loop, or None
-        if it does not answer within `wait_ms`. The unanswered command's reply
-        comes later, and is read and dropped before the next command is sent."""
-        if self._statistics_pending:
-            if not self.steer.poll(0):
-                return None
+    def _steer(self, command: bytes, wait_ms: int) -> list[bytes] | None:
+        """Send one steering command (libzmq answers each), or None if the loop
+        does not answer within `wait_ms`. An unanswered command's reply comes
+        later, and is read and dropped before the next command is sent."""
+        while self._unanswered and self.steer.poll(0):
             self.steer.recv_multipart()
-            self._statistics_pending = False
-        self.steer.send(b"STATISTICS")
-        if not self.steer.poll(wait_ms):
-            self._statistics_pending = True
+            self._unanswered -= 1
+        if self._unanswered:
             return None
-        values = [struct.unpack("=Q", part)[0] for part in self.steer.recv_multipart()]
-        return dict(zip(_STAT_NAMES, values))
+        self.steer.send(command)
+        self._unanswered += 1
+        if not self.steer.poll(wait_ms):
+            return None
+        self._unanswered -= 1
+        return self.steer.recv_multipart()
+
+    def counters(self, wait_ms: int = STATISTICS_WAIT_MS) -> dict[str, int] | None:
+        """libzmq's frame and byte counters since the proxy started, or None if
+        the running loop does not answer within `wait_ms`."""
+        if not self._forwarding():
+            return dict(self._counted)
+        reply = self._steer(b"STATISTICS", wait_ms)
+        if reply is None:
+            return None
+        return {name: self._counted[name] + struct.unpack("=Q", part)[0]
+                for name, part in zip(_STAT_NAMES, reply)}
 
     def read_stats(self) -> dict[str, Any] | None:
         stats: dict[str, Any] | None = self.counters()
@@ -166,9 +243,98 @@ class Proxy:
                      internal_errors=self._internal_errors,
                      security=security.snapshot(self.config),
                      capture_hwm=self.config.capture_hwm,
+                     memory={"rss_bytes": resident_bytes(),
+                             "limit_bytes": self.config.proxy_memory_limit_bytes,
+                             "paused": self._paused_at is not None, **self.memory_actions},
                      endpoints={"pub": self.config.pub_endpoint, "sub": self.config.sub_endpoint,
                                 "capture": self.config.capture_endpoint})
         return stats
+
+    # --- the memory guard -----------------------------------------------------
+
+    def guard_memory(self, now: float) -> None:
+        """Keep RSS under BUS_PROXY_MEMORY_LIMIT_BYTES (see the module's doc)."""
+        limit = self.config.proxy_memory_limit_bytes
+        if not limit or now < self._next_memory_check:
+            return
+        self._next_memory_check = now + MEMORY_CHECK_S
+        self._rss = resident_bytes()
+        if self._paused_at is None:
+            if self._rss <= limit:
+                return
+            release_free_memory()
+            self._rss = resident_bytes()
+            if self._rss <= limit:
+                return
+            self._pause(now, limit)
+            return
+        if self._forwarding():  # a blocked loop has not taken the pause yet
+            return
+        if self._rss >= limit * MEMORY_RESUME_FRACTION:
+            release_free_memory()
+            self._rss = resident_bytes()
+        if self._rss < limit * MEMORY_RESUME_FRACTION:
+            self._resume(now, limit, "memory_back_under_limit")
+        elif self._rss > self._memory_mark + limit * CUTOFF_GROWTH_FRACTION:
+            # Still growing with nothing forwarded: someone is streaming in.
+            self._cut_off(PUBLISHERS if self.frontend is not None else SUBSCRIBERS, now, limit)
+        elif self.backend is not None and now - self._paused_at >= SUBSCRIBER_CUTOFF_AFTER_S:
+            self._cut_off(SUBSCRIBERS, now, limit)
+        elif now - self._last_action >= PAUSE_GIVE_UP_S:
+            # What holds the memory is no queue of this process that drains
+            # (the capture queue while the writer is down?): forwarding goes on.
+            self._resume(now, limit, "memory_still_over_limit")
+
+    def _pause(self, now: float, limit: int) -> None:
+        """End the forwarding loop, keeping its sockets and their queues."""
+        self._paused_at = self._last_action = now
+        self._memory_mark = self._rss
+        self.memory_actions["pauses"] += 1
+        log.warning("memory_limit_reached", action="paused forwarding", rss_bytes=self._rss,
+                    limit_bytes=limit)
+        counted = self.counters()
+        if counted is not None:
+            self._counted = counted
+        self._steer(b"TERMINATE", STATISTICS_WAIT_MS)
+        if self._thread is not None:
+            self._thread.join(STATISTICS_WAIT_MS / 1000)
+
+    def _cut_off(self, side: str, now: float, limit: int) -> None:
+        """Close one side's socket while forwarding is paused: its connections,
+        queues and subscriptions go with it, and its peers stay out until
+        forwarding resumes."""
+        self.memory_actions[side[:-1] + "_cutoffs"] += 1
+        log.warning("memory_limit_reached", action=f"cut off {side}", rss_bytes=self._rss,
+                    limit_bytes=limit)
+        name = "backend" if side == SUBSCRIBERS else "frontend"
+        getattr(self, name).close(linger=0)
+        setattr(self, name, None)
+        self._last_action = now
+        release_free_memory()
+        self._rss = self._memory_mark = resident_bytes()
+
+    def _resume(self, now: float, limit: int, event: str) -> None:
+        """Open again the sides that were cut off, and forward."""
+        for name, opener in (("frontend", sockets.open_proxy_frontend),
+                             ("backend", sockets.open_proxy_backend)):
+            if getattr(self, name) is not None:
+                continue
+            deadline = time.monotonic() + REBIND_WAIT_S
+            while True:  # libzmq closes the old listener asynchronously
+                try:
+                    setattr(self, name, opener(self.ctx, self.config))
+                    break
+                except sockets.EndpointInUse:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        (log.info if event == "memory_back_under_limit" else log.warning)(
+            event, action="resumed forwarding", rss_bytes=self._rss, limit_bytes=limit,
+            paused_ms=round((now - (self._paused_at or now)) * 1000))
+        self._paused_at = None
+        self._start_forwarding()
+
+    # --- stopping -------------------------------------------------------------
 
     def drain_before_exit(self, deadline: float) -> None:
         """Keep forwarding until publishers have been quiet for drain_idle_ms:
@@ -199,19 +365,20 @@ class Proxy:
             return
         deadline = time.monotonic() + self.config.shutdown_timeout_ms / 1000.0
         thread = self._thread
-        if thread is not None and thread.is_alive():
+        if self._forwarding():
             self.drain_before_exit(deadline)
             join_s = 1.0
             self._capture_linger_ms = max(0, int((deadline - time.monotonic() - join_s) * 1000))
-            self.steer.send(b"TERMINATE")
+            self._paused_at = None  # the loop's thread closes its sockets
+            self._steer(b"TERMINATE", 0)
             # Blocked in a capture send, the loop never reads TERMINATE: the
             # context's termination below ends it (ETERM).
             thread.join(join_s)
-        elif thread is None:  # never started: its sockets are closed here
-            for name in ("frontend", "backend", "_steered", "capture"):
-                sock = getattr(self, name, None)
-                if sock is not None:
-                    sock.close(linger=0)
+            if not thread.is_alive():  # it may have ended for a pause just before
+                self._close_forwarding_sockets()
+        else:  # never started, or paused by the memory guard: nobody else closes them
+            self._capture_linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            self._close_forwarding_sockets()
         for name in ("control", "steer"):
             sock = getattr(self, name, None)
             if sock is not None:

@@ -11,6 +11,7 @@ Restart=on-failure restarts it).
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import time
@@ -75,25 +76,38 @@ class Role(Protocol):
 
 # How often a process gives freed heap memory back (MemoryTrim).
 TRIM_INTERVAL_S = 10.0
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc: nothing to give back this way
+    _malloc_trim = None
+
+
+def release_free_memory() -> None:
+    """Give freed heap back to the system (glibc's malloc_trim). After a burst
+    (a subscription flood, a backlog) libzmq and Python free their memory, but
+    glibc keeps it in its arenas: RSS would stay at its peak."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux)."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * _PAGE_BYTES
 
 
 class MemoryTrim:
-    """Gives freed heap back to the system now and then (glibc's malloc_trim).
-    After a burst (a subscription flood, a backlog) libzmq and Python free
-    their memory, but glibc kept it in its arenas: RSS stayed at its peak."""
+    """Calls release_free_memory() every `interval_s`."""
 
     def __init__(self, interval_s: float = TRIM_INTERVAL_S) -> None:
         self.interval_s = interval_s
         self._next = 0.0
-        try:
-            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            self._trim = None
 
     def maybe(self, now: float) -> None:
-        if self._trim is not None and now >= self._next:
+        if now >= self._next:
             self._next = now + self.interval_s
-            self._trim(0)
+            release_free_memory()
 
 
 def run_role(role: Role) -> int:

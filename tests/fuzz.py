@@ -195,19 +195,20 @@ def send_data(ctx: zmq.Context, kind: int, endpoint: str, shapes: Shapes
     return loop
 
 
-class RawSub:
-    """A hand-made ZMTP 3.0 peer (NULL mechanism, socket type SUB) over TCP: it
+class RawPeer:
+    """A hand-made ZMTP 3.0 peer (NULL mechanism, SUB by default) over TCP: it
     sends whatever frames it is given, multi-frame messages included. libzmq's
     own XSUB crashes its process when it sends multipart messages (libzmq
     4.3.5: a segfault at close), and a hostile peer is not libzmq anyway."""
 
     GREETING = b"\xff" + b"\0" * 8 + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, socket_type: bytes = b"SUB") -> None:
         host, port = endpoint[len("tcp://"):].rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=5)
         self.sock.sendall(self.GREETING)
-        ready = b"\x05READY" + b"\x0bSocket-Type" + (3).to_bytes(4, "big") + b"SUB"
+        ready = (b"\x05READY" + b"\x0bSocket-Type" + len(socket_type).to_bytes(4, "big")
+                 + socket_type)
         self.sock.sendall(bytes((0x04, len(ready))) + ready)
         self.sock.setblocking(False)
 
@@ -244,7 +245,7 @@ def send_subscriptions(ctx: zmq.Context, endpoint: str, shapes: Shapes
                 if raw is None or shapes.rng.random() < 0.001:
                     if raw is not None:
                         raw.close()
-                    raw = RawSub(endpoint)
+                    raw = RawPeer(endpoint)
                 if sock is None or shapes.rng.random() < 0.001:  # connections come and go
                     if sock is not None:
                         sock.close()
@@ -316,8 +317,9 @@ def send_requests(ctx: zmq.Context, endpoint: str, shapes: Shapes
 
 
 class RssSampler:
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], interval: float = 0.2) -> None:
         self.pids = pids
+        self.interval = interval
         self.peak = dict.fromkeys(pids, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
@@ -327,7 +329,7 @@ class RssSampler:
         return {role: rss_kib(pid) for role, pid in self.pids.items()}
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(self.interval):
             for role, kib in self.now().items():
                 self.peak[role] = max(self.peak[role], kib)
 

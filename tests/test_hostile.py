@@ -19,9 +19,9 @@ import pytest
 import zmq
 
 from bus import protocol
-from bus.client import ControlClient, Publisher
-from tests.conftest import Bus, RawProducer, query, wait_for
-from tests.fuzz import rss_kib
+from bus.client import ControlClient, Publisher, Subscriber
+from tests.conftest import Bus, RawProducer, query, wait_for, wait_until_delivered
+from tests.fuzz import RawPeer, RssSampler, rss_kib
 
 INT64_EDGES = (2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63), 0)
 
@@ -454,3 +454,76 @@ def test_subscription_churn_does_not_stall_acknowledged_publishing(bus: Bus) -> 
         churner.join()
         ctx.term()
     assert bus.count("churn.t") == 20_000 and all_alive(bus)
+
+
+PROXY_LIMIT = 128 << 20
+# What may arrive between two of the guard's RSS reads (50 ms), and the sampler's
+# own 20 ms resolution: the most the proxy may be seen over its limit.
+PROXY_OVERSHOOT = 64 << 20
+
+
+def test_a_slow_subscriber_is_cut_off_before_the_proxy_outgrows_its_limit(make_bus) -> None:
+    """Item 10: libzmq queues up to BUS_SUB_HWM (100,000) messages for a
+    subscriber that does not read, whatever their size: 300 messages of 900 KB
+    would take the proxy 270 MB over. With a 128 MiB limit the proxy pauses,
+    cuts its subscribers off once the pause does not bring memory back, and
+    goes on: every message is stored, and subscribers can come back."""
+    bus = make_bus(BUS_PROXY_MEMORY_LIMIT_BYTES=PROXY_LIMIT).start()
+    ctx = zmq.Context()
+    slow = ctx.socket(zmq.SUB)
+    slow.setsockopt(zmq.LINGER, 0)
+    slow.setsockopt(zmq.RCVHWM, 1)
+    slow.setsockopt(zmq.RCVBUF, 4096)
+    slow.connect(bus["BUS_SUB_ENDPOINT"])
+    slow.setsockopt(zmq.SUBSCRIBE, b"big.")
+    sampler = RssSampler({"proxy": bus.proxy.pid}, interval=0.02)
+    payload = os.urandom(900_000)
+    try:
+        with Publisher(bus.config(), producer_id="big", connect_timeout=5) as pub:
+            def probe_arrives() -> bool:
+                pub.publish("big.probe", b"")
+                return bool(slow.poll(50))
+            wait_for(probe_arrives, message="the slow subscriber's subscription to take effect")
+            for _ in range(300):
+                pub.publish("big.x", payload)
+            pub.flush(timeout=120)
+    finally:
+        sampler.stop()
+        slow.close()
+        ctx.term()
+    memory = bus.proxy_stats()["memory"]
+    assert memory["subscriber_cutoffs"] >= 1 and memory["pauses"] >= 1, memory
+    assert (sampler.peak["proxy"] << 10) < PROXY_LIMIT + PROXY_OVERSHOOT, sampler.peak
+    assert bus.count("big.x") == 300 and all_alive(bus)
+    with Subscriber(["big."], bus.config()) as sub, \
+            Publisher(bus.config(), producer_id="big-again") as pub:
+        wait_until_delivered(pub, sub, "big.again")  # subscribers come back
+
+
+def test_an_endless_multipart_message_cuts_off_publishers_not_the_proxy(make_bus) -> None:
+    """Item 10: libzmq limits the size of each frame (MAXMSGSIZE), not their
+    number, and holds a message until its last frame: a peer that never ends
+    one grows the proxy without bound (it was OOM-killed). With a limit, the
+    proxy cuts its publishers off; they reconnect and re-send what was not
+    acknowledged."""
+    bus = make_bus(BUS_PROXY_MEMORY_LIMIT_BYTES=PROXY_LIMIT).start()
+    sampler = RssSampler({"proxy": bus.proxy.pid}, interval=0.02)
+    peer = RawPeer(bus["BUS_PUB_ENDPOINT"], socket_type=b"PUB")
+    frame = b"\x03" + (1 << 20).to_bytes(8, "big") + os.urandom(1 << 20)  # MORE|LONG
+    sent = 0
+    try:
+        peer.sock.settimeout(5.0)
+        peer.sock.sendall(b"\x01\x05abcde")  # the first frame: a topic the proxy takes in
+        for sent in range(1, 1024):  # up to 1 GiB, never the last frame
+            peer.sock.sendall(frame)
+    except OSError:
+        pass  # cut off
+    finally:
+        peer.close()
+        sampler.stop()
+    assert sent < 1023, "the proxy took in 1 GiB of one message"
+    memory = bus.proxy_stats()["memory"]
+    assert memory["publisher_cutoffs"] >= 1, memory
+    assert (sampler.peak["proxy"] << 10) < PROXY_LIMIT + PROXY_OVERSHOOT, sampler.peak
+    publish_acked(bus, "after-endless", "endless.after", 100)
+    assert bus.count("endless.after") == 100 and all_alive(bus)
