@@ -147,8 +147,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("proxy_max_frame_bytes", "BUS_PROXY_MAX_FRAME_BYTES", int, 16_777_216,
             "the proxy disconnects a peer sending a larger frame (memory guard)"),
     Setting("proxy_memory_limit_bytes", "BUS_PROXY_MEMORY_LIMIT_BYTES", int, 1 << 30,
-            "over this RSS the proxy stops taking in, then cuts off subscribers, then "
-            "publishers, until it is back under (0: off)"),
+            "over this RSS the proxy stops forwarding and cuts off the side that holds "
+            "the memory, until it is back under (0: off)"),
+    Setting("writer_memory_limit_bytes", "BUS_WRITER_MEMORY_LIMIT_BYTES", int, 384 << 20,
+            "over this RSS the writer drops its capture and notify connections and what "
+            "they queued (nothing acknowledged; 0: off)"),
     Setting("shutdown_timeout_ms", "BUS_SHUTDOWN_TIMEOUT_MS", int, 10_000,
             "longest a process spends draining and flushing when stopped"),
     Setting("drain_idle_ms", "BUS_DRAIN_IDLE_MS", int, 200,
@@ -167,8 +170,8 @@ SECRET_FIELDS = ("bitcoind_rpc_password",)
 _BY_ENV = {s.env: s for s in SETTINGS}
 
 
-# The proxy's memory limit must leave room for the process itself.
-PROXY_MEMORY_LIMIT_MIN = 64 << 20
+# A process's memory limit must leave room for the process itself (40-60 MB).
+MEMORY_LIMIT_MIN = 96 << 20
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,7 @@ class BusConfig:
     max_message_bytes: int
     proxy_max_frame_bytes: int
     proxy_memory_limit_bytes: int
+    writer_memory_limit_bytes: int
     shutdown_timeout_ms: int
     drain_idle_ms: int
     request_timeout_ms: int
@@ -257,9 +261,10 @@ class BusConfig:
                      "anchor_max_fee_rate_sat_vb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_BY_FIELD[name].env} must be positive")
-        if self.proxy_memory_limit_bytes and self.proxy_memory_limit_bytes < PROXY_MEMORY_LIMIT_MIN:
-            raise ConfigError(f"BUS_PROXY_MEMORY_LIMIT_BYTES must be 0 (off) or at least "
-                              f"{PROXY_MEMORY_LIMIT_MIN} (the proxy alone takes about 40 MB)")
+        for name in ("proxy_memory_limit_bytes", "writer_memory_limit_bytes"):
+            if getattr(self, name) and getattr(self, name) < MEMORY_LIMIT_MIN:
+                raise ConfigError(f"{_BY_FIELD[name].env} must be 0 (off) or at least "
+                                  f"{MEMORY_LIMIT_MIN} (the process alone takes 40-60 MB)")
         if self.anchor_fee_rate_sat_vb < 0:
             raise ConfigError("BUS_ANCHOR_FEE_RATE_SAT_VB must not be negative (0: estimate)")
         if self.batch_load_window_seconds <= 0:

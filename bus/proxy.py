@@ -42,6 +42,7 @@ subscriber is slow, so here a whole side goes.
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 import time
@@ -72,9 +73,6 @@ CUTOFF_GROWTH_FRACTION = 0.125
 # Paused this long since its last action without memory coming back, the guard
 # resumes forwarding anyway (and pauses again if memory grows again).
 PAUSE_GIVE_UP_S = 10.0
-# How long a cut-off side may take to bind its endpoint again: libzmq closes
-# the old listener asynchronously.
-REBIND_WAIT_S = 5.0
 SUBSCRIBERS, PUBLISHERS = "subscribers", "publishers"
 
 _STAT_NAMES = (
@@ -317,17 +315,8 @@ class Proxy:
         """Open again the sides that were cut off, and forward."""
         for name, opener in (("frontend", sockets.open_proxy_frontend),
                              ("backend", sockets.open_proxy_backend)):
-            if getattr(self, name) is not None:
-                continue
-            deadline = time.monotonic() + REBIND_WAIT_S
-            while True:  # libzmq closes the old listener asynchronously
-                try:
-                    setattr(self, name, opener(self.ctx, self.config))
-                    break
-                except sockets.EndpointInUse:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+            if getattr(self, name) is None:
+                setattr(self, name, sockets.rebind(functools.partial(opener, self.ctx, self.config)))
         (log.info if event == "memory_back_under_limit" else log.warning)(
             event, action="resumed forwarding", rss_bytes=self._rss, limit_bytes=limit,
             paused_ms=round((now - (self._paused_at or now)) * 1000))

@@ -97,6 +97,40 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * _PAGE_BYTES
 
 
+class MemoryLimit:
+    """This process's RSS against a limit (0: none), read at most every
+    `interval_s`. `exceeded(now)` is True once per excess: when RSS is over the
+    limit even after freed memory was given back; it is True again only after
+    RSS went back under `rearm_fraction` of the limit, so that memory the
+    process needs (a full batch buffer) does not trigger it over and over."""
+
+    def __init__(self, limit_bytes: int, interval_s: float = 0.05,
+                 rearm_fraction: float = 0.75) -> None:
+        self.limit = limit_bytes
+        self.interval_s = interval_s
+        self.rearm_fraction = rearm_fraction
+        self.rss = 0
+        self._next = 0.0
+        self._armed = True
+
+    def exceeded(self, now: float) -> bool:
+        if not self.limit or now < self._next:
+            return False
+        self._next = now + self.interval_s
+        self.rss = resident_bytes()
+        if not self._armed:
+            self._armed = self.rss < self.limit * self.rearm_fraction
+            return False
+        if self.rss <= self.limit:
+            return False
+        release_free_memory()
+        self.rss = resident_bytes()
+        if self.rss <= self.limit:
+            return False
+        self._armed = False
+        return True
+
+
 class MemoryTrim:
     """Calls release_free_memory() every `interval_s`."""
 

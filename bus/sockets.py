@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable
 
 import zmq
 
@@ -40,6 +42,9 @@ NOTIFY_MAX_FRAME_BYTES = max(MIN_FRAME_LIMIT_BYTES, SUBSCRIPTION_OVERHEAD_BYTES
 # about 1.5 MB); a peer sending more is disconnected before it costs memory.
 # Decoded, a request of tiny msgpack objects takes about 80 times its size.
 MAX_REQUEST_BYTES = 4 << 20
+# What the writer's capture socket may queue, in bytes of the largest messages
+# stored (see capture_receive_hwm).
+CAPTURE_RECEIVE_BYTES = 64 << 20
 
 
 class EndpointInUse(StartupError):
@@ -66,6 +71,24 @@ def bind(sock: zmq.Socket, endpoint: str) -> None:
         if exc.errno == zmq.EADDRINUSE:
             raise EndpointInUse(f"{endpoint} is in use by another process") from None
         raise
+
+
+# How long a socket closed to be opened again may take to free its endpoint:
+# libzmq closes a listener asynchronously.
+REBIND_WAIT_S = 5.0
+
+
+def rebind(open_socket: Callable[[], zmq.Socket]) -> zmq.Socket:
+    """`open_socket()`, retried while the endpoint a socket of this process
+    just closed is still in use."""
+    deadline = time.monotonic() + REBIND_WAIT_S
+    while True:
+        try:
+            return open_socket()
+        except EndpointInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _unix_listener_at(path: str) -> bool:
@@ -152,11 +175,18 @@ def open_proxy_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 
 # --- writer ------------------------------------------------------------------
 
+def capture_receive_hwm(cfg: BusConfig) -> int:
+    """Messages the writer's capture queues: CAPTURE_RECEIVE_BYTES of messages
+    of the largest size stored, at least 100 (a libzmq queue counts messages,
+    not bytes)."""
+    return max(100, min(cfg.batch_max_buffer_size, CAPTURE_RECEIVE_BYTES // cfg.max_message_bytes))
+
+
 def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     """PULL bound for the proxy's capture pipe. A small receive queue: what the
     writer has not read stays in the proxy's larger, restart-proof queue."""
     sock = _set_common(ctx.socket(zmq.PULL), 0)
-    sock.setsockopt(zmq.RCVHWM, max(1000, cfg.batch_max_buffer_size))
+    sock.setsockopt(zmq.RCVHWM, capture_receive_hwm(cfg))
     sock.setsockopt(zmq.RCVBUF, 4 << 20)
     # The proxy passes no larger frame; a peer pushing one straight in is
     # disconnected before the frame costs memory.
@@ -183,15 +213,17 @@ def open_writer_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     """XPUB bound for the $bus.* notifications (acknowledgements, nacks, the
     commit watermark): only the writer binds it, so nothing else can send them.
-    VERBOSE passes every subscription to the writer, duplicates too: each new
-    acknowledgement subscription is answered with the producer's current
-    acknowledgement, which tells its client that the path works. It drops for a
+    VERBOSER passes every subscription to the writer, duplicates too, and every
+    unsubscription (a disconnect's included): each new acknowledgement
+    subscription is answered with the producer's current acknowledgement, which
+    tells its client that the path works, and the writer keeps the
+    subscriptions' bytes within a budget. It drops for a
     subscriber whose queue is full instead of blocking the writer, and the next
     notification supersedes a dropped one (they carry watermarks); a frame longer
     than any notification topic's subscription disconnects its peer."""
     sock = _set_common(ctx.socket(zmq.XPUB), 1000)
     sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+    sock.setsockopt(zmq.XPUB_VERBOSER, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, NOTIFY_MAX_FRAME_BYTES)
     security.secure_server(sock, cfg, "notify")
     bind(sock, cfg.notify_endpoint)

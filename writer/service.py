@@ -25,8 +25,10 @@ transaction between batches, so ingest never waits for more than one chunk.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import apsw
@@ -36,7 +38,7 @@ import zmq
 from bus import protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.logging import RateLimitedLog, get_logger
-from bus.runner import StopSignal
+from bus.runner import MemoryLimit, StopSignal, release_free_memory, resident_bytes
 from writer.anchors import AnchorBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
@@ -52,9 +54,15 @@ FLUSH_RETRY_SECONDS = 0.5
 RETENTION_IDLE_SECONDS = 1.0
 # Expired UTXO leases go back to the pool, and old utxo_* replies are pruned, this often.
 UTXO_UPKEEP_SECONDS = 1.0
-# Frames read from the notify endpoint per loop pass: subscriptions are rare, and
-# a peer that floods it must not starve the capture.
-NOTIFY_READS_PER_PASS = 100
+# Frames read from the notify endpoint per loop pass at most: a peer that floods
+# it must not starve the capture, and its subscriptions must be counted about
+# as fast as libzmq takes them in (it does so whenever the socket is used).
+NOTIFY_READS_PER_PASS = 10_000
+# Topic bytes of the subscriptions the notify endpoint may hold (as counted from
+# what XPUB_VERBOSER passes on) before it is reopened: libzmq cannot refuse or
+# count them, and its trie takes about 50 bytes per subscribed byte (1 MiB:
+# about 17,000 clients with their ack and nack subscriptions; 50 MB at worst).
+NOTIFY_SUBSCRIPTION_BUDGET_BYTES = 1 << 20
 # A client's subscription to its acknowledgements, as the notify XPUB passes it on.
 ACK_SUBSCRIPTION = bytes((protocol.SUBSCRIBE,)) + protocol.ACK_TOPIC_PREFIX.encode()
 # The reason a nack gives for the refusals that only the writer decides.
@@ -86,6 +94,10 @@ class Writer:
         self.forged = 0     # session messages without their session's MAC (CURVE)
         self.authenticating = security.enabled(cfg)
         self.nacked: dict[str, int] = {}
+        self.notify_subscribed_bytes = 0  # an estimate: see handle_notify_subscriptions
+        self.notify_reopened = 0
+        self.memory = MemoryLimit(cfg.writer_memory_limit_bytes)
+        self.memory_cutoffs = 0
         self._retry_at = 0.0
         self._failing_since: float | None = None  # first failed commit of a failing run
         self._last_error: str | None = None
@@ -153,6 +165,7 @@ class Writer:
         self.send_notifications()
         self.apply_retention(now)
         self.utxo_upkeep(now)
+        self.guard_memory(now)
 
     def shutdown(self) -> None:
         capture = getattr(self, "capture", None)
@@ -313,11 +326,25 @@ class Writer:
         current acknowledgement, so that its client knows the path works. Only a
         producer with nothing uncommitted: its in-memory state would acknowledge
         rows not yet stored (a dirty one is acknowledged by its commit anyway).
-        Anything else a peer sends here is read and dropped."""
+
+        The bytes of held subscriptions are counted (each subscribe adds, each
+        unsubscribe, explicit or by a disconnect, takes away; a peer repeating
+        a subscription makes the count high, never low). Past the budget the
+        endpoint is reopened: every client reconnects and subscribes again, and
+        a flood costs the writer no more than the budget."""
         for _ in range(NOTIFY_READS_PER_PASS):
             try:
                 frame = self.notify.recv(zmq.NOBLOCK)
             except zmq.Again:
+                return
+            if not frame:
+                continue
+            if frame[0] == protocol.UNSUBSCRIBE:
+                self.notify_subscribed_bytes = max(0, self.notify_subscribed_bytes - len(frame) + 1)
+                continue
+            self.notify_subscribed_bytes += len(frame) - 1
+            if self.notify_subscribed_bytes > NOTIFY_SUBSCRIPTION_BUDGET_BYTES:
+                self.reopen_notify()
                 return
             if not frame.startswith(ACK_SUBSCRIPTION):
                 continue
@@ -328,6 +355,45 @@ class Writer:
             state = self.producers.peek(producer) if producer else None
             if state is not None and not self.producers.is_dirty(producer):
                 self._owed_acks[producer] = state.ack(time.time_ns())
+
+    def reopen_notify(self) -> None:
+        self.notify_reopened += 1
+        self._rejects.warning("notify_subscriptions_over_budget", "notify_endpoint_reopened",
+                              subscribed_bytes=self.notify_subscribed_bytes,
+                              budget_bytes=NOTIFY_SUBSCRIPTION_BUDGET_BYTES)
+        self._reopen("notify", sockets.open_writer_notify)
+
+    def guard_memory(self, now: float) -> None:
+        """Over BUS_WRITER_MEMORY_LIMIT_BYTES, drop what peers made the writer hold
+        in libzmq, where no count or budget reaches: the capture's receive queue
+        (a message of endless frames) and the notify endpoint's subscriptions
+        (a burst libzmq takes in before the writer sees it). Nothing in them is
+        acknowledged: the proxy reconnects, publishers re-send, subscribers
+        subscribe again."""
+        if not self.memory.exceeded(now):
+            return
+        self.memory_cutoffs += 1
+        log.warning("memory_limit_reached", action="reopened capture and notify",
+                    rss_bytes=self.memory.rss, limit_bytes=self.memory.limit)
+        self._reopen("notify", sockets.open_writer_notify)
+        self._reopen("capture", sockets.open_writer_capture)
+
+    def _reopen(self, name: str, open_socket: Callable[[zmq.Context, BusConfig], zmq.Socket]
+                ) -> None:
+        """Close one bound socket, with its connections, queues and
+        subscriptions, and bind it again."""
+        old = getattr(self, name)
+        pollers = [p for p in (self.poller, self.paused_poller) if old in p]
+        for poller in pollers:
+            poller.unregister(old)
+        old.close(linger=0)
+        new = sockets.rebind(functools.partial(open_socket, self.ctx, self.config))
+        setattr(self, name, new)
+        for poller in pollers:
+            poller.register(new, zmq.POLLIN)
+        if name == "notify":
+            self.notify_subscribed_bytes = 0
+        release_free_memory()
 
     # --- flushing -----------------------------------------------------------
 
@@ -500,11 +566,14 @@ class Writer:
 
     def _poll_timeout_ms(self, now: float) -> int:
         if self.buffer.is_full or (self.buffer and now < self._retry_at):
-            return max(1, int((self._retry_at - now) * 1000) + 1)
-        wait = self.buffer.seconds_until_due(now)
-        timeout_ms = 1000 if wait is None else int(wait * 1000) + 1
-        if self.config.retention_max_age_s or self.config.retention_max_messages:
-            timeout_ms = min(timeout_ms, max(0, int((self._retention_at - now) * 1000) + 1))
+            timeout_ms = max(1, int((self._retry_at - now) * 1000) + 1)
+        else:
+            wait = self.buffer.seconds_until_due(now)
+            timeout_ms = 1000 if wait is None else int(wait * 1000) + 1
+            if self.config.retention_max_age_s or self.config.retention_max_messages:
+                timeout_ms = min(timeout_ms, max(0, int((self._retention_at - now) * 1000) + 1))
+        if self.memory.limit:  # what grows the writer unseen wakes no poll
+            timeout_ms = min(timeout_ms, int(self.memory.interval_s * 1000))
         return timeout_ms
 
     # --- control endpoint ---------------------------------------------------
@@ -679,6 +748,11 @@ class Writer:
                           "max_messages": cfg.retention_max_messages, **self.retention},
             "security": {**security.snapshot(cfg), "commands_forbidden": self.forbidden,
                          "messages_not_authentic": self.forged},
+            "notify": {"subscribed_bytes": self.notify_subscribed_bytes,
+                       "budget_bytes": NOTIFY_SUBSCRIPTION_BUDGET_BYTES,
+                       "reopened": self.notify_reopened},
+            "memory": {"rss_bytes": resident_bytes(), "limit_bytes": self.memory.limit,
+                       "cutoffs": self.memory_cutoffs},
             "backlog": self.backlog(now),
             "wal": self.store.checkpointer.snapshot(),
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
