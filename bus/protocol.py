@@ -350,6 +350,11 @@ def encode_request(request_id: Any, cmd: str, args: dict[str, Any] | None = None
     return msgpack.packb({"id": request_id, "cmd": cmd, "args": args or {}})
 
 
+# The most maps and arrays one request may hold (a utxo_upsert of 5,000
+# outputs has about 5,000).
+MAX_REQUEST_CONTAINERS = 50_000
+
+
 def decode_request(frames: list[bytes]) -> tuple[Any, str, dict[str, Any]]:
     """A request's frames (all of them: a REP socket must read every frame
     before it can reply) -> (id, cmd, args). The id is recovered when possible,
@@ -358,7 +363,11 @@ def decode_request(frames: list[bytes]) -> tuple[Any, str, dict[str, Any]]:
         raise ProtocolError(BAD_REQUEST, f"a request is one frame, not {len(frames)}")
     raw = frames[0]
     try:
-        req = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        req = msgpack.unpackb(raw, raw=False, strict_map_key=False,
+                              object_hook=(counted := _ContainerBudget()), list_hook=counted)
+    except TooManyContainers:
+        raise ProtocolError(BAD_REQUEST, f"more than {MAX_REQUEST_CONTAINERS} maps and arrays "
+                                         "in one request") from None
     except Exception as exc:
         raise ProtocolError(BAD_REQUEST, f"not msgpack ({type(exc).__name__})") from None
     if not isinstance(req, dict):
@@ -374,6 +383,25 @@ def decode_request(frames: list[bytes]) -> tuple[Any, str, dict[str, Any]]:
         raise RequestError(req.get("id"), BAD_REQUEST,
                            "an integer in 'args' is outside -2^63..2^63-1")
     return req.get("id"), cmd, args
+
+
+class TooManyContainers(ValueError):
+    pass
+
+
+class _ContainerBudget:
+    """Counts the maps and arrays msgpack decodes (its hooks see each), so that
+    a request of empty containers (an empty map is 1 byte on the wire and 64 in
+    Python) stops at MAX_REQUEST_CONTAINERS instead of taking 70 times its size."""
+
+    def __init__(self) -> None:
+        self.left = MAX_REQUEST_CONTAINERS
+
+    def __call__(self, container: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise TooManyContainers
+        return container
 
 
 def _within_int64(value: Any) -> bool:

@@ -38,10 +38,13 @@ MIN_FRAME_LIMIT_BYTES = 1024
 # to "$bus.nack." + the longest producer id (128 chars of up to 4 UTF-8 bytes).
 NOTIFY_MAX_FRAME_BYTES = max(MIN_FRAME_LIMIT_BYTES, SUBSCRIPTION_OVERHEAD_BYTES
                              + len(protocol.NACK_TOPIC_PREFIX) + 4 * protocol.MAX_PRODUCER_CHARS)
-# Largest control request a REP socket reads (a utxo_upsert of 5,000 outputs is
-# about 1.5 MB); a peer sending more is disconnected before it costs memory.
-# Decoded, a request of tiny msgpack objects takes about 80 times its size.
+# Largest control request a REP socket reads; a peer sending more is
+# disconnected before it costs memory. The writer's take a utxo_upsert of 5,000
+# outputs (about 1.5 MB); the reader's and the proxy's are small (64 history
+# prefixes are about 17 KB). Decoded, msgpack's worst case is about 17 times
+# its size once protocol.decode_request has bounded the containers.
 MAX_REQUEST_BYTES = 4 << 20
+MAX_SMALL_REQUEST_BYTES = 64 << 10
 # What the writer's capture socket may queue, in bytes of the largest messages
 # stored (see capture_receive_hwm).
 CAPTURE_RECEIVE_BYTES = 64 << 20
@@ -160,10 +163,11 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     return sock
 
 
-def open_reply(ctx: zmq.Context, cfg: BusConfig, endpoint: str, domain: str) -> zmq.Socket:
+def open_reply(ctx: zmq.Context, cfg: BusConfig, endpoint: str, domain: str,
+               max_request_bytes: int = MAX_SMALL_REQUEST_BYTES) -> zmq.Socket:
     """REP bound for control requests (proxy, writer, reader)."""
     sock = _set_common(ctx.socket(zmq.REP), 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_request_bytes)
     security.secure_server(sock, cfg, domain)
     bind(sock, endpoint)
     return sock
@@ -207,7 +211,7 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 
 
 def open_writer_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    return open_reply(ctx, cfg, cfg.control_endpoint, "control")
+    return open_reply(ctx, cfg, cfg.control_endpoint, "control", MAX_REQUEST_BYTES)
 
 
 def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:

@@ -120,6 +120,26 @@ def test_integers_beyond_64_bits_in_any_request_are_refused(bus: Bus) -> None:
     assert bus.request("BUS_READ_ENDPOINT", "history", {"after_id": 2**63 - 1})["messages"] == []
 
 
+def test_a_request_of_empty_containers_is_refused_before_it_costs_memory(bus: Bus) -> None:
+    """Item 10: an empty msgpack map is 1 byte on the wire and 64 in Python: a
+    4 MiB request of them took 290 MB to decode, more than the reader's unit
+    allows. The writer refuses more than 50,000 containers; the reader and the
+    proxy take requests of 64 KiB at most (libzmq drops the connection)."""
+    def empties(n: int) -> bytes:
+        return (b"\x83\xa2id\x01\xa3cmd\xa4ping\xa4args\x81\xa1x\xdd" + n.to_bytes(4, "big")
+                + b"\x80" * n)
+    writer_pid = bus.writer.pid
+    before = rss_kib(writer_pid)
+    reply = raw_request(bus["BUS_CONTROL_ENDPOINT"], [empties((4 << 20) - 64)])
+    assert reply["error"]["code"] == protocol.BAD_REQUEST and "50000" in reply["error"]["reason"]
+    assert rss_kib(writer_pid) < before + (64 << 10)
+    for endpoint in ("BUS_READ_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT"):
+        with pytest.raises(AssertionError, match="no reply"):
+            raw_request(bus[endpoint], [empties(100_000)], timeout_ms=1000)
+        assert raw_request(bus[endpoint], [empties(1000)])["result"] == "pong"
+    assert all_alive(bus)
+
+
 def test_a_huge_subscription_is_refused_and_its_disconnect_is_harmless(bus: Bus) -> None:
     """Item 5: a subscriber holding a 128 KiB prefix made the proxy overflow
     its stack when it disconnected. Subscriptions longer than a topic can be
