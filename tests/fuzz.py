@@ -35,7 +35,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from bus import protocol
+from bus import protocol, sockets
 from bus.client import Publisher
 from tests.conftest import Bus, query
 
@@ -156,6 +156,7 @@ class Sender:
         self.frames = 0
         self.replies = 0
         self.unanswered = 0
+        self.oversized = 0  # requests past the endpoint's MAXMSGSIZE: dropped with the connection
         self.error: BaseException | None = None
         self._loop = loop
         self.thread = threading.Thread(target=self._run, name=f"fuzz-{name}", daemon=True)
@@ -284,7 +285,7 @@ def connected(ctx: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
     return sock
 
 
-def send_requests(ctx: zmq.Context, endpoint: str, shapes: Shapes
+def send_requests(ctx: zmq.Context, endpoint: str, max_request_bytes: int, shapes: Shapes
                   ) -> Callable[[Sender], None]:
     def loop(sender: Sender) -> None:
         req = dealer = None
@@ -302,7 +303,11 @@ def send_requests(ctx: zmq.Context, endpoint: str, shapes: Shapes
                 frames = shapes.request()
                 req.send_multipart(frames)
                 sender.frames += len(frames)
-                if req.poll(REPLY_WAIT_MS):
+                if any(len(frame) > max_request_bytes for frame in frames):
+                    sender.oversized += 1  # libzmq drops it with the connection: no reply
+                    req.close()
+                    req = None
+                elif req.poll(REPLY_WAIT_MS):
                     req.recv_multipart()
                     sender.replies += 1
                 else:  # a REQ without its reply is stuck: a new one
@@ -375,6 +380,7 @@ def fuzz(bus: Bus, frames: int, seconds: float, seed: int = 1, valid_every: floa
         "frames_per_endpoint": {s.name: s.frames for s in senders},
         "replies": {s.name: s.replies for s in senders if s.replies or s.unanswered},
         "unanswered": {s.name: s.unanswered for s in senders if s.unanswered},
+        "oversized_requests": {s.name: s.oversized for s in senders if s.oversized},
         "sender_errors": {s.name: repr(s.error) for s in senders if s.error},
         "burst_seconds": round(burst_s, 1),
         "alive": {role: getattr(bus, role).popen.poll() is None for role in ROLES},
@@ -396,7 +402,8 @@ def loops_for(name: str, ctx: zmq.Context, cfg: Any, shapes: Shapes) -> Callable
                                   cfg.notify_endpoint, shapes)
     endpoint = {"control": cfg.control_endpoint, "proxy_control": cfg.proxy_control_endpoint,
                 "read": cfg.read_endpoint}[name]
-    return send_requests(ctx, endpoint, shapes)
+    limit = sockets.MAX_REQUEST_BYTES if name == "control" else sockets.MAX_SMALL_REQUEST_BYTES
+    return send_requests(ctx, endpoint, limit, shapes)
 
 
 def _settle(rss: RssSampler, seconds: float = 10.0) -> dict[str, int]:
