@@ -32,12 +32,34 @@ def configure_logging(level: str = "info", fmt: str = "auto", process: str | Non
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level.lower(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=QuietOnBrokenPipe(sys.stderr)),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
     if process:
         structlog.contextvars.bind_contextvars(process=process)
+
+
+class QuietOnBrokenPipe:
+    """stderr for the logs. A process whose log reader went away (a closed
+    terminal, a parent killed with its pipe) loses its log lines, not its
+    shutdown: a BrokenPipeError raised from a log call inside the stop path
+    left sockets open, and the process hung in zmq_ctx_term for good."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # EPIPE, EIO; ValueError: the stream is closed
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def get_logger(name: str) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -14,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from bus.client import Publisher
-from tests.conftest import Bus, Proc, query, wait_for
+from tests.conftest import BUS_CLI, Bus, Proc, ping, query, wait_for
 
 CHAOS_PUBLISHER = str(Path(__file__).with_name("chaos_publisher.py"))
 
@@ -220,3 +221,29 @@ def test_kill_9_loop_loses_no_acknowledged_message(make_bus) -> None:
           f"0 stored twice, {lost_acked} acknowledged lost, {unacked_lost} unacknowledged lost")
     assert lost_acked == 0
     assert query(bus.db, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_process_whose_log_reader_is_gone_still_stops_cleanly(make_bus) -> None:
+    """Found by the fuzz harness: when the process reading a role's stderr went
+    away (a killed parent, a closed terminal), the BrokenPipeError of the
+    "stopping" log line escaped the stop path before the sockets were closed,
+    and the process hung in zmq_ctx_term for good, deaf to SIGTERM. Losing the
+    log must not cost the shutdown."""
+    bus = make_bus()
+    procs = {}
+    for role, endpoint in (("writer", "BUS_CONTROL_ENDPOINT"), ("proxy", "BUS_PROXY_CONTROL_ENDPOINT"),
+                           ("reader", "BUS_READ_ENDPOINT")):
+        procs[role] = subprocess.Popen([BUS_CLI, role], env=bus.env, cwd=bus.tmp_path,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE)
+        wait_for(lambda: ping(bus[endpoint]), message=f"{role} ping")
+    try:
+        for role in ("proxy", "writer", "reader"):
+            procs[role].stderr.close()  # the reader of its log is gone
+            procs[role].send_signal(signal.SIGTERM)
+            assert procs[role].wait(timeout=20) == 0, role
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
