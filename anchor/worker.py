@@ -181,6 +181,11 @@ class AnchorWorker:
         if self.events is not None:
             self.events.read_acks()
 
+    def status_line(self) -> str:
+        return (f"{len(self.pending):,} documents waiting; {len(self.open):,} anchors open; "
+                f"{self.counters['anchored']:,} anchored, {self.counters['confirmed']:,} "
+                "confirmed")
+
     def shutdown(self) -> None:
         if self.requests is not None:
             self.requests.close()  # stores the position of what was recorded, no further

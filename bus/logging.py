@@ -6,6 +6,7 @@ Logs go to stderr so that commands like `bus-cli tail` keep stdout for data.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -26,7 +27,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", process: str | Non
     ]
     if use_json:
         processors += [structlog.processors.format_exc_info,
-                       structlog.processors.JSONRenderer()]
+                       _with_priority(structlog.processors.JSONRenderer())
+                       if _stderr_is_journal() else structlog.processors.JSONRenderer()]
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
@@ -60,6 +62,29 @@ class QuietOnBrokenPipe:
             self._stream.flush()
         except (OSError, ValueError):
             pass
+
+
+# syslog priorities for journald's "<N>" line prefix (SyslogLevelPrefix=yes, its
+# default for a service's stdout and stderr).
+_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device:inode of the journal stream it
+    connected; stderr is that stream unless it was redirected."""
+    try:
+        device, inode = (int(part) for part in os.environ["JOURNAL_STREAM"].split(":"))
+        stat = os.fstat(sys.stderr.fileno())
+    except (KeyError, ValueError, OSError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
+
+
+def _with_priority(render: Any) -> Any:
+    """Prefix each line with its priority, so that `journalctl -p err` finds errors."""
+    def render_with_priority(logger: Any, method: str, event: dict[str, Any]) -> str:
+        return f"<{_PRIORITIES.get(event.get('level', 'info'), 6)}>{render(logger, method, event)}"
+    return render_with_priority
 
 
 def get_logger(name: str) -> Any:

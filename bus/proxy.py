@@ -232,6 +232,14 @@ class Proxy:
         return {name: self._counted[name] + struct.unpack("=Q", part)[0]
                 for name, part in zip(_STAT_NAMES, reply)}
 
+    def status_line(self) -> str:
+        counters = self.counters(wait_ms=100) or self._counted
+        line = (f"forwarded {counters['frontend_frames_in']:,} frames in, "
+                f"{counters['backend_frames_out']:,} out; {resident_bytes() >> 20} MB")
+        if self._paused_at is not None:
+            line += "; paused: over its memory limit"
+        return line
+
     def read_stats(self) -> dict[str, Any] | None:
         stats: dict[str, Any] | None = self.counters()
         if stats is None:

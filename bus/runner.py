@@ -1,7 +1,7 @@
 """The run loop shared by every long-running bus process.
 
-A role is an object with `initialize(stop)`, `loop(now=None)` and `shutdown()`
-(huey's shape). `run_role` calls `loop()` until SIGTERM or SIGINT asks it to stop,
+A role is an object with `initialize(stop)`, `loop(now=None)`, `shutdown()`
+(huey's shape) and `status_line()` (what `systemctl status` shows). `run_role` calls `loop()` until SIGTERM or SIGINT asks it to stop,
 then `shutdown()`; the signal handlers only set a flag and wake the role's poller
 through a self-pipe, so a stop is seen at once even inside a long poll.
 Exit status: 0 after a clean stop, 1 after an unexpected exception (systemd's
@@ -16,6 +16,8 @@ import signal
 import socket
 import time
 from typing import Any, Protocol
+
+import setproctitle
 
 from bus.logging import get_logger
 
@@ -72,6 +74,69 @@ class Role(Protocol):
     def initialize(self, stop: StopSignal) -> None: ...
     def loop(self, now: float | None = None) -> None: ...
     def shutdown(self) -> None: ...
+    def status_line(self) -> str: ...
+
+
+# How often the STATUS= line shown by `systemctl status` is refreshed.
+STATUS_INTERVAL_S = 2.0
+
+
+class SystemdNotifier:
+    """sd_notify(3): one datagram of NAME=VALUE lines to $NOTIFY_SOCKET (a
+    path, or an abstract socket when it starts with "@"); nothing without it.
+    A few lines rather than the sdnotify package (no release since 2018): the
+    protocol is one sendto, and the watchdog's timing is ours anyway.
+
+    WATCHDOG=1 goes out from the run loop itself, at half of $WATCHDOG_USEC, so
+    a loop that stops turning (a commit stuck on a lock, a deadlock) stops the
+    pings and systemd restarts the process (WatchdogSec= in the units)."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        address = env.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._sock: socket.socket | None = None
+        if self._address:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        watchdog_usec = env.get("WATCHDOG_USEC", "")
+        watchdog_pid = env.get("WATCHDOG_PID", "")
+        self.watchdog_s = (int(watchdog_usec) / 2e6 if watchdog_usec.isdigit()
+                           and watchdog_pid in ("", str(os.getpid())) else 0.0)
+        self._next_watchdog = 0.0
+        self._next_status = 0.0
+        self._status = ""
+
+    def send(self, *lines: str) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendto("\n".join(lines).encode(), self._address)
+        except OSError:  # systemd gone or restarting: nothing to tell
+            pass
+
+    def ready(self, status: str) -> None:
+        self._status = status
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def tick(self, now: float, role: Role) -> None:
+        if self._sock is None:
+            return
+        if self.watchdog_s and now >= self._next_watchdog:
+            self._next_watchdog = now + self.watchdog_s
+            self.send("WATCHDOG=1")
+        if now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL_S
+            status = role.status_line()
+            if status != self._status:
+                self._status = status
+                self.send(f"STATUS={status}")
+
+    def stopping(self, reason: str) -> None:
+        self.send("STOPPING=1", f"STATUS=stopping ({reason})")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
 
 
 # How often a process gives freed heap memory back (MemoryTrim).
@@ -145,15 +210,21 @@ class MemoryTrim:
 
 
 def run_role(role: Role) -> int:
+    setproctitle.setproctitle(f"bus-{role.name}")
     log = get_logger(role.name)
     stop = StopSignal()
+    notifier = SystemdNotifier()
     status = 0
     try:
-        role.initialize(stop)
+        role.initialize(stop)  # sockets bound, database open: ready
+        notifier.ready(role.status_line())
         trim = MemoryTrim()
         while not stop.requested:
             role.loop()
-            trim.maybe(time.monotonic())
+            now = time.monotonic()
+            trim.maybe(now)
+            notifier.tick(now, role)
+        notifier.stopping(stop.signal_name or "requested")
         log.info("stopping", signal=stop.signal_name)
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
@@ -168,5 +239,6 @@ def run_role(role: Role) -> int:
             log.exception("shutdown_failed")
             status = 1
         stop.close()
+        notifier.close()
     log.info("stopped", exit_status=status)
     return status

@@ -253,6 +253,9 @@ class Reader:
         self.max_page_ms = max(self.max_page_ms, (time.perf_counter() - started) * 1000)
         return page
 
+    def status_line(self) -> str:
+        return f"served {self.requests:,} history pages, {self.rows_served:,} rows"
+
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "rows_served": self.rows_served,
                 "bad_requests": self.bad_requests, "internal_errors": self.internal_errors,

@@ -723,6 +723,15 @@ class Writer:
                                                f"database busy ({type(exc).__name__}); retry")
         return protocol.encode_reply_ok(request_id, result)
 
+    def status_line(self) -> str:
+        now = time.monotonic()
+        line = (f"stored {self.metrics.total_writes:,} messages; "
+                f"{self.load.requests_per_second(now):,.0f} msg/s; "
+                f"{len(self.buffer):,} buffered")
+        if self._failing_since is not None:
+            line += f"; commits failing for {now - self._failing_since:.0f} s: {self._last_error}"
+        return line
+
     def stats(self, now: float) -> dict[str, Any]:
         cfg = self.config
         batch = self.metrics.snapshot()
