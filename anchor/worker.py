@@ -32,6 +32,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,7 @@ from anchor.merkle import MerkleTree
 from anchor.proof import op_return_payload
 from anchor.reservations import RETRYABLE, NoUtxo, UtxoClient
 from anchor.sync import WalletSync
-from bus import protocol, security
+from bus import control, protocol, security, sockets
 from bus.client import BusError, Publisher, Subscriber
 from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
@@ -129,6 +130,11 @@ class AnchorWorker:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._warnings = RateLimitedLog(log)
+        # What `stats` tells of bitcoind: its chain when last asked, and the
+        # last error of a call (None once a call succeeds again).
+        self.node: dict[str, Any] = {}
+        self.node_error: str | None = None
+        self.last_broadcast: dict[str, Any] | None = None
         self.ctx: zmq.Context | None = None
         self.requests: Subscriber | None = None
         self.events: Publisher | None = None
@@ -148,8 +154,12 @@ class AnchorWorker:
                               cfg.bitcoind_rpc_password, cfg.bitcoind_rpc_cookie)
         self.hashblock = open_hashblock(self.ctx, cfg.bitcoind_zmq_hashblock) \
             if cfg.bitcoind_zmq_hashblock else None
+        self.auth = security.start_authenticator(self.ctx, cfg)
+        self.control = sockets.open_anchor_control(self.ctx, cfg)
+        self.dispatcher = control.Dispatcher({"stats": lambda _request: self.stats()}, log)
         self.poller = zmq.Poller()
         self.poller.register(stop.fileno(), zmq.POLLIN)
+        self.poller.register(self.control, zmq.POLLIN)
         if self.hashblock is not None:
             self.poller.register(self.hashblock, zmq.POLLIN)
         log.info("started", bitcoind=cfg.bitcoind_rpc_url, hashblock=cfg.bitcoind_zmq_hashblock,
@@ -157,6 +167,8 @@ class AnchorWorker:
 
     def loop(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        while self.control.poll(0):  # between the steps below, each at most a poll or an RPC
+            self.dispatcher.serve(self.control)
         try:
             self._connect(now)
             self._take_requests(now)
@@ -171,6 +183,8 @@ class AnchorWorker:
             self._hold_back(exc, "no_utxo")
         except (RpcUnavailable, BusError) as exc:
             self.counters["unavailable"] += 1
+            if isinstance(exc, RpcUnavailable):
+                self.node_error = str(exc)
             self._hold_back(exc, "unavailable")
         except RpcError as exc:  # bitcoind refused a call (wallet locked, say): not fatal
             self._hold_back(exc, "bitcoind_refused")
@@ -180,6 +194,30 @@ class AnchorWorker:
             self._hold_back(exc, "build_failed")
         if self.events is not None:
             self.events.read_acks()
+
+    def stats(self) -> dict[str, Any]:
+        """`stats` of the anchor worker's control endpoint (docs/protocol.md)."""
+        tip = self.sync.tip_height if self.sync is not None else None
+        node_height = self.node.get("height")
+        return {
+            "counters": dict(self.counters),
+            "queue": {"documents": len(self.pending),
+                      "waiting_s": round(time.monotonic() - self._pending_since, 3)
+                      if self._pending_since is not None else 0.0},
+            "open_anchors": len(self.open),
+            "open_by_status": dict(Counter(a["status"] for a in self.open.values())),
+            "last_broadcast": self.last_broadcast,
+            "bitcoind": {"url": self.config.bitcoind_rpc_url,
+                         "reachable": self.node_error is None and bool(self.node),
+                         "error": self.node_error, **self.node},
+            "wallet_sync": {"tip_height": tip, "node_height": node_height,
+                            "lag_blocks": node_height - tip
+                            if node_height is not None and tip is not None else None,
+                            "ready": self._ready},
+            "retry_in_s": round(max(0.0, self._retry_at - time.monotonic()), 3),
+            "control": self.dispatcher.counters.snapshot(),
+            "security": security.snapshot(self.config),
+        }
 
     def status_line(self) -> str:
         return (f"{len(self.pending):,} documents waiting; {len(self.open):,} anchors open; "
@@ -201,6 +239,10 @@ class AnchorWorker:
         if self.ctx is not None:
             if self.hashblock is not None:
                 self.hashblock.close()
+            if getattr(self, "control", None) is not None:
+                self.control.close(linger=0)
+            if getattr(self, "auth", None) is not None:
+                self.auth.stop()
             self.ctx.term()
             self.ctx = None
         log.info("anchor_stopped", pending=len(self.pending), open_anchors=len(self.open),
@@ -294,7 +336,11 @@ class AnchorWorker:
         if now >= self._next_block_poll and self.sync is not None:
             # The fallback: notifications can be lost (HWM, a bitcoind restart).
             self._next_block_poll = now + self.config.anchor_block_poll_s
-            if self.rpc.call("getbestblockhash") != self.sync.tip_hash:
+            chain = self.rpc.call("getblockchaininfo")
+            self.node = {"height": chain["blocks"], "best": chain["bestblockhash"],
+                         "seen_ns": time.time_ns()}
+            self.node_error = None
+            if chain["bestblockhash"] != self.sync.tip_hash:
                 self._block_due = True
 
     # --- the work ---------------------------------------------------------------------
@@ -462,6 +508,8 @@ class AnchorWorker:
                                           "status": "submitted"})
         anchor["status"] = "submitted"
         self.counters["broadcasts"] += 1
+        self.last_broadcast = {"anchor_id": anchor["anchor_id"], "txid": anchor["txid"],
+                               "time_ns": time.time_ns()}
         self._announce(anchor)
 
     def _refused(self, anchor: dict[str, Any], exc: RpcError) -> None:

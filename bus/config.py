@@ -56,6 +56,8 @@ SETTINGS: tuple[Setting, ...] = (
             "reader REP: history pages from a read-only connection"),
     Setting("notify_endpoint", "BUS_NOTIFY_ENDPOINT", str, "tcp://127.0.0.1:5556",
             "writer XPUB: $bus.ack/nack/commit notifications; only the writer sends there"),
+    Setting("anchor_control_endpoint", "BUS_ANCHOR_CONTROL_ENDPOINT", str,
+            "tcp://127.0.0.1:5557", "anchor worker REP: ping, stats"),
     Setting("curve_dir", "BUS_CURVE_DIR", str, "",
             "CURVE key directory (server.key, proxy.key, publishers/ readers/ admins/); "
             "empty: no authentication"),
@@ -183,6 +185,7 @@ class BusConfig:
     proxy_control_endpoint: str
     read_endpoint: str
     notify_endpoint: str
+    anchor_control_endpoint: str
     curve_dir: str
     curve_key: str
     db: str

@@ -96,6 +96,12 @@ UNKNOWN_SESSION = "unknown_session"  # an epoch the writer never handed out (dat
 FORBIDDEN = "forbidden"              # (CURVE) the request's key may not run this command
 BUSY = "busy"                        # the process cannot answer this now (proxy stats): retry
 INTERNAL_ERROR = "internal_error"    # a bug in the process: answered and logged, never fatal
+# Control replies' other error codes (docs/protocol.md, "Control requests").
+UNKNOWN_COMMAND = "unknown_command"
+UNAVAILABLE = "unavailable"          # a database or node busy or unreachable: retry
+FLUSH_FAILED = "flush_failed"        # the writer's `flush` could not commit (rows kept)
+READ_FAILED = "read_failed"          # the reader's query failed (SQLite error): retry
+PROOF_FAILED = "proof_failed"        # the reader could not build a document's proof
 
 
 class ProtocolError(ValueError):

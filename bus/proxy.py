@@ -50,9 +50,9 @@ from typing import Any
 
 import zmq
 
-from bus import protocol, security, sockets
+from bus import control, protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
-from bus.logging import RateLimitedLog, get_logger
+from bus.logging import get_logger
 from bus.runner import StopSignal, release_free_memory, resident_bytes
 
 log = get_logger("proxy")
@@ -91,10 +91,8 @@ class Proxy:
         self._proxy_error: BaseException | None = None
         self._unanswered = 0              # steering commands the loop has not answered yet
         self._capture_linger_ms = 0       # set by shutdown, used by the loop's thread
-        self._bad_requests = 0
-        self._internal_errors = 0
         self._started = time.monotonic()
-        self._rejects = RateLimitedLog(log)
+        self.dispatcher = control.Dispatcher({"stats": self._stats_command}, log)
         # libzmq's counters start from zero with each run of its loop: what the
         # loops before the current one counted.
         self._counted = dict.fromkeys(_STAT_NAMES, 0)
@@ -174,36 +172,17 @@ class Proxy:
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.control in events:
-            self.handle_control(self.control.recv_multipart())
+            self.dispatcher.serve(self.control)
         self.guard_memory(time.monotonic() if now is None else now)
 
-    def handle_control(self, frames: list[bytes]) -> None:
-        request_id: Any = None
-        try:
-            request_id, cmd, _args = protocol.decode_request(frames)
-            if cmd == "stats":
-                stats = self.read_stats()
-                reply = protocol.encode_reply_error(
-                    request_id, protocol.BUSY,
-                    f"the forwarding loop did not answer within {STATISTICS_WAIT_MS} ms: it is "
-                    "busy or blocked (a full capture queue while the writer is down?); retry"
-                ) if stats is None else protocol.encode_reply_ok(request_id, stats)
-            elif cmd == "ping":
-                reply = protocol.encode_reply_ok(request_id, "pong")
-            else:
-                reply = protocol.encode_reply_error(request_id, "unknown_command",
-                                                    f"no command {cmd!r}")
-        except protocol.ProtocolError as exc:
-            self._bad_requests += 1
-            request_id = getattr(exc, "request_id", request_id)
-            self._rejects.warning(exc.reason, "bad_control_request", detail=exc.detail)
-            reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
-        except Exception as exc:  # a bug must cost one request, not the proxy
-            self._internal_errors += 1
-            self._rejects.error(protocol.INTERNAL_ERROR, "control_request_failed",
-                                exc_info=True)
-            reply = protocol.internal_error_reply(request_id, exc)
-        self.control.send(reply)
+    def _stats_command(self, _request: control.Request) -> dict[str, Any]:
+        stats = self.read_stats()
+        if stats is None:
+            raise control.CommandFailed(
+                protocol.BUSY, f"the forwarding loop did not answer within {STATISTICS_WAIT_MS} "
+                "ms: it is busy or blocked (a full capture queue while the writer is down?); "
+                "retry")
+        return stats
 
     def _steer(self, command: bytes, wait_ms: int) -> list[bytes] | None:
         """Send one steering command (libzmq answers each), or None if the loop
@@ -245,8 +224,7 @@ class Proxy:
         if stats is None:
             return None
         stats.update(uptime_seconds=round(time.monotonic() - self._started, 3),
-                     bad_control_requests=self._bad_requests,
-                     internal_errors=self._internal_errors,
+                     control=self.dispatcher.counters.snapshot(),
                      security=security.snapshot(self.config),
                      capture_hwm=self.config.capture_hwm,
                      memory={"rss_bytes": resident_bytes(),

@@ -56,6 +56,7 @@ DOMAIN_ROLES: dict[str, tuple[str, ...]] = {
     "control": (PUBLISHERS, READERS, ADMINS),  # then per command: authorize()
     "read": (READERS, ADMINS),
     "proxy_control": (PUBLISHERS, READERS, ADMINS),
+    "anchor_control": (PUBLISHERS, READERS, ADMINS),
     "capture": (PROXY,),
 }
 

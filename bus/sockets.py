@@ -10,6 +10,7 @@ options of a socket are read in one place:
     clients     REQ  --connect--> control_endpoint  (writer REP, bound)
     clients     REQ  --connect--> proxy_control_endpoint (proxy REP, bound)
     clients     REQ  --connect--> read_endpoint     (reader REP, bound)
+    clients     REQ  --connect--> anchor_control_endpoint (anchor worker REP, bound)
 """
 
 from __future__ import annotations
@@ -238,6 +239,12 @@ def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
 
 def open_reader(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     return open_reply(ctx, cfg, cfg.read_endpoint, "read")
+
+
+# --- anchor worker -------------------------------------------------------------
+
+def open_anchor_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+    return open_reply(ctx, cfg, cfg.anchor_control_endpoint, "anchor_control")
 
 
 # --- clients -----------------------------------------------------------------

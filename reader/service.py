@@ -20,7 +20,7 @@ from typing import Any
 import apsw
 import zmq
 
-from bus import protocol, security, sockets
+from bus import control, protocol, security, sockets
 from bus.config import BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
@@ -170,10 +170,11 @@ class Reader:
                                config.history_scan_rows, config.sqlite_busy_timeout_ms)
         self.requests = 0
         self.rows_served = 0
-        self.bad_requests = 0
-        self.internal_errors = 0
-        self.unavailable = 0
         self.max_page_ms = 0.0
+        self.dispatcher = control.Dispatcher({
+            "history": self._history, "anchor_proof": self._anchor_proof,
+            "utxo_stats": lambda _request: self._read(self.history.utxo_stats),
+            "stats": lambda _request: self.stats()}, log)
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
         self.ctx: zmq.Context | None = None
@@ -195,55 +196,41 @@ class Reader:
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.rep in events:
-            self.rep.send(self.handle(self.rep.recv_multipart()))
+            self.dispatcher.serve(self.rep)
 
     def handle(self, frames: list[bytes]) -> bytes:
-        request_id: Any = None
+        return self.dispatcher.handle(frames)
+
+    def _history(self, request: control.Request) -> dict[str, Any]:
         try:
-            request_id, cmd, args = protocol.decode_request(frames)
-            if cmd == "history":
-                try:
-                    query = parse_history_args(args)
-                except ValueError as exc:
-                    raise protocol.RequestError(request_id, protocol.BAD_REQUEST,
-                                                str(exc)) from None
-                return protocol.encode_reply_ok(request_id, self.serve_page(query))
-            if cmd == "utxo_stats":
-                return protocol.encode_reply_ok(request_id, self.history.utxo_stats())
-            if cmd == "anchor_proof":
-                document = args.get("hash")
-                if not (isinstance(document, bytes) and len(document) == 32):
-                    raise protocol.RequestError(request_id, protocol.BAD_REQUEST,
-                                                "'hash' must be 32 bytes (a SHA-256)")
-                return protocol.encode_reply_ok(request_id, self.history.proof(document))
-            if cmd == "stats":
-                return protocol.encode_reply_ok(request_id, self.stats())
-            if cmd == "ping":
-                return protocol.encode_reply_ok(request_id, "pong")
-            return protocol.encode_reply_error(request_id, "unknown_command",
-                                               f"no command {cmd!r}")
-        except protocol.ProtocolError as exc:
-            self.bad_requests += 1
-            request_id = getattr(exc, "request_id", request_id)
-            self._rejects.warning(exc.reason, "bad_request", detail=exc.detail)
-            return protocol.encode_reply_error(request_id, exc.reason, str(exc))
+            query = parse_history_args(request.args)
+        except ValueError as exc:
+            raise control.CommandFailed(protocol.BAD_REQUEST, str(exc), bad_input=True) from None
+        return self._read(self.serve_page, query)
+
+    def _anchor_proof(self, request: control.Request) -> dict[str, Any] | None:
+        document = request.args.get("hash")
+        if not (isinstance(document, bytes) and len(document) == 32):
+            raise control.CommandFailed(protocol.BAD_REQUEST,
+                                        "'hash' must be 32 bytes (a SHA-256)", bad_input=True)
+        return self._read(self.history.proof, document)
+
+    def _read(self, query: Callable[..., Any], *args: Any) -> Any:
+        """Run a query, turning what the database says into an error code the
+        client can act on (retry)."""
+        try:
+            return query(*args)
         except Unavailable as exc:
-            self.unavailable += 1
-            self._rejects.warning("unavailable", "database_unavailable", error=str(exc))
-            return protocol.encode_reply_error(request_id, "unavailable", str(exc))
+            self._rejects.warning(protocol.UNAVAILABLE, "database_unavailable", error=str(exc))
+            raise control.CommandFailed(protocol.UNAVAILABLE, str(exc)) from None
         except ProofUnavailable as exc:
-            self._rejects.warning("proof_failed", "proof_failed", error=str(exc))
-            return protocol.encode_reply_error(request_id, "proof_failed", str(exc))
+            self._rejects.warning(protocol.PROOF_FAILED, "proof_failed", error=str(exc))
+            raise control.CommandFailed(protocol.PROOF_FAILED, str(exc)) from None
         except apsw.Error as exc:  # busy, I/O: the client may retry
-            self.unavailable += 1
             self.history.close()
-            self._rejects.warning("read_failed", "read_failed", error=str(exc),
+            self._rejects.warning(protocol.READ_FAILED, "read_failed", error=str(exc),
                                   error_type=type(exc).__name__)
-            return protocol.encode_reply_error(request_id, "read_failed", str(exc))
-        except Exception as exc:  # a bug must cost one request, not the reader
-            self.internal_errors += 1
-            self._rejects.error(protocol.INTERNAL_ERROR, "request_failed", exc_info=True)
-            return protocol.internal_error_reply(request_id, exc)
+            raise control.CommandFailed(protocol.READ_FAILED, str(exc)) from None
 
     def serve_page(self, query: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -258,8 +245,7 @@ class Reader:
 
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "rows_served": self.rows_served,
-                "bad_requests": self.bad_requests, "internal_errors": self.internal_errors,
-                "unavailable": self.unavailable,
+                "control": self.dispatcher.counters.snapshot(),
                 "max_page_ms": round(self.max_page_ms, 3),
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
                 "database": self.config.db, "read_endpoint": self.config.read_endpoint,

@@ -32,7 +32,7 @@ from tests.bitcoind_double import BitcoindDouble
 BUS_CLI = str(Path(sys.executable).with_name("bus-cli"))
 ENDPOINT_VARS = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
                  "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT",
-                 "BUS_NOTIFY_ENDPOINT")
+                 "BUS_NOTIFY_ENDPOINT", "BUS_ANCHOR_CONTROL_ENDPOINT")
 DEADLINE = 15.0
 
 

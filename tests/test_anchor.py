@@ -200,6 +200,8 @@ def test_a_worker_killed_after_recording_broadcasts_on_restart(anchoring, node, 
 def test_bitcoind_unreachable_keeps_the_requests_until_it_is_back(anchoring, node, events) -> None:
     node.fund([200_000])
     worker = start_worker(anchoring)
+    healthy = anchoring.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")
+    assert healthy["bitcoind"]["reachable"] is True and healthy["wallet_sync"]["lag_blocks"] == 0
     node.stop()
     request(anchoring, doc(1), doc(2), doc(3))
     # It tried: reserved a UTXO, could not build, gave the lease back. The next
@@ -209,6 +211,10 @@ def test_bitcoind_unreachable_keeps_the_requests_until_it_is_back(anchoring, nod
     assert any(e.get("event") == "anchor_held_back" and "did not answer" in e.get("error", "")
                for e in worker.log_events())
     assert anchor_rows(anchoring) == []
+    # `stats` says why, from the worker's own control endpoint.
+    held = anchoring.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")
+    assert held["bitcoind"]["reachable"] is False and "did not answer" in held["bitcoind"]["error"]
+    assert held["queue"]["documents"] == 3 and held["open_anchors"] == 0
     # Waiting with overdue requests is waiting, not spinning: CPU over a 2 s window.
     cpu, wall = cpu_seconds(worker.pid), time.monotonic()
     time.sleep(2)
@@ -217,6 +223,10 @@ def test_bitcoind_unreachable_keeps_the_requests_until_it_is_back(anchoring, nod
     node.start()
     submitted = wait_for(lambda: len(submitted_docs(events)) == 3, message="3 documents anchored")
     assert submitted and worker.popen.poll() is None
+    back = anchoring.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")
+    [txid] = {d["txid"] for d in submitted_docs(events).values()}
+    assert back["last_broadcast"]["txid"] == txid
+    assert back["queue"]["documents"] == 0 and back["open_anchors"] == 1
     stats = anchoring.writer_stats()["utxos"]
     assert stats["errors"] == 0, (stats, worker.log_events()[-8:])  # no stale lease was used
 

@@ -102,7 +102,8 @@ def test_consumer_requests_are_validated_and_bounded(make_bus) -> None:
         assert client.request("consumer_get", {"consumer": "b"})["last_id"] is None
         client.request("flush")
     assert positions(bus) == {"a": 5, "c": 2}
-    assert bus.writer_stats()["ingest"]["bad_control_requests"] == 8
+    counted = bus.writer_stats()["control"]
+    assert counted["bad_requests"] == 7 and counted["failed"] == {"too_many_consumers": 1}
 
 
 def test_a_durable_consumer_cannot_start_without_the_writer_and_says_so(make_bus) -> None:

@@ -245,7 +245,7 @@ def test_bad_requests_are_refused_counted_and_harmless(wallet: Bus) -> None:
             assert err.value.code in ("bad_request", "lease_expired", "unknown_command"), cmd
         assert c.reserve(1_000, 60)["txid"] == txid(1)  # still serving, nothing changed
     stats = wallet.writer_stats()
-    assert stats["ingest"]["bad_control_requests"] >= 7
+    assert stats["control"]["bad_requests"] >= 7
     assert query(wallet.db, "SELECT count(*) FROM utxos")[0][0] == 5
 
 

@@ -25,17 +25,18 @@ transaction between batches, so ingest never waits for more than one chunk.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import apsw
 import msgpack
 import zmq
 
-from bus import protocol, security, sockets
+from bus import control, protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import MemoryLimit, StopSignal, release_free_memory, resident_bytes
@@ -75,6 +76,26 @@ REFUSAL_REASONS = {
 }
 
 
+@contextlib.contextmanager
+def consumer_errors() -> Iterator[None]:
+    """writer/consumers.py's refusals, as control replies."""
+    try:
+        yield
+    except ConsumerError as exc:
+        raise control.CommandFailed(exc.code, str(exc),
+                                    bad_input=exc.code == protocol.BAD_REQUEST) from None
+
+
+def producer_arg(request: control.Request) -> str:
+    producer = request.args.get("producer")
+    if not protocol.is_producer_id(producer):
+        raise control.CommandFailed(
+            protocol.BAD_REQUEST,
+            f"'producer' must be a string of 1-{protocol.MAX_PRODUCER_CHARS} chars",
+            bad_input=True)
+    return producer
+
+
 class Writer:
     name = "writer"
 
@@ -88,9 +109,6 @@ class Writer:
         self.load = LoadMeter(cfg.batch_low_load_threshold, cfg.batch_load_window_seconds)
         self.rejected: dict[str, int] = {}
         self.messages_received = 0
-        self.bad_control_requests = 0
-        self.internal_errors = 0  # control requests that failed on a bug (logged)
-        self.forbidden = 0  # commands refused to the key that sent them (CURVE)
         self.forged = 0     # session messages without their session's MAC (CURVE)
         self.authenticating = security.enabled(cfg)
         self.nacked: dict[str, int] = {}
@@ -123,6 +141,7 @@ class Writer:
         self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
                               cfg.utxo_request_ttl_s)
         self.anchors = AnchorBook(self.utxos)
+        self.dispatcher = control.Dispatcher(self.control_commands(), log, cfg, authorized=True)
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, cfg)
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
@@ -154,8 +173,7 @@ class Writer:
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.control in events:
-            frames = self.control.recv_multipart(copy=False)
-            self.handle_control([f.bytes for f in frames], now, security.user_id(frames))
+            self.dispatcher.serve(self.control)
         if self.notify in events:
             self.handle_notify_subscriptions()
         idle = True
@@ -578,150 +596,96 @@ class Writer:
 
     # --- control endpoint ---------------------------------------------------
 
-    def handle_control(self, frames: list[bytes], now: float, user: str | None = None) -> None:
-        """Decode, execute, and answer ok/error echoing the request id.
+    def control_commands(self) -> dict[str, control.Handler]:
+        """The writer's control commands (docs/protocol.md, "Control requests")."""
+        commands: dict[str, control.Handler] = {
+            "stats": lambda _request: self.stats(time.monotonic()),
+            "flush": self._flush_command,
+            "consumer_ack": self._consumer_ack, "consumer_get": self._consumer_get,
+            "consumer_delete": self._consumer_delete,
+            "producer_open": self._producer_open, "producer_status": self._producer_status,
+        }
+        # The wallet's and the anchor records' commands (writer/utxos.py,
+        # writer/anchors.py); each is committed before its reply.
+        commands.update(dict.fromkeys(self.utxos.handlers, self._wallet_command))
+        return commands
 
-        stats -> the metrics map (see docs/protocol.md)
-        flush -> {"flushed": rows} once the buffer is committed
-        ping  -> "pong"
-        consumer_ack / consumer_get / consumer_delete -> see handle_consumer
-        """
-        request_id: Any = None
-        try:
-            request_id, cmd, args = protocol.decode_request(frames)
-            refusal = security.authorize(self.config, user, cmd)
-            if refusal is not None:
-                raise protocol.RequestError(request_id, protocol.FORBIDDEN, refusal)
-            if cmd.startswith("consumer_"):
-                reply = self.handle_consumer(request_id, cmd, args, now, user)
-            elif cmd.startswith("producer_"):
-                reply = self.handle_producer(request_id, cmd, args, now, user)
-            elif cmd.startswith(("utxo_", "anchor_")):
-                reply = self.handle_wallet(request_id, cmd, args)
-            elif cmd == "stats":
-                reply = protocol.encode_reply_ok(request_id, self.stats(now))
-            elif cmd == "flush":
-                items = len(self.buffer)
-                if self.flush("request", now):
-                    reply = protocol.encode_reply_ok(request_id, {"flushed": items})
-                else:
-                    reply = protocol.encode_reply_error(request_id, "flush_failed",
-                                                        "database write failed; rows kept")
-            elif cmd == "ping":
-                reply = protocol.encode_reply_ok(request_id, "pong")
-            else:
-                reply = protocol.encode_reply_error(request_id, "unknown_command",
-                                                    f"no command {cmd!r}")
-        except protocol.ProtocolError as exc:
-            request_id = getattr(exc, "request_id", request_id)
-            if exc.reason == protocol.FORBIDDEN:
-                self._refuse_command(exc.detail, user)
-            else:
-                self.bad_control_requests += 1
-                self._rejects.warning(exc.reason, "bad_control_request", detail=exc.detail)
-            reply = protocol.encode_reply_error(request_id, exc.reason, str(exc))
-        except Exception as exc:  # a bug must cost one request, not the writer
-            self.internal_errors += 1
-            self._rejects.error(protocol.INTERNAL_ERROR, "control_request_failed",
-                                exc_info=True)
-            reply = protocol.internal_error_reply(request_id, exc)
-        self.control.send(reply)
+    def _flush_command(self, _request: control.Request) -> dict[str, int]:
+        items = len(self.buffer)
+        if not self.flush("request", time.monotonic()):
+            raise control.CommandFailed(protocol.FLUSH_FAILED, "database write failed; rows kept")
+        return {"flushed": items}
 
-    def _refuse_command(self, reason: str, user: str | None) -> None:
-        """A command the request's key may not run: counted, logged at a bounded rate."""
-        self.forbidden += 1
-        self._rejects.warning(protocol.FORBIDDEN, "command_forbidden", detail=reason,
-                              client_key=user)
+    def _consumer_ack(self, request: control.Request) -> dict[str, Any]:
+        """{consumer, last_id} -> {consumer, last_id}: the position moves forward
+        and is committed with the next batch. With CURVE, only the key that
+        owns a consumer name moves it."""
+        args = request.args
+        with consumer_errors():
+            position, row = self.consumers.ack(args.get("consumer"), args.get("last_id"),
+                                               time.time_ns(), self.store.last_message_id() or 0,
+                                               request.user)
+        if row is not None:
+            self.buffer.add_consumption(row, time.monotonic())
+        return {"consumer": args["consumer"], "last_id": position}
 
-    def handle_consumer(self, request_id: Any, cmd: str, args: dict[str, Any],
-                        now: float, user: str | None = None) -> bytes:
-        """consumer_ack {consumer, last_id} -> {consumer, last_id}: the position
-            moves forward and is committed with the next batch;
-        consumer_get {consumer} -> {consumer, last_id (nil if unknown), updated_ns,
-            last_message_id};
-        consumer_delete {consumer} -> {consumer, deleted}.
-        With CURVE, only the key that owns a consumer name moves it."""
-        consumers = self.consumers
-        try:
-            if cmd == "consumer_ack":
-                position, row = consumers.ack(args.get("consumer"), args.get("last_id"),
-                                              time.time_ns(), self.store.last_message_id() or 0,
-                                              user)
-                if row is not None:
-                    self.buffer.add_consumption(row, now)
-                result: Any = {"consumer": args["consumer"], "last_id": position}
-            elif cmd == "consumer_get":
-                result = consumers.get(args.get("consumer"))
-                result["last_message_id"] = self.store.last_message_id()
-            elif cmd == "consumer_delete":
-                row = consumers.delete(args.get("consumer"), time.time_ns())
-                if row is not None:
-                    self.buffer.add_consumption(row, now)
-                result = {"consumer": args["consumer"], "deleted": row is not None}
-            else:
-                return protocol.encode_reply_error(request_id, "unknown_command",
-                                                   f"no command {cmd!r}")
-        except ConsumerError as exc:
-            if exc.code == protocol.FORBIDDEN:
-                self._refuse_command(str(exc), user)
-            else:
-                self.bad_control_requests += 1
-            return protocol.encode_reply_error(request_id, exc.code, str(exc))
-        return protocol.encode_reply_ok(request_id, result)
+    def _consumer_get(self, request: control.Request) -> dict[str, Any]:
+        """{consumer} -> {consumer, last_id (nil if unknown), updated_ns, last_message_id}"""
+        with consumer_errors():
+            result = self.consumers.get(request.args.get("consumer"))
+        result["last_message_id"] = self.store.last_message_id()
+        return result
 
-    def handle_producer(self, request_id: Any, cmd: str, args: dict[str, Any],
-                        now: float, user: str | None = None) -> bytes:
-        """producer_open {producer} -> {producer, epoch, next_seq}: a new session,
-            committed before the reply; older sessions are fenced from then on;
-        producer_status {producer} -> {producer, epoch, contiguous_seq, max_seq,
-            refused, refusals [[seq, code], ...]} (nil for an unknown producer):
-            what a producer that missed nacks needs.
-        With CURVE, a producer id belongs to the key that opened it first: no
-        other key can open (and so fence) it."""
-        producer = args.get("producer")
-        if not protocol.is_producer_id(producer):
-            raise protocol.RequestError(
-                request_id, protocol.BAD_REQUEST,
-                f"'producer' must be a string of 1-{protocol.MAX_PRODUCER_CHARS} chars")
-        if cmd == "producer_status":
-            state = self.producers.peek(producer)
-            return protocol.encode_reply_ok(request_id, state and state.status())
-        if cmd != "producer_open":
-            return protocol.encode_reply_error(request_id, "unknown_command",
-                                               f"no command {cmd!r}")
+    def _consumer_delete(self, request: control.Request) -> dict[str, Any]:
+        """{consumer} -> {consumer, deleted}"""
+        with consumer_errors():
+            row = self.consumers.delete(request.args.get("consumer"), time.time_ns())
+        if row is not None:
+            self.buffer.add_consumption(row, time.monotonic())
+        return {"consumer": request.args["consumer"], "deleted": row is not None}
+
+    def _producer_status(self, request: control.Request) -> dict[str, Any] | None:
+        """{producer} -> {producer, epoch, contiguous_seq, max_seq, refused,
+        refusals [[seq, code], ...]} (nil for an unknown producer): what a
+        producer that missed nacks needs."""
+        state = self.producers.peek(producer_arg(request))
+        return state and state.status()
+
+    def _producer_open(self, request: control.Request) -> dict[str, Any]:
+        """{producer} -> {producer, epoch, next_seq}: a new session, committed
+        before the reply; older sessions are fenced from then on. With CURVE, a
+        producer id belongs to the key that opened it first: no other key can
+        open (and so fence) it."""
+        producer = producer_arg(request)
         known = self.producers.peek(producer)
-        if user is not None and known is not None and known.owner not in (None, user):
-            raise protocol.RequestError(request_id, protocol.FORBIDDEN,
+        if request.user is not None and known is not None and known.owner not in (None,
+                                                                                  request.user):
+            raise control.CommandFailed(protocol.FORBIDDEN,
                                         f"producer {producer!r} belongs to another key: open "
                                         "your own producer id")
         session_key = os.urandom(32) if self.authenticating else None
-        state = self.producers.open(producer, time.time_ns(), owner=user,
+        state = self.producers.open(producer, time.time_ns(), owner=request.user,
                                     session_key=session_key)
-        if not self.flush("request", now):
-            return protocol.encode_reply_error(request_id, "unavailable",
-                                               "database write failed; retry")
+        if not self.flush("request", time.monotonic()):
+            raise control.CommandFailed(protocol.UNAVAILABLE, "database write failed; retry")
         log.info("producer_session_opened", producer=producer, epoch=state.epoch,
                  next_seq=state.max_seq + 1)
         opened = {"producer": producer, "epoch": state.epoch, "next_seq": state.max_seq + 1}
         if session_key is not None:  # over the encrypted CURVE channel only
             opened["session_key"] = session_key
-        return protocol.encode_reply_ok(request_id, opened)
+        return opened
 
-    def handle_wallet(self, request_id: Any, cmd: str, args: dict[str, Any]) -> bytes:
-        """The wallet's and the anchor records' commands (writer/utxos.py,
-        writer/anchors.py); each is committed before its reply. A busy
-        database is answered `unavailable`: retry."""
+    def _wallet_command(self, request: control.Request) -> Any:
+        """A busy database is answered `unavailable`: retry."""
         try:
-            result = self.utxos.handle(cmd, args)
+            return self.utxos.handle(request.cmd, request.args)
         except UtxoError as exc:
-            if exc.code == "bad_request":
-                self.bad_control_requests += 1
-            return protocol.encode_reply_error(request_id, exc.code, str(exc))
+            raise control.CommandFailed(exc.code, str(exc),
+                                        bad_input=exc.code == protocol.BAD_REQUEST) from None
         except TRANSIENT_ERRORS as exc:
-            log.warning("wallet_request_failed", cmd=cmd, error=str(exc))
-            return protocol.encode_reply_error(request_id, "unavailable",
-                                               f"database busy ({type(exc).__name__}); retry")
-        return protocol.encode_reply_ok(request_id, result)
+            log.warning("wallet_request_failed", cmd=request.cmd, error=str(exc))
+            raise control.CommandFailed(protocol.UNAVAILABLE,
+                                        f"database busy ({type(exc).__name__}); retry") from None
 
     def status_line(self) -> str:
         now = time.monotonic()
@@ -746,16 +710,16 @@ class Writer:
             "ingest": {"messages_received": self.messages_received,
                        "rejected_total": sum(self.rejected.values()),
                        "rejected": dict(self.rejected),
-                       "nacked": dict(self.nacked),
-                       "bad_control_requests": self.bad_control_requests,
-                       "internal_errors": self.internal_errors},
+                       "nacked": dict(self.nacked)},
+            "control": self.dispatcher.counters.snapshot(),
             "producers": self.producers.snapshot(),
             "consumers": self.consumers.snapshot(last_id),
             "utxos": self.utxos.snapshot(),
             "anchors": self.anchors.snapshot(),
             "retention": {"max_age_s": cfg.retention_max_age_s,
                           "max_messages": cfg.retention_max_messages, **self.retention},
-            "security": {**security.snapshot(cfg), "commands_forbidden": self.forbidden,
+            "security": {**security.snapshot(cfg),
+                         "commands_forbidden": self.dispatcher.counters.forbidden,
                          "messages_not_authentic": self.forged},
             "notify": {"subscribed_bytes": self.notify_subscribed_bytes,
                        "budget_bytes": NOTIFY_SUBSCRIPTION_BUDGET_BYTES,
