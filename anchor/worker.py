@@ -50,6 +50,7 @@ from anchor.sync import WalletSync
 from bus import control, protocol, security, sockets
 from bus.client import BusError, Publisher, Subscriber
 from bus.config import BusConfig
+from bus.http import HttpSide, Series, control_series
 from bus.logging import RateLimitedLog, get_logger
 from bus.protocol import Message
 from bus.runner import StopSignal
@@ -108,6 +109,30 @@ def parse_request(payload: bytes) -> tuple[bytes, str | None]:
     return digest, ref
 
 
+# What the anchor worker's /metrics shows (bus/http.py), read from its `stats`.
+HTTP_SERIES = [
+    Series("events", "counter", "what the worker did, by kind",
+           lambda s: s["counters"], "kind"),
+    Series("documents_waiting", "gauge", "documents waiting to be anchored",
+           lambda s: s["queue"]["documents"]),
+    Series("open_anchors", "gauge", "anchors not yet confirmed", lambda s: s["open_anchors"]),
+    Series("bitcoind_reachable", "gauge", "1 while bitcoind answers",
+           lambda s: int(s["bitcoind"]["reachable"])),
+    Series("wallet_sync_lag_blocks", "gauge", "blocks the UTXO table is behind bitcoind",
+           lambda s: s["wallet_sync"]["lag_blocks"]),
+    *control_series(),
+]
+
+
+def anchor_health(stats: dict[str, Any]) -> str | None:
+    bitcoind = stats["bitcoind"]
+    if bitcoind["error"] is not None:
+        return f"bitcoind unreachable at {bitcoind['url']}: {bitcoind['error']}"
+    if not stats["wallet_sync"]["ready"]:
+        return "starting: the wallet's UTXOs are not synced yet"
+    return None
+
+
 class AnchorWorker:
     name = "anchor"
 
@@ -136,6 +161,7 @@ class AnchorWorker:
         self.node_error: str | None = None
         self.last_broadcast: dict[str, Any] | None = None
         self.ctx: zmq.Context | None = None
+        self.http: HttpSide | None = None
         self.requests: Subscriber | None = None
         self.events: Publisher | None = None
         self.sync: WalletSync | None = None
@@ -157,6 +183,8 @@ class AnchorWorker:
         self.auth = security.start_authenticator(self.ctx, cfg)
         self.control = sockets.open_anchor_control(self.ctx, cfg)
         self.dispatcher = control.Dispatcher({"stats": lambda _request: self.stats()}, log)
+        if cfg.anchor_http:
+            self.http = HttpSide("anchor", cfg.anchor_http, HTTP_SERIES, anchor_health)
         self.poller = zmq.Poller()
         self.poller.register(stop.fileno(), zmq.POLLIN)
         self.poller.register(self.control, zmq.POLLIN)
@@ -194,6 +222,9 @@ class AnchorWorker:
             self._hold_back(exc, "build_failed")
         if self.events is not None:
             self.events.read_acks()
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.stats()
 
     def stats(self) -> dict[str, Any]:
         """`stats` of the anchor worker's control endpoint (docs/protocol.md)."""

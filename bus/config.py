@@ -58,6 +58,15 @@ SETTINGS: tuple[Setting, ...] = (
             "writer XPUB: $bus.ack/nack/commit notifications; only the writer sends there"),
     Setting("anchor_control_endpoint", "BUS_ANCHOR_CONTROL_ENDPOINT", str,
             "tcp://127.0.0.1:5557", "anchor worker REP: ping, stats"),
+    Setting("writer_http", "BUS_WRITER_HTTP", str, "",
+            "host:port of the writer's HTTP side: /metrics, /metrics/batch, /metrics/load, "
+            "/healthz (empty: off)"),
+    Setting("proxy_http", "BUS_PROXY_HTTP", str, "", "host:port of the proxy's /metrics, "
+            "/healthz (empty: off)"),
+    Setting("reader_http", "BUS_READER_HTTP", str, "", "host:port of the reader's /metrics, "
+            "/healthz (empty: off)"),
+    Setting("anchor_http", "BUS_ANCHOR_HTTP", str, "", "host:port of the anchor worker's "
+            "/metrics, /healthz (empty: off)"),
     Setting("curve_dir", "BUS_CURVE_DIR", str, "",
             "CURVE key directory (server.key, proxy.key, publishers/ readers/ admins/); "
             "empty: no authentication"),
@@ -186,6 +195,10 @@ class BusConfig:
     read_endpoint: str
     notify_endpoint: str
     anchor_control_endpoint: str
+    writer_http: str
+    proxy_http: str
+    reader_http: str
+    anchor_http: str
     curve_dir: str
     curve_key: str
     db: str
@@ -264,6 +277,12 @@ class BusConfig:
                      "anchor_max_fee_rate_sat_vb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_BY_FIELD[name].env} must be positive")
+        for name in ("writer_http", "proxy_http", "reader_http", "anchor_http"):
+            address = getattr(self, name)
+            host, colon, port = address.rpartition(":")
+            if address and not (colon and host and port.isdigit() and 0 <= int(port) <= 65535):
+                raise ConfigError(f"{_BY_FIELD[name].env} must be host:port (127.0.0.1:9101; "
+                                  f"port 0: any free one), not {address!r}")
         for name in ("proxy_memory_limit_bytes", "writer_memory_limit_bytes"):
             if getattr(self, name) and getattr(self, name) < MEMORY_LIMIT_MIN:
                 raise ConfigError(f"{_BY_FIELD[name].env} must be 0 (off) or at least "

@@ -52,6 +52,7 @@ import zmq
 
 from bus import control, protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
+from bus.http import HttpSide, Series, control_series
 from bus.logging import get_logger
 from bus.runner import StopSignal, release_free_memory, resident_bytes
 
@@ -75,6 +76,42 @@ CUTOFF_GROWTH_FRACTION = 0.125
 PAUSE_GIVE_UP_S = 10.0
 SUBSCRIBERS, PUBLISHERS = "subscribers", "publishers"
 
+# What the proxy's /metrics shows (bus/http.py), read from its `stats`.
+HTTP_SERIES = [
+    Series("frames_in", "counter", "frames taken in from publishers (libzmq counts frames)",
+           lambda s: s["frontend_frames_in"]),
+    Series("bytes_in", "counter", "bytes taken in from publishers",
+           lambda s: s["frontend_bytes_in"]),
+    Series("frames_out", "counter", "frames sent to subscribers",
+           lambda s: s["backend_frames_out"]),
+    Series("bytes_out", "counter", "bytes sent to subscribers", lambda s: s["backend_bytes_out"]),
+    Series("memory_limit_bytes", "gauge", "BUS_PROXY_MEMORY_LIMIT_BYTES (0: off)",
+           lambda s: s["memory"]["limit_bytes"]),
+    Series("paused", "gauge", "1 while forwarding is paused over the memory limit",
+           lambda s: int(s["memory"]["paused"])),
+    Series("memory_pauses", "counter", "pauses over the memory limit",
+           lambda s: s["memory"]["pauses"]),
+    Series("subscriber_cutoffs", "counter", "subscriber sides cut off over the memory limit",
+           lambda s: s["memory"]["subscriber_cutoffs"]),
+    Series("publisher_cutoffs", "counter", "publisher sides cut off over the memory limit",
+           lambda s: s["memory"]["publisher_cutoffs"]),
+    Series("forwarding_blocked", "gauge", "1 while the forwarding loop does not answer (a full "
+           "capture queue?)", lambda s: int(s["forwarding"] == "blocked")),
+    *control_series(),
+]
+
+
+def proxy_health(stats: dict[str, Any]) -> str | None:
+    """Why the proxy is not healthy, for /healthz (None: it is)."""
+    if stats["forwarding"] == "blocked":
+        return ("capture stalled: the forwarding loop is blocked (its capture queue is full: "
+                "is the writer down?)")
+    if stats["forwarding"] == "paused":
+        return (f"forwarding paused: {stats['memory']['rss_bytes'] >> 20} MB, over its memory "
+                f"limit of {stats['memory']['limit_bytes'] >> 20} MB")
+    return None
+
+
 _STAT_NAMES = (
     "frontend_frames_in", "frontend_bytes_in", "frontend_frames_out", "frontend_bytes_out",
     "backend_frames_in", "backend_bytes_in", "backend_frames_out", "backend_bytes_out",
@@ -93,6 +130,7 @@ class Proxy:
         self._capture_linger_ms = 0       # set by shutdown, used by the loop's thread
         self._started = time.monotonic()
         self.dispatcher = control.Dispatcher({"stats": self._stats_command}, log)
+        self.http: HttpSide | None = None
         # libzmq's counters start from zero with each run of its loop: what the
         # loops before the current one counted.
         self._counted = dict.fromkeys(_STAT_NAMES, 0)
@@ -121,6 +159,8 @@ class Proxy:
         steered.connect(sockets.PROXY_STEERING_ENDPOINT)
         self._steered = steered
         self._start_forwarding()
+        if cfg.proxy_http:
+            self.http = HttpSide("proxy", cfg.proxy_http, HTTP_SERIES, proxy_health)
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(stop.fileno(), zmq.POLLIN)
@@ -177,7 +217,7 @@ class Proxy:
 
     def _stats_command(self, _request: control.Request) -> dict[str, Any]:
         stats = self.read_stats()
-        if stats is None:
+        if stats["forwarding"] == "blocked":
             raise control.CommandFailed(
                 protocol.BUSY, f"the forwarding loop did not answer within {STATISTICS_WAIT_MS} "
                 "ms: it is busy or blocked (a full capture queue while the writer is down?); "
@@ -219,20 +259,27 @@ class Proxy:
             line += "; paused: over its memory limit"
         return line
 
-    def read_stats(self) -> dict[str, Any] | None:
-        stats: dict[str, Any] | None = self.counters()
-        if stats is None:
-            return None
-        stats.update(uptime_seconds=round(time.monotonic() - self._started, 3),
-                     control=self.dispatcher.counters.snapshot(),
-                     security=security.snapshot(self.config),
-                     capture_hwm=self.config.capture_hwm,
-                     memory={"rss_bytes": resident_bytes(),
-                             "limit_bytes": self.config.proxy_memory_limit_bytes,
-                             "paused": self._paused_at is not None, **self.memory_actions},
-                     endpoints={"pub": self.config.pub_endpoint, "sub": self.config.sub_endpoint,
-                                "capture": self.config.capture_endpoint})
-        return stats
+    def read_stats(self, wait_ms: int = STATISTICS_WAIT_MS) -> dict[str, Any]:
+        """The proxy's stats; `forwarding` says "running", "paused" (over its
+        memory limit) or "blocked" (the loop did not answer within `wait_ms`:
+        a full capture queue while the writer is down?). Blocked, the frame
+        counters are those of the loops before the current one."""
+        counters = self.counters(wait_ms)
+        forwarding = ("blocked" if counters is None else
+                      "paused" if self._paused_at is not None else "running")
+        return {**(counters or self._counted), "forwarding": forwarding,
+                "uptime_seconds": round(time.monotonic() - self._started, 3),
+                "control": self.dispatcher.counters.snapshot(),
+                "security": security.snapshot(self.config),
+                "capture_hwm": self.config.capture_hwm,
+                "memory": {"rss_bytes": resident_bytes(),
+                           "limit_bytes": self.config.proxy_memory_limit_bytes,
+                           "paused": self._paused_at is not None, **self.memory_actions},
+                "endpoints": {"pub": self.config.pub_endpoint, "sub": self.config.sub_endpoint,
+                              "capture": self.config.capture_endpoint}}
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.read_stats(wait_ms=500)
 
     # --- the memory guard -----------------------------------------------------
 

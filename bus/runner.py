@@ -1,7 +1,9 @@
 """The run loop shared by every long-running bus process.
 
 A role is an object with `initialize(stop)`, `loop(now=None)`, `shutdown()`
-(huey's shape) and `status_line()` (what `systemctl status` shows). `run_role` calls `loop()` until SIGTERM or SIGINT asks it to stop,
+(huey's shape), `status_line()` (what `systemctl status` shows) and, when its
+HTTP side is on (bus/http.py, an `http` attribute), `snapshot()`: the stats
+its /metrics and /healthz are read from, published once a second. `run_role` calls `loop()` until SIGTERM or SIGINT asks it to stop,
 then `shutdown()`; the signal handlers only set a flag and wake the role's poller
 through a self-pipe, so a stop is seen at once even inside a long poll.
 Exit status: 0 after a clean stop, 1 after an unexpected exception (systemd's
@@ -224,6 +226,9 @@ def run_role(role: Role) -> int:
             now = time.monotonic()
             trim.maybe(now)
             notifier.tick(now, role)
+            http = getattr(role, "http", None)
+            if http is not None and http.due(now):
+                http.publish(role.snapshot(), now)
         notifier.stopping(stop.signal_name or "requested")
         log.info("stopping", signal=stop.signal_name)
     except StartupError as exc:
@@ -238,6 +243,8 @@ def run_role(role: Role) -> int:
         except Exception:
             log.exception("shutdown_failed")
             status = 1
+        if getattr(role, "http", None) is not None:
+            role.http.close()
         stop.close()
         notifier.close()
     log.info("stopped", exit_status=status)

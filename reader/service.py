@@ -22,6 +22,7 @@ import zmq
 
 from bus import control, protocol, security, sockets
 from bus.config import BusConfig
+from bus.http import HttpSide, Series, control_series
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
 from writer import utxos
@@ -35,6 +36,24 @@ MAX_PREFIXES = 64
 
 class Unavailable(Exception):
     """The database cannot be read yet (not created, or no schema)."""
+
+
+# What the reader's /metrics shows (bus/http.py), read from its `stats`.
+HTTP_SERIES = [
+    Series("pages_served", "counter", "history pages served", lambda s: s["requests"]),
+    Series("rows_served", "counter", "messages served in history pages",
+           lambda s: s["rows_served"]),
+    Series("max_page_seconds", "gauge", "longest history page query",
+           lambda s: s["max_page_ms"] / 1000),
+    Series("database_readable", "gauge", "1 while the database can be read",
+           lambda s: int(s["database_error"] is None)),
+    *control_series(),
+]
+
+
+def reader_health(stats: dict[str, Any]) -> str | None:
+    error = stats["database_error"]
+    return None if error is None else f"database not readable: {error}"
 
 
 class History:
@@ -178,6 +197,7 @@ class Reader:
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
         self.ctx: zmq.Context | None = None
+        self.http: HttpSide | None = None
 
     def initialize(self, stop: StopSignal) -> None:
         cfg = self.config
@@ -185,6 +205,8 @@ class Reader:
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, cfg)
         self.rep = sockets.open_reader(self.ctx, cfg)
+        if cfg.reader_http:
+            self.http = HttpSide("reader", cfg.reader_http, HTTP_SERIES, reader_health)
         self.poller = zmq.Poller()
         self.poller.register(self.rep, zmq.POLLIN)
         self.poller.register(stop.fileno(), zmq.POLLIN)
@@ -242,6 +264,16 @@ class Reader:
 
     def status_line(self) -> str:
         return f"served {self.requests:,} history pages, {self.rows_served:,} rows"
+
+    def snapshot(self) -> dict[str, Any]:
+        """stats, and whether the database can be read now (one indexed lookup)."""
+        try:
+            self._read(lambda: self.history.connection().execute(
+                "SELECT max(id) FROM messages").fetchall())
+            error = None
+        except control.CommandFailed as exc:
+            error = exc.reason
+        return {**self.stats(), "database_error": error}
 
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "rows_served": self.rows_served,

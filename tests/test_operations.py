@@ -4,16 +4,22 @@ process titles."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import sqlite3
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
 
 from bus.client import Publisher
-from tests.conftest import BUS_CLI, Bus, ping, wait_for
+from tests.conftest import BUS_CLI, Bus, free_port, ping, wait_for
+from tests.test_hostile import publish_acked
 
 # A ping every second: the processes' loops turn at least that often, so
 # WatchdogSec= must be 2 s or more (the units say 30 s).
@@ -117,3 +123,147 @@ def test_processes_carry_their_names_and_journald_priorities(bus: Bus) -> None:
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         assert cmdline == title, cmdline
         assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == title
+
+
+def scrape(address: str, path: str, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{address}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metrics(address: str) -> dict[str, float]:
+    """Every sample of /metrics, parsed by prometheus_client's own parser."""
+    status, text = scrape(address, "/metrics")
+    assert status == 200, text
+    return {sample.name + (str(sorted(sample.labels.items())) if sample.labels else ""):
+            sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+@pytest.fixture
+def watched(make_bus) -> Bus:
+    """A bus with the HTTP side of each process on."""
+    return make_bus(BUS_WRITER_HTTP=f"127.0.0.1:{free_port()}",
+                    BUS_PROXY_HTTP=f"127.0.0.1:{free_port()}",
+                    BUS_READER_HTTP=f"127.0.0.1:{free_port()}").start()
+
+
+def test_each_process_serves_prometheus_metrics_and_health(watched: Bus) -> None:
+    bus = watched
+    with Publisher(bus.config(), producer_id="scraped") as pub:
+        for i in range(100):
+            pub.publish("scraped.t", b"%d" % i)
+        pub.flush(timeout=10)
+    bus.request("BUS_READ_ENDPOINT", "history", {})
+    time.sleep(1.2)  # each process publishes its snapshot once a second
+    writer = metrics(bus["BUS_WRITER_HTTP"])
+    assert writer["bus_writer_messages_received_total"] >= 100
+    assert writer["bus_writer_rows_committed_total"] >= 100
+    assert writer["bus_writer_batch_commit_seconds_count"] >= 1
+    assert writer["bus_writer_batch_rows_sum"] >= 100
+    assert writer["bus_writer_batch_wait_seconds_count"] >= 1
+    assert writer["process_resident_memory_bytes"] > 10 << 20
+    proxy = metrics(bus["BUS_PROXY_HTTP"])
+    assert proxy["bus_proxy_frames_in_total"] >= 300  # three frames a message
+    assert proxy["bus_proxy_paused"] == 0
+    reader = metrics(bus["BUS_READER_HTTP"])
+    assert reader["bus_reader_pages_served_total"] >= 1 and reader["bus_reader_database_readable"] == 1
+    for name in ("BUS_WRITER_HTTP", "BUS_PROXY_HTTP", "BUS_READER_HTTP"):
+        assert scrape(bus[name], "/healthz") == (200, '{"status": "ok"}')
+        assert scrape(bus[name], "/nothing")[0] == 404
+        assert scrape(bus[name], "/metrics", method="POST")[0] == 405
+
+
+def test_the_writer_serves_the_origin_designs_batch_and_load_pages(watched: Bus) -> None:
+    """GET /metrics/batch and /metrics/load in exactly the shapes of the origin
+    design (../shared/DESIGN.md), extra fields beside them."""
+    bus = watched
+    publish_acked(bus, "paged", "paged.t", 10)
+    time.sleep(1.2)
+    status, text = scrape(bus["BUS_WRITER_HTTP"], "/metrics/batch")
+    batch = json.loads(text)
+    assert status == 200 and batch["batch_enabled"] is True
+    assert {"total_flushes", "total_writes", "total_batched_items", "flush_by_size",
+            "flush_by_time", "flush_by_shutdown", "avg_batch_size", "max_batch_size",
+            "min_batch_size"} <= set(batch["metrics"])
+    assert batch["metrics"]["total_writes"] >= 10
+    assert set(batch["buffer_sizes"]) == {"messages", "consumptions", "subscriptions"}
+    assert isinstance(batch["db_queue_size"], int)
+    assert batch["config"] == {"batch_size": 100, "flush_interval_ms": 50,
+                               "max_buffer_size": 10000}
+    status, text = scrape(bus["BUS_WRITER_HTTP"], "/metrics/load")
+    load = json.loads(text)
+    assert status == 200 and load["load_monitoring_enabled"] is True
+    assert {"requests_per_second", "is_low_load", "threshold", "window_seconds"} <= set(load)
+
+
+def test_healthz_says_why_a_process_is_not_healthy(make_bus, tmp_path: Path) -> None:
+    """503 with a reason: the writer's database not writable, the proxy's
+    capture stalled (writer down, queue full), the reader's database not
+    there; 200 again once it is over."""
+    bus = make_bus(BUS_WRITER_HTTP=f"127.0.0.1:{free_port()}",
+                   BUS_PROXY_HTTP=f"127.0.0.1:{free_port()}",
+                   BUS_READER_HTTP=f"127.0.0.1:{free_port()}", BUS_CAPTURE_HWM=10)
+    bus.start_reader()  # before the writer: no database yet
+    wait_for(lambda: scrape(bus["BUS_READER_HTTP"], "/healthz")[0] == 503,
+             message="the reader to say its database is not there")
+    assert "database not readable" in scrape(bus["BUS_READER_HTTP"], "/healthz")[1]
+    bus.start_writer()
+    bus.start_proxy()
+    wait_for(lambda: scrape(bus["BUS_READER_HTTP"], "/healthz")[0] == 200,
+             message="the reader healthy once the database exists")
+    with Publisher(bus.config(), producer_id="health") as pub:
+        holder = sqlite3.connect(bus.db, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            pub.publish("health.t", b"x")
+            wait_for(lambda: scrape(bus["BUS_WRITER_HTTP"], "/healthz")[0] == 503,
+                     message="the writer to say it cannot commit")
+            assert "database not writable" in scrape(bus["BUS_WRITER_HTTP"], "/healthz")[1]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        pub.flush(timeout=10)
+    wait_for(lambda: scrape(bus["BUS_WRITER_HTTP"], "/healthz")[0] == 200,
+             message="the writer healthy once it commits again")
+    assert bus.writer.stop() == 0
+    ctx = zmq.Context()
+    plain = ctx.socket(zmq.PUB)  # no session: the writer is down
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.connect(bus["BUS_PUB_ENDPOINT"])
+    try:
+        def stalled() -> bool:
+            for i in range(50):  # more than the proxy's capture queue (10) holds
+                plain.send_multipart([b"stalled.t", b"%d" % i])
+            return scrape(bus["BUS_PROXY_HTTP"], "/healthz")[0] == 503
+        wait_for(stalled, interval=0.2, message="the proxy to say its capture is stalled")
+        assert "capture stalled" in scrape(bus["BUS_PROXY_HTTP"], "/healthz")[1]
+    finally:
+        plain.close()
+        ctx.term()
+    bus.start_writer()
+    wait_for(lambda: scrape(bus["BUS_PROXY_HTTP"], "/healthz")[0] == 200,
+             message="the proxy healthy once the writer is back")
+
+
+def test_a_stuck_loop_makes_healthz_unhealthy(make_bus) -> None:
+    """The HTTP side answers from its own threads; what it serves is the
+    loop's last snapshot, so a loop stuck (a commit on another process's lock,
+    30 s busy timeout here) shows as a stale snapshot: 503."""
+    bus = make_bus(BUS_WRITER_HTTP=f"127.0.0.1:{free_port()}",
+                   BUS_SQLITE_BUSY_TIMEOUT_MS=30_000).start()
+    with Publisher(bus.config(), producer_id="stale") as pub:
+        holder = sqlite3.connect(bus.db, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            pub.publish("stale.t", b"x")
+            wait_for(lambda: scrape(bus["BUS_WRITER_HTTP"], "/healthz")[0] == 503, timeout=20,
+                     interval=0.5, message="/healthz to see the stuck loop")
+            assert "has not turned" in scrape(bus["BUS_WRITER_HTTP"], "/healthz")[1]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        pub.flush(timeout=10)

@@ -44,7 +44,7 @@ def test_flush_by_size_and_everything_else_on_sigterm(make_bus) -> None:
     stats = wait_received(bus, 25)
     assert bus.count() == 20, "two full batches committed, five rows waiting"
     batch = stats["batch"]
-    assert (batch["flush_by_size"], batch["flush_by_time"], batch["queue_size"]) == (2, 0, 5)
+    assert (batch["flush_by_size"], batch["flush_by_time"], batch["db_queue_size"]) == (2, 0, 5)
     assert batch["buffer_sizes"]["messages"] == 5
     assert bus.stop() == (0, 0)
     assert bus.count() == 25
@@ -148,7 +148,7 @@ def test_stats_report_the_seed_metrics_and_proxy_counters(make_bus) -> None:
     batch, load = stats["writer"]["batch"], stats["writer"]["load"]
     for field in ("total_flushes", "total_writes", "total_batched_items", "flush_by_size",
                   "flush_by_time", "flush_by_shutdown", "avg_batch_size", "max_batch_size",
-                  "min_batch_size", "queue_size", "buffer_sizes", "config"):
+                  "min_batch_size", "db_queue_size", "buffer_sizes", "config"):
         assert field in batch, field
     assert set(batch["buffer_sizes"]) == {"messages", "consumptions", "subscriptions"}
     assert batch["config"] == {"enabled": True, "batch_size": 10, "flush_interval_ms": NEVER_MS,
@@ -313,7 +313,7 @@ def test_a_failed_commit_keeps_its_rows_and_retries(make_bus) -> None:
         locker.close()
         producer.close()
     bus.wait_count(25, "locked.t")
-    stats = wait_for(lambda: (s := bus.writer_stats())["batch"]["queue_size"] == 0 and s,
+    stats = wait_for(lambda: (s := bus.writer_stats())["batch"]["db_queue_size"] == 0 and s,
                      message="buffer emptied")
     assert stats["batch"]["total_writes"] == 25
     assert [r[0] for r in query(bus.db, "SELECT producer_seq FROM messages ORDER BY id")] == \

@@ -35,9 +35,11 @@ from typing import Any
 import apsw
 import msgpack
 import zmq
+from prometheus_client import Histogram
 
 from bus import control, protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
+from bus.http import HttpSide, Series, control_series
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import MemoryLimit, StopSignal, release_free_memory, resident_bytes
 from writer.anchors import AnchorBook
@@ -74,6 +76,72 @@ REFUSAL_REASONS = {
     protocol.SEQ_OUT_OF_WINDOW: f"seq more than {MAX_SEQ_AHEAD:,} above the highest one of "
                                 "this producer: not stored, and not decided",
 }
+
+
+# What the writer's /metrics shows (bus/http.py), read from its `stats`.
+HTTP_SERIES = [
+    Series("messages_received", "counter", "messages read from the capture pipe",
+           lambda s: s["ingest"]["messages_received"]),
+    Series("messages_rejected", "counter", "messages not stored, by reason",
+           lambda s: s["ingest"]["rejected"], "reason"),
+    Series("messages_nacked", "counter", "refusals sent to producers, by code",
+           lambda s: s["ingest"]["nacked"], "code"),
+    Series("rows_committed", "counter", "rows committed (messages and consumer positions)",
+           lambda s: s["batch"]["total_writes"]),
+    Series("flushes", "counter", "batch commits, by reason",
+           lambda s: {reason[len("flush_by_"):]: n for reason, n in s["batch"].items()
+                      if reason.startswith("flush_by_")}, "reason"),
+    Series("flush_errors", "counter", "failed commits (retried)",
+           lambda s: s["batch"]["flush_errors"]),
+    Series("buffered_messages", "gauge", "rows waiting for a commit",
+           lambda s: s["batch"]["db_queue_size"]),
+    Series("backlog_bytes", "gauge", "bytes of messages waiting for a commit",
+           lambda s: s["backlog"]["bytes"]),
+    Series("commits_failing_seconds", "gauge", "how long commits have been failing (0: they "
+           "succeed)", lambda s: s["backlog"]["failing_for_s"] or 0),
+    Series("load_messages_per_second", "gauge", "messages per second over the load window",
+           lambda s: s["load"]["requests_per_second"]),
+    Series("last_message_id", "gauge", "id of the newest stored message",
+           lambda s: s["database"]["last_message_id"] or 0),
+    Series("wal_bytes", "gauge", "size of the -wal file", lambda s: s["wal"]["bytes"]),
+    Series("producers_with_missing", "gauge", "producers with holes in their sequences",
+           lambda s: s["producers"]["with_missing"]),
+    Series("consumers", "gauge", "durable consumers", lambda s: s["consumers"]["count"]),
+    Series("notify_subscribed_bytes", "gauge", "bytes of subscriptions held at the notify "
+           "endpoint", lambda s: s["notify"]["subscribed_bytes"]),
+    Series("memory_cutoffs", "counter", "capture and notify connections dropped over the "
+           "memory limit", lambda s: s["memory"]["cutoffs"]),
+    Series("messages_not_authentic", "counter", "session messages without their MAC (CURVE)",
+           lambda s: s["security"]["messages_not_authentic"]),
+    *control_series(),
+]
+
+
+def writer_health(stats: dict[str, Any]) -> str | None:
+    """Why the writer is not healthy, for /healthz (None: it is)."""
+    backlog = stats["backlog"]
+    if backlog["failing_for_s"] is not None:
+        return (f"database not writable for {backlog['failing_for_s']:.0f} s: "
+                f"{backlog['last_error']} ({backlog['rows']} rows waiting)")
+    return None
+
+
+def batch_page(stats: dict[str, Any]) -> dict[str, Any]:
+    """GET /metrics/batch, in the origin design's shape (docs/protocol.md)."""
+    batch = stats["batch"]
+    config = batch["config"]
+    return {"batch_enabled": config["enabled"],
+            "metrics": {key: value for key, value in batch.items()
+                        if key not in ("buffer_sizes", "db_queue_size", "config")},
+            "buffer_sizes": batch["buffer_sizes"], "db_queue_size": batch["db_queue_size"],
+            "config": {"batch_size": config["batch_size"],
+                       "flush_interval_ms": config["flush_interval_ms"],
+                       "max_buffer_size": config["max_buffer_size"]}}
+
+
+def load_page(stats: dict[str, Any]) -> dict[str, Any]:
+    """GET /metrics/load, in the origin design's shape."""
+    return {"load_monitoring_enabled": True, **stats["load"]}
 
 
 @contextlib.contextmanager
@@ -116,6 +184,7 @@ class Writer:
         self.notify_reopened = 0
         self.memory = MemoryLimit(cfg.writer_memory_limit_bytes)
         self.memory_cutoffs = 0
+        self.http: HttpSide | None = None
         self._retry_at = 0.0
         self._failing_since: float | None = None  # first failed commit of a failing run
         self._last_error: str | None = None
@@ -142,6 +211,22 @@ class Writer:
                               cfg.utxo_request_ttl_s)
         self.anchors = AnchorBook(self.utxos)
         self.dispatcher = control.Dispatcher(self.control_commands(), log, cfg, authorized=True)
+        if cfg.writer_http:
+            self.http = HttpSide("writer", cfg.writer_http, HTTP_SERIES, writer_health,
+                                 {"/metrics/batch": batch_page, "/metrics/load": load_page})
+            self.commit_seconds = Histogram(
+                "bus_writer_batch_commit_seconds", "time to commit one batch",
+                buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
+                registry=self.http.registry)
+            self.batch_rows = Histogram(
+                "bus_writer_batch_rows", "rows in one committed batch",
+                buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000),
+                registry=self.http.registry)
+            self.batch_wait_seconds = Histogram(
+                "bus_writer_batch_wait_seconds", "how long the oldest row of a batch waited "
+                "in the writer before its commit (the writer's part of acknowledgement latency)",
+                buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5),
+                registry=self.http.registry)
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, cfg)
         self.capture = sockets.open_writer_capture(self.ctx, cfg)
@@ -455,8 +540,15 @@ class Writer:
                      rows=items)
             self._failing_since = self._part_rows = self._last_error = None
         if items:  # not for a write of producer counters alone
-            self.metrics.record_flush(items, reason, time.perf_counter() - started,
+            seconds = time.perf_counter() - started
+            self.metrics.record_flush(items, reason, seconds,
                                       batched=self.config.batch_write_enabled)
+            if self.http is not None:
+                self.commit_seconds.observe(seconds)
+                self.batch_rows.observe(items)
+                if self.buffer.oldest_at is not None:
+                    self.batch_wait_seconds.observe(max(0.0, time.monotonic()
+                                                        - self.buffer.oldest_at))
         self._owe_notifications(committed_ns, last_id, len(self.buffer.messages),
                                 self.producers.committed())
         self.buffer.clear()
@@ -687,6 +779,9 @@ class Writer:
             raise control.CommandFailed(protocol.UNAVAILABLE,
                                         f"database busy ({type(exc).__name__}); retry") from None
 
+    def snapshot(self) -> dict[str, Any]:
+        return self.stats(time.monotonic())
+
     def status_line(self) -> str:
         now = time.monotonic()
         line = (f"stored {self.metrics.total_writes:,} messages; "
@@ -699,7 +794,7 @@ class Writer:
     def stats(self, now: float) -> dict[str, Any]:
         cfg = self.config
         batch = self.metrics.snapshot()
-        batch.update(buffer_sizes=self.buffer.sizes(), queue_size=len(self.buffer),
+        batch.update(buffer_sizes=self.buffer.sizes(), db_queue_size=len(self.buffer),
                      config={"enabled": cfg.batch_write_enabled, "batch_size": cfg.batch_size,
                              "flush_interval_ms": cfg.batch_flush_interval_ms,
                              "max_buffer_size": cfg.batch_max_buffer_size})

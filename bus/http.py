@@ -1,0 +1,177 @@
+"""Each process's HTTP side, opt-in by one setting per process
+(`BUS_WRITER_HTTP`, `BUS_PROXY_HTTP`, `BUS_READER_HTTP`, `BUS_ANCHOR_HTTP`:
+host:port): `GET /metrics` in Prometheus' text format (prometheus_client),
+`GET /healthz`, and pages of JSON a process adds (the writer's /metrics/batch
+and /metrics/load, in the origin design's shapes).
+
+The process's loop publishes a snapshot of its `stats` once a second; the
+server's threads read only the last one, so a scrape never touches the
+loop's sockets or database connection and costs the loop nothing but the
+snapshot. A loop that stopped turning shows as a stale snapshot: /healthz
+answers 503.
+"""
+
+from __future__ import annotations
+
+import json
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from bus.runner import StartupError
+
+# How often the loop publishes its snapshot, and how old one may get before
+# /healthz says the loop is stuck.
+SNAPSHOT_INTERVAL_S = 1.0
+STALE_AFTER_S = 10.0
+# A client that sends nothing for this long is dropped (the server's threads
+# are one per connection).
+CLIENT_TIMEOUT_S = 5.0
+
+Stats = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Series:
+    """One metric read from a stats snapshot: `read(stats)` is a number, or
+    {label value: number} for a metric with one label."""
+    name: str
+    kind: str  # "counter" | "gauge"
+    help: str
+    read: Callable[[Stats], Any]
+    label: str | None = None
+
+
+def control_series() -> list[Series]:
+    """The control endpoint's counters, the same in every process (bus/control.py)."""
+    return [
+        Series("control_requests", "counter", "control requests answered",
+               lambda s: s["control"]["requests"]),
+        Series("control_bad_requests", "counter", "control requests refused as malformed "
+               "or unknown", lambda s: s["control"]["bad_requests"]),
+        Series("control_forbidden", "counter", "control requests refused to their CURVE key",
+               lambda s: s["control"]["forbidden"]),
+        Series("control_internal_errors", "counter", "control requests that failed on a bug",
+               lambda s: s["control"]["internal_errors"]),
+        Series("control_failed", "counter", "control requests refused for another reason",
+               lambda s: s["control"]["failed"], "code"),
+    ]
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = CLIENT_TIMEOUT_S
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
+        pass  # scrapes every few seconds would flood the journal
+
+
+class HttpSide:
+    """The HTTP server of one process (see the module's doc)."""
+
+    def __init__(self, process: str, address: str, series: Iterable[Series],
+                 health: Callable[[Stats], str | None],
+                 pages: dict[str, Callable[[Stats], Any]] | None = None) -> None:
+        self.process = process
+        self.series = list(series)
+        self.health = health
+        self.pages = pages or {}
+        self._snapshot: Stats | None = None
+        self._snapshot_at = 0.0
+        self._next_publish = 0.0
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+        ProcessCollector(registry=self.registry)
+        self._metrics_app = make_wsgi_app(self.registry)
+        host, _, port = address.rpartition(":")
+        try:
+            self._server = make_server(host.strip("[]"), int(port), self._app,
+                                       server_class=_Server, handler_class=_QuietHandler)
+        except OSError as exc:
+            raise StartupError(f"HTTP {address}: {exc.strerror or exc}") from None
+        self.address = f"{host}:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http",
+                                        daemon=True)
+        self._thread.start()
+
+    # --- the loop's side --------------------------------------------------------
+
+    def due(self, now: float) -> bool:
+        return now >= self._next_publish
+
+    def publish(self, snapshot: Stats, now: float) -> None:
+        self._snapshot, self._snapshot_at = snapshot, now
+        self._next_publish = now + SNAPSHOT_INTERVAL_S
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # --- the server's side ------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's collector hook: the metrics of the last snapshot."""
+        stats = self._snapshot
+        if stats is None:
+            return
+        for series in self.series:
+            try:
+                value = series.read(stats)
+            except (KeyError, TypeError):
+                continue  # not in this snapshot (a section the process has not filled yet)
+            if value is None:
+                continue
+            name = f"bus_{self.process}_{series.name}"
+            family_type = CounterMetricFamily if series.kind == "counter" else GaugeMetricFamily
+            if series.label is None:
+                yield family_type(name, series.help, value=value)
+                continue
+            family = family_type(name, series.help, labels=[series.label])
+            for label_value, number in value.items():
+                family.add_metric([str(label_value)], number)
+            yield family
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return _json(start_response, "405 Method Not Allowed", {"error": "GET only"})
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)
+        if path == "/healthz":
+            reason = self._unhealthy()
+            if reason is not None:
+                return _json(start_response, "503 Service Unavailable",
+                             {"status": "unavailable", "reason": reason})
+            return _json(start_response, "200 OK", {"status": "ok"})
+        page = self.pages.get(path)
+        if page is not None and self._snapshot is not None:
+            return _json(start_response, "200 OK", page(self._snapshot))
+        return _json(start_response, "404 Not Found",
+                     {"error": f"no page {path}", "pages": ["/metrics", "/healthz",
+                                                            *self.pages]})
+
+    def _unhealthy(self) -> str | None:
+        if self._snapshot is None:
+            return "starting"
+        age = time.monotonic() - self._snapshot_at
+        if age > STALE_AFTER_S:
+            return f"the {self.process}'s loop has not turned for {age:.0f} s"
+        return self.health(self._snapshot)
+
+
+def _json(start_response: Callable[..., Any], status: str, body: Any) -> list[bytes]:
+    data = json.dumps(body, default=str).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(data)))])
+    return [data]
