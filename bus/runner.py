@@ -111,14 +111,17 @@ class SystemdNotifier:
     def send(self, *lines: str) -> None:
         if self._sock is None:
             return
-        try:
-            self._sock.sendto("\n".join(lines).encode(), self._address)
-        except OSError:  # systemd gone or restarting: nothing to tell
+        try:  # never blocking: a reader that does not read must not stall the loop
+            self._sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, self._address)
+        except OSError:  # systemd gone or restarting, or its queue full: nothing to tell
             pass
 
-    def ready(self, status: str) -> None:
+    def ready(self, status: str, *extra: str) -> None:
+        """READY=1; `extra` lines (BUS_HTTP=host:port) are for `bus-cli up`,
+        which reads its children's notifications as systemd does (systemd
+        ignores names it does not know)."""
         self._status = status
-        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}", *extra)
 
     def tick(self, now: float, role: Role) -> None:
         if self._sock is None:
@@ -219,14 +222,14 @@ def run_role(role: Role) -> int:
     status = 0
     try:
         role.initialize(stop)  # sockets bound, database open: ready
-        notifier.ready(role.status_line())
+        http = getattr(role, "http", None)
+        notifier.ready(role.status_line(), *([f"BUS_HTTP={http.address}"] if http else []))
         trim = MemoryTrim()
         while not stop.requested:
             role.loop()
             now = time.monotonic()
             trim.maybe(now)
             notifier.tick(now, role)
-            http = getattr(role, "http", None)
             if http is not None and http.due(now):
                 http.publish(role.snapshot(), now)
         notifier.stopping(stop.signal_name or "requested")
@@ -244,7 +247,7 @@ def run_role(role: Role) -> int:
             log.exception("shutdown_failed")
             status = 1
         if getattr(role, "http", None) is not None:
-            role.http.close()
+            role.http.close()  # type: ignore[attr-defined]
         stop.close()
         notifier.close()
     log.info("stopped", exit_status=status)

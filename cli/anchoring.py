@@ -26,7 +26,7 @@ from bus.client import BusError, ControlClient, Publisher
 from cli.common import CURVE_FIELDS, build_config, print_sections, setting_options
 
 ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpoint",
-                 "notify_endpoint",
+                 "notify_endpoint", "anchor_control_endpoint", "anchor_http",
                  "request_timeout_ms", "bitcoind_rpc_url", "bitcoind_rpc_user",
                  "bitcoind_rpc_password", "bitcoind_rpc_cookie", "bitcoind_zmq_hashblock",
                  "anchor_block_poll_s", "anchor_interval_s", "anchor_max_documents",

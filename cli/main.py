@@ -22,8 +22,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +46,8 @@ ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_
 # What a Publisher talks to: the proxy, and the writer for its session and acknowledgements.
 PUBLISHER_FIELDS = ("pub_endpoint", "control_endpoint", "notify_endpoint", "request_timeout_ms")
 RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_chunk_rows")
+HTTP_FIELDS = ("writer_http", "proxy_http", "reader_http")
+SETTING_ENV = {s.field: s.env for s in SETTINGS}
 BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
                 "batch_max_buffer_size", "batch_max_buffer_bytes", "sqlite_synchronous",
                 "sqlite_busy_timeout_ms")
@@ -62,7 +66,7 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 @main.command()
 @setting_options("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",
-                 "capture_hwm", *CURVE_FIELDS)
+                 "capture_hwm", "proxy_http", *CURVE_FIELDS)
 @click.pass_context
 def proxy(ctx: click.Context, **flags: Any) -> None:
     """Run the proxy (publishers in, subscribers out) with its capture pipe to the writer."""
@@ -73,7 +77,7 @@ def proxy(ctx: click.Context, **flags: Any) -> None:
 
 @main.command()
 @setting_options("capture_endpoint", "control_endpoint", "notify_endpoint", "db", *BATCH_FIELDS,
-                 *RETENTION_FIELDS, *CURVE_FIELDS)
+                 *RETENTION_FIELDS, "writer_http", *CURVE_FIELDS)
 @click.pass_context
 def writer(ctx: click.Context, **flags: Any) -> None:
     """Run the batching SQLite writer."""
@@ -84,7 +88,7 @@ def writer(ctx: click.Context, **flags: Any) -> None:
 
 @main.command()
 @setting_options("read_endpoint", "db", "history_page_rows", "history_page_bytes",
-                 "history_scan_rows", *CURVE_FIELDS)
+                 "history_scan_rows", "reader_http", *CURVE_FIELDS)
 @click.pass_context
 def reader(ctx: click.Context, **flags: Any) -> None:
     """Serve history pages from a read-only database connection."""
@@ -94,27 +98,30 @@ def reader(ctx: click.Context, **flags: Any) -> None:
 
 
 @main.command()
-@setting_options(*ENDPOINT_FIELDS, "db", *BATCH_FIELDS, *RETENTION_FIELDS, *CURVE_FIELDS)
+@setting_options(*ENDPOINT_FIELDS, "db", *BATCH_FIELDS, *RETENTION_FIELDS, *HTTP_FIELDS,
+                 *CURVE_FIELDS)
 @click.pass_context
 def up(ctx: click.Context, **flags: Any) -> None:
     """Run proxy + writer + reader in the foreground until Ctrl-C.
 
-    Ctrl-C stops the proxy first, so that everything it captured reaches the
-    writer, then the writer, which flushes and closes the database, then the reader.
+    Each child tells this process it is ready the way it tells systemd
+    (sd_notify READY=1, on a socket of this process's own), so "up" means
+    these three children serve, not that something answers on the ports.
+    Their HTTP sides (/metrics, /healthz) are on, on free loopback ports,
+    unless set. Ctrl-C stops the proxy first, so that everything it captured
+    reaches the writer, then the writer, which flushes and closes the
+    database, then the reader.
     """
     cfg = build_config(ctx, flags, "up")
     env = dict(os.environ)
     env.update({s.env: str(getattr(cfg, s.field)).lower() if s.type is bool
                 else str(getattr(cfg, s.field)) for s in SETTINGS})
+    for field in HTTP_FIELDS:
+        if not getattr(cfg, field):
+            env[SETTING_ENV[field]] = "127.0.0.1:0"
     cmd = [sys.executable, "-m", "cli.main"]
     if ctx.obj.get("config_path"):
         cmd += ["--config", ctx.obj["config_path"]]
-    # Own sessions: the terminal's Ctrl-C reaches only this process, which then
-    # stops the children in the safe order.
-    writer_proc = subprocess.Popen(cmd + ["writer"], env=env, start_new_session=True)
-    proxy_proc = subprocess.Popen(cmd + ["proxy"], env=env, start_new_session=True)
-    reader_proc = subprocess.Popen(cmd + ["reader"], env=env, start_new_session=True)
-    children = {"proxy": proxy_proc, "writer": writer_proc, "reader": reader_proc}
     stopping = {"signal": None}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -123,65 +130,111 @@ def up(ctx: click.Context, **flags: Any) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     status = 0
-    try:
-        if not _wait_ready(cfg, children, stopping):
-            status = 1
-        else:
-            click.echo(
-                f"bus is up: proxy pid {proxy_proc.pid}, writer pid {writer_proc.pid}, "
-                f"reader pid {reader_proc.pid}, database {os.path.abspath(cfg.db)}\n"
-                f"  publishers connect to   {cfg.pub_endpoint}   (BUS_PUB_ENDPOINT)\n"
-                f"  subscribers connect to  {cfg.sub_endpoint}   (BUS_SUB_ENDPOINT)\n"
-                f"  writer capture (PULL)   {cfg.capture_endpoint}   (BUS_CAPTURE_ENDPOINT)\n"
-                f"  writer control (REP)    {cfg.control_endpoint}   (BUS_CONTROL_ENDPOINT)\n"
-                f"  proxy control (REP)     {cfg.proxy_control_endpoint}   "
-                f"(BUS_PROXY_CONTROL_ENDPOINT)\n"
-                f"  history reads (REP)     {cfg.read_endpoint}   (BUS_READ_ENDPOINT)\n"
-                f"  notifications (XPUB)    {cfg.notify_endpoint}   (BUS_NOTIFY_ENDPOINT)\n"
-                "Ctrl-C stops all three.", err=False)
-            sys.stdout.flush()
-            while stopping["signal"] is None:
-                for name, proc in children.items():
-                    if proc.poll() is not None:
-                        click.echo(f"{name} exited with status {proc.returncode}", err=True)
-                        status = 1
-                        stopping["signal"] = signal.SIGTERM
-                time.sleep(0.1)
-    finally:
-        timeout = cfg.shutdown_timeout_ms / 1000.0 + 5
-        for name in ("proxy", "writer", "reader"):
-            proc = children[name]
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-            if code != 0:
+    children: dict[str, subprocess.Popen] = {}
+    with tempfile.TemporaryDirectory(prefix="bus-up-") as tmp:
+        notify = {name: _notify_socket(Path(tmp, f"{name}.notify"))
+                  for name in ("writer", "proxy", "reader")}
+        try:
+            for name in ("writer", "proxy", "reader"):
+                # Own sessions: the terminal's Ctrl-C reaches only this process,
+                # which then stops the children in the safe order.
+                children[name] = subprocess.Popen(
+                    cmd + [name], env={**env, "NOTIFY_SOCKET": str(Path(tmp, f"{name}.notify"))},
+                    start_new_session=True)
+            ready = _wait_ready(children, notify, stopping)
+            if ready is None:
                 status = 1
+            else:
+                http = {name: ready[name].get("BUS_HTTP", "off") for name in ready}
+                click.echo(
+                    f"bus is up: proxy pid {children['proxy'].pid}, writer pid "
+                    f"{children['writer'].pid}, reader pid {children['reader'].pid}, database "
+                    f"{os.path.abspath(cfg.db)}\n"
+                    f"  publishers connect to   {cfg.pub_endpoint}   (BUS_PUB_ENDPOINT)\n"
+                    f"  subscribers connect to  {cfg.sub_endpoint}   (BUS_SUB_ENDPOINT)\n"
+                    f"  writer capture (PULL)   {cfg.capture_endpoint}   (BUS_CAPTURE_ENDPOINT)\n"
+                    f"  writer control (REP)    {cfg.control_endpoint}   (BUS_CONTROL_ENDPOINT)\n"
+                    f"  proxy control (REP)     {cfg.proxy_control_endpoint}   "
+                    f"(BUS_PROXY_CONTROL_ENDPOINT)\n"
+                    f"  history reads (REP)     {cfg.read_endpoint}   (BUS_READ_ENDPOINT)\n"
+                    f"  notifications (XPUB)    {cfg.notify_endpoint}   (BUS_NOTIFY_ENDPOINT)\n"
+                    f"  writer /metrics /healthz  http://{http['writer']}   (BUS_WRITER_HTTP)\n"
+                    f"  proxy /metrics /healthz   http://{http['proxy']}   (BUS_PROXY_HTTP)\n"
+                    f"  reader /metrics /healthz  http://{http['reader']}   (BUS_READER_HTTP)\n"
+                    "Ctrl-C stops all three.", err=False)
+                sys.stdout.flush()
+                while stopping["signal"] is None:
+                    for name, proc in children.items():
+                        if proc.poll() is not None:
+                            click.echo(f"{name} exited with status {proc.returncode}", err=True)
+                            status = 1
+                            stopping["signal"] = signal.SIGTERM
+                    for sock in notify.values():
+                        _read_notifications(sock)  # keep their queues from filling
+                    time.sleep(0.1)
+        finally:
+            timeout = cfg.shutdown_timeout_ms / 1000.0 + 5
+            for name in ("proxy", "writer", "reader"):
+                proc = children.get(name)
+                if proc is None:
+                    continue
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    code = proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    code = proc.wait()
+                if code != 0:
+                    status = 1
+            for sock in notify.values():
+                sock.close()
     click.echo("bus stopped" + ("" if status == 0 else " with errors"), err=True)
     sys.exit(status)
 
 
-def _wait_ready(cfg: BusConfig, children: dict[str, subprocess.Popen], stopping: dict) -> bool:
+def _notify_socket(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    return sock
+
+
+def _read_notifications(sock: socket.socket) -> dict[str, str]:
+    """The NAME=VALUE lines waiting on a notify socket (the last of each name)."""
+    lines: dict[str, str] = {}
+    while True:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return lines
+        for line in data.decode(errors="replace").splitlines():
+            name, _, value = line.partition("=")
+            lines[name] = value
+
+
+def _wait_ready(children: dict[str, subprocess.Popen], notify: dict[str, socket.socket],
+                stopping: dict) -> dict[str, dict[str, str]] | None:
+    """Each child's READY=1 notification (with its other lines), or None if
+    one exits first or they are not all ready within 15 s."""
     deadline = time.monotonic() + 15
-    pending = {"writer": cfg.control_endpoint, "proxy": cfg.proxy_control_endpoint,
-               "reader": cfg.read_endpoint}
-    while pending and time.monotonic() < deadline and stopping["signal"] is None:
-        for name, endpoint in list(pending.items()):
-            if children[name].poll() is not None:
-                click.echo(f"{name} exited with status {children[name].returncode}", err=True)
-                return False
-            with ControlClient(endpoint, timeout_ms=200, curve=security.client_keys(cfg)) as client:
-                try:
-                    client.request("ping")
-                    del pending[name]
-                except BusError:
-                    pass
-    if pending:
-        click.echo(f"not ready: {', '.join(pending)}", err=True)
-    return not pending
+    ready: dict[str, dict[str, str]] = {}
+    while len(ready) < len(children) and stopping["signal"] is None:
+        for name, proc in children.items():
+            if name in ready:
+                continue
+            if proc.poll() is not None:
+                click.echo(f"{name} exited with status {proc.returncode}", err=True)
+                return None
+            lines = _read_notifications(notify[name])
+            if lines.get("READY") == "1":
+                ready[name] = lines
+        if time.monotonic() > deadline:
+            click.echo(f"not ready within 15 s: "
+                       f"{', '.join(sorted(set(children) - set(ready)))}", err=True)
+            return None
+        time.sleep(0.05)
+    return ready if len(ready) == len(children) else None
 
 
 # --- publish -------------------------------------------------------------------

@@ -267,3 +267,31 @@ def test_a_stuck_loop_makes_healthz_unhealthy(make_bus) -> None:
             holder.execute("ROLLBACK")
             holder.close()
         pub.flush(timeout=10)
+
+
+def test_up_waits_for_its_own_children_and_prints_their_http_sides(make_bus) -> None:
+    """`bus-cli up` reads its children's READY=1 as systemd would, and prints
+    where each serves /metrics and /healthz (free loopback ports)."""
+    bus = make_bus()
+    up = bus.run("up")
+    up.stdout.wait_line(lambda line: line == "Ctrl-C stops all three.")
+    shown = "\n".join(up.stdout.collect())
+    for name in ("BUS_WRITER_HTTP", "BUS_PROXY_HTTP", "BUS_READER_HTTP"):
+        [address] = [line.split("http://")[1].split()[0] for line in shown.splitlines()
+                     if f"({name})" in line]
+        assert scrape(address, "/healthz")[0] in (200, 503), address  # answered
+        assert metrics(address)["process_resident_memory_bytes"] > 0
+    assert up.stop(signal.SIGINT) == 0
+
+
+def test_a_second_up_on_ports_in_use_fails_and_creates_no_database(make_bus,
+                                                                   tmp_path: Path) -> None:
+    """It printed "bus is up" because the first bus answered its pings, then
+    failed and left an empty database behind."""
+    bus = make_bus().start()
+    other_db = tmp_path / "other.db"
+    second = bus.cli("--config", "/dev/null", "up", "--db", str(other_db), timeout=30)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "bus is up" not in second.stdout
+    assert "in use" in second.stderr
+    assert not other_db.exists()

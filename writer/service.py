@@ -204,13 +204,12 @@ class Writer:
     def initialize(self, stop: StopSignal) -> None:
         cfg = self.config
         self.stop = stop
-        self.store = Store(cfg.db, cfg.sqlite_synchronous, cfg.sqlite_busy_timeout_ms)
-        self.producers = ProducerLedger(self.store.load_producer)
-        self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers)
-        self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
-                              cfg.utxo_request_ttl_s)
-        self.anchors = AnchorBook(self.utxos)
-        self.dispatcher = control.Dispatcher(self.control_commands(), log, cfg, authorized=True)
+        # Endpoints first: a port in use stops the writer before it creates a database.
+        self.ctx = zmq.Context()
+        self.auth = security.start_authenticator(self.ctx, cfg)
+        self.capture = sockets.open_writer_capture(self.ctx, cfg)
+        self.control = sockets.open_writer_control(self.ctx, cfg)
+        self.notify = sockets.open_writer_notify(self.ctx, cfg)
         if cfg.writer_http:
             self.http = HttpSide("writer", cfg.writer_http, HTTP_SERIES, writer_health,
                                  {"/metrics/batch": batch_page, "/metrics/load": load_page})
@@ -227,11 +226,13 @@ class Writer:
                 "in the writer before its commit (the writer's part of acknowledgement latency)",
                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5),
                 registry=self.http.registry)
-        self.ctx = zmq.Context()
-        self.auth = security.start_authenticator(self.ctx, cfg)
-        self.capture = sockets.open_writer_capture(self.ctx, cfg)
-        self.control = sockets.open_writer_control(self.ctx, cfg)
-        self.notify = sockets.open_writer_notify(self.ctx, cfg)
+        self.store = Store(cfg.db, cfg.sqlite_synchronous, cfg.sqlite_busy_timeout_ms)
+        self.producers = ProducerLedger(self.store.load_producer)
+        self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers)
+        self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
+                              cfg.utxo_request_ttl_s)
+        self.anchors = AnchorBook(self.utxos)
+        self.dispatcher = control.Dispatcher(self.control_commands(), log, cfg, authorized=True)
         self._owed_nacks: list[dict[str, Any]] = []
         self._owed_acks: dict[str, dict[str, Any]] = {}
         self._owed_commit: dict[str, Any] | None = None
