@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +28,23 @@ DRAIN_WINDOW_IDLES = 5
 
 
 class ConfigError(ValueError):
-    """A setting has a value of the wrong type or out of range."""
+    """A setting has a value of the wrong type or out of range; `field` names it
+    when one setting is at fault (load_config then says where its value came
+    from: a flag, the environment, the config file)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _invalid(name: str, problem: str) -> ConfigError:
+    return ConfigError(f"{_BY_FIELD[name].env} {problem}", name)
+
+
+# A ZeroMQ endpoint the bus binds or connects: tcp://HOST:PORT (HOST may be *
+# or [IPv6] to bind), ipc://PATH (@NAME: abstract), inproc://NAME.
+_ENDPOINT = re.compile(r"(tcp://(\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})"
+                       r"|ipc://\S+|inproc://\S+)")
 
 
 @dataclass(frozen=True)
@@ -253,48 +270,62 @@ class BusConfig:
     log_level: str
     log_format: str
     source: str = "defaults"
+    # Where each setting's value came from ("default", "flag --db", "environment
+    # BUS_DB", "config file /etc/bus/bus.toml"): `bus-cli config`, error messages.
+    origins: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False,
+                                                   repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "batch_max_buffer_size", "batch_max_buffer_bytes", "max_topic_bytes",
-                     "max_message_bytes", "capture_hwm", "sub_hwm", "pub_hwm",
+        for setting in SETTINGS:  # what C ints (libzmq options, poll timeouts) can hold
+            limit = 2**62 if setting.field.endswith("_bytes") else 2**31 - 1
+            if setting.type in (int, float) and abs(getattr(self, setting.field)) > limit:
+                raise _invalid(setting.field, f"must be at most {limit}")
+        for name in (s.field for s in SETTINGS if s.field.endswith("_endpoint")):
+            value = getattr(self, name)
+            match = _ENDPOINT.fullmatch(value)
+            if match is None or (match.group(3) and not 0 < int(match.group(3)) <= 65535):
+                raise _invalid(name, f"must be tcp://HOST:PORT, ipc://PATH or inproc://NAME, "
+                                     f"not {value!r}")
+        for name in ("batch_size", "batch_max_buffer_size", "batch_max_buffer_bytes",
+                     "max_topic_bytes", "max_message_bytes", "capture_hwm", "sub_hwm", "pub_hwm",
                      "retention_chunk_rows", "max_consumers", "history_page_rows",
                      "history_page_bytes", "history_scan_rows", "anchor_max_documents",
                      "anchor_confirmations", "anchor_bump_after_blocks", "anchor_sync_page",
-                     "anchor_conf_target"):
+                     "anchor_conf_target", "request_timeout_ms", "drain_idle_ms",
+                     "proxy_max_frame_bytes"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{_BY_FIELD[name].env} must be at least 1")
-        if self.batch_flush_interval_ms < 0:
-            raise ConfigError("BATCH_FLUSH_INTERVAL_MS must not be negative")
+                raise _invalid(name, "must be at least 1")
+        for name in ("batch_flush_interval_ms", "retention_max_age_s", "retention_max_messages",
+                     "shutdown_timeout_ms", "sqlite_busy_timeout_ms",
+                     "anchor_utxo_min_confirmations", "anchor_fee_rate_sat_vb"):
+            if getattr(self, name) < 0:
+                raise _invalid(name, "must not be negative" + (
+                    " (0 turns the limit off)" if name.startswith("retention") else
+                    " (0: estimate)" if name == "anchor_fee_rate_sat_vb" else ""))
         if self.batch_size > self.batch_max_buffer_size:
-            raise ConfigError("BATCH_SIZE must not exceed BATCH_MAX_BUFFER_SIZE")
-        if self.retention_max_age_s < 0 or self.retention_max_messages < 0:
-            raise ConfigError("BUS_RETENTION_MAX_AGE_S and BUS_RETENTION_MAX_MESSAGES "
-                              "must not be negative (0 turns a limit off)")
-        if self.utxo_max_lease_s <= 0 or self.utxo_request_ttl_s <= 0:
-            raise ConfigError("BUS_UTXO_MAX_LEASE_S and BUS_UTXO_REQUEST_TTL_S must be positive")
-        for name in ("anchor_block_poll_s", "anchor_interval_s", "anchor_lease_s",
-                     "anchor_retry_max_s", "anchor_fallback_fee_rate_sat_vb",
-                     "anchor_max_fee_rate_sat_vb"):
+            raise _invalid("batch_size", "must not exceed BATCH_MAX_BUFFER_SIZE")
+        for name in ("utxo_max_lease_s", "utxo_request_ttl_s", "anchor_block_poll_s",
+                     "anchor_interval_s", "anchor_lease_s", "anchor_retry_max_s",
+                     "anchor_fallback_fee_rate_sat_vb", "anchor_max_fee_rate_sat_vb",
+                     "batch_load_window_seconds"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{_BY_FIELD[name].env} must be positive")
+                raise _invalid(name, "must be positive")
         for name in ("writer_http", "proxy_http", "reader_http", "anchor_http"):
             address = getattr(self, name)
             host, colon, port = address.rpartition(":")
             if address and not (colon and host and port.isdigit() and 0 <= int(port) <= 65535):
-                raise ConfigError(f"{_BY_FIELD[name].env} must be host:port (127.0.0.1:9101; "
-                                  f"port 0: any free one), not {address!r}")
+                raise _invalid(name, f"must be host:port (127.0.0.1:9101; port 0: any free "
+                                     f"one), not {address!r}")
         for name in ("proxy_memory_limit_bytes", "writer_memory_limit_bytes"):
             if getattr(self, name) and getattr(self, name) < MEMORY_LIMIT_MIN:
-                raise ConfigError(f"{_BY_FIELD[name].env} must be 0 (off) or at least "
-                                  f"{MEMORY_LIMIT_MIN} (the process alone takes 40-60 MB)")
-        if self.anchor_fee_rate_sat_vb < 0:
-            raise ConfigError("BUS_ANCHOR_FEE_RATE_SAT_VB must not be negative (0: estimate)")
-        if self.batch_load_window_seconds <= 0:
-            raise ConfigError("BATCH_LOAD_WINDOW_SECONDS must be positive")
-        if self.sqlite_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA", "OFF"):
-            raise ConfigError("BUS_SQLITE_SYNCHRONOUS must be NORMAL, FULL, EXTRA or OFF")
-        if self.log_format not in ("auto", "json", "console"):
-            raise ConfigError("BUS_LOG_FORMAT must be auto, json or console")
+                raise _invalid(name, f"must be 0 (off) or at least {MEMORY_LIMIT_MIN} (the "
+                                     "process alone takes 40-60 MB)")
+        for name, allowed in (("sqlite_synchronous", ("NORMAL", "FULL", "EXTRA", "OFF")),
+                              ("log_format", ("auto", "json", "console")),
+                              ("log_level", ("debug", "info", "warning", "error"))):
+            if getattr(self, name) not in allowed:
+                raise _invalid(name, f"must be one of {', '.join(allowed)}, not "
+                                     f"{getattr(self, name)!r}")
 
     def public(self) -> dict[str, Any]:
         """The settings as their environment names, for stats and start-up logs;
@@ -312,15 +343,19 @@ def _coerce(setting: Setting, value: Any) -> Any:
             return True
         if text in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{setting.env}: expected true/false, got {value!r}")
+        raise ConfigError(f"{setting.env}: expected true/false, got {value!r}", setting.field)
     if setting.type in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"{setting.env}: expected a number, got {value!r}")
+            raise ConfigError(f"{setting.env}: expected a number, got {value!r}", setting.field)
         try:
-            return setting.type(str(value).replace("_", "")) if isinstance(value, str) \
+            number = setting.type(str(value).replace("_", "")) if isinstance(value, str) \
                 else setting.type(value)
-        except ValueError:
-            raise ConfigError(f"{setting.env}: expected a number, got {value!r}") from None
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{setting.env}: expected a number, got {value!r}",
+                              setting.field) from None
+        if number != number:  # NaN compares false with every bound
+            raise ConfigError(f"{setting.env}: expected a number, got {value!r}", setting.field)
+        return number
     return str(value)
 
 
@@ -343,20 +378,24 @@ def load_config(overrides: Mapping[str, Any] | None = None,
     """
     env = os.environ if env is None else env
     values: dict[str, Any] = {s.field: s.default for s in SETTINGS}
+    origins = dict.fromkeys(values, "default")
     sources = ["defaults"]
 
     explicit = config_path or env.get(CONFIG_PATH_ENV)
     path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
     if explicit or path.exists():
         try:
-            values.update(read_config_file(path))
+            from_file = read_config_file(path)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        values.update(from_file)
+        origins.update(dict.fromkeys(from_file, f"config file {path}"))
         sources.append(str(path))
 
     from_env = {s.field: env[s.env] for s in SETTINGS if s.env in env}
     if from_env:
         values.update(from_env)
+        origins.update({field: f"environment {_BY_FIELD[field].env}" for field in from_env})
         sources.append("environment")
 
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -365,11 +404,17 @@ def load_config(overrides: Mapping[str, Any] | None = None,
         raise ConfigError(f"unknown settings {', '.join(unknown)}")
     if given:
         values.update(given)
+        origins.update({field: f"flag --{field.replace('_', '-')}" for field in given})
         sources.append("flags")
 
-    typed = {field: _coerce(_BY_FIELD[field], v) for field, v in values.items()}
-    typed["sqlite_synchronous"] = typed["sqlite_synchronous"].upper()
-    return BusConfig(**typed, source=" < ".join(sources))
+    try:
+        typed = {field: _coerce(_BY_FIELD[field], v) for field, v in values.items()}
+        typed["sqlite_synchronous"] = typed["sqlite_synchronous"].upper()
+        return BusConfig(**typed, source=" < ".join(sources), origins=origins)
+    except ConfigError as exc:
+        if exc.field is None or origins[exc.field] == "default":
+            raise
+        raise ConfigError(f"{exc} (from {origins[exc.field]})", exc.field) from None
 
 
 def with_overrides(config: BusConfig, **changes: Any) -> BusConfig:

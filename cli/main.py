@@ -54,6 +54,7 @@ BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zmq-sqlite-bus", prog_name="bus-cli")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML config file [env BUS_CONFIG; default /etc/bus/bus.toml if present]")
 @click.pass_context
@@ -63,6 +64,24 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 
 # --- processes ---------------------------------------------------------------
+
+@main.command("config")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@setting_options(*(s.field for s in SETTINGS))
+@click.pass_context
+def show_config(ctx: click.Context, as_json: bool, **flags: Any) -> None:
+    """Print every setting's effective value and where it came from (flag,
+    environment, config file, default); secrets as ***."""
+    cfg = build_config(ctx, flags)
+    public = cfg.public()
+    if as_json:
+        click.echo(json.dumps({s.env: {"value": public[s.env], "from": cfg.origins[s.field]}
+                               for s in SETTINGS}, indent=2))
+        return
+    width = max(len(s.env) for s in SETTINGS)
+    for s in SETTINGS:
+        click.echo(f"{s.env:<{width}}  {public[s.env]!s:<28}  {cfg.origins[s.field]}")
+
 
 @main.command()
 @setting_options("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",

@@ -48,10 +48,36 @@ def test_config_file_from_environment_variable(tmp_path: Path) -> None:
     ({"BATCH_WRITE_ENABLED": "maybe"}, "expected true/false"),
     ({"BATCH_SIZE": "20000"}, "must not exceed BATCH_MAX_BUFFER_SIZE"),
     ({"BUS_SQLITE_SYNCHRONOUS": "sometimes"}, "NORMAL, FULL"),
+    ({"BUS_CONTROL_ENDPOINT": "127.0.0.1:5553"}, "must be tcp://HOST:PORT"),
+    ({"BUS_PUB_ENDPOINT": "tcp://*:70000"}, "must be tcp://HOST:PORT"),
+    ({"BUS_READ_ENDPOINT": "tcp://host"}, "must be tcp://HOST:PORT"),
+    ({"BUS_LOG_LEVEL": "verbose"}, "BUS_LOG_LEVEL must be one of debug, info"),
+    ({"BUS_REQUEST_TIMEOUT_MS": "-5"}, "BUS_REQUEST_TIMEOUT_MS must be at least 1"),
+    ({"BUS_CAPTURE_HWM": str(2**63)}, "BUS_CAPTURE_HWM must be at most 2147483647"),
+    ({"BUS_SHUTDOWN_TIMEOUT_MS": "-1"}, "must not be negative"),
+    ({"BUS_ANCHOR_INTERVAL_S": "nan"}, "expected a number"),
+    ({"BUS_WRITER_HTTP": "9101"}, "BUS_WRITER_HTTP must be host:port"),
+    ({"BUS_PROXY_MEMORY_LIMIT_BYTES": "-1"}, "must be 0 .off. or at least"),
 ])
-def test_config_rejects_bad_values_with_the_variable_name(env, message) -> None:
-    with pytest.raises(ConfigError, match=message):
+def test_config_rejects_bad_values_with_the_variable_name_and_its_origin(env, message) -> None:
+    with pytest.raises(ConfigError, match=message) as refused:
         load_config(env=env)
+    [name] = env
+    assert str(refused.value).endswith(f"(from environment {name})")
+
+
+def test_config_says_where_each_value_came_from(tmp_path: Path) -> None:
+    path = tmp_path / "bus.toml"
+    path.write_text('BATCH_SIZE = 7\nBUS_LOG_LEVEL = "loud"\n')
+    with pytest.raises(ConfigError, match=f"BUS_LOG_LEVEL .* \\(from config file {path}\\)"):
+        load_config(env={}, config_path=path)
+    path.write_text("BATCH_SIZE = 7\n")
+    cfg = load_config({"db": "x.db"}, env={"BUS_SUB_HWM": "9"}, config_path=path)
+    assert (cfg.origins["batch_size"], cfg.origins["sub_hwm"], cfg.origins["db"],
+            cfg.origins["pub_hwm"]) == (f"config file {path}", "environment BUS_SUB_HWM",
+                                        "flag --db", "default")
+    with pytest.raises(ConfigError, match="from flag --batch-size"):
+        load_config({"batch_size": 0}, env={}, config_path=path)
 
 
 def test_config_file_errors_are_clear(tmp_path: Path) -> None:

@@ -326,7 +326,8 @@ def test_a_second_writer_or_proxy_refuses_to_start(make_bus, tmp_path) -> None:
     bus = make_bus().start()
     # Same database, other endpoints: refused by the database lock.
     other = dict(bus.env, BUS_CAPTURE_ENDPOINT=f"ipc://{tmp_path}/cap",
-                 BUS_CONTROL_ENDPOINT=f"ipc://{tmp_path}/ctl")
+                 BUS_CONTROL_ENDPOINT=f"ipc://{tmp_path}/ctl",
+                 BUS_NOTIFY_ENDPOINT=f"ipc://{tmp_path}/notify")
     second = subprocess.run([BUS_CLI, "writer"], env=other, capture_output=True, text=True,
                             timeout=DEADLINE)
     assert second.returncode == 1
