@@ -53,7 +53,30 @@ BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
                 "sqlite_busy_timeout_ms")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class BusCli(click.Group):
+    """click's group, with the exits a shell expects: 130 after Ctrl-C
+    (click says "Aborted!" and exits 1), quiet when the reader of standard
+    output goes away (`bus-cli tail | head`), one line for a usage error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            # Python would complain again when it flushes stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
+
+
+@click.group(cls=BusCli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="zmq-sqlite-bus", prog_name="bus-cli")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML config file [env BUS_CONFIG; default /etc/bus/bus.toml if present]")
@@ -258,23 +281,43 @@ def _wait_ready(children: dict[str, subprocess.Popen], notify: dict[str, socket.
 
 # --- publish -------------------------------------------------------------------
 
-def encode_payload(data: str, encoding: str) -> tuple[bytes, str]:
+class InputError(click.ClickException):
+    """Input that cannot be published: one line on stderr, exit 1."""
+
+
+def encode_payload(data: bytes, encoding: str, where: str) -> tuple[bytes, str]:
+    """DATA, a line or a file as a payload; `where` names it in errors."""
     if encoding == "raw":
-        return data.encode("utf-8"), protocol.CONTENT_TEXT
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data, protocol.CONTENT_BYTES
+        return data, protocol.CONTENT_TEXT
     try:
         value = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"--{encoding} needs JSON input: {exc}", param_hint="DATA")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{where}: --{encoding} needs JSON: {exc}") from None
     if encoding == "json":
         return json.dumps(value, separators=(",", ":")).encode("utf-8"), protocol.CONTENT_JSON
     return msgpack.packb(value), protocol.CONTENT_MSGPACK
 
 
+def input_lines(stream: Any, encoding: str) -> Iterator[tuple[str, bytes, str]]:
+    """(where, payload, content type) for each line of a binary stream."""
+    for number, line in enumerate(stream, 1):
+        where = f"line {number} of standard input"
+        yield (where, *encode_payload(line.rstrip(b"\r\n"), encoding, where))
+
+
 @main.command()
 @click.argument("topic")
 @click.argument("data", required=False)
+@click.option("--file", "-f", "path", type=click.Path(dir_okay=False, allow_dash=True),
+              default=None, help="publish the whole file as one message (binary-safe; - for "
+                                 "standard input)")
 @click.option("--raw", "encoding", flag_value="raw", default=True,
-              help="payload is DATA's UTF-8 bytes (default)")
+              help="payload is DATA's bytes (default; text/plain if UTF-8, else "
+                   "application/octet-stream)")
 @click.option("--json", "encoding", flag_value="json", help="DATA is JSON; payload is JSON")
 @click.option("--msgpack", "encoding", flag_value="msgpack",
               help="DATA is JSON; payload is its msgpack encoding")
@@ -290,16 +333,18 @@ def encode_payload(data: str, encoding: str) -> tuple[bytes, str]:
               help="seconds --wait waits for the commit acknowledgements")
 @setting_options(*PUBLISHER_FIELDS, "max_topic_bytes", "max_message_bytes", *CURVE_FIELDS)
 @click.pass_context
-def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, count: int,
-            rate: float, producer_id: str | None, header: tuple[str, ...], wait: bool,
-            wait_timeout: float, **flags: Any) -> None:
-    """Publish DATA to TOPIC, or one message per line of standard input.
+def publish(ctx: click.Context, topic: str, data: str | None, path: str | None, encoding: str,
+            count: int, rate: float, producer_id: str | None, header: tuple[str, ...],
+            wait: bool, wait_timeout: float, **flags: Any) -> None:
+    """Publish DATA to TOPIC, the file of --file, or one message per line of
+    standard input.
 
     With --wait, unacknowledged messages are re-sent (same sequence numbers,
     stored once) until the writer acknowledges them all or --wait-timeout passes;
     the exit status is 1, naming the reason, if the writer refused any. Lines
-    from standard input stop at the first one the writer would refuse (too
-    large, ...): the lines before it are published, the rest are not.
+    from standard input stop at the first one that cannot be published (not
+    JSON with --json, too large, ...), named by its line number: the lines
+    before it are published (and, with --wait, committed), the rest are not.
     """
     cfg = build_config(ctx, flags, "publish")
     headers = {}
@@ -312,39 +357,52 @@ def publish(ctx: click.Context, topic: str, data: str | None, encoding: str, cou
         protocol.encode_topic(topic, cfg.max_topic_bytes)
     except protocol.ProtocolError as exc:
         raise click.BadParameter(str(exc), param_hint="TOPIC")
+    if data is not None and path is not None:
+        raise click.UsageError("give DATA or --file, not both")
     if data is None and count > 1:
         raise click.UsageError("--count needs DATA")
-    if data is not None:
-        payloads: Any = itertools.repeat(encode_payload(data, encoding), count)
-        total: int | None = count
+    if path is not None:
+        with click.open_file(path, "rb") as source:
+            payloads: Any = iter([(path, *encode_payload(source.read(), encoding, path))])
+        total: int | None = 1
+    elif data is not None:
+        try:
+            payload = encode_payload(data.encode("utf-8", "surrogateescape"), encoding, "DATA")
+        except InputError as exc:
+            raise click.BadParameter(exc.message, param_hint="DATA") from None
+        payloads = itertools.repeat(("DATA", *payload), count)
+        total = count
     else:
-        payloads = (encode_payload(line.rstrip("\n"), encoding) for line in sys.stdin)
+        payloads = input_lines(sys.stdin.buffer, encoding)
         total = None
     sent = 0
+    where = ""
     try:
         with Publisher(cfg, producer_id=producer_id) as pub, \
                 click.progressbar(length=count, file=sys.stderr, label=f"publishing to {topic}",
                                   show_pos=True, hidden=count == 1) as bar:
             started = time.monotonic()
-            for payload, content_type in payloads:
-                if rate > 0:
-                    delay = started + sent / rate - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                pub.publish(topic, payload, content_type=content_type, headers=headers or None)
-                sent += 1
-                if sent % 1000 == 0 or sent == total:
-                    bar.update(sent - bar.pos)
-            last = pub.last_seq
-            if wait:
-                pub.flush(wait_timeout)
+            try:
+                for where, payload, content_type in payloads:
+                    if rate > 0:
+                        delay = started + sent / rate - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                    pub.publish(topic, payload, content_type=content_type,
+                                headers=headers or None)
+                    sent += 1
+                    if sent % 1000 == 0 or sent == total:
+                        bar.update(sent - bar.pos)
+            finally:  # what was published before a bad line is still flushed
+                last = pub.last_seq
+                if wait and sent:
+                    pub.flush(wait_timeout)
     except BusError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except protocol.ProtocolError as exc:  # a message the writer would refuse: none sent
-        line = f"line {sent + 1} of standard input: " if data is None else ""
-        click.echo(f"error: {line}{exc} (after {sent} published)", err=True)
-        sys.exit(1)
+        raise InputError(str(exc)) from None
+    except protocol.ProtocolError as exc:  # a message the writer would refuse: not sent
+        raise InputError(f"{where}: {exc} (after {sent} published)") from None
+    except InputError as exc:
+        raise InputError(f"{exc.message} (after {sent} published)") from None
     click.echo(f"published {sent} message{'s' if sent != 1 else ''} to {topic} "
                f"(producer {pub.producer_id}, seq {last - sent + 1}..{last})"
                + (", committed" if wait else ""), err=True)
@@ -428,11 +486,58 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
             sys.stdout.flush()
             shown += 1
             printed(msg)
-    except KeyboardInterrupt:
-        pass
-    except BrokenPipeError:
-        sys.stderr.close()
+    except BrokenPipeError:  # `| head` has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return shown
+
+
+class Liveness:
+    """Whether the processes a command needs answer a ping, said on stderr
+    when that changes: a command never waits silently for a process that is
+    down (or that refuses its CURVE key)."""
+
+    CHECK_EVERY_S = 5.0
+
+    def __init__(self, cfg: BusConfig, needed: dict[str, str]) -> None:
+        self.cfg = cfg
+        self.needed = needed  # process name -> control endpoint
+        self.down: set[str] = set()
+        self._next_check = 0.0
+
+    def missing(self) -> list[str]:
+        keys = security.client_keys(self.cfg)
+        missing = []
+        for name, endpoint in self.needed.items():
+            with ControlClient(endpoint, timeout_ms=min(self.cfg.request_timeout_ms, 1000),
+                               curve=keys) as client:
+                try:
+                    client.request("ping")
+                except BusError:
+                    missing.append(name)
+        return missing
+
+    def check(self, now: float | None = None) -> list[str]:
+        """Ping (at most every CHECK_EVERY_S), say what changed; what is down."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_check:
+            return sorted(self.down)
+        self._next_check = now + self.CHECK_EVERY_S
+        missing = set(self.missing())
+        for name in sorted(missing - self.down):
+            hint = " (with CURVE: is this key allowed?)" if self.cfg.curve_dir else ""
+            click.echo(f"waiting for the {name} at {self.needed[name]}: it does not answer "
+                       f"(is bus-{name} running?{hint})", err=True)
+        for name in sorted(self.down - missing):
+            click.echo(f"the {name} at {self.needed[name]} answers again", err=True)
+        self.down = missing
+        return sorted(missing)
+
+    def wait(self, fail_fast: bool, stop: Callable[[], bool] = lambda: False) -> None:
+        """Return once every needed process answers; with `fail_fast`, exit 1 at once."""
+        while self.check() and not stop():
+            if fail_fast:
+                raise InputError(f"not answering: {', '.join(sorted(self.down))}")
+            time.sleep(0.2)
 
 
 @main.command()
@@ -440,6 +545,8 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 @click.option("-n", "limit", type=click.IntRange(min=1), default=None,
               help="stop after this many messages")
+@click.option("--fail-fast", is_flag=True,
+              help="exit 1 when a process tail needs does not answer, instead of waiting")
 @click.option("--since", "since", default=None,
               help="first print what was stored since then (10m, 2h, ISO time), then live")
 @click.option("--from-id", type=click.IntRange(min=1), default=None,
@@ -447,10 +554,11 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
 @click.option("--durable", default=None, metavar="NAME",
               help="resume after the last message NAME printed, across restarts")
 @setting_options("sub_endpoint", "read_endpoint", "control_endpoint", "notify_endpoint",
-                 "request_timeout_ms", *CURVE_FIELDS)
+                 "proxy_control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: int | None,
-         since: str | None, from_id: int | None, durable: str | None, **flags: Any) -> None:
+         fail_fast: bool, since: str | None, from_id: int | None, durable: str | None,
+         **flags: Any) -> None:
     """Print messages whose topic starts with one of PREFIXES (all if none).
 
     With --since or --from-id, stored messages come first, then live ones,
@@ -464,6 +572,13 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
         raise click.UsageError("give --since or --from-id, not both")
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    needed = {"proxy": cfg.proxy_control_endpoint}
+    if since or from_id or durable:
+        needed["reader"] = cfg.read_endpoint
+    if durable:
+        needed["writer"] = cfg.control_endpoint
+    liveness = Liveness(cfg, needed)
+    liveness.wait(fail_fast, lambda: stop["now"])
     try:
         # A durable tail acknowledges a message once its line is written, not
         # when the next one is taken (auto_ack): that one may never be printed.
@@ -471,11 +586,15 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
                          since=parse_since(since) if since else None,
                          after_id=from_id - 1 if from_id else None)
     except (BusError, ValueError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        raise InputError(str(exc)) from None
+
+    def receive() -> protocol.Message | None:
+        if liveness.check() and fail_fast:
+            raise InputError(f"not answering: {', '.join(liveness.down)}")
+        return sub.receive(timeout=0.2)
+
     with sub:
-        print_messages(iter(lambda: sub.receive(timeout=0.2), False), as_json, limit,
-                       lambda: stop["now"], sub.ack)
+        print_messages(iter(receive, False), as_json, limit, lambda: stop["now"], sub.ack)
 
 
 @main.command()

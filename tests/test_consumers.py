@@ -109,6 +109,16 @@ def test_consumer_requests_are_validated_and_bounded(make_bus) -> None:
 def test_a_durable_consumer_cannot_start_without_the_writer_and_says_so(make_bus) -> None:
     bus = make_bus(BUS_REQUEST_TIMEOUT_MS=300).start()
     assert bus.writer.stop() == 0
-    result = bus.cli("tail", "--durable", "nobody", "-n", "1")
+    result = bus.cli("tail", "--durable", "nobody", "-n", "1", "--fail-fast")
     assert result.returncode == 1
-    assert "error: no reply to 'consumer_get'" in result.stderr and "within 300 ms" in result.stderr
+    assert "waiting for the writer at" in result.stderr and "is bus-writer running?" in \
+        result.stderr and "not answering: writer" in result.stderr
+    # Without --fail-fast it says so, waits, and goes on once the writer is back.
+    tail = bus.run("tail", "--durable", "nobody", "-n", "1")
+    tail.stderr.wait_line(lambda line: "waiting for the writer" in line)
+    bus.start_writer()
+    tail.stderr.wait_line(lambda line: "the writer at" in line and "answers again" in line)
+    with Publisher(bus.config(), producer_id="back") as pub:
+        wait_for(lambda: pub.publish("back.t", b"x") and tail.popen.poll() is not None,
+                 message="the tail to print one message and exit")
+    assert tail.popen.returncode == 0
