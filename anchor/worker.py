@@ -181,7 +181,9 @@ class AnchorWorker:
         self.hashblock = open_hashblock(self.ctx, cfg.bitcoind_zmq_hashblock) \
             if cfg.bitcoind_zmq_hashblock else None
         self.auth = security.start_authenticator(self.ctx, cfg)
-        self.control = sockets.open_anchor_control(self.ctx, cfg)
+        self.guard = sockets.PeerMemoryGuard(cfg.anchor_memory_limit_bytes, log)
+        self.control = sockets.open_anchor_control(
+            self.ctx, cfg, self.guard.watch("control", cfg.anchor_control_endpoint))
         self.dispatcher = control.Dispatcher({"stats": lambda _request: self.stats()}, log)
         if cfg.anchor_http:
             self.http = HttpSide("anchor", cfg.anchor_http, HTTP_SERIES, anchor_health)
@@ -197,6 +199,7 @@ class AnchorWorker:
         now = time.monotonic() if now is None else now
         while self.control.poll(0):  # between the steps below, each at most a poll or an RPC
             self.dispatcher.serve(self.control)
+        self.guard.check(now)
         try:
             self._connect(now)
             self._take_requests(now)
@@ -247,6 +250,7 @@ class AnchorWorker:
                             "ready": self._ready},
             "retry_in_s": round(max(0.0, self._retry_at - time.monotonic()), 3),
             "control": self.dispatcher.counters.snapshot(),
+            "memory": self.guard.snapshot(),
             "security": security.snapshot(self.config),
         }
 
@@ -270,6 +274,8 @@ class AnchorWorker:
         if self.ctx is not None:
             if self.hashblock is not None:
                 self.hashblock.close()
+            if getattr(self, "guard", None) is not None:
+                self.guard.close()
             if getattr(self, "control", None) is not None:
                 self.control.close(linger=0)
             if getattr(self, "auth", None) is not None:

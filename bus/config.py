@@ -177,6 +177,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("proxy_memory_limit_bytes", "BUS_PROXY_MEMORY_LIMIT_BYTES", int, 1 << 30,
             "over this RSS the proxy stops forwarding and cuts off the side that holds "
             "the memory, until it is back under (0: off)"),
+    Setting("reader_memory_limit_bytes", "BUS_READER_MEMORY_LIMIT_BYTES", int, 128 << 20,
+            "over this RSS the reader drops its clients' connections (an endless request; 0: "
+            "off)"),
+    Setting("anchor_memory_limit_bytes", "BUS_ANCHOR_MEMORY_LIMIT_BYTES", int, 128 << 20,
+            "over this RSS the anchor worker drops its control clients' connections (0: off)"),
     Setting("writer_memory_limit_bytes", "BUS_WRITER_MEMORY_LIMIT_BYTES", int, 384 << 20,
             "over this RSS the writer drops its capture and notify connections and what "
             "they queued (nothing acknowledged; 0: off)"),
@@ -264,6 +269,8 @@ class BusConfig:
     proxy_max_frame_bytes: int
     proxy_memory_limit_bytes: int
     writer_memory_limit_bytes: int
+    reader_memory_limit_bytes: int
+    anchor_memory_limit_bytes: int
     shutdown_timeout_ms: int
     drain_idle_ms: int
     request_timeout_ms: int
@@ -316,7 +323,8 @@ class BusConfig:
             if address and not (colon and host and port.isdigit() and 0 <= int(port) <= 65535):
                 raise _invalid(name, f"must be host:port (127.0.0.1:9101; port 0: any free "
                                      f"one), not {address!r}")
-        for name in ("proxy_memory_limit_bytes", "writer_memory_limit_bytes"):
+        for name in ("proxy_memory_limit_bytes", "writer_memory_limit_bytes",
+                     "reader_memory_limit_bytes", "anchor_memory_limit_bytes"):
             if getattr(self, name) and getattr(self, name) < MEMORY_LIMIT_MIN:
                 raise _invalid(name, f"must be 0 (off) or at least {MEMORY_LIMIT_MIN} (the "
                                      "process alone takes 40-60 MB)")

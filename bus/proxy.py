@@ -24,26 +24,30 @@ libzmq bounds its queues in messages, never in bytes, and cannot limit the
 number of subscriptions or the frames of one message. The memory guard
 (BUS_PROXY_MEMORY_LIMIT_BYTES) bounds the process in bytes instead. Over the
 limit it pauses: the forwarding loop is ended (libzmq 4.3.5's PAUSE command
-does not stop it) and nothing more is queued, while the capture queue drains
-into the writer. While paused:
-- memory that still grows by an eighth of the limit is someone streaming in
-  (an endless multipart message, a subscription flood): the publishers' side
-  is cut off, and if it grows again the subscribers' side;
-- memory not back within a second is a slow subscriber's queue (or held
-  subscriptions): the subscribers' side is cut off;
-- under 75% of the limit, or 10 s after the last action in any case, the
-  sides are opened again and forwarding resumes.
-A side cut off loses its connections, queues and subscriptions; its peers
-reconnect once it is open again (subscribers subscribe again, publishers re-send
-what was not acknowledged). Redis's client-output-buffer-limit and NATS's
-slow-consumer cut-off do the same per client; libzmq's PUB cannot tell which
-subscriber is slow, so here a whole side goes.
+does not stop it) and nothing more is forwarded, while the capture queue
+drains into the writer. While paused:
+- memory that still grows by an eighth of the limit is someone streaming in:
+  the publishers' connections are cut off, then (if it grows again) the
+  subscribers', then the control endpoint's, in turn;
+- memory not back within a second while the writer is connected is a slow
+  subscriber's queue or held subscriptions: the subscribers are cut off
+  (with the writer gone, the capture queue is what holds it: the pause lasts
+  until the writer is back, as a full capture queue does);
+- under 75% of the limit, or 10 s after its last action with the writer
+  connected, forwarding resumes.
+A cut-off shuts the side's connections down (bus/sockets.Connections): their
+queues and subscriptions go, the socket keeps listening, and the peers
+reconnect (subscribers subscribe again and lose what was queued for them;
+publishers re-send what was not acknowledged). Redis's
+client-output-buffer-limit and NATS's slow-consumer cut-off do the same per
+client; libzmq's PUB cannot tell which subscriber is slow, so a whole side goes.
 """
 
 from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Callable
 import threading
 import time
 from typing import Any
@@ -74,7 +78,9 @@ CUTOFF_GROWTH_FRACTION = 0.125
 # Paused this long since its last action without memory coming back, the guard
 # resumes forwarding anyway (and pauses again if memory grows again).
 PAUSE_GIVE_UP_S = 10.0
-SUBSCRIBERS, PUBLISHERS = "subscribers", "publishers"
+SUBSCRIBERS, PUBLISHERS, CONTROL, WRITER = "subscribers", "publishers", "control", "writer"
+CUTOFF_COUNTERS = {PUBLISHERS: "publisher_cutoffs", SUBSCRIBERS: "subscriber_cutoffs",
+                   CONTROL: "control_cutoffs"}
 
 # What the proxy's /metrics shows (bus/http.py), read from its `stats`.
 HTTP_SERIES = [
@@ -142,17 +148,28 @@ class Proxy:
         self._memory_mark = 0
         self._next_memory_check = 0.0
         self._rss = 0
-        self.memory_actions = {"pauses": 0, "subscriber_cutoffs": 0, "publisher_cutoffs": 0}
+        self.memory_actions = {"pauses": 0, "subscriber_cutoffs": 0, "publisher_cutoffs": 0,
+                               "control_cutoffs": 0}
 
     def initialize(self, stop: StopSignal) -> None:
         cfg = self.config
         self.stop = stop
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, cfg)
+        # Watched from before they connect or bind (bus/sockets.Connections):
+        # whether the writer is connected, and the control's peers (dropped by
+        # the memory guard; the main thread owns that socket, so it can).
+        self.connections: dict[str, sockets.Connections] = {}
+
+        def watch(side: str, endpoint: str) -> Callable[[zmq.Socket], None]:
+            return lambda sock: self.connections.__setitem__(
+                side, sockets.Connections(sock, endpoint, connected=side == WRITER))
         self.frontend = sockets.open_proxy_frontend(self.ctx, cfg)
         self.backend = sockets.open_proxy_backend(self.ctx, cfg)
-        self.capture = sockets.open_proxy_capture(self.ctx, cfg)
-        self.control = sockets.open_proxy_control(self.ctx, cfg)
+        self.capture = sockets.open_proxy_capture(self.ctx, cfg,
+                                                  watch(WRITER, cfg.capture_endpoint))
+        self.control = sockets.open_proxy_control(self.ctx, cfg,
+                                                  watch(CONTROL, cfg.proxy_control_endpoint))
         self.steer = self.ctx.socket(zmq.PAIR)
         self.steer.bind(sockets.PROXY_STEERING_ENDPOINT)
         steered = self.ctx.socket(zmq.PAIR)
@@ -225,26 +242,31 @@ class Proxy:
         return stats
 
     def _steer(self, command: bytes, wait_ms: int) -> list[bytes] | None:
-        """Send one steering command (libzmq answers each), or None if the loop
-        does not answer within `wait_ms`. An unanswered command's reply comes
-        later, and is read and dropped before the next command is sent."""
-        while self._unanswered and self.steer.poll(0):
-            self.steer.recv_multipart()
-            self._unanswered -= 1
-        if self._unanswered:
-            return None
+        """Send one steering command (libzmq answers each, in order), and its
+        reply, or None if the loop does not answer within `wait_ms` (busy, or
+        blocked in a capture send): the command stays queued for it, and the
+        late replies are read and dropped first."""
         self.steer.send(command)
         self._unanswered += 1
-        if not self.steer.poll(wait_ms):
-            return None
-        self._unanswered -= 1
-        return self.steer.recv_multipart()
+        deadline = time.monotonic() + wait_ms / 1000
+        reply = None
+        while self._unanswered:
+            if not self.steer.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                return None
+            reply = self.steer.recv_multipart()
+            self._unanswered -= 1
+        return reply
 
     def counters(self, wait_ms: int = STATISTICS_WAIT_MS) -> dict[str, int] | None:
         """libzmq's frame and byte counters since the proxy started, or None if
         the running loop does not answer within `wait_ms`."""
         if not self._forwarding():
             return dict(self._counted)
+        while self._unanswered and self.steer.poll(0):  # late replies of a busy loop
+            self.steer.recv_multipart()
+            self._unanswered -= 1
+        if self._unanswered:  # still busy: no more questions piled up behind
+            return None
         reply = self._steer(b"STATISTICS", wait_ms)
         if reply is None:
             return None
@@ -285,6 +307,8 @@ class Proxy:
 
     def guard_memory(self, now: float) -> None:
         """Keep RSS under BUS_PROXY_MEMORY_LIMIT_BYTES (see the module's doc)."""
+        for connections in self.connections.values():
+            connections.update()
         limit = self.config.proxy_memory_limit_bytes
         if not limit or now < self._next_memory_check:
             return
@@ -304,42 +328,54 @@ class Proxy:
         if self._rss >= limit * MEMORY_RESUME_FRACTION:
             release_free_memory()
             self._rss = resident_bytes()
+        writer_connected = bool(self.connections[WRITER].fds)
         if self._rss < limit * MEMORY_RESUME_FRACTION:
             self._resume(now, limit, "memory_back_under_limit")
         elif self._rss > self._memory_mark + limit * CUTOFF_GROWTH_FRACTION:
-            # Still growing with nothing forwarded: someone is streaming in.
-            self._cut_off(PUBLISHERS if self.frontend is not None else SUBSCRIBERS, now, limit)
-        elif self.backend is not None and now - self._paused_at >= SUBSCRIBER_CUTOFF_AFTER_S:
+            # Still growing with nothing forwarded: someone is streaming in, on
+            # one side or the other (or an endless request on the control).
+            self._cut_off(PUBLISHERS if self.frontend is not None else
+                          SUBSCRIBERS if self.backend is not None else CONTROL, now, limit)
+        elif (writer_connected and self.backend is not None
+              and now - self._paused_at >= SUBSCRIBER_CUTOFF_AFTER_S):
+            # The capture queue drains into a connected writer; what does not
+            # drain is a slow subscriber's queue, or held subscriptions.
             self._cut_off(SUBSCRIBERS, now, limit)
-        elif now - self._last_action >= PAUSE_GIVE_UP_S:
-            # What holds the memory is no queue of this process that drains
-            # (the capture queue while the writer is down?): forwarding goes on.
+        elif writer_connected and now - self._last_action >= PAUSE_GIVE_UP_S:
+            # What holds the memory is no queue of this process that drains:
+            # forwarding goes on (and pauses again if memory grows).
             self._resume(now, limit, "memory_still_over_limit")
 
     def _pause(self, now: float, limit: int) -> None:
-        """End the forwarding loop, keeping its sockets and their queues."""
+        """End the forwarding loop, keeping its sockets and their queues. A
+        loop blocked in a capture send takes the TERMINATE once it is free."""
         self._paused_at = self._last_action = now
         self._memory_mark = self._rss
         self.memory_actions["pauses"] += 1
         log.warning("memory_limit_reached", action="paused forwarding", rss_bytes=self._rss,
-                    limit_bytes=limit)
-        counted = self.counters()
+                    limit_bytes=limit, writer_connected=bool(self.connections[WRITER].fds))
+        counted = self.counters(wait_ms=200)
         if counted is not None:
             self._counted = counted
-        self._steer(b"TERMINATE", STATISTICS_WAIT_MS)
+        self._steer(b"TERMINATE", 200)
         if self._thread is not None:
-            self._thread.join(STATISTICS_WAIT_MS / 1000)
+            self._thread.join(0.2)
 
     def _cut_off(self, side: str, now: float, limit: int) -> None:
         """Close one side's socket while forwarding is paused: its connections,
-        queues and subscriptions go with it, and its peers stay out until
-        forwarding resumes."""
-        self.memory_actions[side[:-1] + "_cutoffs"] += 1
+        queues and subscriptions go with it, and its peers stay out (they retry)
+        until forwarding resumes, so that publishers re-sending do not fill the
+        proxy again. The control endpoint's connections are dropped instead
+        (bus/sockets.Connections): it must go on answering."""
+        self.memory_actions[CUTOFF_COUNTERS[side]] += 1
         log.warning("memory_limit_reached", action=f"cut off {side}", rss_bytes=self._rss,
                     limit_bytes=limit)
-        name = "backend" if side == SUBSCRIBERS else "frontend"
-        getattr(self, name).close(linger=0)
-        setattr(self, name, None)
+        if side == CONTROL:
+            self.connections[CONTROL].drop_all()
+        else:
+            name = "backend" if side == SUBSCRIBERS else "frontend"
+            getattr(self, name).close(linger=0)
+            setattr(self, name, None)
         self._last_action = now
         release_free_memory()
         self._rss = self._memory_mark = resident_bytes()
@@ -349,7 +385,8 @@ class Proxy:
         for name, opener in (("frontend", sockets.open_proxy_frontend),
                              ("backend", sockets.open_proxy_backend)):
             if getattr(self, name) is None:
-                setattr(self, name, sockets.rebind(functools.partial(opener, self.ctx, self.config)))
+                setattr(self, name, sockets.rebind(functools.partial(opener, self.ctx,
+                                                                     self.config)))
         (log.info if event == "memory_back_under_limit" else log.warning)(
             event, action="resumed forwarding", rss_bytes=self._rss, limit_bytes=limit,
             paused_ms=round((now - (self._paused_at or now)) * 1000))
@@ -401,6 +438,8 @@ class Proxy:
         else:  # never started, or paused by the memory guard: nobody else closes them
             self._capture_linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
             self._close_forwarding_sockets()
+        for connections in getattr(self, "connections", {}).values():
+            connections.close()
         for name in ("control", "steer"):
             sock = getattr(self, name, None)
             if sock is not None:

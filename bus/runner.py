@@ -169,10 +169,11 @@ def resident_bytes() -> int:
 
 class MemoryLimit:
     """This process's RSS against a limit (0: none), read at most every
-    `interval_s`. `exceeded(now)` is True once per excess: when RSS is over the
-    limit even after freed memory was given back; it is True again only after
-    RSS went back under `rearm_fraction` of the limit, so that memory the
-    process needs (a full batch buffer) does not trigger it over and over."""
+    `interval_s`. `exceeded(now)` is True when RSS is over the limit even
+    after freed memory was given back; after that, only once it has grown by
+    another eighth of the limit (what the process needs itself, a full batch
+    buffer, does not trigger it over and over), until it is back under
+    `rearm_fraction` of the limit."""
 
     def __init__(self, limit_bytes: int, interval_s: float = 0.05,
                  rearm_fraction: float = 0.75) -> None:
@@ -181,23 +182,22 @@ class MemoryLimit:
         self.rearm_fraction = rearm_fraction
         self.rss = 0
         self._next = 0.0
-        self._armed = True
+        self._threshold = limit_bytes
 
     def exceeded(self, now: float) -> bool:
         if not self.limit or now < self._next:
             return False
         self._next = now + self.interval_s
         self.rss = resident_bytes()
-        if not self._armed:
-            self._armed = self.rss < self.limit * self.rearm_fraction
-            return False
-        if self.rss <= self.limit:
+        if self.rss < self.limit * self.rearm_fraction:
+            self._threshold = self.limit
+        if self.rss <= self._threshold:
             return False
         release_free_memory()
         self.rss = resident_bytes()
-        if self.rss <= self.limit:
+        if self.rss <= self._threshold:
             return False
-        self._armed = False
+        self._threshold = self.rss + self.limit // 8
         return True
 
 

@@ -19,12 +19,14 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from bus import protocol, security
 from bus.config import BusConfig
-from bus.runner import StartupError
+from bus.runner import MemoryLimit, StartupError, release_free_memory, resident_bytes
 
 # Inside the proxy process: the steerable proxy's control pipe.
 PROXY_STEERING_ENDPOINT = "inproc://bus-proxy-steering"
@@ -95,6 +97,112 @@ def rebind(open_socket: Callable[[], zmq.Socket]) -> zmq.Socket:
             time.sleep(0.02)
 
 
+class Connections:
+    """The peers connected to a bound socket, from its monitor (libzmq's
+    ACCEPTED and DISCONNECTED events carry each connection's file
+    descriptor). `drop_all()` shuts those connections down: libzmq then drops
+    each peer's pipe, with what it queued and the subscriptions it held, while
+    the socket goes on listening, so that no other process can take the
+    endpoint meanwhile (closing and binding again left that window open). The
+    peers reconnect by themselves.
+
+    The monitor is attached before the socket binds or connects (no event
+    missed; the `on_open` hook of the open_* functions) and before another
+    thread uses it (the proxy's forwarding loop): libzmq sockets are not
+    thread-safe. `update()` reads the events; a role calls it once per pass."""
+
+    def __init__(self, sock: zmq.Socket, endpoint: str, connected: bool = False) -> None:
+        """`connected`: the socket connects (its CONNECTED events are counted
+        instead): whether its peer is there, not for dropping."""
+        self.endpoint = endpoint
+        self.fds: set[int] = set()
+        self._opened = zmq.EVENT_CONNECTED if connected else zmq.EVENT_ACCEPTED
+        self.monitor = sock.get_monitor_socket(self._opened | zmq.EVENT_DISCONNECTED)
+        self._family = socket.AF_UNIX if endpoint.startswith("ipc://") else (
+            socket.AF_INET6 if endpoint.startswith("tcp://[") else socket.AF_INET)
+        self._sock = sock
+
+    def update(self) -> None:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            if event["event"] == self._opened:
+                self.fds.add(event["value"])
+            else:
+                self.fds.discard(event["value"])
+
+    def drop_all(self) -> int:
+        """Shut every connection down; how many were."""
+        self.update()
+        dropped = 0
+        for fd in list(self.fds):
+            try:
+                peer = socket.fromfd(fd, self._family, socket.SOCK_STREAM)
+            except OSError:  # closed since: its DISCONNECTED event is on its way
+                continue
+            try:
+                if self._is_ours(peer):  # not a descriptor reused by something else
+                    peer.shutdown(socket.SHUT_RDWR)
+                    dropped += 1
+            except OSError:
+                pass
+            finally:
+                peer.close()  # the duplicate only
+        return dropped
+
+    def _is_ours(self, peer: socket.socket) -> bool:
+        bound = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        local = peer.getsockname()
+        if self._family == socket.AF_UNIX:  # a path, or an abstract name (bytes, from \0)
+            name = local.replace(b"\0", b"@", 1).decode(errors="replace") \
+                if isinstance(local, bytes) else local
+            return bool(name) and bound == f"ipc://{name}"
+        return bound.endswith(f":{local[1]}")
+
+    def close(self) -> None:
+        self.monitor.close(linger=0)
+
+
+class PeerMemoryGuard:
+    """A process's memory limit, held by dropping its peers: over the limit
+    (bus/runner.MemoryLimit), every connection of the bound sockets it
+    watches is shut down (Connections.drop_all). What libzmq holds for peers
+    and no count or budget reaches (a multipart message or request of endless
+    frames, a burst of subscriptions) goes with them; the sockets keep
+    listening and the peers reconnect."""
+
+    def __init__(self, limit_bytes: int, log: Any) -> None:
+        self.memory = MemoryLimit(limit_bytes)
+        self.peers: dict[str, Connections] = {}
+        self.cutoffs = 0
+        self._log = log
+
+    def watch(self, name: str, endpoint: str) -> Callable[[zmq.Socket], None]:
+        """An `on_open` hook for an open_* function."""
+        return lambda sock: self.peers.__setitem__(name, Connections(sock, endpoint))
+
+    def check(self, now: float) -> bool:
+        """Once per loop pass; True if the peers were just dropped."""
+        for peers in self.peers.values():
+            peers.update()
+        if not self.memory.exceeded(now):
+            return False
+        self.cutoffs += 1
+        dropped = {name: peers.drop_all() for name, peers in self.peers.items()}
+        self._log.warning("memory_limit_reached", action="dropped connections",
+                          connections=dropped, rss_bytes=self.memory.rss,
+                          limit_bytes=self.memory.limit)
+        release_free_memory()
+        return True
+
+    def snapshot(self) -> dict[str, int]:
+        return {"rss_bytes": resident_bytes(), "limit_bytes": self.memory.limit,
+                "cutoffs": self.cutoffs}
+
+    def close(self) -> None:
+        for peers in self.peers.values():
+            peers.close()
+
+
 def _unix_listener_at(path: str) -> bool:
     if not os.path.exists(path):
         return False
@@ -104,6 +212,9 @@ def _unix_listener_at(path: str) -> bool:
         except OSError:
             return False  # a stale file: libzmq replaces it
     return True
+
+
+OnOpen = Callable[[zmq.Socket], Any] | None
 
 
 def _set_common(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
@@ -116,7 +227,7 @@ def _set_common(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
 
 # --- proxy -------------------------------------------------------------------
 
-def open_proxy_frontend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+def open_proxy_frontend(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
     """SUB bound for publishers, subscribed to every first byte a storable topic
     can have (protocol.PROXY_SUBSCRIPTIONS), so a message with no live
     subscriber still reaches the capture pipe. A SUB, not an XSUB: it filters
@@ -129,11 +240,13 @@ def open_proxy_frontend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     for prefix in protocol.PROXY_SUBSCRIPTIONS:
         sock.setsockopt(zmq.SUBSCRIBE, prefix)
     security.secure_server(sock, cfg, "pub")
+    if on_open is not None:
+        on_open(sock)
     bind(sock, cfg.pub_endpoint)
     return sock
 
 
-def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
     """PUB bound for subscribers. A PUB, not an XPUB: it applies subscriptions
     itself and passes nothing to the proxy loop, so neither a subscription nor
     data sent by a peer on this side reaches publishers or the writer. A
@@ -145,11 +258,13 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock.setsockopt(zmq.MAXMSGSIZE, max(MIN_FRAME_LIMIT_BYTES,
                                         cfg.max_topic_bytes + SUBSCRIPTION_OVERHEAD_BYTES))
     security.secure_server(sock, cfg, "sub")
+    if on_open is not None:
+        on_open(sock)
     bind(sock, cfg.sub_endpoint)
     return sock
 
 
-def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
     """PUSH connected to the writer. Its pipe outlives writer restarts and holds
     up to capture_hwm messages; past that the proxy's send blocks (backpressure)."""
     sock = _set_common(ctx.socket(zmq.PUSH), cfg.shutdown_timeout_ms)
@@ -160,22 +275,27 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
         # The only key the writer's capture lets in.
         security.secure_client(sock, security.client_keys(
             cfg, own_key=f"{cfg.curve_dir}/proxy.key_secret"))
+    if on_open is not None:
+        on_open(sock)
     sock.connect(cfg.capture_endpoint)
     return sock
 
 
 def open_reply(ctx: zmq.Context, cfg: BusConfig, endpoint: str, domain: str,
-               max_request_bytes: int = MAX_SMALL_REQUEST_BYTES) -> zmq.Socket:
-    """REP bound for control requests (proxy, writer, reader)."""
+               max_request_bytes: int = MAX_SMALL_REQUEST_BYTES,
+               on_open: OnOpen = None) -> zmq.Socket:
+    """REP bound for control requests (proxy, writer, reader, anchor worker)."""
     sock = _set_common(ctx.socket(zmq.REP), 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_request_bytes)
     security.secure_server(sock, cfg, domain)
+    if on_open is not None:
+        on_open(sock)
     bind(sock, endpoint)
     return sock
 
 
-def open_proxy_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    return open_reply(ctx, cfg, cfg.proxy_control_endpoint, "proxy_control")
+def open_proxy_control(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
+    return open_reply(ctx, cfg, cfg.proxy_control_endpoint, "proxy_control", on_open=on_open)
 
 
 # --- writer ------------------------------------------------------------------
@@ -187,7 +307,7 @@ def capture_receive_hwm(cfg: BusConfig) -> int:
     return max(100, min(cfg.batch_max_buffer_size, CAPTURE_RECEIVE_BYTES // cfg.max_message_bytes))
 
 
-def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+def open_writer_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
     """PULL bound for the proxy's capture pipe. A small receive queue: what the
     writer has not read stays in the proxy's larger, restart-proof queue."""
     sock = _set_common(ctx.socket(zmq.PULL), 0)
@@ -196,6 +316,8 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     # The proxy passes no larger frame; a peer pushing one straight in is
     # disconnected before the frame costs memory.
     sock.setsockopt(zmq.MAXMSGSIZE, max(MIN_FRAME_LIMIT_BYTES, cfg.proxy_max_frame_bytes))
+    if on_open is not None:
+        on_open(sock)
     if not security.capture_by_file_permissions(cfg):
         security.secure_server(sock, cfg, "capture")
         bind(sock, cfg.capture_endpoint)
@@ -211,11 +333,11 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     return sock
 
 
-def open_writer_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    return open_reply(ctx, cfg, cfg.control_endpoint, "control", MAX_REQUEST_BYTES)
+def open_writer_control(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
+    return open_reply(ctx, cfg, cfg.control_endpoint, "control", MAX_REQUEST_BYTES, on_open=on_open)
 
 
-def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+def open_writer_notify(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
     """XPUB bound for the $bus.* notifications (acknowledgements, nacks, the
     commit watermark): only the writer binds it, so nothing else can send them.
     VERBOSER passes every subscription to the writer, duplicates too, and every
@@ -231,20 +353,22 @@ def open_writer_notify(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
     sock.setsockopt(zmq.XPUB_VERBOSER, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, NOTIFY_MAX_FRAME_BYTES)
     security.secure_server(sock, cfg, "notify")
+    if on_open is not None:
+        on_open(sock)
     bind(sock, cfg.notify_endpoint)
     return sock
 
 
 # --- reader ------------------------------------------------------------------
 
-def open_reader(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    return open_reply(ctx, cfg, cfg.read_endpoint, "read")
+def open_reader(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
+    return open_reply(ctx, cfg, cfg.read_endpoint, "read", on_open=on_open)
 
 
 # --- anchor worker -------------------------------------------------------------
 
-def open_anchor_control(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
-    return open_reply(ctx, cfg, cfg.anchor_control_endpoint, "anchor_control")
+def open_anchor_control(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
+    return open_reply(ctx, cfg, cfg.anchor_control_endpoint, "anchor_control", on_open=on_open)
 
 
 # --- clients -----------------------------------------------------------------

@@ -204,7 +204,8 @@ class Reader:
         self.stop = stop
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, cfg)
-        self.rep = sockets.open_reader(self.ctx, cfg)
+        self.guard = sockets.PeerMemoryGuard(cfg.reader_memory_limit_bytes, log)
+        self.rep = sockets.open_reader(self.ctx, cfg, self.guard.watch("read", cfg.read_endpoint))
         if cfg.reader_http:
             self.http = HttpSide("reader", cfg.reader_http, HTTP_SERIES, reader_health)
         self.poller = zmq.Poller()
@@ -214,11 +215,15 @@ class Reader:
                  config_source=cfg.source, config=cfg.public())
 
     def loop(self, now: float | None = None) -> None:
-        events = dict(self.poller.poll(1000))
+        # Polls at the guard's pace: what grows the reader unseen (an endless
+        # request) wakes no poll.
+        events = dict(self.poller.poll(int(self.guard.memory.interval_s * 1000)
+                                       if self.guard.memory.limit else 1000))
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.rep in events:
             self.dispatcher.serve(self.rep)
+        self.guard.check(time.monotonic() if now is None else now)
 
     def handle(self, frames: list[bytes]) -> bytes:
         return self.dispatcher.handle(frames)
@@ -278,6 +283,7 @@ class Reader:
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "rows_served": self.rows_served,
                 "control": self.dispatcher.counters.snapshot(),
+                "memory": self.guard.snapshot() if getattr(self, "guard", None) else None,
                 "max_page_ms": round(self.max_page_ms, 3),
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
                 "database": self.config.db, "read_endpoint": self.config.read_endpoint,
@@ -285,6 +291,8 @@ class Reader:
 
     def shutdown(self) -> None:
         if self.ctx is not None:
+            if getattr(self, "guard", None) is not None:
+                self.guard.close()
             if getattr(self, "rep", None) is not None:
                 self.rep.close(linger=0)
             if getattr(self, "auth", None) is not None:

@@ -211,7 +211,23 @@ class RawPeer:
         ready = (b"\x05READY" + b"\x0bSocket-Type" + len(socket_type).to_bytes(4, "big")
                  + socket_type)
         self.sock.sendall(bytes((0x04, len(ready))) + ready)
+        # Nothing before the peer's greeting and READY: libzmq takes a frame
+        # sent while its handshake waits (on its ZAP handler) for a handshake
+        # command, and drops the connection (ZMTP_UNEXPECTED_COMMAND).
+        self._read_exactly(64)
+        flags = self._read_exactly(1)[0]
+        size = self._read_exactly(8 if flags & 0x02 else 1)
+        self._read_exactly(int.from_bytes(size, "big"))
         self.sock.setblocking(False)
+
+    def _read_exactly(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise ConnectionError("the peer closed the connection in its handshake")
+            data += chunk
+        return data
 
     def send(self, frames: list[bytes]) -> None:
         wire = bytearray()

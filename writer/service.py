@@ -26,7 +26,6 @@ transaction between batches, so ingest never waits for more than one chunk.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +40,7 @@ from bus import control, protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.http import HttpSide, Series, control_series
 from bus.logging import RateLimitedLog, get_logger
-from bus.runner import MemoryLimit, StopSignal, release_free_memory, resident_bytes
+from bus.runner import StopSignal, release_free_memory
 from writer.anchors import AnchorBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
@@ -109,8 +108,8 @@ HTTP_SERIES = [
     Series("consumers", "gauge", "durable consumers", lambda s: s["consumers"]["count"]),
     Series("notify_subscribed_bytes", "gauge", "bytes of subscriptions held at the notify "
            "endpoint", lambda s: s["notify"]["subscribed_bytes"]),
-    Series("memory_cutoffs", "counter", "capture and notify connections dropped over the "
-           "memory limit", lambda s: s["memory"]["cutoffs"]),
+    Series("memory_cutoffs", "counter", "times the capture, notify and control connections were "
+           "dropped over the memory limit", lambda s: s["memory"]["cutoffs"]),
     Series("messages_not_authentic", "counter", "session messages without their MAC (CURVE)",
            lambda s: s["security"]["messages_not_authentic"]),
     *control_series(),
@@ -181,9 +180,8 @@ class Writer:
         self.authenticating = security.enabled(cfg)
         self.nacked: dict[str, int] = {}
         self.notify_subscribed_bytes = 0  # an estimate: see handle_notify_subscriptions
-        self.notify_reopened = 0
-        self.memory = MemoryLimit(cfg.writer_memory_limit_bytes)
-        self.memory_cutoffs = 0
+        self.notify_drops = 0
+        self.guard = sockets.PeerMemoryGuard(cfg.writer_memory_limit_bytes, log)
         self.http: HttpSide | None = None
         self._retry_at = 0.0
         self._failing_since: float | None = None  # first failed commit of a failing run
@@ -207,9 +205,13 @@ class Writer:
         # Endpoints first: a port in use stops the writer before it creates a database.
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, cfg)
-        self.capture = sockets.open_writer_capture(self.ctx, cfg)
-        self.control = sockets.open_writer_control(self.ctx, cfg)
-        self.notify = sockets.open_writer_notify(self.ctx, cfg)
+        watch = self.guard.watch  # peers watched from before each socket binds
+        self.capture = sockets.open_writer_capture(self.ctx, cfg,
+                                                   watch("capture", cfg.capture_endpoint))
+        self.control = sockets.open_writer_control(self.ctx, cfg,
+                                                   watch("control", cfg.control_endpoint))
+        self.notify = sockets.open_writer_notify(self.ctx, cfg,
+                                                 watch("notify", cfg.notify_endpoint))
         if cfg.writer_http:
             self.http = HttpSide("writer", cfg.writer_http, HTTP_SERIES, writer_health,
                                  {"/metrics/batch": batch_page, "/metrics/load": load_page})
@@ -282,6 +284,7 @@ class Writer:
             unsaved = len(self.buffer)
             self.send_notifications()
         if self.ctx is not None:
+            self.guard.close()
             for sock in (capture, getattr(self, "control", None)):
                 if sock is not None:
                     sock.close(linger=0)
@@ -461,43 +464,26 @@ class Writer:
                 self._owed_acks[producer] = state.ack(time.time_ns())
 
     def reopen_notify(self) -> None:
-        self.notify_reopened += 1
-        self._rejects.warning("notify_subscriptions_over_budget", "notify_endpoint_reopened",
+        """Past the notify budget: drop every notify connection (its
+        subscriptions go with it); clients reconnect and subscribe again."""
+        self.notify_drops += 1
+        self._rejects.warning("notify_subscriptions_over_budget", "notify_connections_dropped",
                               subscribed_bytes=self.notify_subscribed_bytes,
                               budget_bytes=NOTIFY_SUBSCRIPTION_BUDGET_BYTES)
-        self._reopen("notify", sockets.open_writer_notify)
+        self.guard.peers["notify"].drop_all()
+        self.notify_subscribed_bytes = 0
+        release_free_memory()
 
     def guard_memory(self, now: float) -> None:
         """Over BUS_WRITER_MEMORY_LIMIT_BYTES, drop what peers made the writer hold
         in libzmq, where no count or budget reaches: the capture's receive queue
-        (a message of endless frames) and the notify endpoint's subscriptions
-        (a burst libzmq takes in before the writer sees it). Nothing in them is
+        (a message of endless frames), the notify endpoint's subscriptions (a
+        burst libzmq takes in before the writer sees it), an endless request on
+        the control endpoint (bus/sockets.PeerMemoryGuard). Nothing in them is
         acknowledged: the proxy reconnects, publishers re-send, subscribers
         subscribe again."""
-        if not self.memory.exceeded(now):
-            return
-        self.memory_cutoffs += 1
-        log.warning("memory_limit_reached", action="reopened capture and notify",
-                    rss_bytes=self.memory.rss, limit_bytes=self.memory.limit)
-        self._reopen("notify", sockets.open_writer_notify)
-        self._reopen("capture", sockets.open_writer_capture)
-
-    def _reopen(self, name: str, open_socket: Callable[[zmq.Context, BusConfig], zmq.Socket]
-                ) -> None:
-        """Close one bound socket, with its connections, queues and
-        subscriptions, and bind it again."""
-        old = getattr(self, name)
-        pollers = [p for p in (self.poller, self.paused_poller) if old in p]
-        for poller in pollers:
-            poller.unregister(old)
-        old.close(linger=0)
-        new = sockets.rebind(functools.partial(open_socket, self.ctx, self.config))
-        setattr(self, name, new)
-        for poller in pollers:
-            poller.register(new, zmq.POLLIN)
-        if name == "notify":
+        if self.guard.check(now):
             self.notify_subscribed_bytes = 0
-        release_free_memory()
 
     # --- flushing -----------------------------------------------------------
 
@@ -683,8 +669,8 @@ class Writer:
             timeout_ms = 1000 if wait is None else int(wait * 1000) + 1
             if self.config.retention_max_age_s or self.config.retention_max_messages:
                 timeout_ms = min(timeout_ms, max(0, int((self._retention_at - now) * 1000) + 1))
-        if self.memory.limit:  # what grows the writer unseen wakes no poll
-            timeout_ms = min(timeout_ms, int(self.memory.interval_s * 1000))
+        if self.guard.memory.limit:  # what grows the writer unseen wakes no poll
+            timeout_ms = min(timeout_ms, int(self.guard.memory.interval_s * 1000))
         return timeout_ms
 
     # --- control endpoint ---------------------------------------------------
@@ -819,9 +805,8 @@ class Writer:
                          "messages_not_authentic": self.forged},
             "notify": {"subscribed_bytes": self.notify_subscribed_bytes,
                        "budget_bytes": NOTIFY_SUBSCRIPTION_BUDGET_BYTES,
-                       "reopened": self.notify_reopened},
-            "memory": {"rss_bytes": resident_bytes(), "limit_bytes": self.memory.limit,
-                       "cutoffs": self.memory_cutoffs},
+                       "drops": self.notify_drops},
+            "memory": self.guard.snapshot(),
             "backlog": self.backlog(now),
             "wal": self.store.checkpointer.snapshot(),
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
