@@ -295,3 +295,28 @@ def test_a_second_up_on_ports_in_use_fails_and_creates_no_database(make_bus,
     assert "bus is up" not in second.stdout
     assert "in use" in second.stderr
     assert not other_db.exists()
+
+
+def test_ping_health_and_stats_watch_answer_for_every_process(bus: Bus) -> None:
+    """The operator's first commands: all processes at once, a short timeout,
+    an exit status (nats and redis-cli are the reference)."""
+    ping_all = bus.cli("ping")
+    assert ping_all.returncode == 0, ping_all.stdout + ping_all.stderr
+    assert [line.split()[0] for line in ping_all.stdout.splitlines()] == \
+        ["writer", "proxy", "reader"] and ping_all.stdout.count(" ok ") == 3
+    healthy = bus.cli("health")
+    assert healthy.returncode == 0 and healthy.stdout.count(" ok") == 3, healthy.stdout
+    watch = bus.run("stats", "--watch", "0.2")
+    watch.stdout.wait_line(lambda line: line.split()[:1] == ["stored/s"])
+    publish_acked(bus, "watched", "watched.t", 50)
+    lines = wait_for(lambda: next((line for line in watch.stdout.collect()
+                                   if line.split()[:1] not in ([], ["stored/s"])
+                                   and line.split()[0] != "0"), None),
+                     message=f"a line of rates; stderr: {watch.stderr.collect()[-3:]}")
+    assert len(lines.split()) == 10, lines  # one figure a column: every process answered
+    assert watch.stop(signal.SIGINT) == 130
+    assert bus.reader.stop() == 0
+    down = bus.cli("ping", "--timeout-ms", "200")
+    assert down.returncode == 1 and "reader" in down.stdout and "DOWN" in down.stdout
+    unhealthy = bus.cli("health", "--timeout-ms", "200")
+    assert unhealthy.returncode == 1 and "reader  UNHEALTHY" in unhealthy.stdout
