@@ -64,18 +64,24 @@ def bind(sock: zmq.Socket, endpoint: str) -> None:
     other process's socket file and takes the path over, so a second writer or
     proxy would steal the first one's traffic: check for a listener first.
     """
-    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
-        directory = os.path.dirname(endpoint[len("ipc://"):]) or "."
-        if not os.path.isdir(directory):
-            raise StartupError(f"{endpoint}: no directory {directory} (create it, writable by "
-                               "the bus's user alone, e.g. mode 0700)")
-        if _unix_listener_at(endpoint[len("ipc://"):]):
-            raise EndpointInUse(f"{endpoint} is in use by another process")
     try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as exc:
-        if exc.errno == zmq.EADDRINUSE:
-            raise EndpointInUse(f"{endpoint} is in use by another process") from None
+        if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+            directory = os.path.dirname(endpoint[len("ipc://"):]) or "."
+            if not os.path.isdir(directory):
+                raise StartupError(f"{endpoint}: no directory {directory} (create it, writable "
+                                   "by the bus's user alone, e.g. mode 0700)")
+            if _unix_listener_at(endpoint[len("ipc://"):]):
+                raise EndpointInUse(f"{endpoint} is in use by another process")
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EADDRINUSE:
+                raise EndpointInUse(f"{endpoint} is in use by another process") from None
+            raise
+    except BaseException:
+        # Nobody else holds the socket yet: left open, it would keep the
+        # context from terminating, and the process from exiting.
+        sock.close(linger=0)
         raise
 
 
@@ -160,6 +166,7 @@ class Connections:
 
     def close(self) -> None:
         self.monitor.close(linger=0)
+        self._sock = None  # the socket is its owner's to close
 
 
 class PeerMemoryGuard:
