@@ -4,7 +4,11 @@
   (issue #10's target: at most 5% of acknowledged throughput). The other
   revision is checked out in a temporary git worktree;
 - --curve: this tree with CURVE authentication (BUS_CURVE_DIR, fresh keys)
-  against this tree without (target: at least 0.7x).
+  against this tree without (target: at least 0.7x);
+- --watched: this tree with its operations paths on (each process's HTTP
+  side, scraped every second, harsher than Prometheus' usual 15 s; sd_notify
+  to a NOTIFY_SOCKET with a 2 s watchdog) against this tree without them
+  (issue #12's target: under 2% of acknowledged throughput).
 
 Rounds alternate the two sides, each a fresh bus (writer + proxy, from that
 side's code) on free loopback ports and one Publisher process (that side's
@@ -14,7 +18,7 @@ unacknowledged, timed until every one is acknowledged; each process's CPU time
 The machine is shared and noisy: the ratio of each round, taken minutes apart
 at most, is what to read.
 
-    python bench/acked_compare.py [--baseline 4549d21 | --curve] [--ipc-capture]
+    python bench/acked_compare.py [--baseline 4549d21 | --curve | --watched] [--ipc-capture]
                                   [--messages 200000] [--rounds 3]
 """
 
@@ -29,7 +33,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,8 +101,52 @@ def cpu_seconds(proc: subprocess.Popen) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class Watcher:
+    """What systemd and Prometheus do to a bus: read its sd_notify datagrams,
+    scrape each /metrics every second."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(workdir / "notify.sock"))
+        self.notify.settimeout(0.2)
+        self.http = [f"127.0.0.1:{free_port()}" for _ in ROLES]
+        self.env = {"NOTIFY_SOCKET": str(workdir / "notify.sock"), "WATCHDOG_USEC": "2000000",
+                    "BUS_WRITER_HTTP": self.http[0], "BUS_PROXY_HTTP": self.http[1]}
+        self.scrapes = self.notifications = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._scrape, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.notify.recv(4096)
+                self.notifications += 1
+            except OSError:
+                pass
+
+    def _scrape(self) -> None:
+        while not self._stop.wait(1.0):
+            for address in self.http:
+                try:
+                    with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as page:
+                        page.read()
+                    self.scrapes += 1
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        self.notify.close()
+
+
 def acked_rate(tree: Path, workdir: Path, messages: int, settings: dict[str, str] | None = None,
-               ipc_capture: bool = False) -> tuple[float, dict[str, float]]:
+               ipc_capture: bool = False, watched: bool = False
+               ) -> tuple[float, dict[str, float]]:
     """Acknowledged msg/s, and each process's CPU microseconds per message."""
     env = dict(os.environ, BUS_DB=str(workdir / "bus.db"), BUS_LOG_FORMAT="json",
                BUS_LOG_LEVEL="warning", BENCH_MESSAGES=str(messages),
@@ -104,7 +154,9 @@ def acked_rate(tree: Path, workdir: Path, messages: int, settings: dict[str, str
                **(settings or {}))
     if ipc_capture:
         env["BUS_CAPTURE_ENDPOINT"] = f"ipc://{workdir}/capture.sock"
-    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", role], cwd=tree, env=env)
+    watcher = Watcher(workdir) if watched else None
+    role_env = {**env, **(watcher.env if watcher else {})}
+    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", role], cwd=tree, env=role_env)
              for role in ROLES]
     try:
         deadline = time.monotonic() + 15
@@ -122,6 +174,10 @@ def acked_rate(tree: Path, workdir: Path, messages: int, settings: dict[str, str
             proc.terminate()
     for role, proc in zip(ROLES, procs):
         cpu[role] = cpu_seconds(proc)
+    if watcher is not None:
+        watcher.close()
+        if not (watcher.scrapes and watcher.notifications):
+            raise RuntimeError("the watched side was not watched (no scrape or notification)")
     return rate, {role: seconds / messages * 1e6 for role, seconds in cpu.items()}
 
 
@@ -131,6 +187,9 @@ def main() -> None:
                         help="git revision to compare with (default: main before issue #10)")
     parser.add_argument("--curve", action="store_true",
                         help="compare this tree with CURVE against this tree without")
+    parser.add_argument("--watched", action="store_true",
+                        help="compare this tree with its HTTP sides scraped and sd_notify on "
+                             "against this tree without")
     parser.add_argument("--ipc-capture", action="store_true",
                         help="proxy -> writer over ipc (no CURVE on that hop: owner-only "
                              "socket file) instead of tcp, on both sides")
@@ -141,6 +200,8 @@ def main() -> None:
         if args.curve:
             curve = make_keys(Path(tmp) / "curve")
             sides = {"plain": (ROOT, {}), "curve": (ROOT, curve)}
+        elif args.watched:
+            sides = {"unwatched": (ROOT, {}), "watched": (ROOT, {})}
         else:
             baseline = Path(tmp) / "baseline"
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach",
@@ -154,11 +215,11 @@ def main() -> None:
                     workdir = Path(tmp) / f"{name.split()[0]}-{n}"
                     workdir.mkdir()
                     rate, cpu = acked_rate(tree, workdir, args.messages, settings,
-                                           args.ipc_capture)
+                                           args.ipc_capture, watched=name == "watched")
                     rates[name].append(rate)
                     cpus[name].append(cpu)
         finally:
-            if not args.curve:
+            if not (args.curve or args.watched):
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                                 str(baseline)], check=False)
     first, second = sides
