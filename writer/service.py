@@ -34,7 +34,6 @@ from typing import Any
 import apsw
 import msgpack
 import zmq
-from prometheus_client import Histogram
 
 from bus import control, protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
@@ -215,19 +214,16 @@ class Writer:
         if cfg.writer_http:
             self.http = HttpSide("writer", cfg.writer_http, HTTP_SERIES, writer_health,
                                  {"/metrics/batch": batch_page, "/metrics/load": load_page})
-            self.commit_seconds = Histogram(
-                "bus_writer_batch_commit_seconds", "time to commit one batch",
-                buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
-                registry=self.http.registry)
-            self.batch_rows = Histogram(
-                "bus_writer_batch_rows", "rows in one committed batch",
-                buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000),
-                registry=self.http.registry)
-            self.batch_wait_seconds = Histogram(
-                "bus_writer_batch_wait_seconds", "how long the oldest row of a batch waited "
-                "in the writer before its commit (the writer's part of acknowledgement latency)",
-                buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5),
-                registry=self.http.registry)
+            self.commit_seconds = self.http.histogram(
+                "batch_commit_seconds", "time to commit one batch",
+                (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+            self.batch_rows = self.http.histogram(
+                "batch_rows", "rows in one committed batch",
+                (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000))
+            self.batch_wait_seconds = self.http.histogram(
+                "batch_wait_seconds", "how long the oldest row of a batch waited in the writer "
+                "before its commit (the writer's part of acknowledgement latency)",
+                (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.store = Store(cfg.db, cfg.sqlite_synchronous, cfg.sqlite_busy_timeout_ms)
         self.producers = ProducerLedger(self.store.load_producer)
         self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers)
