@@ -33,7 +33,8 @@ ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpo
                  "anchor_fee_rate_sat_vb", "anchor_fallback_fee_rate_sat_vb",
                  "anchor_max_fee_rate_sat_vb", "anchor_conf_target", "anchor_confirmations",
                  "anchor_bump_after_blocks", "anchor_lease_s", "anchor_utxo_min_confirmations",
-                 "anchor_consumer", "anchor_sync_page", "anchor_retry_max_s")
+                 "anchor_consumer", "anchor_sync_page", "anchor_retry_max_s",
+                 "anchor_memory_limit_bytes", "shutdown_timeout_ms", "log_level", "log_format")
 
 
 @click.group(invoke_without_command=True)
@@ -48,7 +49,8 @@ def anchor(ctx: click.Context, **flags: Any) -> None:
     sys.exit(run_role(AnchorWorker(build_config(ctx, flags, "anchor"))))
 
 
-def _document_hash(file: str | None, hex_hash: str | None) -> bytes:
+def _document_hash(file: str | None, hex_hash: str | None, hint: str = "--hash") -> bytes:
+    """`hint`: what the user typed the hash as (an option, an argument)."""
     if (file is None) == (hex_hash is None):
         raise click.UsageError("give FILE or --hash HEX (one of them)")
     if hex_hash is not None:
@@ -57,7 +59,8 @@ def _document_hash(file: str | None, hex_hash: str | None) -> bytes:
         except ValueError:
             digest = b""
         if len(digest) != 32:
-            raise click.UsageError("--hash must be a SHA-256: 64 hex characters")
+            raise click.BadParameter(f"{hex_hash!r} is not a SHA-256: 64 hex characters",
+                                     param_hint=hint)
         return digest
     sha = hashlib.sha256()
     with open(file, "rb") as f:
@@ -126,7 +129,7 @@ def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str 
 def proof(ctx: click.Context, hex_hash: str, **flags: Any) -> None:
     """Print the inclusion proof (JSON) of the document whose SHA-256 is HASH."""
     cfg = build_config(ctx, flags, "anchor")
-    digest = _document_hash(None, hex_hash)
+    digest = _document_hash(None, hex_hash, hint="HASH")
     try:
         found = _proof(cfg, digest)
     except BusError as exc:

@@ -50,8 +50,20 @@ RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_
 HTTP_FIELDS = ("writer_http", "proxy_http", "reader_http")
 SETTING_ENV = {s.field: s.env for s in SETTINGS}
 BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
-                "batch_max_buffer_size", "batch_max_buffer_bytes", "sqlite_synchronous",
-                "sqlite_busy_timeout_ms")
+                "batch_max_buffer_size", "batch_max_buffer_bytes", "batch_low_load_threshold",
+                "batch_load_window_seconds", "sqlite_synchronous", "sqlite_busy_timeout_ms")
+# What every long-running process takes.
+PROCESS_FIELDS_COMMON = ("shutdown_timeout_ms", "drain_idle_ms", "log_level", "log_format")
+WRITER_FIELDS = ("capture_endpoint", "control_endpoint", "notify_endpoint", "db", *BATCH_FIELDS,
+                 *RETENTION_FIELDS, "max_topic_bytes", "max_message_bytes", "max_consumers",
+                 "utxo_max_lease_s", "utxo_request_ttl_s", "writer_memory_limit_bytes",
+                 "writer_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
+PROXY_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",
+                "capture_hwm", "sub_hwm", "pub_hwm", "max_topic_bytes", "proxy_max_frame_bytes",
+                "proxy_memory_limit_bytes", "proxy_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
+READER_FIELDS = ("read_endpoint", "db", "history_page_rows", "history_page_bytes",
+                 "history_scan_rows", "sqlite_busy_timeout_ms", "reader_memory_limit_bytes",
+                 "reader_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
 
 
 class BusCli(click.Group):
@@ -108,8 +120,7 @@ def show_config(ctx: click.Context, as_json: bool, **flags: Any) -> None:
 
 
 @main.command()
-@setting_options("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",
-                 "capture_hwm", "proxy_http", *CURVE_FIELDS)
+@setting_options(*PROXY_FIELDS)
 @click.pass_context
 def proxy(ctx: click.Context, **flags: Any) -> None:
     """Run the proxy (publishers in, subscribers out) with its capture pipe to the writer."""
@@ -119,8 +130,7 @@ def proxy(ctx: click.Context, **flags: Any) -> None:
 
 
 @main.command()
-@setting_options("capture_endpoint", "control_endpoint", "notify_endpoint", "db", *BATCH_FIELDS,
-                 *RETENTION_FIELDS, "writer_http", *CURVE_FIELDS)
+@setting_options(*WRITER_FIELDS)
 @click.pass_context
 def writer(ctx: click.Context, **flags: Any) -> None:
     """Run the batching SQLite writer."""
@@ -130,8 +140,7 @@ def writer(ctx: click.Context, **flags: Any) -> None:
 
 
 @main.command()
-@setting_options("read_endpoint", "db", "history_page_rows", "history_page_bytes",
-                 "history_scan_rows", "reader_http", *CURVE_FIELDS)
+@setting_options(*READER_FIELDS)
 @click.pass_context
 def reader(ctx: click.Context, **flags: Any) -> None:
     """Serve history pages from a read-only database connection."""
@@ -141,8 +150,8 @@ def reader(ctx: click.Context, **flags: Any) -> None:
 
 
 @main.command()
-@setting_options(*ENDPOINT_FIELDS, "db", *BATCH_FIELDS, *RETENTION_FIELDS, *HTTP_FIELDS,
-                 *CURVE_FIELDS)
+@setting_options(*dict.fromkeys((*ENDPOINT_FIELDS, *WRITER_FIELDS, *PROXY_FIELDS,
+                                 *READER_FIELDS)))
 @click.pass_context
 def up(ctx: click.Context, **flags: Any) -> None:
     """Run proxy + writer + reader in the foreground until Ctrl-C.

@@ -274,3 +274,20 @@ def test_meta_encoder_writes_what_msgpack_writes_for_the_map(fields) -> None:
         expected.update(fields)
         assert encoder.encode(seq, time_ns=expected["time_ns"], **fields) == \
             msgpack.packb(expected)
+
+
+def test_every_setting_is_a_flag_of_some_command() -> None:
+    """14 settings had no flag and appeared in no --help (issue #12)."""
+    import click
+
+    from bus.config import SETTINGS
+    from cli.main import main
+    flags: set[str] = set()
+
+    def walk(command: click.Command) -> None:
+        flags.update(param.name for param in command.params)
+        for name, sub in getattr(command, "commands", {}).items():
+            if name != "config":  # it takes them all
+                walk(sub)
+    walk(main)
+    assert [s.env for s in SETTINGS if s.field not in flags] == []

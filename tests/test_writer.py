@@ -397,3 +397,15 @@ def test_a_database_of_a_newer_bus_is_refused(make_bus) -> None:
     assert "Traceback" not in done.stderr
     assert query(bus.db, "SELECT name FROM sqlite_master WHERE name = 'subscriptions'") == [], \
         "the refused file is left as it was"
+
+
+def test_a_file_that_is_not_a_database_is_refused_in_one_line(make_bus, tmp_path) -> None:
+    """It crashed with a traceback (issue #12)."""
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not a database\n" * 200)
+    bus = make_bus(BUS_DB=str(garbage))
+    result = subprocess.run([BUS_CLI, "writer"], env=bus.env, capture_output=True, text=True,
+                            timeout=DEADLINE)
+    assert result.returncode == 1 and "is not a bus database" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert garbage.read_text() == "not a database\n" * 200

@@ -323,6 +323,14 @@ class Store:
         self._lock_fd = lock_single_writer(path)
         try:
             self.conn = connect(path, synchronous, busy_timeout_ms)
+        except (apsw.NotADBError, apsw.CorruptError) as exc:
+            os.close(self._lock_fd)
+            raise StartupError(f"{path} is not a bus database ({exc}): give BUS_DB a new "
+                               "path or an existing bus database") from None
+        except (apsw.ReadOnlyError, apsw.CantOpenError, apsw.PermissionsError) as exc:
+            os.close(self._lock_fd)
+            raise StartupError(f"cannot write {path} ({exc}): the writer's user needs to "
+                               "write the file and its directory") from None
         except BaseException:
             os.close(self._lock_fd)
             raise
