@@ -16,6 +16,7 @@ file (see `bus.config.SETTINGS`); flags win.
 from __future__ import annotations
 
 import base64
+import collections
 import datetime as dt
 import itertools
 import json
@@ -614,28 +615,112 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
               help="stored messages from this id on")
 @click.option("--limit", "-n", "limit", type=click.IntRange(min=1), default=None,
               help="print at most this many (default: all, up to the newest)")
+@click.option("--last", type=click.IntRange(min=1, max=100_000), default=None,
+              help="the newest N matching messages (oldest of them first)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 @setting_options("read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def history(ctx: click.Context, prefixes: tuple[str, ...], since: str | None,
-            from_id: int | None, limit: int | None, as_json: bool, **flags: Any) -> None:
+            from_id: int | None, limit: int | None, last: int | None, as_json: bool,
+            **flags: Any) -> None:
     """Print stored messages whose topic starts with one of PREFIXES, oldest first.
 
     From the oldest kept message, or --since / --from-id, to the newest one
-    stored when the command reached it; each line shows the stored [id].
+    stored when the command reached it, or the --last N; each line shows the
+    stored [id].
     """
     cfg = build_config(ctx, flags, "history")
-    if since is not None and from_id is not None:
-        raise click.UsageError("give --since or --from-id, not both")
+    if sum(option is not None for option in (since, from_id, last)) > 1:
+        raise click.UsageError("give one of --since, --from-id and --last")
     since_ns = since_to_ns(parse_since(since)) if since else None
     with HistoryClient(cfg) as client:
         try:
-            print_messages(client.messages(prefixes or ("",), since_ns=since_ns,
-                                           after_id=from_id - 1 if from_id else None,
-                                           limit=limit), as_json, limit)
+            after_id = from_id - 1 if from_id else None
+            if last is not None:
+                after_id = last_window(client, prefixes or ("",), last)
+            messages = client.messages(prefixes or ("",), since_ns=since_ns, after_id=after_id,
+                                       limit=limit)
+            if last is not None:
+                messages = iter(collections.deque(messages, maxlen=last))
+            print_messages(messages, as_json, limit)
         except BusError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            raise InputError(str(exc)) from None
+
+
+def last_window(client: HistoryClient, prefixes: tuple[str, ...], count: int) -> int:
+    """An id after which at least `count` messages match `prefixes` (or 0):
+    the window grows back from the newest id until it holds them. The reader
+    serves pages forward only."""
+    last_id = client.page(("",), limit=1).last_id or 0
+    window = count
+    while True:
+        after_id = max(last_id - window, 0)
+        if after_id == 0 or prefixes == ("",):
+            return after_id
+        found = sum(1 for _ in client.messages(prefixes, after_id=after_id, limit=count))
+        if found >= count:
+            return after_id
+        window *= 4
+
+
+# --- consumers -----------------------------------------------------------------
+
+@main.group()
+def consumers() -> None:
+    """Durable consumers: their positions and lag (like `nats consumer`)."""
+
+
+def _writer_request(cfg: BusConfig, cmd: str, args: dict[str, Any] | None = None) -> Any:
+    with ControlClient(cfg.control_endpoint, timeout_ms=cfg.request_timeout_ms,
+                       curve=security.client_keys(cfg)) as client:
+        try:
+            return client.request(cmd, args)
+        except BusError as exc:
+            raise InputError(str(exc)) from None
+
+
+@consumers.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@click.pass_context
+def consumers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
+    """Every durable consumer (the 100 most behind), with its position and lag."""
+    summary = _writer_request(build_config(ctx, flags, "consumers"), "stats")["consumers"]
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{'consumer':<32} {'last_id':>12} {'lag':>10}  acknowledged")
+    for name, position in summary["positions"].items():
+        updated = dt.datetime.fromtimestamp(position["updated_ns"] / 1e9, dt.timezone.utc)
+        click.echo(f"{name:<32} {position['last_id']:>12,} {position['lag']:>10,}  "
+                   f"{updated:%Y-%m-%d %H:%M:%S}Z")
+    click.echo(f"{summary['count']} consumer{'s' if summary['count'] != 1 else ''}", err=True)
+
+
+@consumers.command("info")
+@click.argument("name")
+@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@click.pass_context
+def consumers_info(ctx: click.Context, name: str, **flags: Any) -> None:
+    """One consumer's position (JSON); exit 1 if there is none of that name."""
+    found = _writer_request(build_config(ctx, flags, "consumers"), "consumer_get",
+                            {"consumer": name})
+    click.echo(json.dumps(found, indent=2))
+    if found.get("last_id") is None:
+        raise InputError(f"no consumer {name!r}")
+
+
+@consumers.command("rm")
+@click.argument("name")
+@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@click.pass_context
+def consumers_rm(ctx: click.Context, name: str, **flags: Any) -> None:
+    """Delete a consumer's position (with CURVE: an admin key); exit 1 if none."""
+    deleted = _writer_request(build_config(ctx, flags, "consumers"), "consumer_delete",
+                              {"consumer": name})["deleted"]
+    if not deleted:
+        raise InputError(f"no consumer {name!r}")
+    click.echo(f"deleted consumer {name}", err=True)
 
 
 # --- stats ---------------------------------------------------------------------

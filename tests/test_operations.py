@@ -320,3 +320,23 @@ def test_ping_health_and_stats_watch_answer_for_every_process(bus: Bus) -> None:
     assert down.returncode == 1 and "reader" in down.stdout and "DOWN" in down.stdout
     unhealthy = bus.cli("health", "--timeout-ms", "200")
     assert unhealthy.returncode == 1 and "reader  UNHEALTHY" in unhealthy.stdout
+
+
+def test_consumers_and_the_last_messages_from_the_command_line(bus: Bus) -> None:
+    publish_acked(bus, "cli-last", "last.a", 30)
+    publish_acked(bus, "cli-other", "other.b", 5)
+    last = bus.cli("history", "last.", "--last", "3")
+    assert last.returncode == 0, last.stderr
+    assert [line.split()[-1] for line in last.stdout.splitlines()] == ["27", "28", "29"]
+    everything = bus.cli("history", "--last", "2")
+    assert [line.split()[-1] for line in everything.stdout.splitlines()] == ["3", "4"]
+    bus.request("BUS_CONTROL_ENDPOINT", "consumer_ack", {"consumer": "audit", "last_id": 10})
+    bus.request("BUS_CONTROL_ENDPOINT", "flush")
+    listed = bus.cli("consumers", "ls")
+    assert listed.returncode == 0 and "audit" in listed.stdout and " 25" in listed.stdout
+    info = bus.cli("consumers", "info", "audit")
+    assert info.returncode == 0 and json.loads(info.stdout)["last_id"] == 10
+    assert bus.cli("consumers", "info", "nobody").returncode == 1
+    assert bus.cli("consumers", "rm", "audit").returncode == 0
+    gone = bus.cli("consumers", "rm", "audit")
+    assert gone.returncode == 1 and "no consumer 'audit'" in gone.stderr
