@@ -7,7 +7,9 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: up test bench clean
+PREFIX ?= /opt/bus
+
+.PHONY: up test bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,20 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bus_bench.py
+
+# A production install: its own virtual environment under PREFIX, the package
+# without the test tools, not editable (the checkout can go), and the docs and
+# deploy files the units point to. PYTHON must be one the units' dynamic user
+# can run: Debian's /usr/bin/python3 (apt-get install python3-venv), not one
+# under a home directory.
+install:
+	$(PYTHON) -m venv $(PREFIX)/.venv
+	$(PREFIX)/.venv/bin/python -m pip install --quiet --disable-pip-version-check .
+	install -d $(PREFIX)/docs $(PREFIX)/deploy/systemd
+	install -m 0644 docs/*.md $(PREFIX)/docs/
+	install -m 0644 deploy/bus.toml $(PREFIX)/deploy/
+	install -m 0644 deploy/systemd/* $(PREFIX)/deploy/systemd/
+	@echo "installed in $(PREFIX): $(PREFIX)/.venv/bin/bus-cli --version"
 
 clean:
 	rm -rf $(VENV) *.egg-info build .pytest_cache
