@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import sqlite3
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +19,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus.client import Publisher
-from tests.conftest import BUS_CLI, Bus, free_port, ping, wait_for
+from tests.conftest import BUS_CLI, Bus, free_port, ping, query, wait_for
 from tests.test_hostile import publish_acked
 
 # A ping every second: the processes' loops turn at least that often, so
@@ -340,3 +341,29 @@ def test_consumers_and_the_last_messages_from_the_command_line(bus: Bus) -> None
     assert bus.cli("consumers", "rm", "audit").returncode == 0
     gone = bus.cli("consumers", "rm", "audit")
     assert gone.returncode == 1 and "no consumer 'audit'" in gone.stderr
+
+
+def test_publish_reads_files_and_names_the_line_of_bad_input(bus: Bus, tmp_path: Path) -> None:
+    """A payload over the limit or non-JSON from stdin printed a traceback;
+    non-UTF-8 stdin crashed after the previous line was published."""
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(bytes(range(256)) * 4)
+    sent = bus.cli("publish", "files.bin", "--file", str(blob), "--wait")
+    assert sent.returncode == 0, sent.stderr
+    [(payload, meta)] = query(bus.db, "SELECT payload, meta FROM messages WHERE topic = ?",
+                              ("files.bin",))
+    assert payload == blob.read_bytes() and b"application/octet-stream" in meta
+    lines = '{"a": 1}\n{"a": 2}\nnot json\n{"a": 4}\n'
+    bad = bus.cli("publish", "files.json", "--json", "--wait", input=lines)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "line 3 of standard input" in bad.stderr and "after 2 published" in bad.stderr
+    big = "x" * (bus.config().max_message_bytes + 1)
+    too_large = bus.cli("publish", "files.big", "--wait", input=f"small\n{big}\n")
+    assert too_large.returncode == 1 and "line 2 of standard input" in too_large.stderr
+    assert "Traceback" not in too_large.stderr
+    raw = subprocess.run([BUS_CLI, "publish", "files.raw", "--wait"], env=bus.env,
+                         input=b"ok\n\xff\xfe not utf-8\n", capture_output=True, timeout=30)
+    assert raw.returncode == 0, raw.stderr  # bytes are published as they are
+    assert bus.count("files.json") == 2 and bus.count("files.big") == 1
+    assert query(bus.db, "SELECT payload FROM messages WHERE topic = 'files.raw' ORDER BY id")[1][0] \
+        == b"\xff\xfe not utf-8"
