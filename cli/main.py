@@ -663,6 +663,33 @@ def last_window(client: HistoryClient, prefixes: tuple[str, ...], count: int) ->
         window *= 4
 
 
+@main.command()
+@click.option("--depth", "-d", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="group topics by their first DEPTH dot-separated parts")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@setting_options("read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@click.pass_context
+def topics(ctx: click.Context, depth: int, as_json: bool, **flags: Any) -> None:
+    """Messages and last activity per topic prefix, among the newest
+    BUS_HISTORY_SCAN_ROWS stored messages (the reader bounds the scan)."""
+    cfg = build_config(ctx, flags, "topics")
+    with ControlClient(cfg.read_endpoint, timeout_ms=cfg.request_timeout_ms,
+                       curve=security.client_keys(cfg)) as client:
+        try:
+            found = client.request("topics", {"depth": depth})
+        except BusError as exc:
+            raise InputError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    click.echo(f"{'topic prefix':<40} {'messages':>10} {'last id':>12}  last stored")
+    for name, count, last_id, last_ns in found["topics"]:
+        stored = dt.datetime.fromtimestamp(last_ns / 1e9, dt.timezone.utc)
+        click.echo(f"{name:<40} {count:>10,} {last_id:>12,}  {stored:%Y-%m-%d %H:%M:%S}Z")
+    click.echo(f"among messages {found['after_id'] + 1:,}..{found['last_id']:,}"
+               + (" (the 1,000 most recent prefixes)" if found["truncated"] else ""), err=True)
+
+
 # --- consumers -----------------------------------------------------------------
 
 @main.group()

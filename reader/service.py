@@ -34,6 +34,10 @@ log = get_logger("reader")
 MAX_PREFIXES = 64
 
 
+# Most topic groups one `topics` reply lists (the most recently active first).
+MAX_TOPIC_GROUPS = 1000
+
+
 class Unavailable(Exception):
     """The database cannot be read yet (not created, or no schema)."""
 
@@ -148,6 +152,28 @@ class History:
         """A document's inclusion proof, or None if it is not anchored."""
         return self._snapshot(lambda conn: document_proof(conn, document_hash))
 
+    def topics(self, depth: int) -> dict[str, Any]:
+        """Messages and last activity per topic prefix (the first `depth`
+        dot-separated parts) among the newest `scan_rows` messages: bounded in
+        cost whatever the table's size."""
+        def read(conn: apsw.Connection) -> dict[str, Any]:
+            last_id = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
+            after_id = max(0, last_id - self.scan_rows)
+            groups: dict[str, list[int]] = {}
+            for topic, count, newest_id, newest_ns in conn.execute(
+                    "SELECT topic, count(*), max(id), max(committed_ns) FROM messages "
+                    "WHERE id > ? GROUP BY topic", (after_id,)):
+                name = ".".join(topic.split(".")[:depth])
+                group = groups.setdefault(name, [0, 0, 0])
+                group[0] += count
+                group[1] = max(group[1], newest_id)
+                group[2] = max(group[2], newest_ns)
+            ordered = sorted(groups.items(), key=lambda item: -item[1][1])
+            return {"after_id": after_id, "last_id": last_id,
+                    "topics": [[name, *values] for name, values in ordered[:MAX_TOPIC_GROUPS]],
+                    "truncated": len(ordered) > MAX_TOPIC_GROUPS}
+        return self._snapshot(read)
+
     def _snapshot(self, read: Callable[[apsw.Connection], Any]) -> Any:
         conn = self.connection()
         conn.execute("BEGIN")
@@ -193,7 +219,7 @@ class Reader:
         self.dispatcher = control.Dispatcher({
             "history": self._history, "anchor_proof": self._anchor_proof,
             "utxo_stats": lambda _request: self._read(self.history.utxo_stats),
-            "stats": lambda _request: self.stats()}, log)
+            "topics": self._topics, "stats": lambda _request: self.stats()}, log)
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
         self.ctx: zmq.Context | None = None
@@ -241,6 +267,13 @@ class Reader:
             raise control.CommandFailed(protocol.BAD_REQUEST,
                                         "'hash' must be 32 bytes (a SHA-256)", bad_input=True)
         return self._read(self.history.proof, document)
+
+    def _topics(self, request: control.Request) -> dict[str, Any]:
+        depth = request.args.get("depth", 2)
+        if type(depth) is not int or not 1 <= depth <= 16:
+            raise control.CommandFailed(protocol.BAD_REQUEST, "'depth' must be 1-16",
+                                        bad_input=True)
+        return self._read(self.history.topics, depth)
 
     def _read(self, query: Callable[..., Any], *args: Any) -> Any:
         """Run a query, turning what the database says into an error code the

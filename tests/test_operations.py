@@ -323,7 +323,7 @@ def test_ping_health_and_stats_watch_answer_for_every_process(bus: Bus) -> None:
     assert unhealthy.returncode == 1 and "reader  UNHEALTHY" in unhealthy.stdout
 
 
-def test_consumers_and_the_last_messages_from_the_command_line(bus: Bus) -> None:
+def test_topics_consumers_and_the_last_messages_from_the_command_line(bus: Bus) -> None:
     publish_acked(bus, "cli-last", "last.a", 30)
     publish_acked(bus, "cli-other", "other.b", 5)
     last = bus.cli("history", "last.", "--last", "3")
@@ -331,6 +331,10 @@ def test_consumers_and_the_last_messages_from_the_command_line(bus: Bus) -> None
     assert [line.split()[-1] for line in last.stdout.splitlines()] == ["27", "28", "29"]
     everything = bus.cli("history", "--last", "2")
     assert [line.split()[-1] for line in everything.stdout.splitlines()] == ["3", "4"]
+    grouped = bus.cli("topics", "--depth", "1")
+    assert grouped.returncode == 0, grouped.stderr
+    rows = {line.split()[0]: line.split()[1] for line in grouped.stdout.splitlines()[1:]}
+    assert rows == {"other": "5", "last": "30"}
     bus.request("BUS_CONTROL_ENDPOINT", "consumer_ack", {"consumer": "audit", "last_id": 10})
     bus.request("BUS_CONTROL_ENDPOINT", "flush")
     listed = bus.cli("consumers", "ls")
