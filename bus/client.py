@@ -320,8 +320,10 @@ class Publisher:
             self._raise_if_fenced()
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                raise BusTimeout(f"{len(self._unacked)} messages not acknowledged within "
-                                 f"{timeout:g}s (is bus-writer running?)")
+                count = len(self._unacked)
+                raise BusTimeout(f"{count} message{'s' if count != 1 else ''} not acknowledged "
+                                 f"within {timeout:g}s (is bus-writer running? is the disk "
+                                 "full? bus-cli health says)")
             if now >= resend_at:
                 for _seq, frames in list(self._unacked):
                     self._send(frames)

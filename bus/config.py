@@ -290,9 +290,11 @@ class BusConfig:
         for name in (s.field for s in SETTINGS if s.field.endswith("_endpoint")):
             value = getattr(self, name)
             match = _ENDPOINT.fullmatch(value)
-            if match is None or (match.group(3) and not 0 < int(match.group(3)) <= 65535):
+            if match is None:
                 raise _invalid(name, f"must be tcp://HOST:PORT, ipc://PATH or inproc://NAME, "
                                      f"not {value!r}")
+            if match.group(3) and not 0 < int(match.group(3)) <= 65535:
+                raise _invalid(name, f"has port {match.group(3)}: ports are 1-65535")
         for name in ("batch_size", "batch_max_buffer_size", "batch_max_buffer_bytes",
                      "max_topic_bytes", "max_message_bytes", "capture_hwm", "sub_hwm", "pub_hwm",
                      "retention_chunk_rows", "max_consumers", "history_page_rows",
@@ -418,6 +420,7 @@ def load_config(overrides: Mapping[str, Any] | None = None,
     try:
         typed = {field: _coerce(_BY_FIELD[field], v) for field, v in values.items()}
         typed["sqlite_synchronous"] = typed["sqlite_synchronous"].upper()
+        typed["log_level"] = typed["log_level"].lower()
         return BusConfig(**typed, source=" < ".join(sources), origins=origins)
     except ConfigError as exc:
         if exc.field is None or origins[exc.field] == "default":

@@ -100,7 +100,7 @@ def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str 
                         content_type=protocol.CONTENT_MSGPACK, wait=True,
                         timeout=cfg.request_timeout_ms / 1000 * 3)
     except BusError as exc:
-        click.echo(f"error: the request was not stored: {exc}", err=True)
+        click.echo(f"Error: the request was not stored: {exc}", err=True)
         sys.exit(1)
     click.echo(f"requested {digest.hex()}", err=True)
     if not wait:
@@ -116,7 +116,7 @@ def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str 
             click.echo(json.dumps(proof, indent=2))
             return
         if time.monotonic() >= deadline:
-            click.echo(f"error: {digest.hex()} is not anchored after {timeout:g} s "
+            click.echo(f"Error: {digest.hex()} is not anchored after {timeout:g} s "
                        "(is bus-cli anchor running? see its log)", err=True)
             sys.exit(1)
         time.sleep(0.5)
@@ -133,10 +133,10 @@ def proof(ctx: click.Context, hex_hash: str, **flags: Any) -> None:
     try:
         found = _proof(cfg, digest)
     except BusError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
     if found is None:
-        click.echo(f"error: {hex_hash} is not anchored", err=True)
+        click.echo(f"Error: {hex_hash} is not anchored", err=True)
         sys.exit(1)
     click.echo(json.dumps(found, indent=2))
 

@@ -317,13 +317,17 @@ def input_lines(stream: Any, encoding: str) -> Iterator[tuple[str, bytes, str]]:
     """(where, payload, content type) for each line of a binary stream."""
     for number, line in enumerate(stream, 1):
         where = f"line {number} of standard input"
-        yield (where, *encode_payload(line.rstrip(b"\r\n"), encoding, where))
+        line = line.rstrip(b"\r\n")
+        if encoding != "raw" and not line.strip():
+            continue  # a blank line in JSON lines is no message (a raw empty line is)
+        yield (where, *encode_payload(line, encoding, where))
 
 
 @main.command()
 @click.argument("topic")
 @click.argument("data", required=False)
-@click.option("--file", "-f", "path", type=click.Path(dir_okay=False, allow_dash=True),
+@click.option("--file", "-f", "path", type=click.Path(exists=True, dir_okay=False, readable=True,
+                                                      allow_dash=True),
               default=None, help="publish the whole file as one message (binary-safe; - for "
                                  "standard input)")
 @click.option("--raw", "encoding", flag_value="raw", default=True,
@@ -340,7 +344,8 @@ def input_lines(stream: Any, encoding: str) -> Iterator[tuple[str, bytes, str]]:
 @click.option("--header", "-H", multiple=True, help="KEY=VALUE header in meta (repeatable)")
 @click.option("--wait", is_flag=True,
               help="exit 0 only once the writer has committed every message")
-@click.option("--wait-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--wait-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True,
               help="seconds --wait waits for the commit acknowledgements")
 @setting_options(*PUBLISHER_FIELDS, "max_topic_bytes", "max_message_bytes", *CURVE_FIELDS)
 @click.pass_context
@@ -414,6 +419,9 @@ def publish(ctx: click.Context, topic: str, data: str | None, path: str | None, 
         raise InputError(f"{where}: {exc} (after {sent} published)") from None
     except InputError as exc:
         raise InputError(f"{exc.message} (after {sent} published)") from None
+    if not sent:
+        click.echo(f"nothing to publish to {topic}: standard input was empty", err=True)
+        return
     click.echo(f"published {sent} message{'s' if sent != 1 else ''} to {topic} "
                f"(producer {pub.producer_id}, seq {last - sent + 1}..{last})"
                + (", committed" if wait else ""), err=True)
@@ -590,6 +598,8 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
         needed["writer"] = cfg.control_endpoint
     liveness = Liveness(cfg, needed)
     liveness.wait(fail_fast, lambda: stop["now"])
+    if stop["now"]:  # SIGTERM while waiting: a clean stop
+        return
     try:
         # A durable tail acknowledges a message once its line is written, not
         # when the next one is taken (auto_ack): that one may never be printed.
@@ -632,6 +642,8 @@ def history(ctx: click.Context, prefixes: tuple[str, ...], since: str | None,
     cfg = build_config(ctx, flags, "history")
     if sum(option is not None for option in (since, from_id, last)) > 1:
         raise click.UsageError("give one of --since, --from-id and --last")
+    if last is not None and limit is not None:
+        raise click.UsageError("--last N already says how many: no --limit with it")
     since_ns = since_to_ns(parse_since(since)) if since else None
     with HistoryClient(cfg) as client:
         try:

@@ -368,6 +368,13 @@ def test_publish_reads_files_and_names_the_line_of_bad_input(bus: Bus, tmp_path:
     raw = subprocess.run([BUS_CLI, "publish", "files.raw", "--wait"], env=bus.env,
                          input=b"ok\n\xff\xfe not utf-8\n", capture_output=True, timeout=30)
     assert raw.returncode == 0, raw.stderr  # bytes are published as they are
+    missing = bus.cli("publish", "files.none", "--file", str(tmp_path / "missing.bin"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    blank = bus.cli("publish", "files.jsonl", "--json", "--wait", input='{"a": 1}\n\n{"a": 2}\n')
+    assert blank.returncode == 0 and bus.count("files.jsonl") == 2  # blank lines are no JSON
+    empty = bus.cli("publish", "files.empty", input="")
+    assert empty.returncode == 0 and "nothing to publish" in empty.stderr
     assert bus.count("files.json") == 2 and bus.count("files.big") == 1
     assert query(bus.db, "SELECT payload FROM messages WHERE topic = 'files.raw' ORDER BY id")[1][0] \
         == b"\xff\xfe not utf-8"

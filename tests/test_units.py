@@ -49,7 +49,7 @@ def test_config_file_from_environment_variable(tmp_path: Path) -> None:
     ({"BATCH_SIZE": "20000"}, "must not exceed BATCH_MAX_BUFFER_SIZE"),
     ({"BUS_SQLITE_SYNCHRONOUS": "sometimes"}, "NORMAL, FULL"),
     ({"BUS_CONTROL_ENDPOINT": "127.0.0.1:5553"}, "must be tcp://HOST:PORT"),
-    ({"BUS_PUB_ENDPOINT": "tcp://*:70000"}, "must be tcp://HOST:PORT"),
+    ({"BUS_PUB_ENDPOINT": "tcp://*:70000"}, "has port 70000: ports are 1-65535"),
     ({"BUS_READ_ENDPOINT": "tcp://host"}, "must be tcp://HOST:PORT"),
     ({"BUS_LOG_LEVEL": "verbose"}, "BUS_LOG_LEVEL must be one of debug, info"),
     ({"BUS_REQUEST_TIMEOUT_MS": "-5"}, "BUS_REQUEST_TIMEOUT_MS must be at least 1"),
