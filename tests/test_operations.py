@@ -371,8 +371,8 @@ def test_publish_reads_files_and_names_the_line_of_bad_input(bus: Bus, tmp_path:
     missing = bus.cli("publish", "files.none", "--file", str(tmp_path / "missing.bin"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
-    blank = bus.cli("publish", "files.jsonl", "--json", "--wait", input='{"a": 1}\n\n{"a": 2}\n')
-    assert blank.returncode == 0 and bus.count("files.jsonl") == 2  # blank lines are no JSON
+    blank = bus.cli("publish", "files.lines", "--json", "--wait", input='{"a": 1}\n\n{"a": 2}\n')
+    assert blank.returncode == 0 and bus.count("files.lines") == 2  # blank lines are no JSON
     empty = bus.cli("publish", "files.empty", input="")
     assert empty.returncode == 0 and "nothing to publish" in empty.stderr
     assert bus.count("files.json") == 2 and bus.count("files.big") == 1
