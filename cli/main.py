@@ -49,6 +49,9 @@ ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_
 PUBLISHER_FIELDS = ("pub_endpoint", "control_endpoint", "notify_endpoint", "request_timeout_ms")
 RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_chunk_rows")
 HTTP_FIELDS = ("writer_http", "proxy_http", "reader_http")
+# Each process's control endpoint, by the name commands give it.
+PROCESS_FIELDS = {"writer": "control_endpoint", "proxy": "proxy_control_endpoint",
+                  "reader": "read_endpoint", "anchor": "anchor_control_endpoint"}
 SETTING_ENV = {s.field: s.env for s in SETTINGS}
 BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
                 "batch_max_buffer_size", "batch_max_buffer_bytes", "batch_low_load_threshold",
@@ -517,23 +520,15 @@ class Liveness:
 
     CHECK_EVERY_S = 5.0
 
-    def __init__(self, cfg: BusConfig, needed: dict[str, str]) -> None:
+    def __init__(self, cfg: BusConfig, needed: list[str]) -> None:
         self.cfg = cfg
-        self.needed = needed  # process name -> control endpoint
+        self.needed = {name: getattr(cfg, PROCESS_FIELDS[name]) for name in needed}
         self.down: set[str] = set()
         self._next_check = 0.0
 
     def missing(self) -> list[str]:
-        keys = security.client_keys(self.cfg)
-        missing = []
-        for name, endpoint in self.needed.items():
-            with ControlClient(endpoint, timeout_ms=min(self.cfg.request_timeout_ms, 1000),
-                               curve=keys) as client:
-                try:
-                    client.request("ping")
-                except BusError:
-                    missing.append(name)
-        return missing
+        answers = ask_all(self.cfg, self.needed, "ping", min(self.cfg.request_timeout_ms, 1000))
+        return [name for name, (_result, _seconds, error) in answers.items() if error]
 
     def check(self, now: float | None = None) -> list[str]:
         """Ping (at most every CHECK_EVERY_S), say what changed; what is down."""
@@ -591,11 +586,8 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
         raise click.UsageError("give --since or --from-id, not both")
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    needed = {"proxy": cfg.proxy_control_endpoint}
-    if since or from_id or durable:
-        needed["reader"] = cfg.read_endpoint
-    if durable:
-        needed["writer"] = cfg.control_endpoint
+    needed = ["proxy"] + (["reader"] if since or from_id or durable else []) \
+        + (["writer"] if durable else [])
     liveness = Liveness(cfg, needed)
     liveness.wait(fail_fast, lambda: stop["now"])
     if stop["now"]:  # SIGTERM while waiting: a clean stop
@@ -675,6 +667,17 @@ def last_window(client: HistoryClient, prefixes: tuple[str, ...], count: int) ->
         window *= 4
 
 
+def request_once(cfg: BusConfig, endpoint: str, cmd: str, args: dict[str, Any] | None = None
+                 ) -> Any:
+    """One control request; what went wrong as the command's one-line error."""
+    with ControlClient(endpoint, timeout_ms=cfg.request_timeout_ms,
+                       curve=security.client_keys(cfg)) as client:
+        try:
+            return client.request(cmd, args)
+        except BusError as exc:
+            raise InputError(str(exc)) from None
+
+
 @main.command()
 @click.option("--depth", "-d", type=click.IntRange(1, 16), default=2, show_default=True,
               help="group topics by their first DEPTH dot-separated parts")
@@ -685,12 +688,7 @@ def topics(ctx: click.Context, depth: int, as_json: bool, **flags: Any) -> None:
     """Messages and last activity per topic prefix, among the newest
     BUS_HISTORY_SCAN_ROWS stored messages (the reader bounds the scan)."""
     cfg = build_config(ctx, flags, "topics")
-    with ControlClient(cfg.read_endpoint, timeout_ms=cfg.request_timeout_ms,
-                       curve=security.client_keys(cfg)) as client:
-        try:
-            found = client.request("topics", {"depth": depth})
-        except BusError as exc:
-            raise InputError(str(exc)) from None
+    found = request_once(cfg, cfg.read_endpoint, "topics", {"depth": depth})
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -709,22 +707,14 @@ def consumers() -> None:
     """Durable consumers: their positions and lag (like `nats consumer`)."""
 
 
-def _writer_request(cfg: BusConfig, cmd: str, args: dict[str, Any] | None = None) -> Any:
-    with ControlClient(cfg.control_endpoint, timeout_ms=cfg.request_timeout_ms,
-                       curve=security.client_keys(cfg)) as client:
-        try:
-            return client.request(cmd, args)
-        except BusError as exc:
-            raise InputError(str(exc)) from None
-
-
 @consumers.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
 @setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def consumers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     """Every durable consumer (the 100 most behind), with its position and lag."""
-    summary = _writer_request(build_config(ctx, flags, "consumers"), "stats")["consumers"]
+    cfg = build_config(ctx, flags, "consumers")
+    summary = request_once(cfg, cfg.control_endpoint, "stats")["consumers"]
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -742,8 +732,8 @@ def consumers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
 @click.pass_context
 def consumers_info(ctx: click.Context, name: str, **flags: Any) -> None:
     """One consumer's position (JSON); exit 1 if there is none of that name."""
-    found = _writer_request(build_config(ctx, flags, "consumers"), "consumer_get",
-                            {"consumer": name})
+    cfg = build_config(ctx, flags, "consumers")
+    found = request_once(cfg, cfg.control_endpoint, "consumer_get", {"consumer": name})
     click.echo(json.dumps(found, indent=2))
     if found.get("last_id") is None:
         raise InputError(f"no consumer {name!r}")
@@ -755,18 +745,15 @@ def consumers_info(ctx: click.Context, name: str, **flags: Any) -> None:
 @click.pass_context
 def consumers_rm(ctx: click.Context, name: str, **flags: Any) -> None:
     """Delete a consumer's position (with CURVE: an admin key); exit 1 if none."""
-    deleted = _writer_request(build_config(ctx, flags, "consumers"), "consumer_delete",
-                              {"consumer": name})["deleted"]
+    cfg = build_config(ctx, flags, "consumers")
+    deleted = request_once(cfg, cfg.control_endpoint, "consumer_delete",
+                           {"consumer": name})["deleted"]
     if not deleted:
         raise InputError(f"no consumer {name!r}")
     click.echo(f"deleted consumer {name}", err=True)
 
 
 # --- stats ---------------------------------------------------------------------
-
-PROCESS_FIELDS = {"writer": "control_endpoint", "proxy": "proxy_control_endpoint",
-                  "reader": "read_endpoint", "anchor": "anchor_control_endpoint"}
-
 
 def ask_all(cfg: BusConfig, names: Iterable[str], cmd: str,
             timeout_ms: int) -> dict[str, tuple[Any, float | None, str | None]]:

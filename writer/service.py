@@ -447,7 +447,7 @@ class Writer:
                 continue
             self.notify_subscribed_bytes += len(frame) - 1
             if self.notify_subscribed_bytes > NOTIFY_SUBSCRIPTION_BUDGET_BYTES:
-                self.reopen_notify()
+                self.drop_notify_connections()
                 return
             if not frame.startswith(ACK_SUBSCRIPTION):
                 continue
@@ -459,7 +459,7 @@ class Writer:
             if state is not None and not self.producers.is_dirty(producer):
                 self._owed_acks[producer] = state.ack(time.time_ns())
 
-    def reopen_notify(self) -> None:
+    def drop_notify_connections(self) -> None:
         """Past the notify budget: drop every notify connection (its
         subscriptions go with it); clients reconnect and subscribe again."""
         self.notify_drops += 1
