@@ -6,6 +6,7 @@
     bus-cli tail [PREFIX...]        print messages as they pass (--since, --durable)
     bus-cli history [PREFIX...]     print stored messages
     bus-cli stats                   writer/reader metrics and proxy counters
+    bus-cli bench                   publish/acknowledge/subscribe rates and latencies
     bus-cli anchor [submit|proof|verify]  the anchor worker, and anchoring requests/proofs
     bus-cli utxo stats              the wallet's UTXO table and reservation counters
 
@@ -41,6 +42,7 @@ from bus import protocol, security
 from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscriber, since_to_ns
 from bus.config import SETTINGS, BusConfig
 from cli.anchoring import anchor, utxo
+from cli.bench import bench
 from cli.common import CURVE_FIELDS, build_config, jsonable, print_sections, setting_options
 
 ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
@@ -940,6 +942,7 @@ def keys_generate(directory: str, name: str) -> None:
 
 
 main.add_command(anchor)
+main.add_command(bench)
 main.add_command(utxo)
 
 if __name__ == "__main__":

@@ -347,6 +347,50 @@ def test_topics_consumers_and_the_last_messages_from_the_command_line(bus: Bus) 
     assert gone.returncode == 1 and "no consumer 'audit'" in gone.stderr
 
 
+def test_bench_measures_what_it_published_and_every_subscriber_received(bus: Bus) -> None:
+    """`bus-cli bench` (like `nats bench`): the figures are of messages that
+    really passed: each subscriber saw every one, the writer stored each once."""
+    run = bus.cli("bench", "bench.t", "--msgs", "3000", "--pub", "2", "--sub", "2", "--acked",
+                  "--rate", "3000", "--size", "64", "--json", timeout=120)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["publish"]["messages"] == result["acknowledged"]["messages"] == 3000
+    assert result["subscribe"]["messages"] == 6000 and result["subscribe"]["received_min"] == 3000
+    assert bus.count("bench.t.data") == 3000
+    producers = query(bus.db, "SELECT producer_id, contiguous_seq FROM producers "
+                              "WHERE producer_id LIKE 'bench-t-%' ORDER BY producer_id")
+    assert producers == [("bench-t-1", 1500), ("bench-t-2", 1500)]
+    for part in ("acknowledged", "subscribe"):
+        latency = result[part]["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p99"] <= latency["max"], (part, latency)
+    text = bus.cli("bench", "--msgs", "500", "--sub", "1", timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert "publish" in text.stdout and "end-to-end latency: p50" in text.stdout
+
+
+def test_bench_says_which_side_it_cannot_reach_and_leaves_nothing_running(bus: Bus) -> None:
+    wrong = bus.cli("bench", "bench.lost", "--msgs", "10", "--sub", "1", "--sub-endpoint",
+                    f"tcp://127.0.0.1:{free_port()}", "--request-timeout-ms", "1000")
+    assert wrong.returncode == 1
+    assert "saw nothing through the proxy" in wrong.stderr, wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    unreachable = bus.cli("bench", "bench.lost", "--msgs", "10", "--pub-endpoint",
+                          f"tcp://127.0.0.1:{free_port()}", "--request-timeout-ms", "1000")
+    assert unreachable.returncode == 1 and "publisher 1:" in unreachable.stderr, \
+        unreachable.stderr
+    assert not [t for t in process_titles() if b"bench.lost" in t and b"bus-bench" in t]
+
+
+def process_titles() -> list[bytes]:
+    titles = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            titles.append(path.read_bytes())
+        except OSError:  # gone meanwhile
+            pass
+    return titles
+
+
 def test_publish_reads_files_and_names_the_line_of_bad_input(bus: Bus, tmp_path: Path) -> None:
     """A payload over the limit or non-JSON from stdin printed a traceback;
     non-UTF-8 stdin crashed after the previous line was published."""
