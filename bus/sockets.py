@@ -411,3 +411,34 @@ def open_request(ctx: zmq.Context, endpoint: str,
     security.secure_client(sock, keys)
     sock.connect(endpoint)
     return sock
+
+
+def handshake_error(ctx: zmq.Context, cfg: BusConfig, endpoint: str,
+                    timeout_s: float) -> str | None:
+    """None once a ZeroMQ server at `endpoint` completes a handshake with this
+    config's keys, else what went wrong. For the endpoints that answer no ping
+    (the proxy's subscriber side, the writer's notifications): a SUB socket
+    connecting to nothing waits silently forever."""
+    sock = _set_common(ctx.socket(zmq.SUB), 0)
+    events = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    monitor = sock.get_monitor_socket(events)  # before connect: no event is missed
+    try:
+        security.secure_client(sock, security.client_keys(cfg))
+        sock.connect(endpoint)
+        deadline = time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not monitor.poll(int(remaining * 1000) + 1):
+                break
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return None
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return "it refused this CURVE key"
+            return "the handshake failed (not a ZeroMQ server of this bus, or CURVE " \
+                   "settings differ)"
+        return f"nothing a subscriber can connect to answered within {timeout_s:g}s"
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)

@@ -38,7 +38,7 @@ import click
 import msgpack
 import zmq.auth
 
-from bus import protocol, security
+from bus import protocol, security, sockets
 from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscriber, since_to_ns
 from bus.config import SETTINGS, BusConfig
 from cli.anchoring import anchor, utxo
@@ -525,12 +525,25 @@ class Liveness:
     def __init__(self, cfg: BusConfig, needed: list[str]) -> None:
         self.cfg = cfg
         self.needed = {name: getattr(cfg, PROCESS_FIELDS[name]) for name in needed}
-        self.down: set[str] = set()
+        # What answers no ping: the proxy's subscriber side, checked by a handshake.
+        self.streams = {"proxy's subscriber side": cfg.sub_endpoint} if "proxy" in needed else {}
+        self.down: dict[str, str] = {}  # name -> why
         self._next_check = 0.0
 
-    def missing(self) -> list[str]:
-        answers = ask_all(self.cfg, self.needed, "ping", min(self.cfg.request_timeout_ms, 1000))
-        return [name for name, (_result, _seconds, error) in answers.items() if error]
+    def missing(self) -> dict[str, str]:
+        """{name: what is wrong} for each needed process or endpoint that does not answer."""
+        timeout_ms = min(self.cfg.request_timeout_ms, 1000)
+        answers = ask_all(self.cfg, self.needed, "ping", timeout_ms)
+        hint = " with CURVE: is this key allowed?" if self.cfg.curve_dir else ""
+        missing = {name: f"it does not answer (is bus-{name} running?{hint})"
+                   for name, (_result, _seconds, error) in answers.items() if error}
+        if not missing:
+            ctx = zmq.Context.instance()
+            for name, endpoint in self.streams.items():
+                error = sockets.handshake_error(ctx, self.cfg, endpoint, timeout_ms / 1000)
+                if error:
+                    missing[name] = f"{error} (is that the proxy's BUS_SUB_ENDPOINT?)"
+        return missing
 
     def check(self, now: float | None = None) -> list[str]:
         """Ping (at most every CHECK_EVERY_S), say what changed; what is down."""
@@ -538,13 +551,12 @@ class Liveness:
         if now < self._next_check:
             return sorted(self.down)
         self._next_check = now + self.CHECK_EVERY_S
-        missing = set(self.missing())
-        for name in sorted(missing - self.down):
-            hint = " (with CURVE: is this key allowed?)" if self.cfg.curve_dir else ""
-            click.echo(f"waiting for the {name} at {self.needed[name]}: it does not answer "
-                       f"(is bus-{name} running?{hint})", err=True)
-        for name in sorted(self.down - missing):
-            click.echo(f"the {name} at {self.needed[name]} answers again", err=True)
+        missing = self.missing()
+        endpoints = {**self.needed, **self.streams}
+        for name in sorted(missing.keys() - self.down.keys()):
+            click.echo(f"waiting for the {name} at {endpoints[name]}: {missing[name]}", err=True)
+        for name in sorted(self.down.keys() - missing.keys()):
+            click.echo(f"the {name} at {endpoints[name]} answers again", err=True)
         self.down = missing
         return sorted(missing)
 

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from bus.client import BusError, ControlClient, Publisher, Subscriber
-from tests.conftest import Bus, query, wait_for
+from tests.conftest import Bus, free_port, query, wait_for
 
 
 def publish(bus: Bus, topic: str, count: int, producer: str = "src") -> None:
@@ -122,3 +122,18 @@ def test_a_durable_consumer_cannot_start_without_the_writer_and_says_so(make_bus
         wait_for(lambda: pub.publish("back.t", b"x") and tail.popen.poll() is not None,
                  message="the tail to print one message and exit")
     assert tail.popen.returncode == 0
+
+
+def test_tail_says_when_nothing_answers_at_its_subscriber_endpoint(bus: Bus) -> None:
+    """The proxy's subscriber side answers no ping: with a wrong
+    --sub-endpoint, tail waited silently forever."""
+    wrong = f"tcp://127.0.0.1:{free_port()}"
+    result = bus.cli("tail", "--sub-endpoint", wrong, "--fail-fast")
+    assert result.returncode == 1, result.stderr
+    assert f"waiting for the proxy's subscriber side at {wrong}" in result.stderr
+    assert "not answering: proxy's subscriber side" in result.stderr
+    tail = bus.run("tail", "--fail-fast", "-n", "1")
+    with Publisher(bus.config(), producer_id="subside") as pub:
+        wait_for(lambda: pub.publish("subside.t", b"x") and tail.popen.poll() is not None,
+                 message="the tail to print one message and exit")
+    assert tail.popen.returncode == 0 and tail.stderr.collect() == []
