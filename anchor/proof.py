@@ -55,17 +55,22 @@ def _hex(proof: dict[str, Any], key: str, size: int | None = 32) -> bytes:
     return value
 
 
-def verify_proof(proof: dict[str, Any], tx_hex: str | None = None) -> dict[str, Any]:
-    """Check a proof; returns what was checked, raises ProofError on the first
-    step that fails."""
+def verify_proof(proof: Any, tx_hex: str | None = None) -> dict[str, Any]:
+    """Check a proof (decoded JSON of any shape); returns what was checked,
+    raises ProofError on the first step that fails."""
+    if not isinstance(proof, dict):
+        raise ProofError(f"a proof is a JSON object, not {type(proof).__name__}")
     if proof.get("format") != PROOF_FORMAT:
         raise ProofError(f"not a {PROOF_FORMAT} proof (format {proof.get('format')!r})")
     document, root = _hex(proof, "document"), _hex(proof, "root")
     index, size = proof.get("leaf_index"), proof.get("tree_size")
     if type(index) is not int or type(size) is not int:
         raise ProofError("'leaf_index' and 'tree_size' must be integers")
+    steps = proof.get("path")
+    if not isinstance(steps, list) or not all(isinstance(p, str) for p in steps):
+        raise ProofError("'path' must be a list of hex strings")
     try:
-        path = [bytes.fromhex(p) for p in proof.get("path", [])]
+        path = [bytes.fromhex(p) for p in steps]
         computed = root_from_path(document, index, size, path)
     except ValueError as exc:
         raise ProofError(f"the audit path does not fit the tree: {exc}") from None

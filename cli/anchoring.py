@@ -23,7 +23,7 @@ import msgpack
 
 from bus import protocol, security
 from bus.client import BusError, ControlClient, Publisher
-from cli.common import CURVE_FIELDS, build_config, print_sections, setting_options
+from cli.common import CURVE_FIELDS, Liveness, build_config, print_sections, setting_options
 
 ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpoint",
                  "notify_endpoint", "anchor_control_endpoint", "anchor_http",
@@ -84,7 +84,7 @@ def _proof(cfg: Any, digest: bytes) -> dict[str, Any] | None:
 @click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
               help="seconds --wait waits")
 @setting_options("pub_endpoint", "sub_endpoint", "control_endpoint", "notify_endpoint",
-                 "read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+                 "read_endpoint", "anchor_control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str | None,
            wait: bool, timeout: float, **flags: Any) -> None:
@@ -106,18 +106,23 @@ def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str 
     if not wait:
         return
     deadline = time.monotonic() + timeout
+    # Says on stderr when the worker or the reader stops answering, and again
+    # when it is back: --wait never waits silently for a worker that is not there.
+    liveness = Liveness(cfg, ["anchor", "reader"])
     while True:
+        liveness.check()
         try:
             proof = _proof(cfg, digest)
-        except BusError as exc:
+        except BusError:
             proof = None
-            click.echo(f"waiting: {exc}", err=True)
         if proof is not None and proof["status"] in ("submitted", "confirmed"):
             click.echo(json.dumps(proof, indent=2))
             return
         if time.monotonic() >= deadline:
-            click.echo(f"Error: {digest.hex()} is not anchored after {timeout:g} s "
-                       "(is bus-cli anchor running? see its log)", err=True)
+            down = f" (not answering: {', '.join(liveness.down)})" if liveness.down else \
+                " (bus-cli health --anchor and the worker's log say why)"
+            click.echo(f"Error: {digest.hex()} is not anchored after {timeout:g} s{down}",
+                       err=True)
             sys.exit(1)
         time.sleep(0.5)
 
@@ -142,7 +147,7 @@ def proof(ctx: click.Context, hex_hash: str, **flags: Any) -> None:
 
 
 @anchor.command()
-@click.argument("proof_file", type=click.File("r"))
+@click.argument("proof_file", type=click.File("rb"))
 @click.option("--tx-hex", default=None, help="the anchor transaction (hex), to check it too")
 @click.pass_context
 def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None) -> None:
@@ -151,8 +156,13 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None) -> None:
     proof's txid and carries that OP_RETURN. Exit 0 if it holds, 1 if not."""
     from anchor.proof import ProofError, verify_proof
     try:
-        checked = verify_proof(json.load(proof_file), tx_hex)
-    except (ProofError, ValueError) as exc:
+        proof_json = json.loads(proof_file.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        click.echo(f"INVALID: {proof_file.name} is not a proof (JSON text): {exc}", err=True)
+        sys.exit(1)
+    try:
+        checked = verify_proof(proof_json, tx_hex)
+    except ProofError as exc:
         click.echo(f"INVALID: {exc}", err=True)
         sys.exit(1)
     what = "proof and transaction" if checked["transaction_checked"] else \

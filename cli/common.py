@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
+import zmq
 
-from bus import security
+from bus import security, sockets
+from bus.client import BusError, ControlClient
 from bus.config import SETTINGS, BusConfig, ConfigError, load_config
 from bus.logging import configure_logging
 
@@ -19,6 +25,10 @@ _SETTING = {s.field: s for s in SETTINGS}
 CURVE_FIELDS = ("curve_dir", "curve_key")
 # The processes that only bind (their keys come from BUS_CURVE_DIR alone).
 SERVER_PROCESSES = ("writer", "proxy", "reader")
+# Each process's control endpoint, by the name commands give it.
+PROCESS_FIELDS = {"writer": "control_endpoint", "proxy": "proxy_control_endpoint",
+                  "reader": "read_endpoint", "anchor": "anchor_control_endpoint"}
+PROCESS_TITLES = {"anchor": "anchor worker"}  # in sentences, where the name alone is unclear
 
 
 def setting_options(*fields: str) -> Callable[[Callable], Callable]:
@@ -74,3 +84,91 @@ def _print_tree(data: dict[str, Any], indent: str) -> None:
             _print_tree(value, indent + "  ")
         elif key != "config":
             click.echo(f"{indent}{key}: {value}")
+
+
+def stop_on_sigterm() -> Callable[[], bool]:
+    """SIGTERM asks a long-running command to stop cleanly: finish the message
+    at hand, flush, say what was done, exit 0 (as the bus processes do). The
+    returned function says whether it was asked."""
+    asked = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: asked.set())
+    return asked.is_set
+
+
+class InputError(click.ClickException):
+    """Bad input, or a bus that cannot be reached: one line on stderr, exit 1."""
+
+
+def ask_all(cfg: BusConfig, names: Iterable[str], cmd: str,
+            timeout_ms: int) -> dict[str, tuple[Any, float | None, str | None]]:
+    """`cmd` to each process at once: {name: (result, seconds, error)}."""
+    keys = security.client_keys(cfg)
+
+    def ask(name: str) -> tuple[Any, float | None, str | None]:
+        endpoint = getattr(cfg, PROCESS_FIELDS[name])
+        started = time.perf_counter()
+        with ControlClient(endpoint, timeout_ms=timeout_ms, curve=keys) as client:
+            try:
+                result = client.request(cmd)
+            except BusError as exc:
+                return None, None, str(exc)
+        return result, time.perf_counter() - started, None
+
+    names = list(names)
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return dict(zip(names, pool.map(ask, names)))
+
+
+class Liveness:
+    """Whether the processes a command needs answer a ping, said on stderr
+    when that changes: a command never waits silently for a process that is
+    down (or that refuses its CURVE key)."""
+
+    CHECK_EVERY_S = 5.0
+
+    def __init__(self, cfg: BusConfig, needed: list[str]) -> None:
+        self.cfg = cfg
+        self.needed = {name: getattr(cfg, PROCESS_FIELDS[name]) for name in needed}
+        # What answers no ping: the proxy's subscriber side, checked by a handshake.
+        self.streams = {"proxy's subscriber side": cfg.sub_endpoint} if "proxy" in needed else {}
+        self.down: dict[str, str] = {}  # name -> why
+        self._next_check = 0.0
+
+    def missing(self) -> dict[str, str]:
+        """{name: what is wrong} for each needed process or endpoint that does not answer."""
+        timeout_ms = min(self.cfg.request_timeout_ms, 1000)
+        answers = ask_all(self.cfg, self.needed, "ping", timeout_ms)
+        hint = " with CURVE: is this key allowed?" if self.cfg.curve_dir else ""
+        missing = {name: f"it does not answer (is bus-{name} running?{hint})"
+                   for name, (_result, _seconds, error) in answers.items() if error}
+        if not missing:
+            ctx = zmq.Context.instance()
+            for name, endpoint in self.streams.items():
+                error = sockets.handshake_error(ctx, self.cfg, endpoint, timeout_ms / 1000)
+                if error:
+                    missing[name] = f"{error} (is that the proxy's BUS_SUB_ENDPOINT?)"
+        return missing
+
+    def check(self, now: float | None = None) -> list[str]:
+        """Ping (at most every CHECK_EVERY_S), say what changed; what is down."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_check:
+            return sorted(self.down)
+        self._next_check = now + self.CHECK_EVERY_S
+        missing = self.missing()
+        endpoints = {**self.needed, **self.streams}
+        for name in sorted(missing.keys() - self.down.keys()):
+            click.echo(f"waiting for the {PROCESS_TITLES.get(name, name)} at {endpoints[name]}: "
+                       f"{missing[name]}", err=True)
+        for name in sorted(self.down.keys() - missing.keys()):
+            click.echo(f"the {PROCESS_TITLES.get(name, name)} at {endpoints[name]} answers again",
+                       err=True)
+        self.down = missing
+        return sorted(missing)
+
+    def wait(self, fail_fast: bool, stop: Callable[[], bool] = lambda: False) -> None:
+        """Return once every needed process answers; with `fail_fast`, exit 1 at once."""
+        while self.check() and not stop():
+            if fail_fast:
+                raise InputError(f"not answering: {', '.join(sorted(self.down))}")
+            time.sleep(0.2)

@@ -29,8 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +37,13 @@ import click
 import msgpack
 import zmq.auth
 
-from bus import protocol, security, sockets
+from bus import protocol, security
 from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscriber, since_to_ns
 from bus.config import SETTINGS, BusConfig
 from cli.anchoring import anchor, utxo
 from cli.bench import bench
-from cli.common import CURVE_FIELDS, build_config, jsonable, print_sections, setting_options
+from cli.common import (CURVE_FIELDS, PROCESS_FIELDS, InputError, Liveness, ask_all, build_config,
+                        jsonable, print_sections, setting_options, stop_on_sigterm)
 
 ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
                    "proxy_control_endpoint", "read_endpoint", "notify_endpoint")
@@ -51,9 +51,6 @@ ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_
 PUBLISHER_FIELDS = ("pub_endpoint", "control_endpoint", "notify_endpoint", "request_timeout_ms")
 RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_chunk_rows")
 HTTP_FIELDS = ("writer_http", "proxy_http", "reader_http")
-# Each process's control endpoint, by the name commands give it.
-PROCESS_FIELDS = {"writer": "control_endpoint", "proxy": "proxy_control_endpoint",
-                  "reader": "read_endpoint", "anchor": "anchor_control_endpoint"}
 SETTING_ENV = {s.field: s.env for s in SETTINGS}
 BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
                 "batch_max_buffer_size", "batch_max_buffer_bytes", "batch_low_load_threshold",
@@ -297,10 +294,6 @@ def _wait_ready(children: dict[str, subprocess.Popen], notify: dict[str, socket.
 
 # --- publish -------------------------------------------------------------------
 
-class InputError(click.ClickException):
-    """Input that cannot be published: one line on stderr, exit 1."""
-
-
 def encode_payload(data: bytes, encoding: str, where: str) -> tuple[bytes, str]:
     """DATA, a line or a file as a payload; `where` names it in errors."""
     if encoding == "raw":
@@ -398,6 +391,7 @@ def publish(ctx: click.Context, topic: str, data: str | None, path: str | None, 
         total = None
     sent = 0
     where = ""
+    stopped = stop_on_sigterm()
     try:
         with Publisher(cfg, producer_id=producer_id) as pub, \
                 click.progressbar(length=count, file=sys.stderr, label=f"publishing to {topic}",
@@ -405,6 +399,8 @@ def publish(ctx: click.Context, topic: str, data: str | None, path: str | None, 
             started = time.monotonic()
             try:
                 for where, payload, content_type in payloads:
+                    if stopped():
+                        break
                     if rate > 0:
                         delay = started + sent / rate - time.monotonic()
                         if delay > 0:
@@ -427,7 +423,8 @@ def publish(ctx: click.Context, topic: str, data: str | None, path: str | None, 
     if not sent:
         click.echo(f"nothing to publish to {topic}: standard input was empty", err=True)
         return
-    click.echo(f"published {sent} message{'s' if sent != 1 else ''} to {topic} "
+    click.echo(("stopped by SIGTERM: " if stopped() else "")
+               + f"published {sent} message{'s' if sent != 1 else ''} to {topic} "
                f"(producer {pub.producer_id}, seq {last - sent + 1}..{last})"
                + (", committed" if wait else ""), err=True)
 
@@ -515,59 +512,6 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
     return shown
 
 
-class Liveness:
-    """Whether the processes a command needs answer a ping, said on stderr
-    when that changes: a command never waits silently for a process that is
-    down (or that refuses its CURVE key)."""
-
-    CHECK_EVERY_S = 5.0
-
-    def __init__(self, cfg: BusConfig, needed: list[str]) -> None:
-        self.cfg = cfg
-        self.needed = {name: getattr(cfg, PROCESS_FIELDS[name]) for name in needed}
-        # What answers no ping: the proxy's subscriber side, checked by a handshake.
-        self.streams = {"proxy's subscriber side": cfg.sub_endpoint} if "proxy" in needed else {}
-        self.down: dict[str, str] = {}  # name -> why
-        self._next_check = 0.0
-
-    def missing(self) -> dict[str, str]:
-        """{name: what is wrong} for each needed process or endpoint that does not answer."""
-        timeout_ms = min(self.cfg.request_timeout_ms, 1000)
-        answers = ask_all(self.cfg, self.needed, "ping", timeout_ms)
-        hint = " with CURVE: is this key allowed?" if self.cfg.curve_dir else ""
-        missing = {name: f"it does not answer (is bus-{name} running?{hint})"
-                   for name, (_result, _seconds, error) in answers.items() if error}
-        if not missing:
-            ctx = zmq.Context.instance()
-            for name, endpoint in self.streams.items():
-                error = sockets.handshake_error(ctx, self.cfg, endpoint, timeout_ms / 1000)
-                if error:
-                    missing[name] = f"{error} (is that the proxy's BUS_SUB_ENDPOINT?)"
-        return missing
-
-    def check(self, now: float | None = None) -> list[str]:
-        """Ping (at most every CHECK_EVERY_S), say what changed; what is down."""
-        now = time.monotonic() if now is None else now
-        if now < self._next_check:
-            return sorted(self.down)
-        self._next_check = now + self.CHECK_EVERY_S
-        missing = self.missing()
-        endpoints = {**self.needed, **self.streams}
-        for name in sorted(missing.keys() - self.down.keys()):
-            click.echo(f"waiting for the {name} at {endpoints[name]}: {missing[name]}", err=True)
-        for name in sorted(self.down.keys() - missing.keys()):
-            click.echo(f"the {name} at {endpoints[name]} answers again", err=True)
-        self.down = missing
-        return sorted(missing)
-
-    def wait(self, fail_fast: bool, stop: Callable[[], bool] = lambda: False) -> None:
-        """Return once every needed process answers; with `fail_fast`, exit 1 at once."""
-        while self.check() and not stop():
-            if fail_fast:
-                raise InputError(f"not answering: {', '.join(sorted(self.down))}")
-            time.sleep(0.2)
-
-
 @main.command()
 @click.argument("prefixes", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
@@ -598,13 +542,12 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
     cfg = build_config(ctx, flags, "tail")
     if since is not None and from_id is not None:
         raise click.UsageError("give --since or --from-id, not both")
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    stopped = stop_on_sigterm()
     needed = ["proxy"] + (["reader"] if since or from_id or durable else []) \
         + (["writer"] if durable else [])
     liveness = Liveness(cfg, needed)
-    liveness.wait(fail_fast, lambda: stop["now"])
-    if stop["now"]:  # SIGTERM while waiting: a clean stop
+    liveness.wait(fail_fast, stopped)
+    if stopped():  # SIGTERM while waiting: a clean stop
         return
     try:
         # A durable tail acknowledges a message once its line is written, not
@@ -621,7 +564,7 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
         return sub.receive(timeout=0.2)
 
     with sub:
-        print_messages(iter(receive, False), as_json, limit, lambda: stop["now"], sub.ack)
+        print_messages(iter(receive, False), as_json, limit, stopped, sub.ack)
 
 
 @main.command()
@@ -768,26 +711,6 @@ def consumers_rm(ctx: click.Context, name: str, **flags: Any) -> None:
 
 
 # --- stats ---------------------------------------------------------------------
-
-def ask_all(cfg: BusConfig, names: Iterable[str], cmd: str,
-            timeout_ms: int) -> dict[str, tuple[Any, float | None, str | None]]:
-    """`cmd` to each process at once: {name: (result, seconds, error)}."""
-    keys = security.client_keys(cfg)
-
-    def ask(name: str) -> tuple[Any, float | None, str | None]:
-        endpoint = getattr(cfg, PROCESS_FIELDS[name])
-        started = time.perf_counter()
-        with ControlClient(endpoint, timeout_ms=timeout_ms, curve=keys) as client:
-            try:
-                result = client.request(cmd)
-            except BusError as exc:
-                return None, None, str(exc)
-        return result, time.perf_counter() - started, None
-
-    names = list(names)
-    with ThreadPoolExecutor(max_workers=len(names)) as pool:
-        return dict(zip(names, pool.map(ask, names)))
-
 
 def processes_option(fn: Callable) -> Callable:
     return click.option("--anchor/--no-anchor", "with_anchor", default=False,

@@ -283,3 +283,21 @@ def test_submit_waits_for_the_proof_of_a_file(make_bus, node, tmp_path) -> None:
     assert 3 * vsize(tx) <= fee <= 3 * vsize(tx) + 3 and node.calls["estimatesmartfee"] >= 1
     bad = anchoring.cli("anchor", "submit", "--hash", "abc")
     assert bad.returncode == 2 and "64 hex characters" in bad.stderr
+
+
+def test_verify_says_invalid_for_any_file_and_submit_wait_says_the_worker_is_down(
+        make_bus, node, tmp_path) -> None:
+    """`anchor verify` on a binary file or a JSON list printed a traceback;
+    `anchor submit --wait` with no worker running waited silently."""
+    anchoring = bus_for(make_bus, node)
+    for name, content in (("binary", bytes(range(256))), ("list", b"[1]"),
+                          ("null-path", b'{"format": "bus-anchor-proof/1", "path": null}')):
+        path = tmp_path / name
+        path.write_bytes(content)
+        out = anchoring.cli("anchor", "verify", str(path))
+        assert out.returncode == 1 and out.stderr.startswith("INVALID: "), (name, out.stderr)
+        assert "Traceback" not in out.stderr
+    waited = anchoring.cli("anchor", "submit", "--hash", "ab" * 32, "--wait", "--timeout", "2")
+    assert waited.returncode == 1
+    assert "waiting for the anchor worker at" in waited.stderr, waited.stderr
+    assert "is bus-anchor running?" in waited.stderr and "not answering: anchor" in waited.stderr

@@ -114,6 +114,25 @@ def test_a_tampered_proof_fails_with_the_step_that_failed(change, message) -> No
         verify_proof(bad, tx.serialize().hex())
 
 
+@pytest.mark.parametrize("proof, message", [
+    ([1], "a proof is a JSON object, not list"),
+    (None, "a proof is a JSON object, not NoneType"),
+    ("proof", "a proof is a JSON object, not str"),
+])
+def test_a_proof_that_is_not_an_object_is_invalid_not_a_crash(proof, message) -> None:
+    with pytest.raises(ProofError, match=message):
+        verify_proof(proof)
+
+
+@pytest.mark.parametrize("path", [None, 7, [1], ["zz"], {"a": "b"}])
+def test_a_path_of_the_wrong_shape_is_invalid_not_a_crash(path) -> None:
+    """"path": null raised TypeError in `anchor verify` (a traceback)."""
+    proof, _tx = proof_for()
+    proof["path"] = path
+    with pytest.raises(ProofError, match="path"):
+        verify_proof(proof)
+
+
 def test_a_transaction_with_two_op_returns_is_refused() -> None:
     proof, tx = proof_for(extra_op_return=True)
     with pytest.raises(ProofError, match="2 OP_RETURN outputs"):

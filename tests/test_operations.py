@@ -422,3 +422,16 @@ def test_publish_reads_files_and_names_the_line_of_bad_input(bus: Bus, tmp_path:
     assert bus.count("files.json") == 2 and bus.count("files.big") == 1
     assert query(bus.db, "SELECT payload FROM messages WHERE topic = 'files.raw' ORDER BY id")[1][0] \
         == b"\xff\xfe not utf-8"
+
+
+def test_publish_stopped_by_sigterm_commits_what_it_sent_and_exits_0(bus: Bus) -> None:
+    """SIGTERM killed a long publish (143) with messages still queued; now it
+    stops after the message at hand, flushes, says how many, and exits 0 as
+    tail and the bus processes do."""
+    publish = bus.run("publish", "term.t", "x", "--count", "1000000", "--rate", "200", "--wait")
+    wait_for(lambda: bus.count("term.t") >= 20, message="some messages stored")
+    assert publish.stop(signal.SIGTERM) == 0
+    [said] = [line for line in publish.stderr.collect() if "published" in line]
+    sent = int(said.split("published ")[1].split()[0])
+    assert said.startswith("stopped by SIGTERM: ") and said.endswith(", committed"), said
+    assert bus.count("term.t") == sent >= 20
