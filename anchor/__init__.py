@@ -1,2 +1,2 @@
-"""Anchor worker: reserves wallet UTXOs through the writer and anchors document
-hashes with bitcoind. Built in its own issue; nothing here runs yet."""
+"""The anchor worker: reserves wallet UTXOs through the writer and anchors
+document hashes (RFC 6962 Merkle roots) in OP_RETURN transactions with bitcoind."""

@@ -43,8 +43,8 @@ from anchor.bitcoind import (RPC_INVALID_ADDRESS_OR_KEY, RPC_VERIFY_ALREADY_IN_C
                              RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED, BitcoinRpc, RpcError,
                              RpcUnavailable, open_hashblock, parse_hashblock, parse_tx, to_btc,
                              vsize)
-from anchor.merkle import MerkleTree
-from anchor.proof import op_return_payload
+from proofs.merkle import MerkleTree
+from proofs.document import op_return_payload
 from anchor.reservations import RETRYABLE, NoUtxo, UtxoClient
 from anchor.sync import WalletSync
 from bus import control, protocol, security, sockets

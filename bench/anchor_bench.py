@@ -109,7 +109,7 @@ def anchor_documents(bus: Bus, node, documents: int) -> dict[str, float]:
     import msgpack
 
     from anchor.bitcoind import op_return_outputs, parse_tx
-    from anchor.merkle import root_from_path
+    from proofs.merkle import root_from_path
     from bus.client import Publisher, Subscriber
     from bus.config import load_config
     cfg = load_config(env=bus.env)

@@ -154,7 +154,8 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None) -> None:
     """Check a proof offline: its audit path leads to its root, the root is in
     its OP_RETURN data, and with --tx-hex that this transaction has the
     proof's txid and carries that OP_RETURN. Exit 0 if it holds, 1 if not."""
-    from anchor.proof import ProofError, verify_proof
+    from anchor.proof import verify_proof
+    from proofs.document import ProofError
     try:
         proof_json = json.loads(proof_file.read().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError

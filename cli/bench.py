@@ -113,10 +113,9 @@ def publisher_main(cfg: BusConfig, index: int, producer_id: str, topic: str, cou
             note_acks(pub.acked_seq - base)
         done = time.perf_counter()
         pub.close()
-        results.put(("done", f"publisher:{index}", {"count": count, "publish_s": published - started,
-                                     "acked_s": done - started if acked else None,
-                                     "started": started, "published": published, "done": done,
-                                     "latency": ack_latency.tolist()}))
+        results.put(("done", f"publisher:{index}",
+                     {"count": count, "started": started, "published": published, "done": done,
+                      "latency": ack_latency.tolist()}))
     except (BusError, protocol.ProtocolError, OSError) as exc:
         results.put(("failed", f"publisher:{index}", f"publisher {index + 1}: {exc}"))
 
@@ -154,8 +153,9 @@ def subscriber_main(cfg: BusConfig, index: int, prefix: str, data_topic: str, ex
                 last = now
                 if received % stride == 0 and msg.time_ns:
                     latency.append((time.time_ns() - msg.time_ns) / 1e9)
-        results.put(("done", f"subscriber:{index}", {"count": received, "started": first, "done": last,
-                                     "latency": latency.tolist()}))
+        results.put(("done", f"subscriber:{index}",
+                     {"count": received, "started": first, "done": last,
+                      "latency": latency.tolist()}))
     except (BusError, OSError) as exc:
         results.put(("failed", f"subscriber:{index}", f"subscriber {index + 1}: {exc}"))
 

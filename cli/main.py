@@ -127,7 +127,7 @@ def show_config(ctx: click.Context, as_json: bool, **flags: Any) -> None:
 @click.pass_context
 def proxy(ctx: click.Context, **flags: Any) -> None:
     """Run the proxy (publishers in, subscribers out) with its capture pipe to the writer."""
-    from bus.proxy import Proxy
+    from proxy.service import Proxy
     from bus.runner import run_role
     sys.exit(run_role(Proxy(build_config(ctx, flags, "proxy"))))
 
@@ -745,7 +745,7 @@ def health(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any)
     """What /healthz says, for every process at once, from their `stats`
     (no HTTP needed); exit 1 if any is down or unhealthy."""
     from anchor.worker import anchor_health
-    from bus.proxy import proxy_health
+    from proxy.service import proxy_health
     from writer.service import writer_health
     checks: dict[str, Callable[[dict[str, Any]], str | None]] = {
         "writer": writer_health, "proxy": proxy_health,

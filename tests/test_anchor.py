@@ -16,8 +16,8 @@ import msgpack
 import pytest
 
 from anchor.bitcoind import op_return_outputs, parse_tx, vsize
-from anchor.merkle import root_from_path
-from anchor.proof import op_return_payload
+from proofs.merkle import root_from_path
+from proofs.document import op_return_payload
 from bus.client import Publisher, Subscriber
 from tests.bitcoind_double import BitcoindDouble
 from tests.conftest import Bus, Proc, query, wait_for

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from anchor.merkle import MerkleTree
+from proofs.merkle import MerkleTree
 from anchor.reservations import UtxoClient
 from bus.client import BusError
 from tests.conftest import Bus, query

@@ -547,7 +547,6 @@ def test_a_slow_subscriber_is_cut_off_before_the_proxy_outgrows_its_limit(make_b
         slow.close()
         ctx.term()
     memory = bus.proxy_stats()["memory"]
-    print([(e.get("event"), e.get("action"), e.get("rss_bytes"), e.get("timestamp")[-9:]) for e in bus.proxy.log_events() if "rss_bytes" in e])
     assert memory["subscriber_cutoffs"] >= 1 and memory["pauses"] >= 1, memory
     assert (sampler.peak["proxy"] << 10) < PROXY_LIMIT + PROXY_OVERSHOOT, sampler.peak
     assert bus.count("big.x") == 300 and all_alive(bus)

@@ -9,8 +9,9 @@ import pytest
 from embit import script
 from embit.transaction import Transaction, TransactionInput, TransactionOutput
 
-from anchor.merkle import MerkleTree, leaf_hash, node_hash, root_from_path
-from anchor.proof import ProofError, make_proof, op_return_payload, verify_proof
+from proofs.merkle import MerkleTree, leaf_hash, node_hash, root_from_path
+from anchor.proof import verify_proof
+from proofs.document import ProofError, make_proof, op_return_payload
 
 # Certificate Transparency's reference vectors (RFC 6962 test data): the roots
 # of the trees over the first n of these 8 leaves.

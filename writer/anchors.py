@@ -21,8 +21,8 @@ from typing import Any
 import apsw
 import msgpack
 
-from anchor.merkle import MerkleTree
-from anchor.proof import make_proof
+from proofs.merkle import MerkleTree
+from proofs.document import make_proof
 from writer.utxos import UtxoBook, UtxoError, check_int, check_str, check_txid
 
 MAX_DOCUMENTS = 100_000      # one anchor's documents, at most
@@ -243,7 +243,7 @@ class AnchorBook:
 
 
 def document_proof(conn: apsw.Connection, document_hash: bytes) -> dict[str, Any] | None:
-    """The inclusion proof of a document (see anchor/proof.py), or None if it
+    """The inclusion proof of a document (see proofs/document.py), or None if it
     is not anchored. Rebuilds its anchor's tree from the stored leaves."""
     row = conn.execute("SELECT anchor_id, leaf_index, ref FROM anchor_documents"
                        " WHERE doc_hash = ?", (document_hash,)).fetchone()
