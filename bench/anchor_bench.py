@@ -47,8 +47,8 @@ from bus_bench import Bus, peak_rss_mb  # noqa: E402
 def fill_table(db: str, size: int, real: list[dict], tip: tuple[int, str]) -> float:
     """Create the schema and `size` UTXO rows (+ the double's `real` ones)."""
     from anchor.bitcoind import to_sat
-    from writer.store import connect
-    from writer.utxos import write_tip
+    from storage.sqlite import connect
+    from storage.utxos import write_tip
     started = time.monotonic()
     conn = connect(db)
     height = tip[0]

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import apsw
 import zmq
 
 from bus import control, protocol, security, sockets
@@ -25,9 +24,10 @@ from bus.config import BusConfig
 from bus.http import HttpSide, Series, control_series
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
-from writer import utxos
-from writer.anchors import ProofUnavailable, document_proof
-from writer.store import SELECT_ID_RANGE
+from proofs.document import make_proof
+from proofs.merkle import MerkleTree
+from storage import anchors, messages, utxos
+from storage.sqlite import DATABASE_ERRORS, NotReadable, open_read_only
 
 log = get_logger("reader")
 
@@ -38,8 +38,8 @@ MAX_PREFIXES = 64
 MAX_TOPIC_GROUPS = 1000
 
 
-class Unavailable(Exception):
-    """The database cannot be read yet (not created, or no schema)."""
+class ProofUnavailable(ValueError):
+    """The stored records of an anchor do not add up (a damaged database)."""
 
 
 # What the reader's /metrics shows (bus/http.py), read from its `stats`.
@@ -71,17 +71,11 @@ class History:
         self.page_bytes = page_bytes
         self.scan_rows = scan_rows
         self.busy_timeout_ms = busy_timeout_ms
-        self._conn: apsw.Connection | None = None
+        self._conn: Any = None
 
-    def connection(self) -> apsw.Connection:
+    def connection(self) -> Any:
         if self._conn is None:
-            try:
-                conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
-                conn.set_busy_timeout(self.busy_timeout_ms)
-                conn.execute("SELECT 1 FROM messages LIMIT 0").fetchall()
-            except (apsw.CantOpenError, apsw.SQLError) as exc:
-                raise Unavailable(f"database {self.path} is not readable yet: {exc}") from None
-            self._conn = conn
+            self._conn = open_read_only(self.path, self.busy_timeout_ms)
         return self._conn
 
     def page(self, prefixes: list[str], after_id: int | None = None,
@@ -93,24 +87,15 @@ class History:
         prefixes = [p for p in prefixes if p] if "" not in prefixes else []
         conn.execute("BEGIN")  # one snapshot for the page and its bounds
         try:
-            first_id, last_id = conn.execute(SELECT_ID_RANGE).fetchone()
+            first_id, last_id = messages.id_range(conn)
             last_id = last_id or 0
             if after_id is None:
-                after_id = self._id_before(conn, since_ns, first_id, last_id) \
+                after_id = messages.id_before(conn, since_ns, first_id, last_id) \
                     if since_ns is not None else 0
             # A topic filter may match few rows: examine at most scan_rows of them.
             upto = min(last_id, after_id + self.scan_rows) if prefixes else last_id
-            sql = "SELECT id, topic, payload, meta, committed_ns FROM messages " \
-                  "WHERE id > ? AND id <= ?"
-            params: list[Any] = [after_id, upto]
-            if prefixes:
-                sql += " AND (" + " OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) + ")"
-                for prefix in prefixes:
-                    params += (len(prefix), prefix)
-            sql += " ORDER BY id LIMIT ?"
-            params.append(limit)
             rows, size, full = [], 0, False
-            cursor = conn.execute(sql, params)
+            cursor = messages.page_rows(conn, after_id, upto, prefixes, limit)
             for row in cursor:
                 rows.append(row)
                 size += len(row[2]) + (len(row[3]) if row[3] is not None else 0)
@@ -127,42 +112,31 @@ class History:
         return {"messages": rows, "after_id": after_id, "first_id": first_id,
                 "last_id": last_id, "more": after_id < last_id}
 
-    @staticmethod
-    def _id_before(conn: apsw.Connection, since_ns: int, first_id: int | None,
-                   last_id: int) -> int:
-        """The largest id committed before since_ns (0 if none): a binary search
-        over ids, since commit times grow with ids; no index on time needed."""
-        if first_id is None:
-            return 0
-        lo, hi = first_id - 1, last_id  # every row with id <= lo is older than since_ns
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            row = conn.execute("SELECT committed_ns FROM messages WHERE id <= ? "
-                               "ORDER BY id DESC LIMIT 1", (mid,)).fetchone()
-            if row is None or row[0] < since_ns:
-                lo = mid
-            else:
-                hi = mid - 1
-        return max(lo, 0)
-
     def utxo_stats(self) -> dict[str, Any]:
         return self._snapshot(utxos.summarize)
 
     def proof(self, document_hash: bytes) -> dict[str, Any] | None:
-        """A document's inclusion proof, or None if it is not anchored."""
-        return self._snapshot(lambda conn: document_proof(conn, document_hash))
+        """A document's inclusion proof (proofs/document.py), or None if it is
+        not anchored. Rebuilds its anchor's tree from the stored leaves."""
+        found = self._snapshot(lambda conn: anchors.proof_rows(conn, document_hash))
+        if found is None:
+            return None
+        anchor, index, ref, leaves = found
+        tree = MerkleTree(leaves)
+        if tree.root != anchor["root"]:
+            raise ProofUnavailable(f"anchor {anchor['anchor_id']}: its stored leaves do not "
+                                   "give its root")
+        return make_proof(document_hash, index, tree.size, tree.path(index), anchor, ref)
 
     def topics(self, depth: int) -> dict[str, Any]:
         """Messages and last activity per topic prefix (the first `depth`
         dot-separated parts) among the newest `scan_rows` messages: bounded in
         cost whatever the table's size."""
-        def read(conn: apsw.Connection) -> dict[str, Any]:
-            last_id = conn.execute("SELECT max(id) FROM messages").fetchone()[0] or 0
+        def read(conn: Any) -> dict[str, Any]:
+            last_id = messages.last_id(conn) or 0
             after_id = max(0, last_id - self.scan_rows)
             groups: dict[str, list[int]] = {}
-            for topic, count, newest_id, newest_ns in conn.execute(
-                    "SELECT topic, count(*), max(id), max(committed_ns) FROM messages "
-                    "WHERE id > ? GROUP BY topic", (after_id,)):
+            for topic, count, newest_id, newest_ns in messages.topic_counts(conn, after_id):
                 name = ".".join(topic.split(".")[:depth])
                 group = groups.setdefault(name, [0, 0, 0])
                 group[0] += count
@@ -174,7 +148,7 @@ class History:
                     "truncated": len(ordered) > MAX_TOPIC_GROUPS}
         return self._snapshot(read)
 
-    def _snapshot(self, read: Callable[[apsw.Connection], Any]) -> Any:
+    def _snapshot(self, read: Callable[[Any], Any]) -> Any:
         conn = self.connection()
         conn.execute("BEGIN")
         try:
@@ -280,13 +254,13 @@ class Reader:
         client can act on (retry)."""
         try:
             return query(*args)
-        except Unavailable as exc:
+        except NotReadable as exc:
             self._rejects.warning(protocol.UNAVAILABLE, "database_unavailable", error=str(exc))
             raise control.CommandFailed(protocol.UNAVAILABLE, str(exc)) from None
         except ProofUnavailable as exc:
             self._rejects.warning(protocol.PROOF_FAILED, "proof_failed", error=str(exc))
             raise control.CommandFailed(protocol.PROOF_FAILED, str(exc)) from None
-        except apsw.Error as exc:  # busy, I/O: the client may retry
+        except DATABASE_ERRORS as exc:  # busy, I/O: the client may retry
             self.history.close()
             self._rejects.warning(protocol.READ_FAILED, "read_failed", error=str(exc),
                                   error_type=type(exc).__name__)
@@ -306,8 +280,7 @@ class Reader:
     def snapshot(self) -> dict[str, Any]:
         """stats, and whether the database can be read now (one indexed lookup)."""
         try:
-            self._read(lambda: self.history.connection().execute(
-                "SELECT max(id) FROM messages").fetchall())
+            self._read(lambda: messages.last_id(self.history.connection()))
             error = None
         except control.CommandFailed as exc:
             error = exc.reason

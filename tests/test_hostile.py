@@ -332,7 +332,7 @@ def test_a_long_reader_grows_the_wal_only_while_it_reads(make_bus) -> None:
     (310 MB), and it was never cut back afterwards; the checkpoint that
     finally ran stalled one commit for a second. Checkpoints now run off the
     writer's thread, and the WAL is cut back once the reader lets go."""
-    from writer.store import WAL_SIZE_LIMIT
+    from storage.sqlite import WAL_SIZE_LIMIT
     bus = make_bus().start()
     wal = Path(bus.db + "-wal")
     payload = os.urandom(1000)
@@ -433,7 +433,7 @@ def test_a_transaction_too_big_for_a_full_disk_fails_as_full(small_disk: Path) -
     own ROLLBACK raised "no transaction is active", hiding SQLITE_FULL (the
     part-by-part recovery never started, and the writer crashed)."""
     import apsw
-    from writer.store import Store
+    from storage.sqlite import Store
     store = Store(str(small_disk / "bus.db"))
     try:
         fill(small_disk, "filler", 2 << 20)

@@ -17,7 +17,7 @@ import pytest
 from anchor.reservations import NoUtxo, UtxoClient
 from bus.client import BusError
 from tests.conftest import Bus, query, wait_for
-from writer.utxos import PICK_SQL
+from storage.utxos import PICK_SQL
 
 
 def txid(n: int | str) -> str:

@@ -10,31 +10,21 @@ by it). A fee bump (`anchor_replace`) swaps the transaction of an anchor and
 keeps the txids it replaced, so whichever of them is mined is recognised.
 
 The commands run through UtxoBook's dispatcher (one transaction each, replies
-stored by request id); the proof of a document is built by the reader
-(`document_proof`), off the write path.
+stored by request id); the proof of a document is built by the reader, off the
+write path.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import apsw
 import msgpack
 
-from proofs.merkle import MerkleTree
-from proofs.document import make_proof
+from storage.anchors import ANCHOR_COLUMNS, describe
 from writer.utxos import UtxoBook, UtxoError, check_int, check_str, check_txid
 
 MAX_DOCUMENTS = 100_000      # one anchor's documents, at most
 MAX_OPEN_LISTED = 1000
-STATUSES = ("signed", "submitted", "confirmed", "failed")
-ANCHOR_COLUMNS = ("id, root, size, txid, raw_tx, fee_sat, vsize, lease_id, utxo_txid, utxo_vout,"
-                  " replaced_txids, status, broadcast_height, created_ns, submitted_ns,"
-                  " confirmed_ns, block_hash, block_height")
-
-
-class ProofUnavailable(ValueError):
-    """The stored records of an anchor do not add up (a damaged database)."""
 
 
 def _hash32(value: Any, what: str = "hash") -> bytes:
@@ -58,18 +48,6 @@ def _documents(args: dict[str, Any]) -> list[tuple[bytes, str | None, int | None
             raise UtxoError("bad_request", "a document's message_id must be an integer")
         docs.append((_hash32(item[0], "document hash"), ref, message_id))
     return docs
-
-
-_ANCHOR_KEYS = [k.strip() for k in ANCHOR_COLUMNS.split(",")]
-
-
-def describe(row: tuple[Any, ...]) -> dict[str, Any]:
-    """A stored anchor row as a map (`id` as `anchor_id`, replaced txids unpacked)."""
-    anchor = dict(zip(_ANCHOR_KEYS, row))
-    anchor["anchor_id"] = anchor.pop("id")
-    anchor["replaced_txids"] = msgpack.unpackb(anchor["replaced_txids"]) \
-        if anchor["replaced_txids"] else []
-    return anchor
 
 
 class AnchorBook:
@@ -240,21 +218,3 @@ class AnchorBook:
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self.counters)
-
-
-def document_proof(conn: apsw.Connection, document_hash: bytes) -> dict[str, Any] | None:
-    """The inclusion proof of a document (see proofs/document.py), or None if it
-    is not anchored. Rebuilds its anchor's tree from the stored leaves."""
-    row = conn.execute("SELECT anchor_id, leaf_index, ref FROM anchor_documents"
-                       " WHERE doc_hash = ?", (document_hash,)).fetchone()
-    if row is None:
-        return None
-    anchor_id, index, ref = row
-    anchor = describe(conn.execute(f"SELECT {ANCHOR_COLUMNS} FROM anchors WHERE id = ?",
-                                   (anchor_id,)).fetchone())
-    leaves = [r[0] for r in conn.execute("SELECT doc_hash FROM anchor_documents WHERE"
-                                         " anchor_id = ? ORDER BY leaf_index", (anchor_id,))]
-    tree = MerkleTree(leaves)
-    if tree.root != anchor["root"]:
-        raise ProofUnavailable(f"anchor {anchor_id}: its stored leaves do not give its root")
-    return make_proof(document_hash, index, tree.size, tree.path(index), anchor, ref)

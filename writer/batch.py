@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from writer.store import ConsumptionRow, MessageRow
+from storage.messages import MessageRow
+from storage.sessions import ConsumptionRow
 
 # Why a batch was flushed; each has a counter `flush_by_<reason>`.
 FLUSH_REASONS = ("size", "time", "shutdown", "low_load", "request")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from bus.protocol import FORBIDDEN
-from writer.store import ConsumptionRow
+from storage.sessions import ConsumptionRow
 
 MAX_NAME_CHARS = 128
 

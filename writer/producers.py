@@ -40,7 +40,7 @@ from typing import Any
 import msgpack
 
 from bus import protocol
-from writer.store import MessageRow
+from storage.messages import MessageRow
 
 MAX_HOLES = 1000
 # Refusals of the current session kept for producers that missed their nack.

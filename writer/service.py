@@ -28,10 +28,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import apsw
 import msgpack
 import zmq
 
@@ -44,7 +43,7 @@ from writer.anchors import AnchorBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
 from writer.producers import MAX_SEQ_AHEAD, NotAuthentic, ProducerLedger, ProducerState
-from writer.store import TRANSIENT_ERRORS, Store
+from storage.sqlite import TRANSIENT_ERRORS, Store, is_disk_full
 from writer.utxos import UtxoBook, UtxoError
 
 log = get_logger("writer")
@@ -566,7 +565,7 @@ class Writer:
         if self._failing_since is None:
             self._failing_since = now
         self._last_error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, apsw.FullError):
+        if is_disk_full(exc):
             # All or nothing would wait for room for the whole backlog at once.
             waiting = len(self.buffer.messages)
             self._part_rows = max(1, min(self._part_rows or waiting, waiting) // 2)

@@ -1,7 +1,7 @@
 """The wallet's UTXOs: reservations under leases, spends, and wallet sync.
 
-The writer owns the `utxos` table (schema in writer/store.py and
-docs/protocol.md); the anchor worker reaches it over the control endpoint with
+The writer owns the `utxos` table (schema in storage/schema.py and
+docs/protocol.md; its queries in storage/utxos.py); the anchor worker reaches it over the control endpoint with
 the `utxo_*` commands handled here. Each command that changes a row is one
 transaction, committed before the reply is sent: a reply always describes
 what is on disk, so a crash of either side never hands out a UTXO twice.
@@ -31,50 +31,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import apsw
 import msgpack
 
-AVAILABLE, RESERVED, SPENT = 0, 1, 2
-STATUS_NAMES = {AVAILABLE: "available", RESERVED: "reserved", SPENT: "spent"}
+from storage.utxos import (EXPIRE_SQL, PICK_SQL, RESERVED, SPENT, STATUS_NAMES, UPSERT_SQL,
+                           UTXO_COLUMNS, read_tip, write_tip)
 
 MAX_SAT = 21_000_000 * 100_000_000
 MAX_ROWS_PER_REQUEST = 5000      # utxo_upsert / utxo_remove rows per request
 SWEEP_CHUNK_ROWS = 5000          # rows one utxo_sweep or request pruning touches
 POLICIES = ("smallest", "largest")
 _TXID = re.compile(r"[0-9a-f]{64}\Z")
-
-UTXO_COLUMNS = "txid, vout, amount_sat, address, script_pubkey, block_height, block_time"
-# `status = 0` must appear literally for SQLite to use the partial index.
-PICK_SQL = {
-    ("smallest", True): f"SELECT {UTXO_COLUMNS} FROM utxos WHERE status = 0 AND amount_sat >= ?"
-                        " AND block_height <= ? ORDER BY amount_sat LIMIT 1",
-    ("largest", True): f"SELECT {UTXO_COLUMNS} FROM utxos WHERE status = 0 AND amount_sat >= ?"
-                       " AND block_height <= ? ORDER BY amount_sat DESC LIMIT 1",
-    ("smallest", False): f"SELECT {UTXO_COLUMNS} FROM utxos WHERE status = 0 AND amount_sat >= ?"
-                         " ORDER BY amount_sat LIMIT 1",
-    ("largest", False): f"SELECT {UTXO_COLUMNS} FROM utxos WHERE status = 0 AND amount_sat >= ?"
-                        " ORDER BY amount_sat DESC LIMIT 1",
-}
-UPSERT_SQL = (
-    f"INSERT INTO utxos ({UTXO_COLUMNS}, status, sync_generation, updated_ns)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)"
-    " ON CONFLICT (txid, vout) DO UPDATE SET block_height = excluded.block_height,"
-    " block_time = excluded.block_time, sync_generation = excluded.sync_generation,"
-    " updated_ns = excluded.updated_ns")
-EXPIRE_SQL = ("UPDATE utxos SET status = 0, lease_id = NULL, lease_expires_ns = NULL,"
-              " lease_owner = NULL, updated_ns = ? WHERE status = 1 AND lease_expires_ns <= ?")
-
-
-def read_tip(conn: apsw.Connection) -> tuple[int | None, str | None]:
-    """The wallet tip (height, block hash) the table was synced to; (None, None) before."""
-    row = conn.execute("SELECT value FROM bus_meta WHERE key = 'wallet_tip'").fetchone()
-    return (None, None) if row is None else tuple(msgpack.unpackb(bytes.fromhex(row[0])))
-
-
-def write_tip(conn: apsw.Connection, height: int, block_hash: str) -> None:
-    conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('wallet_tip', ?)",
-                 (msgpack.packb([height, block_hash]).hex(),))
-
 
 class UtxoError(ValueError):
     """A request that cannot be carried out; `code` is the error reply's code."""
@@ -146,7 +112,7 @@ class UtxoBook:
     `transaction` is Store.transaction: one BEGIN IMMEDIATE ... COMMIT.
     """
 
-    def __init__(self, conn: apsw.Connection, transaction: Callable[[], Any],
+    def __init__(self, conn: Any, transaction: Callable[[], Any],
                  max_lease_s: float, request_ttl_s: float) -> None:
         self.conn = conn
         self.transaction = transaction
@@ -425,18 +391,3 @@ class UtxoBook:
         return {**self.counters, "tip_height": self.tip_height, "tip_hash": self.tip_hash}
 
 
-def summarize(conn: apsw.Connection) -> dict[str, Any]:
-    """Counts and sums by status, for `bus-cli utxo stats`. Run by the reader
-    on its own connection: each count walks a partial index, never the
-    table, but at 1,000,000 rows it is still too long for the write path."""
-    available = conn.execute("SELECT count(*), coalesce(sum(amount_sat), 0),"
-                             " count(block_height) FROM utxos WHERE status = 0").fetchone()
-    reserved = conn.execute("SELECT count(*), coalesce(sum(amount_sat), 0), min(lease_expires_ns)"
-                            " FROM utxos WHERE status = 1").fetchone()
-    spent = conn.execute("SELECT count(*) FROM utxos WHERE spent_txid IS NOT NULL").fetchone()[0]
-    height, block_hash = read_tip(conn)
-    return {"available": {"count": available[0], "amount_sat": available[1],
-                          "unconfirmed": available[0] - available[2]},
-            "reserved": {"count": reserved[0], "amount_sat": reserved[1],
-                         "next_expiry_ns": reserved[2]},
-            "spent": spent, "tip_height": height, "tip_hash": block_hash}

@@ -1,0 +1,75 @@
+"""Messages: the batched insert, id bounds, and the reads of history pages.
+
+Ids are the commit order and never reused; rows are only ever deleted from
+the oldest end (storage/retention.py), so ids are dense and commit times grow
+with them: a time is found by a binary search over ids, with no index on time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# A message row as buffered: (topic, payload, meta, producer_id, producer_seq, publish_ns).
+MessageRow = tuple[str, bytes, "bytes | None", "str | None", "int | None", "int | None"]
+
+INSERT_MESSAGE = ("INSERT INTO messages (topic, payload, meta, producer_id, producer_seq,"
+                  " publish_ns, committed_ns) VALUES (?, ?, ?, ?, ?, ?, ?)")
+# min() and max() in one SELECT would scan the table: SQLite's min/max shortcut
+# (one index seek) applies to a query with a single min() or max() only.
+SELECT_ID_RANGE = "SELECT (SELECT min(id) FROM messages), (SELECT max(id) FROM messages)"
+
+
+def insert(conn: Any, rows: Sequence[MessageRow], committed_ns: int) -> None:
+    conn.executemany(INSERT_MESSAGE, [(*row, committed_ns) for row in rows])
+
+
+def id_range(conn: Any) -> tuple[int | None, int | None]:
+    """(first, last) id stored; (None, None) when there is none."""
+    return tuple(conn.execute(SELECT_ID_RANGE).fetchone())
+
+
+def first_id(conn: Any) -> int | None:
+    return conn.execute("SELECT min(id) FROM messages").fetchone()[0]
+
+
+def last_id(conn: Any) -> int | None:
+    return conn.execute("SELECT max(id) FROM messages").fetchone()[0]
+
+
+def id_before(conn: Any, since_ns: int, first: int | None, last: int) -> int:
+    """The largest id committed before since_ns (0 if none): a binary search
+    over ids, since commit times grow with ids."""
+    if first is None:
+        return 0
+    lo, hi = first - 1, last  # every row with id <= lo is older than since_ns
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        row = conn.execute("SELECT committed_ns FROM messages WHERE id <= ? "
+                           "ORDER BY id DESC LIMIT 1", (mid,)).fetchone()
+        if row is None or row[0] < since_ns:
+            lo = mid
+        else:
+            hi = mid - 1
+    return max(lo, 0)
+
+
+def page_rows(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int) -> Any:
+    """A cursor over (id, topic, payload, meta, committed_ns) of the messages
+    with after_id < id <= upto whose topic starts with one of `prefixes`
+    (all if none), oldest first, at most `limit`."""
+    sql = "SELECT id, topic, payload, meta, committed_ns FROM messages WHERE id > ? AND id <= ?"
+    params: list[Any] = [after_id, upto]
+    if prefixes:
+        sql += " AND (" + " OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) + ")"
+        for prefix in prefixes:
+            params += (len(prefix), prefix)
+    sql += " ORDER BY id LIMIT ?"
+    params.append(limit)
+    return conn.execute(sql, params)
+
+
+def topic_counts(conn: Any, after_id: int) -> Any:
+    """(topic, messages, newest id, newest commit ns) of the messages after `after_id`."""
+    return conn.execute("SELECT topic, count(*), max(id), max(committed_ns) FROM messages "
+                        "WHERE id > ? GROUP BY topic", (after_id,))

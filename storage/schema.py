@@ -1,0 +1,174 @@
+"""The database schema, its version, and bringing an older database up to it.
+
+docs/protocol.md ("Database schema") describes every table; change both
+together. `apply` runs in the writer's first transaction: a new file gets the
+whole schema, an older one the columns it lacks, and a newer one (written by
+a later bus) is refused before anything is changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bus.runner import StartupError
+
+SCHEMA_VERSION = 6
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS messages (
+        id            INTEGER PRIMARY KEY,   -- commit order, never reused
+        topic         TEXT    NOT NULL,
+        payload       BLOB    NOT NULL,
+        meta          BLOB,                  -- the msgpack map as received, or NULL
+        producer_id   TEXT,                  -- meta.producer
+        producer_seq  INTEGER,               -- meta.seq
+        publish_ns    INTEGER,               -- meta.time_ns
+        committed_ns  INTEGER NOT NULL       -- when the writer committed its batch
+    )""",
+    # Written up to schema 4, when the proxy passed subscriptions to the writer;
+    # kept so that old rows stay readable (retention still deletes them).
+    """CREATE TABLE IF NOT EXISTS subscriptions (
+        id            INTEGER PRIMARY KEY,
+        subscribed    INTEGER NOT NULL,      -- 1 subscribe, 0 unsubscribe
+        prefix        BLOB    NOT NULL,      -- topic prefix, as bytes
+        committed_ns  INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS producers (
+        producer_id     TEXT    PRIMARY KEY,
+        contiguous_seq  INTEGER NOT NULL,    -- every seq 1..contiguous_seq is decided
+        max_seq         INTEGER NOT NULL,    -- highest seq decided (stored or refused)
+        holes           BLOB,                -- msgpack [[first, last], ...] not yet decided
+        gaps            INTEGER NOT NULL,    -- holes opened (jumps forward in seq)
+        abandoned       INTEGER NOT NULL,    -- seqs given up on (too many holes, ended session)
+        duplicates      INTEGER NOT NULL,    -- retransmissions skipped
+        first_seen_ns   INTEGER NOT NULL,
+        last_seen_ns    INTEGER NOT NULL,
+        epoch           INTEGER NOT NULL DEFAULT 0,  -- current session (producer_open)
+        refused         INTEGER NOT NULL DEFAULT 0,  -- seqs of this session refused
+        refusals        BLOB,                -- msgpack [[seq, code], ...], the last 256
+        owner           TEXT,                -- (CURVE) public key that opened it first
+        session_key     BLOB                 -- (CURVE) the session's MAC key
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS consumers (
+        name        TEXT    PRIMARY KEY,     -- durable consumer name
+        last_id     INTEGER NOT NULL,        -- messages.id it acknowledged last
+        updated_ns  INTEGER NOT NULL,
+        owner       TEXT                     -- (CURVE) public key that acknowledged first
+    ) WITHOUT ROWID""",
+    # The wallet's outputs (see storage/utxos.py, writer/utxos.py). Confirmations are counted from
+    # block_height and the wallet tip (bus_meta 'wallet_tip'), not stored per row.
+    """CREATE TABLE IF NOT EXISTS utxos (
+        txid              TEXT    NOT NULL,  -- 64 hex chars, as bitcoind shows it
+        vout              INTEGER NOT NULL,
+        amount_sat        INTEGER NOT NULL,  -- satoshis, never a float
+        address           TEXT,
+        script_pubkey     TEXT,              -- hex
+        block_height      INTEGER,           -- block that confirmed it; NULL: unconfirmed
+        block_time        INTEGER,           -- that block's time, s since the epoch
+        status            INTEGER NOT NULL,  -- 0 available, 1 reserved, 2 spent
+        lease_id          TEXT,              -- set while reserved, kept once spent
+        lease_expires_ns  INTEGER,           -- a reserved row is available again after this
+        lease_owner       TEXT,              -- who reserved it (for operators)
+        spent_txid        TEXT,              -- the transaction spending it
+        sync_generation   INTEGER NOT NULL,  -- the full wallet load that saw it last
+        updated_ns        INTEGER NOT NULL,
+        PRIMARY KEY (txid, vout)
+    ) WITHOUT ROWID""",
+    # "One available UTXO >= N sat with block_height <= H": one range seek.
+    """CREATE INDEX IF NOT EXISTS utxos_available ON utxos (amount_sat, block_height)
+        WHERE status = 0""",
+    """CREATE INDEX IF NOT EXISTS utxos_lease_expiry ON utxos (lease_expires_ns)
+        WHERE status = 1""",
+    """CREATE UNIQUE INDEX IF NOT EXISTS utxos_lease ON utxos (lease_id)
+        WHERE lease_id IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS utxos_spent_by ON utxos (spent_txid)
+        WHERE spent_txid IS NOT NULL""",
+    # The reply to each mutating utxo_* request, so a retry gets the same answer.
+    """CREATE TABLE IF NOT EXISTS utxo_requests (
+        request_id  TEXT    PRIMARY KEY,
+        reply       BLOB    NOT NULL,        -- msgpack, as sent
+        created_ns  INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS utxo_requests_age ON utxo_requests (created_ns)""",
+    # Anchorings (storage/anchors.py, writer/anchors.py): one row per Merkle root put in a
+    # transaction.
+    """CREATE TABLE IF NOT EXISTS anchors (
+        id                INTEGER PRIMARY KEY,
+        root              BLOB    NOT NULL,  -- 32-byte RFC 6962 Merkle root
+        size              INTEGER NOT NULL,  -- documents (leaves)
+        txid              TEXT    NOT NULL,  -- its transaction (the newest after fee bumps,
+                                             -- the mined one once confirmed)
+        raw_tx            BLOB    NOT NULL,  -- that transaction, signed
+        fee_sat           INTEGER NOT NULL,
+        vsize             INTEGER NOT NULL,
+        lease_id          TEXT    NOT NULL,  -- the lease of the UTXO it spends
+        utxo_txid         TEXT    NOT NULL,
+        utxo_vout         INTEGER NOT NULL,
+        replaced_txids    BLOB,              -- msgpack list of the txids it replaced
+        status            TEXT    NOT NULL,  -- signed, submitted, confirmed, failed
+        broadcast_height  INTEGER NOT NULL,  -- wallet tip when (re)signed
+        created_ns        INTEGER NOT NULL,
+        submitted_ns      INTEGER,
+        confirmed_ns      INTEGER,
+        block_hash        TEXT,
+        block_height      INTEGER
+    )""",
+    """CREATE INDEX IF NOT EXISTS anchors_open ON anchors (status)
+        WHERE status IN ('signed', 'submitted')""",
+    """CREATE TABLE IF NOT EXISTS anchor_documents (
+        doc_hash    BLOB    PRIMARY KEY,     -- the document's SHA-256: anchored once
+        anchor_id   INTEGER NOT NULL REFERENCES anchors (id),
+        leaf_index  INTEGER NOT NULL,
+        ref         TEXT,                    -- the request's reference, if any
+        message_id  INTEGER                  -- messages.id of its anchor.request
+    ) WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS anchor_documents_leaves
+        ON anchor_documents (anchor_id, leaf_index)""",
+    """CREATE TABLE IF NOT EXISTS bus_meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+)
+
+# Columns added to tables of an older schema, in place: (table, column, definition).
+ADDED_COLUMNS = (
+    ("producers", "epoch", "INTEGER NOT NULL DEFAULT 0"),
+    ("producers", "refused", "INTEGER NOT NULL DEFAULT 0"),
+    ("producers", "refusals", "BLOB"),
+    ("producers", "owner", "TEXT"),
+    ("producers", "session_key", "BLOB"),
+    ("consumers", "owner", "TEXT"),
+)
+
+
+class NewerSchema(StartupError):
+    """The database was written by a newer bus: an older writer would drop what
+    it does not know (e.g. consumer owners)."""
+
+
+def stored_version(conn: Any, errors: tuple[type[Exception], ...]) -> int | None:
+    """The schema version the database records; None for a new one. `errors`:
+    what the engine raises for a missing table."""
+    try:
+        row = conn.execute("SELECT value FROM bus_meta WHERE key = 'schema_version'").fetchone()
+    except errors:
+        return None
+    return None if row is None else int(row[0])
+
+
+def check_not_newer(version: int | None, where: str) -> None:
+    if version is not None and version > SCHEMA_VERSION:
+        raise NewerSchema(f"{where} has schema {version}, newer than this writer's "
+                          f"({SCHEMA_VERSION}): run the bus version that wrote it, or a newer one")
+
+
+def apply(conn: Any, columns_of: Any) -> None:
+    """Create what is missing and record SCHEMA_VERSION (inside the caller's
+    transaction). `columns_of(table)`: the names of a table's columns."""
+    for statement in SCHEMA:
+        conn.execute(statement)
+    for table, column, definition in ADDED_COLUMNS:
+        if column not in columns_of(table):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('schema_version', ?)",
+                 (str(SCHEMA_VERSION),))

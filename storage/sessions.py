@@ -1,0 +1,43 @@
+"""Producer sessions and durable consumer positions: the rows the writer keeps
+in memory (writer/producers.py, writer/consumers.py) and stores with each
+batch, in the batch's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# A consumer position: (name, last_id, updated_ns, owner); last_id None deletes the consumer.
+ConsumptionRow = tuple[str, "int | None", int, "str | None"]
+
+PRODUCER_COLUMNS = ("producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
+                    " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner, session_key")
+UPSERT_PRODUCER = (f"INSERT OR REPLACE INTO producers ({PRODUCER_COLUMNS})"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+SELECT_PRODUCER = f"SELECT {PRODUCER_COLUMNS} FROM producers WHERE producer_id = ?"
+UPSERT_CONSUMER = ("INSERT OR REPLACE INTO consumers (name, last_id, updated_ns, owner)"
+                   " VALUES (?, ?, ?, ?)")
+DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
+
+
+def write_producers(conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    if rows:
+        conn.executemany(UPSERT_PRODUCER, rows)
+
+
+def load_producer(conn: Any, producer_id: str) -> tuple[Any, ...] | None:
+    return conn.execute(SELECT_PRODUCER, (producer_id,)).fetchone()
+
+
+def write_consumptions(conn: Any, rows: Sequence[ConsumptionRow]) -> None:
+    for name, position, updated_ns, owner in rows:
+        if position is None:
+            conn.execute(DELETE_CONSUMER, (name,))
+        else:
+            conn.execute(UPSERT_CONSUMER, (name, position, updated_ns, owner))
+
+
+def load_consumers(conn: Any) -> dict[str, tuple[int, int, str | None]]:
+    """name -> (last_id, updated_ns, owner) of every durable consumer."""
+    return {name: (last_id, updated_ns, owner) for name, last_id, updated_ns, owner in
+            conn.execute("SELECT name, last_id, updated_ns, owner FROM consumers")}
