@@ -62,7 +62,7 @@ DUST_SAT = 546                 # no change output below this: it goes to the fee
 ESTIMATED_VSIZE = 160          # one P2WPKH input, a 37-byte OP_RETURN, one change output
 BUMP_HEADROOM = 4              # the reserved UTXO covers fee bumps up to 4x the first rate
 PROOFS_PER_EVENT = 500         # documents per anchor.submitted message (< 1 MiB)
-MAX_REF_CHARS = 256
+MAX_REF_CHARS = protocol.MAX_ANCHOR_REF_CHARS
 POLL_SECONDS = 0.2             # longest wait of one loop pass
 
 

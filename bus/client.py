@@ -536,14 +536,17 @@ class HistoryClient:
 
 def since_to_ns(since: dt.datetime | dt.timedelta | int | float) -> int:
     """A start time as ns since the epoch: a datetime, a timedelta ago, or
-    seconds since the epoch (int/float)."""
+    seconds since the epoch (int/float). Clamped to 0..2^63-1, what the wire
+    carries: before the epoch is "everything", far in the future "nothing yet"."""
     if isinstance(since, dt.timedelta):
-        return time.time_ns() - int(since.total_seconds() * 1e9)
-    if isinstance(since, dt.datetime):
+        ns = time.time_ns() - int(since.total_seconds() * 1e9)
+    elif isinstance(since, dt.datetime):
         if since.tzinfo is None:
             raise ValueError("since: give an aware datetime (with a time zone)")
-        return int(since.timestamp() * 1e9)
-    return int(since * 1e9)
+        ns = int(since.timestamp() * 1e9)
+    else:
+        ns = int(since * 1e9)
+    return min(max(ns, 0), protocol.MAX_INT64)
 
 
 class Subscriber:

@@ -30,7 +30,9 @@ def configure_logging(level: str = "info", fmt: str = "auto", process: str | Non
                        _with_priority(structlog.processors.JSONRenderer())
                        if _stderr_is_journal() else structlog.processors.JSONRenderer()]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+        # A person at a terminal: the "started" event's 70 settings would bury
+        # what matters (`bus-cli config` prints them); JSON logs keep them.
+        processors += [_drop_config, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level.lower(), logging.INFO)),
@@ -40,6 +42,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", process: str | Non
     structlog.contextvars.clear_contextvars()
     if process:
         structlog.contextvars.bind_contextvars(process=process)
+
+
+def _drop_config(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event.pop("config", None)
+    return event
 
 
 class QuietOnBrokenPipe:

@@ -35,6 +35,8 @@ COMMIT_TOPIC = "$bus.commit"        # {last_id, rows, committed_ns} after each c
 
 # Anchoring (anchor worker): requests in, results out; payloads in docs/protocol.md.
 ANCHOR_REQUEST_TOPIC = "anchor.request"      # {hash: 32 bytes, ref?: str}
+# An anchoring request's `ref`, stored with the document: at most this many characters.
+MAX_ANCHOR_REF_CHARS = 256
 ANCHOR_SUBMITTED_TOPIC = "anchor.submitted"  # txid, root, each document's inclusion proof
 ANCHOR_CONFIRMED_TOPIC = "anchor.confirmed"  # after BUS_ANCHOR_CONFIRMATIONS
 ANCHOR_ERROR_TOPIC = "anchor.error"          # a request refused, or anchoring held back

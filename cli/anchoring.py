@@ -23,7 +23,8 @@ import msgpack
 
 from bus import protocol, security
 from bus.client import BusError, ControlClient, Publisher
-from cli.common import CURVE_FIELDS, Liveness, build_config, print_sections, setting_options
+from cli.common import (CURVE_FIELDS, MAX_SECONDS, FiniteFloat, Liveness, build_config,
+                        print_sections, setting_options)
 
 ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpoint",
                  "notify_endpoint", "anchor_control_endpoint", "anchor_http",
@@ -78,10 +79,13 @@ def _proof(cfg: Any, digest: bytes) -> dict[str, Any] | None:
 @anchor.command()
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--hash", "hex_hash", help="the document's SHA-256 (hex) instead of FILE")
-@click.option("--ref", default=None, help="a reference stored with the anchoring (256 chars)")
+@click.option("--ref", default=None,
+              help=f"a reference stored with the anchoring ({protocol.MAX_ANCHOR_REF_CHARS} "
+                   "characters at most)")
 @click.option("--wait", is_flag=True, help="wait until the document is anchored in a "
               "broadcast transaction, then print its proof")
-@click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+@click.option("--timeout", type=FiniteFloat(min=0, max=MAX_SECONDS), default=300.0,
+              show_default=True,
               help="seconds --wait waits")
 @setting_options("pub_endpoint", "sub_endpoint", "control_endpoint", "notify_endpoint",
                  "read_endpoint", "anchor_control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
@@ -93,6 +97,9 @@ def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str 
     once the document is in a broadcast anchor transaction."""
     cfg = build_config(ctx, flags, "anchor")
     digest = _document_hash(file, hex_hash)
+    if ref is not None and len(ref) > protocol.MAX_ANCHOR_REF_CHARS:
+        raise click.BadParameter(f"{len(ref)} characters; at most "
+                                 f"{protocol.MAX_ANCHOR_REF_CHARS}", param_hint="--ref")
     request = {"hash": digest} | ({"ref": ref} if ref else {})
     try:
         with Publisher(cfg) as pub:
@@ -158,7 +165,7 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None) -> None:
     from proofs.document import ProofError
     try:
         proof_json = json.loads(proof_file.read().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError: ValueError
         click.echo(f"INVALID: {proof_file.name} is not a proof (JSON text): {exc}", err=True)
         sys.exit(1)
     try:

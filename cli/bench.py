@@ -14,6 +14,7 @@ TOPIC.data (probes under TOPIC.ready).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ import setproctitle
 from bus import protocol
 from bus.client import BusError, Publisher, Subscriber
 from bus.config import BusConfig
-from cli.common import CURVE_FIELDS, build_config, setting_options
+from cli.common import CURVE_FIELDS, MAX_SECONDS, FiniteFloat, build_config, setting_options
 
 # Latencies kept per child: beyond this many messages, every k-th one is sampled.
 MAX_SAMPLES = 200_000
@@ -38,6 +39,7 @@ PERCENTILES = (50, 90, 99, 99.9)
 # How long a subscriber waits for more once the publishers are done.
 SUBSCRIBER_GRACE_S = 2.0
 PROBE_INTERVAL_S = 0.1
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -55,8 +57,13 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def _child_setup(title: str) -> None:
-    # The parent owns Ctrl-C: it stops the children and says what was measured.
+    # The parent owns Ctrl-C and SIGTERM: it stops the children. Should the
+    # parent die without doing so (SIGKILL), the kernel sends SIGTERM
+    # (PR_SET_PDEATHSIG), so that no child waits forever for a parent gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the line above
+        os._exit(1)
     setproctitle.setproctitle(title)
 
 
@@ -164,6 +171,14 @@ class BenchFailed(click.ClickException):
     pass
 
 
+class Terminated(Exception):
+    """SIGTERM: stop the children and exit 143, with no figures."""
+
+
+def _terminate(*_: Any) -> None:
+    raise Terminated
+
+
 class Run:
     """The children of one bench run and the queue they report on."""
 
@@ -208,22 +223,22 @@ class Run:
                 raise BenchFailed(f"{role} {int(index) + 1} exited with status {proc.exitcode}")
 
     def close(self) -> None:
-        for proc in self.children.values():
+        children, self.children = self.children, {}
+        for proc in children.values():
             if proc.is_alive():
                 proc.terminate()
-        for proc in self.children.values():
+        for proc in children.values():
             proc.join(5)
             if proc.is_alive():
                 proc.kill()
                 proc.join(1)
-        self.results.close()
 
 
-def probe_until_ready(cfg: BusConfig, topic: str, ready: list[Any], run: Run,
+def probe_until_ready(cfg: BusConfig, topic: str, producer_id: str, ready: list[Any], run: Run,
                       timeout: float) -> None:
     """Publish probes until every subscriber has seen one."""
     deadline = min(run.deadline, time.monotonic() + timeout)
-    with Publisher(cfg, producer_id=f"{topic}.probe") as probe:
+    with Publisher(cfg, producer_id=producer_id) as probe:
         while not all(event.is_set() for event in ready):
             if time.monotonic() > deadline:
                 waiting = sum(not event.is_set() for event in ready)
@@ -276,10 +291,11 @@ def summarize(reports: dict[int, dict[str, Any]], size: int, key: str) -> dict[s
 @click.option("--acked", is_flag=True,
               help="publishers wait for the writer's acknowledgements: acknowledged rate and "
                    "acknowledgement latency (publish to ack seen)")
-@click.option("--rate", type=click.FloatRange(min=0), default=0.0,
+@click.option("--rate", type=FiniteFloat(min=0, max=1e7), default=0.0, show_default=True,
               help="messages per second in all (0: as fast as possible); latencies at a "
                    "fixed rate are the ones to compare")
-@click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+@click.option("--timeout", type=FiniteFloat(min=1, max=MAX_SECONDS), default=300.0,
+              show_default=True,
               help="seconds the whole run may take")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
 @setting_options("pub_endpoint", "sub_endpoint", "control_endpoint", "notify_endpoint",
@@ -288,17 +304,25 @@ def summarize(reports: dict[int, dict[str, Any]], size: int, key: str) -> dict[s
 def bench(ctx: click.Context, topic: str | None, publishers: int, subscribers: int,
           messages: int, size: int, acked: bool, rate: float, timeout: float, as_json: bool,
           **flags: Any) -> None:
-    """Measure the running bus: publish rate, with --acked the acknowledged
-    rate and acknowledgement latency, with --sub the rate and end-to-end
-    latency each subscriber sees. Messages go to TOPIC.data (default: a new
-    bench.<id> each run) and are stored like any others."""
+    """Rates and latencies of the running bus, like nats bench.
+
+    The publish rate is how fast publish() returns (into the socket's queue;
+    the writer's acknowledgements hold it back only past 100,000
+    unacknowledged); with --acked, the acknowledged rate and the latency from
+    publish() to the acknowledgement; with --sub, the rate of all the
+    subscribers' deliveries together and the end-to-end latency. Messages go
+    to TOPIC.data (default: a new bench.<id> each run), probes to TOPIC.ready;
+    the writer stores both like any others."""
     cfg = build_config(ctx, flags, "bench")
-    topic = topic or f"bench.{uuid.uuid4().hex[:8]}"
-    data_topic = f"{topic}.data"
+    if topic == "":
+        raise click.BadParameter("must not be empty", param_hint="TOPIC")
+    run_id = uuid.uuid4().hex[:12]
+    topic = topic or f"bench.{run_id}"
+    data_topic, probe_topic = f"{topic}.data", f"{topic}.ready"
     try:
-        protocol.encode_topic(data_topic, cfg.max_topic_bytes)
+        protocol.encode_topic(probe_topic, cfg.max_topic_bytes)  # the longer of the two
     except protocol.ProtocolError as exc:
-        raise click.BadParameter(str(exc), param_hint="TOPIC") from None
+        raise click.BadParameter(f"{exc} (with .ready appended)", param_hint="TOPIC") from None
     if size + len(data_topic) + 256 > cfg.max_message_bytes:
         raise click.BadParameter(f"{size} bytes leave no room for topic and meta under "
                                  f"BUS_MAX_MESSAGE_BYTES={cfg.max_message_bytes}",
@@ -306,6 +330,8 @@ def bench(ctx: click.Context, topic: str | None, publishers: int, subscribers: i
     run = Run(timeout)
     per_publisher_rate = rate / publishers
     stop = _SPAWN.Event()
+    producer_ids = [f"bench-{run_id}-{i + 1}" for i in range(publishers)]
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         ready = [_SPAWN.Event() for _ in range(subscribers)]
         for i in range(subscribers):
@@ -313,23 +339,24 @@ def bench(ctx: click.Context, topic: str | None, publishers: int, subscribers: i
                       messages, ready[i], stop)
         run.collect("subscriber", "connected", subscribers, "connect")
         if subscribers:
-            probe_until_ready(cfg, f"{topic}.ready", ready, run,
+            probe_until_ready(cfg, probe_topic, f"bench-{run_id}-probe", ready, run,
                               max(1.0, cfg.request_timeout_ms / 1000))
         go = _SPAWN.Event()
-        run_id = topic.replace(".", "-")[:40]
         for i, count in enumerate(spread(messages, publishers)):
-            run.start("publisher", i, publisher_main, cfg, i, f"{run_id}-{i + 1}", data_topic,
+            run.start("publisher", i, publisher_main, cfg, i, producer_ids[i], data_topic,
                       count, size, per_publisher_rate, acked, timeout, go)
         run.collect("publisher", "connected", publishers, "connect")
         go.set()
         published = run.collect("publisher", "done", publishers, "finish")
         stop.set()
         received = run.collect("subscriber", "done", subscribers, "finish")
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    finally:
+    except Terminated:
         run.close()
-    result = {"topic": data_topic, "messages": messages, "size": size,
+        click.echo("stopped by SIGTERM before the run finished: no figures", err=True)
+        raise SystemExit(143) from None
+    finally:  # Ctrl-C too: BusCli says "interrupted" and exits 130
+        run.close()
+    result = {"topic": data_topic, "producers": producer_ids, "messages": messages, "size": size,
               "publishers": publishers, "subscribers": subscribers, "acked": acked,
               "rate": rate or None,
               "publish": summarize(published, size, "published"),
@@ -367,7 +394,9 @@ def print_bench(result: dict[str, Any]) -> None:
         click.echo(line)
         if name == "subscribe" and stats["received_min"] < n:
             click.echo(f"  {'':<13}a subscriber received only {stats['received_min']:,} of "
-                       f"{n:,} (live delivery drops past the high-water mark)")
+                       f"{n:,}: live delivery drops what a subscriber's queue cannot hold "
+                       f"(BUS_SUB_HWM) and stops while the proxy does ({SUBSCRIBER_GRACE_S:g} s "
+                       "without a message ends a subscriber)")
         lat = stats["latency_ms"]
         if latency_name and lat:
             click.echo(f"  {'':<13}{latency_name}: "

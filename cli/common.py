@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import signal
 import threading
 import time
@@ -84,6 +85,22 @@ def _print_tree(data: dict[str, Any], indent: str) -> None:
             _print_tree(value, indent + "  ")
         elif key != "config":
             click.echo(f"{indent}{key}: {value}")
+
+
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange, refusing NaN (which passes every comparison) and
+    the infinities: a timeout of nan waited forever, inf overflowed."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+# The longest any timeout or interval may be: about 11 days.
+MAX_SECONDS = 1e6
 
 
 def stop_on_sigterm() -> Callable[[], bool]:

@@ -42,8 +42,9 @@ from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscr
 from bus.config import SETTINGS, BusConfig
 from cli.anchoring import anchor, utxo
 from cli.bench import bench
-from cli.common import (CURVE_FIELDS, PROCESS_FIELDS, InputError, Liveness, ask_all, build_config,
-                        jsonable, print_sections, setting_options, stop_on_sigterm)
+from cli.common import (CURVE_FIELDS, MAX_SECONDS, PROCESS_FIELDS, FiniteFloat, InputError, Liveness,
+                        ask_all, build_config, jsonable, print_sections, setting_options,
+                        stop_on_sigterm)
 
 ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
                    "proxy_control_endpoint", "read_endpoint", "notify_endpoint")
@@ -86,6 +87,10 @@ class BusCli(click.Group):
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except UnicodeEncodeError as exc:  # e.g. an argument of bytes that are not UTF-8
+            click.echo(f"Error: text that is not valid UTF-8 (in an argument?): {exc.reason}",
+                       err=True)
+            sys.exit(2)
         except BrokenPipeError:
             # Python would complain again when it flushes stdout at exit.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -104,7 +109,7 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 # --- processes ---------------------------------------------------------------
 
-@main.command("config")
+@main.command("config", short_help="Every setting's value and where it came from.")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
 @setting_options(*(s.field for s in SETTINGS))
 @click.pass_context
@@ -122,7 +127,7 @@ def show_config(ctx: click.Context, as_json: bool, **flags: Any) -> None:
         click.echo(f"{s.env:<{width}}  {public[s.env]!s:<28}  {cfg.origins[s.field]}")
 
 
-@main.command()
+@main.command(short_help='Run the proxy (what bus-proxy.service runs).')
 @setting_options(*PROXY_FIELDS)
 @click.pass_context
 def proxy(ctx: click.Context, **flags: Any) -> None:
@@ -190,15 +195,28 @@ def up(ctx: click.Context, **flags: Any) -> None:
         notify = {name: _notify_socket(Path(tmp, f"{name}.notify"))
                   for name in ("writer", "proxy", "reader")}
         try:
-            for name in ("writer", "proxy", "reader"):
-                # Own sessions: the terminal's Ctrl-C reaches only this process,
-                # which then stops the children in the safe order.
-                children[name] = subprocess.Popen(
-                    cmd + [name], env={**env, "NOTIFY_SOCKET": str(Path(tmp, f"{name}.notify"))},
-                    start_new_session=True)
-            ready = _wait_ready(children, notify, stopping)
+            ready: dict[str, dict[str, str]] | None = {}
+            # The writer first: the reader would warn that the database it
+            # creates is not there yet.
+            for group in (("writer",), ("proxy", "reader")):
+                for name in group:
+                    # Own sessions: the terminal's Ctrl-C reaches only this
+                    # process, which then stops the children in the safe order.
+                    children[name] = subprocess.Popen(
+                        cmd + [name],
+                        env={**env, "NOTIFY_SOCKET": str(Path(tmp, f"{name}.notify"))},
+                        start_new_session=True)
+                started = _wait_ready({name: children[name] for name in group}, notify, stopping)
+                if started is None:
+                    ready = None
+                    break
+                ready.update(started)
             if ready is None:
                 status = 1
+                click.echo("the bus did not start; the lines above say why. An endpoint in use "
+                           "is often another bus (bus-cli ping finds it): stop it, or give this "
+                           "one other endpoints (--pub-endpoint ..., see bus-cli up --help, or "
+                           "BUS_*_ENDPOINT) and the clients the same", err=True)
             else:
                 http = {name: ready[name].get("BUS_HTTP", "off") for name in ready}
                 click.echo(
@@ -321,7 +339,7 @@ def input_lines(stream: Any, encoding: str) -> Iterator[tuple[str, bytes, str]]:
         yield (where, *encode_payload(line, encoding, where))
 
 
-@main.command()
+@main.command(short_help="Publish DATA, a file, or standard input's lines.")
 @click.argument("topic")
 @click.argument("data", required=False)
 @click.option("--file", "-f", "path", type=click.Path(exists=True, dir_okay=False, readable=True,
@@ -336,13 +354,14 @@ def input_lines(stream: Any, encoding: str) -> Iterator[tuple[str, bytes, str]]:
               help="DATA is JSON; payload is its msgpack encoding")
 @click.option("--count", "-c", type=click.IntRange(min=1), default=1,
               help="publish DATA this many times")
-@click.option("--rate", "-r", type=click.FloatRange(min=0), default=0.0,
+@click.option("--rate", "-r", type=FiniteFloat(min=0, max=1e7), default=0.0,
               help="messages per second with --count (0: as fast as possible)")
 @click.option("--producer-id", default=None, help="producer id in meta (default: host-pid-random)")
 @click.option("--header", "-H", multiple=True, help="KEY=VALUE header in meta (repeatable)")
 @click.option("--wait", is_flag=True,
               help="exit 0 only once the writer has committed every message")
-@click.option("--wait-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+@click.option("--wait-timeout", type=FiniteFloat(min=0, min_open=True, max=MAX_SECONDS),
+              default=10.0,
               show_default=True,
               help="seconds --wait waits for the commit acknowledgements")
 @setting_options(*PUBLISHER_FIELDS, "max_topic_bytes", "max_message_bytes", *CURVE_FIELDS)
@@ -387,6 +406,9 @@ def publish(ctx: click.Context, topic: str, data: str | None, path: str | None, 
         payloads = itertools.repeat(("DATA", *payload), count)
         total = count
     else:
+        if sys.stdin.isatty():
+            click.echo(f"reading messages for {topic} from standard input, one a line "
+                       "(Ctrl-D ends)", err=True)
         payloads = input_lines(sys.stdin.buffer, encoding)
         total = None
     sent = 0
@@ -477,7 +499,11 @@ def parse_since(text: str) -> dt.datetime | dt.timedelta:
     """'10m', '30s', '2h', '1d', '500ms' ago, or an ISO 8601 time (UTC if no zone)."""
     match = _DURATION.match(text.strip())
     if match:
-        return dt.timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+        try:
+            return dt.timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+        except OverflowError:
+            raise click.BadParameter(f"{text!r} is longer ago than any stored message could "
+                                     "be", param_hint="--since") from None
     try:
         when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -512,7 +538,7 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
     return shown
 
 
-@main.command()
+@main.command(short_help='Print messages as they pass (--since: stored first).')
 @click.argument("prefixes", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 @click.option("-n", "limit", type=click.IntRange(min=1), default=None,
@@ -567,7 +593,7 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
         print_messages(iter(receive, False), as_json, limit, stopped, sub.ack)
 
 
-@main.command()
+@main.command(short_help='Print stored messages, oldest first.')
 @click.argument("prefixes", nargs=-1)
 @click.option("--since", "since", default=None, help="stored since then (10m, 2h, ISO time)")
 @click.option("--from-id", type=click.IntRange(min=1), default=None,
@@ -603,7 +629,9 @@ def history(ctx: click.Context, prefixes: tuple[str, ...], since: str | None,
                                        limit=limit)
             if last is not None:
                 messages = iter(collections.deque(messages, maxlen=last))
-            print_messages(messages, as_json, limit)
+            if not print_messages(messages, as_json, limit):
+                click.echo("no stored message matches"
+                           + (f" (prefixes: {', '.join(prefixes)})" if prefixes else ""), err=True)
         except BusError as exc:
             raise InputError(str(exc)) from None
 
@@ -635,7 +663,7 @@ def request_once(cfg: BusConfig, endpoint: str, cmd: str, args: dict[str, Any] |
             raise InputError(str(exc)) from None
 
 
-@main.command()
+@main.command(short_help='Messages and last activity per topic prefix.')
 @click.option("--depth", "-d", type=click.IntRange(1, 16), default=2, show_default=True,
               help="group topics by their first DEPTH dot-separated parts")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
@@ -653,13 +681,20 @@ def topics(ctx: click.Context, depth: int, as_json: bool, **flags: Any) -> None:
     for name, count, last_id, last_ns in found["topics"]:
         stored = dt.datetime.fromtimestamp(last_ns / 1e9, dt.timezone.utc)
         click.echo(f"{name:<40} {count:>10,} {last_id:>12,}  {stored:%Y-%m-%d %H:%M:%S}Z")
-    click.echo(f"among messages {found['after_id'] + 1:,}..{found['last_id']:,}"
-               + (" (the 1,000 most recent prefixes)" if found["truncated"] else ""), err=True)
+    if not found["last_id"]:
+        counted = "no messages stored"
+    elif not found["after_id"]:
+        counted = "counted: every stored message"
+    else:
+        counted = (f"counted: the newest {found['last_id'] - found['after_id']:,} messages, ids "
+                   f"{found['after_id'] + 1:,}..{found['last_id']:,} (BUS_HISTORY_SCAN_ROWS)")
+    click.echo(counted + (" (the 1,000 most recent prefixes)" if found["truncated"] else ""),
+               err=True)
 
 
 # --- consumers -----------------------------------------------------------------
 
-@main.group()
+@main.group(short_help='Durable consumers: list, show, remove.')
 def consumers() -> None:
     """Durable consumers: their positions and lag (like `nats consumer`)."""
 
@@ -671,7 +706,11 @@ def consumers() -> None:
 def consumers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     """Every durable consumer (the 100 most behind), with its position and lag."""
     cfg = build_config(ctx, flags, "consumers")
-    summary = request_once(cfg, cfg.control_endpoint, "stats")["consumers"]
+    reply = request_once(cfg, cfg.control_endpoint, "stats")
+    summary = reply.get("consumers") if isinstance(reply, dict) else None
+    if not isinstance(summary, dict):
+        raise InputError(f"{cfg.control_endpoint} answered, but not as the writer does (is it "
+                         "the writer's BUS_CONTROL_ENDPOINT?)")
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -691,9 +730,9 @@ def consumers_info(ctx: click.Context, name: str, **flags: Any) -> None:
     """One consumer's position (JSON); exit 1 if there is none of that name."""
     cfg = build_config(ctx, flags, "consumers")
     found = request_once(cfg, cfg.control_endpoint, "consumer_get", {"consumer": name})
-    click.echo(json.dumps(found, indent=2))
-    if found.get("last_id") is None:
+    if not isinstance(found, dict) or found.get("last_id") is None:
         raise InputError(f"no consumer {name!r}")
+    click.echo(json.dumps(found, indent=2))
 
 
 @consumers.command("rm")
@@ -735,7 +774,7 @@ def ping(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any) -
     sys.exit(1 if any(error for _, _, error in answers.values()) else 0)
 
 
-@main.command()
+@main.command(short_help='Is every process healthy? (what /healthz says)')
 @processes_option
 @click.option("--timeout-ms", type=click.IntRange(min=1, max=60_000), default=2000,
               show_default=True, help="how long each process may take to answer")
@@ -761,10 +800,10 @@ def health(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any)
     sys.exit(1 if bad else 0)
 
 
-@main.command()
+@main.command(short_help="Every process's metrics (--watch: rates).")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--watch", "-w", "interval", type=click.FloatRange(min=0.1), default=None,
-              is_flag=False, flag_value=1.0, metavar="SECONDS",
+@click.option("--watch", "-w", "interval", type=FiniteFloat(min=0.1, max=MAX_SECONDS),
+              default=None, is_flag=False, flag_value=1.0, metavar="[SECONDS]",
               help="a line of rolling figures every SECONDS (1), like redis-cli --stat")
 @setting_options("control_endpoint", "proxy_control_endpoint", "read_endpoint",
                  "request_timeout_ms", *CURVE_FIELDS)
@@ -774,6 +813,8 @@ def stats(ctx: click.Context, as_json: bool, interval: float | None, **flags: An
     reader's and the proxy's counters; with --watch, rates every interval
     until Ctrl-C."""
     cfg = build_config(ctx, flags, "stats")
+    if interval is not None and as_json:
+        raise click.UsageError("--watch prints a table of rates; --json gives one snapshot")
     if interval is not None:
         watch_stats(cfg, interval)
         return
@@ -792,9 +833,11 @@ WATCH_COLUMNS: list[tuple[str, int, Callable[[dict, dict, float], str]]] = [
     ("buffered", 9, lambda a, b, dt: _value(a, "writer", "batch", "db_queue_size")),
     ("commit_ms", 9, lambda a, b, dt: _value(a, "writer", "batch", "last_flush_ms")),
     ("wal_MB", 7, lambda a, b, dt: _value(a, "writer", "wal", "bytes", scale=1 << 20)),
-    ("proxy_in/s", 10, lambda a, b, dt: _rate(a, b, dt, "proxy", "frontend_frames_in")),
-    ("proxy_out/s", 11, lambda a, b, dt: _rate(a, b, dt, "proxy", "backend_frames_out")),
-    ("proxy_MB", 8, lambda a, b, dt: _value(a, "proxy", "memory", "rss_bytes", scale=1 << 20)),
+    # The proxy counts frames (a message is 3), not messages: libzmq's counters.
+    ("frames_in/s", 11, lambda a, b, dt: _rate(a, b, dt, "proxy", "frontend_frames_in")),
+    ("frames_out/s", 12, lambda a, b, dt: _rate(a, b, dt, "proxy", "backend_frames_out")),
+    ("proxy_rss_MB", 12, lambda a, b, dt: _value(a, "proxy", "memory", "rss_bytes",
+                                                 scale=1 << 20)),
     ("pages/s", 8, lambda a, b, dt: _rate(a, b, dt, "reader", "requests")),
 ]
 

@@ -357,9 +357,9 @@ def test_bench_measures_what_it_published_and_every_subscriber_received(bus: Bus
     assert result["publish"]["messages"] == result["acknowledged"]["messages"] == 3000
     assert result["subscribe"]["messages"] == 6000 and result["subscribe"]["received_min"] == 3000
     assert bus.count("bench.t.data") == 3000
-    producers = query(bus.db, "SELECT producer_id, contiguous_seq FROM producers "
-                              "WHERE producer_id LIKE 'bench-t-%' ORDER BY producer_id")
-    assert producers == [("bench-t-1", 1500), ("bench-t-2", 1500)]
+    producers = query(bus.db, "SELECT producer_id, contiguous_seq FROM producers WHERE "
+                              "producer_id IN (?, ?) ORDER BY producer_id", tuple(result["producers"]))
+    assert [seq for _, seq in producers] == [1500, 1500], producers
     for part in ("acknowledged", "subscribe"):
         latency = result[part]["latency_ms"]
         assert 0 < latency["p50"] <= latency["p99"] <= latency["max"], (part, latency)
@@ -379,6 +379,24 @@ def test_bench_says_which_side_it_cannot_reach_and_leaves_nothing_running(bus: B
     assert unreachable.returncode == 1 and "publisher 1:" in unreachable.stderr, \
         unreachable.stderr
     assert not [t for t in process_titles() if b"bench.lost" in t and b"bus-bench" in t]
+    for flag, value in (("--timeout", "nan"), ("--rate", "inf"), ("--timeout", "-1")):
+        refused = bus.cli("bench", "--msgs", "10", flag, value)
+        assert refused.returncode == 2 and flag in refused.stderr, refused.stderr
+
+
+def test_bench_stopped_by_sigterm_or_killed_leaves_no_process_behind(bus: Bus) -> None:
+    """SIGTERM killed only the parent: its publishers and subscribers waited
+    forever under init. Now it stops them and exits 143; and a parent killed
+    with SIGKILL takes them along (PR_SET_PDEATHSIG)."""
+    for sig, status in ((signal.SIGTERM, 143), (signal.SIGKILL, -signal.SIGKILL)):
+        topic = f"bench.sig{int(sig)}"
+        run = bus.run("bench", topic, "--msgs", "1000000", "--rate", "2000", "--sub", "1",
+                      "--pub", "2")
+        wait_for(lambda: bus.count(f"{topic}.data") > 100, message="the bench to publish")
+        run.send_signal(sig)
+        assert run.wait() == status
+        wait_for(lambda: not [t for t in process_titles() if topic.encode() in t
+                              and b"bus-bench" in t], message="no bench process left")
 
 
 def process_titles() -> list[bytes]:
@@ -435,3 +453,34 @@ def test_publish_stopped_by_sigterm_commits_what_it_sent_and_exits_0(bus: Bus) -
     sent = int(said.split("published ")[1].split()[0])
     assert said.startswith("stopped by SIGTERM: ") and said.endswith(", committed"), said
     assert bus.count("term.t") == sent >= 20
+
+
+def test_odd_arguments_get_one_line_errors_not_tracebacks(bus: Bus, tmp_path: Path) -> None:
+    """From a hostile pass over the CLI: each of these printed a traceback or
+    waited forever."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    cases = [
+        (["history", "--since", "99999999d", "-n", "1"], 0, None),  # before the epoch: all
+        (["history", "--since", "9999-12-31T23:59:59", "-n", "1"], 0, "no stored message"),
+        (["history", "--since", "1e300d"], 2, "--since"),
+        (["stats", "--watch", "nan"], 2, "not a finite number"),
+        (["stats", "--json", "--watch", "1"], 2, "--watch"),
+        (["publish", "t", "x", "--wait", "--wait-timeout", "nan"], 2, "not a finite number"),
+        (["consumers", "ls", "--control-endpoint", bus["BUS_READ_ENDPOINT"]], 1,
+         "not as the writer does"),
+        (["consumers", "info", "nobody"], 1, "no consumer 'nobody'"),
+        (["anchor", "submit", "--hash", "ab" * 32, "--ref", "r" * 300], 2, "at most 256"),
+        (["anchor", "submit", "--hash", "ab" * 32, "--wait", "--timeout", "nan"], 2, "finite"),
+        (["anchor", "verify", str(deep)], 1, "INVALID"),
+        (["publish", "a\udcff", "x"], 2, "not valid UTF-8"),
+    ]
+    for args, status, said in cases:
+        run = subprocess.run([BUS_CLI, *args], env=bus.env, cwd=tmp_path, capture_output=True,
+                             timeout=30, errors="surrogateescape")
+        assert run.returncode == status, (args, run.stderr)
+        assert "Traceback" not in run.stderr, (args, run.stderr)
+        if said:
+            assert said in run.stderr, (args, run.stderr)
+        if args[:2] == ["consumers", "info"]:
+            assert run.stdout == ""  # no JSON object of nulls before the error
