@@ -64,27 +64,37 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def wait_rows(db: str, count: int, timeout: float) -> float:
-    """Poll a read-only connection until `count` rows are stored; returns the time."""
-    deadline = time.monotonic() + timeout
-    conn = None
-    while time.monotonic() < deadline:
+def last_id(db: str) -> int:
+    """The newest stored id through a connection of its own (0 if none yet):
+    a SQLite file read-only, or a PostgreSQL URL."""
+    if db.startswith("postgresql://"):
+        import psycopg
         try:
-            conn = conn or sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            n = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
-            if n >= count:
-                return time.monotonic()
-        except sqlite3.OperationalError:
-            conn = None
+            with psycopg.connect(db, autocommit=True) as conn:
+                return conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        except psycopg.errors.UndefinedTable:
+            return 0
+    if not Path(db).exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def wait_rows(db: str, count: int, timeout: float) -> float:
+    """Poll until `count` rows are stored; returns the time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if last_id(db) >= count:
+            return time.monotonic()
         time.sleep(0.02)
     raise TimeoutError(f"{db}: fewer than {count} rows after {timeout}s")
 
 
 def stored_rows(db: str) -> int:
-    if not Path(db).exists():
-        return 0
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+    return last_id(db)
 
 
 def run_child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -98,7 +108,8 @@ def run_child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 class Bus:
     def __init__(self, workdir: Path, **settings: str) -> None:
         self.env = dict(os.environ, **endpoints(), BUS_DB=str(workdir / "bus.db"),
-                        BUS_LOG_FORMAT="json", BUS_LOG_LEVEL="warning", **settings)
+                        BUS_LOG_FORMAT="json", BUS_LOG_LEVEL="warning")
+        self.env.update(settings)
         self.db = self.env["BUS_DB"]
         cmd = [sys.executable, "-m", "cli.main"]
         self.writer = subprocess.Popen(cmd + ["writer"], env=self.env, cwd=ROOT)

@@ -182,8 +182,24 @@ class Publisher:
         return self
 
     def _open_session(self) -> None:
+        deadline = time.monotonic() + self.connect_timeout
+        pause = 0.05
         try:
-            session = self._control.request("producer_open", {"producer": self.producer_id})
+            while True:
+                try:
+                    session = self._control.request("producer_open",
+                                                    {"producer": self.producer_id})
+                    break
+                except BusTimeout:
+                    raise
+                except BusError as exc:
+                    # The writer could not commit the session (its database is
+                    # busy or reconnecting) and says to retry: so we do, within
+                    # the connect timeout.
+                    if exc.code != protocol.UNAVAILABLE or time.monotonic() + pause > deadline:
+                        raise
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1.0)
         except BusTimeout:
             raise BusTimeout(f"the writer at {self.config.control_endpoint} did not open a "
                              f"producer session within {self.connect_timeout:g}s (is bus-writer "

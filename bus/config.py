@@ -89,7 +89,8 @@ SETTINGS: tuple[Setting, ...] = (
             "empty: no authentication"),
     Setting("curve_key", "BUS_CURVE_KEY", str, "",
             "this client's secret CURVE certificate (NAME.key_secret), with BUS_CURVE_DIR"),
-    Setting("db", "BUS_DB", str, "bus.db", "SQLite database file (the writer creates it)"),
+    Setting("db", "BUS_DB", str, "bus.db", "SQLite database file (the writer creates it), or "
+            "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"),
     Setting("batch_write_enabled", "BATCH_WRITE_ENABLED", bool, True,
             "false: one transaction per message (debug / comparison)"),
     Setting("batch_size", "BATCH_SIZE", int, 100, "rows per transaction when flushing by size"),

@@ -7,6 +7,7 @@
     bus-cli history [PREFIX...]     print stored messages
     bus-cli stats                   writer/reader metrics and proxy counters
     bus-cli bench                   publish/acknowledge/subscribe rates and latencies
+    bus-cli db migrate | copy       the schema; a copy to another engine (SQLite, PostgreSQL)
     bus-cli anchor [submit|proof|verify]  the anchor worker, and anchoring requests/proofs
     bus-cli utxo stats              the wallet's UTXO table and reservation counters
 
@@ -40,8 +41,10 @@ import zmq.auth
 from bus import protocol, security
 from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscriber, since_to_ns
 from bus.config import SETTINGS, BusConfig
+import storage
 from cli.anchoring import anchor, utxo
 from cli.bench import bench
+from cli.db import db
 from cli.common import (CURVE_FIELDS, MAX_SECONDS, PROCESS_FIELDS, FiniteFloat, InputError, Liveness,
                         ask_all, build_config, jsonable, print_sections, setting_options,
                         stop_on_sigterm)
@@ -222,7 +225,7 @@ def up(ctx: click.Context, **flags: Any) -> None:
                 click.echo(
                     f"bus is up: proxy pid {children['proxy'].pid}, writer pid "
                     f"{children['writer'].pid}, reader pid {children['reader'].pid}, database "
-                    f"{os.path.abspath(cfg.db)}\n"
+                    f"{describe_db(cfg.db)}\n"
                     f"  publishers connect to   {cfg.pub_endpoint}   (BUS_PUB_ENDPOINT)\n"
                     f"  subscribers connect to  {cfg.sub_endpoint}   (BUS_SUB_ENDPOINT)\n"
                     f"  writer capture (PULL)   {cfg.capture_endpoint}   (BUS_CAPTURE_ENDPOINT)\n"
@@ -264,6 +267,12 @@ def up(ctx: click.Context, **flags: Any) -> None:
                 sock.close()
     click.echo("bus stopped" + ("" if status == 0 else " with errors"), err=True)
     sys.exit(status)
+
+
+def describe_db(db: str) -> str:
+    """The database as a person reads it: the file's full path, or the URL
+    without its password."""
+    return storage.redact(db) if storage.is_url(db) else os.path.abspath(db)
 
 
 def _notify_socket(path: Path) -> socket.socket:
@@ -921,6 +930,7 @@ def keys_generate(directory: str, name: str) -> None:
 
 main.add_command(anchor)
 main.add_command(bench)
+main.add_command(db)
 main.add_command(utxo)
 
 if __name__ == "__main__":

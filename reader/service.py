@@ -26,8 +26,8 @@ from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
 from proofs.document import make_proof
 from proofs.merkle import MerkleTree
-from storage import anchors, messages, utxos
-from storage.sqlite import DATABASE_ERRORS, NotReadable, open_read_only
+import storage
+from storage import NotReadable, anchors, messages, utxos
 
 log = get_logger("reader")
 
@@ -72,10 +72,11 @@ class History:
         self.scan_rows = scan_rows
         self.busy_timeout_ms = busy_timeout_ms
         self._conn: Any = None
+        self.errors = storage.errors_of(path)[1]
 
     def connection(self) -> Any:
         if self._conn is None:
-            self._conn = open_read_only(self.path, self.busy_timeout_ms)
+            self._conn = storage.open_read_only(self.path, self.busy_timeout_ms)
         return self._conn
 
     def page(self, prefixes: list[str], after_id: int | None = None,
@@ -85,8 +86,7 @@ class History:
         conn = self.connection()
         limit = self.page_rows if limit is None else max(1, min(limit, self.page_rows))
         prefixes = [p for p in prefixes if p] if "" not in prefixes else []
-        conn.execute("BEGIN")  # one snapshot for the page and its bounds
-        try:
+        with storage.snapshot(conn):  # one snapshot for the page and its bounds
             first_id, last_id = messages.id_range(conn)
             last_id = last_id or 0
             if after_id is None:
@@ -103,8 +103,6 @@ class History:
                     full = True
                     break
             cursor.close()
-        finally:
-            conn.execute("COMMIT")
         if full or len(rows) == limit:
             after_id = rows[-1][0]
         else:
@@ -150,11 +148,8 @@ class History:
 
     def _snapshot(self, read: Callable[[Any], Any]) -> Any:
         conn = self.connection()
-        conn.execute("BEGIN")
-        try:
+        with storage.snapshot(conn):
             return read(conn)
-        finally:
-            conn.execute("COMMIT")
 
     def close(self) -> None:
         if self._conn is not None:
@@ -260,7 +255,7 @@ class Reader:
         except ProofUnavailable as exc:
             self._rejects.warning(protocol.PROOF_FAILED, "proof_failed", error=str(exc))
             raise control.CommandFailed(protocol.PROOF_FAILED, str(exc)) from None
-        except DATABASE_ERRORS as exc:  # busy, I/O: the client may retry
+        except self.history.errors as exc:  # busy, I/O: the client may retry
             self.history.close()
             self._rejects.warning(protocol.READ_FAILED, "read_failed", error=str(exc),
                                   error_type=type(exc).__name__)

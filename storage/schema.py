@@ -170,5 +170,9 @@ def apply(conn: Any, columns_of: Any) -> None:
     for table, column, definition in ADDED_COLUMNS:
         if column not in columns_of(table):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-    conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('schema_version', ?)",
-                 (str(SCHEMA_VERSION),))
+    set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+
+
+def set_meta(conn: Any, key: str, value: str) -> None:
+    conn.execute("INSERT INTO bus_meta (key, value) VALUES (?, ?)"
+                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))

@@ -12,11 +12,15 @@ ConsumptionRow = tuple[str, "int | None", int, "str | None"]
 
 PRODUCER_COLUMNS = ("producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
                     " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner, session_key")
-UPSERT_PRODUCER = (f"INSERT OR REPLACE INTO producers ({PRODUCER_COLUMNS})"
-                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+UPSERT_PRODUCER = (f"INSERT INTO producers ({PRODUCER_COLUMNS})"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (producer_id)"
+                   " DO UPDATE SET " + ", ".join(
+                       f"{column} = excluded.{column}" for column in
+                       (c.strip() for c in PRODUCER_COLUMNS.split(",")[1:])))
 SELECT_PRODUCER = f"SELECT {PRODUCER_COLUMNS} FROM producers WHERE producer_id = ?"
-UPSERT_CONSUMER = ("INSERT OR REPLACE INTO consumers (name, last_id, updated_ns, owner)"
-                   " VALUES (?, ?, ?, ?)")
+UPSERT_CONSUMER = ("INSERT INTO consumers (name, last_id, updated_ns, owner) VALUES (?, ?, ?, ?)"
+                   " ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id,"
+                   " updated_ns = excluded.updated_ns, owner = excluded.owner")
 DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
 
 

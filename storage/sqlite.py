@@ -18,7 +18,7 @@ from typing import Any
 import apsw
 
 from bus.runner import StartupError
-from storage import messages, retention, schema, sessions
+from storage import NotReadable, messages, retention, schema, sessions
 
 # The WAL file is truncated back to this size whenever it starts over.
 WAL_SIZE_LIMIT = 32 << 20
@@ -35,10 +35,6 @@ TRANSIENT_ERRORS = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOErr
                     apsw.CantOpenError)
 # Every error the engine raises.
 DATABASE_ERRORS = (apsw.Error,)
-
-
-class NotReadable(Exception):
-    """The database cannot be read yet (not created, or no schema)."""
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -187,6 +183,9 @@ class Store:
     """The writer's handle on a SQLite database: the one-writer lock, the
     connection, the checkpoint thread, and one transaction per write."""
 
+    transient_errors = TRANSIENT_ERRORS
+    is_disk_full = staticmethod(is_disk_full)
+
     def __init__(self, path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> None:
         self.path = path
         self._lock_fd = lock_single_writer(path)
@@ -258,6 +257,9 @@ class Store:
 
     def last_message_id(self) -> int | None:
         return messages.last_id(self.conn)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"engine": "sqlite", **self.checkpointer.snapshot()}
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -14,6 +14,8 @@ from typing import Any
 
 import msgpack
 
+from storage.schema import set_meta
+
 AVAILABLE, RESERVED, SPENT = 0, 1, 2
 STATUS_NAMES = {AVAILABLE: "available", RESERVED: "reserved", SPENT: "spent"}
 UTXO_COLUMNS = "txid, vout, amount_sat, address, script_pubkey, block_height, block_time"
@@ -45,8 +47,7 @@ def read_tip(conn: Any) -> tuple[int | None, str | None]:
 
 
 def write_tip(conn: Any, height: int, block_hash: str) -> None:
-    conn.execute("INSERT OR REPLACE INTO bus_meta VALUES ('wallet_tip', ?)",
-                 (msgpack.packb([height, block_hash]).hex(),))
+    set_meta(conn, "wallet_tip", msgpack.packb([height, block_hash]).hex())
 
 
 def summarize(conn: Any) -> dict[str, Any]:
@@ -59,8 +60,9 @@ def summarize(conn: Any) -> dict[str, Any]:
                             " FROM utxos WHERE status = 1").fetchone()
     spent = conn.execute("SELECT count(*) FROM utxos WHERE spent_txid IS NOT NULL").fetchone()[0]
     height, block_hash = read_tip(conn)
-    return {"available": {"count": available[0], "amount_sat": available[1],
+    # int(): PostgreSQL's sum of bigints is a numeric (a Decimal in Python).
+    return {"available": {"count": available[0], "amount_sat": int(available[1]),
                           "unconfirmed": available[0] - available[2]},
-            "reserved": {"count": reserved[0], "amount_sat": reserved[1],
+            "reserved": {"count": reserved[0], "amount_sat": int(reserved[1]),
                          "next_expiry_ns": reserved[2]},
             "spent": spent, "tip_height": height, "tip_hash": block_hash}

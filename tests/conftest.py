@@ -82,7 +82,10 @@ def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, interval: 
 
 
 def query(db: str | Path, sql: str, params: tuple = ()) -> list[tuple]:
-    """Read the writer's database through a separate read-only connection."""
+    """Read the writer's database through a separate read-only connection
+    (SQLite file, or PostgreSQL URL: `?` placeholders either way)."""
+    if str(db).startswith("postgresql://"):
+        return _pg_query(str(db), sql, params)
     if not Path(db).exists():
         return []
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
@@ -96,9 +99,66 @@ def query(db: str | Path, sql: str, params: tuple = ()) -> list[tuple]:
         conn.close()
 
 
+def execute(db: str | Path, sql: str, params: tuple = ()) -> None:
+    """Change the database behind the writer's back (as an operator or a fault
+    would), on either engine."""
+    if str(db).startswith("postgresql://"):
+        import psycopg
+        with psycopg.connect(str(db), autocommit=True) as conn:
+            conn.execute(sql.replace("?", "%s"), params)
+        return
+    with sqlite3.connect(db, timeout=10) as conn:
+        conn.execute(sql, params)
+    conn.close()
+
+
+# What a commit blocked by another session's lock fails with, by engine.
+LOCKED_ERROR = {"sqlite": "BusyError", "postgresql": "LockNotAvailable"}
+
+
+class WriteLock:
+    """Another session holding the database's write lock (SQLite's reserved
+    lock; on PostgreSQL, an exclusive lock on the messages table) until
+    release(): the writer's commits fail with LOCKED_ERROR meanwhile."""
+
+    def __init__(self, db: str) -> None:
+        self.db = db
+        if db.startswith("postgresql://"):
+            import psycopg
+            self._conn: Any = psycopg.connect(db, autocommit=True)
+            self._conn.execute("BEGIN")
+            self._conn.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+        else:
+            self._conn = sqlite3.connect(db, isolation_level=None)
+            self._conn.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        if self._conn is not None:
+            self._conn.execute("ROLLBACK")
+            self._conn.close()
+            self._conn = None
+
+
+def integrity_ok(db: str | Path) -> bool:
+    """SQLite's own check of the file; PostgreSQL checks its pages itself."""
+    if str(db).startswith("postgresql://"):
+        return True
+    return query(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+def _pg_query(url: str, sql: str, params: tuple) -> list[tuple]:
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            return conn.execute(sql.replace("?", "%s"), params).fetchall()
+        except psycopg.errors.UndefinedTable:  # schema not created yet
+            return []
+
+
 def count_messages(db: str | Path, topic_prefix: str = "") -> int:
-    return query(db, "SELECT count(*) FROM messages WHERE substr(topic, 1, ?) = ?",
-                 (len(topic_prefix), topic_prefix))[0][0] if Path(db).exists() else 0
+    rows = query(db, "SELECT count(*) FROM messages WHERE substr(topic, 1, ?) = ?",
+                 (len(topic_prefix), topic_prefix))
+    return rows[0][0] if rows else 0
 
 
 class LineReader:
@@ -260,6 +320,10 @@ class Bus:
     def __getitem__(self, name: str) -> str:
         return self.env[name]
 
+    @property
+    def engine(self) -> str:
+        return "postgresql" if self.db.startswith("postgresql://") else "sqlite"
+
     def run(self, *args: str, stdin: Any = subprocess.DEVNULL) -> Proc:
         """Start `bus-cli ARGS` with this bus's settings; stopped at teardown."""
         return self.spawn([BUS_CLI, *args], stdin=stdin)
@@ -354,14 +418,56 @@ class Bus:
                 stream.close()
 
 
+# The storage-facing tests: each runs on SQLite and on PostgreSQL (a private
+# server, tests/pgserver.py), except those marked sqlite_only (what only a
+# file has: its size, its WAL, a full disk, a file that is not a database).
+STORAGE_MODULES = {"test_history", "test_consumers", "test_producers", "test_retention",
+                   "test_utxos", "test_anchor_records", "test_acks", "test_writer"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: a storage test of what only SQLite has")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db_engine" not in metafunc.fixturenames or any(
+            "db_engine" in str(mark.args[0]) for mark in metafunc.definition.iter_markers(
+                "parametrize")):
+        return  # a test that names its engines itself
+    module = metafunc.module.__name__.rpartition(".")[2]
+    both = module in STORAGE_MODULES and not metafunc.definition.get_closest_marker("sqlite_only")
+    metafunc.parametrize("db_engine", ["sqlite", "postgresql"] if both else ["sqlite"],
+                         indirect=True)
+
+
 @pytest.fixture
-def make_bus(tmp_path: Path) -> Iterator[Callable[..., Bus]]:
-    """make_bus(**env settings) -> a Bus not yet started; all are torn down after the test."""
+def db_engine(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    from tests.pgserver import PACKAGE_HINT, PgServer, find_bindir
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip(PACKAGE_HINT)
+    server = PgServer(bindir, free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_bus(tmp_path: Path, db_engine: str, request: pytest.FixtureRequest
+             ) -> Iterator[Callable[..., Bus]]:
+    """make_bus(**env settings) -> a Bus not yet started; all are torn down after the test.
+    On PostgreSQL, each bus gets a new database of the test's private server."""
     buses: list[Bus] = []
 
     def factory(**settings: Any) -> Bus:
         path = tmp_path / f"bus{len(buses)}"
         path.mkdir()
+        if db_engine == "postgresql" and "BUS_DB" not in settings:
+            settings["BUS_DB"] = request.getfixturevalue("pg_server").create_database()
         bus = Bus(path, **settings)
         buses.append(bus)
         return bus

@@ -12,7 +12,7 @@ import pytest
 
 from bus import protocol
 from bus.client import BusTimeout, ControlClient, Publisher, Subscriber
-from tests.conftest import Bus, RawProducer, query, wait_for
+from tests.conftest import Bus, RawProducer, integrity_ok, query, wait_for
 
 
 def seqs_of(bus: Bus, producer: str) -> list[int]:
@@ -85,7 +85,7 @@ def test_kill_9_of_the_writer_loses_no_acknowledged_message(make_bus) -> None:
         assert pub.acked_seq == 20_000
     assert seqs_of(bus, "survivor") == list(range(1, 20_001)), "every message exactly once"
     assert bus.stop() == (0, 0)
-    assert query(bus.db, "PRAGMA integrity_check") == [("ok",)]
+    assert integrity_ok(bus.db)
 
 
 def test_bus_cli_publish_wait(make_bus) -> None:

@@ -68,12 +68,22 @@ def test_policies_and_confirmations_pick_through_the_index(wallet: Bus) -> None:
         assert c.reserve(2_500, 60, min_confirmations=0)["txid"] == txid(5)
     assert [status(wallet, n) for n in range(1, 6)] == ["reserved"] * 5
     # Whatever the table size, the pick is a range seek on the partial index.
-    conn = sqlite3.connect(f"file:{wallet.db}?mode=ro", uri=True)
     for sql in PICK_SQL.values():
-        plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql,
-                                                         (1, 1)[:sql.count("?")]))
+        params = (1, 1)[:sql.count("?")]
+        if wallet.engine == "postgresql":
+            # Five rows are cheaper to scan: with scans off, the plan shows that
+            # the partial index answers the query (its WHERE implies the index's).
+            import psycopg
+            with psycopg.connect(wallet.db) as conn:
+                conn.execute("SET enable_seqscan = off")
+                plan = " ".join(row[0] for row in conn.execute(
+                    "EXPLAIN " + sql.replace("?", "%s"), params))
+            assert "Index Scan" in plan and "utxos_available" in plan, plan
+            continue
+        conn = sqlite3.connect(f"file:{wallet.db}?mode=ro", uri=True)
+        plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+        conn.close()
         assert "SEARCH utxos USING INDEX utxos_available (amount_sat" in plan, plan
-    conn.close()
 
 
 def test_no_spendable_utxo_is_a_clear_counted_error(wallet: Bus) -> None:
@@ -274,7 +284,7 @@ def test_utxo_stats_command(wallet: Bus) -> None:
     with client(wallet) as c:
         c.reserve(1_000, 60)
     out = wallet.cli("utxo", "stats", "--json")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
     stats = json.loads(out.stdout)
     assert stats["table"]["available"] == {"count": 4, "amount_sat": 60_000, "unconfirmed": 1}
     assert stats["table"]["reserved"]["count"] == 1

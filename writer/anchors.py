@@ -84,12 +84,12 @@ class AnchorBook:
                                   "spending_txid": args.get("txid")}, now_ns)
         if spent["replaced_txid"] is not None:  # rolled back by the dispatcher
             raise UtxoError("bad_request", "this lease already spent its UTXO in another anchor")
-        self.conn.execute(
+        anchor_id = self.conn.execute(
             "INSERT INTO anchors (root, size, txid, raw_tx, fee_sat, vsize, lease_id, utxo_txid,"
             " utxo_vout, status, broadcast_height, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " 'signed', ?, ?)", (root, len(docs), args["txid"], raw_tx, fee, size,
-                                 args["lease_id"], spent["txid"], spent["vout"], tip, now_ns))
-        anchor_id = self.conn.last_insert_rowid()
+            " 'signed', ?, ?) RETURNING id", (root, len(docs), args["txid"], raw_tx, fee, size,
+                                              args["lease_id"], spent["txid"], spent["vout"], tip,
+                                              now_ns)).fetchall()[0][0]
         self.conn.executemany("INSERT INTO anchor_documents VALUES (?, ?, ?, ?, ?)",
                               [(h, anchor_id, i, ref, mid) for i, (h, ref, mid) in enumerate(docs)])
         self.counters["recorded"] += 1

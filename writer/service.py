@@ -43,7 +43,7 @@ from writer.anchors import AnchorBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
 from writer.producers import MAX_SEQ_AHEAD, NotAuthentic, ProducerLedger, ProducerState
-from storage.sqlite import TRANSIENT_ERRORS, Store, is_disk_full
+import storage
 from writer.utxos import UtxoBook, UtxoError
 
 log = get_logger("writer")
@@ -100,7 +100,7 @@ HTTP_SERIES = [
            lambda s: s["load"]["requests_per_second"]),
     Series("last_message_id", "gauge", "id of the newest stored message",
            lambda s: s["database"]["last_message_id"] or 0),
-    Series("wal_bytes", "gauge", "size of the -wal file", lambda s: s["wal"]["bytes"]),
+    Series("wal_bytes", "gauge", "size of the -wal file", lambda s: s["wal"].get("bytes", 0)),
     Series("producers_with_missing", "gauge", "producers with holes in their sequences",
            lambda s: s["producers"]["with_missing"]),
     Series("consumers", "gauge", "durable consumers", lambda s: s["consumers"]["count"]),
@@ -193,7 +193,7 @@ class Writer:
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
         self.ctx: zmq.Context | None = None
-        self.store: Store | None = None
+        self.store: Any = None  # storage.open_store: sqlite.Store or postgres.PgStore
 
     # --- life cycle ---------------------------------------------------------
 
@@ -223,7 +223,8 @@ class Writer:
                 "batch_wait_seconds", "how long the oldest row of a batch waited in the writer "
                 "before its commit (the writer's part of acknowledgement latency)",
                 (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
-        self.store = Store(cfg.db, cfg.sqlite_synchronous, cfg.sqlite_busy_timeout_ms)
+        self.store = storage.open_store(cfg.db, cfg.sqlite_synchronous,
+                                        cfg.sqlite_busy_timeout_ms)
         self.producers = ProducerLedger(self.store.load_producer)
         self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers)
         self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
@@ -514,7 +515,7 @@ class Writer:
         try:
             committed_ns, last_id = self.store.write_batch(
                 self.buffer.messages, self.producers.dirty_rows(), self.buffer.consumptions)
-        except TRANSIENT_ERRORS as exc:
+        except self.store.transient_errors as exc:
             self._flush_failed(exc, now)
             return False
         if self._failing_since is not None:
@@ -547,7 +548,7 @@ class Writer:
         try:
             committed_ns, last_id = self.store.write_batch(
                 part, [state.row() for state in states], self.buffer.consumptions)
-        except TRANSIENT_ERRORS as exc:
+        except self.store.transient_errors as exc:
             self._flush_failed(exc, now)
             return False
         self.metrics.record_flush(count + positions, reason, time.perf_counter() - started,
@@ -565,7 +566,7 @@ class Writer:
         if self._failing_since is None:
             self._failing_since = now
         self._last_error = f"{type(exc).__name__}: {exc}"
-        if is_disk_full(exc):
+        if self.store.is_disk_full(exc):
             # All or nothing would wait for room for the whole backlog at once.
             waiting = len(self.buffer.messages)
             self._part_rows = max(1, min(self._part_rows or waiting, waiting) // 2)
@@ -626,7 +627,7 @@ class Writer:
         try:
             deleted = self.store.delete_expired(before_ns, cfg.retention_max_messages or None,
                                                 cfg.retention_chunk_rows)
-        except TRANSIENT_ERRORS as exc:
+        except self.store.transient_errors as exc:
             self.retention["errors"] += 1
             self._retention_at = now + RETENTION_IDLE_SECONDS
             log.warning("retention_failed", error=str(exc), error_type=type(exc).__name__)
@@ -650,7 +651,7 @@ class Writer:
         try:
             expired = self.utxos.expire_leases()
             self.utxos.prune_requests()
-        except TRANSIENT_ERRORS as exc:
+        except self.store.transient_errors as exc:
             log.warning("utxo_upkeep_failed", error=str(exc), error_type=type(exc).__name__)
             return
         if expired:
@@ -756,7 +757,7 @@ class Writer:
         except UtxoError as exc:
             raise control.CommandFailed(exc.code, str(exc),
                                         bad_input=exc.code == protocol.BAD_REQUEST) from None
-        except TRANSIENT_ERRORS as exc:
+        except self.store.transient_errors as exc:
             log.warning("wallet_request_failed", cmd=request.cmd, error=str(exc))
             raise control.CommandFailed(protocol.UNAVAILABLE,
                                         f"database busy ({type(exc).__name__}); retry") from None
@@ -803,7 +804,7 @@ class Writer:
                        "drops": self.notify_drops},
             "memory": self.guard.snapshot(),
             "backlog": self.backlog(now),
-            "wal": self.store.checkpointer.snapshot(),
+            "wal": self.store.snapshot(),
             "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
                          "first_message_id": self.store.first_message_id(),
                          "last_message_id": last_id},

@@ -351,8 +351,8 @@ class UtxoBook:
         generation = check_int(args, "generation", 0, 2**62)
         self.conn.execute("UPDATE utxos SET status = 2, updated_ns = ? WHERE (txid, vout) IN"
                           " (SELECT txid, vout FROM utxos WHERE status = 0 AND"
-                          " sync_generation < ?2 AND updated_ns < ?2 LIMIT ?3)",
-                          (now_ns, generation, SWEEP_CHUNK_ROWS))
+                          " sync_generation < ? AND updated_ns < ? LIMIT ?)",
+                          (now_ns, generation, generation, SWEEP_CHUNK_ROWS))
         swept = self.conn.changes()
         self.counters["swept"] += swept
         return {"swept": swept, "more": swept == SWEEP_CHUNK_ROWS}

@@ -1,0 +1,146 @@
+"""Copying a bus database to another, of either engine (`bus-cli db copy`):
+SQLite to PostgreSQL when a deployment outgrows one machine, or back.
+
+Messages go first, in id order and with their ids, a transaction per chunk:
+a copy that stops (Ctrl-C, a lost connection) resumes after the last id the
+destination has. The other tables (producer sessions, consumer positions,
+UTXOs, their stored replies, anchors and their documents, the wallet tip) are
+small and copied whole at the end, in one transaction, replacing what the
+destination had. Then the copy is verified: the same number of messages, the
+same last id, and for every producer the same count and range of sequence
+numbers. The destination's writer lock is held throughout, so no writer can
+start on it meanwhile; the source is only read (its messages up to its last id
+when the copy started).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import storage
+from storage import messages, schema
+
+MESSAGE_COLUMNS = ("id, topic, payload, meta, producer_id, producer_seq, publish_ns,"
+                   " committed_ns")
+# Copied whole after the messages, parents before children (anchor_documents
+# references anchors); bus_meta without its schema_version, which is the
+# destination's own.
+TABLES = (
+    ("producers", "producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
+                  " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner, session_key"),
+    ("consumers", "name, last_id, updated_ns, owner"),
+    ("utxos", "txid, vout, amount_sat, address, script_pubkey, block_height, block_time, status,"
+              " lease_id, lease_expires_ns, lease_owner, spent_txid, sync_generation,"
+              " updated_ns"),
+    ("utxo_requests", "request_id, reply, created_ns"),
+    ("anchors", "id, root, size, txid, raw_tx, fee_sat, vsize, lease_id, utxo_txid, utxo_vout,"
+                " replaced_txids, status, broadcast_height, created_ns, submitted_ns,"
+                " confirmed_ns, block_hash, block_height"),
+    ("anchor_documents", "doc_hash, anchor_id, leaf_index, ref, message_id"),
+    ("subscriptions", "id, subscribed, prefix, committed_ns"),
+)
+# Verification: per producer, the count and range of its sequence numbers.
+PRODUCER_SEQUENCES = ("SELECT producer_id, count(*), min(producer_seq), max(producer_seq)"
+                      " FROM messages WHERE producer_id IS NOT NULL GROUP BY producer_id"
+                      " ORDER BY producer_id")
+
+
+class CopyMismatch(Exception):
+    """The destination does not hold what the source does (the message says what)."""
+
+
+def _chunks(conn: Any, after_id: int, upto: int, rows: int) -> Iterator[list[tuple]]:
+    while after_id < upto:
+        chunk = conn.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id > ? AND id <= ?"
+                             " ORDER BY id LIMIT ?", (after_id, upto, rows)).fetchall()
+        if not chunk:
+            return
+        yield chunk
+        after_id = chunk[-1][0]
+
+
+def _insert_messages(conn: Any, chunk: list[tuple]) -> None:
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
+        with conn.raw.cursor() as cursor:
+            with cursor.copy(f"COPY messages ({MESSAGE_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+                             ) as copy:
+                copy.set_types(["int8", "text", "bytea", "bytea", "text", "int8", "int8",
+                                "int8"])
+                for row in chunk:
+                    copy.write_row(row)
+    else:
+        conn.executemany(f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES"
+                         " (?, ?, ?, ?, ?, ?, ?, ?)", chunk)
+
+
+def copy_database(source_db: str, dest_db: str, chunk_rows: int = 5000,
+                  progress: Callable[[int, int], None] = lambda done, total: None
+                  ) -> dict[str, Any]:
+    """Copy (or resume copying) source_db into dest_db; returns what was
+    copied and verified. Raises CopyMismatch if the verification fails."""
+    source = storage.open_read_only(source_db, 5000)
+    dest = storage.open_store(dest_db)
+    try:
+        first, last = messages.id_range(source)
+        last = last or 0
+        have = messages.last_id(dest.conn) or 0
+        if have > last:
+            raise CopyMismatch(f"the destination has messages up to id {have}, beyond the "
+                               f"source's last ({last}): not a copy of this source")
+        total = source.execute("SELECT count(*) FROM messages WHERE id <= ?",
+                               (last,)).fetchone()[0]
+        done = dest.conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        progress(done, total)
+        for chunk in _chunks(source, have, last, chunk_rows):
+            with dest.transaction() as conn:
+                _insert_messages(conn, chunk)
+            done += len(chunk)
+            progress(done, total)
+        with dest.transaction() as conn:
+            for table, _ in reversed(TABLES):  # children first: anchor_documents -> anchors
+                conn.execute(f"DELETE FROM {table}")
+            for table, columns in TABLES:
+                rows = source.execute(f"SELECT {columns} FROM {table}").fetchall()
+                if rows:
+                    marks = ", ".join("?" * len(columns.split(",")))
+                    conn.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+            tip = source.execute("SELECT value FROM bus_meta WHERE key = 'wallet_tip'"
+                                 ).fetchone()
+            if tip is not None:
+                schema.set_meta(conn, "wallet_tip", tip[0])
+            if getattr(conn, "dialect", "sqlite") == "postgresql":
+                # Ids were given: the identity sequences continue after them.
+                for table in ("messages", "anchors", "subscriptions"):
+                    conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                                 f" coalesce((SELECT max(id) FROM {table}), 0) + 1, false)")
+        return verify(source, dest.conn, last) | {"first_id": first, "last_id": last}
+    finally:
+        dest.close()
+        source.close()
+
+
+def verify(source: Any, dest: Any, last: int) -> dict[str, Any]:
+    """The same messages (count, last id) and, per producer, the same count and
+    range of sequence numbers, up to the source's `last` id."""
+    counted = [conn.execute("SELECT count(*), max(id) FROM messages WHERE id <= ?",
+                            (last,)).fetchone() for conn in (source, dest)]
+    if tuple(counted[0]) != tuple(counted[1]):
+        raise CopyMismatch(f"messages: source has {counted[0][0]} up to id {counted[0][1]}, "
+                           f"the destination {counted[1][0]} up to id {counted[1][1]}")
+    sequences = [conn.execute(PRODUCER_SEQUENCES.replace(
+        "WHERE producer_id IS NOT NULL", "WHERE producer_id IS NOT NULL AND id <= ?"),
+        (last,)).fetchall() for conn in (source, dest)]
+    if [tuple(r) for r in sequences[0]] != [tuple(r) for r in sequences[1]]:
+        theirs = {r[0]: tuple(r) for r in sequences[1]}
+        wrong = next(r for r in sequences[0] if theirs.get(r[0]) != tuple(r))
+        raise CopyMismatch(f"producer {wrong[0]!r}: source has {wrong[1]} messages, seq "
+                           f"{wrong[2]}..{wrong[3]}; the destination "
+                           f"{theirs.get(wrong[0], 'none')}")
+    tables = {table: [conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                      for conn in (source, dest)] for table, _ in TABLES}
+    for table, (theirs, ours) in tables.items():
+        if theirs != ours:
+            raise CopyMismatch(f"{table}: {theirs} rows in the source, {ours} in the destination")
+    return {"messages": counted[0][0], "producers": len(sequences[0]),
+            "tables": {table: counts[0] for table, counts in tables.items()}}

@@ -1,0 +1,86 @@
+"""A private PostgreSQL server for the tests, started from the installed
+binaries (Debian's `postgresql` package: /usr/lib/postgresql/*/bin) in a
+temporary directory, on a free loopback port; each bus gets a database of its own.
+
+Not pytest-postgresql: it runs initdb and pg_ctl as the current user, and both
+refuse to run as root, which CI is (dbfixtures/pytest-postgresql#341, #455).
+Here, as root, they run as the `postgres` user the package creates, with
+runuser; as anyone else, as that user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+PACKAGE_HINT = ("PostgreSQL's binaries are missing: apt-get install postgresql "
+                "(they are looked for in /usr/lib/postgresql/*/bin)")
+
+
+def find_bindir() -> Path | None:
+    """The newest installed PostgreSQL's bin directory, or None."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+                   key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name
+                   .isdigit() else 0)
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("pg_ctl")
+    return Path(on_path).parent if on_path else None
+
+
+class PgServer:
+    """durable=False (tests): fsync and synchronous commit off, since a test
+    server's data need not survive the machine; True (benchmarks): the
+    defaults, so that a commit costs what it costs in production."""
+
+    def __init__(self, bindir: Path, port: int, durable: bool = False) -> None:
+        self.bindir = bindir
+        self.port = port
+        self.durable = durable
+        self.version = bindir.parent.name
+        self.dir = Path(tempfile.mkdtemp(prefix="bus-pg-"))
+        self.data = self.dir / "data"
+        self.user = "bus"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.dir, owner.pw_uid, owner.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=60)
+
+    def start(self) -> PgServer:
+        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
+                  self.user, "-E", "UTF8", *([] if self.durable else ["--no-sync"]))
+        fast = "" if self.durable else \
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
+                  str(self.dir / "server.log"), "-w", "-t", "60", "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 {fast}"
+                  "-c max_connections=200", "start")
+        return self
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new empty database; its URL."""
+        import psycopg
+        name = f"bus_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
+                      "stop")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""The storage seam: `bus-cli db copy` from SQLite to PostgreSQL (verified,
+resumable, and a bus that goes on where the copy left it), `bus-cli db
+migrate` on an older database, on both engines."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import apsw
+import pytest
+
+from anchor.reservations import UtxoClient
+from bus.client import Subscriber
+from tests.conftest import Bus, execute, query
+from tests.test_hostile import publish_acked
+
+
+def txid(n: int) -> str:
+    return f"{n:064x}"
+
+
+def fill(bus: Bus) -> None:
+    """Messages of three producers, a durable consumer's position, UTXOs with
+    a reservation and a wallet tip: every table the copy carries."""
+    for producer, topic, n in (("copy-a", "orders.new", 700), ("copy-b", "trades.x", 450),
+                               ("copy-c", "orders.cancel", 3)):
+        publish_acked(bus, producer, topic, n)
+    bus.request("BUS_CONTROL_ENDPOINT", "consumer_ack", {"consumer": "audit", "last_id": 600})
+    with UtxoClient(bus["BUS_CONTROL_ENDPOINT"]) as client:
+        client.upsert([{"txid": txid(i), "vout": 0, "amount_sat": 10_000 + i, "block_height": 90}
+                       for i in range(1, 6)])
+        client.set_tip(100, "ab" * 32)
+        client.reserve(10_000, 600)
+    bus.request("BUS_CONTROL_ENDPOINT", "flush")
+
+
+def sequences(db: str) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in query(db, "SELECT producer_id, count(*), min(producer_seq),"
+                                        " max(producer_seq) FROM messages GROUP BY producer_id"
+                                        " ORDER BY producer_id")]
+
+
+def test_db_copy_from_sqlite_to_postgresql_is_verified_resumable_and_goes_on(
+        make_bus, pg_server, tmp_path) -> None:
+    source = make_bus(BUS_DB=str(tmp_path / "source.db")).start()
+    fill(source)
+    assert source.stop() == (0, 0)
+    url = pg_server.create_database()
+    copied = source.cli("db", "copy", "--from", f"sqlite:///{source.db}", "--to", url,
+                        "--chunk-rows", "200", timeout=120)
+    assert copied.returncode == 0, copied.stderr
+    assert "copied 1,153 messages" in copied.stdout and "3 producers" in copied.stdout
+    assert sequences(url) == sequences(source.db) == [("copy-a", 700, 1, 700),
+                                                      ("copy-b", 450, 1, 450),
+                                                      ("copy-c", 3, 1, 3)]
+    for table in ("consumers", "utxos", "producers", "utxo_requests"):
+        assert query(url, f"SELECT count(*) FROM {table}") == \
+            query(source.db, f"SELECT count(*) FROM {table}"), table
+
+    # More messages in the source, then the same command: it goes on after the
+    # last message the destination has (nothing is copied twice).
+    source.start()
+    publish_acked(source, "copy-a", "orders.new", 50)
+    assert source.stop() == (0, 0)
+    again = source.cli("db", "copy", "--from", source.db, "--to", url, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert sequences(url) == sequences(source.db)
+    assert query(url, "SELECT count(*), max(id) FROM messages") == [(1203, 1203)]
+
+    # A bus on the copy: ids, producer sequences and consumer positions go on.
+    moved = make_bus(BUS_DB=url).start()
+    publish_acked(moved, "copy-a", "orders.new", 1)
+    assert query(url, "SELECT max(id), max(producer_seq) FROM messages WHERE producer_id ="
+                      " 'copy-a'") == [(1204, 751)]
+    with Subscriber(["orders."], moved.config(), durable="audit") as sub:
+        first = sub.receive(timeout=10)
+    assert first is not None and first.id == 601, "the durable consumer resumes after 600"
+    utxos = moved.cli("utxo", "stats", "--json")
+    assert json.loads(utxos.stdout)["writer"] is not None
+    assert query(url, "SELECT count(*) FROM utxos WHERE status = 1") == [(1,)]
+    assert moved.stop() == (0, 0)
+
+    # A destination that went its own way is refused; one that lost a message
+    # is found out by the verification, not silently accepted.
+    diverged = source.cli("db", "copy", "--from", source.db, "--to", url, timeout=120)
+    assert diverged.returncode == 1 and "beyond the source's last" in diverged.stderr
+    other = pg_server.create_database()
+    assert source.cli("db", "copy", "--from", source.db, "--to", other,
+                      timeout=120).returncode == 0
+    execute(other, "DELETE FROM messages WHERE id = 10")
+    wrong = source.cli("db", "copy", "--from", source.db, "--to", other, timeout=120)
+    assert wrong.returncode == 1 and "messages: source has 1203" in wrong.stderr, wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+
+def test_db_copy_refuses_what_it_cannot_do_in_one_line(make_bus, pg_server, tmp_path) -> None:
+    other = make_bus(BUS_DB=str(tmp_path / "other.db")).start()
+    publish_acked(other, "p", "t.x", 5)
+    assert other.stop() == (0, 0)
+    bus = make_bus(BUS_DB=str(tmp_path / "a.db")).start()
+    busy = bus.cli("db", "copy", "--from", other.db, "--to", bus.db)  # its writer holds it
+    assert busy.returncode == 1 and "open in another bus writer" in busy.stderr, busy.stderr
+    same = bus.cli("db", "copy", "--from", bus.db, "--to", f"sqlite:///{bus.db}")
+    assert same.returncode == 2 and "the same database" in same.stderr
+    empty = pg_server.create_database()  # no bus has written it: no schema
+    missing = bus.cli("db", "copy", "--from", empty, "--to", str(tmp_path / "c.db"))
+    assert missing.returncode == 1 and "not readable yet" in missing.stderr, missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("db_engine", ["sqlite", "postgresql"], indirect=True)
+def test_db_migrate_brings_an_older_schema_up_and_says_so(make_bus, db_engine) -> None:
+    bus = make_bus()
+    bus.start_writer()
+    assert bus.writer.stop() == 0
+    # Schema 5 had no consumer owners (added in 6).
+    if db_engine == "sqlite":
+        conn = apsw.Connection(bus.db)
+        conn.execute("ALTER TABLE consumers DROP COLUMN owner")
+        conn.close()
+    else:
+        execute(bus.db, "ALTER TABLE consumers DROP COLUMN owner")
+    execute(bus.db, "UPDATE bus_meta SET value = '5' WHERE key = 'schema_version'")
+    migrated = bus.cli("db", "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert "schema 5 -> 6" in migrated.stdout
+    assert query(bus.db, "SELECT owner FROM consumers") == []  # the column is back
+    again = bus.cli("db", "migrate")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    bus.start_writer()
+    refused = bus.cli("db", "migrate")
+    assert refused.returncode == 1 and "open in another bus writer" in refused.stderr
+
+
+def test_a_lost_postgresql_connection_costs_nothing_acknowledged(make_bus, pg_server) -> None:
+    """The writer's session is killed (a failover, an admin, a restarted
+    server): the batch fails, is kept, and is committed on a new connection
+    that takes the writer's advisory lock again."""
+    bus = make_bus(BUS_DB=pg_server.create_database(), BUS_SQLITE_BUSY_TIMEOUT_MS=200).start()
+    publish_acked(bus, "lost", "lost.t", 100)
+    killed = query(bus.db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE"
+                           " application_name = 'bus-writer' AND datname = current_database()")
+    assert killed == [(True,)]
+    publish_acked(bus, "lost", "lost.t", 100)  # acknowledged only once stored
+    assert query(bus.db, "SELECT count(*), count(DISTINCT producer_seq) FROM messages") == \
+        [(200, 200)]
+    assert bus.writer_stats()["wal"]["reconnects"] == 1
+    held = query(bus.db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+    assert held == [(1,)], "the new session holds the writer's lock"
+    assert bus.stop() == (0, 0)
