@@ -79,12 +79,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--utxos", type=int, default=1_000_000)
     ap.add_argument("--reservations", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="BATCH_SIZE for both engines (default: the bus's, 100)")
     args = ap.parse_args()
     from tests.pgserver import PACKAGE_HINT, PgServer, find_bindir
     bindir = find_bindir()
     if bindir is None:
         sys.exit(PACKAGE_HINT)
     server = PgServer(bindir, free_port(), durable=True).start()
+    settings = {"BATCH_SIZE": str(args.batch_size)} if args.batch_size else {}
     figures: dict[str, dict[str, list[float]]] = {e: {"persisted": [], "acked": [], "replay": []}
                                                   for e in ENGINES}
     try:
@@ -96,7 +99,7 @@ def main() -> None:
                 for engine in order:
                     n += 1
                     db = new_database(engine, workdir, server, n)
-                    bus = Bus(workdir, BUS_DB=db)
+                    bus = Bus(workdir, BUS_DB=db, **settings)
                     try:
                         figures[engine]["persisted"].append(
                             persisted_rate(bus.env, db, args.messages, "bus"))
@@ -126,7 +129,8 @@ def main() -> None:
 
     print(f"\nSQLite vs PostgreSQL {server.version} on {platform.machine()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"{args.rounds} rounds of {args.messages:,} messages of 100 bytes, medians\n")
+          f"{args.rounds} rounds of {args.messages:,} messages of 100 bytes, "
+          f"BATCH_SIZE={args.batch_size or 100}, medians\n")
     print("| | SQLite | PostgreSQL | PostgreSQL / SQLite |\n|---|---:|---:|---:|")
     for key, label in (("persisted", "persisted msg/s"), ("acked", "acknowledged msg/s"),
                        ("replay", "replay msg/s")):
