@@ -2,9 +2,7 @@
 shapes and queries, one module per concern (messages and history, producer
 sessions and consumer positions, UTXOs, anchors, retention), on SQLite (a file
 path: the default) or PostgreSQL (a postgresql:// URL). The writer and the
-reader import this package and the bus kernel only. (The writer's utxo_* and
-anchor_* commands still write their statements inline, in storage's portable
-SQL; moving them here is the next step.)"""
+reader import this package and the bus kernel only; no SQL lives elsewhere."""
 
 from __future__ import annotations
 
@@ -104,3 +102,19 @@ def snapshot(conn: Any) -> Iterator[Any]:
         yield conn
     finally:
         conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def savepoint(conn: Any, rollback_on: type[BaseException] | tuple[type[BaseException], ...],
+              name: str = "command") -> Iterator[None]:
+    """A part of the caller's transaction that is undone alone when the body
+    raises `rollback_on` (the error goes on); any other error is left to the
+    transaction's own rollback."""
+    conn.execute(f"SAVEPOINT {name}")
+    try:
+        yield
+    except rollback_on:
+        conn.execute(f"ROLLBACK TO {name}")
+        conn.execute(f"RELEASE {name}")
+        raise
+    conn.execute(f"RELEASE {name}")

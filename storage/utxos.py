@@ -66,3 +66,123 @@ def summarize(conn: Any) -> dict[str, Any]:
             "reserved": {"count": reserved[0], "amount_sat": int(reserved[1]),
                          "next_expiry_ns": reserved[2]},
             "spent": spent, "tip_height": height, "tip_hash": block_hash}
+
+
+# --- the writer's commands (writer/utxos.py): one statement each ---------------
+
+def stored_reply(conn: Any, request_id: str) -> bytes | None:
+    """The reply a mutating request with this id got, if it ran before."""
+    row = conn.execute("SELECT reply FROM utxo_requests WHERE request_id = ?",
+                       (request_id,)).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def store_reply(conn: Any, request_id: str, reply: bytes, now_ns: int) -> None:
+    conn.execute("INSERT INTO utxo_requests (request_id, reply, created_ns) VALUES (?, ?, ?)",
+                 (request_id, reply, now_ns))
+
+
+def prune_replies(conn: Any, before_ns: int, chunk: int) -> int:
+    conn.execute("DELETE FROM utxo_requests WHERE request_id IN (SELECT request_id"
+                 " FROM utxo_requests WHERE created_ns < ? LIMIT ?)", (before_ns, chunk))
+    return conn.changes()
+
+
+def expire_leases(conn: Any, now_ns: int) -> int:
+    """Every lease run out goes back to the pool (an index probe when none has)."""
+    conn.execute(EXPIRE_SQL, (now_ns, now_ns))
+    return conn.changes()
+
+
+def pick(conn: Any, policy: str, min_amount_sat: int, max_height: int | None
+         ) -> tuple[Any, ...] | None:
+    """One available UTXO of at least `min_amount_sat` (confirmed at or below
+    `max_height`, if given): the smallest or largest, one range seek."""
+    if max_height is None:
+        return conn.execute(PICK_SQL[policy, False], (min_amount_sat,)).fetchone()
+    return conn.execute(PICK_SQL[policy, True], (min_amount_sat, max_height)).fetchone()
+
+
+def largest_available(conn: Any) -> int | None:
+    return conn.execute("SELECT max(amount_sat) FROM utxos WHERE status = 0").fetchone()[0]
+
+
+def lease(conn: Any, txid: str, vout: int, lease_id: str, expires_ns: int, owner: str | None,
+          now_ns: int) -> bool:
+    """Reserve an available UTXO under `lease_id`; False if it was not available."""
+    conn.execute("UPDATE utxos SET status = 1, lease_id = ?, lease_expires_ns = ?,"
+                 " lease_owner = ?, updated_ns = ? WHERE txid = ? AND vout = ? AND status = 0",
+                 (lease_id, expires_ns, owner, now_ns, txid, vout))
+    return conn.changes() == 1
+
+
+def by_lease(conn: Any, lease_id: str) -> tuple[Any, ...] | None:
+    """UTXO_COLUMNS, then status, lease_expires_ns, spent_txid."""
+    return conn.execute(f"SELECT {UTXO_COLUMNS}, status, lease_expires_ns, spent_txid"
+                        " FROM utxos WHERE lease_id = ?", (lease_id,)).fetchone()
+
+
+def renew(conn: Any, lease_id: str, expires_ns: int, now_ns: int) -> None:
+    conn.execute("UPDATE utxos SET lease_expires_ns = ?, updated_ns = ? WHERE lease_id = ?",
+                 (expires_ns, now_ns, lease_id))
+
+
+def release(conn: Any, lease_id: str, now_ns: int) -> bool:
+    conn.execute("UPDATE utxos SET status = 0, lease_id = NULL, lease_expires_ns = NULL,"
+                 " lease_owner = NULL, updated_ns = ? WHERE lease_id = ? AND status = 1",
+                 (now_ns, lease_id))
+    return conn.changes() == 1
+
+
+def mark_spent(conn: Any, txid: str, vout: int, spending_txid: str, now_ns: int) -> None:
+    conn.execute("UPDATE utxos SET status = 2, spent_txid = ?, lease_expires_ns = NULL,"
+                 " updated_ns = ? WHERE txid = ? AND vout = ?", (spending_txid, now_ns, txid, vout))
+
+
+def set_spender(conn: Any, txid: str, vout: int, spending_txid: str, now_ns: int) -> None:
+    """Which of an anchor's transactions spent its UTXO (the mined one)."""
+    conn.execute("UPDATE utxos SET spent_txid = ?, updated_ns = ? WHERE txid = ? AND vout = ?",
+                 (spending_txid, now_ns, txid, vout))
+
+
+def return_to_pool(conn: Any, txid: str, vout: int, now_ns: int) -> None:
+    """A UTXO whose spending transaction failed for good is available again."""
+    conn.execute("UPDATE utxos SET status = 0, lease_id = NULL, lease_expires_ns = NULL,"
+                 " lease_owner = NULL, spent_txid = NULL, updated_ns = ? WHERE txid = ?"
+                 " AND vout = ?", (now_ns, txid, vout))
+
+
+def drop_unspent_outputs(conn: Any, txid: str) -> None:
+    """The available outputs of a transaction that will not be mined (its
+    change, after a replacement or a failure)."""
+    conn.execute("DELETE FROM utxos WHERE txid = ? AND status = 0", (txid,))
+
+
+def upsert(conn: Any, rows: list[tuple[Any, ...]]) -> None:
+    """New outputs join the pool; known ones get their block and generation."""
+    conn.executemany(UPSERT_SQL, rows)
+
+
+def mark_removed(conn: Any, txid: str, vout: int, spending_txid: str | None, now_ns: int) -> int:
+    """Spent outside the bus (or gone in a reorg), whatever its lease: 1 if it was not spent."""
+    conn.execute("UPDATE utxos SET status = 2, spent_txid = coalesce(?, spent_txid),"
+                 " lease_id = NULL, lease_expires_ns = NULL, updated_ns = ? WHERE txid = ?"
+                 " AND vout = ? AND status != 2", (spending_txid, now_ns, txid, vout))
+    return conn.changes()
+
+
+def sweep(conn: Any, generation: int, now_ns: int, chunk: int) -> int:
+    """Mark spent up to `chunk` available rows that a full load tagged
+    `generation` did not see and nothing touched since it started."""
+    conn.execute("UPDATE utxos SET status = 2, updated_ns = ? WHERE (txid, vout) IN"
+                 " (SELECT txid, vout FROM utxos WHERE status = 0 AND"
+                 " sync_generation < ? AND updated_ns < ? LIMIT ?)",
+                 (now_ns, generation, generation, chunk))
+    return conn.changes()
+
+
+def get(conn: Any, txid: str, vout: int) -> tuple[Any, ...] | None:
+    """UTXO_COLUMNS, then status, lease_expires_ns, spent_txid, lease_id."""
+    return conn.execute(f"SELECT {UTXO_COLUMNS}, status, lease_expires_ns, spent_txid,"
+                        " lease_id FROM utxos WHERE txid = ? AND vout = ?",
+                        (txid, vout)).fetchone()

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
-
-from storage.anchors import ANCHOR_COLUMNS, describe
+from storage import anchors as rows_of
+from storage import utxos as utxo_rows
 from writer.utxos import UtxoBook, UtxoError, check_int, check_str, check_txid
 
 MAX_DOCUMENTS = 100_000      # one anchor's documents, at most
@@ -76,7 +75,7 @@ class AnchorBook:
         hashes = [d[0] for d in docs]
         if len(set(hashes)) != len(hashes):
             raise UtxoError("bad_request", "a document hash appears twice")
-        already = self._known(hashes)
+        already = rows_of.known(self.conn, hashes)
         if already:
             raise UtxoError("already_anchored", f"{len(already)} of the documents are anchored "
                                                 f"already, e.g. {already[0].hex()}")
@@ -84,14 +83,9 @@ class AnchorBook:
                                   "spending_txid": args.get("txid")}, now_ns)
         if spent["replaced_txid"] is not None:  # rolled back by the dispatcher
             raise UtxoError("bad_request", "this lease already spent its UTXO in another anchor")
-        anchor_id = self.conn.execute(
-            "INSERT INTO anchors (root, size, txid, raw_tx, fee_sat, vsize, lease_id, utxo_txid,"
-            " utxo_vout, status, broadcast_height, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " 'signed', ?, ?) RETURNING id", (root, len(docs), args["txid"], raw_tx, fee, size,
-                                              args["lease_id"], spent["txid"], spent["vout"], tip,
-                                              now_ns)).fetchall()[0][0]
-        self.conn.executemany("INSERT INTO anchor_documents VALUES (?, ?, ?, ?, ?)",
-                              [(h, anchor_id, i, ref, mid) for i, (h, ref, mid) in enumerate(docs)])
+        anchor_id = rows_of.insert(self.conn, root, len(docs), args["txid"], raw_tx, fee, size,
+                                   args["lease_id"], spent["txid"], spent["vout"], tip, now_ns)
+        rows_of.insert_documents(self.conn, anchor_id, docs)
         self.counters["recorded"] += 1
         self.counters["documents"] += len(docs)
         return {"anchor_id": anchor_id, "txid": args["txid"]}
@@ -106,11 +100,10 @@ class AnchorBook:
 
     def _anchor(self, args: dict[str, Any]) -> dict[str, Any]:
         anchor_id = check_int(args, "anchor_id", 1, 2**62)
-        row = self.conn.execute(f"SELECT {ANCHOR_COLUMNS} FROM anchors WHERE id = ?",
-                                (anchor_id,)).fetchone()
-        if row is None:
+        anchor = rows_of.get(self.conn, anchor_id)
+        if anchor is None:
             raise UtxoError("not_found", f"no anchor {anchor_id}")
-        return describe(row)
+        return anchor
 
     def replace(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{request_id, anchor_id, txid, raw_tx, fee_sat, vsize, change, tip_height}
@@ -123,11 +116,8 @@ class AnchorBook:
             raise UtxoError("bad_request", "a replacement must pay a higher fee")
         spent = self.utxos.spend({"lease_id": anchor["lease_id"], "change": args.get("change"),
                                   "spending_txid": args["txid"]}, now_ns)
-        replaced = anchor["replaced_txids"] + [anchor["txid"]]
-        self.conn.execute("UPDATE anchors SET txid = ?, raw_tx = ?, fee_sat = ?, vsize = ?,"
-                          " replaced_txids = ?, status = 'signed', broadcast_height = ?"
-                          " WHERE id = ?", (args["txid"], raw_tx, fee, size,
-                                            msgpack.packb(replaced), tip, anchor["anchor_id"]))
+        rows_of.replace(self.conn, anchor["anchor_id"], args["txid"], raw_tx, fee, size,
+                        anchor["replaced_txids"] + [anchor["txid"]], tip)
         self.counters["replaced"] += 1
         return {"anchor_id": anchor["anchor_id"], "txid": args["txid"],
                 "replaced_txid": spent["replaced_txid"]}
@@ -139,9 +129,7 @@ class AnchorBook:
         anchor = self._anchor(args)
         status = args.get("status")
         if status == "submitted":
-            self.conn.execute("UPDATE anchors SET status = 'submitted', submitted_ns ="
-                              " coalesce(submitted_ns, ?) WHERE id = ? AND status = 'signed'",
-                              (now_ns, anchor["anchor_id"]))
+            rows_of.mark_submitted(self.conn, anchor["anchor_id"], now_ns)
         elif status == "confirmed":
             txid = check_txid(args.get("txid", anchor["txid"]))
             if txid not in [anchor["txid"], *anchor["replaced_txids"]]:
@@ -149,15 +137,12 @@ class AnchorBook:
             if txid != anchor["txid"]:
                 # A replaced transaction was mined, not the newest: the newest's
                 # change never existed; the mined one's comes with the wallet sync.
-                self.conn.execute("DELETE FROM utxos WHERE txid = ? AND status = 0",
-                                  (anchor["txid"],))
-                self.conn.execute("UPDATE utxos SET spent_txid = ?, updated_ns = ? WHERE"
-                                  " txid = ? AND vout = ?", (txid, now_ns, anchor["utxo_txid"],
-                                                            anchor["utxo_vout"]))
-            self.conn.execute("UPDATE anchors SET status = 'confirmed', txid = ?, confirmed_ns = ?,"
-                              " block_hash = ?, block_height = ? WHERE id = ?",
-                              (txid, now_ns, check_txid(args.get("block_hash"), "block_hash"),
-                               check_int(args, "block_height", 0, 10**9), anchor["anchor_id"]))
+                utxo_rows.drop_unspent_outputs(self.conn, anchor["txid"])
+                utxo_rows.set_spender(self.conn, anchor["utxo_txid"], anchor["utxo_vout"], txid,
+                                      now_ns)
+            rows_of.mark_confirmed(self.conn, anchor["anchor_id"], txid,
+                                   check_txid(args.get("block_hash"), "block_hash"),
+                                   check_int(args, "block_height", 0, 10**9), now_ns)
             self.counters["confirmed"] += anchor["status"] != "confirmed"
         else:
             raise UtxoError("bad_request", "'status' must be submitted or confirmed")
@@ -172,49 +157,29 @@ class AnchorBook:
         if anchor["status"] != "signed":
             raise UtxoError("bad_request", f"anchor {anchor['anchor_id']} is {anchor['status']};"
                                            " only a transaction never accepted can fail")
-        self.conn.execute("DELETE FROM anchor_documents WHERE anchor_id = ?",
-                          (anchor["anchor_id"],))
-        self.conn.execute("UPDATE anchors SET status = 'failed', raw_tx = ? WHERE id = ?",
-                          (reason.encode(), anchor["anchor_id"]))
-        self.conn.execute("DELETE FROM utxos WHERE txid = ? AND status = 0", (anchor["txid"],))
+        rows_of.mark_failed(self.conn, anchor["anchor_id"], reason)
+        utxo_rows.drop_unspent_outputs(self.conn, anchor["txid"])
         if not args.get("inputs_spent"):
-            self.conn.execute("UPDATE utxos SET status = 0, lease_id = NULL, lease_expires_ns ="
-                              " NULL, lease_owner = NULL, spent_txid = NULL, updated_ns = ?"
-                              " WHERE txid = ? AND vout = ?",
-                              (now_ns, anchor["utxo_txid"], anchor["utxo_vout"]))
+            utxo_rows.return_to_pool(self.conn, anchor["utxo_txid"], anchor["utxo_vout"], now_ns)
         self.counters["failed"] += 1
         return {"anchor_id": anchor["anchor_id"], "status": "failed"}
 
     def open_anchors(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{} -> {anchors: [...]}: every anchor not yet confirmed, oldest first."""
-        rows = self.conn.execute(f"SELECT {ANCHOR_COLUMNS} FROM anchors WHERE status IN"
-                                 " ('signed', 'submitted') ORDER BY id LIMIT ?",
-                                 (MAX_OPEN_LISTED,)).fetchall()
-        return {"anchors": [describe(row) for row in rows]}
+        return {"anchors": rows_of.open_anchors(self.conn, MAX_OPEN_LISTED)}
 
     def known(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{hashes: [32 bytes...]} -> {known: [...]}: those already anchored."""
         hashes = args.get("hashes")
         if not isinstance(hashes, list) or len(hashes) > MAX_DOCUMENTS:
             raise UtxoError("bad_request", f"'hashes' must be a list of at most {MAX_DOCUMENTS}")
-        return {"known": self._known([_hash32(h) for h in hashes])}
+        return {"known": rows_of.known(self.conn, [_hash32(h) for h in hashes])}
 
     def leaves(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{anchor_id} -> {leaves: [[hash, ref, message_id]...]} in leaf order:
         what a restarted worker needs to announce an anchor it recorded."""
         anchor = self._anchor(args)
-        return {"leaves": [list(row) for row in self.conn.execute(
-            "SELECT doc_hash, ref, message_id FROM anchor_documents WHERE anchor_id = ?"
-            " ORDER BY leaf_index", (anchor["anchor_id"],))]}
-
-    def _known(self, hashes: list[bytes]) -> list[bytes]:
-        found = []
-        for start in range(0, len(hashes), 500):
-            chunk = hashes[start:start + 500]
-            found += [row[0] for row in self.conn.execute(
-                "SELECT doc_hash FROM anchor_documents WHERE doc_hash IN"
-                f" ({','.join('?' * len(chunk))})", chunk)]
-        return found
+        return {"leaves": rows_of.leaves(self.conn, anchor["anchor_id"])}
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self.counters)

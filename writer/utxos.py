@@ -33,8 +33,9 @@ from typing import Any
 
 import msgpack
 
-from storage.utxos import (EXPIRE_SQL, PICK_SQL, RESERVED, SPENT, STATUS_NAMES, UPSERT_SQL,
-                           UTXO_COLUMNS, read_tip, write_tip)
+import storage
+from storage import utxos as rows_of
+from storage.utxos import RESERVED, SPENT, STATUS_NAMES, read_tip, write_tip
 
 MAX_SAT = 21_000_000 * 100_000_000
 MAX_ROWS_PER_REQUEST = 5000      # utxo_upsert / utxo_remove rows per request
@@ -159,26 +160,21 @@ class UtxoBook:
         refused: UtxoError | None = None
         with self.transaction():
             if request_id is not None:
-                stored = self.conn.execute("SELECT reply FROM utxo_requests WHERE request_id = ?",
-                                           (request_id,)).fetchone()
+                stored = rows_of.stored_reply(self.conn, request_id)
                 if stored is not None:
                     self.counters["replayed"] += 1
-                    return msgpack.unpackb(stored[0], raw=False)
+                    return msgpack.unpackb(stored, raw=False)
             # Leases that have run out go back to the pool first, so that every
             # command sees them as expired (an index probe when none has).
             self._expire(now_ns)
-            # A refused command leaves nothing of its own behind.
-            self.conn.execute("SAVEPOINT command")
             try:
-                result = handler(args, now_ns)
+                with storage.savepoint(self.conn, rollback_on=UtxoError):
+                    result = handler(args, now_ns)  # a refused command leaves nothing behind
+                    if request_id is not None:
+                        rows_of.store_reply(self.conn, request_id, msgpack.packb(result),
+                                            now_ns)
             except UtxoError as exc:
-                self.conn.execute("ROLLBACK TO command")
                 refused = exc
-            else:
-                if request_id is not None:
-                    self.conn.execute("INSERT INTO utxo_requests VALUES (?, ?, ?)",
-                                      (request_id, msgpack.packb(result), now_ns))
-            self.conn.execute("RELEASE command")
         if refused is not None:
             self.counters["errors"] += 1
             raise refused
@@ -196,21 +192,16 @@ class UtxoBook:
             raise UtxoError("bad_request", f"'policy' must be one of {', '.join(POLICIES)}")
         min_conf = check_int(args, "min_confirmations", 0, 10**6, 1)
         owner = check_str(args, "owner", required=False)
-        if min_conf:
-            if self.tip_height is None:
-                raise self._no_utxo(amount, min_conf, "the wallet tip is unknown (no sync yet)")
-            row = self.conn.execute(PICK_SQL[policy, True],
-                                    (amount, self.tip_height - min_conf + 1)).fetchone()
-        else:
-            row = self.conn.execute(PICK_SQL[policy, False], (amount,)).fetchone()
+        if min_conf and self.tip_height is None:
+            raise self._no_utxo(amount, min_conf, "the wallet tip is unknown (no sync yet)")
+        row = rows_of.pick(self.conn, policy, amount,
+                           self.tip_height - min_conf + 1 if min_conf else None)
         if row is None:
             raise self._no_utxo(amount, min_conf, "")
         lease_id = secrets.token_hex(12)
         expires_ns = now_ns + int(lease_s * 1e9)
-        self.conn.execute("UPDATE utxos SET status = 1, lease_id = ?, lease_expires_ns = ?,"
-                          " lease_owner = ?, updated_ns = ? WHERE txid = ? AND vout = ?"
-                          " AND status = 0", (lease_id, expires_ns, owner, now_ns, row[0], row[1]))
-        if self.conn.changes() != 1:  # cannot happen: one thread, one transaction
+        if not rows_of.lease(self.conn, row[0], row[1], lease_id, expires_ns, owner, now_ns):
+            # Cannot happen: one thread, one transaction.
             raise RuntimeError(f"UTXO {row[0]}:{row[1]} changed under a reservation")
         self.counters["reserved"] += 1
         return {**self._describe(row), "lease_id": lease_id, "expires_ns": expires_ns}
@@ -225,16 +216,14 @@ class UtxoBook:
 
     def _no_utxo(self, amount: int, min_conf: int, why: str) -> UtxoError:
         self.counters["no_utxo"] += 1
-        largest = self.conn.execute("SELECT max(amount_sat) FROM utxos WHERE status = 0"
-                                    ).fetchone()[0]
+        largest = rows_of.largest_available(self.conn)
         return UtxoError("no_utxo", why or (
             f"no available UTXO of at least {amount} sat with {min_conf} confirmations "
             f"(largest available: {largest if largest is not None else 'none'} sat)"))
 
     def _leased(self, args: dict[str, Any], now_ns: int) -> tuple[Any, ...]:
         lease_id = check_str(args, "lease_id", max_len=64)
-        row = self.conn.execute(f"SELECT {UTXO_COLUMNS}, status, lease_expires_ns, spent_txid"
-                                " FROM utxos WHERE lease_id = ?", (lease_id,)).fetchone()
+        row = rows_of.by_lease(self.conn, lease_id)
         if row is None or (row[7] == RESERVED and row[8] <= now_ns):
             raise UtxoError("lease_expired", f"lease {lease_id} does not exist or has expired;"
                                              " its UTXO is back in the pool")
@@ -247,8 +236,7 @@ class UtxoBook:
         if row[7] != RESERVED:
             raise UtxoError("utxo_spent", f"lease {args['lease_id']} already spent its UTXO")
         expires_ns = now_ns + int(lease_s * 1e9)
-        self.conn.execute("UPDATE utxos SET lease_expires_ns = ?, updated_ns = ?"
-                          " WHERE lease_id = ?", (expires_ns, now_ns, args["lease_id"]))
+        rows_of.renew(self.conn, args["lease_id"], expires_ns, now_ns)
         self.counters["renewed"] += 1
         return {"lease_id": args["lease_id"], "expires_ns": expires_ns}
 
@@ -256,10 +244,7 @@ class UtxoBook:
         """{lease_id} -> {released}: the UTXO is available again. Releasing an
         unknown or expired lease is not an error (released: false)."""
         lease_id = check_str(args, "lease_id", max_len=64)
-        self.conn.execute("UPDATE utxos SET status = 0, lease_id = NULL, lease_expires_ns = NULL,"
-                          " lease_owner = NULL, updated_ns = ? WHERE lease_id = ? AND status = 1",
-                          (now_ns, lease_id))
-        released = self.conn.changes() == 1
+        released = rows_of.release(self.conn, lease_id, now_ns)
         self.counters["released"] += released
         return {"lease_id": lease_id, "released": released}
 
@@ -281,14 +266,12 @@ class UtxoBook:
         if status == SPENT:
             if previous != spending:
                 replaced = previous
-                self.conn.execute("DELETE FROM utxos WHERE txid = ? AND status = 0", (previous,))
+                rows_of.drop_unspent_outputs(self.conn, previous)
                 self.counters["replaced"] += 1
         else:
             self.counters["spent"] += 1
-        self.conn.execute("UPDATE utxos SET status = 2, spent_txid = ?, lease_expires_ns = NULL,"
-                          " updated_ns = ? WHERE txid = ? AND vout = ?",
-                          (spending, now_ns, txid, vout))
-        self.conn.executemany(UPSERT_SQL, change)
+        rows_of.mark_spent(self.conn, txid, vout, spending, now_ns)
+        rows_of.upsert(self.conn, change)
         return {"txid": txid, "vout": vout, "spending_txid": spending,
                 "replaced_txid": replaced, "change": len(change)}
 
@@ -298,8 +281,7 @@ class UtxoBook:
             return self._expire(time.time_ns())
 
     def _expire(self, now_ns: int) -> int:
-        self.conn.execute(EXPIRE_SQL, (now_ns, now_ns))
-        expired = self.conn.changes()
+        expired = rows_of.expire_leases(self.conn, now_ns)
         self.counters["expired"] += expired
         return expired
 
@@ -307,10 +289,7 @@ class UtxoBook:
         """Forget stored replies older than BUS_UTXO_REQUEST_TTL_S, a chunk at a time."""
         cutoff = time.time_ns() - int(self.request_ttl_s * 1e9)
         with self.transaction():
-            self.conn.execute("DELETE FROM utxo_requests WHERE request_id IN (SELECT request_id"
-                              " FROM utxo_requests WHERE created_ns < ? LIMIT ?)",
-                              (cutoff, SWEEP_CHUNK_ROWS))
-            return self.conn.changes()
+            return rows_of.prune_replies(self.conn, cutoff, SWEEP_CHUNK_ROWS)
 
     # --- wallet sync ----------------------------------------------------------
 
@@ -320,7 +299,7 @@ class UtxoBook:
         known ones get their block and generation, never a new status."""
         generation = check_int(args, "generation", 0, 2**62, 0)
         rows = [_utxo_row(item, generation, now_ns) for item in _rows(args, "utxos")]
-        self.conn.executemany(UPSERT_SQL, rows)
+        rows_of.upsert(self.conn, rows)
         self.counters["upserted"] += len(rows)
         return {"upserted": len(rows)}
 
@@ -335,11 +314,7 @@ class UtxoBook:
         removed = 0
         for txid, vout in points:
             # The lease goes too: its holder's spend or renew is refused.
-            self.conn.execute("UPDATE utxos SET status = 2, spent_txid = coalesce(?, spent_txid),"
-                              " lease_id = NULL, lease_expires_ns = NULL, updated_ns = ?"
-                              " WHERE txid = ?"
-                              " AND vout = ? AND status != 2", (spending, now_ns, txid, vout))
-            removed += self.conn.changes()
+            removed += rows_of.mark_removed(self.conn, txid, vout, spending, now_ns)
         self.counters["removed"] += removed
         return {"removed": removed}
 
@@ -349,11 +324,7 @@ class UtxoBook:
         that nothing touched since it started are gone from the wallet; marks
         up to SWEEP_CHUNK_ROWS of them spent. Repeat while `more`."""
         generation = check_int(args, "generation", 0, 2**62)
-        self.conn.execute("UPDATE utxos SET status = 2, updated_ns = ? WHERE (txid, vout) IN"
-                          " (SELECT txid, vout FROM utxos WHERE status = 0 AND"
-                          " sync_generation < ? AND updated_ns < ? LIMIT ?)",
-                          (now_ns, generation, generation, SWEEP_CHUNK_ROWS))
-        swept = self.conn.changes()
+        swept = rows_of.sweep(self.conn, generation, now_ns, SWEEP_CHUNK_ROWS)
         self.counters["swept"] += swept
         return {"swept": swept, "more": swept == SWEEP_CHUNK_ROWS}
 
@@ -371,9 +342,7 @@ class UtxoBook:
     def get(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{txid, vout} -> the row with its status and lease."""
         txid, vout = _outpoint([args.get("txid"), args.get("vout")])
-        row = self.conn.execute(f"SELECT {UTXO_COLUMNS}, status, lease_expires_ns, spent_txid,"
-                                " lease_id FROM utxos WHERE txid = ? AND vout = ?",
-                                (txid, vout)).fetchone()
+        row = rows_of.get(self.conn, txid, vout)
         if row is None:
             raise UtxoError("not_found", f"no UTXO {txid}:{vout}")
         return {**self._describe(row), "status": STATUS_NAMES[row[7]], "expires_ns": row[8],

@@ -1,0 +1,96 @@
+"""ControlClient: request/reply with a bus process's control endpoint, with a
+timeout, closing and reopening its REQ socket after one (the ZeroMQ Guide's
+Lazy Pirate)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import zmq
+
+from bus import protocol, security, sockets
+from bus.client.errors import BusError, BusTimeout
+
+
+class ControlClient:
+    """Request/reply with a bus process's control endpoint.
+
+    `request()` returns the reply's result, raises BusError(code) on an error
+    reply and BusTimeout when no reply came after `retries` + 1 attempts.
+    """
+
+    def __init__(self, endpoint: str, timeout_ms: int = 3000, retries: int = 0,
+                 context: zmq.Context | None = None,
+                 curve: security.ClientKeys | None = None) -> None:
+        self.endpoint = endpoint
+        self.curve = curve
+        self.timeout_ms = timeout_ms
+        self.retries = retries
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
+        self._sock: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+        self._pending: tuple[str, str] | None = None
+
+    def request(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        for attempt in range(self.retries + 1):
+            self.send(cmd, args)
+            try:
+                return self.result()
+            except BusTimeout:
+                if attempt == self.retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    def send(self, cmd: str, args: dict[str, Any] | None = None) -> None:
+        """Send a request without waiting: `result()` collects the reply, so a
+        caller can work while the other process answers (one request at a time)."""
+        request_id = f"{os.getpid()}-{next(self._ids)}"
+        if self._pending is not None and self._sock is not None:
+            self._sock.close(linger=0)  # an uncollected reply: drop it with its socket
+            self._sock = None
+        if self._sock is None:
+            self._sock = sockets.open_request(self._ctx, self.endpoint, self.curve)
+        self._sock.send(protocol.encode_request(request_id, cmd, args))
+        self._pending = (request_id, cmd)
+
+    def result(self) -> Any:
+        """The reply to the request sent last; BusTimeout after timeout_ms."""
+        request_id, cmd = self._pending
+        self._pending = None
+        if not self._sock.poll(self.timeout_ms):
+            # A REQ socket without its reply is stuck; only a new socket can send again.
+            self._sock.close(linger=0)
+            self._sock = None
+            raise BusTimeout(f"no reply to {cmd!r} from {self.endpoint} within "
+                             f"{self.timeout_ms} ms (is the process running?"
+                             + (" With CURVE: is this key in a list that endpoint lets in?"
+                                if self.curve is not None else "") + ")")
+        reply = protocol.decode_reply(self._sock.recv())
+        if reply.get("id") != request_id:
+            raise BusError(f"reply id {reply.get('id')!r} does not match {request_id!r}",
+                           "bad_reply")
+        if reply["ok"]:
+            return reply.get("result")
+        error = reply.get("error") or {}
+        raise BusError(f"{cmd}: {error.get('reason', 'error')}", error.get("code", "error"))
+
+    @property
+    def waiting(self) -> bool:
+        """A request was sent and its reply not yet collected."""
+        return self._pending is not None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._own_context and not self._ctx.closed:
+            self._ctx.term()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,410 @@
+"""Publisher: a producer session with the writer, messages through the proxy,
+and what the writer acknowledged or refused."""
+
+from __future__ import annotations
+
+import os
+import socket as _socket
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import msgpack
+import zmq
+
+from bus import protocol, security, sockets
+from bus.client.control import ControlClient
+from bus.client.errors import BusError, BusTimeout, MessageRefused, ProducerFenced
+from bus.config import BusConfig, load_config, with_overrides
+
+
+# Refusals a Publisher keeps for its next flush() to raise (the count goes on).
+MAX_REFUSALS_REPORTED = 10_000
+
+
+def default_producer_id() -> str:
+    return f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Publisher:
+    """Publishes data messages through the proxy, and learns what was stored.
+
+    `connect()` (or entering the context manager) opens a producer session with
+    the writer (`producer_open`: the next epoch of `producer_id` and the seq to
+    continue from; an older incarnation of the same id still running is fenced
+    from then on) and blocks until the proxy has subscribed to this publisher
+    and the first acknowledgement of the session has arrived, or raises
+    BusTimeout. `publish()` blocks while the queue to the proxy is full
+    (backpressure) up to `send_timeout` seconds, then raises.
+
+    Every message is kept until the writer acknowledges it (`$bus.ack.<producer>`
+    on the writer's notify endpoint carries the highest sequence up to which
+    everything is decided: stored, or refused with a `$bus.nack.<producer>`).
+    `flush()` waits for that, re-sending what is still unacknowledged when
+    acknowledgements stop for `resend_after` seconds (then 2x, 4x, ... up to
+    30 s), with the same sequence numbers: the writer stores each (producer,
+    seq) once. It raises MessageRefused for messages the writer refused since
+    the last flush, and ProducerFenced once a newer session of the same
+    producer id was opened. `publish(..., wait=True)` is publish + flush. At
+    most `max_unacked` messages are kept: past that, `publish` waits for
+    acknowledgements first (up to `send_timeout`, like a full socket).
+    `close()` does not wait for acknowledgements; it waits up to `linger_ms`
+    for queued messages to leave.
+    """
+
+    def __init__(self, config: BusConfig | None = None, *, endpoint: str | None = None,
+                 producer_id: str | None = None, context: zmq.Context | None = None,
+                 connect_timeout: float | None = None, send_timeout: float | None = None,
+                 linger_ms: int = 5000, resend_after: float = 1.0,
+                 max_unacked: int = 100_000) -> None:
+        config = config or load_config()
+        if endpoint:
+            config = with_overrides(config, pub_endpoint=endpoint)
+        self.config = config
+        self.producer_id = producer_id or default_producer_id()
+        if not protocol.is_producer_id(self.producer_id):
+            raise ValueError(f"producer_id must be a string of 1-{protocol.MAX_PRODUCER_CHARS} "
+                             "chars")
+        self.connect_timeout = (config.request_timeout_ms / 1000.0
+                                if connect_timeout is None else connect_timeout)
+        self.send_timeout = send_timeout
+        self.linger_ms = linger_ms
+        self.resend_after = resend_after
+        self.max_unacked = max_unacked
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
+        self._sock: zmq.Socket | None = None
+        self._acks: zmq.Socket | None = None
+        self._control: ControlClient | None = None
+        self.epoch: int | None = None  # this session's, from producer_open
+        self.last_seq = 0
+        self.acked_seq = 0      # every message up to this one is decided (stored or refused)
+        self.resent = 0
+        self.refused_total = 0  # messages of this session the writer refused
+        # (seq, frames) in seq order, oldest first: acknowledgements pop from the left.
+        self._unacked: deque[tuple[int, tuple[bytes, bytes, bytes]]] = deque()
+        self._refusals: dict[int, tuple[str, str]] = {}  # seq -> (code, reason), not yet acked
+        self._refused_report: list[tuple[int, str, str]] = []  # for the next flush to raise
+        self._refusals_unknown = 0  # refusals the writer counted that could not be told apart
+        self._fenced: str | None = None
+        self._session_acked = False
+        self._mac: protocol.SessionMac | None = None
+        self._proxy_prefixes: set[bytes] = set()  # the proxy's subscriptions seen so far
+        self._topics: dict[str, bytes] = {}  # validated topic -> frame
+        self._meta = protocol.MetaEncoder(self.producer_id)
+        self._ack_topic = protocol.ack_topic(self.producer_id)
+        self._nack_topic = protocol.nack_topic(self.producer_id)
+
+    def connect(self) -> Publisher:
+        if self._sock is not None:
+            return self
+        cfg = self.config
+        deadline = time.monotonic() + self.connect_timeout
+        self._sock = sockets.open_publisher(self._ctx, cfg, self.linger_ms)
+        if self.send_timeout is not None:
+            self._sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
+        # A nack missed while the nack subscription is still on its way is
+        # learned from the acknowledgements' `refused` count (_learn_refusals).
+        self._acks = sockets.open_subscriber(self._ctx, cfg, [self._ack_topic, self._nack_topic],
+                                             cfg.notify_endpoint)
+        self._control = ControlClient(cfg.control_endpoint,
+                                      max(1, int(self.connect_timeout * 1000)), 0, self._ctx,
+                                      security.client_keys(cfg))
+        try:
+            self._open_session()
+            self._wait_ready(deadline)
+        except BaseException:
+            self.close(linger_ms=0)
+            raise
+        return self
+
+    def _open_session(self) -> None:
+        deadline = time.monotonic() + self.connect_timeout
+        pause = 0.05
+        try:
+            while True:
+                try:
+                    session = self._control.request("producer_open",
+                                                    {"producer": self.producer_id})
+                    break
+                except BusTimeout:
+                    raise
+                except BusError as exc:
+                    # The writer could not commit the session (its database is
+                    # busy or reconnecting) and says to retry: so we do, within
+                    # the connect timeout.
+                    if exc.code != protocol.UNAVAILABLE or time.monotonic() + pause > deadline:
+                        raise
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+        except BusTimeout:
+            raise BusTimeout(f"the writer at {self.config.control_endpoint} did not open a "
+                             f"producer session within {self.connect_timeout:g}s (is bus-writer "
+                             "running?" + (" With CURVE: is this key in publishers/?"
+                                           if self.config.curve_dir else "") + ")") from None
+        self.epoch, next_seq = session["epoch"], session["next_seq"]
+        key = session.get("session_key")  # CURVE: each message carries its MAC
+        self._mac = None if key is None else protocol.SessionMac(key)
+        self.last_seq = self.acked_seq = next_seq - 1
+        self._meta = protocol.MetaEncoder(self.producer_id, self.epoch)
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Until the proxy has subscribed to this publisher (its first subscription
+        frame) and this session's first acknowledgement has arrived (the writer
+        sends one when our subscription reaches it: acknowledgements reach us)."""
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._acks, zmq.POLLIN)
+        while not (self._proxy_prefixes and self._session_acked):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(int(remaining * 1000) + 1):
+                if not self._proxy_prefixes:
+                    raise BusTimeout(f"proxy at {self.config.pub_endpoint} did not subscribe "
+                                     f"within {self.connect_timeout:g}s (is bus-proxy running?)")
+                raise BusTimeout(f"no acknowledgement from the writer's notify endpoint "
+                                 f"{self.config.notify_endpoint} within "
+                                 f"{self.connect_timeout:g}s (is BUS_NOTIFY_ENDPOINT the "
+                                 "writer's?)")
+            self.read_acks()
+            self._raise_if_fenced()  # another open of our id came first
+
+    def _wait_proxy_subscription(self, prefix: bytes) -> None:
+        """The proxy subscribes to every first byte a topic may have, all at once
+        when we connect; a message sent before its byte's subscription arrived
+        would be dropped by our own socket."""
+        deadline = time.monotonic() + self.connect_timeout
+        while prefix not in self._proxy_prefixes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
+                raise BusTimeout(f"the proxy at {self.config.pub_endpoint} has not subscribed "
+                                 f"to topics starting with {prefix!r}")
+            self._read_proxy_subscriptions()
+
+    def publish(self, topic: str, payload: bytes | str, *, content_type: str | None = None,
+                headers: dict[str, str] | None = None, wait: bool = False,
+                timeout: float | None = None) -> int:
+        """Send one message; returns its sequence number.
+
+        wait=True returns only once the writer has committed it (see flush).
+        Raises protocol.ProtocolError (a ValueError) for a message the writer
+        would refuse (topic, size of all frames, header types), before anything
+        is sent; ProducerFenced once a newer session of this producer exists.
+        """
+        if self._sock is None:
+            self.connect()
+        if self._fenced is not None:
+            raise ProducerFenced(self._fenced)
+        topic_frame = self._topics.get(topic)
+        if topic_frame is None:
+            topic_frame = protocol.encode_topic(topic, self.config.max_topic_bytes)
+            self._wait_proxy_subscription(topic_frame[:1])
+            if len(self._topics) >= 1024:  # bounded: publishers with endless topics
+                self._topics.clear()
+            self._topics[topic] = topic_frame
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+            content_type = content_type or protocol.CONTENT_TEXT
+        if headers is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in headers.items()):
+            raise protocol.ProtocolError(protocol.META_BAD_VALUE, "headers must map str to str")
+        if len(self._unacked) >= self.max_unacked:  # backpressure, like a full socket
+            self._wait_acked(self.max_unacked // 2, self.send_timeout)
+        seq = self.last_seq + 1
+        mac = None if self._mac is None else self._mac(topic_frame, payload, self.epoch, seq)
+        frames = (topic_frame, payload, self._meta.encode(seq, content_type=content_type,
+                                                          headers=headers, mac=mac))
+        size = len(topic_frame) + len(payload) + len(frames[2])
+        if size > self.config.max_message_bytes:
+            raise protocol.ProtocolError(protocol.MESSAGE_TOO_LARGE,
+                                         f"{size} > {self.config.max_message_bytes} bytes "
+                                         "(topic, payload and meta)")
+        self._send(frames)
+        # Only now is the seq used: a message that was not sent leaves no hole.
+        self._unacked.append((seq, frames))
+        self.last_seq = seq
+        if wait:
+            self.flush(timeout)
+        elif seq & 0xFF == 0:
+            self.read_acks()  # now and then, so the unacknowledged set stays small
+        return seq
+
+    def _send(self, frames: tuple[bytes, bytes, bytes]) -> None:
+        send = self._sock.send
+        try:
+            # Three sends, not send_multipart: a third of the CPU per message here.
+            # libzmq checks the high-water mark on the first part only, so a
+            # message is never left half-sent.
+            send(frames[0], zmq.SNDMORE)
+            send(frames[1], zmq.SNDMORE)
+            send(frames[2])
+        except zmq.Again:
+            raise BusTimeout(f"publish blocked for {self.send_timeout}s: the proxy is not "
+                             "reading (queue full)") from None
+
+    @property
+    def unacked(self) -> int:
+        return len(self._unacked)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Return once every message published so far is committed, re-sending
+        the unacknowledged ones when acknowledgements stop (see _wait_acked).
+        Raises BusTimeout after `timeout` seconds (default BUS_REQUEST_TIMEOUT_MS);
+        nothing is dropped then, a later flush() continues. Raises MessageRefused
+        (once) for the messages the writer refused since the last flush, after
+        the others are committed; ProducerFenced if this session was replaced."""
+        self._raise_if_fenced()
+        self._wait_acked(0, self.config.request_timeout_ms / 1000.0 if timeout is None
+                         else timeout)
+        if self._refused_report or self._refusals_unknown:
+            refused, unknown = self._refused_report, self._refusals_unknown
+            self._refused_report, self._refusals_unknown = [], 0
+            raise MessageRefused(refused, unknown)
+
+    def _wait_acked(self, at_most: int, timeout: float | None) -> None:
+        """Read acknowledgements until at most `at_most` messages are unacknowledged,
+        re-sending them when none arrive: after `resend_after` seconds, then
+        doubling up to 30 s while there is still no progress, so that a writer
+        that is down is not buried under copies. timeout None: no limit."""
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        interval = self.resend_after
+        resend_at = started + interval
+        while len(self._unacked) > at_most:
+            self._raise_if_fenced()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                count = len(self._unacked)
+                raise BusTimeout(f"{count} message{'s' if count != 1 else ''} not acknowledged "
+                                 f"within {timeout:g}s (is bus-writer running? is the disk "
+                                 "full? bus-cli health says)")
+            if now >= resend_at:
+                for _seq, frames in list(self._unacked):
+                    self._send(frames)
+                self.resent += len(self._unacked)
+                interval = min(interval * 2, 30.0)
+                resend_at = now + interval
+            before = len(self._unacked)
+            self.read_acks(min(resend_at, deadline or resend_at) - now)
+            if len(self._unacked) < before:  # progress: start the re-send clock again
+                interval = self.resend_after
+                resend_at = time.monotonic() + interval
+
+    def read_acks(self, wait: float = 0.0) -> int:
+        """Apply the acknowledgements and nacks that arrive within `wait` seconds
+        (none by default: what has arrived); returns `acked_seq`. publish() does
+        this now and then by itself; call it to learn sooner what is stored."""
+        acks = self._acks
+        if acks is None:
+            return self.acked_seq
+        if acks.poll(max(0, int(wait * 1000))):
+            while True:
+                try:
+                    topic, payload = acks.recv_multipart(zmq.NOBLOCK)[:2]
+                except zmq.Again:
+                    break
+                except ValueError:
+                    continue  # one frame: not a notification
+                # Exact match: a prefix subscription also brings the notifications
+                # of producers whose ids start with ours.
+                if topic == self._ack_topic:
+                    self._apply_ack(payload)
+                elif topic == self._nack_topic:
+                    self._apply_nack(payload)
+        unacked, refusals = self._unacked, self._refusals
+        while unacked and unacked[0][0] <= self.acked_seq:
+            seq = unacked.popleft()[0]
+            if refusals and seq in refusals:
+                self._refused_report.append((seq, *refusals.pop(seq)))
+        del self._refused_report[:-MAX_REFUSALS_REPORTED]
+        self._read_proxy_subscriptions()
+        return self.acked_seq
+
+    def _read_proxy_subscriptions(self) -> None:
+        """Subscription notices pile up on the XPUB when nobody reads them."""
+        while self._sock.poll(0):
+            frame = self._sock.recv()
+            if frame[:1] == b"\x01":
+                self._proxy_prefixes.add(frame[1:])
+
+    def _apply_ack(self, payload: bytes) -> None:
+        try:
+            ack = msgpack.unpackb(payload)
+            epoch, acked, refused = ack["epoch"], int(ack["contiguous_seq"]), int(ack["refused"])
+        except Exception:
+            return  # not an acknowledgement we understand
+        if epoch != self.epoch:
+            if isinstance(epoch, int) and epoch > (self.epoch or 0):
+                self._fence(epoch)
+            return  # an older session's
+        self._session_acked = True
+        if acked <= self.acked_seq:
+            return
+        if refused > self.refused_total and not self._learn_refusals(refused):
+            return  # which seqs were refused is not known yet: keep them unacknowledged
+        self.acked_seq = acked
+
+    def _apply_nack(self, payload: bytes) -> None:
+        try:
+            nack = msgpack.unpackb(payload)
+            epoch, seq, code, reason = nack["epoch"], nack["seq"], nack["code"], nack["reason"]
+        except Exception:
+            return
+        if epoch != self.epoch:
+            return
+        if code == protocol.PRODUCER_FENCED:
+            self._fenced = f"producer {self.producer_id!r}: {reason}"
+        else:
+            self._note_refusal(seq, code, reason)
+
+    def _note_refusal(self, seq: int, code: str, reason: str) -> None:
+        # Only a seq this session sent: another key can make the writer nack
+        # (epoch, seq) pairs before this session exists (unknown_session).
+        if self.acked_seq < seq <= self.last_seq and seq not in self._refusals:
+            self._refusals[seq] = (code, reason)
+            self.refused_total += 1
+
+    def _learn_refusals(self, refused: int) -> bool:
+        """An acknowledgement counts more refusals than the nacks that arrived:
+        ask the writer which (producer_status keeps the session's last 256).
+        False if it cannot say now (the acknowledgement is applied later)."""
+        try:
+            status = self._control.request("producer_status", {"producer": self.producer_id})
+        except BusError:
+            return False
+        if not status or status["epoch"] != self.epoch:
+            return False
+        for seq, code in status["refusals"]:
+            self._note_refusal(seq, code, "refused (the nack was missed; learned from "
+                                          "producer_status)")
+        if refused > self.refused_total:  # more than the writer remembers
+            self._refusals_unknown += refused - self.refused_total
+            self.refused_total = refused
+        return True
+
+    def _fence(self, epoch: int) -> None:
+        self._fenced = (f"producer {self.producer_id!r} was opened again (epoch {epoch}); this "
+                        f"publisher's session (epoch {self.epoch}) is fenced")
+
+    def _raise_if_fenced(self) -> None:
+        if self._fenced is not None:
+            raise ProducerFenced(self._fenced)
+
+    def close(self, linger_ms: int | None = None) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=self.linger_ms if linger_ms is None else linger_ms)
+            self._sock = None
+        if self._acks is not None:
+            self._acks.close(linger=0)
+            self._acks = None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._own_context and not self._ctx.closed:
+            self._ctx.term()
+
+    def __enter__(self) -> Publisher:
+        return self.connect()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
