@@ -29,7 +29,8 @@ import psycopg
 import psycopg.errors
 
 from bus.runner import StartupError
-from storage import NotReadable, messages, redact, retention, schema, sessions
+from storage import NotReadable, messages, redact, schema, sessions
+from storage.handle import WriterHandle
 
 # The advisory lock key that says "a bus writer owns this database" (any
 # 64-bit number: the bytes of "zmqbus-w").
@@ -162,7 +163,7 @@ class DatabaseInUse(StartupError):
     """Another writer holds this database's advisory lock."""
 
 
-class PgStore:
+class PgStore(WriterHandle):
     """The writer's handle on a PostgreSQL database: the advisory lock, the
     connection (re-opened after it is lost, the lock taken again), one
     transaction per write."""
@@ -241,22 +242,6 @@ class PgStore:
                     raw.execute("COMMIT")
                 last = cursor.fetchone()[0] if rows else None
         return committed_ns, last
-
-    def delete_expired(self, before_ns: int | None, keep: int | None, chunk: int) -> int:
-        with self.transaction() as conn:
-            return retention.delete_expired(conn, before_ns, keep, chunk)
-
-    def load_consumers(self) -> dict[str, tuple[int, int, str | None]]:
-        return sessions.load_consumers(self.conn)
-
-    def load_producer(self, producer_id: str) -> tuple[Any, ...] | None:
-        return sessions.load_producer(self.conn, producer_id)
-
-    def first_message_id(self) -> int | None:
-        return messages.first_id(self.conn)
-
-    def last_message_id(self) -> int | None:
-        return messages.last_id(self.conn)
 
     def snapshot(self) -> dict[str, Any]:
         return {"engine": "postgresql", "database": self.path, "reconnects": self.reconnects}

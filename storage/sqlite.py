@@ -18,7 +18,8 @@ from typing import Any
 import apsw
 
 from bus.runner import StartupError
-from storage import NotReadable, messages, retention, schema, sessions
+from storage import NotReadable, messages, schema, sessions
+from storage.handle import WriterHandle
 
 # The WAL file is truncated back to this size whenever it starts over.
 WAL_SIZE_LIMIT = 32 << 20
@@ -179,7 +180,7 @@ class Checkpointer:
         self._conn.close()
 
 
-class Store:
+class Store(WriterHandle):
     """The writer's handle on a SQLite database: the one-writer lock, the
     connection, the checkpoint thread, and one transaction per write."""
 
@@ -240,23 +241,6 @@ class Store:
             sessions.write_producers(conn, producers)
             sessions.write_consumptions(conn, consumptions)
         return committed_ns, last
-
-    def delete_expired(self, before_ns: int | None, keep: int | None, chunk: int) -> int:
-        """retention.delete_expired in a transaction of its own."""
-        with self.transaction() as conn:
-            return retention.delete_expired(conn, before_ns, keep, chunk)
-
-    def load_consumers(self) -> dict[str, tuple[int, int, str | None]]:
-        return sessions.load_consumers(self.conn)
-
-    def load_producer(self, producer_id: str) -> tuple[Any, ...] | None:
-        return sessions.load_producer(self.conn, producer_id)
-
-    def first_message_id(self) -> int | None:
-        return messages.first_id(self.conn)
-
-    def last_message_id(self) -> int | None:
-        return messages.last_id(self.conn)
 
     def snapshot(self) -> dict[str, Any]:
         return {"engine": "sqlite", **self.checkpointer.snapshot()}

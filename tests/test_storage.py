@@ -149,3 +149,11 @@ def test_a_lost_postgresql_connection_costs_nothing_acknowledged(make_bus, pg_se
     held = query(bus.db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
     assert held == [(1,)], "the new session holds the writer's lock"
     assert bus.stop() == (0, 0)
+
+
+def test_the_documented_advisory_lock_is_the_one_the_writer_takes() -> None:
+    from pathlib import Path
+
+    from storage import postgres
+    protocol_md = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    assert f"pg_try_advisory_lock({postgres.WRITER_LOCK_KEY})" in protocol_md

@@ -1,0 +1,34 @@
+"""What the writer's handles on both engines share (sqlite.Store,
+postgres.PgStore): reads of its own state at start, and retention in a
+transaction of its own. A subclass gives `conn` and `transaction()`."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from storage import messages, retention, sessions
+
+
+class WriterHandle:
+    conn: Any
+
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def delete_expired(self, before_ns: int | None, keep: int | None, chunk: int) -> int:
+        """retention.delete_expired in a transaction of its own."""
+        with self.transaction() as conn:
+            return retention.delete_expired(conn, before_ns, keep, chunk)
+
+    def load_consumers(self) -> dict[str, tuple[int, int, str | None]]:
+        return sessions.load_consumers(self.conn)
+
+    def load_producer(self, producer_id: str) -> tuple[Any, ...] | None:
+        return sessions.load_producer(self.conn, producer_id)
+
+    def first_message_id(self) -> int | None:
+        return messages.first_id(self.conn)
+
+    def last_message_id(self) -> int | None:
+        return messages.last_id(self.conn)
