@@ -15,9 +15,26 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
+
+# Stops the server if the test run dies without its teardown (SIGKILL, or a
+# SIGTERM that pytest does not turn into one): argv is the test run's pid,
+# the stop command, and the directory to remove.
+ORPHAN_WATCH = """
+import os, shutil, subprocess, sys, time
+pid, command, directory = int(sys.argv[1]), sys.argv[2:-1], sys.argv[-1]
+while True:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(1)
+subprocess.run(command, capture_output=True, timeout=60)
+shutil.rmtree(directory, ignore_errors=True)
+"""
 
 PACKAGE_HINT = ("PostgreSQL's binaries are missing: apt-get install postgresql "
                 "(they are looked for in /usr/lib/postgresql/*/bin)")
@@ -65,7 +82,15 @@ class PgServer:
                   str(self.dir / "server.log"), "-w", "-t", "60", "-o",
                   f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 {fast}"
                   "-c max_connections=200", "start")
+        self._watch = subprocess.Popen(
+            [sys.executable, "-c", ORPHAN_WATCH, str(os.getpid()), *self._stop_command(),
+             str(self.dir)], start_new_session=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
         return self
+
+    def _stop_command(self) -> list[str]:
+        return [*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m",
+                "immediate", "stop"]
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
@@ -80,7 +105,8 @@ class PgServer:
 
     def stop(self) -> None:
         try:
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
-                      "stop")
+            subprocess.run(self._stop_command(), check=True, capture_output=True, timeout=60)
         finally:
+            self._watch.terminate()
+            self._watch.wait(10)
             shutil.rmtree(self.dir, ignore_errors=True)
