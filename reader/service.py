@@ -94,15 +94,7 @@ class History:
                     if since_ns is not None else 0
             # A topic filter may match few rows: examine at most scan_rows of them.
             upto = min(last_id, after_id + self.scan_rows) if prefixes else last_id
-            rows, size, full = [], 0, False
-            cursor = messages.page_rows(conn, after_id, upto, prefixes, limit)
-            for row in cursor:
-                rows.append(row)
-                size += len(row[2]) + (len(row[3]) if row[3] is not None else 0)
-                if size >= self.page_bytes:
-                    full = True
-                    break
-            cursor.close()
+            rows, full = messages.page(conn, after_id, upto, prefixes, limit, self.page_bytes)
         if full or len(rows) == limit:
             after_id = rows[-1][0]
         else:

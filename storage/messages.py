@@ -54,19 +54,39 @@ def id_before(conn: Any, since_ns: int, first: int | None, last: int) -> int:
     return max(lo, 0)
 
 
-def page_rows(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int) -> Any:
-    """A cursor over (id, topic, payload, meta, committed_ns) of the messages
-    with after_id < id <= upto whose topic starts with one of `prefixes`
-    (all if none), oldest first, at most `limit`."""
-    sql = "SELECT id, topic, payload, meta, committed_ns FROM messages WHERE id > ? AND id <= ?"
+def page(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int,
+         max_bytes: int) -> tuple[list[tuple[Any, ...]], bool]:
+    """(rows, full): (id, topic, payload, meta, committed_ns) of the messages
+    with after_id < id <= upto whose topic starts with one of `prefixes` (all
+    if none), oldest first, at most `limit`, and none after the one that
+    brings payloads and metas to `max_bytes` (full: that one was reached).
+    Memory is bounded in bytes on both engines: SQLite's cursor steps one row
+    at a time and stops there; a PostgreSQL client receives a whole result at
+    once, so there the server cuts the page (a running sum)."""
+    where = "id > ? AND id <= ?"
     params: list[Any] = [after_id, upto]
     if prefixes:
-        sql += " AND (" + " OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) + ")"
+        where += " AND (" + " OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) + ")"
         for prefix in prefixes:
             params += (len(prefix), prefix)
-    sql += " ORDER BY id LIMIT ?"
-    params.append(limit)
-    return conn.execute(sql, params)
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
+        cursor = conn.execute(
+            "SELECT id, topic, payload, meta, committed_ns FROM (SELECT *, sum(size) OVER"
+            " (ORDER BY id) AS running FROM (SELECT id, topic, payload, meta, committed_ns,"
+            " octet_length(payload) + coalesce(octet_length(meta), 0) AS size FROM messages"
+            f" WHERE {where} ORDER BY id LIMIT ?) AS page) AS sized WHERE running - size < ?",
+            [*params, limit, max_bytes])
+    else:
+        cursor = conn.execute("SELECT id, topic, payload, meta, committed_ns FROM messages"
+                              f" WHERE {where} ORDER BY id LIMIT ?", [*params, limit])
+    rows, size = [], 0
+    for row in cursor:
+        rows.append(row)
+        size += len(row[2]) + (len(row[3]) if row[3] is not None else 0)
+        if size >= max_bytes:
+            cursor.close()
+            return rows, True
+    return rows, False
 
 
 def topic_counts(conn: Any, after_id: int) -> Any:

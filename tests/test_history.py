@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import signal
 
 import pytest
@@ -195,3 +196,26 @@ def test_tail_since_with_the_reader_down_reports_and_keeps_waiting(make_bus) -> 
     tail.stdout.wait_line(lambda ln: "stored" in ln)
     tail.send_signal(signal.SIGTERM)
     assert tail.wait() == 0
+
+
+def test_a_page_of_large_messages_costs_the_reader_a_page_not_all_of_them(make_bus) -> None:
+    """BUS_HISTORY_PAGE_BYTES bounds what the reader holds, not only what it
+    sends: PostgreSQL's client receives a whole result at once, so a page of
+    5,000 messages of 900 KB would have been 4.5 GB in the reader before the
+    server cut it (SQLite's cursor stops by itself)."""
+    from tests.fuzz import RssSampler
+    bus = make_bus(BUS_HISTORY_PAGE_BYTES=2 << 20).start()
+    big = os.urandom(900_000)
+    with Publisher(bus.config(), producer_id="big") as pub:
+        for _ in range(150):  # 135 MB stored, more than the reader's 128 MiB limit
+            pub.publish("big.x", big)
+        pub.flush(timeout=60)
+    sampler = RssSampler({"reader": bus.reader.pid}, interval=0.02)
+    try:
+        with HistoryClient(bus.config()) as history:
+            page = history.page(["big."])
+            assert len(page.rows) == 3 and page.more, "cut at the page's bytes"
+            assert sum(1 for _ in history.messages(["big."])) == 150
+    finally:
+        sampler.stop()
+    assert sampler.peak["reader"] < 100 << 10, sampler.peak  # KiB
