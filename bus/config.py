@@ -340,9 +340,25 @@ class BusConfig:
 
     def public(self) -> dict[str, Any]:
         """The settings as their environment names, for stats and start-up logs;
-        secrets show as "***" when set."""
+        secrets show as "***" when set, and so does a password in a URL."""
         return {s.env: "***" if s.field in SECRET_FIELDS and getattr(self, s.field)
-                else getattr(self, s.field) for s in SETTINGS}
+                else redact_url(v) if isinstance(v := getattr(self, s.field), str)
+                else v for s in SETTINGS}
+
+
+def redact_url(value: str) -> str:
+    """A URL without its password (user:PASSWORD@ and ?password=), whatever
+    the password holds (an unencoded '/' or '@' included): for logs, stats and
+    errors. Anything else is returned as it is."""
+    if "://" not in value:
+        return value
+    scheme, _, rest = value.partition("://")
+    if "@" in rest:  # the user info ends at the last '@'
+        userinfo, _, host = rest.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        rest = f"{user}:***@{host}" if colon else rest
+    rest = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", rest)
+    return f"{scheme}://{rest}"
 
 
 def _coerce(setting: Setting, value: Any) -> Any:

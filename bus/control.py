@@ -62,13 +62,17 @@ class ControlCounters:
 class Dispatcher:
     """Decode, authorize, run, answer. `authorized` limits which commands a
     CURVE key may run (the writer's: security.authorize); the other
-    processes rely on their endpoint's key list alone."""
+    processes rely on their endpoint's key list alone. `retryable`: errors
+    that a retry may get past (a database that is busy or reconnecting),
+    answered UNAVAILABLE rather than as a bug."""
 
     def __init__(self, commands: dict[str, Handler], log: Any, config: BusConfig | None = None,
-                 authorized: bool = False) -> None:
+                 authorized: bool = False,
+                 retryable: tuple[type[Exception], ...] = ()) -> None:
         self.commands: dict[str, Handler] = {"ping": lambda _request: "pong", **commands}
         self.config = config
         self.authorized = authorized
+        self.retryable = retryable
         self.counters = ControlCounters()
         self._log = RateLimitedLog(log)
 
@@ -116,6 +120,13 @@ class Dispatcher:
                 counters.failed[exc.code] = counters.failed.get(exc.code, 0) + 1
             return protocol.encode_reply_error(request_id, exc.code, exc.reason)
         except Exception as exc:  # a bug must cost one request, not the process
+            if isinstance(exc, self.retryable):
+                counters.failed[protocol.UNAVAILABLE] = \
+                    counters.failed.get(protocol.UNAVAILABLE, 0) + 1
+                self._log.warning(protocol.UNAVAILABLE, "control_request_unavailable",
+                                  error=str(exc), error_type=type(exc).__name__)
+                return protocol.encode_reply_error(request_id, protocol.UNAVAILABLE,
+                                                   f"{type(exc).__name__}: {exc}; retry")
             counters.internal_errors += 1
             self._log.error(protocol.INTERNAL_ERROR, "control_request_failed", exc_info=True)
             return protocol.internal_error_reply(request_id, exc)

@@ -32,8 +32,8 @@ def migrate(ctx: click.Context, **flags: Any) -> None:
     does the same when it starts), or say why not: a newer schema, a writer
     running on it."""
     cfg = build_config(ctx, flags, "db")
-    before = storage.schema_version(cfg.db)
     try:
+        before = storage.schema_version(cfg.db)
         storage.open_store(cfg.db, busy_timeout_ms=cfg.sqlite_busy_timeout_ms).close()
     except StartupError as exc:
         raise InputError(str(exc)) from None
@@ -58,8 +58,9 @@ def copy(ctx: click.Context, source: str, dest: str, chunk_rows: int) -> None:
     DST, then verify: the same number of messages, the same last id, and per
     producer the same count and range of sequence numbers. Resumable: run it
     again after it stopped, it goes on after the last message DST has. No
-    writer may run on DST meanwhile (its lock is taken); the source may be
-    live: its messages up to its last id at the start are copied."""
+    writer may run on either: DST's lock is taken, and a source with a running
+    writer is refused (its producer ledger would run ahead of the copied
+    messages). DST must be empty or an earlier copy of SRC."""
     from storage.copy import CopyMismatch, copy_database
     if storage.describe(source) == storage.describe(dest):
         raise click.UsageError("--from and --to are the same database")

@@ -794,10 +794,11 @@ def health(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any)
     (no HTTP needed); exit 1 if any is down or unhealthy."""
     from anchor.worker import anchor_health
     from proxy.service import proxy_health
+    from reader.service import reader_health
     from writer.service import writer_health
     checks: dict[str, Callable[[dict[str, Any]], str | None]] = {
         "writer": writer_health, "proxy": proxy_health,
-        "reader": lambda stats: None, "anchor": anchor_health}
+        "reader": reader_health, "anchor": anchor_health}
     cfg = build_config(ctx, flags, "health")
     names = ["writer", "proxy", "reader"] + (["anchor"] if with_anchor else [])
     answers = ask_all(cfg, names, "stats", timeout_ms)

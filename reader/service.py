@@ -180,7 +180,7 @@ class Reader:
         self.dispatcher = control.Dispatcher({
             "history": self._history, "anchor_proof": self._anchor_proof,
             "utxo_stats": lambda _request: self._read(self.history.utxo_stats),
-            "topics": self._topics, "stats": lambda _request: self.stats()}, log)
+            "topics": self._topics, "stats": lambda _request: self.snapshot()}, log)
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
         self.ctx: zmq.Context | None = None
@@ -198,7 +198,7 @@ class Reader:
         self.poller = zmq.Poller()
         self.poller.register(self.rep, zmq.POLLIN)
         self.poller.register(stop.fileno(), zmq.POLLIN)
-        log.info("started", db=cfg.db, read_endpoint=cfg.read_endpoint,
+        log.info("started", db=storage.redact(cfg.db), read_endpoint=cfg.read_endpoint,
                  config_source=cfg.source, config=cfg.public())
 
     def loop(self, now: float | None = None) -> None:
@@ -279,7 +279,8 @@ class Reader:
                 "memory": self.guard.snapshot() if getattr(self, "guard", None) else None,
                 "max_page_ms": round(self.max_page_ms, 3),
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
-                "database": self.config.db, "read_endpoint": self.config.read_endpoint,
+                "database": storage.redact(self.config.db),
+                "read_endpoint": self.config.read_endpoint,
                 "security": security.snapshot(self.config)}
 
     def shutdown(self) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from typing import Any
+
+from bus.config import redact_url
 
 URL_SCHEMES = ("postgresql://", "postgres://")
 
@@ -26,7 +27,7 @@ def is_url(db: str) -> bool:
 
 def redact(db: str) -> str:
     """The database as logs and errors may show it: a URL without its password."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", db)
+    return redact_url(db)
 
 
 def engine_of(db: str) -> str:
@@ -41,7 +42,7 @@ def sqlite_path(db: str) -> str:
 def describe(db: str) -> str:
     """The database as a person reads it: the URL without its password, or
     the file's full path."""
-    return redact(db) if is_url(db) else os.path.abspath(sqlite_path(db))
+    return redact(db) if is_url(db) else os.path.realpath(sqlite_path(db))
 
 
 def schema_version(db: str) -> int | None:

@@ -15,6 +15,7 @@ when the copy started).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -74,11 +75,63 @@ def _insert_messages(conn: Any, chunk: list[tuple]) -> None:
                          " (?, ?, ?, ?, ?, ?, ?, ?)", chunk)
 
 
+def _continue_ids(conn: Any, tables: tuple[str, ...]) -> None:
+    """PostgreSQL: ids were given, so the identity sequences go on after them
+    (SQLite's rowids need nothing)."""
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
+        for table in tables:
+            conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                         f" coalesce((SELECT max(id) FROM {table}), 0) + 1, false)")
+
+
+def writer_running(db: str) -> bool:
+    """Whether a bus writer holds the database's one-writer lock now."""
+    if storage.is_url(db):
+        from storage import postgres
+        conn = postgres.connect(db, "bus-db-copy")
+        try:
+            key = postgres.WRITER_LOCK_KEY
+            if conn.execute("SELECT pg_try_advisory_lock(?)", (key,)).fetchone()[0]:
+                conn.execute("SELECT pg_advisory_unlock(?)", (key,))
+                return False
+            return True
+        finally:
+            conn.close()
+    from storage import sqlite
+    try:
+        os.close(sqlite.lock_single_writer(storage.sqlite_path(db)))
+    except sqlite.DatabaseInUse:
+        return True
+    return False
+
+
+def same_messages(source: Any, dest: Any) -> None:
+    """The destination's first and last messages are the source's, column by
+    column: it is an earlier copy of this source, not another bus's database."""
+    first, last = messages.id_range(dest)
+    for message_id in (first, last):
+        rows = [conn.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?",
+                             (message_id,)).fetchone() for conn in (source, dest)]
+        if rows[0] is None or tuple(rows[0]) != tuple(rows[1]):
+            raise CopyMismatch(f"the destination's message {message_id} is not the source's: "
+                               "it is another bus's database, not a copy of this source (give "
+                               "an empty database)")
+
+
 def copy_database(source_db: str, dest_db: str, chunk_rows: int = 5000,
                   progress: Callable[[int, int], None] = lambda done, total: None
                   ) -> dict[str, Any]:
     """Copy (or resume copying) source_db into dest_db; returns what was
     copied and verified. Raises CopyMismatch if the verification fails."""
+    version = storage.schema_version(source_db)
+    if version is None:
+        raise storage.NotReadable(f"{storage.describe(source_db)} holds no bus database")
+    if version != schema.SCHEMA_VERSION:
+        raise CopyMismatch(f"the source has schema {version}, this bus {schema.SCHEMA_VERSION}:"
+                           f" run bus-cli db migrate --db SRC first")
+    if writer_running(source_db):
+        raise CopyMismatch(f"a bus writer is running on {storage.describe(source_db)}: stop it"
+                           " first (its producer ledger would run ahead of the copied messages)")
     source = storage.open_read_only(source_db, 5000)
     dest = storage.open_store(dest_db)
     try:
@@ -88,6 +141,8 @@ def copy_database(source_db: str, dest_db: str, chunk_rows: int = 5000,
         if have > last:
             raise CopyMismatch(f"the destination has messages up to id {have}, beyond the "
                                f"source's last ({last}): not a copy of this source")
+        if have:
+            same_messages(source, dest.conn)
         total = source.execute("SELECT count(*) FROM messages WHERE id <= ?",
                                (last,)).fetchone()[0]
         done = dest.conn.execute("SELECT count(*) FROM messages").fetchone()[0]
@@ -95,6 +150,7 @@ def copy_database(source_db: str, dest_db: str, chunk_rows: int = 5000,
         for chunk in _chunks(source, have, last, chunk_rows):
             with dest.transaction() as conn:
                 _insert_messages(conn, chunk)
+                _continue_ids(conn, ("messages",))  # a writer on a copy that stopped goes on
             done += len(chunk)
             progress(done, total)
         with dest.transaction() as conn:
@@ -109,11 +165,7 @@ def copy_database(source_db: str, dest_db: str, chunk_rows: int = 5000,
                                  ).fetchone()
             if tip is not None:
                 schema.set_meta(conn, "wallet_tip", tip[0])
-            if getattr(conn, "dialect", "sqlite") == "postgresql":
-                # Ids were given: the identity sequences continue after them.
-                for table in ("messages", "anchors", "subscriptions"):
-                    conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
-                                 f" coalesce((SELECT max(id) FROM {table}), 0) + 1, false)")
+            _continue_ids(conn, ("messages", "anchors", "subscriptions"))
         return verify(source, dest.conn, last) | {"first_id": first, "last_id": last}
     finally:
         dest.close()

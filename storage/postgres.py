@@ -192,9 +192,17 @@ class PgStore(WriterHandle):
         return conn
 
     def _reconnect_if_lost(self) -> None:
+        """A lost connection is opened again at the next transaction. A server
+        that does not answer yet is a transient error (the batch is kept and
+        retried); another writer holding the lock by then is not."""
         if self.conn.raw.closed or self.conn.raw.broken:
             self.conn.raw.close()
-            self.conn.raw = self._open().raw  # the same object: UtxoBook holds it
+            try:
+                self.conn.raw = self._open().raw  # the same object: UtxoBook holds it
+            except DatabaseInUse:
+                raise
+            except StartupError as exc:
+                raise psycopg.OperationalError(str(exc)) from None
             self.reconnects += 1
 
     @contextlib.contextmanager
@@ -242,6 +250,14 @@ class PgStore(WriterHandle):
                     raw.execute("COMMIT")
                 last = cursor.fetchone()[0] if rows else None
         return committed_ns, last
+
+    def load_producer(self, producer_id: str) -> tuple[Any, ...] | None:
+        self._reconnect_if_lost()  # a read outside a batch may be the first after a loss
+        return super().load_producer(producer_id)
+
+    def last_message_id(self) -> int | None:
+        self._reconnect_if_lost()
+        return super().last_message_id()
 
     def snapshot(self) -> dict[str, Any]:
         return {"engine": "postgresql", "database": self.path, "reconnects": self.reconnects}

@@ -141,6 +141,10 @@ ADDED_COLUMNS = (
 )
 
 
+class NotABusDatabase(StartupError):
+    """What the database holds is not a bus's."""
+
+
 class NewerSchema(StartupError):
     """The database was written by a newer bus: an older writer would drop what
     it does not know (e.g. consumer owners)."""
@@ -153,7 +157,13 @@ def stored_version(conn: Any, errors: tuple[type[Exception], ...]) -> int | None
         row = conn.execute("SELECT value FROM bus_meta WHERE key = 'schema_version'").fetchone()
     except errors:
         return None
-    return None if row is None else int(row[0])
+    if row is None:
+        return None
+    try:
+        return int(row[0])
+    except ValueError:
+        raise NotABusDatabase(f"its schema_version is {row[0]!r}, not a number: not a bus "
+                              "database, or a damaged one") from None
 
 
 def check_not_newer(version: int | None, where: str) -> None:

@@ -78,6 +78,8 @@ def open_read_only(path: str, busy_timeout_ms: int) -> apsw.Connection:
         conn.execute("SELECT 1 FROM messages LIMIT 0").fetchall()
     except (apsw.CantOpenError, apsw.SQLError) as exc:
         raise NotReadable(f"database {path} is not readable yet: {exc}") from None
+    except apsw.Error as exc:  # not a database, a directory, damaged
+        raise NotReadable(f"{path} cannot be read as a bus database: {exc}") from None
     return conn
 
 

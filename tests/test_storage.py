@@ -11,8 +11,8 @@ import apsw
 import pytest
 
 from anchor.reservations import UtxoClient
-from bus.client import Subscriber
-from tests.conftest import Bus, execute, query
+from bus.client import Publisher, Subscriber
+from tests.conftest import Bus, execute, query, wait_for
 from tests.test_hostile import publish_acked
 
 
@@ -105,7 +105,7 @@ def test_db_copy_refuses_what_it_cannot_do_in_one_line(make_bus, pg_server, tmp_
     assert same.returncode == 2 and "the same database" in same.stderr
     empty = pg_server.create_database()  # no bus has written it: no schema
     missing = bus.cli("db", "copy", "--from", empty, "--to", str(tmp_path / "c.db"))
-    assert missing.returncode == 1 and "not readable yet" in missing.stderr, missing.stderr
+    assert missing.returncode == 1 and "holds no bus database" in missing.stderr, missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
@@ -157,3 +157,54 @@ def test_the_documented_advisory_lock_is_the_one_the_writer_takes() -> None:
     from storage import postgres
     protocol_md = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
     assert f"pg_try_advisory_lock({postgres.WRITER_LOCK_KEY})" in protocol_md
+
+
+def test_db_copy_refuses_another_buss_database_and_a_live_source(make_bus, tmp_path) -> None:
+    """It appended one bus's messages to another's and said "verified"; with
+    the source's writer running, its producer ledger ran ahead of the copy."""
+    staging = make_bus(BUS_DB=str(tmp_path / "staging.db")).start()
+    publish_acked(staging, "P", "staging.junk", 3)
+    assert staging.stop() == (0, 0)
+    real = make_bus(BUS_DB=str(tmp_path / "real.db")).start()
+    publish_acked(real, "P", "orders.real", 5)
+    live = real.cli("db", "copy", "--from", real.db, "--to", str(tmp_path / "new.db"))
+    assert live.returncode == 1 and "a bus writer is running" in live.stderr, live.stderr
+    assert real.stop() == (0, 0)
+    mixed = real.cli("db", "copy", "--from", real.db, "--to", staging.db)
+    assert mixed.returncode == 1 and "another bus's database" in mixed.stderr, mixed.stderr
+    assert query(staging.db, "SELECT count(*) FROM messages") == [(3,)], "left as it was"
+    execute(staging.db, "UPDATE bus_meta SET value = 'abc' WHERE key = 'schema_version'")
+    for args in (["db", "migrate", "--db", staging.db],
+                 ["db", "copy", "--from", staging.db, "--to", str(tmp_path / "x.db")]):
+        garbage = real.cli(*args)
+        assert garbage.returncode == 1 and "not a number" in garbage.stderr, garbage.stderr
+        assert "Traceback" not in garbage.stderr
+    (tmp_path / "notes.txt").write_text("not a database\n" * 100)
+    junk = real.cli("db", "copy", "--from", str(tmp_path / "notes.txt"), "--to",
+                    str(tmp_path / "y.db"))
+    assert junk.returncode == 1 and "Traceback" not in junk.stderr, junk.stderr
+
+
+def test_a_postgresql_server_refusing_connections_for_a_while_costs_nothing(
+        make_bus, pg_server) -> None:
+    """The writer crashed when its reconnect found the server not accepting
+    connections (a restart, a failover): now that is a failed batch, kept and
+    retried."""
+    url = pg_server.create_database()
+    database = url.rpartition("/")[2]
+    bus = make_bus(BUS_DB=url).start()
+    publish_acked(bus, "down", "down.t", 50)
+    admin = pg_server.url()
+    with Publisher(bus.config(), producer_id="down-2") as pub:  # its session is committed
+        execute(admin, f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+        execute(admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE"
+                       f" datname = '{database}' AND application_name = 'bus-writer'")
+        for i in range(50):
+            pub.publish("down.t", b"%d" % i)
+        wait_for(lambda: bus.writer_stats()["batch"]["flush_errors"] > 0,
+                 message="a batch failed while the server refused connections")
+        assert bus.writer.popen.poll() is None, "the writer lives"
+        execute(admin, f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+        pub.flush(timeout=30)
+    assert query(url, "SELECT count(*) FROM messages") == [(100,)]
+    assert bus.stop() == (0, 0)

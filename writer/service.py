@@ -230,7 +230,8 @@ class Writer:
         self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
                               cfg.utxo_request_ttl_s)
         self.anchors = AnchorBook(self.utxos)
-        self.dispatcher = control.Dispatcher(self.control_commands(), log, cfg, authorized=True)
+        self.dispatcher = control.Dispatcher(self.control_commands(), log, cfg, authorized=True,
+                                             retryable=self.store.transient_errors)
         self._owed_nacks: list[dict[str, Any]] = []
         self._owed_acks: dict[str, dict[str, Any]] = {}
         self._owed_commit: dict[str, Any] | None = None
@@ -245,7 +246,7 @@ class Writer:
         self.paused_poller.register(self.control, zmq.POLLIN)
         self.paused_poller.register(self.notify, zmq.POLLIN)
         self.paused_poller.register(stop.fileno(), zmq.POLLIN)
-        log.info("started", db=cfg.db, capture_endpoint=cfg.capture_endpoint,
+        log.info("started", db=storage.redact(cfg.db), capture_endpoint=cfg.capture_endpoint,
                  control_endpoint=cfg.control_endpoint, notify_endpoint=cfg.notify_endpoint,
                  config_source=cfg.source, config=cfg.public())
 
@@ -291,8 +292,8 @@ class Writer:
             self.ctx.term()
             self.ctx = None
         if self.store is not None:
-            log.info("database_closed", db=self.config.db,
-                     last_message_id=self.store.last_message_id())
+            log.info("database_closed", db=storage.redact(self.config.db),
+                     last_message_id=self._stored_ids()[1])
             self.store.close()
             self.store = None
         if unsaved:
@@ -774,6 +775,14 @@ class Writer:
             line += f"; commits failing for {now - self._failing_since:.0f} s: {self._last_error}"
         return line
 
+    def _stored_ids(self) -> tuple[int | None, int | None]:
+        """(first, last) stored message id; (None, None) while the database
+        cannot be read: stats must answer when the database does not."""
+        try:
+            return self.store.first_message_id(), self.store.last_message_id()
+        except self.store.transient_errors:
+            return None, None
+
     def stats(self, now: float) -> dict[str, Any]:
         cfg = self.config
         batch = self.metrics.snapshot()
@@ -781,7 +790,7 @@ class Writer:
                      config={"enabled": cfg.batch_write_enabled, "batch_size": cfg.batch_size,
                              "flush_interval_ms": cfg.batch_flush_interval_ms,
                              "max_buffer_size": cfg.batch_max_buffer_size})
-        last_id = self.store.last_message_id()
+        first_id, last_id = self._stored_ids()
         return {
             "batch": batch,
             "load": self.load.snapshot(now),
@@ -805,9 +814,8 @@ class Writer:
             "memory": self.guard.snapshot(),
             "backlog": self.backlog(now),
             "wal": self.store.snapshot(),
-            "database": {"path": cfg.db, "synchronous": cfg.sqlite_synchronous,
-                         "first_message_id": self.store.first_message_id(),
-                         "last_message_id": last_id},
+            "database": {"path": storage.redact(cfg.db), "synchronous": cfg.sqlite_synchronous,
+                         "first_message_id": first_id, "last_message_id": last_id},
             "uptime_seconds": round(now - self._started, 3),
             "config": cfg.public(),
         }

@@ -242,6 +242,16 @@ class Publisher:
             raise BusTimeout(f"publish blocked for {self.send_timeout}s: the proxy is not "
                              "reading (queue full)") from None
 
+    def _resend(self, frames: tuple[bytes, bytes, bytes]) -> bool:
+        """Queue a copy if the queue has room now; False if it has none."""
+        try:
+            self._sock.send(frames[0], zmq.SNDMORE | zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self._sock.send(frames[1], zmq.SNDMORE)
+        self._sock.send(frames[2])
+        return True
+
     @property
     def unacked(self) -> int:
         return len(self._unacked)
@@ -279,9 +289,12 @@ class Publisher:
                                  f"within {timeout:g}s (is bus-writer running? is the disk "
                                  "full? bus-cli health says)")
             if now >= resend_at:
+                # Without waiting: a queue that is full (the proxy gone) takes
+                # the rest at the next round; blocking here ignored the timeout.
                 for _seq, frames in list(self._unacked):
-                    self._send(frames)
-                self.resent += len(self._unacked)
+                    if not self._resend(frames):
+                        break
+                    self.resent += 1
                 interval = min(interval * 2, 30.0)
                 resend_at = now + interval
             before = len(self._unacked)
