@@ -104,8 +104,10 @@ def parse_request(payload: bytes) -> tuple[bytes, str | None]:
     if not (isinstance(digest, bytes) and len(digest) == 32):
         raise RequestRefused("'hash' must be a SHA-256: 32 bytes or 64 hex characters")
     ref = request.get("ref")
-    if ref is not None and not (isinstance(ref, str) and len(ref) <= MAX_REF_CHARS):
-        raise RequestRefused(f"'ref' must be a string of at most {MAX_REF_CHARS} characters")
+    if ref is not None and not (isinstance(ref, str) and len(ref) <= MAX_REF_CHARS
+                                and "\x00" not in ref):
+        raise RequestRefused(f"'ref' must be a string of at most {MAX_REF_CHARS} characters,"
+                             " no NUL")
     return digest, ref
 
 

@@ -239,6 +239,10 @@ def decode_topic(raw: bytes, max_topic_bytes: int) -> str:
     # The proxy takes in no topic starting below 0x20 (see TOPIC_FIRST_BYTES).
     if raw[0] < 0x20:
         raise ProtocolError(TOPIC_CONTROL_CHAR, f"first byte 0x{raw[0]:02x}")
+    # PostgreSQL's text holds no NUL: stored there, one such topic failed its
+    # whole batch (and the writer). Refused on both engines alike.
+    if b"\x00" in raw:
+        raise ProtocolError(TOPIC_CONTROL_CHAR, "a NUL byte")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -266,10 +270,9 @@ def decode_meta(raw: bytes) -> dict[str, Any]:
     # Checked inline, not in a loop or helper: this runs for every message the
     # writer stores (see bench/).
     producer = meta.get(META_PRODUCER)
-    if producer is not None and not (isinstance(producer, str)
-                                     and 0 < len(producer) <= MAX_PRODUCER_CHARS):
+    if producer is not None and not is_producer_id(producer):
         raise ProtocolError(META_BAD_VALUE, f"producer must be a string of 1-{MAX_PRODUCER_CHARS}"
-                                            " chars")
+                                            " chars, no NUL")
     seq = meta.get(META_SEQ)
     if seq is not None and not (type(seq) is int and 1 <= seq <= MAX_INT64):
         raise ProtocolError(META_BAD_VALUE, "seq must be an integer from 1 to 2^63-1")
@@ -283,7 +286,9 @@ def decode_meta(raw: bytes) -> dict[str, Any]:
 
 
 def is_producer_id(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_PRODUCER_CHARS
+    # No NUL: it is stored as text, which PostgreSQL's cannot hold.
+    return isinstance(value, str) and 0 < len(value) <= MAX_PRODUCER_CHARS \
+        and "\x00" not in value
 
 
 def _is_counter(value: Any) -> bool:

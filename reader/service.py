@@ -153,8 +153,9 @@ def parse_history_args(args: dict[str, Any]) -> dict[str, Any]:
     """Validate a `history` request's args; raises RequestError-compatible ValueError."""
     prefixes = args.get("prefixes", [""])
     if not (isinstance(prefixes, list) and 0 < len(prefixes) <= MAX_PREFIXES
-            and all(isinstance(p, str) for p in prefixes)):
-        raise ValueError(f"'prefixes' must be a list of 1-{MAX_PREFIXES} strings")
+            and all(isinstance(p, str) and "\x00" not in p for p in prefixes)):
+        # No NUL: no stored topic has one (and PostgreSQL could not compare it).
+        raise ValueError(f"'prefixes' must be a list of 1-{MAX_PREFIXES} strings, no NUL")
     parsed: dict[str, Any] = {"prefixes": prefixes}
     for key in ("after_id", "since_ns", "limit"):
         value = args.get(key)

@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from bus import protocol
-from bus.client import ControlClient, Publisher, Subscriber
+from bus.client import BusError, ControlClient, Publisher, Subscriber
 from tests.conftest import (BUS_CLI, DEADLINE, LOCKED_ERROR, Bus, RawProducer, WriteLock, execute,
                             integrity_ok, query, wait_for, wait_until_delivered)
 
@@ -406,3 +406,30 @@ def test_a_file_that_is_not_a_database_is_refused_in_one_line(make_bus, tmp_path
     assert result.returncode == 1 and "is not a bus database" in result.stderr
     assert "Traceback" not in result.stderr
     assert garbage.read_text() == "not a database\n" * 200
+
+
+def test_a_nul_in_a_topic_or_producer_id_is_refused_and_costs_no_batch(make_bus) -> None:
+    """PostgreSQL's text holds no NUL: one such topic failed its whole batch
+    and crashed the writer there. Refused at the edge on both engines; the
+    valid messages around it are stored."""
+    bus = make_bus().start()
+    with RawProducer(bus, "nul-around") as raw:
+        raw.send(1)
+        raw.send_frames([b"idem.a\x00b", b"x", raw.meta(2)])
+        raw.send(3)
+        bad_producer = protocol.encode_meta("nul\x00id", 1)
+        raw.send_frames([b"idem.t", b"x", bad_producer])
+        raw.send(4)
+    wait_for(lambda: bus.writer_stats()["ingest"]["rejected_total"] >= 2,
+             message="both refused")
+    bus.request("BUS_CONTROL_ENDPOINT", "flush")
+    assert [r[0] for r in query(bus.db, "SELECT producer_seq FROM messages WHERE"
+                                        " producer_id = 'nul-around' ORDER BY id")] == [1, 3, 4]
+    assert bus.writer.popen.poll() is None
+    with pytest.raises(BusError) as refused:  # a history prefix with a NUL, on both engines
+        bus.request("BUS_READ_ENDPOINT", "history", {"prefixes": ["idem.a\x00"]})
+    assert refused.value.code == protocol.BAD_REQUEST
+    assert bus.request("BUS_READ_ENDPOINT", "history", {"prefixes": ["idem."]})["messages"]
+    with pytest.raises(protocol.ProtocolError):
+        protocol.encode_topic("a\x00b", 256)
+    assert not protocol.is_producer_id("a\x00b")

@@ -41,8 +41,10 @@ def _documents(args: dict[str, Any]) -> list[tuple[bytes, str | None, int | None
         if not (isinstance(item, list) and len(item) == 3):
             raise UtxoError("bad_request", "a document is [hash, ref, message_id]")
         ref, message_id = item[1], item[2]
-        if ref is not None and not (isinstance(ref, str) and len(ref) <= 256):
-            raise UtxoError("bad_request", "a document's ref must be a string of at most 256")
+        if ref is not None and not (isinstance(ref, str) and len(ref) <= 256
+                                    and "\x00" not in ref):
+            raise UtxoError("bad_request", "a document's ref must be a string of at most 256,"
+                                           " no NUL")
         if message_id is not None and type(message_id) is not int:
             raise UtxoError("bad_request", "a document's message_id must be an integer")
         docs.append((_hash32(item[0], "document hash"), ref, message_id))
