@@ -175,8 +175,8 @@ class PgStore(WriterHandle):
         self.path = redact(url)
         self._url = url
         self.lock_timeout_ms = lock_timeout_ms
-        self.conn = self._open()
-        apply_schema(self.conn, url)
+        self._conn = self._open()
+        apply_schema(self._conn, url)
         self.reconnects = 0
 
     def _open(self) -> PgConnection:
@@ -191,14 +191,21 @@ class PgStore(WriterHandle):
         conn.execute(f"SET lock_timeout = {int(self.lock_timeout_ms)}")
         return conn
 
+    @property
+    def conn(self) -> PgConnection:
+        """The connection, opened again first if it was lost: every read and
+        write of the writer's (a batch, a control command, a read at start)."""
+        self._reconnect_if_lost()
+        return self._conn
+
     def _reconnect_if_lost(self) -> None:
         """A lost connection is opened again at the next transaction. A server
         that does not answer yet is a transient error (the batch is kept and
         retried); another writer holding the lock by then is not."""
-        if self.conn.raw.closed or self.conn.raw.broken:
-            self.conn.raw.close()
+        if self._conn.raw.closed or self._conn.raw.broken:
+            self._conn.raw.close()
             try:
-                self.conn.raw = self._open().raw  # the same object: UtxoBook holds it
+                self._conn.raw = self._open().raw  # the same object: UtxoBook holds it
             except DatabaseInUse:
                 raise
             except StartupError as exc:
@@ -208,16 +215,15 @@ class PgStore(WriterHandle):
     @contextlib.contextmanager
     def transaction(self, commit: bool = True) -> Iterator[PgConnection]:
         """BEGIN ... COMMIT (commit=False: the body commits), ROLLBACK on an error."""
-        self._reconnect_if_lost()
         self.conn.execute("BEGIN")
         try:
-            yield self.conn
+            yield self._conn
         except BaseException:
-            if not self.conn.raw.broken and self.conn.raw.info.transaction_status:
-                self.conn.execute("ROLLBACK")
+            if not self._conn.raw.broken and self._conn.raw.info.transaction_status:
+                self._conn.execute("ROLLBACK")
             raise
         if commit:
-            self.conn.execute("COMMIT")
+            self._conn.execute("COMMIT")
 
     def write_batch(self, rows: Sequence[messages.MessageRow],
                     producers: Sequence[tuple[Any, ...]] = (),
@@ -251,19 +257,11 @@ class PgStore(WriterHandle):
                 last = cursor.fetchone()[0] if rows else None
         return committed_ns, last
 
-    def load_producer(self, producer_id: str) -> tuple[Any, ...] | None:
-        self._reconnect_if_lost()  # a read outside a batch may be the first after a loss
-        return super().load_producer(producer_id)
-
-    def last_message_id(self) -> int | None:
-        self._reconnect_if_lost()
-        return super().last_message_id()
-
     def snapshot(self) -> dict[str, Any]:
         return {"engine": "postgresql", "database": self.path, "reconnects": self.reconnects}
 
     def close(self) -> None:
-        self.conn.close()  # the advisory lock goes with the session
+        self._conn.close()  # the advisory lock goes with the session
 
 
 COPY_MESSAGES = ("COPY messages (topic, payload, meta, producer_id, producer_seq, publish_ns,"
