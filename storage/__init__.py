@@ -30,10 +30,6 @@ def redact(db: str) -> str:
     return redact_url(db)
 
 
-def engine_of(db: str) -> str:
-    return "postgresql" if is_url(db) else "sqlite"
-
-
 def sqlite_path(db: str) -> str:
     """A SQLite database's file: `sqlite:///PATH` (relative, or //ABSOLUTE) or the path."""
     return db[len("sqlite:///"):] if db.startswith("sqlite:///") else db
