@@ -70,15 +70,16 @@ def page(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int,
         for prefix in prefixes:
             params += (len(prefix), prefix)
     if getattr(conn, "dialect", "sqlite") == "postgresql":
-        cursor = conn.execute(
+        rows = conn.execute(
             "SELECT id, topic, payload, meta, committed_ns FROM (SELECT *, sum(size) OVER"
             " (ORDER BY id) AS running FROM (SELECT id, topic, payload, meta, committed_ns,"
             " octet_length(payload) + coalesce(octet_length(meta), 0) AS size FROM messages"
             f" WHERE {where} ORDER BY id LIMIT ?) AS page) AS sized WHERE running - size < ?",
-            [*params, limit, max_bytes])
-    else:
-        cursor = conn.execute("SELECT id, topic, payload, meta, committed_ns FROM messages"
-                              f" WHERE {where} ORDER BY id LIMIT ?", [*params, limit])
+            [*params, limit, max_bytes], binary=True).fetchall()
+        size = sum(len(row[2]) + (len(row[3]) if row[3] is not None else 0) for row in rows)
+        return rows, size >= max_bytes
+    cursor = conn.execute("SELECT id, topic, payload, meta, committed_ns FROM messages"
+                          f" WHERE {where} ORDER BY id LIMIT ?", [*params, limit])
     rows, size = [], 0
     for row in cursor:
         rows.append(row)
