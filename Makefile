@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 up: $(STAMP)
 	$(VENV)/bin/bus-cli up
 
+# Two test processes (pytest-xdist); TEST_WORKERS=0 runs the suite in one.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --durations=15
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bus_bench.py

@@ -331,6 +331,8 @@ class BusConfig:
             if getattr(self, name) and getattr(self, name) < MEMORY_LIMIT_MIN:
                 raise _invalid(name, f"must be 0 (off) or at least {MEMORY_LIMIT_MIN} (the "
                                      "process alone takes 40-60 MB)")
+        if (problem := database_problem(self.db)) is not None:
+            raise _invalid("db", problem)
         for name, allowed in (("sqlite_synchronous", ("NORMAL", "FULL", "EXTRA", "OFF")),
                               ("log_format", ("auto", "json", "console")),
                               ("log_level", ("debug", "info", "warning", "error"))):
@@ -344,6 +346,23 @@ class BusConfig:
         return {s.env: "***" if s.field in SECRET_FIELDS and getattr(self, s.field)
                 else redact_url(v) if isinstance(v := getattr(self, s.field), str)
                 else v for s in SETTINGS}
+
+
+def database_problem(db: str) -> str | None:
+    """Why `db` names no database the bus can open (a libpq keyword string,
+    another scheme's URL), or None: a postgresql:// URL or a SQLite path. Any
+    other text would be taken as a file name and a new SQLite file created."""
+    if db.startswith(("postgresql://", "postgres://", "sqlite:///")):
+        return None
+    if not db.strip():
+        return "must name a database: a SQLite file or a postgresql:// URL"
+    if re.match(r"\s*[A-Za-z_]+\s*=", db):
+        return (f"{redact_url(db)!r} looks like a libpq keyword string: write it as a URL, "
+                "postgresql://USER@HOST:PORT/DBNAME")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", db):
+        return (f"{redact_url(db)!r}: only postgresql:// URLs and SQLite files (a path, or "
+                "sqlite:///PATH) are supported")
+    return None
 
 
 def redact_url(value: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 import storage
+from bus.config import database_problem
 from bus.runner import StartupError
 from cli.common import InputError, build_config, setting_options
 from storage import schema
@@ -62,6 +63,9 @@ def copy(ctx: click.Context, source: str, dest: str, chunk_rows: int) -> None:
     writer is refused (its producer ledger would run ahead of the copied
     messages). DST must be empty or an earlier copy of SRC."""
     from storage.copy import CopyMismatch, copy_database
+    for flag, db in (("--from", source), ("--to", dest)):
+        if (problem := database_problem(db)) is not None:
+            raise click.BadParameter(problem, param_hint=flag)
     if storage.describe(source) == storage.describe(dest):
         raise click.UsageError("--from and --to are the same database")
     bar: dict[str, Any] = {}

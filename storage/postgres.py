@@ -118,7 +118,7 @@ def apply_schema(conn: PgConnection, url: str) -> None:
         schema.check_not_newer(version, redact(url))
         schema.apply(_DdlConnection(conn), lambda table: {row[0] for row in conn.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_schema ="
-            " current_schema() AND table_name = ?", (table,))})
+            " current_schema() AND table_name = ?", (table,))}, version, redact(url))
     except BaseException:
         conn.execute("ROLLBACK")
         raise

@@ -8,6 +8,8 @@ a later bus) is refused before anything is changed.
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 from bus.runner import StartupError
@@ -172,9 +174,23 @@ def check_not_newer(version: int | None, where: str) -> None:
                           f"({SCHEMA_VERSION}): run the bus version that wrote it, or a newer one")
 
 
-def apply(conn: Any, columns_of: Any) -> None:
+TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", "\n".join(SCHEMA)))
+
+
+def apply(conn: Any, columns_of: Any, version: int | None, where: str) -> None:
     """Create what is missing and record SCHEMA_VERSION (inside the caller's
-    transaction). `columns_of(table)`: the names of a table's columns."""
+    transaction). `columns_of(table)`: the names of a table's columns (none if
+    it does not exist); `version`: the one stored (None: a new database).
+
+    A database with no bus version must hold none of the bus's tables: one of
+    someone else's named `messages` or `consumers` would be written into, have
+    columns added, and be emptied by `db copy`."""
+    if version is None:
+        foreign = [table for table in TABLES if columns_of(table)]
+        if foreign:
+            raise NotABusDatabase(f"{where} already has tables named {', '.join(foreign)} but no"
+                                  " bus schema version: not a bus database; use another database"
+                                  " (or, on PostgreSQL, another schema)")
     for statement in SCHEMA:
         conn.execute(statement)
     for table, column, definition in ADDED_COLUMNS:

@@ -59,13 +59,15 @@ def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000)
     conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     conn.execute("PRAGMA cache_size=-32000")
     try:  # a newer database is refused before anything is changed
-        schema.check_not_newer(schema.stored_version(conn, (apsw.SQLError,)), path)
+        version = schema.stored_version(conn, (apsw.SQLError,))
+        schema.check_not_newer(version, path)
+        with conn:
+            schema.apply(conn, lambda table: {row[1] for row in
+                                              conn.execute(f"PRAGMA table_info({table})")},
+                         version, path)
     except BaseException:
         conn.close()
         raise
-    with conn:
-        schema.apply(conn, lambda table: {row[1] for row in
-                                          conn.execute(f"PRAGMA table_info({table})")})
     return conn
 
 

@@ -43,6 +43,15 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def _worker_ports(low: int, high: int) -> tuple[int, int]:
+    """This pytest-xdist worker's share of [low, high): workers run in separate
+    processes, so each must hand out ports from its own slice."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    share = (high - low) // count
+    return low + index * share, low + (index + 1) * share
+
+
 # Ports handed out by free_port in this test run: a port is free when checked
 # but only taken when the bus binds it, so the same one must not be handed out
 # twice (two endpoints of one bus, or a bus whose processes are still stopping).
@@ -54,9 +63,9 @@ def free_port() -> int:
     before in this run. A port the kernel hands out (bind to 0) can be taken
     again, before the bus binds it, by the ephemeral end of any client
     connection: these tests open many."""
-    low = _ephemeral_low()
+    low, high = _worker_ports(10_000, _ephemeral_low())
     while True:
-        port = random.randrange(10_000, low)
+        port = random.randrange(low, high)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:

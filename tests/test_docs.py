@@ -12,6 +12,7 @@ must sign its messages with the session MAC or nothing is stored.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -91,7 +92,7 @@ def js_examples() -> list[str]:
 
 
 def run_js(bus: Bus, code: str, env: dict[str, str] | None = None) -> Proc:
-    script = JS_DIR / f"example-{bus.tmp_path.name}.mjs"  # beside node_modules, for imports
+    script = JS_DIR / f"example-{os.getpid()}-{bus.tmp_path.name}.mjs"  # beside node_modules
     script.write_text(local_endpoints(code, bus))
     try:
         node = bus.spawn(["node", str(script)], env=env)
@@ -178,7 +179,7 @@ def test_javascript_example_publishes_on_every_run_and_subscribes(
     assert print_line in example
     example = local_endpoints(example, bus).replace(
         print_line, print_line + ' if (topic.toString() === "orders.done") process.exit(0);')
-    script = JS_DIR / f"example-{bus.tmp_path.name}.mjs"  # beside node_modules, for imports
+    script = JS_DIR / f"example-{os.getpid()}-{bus.tmp_path.name}.mjs"  # beside node_modules
     script.write_text(example)
     try:
         with Publisher(bus.config(), producer_id="py") as pub:

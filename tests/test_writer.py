@@ -15,6 +15,7 @@ from bus import protocol
 from bus.client import BusError, ControlClient, Publisher, Subscriber
 from tests.conftest import (BUS_CLI, DEADLINE, LOCKED_ERROR, Bus, RawProducer, WriteLock, execute,
                             integrity_ok, query, wait_for, wait_until_delivered)
+from tests.test_hostile import publish_acked
 
 # A flush interval of ten minutes: anything stored before then was flushed by
 # size, by request or by shutdown. A low-load threshold of 0 turns off the
@@ -393,6 +394,26 @@ def test_a_database_of_a_newer_bus_is_refused(make_bus) -> None:
     assert query(bus.db, "SELECT value FROM bus_meta WHERE key = 'schema_version'") == \
         [("999",)], "the refused database is left as it was"
     assert not query(bus.db, "SELECT count(*) FROM subscriptions"), "no table created again"
+
+
+def test_a_database_holding_someone_elses_tables_of_the_same_names_is_refused(make_bus) -> None:
+    """A database shared with other systems may already have a `consumers` or
+    a `messages` table of its own: the writer wrote into it and added columns,
+    and `db copy --to` emptied it."""
+    source = make_bus()
+    source.start()
+    publish_acked(source, "P", "orders.x", 3)
+    assert source.stop() == (0, 0)
+    bus = make_bus()
+    execute(bus.db, "CREATE TABLE consumers (name TEXT, note TEXT)")
+    execute(bus.db, "INSERT INTO consumers VALUES ('billing', 'theirs')")
+    for args in (["writer"], ["db", "migrate"], ["db", "copy", "--from", source.db, "--to", bus.db]):
+        refused = bus.cli(*args, timeout=30)
+        assert refused.returncode == 1, (args, refused.stderr)
+        assert "already has tables named consumers but no bus schema version" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert query(bus.db, "SELECT name, note FROM consumers") == [("billing", "theirs")]
+    assert not query(bus.db, "SELECT count(*) FROM messages"), "no bus table was created"
 
 
 @pytest.mark.sqlite_only  # a file
