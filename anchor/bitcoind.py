@@ -5,7 +5,8 @@ Amounts cross the RPC boundary as BTC; they are parsed as Decimal (never a
 float) and converted to integer satoshis at once. `RpcUnavailable` means the
 node could not be asked (connection refused, timeout, HTTP error without a
 JSON-RPC body): the caller keeps its work and retries later. `RpcError` is an
-answer: the node refused the call.
+answer: the node refused the call. `RpcAuthRefused`: the node refused the
+credentials, which no retry mends.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import zmq
 from embit.transaction import Transaction
 
+from bus.runner import StartupError
+
 COIN = 100_000_000
 OP_RETURN = 0x6A
 
@@ -32,8 +35,20 @@ RPC_VERIFY_REJECTED = -26            # policy: fee too low, dust, conflict...
 RPC_VERIFY_ALREADY_IN_CHAIN = -27
 
 
+# What a kept-alive connection that the server closed raises at its next use.
+STALE_CONNECTION = (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)
+
+
 class RpcUnavailable(Exception):
     """bitcoind did not answer."""
+
+
+class RpcAuthRefused(StartupError):
+    """bitcoind refused the credentials (HTTP 401): a setting to fix, not a
+    node to wait for. The worker stops with EX_CONFIG, which its unit does not
+    restart."""
+
+    exit_status = 78  # EX_CONFIG (sysexits.h)
 
 
 class RpcError(Exception):
@@ -85,19 +100,35 @@ class BitcoinRpc:
         self._ids += 1
         body = json.dumps({"jsonrpc": "1.0", "id": self._ids, "method": method,
                            "params": list(params)}, default=str)
-        try:
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection(self.host, self.port,
-                                                        timeout=self.timeout_s)
-            self._conn.request("POST", self.path, body,
-                               {"Authorization": self._auth(),
-                                "Content-Type": "application/json"})
-            response = self._conn.getresponse()
-            data = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+        for attempt in range(2):
+            reused = self._conn is not None
+            try:
+                if self._conn is None:
+                    self._conn = http.client.HTTPConnection(self.host, self.port,
+                                                            timeout=self.timeout_s)
+                self._conn.request("POST", self.path, body,
+                                   {"Authorization": self._auth(),
+                                    "Content-Type": "application/json"})
+                response = self._conn.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                # bitcoind closes a connection idle for -rpcservertimeout (30 s):
+                # a kept-alive one is found closed only when used. Once more on
+                # a new connection; every call the worker makes may be repeated
+                # (sendrawtransaction of the same transaction answers the same).
+                if attempt == 0 and reused and isinstance(exc, STALE_CONNECTION):
+                    continue
+                raise RpcUnavailable(f"bitcoind at {self.host}:{self.port} did not answer "
+                                     f"{method}: {exc}") from None
+            if response.status != 401:
+                break
             self.close()
-            raise RpcUnavailable(f"bitcoind at {self.host}:{self.port} did not answer "
-                                 f"{method}: {exc}") from None
+            if attempt == 1 or not self.cookie_file:  # a cookie may just have been rewritten
+                how = f"the cookie in {self.cookie_file}" if self.cookie_file else \
+                    "BUS_BITCOIND_RPC_USER and BUS_BITCOIND_RPC_PASSWORD"
+                raise RpcAuthRefused(f"bitcoind at {self.host}:{self.port} refused the RPC "
+                                     f"credentials (HTTP 401): check {how}")
         try:
             reply = json.loads(data, parse_float=Decimal)
         except ValueError:

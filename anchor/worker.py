@@ -52,7 +52,7 @@ from bus.client import BusError, Publisher, Subscriber
 from bus.config import BusConfig
 from bus.http import HttpSide, Series, control_series
 from bus.logging import RateLimitedLog, get_logger
-from bus.protocol import Message
+from bus.protocol import REQUEST_ID_REUSED, Message
 from bus.runner import StopSignal
 
 log = get_logger("anchor")
@@ -410,12 +410,19 @@ class AnchorWorker:
 
     def _recover(self) -> None:
         """The anchors a previous run recorded and did not see confirmed."""
-        for anchor in self.utxos.call("anchor_open", {})["anchors"]:
-            self.open[anchor["anchor_id"]] = anchor
+        self._reload_open()
         self._recovered = True
         if self.open:
             log.info("anchors_recovered", open=len(self.open),
                      signed=sum(a["status"] == "signed" for a in self.open.values()))
+
+    def _reload_open(self) -> None:
+        """The writer's open anchors replace the ones held here. After a lost
+        reply the writer's record is what happened: an anchor recorded whose
+        reply never came (signed, to broadcast), a fee bump committed under
+        an earlier build (its txid and raw_tx, not this process's)."""
+        self.open = {anchor["anchor_id"]: anchor
+                     for anchor in self.utxos.call("anchor_open", {})["anchors"]}
 
     def _fee_rate(self) -> float:
         cfg = self.config
@@ -429,6 +436,13 @@ class AnchorWorker:
     def _anchor_pending(self) -> None:
         batch = self.pending[:self.config.anchor_max_documents]
         known = set(self.utxos.call("anchor_known", {"hashes": [d.hash for d in batch]})["known"])
+        if known:
+            # Anchored before: by other requests, or by this worker's last
+            # attempt, recorded by the writer with its reply lost. That anchor is
+            # open in the writer, signed and not broadcast: take it from there;
+            # that attempt is over, and new documents need new request ids.
+            self._reload_open()
+            self._batch_id = None
         fresh = [d for d in batch if d.hash not in known]
         self.counters["duplicates"] += len(batch) - len(fresh)
         if fresh:
@@ -538,10 +552,19 @@ class AnchorWorker:
         try:
             self.rpc.call("sendrawtransaction", anchor["raw_tx"].hex(), max_rate)
         except RpcError as exc:
-            if exc.code != RPC_VERIFY_ALREADY_IN_CHAIN:
-                if exc.code in (RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED):
+            if exc.code in (RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED):
+                # bitcoind says "already in chain" only while an output of the
+                # transaction is unspent; once its change is spent, a mined
+                # anchor's inputs are "missing or spent" (-25), as they would be
+                # for a transaction that lost to another spend. The chain tells.
+                mined = self._mined(anchor)
+                if mined is None:
                     self._refused(anchor, exc)
                     return
+                log.info("anchor_found_mined", anchor_id=anchor["anchor_id"], txid=mined[0],
+                         refusal=exc.message)
+                self._block_due = True  # count its confirmations at the next pass
+            elif exc.code != RPC_VERIFY_ALREADY_IN_CHAIN:
                 raise
         self.utxos.call("anchor_update", {"anchor_id": anchor["anchor_id"],
                                           "status": "submitted"})
@@ -660,9 +683,25 @@ class AnchorWorker:
         utxo = self.utxos.get(anchor["utxo_txid"], anchor["utxo_vout"])
         tx = self._build(utxo, anchor["root"], rate, min_fee=anchor["fee_sat"] + anchor["vsize"]
                          + 1)
-        replaced = self.utxos.call("anchor_replace", {
-            "request_id": f"bump-{anchor['anchor_id']}-{anchor['txid']}",
-            "anchor_id": anchor["anchor_id"], "tip_height": tip, **tx})
+        try:
+            replaced = self.utxos.call("anchor_replace", {
+                "request_id": f"bump-{anchor['anchor_id']}-{anchor['txid']}",
+                "anchor_id": anchor["anchor_id"], "tip_height": tip, **tx})
+        except BusError as exc:
+            if exc.code != REQUEST_ID_REUSED:
+                raise
+            replaced = None
+        if replaced is None or replaced["txid"] != tx["txid"]:
+            # This bump was recorded before, from an earlier build whose reply
+            # was lost: that build is the anchor's transaction now; this one is
+            # never broadcast (it would not be the recorded txid).
+            log.warning("fee_bump_recorded_before", anchor_id=anchor["anchor_id"],
+                        built_txid=tx["txid"])
+            self._reload_open()
+            current = self.open.get(anchor["anchor_id"])
+            if current is not None and current["status"] == "signed":
+                self._broadcast(current)
+            return
         anchor["replaced_txids"] = anchor["replaced_txids"] + [anchor["txid"]]
         anchor.update(txid=replaced["txid"], raw_tx=tx["raw_tx"], fee_sat=tx["fee_sat"],
                       vsize=tx["vsize"], status="signed", broadcast_height=tip)

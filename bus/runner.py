@@ -25,8 +25,11 @@ from bus.logging import get_logger
 
 
 class StartupError(RuntimeError):
-    """A role cannot start for a reason the operator must fix (endpoint or
-    database in use, unreadable file): logged as one line, no traceback."""
+    """A role cannot start (or go on) for a reason the operator must fix
+    (endpoint or database in use, unreadable file, refused credentials):
+    logged as one line, no traceback; the process exits with `exit_status`."""
+
+    exit_status = 1
 
 
 class StopSignal:
@@ -236,7 +239,7 @@ def run_role(role: Role) -> int:
         log.info("stopping", signal=stop.signal_name)
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
-        status = 1
+        status = exc.exit_status
     except Exception:
         log.exception("crashed")
         status = 1

@@ -34,7 +34,7 @@ TABLES = (
     ("utxos", "txid, vout, amount_sat, address, script_pubkey, block_height, block_time, status,"
               " lease_id, lease_expires_ns, lease_owner, spent_txid, sync_generation,"
               " updated_ns"),
-    ("utxo_requests", "request_id, reply, created_ns"),
+    ("utxo_requests", "request_id, reply, created_ns, fingerprint"),
     ("anchors", "id, root, size, txid, raw_tx, fee_sat, vsize, lease_id, utxo_txid, utxo_vout,"
                 " replaced_txids, status, broadcast_height, created_ns, submitted_ns,"
                 " confirmed_ns, block_hash, block_height"),

@@ -14,7 +14,7 @@ from typing import Any
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7  # 7: utxo_requests.fingerprint
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -89,7 +89,8 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS utxo_requests (
         request_id  TEXT    PRIMARY KEY,
         reply       BLOB    NOT NULL,        -- msgpack, as sent
-        created_ns  INTEGER NOT NULL
+        created_ns  INTEGER NOT NULL,
+        fingerprint BLOB                     -- SHA-256 of the request's arguments
     ) WITHOUT ROWID""",
     """CREATE INDEX IF NOT EXISTS utxo_requests_age ON utxo_requests (created_ns)""",
     # Anchorings (storage/anchors.py, writer/anchors.py): one row per Merkle root put in a
@@ -140,6 +141,7 @@ ADDED_COLUMNS = (
     ("producers", "owner", "TEXT"),
     ("producers", "session_key", "BLOB"),
     ("consumers", "owner", "TEXT"),
+    ("utxo_requests", "fingerprint", "BLOB"),
 )
 
 

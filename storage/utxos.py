@@ -70,16 +70,18 @@ def summarize(conn: Any) -> dict[str, Any]:
 
 # --- the writer's commands (writer/utxos.py): one statement each ---------------
 
-def stored_reply(conn: Any, request_id: str) -> bytes | None:
-    """The reply a mutating request with this id got, if it ran before."""
-    row = conn.execute("SELECT reply FROM utxo_requests WHERE request_id = ?",
+def stored_reply(conn: Any, request_id: str) -> tuple[bytes, bytes | None] | None:
+    """(reply, fingerprint of the request's arguments) of the mutating request
+    with this id, if it ran before (no fingerprint: stored by schema 6)."""
+    row = conn.execute("SELECT reply, fingerprint FROM utxo_requests WHERE request_id = ?",
                        (request_id,)).fetchone()
-    return None if row is None else bytes(row[0])
+    return None if row is None else (bytes(row[0]), None if row[1] is None else bytes(row[1]))
 
 
-def store_reply(conn: Any, request_id: str, reply: bytes, now_ns: int) -> None:
-    conn.execute("INSERT INTO utxo_requests (request_id, reply, created_ns) VALUES (?, ?, ?)",
-                 (request_id, reply, now_ns))
+def store_reply(conn: Any, request_id: str, reply: bytes, fingerprint: bytes,
+                now_ns: int) -> None:
+    conn.execute("INSERT INTO utxo_requests (request_id, reply, created_ns, fingerprint)"
+                 " VALUES (?, ?, ?, ?)", (request_id, reply, now_ns, fingerprint))
 
 
 def prune_replies(conn: Any, before_ns: int, chunk: int) -> int:

@@ -4,12 +4,18 @@ bitcoind cannot be installed on the test machines; this double serves the same
 JSON-RPC (HTTP, basic auth, JSON-RPC 1.0 error shapes and codes) and the same
 ZMQ `hashblock` notifications, over a small but real chain:
 
+- HTTP/1.1 with keep-alive, an idle connection closed after
+  `rpcservertimeout` seconds (bitcoind's -rpcservertimeout), and 401 with no
+  body for bad credentials;
+
 - a wallet of real secp256k1 keys (P2WPKH, regtest bech32 addresses);
 - transactions decoded with embit (a Bitcoin library), signed for real by
   `signrawtransactionwithwallet` and checked by `sendrawtransaction` as
   bitcoind would: unknown or spent inputs, outputs above inputs, fee above
-  `maxfeerate` or below the relay minimum, dust, more than one OP_RETURN,
-  bad signatures; a conflicting spend is a replacement (full RBF, as bitcoind
+  `maxfeerate` or below the relay minimum, dust, bad signatures (more than
+  one OP_RETURN is standard, as in bitcoind 30); a mined transaction is
+  "already in block chain" (-27) only while one of its outputs is unspent,
+  else -25 missing-or-spent inputs, as bitcoind answers; a conflicting spend is a replacement (full RBF, as bitcoind
   28+) only if it pays more (BIP 125 rules 3 and 4), else `txn-mempool-conflict`;
 - blocks mined by `generatetoaddress` take the mempool (what pays at least
   `mine_min_fee_rate`: how a fee bump gets tested); `invalidateblock`
@@ -26,8 +32,10 @@ everything else goes over the wire. Amounts are BTC in JSON, as bitcoind's.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -92,8 +100,15 @@ class TxEntry:
 
 
 class BitcoindDouble:
-    def __init__(self, user: str = "anchor", password: str = "secret") -> None:
+    def __init__(self, user: str = "anchor", password: str = "secret",
+                 rpcservertimeout: float = 30.0) -> None:
         self.user, self.password = user, password
+        # bitcoind's HTTP server keeps connections alive (HTTP/1.1) and closes
+        # one idle for -rpcservertimeout seconds (default 30): a client that
+        # keeps its connection finds it closed at its next call.
+        self.rpcservertimeout = rpcservertimeout
+        self.idle_closed = 0
+        self._connections: set[socket.socket] = set()
         self.lock = threading.RLock()
         self.keys: dict[bytes, ec.PrivateKey] = {}   # script_pubkey -> key
         self.txs: dict[str, TxEntry] = {}            # every tx ever accepted
@@ -129,8 +144,23 @@ class BitcoindDouble:
         double = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = double.rpcservertimeout
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 double._serve(self)
+
+            def setup(self) -> None:
+                super().setup()
+                double._connections.add(self.connection)
+
+            def finish(self) -> None:
+                double._connections.discard(self.connection)
+                super().finish()
+
+            def log_error(self, format: str, *args: Any) -> None:  # noqa: A002
+                if format.startswith("Request timed out"):  # handle_one_request's words
+                    double.idle_closed += 1
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -147,6 +177,9 @@ class BitcoindDouble:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        for conn in list(self._connections):  # kept-alive ones too, as a stopped node's
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         for gate in self.gates.values():
@@ -197,7 +230,10 @@ class BitcoindDouble:
     def _serve(self, handler: BaseHTTPRequestHandler) -> None:
         expected = "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
         if handler.headers.get("Authorization") != expected:
+            # As httprpc.cpp: a pause against brute force, a challenge, no body.
+            time.sleep(0.25)
             handler.send_response(401)
+            handler.send_header("WWW-Authenticate", 'Basic realm="jsonrpc"')
             handler.send_header("Content-Length", "0")
             handler.end_headers()
             return
@@ -539,11 +575,16 @@ class BitcoindDouble:
         tx = self._parse(hexstring)
         txid = tx.txid().hex()
         if txid in self.txs and self._live(txid):
-            if self.txs[txid].block is not None:
+            if self.txs[txid].block is None:
+                return txid  # in the mempool: the same answer
+            # BroadcastTransaction (src/node/transaction.cpp) says "already in
+            # chain" only while one of its outputs is in the chain's UTXO set;
+            # an OP_RETURN never is, and a spent change is not: then the
+            # mempool check fails on its inputs, spent by the transaction itself.
+            if any(not is_op_return(out.script_pubkey) and not self._spent_in_chain(txid, n)
+                   for n, out in enumerate(tx.vout)):
                 raise RpcError(-27, "Transaction already in block chain")
-            return txid
-        if sum(1 for o in tx.vout if is_op_return(o.script_pubkey)) > 1:
-            raise RpcError(-26, "multi-op-return")
+            raise RpcError(-25, "bad-txns-inputs-missingorspent")
         for o in tx.vout:
             if not is_op_return(o.script_pubkey) and o.value < DUST_SAT:
                 raise RpcError(-26, "dust")
@@ -581,6 +622,10 @@ class BitcoindDouble:
         for vin in tx.vin:
             self.spender[(vin.txid.hex(), vin.vout)] = txid
         return txid
+
+    def _spent_in_chain(self, txid: str, n: int) -> bool:
+        spender = self.spender.get((txid, n))
+        return spender is not None and self.txs[spender].block is not None
 
     def _fee(self, tx: Transaction) -> int:
         total_in = sum(self.txs[i.txid.hex()].tx.vout[i.vout].value for i in tx.vin)

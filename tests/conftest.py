@@ -495,6 +495,6 @@ def bus(make_bus: Callable[..., Bus]) -> Bus:
 @pytest.fixture
 def node() -> Iterator[BitcoindDouble]:
     """The bitcoind double (JSON-RPC and ZMQ hashblock on loopback), closed after the test."""
-    double = BitcoindDouble()
+    double = BitcoindDouble(rpcservertimeout=1.0)  # as bitcoind (30 s), sooner
     yield double
     double.close()

@@ -34,9 +34,9 @@ def doc(n: int | str) -> bytes:
 
 def bus_for(make_bus: Any, node: BitcoindDouble, **settings: Any) -> Bus:
     """A running bus whose settings point the anchor worker at the double."""
-    bus = make_bus(BUS_BITCOIND_RPC_URL=node.url, BUS_BITCOIND_RPC_USER=node.user,
-                   BUS_BITCOIND_RPC_PASSWORD=node.password,
-                   BUS_BITCOIND_ZMQ_HASHBLOCK=node.zmq_endpoint, **{**FAST, **settings})
+    bus = make_bus(**{"BUS_BITCOIND_RPC_URL": node.url, "BUS_BITCOIND_RPC_USER": node.user,
+                      "BUS_BITCOIND_RPC_PASSWORD": node.password,
+                      "BUS_BITCOIND_ZMQ_HASHBLOCK": node.zmq_endpoint, **FAST, **settings})
     return bus.start()
 
 

@@ -85,10 +85,12 @@ def test_a_refused_transaction_gives_back_its_documents_and_utxo(writer: Bus) ->
         with pytest.raises(BusError) as err:
             c.call("anchor_fail", {"anchor_id": anchor["anchor_id"], "reason": "again"})
         assert err.value.code == "bad_request"
-        # Anchored again (UTXO 1 is back); a retry of that record (same request
-        # id, though under a new lease, on UTXO 2) gets the stored reply.
-        again = record(c, [doc(1), doc(2)], "c", request_id="rec-2")
-        assert record(c, [doc(1), doc(2)], "c", request_id="rec-2") == again
+        # Anchored again (UTXO 1 is back). The same id with other arguments (a
+        # new lease, on UTXO 2) is another request: refused, nothing changed.
+        record(c, [doc(1), doc(2)], "c", request_id="rec-2")
+        with pytest.raises(BusError) as err:
+            record(c, [doc(1), doc(2)], "c", request_id="rec-2")
+        assert err.value.code == "request_id_reused"
     assert query(writer.db, "SELECT amount_sat, status, spent_txid FROM utxos WHERE txid IN"
                  " (?, ?) ORDER BY amount_sat", (txid(1), txid(2))) == \
         [(100_000, 2, txid("c")), (200_000, 1, None)]

@@ -9,10 +9,9 @@ from decimal import Decimal
 
 import pytest
 import zmq
-from embit import script
-from embit.transaction import Transaction, TransactionOutput
 
-from anchor.bitcoind import BitcoinRpc, RpcError, RpcUnavailable, parse_hashblock, to_btc, to_sat
+from anchor.bitcoind import (BitcoinRpc, RpcAuthRefused, RpcError, RpcUnavailable, parse_hashblock,
+                             to_btc, to_sat)
 from tests.bitcoind_double import BitcoindDouble
 
 
@@ -66,7 +65,15 @@ def test_a_signed_spend_is_accepted_mined_and_notified(node, rpc) -> None:
                                       "sequence": 0xFFFFFFFD}]
     with pytest.raises(RpcError) as err:
         rpc.call("sendrawtransaction", tx_hex)
-    assert err.value.code == -27
+    assert err.value.code == -27  # its change is unspent
+    # Once its change is spent, bitcoind no longer sees it as in the chain: its
+    # inputs are "missing or spent" (-25), as for a transaction that never was.
+    change = next(u for u in rpc.call("listunspent") if u["txid"] == txid)
+    rpc.call("sendrawtransaction", spend(rpc, change, [{"data": "02"}]))
+    rpc.call("generatetoaddress", 1, rpc.call("getnewaddress"))
+    with pytest.raises(RpcError) as err:
+        rpc.call("sendrawtransaction", tx_hex)
+    assert (err.value.code, err.value.message) == (-25, "bad-txns-inputs-missingorspent")
     sub.close()
 
 
@@ -89,10 +96,6 @@ def test_what_bitcoind_refuses(node, rpc) -> None:
                        [{addr: to_btc(1_000)}])
     assert rpc.call("signrawtransactionwithwallet", unknown)["complete"] is False
     assert refused(unknown).code == -25
-    # Two OP_RETURN outputs: createrawtransaction will not build it; embit will.
-    tx = Transaction.parse(bytes.fromhex(spend(rpc, big, [{"data": "01"}, {addr: to_btc(90_000)}])))
-    tx.vout.append(TransactionOutput(0, script.Script(b"\x6a\x01\x02")))
-    assert refused(tx.serialize().hex()).message == "multi-op-return"
     assert refused(spend(rpc, big, [{addr: to_btc(99_990)}])).message == "min relay fee not met"
     assert refused(spend(rpc, big, [{addr: to_btc(100)}])).message == "dust"
     first = rpc.call("sendrawtransaction", spend(rpc, big, [{addr: to_btc(99_000)}]))
@@ -131,7 +134,7 @@ def test_unreachable_and_bad_credentials(node, rpc) -> None:
     node.start()
     assert rpc.call("getblockcount") == 1 - 1  # genesis only
     wrong = BitcoinRpc(node.url, node.user, "wrong", timeout_s=5)
-    with pytest.raises(RpcUnavailable, match="HTTP 401"):
+    with pytest.raises(RpcAuthRefused, match="HTTP 401"):
         wrong.call("getblockcount")
     with pytest.raises(RpcError) as err:
         rpc.call("nosuchmethod")

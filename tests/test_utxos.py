@@ -108,6 +108,11 @@ def test_a_retried_request_id_gets_the_same_answer_across_a_restart(wallet: Bus)
         assert c.reserve(1_000, 60, request_id="req-1") == first
         assert c.call("utxo_spend", {"lease_id": first["lease_id"], "request_id": "spend-1",
                                      "spending_txid": txid("tx-a")}) == spent
+        # The same id with other arguments is not a retry: refused, nothing changed.
+        with pytest.raises(BusError) as err:
+            c.call("utxo_spend", {"lease_id": first["lease_id"], "request_id": "spend-1",
+                                  "spending_txid": txid("tx-b")})
+        assert err.value.code == "request_id_reused"
         # A new id is a new reservation: of another UTXO.
         assert c.reserve(1_000, 60, request_id="req-2")["txid"] != first["txid"]
     assert wallet.writer_stats()["utxos"]["replayed"] == 2

@@ -25,6 +25,7 @@ available answers with one range seek on the amount.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
@@ -34,6 +35,7 @@ from typing import Any
 import msgpack
 
 import storage
+from bus.protocol import REQUEST_ID_REUSED
 from storage import utxos as rows_of
 from storage.utxos import RESERVED, SPENT, STATUS_NAMES, read_tip, write_tip
 
@@ -49,6 +51,15 @@ class UtxoError(ValueError):
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(detail)
         self.code = code
+
+
+def request_fingerprint(cmd: str, args: dict[str, Any]) -> bytes:
+    """What a retry must repeat: the command and its arguments (but the id).
+    A stored reply answers only the request it was the reply to: the same id
+    with other arguments (a fee bump rebuilt after a lost reply) would get a
+    reply about a transaction it does not carry."""
+    body = sorted((key, value) for key, value in args.items() if key != "request_id")
+    return hashlib.sha256(msgpack.packb([cmd, body])).digest()
 
 
 # --- argument checks (shared with writer/anchors.py) -------------------------
@@ -158,12 +169,19 @@ class UtxoBook:
         if cmd in self.idempotent:
             request_id = check_str(args, "request_id", required=self.idempotent[cmd])
         refused: UtxoError | None = None
+        fingerprint = request_fingerprint(cmd, args) if request_id is not None else b""
         with self.transaction():
             if request_id is not None:
                 stored = rows_of.stored_reply(self.conn, request_id)
                 if stored is not None:
+                    reply, stored_fingerprint = stored
+                    if stored_fingerprint not in (None, fingerprint):
+                        self.counters["errors"] += 1
+                        raise UtxoError(REQUEST_ID_REUSED, f"request id {request_id!r} was used"
+                                        " for another request (other arguments), whose reply"
+                                        " stands: a new request needs a new id")
                     self.counters["replayed"] += 1
-                    return msgpack.unpackb(stored, raw=False)
+                    return msgpack.unpackb(reply, raw=False)
             # Leases that have run out go back to the pool first, so that every
             # command sees them as expired (an index probe when none has).
             self._expire(now_ns)
@@ -172,7 +190,7 @@ class UtxoBook:
                     result = handler(args, now_ns)  # a refused command leaves nothing behind
                     if request_id is not None:
                         rows_of.store_reply(self.conn, request_id, msgpack.packb(result),
-                                            now_ns)
+                                            fingerprint, now_ns)
             except UtxoError as exc:
                 refused = exc
         if refused is not None:

@@ -1,0 +1,196 @@
+"""Anchoring against the unkind parts of a real bitcoind (issue 14): kept-alive
+connections the node closes, refused credentials, lost writer replies, spent
+outputs of a mined anchor, reorgs, a wallet shared with other spends. Each
+test failed on the code before its fix; the bitcoind double behaves as
+Bitcoin Core does in each of these places."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import msgpack
+import pytest
+import zmq
+
+from anchor.bitcoind import BitcoinRpc, RpcAuthRefused
+from tests.bitcoind_double import BitcoindDouble
+from tests.conftest import BUS_CLI, Bus, Proc, query, wait_for
+from tests.test_anchor import (anchor_rows, anchoring, bus_for, doc, events,  # noqa: F401
+                               request, start_worker)
+
+
+def test_a_connection_the_node_closed_while_idle_is_opened_again_once() -> None:
+    """bitcoind closes a connection idle for -rpcservertimeout; the client
+    kept it and failed about every other 30 s poll with a broken pipe."""
+    node = BitcoindDouble(rpcservertimeout=0.2)
+    try:
+        rpc = BitcoinRpc(node.url, node.user, node.password)
+        for _ in range(3):
+            assert rpc.call("getblockcount") == 0
+            closed = node.idle_closed
+            wait_for(lambda: node.idle_closed > closed, message="the node closing the idle one")
+        assert rpc.call("getblockcount") == 0
+        assert node.calls["getblockcount"] == 4
+        rpc.close()
+    finally:
+        node.close()
+
+
+def test_refused_credentials_are_one_clear_error_and_the_worker_stops_for_good(
+        make_bus, node) -> None:
+    """A 401 was "bitcoind unavailable", retried forever."""
+    with pytest.raises(RpcAuthRefused, match=r"refused the RPC credentials \(HTTP 401\): check "
+                                             "BUS_BITCOIND_RPC_USER"):
+        BitcoinRpc(node.url, node.user, "wrong").call("getblockcount")
+    bus = bus_for(make_bus, node, BUS_BITCOIND_RPC_PASSWORD="wrong")
+    worker = bus.run("anchor")
+    assert worker.popen.wait(30) == 78  # EX_CONFIG: its unit does not restart it
+    errors = [e for e in worker.log_events() if e.get("level") == "error"]
+    assert [e["event"] for e in errors] == ["cannot_start"]
+    assert "refused the RPC credentials (HTTP 401)" in errors[0]["error"]
+
+
+class LossyControl:
+    """A relay in front of the writer's control endpoint (ROUTER -> DEALER, as
+    zmq.proxy) that loses the replies to one command for a while: the writer
+    has committed, the worker never hears it, and its retries for
+    3 x BUS_REQUEST_TIMEOUT_MS run out."""
+
+    def __init__(self, writer_endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.front = self.ctx.socket(zmq.ROUTER)
+        port = self.front.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.back = self.ctx.socket(zmq.DEALER)
+        self.back.connect(writer_endpoint)
+        self.losing: dict[str, float] = {}   # command -> lose its replies until (monotonic)
+        self.lost: Counter[str] = Counter()
+        self._asked: dict[bytes, str] = {}   # REQ identity -> command in flight
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def lose(self, cmd: str, seconds: float) -> None:
+        self.losing[cmd] = time.monotonic() + seconds
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        while not self._stop.is_set():
+            for sock, _ in poller.poll(50):
+                frames = sock.recv_multipart()
+                if sock is self.front:
+                    self._asked[frames[0]] = msgpack.unpackb(frames[-1], raw=False)["cmd"]
+                    self.back.send_multipart(frames)
+                    continue
+                cmd = self._asked.pop(frames[0], "")
+                if time.monotonic() < self.losing.get(cmd, 0.0):
+                    self.lost[cmd] += 1
+                    continue
+                self.front.send_multipart(frames)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.front.close(linger=0)
+        self.back.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def lossy(anchoring: Bus) -> Iterator[LossyControl]:
+    relay = LossyControl(anchoring["BUS_CONTROL_ENDPOINT"])
+    yield relay
+    relay.close()
+
+
+def start_worker_through(bus: Bus, relay: LossyControl) -> Proc:
+    """The anchor worker, asking the writer through the relay."""
+    worker = bus.spawn([BUS_CLI, "anchor"], env={"BUS_CONTROL_ENDPOINT": relay.endpoint})
+    wait_for(lambda: any(e.get("event") == "anchor_ready" for e in worker.log_events())
+             or worker.popen.poll() is not None, message="the worker ready")
+    assert worker.popen.poll() is None, worker.stderr.collect()[-10:]
+    return worker
+
+
+def test_a_lost_record_reply_still_broadcasts_the_recorded_anchor(anchoring, node, events,
+                                                                   lossy) -> None:
+    """The retry found the documents anchored and dropped them as duplicates:
+    the recorded anchor stayed signed and never went out until a restart."""
+    node.fund([200_000])
+    worker = start_worker_through(anchoring, lossy)
+    lossy.lose("anchor_record", 4.0)  # past the worker's 3 s of retries
+    request(anchoring, doc("lost-1"), doc("lost-2"))
+    wait_for(lambda: lossy.lost["anchor_record"], message="a record reply lost")
+    [(anchor_id, txid, _, size)] = wait_for(lambda: anchor_rows(anchoring))
+    wait_for(lambda: txid in node.mempool, timeout=20, message="the recorded transaction sent")
+    assert size == 2 and events.wait("anchor.submitted")[0]["txid"] == txid
+    assert wait_for(lambda: anchor_rows(anchoring)[0][2] == "submitted" and anchor_rows(anchoring))
+    assert node.calls["sendrawtransaction"] == 1 and worker.popen.poll() is None
+
+
+def test_a_lost_fee_bump_reply_never_sends_a_transaction_other_than_the_recorded_one(
+        anchoring, node, events, lossy) -> None:
+    """The next bump took the txid from the stored reply and raw_tx from a new
+    build: the database named a transaction never sent, the one sent was mined
+    unknown to the bus, and the anchor never confirmed."""
+    node.fund([200_000])
+    node.mine_min_fee_rate = 2.5    # the first transaction (2 sat/vB) stays in the mempool
+    start_worker_through(anchoring, lossy)
+    request(anchoring, doc("bump"))
+    first = events.wait("anchor.submitted")[0]["txid"]
+    lossy.lose("anchor_replace", 4.0)
+    node.mine(2)                    # BUS_ANCHOR_BUMP_AFTER_BLOCKS=2: a bump, its reply lost
+    wait_for(lambda: lossy.lost["anchor_replace"], message="a bump reply lost")
+    node.mine(1)                    # the bump is tried again after the worker gave up
+    wait_for(lambda: first not in node.mempool and node.mempool, timeout=20,
+             message="a replacement in the mempool")
+    [(recorded, status)] = query(anchoring.db, "SELECT txid, status FROM anchors")
+    assert node.mempool == [recorded], "the mempool holds the recorded transaction, no other"
+    node.mine_min_fee_rate = 0
+    node.mine(2)
+    confirmed = events.wait("anchor.confirmed")[0]
+    assert confirmed["txid"] == recorded
+    assert query(anchoring.db, "SELECT txid, status FROM anchors") == [(recorded, "confirmed")]
+
+
+def test_a_mined_anchor_whose_change_is_spent_is_not_failed_on_rebroadcast(
+        anchoring, node, events) -> None:
+    """After a crash between sendrawtransaction and its record, the restart
+    sends again; once the change is spent bitcoind answers -25 (the OP_RETURN
+    is never in the UTXO set), and the anchor was failed, its documents
+    anchored again: paid twice."""
+    node.fund([200_000])
+    node.hold("sendrawtransaction")
+    worker = start_worker(anchoring)
+    request(anchoring, doc("once-a"), doc("once-b"))
+    wait_for(lambda: node.held["sendrawtransaction"], message="the worker broadcasting")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    node.release("sendrawtransaction")          # the node takes it; the worker never knew
+    [(_, txid, status, _)] = anchor_rows(anchoring)
+    wait_for(lambda: txid in node.mempool, message="the transaction in the mempool")
+    assert status == "signed"
+    node.mine(1)
+    # The wallet spends the anchor's change (an operator's payment, or the next anchor).
+    with node.lock:
+        [change] = [u for u in node.listunspent() if u["txid"] == txid]
+        raw = node.createrawtransaction([{"txid": txid, "vout": change["vout"]}],
+                                        [{node.new_address(): change["amount"] - 0.00001}])
+        node.sendrawtransaction(node.signrawtransactionwithwallet(raw)["hex"])
+    node.mine(1)
+    again = start_worker(anchoring)
+    try:
+        confirmed = events.wait("anchor.confirmed")[0]
+    except BaseException:
+        print("\n".join(json.dumps(e) for e in again.log_events()[-25:]))
+        raise
+    assert confirmed["txid"] == txid
+    assert [row[1:3] for row in anchor_rows(anchoring)] == [(txid, "confirmed")]
+    assert not events.of("anchor.error"), "no anchor failed, nothing anchored twice"
