@@ -30,6 +30,7 @@ OP_RETURN = 0x6A
 
 # bitcoind's error codes the worker tells apart (src/rpc/protocol.h).
 RPC_INVALID_ADDRESS_OR_KEY = -5      # unknown block / transaction
+RPC_INVALID_PARAMETER = -8           # lockunspent: unknown or spent output
 RPC_VERIFY_ERROR = -25               # missing or spent inputs, fee above maxfeerate
 RPC_VERIFY_REJECTED = -26            # policy: fee too low, dust, conflict...
 RPC_VERIFY_ALREADY_IN_CHAIN = -27

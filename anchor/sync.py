@@ -7,14 +7,23 @@ a band of one single amount, which cannot be split). Each upsert is tagged with
 the load's generation (its start time); a sweep then marks spent what the
 wallet no longer has.
 
+Only what the wallet can spend is loaded: listunspent without unsafe outputs
+(unconfirmed payments from outside, replaced transactions), and neither
+watch-only nor unsolvable ones (`spendable`/`solvable` false), which would be
+reserved, fail to sign, and be picked again.
+
 Incremental (each new block): `listsinceblock` from the last synced block
 gives the wallet's spends (their inputs, from `gettransaction ... decoded`, are
 marked spent) and, after a reorg, the transactions of disconnected blocks
 (`removed`). New and moved outputs are the ones with few confirmations:
 `listunspent` limited to the depth of the blocks since the last synced one, or
 since the fork point after a reorg (which also re-dates outputs whose block
-changed), paged by amount bands like the full load. A payment removed by a
-reorg that `gettxout` no longer finds is marked spent. Then the tip is stored.
+changed), paged by amount bands like the full load; and the coinbase outputs
+that matured in those blocks (listed from 101 confirmations on). A payment
+removed by a reorg that `gettxout` no longer finds is marked spent. Then the
+tip is stored. A stored tip the node does not know (listsinceblock: -5 "Block
+not found": a wiped datadir, a reorg deeper than the node's index) is a full
+load again.
 Memory holds one page at a time.
 """
 
@@ -31,6 +40,7 @@ log = get_logger("anchor")
 
 MAX_SAT = 21_000_000 * 100_000_000
 UPSERT_ROWS = 5000          # the writer's limit per utxo_upsert
+COINBASE_MATURITY = 100     # a coinbase output is listed (spendable) at 101 confirmations
 
 
 class WalletSync:
@@ -40,7 +50,8 @@ class WalletSync:
         self.page = page
         self.tip_height, self.tip_hash = utxos.tip()
         self.counters = {"full_loads": 0, "incremental": 0, "listunspent_calls": 0,
-                         "upserted": 0, "removed": 0, "reorgs": 0}
+                         "upserted": 0, "removed": 0, "reorgs": 0, "tip_unknown": 0,
+                         "unusable": 0}
 
     @property
     def loaded(self) -> bool:
@@ -91,6 +102,11 @@ class WalletSync:
                     continue
                 del options["maximumCount"]  # one amount only: take them all
                 rows = self._listunspent(minconf, maxconf, options)
+            usable = [r for r in rows if r.get("spendable", True) and r.get("solvable", True)]
+            # Watch-only or unsolvable outputs: the wallet cannot sign for them;
+            # in the table they would be reserved, fail to sign, and be picked again.
+            self.counters["unusable"] += len(rows) - len(usable)
+            rows = usable
             for start in range(0, len(rows), UPSERT_ROWS):
                 chunk = [self._row(r, tip) for r in rows[start:start + UPSERT_ROWS]]
                 self.utxos.upsert(chunk, generation)
@@ -99,8 +115,11 @@ class WalletSync:
         return loaded
 
     def _listunspent(self, minconf: int, maxconf: int, options: dict[str, Any]) -> list[dict]:
+        """include_unsafe false: not an unconfirmed payment from outside the
+        wallet, nor the output of a replaced or replacing transaction (what
+        bitcoind itself would not spend)."""
         self.counters["listunspent_calls"] += 1
-        return self.rpc.call("listunspent", minconf, maxconf, [], True, options)
+        return self.rpc.call("listunspent", minconf, maxconf, [], False, options)
 
     @staticmethod
     def _row(entry: dict[str, Any], tip: int) -> dict[str, Any]:
@@ -113,7 +132,20 @@ class WalletSync:
 
     def incremental(self, best: str) -> None:
         height = self.rpc.call("getblockheader", best)["height"]
-        since = self.rpc.call("listsinceblock", self.tip_hash, 1, False, True)
+        try:
+            since = self.rpc.call("listsinceblock", self.tip_hash, 1, False, True)
+        except RpcError as exc:
+            if exc.code != RPC_INVALID_ADDRESS_OR_KEY:
+                raise
+            # The node does not know the stored tip ("Block not found"): a new
+            # datadir (regtest wiped, another network), or a reorg deeper than
+            # its block index reaches. Nothing since it can be asked: load the
+            # wallet whole again (the sweep marks what it no longer has).
+            self.counters["tip_unknown"] += 1
+            log.warning("wallet_tip_unknown", tip_height=self.tip_height, tip=self.tip_hash,
+                        node_best=best, error=exc.message)
+            self.full_load()
+            return
         fork_height = self._fork_height()
         if fork_height < self.tip_height:
             self.counters["reorgs"] += 1
@@ -122,6 +154,10 @@ class WalletSync:
         # Outputs confirmed since the fork point or the last sync, and unconfirmed ones.
         depth = height - min(fork_height, self.tip_height) + 1
         recent = self.load_bands(0, MAX_SAT, minconf=0, maxconf=depth, tip=height)
+        # Coinbase outputs listed for the first time: those that reached 101
+        # confirmations in these blocks (listunspent hides them until then).
+        recent += self.load_bands(0, MAX_SAT, minconf=COINBASE_MATURITY + 1,
+                                  maxconf=COINBASE_MATURITY + depth, tip=height)
         removed = 0
         for entry in since.get("removed", []):
             # A payment whose transaction left the chain and did not come back.

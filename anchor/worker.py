@@ -39,10 +39,10 @@ from typing import Any
 import msgpack
 import zmq
 
-from anchor.bitcoind import (RPC_INVALID_ADDRESS_OR_KEY, RPC_VERIFY_ALREADY_IN_CHAIN,
-                             RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED, BitcoinRpc, RpcError,
-                             RpcUnavailable, open_hashblock, parse_hashblock, parse_tx, to_btc,
-                             vsize)
+from anchor.bitcoind import (RPC_INVALID_ADDRESS_OR_KEY, RPC_INVALID_PARAMETER,
+                             RPC_VERIFY_ALREADY_IN_CHAIN, RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED,
+                             BitcoinRpc, RpcError, RpcUnavailable, open_hashblock,
+                             parse_hashblock, parse_tx, to_btc, vsize)
 from proofs.merkle import MerkleTree
 from proofs.document import op_return_payload
 from anchor.reservations import RETRYABLE, NoUtxo, UtxoClient
@@ -72,6 +72,11 @@ class RequestRefused(ValueError):
 
 class BuildFailed(ValueError):
     """No valid anchor transaction could be built from the reserved UTXO."""
+
+
+class UnsignableUtxo(BuildFailed):
+    """bitcoind's wallet cannot sign for the UTXO (no key, or it is gone):
+    it leaves the pool instead of being reserved again and again."""
 
 
 @dataclass(slots=True)
@@ -142,7 +147,8 @@ class AnchorWorker:
         self.config = config
         self.counters = {"requests": 0, "refused": 0, "duplicates": 0, "anchored": 0,
                          "documents": 0, "broadcasts": 0, "bumps": 0, "confirmed": 0,
-                         "failed": 0, "no_utxo": 0, "unavailable": 0, "blocks": 0}
+                         "failed": 0, "no_utxo": 0, "unavailable": 0, "blocks": 0,
+                         "renewals": 0}
         self.pending: list[Document] = []
         self._pending_hashes: set[bytes] = set()
         self._pending_since: float | None = None
@@ -478,14 +484,23 @@ class AnchorWorker:
             self._batch_id = None
             raise
         try:
-            tx = self._build(lease, tree.root, rate)
+            # Locked in bitcoind's wallet too, so that another spend from the
+            # same wallet (sendtoaddress, an operator's payment) cannot take it
+            # while it is built, recorded and broadcast; persistent across a
+            # bitcoind restart. Spending it unlocks it (bitcoind's AddToSpends).
+            self._lock(lease)
+            tx = self._build(lease, tree.root, rate, keep=self._lease_keeper(lease))
             tip = self.sync.tip_height or 0
             recorded = self.utxos.call("anchor_record", {
                 "request_id": f"{self._batch_id}-record", "root": tree.root, "size": tree.size,
                 "documents": [[d.hash, d.ref, d.message_id] for d in docs],
                 "lease_id": lease["lease_id"], "tip_height": tip, **tx})
-        except (RpcUnavailable, RpcError, BuildFailed):
-            self.utxos.release(lease["lease_id"])
+        except (RpcUnavailable, RpcError, BuildFailed) as exc:
+            if isinstance(exc, UnsignableUtxo):
+                self.utxos.remove([(lease["txid"], lease["vout"])])
+            else:
+                self.utxos.release(lease["lease_id"])
+                self._unlock(lease)
             self._batch_id = None  # the next attempt is a new request, for a new lease
             raise
         except BusError as exc:
@@ -509,12 +524,47 @@ class AnchorWorker:
                  vsize=tx["vsize"], fee_rate=round(tx["fee_sat"] / tx["vsize"], 2))
         return anchor
 
+    def _lease_keeper(self, lease: dict[str, Any]) -> Any:
+        """A function the build calls between its RPC calls: it renews the lease
+        once half of it has passed, so a slow node (each call up to 30 s)
+        does not let it run out before the anchor is recorded."""
+        lease_s = self.config.anchor_lease_s
+        due = [time.monotonic() + lease_s / 2]
+
+        def keep() -> None:
+            if time.monotonic() >= due[0]:
+                self.utxos.renew(lease["lease_id"], lease_s)
+                self.counters["renewals"] += 1
+                due[0] = time.monotonic() + lease_s / 2
+        return keep
+
+    def _lock(self, lease: dict[str, Any]) -> None:
+        try:
+            self.rpc.call("lockunspent", False, [{"txid": lease["txid"], "vout": lease["vout"]}],
+                          True)
+        except RpcError as exc:
+            if exc.code == RPC_INVALID_PARAMETER:  # unknown to the wallet, or spent already
+                raise UnsignableUtxo(f"UTXO {lease['txid']}:{lease['vout']}: {exc.message}"
+                                     ) from None
+            raise
+
+    def _unlock(self, lease: dict[str, Any]) -> None:
+        """Unlock a released UTXO in bitcoind's wallet. Not fatal: a coin left
+        locked stays out of the wallet's other spends, not out of the bus's."""
+        try:
+            self.rpc.call("lockunspent", True, [{"txid": lease["txid"], "vout": lease["vout"]}])
+        except (RpcError, RpcUnavailable) as exc:
+            self._warnings.warning("unlock", "utxo_unlock_failed", txid=lease["txid"],
+                                   vout=lease["vout"], error=str(exc))
+
     def _build(self, utxo: dict[str, Any], root: bytes, rate: float,
-               min_fee: int = 0) -> dict[str, Any]:
+               min_fee: int = 0, keep: Any = lambda: None) -> dict[str, Any]:
         """Sign, with bitcoind's wallet, a transaction spending `utxo` into one
         OP_RETURN and change, paying `rate` sat/vB (and at least `min_fee`).
-        Signed again when the estimated size was wrong, with the fee of the real size."""
+        Signed again when the estimated size was wrong, with the fee of the real
+        size. `keep()` runs after each call (renewing the lease)."""
         change_address = self.rpc.call("getrawchangeaddress")
+        keep()
         inputs = [{"txid": utxo["txid"], "vout": utxo["vout"], "sequence": RBF_SEQUENCE}]
         size = ESTIMATED_VSIZE
         for attempt in range(3):
@@ -527,9 +577,12 @@ class AnchorWorker:
             if change >= DUST_SAT:
                 outputs.append({change_address: to_btc(change)})
             raw = self.rpc.call("createrawtransaction", inputs, outputs, 0, True)
+            keep()
             signed = self.rpc.call("signrawtransactionwithwallet", raw)
+            keep()
             if not signed.get("complete"):
-                raise BuildFailed(f"bitcoind's wallet could not sign: {signed.get('errors')}")
+                raise UnsignableUtxo(f"bitcoind's wallet cannot sign for UTXO {utxo['txid']}:"
+                                     f"{utxo['vout']}: {signed.get('errors')}")
             tx = parse_tx(signed["hex"])
             actual = vsize(tx)
             needed = max(math.ceil(rate * actual), min_fee)

@@ -25,7 +25,7 @@ ZMQ `hashblock` notifications, over a small but real chain:
   with `removed` after a reorg, `gettransaction` with `decoded`.
 
 Test-only controls are methods and attributes (`fund`, `mine`, `stop`,
-`start`, `hold`/`release` a method, `calls`, `mine_min_fee_rate`);
+`start`, `hold`/`release` a method, `delays`, `calls`, `mine_min_fee_rate`);
 everything else goes over the wire. Amounts are BTC in JSON, as bitcoind's.
 """
 
@@ -52,7 +52,10 @@ from embit.transaction import Transaction, TransactionInput, TransactionOutput
 from anchor.bitcoind import vsize
 
 NET = NETWORKS["regtest"]
+OUTSIDE_ADDRESS = script.p2wpkh(ec.PrivateKey(hashlib.sha256(b"a miner").digest())
+                                .get_public_key()).address(NET)
 COIN = 100_000_000
+COINBASE_MATURITY = 100        # a coinbase output is spendable at 101 confirmations
 SEQUENCE_FINAL = 0xFFFFFFFF
 DUST_SAT = 294                 # P2WPKH dust threshold at 3 sat/vB
 MIN_RELAY_SAT_VB = 1
@@ -94,7 +97,8 @@ class TxEntry:
     tx: Transaction
     txid: str
     time: int
-    funding: bool = False            # created by fund(): like a coinbase
+    funding: bool = False            # created by fund() or a coinbase: no inputs to return to
+    coinbase: bool = False           # spendable (and listed) at 101 confirmations only
     block: str | None = None         # hash of the active-chain block holding it
     replaced_by: str | None = None
 
@@ -111,6 +115,8 @@ class BitcoindDouble:
         self._connections: set[socket.socket] = set()
         self.lock = threading.RLock()
         self.keys: dict[bytes, ec.PrivateKey] = {}   # script_pubkey -> key
+        self.watch_only: set[bytes] = set()          # script_pubkeys without their key
+        self.locked: set[tuple[str, int]] = set()    # lockunspent
         self.txs: dict[str, TxEntry] = {}            # every tx ever accepted
         self.mempool: list[str] = []                 # txids, parents first
         self.spender: dict[tuple[str, int], str] = {}  # outpoint -> txid (chain or mempool)
@@ -120,6 +126,7 @@ class BitcoindDouble:
         self.mine_min_fee_rate = 0.0      # miners leave cheaper transactions in the mempool
         self.calls: Counter[str] = Counter()
         self.gates: dict[str, threading.Event] = {}  # method -> held until set
+        self.delays: dict[str, float] = {}           # method -> seconds each call takes
         self.held: Counter[str] = Counter()          # calls that reached a gate
         self._key_counter = 0
         self._zmq_seq = 0
@@ -203,14 +210,17 @@ class BitcoindDouble:
             self.keys[spk.data] = key
             return spk.address(NET)
 
-    def fund(self, amounts_sat: list[int], confirmations: int = 1, per_tx: int = 1000) -> list[str]:
+    def fund(self, amounts_sat: list[int], confirmations: int = 1, per_tx: int = 1000,
+             watch_only: bool = False) -> list[str]:
         """Pay the wallet one output per amount (funding transactions, like
         coinbases; mined whatever mine_min_fee_rate), then mine `confirmations`
-        blocks. Returns the funding txids."""
+        blocks. Returns the funding txids. watch_only: to addresses the wallet
+        watches without their keys (listed, not spendable, not solvable)."""
         txids = []
         with self.lock:
             for start in range(0, len(amounts_sat), per_tx):
-                outs = [TransactionOutput(amount, script.Script.from_address(self.new_address()))
+                outs = [TransactionOutput(amount, script.Script.from_address(
+                    self._watch_address() if watch_only else self.new_address()))
                         for amount in amounts_sat[start:start + per_tx]]
                 marker = hashlib.sha256(b"fund-%d-%d" % (len(self.txs), start)).digest()
                 tx = Transaction(vin=[TransactionInput(marker, 0xFFFFFFFF)], vout=outs)
@@ -223,7 +233,15 @@ class BitcoindDouble:
         return txids
 
     def mine(self, n: int = 1) -> list[str]:
-        return self.generatetoaddress(n, self.new_address())
+        """Blocks whose coinbase pays a miner outside the wallet."""
+        return self.generatetoaddress(n, OUTSIDE_ADDRESS)
+
+    def _watch_address(self) -> str:
+        self._key_counter += 1
+        key = ec.PrivateKey(hashlib.sha256(b"watched-key-%d" % self._key_counter).digest())
+        spk = script.p2wpkh(key.get_public_key())
+        self.watch_only.add(spk.data)
+        return spk.address(NET)
 
     # --- HTTP -------------------------------------------------------------------
 
@@ -245,9 +263,10 @@ class BitcoindDouble:
             method, params = request["method"], request.get("params") or []
             fn = getattr(self, method, None) if not method.startswith("_") else None
             if fn is None or method in ("start", "stop", "close", "fund", "mine", "new_address",
-                                        "hold", "release"):
+                                        "hold", "release", "lock", "height"):
                 raise RpcError(-32601, "Method not found")
             self.calls[method] += 1
+            time.sleep(self.delays.get(method, 0.0))
             gate = self.gates.get(method)
             if gate is not None:
                 self.held[method] += 1
@@ -313,7 +332,18 @@ class BitcoindDouble:
 
     def _wallet_outputs(self, entry: TxEntry) -> list[tuple[int, TransactionOutput]]:
         return [(n, out) for n, out in enumerate(entry.tx.vout)
-                if out.script_pubkey.data in self.keys]
+                if out.script_pubkey.data in self.keys or out.script_pubkey.data in self.watch_only]
+
+    def _immature(self, entry: TxEntry) -> bool:
+        return entry.coinbase and self._confirmations(entry) <= COINBASE_MATURITY
+
+    def _safe(self, entry: TxEntry) -> bool:
+        """CachedTxIsTrusted: confirmed, or unconfirmed and spending only the
+        wallet's own coins, and neither replacing nor replaced."""
+        if self._confirmations(entry) > 0:
+            return True
+        replaces = any(self.txs[other].replaced_by == entry.txid for other in self.txs)
+        return (self._wallet_inputs(entry) and entry.replaced_by is None and not replaces)
 
     def _wallet_inputs(self, entry: TxEntry) -> bool:
         if entry.funding:
@@ -367,12 +397,25 @@ class BitcoindDouble:
                          self._fee(self.txs[t].tx) >= self.mine_min_fee_rate
                          * vsize(self.txs[t].tx)]
                 self.mempool = [t for t in self.mempool if t not in taken]
-                block = self._append_block(taken)
+                block = self._append_block([self._coinbase(address), *taken])
                 hashes.append(block.hash)
                 self._zmq_seq += 1
                 self.zmq_pub.send_multipart([b"hashblock", bytes.fromhex(block.hash),
                                              (self._zmq_seq - 1).to_bytes(4, "little")])
         return hashes
+
+    def _coinbase(self, address: str) -> str:
+        """The next block's coinbase: the subsidy (regtest: 50 BTC, halved
+        every 150 blocks) to `address`; spendable at 101 confirmations."""
+        height = self.height + 1
+        subsidy = (50 * COIN) >> (height // 150)
+        unique = height.to_bytes(4, "little") + len(self.txs).to_bytes(4, "little")
+        tx = Transaction(vin=[TransactionInput(b"\x00" * 32, 0xFFFFFFFF,
+                                               script_sig=script.Script(unique))],
+                         vout=[TransactionOutput(subsidy, script.Script.from_address(address))])
+        entry = TxEntry(tx, tx.txid().hex(), int(time.time()), funding=True, coinbase=True)
+        self.txs[entry.txid] = entry
+        return entry.txid
 
     def invalidateblock(self, block_hash: str) -> None:
         """Disconnect this block and its descendants: a reorg once new blocks are mined."""
@@ -413,22 +456,27 @@ class BitcoindDouble:
         count = options.get("maximumCount")
         result = []
         # bitcoind's order is its map's, not by amount: callers must not rely on one.
+        # As AvailableCoins: no immature coinbase (unless asked), no locked coin
+        # (lockunspent), no unsafe one unless include_unsafe.
         for txid in sorted(self.txs):
             entry = self.txs[txid]
-            if not self._live(txid):
+            if not self._live(txid) or (self._immature(entry) and
+                                        not options.get("include_immature_coinbase")):
                 continue
             confirmations = self._confirmations(entry)
-            if not minconf <= confirmations <= maxconf:
+            safe = self._safe(entry)
+            if not minconf <= confirmations <= maxconf or not (safe or include_unsafe):
                 continue
             for n, out in self._wallet_outputs(entry):
-                if (txid, n) in self.spender or out.value < low or \
+                if (txid, n) in self.spender or (txid, n) in self.locked or out.value < low or \
                         (high is not None and out.value > high):
                     continue
+                mine = out.script_pubkey.data in self.keys
                 result.append({"txid": txid, "vout": n,
                                "address": out.script_pubkey.address(NET),
                                "scriptPubKey": out.script_pubkey.data.hex(),
                                "amount": btc(out.value), "confirmations": confirmations,
-                               "spendable": True, "solvable": True, "safe": True})
+                               "spendable": mine, "solvable": mine, "safe": safe})
                 if count and len(result) >= count:
                     return result
         return result
@@ -454,7 +502,11 @@ class BitcoindDouble:
                 lines.append({**common, "category": "send", "vout": n, "address": address,
                               "amount": -btc(out.value)})
             return lines
-        return [{**common, "category": "receive", "vout": n,
+        category = "receive"
+        if entry.coinbase:  # as bitcoind: orphan, immature, then generate
+            category = "orphan" if entry.block is None else \
+                "immature" if self._immature(entry) else "generate"
+        return [{**common, "category": category, "vout": n,
                  "address": out.script_pubkey.address(NET), "amount": btc(out.value)}
                 for n, out in self._wallet_outputs(entry)]
 
@@ -561,7 +613,8 @@ class BitcoindDouble:
             key = self.keys.get(out.script_pubkey.data) if out is not None else None
             if key is None:
                 errors.append({"txid": vin.txid.hex(), "vout": vin.vout,
-                               "error": "Input not found or already spent"})
+                               "error": "Input not found or already spent" if out is None else
+                               "Unable to sign input, invalid stack size (possibly missing key)"})
                 continue
             pub = key.get_public_key()
             digest = tx.sighash_segwit(n, script.p2pkh(pub), out.value)
@@ -594,6 +647,8 @@ class BitcoindDouble:
             out = self._output(*point)
             if out is None:
                 raise RpcError(-25, "bad-txns-inputs-missingorspent")
+            if self._immature(self.txs[point[0]]):
+                raise RpcError(-26, "bad-txns-premature-spend-of-coinbase")
             other = self.spender.get(point)
             if other is not None:
                 if self.txs[other].block is not None:
@@ -621,7 +676,56 @@ class BitcoindDouble:
         self.mempool.append(txid)
         for vin in tx.vin:
             self.spender[(vin.txid.hex(), vin.vout)] = txid
+            self.locked.discard((vin.txid.hex(), vin.vout))  # AddToSpends unlocks a spent coin
         return txid
+
+    def lockunspent(self, unlock: bool, transactions: list[dict[str, Any]] | None = None,
+                    persistent: bool = False) -> bool:
+        """As wallet/rpc/coins.cpp: every outpoint checked before any changes."""
+        if unlock and not transactions:
+            self.locked.clear()
+            return True
+        points = []
+        for item in transactions or []:
+            txid, vout = item.get("txid"), item.get("vout")
+            entry = self.txs.get(txid)
+            if entry is None or not (self._wallet_outputs(entry) or self._wallet_inputs(entry)):
+                raise RpcError(-8, "Invalid parameter, unknown transaction")
+            if not isinstance(vout, int) or not 0 <= vout < len(entry.tx.vout):
+                raise RpcError(-8, "Invalid parameter, vout index out of bounds")
+            if (txid, vout) in self.spender:
+                raise RpcError(-8, "Invalid parameter, expected unspent output")
+            if unlock and (txid, vout) not in self.locked:
+                raise RpcError(-8, "Invalid parameter, expected locked output")
+            if not unlock and (txid, vout) in self.locked and not persistent:
+                raise RpcError(-8, "Invalid parameter, output already locked")
+            points.append((txid, vout))
+        for point in points:
+            (self.locked.discard if unlock else self.locked.add)(point)
+        return True
+
+    def listlockunspent(self) -> list[dict[str, Any]]:
+        return [{"txid": txid, "vout": vout} for txid, vout in sorted(self.locked)]
+
+    def sendtoaddress(self, address: str, amount: Any) -> str:
+        """Another spend from the same wallet (an operator's payment): coin
+        selection over confirmed, spendable, unlocked coins, the smallest that
+        is enough, change back to the wallet, 2 sat/vB."""
+        value = sat(amount)
+        fee = 2 * 150
+        coins = sorted((u for u in self.listunspent(1, include_unsafe=False)
+                        if u["spendable"] and sat(u["amount"]) >= value + fee),
+                       key=lambda u: sat(u["amount"]))
+        if not coins:
+            raise RpcError(-6, "Insufficient funds")
+        coin = coins[0]
+        outputs = [{address: btc(value)}]
+        change = sat(coin["amount"]) - value - fee
+        if change >= DUST_SAT:
+            outputs.append({self.new_address(): btc(change)})
+        raw = self.createrawtransaction([{"txid": coin["txid"], "vout": coin["vout"]}], outputs,
+                                        0, True)
+        return self.sendrawtransaction(self.signrawtransactionwithwallet(raw)["hex"])
 
     def _spent_in_chain(self, txid: str, n: int) -> bool:
         spender = self.spender.get((txid, n))

@@ -18,7 +18,9 @@ import pytest
 import zmq
 
 from anchor.bitcoind import BitcoinRpc, RpcAuthRefused
-from tests.bitcoind_double import BitcoindDouble
+from anchor.reservations import UtxoClient
+from anchor.sync import WalletSync
+from tests.bitcoind_double import OUTSIDE_ADDRESS, BitcoindDouble
 from tests.conftest import BUS_CLI, Bus, Proc, query, wait_for
 from tests.test_anchor import (anchor_rows, anchoring, bus_for, doc, events,  # noqa: F401
                                request, start_worker)
@@ -194,3 +196,105 @@ def test_a_mined_anchor_whose_change_is_spent_is_not_failed_on_rebroadcast(
     assert confirmed["txid"] == txid
     assert [row[1:3] for row in anchor_rows(anchoring)] == [(txid, "confirmed")]
     assert not events.of("anchor.error"), "no anchor failed, nothing anchored twice"
+
+
+@pytest.fixture
+def wallet_sync(make_bus, node) -> Iterator[tuple[WalletSync, Bus]]:
+    bus = make_bus()
+    bus.start_writer()
+    rpc = BitcoinRpc(node.url, node.user, node.password, timeout_s=5)
+    utxos = UtxoClient(bus["BUS_CONTROL_ENDPOINT"], retry_for_s=5)
+    yield WalletSync(rpc, utxos, page=5), bus
+    utxos.close()
+    rpc.close()
+
+
+def table(bus: Bus) -> set[tuple]:
+    return set(query(bus.db, "SELECT txid, vout, amount_sat FROM utxos WHERE status = 0"))
+
+
+def test_a_stored_tip_the_node_does_not_know_is_a_full_load_again(wallet_sync, node) -> None:
+    """listsinceblock answers -5 "Block not found" before the fork search ran:
+    the sync stopped for good (a wiped regtest datadir, a deep reorg)."""
+    sync, bus = wallet_sync
+    node.fund([10_000, 20_000])
+    sync.sync()
+    assert len(table(bus)) == 2
+    sync.utxos.set_tip(sync.tip_height, "ab" * 32)  # as if the node's chain were another
+    sync.tip_hash = "ab" * 32
+    node.fund([30_000])
+    assert sync.sync() is True
+    assert sync.counters["tip_unknown"] == 1 and sync.tip_hash == node.getbestblockhash()
+    assert {row[2] for row in table(bus)} == {10_000, 20_000, 30_000}
+    assert sync.sync() is False  # and incremental from there on
+    node.mine(1)
+    assert sync.sync() is True and sync.counters["full_loads"] == 2
+
+
+def test_outputs_the_wallet_cannot_spend_never_enter_the_pool(wallet_sync, node) -> None:
+    """spendable/solvable/safe were ignored: a watch-only output was reserved,
+    failed to sign, was released and picked again, forever."""
+    sync, bus = wallet_sync
+    node.fund([150_000], watch_only=True)
+    node.fund([300_000])
+    node.fund([400_000], confirmations=0)     # unconfirmed, from outside: not safe
+    sync.sync()
+    assert {row[2] for row in table(bus)} == {300_000}
+    assert sync.counters["unusable"] == 1
+    node.mine(1)                              # confirmed: safe now, and loaded
+    sync.sync()
+    assert {row[2] for row in table(bus)} == {300_000, 400_000}
+
+
+def test_a_coinbase_output_joins_the_pool_when_it_matures(wallet_sync, node) -> None:
+    """The incremental sync asked only for outputs as deep as the blocks since
+    the last sync; a coinbase is listed from 101 confirmations on: never seen."""
+    sync, bus = wallet_sync
+    node.fund([10_000])
+    sync.sync()
+    [coinbase_block] = node.generatetoaddress(1, node.getnewaddress())
+    coinbase = node._block(coinbase_block).txids[0]
+    for _ in range(33):                       # 99 more blocks, synced every 3
+        node.mine(3)
+        sync.sync()
+    assert coinbase not in {row[0] for row in table(bus)}, "immature at 100 confirmations"
+    node.mine(1)
+    sync.sync()
+    assert (coinbase, 0, 50 * 100_000_000) in table(bus)
+
+
+def test_a_leased_utxo_is_locked_in_the_wallet_against_its_other_spends(
+        anchoring, node, events) -> None:
+    """The wallet knew nothing of leases: an operator's payment from the same
+    wallet could take the UTXO an anchor was being built on."""
+    node.fund([100_000, 1_000_000])
+    node.hold("signrawtransactionwithwallet")     # the worker mid-build, on 100,000
+    start_worker(anchoring)
+    request(anchoring, doc("locked"))
+    wait_for(lambda: node.held["signrawtransactionwithwallet"], message="the worker building")
+    [(leased_txid, leased_vout)] = query(anchoring.db, "SELECT txid, vout FROM utxos"
+                                                       " WHERE status = 1")
+    assert node.listlockunspent() == [{"txid": leased_txid, "vout": leased_vout}]
+    with node.lock:                               # the operator pays someone 50,000
+        payment = node.sendtoaddress(OUTSIDE_ADDRESS, 0.0005)
+    assert [(i.txid.hex(), i.vout) for i in node.txs[payment].tx.vin] != \
+        [(leased_txid, leased_vout)], "the payment took another coin"
+    node.release("signrawtransactionwithwallet")
+    anchored = events.wait("anchor.submitted")[0]["txid"]
+    assert set(node.mempool) == {payment, anchored}, "neither replaced the other"
+    assert node.listlockunspent() == [], "spending the UTXO unlocked it"
+
+
+def test_a_lease_is_renewed_while_a_slow_node_builds_the_transaction(anchoring, node,
+                                                                    events) -> None:
+    """The lease (BUS_ANCHOR_LEASE_S=2 here) ran out during a slow build, since
+    nothing called utxo_renew: the record was refused, again and again."""
+    node.fund([200_000])
+    for method in ("getrawchangeaddress", "createrawtransaction", "signrawtransactionwithwallet"):
+        node.delays[method] = 0.8                 # 2.4 s a build: longer than the lease
+    worker = start_worker(anchoring)
+    request(anchoring, doc("slow build"))
+    anchored = events.wait("anchor.submitted", message="anchored despite the slow node")
+    assert anchored[0]["txid"] in node.mempool
+    assert anchoring.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")["counters"]["renewals"] >= 1
+    assert anchoring.writer_stats()["utxos"]["renewed"] >= 1 and worker.popen.poll() is None
