@@ -64,6 +64,7 @@ BUMP_HEADROOM = 4              # the reserved UTXO covers fee bumps up to 4x the
 PROOFS_PER_EVENT = 500         # documents per anchor.submitted message (< 1 MiB)
 MAX_REF_CHARS = protocol.MAX_ANCHOR_REF_CHARS
 POLL_SECONDS = 0.2             # longest wait of one loop pass
+REORG_WATCH_BLOCKS = 100       # confirmed anchors this recent are checked again at each block
 
 
 class RequestRefused(ValueError):
@@ -148,7 +149,7 @@ class AnchorWorker:
         self.counters = {"requests": 0, "refused": 0, "duplicates": 0, "anchored": 0,
                          "documents": 0, "broadcasts": 0, "bumps": 0, "confirmed": 0,
                          "failed": 0, "no_utxo": 0, "unavailable": 0, "blocks": 0,
-                         "renewals": 0}
+                         "renewals": 0, "reorged": 0}
         self.pending: list[Document] = []
         self._pending_hashes: set[bytes] = set()
         self._pending_since: float | None = None
@@ -403,6 +404,7 @@ class AnchorWorker:
                 if self.sync.sync():
                     self.counters["blocks"] += 1
                 self._check_open()
+                self._recheck_confirmed()
             except BaseException:
                 self._block_due = True
                 raise
@@ -680,6 +682,41 @@ class AnchorWorker:
                               for i, d in enumerate(docs[start:start + PROOFS_PER_EVENT], start)]})
         self._flush_events()
 
+    def _recheck_confirmed(self) -> None:
+        """After a block: a confirmed anchor's block can still be taken away
+        by a reorg deeper than BUS_ANCHOR_CONFIRMATIONS. Those confirmed in
+        the last REORG_WATCH_BLOCKS blocks are asked again: deep enough in
+        another block now, the record (and its proofs) name that one; in none
+        (or not deep enough yet), the anchor is `submitted` again and tracked
+        to a new confirmation."""
+        tip = self.sync.tip_height or 0
+        watched = self.utxos.call("anchor_confirmed",
+                                  {"min_height": max(0, tip - REORG_WATCH_BLOCKS)})["anchors"]
+        for anchor in watched:
+            try:
+                info = self.rpc.call("gettransaction", anchor["txid"])
+            except RpcError as exc:
+                if exc.code != RPC_INVALID_ADDRESS_OR_KEY:
+                    raise
+                info = {"confirmations": 0}
+            if info.get("confirmations", 0) > 0 and info.get("blockhash") == anchor["block_hash"]:
+                continue
+            log.warning("anchor_reorged", anchor_id=anchor["anchor_id"], txid=anchor["txid"],
+                        old_block=anchor["block_hash"], old_height=anchor["block_height"],
+                        now_block=info.get("blockhash"), confirmations=info.get("confirmations"))
+            self.counters["reorged"] += 1
+            if info.get("confirmations", 0) >= self.config.anchor_confirmations:
+                self._confirmed(anchor, anchor["txid"], info)  # deep enough in its new block
+                continue
+            self.utxos.call("anchor_update", {"anchor_id": anchor["anchor_id"],
+                                              "status": "unconfirmed"})
+            self.open[anchor["anchor_id"]] = {**anchor, "status": "submitted",
+                                              "block_hash": None, "block_height": None}
+            self._event(protocol.ANCHOR_ERROR_TOPIC, {
+                "error": "reorged", "reason": f"block {anchor['block_hash']} left the best chain",
+                "anchor_id": anchor["anchor_id"], "txid": anchor["txid"]})
+            self._flush_events()
+
     def _check_open(self) -> None:
         """After a block: confirm what is deep enough, bump what is stuck."""
         tip = self.sync.tip_height or 0
@@ -712,7 +749,7 @@ class AnchorWorker:
         self.utxos.call("anchor_update", {"anchor_id": anchor["anchor_id"], "status": "confirmed",
                                           "txid": txid, "block_hash": info["blockhash"],
                                           "block_height": info["blockheight"]})
-        del self.open[anchor["anchor_id"]]
+        self.open.pop(anchor["anchor_id"], None)  # not open: confirmed again after a reorg
         self._leaves.pop(anchor["anchor_id"], None)
         self.counters["confirmed"] += 1
         log.info("anchor_confirmed", anchor_id=anchor["anchor_id"], txid=txid,

@@ -90,6 +90,21 @@ def mark_confirmed(conn: Any, anchor_id: int, txid: str, block_hash: str, block_
                  (txid, now_ns, block_hash, block_height, anchor_id))
 
 
+def mark_unconfirmed(conn: Any, anchor_id: int) -> int:
+    """A reorg took its block away: `submitted` again, no block."""
+    conn.execute("UPDATE anchors SET status = 'submitted', confirmed_ns = NULL, block_hash ="
+                 " NULL, block_height = NULL WHERE id = ? AND status = 'confirmed'", (anchor_id,))
+    return conn.changes()
+
+
+def confirmed_since(conn: Any, min_height: int, limit: int) -> list[dict[str, Any]]:
+    """Confirmed anchors whose block is at `min_height` or above, oldest first:
+    the ones a reorg can still take back."""
+    return [describe(row) for row in conn.execute(
+        f"SELECT {ANCHOR_COLUMNS} FROM anchors WHERE status = 'confirmed' AND block_height >= ?"
+        " ORDER BY block_height, id LIMIT ?", (min_height, limit)).fetchall()]
+
+
 def mark_failed(conn: Any, anchor_id: int, reason: str) -> None:
     """Failed for good: its documents are forgotten (they can be anchored
     again); the reason is kept in place of the transaction."""

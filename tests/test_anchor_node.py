@@ -298,3 +298,30 @@ def test_a_lease_is_renewed_while_a_slow_node_builds_the_transaction(anchoring, 
     assert anchored[0]["txid"] in node.mempool
     assert anchoring.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")["counters"]["renewals"] >= 1
     assert anchoring.writer_stats()["utxos"]["renewed"] >= 1 and worker.popen.poll() is None
+
+
+def test_a_reorg_deeper_than_the_confirmations_is_followed_after_confirmation(
+        anchoring, node, events) -> None:
+    """Confirmed anchors were never asked again: after a reorg deeper than
+    BUS_ANCHOR_CONFIRMATIONS their block hash and height (and their proofs)
+    named a block that had left the chain."""
+    node.fund([200_000])
+    start_worker(anchoring)
+    request(anchoring, doc("reorged"))
+    events.wait("anchor.submitted")
+    node.mine(2)
+    old_block = events.wait("anchor.confirmed")[0]["block_hash"]
+    node.mine_min_fee_rate = 1_000            # the new chain leaves it in the mempool a while
+    node.invalidateblock(old_block)           # both of its confirmations gone
+    node.mine(3)
+    assert wait_for(lambda: query(anchoring.db, "SELECT status, block_hash FROM anchors") ==
+                    [("submitted", None)], message="the anchor unconfirmed")
+    assert events.wait("anchor.error", lambda e: e["error"] == "reorged")
+    node.mine_min_fee_rate = 0
+    node.mine(2)
+    [(txid, status, block_hash)] = wait_for(lambda: [
+        row for row in query(anchoring.db, "SELECT txid, status, block_hash FROM anchors")
+        if row[1] == "confirmed"], message="confirmed again")
+    assert block_hash != old_block and txid in node._block(block_hash).txids
+    proof = json.loads(anchoring.cli("anchor", "proof", doc("reorged").hex()).stdout)
+    assert (proof["status"], proof["block_hash"]) == ("confirmed", block_hash)

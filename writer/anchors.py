@@ -56,12 +56,13 @@ class AnchorBook:
         self.utxos = utxos
         self.conn = utxos.conn
         self.counters = {"recorded": 0, "documents": 0, "replaced": 0, "confirmed": 0,
-                         "failed": 0}
+                         "failed": 0, "unconfirmed": 0}
         utxos.register("anchor_record", self.record, request_id=True)
         utxos.register("anchor_replace", self.replace, request_id=True)
         utxos.register("anchor_fail", self.fail, request_id=False)
         utxos.register("anchor_update", self.update)
         utxos.register("anchor_open", self.open_anchors)
+        utxos.register("anchor_confirmed", self.confirmed_anchors)
         utxos.register("anchor_known", self.known)
         utxos.register("anchor_leaves", self.leaves)
 
@@ -125,9 +126,11 @@ class AnchorBook:
                 "replaced_txid": spent["replaced_txid"]}
 
     def update(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        """{anchor_id, status: submitted|confirmed, txid?, block_hash?, block_height?}:
-        `submitted` once broadcast, `confirmed` with the block of whichever of
-        its transactions was mined (`txid`, if an earlier one)."""
+        """{anchor_id, status: submitted|confirmed|unconfirmed, txid?, block_hash?,
+        block_height?}: `submitted` once broadcast, `confirmed` with the block of
+        whichever of its transactions was mined (`txid`, if an earlier one; again
+        with another block after a reorg), `unconfirmed` when a reorg took its
+        block away (it is `submitted` again)."""
         anchor = self._anchor(args)
         status = args.get("status")
         if status == "submitted":
@@ -146,8 +149,13 @@ class AnchorBook:
                                    check_txid(args.get("block_hash"), "block_hash"),
                                    check_int(args, "block_height", 0, 10**9), now_ns)
             self.counters["confirmed"] += anchor["status"] != "confirmed"
+        elif status == "unconfirmed":
+            # A reorg took its block away: tracked (and confirmed) again.
+            self.counters["unconfirmed"] += rows_of.mark_unconfirmed(self.conn,
+                                                                     anchor["anchor_id"])
+            status = "submitted"
         else:
-            raise UtxoError("bad_request", "'status' must be submitted or confirmed")
+            raise UtxoError("bad_request", "'status' must be submitted, confirmed or unconfirmed")
         return {"anchor_id": anchor["anchor_id"], "status": status}
 
     def fail(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
@@ -169,6 +177,12 @@ class AnchorBook:
     def open_anchors(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{} -> {anchors: [...]}: every anchor not yet confirmed, oldest first."""
         return {"anchors": rows_of.open_anchors(self.conn, MAX_OPEN_LISTED)}
+
+    def confirmed_anchors(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{min_height} -> {anchors: [...]}: confirmed in a block at min_height
+        or above, at most 1000, oldest block first."""
+        return {"anchors": rows_of.confirmed_since(
+            self.conn, check_int(args, "min_height", 0, 10**9), MAX_OPEN_LISTED)}
 
     def known(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{hashes: [32 bytes...]} -> {known: [...]}: those already anchored."""
