@@ -10,7 +10,7 @@ Publishes anchor.submitted, anchor.confirmed, anchor.error
 One anchoring: collect requests for BUS_ANCHOR_INTERVAL_S or up to
 BUS_ANCHOR_MAX_DOCUMENTS, leave out the hashes already anchored, build the
 RFC 6962 Merkle tree, reserve one UTXO, build and sign with bitcoind's wallet
-a transaction with one OP_RETURN (b"BUSA" 0x01 root) and change back to the
+a transaction with one OP_RETURN (b"BUSA" 0x02 root size) and change back to the
 wallet, RECORD it through the writer (anchor, documents, UTXO spent: one
 transaction), acknowledge the requests, then broadcast. Recording first means a
 crash at any point leaves either nothing (the lease expires, the requests are
@@ -44,7 +44,7 @@ from anchor.bitcoind import (RPC_INVALID_ADDRESS_OR_KEY, RPC_INVALID_PARAMETER,
                              BitcoinRpc, RpcError, RpcUnavailable, open_hashblock,
                              parse_hashblock, parse_tx, to_btc, vsize)
 from proofs.merkle import MerkleTree
-from proofs.document import op_return_payload
+from proofs.document import op_return_payload, stored_payload
 from anchor.reservations import RETRYABLE, NoUtxo, UtxoClient
 from anchor.sync import WalletSync
 from bus import control, protocol, security, sockets
@@ -491,7 +491,8 @@ class AnchorWorker:
             # while it is built, recorded and broadcast; persistent across a
             # bitcoind restart. Spending it unlocks it (bitcoind's AddToSpends).
             self._lock(lease)
-            tx = self._build(lease, tree.root, rate, keep=self._lease_keeper(lease))
+            tx = self._build(lease, op_return_payload(tree.root, tree.size), rate,
+                             keep=self._lease_keeper(lease))
             tip = self.sync.tip_height or 0
             recorded = self.utxos.call("anchor_record", {
                 "request_id": f"{self._batch_id}-record", "root": tree.root, "size": tree.size,
@@ -559,10 +560,10 @@ class AnchorWorker:
             self._warnings.warning("unlock", "utxo_unlock_failed", txid=lease["txid"],
                                    vout=lease["vout"], error=str(exc))
 
-    def _build(self, utxo: dict[str, Any], root: bytes, rate: float,
+    def _build(self, utxo: dict[str, Any], payload: bytes, rate: float,
                min_fee: int = 0, keep: Any = lambda: None) -> dict[str, Any]:
         """Sign, with bitcoind's wallet, a transaction spending `utxo` into one
-        OP_RETURN and change, paying `rate` sat/vB (and at least `min_fee`).
+        OP_RETURN (`payload`) and change, paying `rate` sat/vB (and at least `min_fee`).
         Signed again when the estimated size was wrong, with the fee of the real
         size. `keep()` runs after each call (renewing the lease)."""
         change_address = self.rpc.call("getrawchangeaddress")
@@ -575,7 +576,7 @@ class AnchorWorker:
             if change < 0:
                 raise BuildFailed(f"UTXO {utxo['txid']}:{utxo['vout']} of {utxo['amount_sat']} sat"
                                  f" cannot pay a fee of {fee} sat")
-            outputs: list[dict[str, Any]] = [{"data": op_return_payload(root).hex()}]
+            outputs: list[dict[str, Any]] = [{"data": payload.hex()}]
             if change >= DUST_SAT:
                 outputs.append({change_address: to_btc(change)})
             raw = self.rpc.call("createrawtransaction", inputs, outputs, 0, True)
@@ -771,8 +772,10 @@ class AnchorWorker:
                                    anchor_id=anchor["anchor_id"], fee_rate=round(old_rate, 2))
             return
         utxo = self.utxos.get(anchor["utxo_txid"], anchor["utxo_vout"])
-        tx = self._build(utxo, anchor["root"], rate, min_fee=anchor["fee_sat"] + anchor["vsize"]
-                         + 1)
+        # The same OP_RETURN data as the transaction it replaces (an anchor
+        # made before the tree size was committed keeps its version 1 data).
+        tx = self._build(utxo, stored_payload(anchor), rate,
+                         min_fee=anchor["fee_sat"] + anchor["vsize"] + 1)
         try:
             replaced = self.utxos.call("anchor_replace", {
                 "request_id": f"bump-{anchor['anchor_id']}-{anchor['txid']}",

@@ -138,7 +138,7 @@ def anchor_documents(bus: Bus, node, documents: int) -> dict[str, float]:
     elapsed = time.monotonic() - started
     txids = {p["txid"] for p in proofs.values()}
     [(_, payload)] = op_return_outputs(parse_tx(node.txs[next(iter(txids))].tx.serialize().hex()))
-    verified = sum(payload[5:] == root_from_path(h, p["leaf_index"], p["size"], p["path"])
+    verified = sum(payload[5:37] == root_from_path(h, p["leaf_index"], p["size"], p["path"])
                    for h, p in proofs.items())
     rss = peak_rss_mb(worker.pid)
     worker.terminate()

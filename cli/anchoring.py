@@ -3,7 +3,7 @@
     bus-cli anchor                      the anchor worker (what bus-anchor.service runs)
     bus-cli anchor submit FILE|--hash   request an anchoring; --wait for the proof
     bus-cli anchor proof HASH           a document's inclusion proof (JSON)
-    bus-cli anchor verify PROOF_FILE    check a proof offline (--tx-hex: and its transaction)
+    bus-cli anchor verify PROOF_FILE    check a proof (--tx-hex: its transaction; --node: its block)
     bus-cli utxo stats                  the wallet's UTXO table and reservation counters
 
 Proofs and the UTXO summary come from the reader (off the write path); the
@@ -156,29 +156,72 @@ def proof(ctx: click.Context, hex_hash: str, **flags: Any) -> None:
 @anchor.command()
 @click.argument("proof_file", type=click.File("rb"))
 @click.option("--tx-hex", default=None, help="the anchor transaction (hex), to check it too")
+@click.option("--node", is_flag=True,
+              help="ask bitcoind (BUS_BITCOIND_RPC_*) that the transaction is in the proof's "
+                   "block, and the block in its best chain")
+@setting_options("bitcoind_rpc_url", "bitcoind_rpc_user", "bitcoind_rpc_password",
+                 "bitcoind_rpc_cookie", "request_timeout_ms")
 @click.pass_context
-def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None) -> None:
-    """Check a proof offline: its audit path leads to its root, the root is in
-    its OP_RETURN data, and with --tx-hex that this transaction has the
-    proof's txid and carries that OP_RETURN. Exit 0 if it holds, 1 if not."""
-    from anchor.proof import verify_proof
+def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
+           **flags: Any) -> None:
+    """Check a proof, saying what was checked and what was not: its audit path
+    leads to its root; its OP_RETURN data commits to that root (and, for
+    anchors since the size is committed, to the tree size); with --tx-hex (or
+    --node) that the transaction has the proof's txid and carries that data;
+    with --node that bitcoind holds the transaction in the proof's block, in
+    its best chain. Exit 0 if everything checked holds, 1 if not."""
+    from anchor.bitcoind import BitcoinRpc, RpcUnavailable
+    from anchor.proof import find_in_chain, verify_proof
     from proofs.document import ProofError
     try:
         proof_json = json.loads(proof_file.read().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError: ValueError
         click.echo(f"INVALID: {proof_file.name} is not a proof (JSON text): {exc}", err=True)
         sys.exit(1)
+    in_chain = None
     try:
-        checked = verify_proof(proof_json, tx_hex)
+        checked = verify_proof(proof_json)
+        if node:
+            cfg = build_config(ctx, flags, "anchor")
+            rpc = BitcoinRpc(cfg.bitcoind_rpc_url, cfg.bitcoind_rpc_user,
+                             cfg.bitcoind_rpc_password, cfg.bitcoind_rpc_cookie,
+                             timeout_s=cfg.request_timeout_ms / 1000)
+            try:
+                in_chain = find_in_chain(proof_json, rpc)
+            finally:
+                rpc.close()
+            tx_hex = tx_hex or in_chain["tx_hex"]
+        if tx_hex is not None:
+            checked = verify_proof(proof_json, tx_hex)
     except ProofError as exc:
         click.echo(f"INVALID: {exc}", err=True)
         sys.exit(1)
-    what = "proof and transaction" if checked["transaction_checked"] else \
-        "proof (give --tx-hex to check the transaction too)"
-    click.echo(f"OK: {what}: document {checked['document']} is leaf {checked['leaf_index']} "
-               f"of {checked['tree_size']} under root {checked['root']}"
-               + (f", in OP_RETURN output {checked['op_return_vout']} of {checked['txid']}"
-                  if checked["transaction_checked"] else ""))
+    except RpcUnavailable as exc:
+        click.echo(f"Error: cannot check with the node: {exc}", err=True)
+        sys.exit(1)
+    size = f"{checked['tree_size']:,}"
+    lines = [f"OK: the audit path leads from document {checked['document']} (leaf "
+             f"{checked['leaf_index']:,} of {size}) to root {checked['root']}"]
+    if checked["size_committed"]:
+        lines.append(f"OK: the OP_RETURN data commits to that root and to a tree of {size} leaves")
+    else:
+        lines.append("OK: the OP_RETURN data commits to that root (version 1: the tree size "
+                     "and leaf index are the proof's word, not the chain's)")
+    if checked["transaction_checked"]:
+        lines.append(f"OK: transaction {checked['txid']} carries that data in its one OP_RETURN "
+                     f"(output {checked['op_return_vout']})")
+    else:
+        lines.append("NOT CHECKED: that transaction "
+                     f"{proof_json.get('txid')} carries that data (give --tx-hex, or --node)")
+    if in_chain is not None:
+        lines.append(f"OK: bitcoind holds it in block {in_chain['block_hash']} at height "
+                     f"{in_chain['block_height']:,} of its best chain, "
+                     f"{in_chain['confirmations']:,} confirmations (gettxoutproof, "
+                     "verifytxoutproof)")
+    else:
+        lines.append("NOT CHECKED: that the transaction is in a block of the best chain "
+                     "(give --node)")
+    click.echo("\n".join(lines))
 
 
 @click.group()

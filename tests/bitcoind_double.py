@@ -558,6 +558,44 @@ class BitcoindDouble:
         return {"bestblock": self.blocks[-1].hash, "confirmations": self._confirmations(entry),
                 "value": btc(out.value), "scriptPubKey": {"hex": out.script_pubkey.data.hex()}}
 
+    def getrawtransaction(self, txid: str, verbose: Any = False,
+                          blockhash: str | None = None) -> Any:
+        """As a node without -txindex: a mempool transaction, or one in the
+        block named."""
+        entry = self.txs.get(txid)
+        if blockhash is not None:
+            block = self._block(blockhash)
+            if txid not in block.txids:
+                raise RpcError(-5, "No such transaction found in the provided block. Use "
+                                   "gettransaction for wallet transactions.")
+        elif entry is None or txid not in self.mempool:
+            raise RpcError(-5, "No such mempool transaction. Use -txindex or provide a block "
+                               "hash to enable blockchain transaction queries. Use "
+                               "gettransaction for wallet transactions.")
+        raw = entry.tx.serialize().hex()
+        return self.decoderawtransaction(raw) | {"hex": raw} if verbose else raw
+
+    def gettxoutproof(self, txids: list[str], blockhash: str | None = None) -> str:
+        """A proof that the block holds the transactions. Opaque here (bitcoind's
+        is a serialized CMerkleBlock): only verifytxoutproof reads it."""
+        if blockhash is None:
+            raise RpcError(-5, "Transaction not yet in block")
+        block = self._block(blockhash)
+        if not all(txid in block.txids for txid in txids):
+            raise RpcError(-5, "Not all transactions found in specified or retrieved block")
+        return json.dumps([blockhash, txids]).encode().hex()
+
+    def verifytxoutproof(self, proof: str) -> list[str]:
+        """The transactions the proof commits to; -5 if its block is not in
+        the best chain (as bitcoind)."""
+        try:
+            blockhash, txids = json.loads(bytes.fromhex(proof))
+        except ValueError:
+            raise RpcError(-22, "proof decode failed") from None
+        if blockhash not in {b.hash for b in self.blocks}:
+            raise RpcError(-5, "Block not found in chain")
+        return [t for t in txids if t in self._block(blockhash).txids]
+
     def decoderawtransaction(self, hexstring: str) -> dict[str, Any]:
         tx = self._parse(hexstring)
         return {"txid": tx.txid().hex(), "vsize": vsize(tx),

@@ -325,3 +325,37 @@ def test_a_reorg_deeper_than_the_confirmations_is_followed_after_confirmation(
     assert block_hash != old_block and txid in node._block(block_hash).txids
     proof = json.loads(anchoring.cli("anchor", "proof", doc("reorged").hex()).stdout)
     assert (proof["status"], proof["block_hash"]) == ("confirmed", block_hash)
+
+
+def test_verify_with_a_node_checks_the_block_and_says_what_it_did_not_check(
+        anchoring, node, events, tmp_path) -> None:
+    """`anchor verify` printed "OK: proof and transaction" without checking that
+    the transaction was in any block."""
+    node.fund([200_000])
+    start_worker(anchoring)
+    request(anchoring, doc("in a block"))
+    events.wait("anchor.submitted")
+    node.mine(2)
+    block = events.wait("anchor.confirmed")[0]["block_hash"]
+    path = tmp_path / "proof.json"
+    path.write_text(anchoring.cli("anchor", "proof", doc("in a block").hex()).stdout)
+    offline = anchoring.cli("anchor", "verify", str(path))
+    assert offline.returncode == 0, offline.stderr
+    assert "OK: the OP_RETURN data commits to that root and to a tree of 1 leaves" in offline.stdout
+    assert "NOT CHECKED: that transaction" in offline.stdout
+    assert "NOT CHECKED: that the transaction is in a block of the best chain" in offline.stdout
+    online = anchoring.cli("anchor", "verify", str(path), "--node")
+    assert online.returncode == 0, online.stderr
+    assert f"OK: bitcoind holds it in block {block} at height" in online.stdout
+    assert "carries that data in its one OP_RETURN" in online.stdout
+    assert "NOT CHECKED" not in online.stdout
+    # The block leaves the best chain: the same proof no longer holds there.
+    node.mine_min_fee_rate = 1_000
+    node.invalidateblock(block)
+    node.mine(3)
+    gone = anchoring.cli("anchor", "verify", str(path), "--node")
+    assert gone.returncode == 1 and "is not in bitcoind's best chain" in gone.stderr, gone
+    assert "Traceback" not in gone.stderr
+    node.stop()
+    down = anchoring.cli("anchor", "verify", str(path), "--node")
+    assert down.returncode == 1 and "cannot check with the node" in down.stderr

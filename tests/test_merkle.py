@@ -11,7 +11,7 @@ from embit.transaction import Transaction, TransactionInput, TransactionOutput
 
 from proofs.merkle import MerkleTree, leaf_hash, node_hash, root_from_path
 from anchor.proof import verify_proof
-from proofs.document import ProofError, make_proof, op_return_payload
+from proofs.document import ProofError, make_proof, op_return_payload, stored_payload
 
 # Certificate Transparency's reference vectors (RFC 6962 test data): the roots
 # of the trees over the first n of these 8 leaves.
@@ -72,8 +72,10 @@ def test_a_wrong_leaf_index_size_or_sibling_does_not_verify() -> None:
         root_from_path(leaves[6], 11, 11, path)                # index outside the tree
 
 
-def anchor_tx(root: bytes, extra_op_return: bool = False) -> Transaction:
-    outs = [TransactionOutput(0, script.Script(b"\x6a\x25" + op_return_payload(root))),
+def anchor_tx(root: bytes, size: int, extra_op_return: bool = False,
+              payload: bytes | None = None) -> Transaction:
+    data = payload or op_return_payload(root, size)
+    outs = [TransactionOutput(0, script.Script(bytes([0x6a, len(data)]) + data)),
             TransactionOutput(50_000, script.Script(bytes.fromhex("0014" + "11" * 20)))]
     if extra_op_return:
         outs.append(TransactionOutput(0, script.Script(b"\x6a\x01\x00")))
@@ -84,9 +86,10 @@ def proof_for(index: int = 3, n: int = 10, extra_op_return: bool = False
               ) -> tuple[dict, Transaction]:
     leaves = docs(n)
     tree = MerkleTree(leaves)
-    tx = anchor_tx(tree.root, extra_op_return)
-    anchor = {"root": tree.root, "anchor_id": 1, "txid": tx.txid().hex(), "replaced_txids": [],
-              "status": "submitted", "block_hash": None, "block_height": None}
+    tx = anchor_tx(tree.root, n, extra_op_return)
+    anchor = {"root": tree.root, "size": n, "anchor_id": 1, "txid": tx.txid().hex(),
+              "replaced_txids": [], "status": "submitted", "block_hash": None,
+              "block_height": None, "raw_tx": tx.serialize()}
     return make_proof(leaves[index], index, n, tree.path(index), anchor, "ref"), tx
 
 
@@ -102,7 +105,8 @@ def test_a_proof_verifies_offline_against_its_transaction() -> None:
     (lambda p: p.update(leaf_index=4), "audit path leads to"),
     (lambda p: p["path"].__setitem__(0, "00" * 32), "audit path leads to"),
     (lambda p: p.update(path=p["path"][:-1]), "does not fit the tree"),
-    (lambda p: p.update(op_return="00" * 37), "OP_RETURN data is not"),
+    (lambda p: p.update(op_return="00" * 41), "OP_RETURN data does not start with BUSA"),
+    (lambda p: p.update(op_return=p["op_return"][:-8] + "00000009"), "a tree of 9 leaves"),
     (lambda p: p.update(root="00" * 32), "audit path leads to"),
     (lambda p: p.update(format="x"), "not a bus-anchor-proof/1"),
     (lambda p: p.update(txid="ab" * 32), "the proof names"),
@@ -125,13 +129,45 @@ def test_a_proof_that_is_not_an_object_is_invalid_not_a_crash(proof, message) ->
         verify_proof(proof)
 
 
-@pytest.mark.parametrize("path", [None, 7, [1], ["zz"], {"a": "b"}])
+@pytest.mark.parametrize("path", [None, 7, [1], ["zz"], {"a": "b"}, ["00" * 31], ["00" * 32] * 33])
 def test_a_path_of_the_wrong_shape_is_invalid_not_a_crash(path) -> None:
     """"path": null raised TypeError in `anchor verify` (a traceback)."""
     proof, _tx = proof_for()
     proof["path"] = path
     with pytest.raises(ProofError, match="path"):
         verify_proof(proof)
+
+
+@pytest.mark.parametrize("index, size", [(2**63, 10), (-1, 10), (0, 0), (3, 2**32), (10, 10),
+                                         (True, 10), (3, 10.0)])
+def test_an_index_or_size_out_of_range_is_invalid_not_a_crash(index, size) -> None:
+    proof, tx = proof_for()
+    proof.update(leaf_index=index, tree_size=size)
+    with pytest.raises(ProofError, match="leaf|integers"):
+        verify_proof(proof, tx.serialize().hex())
+
+
+def test_the_tree_size_is_bound_by_the_op_return_and_old_anchors_still_verify() -> None:
+    """A root-only OP_RETURN binds no size: leaf 0 of 8 has the same path shape
+    as leaf 0 of 5, so a proof could claim either. Version 2 commits the size."""
+    leaves = docs(8)
+    tree = MerkleTree(leaves)
+    proof, tx = proof_for(index=0, n=8)
+    proof["tree_size"] = 5
+    with pytest.raises(ProofError, match="commits to a tree of 8 leaves, the proof says 5"):
+        verify_proof(proof, tx.serialize().hex())
+    # An anchor made before (version 1: BUSA 0x01 root): its proofs verify,
+    # and say that the size is not the chain's; its fee bumps keep that data.
+    old_data = b"BUSA\x01" + tree.root
+    old_tx = anchor_tx(tree.root, 8, payload=old_data)
+    anchor = {"root": tree.root, "size": 8, "anchor_id": 1, "txid": old_tx.txid().hex(),
+              "replaced_txids": [], "status": "submitted", "block_hash": None,
+              "block_height": None, "raw_tx": old_tx.serialize()}
+    assert stored_payload(anchor) == old_data
+    old = make_proof(leaves[0], 0, 8, tree.path(0), anchor)
+    old["tree_size"] = 5
+    checked = verify_proof(old, old_tx.serialize().hex())
+    assert checked["transaction_checked"] and checked["size_committed"] is False
 
 
 def test_a_transaction_with_two_op_returns_is_refused() -> None:
