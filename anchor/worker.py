@@ -46,9 +46,10 @@ from anchor.bitcoind import (RPC_INVALID_ADDRESS_OR_KEY, RPC_INVALID_PARAMETER,
 from proofs.merkle import MerkleTree
 from proofs.document import op_return_payload, stored_payload
 from anchor.reservations import RETRYABLE, NoUtxo, UtxoClient
+from anchor.audit import Sealer
 from anchor.sync import WalletSync
 from bus import control, protocol, security, sockets
-from bus.client import BusError, Publisher, Subscriber
+from bus.client import BusError, HistoryClient, Publisher, Subscriber
 from bus.config import BusConfig
 from bus.http import HttpSide, Series, control_series
 from bus.logging import RateLimitedLog, get_logger
@@ -174,6 +175,7 @@ class AnchorWorker:
         self.requests: Subscriber | None = None
         self.events: Publisher | None = None
         self.sync: WalletSync | None = None
+        self.sealer: Sealer | None = None
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -261,6 +263,7 @@ class AnchorWorker:
             "control": self.dispatcher.counters.snapshot(),
             "memory": self.guard.snapshot(),
             "security": security.snapshot(self.config),
+            "audit": self.sealer.snapshot() if self.sealer is not None else None,
         }
 
     def status_line(self) -> str:
@@ -279,6 +282,8 @@ class AnchorWorker:
             self.events.close()
         if getattr(self, "utxos", None) is not None:
             self.utxos.close()
+            if self.sealer is not None:
+                self.sealer.history.close()
             self.rpc.close()
         if self.ctx is not None:
             if self.hashblock is not None:
@@ -316,6 +321,10 @@ class AnchorWorker:
                                        durable=cfg.anchor_consumer, auto_ack=False)
         if self.sync is None:
             self.sync = WalletSync(self.rpc, self.utxos, cfg.anchor_sync_page)
+        if self.sealer is None and cfg.sealed_prefixes:
+            self.sealer = Sealer(cfg.sealed_prefixes, cfg.audit_interval_s,
+                                 cfg.audit_max_messages, self.utxos,
+                                 HistoryClient(cfg, context=self.ctx), self._anchor_seal)
 
     def _take_requests(self, now: float) -> None:
         """Read requests until the batch is full or the wait is over."""
@@ -323,6 +332,8 @@ class AnchorWorker:
         if self._pending_since is not None:  # not before a back-off ends: no spinning
             wake = min(wake, max(self._pending_since + self.config.anchor_interval_s,
                                  self._retry_at))
+        if self.sealer is not None and self.sealer.busy():
+            wake = now  # a seal in progress: its next page at once
         wait = max(0.0, wake - now)
         if len(self.pending) >= self.config.anchor_max_documents or self.requests is None:
             self.poller.poll(int(wait * 1000))
@@ -411,18 +422,30 @@ class AnchorWorker:
         for anchor in list(self.open.values()):
             if anchor["status"] == "signed":
                 self._broadcast(anchor)
+        if self.sealer is not None:
+            self.sealer.step(time.monotonic())
         if self.pending and (len(self.pending) >= self.config.anchor_max_documents or
                              time.monotonic() >= self._pending_since
                              + self.config.anchor_interval_s):
             self._anchor_pending()
 
     def _recover(self) -> None:
-        """The anchors a previous run recorded and did not see confirmed."""
+        """The anchors a previous run recorded and did not see confirmed, and
+        the seals it closed and did not anchor."""
         self._reload_open()
+        for seal_id, root, size in self.utxos.call("audit_unanchored", {})["seals"]:
+            self._anchor_seal(seal_id, root, size)
         self._recovered = True
         if self.open:
             log.info("anchors_recovered", open=len(self.open),
                      signed=sum(a["status"] == "signed" for a in self.open.values()))
+
+    def _anchor_seal(self, seal_id: int, root: bytes, size: int) -> None:
+        """A seal's root joins the documents to anchor, like a requested hash."""
+        if root not in self._pending_hashes:
+            self._pending_hashes.add(root)
+            self.pending.append(Document(root, f"audit-seal:{seal_id}", None))
+            self._pending_since = self._pending_since or time.monotonic()
 
     def _reload_open(self) -> None:
         """The writer's open anchors replace the ones held here. After a lost

@@ -158,6 +158,13 @@ SETTINGS: tuple[Setting, ...] = (
             "most UTXOs one listunspent page of the wallet sync brings"),
     Setting("anchor_retry_max_s", "BUS_ANCHOR_RETRY_MAX_S", float, 30.0,
             "longest wait between retries when bitcoind or the writer is unavailable"),
+    Setting("audit_prefixes", "BUS_AUDIT_PREFIXES", str, "",
+            "sealed topic prefixes, comma-separated (docs/protocol.md, \"Audit seals\"): the "
+            "anchor worker seals their stored messages; retention keeps the unsealed ones"),
+    Setting("audit_interval_s", "BUS_AUDIT_INTERVAL_S", float, 60.0,
+            "the anchor worker seals what was stored since the last seal this often"),
+    Setting("audit_max_messages", "BUS_AUDIT_MAX_MESSAGES", int, 262_144,
+            "most messages in one seal (a longer backlog is sealed in several)"),
     Setting("history_page_rows", "BUS_HISTORY_PAGE_ROWS", int, 5000,
             "most messages in one history page"),
     Setting("history_page_bytes", "BUS_HISTORY_PAGE_BYTES", int, 4 << 20,
@@ -259,6 +266,9 @@ class BusConfig:
     anchor_consumer: str
     anchor_sync_page: int
     anchor_retry_max_s: float
+    audit_prefixes: str
+    audit_interval_s: float
+    audit_max_messages: int
     history_page_rows: int
     history_page_bytes: int
     history_scan_rows: int
@@ -302,7 +312,7 @@ class BusConfig:
                      "history_page_bytes", "history_scan_rows", "anchor_max_documents",
                      "anchor_confirmations", "anchor_bump_after_blocks", "anchor_sync_page",
                      "anchor_conf_target", "request_timeout_ms", "drain_idle_ms",
-                     "proxy_max_frame_bytes"):
+                     "proxy_max_frame_bytes", "audit_max_messages"):
             if getattr(self, name) < 1:
                 raise _invalid(name, "must be at least 1")
         for name in ("batch_flush_interval_ms", "retention_max_age_s", "retention_max_messages",
@@ -316,6 +326,7 @@ class BusConfig:
             raise _invalid("batch_size", "must not exceed BATCH_MAX_BUFFER_SIZE")
         for name in ("utxo_max_lease_s", "utxo_request_ttl_s", "anchor_block_poll_s",
                      "anchor_interval_s", "anchor_lease_s", "anchor_retry_max_s",
+                     "audit_interval_s",
                      "anchor_fallback_fee_rate_sat_vb", "anchor_max_fee_rate_sat_vb",
                      "batch_load_window_seconds"):
             if getattr(self, name) <= 0:
@@ -331,6 +342,10 @@ class BusConfig:
             if getattr(self, name) and getattr(self, name) < MEMORY_LIMIT_MIN:
                 raise _invalid(name, f"must be 0 (off) or at least {MEMORY_LIMIT_MIN} (the "
                                      "process alone takes 40-60 MB)")
+        if any(not p.strip() or "\x00" in p or "\n" in p for p in self.audit_prefixes.split(",")
+               ) and self.audit_prefixes:
+            raise _invalid("audit_prefixes", "must be topic prefixes separated by commas, none "
+                                             "empty")
         if (problem := database_problem(self.db)) is not None:
             raise _invalid("db", problem)
         for name, allowed in (("sqlite_synchronous", ("NORMAL", "FULL", "EXTRA", "OFF")),
@@ -339,6 +354,11 @@ class BusConfig:
             if getattr(self, name) not in allowed:
                 raise _invalid(name, f"must be one of {', '.join(allowed)}, not "
                                      f"{getattr(self, name)!r}")
+
+    @property
+    def sealed_prefixes(self) -> list[str]:
+        """BUS_AUDIT_PREFIXES as a list (empty: nothing is sealed)."""
+        return [p.strip() for p in self.audit_prefixes.split(",") if p.strip()]
 
     def public(self) -> dict[str, Any]:
         """The settings as their environment names, for stats and start-up logs;

@@ -35,7 +35,8 @@ ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpo
                  "anchor_max_fee_rate_sat_vb", "anchor_conf_target", "anchor_confirmations",
                  "anchor_bump_after_blocks", "anchor_lease_s", "anchor_utxo_min_confirmations",
                  "anchor_consumer", "anchor_sync_page", "anchor_retry_max_s",
-                 "anchor_memory_limit_bytes", "shutdown_timeout_ms", "log_level", "log_format")
+                 "anchor_memory_limit_bytes", "audit_prefixes", "audit_interval_s",
+                 "audit_max_messages", "shutdown_timeout_ms", "log_level", "log_format")
 
 
 @click.group(invoke_without_command=True)
@@ -164,7 +165,8 @@ def proof(ctx: click.Context, hex_hash: str, **flags: Any) -> None:
 @click.pass_context
 def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
            **flags: Any) -> None:
-    """Check a proof, saying what was checked and what was not: its audit path
+    """Check a proof (of a document, or of a sealed message: `bus-cli audit
+    proof`), saying what was checked and what was not: its audit path
     leads to its root; its OP_RETURN data commits to that root (and, for
     anchors since the size is committed, to the tree size); with --tx-hex (or
     --node) that the transaction has the proof's txid and carries that data;
@@ -172,14 +174,18 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
     its best chain. Exit 0 if everything checked holds, 1 if not."""
     from anchor.bitcoind import BitcoinRpc, RpcUnavailable
     from anchor.proof import find_in_chain, verify_proof
+    from proofs.audit import AUDIT_PROOF_FORMAT, verify_message
     from proofs.document import ProofError
     try:
         proof_json = json.loads(proof_file.read().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError: ValueError
         click.echo(f"INVALID: {proof_file.name} is not a proof (JSON text): {exc}", err=True)
         sys.exit(1)
-    in_chain = None
+    in_chain = message = None
     try:
+        if isinstance(proof_json, dict) and proof_json.get("format") == AUDIT_PROOF_FORMAT:
+            message = verify_message(proof_json)  # then the seal root's anchor proof
+            proof_json = proof_json["anchor"]
         checked = verify_proof(proof_json)
         if node:
             cfg = build_config(ctx, flags, "anchor")
@@ -200,7 +206,11 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
         click.echo(f"Error: cannot check with the node: {exc}", err=True)
         sys.exit(1)
     size = f"{checked['tree_size']:,}"
-    lines = [f"OK: the audit path leads from document {checked['document']} (leaf "
+    lines = [] if message is None else [
+        f"OK: message {message['message_id']:,} ({message['topic']}) has digest "
+        f"{message['digest']}, leaf {message['leaf_index']:,} of {message['tree_size']:,} of "
+        f"seal {message['seal_id']}, whose root {message['seal_root']} is the anchored document"]
+    lines += [f"OK: the audit path leads from document {checked['document']} (leaf "
              f"{checked['leaf_index']:,} of {size}) to root {checked['root']}"]
     if checked["size_committed"]:
         lines.append(f"OK: the OP_RETURN data commits to that root and to a tree of {size} leaves")

@@ -43,6 +43,7 @@ from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscr
 from bus.config import SETTINGS, BusConfig
 import storage
 from cli.anchoring import anchor, utxo
+from cli.audit import audit
 from cli.bench import bench
 from cli.db import db
 from cli.common import (CURVE_FIELDS, MAX_SECONDS, PROCESS_FIELDS, FiniteFloat, InputError, Liveness,
@@ -53,7 +54,8 @@ ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_
                    "proxy_control_endpoint", "read_endpoint", "notify_endpoint")
 # What a Publisher talks to: the proxy, and the writer for its session and acknowledgements.
 PUBLISHER_FIELDS = ("pub_endpoint", "control_endpoint", "notify_endpoint", "request_timeout_ms")
-RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_chunk_rows")
+RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_chunk_rows",
+                    "audit_prefixes")
 HTTP_FIELDS = ("writer_http", "proxy_http", "reader_http")
 SETTING_ENV = {s.field: s.env for s in SETTINGS}
 BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
@@ -930,6 +932,7 @@ def keys_generate(directory: str, name: str) -> None:
 
 
 main.add_command(anchor)
+main.add_command(audit)
 main.add_command(bench)
 main.add_command(db)
 main.add_command(utxo)

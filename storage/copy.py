@@ -40,6 +40,8 @@ TABLES = (
                 " confirmed_ns, block_hash, block_height"),
     ("anchor_documents", "doc_hash, anchor_id, leaf_index, ref, message_id"),
     ("subscriptions", "id, subscribed, prefix, committed_ns"),
+    ("audit_seals", "id, prefixes, first_id, last_id, size, root, status, created_ns, sealed_ns"),
+    ("audit_leaves", "seal_id, chunk, ids, digests"),
 )
 # Verification: per producer, the count and range of its sequence numbers.
 PRODUCER_SEQUENCES = ("SELECT producer_id, count(*), min(producer_seq), max(producer_seq)"
@@ -165,7 +167,7 @@ def copy_database(source_db: str, dest_db: str, chunk_rows: int = 5000,
                                  ).fetchone()
             if tip is not None:
                 schema.set_meta(conn, "wallet_tip", tip[0])
-            _continue_ids(conn, ("messages", "anchors", "subscriptions"))
+            _continue_ids(conn, ("messages", "anchors", "subscriptions", "audit_seals"))
         return verify(source, dest.conn, last) | {"first_id": first, "last_id": last}
     finally:
         dest.close()

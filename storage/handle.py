@@ -16,10 +16,11 @@ class WriterHandle:
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError
 
-    def delete_expired(self, before_ns: int | None, keep: int | None, chunk: int) -> int:
+    def delete_expired(self, before_ns: int | None, keep: int | None, chunk: int,
+                       upto: int | None = None) -> int:
         """retention.delete_expired in a transaction of its own."""
         with self.transaction() as conn:
-            return retention.delete_expired(conn, before_ns, keep, chunk)
+            return retention.delete_expired(conn, before_ns, keep, chunk, upto)
 
     def load_consumers(self) -> dict[str, tuple[int, int, str | None]]:
         return sessions.load_consumers(self.conn)

@@ -7,18 +7,20 @@ from typing import Any
 from storage import messages
 
 
-def delete_expired(conn: Any, before_ns: int | None, keep: int | None, chunk: int) -> int:
+def delete_expired(conn: Any, before_ns: int | None, keep: int | None, chunk: int,
+                   upto: int | None = None) -> int:
     """Delete (inside the caller's transaction) up to `chunk` of the oldest
     messages that were committed before `before_ns` or are not among the
-    newest `keep`; returns how many. Examines at most `chunk` rows: ids are
-    dense and commit times grow with ids. The newest message is never
+    newest `keep`, and none after `upto` (the last sealed message, when
+    topics are sealed); returns how many. Examines at most `chunk` rows: ids
+    are dense and commit times grow with ids. The newest message is never
     deleted, so ids are never reused. Subscription events older than the
     oldest message left go too."""
     first, last = messages.id_range(conn)
     if first is None:
         return 0
     cut = first - 1
-    upto = min(first + chunk - 1, last - 1)
+    upto = min(first + chunk - 1, last - 1, last if upto is None else upto)
     if keep:
         cut = max(cut, min(upto, last - keep))
     if before_ns is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 7  # 7: utxo_requests.fingerprint
+SCHEMA_VERSION = 8  # 7: utxo_requests.fingerprint; 8: audit_seals, audit_leaves
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -127,6 +127,28 @@ SCHEMA = (
     ) WITHOUT ROWID""",
     """CREATE INDEX IF NOT EXISTS anchor_documents_leaves
         ON anchor_documents (anchor_id, leaf_index)""",
+    # Audit seals (storage/audit.py, writer/audit.py): Merkle roots over the
+    # stored messages of some topic prefixes, anchored in Bitcoin.
+    """CREATE TABLE IF NOT EXISTS audit_seals (
+        id          INTEGER PRIMARY KEY,
+        prefixes    TEXT    NOT NULL,        -- the sealed topic prefixes, one per line
+        first_id    INTEGER NOT NULL,        -- the messages first_id <= id <= last_id
+        last_id     INTEGER,                 --   whose topic has one of the prefixes
+        size        INTEGER,                 -- how many: the tree's leaves
+        root        BLOB,                    -- RFC 6962 root of their digests (proofs/audit.py)
+        status      TEXT    NOT NULL,        -- open (being built) | sealed
+        created_ns  INTEGER NOT NULL,
+        sealed_ns   INTEGER
+    )""",
+    # Each sealed message's id and digest, packed by chunk of leaves: what
+    # `audit verify` names the first changed message from.
+    """CREATE TABLE IF NOT EXISTS audit_leaves (
+        seal_id     INTEGER NOT NULL REFERENCES audit_seals (id),
+        chunk       INTEGER NOT NULL,        -- leaves chunk * 4096 on
+        ids         BLOB    NOT NULL,        -- message ids, 8 bytes each, big-endian
+        digests     BLOB    NOT NULL,        -- their digests, 32 bytes each
+        PRIMARY KEY (seal_id, chunk)
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS bus_meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL

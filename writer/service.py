@@ -40,10 +40,12 @@ from bus.http import HttpSide, Series, control_series
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal, release_free_memory
 from writer.anchors import AnchorBook
+from writer.audit import AuditBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
 from writer.producers import MAX_SEQ_AHEAD, NotAuthentic, ProducerLedger, ProducerState
 import storage
+from storage import audit as audit_rows
 from writer.utxos import UtxoBook, UtxoError
 
 log = get_logger("writer")
@@ -230,6 +232,7 @@ class Writer:
         self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
                               cfg.utxo_request_ttl_s)
         self.anchors = AnchorBook(self.utxos)
+        self.audit = AuditBook(self.utxos)
         self.dispatcher = control.Dispatcher(self.control_commands(), log, cfg, authorized=True,
                                              retryable=self.store.transient_errors)
         self._owed_nacks: list[dict[str, Any]] = []
@@ -614,6 +617,12 @@ class Writer:
 
     # --- retention ----------------------------------------------------------
 
+    def _sealed_upto(self) -> int:
+        """With sealed topics, retention stops at the last sealed message: an
+        unsealed message of a sealed topic is never deleted (nor, since
+        retention goes in id order, anything after it)."""
+        return audit_rows.last_sealed_id(self.store.conn)
+
     def apply_retention(self, now: float) -> None:
         """Delete one chunk of expired messages when due: every loop iteration
         while there is a backlog, else once a second. One chunk is one short
@@ -627,7 +636,8 @@ class Writer:
         started = time.perf_counter()
         try:
             deleted = self.store.delete_expired(before_ns, cfg.retention_max_messages or None,
-                                                cfg.retention_chunk_rows)
+                                                cfg.retention_chunk_rows,
+                                                self._sealed_upto() if cfg.audit_prefixes else None)
         except self.store.transient_errors as exc:
             self.retention["errors"] += 1
             self._retention_at = now + RETENTION_IDLE_SECONDS
@@ -803,6 +813,7 @@ class Writer:
             "consumers": self.consumers.snapshot(last_id),
             "utxos": self.utxos.snapshot(),
             "anchors": self.anchors.snapshot(),
+            "audit": self.audit.snapshot(),
             "retention": {"max_age_s": cfg.retention_max_age_s,
                           "max_messages": cfg.retention_max_messages, **self.retention},
             "security": {**security.snapshot(cfg),

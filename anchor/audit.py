@@ -1,0 +1,140 @@
+"""Audit seals, built by the anchor worker (docs/protocol.md, "Audit seals").
+
+Every BUS_AUDIT_INTERVAL_S the worker seals the stored messages of the
+BUS_AUDIT_PREFIXES topics since the last seal: it reads them from the reader
+(history pages, as any subscriber catching up), computes each one's digest
+and the RFC 6962 root as they stream by (proofs/audit.py: O(log n) memory),
+stores the digests through the writer a chunk at a time (`audit_leaves`),
+closes the seal with its root (`audit_finish`), and hands the root to the
+anchoring like any document hash. One history page per loop pass, so the
+worker's loop (blocks, control requests) never waits for a whole seal.
+
+A seal covers an id range: from the message after the last seal's to the
+newest message stored when the seal began (or BUS_AUDIT_MAX_MESSAGES matching
+ones, the rest left to the next seal, at once). Nothing matching in it: the
+seal is closed empty (root SHA-256 of nothing, RFC 6962's empty tree) and not
+anchored, so the next one does not read that range again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from anchor.reservations import UtxoClient
+from bus import protocol
+from bus.client.history import HistoryClient
+from bus.logging import get_logger
+from proofs.audit import RootBuilder, message_digest
+
+log = get_logger("anchor")
+
+CHUNK_LEAVES = 4096            # leaves per audit_leaves request (storage/audit.py's chunk)
+EMPTY_ROOT = hashlib.sha256(b"").digest()
+
+
+class Sealer:
+    def __init__(self, prefixes: list[str], interval_s: float, max_messages: int,
+                 utxos: UtxoClient, history: HistoryClient,
+                 on_sealed: Callable[[int, bytes, int], None]) -> None:
+        self.prefixes = prefixes
+        self.interval_s = interval_s
+        self.max_messages = max_messages
+        self.utxos = utxos
+        self.history = history
+        self.on_sealed = on_sealed
+        self.counters = {"seals": 0, "sealed_messages": 0, "empty_seals": 0, "pages": 0}
+        self.cpu_s = 0.0                 # process CPU spent sealing
+        self._next = 0.0
+        self._seal: dict[str, Any] | None = None
+
+    def busy(self) -> bool:
+        """A seal is being built: the loop should come back at once."""
+        return self._seal is not None
+
+    def step(self, now: float) -> None:
+        """One history page of the seal in progress, or a new seal when due."""
+        started = time.process_time()
+        try:
+            if self._seal is None:
+                if now < self._next:
+                    return
+                self._begin()
+            self._page()
+        finally:
+            self.cpu_s += time.process_time() - started
+
+    def _begin(self) -> None:
+        begun = self.utxos.call("audit_begin", {"request_id": uuid.uuid4().hex,
+                                                "prefixes": self.prefixes})
+        self._seal = {"seal_id": begun["seal_id"], "after": begun["first_id"] - 1,
+                      "upto": None, "root": RootBuilder(), "ids": [], "digests": [],
+                      "chunk": 0, "size": 0}
+
+    def _page(self) -> None:
+        seal = self._seal
+        page = self.history.page(self.prefixes, after_id=seal["after"])
+        self.counters["pages"] += 1
+        if seal["upto"] is None:
+            seal["upto"] = page.last_id    # the seal ends at what was stored when it began
+            if seal["upto"] <= seal["after"]:  # nothing stored since the last seal
+                self._seal = None          # (the open seal goes with the next begin)
+                self._next = time.monotonic() + self.interval_s
+                return
+        upto, full = seal["upto"], False
+        for row_id, topic, payload, meta_raw, _committed_ns in page.rows:
+            if row_id > upto:
+                break
+            if seal["size"] >= self.max_messages:
+                full = True
+                break
+            meta = {} if meta_raw is None else msgpack.unpackb(meta_raw, raw=False,
+                                                               strict_map_key=False)
+            digest = message_digest(row_id, topic, payload, meta_raw,
+                                    meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ))
+            seal["root"].add(digest)
+            seal["ids"].append(row_id.to_bytes(8, "big"))
+            seal["digests"].append(digest)
+            seal["size"] += 1
+            seal["after"] = row_id
+            if len(seal["ids"]) == CHUNK_LEAVES:
+                self._store_leaves()
+        if not full:
+            seal["after"] = max(seal["after"], min(page.after_id, upto))
+        if full or seal["after"] >= upto or not page.more:
+            self._finish(backlog=full)
+
+    def _store_leaves(self) -> None:
+        seal = self._seal
+        if seal["ids"]:
+            self.utxos.call("audit_leaves", {"seal_id": seal["seal_id"], "chunk": seal["chunk"],
+                                             "ids": b"".join(seal["ids"]),
+                                             "digests": b"".join(seal["digests"])})
+            seal["chunk"] += 1
+            seal["ids"], seal["digests"] = [], []
+
+    def _finish(self, backlog: bool) -> None:
+        self._store_leaves()
+        seal, self._seal = self._seal, None
+        root = seal["root"].root if seal["size"] else EMPTY_ROOT
+        self.utxos.call("audit_finish", {"request_id": uuid.uuid4().hex,
+                                         "seal_id": seal["seal_id"], "last_id": seal["after"],
+                                         "size": seal["size"], "root": root})
+        self._next = time.monotonic() + (0 if backlog else self.interval_s)
+        if not seal["size"]:
+            self.counters["empty_seals"] += 1
+            return
+        self.counters["seals"] += 1
+        self.counters["sealed_messages"] += seal["size"]
+        log.info("audit_sealed", seal_id=seal["seal_id"], messages=seal["size"],
+                 last_id=seal["after"], root=root.hex(), cpu_s=round(self.cpu_s, 3))
+        self.on_sealed(seal["seal_id"], root, seal["size"])
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.counters, "cpu_s": round(self.cpu_s, 3), "building": self.busy(),
+                "prefixes": self.prefixes}

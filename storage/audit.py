@@ -1,0 +1,117 @@
+"""Audit seals: their rows and packed leaves, and the reads `bus-cli audit`
+recomputes them from (schema in storage/schema.py; the digest and the root in
+proofs/audit.py).
+
+A seal is written in three steps by the writer (writer/audit.py), for the
+anchor worker that builds it: `begin` (status open), its leaves a chunk at a
+time, `finish` (status sealed, with its root). An open seal left by a worker
+that stopped is deleted by the next `begin`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+CHUNK_LEAVES = 4096            # leaves per audit_leaves row (32 KiB of digests)
+SEAL_COLUMNS = "id, prefixes, first_id, last_id, size, root, status, created_ns, sealed_ns"
+
+
+def describe(row: tuple[Any, ...]) -> dict[str, Any]:
+    seal = dict(zip([c.strip() for c in SEAL_COLUMNS.split(",")], row))
+    seal["seal_id"] = seal.pop("id")
+    seal["prefixes"] = seal["prefixes"].split("\n") if seal["prefixes"] else []
+    seal["root"] = bytes(seal["root"]) if seal["root"] is not None else None
+    return seal
+
+
+def last_sealed_id(conn: Any) -> int:
+    """The last message id the seals cover (0 if none)."""
+    return conn.execute("SELECT coalesce(max(last_id), 0) FROM audit_seals"
+                        " WHERE status = 'sealed'").fetchone()[0]
+
+
+def begin(conn: Any, prefixes: list[str], first_id: int, now_ns: int) -> int:
+    """A new open seal (an unfinished one goes first, with its leaves)."""
+    conn.execute("DELETE FROM audit_leaves WHERE seal_id IN (SELECT id FROM audit_seals"
+                 " WHERE status = 'open')")
+    conn.execute("DELETE FROM audit_seals WHERE status = 'open'")
+    return conn.execute("INSERT INTO audit_seals (prefixes, first_id, status, created_ns)"
+                        " VALUES (?, ?, 'open', ?) RETURNING id",
+                        ("\n".join(prefixes), first_id, now_ns)).fetchone()[0]
+
+
+def get(conn: Any, seal_id: int) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {SEAL_COLUMNS} FROM audit_seals WHERE id = ?",
+                       (seal_id,)).fetchone()
+    return None if row is None else describe(row)
+
+
+def put_leaves(conn: Any, seal_id: int, chunk: int, ids: bytes, digests: bytes) -> None:
+    conn.execute("INSERT INTO audit_leaves (seal_id, chunk, ids, digests) VALUES (?, ?, ?, ?)"
+                 " ON CONFLICT (seal_id, chunk) DO UPDATE SET ids = excluded.ids,"
+                 " digests = excluded.digests", (seal_id, chunk, ids, digests))
+
+
+def stored_leaves(conn: Any, seal_id: int) -> int:
+    return conn.execute("SELECT coalesce(sum(length(ids)), 0) / 8 FROM audit_leaves"
+                        " WHERE seal_id = ?", (seal_id,)).fetchone()[0]
+
+
+def finish(conn: Any, seal_id: int, last_id: int, size: int, root: bytes, now_ns: int) -> None:
+    conn.execute("UPDATE audit_seals SET last_id = ?, size = ?, root = ?, status = 'sealed',"
+                 " sealed_ns = ? WHERE id = ?", (last_id, size, root, now_ns, seal_id))
+
+
+def unanchored(conn: Any, limit: int) -> list[tuple[int, bytes, int]]:
+    """(seal id, root, size) of non-empty seals whose root is in no anchor yet."""
+    return [(row[0], bytes(row[1]), row[2]) for row in conn.execute(
+        "SELECT id, root, size FROM audit_seals WHERE status = 'sealed' AND size > 0 AND"
+        " NOT EXISTS (SELECT 1 FROM anchor_documents WHERE doc_hash = audit_seals.root)"
+        " ORDER BY id LIMIT ?", (limit,)).fetchall()]
+
+
+def seals(conn: Any, from_id: int = 0) -> list[dict[str, Any]]:
+    """The finished seals that cover messages from `from_id` on, oldest first."""
+    return [describe(row) for row in conn.execute(
+        f"SELECT {SEAL_COLUMNS} FROM audit_seals WHERE status = 'sealed' AND last_id >= ?"
+        " ORDER BY id", (from_id,)).fetchall()]
+
+
+def seal_of(conn: Any, message_id: int) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {SEAL_COLUMNS} FROM audit_seals WHERE status = 'sealed' AND"
+                       " first_id <= ? AND last_id >= ?", (message_id, message_id)).fetchone()
+    return None if row is None else describe(row)
+
+
+def leaves(conn: Any, seal_id: int) -> Iterator[tuple[int, bytes]]:
+    """(message id, digest) of every leaf of the seal, in order; a chunk at a time."""
+    chunk = -1
+    while True:
+        row = conn.execute("SELECT chunk, ids, digests FROM audit_leaves WHERE seal_id = ?"
+                           " AND chunk > ? ORDER BY chunk LIMIT 1", (seal_id, chunk)).fetchone()
+        if row is None:
+            return
+        chunk, ids, digests = row[0], bytes(row[1]), bytes(row[2])
+        for i in range(len(ids) // 8):
+            yield int.from_bytes(ids[8 * i:8 * i + 8], "big"), digests[32 * i:32 * i + 32]
+
+
+def sealed_messages(conn: Any, first_id: int, last_id: int, prefixes: list[str],
+                    rows: int = 5000) -> Iterator[tuple[Any, ...]]:
+    """(id, topic, payload, meta, producer_id, producer_seq) of the stored
+    messages a seal covers, in id order, `rows` at a time (memory bounded)."""
+    where = " OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) or "1 = 1"
+    match: list[Any] = []
+    for prefix in prefixes:
+        match += [len(prefix), prefix]
+    after = first_id - 1
+    while after < last_id:
+        batch = conn.execute(
+            "SELECT id, topic, payload, meta, producer_id, producer_seq FROM messages"
+            f" WHERE id > ? AND id <= ? AND ({where}) ORDER BY id LIMIT ?",
+            (after, last_id, *match, rows)).fetchall()
+        if not batch:
+            return
+        yield from batch
+        after = batch[-1][0]

@@ -1,0 +1,92 @@
+"""Audit seals, as the writer stores them for the anchor worker that builds
+them (docs/protocol.md, "Audit seals"): `audit_begin` opens a seal after the
+last sealed message, `audit_leaves` stores its leaves a chunk at a time,
+`audit_finish` closes it with its root. The writer stores; it does not hash
+(the worker computed the digests and the root, off the write path; `bus-cli
+audit verify` recomputes both from the messages). Run through UtxoBook's
+dispatcher: one transaction each.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage import audit as rows_of
+from storage.audit import CHUNK_LEAVES
+from writer.utxos import UtxoBook, UtxoError, check_int
+
+MAX_PREFIXES = 64
+
+
+class AuditBook:
+    def __init__(self, utxos: UtxoBook) -> None:
+        self.conn = utxos.conn
+        self.counters = {"seals": 0, "leaves": 0}
+        utxos.register("audit_begin", self.begin, request_id=True)
+        utxos.register("audit_leaves", self.leaves)
+        utxos.register("audit_finish", self.finish, request_id=True)
+        utxos.register("audit_last", self.last)
+        utxos.register("audit_unanchored", self.unanchored)
+
+    def last(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{} -> {last_id}: the last message id the seals cover (0: none)."""
+        return {"last_id": rows_of.last_sealed_id(self.conn)}
+
+    def unanchored(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{} -> {seals: [[seal_id, root, size], ...]}: sealed, not yet in an
+        anchor (a worker that stopped after sealing): at most 1000."""
+        return {"seals": [list(s) for s in rows_of.unanchored(self.conn, 1000)]}
+
+    def begin(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{request_id, prefixes} -> {seal_id, first_id}: an open seal from the
+        message after the last sealed one (an unfinished seal is dropped)."""
+        prefixes = args.get("prefixes")
+        if not (isinstance(prefixes, list) and 0 < len(prefixes) <= MAX_PREFIXES and
+                all(isinstance(p, str) and p and "\n" not in p and "\x00" not in p
+                    and len(p) <= 256 for p in prefixes)):
+            raise UtxoError("bad_request", f"'prefixes' must be 1-{MAX_PREFIXES} non-empty topic"
+                                           " prefixes")
+        first_id = rows_of.last_sealed_id(self.conn) + 1
+        return {"seal_id": rows_of.begin(self.conn, prefixes, first_id, now_ns),
+                "first_id": first_id}
+
+    def _open_seal(self, args: dict[str, Any]) -> dict[str, Any]:
+        seal = rows_of.get(self.conn, check_int(args, "seal_id", 1, 2**62))
+        if seal is None or seal["status"] != "open":
+            raise UtxoError("not_found", f"no open seal {args.get('seal_id')}")
+        return seal
+
+    def leaves(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{seal_id, chunk, ids, digests}: leaves chunk*4096 on (at most 4096;
+        ids 8 bytes each, digests 32). Storing a chunk again replaces it."""
+        seal = self._open_seal(args)
+        chunk = check_int(args, "chunk", 0, 2**31)
+        ids, digests = args.get("ids"), args.get("digests")
+        if not (isinstance(ids, bytes) and isinstance(digests, bytes) and ids
+                and len(ids) % 8 == 0 and len(ids) // 8 <= CHUNK_LEAVES
+                and len(digests) == len(ids) // 8 * 32):
+            raise UtxoError("bad_request", f"'ids' (8 bytes each) and 'digests' (32 bytes each)"
+                                           f" must hold the same 1-{CHUNK_LEAVES} leaves")
+        rows_of.put_leaves(self.conn, seal["seal_id"], chunk, ids, digests)
+        self.counters["leaves"] += len(ids) // 8
+        return {"seal_id": seal["seal_id"], "chunk": chunk}
+
+    def finish(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{request_id, seal_id, last_id, size, root} -> {seal_id}: sealed, if
+        its stored leaves are `size` (none: nothing matched, no seal kept)."""
+        seal = self._open_seal(args)
+        last_id = check_int(args, "last_id", seal["first_id"] - 1, 2**62)
+        size = check_int(args, "size", 0, 2**32 - 1)
+        stored = rows_of.stored_leaves(self.conn, seal["seal_id"])
+        if stored != size:
+            raise UtxoError("bad_request", f"seal {seal['seal_id']} has {stored} leaves stored,"
+                                           f" not {size}")
+        root = args.get("root")
+        if not (isinstance(root, bytes) and len(root) == 32):
+            raise UtxoError("bad_request", "'root' must be 32 bytes")
+        rows_of.finish(self.conn, seal["seal_id"], last_id, size, root, now_ns)
+        self.counters["seals"] += 1
+        return {"seal_id": seal["seal_id"]}
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self.counters)
