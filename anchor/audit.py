@@ -40,32 +40,39 @@ EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 class Sealer:
     def __init__(self, prefixes: list[str], interval_s: float, max_messages: int,
-                 utxos: UtxoClient, history: HistoryClient,
+                 max_rate: float, utxos: UtxoClient, history: HistoryClient,
                  on_sealed: Callable[[int, bytes, int], None]) -> None:
         self.prefixes = prefixes
         self.interval_s = interval_s
         self.max_messages = max_messages
+        self.max_rate = max_rate         # sealed messages per second, at most
         self.utxos = utxos
         self.history = history
         self.on_sealed = on_sealed
         self.counters = {"seals": 0, "sealed_messages": 0, "empty_seals": 0, "pages": 0}
         self.cpu_s = 0.0                 # process CPU spent sealing
-        self._next = 0.0
+        self._next = 0.0                 # the next page (or seal) not before (monotonic)
         self._seal: dict[str, Any] | None = None
 
-    def busy(self) -> bool:
-        """A seal is being built: the loop should come back at once."""
-        return self._seal is not None
+    def wake_at(self) -> float | None:
+        """When the seal being built takes its next page (None: no seal)."""
+        return self._next if self._seal is not None else None
 
     def step(self, now: float) -> None:
-        """One history page of the seal in progress, or a new seal when due."""
+        """One history page of the seal in progress, or a new seal when due;
+        paced to BUS_AUDIT_MAX_RATE sealed messages a second, so that a seal
+        takes a share of the machine, not all its idle CPU at once."""
+        if now < self._next:
+            return
         started = time.process_time()
         try:
             if self._seal is None:
-                if now < self._next:
-                    return
                 self._begin()
-            self._page()
+            pace = self._page() / self.max_rate
+            # In a seal, its next page; after one, the next seal's start (now
+            # for a backlog, else BUS_AUDIT_INTERVAL_S), paced all the same.
+            self._next = max(self._next, now) + pace if self._seal is not None else \
+                max(self._next, now + pace)
         finally:
             self.cpu_s += time.process_time() - started
 
@@ -76,8 +83,10 @@ class Sealer:
                       "upto": None, "root": RootBuilder(), "ids": [], "digests": [],
                       "chunk": 0, "size": 0}
 
-    def _page(self) -> None:
+    def _page(self) -> int:
+        """Seal the messages of one history page; how many."""
         seal = self._seal
+        size_before = seal["size"]
         page = self.history.page(self.prefixes, after_id=seal["after"])
         self.counters["pages"] += 1
         if seal["upto"] is None:
@@ -85,7 +94,7 @@ class Sealer:
             if seal["upto"] <= seal["after"]:  # nothing stored since the last seal
                 self._seal = None          # (the open seal goes with the next begin)
                 self._next = time.monotonic() + self.interval_s
-                return
+                return 0
         upto, full = seal["upto"], False
         for row_id, topic, payload, meta_raw, _committed_ns in page.rows:
             if row_id > upto:
@@ -106,8 +115,10 @@ class Sealer:
                 self._store_leaves()
         if not full:
             seal["after"] = max(seal["after"], min(page.after_id, upto))
+        sealed = seal["size"] - size_before
         if full or seal["after"] >= upto or not page.more:
             self._finish(backlog=full)
+        return sealed
 
     def _store_leaves(self) -> None:
         seal = self._seal
@@ -136,5 +147,7 @@ class Sealer:
         self.on_sealed(seal["seal_id"], root, seal["size"])
 
     def snapshot(self) -> dict[str, Any]:
-        return {**self.counters, "cpu_s": round(self.cpu_s, 3), "building": self.busy(),
+        in_progress = self._seal["size"] if self._seal is not None else 0
+        return {**self.counters, "in_progress": in_progress, "cpu_s": round(self.cpu_s, 3), "building": self._seal is not None,
+                "max_rate": self.max_rate,
                 "prefixes": self.prefixes}

@@ -323,7 +323,7 @@ class AnchorWorker:
             self.sync = WalletSync(self.rpc, self.utxos, cfg.anchor_sync_page)
         if self.sealer is None and cfg.sealed_prefixes:
             self.sealer = Sealer(cfg.sealed_prefixes, cfg.audit_interval_s,
-                                 cfg.audit_max_messages, self.utxos,
+                                 cfg.audit_max_messages, cfg.audit_max_rate, self.utxos,
                                  HistoryClient(cfg, context=self.ctx), self._anchor_seal)
 
     def _take_requests(self, now: float) -> None:
@@ -332,8 +332,8 @@ class AnchorWorker:
         if self._pending_since is not None:  # not before a back-off ends: no spinning
             wake = min(wake, max(self._pending_since + self.config.anchor_interval_s,
                                  self._retry_at))
-        if self.sealer is not None and self.sealer.busy():
-            wake = now  # a seal in progress: its next page at once
+        if self.sealer is not None and self.sealer.wake_at() is not None:
+            wake = min(wake, max(now, self.sealer.wake_at()))  # a seal's next page
         wait = max(0.0, wake - now)
         if len(self.pending) >= self.config.anchor_max_documents or self.requests is None:
             self.poller.poll(int(wait * 1000))

@@ -165,6 +165,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the anchor worker seals what was stored since the last seal this often"),
     Setting("audit_max_messages", "BUS_AUDIT_MAX_MESSAGES", int, 262_144,
             "most messages in one seal (a longer backlog is sealed in several)"),
+    Setting("audit_max_rate", "BUS_AUDIT_MAX_RATE", float, 20_000.0,
+            "most messages a second the anchor worker seals (its share of the machine)"),
     Setting("history_page_rows", "BUS_HISTORY_PAGE_ROWS", int, 5000,
             "most messages in one history page"),
     Setting("history_page_bytes", "BUS_HISTORY_PAGE_BYTES", int, 4 << 20,
@@ -269,6 +271,7 @@ class BusConfig:
     audit_prefixes: str
     audit_interval_s: float
     audit_max_messages: int
+    audit_max_rate: float
     history_page_rows: int
     history_page_bytes: int
     history_scan_rows: int
@@ -326,7 +329,7 @@ class BusConfig:
             raise _invalid("batch_size", "must not exceed BATCH_MAX_BUFFER_SIZE")
         for name in ("utxo_max_lease_s", "utxo_request_ttl_s", "anchor_block_poll_s",
                      "anchor_interval_s", "anchor_lease_s", "anchor_retry_max_s",
-                     "audit_interval_s",
+                     "audit_interval_s", "audit_max_rate",
                      "anchor_fallback_fee_rate_sat_vb", "anchor_max_fee_rate_sat_vb",
                      "batch_load_window_seconds"):
             if getattr(self, name) <= 0:

@@ -36,7 +36,8 @@ ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpo
                  "anchor_bump_after_blocks", "anchor_lease_s", "anchor_utxo_min_confirmations",
                  "anchor_consumer", "anchor_sync_page", "anchor_retry_max_s",
                  "anchor_memory_limit_bytes", "audit_prefixes", "audit_interval_s",
-                 "audit_max_messages", "shutdown_timeout_ms", "log_level", "log_format")
+                 "audit_max_messages", "audit_max_rate", "shutdown_timeout_ms", "log_level",
+                 "log_format")
 
 
 @click.group(invoke_without_command=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from storage import audit as rows_of
+from storage import messages
 from storage.audit import CHUNK_LEAVES
 from writer.utxos import UtxoBook, UtxoError, check_int
 
@@ -75,7 +76,10 @@ class AuditBook:
         """{request_id, seal_id, last_id, size, root} -> {seal_id}: sealed, if
         its stored leaves are `size` (none: nothing matched, no seal kept)."""
         seal = self._open_seal(args)
-        last_id = check_int(args, "last_id", seal["first_id"] - 1, 2**62)
+        # Not past the newest stored message: retention stops at the last
+        # sealed id, and must never pass a message not yet stored (nor sealed).
+        last_id = check_int(args, "last_id", seal["first_id"] - 1,
+                            max(seal["first_id"] - 1, messages.last_id(self.conn) or 0))
         size = check_int(args, "size", 0, 2**32 - 1)
         stored = rows_of.stored_leaves(self.conn, seal["seal_id"])
         if stored != size:
