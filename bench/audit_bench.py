@@ -134,11 +134,12 @@ def seal_run(workdir: Path, node, messages: int) -> dict:
         raise
 
 
-def flood_round(workdir: Path, node, messages: int, flood: int, sealing: bool) -> dict:
+def flood_round(workdir: Path, node, messages: int, flood: int, sealing: bool,
+                rate: float) -> dict:
     """The worker runs in both cases (started, synced, settled for 2 s), with
     BUS_AUDIT_PREFIXES set (a backlog of `messages` to seal) or not: the
     difference is the sealing alone."""
-    bus, _ = new_bus(workdir, node, messages, sealed=sealing)
+    bus, _ = new_bus(workdir, node, messages, sealed=sealing, max_rate=rate)
     worker = start_worker(bus)
     try:
         deadline = time.monotonic() + 60
@@ -191,6 +192,8 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--flood", type=int, default=300_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=DEFAULT_RATE,
+                    help="BUS_AUDIT_MAX_RATE while the floods run")
     args = ap.parse_args()
     node = BitcoindDouble()
     node.fund([1_000_000] * 20)
@@ -206,7 +209,8 @@ def main() -> None:
                 result = {}
                 for sealing in ((True, False) if n % 2 == 0 else (False, True)):
                     result[sealing] = flood_round(work / f"round-{n}-{sealing}", node,
-                                                  args.messages, args.flood, sealing)
+                                                  args.messages, args.flood, sealing,
+                                                  args.rate)
                 ratios.append(result[True]["rate"] / result[False]["rate"])
                 during.append(result[True]["sealed_during"])
                 print(f"round {n + 1}: persisted {result[False]['rate']:,.0f} msg/s without, "
@@ -224,7 +228,7 @@ def main() -> None:
     print(f"| wall time to seal, unpaced | {seal['wall_s']:.1f} s ({seal['seals']} seals) |")
     print(f"| peak RSS: worker / writer | {seal['worker_rss']:.0f} / {seal['writer_rss']:.0f} MB |")
     print(f"| database: {args.messages:,} messages and their seals | {seal['db_mb']:.0f} MB |")
-    print(f"| persisted msg/s while sealing (BUS_AUDIT_MAX_RATE {DEFAULT_RATE:,.0f}) / without,"
+    print(f"| persisted msg/s while sealing (BUS_AUDIT_MAX_RATE {args.rate:,.0f}) / without,"
           " by round | "
           f"{', '.join(f'{r:.3f}' for r in ratios)} |")
     print(f"| median | {statistics.median(ratios):.3f} |")
