@@ -191,6 +191,13 @@ class PgStore(WriterHandle):
         # the rows are kept and retried), as SQLite's busy timeout does, instead
         # of stopping the writer's loop, its acknowledgements and its watchdog.
         conn.execute(f"SET lock_timeout = {int(self.lock_timeout_ms)}")
+        # No automatic server-side preparation: psycopg prepares a statement at
+        # its 5th run, and one whose turn comes in a pipeline after a failed
+        # statement (a lock timeout) is skipped by the server but cached as
+        # prepared by psycopg: every later run failed with "prepared statement
+        # _pg3_N does not exist". The batch's INSERT, prepared at its first
+        # run (before anything in its pipeline can fail), is the one that pays.
+        conn.raw.prepare_threshold = None
         return conn
 
     @property
@@ -245,7 +252,8 @@ class PgStore(WriterHandle):
                 raw.execute("BEGIN")
                 if rows:
                     columns = [list(column) for column in zip(*rows)]
-                    cursor.execute(INSERT_UNNESTED, [committed_ns, *columns], binary=True)
+                    cursor.execute(INSERT_UNNESTED, [committed_ns, *columns], binary=True,
+                                   prepare=True)
                     cursor.execute(LAST_ID)
                 if producers:
                     raw.cursor().executemany(pg_sql(sessions.UPSERT_PRODUCER), producers)
