@@ -379,8 +379,8 @@ def database_problem(db: str) -> str | None:
         return None
     if not db.strip():
         return "must name a database: a SQLite file or a postgresql:// URL"
-    if re.match(r"\s*[A-Za-z_]+\s*=", db):
-        return (f"{redact_url(db)!r} looks like a libpq keyword string: write it as a URL, "
+    if re.match(r"\s*[A-Za-z_]+\s*=", db):  # not echoed: it may hold password=...
+        return ("looks like a libpq keyword string (host=... dbname=...): write it as a URL, "
                 "postgresql://USER@HOST:PORT/DBNAME")
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", db):
         return (f"{redact_url(db)!r}: only postgresql:// URLs and SQLite files (a path, or "
