@@ -18,7 +18,6 @@ anchored, so the next one does not read that range again.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from collections.abc import Callable
@@ -30,12 +29,11 @@ from anchor.reservations import UtxoClient
 from bus import protocol
 from bus.client.history import HistoryClient
 from bus.logging import get_logger
-from proofs.audit import RootBuilder, message_digest
+from proofs.audit import EMPTY_ROOT, RootBuilder, message_digest
 
 log = get_logger("anchor")
 
 CHUNK_LEAVES = 4096            # leaves per audit_leaves request (storage/audit.py's chunk)
-EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 
 class Sealer:

@@ -136,8 +136,13 @@ class BitcoinRpc:
             self.close()
             raise RpcUnavailable(f"bitcoind answered {method} with HTTP {response.status} "
                                  f"and no JSON-RPC body") from None
+        if not isinstance(reply, dict):
+            raise RpcUnavailable(f"bitcoind answered {method} with no JSON-RPC object")
         error = reply.get("error")
         if error:
+            if not isinstance(error, dict):
+                raise RpcUnavailable(f"bitcoind answered {method} with an error of no "
+                                     f"JSON-RPC shape: {str(error)[:200]}")
             raise RpcError(error.get("code", 0), error.get("message", ""), method)
         return reply.get("result")
 

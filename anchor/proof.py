@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from anchor.bitcoind import (RPC_INVALID_ADDRESS_OR_KEY, BitcoinRpc, RpcError,
+from anchor.bitcoind import (RPC_INVALID_ADDRESS_OR_KEY, BitcoinRpc, RpcError, RpcUnavailable,
                              op_return_outputs, parse_tx)
 from proofs.document import ProofError, verify_path
 
@@ -34,6 +34,15 @@ def verify_proof(proof: Any, tx_hex: str | None = None) -> dict[str, Any]:
     return checked
 
 
+def _is_hash(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+class NodeAnswer(RpcUnavailable):
+    """The node's answer cannot be read (not a Bitcoin Core, or a broken one):
+    nothing was checked, which is not the proof's fault."""
+
+
 def find_in_chain(proof: dict[str, Any], rpc: BitcoinRpc) -> dict[str, Any]:
     """Ask bitcoind whether the proof's transaction is in the proof's block,
     and that block in its best chain: `getblockheader`, then `gettxoutproof`
@@ -43,7 +52,8 @@ def find_in_chain(proof: dict[str, Any], rpc: BitcoinRpc) -> dict[str, Any]:
     block_height, confirmations, tx_hex}; ProofError if any step fails.
     RpcUnavailable (bitcoind did not answer) is the caller's."""
     txid, block_hash = proof.get("txid"), proof.get("block_hash")
-    if not isinstance(txid, str) or not isinstance(block_hash, str):
+    if not isinstance(txid, str) or not isinstance(block_hash, str) or \
+            not _is_hash(txid) or not _is_hash(block_hash):
         raise ProofError("the proof names no block (its anchor was not confirmed when it was "
                          "made): ask for the proof again once it is")
     try:
@@ -64,5 +74,10 @@ def find_in_chain(proof: dict[str, Any], rpc: BitcoinRpc) -> dict[str, Any]:
             raise ProofError(f"bitcoind: {exc.message} (block {block_hash}, transaction "
                              f"{txid})") from None
         raise ProofError(f"bitcoind refused: {exc}") from None
+    except (KeyError, TypeError, AttributeError) as exc:  # an answer of the wrong shape
+        raise NodeAnswer(f"bitcoind's answer has not the shape bitcoind's has ({exc!r})"
+                         ) from None
+    if not isinstance(tx_hex, str):
+        raise NodeAnswer("bitcoind's getrawtransaction answer is not a transaction")
     return {"block_hash": block_hash, "block_height": header["height"],
             "confirmations": header["confirmations"], "tx_hex": tx_hex}

@@ -425,6 +425,11 @@ def _coerce(setting: Setting, value: Any) -> Any:
         if number != number:  # NaN compares false with every bound
             raise ConfigError(f"{setting.env}: expected a number, got {value!r}", setting.field)
         return number
+    if isinstance(value, list) and setting.field == "audit_prefixes" and \
+            all(isinstance(item, str) for item in value):
+        return ",".join(value)  # a TOML list of prefixes, as the comma-separated string
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{setting.env}: expected a string, got {value!r}", setting.field)
     return str(value)
 
 

@@ -173,7 +173,7 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
     --node) that the transaction has the proof's txid and carries that data;
     with --node that bitcoind holds the transaction in the proof's block, in
     its best chain. Exit 0 if everything checked holds, 1 if not."""
-    from anchor.bitcoind import BitcoinRpc, RpcUnavailable
+    from anchor.bitcoind import BitcoinRpc, RpcAuthRefused, RpcUnavailable
     from anchor.proof import find_in_chain, verify_proof
     from proofs.audit import AUDIT_PROOF_FORMAT, verify_message
     from proofs.document import ProofError
@@ -190,9 +190,12 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
         checked = verify_proof(proof_json)
         if node:
             cfg = build_config(ctx, flags, "anchor")
-            rpc = BitcoinRpc(cfg.bitcoind_rpc_url, cfg.bitcoind_rpc_user,
-                             cfg.bitcoind_rpc_password, cfg.bitcoind_rpc_cookie,
-                             timeout_s=cfg.request_timeout_ms / 1000)
+            try:
+                rpc = BitcoinRpc(cfg.bitcoind_rpc_url, cfg.bitcoind_rpc_user,
+                                 cfg.bitcoind_rpc_password, cfg.bitcoind_rpc_cookie,
+                                 timeout_s=cfg.request_timeout_ms / 1000)
+            except ValueError as exc:  # the URL
+                raise click.BadParameter(str(exc), param_hint="BUS_BITCOIND_RPC_URL") from None
             try:
                 in_chain = find_in_chain(proof_json, rpc)
             finally:
@@ -203,7 +206,7 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
     except ProofError as exc:
         click.echo(f"INVALID: {exc}", err=True)
         sys.exit(1)
-    except RpcUnavailable as exc:
+    except (RpcUnavailable, RpcAuthRefused) as exc:
         click.echo(f"Error: cannot check with the node: {exc}", err=True)
         sys.exit(1)
     size = f"{checked['tree_size']:,}"
@@ -222,8 +225,8 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
         lines.append(f"OK: transaction {checked['txid']} carries that data in its one OP_RETURN "
                      f"(output {checked['op_return_vout']})")
     else:
-        lines.append("NOT CHECKED: that transaction "
-                     f"{proof_json.get('txid')} carries that data (give --tx-hex, or --node)")
+        lines.append("NOT CHECKED: that the proof's transaction carries that data (give "
+                     "--tx-hex, or --node)")
     if in_chain is not None:
         lines.append(f"OK: bitcoind holds it in block {in_chain['block_hash']} at height "
                      f"{in_chain['block_height']:,} of its best chain, "

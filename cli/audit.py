@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ import click
 
 import storage
 from cli.common import InputError, build_config, setting_options
-from proofs.audit import AUDIT_PROOF_FORMAT, RootBuilder, message_digest
+from proofs.audit import AUDIT_PROOF_FORMAT, EMPTY_ROOT, RootBuilder, message_digest
 from proofs.document import make_proof, parse_payload, stored_payload
 from proofs.merkle import MerkleTree
 from storage import anchors as anchor_rows
@@ -31,10 +32,12 @@ def audit() -> None:
     """The tamper-evident log of the sealed topics (BUS_AUDIT_PREFIXES)."""
 
 
-def _open(ctx: click.Context, flags: dict[str, Any]) -> Any:
+def _open(ctx: click.Context, flags: dict[str, Any]) -> tuple[Any, tuple[type, ...]]:
+    """The database, read-only, and the errors its engine raises."""
     cfg = build_config(ctx, flags, "audit")
     try:
-        return storage.open_read_only(cfg.db, cfg.sqlite_busy_timeout_ms)
+        return storage.open_read_only(cfg.db, cfg.sqlite_busy_timeout_ms), \
+            storage.errors_of(cfg.db)[1]
     except storage.NotReadable as exc:
         raise InputError(str(exc)) from None
 
@@ -78,63 +81,138 @@ def _changes(conn: Any, seal: dict[str, Any], oldest: int) -> Iterator[tuple[str
             leaf, row = next(sealed, None), next(stored, None)
 
 
+def _check_seal(conn: Any, seal: dict[str, Any], oldest: int, anchored_root: bytes | None
+                ) -> tuple[list[str], tuple[str, int, str] | None, int, str]:
+    """(problems, first change (kind, id, topic), sealed messages retention
+    took, what its anchoring says) of one seal."""
+    problems: list[str] = []
+    builder, previous, gone = RootBuilder(), seal["first_id"] - 1, 0
+    for message_id, digest in seal_rows.leaves(conn, seal["seal_id"]):
+        if not previous < message_id <= seal["last_id"]:
+            problems.append(f"its leaf ids were altered (id {message_id:,} after "
+                            f"{previous:,}, outside {seal['first_id']:,}..{seal['last_id']:,} or"
+                            " out of order)")
+            break
+        builder.add(digest)
+        previous = message_id
+        gone += message_id < oldest
+    if builder.size != seal["size"] or (seal["size"] and builder.root != seal["root"]) or \
+            (not seal["size"] and seal["root"] != EMPTY_ROOT):
+        problems.append("its stored digests do not give its root (the seal's leaves or root "
+                        "were altered)")
+    if anchored_root is not None and anchored_root != seal["root"]:
+        problems.append(f"its root is not the one anchored as audit-seal:{seal['seal_id']} "
+                        f"({anchored_root.hex()})")
+    anchoring, anchor_ok = _anchoring(conn, seal["root"]) if seal["size"] else \
+        ("empty: not anchored", True)
+    if not anchor_ok:
+        problems.append(anchoring)
+        anchoring = "its anchoring does not hold"
+    changes = _changes(conn, seal, oldest)
+    first = next(changes, None)
+    if first is not None:
+        kind, message_id, topic = first
+        problems.append(f"message {message_id:,}{' (' + topic + ')' if topic else ''} {kind} "
+                        f"after sealing (and {sum(1 for _ in changes):,} more change(s))")
+    return problems, first, gone, anchoring
+
+
+def _tiling(rows: list[tuple[Any, ...]]) -> list[str]:
+    """What is wrong with the seals as a whole: states a writer never leaves
+    (a seal hidden by editing its status), ids covered by no seal (a seal
+    removed), more than one open seal."""
+    problems, expected, open_seals = [], 1, 0
+    for row in rows:
+        seal_id, _prefixes, first_id, last_id, size, root, status = row[:7]
+        if status == "open":
+            open_seals += 1
+            continue
+        if status != "sealed" or not isinstance(last_id, int) or not isinstance(size, int) \
+                or root is None or first_id != expected or last_id < first_id - 1:
+            problems.append(f"seal {seal_id} is not as a writer leaves one (status {status!r}, "
+                            f"ids {first_id}..{last_id}; the ids from {expected:,} on should "
+                            "come next): the seals were altered or removed")
+            break
+        expected = last_id + 1
+    if open_seals > 1:
+        problems.append(f"{open_seals} open seals: a writer leaves at most one")
+    return problems
+
+
 @audit.command("verify")
-@click.option("--from-id", type=click.IntRange(0, 2**62), default=0, show_default=True,
+@click.option("--from-id", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
               help="check the seals that cover messages from this id on")
 @setting_options("db", "sqlite_busy_timeout_ms")
 @click.pass_context
 def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
     """Recompute every seal from the database: each sealed message's digest
     against the one stored when it was sealed, the stored digests against the
-    seal's root, the root against its anchor. Names the first message that
-    was altered, deleted or inserted after sealing. Exit 0 if nothing changed,
-    1 if something did."""
-    conn = _open(ctx, flags)
+    seal's root, the root against its anchor, the seals against each other
+    (no ids left out). Names the first message that was altered, deleted or
+    inserted after sealing. Exit 0 if nothing changed, 1 if something did."""
+    conn, errors = _open(ctx, flags)
     first_change: tuple[int, str, int, str] | None = None
-    checked = retained_out = 0
+    checked = retained_out = unanchored = 0
+    changed: list[str] = []
     try:
-        oldest = messages.first_id(conn) or 0
+        try:
+            rows = seal_rows.all_rows(conn)
+            anchored = seal_rows.anchored_roots(conn)
+            oldest = messages.first_id(conn) or 0
+        except errors as exc:
+            raise InputError(f"no audit seals can be read here ({exc}): a bus database of "
+                             "schema 8 or later (bus-cli db migrate)") from None
+        tiling = _tiling(rows)
+        changed += tiling
         seals = seal_rows.seals(conn, from_id)
         for seal in seals:
-            builder, sealed_ids = RootBuilder(), []
-            for message_id, digest in seal_rows.leaves(conn, seal["seal_id"]):
-                builder.add(digest)
-                sealed_ids.append(message_id)
             span = f"seal {seal['seal_id']} (ids {seal['first_id']:,}..{seal['last_id']:,}, " \
-                   f"{seal['size']:,} messages of {', '.join(seal['prefixes'])})"
-            leaves_ok = builder.size == seal["size"] and (not seal["size"] or
-                                                          builder.root == seal["root"])
-            anchoring, anchor_ok = _anchoring(conn, seal["root"]) if seal["size"] else \
-                ("empty: not anchored", True)
-            changes = list(_changes(conn, seal, oldest))
-            gone = sum(1 for i in sealed_ids if i < oldest)
+                   f"{seal['size']:,} message(s) of {', '.join(seal['prefixes'])})"
+            try:
+                problems, first, gone, anchoring = _check_seal(
+                    conn, seal, oldest, anchored.pop(seal["seal_id"], None))
+            except Exception as exc:  # rows no writer wrote: a text payload, a NULL size...
+                problems, first, gone, anchoring = [
+                    f"its rows are not what a bus writes ({type(exc).__name__}: {exc})"], \
+                    None, 0, "not checked"
+            unanchored += anchoring == "not anchored yet"
             retained_out += gone
             checked += seal["size"] - gone
-            problems = [] if leaves_ok else ["its stored digests do not give its root (the "
-                                             "seal's leaves were altered)"]
-            if not anchor_ok:
-                problems.append(anchoring)
-            if changes:
-                kind, message_id, topic = changes[0]
-                problems.append(f"{len(changes):,} change(s); the first: message {message_id:,}"
-                                f"{' (' + topic + ')' if topic else ''} {kind} after sealing")
-                if first_change is None or message_id < first_change[2]:
-                    first_change = (seal["seal_id"], kind, message_id, topic)
+            if first is not None and (first_change is None or first[1] < first_change[2]):
+                first_change = (seal["seal_id"], *first)
             retention = f"; {gone:,} deleted by retention (below id {oldest:,}): their " \
                         "digests still check against the root" if gone else ""
             if problems:
+                changed.append(span)
                 click.echo(f"CHANGED: {span}: {'; '.join(problems)}; {anchoring}{retention}")
             else:
                 click.echo(f"OK: {span}: unchanged; {anchoring}{retention}")
+        for seal_id in sorted(anchored):  # anchored as audit-seal:N, and N is gone
+            if not from_id:
+                changed.append(f"seal {seal_id}")
+                click.echo(f"CHANGED: seal {seal_id} was anchored, and is not in the database")
+        for problem in tiling:
+            click.echo(f"CHANGED: {problem}")
+        last = seals[-1] if seals else None
+        tail = seal_rows.unsealed_count(conn, last["last_id"], last["prefixes"]) if last else 0
     finally:
         conn.close()
     summary = f"{len(seals):,} seals, {checked:,} sealed messages checked"
     if retained_out:
         summary += f", {retained_out:,} deleted by retention (not checkable)"
+    if unanchored:
+        summary += f"; {unanchored:,} seal(s) not anchored yet (only the database vouches for them)"
+    if last is not None:
+        age = (time.time_ns() - last["sealed_ns"]) / 1e9
+        summary += (f"; {tail:,} message(s) of {', '.join(last['prefixes'])} stored after the "
+                    f"last seal (id {last['last_id']:,}, {age:,.0f} s ago), not sealed yet")
     if first_change is not None:
         seal_id, kind, message_id, topic = first_change
         click.echo(f"{summary}: the first change is message {message_id:,}"
                    f"{' (' + topic + ')' if topic else ''}, {kind} after seal {seal_id}", err=True)
+        sys.exit(1)
+    if changed:
+        click.echo(f"{summary}: the seals themselves were changed ({changed[0]})", err=True)
         sys.exit(1)
     if not seals:
         click.echo("no seals (is BUS_AUDIT_PREFIXES set, and the anchor worker running?)")
@@ -142,42 +220,61 @@ def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
 
 
 @audit.command("proof")
-@click.argument("message_id", type=click.IntRange(1, 2**62))
+@click.argument("message_id", type=click.IntRange(1, 2**63 - 1))
 @setting_options("db", "sqlite_busy_timeout_ms")
 @click.pass_context
 def proof(ctx: click.Context, message_id: int, **flags: Any) -> None:
     """A proof that stored message MESSAGE_ID existed, as it is now, before
     the Bitcoin block of its seal's anchor: the message, its path to the
     seal's root, and the seal root's anchor proof. `bus-cli anchor verify`
-    checks it offline (--tx-hex, --node: with the transaction and a node)."""
-    conn = _open(ctx, flags)
+    checks it offline (--tx-hex, --node: with the transaction and a node).
+    Refused when the database does not hold together (`audit verify` says how)."""
+    conn, errors = _open(ctx, flags)
     try:
-        seal = seal_rows.seal_of(conn, message_id)
-        row = conn.execute("SELECT id, topic, payload, meta, producer_id, producer_seq FROM"
-                           " messages WHERE id = ?", (message_id,)).fetchone()
-        if row is None:
-            raise InputError(f"message {message_id} is not stored")
-        if seal is None:
-            raise InputError(f"message {message_id} is not in a seal (yet)")
-        digests, index = [], None
-        for i, (leaf_id, digest) in enumerate(seal_rows.leaves(conn, seal["seal_id"])):
-            digests.append(digest)
-            if leaf_id == message_id:
-                index = i
-        if index is None:
-            raise InputError(f"message {message_id} is not in seal {seal['seal_id']} (not of "
-                             f"the sealed topics {', '.join(seal['prefixes'])})")
-        if message_digest(*row) != digests[index]:
-            raise InputError(f"message {message_id} was altered after sealing: no proof")
-        anchored = anchor_rows.proof_rows(conn, seal["root"])
-        if anchored is None:
-            raise InputError(f"seal {seal['seal_id']} is not anchored yet: ask again later")
+        built = _message_proof(conn, message_id)
+    except errors as exc:
+        raise InputError(f"no audit seals can be read here ({exc}): a bus database of "
+                         "schema 8 or later (bus-cli db migrate)") from None
+    except InputError:
+        raise
+    except Exception as exc:  # rows no writer wrote (a text payload, a NULL size...)
+        raise InputError(f"the database's rows for message {message_id} are not what a bus "
+                         f"writes ({type(exc).__name__}: {exc}): bus-cli audit verify") from None
     finally:
         conn.close()
+    click.echo(json.dumps(built, indent=2))
+
+
+def _message_proof(conn: Any, message_id: int) -> dict[str, Any]:
+    seal = seal_rows.seal_of(conn, message_id)
+    row = conn.execute("SELECT id, topic, payload, meta, producer_id, producer_seq FROM"
+                       " messages WHERE id = ?", (message_id,)).fetchone()
+    if seal is None:
+        raise InputError(f"message {message_id} is in no seal" + (
+            "" if row is None else " (yet; or its topic is not sealed: BUS_AUDIT_PREFIXES)"))
+    digests, index = [], None
+    for i, (leaf_id, digest) in enumerate(seal_rows.leaves(conn, seal["seal_id"])):
+        digests.append(digest)
+        if leaf_id == message_id:
+            index = i
+    if digests and MerkleTree(digests).root != seal["root"]:
+        raise InputError(f"seal {seal['seal_id']}'s stored leaves do not give its root (altered):"
+                         " no proof; bus-cli audit verify")
+    if index is None:
+        raise InputError(f"message {message_id} is not in seal {seal['seal_id']} (not of the "
+                         f"sealed topics {', '.join(seal['prefixes'])})")
+    if row is None:
+        raise InputError(f"message {message_id} was sealed (seal {seal['seal_id']}) and is no "
+                         "longer stored (retention, or deleted): its digest is all that is left")
+    if message_digest(*row) != digests[index]:
+        raise InputError(f"message {message_id} was altered after sealing: no proof")
+    anchored = anchor_rows.proof_rows(conn, seal["root"])
+    if anchored is None:
+        raise InputError(f"seal {seal['seal_id']} is not anchored yet: ask again later")
     tree = MerkleTree(digests)
     anchor, anchor_index, ref, anchor_leaves = anchored
     anchor_tree = MerkleTree(anchor_leaves)
-    click.echo(json.dumps({
+    return {
         "format": AUDIT_PROOF_FORMAT,
         "message": {"id": row[0], "topic": row[1], "payload": bytes(row[2]).hex(),
                     "meta": None if row[3] is None else bytes(row[3]).hex(),
@@ -187,4 +284,4 @@ def proof(ctx: click.Context, message_id: int, **flags: Any) -> None:
                  "path": [p.hex() for p in tree.path(index)], "root": tree.root.hex()},
         "anchor": make_proof(seal["root"], anchor_index, anchor_tree.size,
                              anchor_tree.path(anchor_index), anchor, ref),
-    }, indent=2))
+    }

@@ -27,6 +27,7 @@ from proofs.document import ProofError
 from proofs.merkle import leaf_hash, node_hash, root_from_path
 
 NONE_LENGTH = b"\xff" * 4
+EMPTY_ROOT = hashlib.sha256(b"").digest()  # RFC 6962's root of no leaves: an empty seal
 NONE_SEQ = b"\xff" * 8
 
 
@@ -103,10 +104,14 @@ def verify_message(proof: Any) -> dict[str, Any]:
     if computed != root:
         raise ProofError(f"the message's digest and path lead to {computed.hex()}, not to the "
                          f"seal's root {root.hex()}: the message is not the one sealed")
-    if anchor.get("document") != root.hex():
+    if str(anchor.get("document")).lower() != root.hex():
         raise ProofError("the anchor proof is not the seal root's")
+    try:
+        seal_id = _int(seal, "seal_id")
+    except ValueError as exc:
+        raise ProofError(str(exc)) from None
     return {"message_id": message["id"], "topic": message["topic"], "digest": digest.hex(),
-            "seal_id": seal.get("seal_id"), "leaf_index": index, "tree_size": size,
+            "seal_id": seal_id, "leaf_index": index, "tree_size": size,
             "seal_root": root.hex()}
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from proofs.merkle import root_from_path
 
 PROOF_FORMAT = "bus-anchor-proof/1"
+HEX_DIGITS = frozenset("0123456789abcdefABCDEF")  # no spaces, which bytes.fromhex lets by
 ANCHOR_MAGIC = b"BUSA"
 PAYLOAD_ROOT_ONLY = 0x01       # root: anchors made before the tree size was committed
 PAYLOAD_ROOT_AND_SIZE = 0x02   # root and tree size (4 bytes, big-endian)
@@ -77,10 +78,10 @@ def make_proof(document: bytes, index: int, size: int, path: list[bytes],
 
 
 def _hex(proof: dict[str, Any], key: str, size: int | None = 32) -> bytes:
-    try:
-        value = bytes.fromhex(proof[key])
-    except (KeyError, TypeError, ValueError):
-        raise ProofError(f"'{key}' is missing or not hex") from None
+    value = proof.get(key)
+    if not isinstance(value, str) or len(value) % 2 or not HEX_DIGITS.issuperset(value):
+        raise ProofError(f"'{key}' is missing or not hex")
+    value = bytes.fromhex(value)
     if size is not None and len(value) != size:
         raise ProofError(f"'{key}' must be {size} bytes, not {len(value)}")
     return value

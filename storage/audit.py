@@ -53,6 +53,14 @@ def put_leaves(conn: Any, seal_id: int, chunk: int, ids: bytes, digests: bytes) 
                  " digests = excluded.digests", (seal_id, chunk, ids, digests))
 
 
+def chunk_bounds(conn: Any, seal_id: int) -> list[tuple[int, int, int]]:
+    """(first id, last id, leaves) of each stored chunk of a seal, in order."""
+    return [(int.from_bytes(bytes(first), "big"), int.from_bytes(bytes(last), "big"), count)
+            for first, last, count in conn.execute(
+                "SELECT substr(ids, 1, 8), substr(ids, length(ids) - 7, 8), length(ids) / 8"
+                " FROM audit_leaves WHERE seal_id = ? ORDER BY chunk", (seal_id,)).fetchall()]
+
+
 def stored_leaves(conn: Any, seal_id: int) -> int:
     return conn.execute("SELECT coalesce(sum(length(ids)), 0) / 8 FROM audit_leaves"
                         " WHERE seal_id = ?", (seal_id,)).fetchone()[0]
@@ -69,6 +77,32 @@ def unanchored(conn: Any, limit: int) -> list[tuple[int, bytes, int]]:
         "SELECT id, root, size FROM audit_seals WHERE status = 'sealed' AND size > 0 AND"
         " NOT EXISTS (SELECT 1 FROM anchor_documents WHERE doc_hash = audit_seals.root)"
         " ORDER BY id LIMIT ?", (limit,)).fetchall()]
+
+
+def all_rows(conn: Any) -> list[tuple[Any, ...]]:
+    """Every audit_seals row as stored (SEAL_COLUMNS), whatever its state:
+    what `audit verify` checks the seals' tiling and states on."""
+    return conn.execute(f"SELECT {SEAL_COLUMNS} FROM audit_seals ORDER BY id").fetchall()
+
+
+def anchored_roots(conn: Any) -> dict[int, bytes]:
+    """seal id -> the root its anchoring recorded (the anchor document whose
+    ref is audit-seal:N, as the anchor worker names it)."""
+    found = {}
+    for doc_hash, ref in conn.execute("SELECT doc_hash, ref FROM anchor_documents WHERE"
+                                      " substr(ref, 1, 11) = 'audit-seal:'").fetchall():
+        if ref[11:].isdigit():
+            found[int(ref[11:])] = bytes(doc_hash)
+    return found
+
+
+def unsealed_count(conn: Any, after_id: int, prefixes: list[str]) -> int:
+    where = " OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) or "1 = 1"
+    match: list[Any] = []
+    for prefix in prefixes:
+        match += [len(prefix), prefix]
+    return conn.execute(f"SELECT count(*) FROM messages WHERE id > ? AND ({where})",
+                        (after_id, *match)).fetchone()[0]
 
 
 def seals(conn: Any, from_id: int = 0) -> list[dict[str, Any]]:

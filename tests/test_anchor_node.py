@@ -326,7 +326,7 @@ def test_verify_with_a_node_checks_the_block_and_says_what_it_did_not_check(
     offline = anchoring.cli("anchor", "verify", str(path))
     assert offline.returncode == 0, offline.stderr
     assert "OK: the OP_RETURN data commits to that root and to a tree of 1 leaves" in offline.stdout
-    assert "NOT CHECKED: that transaction" in offline.stdout
+    assert "NOT CHECKED: that the proof's transaction carries that data" in offline.stdout
     assert "NOT CHECKED: that the transaction is in a block of the best chain" in offline.stdout
     online = anchoring.cli("anchor", "verify", str(path), "--node")
     assert online.returncode == 0, online.stderr

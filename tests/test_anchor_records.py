@@ -97,3 +97,38 @@ def test_a_refused_transaction_gives_back_its_documents_and_utxo(writer: Bus) ->
     assert query(writer.db, "SELECT count(*) FROM anchors WHERE status = 'signed'") == [(1,)]
     assert query(writer.db, "SELECT count(*) FROM utxos WHERE txid = ?", (txid("a"),)) == [(0,)]
     assert writer.writer_stats()["anchors"]["failed"] == 1
+
+
+def test_the_writer_refuses_impossible_seals_and_anchor_states(writer: Bus) -> None:
+    """From a hostile review: the writer took leaf ids out of order or outside
+    the seal, chunks out of order, an empty seal with any root; and let a
+    failed anchor be confirmed, or said `submitted` for an anchor it left
+    `signed`."""
+    def refused(cmd: str, args: dict[str, Any]) -> str:
+        with pytest.raises(BusError) as err:
+            c.call(cmd, args)
+        return err.value.code
+
+    ids = lambda *n: b"".join(i.to_bytes(8, "big") for i in n)  # noqa: E731
+    with client(writer) as c:
+        seal = c.call("audit_begin", {"request_id": "s1", "prefixes": ["orders."]})
+        leaves = {"seal_id": seal["seal_id"], "digests": b"\x01" * 64}
+        assert refused("audit_leaves", {**leaves, "chunk": 0, "ids": ids(3, 2)}) == "bad_request"
+        assert refused("audit_leaves", {**leaves, "chunk": 0, "ids": ids(0, 2)}) == "bad_request"
+        assert refused("audit_leaves", {**leaves, "chunk": 1, "ids": ids(1, 2)}) == "bad_request"
+        c.call("audit_leaves", {**leaves, "chunk": 0, "ids": ids(1, 2)})
+        # After a short chunk nothing may follow (chunks are full but the last).
+        assert refused("audit_leaves", {**leaves, "chunk": 1, "ids": ids(3, 4)}) == "bad_request"
+        assert refused("audit_finish", {"request_id": "f1", "seal_id": seal["seal_id"],
+                                        "last_id": 0, "size": 0, "root": b"\x00" * 32}) \
+            == "bad_request"
+        first = record(c, [doc(1)], "a")
+        c.call("anchor_fail", {"anchor_id": first["anchor_id"], "reason": "test"})
+        assert refused("anchor_update", {"anchor_id": first["anchor_id"], "status": "confirmed",
+                                         "txid": txid("a"), "block_hash": txid("b"),
+                                         "block_height": 101}) == "bad_request"
+        second = record(c, [doc(2)], "b", request_id="rec-2")
+        assert refused("anchor_update", {"anchor_id": second["anchor_id"],
+                                         "status": "unconfirmed"}) == "bad_request"
+    assert query(writer.db, "SELECT status FROM anchors ORDER BY id") == [("failed",),
+                                                                          ("signed",)]

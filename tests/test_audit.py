@@ -64,7 +64,7 @@ def test_seals_name_the_first_message_altered_deleted_or_inserted(make_bus, node
     ok = verify(bus)
     assert ok.returncode == 0, ok.stderr
     assert "OK: seal" in ok.stdout and "confirmed in block" in ok.stdout
-    assert "35 sealed messages checked: nothing changed" in ok.stdout
+    assert "35 sealed messages checked" in ok.stdout and ok.stdout.endswith("nothing changed\n")
 
     orders, prices = ids_of(bus, "orders."), ids_of(bus, "prices.")
     target = orders[17]
@@ -120,6 +120,23 @@ def test_seals_name_the_first_message_altered_deleted_or_inserted(make_bus, node
     inserted = verify(bus)
     assert inserted.returncode == 1
     assert f"the first change is message {moved:,} (orders.new), inserted" in inserted.stderr
+    execute(bus.db, "UPDATE messages SET topic = 'prices.tick' WHERE id = ?", (moved,))
+    assert verify(bus).returncode == 0
+
+    # The seals themselves: a root replaced (by one recomputed over forged
+    # digests, say) no longer is the one anchored; a seal removed leaves its
+    # anchoring behind, and a gap in the ids.
+    [(seal_id, root)] = query(bus.db, "SELECT id, root FROM audit_seals WHERE size > 0"
+                                      " ORDER BY id LIMIT 1")
+    execute(bus.db, "UPDATE audit_seals SET root = ? WHERE id = ?", (b"\x11" * 32, seal_id))
+    forged = verify(bus)
+    assert forged.returncode == 1 and "is not the one anchored as audit-seal" in forged.stdout
+    execute(bus.db, "UPDATE audit_seals SET root = ? WHERE id = ?", (root, seal_id))
+    execute(bus.db, "DELETE FROM audit_leaves WHERE seal_id = ?", (seal_id,))
+    execute(bus.db, "DELETE FROM audit_seals WHERE id = ?", (seal_id,))
+    removed = verify(bus)
+    assert removed.returncode == 1
+    assert f"seal {seal_id} was anchored, and is not in the database" in removed.stdout
 
 
 def test_retention_keeps_unsealed_messages_and_the_seals_stay_checkable(make_bus, node) -> None:

@@ -133,6 +133,11 @@ class AnchorBook:
         block away (it is `submitted` again)."""
         anchor = self._anchor(args)
         status = args.get("status")
+        allowed = {"submitted": ("signed", "submitted"), "unconfirmed": ("confirmed",),
+                   "confirmed": ("signed", "submitted", "confirmed")}.get(status)
+        if allowed is not None and anchor["status"] not in allowed:
+            raise UtxoError("bad_request", f"anchor {anchor['anchor_id']} is {anchor['status']}:"
+                                           f" it cannot become {status}")
         if status == "submitted":
             rows_of.mark_submitted(self.conn, anchor["anchor_id"], now_ns)
         elif status == "confirmed":

@@ -13,6 +13,7 @@ from typing import Any
 
 from storage import audit as rows_of
 from storage import messages
+from proofs.audit import EMPTY_ROOT
 from storage.audit import CHUNK_LEAVES
 from writer.utxos import UtxoBook, UtxoError, check_int
 
@@ -61,13 +62,24 @@ class AuditBook:
         """{seal_id, chunk, ids, digests}: leaves chunk*4096 on (at most 4096;
         ids 8 bytes each, digests 32). Storing a chunk again replaces it."""
         seal = self._open_seal(args)
-        chunk = check_int(args, "chunk", 0, 2**31)
         ids, digests = args.get("ids"), args.get("digests")
         if not (isinstance(ids, bytes) and isinstance(digests, bytes) and ids
                 and len(ids) % 8 == 0 and len(ids) // 8 <= CHUNK_LEAVES
                 and len(digests) == len(ids) // 8 * 32):
             raise UtxoError("bad_request", f"'ids' (8 bytes each) and 'digests' (32 bytes each)"
                                            f" must hold the same 1-{CHUNK_LEAVES} leaves")
+        # Chunks in order (one stored again replaces it), each full but the
+        # last, ids increasing from the seal's first id on: the seal a verifier
+        # recomputes is the one the worker built.
+        stored = rows_of.chunk_bounds(self.conn, seal["seal_id"])
+        chunk = check_int(args, "chunk", 0, len(stored))
+        numbers = [int.from_bytes(ids[i:i + 8], "big") for i in range(0, len(ids), 8)]
+        after = stored[chunk - 1][1] if chunk else seal["first_id"] - 1
+        if any(b <= a for a, b in zip([after, *numbers], numbers)) or \
+                (chunk < len(stored) - 1 and numbers[-1] >= stored[chunk + 1][0]) or \
+                (chunk and stored[chunk - 1][2] != CHUNK_LEAVES):
+            raise UtxoError("bad_request", "a chunk's ids must increase from the seal's first id "
+                                           "on, after the chunk before (full) and before the next")
         rows_of.put_leaves(self.conn, seal["seal_id"], chunk, ids, digests)
         self.counters["leaves"] += len(ids) // 8
         return {"seal_id": seal["seal_id"], "chunk": chunk}
@@ -86,8 +98,13 @@ class AuditBook:
             raise UtxoError("bad_request", f"seal {seal['seal_id']} has {stored} leaves stored,"
                                            f" not {size}")
         root = args.get("root")
-        if not (isinstance(root, bytes) and len(root) == 32):
-            raise UtxoError("bad_request", "'root' must be 32 bytes")
+        if not (isinstance(root, bytes) and len(root) == 32) or (not size and root != EMPTY_ROOT):
+            raise UtxoError("bad_request", "'root' must be 32 bytes (an empty seal's: SHA-256 of"
+                                           " nothing)")
+        bounds = rows_of.chunk_bounds(self.conn, seal["seal_id"])
+        if bounds and bounds[-1][1] > last_id:
+            raise UtxoError("bad_request", f"a leaf has id {bounds[-1][1]}, after last_id "
+                                           f"{last_id}")
         rows_of.finish(self.conn, seal["seal_id"], last_id, size, root, now_ns)
         self.counters["seals"] += 1
         return {"seal_id": seal["seal_id"]}

@@ -233,6 +233,10 @@ class Writer:
                               cfg.utxo_request_ttl_s)
         self.anchors = AnchorBook(self.utxos)
         self.audit = AuditBook(self.utxos)
+        if not cfg.audit_prefixes and audit_rows.last_sealed_id(self.store.conn):
+            log.warning("retention_ignores_seals", reason="the database has audit seals and "
+                        "BUS_AUDIT_PREFIXES is not set here: retention does not wait for the "
+                        "seals (set it as the anchor worker has it)")
         self.dispatcher = control.Dispatcher(self.control_commands(), log, cfg, authorized=True,
                                              retryable=self.store.transient_errors)
         self._owed_nacks: list[dict[str, Any]] = []
