@@ -39,7 +39,7 @@ CHUNK_LEAVES = 4096            # leaves per audit_leaves request (storage/audit.
 class Sealer:
     def __init__(self, prefixes: list[str], interval_s: float, max_messages: int,
                  max_rate: float, utxos: UtxoClient, history: HistoryClient,
-                 on_sealed: Callable[[int, bytes, int], None]) -> None:
+                 on_sealed: Callable[[int, bytes], None]) -> None:
         self.prefixes = prefixes
         self.interval_s = interval_s
         self.max_messages = max_messages
@@ -142,10 +142,10 @@ class Sealer:
         self.counters["sealed_messages"] += seal["size"]
         log.info("audit_sealed", seal_id=seal["seal_id"], messages=seal["size"],
                  last_id=seal["after"], root=root.hex(), cpu_s=round(self.cpu_s, 3))
-        self.on_sealed(seal["seal_id"], root, seal["size"])
+        self.on_sealed(seal["seal_id"], root)
 
     def snapshot(self) -> dict[str, Any]:
         in_progress = self._seal["size"] if self._seal is not None else 0
-        return {**self.counters, "in_progress": in_progress, "cpu_s": round(self.cpu_s, 3), "building": self._seal is not None,
-                "max_rate": self.max_rate,
+        return {**self.counters, "in_progress": in_progress, "cpu_s": round(self.cpu_s, 3),
+                "building": self._seal is not None, "max_rate": self.max_rate,
                 "prefixes": self.prefixes}

@@ -433,14 +433,14 @@ class AnchorWorker:
         """The anchors a previous run recorded and did not see confirmed, and
         the seals it closed and did not anchor."""
         self._reload_open()
-        for seal_id, root, size in self.utxos.call("audit_unanchored", {})["seals"]:
-            self._anchor_seal(seal_id, root, size)
+        for seal_id, root, _size in self.utxos.call("audit_unanchored", {})["seals"]:
+            self._anchor_seal(seal_id, root)
         self._recovered = True
         if self.open:
             log.info("anchors_recovered", open=len(self.open),
                      signed=sum(a["status"] == "signed" for a in self.open.values()))
 
-    def _anchor_seal(self, seal_id: int, root: bytes, size: int) -> None:
+    def _anchor_seal(self, seal_id: int, root: bytes) -> None:
         """A seal's root joins the documents to anchor, like a requested hash."""
         if root not in self._pending_hashes:
             self._pending_hashes.add(root)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from storage import messages
+
 CHUNK_LEAVES = 4096            # leaves per audit_leaves row (32 KiB of digests)
 SEAL_COLUMNS = "id, prefixes, first_id, last_id, size, root, status, created_ns, sealed_ns"
 
@@ -61,11 +63,6 @@ def chunk_bounds(conn: Any, seal_id: int) -> list[tuple[int, int, int]]:
                 " FROM audit_leaves WHERE seal_id = ? ORDER BY chunk", (seal_id,)).fetchall()]
 
 
-def stored_leaves(conn: Any, seal_id: int) -> int:
-    return conn.execute("SELECT coalesce(sum(length(ids)), 0) / 8 FROM audit_leaves"
-                        " WHERE seal_id = ?", (seal_id,)).fetchone()[0]
-
-
 def finish(conn: Any, seal_id: int, last_id: int, size: int, root: bytes, now_ns: int) -> None:
     conn.execute("UPDATE audit_seals SET last_id = ?, size = ?, root = ?, status = 'sealed',"
                  " sealed_ns = ? WHERE id = ?", (last_id, size, root, now_ns, seal_id))
@@ -97,12 +94,9 @@ def anchored_roots(conn: Any) -> dict[int, bytes]:
 
 
 def unsealed_count(conn: Any, after_id: int, prefixes: list[str]) -> int:
-    where = " OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) or "1 = 1"
-    match: list[Any] = []
-    for prefix in prefixes:
-        match += [len(prefix), prefix]
-    return conn.execute(f"SELECT count(*) FROM messages WHERE id > ? AND ({where})",
-                        (after_id, *match)).fetchone()[0]
+    matching, params = messages.topic_filter(prefixes)
+    return conn.execute(f"SELECT count(*) FROM messages WHERE id > ? AND {matching}",
+                        (after_id, *params)).fetchone()[0]
 
 
 def seals(conn: Any, from_id: int = 0) -> list[dict[str, Any]]:
@@ -135,16 +129,13 @@ def sealed_messages(conn: Any, first_id: int, last_id: int, prefixes: list[str],
                     rows: int = 5000) -> Iterator[tuple[Any, ...]]:
     """(id, topic, payload, meta, producer_id, producer_seq) of the stored
     messages a seal covers, in id order, `rows` at a time (memory bounded)."""
-    where = " OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) or "1 = 1"
-    match: list[Any] = []
-    for prefix in prefixes:
-        match += [len(prefix), prefix]
+    matching, params = messages.topic_filter(prefixes)
     after = first_id - 1
     while after < last_id:
         batch = conn.execute(
             "SELECT id, topic, payload, meta, producer_id, producer_seq FROM messages"
-            f" WHERE id > ? AND id <= ? AND ({where}) ORDER BY id LIMIT ?",
-            (after, last_id, *match, rows)).fetchall()
+            f" WHERE id > ? AND id <= ? AND {matching} ORDER BY id LIMIT ?",
+            (after, last_id, *params, rows)).fetchall()
         if not batch:
             return
         yield from batch

@@ -54,6 +54,16 @@ def id_before(conn: Any, since_ns: int, first: int | None, last: int) -> int:
     return max(lo, 0)
 
 
+def topic_filter(prefixes: list[str]) -> tuple[str, list[Any]]:
+    """SQL true for a topic that starts with one of `prefixes` (every topic if
+    there is none), and its parameters."""
+    params: list[Any] = []
+    for prefix in prefixes:
+        params += (len(prefix), prefix)
+    return "(" + (" OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) or "1 = 1") + ")", \
+        params
+
+
 def page(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int,
          max_bytes: int) -> tuple[list[tuple[Any, ...]], bool]:
     """(rows, full): (id, topic, payload, meta, committed_ns) of the messages
@@ -63,12 +73,9 @@ def page(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int,
     Memory is bounded in bytes on both engines: SQLite's cursor steps one row
     at a time and stops there; a PostgreSQL client receives a whole result at
     once, so there the server cuts the page (a running sum)."""
-    where = "id > ? AND id <= ?"
-    params: list[Any] = [after_id, upto]
-    if prefixes:
-        where += " AND (" + " OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) + ")"
-        for prefix in prefixes:
-            params += (len(prefix), prefix)
+    matching, params = topic_filter(prefixes)
+    where = f"id > ? AND id <= ? AND {matching}"
+    params = [after_id, upto, *params]
     if getattr(conn, "dialect", "sqlite") == "postgresql":
         rows = conn.execute(
             "SELECT id, topic, payload, meta, committed_ns FROM (SELECT *, sum(size) OVER"

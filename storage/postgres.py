@@ -221,6 +221,12 @@ class PgStore(WriterHandle):
                 raise psycopg.OperationalError(str(exc)) from None
             self.reconnects += 1
 
+    def _rollback_if_open(self) -> None:
+        """After an error: end the transaction, unless the connection is lost
+        (it is opened again at the next use) or none is open."""
+        if not self._conn.raw.broken and self._conn.raw.info.transaction_status:
+            self._conn.execute("ROLLBACK")
+
     @contextlib.contextmanager
     def transaction(self, commit: bool = True) -> Iterator[PgConnection]:
         """BEGIN ... COMMIT (commit=False: the body commits), ROLLBACK on an error."""
@@ -228,8 +234,7 @@ class PgStore(WriterHandle):
         try:
             yield self._conn
         except BaseException:
-            if not self._conn.raw.broken and self._conn.raw.info.transaction_status:
-                self._conn.execute("ROLLBACK")
+            self._rollback_if_open()
             raise
         if commit:
             self._conn.execute("COMMIT")
@@ -266,8 +271,7 @@ class PgStore(WriterHandle):
                 raw.execute("COMMIT")
             last = cursor.fetchone()[0] if rows else None
         except BaseException:
-            if not raw.broken and raw.info.transaction_status:
-                raw.execute("ROLLBACK")
+            self._rollback_if_open()
             raise
         return committed_ns, last
 

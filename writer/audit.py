@@ -93,7 +93,8 @@ class AuditBook:
         last_id = check_int(args, "last_id", seal["first_id"] - 1,
                             max(seal["first_id"] - 1, messages.last_id(self.conn) or 0))
         size = check_int(args, "size", 0, 2**32 - 1)
-        stored = rows_of.stored_leaves(self.conn, seal["seal_id"])
+        bounds = rows_of.chunk_bounds(self.conn, seal["seal_id"])
+        stored = sum(leaves for _first, _last, leaves in bounds)
         if stored != size:
             raise UtxoError("bad_request", f"seal {seal['seal_id']} has {stored} leaves stored,"
                                            f" not {size}")
@@ -101,7 +102,6 @@ class AuditBook:
         if not (isinstance(root, bytes) and len(root) == 32) or (not size and root != EMPTY_ROOT):
             raise UtxoError("bad_request", "'root' must be 32 bytes (an empty seal's: SHA-256 of"
                                            " nothing)")
-        bounds = rows_of.chunk_bounds(self.conn, seal["seal_id"])
         if bounds and bounds[-1][1] > last_id:
             raise UtxoError("bad_request", f"a leaf has id {bounds[-1][1]}, after last_id "
                                            f"{last_id}")
