@@ -29,7 +29,8 @@ MESSAGE_COLUMNS = ("id, topic, payload, meta, producer_id, producer_seq, publish
 # destination's own.
 TABLES = (
     ("producers", "producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
-                  " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner, session_key"),
+                  " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner"),
+    ("producer_keys", "producer_id, epoch, session_key"),
     ("consumers", "name, last_id, updated_ns, owner"),
     ("utxos", "txid, vout, amount_sat, address, script_pubkey, block_height, block_time, status,"
               " lease_id, lease_expires_ns, lease_owner, spent_txid, sync_generation,"

@@ -14,7 +14,8 @@ from typing import Any
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 8  # 7: utxo_requests.fingerprint; 8: audit_seals, audit_leaves
+SCHEMA_VERSION = 9  # 7: utxo_requests.fingerprint; 8: audit_seals, audit_leaves;
+#                     9: producer_keys (session keys out of producers)
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -48,8 +49,15 @@ SCHEMA = (
         epoch           INTEGER NOT NULL DEFAULT 0,  -- current session (producer_open)
         refused         INTEGER NOT NULL DEFAULT 0,  -- seqs of this session refused
         refusals        BLOB,                -- msgpack [[seq, code], ...], the last 256
-        owner           TEXT,                -- (CURVE) public key that opened it first
-        session_key     BLOB                 -- (CURVE) the session's MAC key
+        owner           TEXT                 -- (CURVE) public key that opened it first
+    ) WITHOUT ROWID""",
+    # Apart from producers, which a reporting role may read: whoever reads a
+    # session key can send in its producer's name and forge its
+    # acknowledgements. No role but the writer's needs this table.
+    """CREATE TABLE IF NOT EXISTS producer_keys (
+        producer_id     TEXT    PRIMARY KEY,
+        epoch           INTEGER NOT NULL,    -- the session the key belongs to
+        session_key     BLOB    NOT NULL     -- its MAC key (protocol.SessionMac)
     ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS consumers (
         name        TEXT    PRIMARY KEY,     -- durable consumer name
@@ -161,7 +169,6 @@ ADDED_COLUMNS = (
     ("producers", "refused", "INTEGER NOT NULL DEFAULT 0"),
     ("producers", "refusals", "BLOB"),
     ("producers", "owner", "TEXT"),
-    ("producers", "session_key", "BLOB"),
     ("consumers", "owner", "TEXT"),
     ("utxo_requests", "fingerprint", "BLOB"),
 )
@@ -220,6 +227,11 @@ def apply(conn: Any, columns_of: Any, version: int | None, where: str) -> None:
     for table, column, definition in ADDED_COLUMNS:
         if column not in columns_of(table):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    if "session_key" in columns_of("producers"):  # schema 6-8 kept the keys there
+        conn.execute("INSERT INTO producer_keys (producer_id, epoch, session_key)"
+                     " SELECT producer_id, epoch, session_key FROM producers"
+                     " WHERE session_key IS NOT NULL ON CONFLICT (producer_id) DO NOTHING")
+        conn.execute("ALTER TABLE producers DROP COLUMN session_key")
     set_meta(conn, "schema_version", str(SCHEMA_VERSION))
 
 

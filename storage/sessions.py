@@ -11,13 +11,20 @@ from typing import Any
 ConsumptionRow = tuple[str, "int | None", int, "str | None"]
 
 PRODUCER_COLUMNS = ("producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
-                    " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner, session_key")
+                    " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner")
 UPSERT_PRODUCER = (f"INSERT INTO producers ({PRODUCER_COLUMNS})"
-                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (producer_id)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (producer_id)"
                    " DO UPDATE SET " + ", ".join(
                        f"{column} = excluded.{column}" for column in
                        (c.strip() for c in PRODUCER_COLUMNS.split(",")[1:])))
-SELECT_PRODUCER = f"SELECT {PRODUCER_COLUMNS} FROM producers WHERE producer_id = ?"
+UPSERT_PRODUCER_KEY = ("INSERT INTO producer_keys (producer_id, epoch, session_key) VALUES (?, ?, ?)"
+                       " ON CONFLICT (producer_id) DO UPDATE SET epoch = excluded.epoch,"
+                       " session_key = excluded.session_key")
+# A producer's state and its current session's key (NULL: none, or another epoch's).
+SELECT_PRODUCER = ("SELECT " + ", ".join(f"p.{c.strip()}" for c in PRODUCER_COLUMNS.split(","))
+                   + ", k.session_key FROM producers p LEFT JOIN producer_keys k"
+                     " ON k.producer_id = p.producer_id AND k.epoch = p.epoch"
+                     " WHERE p.producer_id = ?")
 UPSERT_CONSUMER = ("INSERT INTO consumers (name, last_id, updated_ns, owner) VALUES (?, ?, ?, ?)"
                    " ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id,"
                    " updated_ns = excluded.updated_ns, owner = excluded.owner")
@@ -25,8 +32,13 @@ DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
 
 
 def write_producers(conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Producer states (ProducerState.row: the producers columns, then the
+    session key of a session just opened, or None)."""
     if rows:
-        conn.executemany(UPSERT_PRODUCER, rows)
+        conn.executemany(UPSERT_PRODUCER, [row[:-1] for row in rows])
+        keys = [(row[0], row[9], row[-1]) for row in rows if row[-1] is not None]
+        if keys:
+            conn.executemany(UPSERT_PRODUCER_KEY, keys)
 
 
 def load_producer(conn: Any, producer_id: str) -> tuple[Any, ...] | None:

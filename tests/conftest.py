@@ -253,10 +253,12 @@ class RawProducer:
         self.producer = producer
         self.epoch: int | None = None
         self.next_seq = 1
+        self.signer: protocol.SessionMac | None = None
         if session:
             with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=5000) as control:
                 opened = control.request("producer_open", {"producer": producer})
             self.epoch, self.next_seq = opened["epoch"], opened["next_seq"]
+            self.signer = protocol.SessionMac(opened["session_key"])
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.XPUB)
         # Like Publisher: a full queue blocks instead of dropping (an XPUB, like a
@@ -269,11 +271,16 @@ class RawProducer:
             assert self.sock.poll(5000), f"the proxy did not subscribe to {sorted(wanted)[:3]}"
             wanted.discard(self.sock.recv())
 
-    def meta(self, seq: int) -> bytes:
-        return protocol.encode_meta(self.producer, seq, self.epoch)
+    def meta(self, seq: int, topic: bytes, payload: bytes) -> bytes:
+        """The meta of (topic, payload) as message `seq` of the session, with its mac."""
+        return protocol.encode_meta(self.producer, seq, self.epoch, self.signer, topic=topic,
+                                    payload=payload)
+
+    def frames(self, seq: int, topic: bytes, payload: bytes) -> list[bytes]:
+        return [topic, payload, self.meta(seq, topic, payload)]
 
     def send(self, *seqs: int, topic: bytes = b"idem.t") -> None:
-        self.send_frames(*([topic, b"payload-%d" % seq, self.meta(seq)] for seq in seqs))
+        self.send_frames(*(self.frames(seq, topic, b"payload-%d" % seq) for seq in seqs))
 
     def send_frames(self, *messages: list[bytes]) -> None:
         """Send each message's frames exactly as given, valid or not."""
@@ -289,6 +296,16 @@ class RawProducer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def signed(state: Any, seq: int, epoch: int | None = None,
+           key: bytes | None = None) -> tuple[bytes, bytes, bytes]:
+    """Frames of message `seq` of a producer's session (a writer.producers
+    ProducerState), as a publisher holding `key` (the session's) sends them."""
+    signer = protocol.SessionMac(key or state.session_key)
+    topic, payload = b"t", b"p-%d" % seq
+    return topic, payload, protocol.encode_meta(state.producer_id, seq, epoch or state.epoch,
+                                                signer, topic=topic, payload=payload)
 
 
 def wait_until_delivered(pub: Any, sub: Any, topic: str) -> None:

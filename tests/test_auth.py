@@ -268,14 +268,34 @@ def test_another_key_cannot_pre_empt_a_producers_messages(secure_bus: Bus, keys:
     assert rows == [b"real-1", b"real-2", b"real-3", b"real-4"]
 
 
-def test_the_session_mac_is_hmac_sha256_as_documented() -> None:
+def test_the_session_macs_are_hmac_sha256_as_documented() -> None:
+    """docs/protocol.md's formulas, computed here with hmac alone: a message's
+    mac covers its topic, payload and every byte of its meta up to the tag; a
+    notification's its topic and payload map up to the tag."""
     import hashlib
     import hmac
     import struct
     for key in (os.urandom(32), os.urandom(80)):
-        expected = hmac.new(key, struct.pack(">IQQ", 3, 7, 2**63 - 1) + b"t.x" + b"payload",
-                            hashlib.sha256).digest()[:16]
-        assert protocol.SessionMac(key)(b"t.x", b"payload", 7, 2**63 - 1) == expected
+        signer = protocol.SessionMac(key)
+        meta = protocol.encode_meta("p-1", 2**63 - 1, 7, signer, time_ns=-5,
+                                    headers={"h": "v"}, topic=b"t.x", payload=b"payload")
+        assert meta[-22:-16] == b"\xa3mac\xc4\x10" == protocol.MAC_ENTRY
+        expected = hmac.new(key, b"M" + struct.pack(">II", 3, 7) + b"t.x" + b"payload"
+                            + meta[:-16], hashlib.sha256).digest()[:16]
+        assert meta[-16:] == expected
+        assert msgpack.unpackb(meta)["mac"] == expected
+        assert signer.message_is_authentic(b"t.x", b"payload", meta)
+        for topic, payload, altered in ((b"t.y", b"payload", meta), (b"t.x", b"payloaD", meta),
+                                        (b"t.x", b"payload", meta[:5] + b"X" + meta[6:])):
+            assert not signer.message_is_authentic(topic, payload, altered)
+        topic = protocol.ack_topic("p-1")
+        note = signer.notification(topic, {"producer": "p-1", "epoch": 7, "contiguous_seq": 9})
+        assert note[-16:] == hmac.new(key, b"N" + struct.pack(">I", len(topic)) + topic
+                                      + note[:-16], hashlib.sha256).digest()[:16]
+        assert msgpack.unpackb(note)["contiguous_seq"] == 9
+        assert signer.notification_is_authentic(topic, note)
+        assert not signer.notification_is_authentic(protocol.nack_topic("p-1"), note)
+        assert not protocol.SessionMac(key[::-1]).notification_is_authentic(topic, note)
 
 
 def test_an_ipc_capture_is_the_bus_users_alone_and_needs_no_proxy_key(make_bus, keys: Path,

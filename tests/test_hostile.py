@@ -204,7 +204,7 @@ def test_stats_on_a_blocked_proxy_answers_busy_and_the_proxy_lives(make_bus) -> 
         with RawProducer(bus, "blocked") as raw:
             bus.writer.send_signal(signal.SIGSTOP)
             # 40 MiB: past the capture queue (10 messages) and both socket buffers.
-            raw.send_frames(*([b"block.t", payload, raw.meta(seq)] for seq in range(1, 161)))
+            raw.send_frames(*(raw.frames(seq, b"block.t", payload) for seq in range(1, 161)))
             first = wait_for(lambda: (r := raw_request(bus["BUS_PROXY_CONTROL_ENDPOINT"],
                                                        [protocol.encode_request(1, "stats")],
                                                        timeout_ms=10_000))
@@ -232,7 +232,7 @@ def test_a_proxy_blocked_on_a_full_capture_queue_still_stops_cleanly(make_bus) -
     try:
         with RawProducer(bus, "blocked") as raw:
             bus.writer.send_signal(signal.SIGSTOP)
-            raw.send_frames(*([b"block.t", payload, raw.meta(seq)] for seq in range(1, 161)))
+            raw.send_frames(*(raw.frames(seq, b"block.t", payload) for seq in range(1, 161)))
             wait_for(lambda: not raw_request(bus["BUS_PROXY_CONTROL_ENDPOINT"],
                                              [protocol.encode_request(1, "stats")],
                                              timeout_ms=10_000)["ok"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from tests.conftest import Bus, RawProducer, query, wait_for
+from tests.conftest import Bus, RawProducer, query, signed, wait_for
 from writer.producers import ProducerLedger, ProducerState
 
 # --- the ledger's logic -------------------------------------------------------
@@ -48,16 +48,21 @@ def test_state_round_trips_through_its_row() -> None:
 
 
 def test_ledger_loads_on_demand_and_keeps_dirty_states_until_committed() -> None:
-    saved = {"old": ProducerState("old", max_seq=4, epoch=2).row()}
+    old = ProducerState("old", max_seq=4, epoch=2, session_key=b"o" * 32)
+    saved = {"old": old.row(with_key=True)}
     ledger = ProducerLedger(saved.get, max_cached=1)
-    assert ledger.accept("old", 2, 3, now_ns=1) == (False, None)  # loaded: 1..4 stored before
-    assert ledger.accept("old", 2, 5, now_ns=2) == (True, None)
-    assert ledger.open("new", now_ns=3).epoch == 1         # over max_cached, but "old" is dirty
-    assert ledger.accept("new", 1, 1, now_ns=3) == (True, None)
-    assert {row[0] for row in ledger.dirty_rows()} == {"old", "new"}
+    assert ledger.accept("old", 2, 3, 1, signed(old, 3)) == (False, None)  # 1..4 stored before
+    assert ledger.accept("old", 2, 5, 2, signed(old, 5)) == (True, None)
+    new = ledger.open("new", 3, b"n" * 32)                  # over max_cached, but "old" is dirty
+    assert new.epoch == 1
+    assert ledger.accept("new", 1, 1, 3, signed(new, 1)) == (True, None)
+    rows = ledger.dirty_rows()
+    assert {row[0] for row in rows} == {"old", "new"}
+    assert {row[0]: row[-1] for row in rows} == {"old": None, "new": b"n" * 32}, \
+        "the key of the session just opened is stored, once"
     ledger.committed()
     assert not ledger.dirty
-    ledger.open("third", now_ns=4)                           # now a clean state is evicted
+    ledger.open("third", 4, b"t" * 32)                       # now a clean state is evicted
     assert ledger.snapshot()["cached"] <= 2
     assert ledger.duplicates == 1
 

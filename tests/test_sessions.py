@@ -18,24 +18,28 @@ import zmq
 from bus import protocol
 from bus.client import BusTimeout, MessageRefused, ProducerFenced, Publisher, Subscriber
 from bus.config import with_overrides
-from tests.conftest import BUS_CLI, Bus, RawProducer, query, wait_for
-from writer.producers import MAX_REFUSALS, ProducerLedger, ProducerState
+from tests.conftest import BUS_CLI, Bus, RawProducer, query, signed, wait_for
+from writer.producers import MAX_REFUSALS, NotAuthentic, ProducerLedger, ProducerState
 
 # --- the ledger's sessions ------------------------------------------------------
 
 
 def test_a_new_session_fences_the_old_one_and_goes_on_after_its_last_seq() -> None:
     ledger = ProducerLedger(lambda _producer: None)
-    first = ledger.open("p", now_ns=1)
+    first = ledger.open("p", 1, b"k1" * 16)
     assert (first.epoch, first.max_seq) == (1, 0)
     for seq in (1, 2, 3, 5):
-        assert ledger.accept("p", 1, seq, now_ns=2) == (True, None)
-    second = ledger.open("p", now_ns=3)
+        assert ledger.accept("p", 1, seq, 2, signed(first, seq)) == (True, None)
+    second = ledger.open("p", 3, b"k2" * 16)
     assert second.epoch == 2 and second.holes == [] and second.abandoned == 1  # seq 4: gone
-    assert ledger.accept("p", 1, 6, now_ns=4) == (False, protocol.PRODUCER_FENCED)
-    assert ledger.accept("p", 3, 6, now_ns=4) == (False, protocol.UNKNOWN_SESSION)
-    assert ledger.accept("p", 2, 6, now_ns=4) == (True, None)       # next_seq was 6
-    assert ledger.accept("p", 2, 6, now_ns=4) == (False, None)      # a retransmission
+    old = signed(second, 6, epoch=1, key=b"k1" * 16)
+    assert ledger.accept("p", 1, 6, 4, old) == (False, protocol.PRODUCER_FENCED)
+    assert ledger.accept("p", 3, 6, 4, signed(second, 6, epoch=3)) == \
+        (False, protocol.UNKNOWN_SESSION)
+    with pytest.raises(NotAuthentic):  # the old session's key, the new epoch
+        ledger.accept("p", 2, 6, 4, signed(second, 6, key=b"k1" * 16))
+    assert ledger.accept("p", 2, 6, 4, signed(second, 6)) == (True, None)   # next_seq was 6
+    assert ledger.accept("p", 2, 6, 4, signed(second, 6)) == (False, None)  # a retransmission
     assert second.contiguous_seq == 6
 
 
@@ -52,7 +56,7 @@ def test_a_refused_seq_is_decided_remembered_and_nacked_again() -> None:
     for seq in range(4, 4 + MAX_REFUSALS + 10):
         state.refuse(seq, "meta_bad_value", 10)
     assert len(state.refusals) == MAX_REFUSALS and state.refused == MAX_REFUSALS + 11
-    assert ProducerState.from_row(state.row()) == state
+    assert ProducerState.from_row(state.row()) == state  # (the row's key: None, not stored)
 
 
 # --- through the real processes -----------------------------------------------
@@ -227,14 +231,14 @@ def test_each_refusal_gets_its_nack_and_acknowledgements_go_on(make_bus) -> None
         old_epoch = first.epoch
     raw = RawProducer(bus, "refused")             # a second session: epoch 2
     try:
-        meta = raw.meta
-        bad = {  # seq -> frames; each names the session, so each can be nacked
-            1: [b"r" * 65, b"p", meta(1)],
-            2: [b"r.t", b"x" * 5000, meta(2)],
-            3: [b"r.t", b"p", msgpack.packb({"producer": "refused", "epoch": raw.epoch, "seq": 3,
-                                             "time_ns": 1 << 63})],
-            4: [b"r.t", b"p", meta(4), b"extra"],
-            5: [b"r\xff.t", b"p", meta(5)],
+        frames = raw.frames
+        bad = {  # seq -> frames; each names the session with its mac, so each can be nacked
+            1: frames(1, b"r" * 65, b"p"),
+            2: frames(2, b"r.t", b"x" * 5000),
+            3: [b"r.t", b"p", raw.signer.signed_meta(b"r.t", b"p", {
+                "producer": "refused", "epoch": raw.epoch, "seq": 3, "time_ns": 1 << 63})],
+            4: [*frames(4, b"r.t", b"p"), b"extra"],
+            5: frames(5, b"r\xff.t", b"p"),
         }
         codes = {1: "topic_too_long", 2: "message_too_large", 3: "meta_bad_value",
                  4: "too_many_frames", 5: "topic_not_utf8"}
@@ -442,11 +446,13 @@ def test_a_nack_for_a_seq_this_session_did_not_send_is_ignored() -> None:
     from bus.config import load_config
     pub = Publisher(load_config(env={}), producer_id="p")
     pub.epoch, pub.last_seq, pub.acked_seq = 3, 10, 7
+    pub._mac = protocol.SessionMac(b"k" * 32)
+    topic = protocol.nack_topic("p")
     for seq in (11, 50, 7, 3):  # not sent yet, or decided before
-        pub._apply_nack(msgpack.packb({"epoch": 3, "seq": seq, "code": "unknown_session",
-                                       "reason": "forged"}))
+        pub._apply_nack(topic, pub._mac.notification(topic, {
+            "epoch": 3, "seq": seq, "code": "unknown_session", "reason": "forged"}))
     assert pub.refused_total == 0
-    pub._apply_nack(msgpack.packb({"epoch": 3, "seq": 9, "code": "topic_too_long",
-                                   "reason": "real"}))
+    pub._apply_nack(topic, pub._mac.notification(topic, {
+        "epoch": 3, "seq": 9, "code": "topic_too_long", "reason": "real"}))
     assert pub.refused_total == 1 and pub._refusals == {9: ("topic_too_long", "real")}
     pub.close()

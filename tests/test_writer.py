@@ -436,7 +436,7 @@ def test_a_nul_in_a_topic_or_producer_id_is_refused_and_costs_no_batch(make_bus)
     bus = make_bus().start()
     with RawProducer(bus, "nul-around") as raw:
         raw.send(1)
-        raw.send_frames([b"idem.a\x00b", b"x", raw.meta(2)])
+        raw.send_frames(raw.frames(2, b"idem.a\x00b", b"x"))
         raw.send(3)
         bad_producer = protocol.encode_meta("nul\x00id", 1)
         raw.send_frames([b"idem.t", b"x", bad_producer])

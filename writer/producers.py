@@ -30,7 +30,6 @@ producer.
 
 from __future__ import annotations
 
-import hmac
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -51,15 +50,15 @@ MAX_REFUSALS = 256
 # 100,000 messages in flight.
 MAX_SEQ_AHEAD = 1_000_000
 
-# (CURVE) What a session message's MAC covers, and the MAC it carries:
-# (topic frame, payload frame, mac), see protocol.SessionMac.
-Signed = tuple[bytes, bytes, Any]
+# A session message's frames, which its mac covers: (topic, payload, meta),
+# see protocol.SessionMac.
+Signed = tuple[bytes, bytes, "bytes | None"]
 
 
 class NotAuthentic(Exception):
-    """A message of a producer's current session without the MAC of its session
-    key: another key sent it. Dropped, never nacked (a nack would decide the
-    real message's seq)."""
+    """A message of a producer's current session without the mac of its session
+    key: someone without the key sent it. Dropped, never nacked (a nack would
+    decide the real message's seq)."""
 
 
 @dataclass
@@ -76,7 +75,9 @@ class ProducerState:
     refused: int = 0         # seqs of this session refused (decided, not stored)
     refusals: list[list[Any]] = field(default_factory=list)  # [[seq, code], ...], newest last
     owner: str | None = None  # (CURVE) the public key that opened it first
-    session_key: bytes | None = None  # (CURVE) the current session's MAC key
+    # The current session's MAC key: stored in producer_keys, apart from the
+    # rest of the state, which a database reader may see.
+    session_key: bytes | None = None
     _signer: protocol.SessionMac | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -123,14 +124,18 @@ class ProducerState:
                 return True
         return False
 
-    def authentic(self, signed: Signed, seq: int) -> bool:
-        """Does this message of the current session carry its session key's MAC?"""
-        topic, payload, mac = signed
-        if self.session_key is None or not isinstance(mac, bytes):
-            return False
-        if self._signer is None:  # once per session (and per reload from the table)
-            self._signer = protocol.SessionMac(self.session_key)
-        return hmac.compare_digest(mac, self._signer(topic, payload, self.epoch, seq))
+    @property
+    def signer(self) -> protocol.SessionMac | None:
+        """The current session's MAC (None for a session an older bus opened
+        without a key: none of its messages is authentic)."""
+        if self._signer is None and self.session_key is not None:
+            self._signer = protocol.SessionMac(self.session_key)  # once per session
+        return self._signer
+
+    def authentic(self, signed: Signed) -> bool:
+        """Does this message of the current session carry its session key's mac?"""
+        signer = self.signer
+        return signer is not None and signer.message_is_authentic(*signed)
 
     def refusal_of(self, seq: int) -> str | None:
         """The code `seq` was refused with, if it is among the remembered refusals."""
@@ -154,15 +159,18 @@ class ProducerState:
         self.refused = 0
         self.refusals = []
 
-    def row(self) -> tuple[Any, ...]:
+    def row(self, with_key: bool = False) -> tuple[Any, ...]:
+        """The producers row, then the session key to store (with_key: a
+        session just opened) or None (storage.sessions.write_producers)."""
         return (self.producer_id, self.contiguous_seq, self.max_seq,
                 msgpack.packb(self.holes) if self.holes else None, self.gaps, self.abandoned,
                 self.duplicates, self.first_seen_ns, self.last_seen_ns, self.epoch, self.refused,
                 msgpack.packb(self.refusals) if self.refusals else None, self.owner,
-                self.session_key)
+                self.session_key if with_key else None)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> ProducerState:
+        """From a producers row and its producer_keys row's key (None if none)."""
         (producer_id, _contiguous, max_seq, holes, gaps, abandoned, duplicates,
          first_seen_ns, last_seen_ns, epoch, refused, refusals, owner, session_key) = row
         return cls(producer_id, max_seq, msgpack.unpackb(holes) if holes else [], gaps,
@@ -194,16 +202,17 @@ class ProducerLedger:
         self.max_holes = max_holes
         self._states: OrderedDict[str, ProducerState] = OrderedDict()
         self._dirty: dict[str, ProducerState] = {}
+        self._new_keys: dict[str, ProducerState] = {}  # sessions opened, keys not yet stored
         self.duplicates = 0
 
     def accept(self, producer_id: str, epoch: int, seq: int, now_ns: int,
-               signed: Signed | None = None) -> tuple[bool, str | None]:
+               signed: Signed) -> tuple[bool, str | None]:
         """(store, nack): store the message if `store`; else, if `nack` is a code,
         refuse it with that code, and if None it is a retransmission (acknowledged again).
-        With `signed` (CURVE), a message of the current session must carry its
-        MAC, or NotAuthentic is raised. Messages of another epoch are refused
-        whoever sent them (their MAC key is not known): a client takes a nack
-        only for a seq it sent in its session (docs/protocol.md, step 5)."""
+        A message of the current session must carry its mac over `signed`, or
+        NotAuthentic is raised. Messages of another epoch are refused whoever
+        sent them (their key is not kept): a client takes a nack only for a seq
+        it sent in its session (docs/protocol.md, step 5)."""
         state = self._states.get(producer_id)  # _touch, inlined for the hot path
         if state is None:
             state = self._touch(producer_id, now_ns)
@@ -220,7 +229,7 @@ class ProducerLedger:
         return False, state.refusal_of(seq)
 
     def refuse(self, producer_id: str, epoch: int, seq: int, code: str, now_ns: int,
-               signed: Signed | None = None) -> str | None:
+               signed: Signed) -> str | None:
         """A message of this producer that the writer will not store: the code to
         nack it with, or None if its seq was stored before. `signed` as for accept."""
         state = self._touch(producer_id, now_ns)
@@ -231,27 +240,29 @@ class ProducerLedger:
         return state.refuse(seq, code, self.max_holes)
 
     @staticmethod
-    def _refusal(state: ProducerState, epoch: int, seq: int, signed: Signed | None) -> str | None:
+    def _refusal(state: ProducerState, epoch: int, seq: int, signed: Signed) -> str | None:
         """Why a message of (epoch, seq) is refused whatever its content, or None;
-        NotAuthentic if it is not the session key's (with `signed`)."""
+        NotAuthentic if it is not the session key's."""
         if epoch != state.epoch:
             return protocol.PRODUCER_FENCED if epoch < state.epoch else protocol.UNKNOWN_SESSION
-        if signed is not None and not state.authentic(signed, seq):
+        if not state.authentic(signed):
             raise NotAuthentic(state.producer_id)
         if seq > state.max_seq + MAX_SEQ_AHEAD:
             return protocol.SEQ_OUT_OF_WINDOW
         return None
 
-    def open(self, producer_id: str, now_ns: int, owner: str | None = None,
-             session_key: bytes | None = None) -> ProducerState:
+    def open(self, producer_id: str, now_ns: int, session_key: bytes,
+             owner: str | None = None) -> ProducerState:
         """Start the next session of `producer_id`; committed with the next flush.
-        `owner` (a key) is recorded if the producer has none yet; `session_key`
-        (CURVE) authenticates the session's messages."""
+        `session_key` authenticates the session's messages and the writer's
+        notifications to it; `owner` (a key) is recorded if the producer has
+        none yet."""
         state = self._touch(producer_id, now_ns)
         state.open_session()
         state.owner = state.owner or owner
         state.session_key, state._signer = session_key, None
         self._dirty[producer_id] = state
+        self._new_keys[producer_id] = state
         return state
 
     def replay(self, rows: Sequence[MessageRow]) -> list[ProducerState]:
@@ -321,13 +332,15 @@ class ProducerLedger:
         return producer_id in self._dirty
 
     def dirty_rows(self) -> list[tuple[Any, ...]]:
-        """Rows for the producers table, to commit with the current batch."""
-        return [state.row() for state in self._dirty.values()]
+        """Rows for the producers table (and the keys of the sessions opened
+        since the last commit), to commit with the current batch."""
+        return [state.row(pid in self._new_keys) for pid, state in self._dirty.items()]
 
     def committed(self) -> list[ProducerState]:
         """The states just committed, now clean."""
         states = list(self._dirty.values())
         self._dirty.clear()
+        self._new_keys.clear()
         return states
 
     def snapshot(self, limit: int = 20) -> dict[str, Any]:

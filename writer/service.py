@@ -110,7 +110,7 @@ HTTP_SERIES = [
            "endpoint", lambda s: s["notify"]["subscribed_bytes"]),
     Series("memory_cutoffs", "counter", "times the capture, notify and control connections were "
            "dropped over the memory limit", lambda s: s["memory"]["cutoffs"]),
-    Series("messages_not_authentic", "counter", "session messages without their MAC (CURVE)",
+    Series("messages_not_authentic", "counter", "session messages without their session key's mac",
            lambda s: s["security"]["messages_not_authentic"]),
     *control_series(),
 ]
@@ -176,7 +176,7 @@ class Writer:
         self.load = LoadMeter(cfg.batch_low_load_threshold, cfg.batch_load_window_seconds)
         self.rejected: dict[str, int] = {}
         self.messages_received = 0
-        self.forged = 0     # session messages without their session's MAC (CURVE)
+        self.forged = 0     # session messages without their session key's mac
         self.authenticating = security.enabled(cfg)
         self.nacked: dict[str, int] = {}
         self.notify_subscribed_bytes = 0  # an estimate: see handle_notify_subscriptions
@@ -239,8 +239,10 @@ class Writer:
                         "seals (set it as the anchor worker has it)")
         self.dispatcher = control.Dispatcher(self.control_commands(), log, cfg, authorized=True,
                                              retryable=self.store.transient_errors)
-        self._owed_nacks: list[dict[str, Any]] = []
-        self._owed_acks: dict[str, dict[str, Any]] = {}
+        # Notifications owed to producer sessions, with the session's MAC (None:
+        # an epoch whose key the writer does not hold, sent without a mac).
+        self._owed_nacks: list[tuple[protocol.SessionMac | None, dict[str, Any]]] = []
+        self._owed_acks: dict[str, tuple[protocol.SessionMac | None, dict[str, Any]]] = {}
         self._owed_commit: dict[str, Any] | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.capture, zmq.POLLIN)
@@ -382,10 +384,8 @@ class Writer:
         self.messages_received += 1
         if producer is not None and seq is not None and epoch is not None:
             try:
-                store, nack = self.producers.accept(
-                    producer, epoch, seq, self._drain_ns,
-                    (frames[0], frames[1], meta.get(protocol.META_MAC))
-                    if self.authenticating else None)
+                store, nack = self.producers.accept(producer, epoch, seq, self._drain_ns,
+                                                    (frames[0], frames[1], meta_raw))
             except NotAuthentic:
                 self.not_authentic(producer, epoch, seq)
                 return
@@ -404,13 +404,12 @@ class Writer:
                               frames=len(frames), topic=topic.decode("utf-8", "replace"))
         session = protocol.refused_session(frames)
         if session is not None:
-            (producer, epoch, seq), mac = session
+            producer, epoch, seq = session
             # (refused_session names only messages of 3 frames or more.) Refusing
-            # a forgery would decide the real message's seq: its MAC is checked.
-            signed = (frames[0], frames[1], mac) if self.authenticating else None
+            # a forgery would decide the real message's seq: its mac is checked.
             try:
                 code = self.producers.refuse(producer, epoch, seq, exc.reason, self._drain_ns,
-                                             signed)
+                                             (frames[0], frames[1], frames[2]))
             except NotAuthentic:
                 self.not_authentic(producer, epoch, seq)
                 return
@@ -419,18 +418,22 @@ class Writer:
                                str(exc) if code == exc.reason else "")
 
     def not_authentic(self, producer: str, epoch: int, seq: int) -> None:
-        """(CURVE) A message of a producer's current session without its MAC: sent
-        by another key. Counted and logged (rate-limited), never nacked."""
+        """A message of a producer's current session without its session key's
+        mac: sent by someone else, or altered on the way. Counted and logged
+        (rate-limited), never nacked."""
         self.forged += 1
         self._rejects.warning("forged", "message_not_authentic", producer=producer,
                               epoch=epoch, seq=seq,
-                              detail="no valid mac: not sent by the key of this session")
+                              detail="no valid mac: not sent with this session's key")
 
     def _owe_nack(self, producer: str, epoch: int, seq: int, code: str, reason: str) -> None:
         """Tell the producer, after this loop pass, that (epoch, seq) is not stored."""
         self.nacked[code] = self.nacked.get(code, 0) + 1
-        self._owed_nacks.append({"producer": producer, "epoch": epoch, "seq": seq, "code": code,
-                                 "reason": reason or REFUSAL_REASONS.get(code, code)})
+        state = self.producers.peek(producer)
+        signer = state.signer if state is not None and state.epoch == epoch else None
+        self._owed_nacks.append((signer, {"producer": producer, "epoch": epoch, "seq": seq,
+                                          "code": code,
+                                          "reason": reason or REFUSAL_REASONS.get(code, code)}))
 
     def handle_notify_subscriptions(self) -> None:
         """Answer each new acknowledgement subscription with the producer's
@@ -465,7 +468,7 @@ class Writer:
                 continue
             state = self.producers.peek(producer) if producer else None
             if state is not None and not self.producers.is_dirty(producer):
-                self._owed_acks[producer] = state.ack(time.time_ns())
+                self._owed_acks[producer] = (state.signer, state.ack(time.time_ns()))
 
     def drop_notify_connections(self) -> None:
         """Past the notify budget: drop every notify connection (its
@@ -597,7 +600,7 @@ class Writer:
         one acknowledgement per producer, not one per commit. Values are copied
         now: the states move on with messages not yet committed."""
         for state in producers:
-            self._owed_acks[state.producer_id] = state.ack(committed_ns)
+            self._owed_acks[state.producer_id] = (state.signer, state.ack(committed_ns))
         if last_id is not None:
             rows = self._owed_commit["rows"] if self._owed_commit else 0
             self._owed_commit = {"last_id": last_id, "rows": rows + messages,
@@ -607,13 +610,19 @@ class Writer:
         """Publish on the notify endpoint each owed nack ($bus.nack.<producer>),
         then each owed acknowledgement ($bus.ack.<producer>, the producer's
         contiguous watermark) and the commit watermark ($bus.commit). Nacks go
-        first: an acknowledgement passes the seqs it refused."""
+        first: an acknowledgement passes the seqs it refused. Each ends with the
+        mac of its session (protocol.SessionMac.notification), so that only the
+        writer can tell a publisher what is stored."""
         send = self.notify.send_multipart
-        for nack in self._owed_nacks:
-            send((protocol.nack_topic(nack["producer"]), msgpack.packb(nack)))
+        for signer, nack in self._owed_nacks:
+            topic = protocol.nack_topic(nack["producer"])
+            send((topic, msgpack.packb(nack) if signer is None
+                  else signer.notification(topic, nack)))
         self._owed_nacks.clear()
-        for producer, ack in self._owed_acks.items():
-            send((protocol.ack_topic(producer), msgpack.packb(ack)))
+        for producer, (signer, ack) in self._owed_acks.items():
+            topic = protocol.ack_topic(producer)
+            send((topic, msgpack.packb(ack) if signer is None
+                  else signer.notification(topic, ack)))
         self._owed_acks.clear()
         if self._owed_commit:
             send((protocol.COMMIT_TOPIC.encode(), msgpack.packb(self._owed_commit)))
@@ -753,17 +762,16 @@ class Writer:
             raise control.CommandFailed(protocol.FORBIDDEN,
                                         f"producer {producer!r} belongs to another key: open "
                                         "your own producer id")
-        session_key = os.urandom(32) if self.authenticating else None
-        state = self.producers.open(producer, time.time_ns(), owner=request.user,
-                                    session_key=session_key)
+        session_key = os.urandom(32)
+        state = self.producers.open(producer, time.time_ns(), session_key, owner=request.user)
         if not self.flush("request", time.monotonic()):
             raise control.CommandFailed(protocol.UNAVAILABLE, "database write failed; retry")
         log.info("producer_session_opened", producer=producer, epoch=state.epoch,
                  next_seq=state.max_seq + 1)
-        opened = {"producer": producer, "epoch": state.epoch, "next_seq": state.max_seq + 1}
-        if session_key is not None:  # over the encrypted CURVE channel only
-            opened["session_key"] = session_key
-        return opened
+        # The key goes to this client only: over CURVE, encrypted; without
+        # CURVE, over a connection no other unprivileged local process can read.
+        return {"producer": producer, "epoch": state.epoch, "next_seq": state.max_seq + 1,
+                "session_key": session_key}
 
     def _wallet_command(self, request: control.Request) -> Any:
         """A busy database is answered `unavailable`: retry."""

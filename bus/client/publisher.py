@@ -88,8 +88,15 @@ class Publisher:
         self._refused_report: list[tuple[int, str, str]] = []  # for the next flush to raise
         self._refusals_unknown = 0  # refusals the writer counted that could not be told apart
         self._fenced: str | None = None
+        # A notification without this session's mac said that a newer session
+        # exists: asked of the writer (producer_status) before it is believed.
+        self._fence_suspected = False
+        self._fence_checked_at = 0.0
         self._session_acked = False
-        self._mac: protocol.SessionMac | None = None
+        self._mac: protocol.SessionMac | None = None  # this session's, from producer_open
+        # Notifications not applied, by why: not_authentic (no valid mac of this
+        # session), other_epoch, beyond_sent (an ack past the last seq sent).
+        self.notifications_ignored: dict[str, int] = {}
         self._proxy_prefixes: set[bytes] = set()  # the proxy's subscriptions seen so far
         self._topics: dict[str, bytes] = {}  # validated topic -> frame
         self._meta = protocol.MetaEncoder(self.producer_id)
@@ -144,10 +151,14 @@ class Publisher:
                              "running?" + (" With CURVE: is this key in publishers/?"
                                            if self.config.curve_dir else "") + ")") from None
         self.epoch, next_seq = session["epoch"], session["next_seq"]
-        key = session.get("session_key")  # CURVE: each message carries its MAC
-        self._mac = None if key is None else protocol.SessionMac(key)
+        key = session.get("session_key")
+        if not isinstance(key, bytes):
+            raise BusError(protocol.BAD_REQUEST, "producer_open answered no session_key: the "
+                                                 "writer is older than this client")
+        # Each message carries the session's mac; each notification must too.
+        self._mac = protocol.SessionMac(key)
         self.last_seq = self.acked_seq = next_seq - 1
-        self._meta = protocol.MetaEncoder(self.producer_id, self.epoch)
+        self._meta = protocol.MetaEncoder(self.producer_id, self.epoch, self._mac)
 
     def _wait_ready(self, deadline: float) -> None:
         """Until the proxy has subscribed to this publisher (its first subscription
@@ -211,9 +222,9 @@ class Publisher:
         if len(self._unacked) >= self.max_unacked:  # backpressure, like a full socket
             self._wait_acked(self.max_unacked // 2, self.send_timeout)
         seq = self.last_seq + 1
-        mac = None if self._mac is None else self._mac(topic_frame, payload, self.epoch, seq)
         frames = (topic_frame, payload, self._meta.encode(seq, content_type=content_type,
-                                                          headers=headers, mac=mac))
+                                                          headers=headers, topic=topic_frame,
+                                                          payload=payload))
         size = len(topic_frame) + len(payload) + len(frames[2])
         if size > self.config.max_message_bytes:
             raise protocol.ProtocolError(protocol.MESSAGE_TOO_LARGE,
@@ -321,9 +332,11 @@ class Publisher:
                 # Exact match: a prefix subscription also brings the notifications
                 # of producers whose ids start with ours.
                 if topic == self._ack_topic:
-                    self._apply_ack(payload)
+                    self._apply_ack(topic, payload)
                 elif topic == self._nack_topic:
-                    self._apply_nack(payload)
+                    self._apply_nack(topic, payload)
+        if self._fence_suspected:
+            self._check_fenced()
         unacked, refusals = self._unacked, self._refusals
         while unacked and unacked[0][0] <= self.acked_seq:
             seq = unacked.popleft()[0]
@@ -340,16 +353,25 @@ class Publisher:
             if frame[:1] == b"\x01":
                 self._proxy_prefixes.add(frame[1:])
 
-    def _apply_ack(self, payload: bytes) -> None:
+    def _ignore(self, why: str) -> None:
+        self.notifications_ignored[why] = self.notifications_ignored.get(why, 0) + 1
+
+    def _apply_ack(self, topic: bytes, payload: bytes) -> None:
         try:
             ack = msgpack.unpackb(payload)
             epoch, acked, refused = ack["epoch"], int(ack["contiguous_seq"]), int(ack["refused"])
         except Exception:
-            return  # not an acknowledgement we understand
+            return self._ignore("not_authentic")  # not an acknowledgement we understand
         if epoch != self.epoch:
+            # Another session's, whose key we do not hold: a newer one would
+            # fence us, if the writer says so.
             if isinstance(epoch, int) and epoch > (self.epoch or 0):
-                self._fence(epoch)
-            return  # an older session's
+                self._fence_suspected = True
+            return self._ignore("other_epoch")
+        if self._mac is None or not self._mac.notification_is_authentic(topic, payload):
+            return self._ignore("not_authentic")
+        if acked > self.last_seq:  # nothing sent can be acknowledged past what was sent
+            return self._ignore("beyond_sent")
         self._session_acked = True
         if acked <= self.acked_seq:
             return
@@ -357,16 +379,19 @@ class Publisher:
             return  # which seqs were refused is not known yet: keep them unacknowledged
         self.acked_seq = acked
 
-    def _apply_nack(self, payload: bytes) -> None:
+    def _apply_nack(self, topic: bytes, payload: bytes) -> None:
         try:
             nack = msgpack.unpackb(payload)
             epoch, seq, code, reason = nack["epoch"], nack["seq"], nack["code"], nack["reason"]
         except Exception:
-            return
+            return self._ignore("not_authentic")
         if epoch != self.epoch:
-            return
+            return self._ignore("other_epoch")
         if code == protocol.PRODUCER_FENCED:
-            self._fenced = f"producer {self.producer_id!r}: {reason}"
+            # The writer no longer holds our session's key to sign this: ask it.
+            self._fence_suspected = True
+        elif self._mac is None or not self._mac.notification_is_authentic(topic, payload):
+            self._ignore("not_authentic")
         else:
             self._note_refusal(seq, code, reason)
 
@@ -395,9 +420,23 @@ class Publisher:
             self.refused_total = refused
         return True
 
-    def _fence(self, epoch: int) -> None:
-        self._fenced = (f"producer {self.producer_id!r} was opened again (epoch {epoch}); this "
-                        f"publisher's session (epoch {self.epoch}) is fenced")
+    def _check_fenced(self) -> None:
+        """A notification said that a newer session of our producer id exists:
+        believe it only if the writer's producer_status says so (anyone can
+        send a notification without a mac; at most one question a second)."""
+        now = time.monotonic()
+        if now - self._fence_checked_at < 1.0:
+            return
+        self._fence_checked_at = now
+        try:
+            status = self._control.request("producer_status", {"producer": self.producer_id})
+        except BusError:
+            return  # asked again at the next notification, a second later
+        self._fence_suspected = False
+        epoch = status.get("epoch") if isinstance(status, dict) else None
+        if isinstance(epoch, int) and epoch > (self.epoch or 0):
+            self._fenced = (f"producer {self.producer_id!r} was opened again (epoch {epoch}); "
+                            f"this publisher's session (epoch {self.epoch}) is fenced")
 
     def _raise_if_fenced(self) -> None:
         if self._fenced is not None:

@@ -1,0 +1,262 @@
+"""Issue 21: "acknowledged means stored" holds against a local process, with
+CURVE off as with CURVE on. A session's messages carry a MAC over the whole
+message and the writer's acknowledgements and nacks a MAC under the same
+session key, so nobody without the key can store in a session's name or make
+its publisher count a message as stored that is not."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+import zmq.auth
+
+from bus import protocol, security
+from bus.client import BusTimeout, ControlClient, Publisher
+from tests.conftest import Bus, RawProducer, query, wait_for
+from tests.squatter import forged_acks
+
+
+def payloads(bus: Bus, producer: str) -> list[bytes]:
+    return [row[0] for row in query(bus.db, "SELECT payload FROM messages WHERE producer_id = ?"
+                                            " ORDER BY producer_seq", (producer,))]
+
+
+def not_authentic(bus: Bus) -> int:
+    return bus.writer_stats()["security"]["messages_not_authentic"]
+
+
+def test_acknowledgements_forged_while_the_writer_is_down_are_not_believed(bus: Bus) -> None:
+    """Item 2: the writer is killed and another local user binds its notify
+    and capture endpoints, answering `$bus.ack.victim {contiguous_seq:
+    1000000}`. The victim's flush used to succeed with nothing stored, and its
+    re-send buffer was emptied: now it waits, and once the writer is back
+    everything is stored."""
+    with Publisher(bus.config(), producer_id="victim", connect_timeout=10) as victim:
+        victim.publish("trust.t", b"first", wait=True, timeout=10)
+        bus.writer.kill()
+        squatter = forged_acks(bus["BUS_NOTIFY_ENDPOINT"], bus["BUS_CAPTURE_ENDPOINT"],
+                               "victim", victim.epoch, seconds=30)
+        try:
+            assert squatter.wait_bound() == "bound"
+            for i in range(100):
+                victim.publish("trust.t", b"%d" % i)
+            with pytest.raises(BusTimeout):
+                victim.flush(timeout=3)
+            assert victim.acked_seq == 1 and victim.unacked == 100
+            assert victim.notifications_ignored.get("not_authentic", 0) > 0
+        finally:
+            squatter.stop()
+        bus.start_writer()
+        victim.flush(timeout=40)
+    assert payloads(bus, "victim") == [b"first", *(b"%d" % i for i in range(100))]
+
+
+def test_an_authentic_ack_past_the_last_seq_sent_is_ignored_and_counted() -> None:
+    from bus.config import load_config
+    pub = Publisher(load_config(env={}), producer_id="p")
+    pub.epoch, pub.last_seq, pub.acked_seq = 2, 10, 4
+    pub._mac = protocol.SessionMac(b"k" * 32)
+    topic = protocol.ack_topic("p")
+    ack = {"producer": "p", "epoch": 2, "max_seq": 11, "refused": 0, "committed_ns": 1}
+    pub._apply_ack(topic, pub._mac.notification(topic, {**ack, "contiguous_seq": 11}))
+    assert pub.acked_seq == 4 and pub.notifications_ignored == {"beyond_sent": 1}
+    pub._apply_ack(topic, protocol.SessionMac(b"x" * 32).notification(
+        topic, {**ack, "contiguous_seq": 9}))
+    assert pub.acked_seq == 4 and pub.notifications_ignored["not_authentic"] == 1
+    pub._apply_ack(topic, pub._mac.notification(topic, {**ack, "contiguous_seq": 9}))
+    assert pub.acked_seq == 9
+    pub.close()
+
+
+def test_without_curve_nobody_without_the_session_key_stores_in_its_name(bus: Bus) -> None:
+    """Item 3: `producer_status` tells anyone a session's epoch and next seq;
+    messages sent in its name before the victim's own used to be stored, and
+    the victim's own acknowledged as duplicates."""
+    with Publisher(bus.config(), producer_id="victim3") as victim:
+        status = bus.request("BUS_CONTROL_ENDPOINT", "producer_status",
+                             {"producer": "victim3"})
+        first = status["max_seq"] + 1
+        forged = 0
+        with RawProducer(bus, "forger", session=False) as forger:
+            for seq in range(first, first + 10):
+                meta = {"producer": "victim3", "epoch": status["epoch"], "seq": seq}
+                forger.send_frames(
+                    [b"orders.x", b"FORGED", msgpack.packb(meta)],
+                    [b"orders.x", b"FORGED", msgpack.packb({**meta, "mac": os.urandom(16)})],
+                    [b"orders.x", b"FORGED", protocol.SessionMac(os.urandom(32)).signed_meta(
+                        b"orders.x", b"FORGED", meta)])
+                forged += 3
+            wait_for(lambda: not_authentic(bus) >= forged,
+                     message="the forged messages dropped and counted")
+        for i in range(10):
+            victim.publish("orders.x", b"real-%d" % i)
+        victim.flush(timeout=10)
+    assert payloads(bus, "victim3") == [b"real-%d" % i for i in range(10)]
+    assert bus.writer_stats()["producers"]["duplicates_skipped"] == 0
+
+
+@pytest.fixture
+def mallory_keys(tmp_path: Path) -> Path:
+    """A BUS_CURVE_DIR where pub1 publishes and mallory both publishes and reads."""
+    curve, clients = tmp_path / "curve", tmp_path / "clients"
+    for directory in (curve, clients, curve / "publishers", curve / "readers", curve / "admins"):
+        directory.mkdir()
+    for name in ("server", "proxy"):
+        zmq.auth.create_certificates(curve, name)
+    for name, roles in (("pub1", ("publishers",)), ("mallory", ("publishers", "readers")),
+                        ("admin1", ("admins",))):
+        public, _ = zmq.auth.create_certificates(clients, name)
+        for role in roles:
+            (curve / role / f"{name}.key").write_bytes(Path(public).read_bytes())
+    security.load_keyring.cache_clear()
+    return tmp_path
+
+
+@pytest.mark.parametrize("curve", [True, False], ids=["curve", "plain"])
+def test_a_captured_message_altered_outside_topic_and_payload_is_not_stored(
+        make_bus, mallory_keys: Path, curve: bool) -> None:
+    """Item 4: the MAC covered topic, payload, epoch and seq only. A key that
+    can publish and read captures a victim's message live and, the victim's
+    copy lost (a writer crash), sends it first with its own headers,
+    content_type, time_ns or an extra meta key and the same mac: it was stored
+    as the victim's authentic message. Now the mac covers the whole meta."""
+    settings: dict[str, Any] = {}
+    if curve:
+        settings = {"BUS_CURVE_DIR": mallory_keys / "curve",
+                    "BUS_CURVE_KEY": mallory_keys / "clients" / "admin1.key_secret"}
+    bus = make_bus(**settings).start()
+
+    def config_of(name: str) -> Any:
+        return bus.config() if not curve else \
+            security_config(bus, mallory_keys / "clients" / f"{name}.key_secret")
+
+    lost: list[tuple[bytes, bytes, bytes]] = []
+    with Publisher(config_of("pub1"), producer_id="victim4") as victim:
+        sent = victim._send
+        victim._send = lost.append  # these copies never reach the proxy
+        for i in range(4):
+            victim.publish("v4.t", b"order-%d" % i, headers={"approved-by": "alice"},
+                           content_type="application/json")
+        victim._send = sent
+        alterations = [
+            lambda m: {**m, "headers": {"approved-by": "mallory"}},
+            lambda m: {**m, "content_type": "text/plain"},
+            lambda m: {**m, "time_ns": 1},
+            lambda m: {**{k: v for k, v in m.items() if k != "mac"}, "approved": "mallory",
+                       "mac": m["mac"]},
+        ]
+        ctx = zmq.Context()
+        forger = ctx.socket(zmq.XPUB)
+        forger.setsockopt(zmq.LINGER, 2000)
+        if curve:
+            security.secure_client(forger, security.client_keys(config_of("mallory")))
+        forger.connect(bus["BUS_PUB_ENDPOINT"])
+        try:
+            assert forger.poll(5000), "the proxy did not subscribe to the forger"
+            for (topic, payload, meta), alter in zip(lost, alterations):
+                altered = alter(msgpack.unpackb(meta))
+                assert altered["mac"] == msgpack.unpackb(meta)["mac"]
+                forger.send_multipart([topic, payload, msgpack.packb(altered)])
+            wait_for(lambda: not_authentic(bus) >= 4, message="the altered copies dropped")
+        finally:
+            forger.close()
+            ctx.term()
+        victim.flush(timeout=15)  # re-sends its own copies
+    rows = query(bus.db, "SELECT meta FROM messages WHERE producer_id = 'victim4'"
+                         " ORDER BY producer_seq")
+    metas = [msgpack.unpackb(meta) for (meta,) in rows]
+    assert len(metas) == 4
+    assert all(m["headers"] == {"approved-by": "alice"} and m["content_type"] ==
+               "application/json" and m["time_ns"] > 1 and "approved" not in m for m in metas)
+
+
+def security_config(bus: Bus, key: Path) -> Any:
+    from bus.config import with_overrides
+    return with_overrides(bus.config(), curve_key=str(key))
+
+
+def test_a_session_opened_by_another_process_fences_the_victim_without_curve(bus: Bus) -> None:
+    """With CURVE off anyone may open a producer id; what it cannot do is send
+    in the victim's session: it takes a new one, and the victim learns that it
+    is fenced (from producer_status, asked when an unauthenticated notification
+    says so) instead of having its messages mixed with the other's."""
+    from bus.client import ProducerFenced
+    with Publisher(bus.config(), producer_id="victim5") as victim:
+        victim.publish("v5.t", b"mine", wait=True, timeout=10)
+        with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=3000) as control:
+            taken = control.request("producer_open", {"producer": "victim5"})
+        assert taken["epoch"] == victim.epoch + 1
+        with pytest.raises(ProducerFenced):
+            victim.publish("v5.t", b"after", wait=True, timeout=10)
+    assert payloads(bus, "victim5") == [b"mine"]
+
+
+
+DOC = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+
+
+def test_the_documented_reporting_grant_reads_no_session_key(make_bus, pg_server) -> None:
+    """Item 5: session keys sat in `producers.session_key`, which a reporting
+    role granted SELECT reads: enough to forge in any producer's name. With
+    docs/protocol.md's grant a role reads every table but producer_keys, and
+    the reader process works under it."""
+    import re
+    import uuid
+
+    import psycopg
+    bus = make_bus(BUS_DB=pg_server.create_database()).start()
+    with Publisher(bus.config(), producer_id="rep") as pub:
+        pub.publish("rep.t", b"x", wait=True, timeout=10)
+    grant = re.search(r"```sql\n(GRANT SELECT ON .*? TO reporting;)\n```", DOC, re.S)
+    assert grant, "docs/protocol.md gives the reporting grant"
+    role = f"reporting_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(bus["BUS_DB"], autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(grant.group(1).replace("TO reporting", f"TO {role}"))
+    url = bus["BUS_DB"].replace(f"//{pg_server.user}@", f"//{role}@")
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM producers").fetchone() == (1,)
+        columns = [row[0] for row in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'producers'")]
+        assert columns and not any("key" in column for column in columns)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT session_key FROM producer_keys")
+    # The bus's reader needs no more than the grant.
+    from tests.conftest import BUS_CLI, free_port
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    reader = bus.spawn([BUS_CLI, "reader"], env={"BUS_DB": url, "BUS_READ_ENDPOINT": endpoint})
+    try:
+        from bus.client import HistoryClient
+        from bus.config import with_overrides
+        with HistoryClient(with_overrides(bus.config(), read_endpoint=endpoint)) as history:
+            assert [m.payload for m in history.messages(["rep."])] == [b"x"]
+    finally:
+        reader.stop()
+
+
+def test_an_older_database_moves_its_session_keys_out_of_producers(make_bus) -> None:
+    """Schema 8 kept the keys in producers.session_key: the migration moves
+    them to producer_keys and drops the column."""
+    import apsw
+    bus = make_bus()
+    bus.start_writer()
+    assert bus.writer.stop() == 0
+    conn = apsw.Connection(str(bus.db))
+    conn.execute("DROP TABLE producer_keys")
+    conn.execute("ALTER TABLE producers ADD COLUMN session_key BLOB")
+    conn.execute("INSERT INTO producers (producer_id, contiguous_seq, max_seq, gaps, abandoned,"
+                 " duplicates, first_seen_ns, last_seen_ns, epoch, session_key)"
+                 " VALUES ('old', 3, 3, 0, 0, 0, 1, 1, 2, x'0102')")
+    conn.execute("UPDATE bus_meta SET value = '8' WHERE key = 'schema_version'")
+    conn.close()
+    migrated = bus.cli("db", "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert query(bus.db, "SELECT producer_id, epoch, session_key FROM producer_keys") == \
+        [("old", 2, b"\x01\x02")]
+    assert "session_key" not in [row[1] for row in query(bus.db,
+                                                         "PRAGMA table_info(producers)")]
