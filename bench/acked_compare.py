@@ -5,6 +5,8 @@
   revision is checked out in a temporary git worktree;
 - --curve: this tree with CURVE authentication (BUS_CURVE_DIR, fresh keys)
   against this tree without (target: at least 0.7x);
+- --baseline REV --curve-both: this tree against another revision, both with
+  CURVE (issue 21: what authenticating sessions whole costs with CURVE on);
 - --watched: this tree with its operations paths on (each process's HTTP
   side, scraped every second, harsher than Prometheus' usual 15 s; sd_notify
   to a NOTIFY_SOCKET with a 2 s watchdog) against this tree without them
@@ -18,7 +20,8 @@ unacknowledged, timed until every one is acknowledged; each process's CPU time
 The machine is shared and noisy: the ratio of each round, taken minutes apart
 at most, is what to read.
 
-    python bench/acked_compare.py [--baseline 4549d21 | --curve | --watched] [--ipc-capture]
+    python bench/acked_compare.py [--baseline 4549d21 [--curve-both] | --curve | --watched]
+                                  [--ipc-capture]
                                   [--messages 200000] [--rounds 3]
 """
 
@@ -187,6 +190,8 @@ def main() -> None:
                         help="git revision to compare with (default: main before issue #10)")
     parser.add_argument("--curve", action="store_true",
                         help="compare this tree with CURVE against this tree without")
+    parser.add_argument("--curve-both", action="store_true",
+                        help="with --baseline: both sides with CURVE")
     parser.add_argument("--watched", action="store_true",
                         help="compare this tree with its HTTP sides scraped and sd_notify on "
                              "against this tree without")
@@ -206,7 +211,8 @@ def main() -> None:
             baseline = Path(tmp) / "baseline"
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach",
                             str(baseline), args.baseline], check=True, capture_output=True)
-            sides = {f"baseline {args.baseline}": (baseline, {}), "current": (ROOT, {})}
+            keys = make_keys(Path(tmp) / "curve") if args.curve_both else {}
+            sides = {f"baseline {args.baseline}": (baseline, keys), "current": (ROOT, keys)}
         try:
             rates: dict[str, list[float]] = {name: [] for name in sides}
             cpus: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
@@ -224,7 +230,8 @@ def main() -> None:
                                 str(baseline)], check=False)
     first, second = sides
     print(f"acknowledged publishing, {args.messages:,} messages of 100 bytes per run, "
-          f"capture over {'ipc' if args.ipc_capture else 'tcp'}, "
+          f"capture over {'ipc' if args.ipc_capture else 'tcp'}"
+          f"{', CURVE on both sides' if args.curve_both else ''}, "
           f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"{'round':>5}  {first:>18}  {second:>14}  ratio")
     for n, (old, new) in enumerate(zip(rates[first], rates[second]), 1):
