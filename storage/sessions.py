@@ -18,6 +18,9 @@ UPSERT_PRODUCER = (f"INSERT INTO producers ({PRODUCER_COLUMNS})"
                        f"{column} = excluded.{column}" for column in
                        (c.strip() for c in PRODUCER_COLUMNS.split(",")[1:])))
 SELECT_PRODUCER = f"SELECT {PRODUCER_COLUMNS} FROM producers WHERE producer_id = ?"
+# A page of producers after an id, in SELECT_PRODUCER's row shape (whatever it
+# joins): `bus-cli producers ls`.
+LIST_PRODUCERS = SELECT_PRODUCER.rpartition("= ?")[0] + "> ? ORDER BY 1 LIMIT ?"
 UPSERT_CONSUMER = ("INSERT INTO consumers (name, last_id, updated_ns, owner) VALUES (?, ?, ?, ?)"
                    " ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id,"
                    " updated_ns = excluded.updated_ns, owner = excluded.owner")
@@ -31,6 +34,22 @@ def write_producers(conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
 
 def load_producer(conn: Any, producer_id: str) -> tuple[Any, ...] | None:
     return conn.execute(SELECT_PRODUCER, (producer_id,)).fetchone()
+
+
+def list_producers(conn: Any, after: str, limit: int) -> list[tuple[Any, ...]]:
+    """At most `limit` producer rows with ids after `after`, in id order."""
+    return conn.execute(LIST_PRODUCERS, (after, limit)).fetchall()
+
+
+def count_producers(conn: Any) -> int:
+    return conn.execute("SELECT count(*) FROM producers").fetchone()[0]
+
+
+def producers_by_owner(conn: Any) -> dict[str, int]:
+    """How many producer ids each key owns (CURVE): the writer's quota counts
+    start from it."""
+    return dict(conn.execute("SELECT owner, count(*) FROM producers WHERE owner IS NOT NULL"
+                             " GROUP BY owner").fetchall())
 
 
 def write_consumptions(conn: Any, rows: Sequence[ConsumptionRow]) -> None:
