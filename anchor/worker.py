@@ -195,7 +195,8 @@ class AnchorWorker:
         self.guard = sockets.PeerMemoryGuard(cfg.anchor_memory_limit_bytes, log)
         self.control = sockets.open_anchor_control(
             self.ctx, cfg, self.guard.watch("control", cfg.anchor_control_endpoint))
-        self.dispatcher = control.Dispatcher({"stats": lambda _request: self.stats()}, log)
+        self.dispatcher = control.Dispatcher({"stats": lambda _request: self.stats()}, log, cfg,
+                                             domain="anchor_control")
         if cfg.anchor_http:
             self.http = HttpSide("anchor", cfg.anchor_http, HTTP_SERIES, anchor_health)
         self.poller = zmq.Poller()

@@ -118,6 +118,14 @@ SETTINGS: tuple[Setting, ...] = (
             "rows deleted per retention transaction (bounds the stall of ingest)"),
     Setting("max_consumers", "BUS_MAX_CONSUMERS", int, 10_000,
             "durable consumer positions the writer keeps"),
+    Setting("max_consumers_per_key", "BUS_MAX_CONSUMERS_PER_KEY", int, 1000,
+            "(CURVE) durable consumers one key may own (0: BUS_MAX_CONSUMERS alone)"),
+    Setting("max_producers_per_key", "BUS_MAX_PRODUCERS_PER_KEY", int, 1000,
+            "(CURVE) producer ids one key may own (0: no limit); `bus-cli producers rm` "
+            "frees one"),
+    Setting("max_requests_per_key_s", "BUS_MAX_REQUESTS_PER_KEY_S", int, 1000,
+            "(CURVE) control requests a second one key may send the writer, a second's worth "
+            "at once (0: no limit)"),
     Setting("utxo_max_lease_s", "BUS_UTXO_MAX_LEASE_S", float, 3600.0,
             "longest lease a UTXO reservation or renewal may ask for"),
     Setting("utxo_request_ttl_s", "BUS_UTXO_REQUEST_TTL_S", float, 3600.0,
@@ -247,6 +255,9 @@ class BusConfig:
     retention_max_messages: int
     retention_chunk_rows: int
     max_consumers: int
+    max_consumers_per_key: int
+    max_producers_per_key: int
+    max_requests_per_key_s: int
     utxo_max_lease_s: float
     utxo_request_ttl_s: float
     bitcoind_rpc_url: str
@@ -320,10 +331,11 @@ class BusConfig:
                 raise _invalid(name, "must be at least 1")
         for name in ("batch_flush_interval_ms", "retention_max_age_s", "retention_max_messages",
                      "shutdown_timeout_ms", "sqlite_busy_timeout_ms",
-                     "anchor_utxo_min_confirmations", "anchor_fee_rate_sat_vb"):
+                     "anchor_utxo_min_confirmations", "anchor_fee_rate_sat_vb",
+                     "max_consumers_per_key", "max_producers_per_key", "max_requests_per_key_s"):
             if getattr(self, name) < 0:
                 raise _invalid(name, "must not be negative" + (
-                    " (0 turns the limit off)" if name.startswith("retention") else
+                    " (0 turns the limit off)" if name.startswith(("retention", "max_")) else
                     " (0: estimate)" if name == "anchor_fee_rate_sat_vb" else ""))
         if self.batch_size > self.batch_max_buffer_size:
             raise _invalid("batch_size", "must not exceed BATCH_MAX_BUFFER_SIZE")

@@ -62,17 +62,23 @@ class ControlCounters:
 class Dispatcher:
     """Decode, authorize, run, answer. `authorized` limits which commands a
     CURVE key may run (the writer's: security.authorize); the other
-    processes rely on their endpoint's key list alone. `retryable`: errors
-    that a retry may get past (a database that is busy or reconnecting),
-    answered UNAVAILABLE rather than as a bug."""
+    processes name their endpoint's ZAP `domain` instead, and a request from
+    a key no longer in any of its lists (revoked while connected) is
+    refused. `admit` may refuse a request before it runs (the writer's
+    quotas: raise CommandFailed). `retryable`: errors that a retry may get
+    past (a database that is busy or reconnecting), answered UNAVAILABLE
+    rather than as a bug."""
 
     def __init__(self, commands: dict[str, Handler], log: Any, config: BusConfig | None = None,
                  authorized: bool = False,
-                 retryable: tuple[type[Exception], ...] = ()) -> None:
+                 retryable: tuple[type[Exception], ...] = (), domain: str | None = None,
+                 admit: Handler | None = None) -> None:
         self.commands: dict[str, Handler] = {"ping": lambda _request: "pong", **commands}
         self.config = config
         self.authorized = authorized
         self.retryable = retryable
+        self.domain = domain
+        self.admit = admit
         self.counters = ControlCounters()
         self._log = RateLimitedLog(log)
 
@@ -92,12 +98,15 @@ class Dispatcher:
                 raise protocol.RequestError(request_id, protocol.UNKNOWN_COMMAND,
                                             f"no command {cmd!r}; this process has "
                                             f"{', '.join(sorted(self.commands))}")
-            if self.authorized and self.config is not None:
-                refusal = security.authorize(self.config, user, cmd)
+            if self.config is not None:
+                refusal = security.authorize(self.config, user, cmd) if self.authorized else \
+                    security.admitted(self.config, self.domain, user) if self.domain else None
                 if refusal is not None:
                     raise protocol.RequestError(request_id, protocol.FORBIDDEN, refusal)
-            return protocol.encode_reply_ok(request_id, handler(Request(request_id, cmd, args,
-                                                                        user)))
+            request = Request(request_id, cmd, args, user)
+            if self.admit is not None:
+                self.admit(request)
+            return protocol.encode_reply_ok(request_id, handler(request))
         except protocol.ProtocolError as exc:
             request_id = getattr(exc, "request_id", request_id)
             if exc.reason == protocol.FORBIDDEN:

@@ -105,6 +105,8 @@ UNAVAILABLE = "unavailable"          # a database or node busy or unreachable: r
 FLUSH_FAILED = "flush_failed"        # the writer's `flush` could not commit (rows kept)
 READ_FAILED = "read_failed"          # the reader's query failed (SQLite error): retry
 PROOF_FAILED = "proof_failed"        # the reader could not build a document's proof
+TOO_MANY_CONSUMERS = "too_many_consumers"  # BUS_MAX_CONSUMERS durable consumers exist
+QUOTA_EXCEEDED = "quota_exceeded"    # (CURVE) the key is over a quota; the reason names it
 # utxo_* and anchor_* replies' error codes the anchor worker acts on.
 NO_UTXO = "no_utxo"                  # no UTXO matches the reservation
 REQUEST_ID_REUSED = "request_id_reused"  # a stored request id, sent with other arguments

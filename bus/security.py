@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import os
 import stat
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,8 @@ PUBLISHER_COMMANDS = frozenset({"producer_open", "producer_status", "ping", "sta
 READER_COMMANDS = frozenset({"consumer_ack", "consumer_get", "ping", "stats"})
 # How many refused keys are remembered, to log each once.
 MAX_LOGGED_KEYS = 1000
+# How often a running process looks whether the key lists changed.
+KEYS_RECHECK_S = 1.0
 
 
 class SecurityError(StartupError):
@@ -90,6 +94,39 @@ class Keyring:
     members: dict[str, frozenset[bytes]]  # role -> public keys (and PROXY -> the proxy's)
     denied: dict[str, int] = field(default_factory=dict)  # ZAP domain -> refusals
     _logged: set[tuple[str, bytes]] = field(default_factory=set)
+    root: Path | None = None  # BUS_CURVE_DIR, whose lists refresh() reads again
+    reloads: int = 0          # times the lists changed since start
+    _signature: tuple[Any, ...] = ()
+    _checked_at: float = 0.0
+    _reloading: threading.Lock = field(default_factory=threading.Lock)
+
+    def refresh(self, now: float | None = None) -> bool:
+        """Read the lists again if a file in them was added, removed or changed
+        since the last look (at most once a KEYS_RECHECK_S); True if they were.
+        Called from the ZAP handler's thread and the process's own: one reads
+        while the other may look, and `members` is replaced whole. A file that
+        cannot be read any more is logged and its key left out."""
+        if self.root is None:
+            return False
+        now = time.monotonic() if now is None else now
+        if now - self._checked_at < KEYS_RECHECK_S or not self._reloading.acquire(False):
+            return False
+        try:
+            self._checked_at = now
+            signature = _lists_signature(self.root)
+            if signature == self._signature:
+                return False
+            members = {role: _readable_public_keys(self.root / role) for role in ROLES}
+            members[PROXY] = self.members[PROXY]
+            before = frozenset().union(*(self.members[role] for role in ROLES))
+            after = frozenset().union(*(members[role] for role in ROLES))
+            self.members, self._signature = members, signature
+            self.reloads += 1
+            log.info("keys_reloaded", **{role: len(members[role]) for role in ROLES},
+                     keys_added=len(after - before), keys_revoked=len(before - after))
+            return True
+        finally:
+            self._reloading.release()
 
     def roles_of(self, public_key: str | bytes | None) -> set[str]:
         """The lists a public key (z85) is in (a key may be in several)."""
@@ -100,6 +137,7 @@ class Keyring:
 
     def callback(self, domain: str, key: bytes) -> bool:
         """pyzmq's credentials-provider hook: may `key` connect to `domain`?"""
+        self.refresh()
         if any(key in self.members[role] for role in DOMAIN_ROLES.get(domain, ())):
             return True
         self.denied[domain] = self.denied.get(domain, 0) + 1
@@ -138,10 +176,59 @@ def _is_z85_key(key: bytes) -> bool:
         return False
 
 
+def _key_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.key")) if directory.is_dir() else []
+
+
 def _public_keys(directory: Path) -> frozenset[bytes]:
-    if not directory.is_dir():
-        return frozenset()
-    return frozenset(_load_pair(path)[0] for path in sorted(directory.glob("*.key")))
+    return frozenset(_load_pair(path)[0] for path in _key_files(directory))
+
+
+def _readable_public_keys(directory: Path) -> frozenset[bytes]:
+    """The keys of a list read again while running: a file that cannot be read
+    is logged and left out (at start it stops the process instead)."""
+    keys = set()
+    for path in _key_files(directory):
+        try:
+            keys.add(_load_pair(path)[0])
+        except SecurityError as exc:
+            log.error("key_file_unreadable", path=str(path), error=str(exc),
+                      action="left out of the list")
+    return frozenset(keys)
+
+
+def _lists_signature(root: Path) -> tuple[Any, ...]:
+    """What changes when a key file of a list is added, removed, renamed or
+    rewritten: each file's name, inode, size and modification time."""
+    entries: list[tuple[Any, ...]] = []
+    for role in ROLES:
+        for path in _key_files(root / role):
+            try:
+                info = path.stat()
+            except OSError:  # removed meanwhile: the next look sees it gone
+                continue
+            entries.append((role, path.name, info.st_ino, info.st_size, info.st_mtime_ns))
+    return tuple(entries)
+
+
+@dataclass(frozen=True)
+class ListedKey:
+    role: str            # admins, publishers or readers
+    name: str            # the file's name without .key
+    public: str | None   # z85; None if the file cannot be read
+    problem: str | None = None
+
+
+def listed_keys(curve_dir: str | os.PathLike[str]) -> list[ListedKey]:
+    """Every key file of the three lists (`bus-cli keys ls`), by list and name."""
+    listed = []
+    for role in ROLES:
+        for path in _key_files(Path(curve_dir) / role):
+            try:
+                listed.append(ListedKey(role, path.stem, _load_pair(path)[0].decode()))
+            except SecurityError as exc:
+                listed.append(ListedKey(role, path.stem, None, str(exc)))
+    return listed
 
 
 @functools.lru_cache(maxsize=4)
@@ -155,11 +242,13 @@ def load_keyring(curve_dir: str) -> Keyring:
         if public != server_public:
             raise SecurityError(f"{root}/server.key is not the public half of "
                                 "server.key_secret")
+    signature = _lists_signature(root)
     members = {role: _public_keys(root / role) for role in ROLES}
     proxy_file = root / "proxy.key"
     members[PROXY] = frozenset([_load_pair(proxy_file)[0]]) if proxy_file.exists() \
         else frozenset()
-    return Keyring(server_public, server_secret, members)
+    return Keyring(server_public, server_secret, members, root=root, _signature=signature,
+                   _checked_at=time.monotonic())
 
 
 def enabled(cfg: BusConfig) -> bool:
@@ -269,6 +358,7 @@ def authorize(cfg: BusConfig, user_id: str | None, cmd: str) -> str | None:
     ring = keyring(cfg)
     if ring is None:
         return None
+    ring.refresh()
     roles = ring.roles_of(user_id)
     if ADMINS in roles or (PUBLISHERS in roles and cmd in PUBLISHER_COMMANDS) or \
             (READERS in roles and cmd in READER_COMMANDS):
@@ -276,7 +366,22 @@ def authorize(cfg: BusConfig, user_id: str | None, cmd: str) -> str | None:
     needs = [role for role, allowed in ((PUBLISHERS, PUBLISHER_COMMANDS),
                                         (READERS, READER_COMMANDS)) if cmd in allowed]
     return f"{cmd!r} needs a key in {'/ or '.join([*needs, ADMINS])}/; this key is in " \
-           f"{'/, '.join(sorted(roles)) + '/' if roles else 'no list'}"
+           f"{'/, '.join(sorted(roles)) + '/' if roles else 'no list (revoked?)'}"
+
+
+def admitted(cfg: BusConfig, domain: str, user_id: str | None) -> str | None:
+    """Why a request from the key `user_id` on the endpoint of ZAP domain
+    `domain` is refused, or None if it is not (always, with CURVE off): the
+    key was let in when it connected, and may have been revoked since."""
+    ring = keyring(cfg)
+    if ring is None:
+        return None
+    ring.refresh()
+    allowed = DOMAIN_ROLES.get(domain, ())
+    key = user_id.encode() if user_id else None
+    if key is not None and any(key in ring.members[role] for role in allowed):
+        return None
+    return f"this key is in none of {', '.join(role + '/' for role in allowed)} (revoked?)"
 
 
 def snapshot(cfg: BusConfig) -> dict[str, Any]:
@@ -284,7 +389,9 @@ def snapshot(cfg: BusConfig) -> dict[str, Any]:
     ring = keyring(cfg)
     if ring is None:
         return {"curve": False, "note": "authentication is off: set BUS_CURVE_DIR"}
+    ring.refresh()
     return {"curve": True, "keys": {role: len(ring.members[role]) for role in ROLES},
+            "key_reloads": ring.reloads,
             "capture": "ipc socket file, owner only" if capture_by_file_permissions(cfg)
             else "curve, proxy.key only",
             "connections_refused": dict(ring.denied)}

@@ -6,6 +6,8 @@
     bus-cli tail [PREFIX...]        print messages as they pass (--since, --durable)
     bus-cli history [PREFIX...]     print stored messages
     bus-cli stats                   writer/reader metrics and proxy counters
+    bus-cli consumers | producers   durable consumers; producer ids (ls, info, rm)
+    bus-cli keys                    CURVE keys: generate, ls, revoke
     bus-cli bench                   publish/acknowledge/subscribe rates and latencies
     bus-cli db migrate | copy       the schema; a copy to another engine (SQLite, PostgreSQL)
     bus-cli anchor [submit|proof|verify]  the anchor worker, and anchoring requests/proofs
@@ -65,6 +67,7 @@ BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
 PROCESS_FIELDS_COMMON = ("shutdown_timeout_ms", "drain_idle_ms", "log_level", "log_format")
 WRITER_FIELDS = ("capture_endpoint", "control_endpoint", "notify_endpoint", "db", *BATCH_FIELDS,
                  *RETENTION_FIELDS, "max_topic_bytes", "max_message_bytes", "max_consumers",
+                 "max_consumers_per_key", "max_producers_per_key", "max_requests_per_key_s",
                  "utxo_max_lease_s", "utxo_request_ttl_s", "writer_memory_limit_bytes",
                  "writer_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
 PROXY_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",
@@ -760,6 +763,109 @@ def consumers_rm(ctx: click.Context, name: str, **flags: Any) -> None:
     click.echo(f"deleted consumer {name}", err=True)
 
 
+# --- producers -----------------------------------------------------------------
+
+# Producers asked for per producers_list request (the writer answers 1000 at most).
+PRODUCERS_PAGE = 1000
+
+
+@main.group(short_help='Producer ids: list, show, free (admins).')
+def producers() -> None:
+    """Producer ids the writer knows: the key that owns each (CURVE), its
+    session (epoch) and sequence numbers. With CURVE, these commands need an
+    admin key."""
+
+
+def key_names(cfg: BusConfig) -> dict[str, list[str]]:
+    """public key (z85) -> the list entries it is, e.g. ["publishers/pub1"],
+    where this machine's BUS_CURVE_DIR has the lists (else none)."""
+    names: dict[str, list[str]] = collections.defaultdict(list)
+    if cfg.curve_dir:
+        for key in security.listed_keys(cfg.curve_dir):
+            if key.public is not None:
+                names[key.public].append(f"{key.role}/{key.name}")
+    return names
+
+
+def format_ns(ns: int | None) -> str:
+    if not ns:
+        return "-"
+    return f"{dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
+
+
+@producers.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@click.pass_context
+def producers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
+    """Every producer id, in id order: owner key (its list and name where
+    BUS_CURVE_DIR has the lists), epoch, sequence numbers, last seen."""
+    cfg = build_config(ctx, flags, "producers")
+    listed: list[dict[str, Any]] = []
+    after, total = "", 0
+    with ControlClient(cfg.control_endpoint, timeout_ms=cfg.request_timeout_ms,
+                       curve=security.client_keys(cfg)) as client:
+        for _page in range(1_000_000):  # a bound, far above any writer's producers
+            try:
+                page = client.request("producers_list", {"after": after,
+                                                         "limit": PRODUCERS_PAGE})
+            except BusError as exc:
+                raise InputError(str(exc)) from None
+            listed.extend(page["producers"])
+            total = page["total"]
+            if not page["more"] or not page["producers"]:
+                break
+            after = page["producers"][-1]["producer"]
+    if as_json:
+        click.echo(json.dumps({"producers": listed, "total": total}, indent=2))
+        return
+    names = key_names(cfg)
+    click.echo(f"{'producer':<32} {'owner':<40} {'epoch':>6} {'contiguous':>12} "
+               f"{'max_seq':>12}  last seen")
+    for producer in listed:
+        owner = producer["owner"]
+        shown = ",".join(names.get(owner, [])) or owner or "-"
+        click.echo(f"{producer['producer']:<32} {shown:<40} {producer['epoch']:>6} "
+                   f"{producer['contiguous_seq']:>12,} {producer['max_seq']:>12,}  "
+                   f"{format_ns(producer['last_seen_ns'])}")
+    click.echo(f"{len(listed)} producer{'s' if len(listed) != 1 else ''}"
+               + (f" (the writer knows {total})" if total != len(listed) else ""), err=True)
+
+
+@producers.command("info")
+@click.argument("producer")
+@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@click.pass_context
+def producers_info(ctx: click.Context, producer: str, **flags: Any) -> None:
+    """One producer id (JSON); exit 1 if the writer knows none of that id."""
+    cfg = build_config(ctx, flags, "producers")
+    found = request_once(cfg, cfg.control_endpoint, "producer_info", {"producer": producer})
+    if not isinstance(found, dict):
+        raise InputError(f"no producer {producer!r}")
+    if found.get("owner") in (names := key_names(cfg)):
+        found["owner_listed_as"] = names[found["owner"]]
+    click.echo(json.dumps(found, indent=2))
+
+
+@producers.command("rm")
+@click.argument("producer")
+@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@click.pass_context
+def producers_rm(ctx: click.Context, producer: str, **flags: Any) -> None:
+    """Free a producer id for any key (with CURVE: an admin key); exit 1 if
+    the writer knows none of that id. Its current session is fenced (a
+    Publisher still using it gets ProducerFenced); the id keeps its epoch and
+    sequence numbers, so whoever opens it next goes on after them."""
+    cfg = build_config(ctx, flags, "producers")
+    removed = request_once(cfg, cfg.control_endpoint, "producer_remove", {"producer": producer})
+    if not removed.get("removed"):
+        raise InputError(f"no producer {producer!r}")
+    owner = f"owned by {removed['owner']}" if removed["owner"] else "owned by no key"
+    click.echo(f"freed producer {producer} ({owner}): sessions up to epoch {removed['epoch']} "
+               f"are fenced; the next producer_open goes on after seq {removed['max_seq']}",
+               err=True)
+
+
 # --- stats ---------------------------------------------------------------------
 
 def processes_option(fn: Callable) -> Callable:
@@ -904,8 +1010,17 @@ def keys() -> None:
     """CURVE key pairs, in the certificate format of pyzmq's zmq.auth."""
 
 
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_key_name(name: str) -> None:
+    if not KEY_NAME.fullmatch(name):
+        raise click.BadParameter("letters, digits, '.', '_' and '-' (at most 64)",
+                                 param_hint="NAME")
+
+
 @keys.command("generate")
-@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("directory", type=click.Path())
 @click.argument("name")
 def keys_generate(directory: str, name: str) -> None:
     """Write DIRECTORY/NAME.key (the public key: copy it into the bus's
@@ -913,22 +1028,76 @@ def keys_generate(directory: str, name: str) -> None:
     pair: keep it where the client runs; readable by its owner only).
 
     The bus's own pairs are named `server` and `proxy` in BUS_CURVE_DIR."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
-        raise click.BadParameter("letters, digits, '.', '_' and '-' (at most 64)",
-                                 param_hint="NAME")
+    check_key_name(name)
     target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{directory} is not a directory")
     existing = [p for p in (target / f"{name}.key", target / f"{name}.key_secret") if p.exists()]
     if existing:
         click.echo(f"error: {existing[0]} exists; a key is never overwritten", err=True)
         sys.exit(1)
-    target.mkdir(parents=True, exist_ok=True)
     old_umask = os.umask(0o077)  # the secret file is never readable by others, even briefly
     try:
+        target.mkdir(parents=True, exist_ok=True)
         public, secret = zmq.auth.create_certificates(target, name)
+        os.chmod(public, 0o644)
+    except OSError as exc:
+        raise InputError(f"cannot write keys in {directory}: "
+                         f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+                         ) from None
     finally:
         os.umask(old_umask)
-    os.chmod(public, 0o644)
     click.echo(f"public key  {public}\nsecret pair {secret}")
+
+
+@keys.command("ls")
+@click.argument("directory", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+def keys_ls(directory: str, as_json: bool) -> None:
+    """Each key of the lists of DIRECTORY (a BUS_CURVE_DIR): admins/,
+    publishers/, readers/, by list and name, with its public key."""
+    if not Path(directory).is_dir():
+        raise InputError(f"{directory} is not a directory (a BUS_CURVE_DIR)")
+    listed = security.listed_keys(directory)
+    if as_json:
+        click.echo(json.dumps([{"list": key.role, "name": key.name, "public_key": key.public,
+                                "problem": key.problem} for key in listed], indent=2))
+        return
+    for key in listed:
+        click.echo(f"{key.role:<11} {key.name:<32} {key.public or 'UNREADABLE: ' + str(key.problem)}")
+    if not listed:
+        click.echo(f"no keys in {directory}/{{{','.join(security.ROLES)}}}/", err=True)
+
+
+@keys.command("revoke")
+@click.argument("directory", type=click.Path())
+@click.argument("name")
+@click.option("--list", "lists", type=click.Choice(security.ROLES), multiple=True,
+              help="only from this list (repeatable; default: every list)")
+def keys_revoke(directory: str, name: str, lists: tuple[str, ...]) -> None:
+    """Remove NAME.key from the lists of DIRECTORY (a BUS_CURVE_DIR). Running
+    bus processes read the lists again within about a second: from then on
+    they refuse the key's new connections and answer its requests on the
+    connections it has `forbidden` (docs/protocol.md, "Authentication")."""
+    check_key_name(name)
+    if not Path(directory).is_dir():
+        raise InputError(f"{directory} is not a directory (a BUS_CURVE_DIR)")
+    removed = []
+    for role in lists or security.ROLES:
+        path = Path(directory) / role / f"{name}.key"
+        if not path.exists():
+            continue
+        public = next((key.public for key in security.listed_keys(directory)
+                       if key.role == role and key.name == name), None)
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise InputError(f"cannot remove {path}: {exc.strerror or exc}") from None
+        removed.append(role)
+        click.echo(f"removed {path}" + (f" (public key {public})" if public else ""))
+    if not removed:
+        raise InputError(f"no {name}.key in {directory}/"
+                         f"{{{','.join(lists or security.ROLES)}}}/")
 
 
 main.add_command(anchor)

@@ -135,7 +135,8 @@ class Proxy:
         self._unanswered = 0              # steering commands the loop has not answered yet
         self._capture_linger_ms = 0       # set by shutdown, used by the loop's thread
         self._started = time.monotonic()
-        self.dispatcher = control.Dispatcher({"stats": self._stats_command}, log)
+        self.dispatcher = control.Dispatcher({"stats": self._stats_command}, log, config,
+                                             domain="proxy_control")
         self.http: HttpSide | None = None
         # libzmq's counters start from zero with each run of its loop: what the
         # loops before the current one counted.

@@ -181,7 +181,8 @@ class Reader:
         self.dispatcher = control.Dispatcher({
             "history": self._history, "anchor_proof": self._anchor_proof,
             "utxo_stats": lambda _request: self._read(self.history.utxo_stats),
-            "topics": self._topics, "stats": lambda _request: self.snapshot()}, log)
+            "topics": self._topics, "stats": lambda _request: self.snapshot()}, log, config,
+            domain="read")
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
         self.ctx: zmq.Context | None = None

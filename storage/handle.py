@@ -28,6 +28,15 @@ class WriterHandle:
     def load_producer(self, producer_id: str) -> tuple[Any, ...] | None:
         return sessions.load_producer(self.conn, producer_id)
 
+    def producers_by_owner(self) -> dict[str, int]:
+        return sessions.producers_by_owner(self.conn)
+
+    def list_producers(self, after: str, limit: int) -> list[tuple[Any, ...]]:
+        return sessions.list_producers(self.conn, after, limit)
+
+    def count_producers(self) -> int:
+        return sessions.count_producers(self.conn)
+
     def first_message_id(self) -> int | None:
         return messages.first_id(self.conn)
 

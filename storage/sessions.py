@@ -25,6 +25,9 @@ SELECT_PRODUCER = ("SELECT " + ", ".join(f"p.{c.strip()}" for c in PRODUCER_COLU
                    + ", k.session_key FROM producers p LEFT JOIN producer_keys k"
                      " ON k.producer_id = p.producer_id AND k.epoch = p.epoch"
                      " WHERE p.producer_id = ?")
+# A page of producers after an id, in SELECT_PRODUCER's row shape (whatever it
+# joins): `bus-cli producers ls`.
+LIST_PRODUCERS = SELECT_PRODUCER.rpartition("= ?")[0] + "> ? ORDER BY 1 LIMIT ?"
 UPSERT_CONSUMER = ("INSERT INTO consumers (name, last_id, updated_ns, owner) VALUES (?, ?, ?, ?)"
                    " ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id,"
                    " updated_ns = excluded.updated_ns, owner = excluded.owner")
@@ -43,6 +46,22 @@ def write_producers(conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
 
 def load_producer(conn: Any, producer_id: str) -> tuple[Any, ...] | None:
     return conn.execute(SELECT_PRODUCER, (producer_id,)).fetchone()
+
+
+def list_producers(conn: Any, after: str, limit: int) -> list[tuple[Any, ...]]:
+    """At most `limit` producer rows with ids after `after`, in id order."""
+    return conn.execute(LIST_PRODUCERS, (after, limit)).fetchall()
+
+
+def count_producers(conn: Any) -> int:
+    return conn.execute("SELECT count(*) FROM producers").fetchone()[0]
+
+
+def producers_by_owner(conn: Any) -> dict[str, int]:
+    """How many producer ids each key owns (CURVE): the writer's quota counts
+    start from it."""
+    return dict(conn.execute("SELECT owner, count(*) FROM producers WHERE owner IS NOT NULL"
+                             " GROUP BY owner").fetchall())
 
 
 def write_consumptions(conn: Any, rows: Sequence[ConsumptionRow]) -> None:

@@ -217,8 +217,10 @@ def test_a_key_in_two_lists_has_the_rights_of_both(make_bus, keys: Path) -> None
         assert control.request("consumer_get", {"consumer": "both"})["last_id"] is None
         with pytest.raises(BusError, match="needs a key in admins/"):
             control.request("flush")
-    logged = [e for e in bus.writer.log_events() if e["event"] == "command_forbidden"]
-    assert logged and logged[0]["client_key"] == both.public.decode()
+    logged = wait_for(lambda: [e for e in bus.writer.log_events()
+                               if e["event"] == "command_forbidden"],
+                      message="the refusal logged")  # (the log is read by a thread)
+    assert logged[0]["client_key"] == both.public.decode()
 
 
 def test_another_key_cannot_pre_empt_a_producers_messages(secure_bus: Bus, keys: Path) -> None:

@@ -238,3 +238,26 @@ def test_the_documented_session_mac_example_is_what_the_code_computes() -> None:
     assert meta[:-16] == bytes.fromhex(head.group(1).replace(" ", ""))
     assert meta[-16:] == bytes.fromhex(tag.group(1).replace(" ", ""))
     assert signer.message_is_authentic(b"t", b"p", meta)
+
+
+def test_every_control_command_is_in_the_protocol_page(bus: Bus) -> None:
+    """The writer's, the reader's and the proxy's commands, as each names them
+    (the unknown_command reply lists them), are each documented; the
+    Authentication table gives publishers and readers exactly the commands
+    bus/security.py lets them run."""
+    from bus.client import BusError, ControlClient
+    page = PROTOCOL_MD.read_text()
+    for endpoint in ("BUS_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT"):
+        with ControlClient(bus[endpoint], timeout_ms=3000) as client:
+            with pytest.raises(BusError) as unknown:
+                client.request("no-such-command")
+        commands = str(unknown.value).rpartition("this process has ")[2].split(", ")
+        assert len(commands) > 1, unknown.value
+        missing = [cmd for cmd in commands if f"| `{cmd}`" not in page and
+                   f"`{cmd}` `" not in page and f" `{cmd}` |" not in page]
+        assert not missing, f"{endpoint}: not in docs/protocol.md's command tables: {missing}"
+    for role, allowed in (("publishers", security.PUBLISHER_COMMANDS),
+                          ("readers", security.READER_COMMANDS)):
+        row = next(line for line in page.splitlines() if line.startswith(f"| `{role}/*.key`"))
+        documented = set(re.findall(r"`([a-z_]+)`", row.split("|")[3]))
+        assert allowed <= documented, (role, allowed - documented)

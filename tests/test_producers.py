@@ -3,6 +3,8 @@ and the ledger survives writer restarts (issue #3, part 1)."""
 
 from __future__ import annotations
 
+import json
+
 import msgpack
 import pytest
 
@@ -143,3 +145,70 @@ def test_messages_without_producer_meta_are_never_deduplicated(bus: Bus) -> None
         raw.send_frames(*[[b"plain.t", b"same"], [b"plain.t", b"same", msgpack.packb({"seq": 1})]]
                         * 3)
     bus.wait_count(6, "plain.")
+
+
+# --- bus-cli producers ls | info | rm (issue 21, item 5) -------------------------
+
+
+def test_producers_ls_info_and_rm_through_bus_cli(bus: Bus) -> None:
+    """No command listed or freed producer ids: an id belonged to whoever
+    opened it first, for ever. `rm` frees one, fences its live session, and
+    keeps its high-water marks: the next session goes on after its epoch and
+    seqs, so (producer, seq) stays unique among the stored messages."""
+    from bus.client import ProducerFenced, Publisher
+    with Publisher(bus.config(), producer_id="ls-a") as pub:
+        for i in range(3):
+            pub.publish("ls.t", b"%d" % i)
+        pub.flush(timeout=10)
+    listed = bus.cli("producers", "ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    producers = json.loads(listed.stdout)["producers"]
+    assert [(p["producer"], p["epoch"], p["contiguous_seq"], p["max_seq"], p["owner"])
+            for p in producers] == [("ls-a", 1, 3, 3, None)]
+    assert producers[0]["last_seen_ns"] >= producers[0]["first_seen_ns"] > 0
+    text = bus.cli("producers", "ls")
+    assert text.returncode == 0 and text.stdout.splitlines()[1].split()[:5] == \
+        ["ls-a", "-", "1", "3", "3"], text.stdout
+    info = bus.cli("producers", "info", "ls-a")
+    assert info.returncode == 0 and json.loads(info.stdout)["max_seq"] == 3
+    for args in (("info", "nope"), ("rm", "nope")):
+        unknown = bus.cli("producers", *args)
+        assert unknown.returncode == 1 and unknown.stderr.strip() == "Error: no producer 'nope'"
+
+    # A page at a time, in id order.
+    for producer, n in (("ls-b", 1), ("ls-c", 2)):
+        with Publisher(bus.config(), producer_id=producer) as pub:
+            for i in range(n):
+                pub.publish("ls.t", b"%d" % i)
+            pub.flush(timeout=10)
+    first = bus.request("BUS_CONTROL_ENDPOINT", "producers_list", {"limit": 2})
+    assert [p["producer"] for p in first["producers"]] == ["ls-a", "ls-b"]
+    assert first["more"] is True and first["total"] == 3
+    rest = bus.request("BUS_CONTROL_ENDPOINT", "producers_list", {"after": "ls-b", "limit": 2})
+    assert [p["producer"] for p in rest["producers"]] == ["ls-c"] and rest["more"] is False
+
+    # rm while a session of the id is live: it is fenced, nothing is lost.
+    live = Publisher(bus.config(), producer_id="ls-a").connect()
+    try:
+        assert live.epoch == 2
+        live.publish("ls.t", b"before-rm", wait=True, timeout=10)
+        removed = bus.cli("producers", "rm", "ls-a")
+        assert removed.returncode == 0, removed.stderr
+        assert "sessions up to epoch 3 are fenced" in removed.stderr
+        assert "goes on after seq 4" in removed.stderr
+        with pytest.raises(ProducerFenced):
+            live.publish("ls.t", b"after-rm", wait=True, timeout=10)
+    finally:
+        live.close()
+    with Publisher(bus.config(), producer_id="ls-a") as again:
+        assert (again.epoch, again.last_seq) == (4, 4)
+        again.publish("ls.t", b"reopened", wait=True, timeout=10)
+    assert stored_seqs(bus, "ls-a") == [1, 2, 3, 4, 5]
+    assert [r[0] for r in query(bus.db, "SELECT payload FROM messages WHERE producer_id ="
+                                        " 'ls-a' ORDER BY id")][3:] == [b"before-rm", b"reopened"]
+    # The high-water marks outlive a writer restart.
+    assert bus.writer.stop() == 0
+    bus.start_writer()
+    assert bus.cli("producers", "rm", "ls-a").returncode == 0
+    with Publisher(bus.config(), producer_id="ls-a") as again:
+        assert (again.epoch, again.last_seq) == (6, 5)

@@ -349,3 +349,35 @@ class ProducerLedger:
         return {"cached": len(self._states), "duplicates_skipped": self.duplicates,
                 "with_missing": len(with_holes),
                 "missing": [s.summary() for s in with_holes[:limit]]}
+
+    def remove(self, producer_id: str) -> ProducerState | None:
+        """`producer_remove` (`bus-cli producers rm`): end the current session and
+        free the id for any key; None for an unknown producer. The row stays:
+        it holds the id's high-water marks. Its epoch moves to one handed to
+        nobody, so every session opened so far is fenced (`producer_fenced`)
+        and no message of the new one is authentic (no session key), and the
+        next `producer_open`, by any key, gets the epoch after it; sequence
+        numbers go on after `max_seq`, so (producer, seq) stays unique in the
+        stored messages. What the ended session never delivered is given up
+        (`abandoned`), as at any new session. Committed with the next flush."""
+        state = self.peek(producer_id)
+        if state is None:
+            return None
+        state.open_session()
+        state.owner = None
+        state.session_key, state._signer = None, None
+        self._dirty[producer_id] = state
+        return state
+
+    def listed(self, row: tuple[Any, ...]) -> ProducerState:
+        """A producer of a listing (storage.sessions.list_producers): its cached
+        state, newer than the row while uncommitted, else the row's (not
+        cached: a listing must not push the producers in use out of the cache)."""
+        state = self._states.get(row[0])
+        return state if state is not None else ProducerState.from_row(row)
+
+
+def describe(state: ProducerState) -> dict[str, Any]:
+    """A producer as `producer_info` and `producers_list` show it."""
+    return {**state.summary(), "owner": state.owner, "first_seen_ns": state.first_seen_ns,
+            "last_seen_ns": state.last_seen_ns}

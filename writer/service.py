@@ -3,7 +3,9 @@
 Binds PULL capture_endpoint   the proxy's capture pipe: data messages
                               (untrusted: never commands)
 Binds REP  control_endpoint   trusted commands: `stats`, `flush`, `ping`, producer
-                              sessions (`producer_open`, `producer_status`), the
+                              sessions (`producer_open`, `producer_status`; the
+                              admins' `producers_list`, `producer_info`,
+                              `producer_remove`), the
                               durable consumers' `consumer_ack` / `consumer_get` /
                               `consumer_delete`, the wallet's `utxo_*`
                               (reservations and sync, writer/utxos.py) and the
@@ -43,7 +45,8 @@ from writer.anchors import AnchorBook
 from writer.audit import AuditBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
-from writer.producers import MAX_SEQ_AHEAD, NotAuthentic, ProducerLedger, ProducerState
+from writer.producers import MAX_SEQ_AHEAD, NotAuthentic, ProducerLedger, ProducerState, describe
+from writer.quotas import KeyQuotas
 import storage
 from storage import audit as audit_rows
 from writer.utxos import UtxoBook, UtxoError
@@ -54,6 +57,8 @@ log = get_logger("writer")
 FLUSH_RETRY_SECONDS = 0.5
 # Retention runs this often when it has nothing left to delete, else every loop.
 RETENTION_IDLE_SECONDS = 1.0
+# Most producers one `producers_list` answers.
+MAX_PRODUCERS_LISTED = 1000
 # Expired UTXO leases go back to the pool, and old utxo_* replies are pruned, this often.
 UTXO_UPKEEP_SECONDS = 1.0
 # Frames read from the notify endpoint per loop pass at most: a peer that floods
@@ -110,6 +115,8 @@ HTTP_SERIES = [
            "endpoint", lambda s: s["notify"]["subscribed_bytes"]),
     Series("memory_cutoffs", "counter", "times the capture, notify and control connections were "
            "dropped over the memory limit", lambda s: s["memory"]["cutoffs"]),
+    Series("quota_refusals", "counter", "requests refused by a quota per key, by quota",
+           lambda s: s["quotas"]["refused"], "quota"),
     Series("messages_not_authentic", "counter", "session messages without their session key's mac",
            lambda s: s["security"]["messages_not_authentic"]),
     *control_series(),
@@ -144,11 +151,14 @@ def load_page(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def consumer_errors() -> Iterator[None]:
-    """writer/consumers.py's refusals, as control replies."""
+def consumer_errors(quotas: KeyQuotas | None = None, user: str | None = None) -> Iterator[None]:
+    """writer/consumers.py's refusals, as control replies (a quota's counted
+    and named by `quotas`)."""
     try:
         yield
     except ConsumerError as exc:
+        if exc.code == protocol.QUOTA_EXCEEDED and quotas is not None and user is not None:
+            raise quotas.refuse("consumers_per_key", user, str(exc)) from None
         raise control.CommandFailed(exc.code, str(exc),
                                     bad_input=exc.code == protocol.BAD_REQUEST) from None
 
@@ -228,7 +238,9 @@ class Writer:
         self.store = storage.open_store(cfg.db, cfg.sqlite_synchronous,
                                         cfg.sqlite_busy_timeout_ms)
         self.producers = ProducerLedger(self.store.load_producer)
-        self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers)
+        self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers,
+                                           cfg.max_consumers_per_key)
+        self.quotas = KeyQuotas(cfg, self.store.producers_by_owner(), log)
         self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
                               cfg.utxo_request_ttl_s)
         self.anchors = AnchorBook(self.utxos)
@@ -237,8 +249,10 @@ class Writer:
             log.warning("retention_ignores_seals", reason="the database has audit seals and "
                         "BUS_AUDIT_PREFIXES is not set here: retention does not wait for the "
                         "seals (set it as the anchor worker has it)")
-        self.dispatcher = control.Dispatcher(self.control_commands(), log, cfg, authorized=True,
-                                             retryable=self.store.transient_errors)
+        self.dispatcher = control.Dispatcher(
+            self.control_commands(), log, cfg, authorized=True,
+            retryable=self.store.transient_errors,
+            admit=lambda request: self.quotas.admit_request(request, time.monotonic()))
         # Notifications owed to producer sessions, with the session's MAC (None:
         # an epoch whose key the writer does not hold, sent without a mac).
         self._owed_nacks: list[tuple[protocol.SessionMac | None, dict[str, Any]]] = []
@@ -703,6 +717,9 @@ class Writer:
             "consumer_ack": self._consumer_ack, "consumer_get": self._consumer_get,
             "consumer_delete": self._consumer_delete,
             "producer_open": self._producer_open, "producer_status": self._producer_status,
+            # Admins only (bus/security.py): `bus-cli producers ls|info|rm`.
+            "producers_list": self._producers_list, "producer_info": self._producer_info,
+            "producer_remove": self._producer_remove,
         }
         # The wallet's and the anchor records' commands (writer/utxos.py,
         # writer/anchors.py); each is committed before its reply.
@@ -720,7 +737,7 @@ class Writer:
         and is committed with the next batch. With CURVE, only the key that
         owns a consumer name moves it."""
         args = request.args
-        with consumer_errors():
+        with consumer_errors(self.quotas, request.user):
             position, row = self.consumers.ack(args.get("consumer"), args.get("last_id"),
                                                time.time_ns(), self.store.last_message_id() or 0,
                                                request.user)
@@ -757,6 +774,7 @@ class Writer:
         open (and so fence) it."""
         producer = producer_arg(request)
         known = self.producers.peek(producer)
+        self._take_producer_id(request.user, known)
         if request.user is not None and known is not None and known.owner not in (None,
                                                                                   request.user):
             raise control.CommandFailed(protocol.FORBIDDEN,
@@ -772,6 +790,57 @@ class Writer:
         # CURVE, over a connection no other unprivileged local process can read.
         return {"producer": producer, "epoch": state.epoch, "next_seq": state.max_seq + 1,
                 "session_key": session_key}
+
+    def _take_producer_id(self, user: str | None, known: ProducerState | None) -> None:
+        """(CURVE) A `producer_open` that makes `user` the owner of an id owned
+        by no key: within its quota (writer/quotas.py), and counted."""
+        if user is not None and (known is None or known.owner is None):
+            self.quotas.check_new_producer(user)
+            self.quotas.producer_taken(user)
+
+    def _producers_list(self, request: control.Request) -> dict[str, Any]:
+        """{after (a producer id, default ""), limit (1-1000, default 100)} ->
+        {producers: [producer_info, ...] in id order, after the given id; more,
+        total}: a page of every producer id the writer knows."""
+        after = request.args.get("after", "")
+        limit = request.args.get("limit", 100)
+        if not isinstance(after, str) or type(limit) is not int or \
+                not 1 <= limit <= MAX_PRODUCERS_LISTED:
+            raise control.CommandFailed(
+                protocol.BAD_REQUEST, f"'after' must be a producer id and 'limit' an integer "
+                f"of 1-{MAX_PRODUCERS_LISTED}", bad_input=True)
+        rows = self.store.list_producers(after, limit + 1)
+        return {"producers": [describe(self.producers.listed(row)) for row in rows[:limit]],
+                "more": len(rows) > limit, "total": self.store.count_producers()}
+
+    def _producer_info(self, request: control.Request) -> dict[str, Any] | None:
+        """{producer} -> producer_info (nil for an unknown producer): its owner,
+        session, sequence numbers and when it was first and last seen."""
+        state = self.producers.peek(producer_arg(request))
+        return state and describe(state)
+
+    def _producer_remove(self, request: control.Request) -> dict[str, Any]:
+        """{producer} -> {producer, removed, epoch, max_seq, owner}: the id freed
+        for any key (writer/producers.py, ProducerLedger.remove), committed
+        before the reply. What the writer received of the producer is
+        committed (and acknowledged) first; its session is fenced from then
+        on. `owner`: the key that owned it."""
+        producer = producer_arg(request)
+        if not self.flush("request", time.monotonic()):
+            raise control.CommandFailed(protocol.UNAVAILABLE, "database write failed; retry")
+        owner = (known := self.producers.peek(producer)) and known.owner
+        state = self.producers.remove(producer)
+        if state is None:
+            return {"producer": producer, "removed": False}
+        if owner is not None:
+            self.quotas.producer_freed(owner)
+        if not self.flush("request", time.monotonic()):
+            raise control.CommandFailed(protocol.UNAVAILABLE, "database write failed; the "
+                                        "removal is kept and committed with the next batch")
+        log.info("producer_removed", producer=producer, owner=owner, fenced_epoch=state.epoch,
+                 max_seq=state.max_seq, by_key=request.user)
+        return {"producer": producer, "removed": True, "epoch": state.epoch,
+                "max_seq": state.max_seq, "owner": owner}
 
     def _wallet_command(self, request: control.Request) -> Any:
         """A busy database is answered `unavailable`: retry."""
@@ -822,6 +891,7 @@ class Writer:
                        "nacked": dict(self.nacked)},
             "control": self.dispatcher.counters.snapshot(),
             "producers": self.producers.snapshot(),
+            "quotas": self.quotas.snapshot(),
             "consumers": self.consumers.snapshot(last_id),
             "utxos": self.utxos.snapshot(),
             "anchors": self.anchors.snapshot(),

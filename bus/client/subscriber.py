@@ -28,7 +28,8 @@ from bus.protocol import Message
 # A durable consumer whose position could not be stored tries again this much later.
 ACK_RETRY_SECONDS = 1.0
 # Control errors that no retry can cure: a durable subscriber stops on them.
-PERMANENT_ERRORS = frozenset({protocol.FORBIDDEN, protocol.BAD_REQUEST, "too_many_consumers"})
+PERMANENT_ERRORS = frozenset({protocol.FORBIDDEN, protocol.BAD_REQUEST,
+                              protocol.TOO_MANY_CONSUMERS})
 
 
 class Seam:
