@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bus import pgurl
+
 DEFAULT_CONFIG_PATH = Path("/etc/bus/bus.toml")
 CONFIG_PATH_ENV = "BUS_CONFIG"
 
@@ -389,9 +391,13 @@ def database_problem(db: str) -> str | None:
 
 
 def redact_url(value: str) -> str:
-    """A URL without its password (user:PASSWORD@ and ?password=), whatever
-    the password holds (an unencoded '/' or '@' included): for logs, stats and
-    errors. Anything else is returned as it is."""
+    """A setting's value as logs, stats and errors may show it. A postgresql://
+    URL as libpq reads it, with every option libpq keeps secret hidden (bus/
+    pgurl.py: libpq decodes ?pass%77ord= and takes sslpassword=, which no
+    pattern here would know); another URL without its password (user:PASSWORD@
+    and ?password=, whatever the password holds); anything else as it is."""
+    if value.startswith(pgurl.SCHEMES):
+        return pgurl.redact(value)
     if "://" not in value:
         return value
     scheme, _, rest = value.partition("://")
