@@ -91,6 +91,38 @@ def test_config_file_errors_are_clear(tmp_path: Path) -> None:
         load_config(env={}, config_path=tmp_path / "missing.toml")
 
 
+def test_the_bounds_the_config_checks_limits_against_are_what_they_stand_for() -> None:
+    """The room for a session's meta, the longest topic a history request can
+    name, and the most documents of one anchor_record, against the code that
+    sets them: a producer id of 128 four-byte characters, the reader's request
+    frame, the writer's count of maps and arrays."""
+    from bus import sockets
+    from bus.config import (
+        ANCHOR_DOCUMENTS_MAX,
+        CURVE_FRAME_OVERHEAD_BYTES,
+        SESSION_META_MAX_BYTES,
+        TOPIC_BYTES_MAX,
+    )
+    most = 2**64 - 1
+    meta = protocol.MetaEncoder("\U0010FFFF" * protocol.MAX_PRODUCER_CHARS, most).encode(
+        most, time_ns=most, ack=True, mac=bytes(32))
+    assert len(meta) <= SESSION_META_MAX_BYTES
+    history = protocol.encode_request(f"{2**22}-{most}", "history", {
+        "prefixes": ["\U0010FFFF" * (TOPIC_BYTES_MAX // 4)], "after_id": most, "limit": most})
+    assert len(history) + CURVE_FRAME_OVERHEAD_BYTES <= sockets.MAX_SMALL_REQUEST_BYTES
+    change = [{"txid": "ab" * 32, "vout": 1, "amount_sat": 1, "address": "bc1q",
+               "script_pubkey": "00"}]
+
+    def anchor_record(documents: int) -> list[bytes]:
+        return [protocol.encode_request("1-1", "anchor_record", {
+            "request_id": "r", "root": bytes(32), "size": documents, "lease_id": "l",
+            "tip_height": 1, "txid": "ab" * 32, "raw_tx": b"", "fee_sat": 1, "vsize": 1,
+            "change": change, "documents": [[bytes(32), None, i] for i in range(documents)]})]
+    assert protocol.decode_request(anchor_record(ANCHOR_DOCUMENTS_MAX))[1] == "anchor_record"
+    with pytest.raises(protocol.ProtocolError, match="maps and arrays"):
+        protocol.decode_request(anchor_record(protocol.MAX_REQUEST_CONTAINERS))
+
+
 # --- a database URL's secrets ---------------------------------------------------
 
 SECRET = "Sekr1tZ"
@@ -114,7 +146,8 @@ UNREADABLE = "<a postgresql:// URL libpq cannot read"
     (f"postgresql://h/db?password=a@{SECRET}", "postgresql://:***@h/db"),
     (f"postgres://u:{SECRET}@h/db", "postgres://u:***@h/db"),
     # the other secrets libpq marks
-    (f"postgresql://h/db?oauth_client_secret={SECRET}", "postgresql://h/db?oauth_client_secret=***"),
+    (f"postgresql://h/db?oauth_client_secret={SECRET}",
+     "postgresql://h/db?oauth_client_secret=***"),
     (f"postgresql://h/db?scram_client_key={SECRET}", "postgresql://h/db?scram_client_key=***"),
     # libpq cannot parse these, and its error quotes the password: nothing shown
     (f"postgresql://u@h/db?password=%zz{SECRET}", UNREADABLE),
