@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bus import pgurl
+
 DEFAULT_CONFIG_PATH = Path("/etc/bus/bus.toml")
 CONFIG_PATH_ENV = "BUS_CONFIG"
 
@@ -32,13 +34,20 @@ class ConfigError(ValueError):
     when one setting is at fault (load_config then says where its value came
     from: a flag, the environment, the config file)."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None,
+                 others: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.field = field
+        self.others = others  # the other settings of a pair that cannot work together
 
 
 def _invalid(name: str, problem: str) -> ConfigError:
     return ConfigError(f"{_BY_FIELD[name].env} {problem}", name)
+
+
+def _conflict(names: tuple[str, ...], problem: str) -> ConfigError:
+    """Settings that each have a valid value but cannot work together."""
+    return ConfigError(problem, names[0], names[1:])
 
 
 # A ZeroMQ endpoint the bus binds or connects: tcp://HOST:PORT (HOST may be *
@@ -143,7 +152,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("anchor_interval_s", "BUS_ANCHOR_INTERVAL_S", float, 60.0,
             "anchor the collected documents this long after the first arrived"),
     Setting("anchor_max_documents", "BUS_ANCHOR_MAX_DOCUMENTS", int, 10_000,
-            "documents per anchor transaction (anchored at once when reached)"),
+            "documents per anchor transaction (anchored at once when reached; at most "
+            "49,990: one anchor_record request)"),
     Setting("anchor_fee_rate_sat_vb", "BUS_ANCHOR_FEE_RATE_SAT_VB", float, 0.0,
             "fee rate of anchor transactions (0: bitcoind's estimatesmartfee)"),
     Setting("anchor_fallback_fee_rate_sat_vb", "BUS_ANCHOR_FALLBACK_FEE_RATE_SAT_VB", float, 5.0,
@@ -157,7 +167,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("anchor_bump_after_blocks", "BUS_ANCHOR_BUMP_AFTER_BLOCKS", int, 3,
             "an anchor transaction not mined after this many blocks is fee-bumped (RBF)"),
     Setting("anchor_lease_s", "BUS_ANCHOR_LEASE_S", float, 600.0,
-            "lease of the UTXO reserved for an anchoring (renewed while it is built)"),
+            "lease of the UTXO reserved for an anchoring (renewed while it is built; at most "
+            "BUS_UTXO_MAX_LEASE_S)"),
     Setting("anchor_utxo_min_confirmations", "BUS_ANCHOR_UTXO_MIN_CONFIRMATIONS", int, 1,
             "an anchoring spends only UTXOs with this many confirmations"),
     Setting("anchor_consumer", "BUS_ANCHOR_CONSUMER", str, "anchor",
@@ -187,22 +198,27 @@ SETTINGS: tuple[Setting, ...] = (
             "messages the proxy queues per subscriber before dropping for it"),
     Setting("pub_hwm", "BUS_PUB_HWM", int, 100_000,
             "messages queued in the proxy per publisher and in each Publisher"),
-    Setting("max_topic_bytes", "BUS_MAX_TOPIC_BYTES", int, 256, "longest topic stored"),
+    Setting("max_topic_bytes", "BUS_MAX_TOPIC_BYTES", int, 256, "longest topic stored (at "
+            "most 65,000, and BUS_MAX_MESSAGE_BYTES - 1024: room for a session's meta)"),
     Setting("max_message_bytes", "BUS_MAX_MESSAGE_BYTES", int, 1_048_576,
-            "largest message (all frames) stored"),
+            "largest message (all frames) stored (at most BUS_PROXY_MAX_FRAME_BYTES, less 33 "
+            "with CURVE)"),
     Setting("proxy_max_frame_bytes", "BUS_PROXY_MAX_FRAME_BYTES", int, 16_777_216,
-            "the proxy disconnects a peer sending a larger frame (memory guard)"),
+            "the proxy disconnects a peer sending a larger frame (memory guard; at least "
+            "BUS_MAX_MESSAGE_BYTES, + 33 with CURVE)"),
     Setting("proxy_memory_limit_bytes", "BUS_PROXY_MEMORY_LIMIT_BYTES", int, 1 << 30,
             "over this RSS the proxy stops forwarding and cuts off the side that holds "
-            "the memory, until it is back under (0: off)"),
+            "the memory, until it is back under (0: off; else at least 96 MiB + "
+            "BUS_MAX_MESSAGE_BYTES)"),
     Setting("reader_memory_limit_bytes", "BUS_READER_MEMORY_LIMIT_BYTES", int, 128 << 20,
             "over this RSS the reader drops its clients' connections (an endless request; 0: "
-            "off)"),
+            "off; else at least 96 MiB + BUS_HISTORY_PAGE_BYTES + BUS_MAX_MESSAGE_BYTES)"),
     Setting("anchor_memory_limit_bytes", "BUS_ANCHOR_MEMORY_LIMIT_BYTES", int, 128 << 20,
             "over this RSS the anchor worker drops its control clients' connections (0: off)"),
     Setting("writer_memory_limit_bytes", "BUS_WRITER_MEMORY_LIMIT_BYTES", int, 384 << 20,
             "over this RSS the writer drops its capture and notify connections and what "
-            "they queued (nothing acknowledged; 0: off)"),
+            "they queued (nothing acknowledged; 0: off; else at least 96 MiB + "
+            "BUS_MAX_MESSAGE_BYTES)"),
     Setting("shutdown_timeout_ms", "BUS_SHUTDOWN_TIMEOUT_MS", int, 10_000,
             "longest a process spends draining and flushing when stopped"),
     Setting("drain_idle_ms", "BUS_DRAIN_IDLE_MS", int, 200,
@@ -223,6 +239,21 @@ _BY_ENV = {s.env: s for s in SETTINGS}
 
 # A process's memory limit must leave room for the process itself (40-60 MB).
 MEMORY_LIMIT_MIN = 96 << 20
+# What libzmq's CURVE adds to each frame on the wire (its MESSAGE command: an
+# 8-byte name, an 8-byte nonce, a 16-byte MAC and a flags byte), which the
+# proxy's BUS_PROXY_MAX_FRAME_BYTES (libzmq's MAXMSGSIZE) counts too.
+CURVE_FRAME_OVERHEAD_BYTES = 33
+# A producer session's meta at most, without content_type and headers: the
+# longest producer id (128 characters of up to 4 UTF-8 bytes), epoch, seq,
+# time_ns, ack and the session MAC take about 600 bytes.
+SESSION_META_MAX_BYTES = 1024
+# The longest topic limit: a history request naming one such topic must fit
+# in the reader's 64 KiB request frame (bus/sockets.MAX_SMALL_REQUEST_BYTES).
+TOPIC_BYTES_MAX = 65_000
+# The most documents one anchor_record can carry: one array each, and the
+# writer decodes at most protocol.MAX_REQUEST_CONTAINERS (50,000) maps and
+# arrays a request (the request, its args, the document list, the change).
+ANCHOR_DOCUMENTS_MAX = 49_990
 
 
 @dataclass(frozen=True)
@@ -363,12 +394,61 @@ class BusConfig:
                                              "empty")
         if (problem := database_problem(self.db)) is not None:
             raise _invalid("db", problem)
+        for name, most, why in (
+                ("max_topic_bytes", TOPIC_BYTES_MAX, "a history request naming one such "
+                 "topic must fit in the reader's 64 KiB request frame"),
+                ("anchor_max_documents", ANCHOR_DOCUMENTS_MAX, "one anchor_record request "
+                 "holds an array per document, and the writer takes at most 50,000 maps and "
+                 "arrays a request")):
+            if getattr(self, name) > most:
+                raise _invalid(name, f"must be at most {most:,}: {why}")
+        self._check_together()
         for name, allowed in (("sqlite_synchronous", ("NORMAL", "FULL", "EXTRA", "OFF")),
                               ("log_format", ("auto", "json", "console")),
                               ("log_level", ("debug", "info", "warning", "error"))):
             if getattr(self, name) not in allowed:
                 raise _invalid(name, f"must be one of {', '.join(allowed)}, not "
                                      f"{getattr(self, name)!r}")
+
+    def _check_together(self) -> None:
+        """Refuse settings that are each valid but cannot work together: the
+        bus would accept something it then cannot deliver, store or serve."""
+        curve = CURVE_FRAME_OVERHEAD_BYTES if self.curve_dir else 0
+        if self.max_message_bytes + curve > self.proxy_max_frame_bytes:
+            raise _conflict(("max_message_bytes", "proxy_max_frame_bytes"), (
+                f"BUS_MAX_MESSAGE_BYTES ({self.max_message_bytes}) must not exceed "
+                f"BUS_PROXY_MAX_FRAME_BYTES ({self.proxy_max_frame_bytes})"
+                + (f" less {curve} (CURVE's framing, with BUS_CURVE_DIR)" if curve else "")
+                + ": the proxy drops the connection of a publisher sending a larger frame, "
+                "so a message within the limit would get no nack and stall its acks"))
+        if self.max_topic_bytes + SESSION_META_MAX_BYTES > self.max_message_bytes:
+            raise _conflict(("max_topic_bytes", "max_message_bytes"), (
+                f"BUS_MAX_TOPIC_BYTES ({self.max_topic_bytes}) + {SESSION_META_MAX_BYTES} (a "
+                f"producer session's meta) must not exceed BUS_MAX_MESSAGE_BYTES "
+                f"({self.max_message_bytes}): a message on a topic of the limit could not "
+                "be stored"))
+        held = {"proxy": (("max_message_bytes",), "one message makes it close the "
+                          "publishers' side, and the publisher re-sends it for good"),
+                "writer": (("max_message_bytes",), "one message makes it drop its capture "
+                           "connection, and the publisher re-sends it for good"),
+                "reader": (("history_page_bytes", "max_message_bytes"),
+                           "a history page makes it drop the connection it answers, and the "
+                           "client asks again for good")}
+        for process, (sizes, why) in held.items():
+            name = f"{process}_memory_limit_bytes"
+            limit, need = getattr(self, name), MEMORY_LIMIT_MIN + sum(
+                getattr(self, size) for size in sizes)
+            if limit and limit < need:
+                raise _conflict((name, *sizes), (
+                    f"{_BY_FIELD[name].env} ({limit}) must be 0 (off) or at least {need}: "
+                    f"{MEMORY_LIMIT_MIN} (the process) + "
+                    + " + ".join(f"{_BY_FIELD[size].env} ({getattr(self, size)})"
+                                 for size in sizes) + f"; {why}"))
+        if self.anchor_lease_s > self.utxo_max_lease_s:
+            raise _conflict(("anchor_lease_s", "utxo_max_lease_s"), (
+                f"BUS_ANCHOR_LEASE_S ({self.anchor_lease_s:g}) must not exceed "
+                f"BUS_UTXO_MAX_LEASE_S ({self.utxo_max_lease_s:g}): the writer refuses a "
+                "longer lease, so no anchoring could reserve its UTXO"))
 
     @property
     def sealed_prefixes(self) -> list[str]:
@@ -401,9 +481,13 @@ def database_problem(db: str) -> str | None:
 
 
 def redact_url(value: str) -> str:
-    """A URL without its password (user:PASSWORD@ and ?password=), whatever
-    the password holds (an unencoded '/' or '@' included): for logs, stats and
-    errors. Anything else is returned as it is."""
+    """A setting's value as logs, stats and errors may show it. A postgresql://
+    URL as libpq reads it, with every option libpq keeps secret hidden (bus/
+    pgurl.py: libpq decodes ?pass%77ord= and takes sslpassword=, which no
+    pattern here would know); another URL without its password (user:PASSWORD@
+    and ?password=, whatever the password holds); anything else as it is."""
+    if value.startswith(pgurl.SCHEMES):
+        return pgurl.redact(value)
     if "://" not in value:
         return value
     scheme, _, rest = value.partition("://")
@@ -499,9 +583,11 @@ def load_config(overrides: Mapping[str, Any] | None = None,
         typed["log_level"] = typed["log_level"].lower()
         return BusConfig(**typed, source=" < ".join(sources), origins=origins)
     except ConfigError as exc:
-        if exc.field is None or origins[exc.field] == "default":
+        given = [origins[name] for name in (exc.field, *exc.others)
+                 if name is not None and origins[name] != "default"]
+        if not given:
             raise
-        raise ConfigError(f"{exc} (from {origins[exc.field]})", exc.field) from None
+        raise ConfigError(f"{exc} (from {', '.join(given)})", exc.field, exc.others) from None
 
 
 def with_overrides(config: BusConfig, **changes: Any) -> BusConfig:

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 import storage
+from bus import pgurl
 from bus.config import database_problem
 from bus.runner import StartupError
 from cli.common import InputError, build_config, setting_options
@@ -64,7 +65,8 @@ def copy(ctx: click.Context, source: str, dest: str, chunk_rows: int) -> None:
     messages). DST must be empty or an earlier copy of SRC."""
     from storage.copy import CopyMismatch, copy_database
     for flag, db in (("--from", source), ("--to", dest)):
-        if (problem := database_problem(db)) is not None:
+        # Two URLs libpq cannot read would show alike, and look the same database.
+        if (problem := database_problem(db) or (storage.is_url(db) and pgurl.problem(db))):
             raise click.BadParameter(problem, param_hint=flag)
     if storage.describe(source) == storage.describe(dest):
         raise click.UsageError("--from and --to are the same database")

@@ -11,9 +11,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from bus import pgurl
 from bus.config import redact_url
 
-URL_SCHEMES = ("postgresql://", "postgres://")
+URL_SCHEMES = pgurl.SCHEMES
 
 
 class NotReadable(Exception):
@@ -26,7 +27,8 @@ def is_url(db: str) -> bool:
 
 
 def redact(db: str) -> str:
-    """The database as logs and errors may show it: a URL without its password."""
+    """The database as logs and errors may show it: a URL as libpq reads it,
+    its secrets hidden (bus/pgurl.py)."""
     return redact_url(db)
 
 

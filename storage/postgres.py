@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 import psycopg.errors
 
+from bus import pgurl
 from bus.runner import StartupError
 from storage import NotReadable, messages, redact, schema, sessions
 from storage.handle import WriterHandle
@@ -95,6 +96,8 @@ class PgConnection:
 
 
 def connect(url: str, application: str) -> PgConnection:
+    if (problem := pgurl.problem(url)) is not None:  # libpq's error would quote the password
+        raise StartupError(f"cannot connect to {redact(url)}: {problem}")
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                application_name=application)

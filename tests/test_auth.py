@@ -474,3 +474,36 @@ def test_with_curve_a_message_naming_a_producer_needs_its_session(secure_bus: Bu
                      message="the sessionless message counted")
     assert stats["ingest"]["rejected"] == {protocol.SESSION_REQUIRED: 1}
     assert bus.count("legacy.t") == 0
+
+
+def test_curve_adds_the_framing_the_config_allows_for_to_each_frame() -> None:
+    """BUS_PROXY_MAX_FRAME_BYTES is libzmq's MAXMSGSIZE, which counts a frame as
+    sent: with CURVE, CURVE_FRAME_OVERHEAD_BYTES more than its payload. The
+    config keeps BUS_MAX_MESSAGE_BYTES that far below it."""
+    from bus.config import CURVE_FRAME_OVERHEAD_BYTES
+    limit = 100_000
+
+    def passes(size: int) -> bool:
+        ctx = zmq.Context()
+        try:
+            server_public, server_secret = zmq.curve_keypair()
+            client_public, client_secret = zmq.curve_keypair()
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.MAXMSGSIZE, limit)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.curve_server, sub.curve_secretkey = True, server_secret
+            port = sub.bind_to_random_port("tcp://127.0.0.1")
+            pub = ctx.socket(zmq.PUB)
+            pub.curve_serverkey, pub.curve_publickey, pub.curve_secretkey = \
+                server_public, client_public, client_secret
+            pub.connect(f"tcp://127.0.0.1:{port}")
+            wait_for(lambda: pub.send(b"") or sub.poll(50), message="the CURVE handshake")
+            pub.send(b"x" * size)
+            while sub.poll(1000):  # the probes still on their way, then the frame
+                if len(sub.recv()) == size:
+                    return True
+            return False  # libzmq dropped the connection, and the frame with it
+        finally:
+            ctx.destroy(linger=0)
+    assert passes(limit - CURVE_FRAME_OVERHEAD_BYTES)
+    assert not passes(limit - CURVE_FRAME_OVERHEAD_BYTES + 1)

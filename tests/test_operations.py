@@ -5,6 +5,7 @@ process titles."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sqlite3
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -484,3 +486,64 @@ def test_odd_arguments_get_one_line_errors_not_tracebacks(bus: Bus, tmp_path: Pa
             assert said in run.stderr, (args, run.stderr)
         if args[:2] == ["consumers", "info"]:
             assert run.stdout == ""  # no JSON object of nulls before the error
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("role, env, named", [
+    # the proxy dropped the publisher of a message the writer accepts: no nack, acks stalled
+    ("proxy", {"BUS_MAX_MESSAGE_BYTES": 2_000_000, "BUS_PROXY_MAX_FRAME_BYTES": 1_000_000},
+     ["BUS_MAX_MESSAGE_BYTES (2000000)", "BUS_PROXY_MAX_FRAME_BYTES (1000000)"]),
+    ("writer", {"BUS_MAX_MESSAGE_BYTES": 16 * MIB, "BUS_CURVE_DIR": "/nonexistent"},
+     ["BUS_MAX_MESSAGE_BYTES (16777216)", "BUS_PROXY_MAX_FRAME_BYTES (16777216) less 33"]),
+    ("writer", {"BUS_MAX_TOPIC_BYTES": 4000, "BUS_MAX_MESSAGE_BYTES": 4096},
+     ["BUS_MAX_TOPIC_BYTES (4000)", "BUS_MAX_MESSAGE_BYTES (4096)"]),
+    ("reader", {"BUS_READER_MEMORY_LIMIT_BYTES": 128 * MIB, "BUS_HISTORY_PAGE_BYTES": 64 * MIB},
+     ["BUS_READER_MEMORY_LIMIT_BYTES (134217728)", "BUS_HISTORY_PAGE_BYTES (67108864)"]),
+    ("writer", {"BUS_WRITER_MEMORY_LIMIT_BYTES": 128 * MIB, "BUS_MAX_MESSAGE_BYTES": 64 * MIB,
+                "BUS_PROXY_MAX_FRAME_BYTES": 128 * MIB},
+     ["BUS_WRITER_MEMORY_LIMIT_BYTES (134217728)", "BUS_MAX_MESSAGE_BYTES (67108864)"]),
+    ("proxy", {"BUS_PROXY_MEMORY_LIMIT_BYTES": 128 * MIB, "BUS_MAX_MESSAGE_BYTES": 64 * MIB,
+               "BUS_PROXY_MAX_FRAME_BYTES": 128 * MIB},
+     ["BUS_PROXY_MEMORY_LIMIT_BYTES (134217728)", "BUS_MAX_MESSAGE_BYTES (67108864)"]),
+    ("anchor", {"BUS_ANCHOR_LEASE_S": 7200, "BUS_UTXO_MAX_LEASE_S": 3600},
+     ["BUS_ANCHOR_LEASE_S (7200)", "BUS_UTXO_MAX_LEASE_S (3600)"]),
+    ("anchor", {"BUS_ANCHOR_MAX_DOCUMENTS": 60_000}, ["BUS_ANCHOR_MAX_DOCUMENTS", "49,990"]),
+    ("reader", {"BUS_MAX_TOPIC_BYTES": 70_000}, ["BUS_MAX_TOPIC_BYTES", "65,000"]),
+], ids=["message-over-frame", "message-over-frame-with-curve", "topic-leaves-no-meta",
+        "reader-memory-under-a-page", "writer-memory-under-a-message",
+        "proxy-memory-under-a-message", "anchor-lease-over-utxo-lease",
+        "anchor-documents-over-a-request", "topic-over-a-history-request"])
+def test_settings_that_cannot_work_together_stop_the_process_at_start(
+        make_bus, role: str, env: dict[str, Any], named: list[str]) -> None:
+    """Each value is valid alone; together the bus would accept what it then
+    cannot deliver, store or serve. The process exits 2 (as for any bad
+    setting) with one line naming both settings, their values, and where each
+    came from."""
+    bus = make_bus(**env)
+    refused = bus.run(role)
+    assert refused.wait(20) == 2, refused.stderr.collect()
+    [line] = [ln for ln in refused.stderr.collect() if ln.startswith("Error: ")]
+    assert all(part in line for part in named), line
+    claim, _, origins = line.rpartition(" (from ")
+    assert [name for name in env if name in claim and name != "BUS_CURVE_DIR"
+            and f"environment {name}" not in origins] == [], line
+
+
+def test_the_default_settings_and_their_edges_work_together(tmp_path: Path) -> None:
+    """The defaults pass, and so do the limits at the edge of each rule: a
+    message limit equal to the frame limit (no CURVE), a topic leaving exactly
+    room for a session's meta, memory limits that just hold a message or a page."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BUS_", "BATCH_"))}
+    for settings in ({}, {"BUS_MAX_MESSAGE_BYTES": MIB, "BUS_PROXY_MAX_FRAME_BYTES": MIB},
+                     {"BUS_MAX_TOPIC_BYTES": 3072, "BUS_MAX_MESSAGE_BYTES": 4096},
+                     {"BUS_MAX_TOPIC_BYTES": 65_000},
+                     {"BUS_READER_MEMORY_LIMIT_BYTES": 101 * MIB,
+                      "BUS_WRITER_MEMORY_LIMIT_BYTES": 97 * MIB,
+                      "BUS_PROXY_MEMORY_LIMIT_BYTES": 97 * MIB},
+                     {"BUS_ANCHOR_LEASE_S": 3600, "BUS_ANCHOR_MAX_DOCUMENTS": 49_990}):
+        shown = subprocess.run([BUS_CLI, "config", "--json"], cwd=tmp_path, timeout=60,
+                               env={**env, **{k: str(v) for k, v in settings.items()}},
+                               capture_output=True, text=True)
+        assert shown.returncode == 0, (settings, shown.stderr)

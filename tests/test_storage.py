@@ -209,3 +209,57 @@ def test_a_postgresql_server_refusing_connections_for_a_while_costs_nothing(
         pub.flush(timeout=30)
     assert query(url, "SELECT count(*) FROM messages") == [(100,)]
     assert bus.stop() == (0, 0)
+
+
+SECRET = "Sekr1tZ"
+
+
+@pytest.mark.parametrize("spelling", [
+    f"?pass%77ord={SECRET}",  # libpq percent-decodes the key: its password
+    f"?sslpassword={SECRET}",
+    f"?password={SECRET}1&password={SECRET}2",  # libpq takes the last
+    f"@USERINFO:{SECRET}%40x%3Ay%25z",  # '@', ':' and '%' encoded in the user info
+])
+def test_a_database_urls_password_is_shown_nowhere(make_bus, pg_server, spelling) -> None:
+    """A password libpq reads in BUS_DB, however it is written, is in no log
+    line, no stats answer, and not in `bus-cli config` or `db migrate`: each
+    shows the URL as libpq reads it, the password as ***."""
+    url = pg_server.create_database()
+    if spelling.startswith("@USERINFO:"):
+        scheme, _, rest = url.partition("://")
+        url = f"{scheme}://{rest.replace('@', ':' + spelling.partition(':')[2] + '@', 1)}"
+    else:
+        url += spelling
+    bus = make_bus(BUS_DB=url)
+    bus.start_writer()
+    bus.start_reader()
+    shown = {"writer stats": json.dumps(bus.writer_stats()),
+             "reader stats": json.dumps(bus.request("BUS_READ_ENDPOINT", "stats"))}
+    for args in (("config",), ("config", "--json"), ("db", "migrate")):
+        done = bus.cli(*args)
+        shown[" ".join(args)] = done.stdout + done.stderr
+    assert bus.stop() == (0, 0)
+    started = next(e for e in bus.writer.log_events() if e["event"] == "started")
+    assert started["db"].startswith("postgresql://bus") and "***" in started["db"], started
+    shown.update(writer_log="\n".join(bus.writer.stderr.collect()),
+                 reader_log="\n".join(bus.reader.stderr.collect()))
+    assert {where: SECRET in text for where, text in shown.items()} == \
+        dict.fromkeys(shown, False), shown
+
+
+@pytest.mark.parametrize("spelling", [
+    f"?password=%zz{SECRET}",  # libpq's parse error quotes the value
+    f"?password={SECRET}&bogus=1",
+])
+def test_a_database_url_libpq_cannot_read_is_refused_without_its_password(
+        make_bus, pg_server, tmp_path, spelling) -> None:
+    url = pg_server.create_database() + spelling
+    bus = make_bus(BUS_DB=url)
+    writer = bus.run("writer")
+    assert writer.wait() == 1
+    refused = [e for e in writer.log_events() if e["event"] == "cannot_start"]
+    assert refused and "percent-encode" in refused[0]["error"], writer.stderr.collect()
+    copy = bus.cli("db", "copy", "--from", url, "--to", str(tmp_path / "copy.db"))
+    assert copy.returncode == 2 and "percent-encode" in copy.stderr, copy.stderr
+    shown = "\n".join(writer.stderr.collect()) + copy.stderr + bus.cli("config").stdout
+    assert SECRET not in shown, shown

@@ -91,6 +91,102 @@ def test_config_file_errors_are_clear(tmp_path: Path) -> None:
         load_config(env={}, config_path=tmp_path / "missing.toml")
 
 
+def test_the_bounds_the_config_checks_limits_against_are_what_they_stand_for() -> None:
+    """The room for a session's meta, the longest topic a history request can
+    name, and the most documents of one anchor_record, against the code that
+    sets them: a producer id of 128 four-byte characters, the reader's request
+    frame, the writer's count of maps and arrays."""
+    from bus import sockets
+    from bus.config import (
+        ANCHOR_DOCUMENTS_MAX,
+        CURVE_FRAME_OVERHEAD_BYTES,
+        SESSION_META_MAX_BYTES,
+        TOPIC_BYTES_MAX,
+    )
+    most = 2**64 - 1
+    meta = protocol.MetaEncoder("\U0010FFFF" * protocol.MAX_PRODUCER_CHARS, most).encode(
+        most, time_ns=most, ack=True, mac=bytes(32))
+    assert len(meta) <= SESSION_META_MAX_BYTES
+    history = protocol.encode_request(f"{2**22}-{most}", "history", {
+        "prefixes": ["\U0010FFFF" * (TOPIC_BYTES_MAX // 4)], "after_id": most, "limit": most})
+    assert len(history) + CURVE_FRAME_OVERHEAD_BYTES <= sockets.MAX_SMALL_REQUEST_BYTES
+    change = [{"txid": "ab" * 32, "vout": 1, "amount_sat": 1, "address": "bc1q",
+               "script_pubkey": "00"}]
+
+    def anchor_record(documents: int) -> list[bytes]:
+        return [protocol.encode_request("1-1", "anchor_record", {
+            "request_id": "r", "root": bytes(32), "size": documents, "lease_id": "l",
+            "tip_height": 1, "txid": "ab" * 32, "raw_tx": b"", "fee_sat": 1, "vsize": 1,
+            "change": change, "documents": [[bytes(32), None, i] for i in range(documents)]})]
+    assert protocol.decode_request(anchor_record(ANCHOR_DOCUMENTS_MAX))[1] == "anchor_record"
+    with pytest.raises(protocol.ProtocolError, match="maps and arrays"):
+        protocol.decode_request(anchor_record(protocol.MAX_REQUEST_CONTAINERS))
+
+
+# --- a database URL's secrets ---------------------------------------------------
+
+SECRET = "Sekr1tZ"
+UNREADABLE = "<a postgresql:// URL libpq cannot read"
+
+
+@pytest.mark.parametrize("url, shown", [
+    # libpq percent-decodes query keys: this is its password
+    (f"postgresql://u@h:5432/db?pass%77ord={SECRET}", "postgresql://u:***@h:5432/db"),
+    (f"postgresql://u@h/db?sslpassword={SECRET}&sslmode=require",
+     "postgresql://u@h/db?sslmode=require&sslpassword=***"),
+    # libpq takes the last of a repeated key; neither is shown
+    (f"postgresql://u@h/db?password={SECRET}1&password={SECRET}2", "postgresql://u:***@h/db"),
+    (f"postgresql://u@h/db?passw%6Frd={SECRET}1&password={SECRET}2",
+     "postgresql://u:***@h/db"),
+    # '@', ':' and '%' percent-encoded in the user info's password
+    (f"postgresql://u:{SECRET}%40x%3Ay%25z@h/db", "postgresql://u:***@h/db"),
+    (f"postgresql://u%40corp:{SECRET}@h/db", "postgresql://u%40corp:***@h/db"),
+    (f"postgresql://:{SECRET}@h/db", "postgresql://:***@h/db"),
+    (f"postgresql://u:{SECRET}?x@h/db", "postgresql://u:***@h/db"),  # libpq: '?' in userinfo
+    (f"postgresql://h/db?password=a@{SECRET}", "postgresql://:***@h/db"),
+    (f"postgres://u:{SECRET}@h/db", "postgres://u:***@h/db"),
+    # the other secrets libpq marks
+    (f"postgresql://h/db?oauth_client_secret={SECRET}",
+     "postgresql://h/db?oauth_client_secret=***"),
+    (f"postgresql://h/db?scram_client_key={SECRET}", "postgresql://h/db?scram_client_key=***"),
+    # libpq cannot parse these, and its error quotes the password: nothing shown
+    (f"postgresql://u@h/db?password=%zz{SECRET}", UNREADABLE),
+    (f"postgresql://u@h/db?password={SECRET}%00", UNREADABLE),
+    (f"postgresql://u:{SECRET}@[::1/db", UNREADABLE),
+    (f"postgresql://u@h/db?PASSWORD={SECRET}", UNREADABLE),  # keys are case-sensitive
+    (f"postgresql://u@h/db?bogus=1&password={SECRET}", UNREADABLE),
+    # libpq parses these, but reads the password as host, port or database
+    (f"postgresql://u:{SECRET}@{SECRET}@h/db", UNREADABLE),
+    (f"postgresql://u:{SECRET}/x@h/db", UNREADABLE),
+    (f"postgresql://u:{SECRET}/x?password={SECRET}@h/db", UNREADABLE),
+    (f"postgresql://u:{SECRET}x/y?password=z@h/db", UNREADABLE),
+])
+def test_a_postgresql_urls_secrets_are_hidden_as_libpq_reads_them(url: str, shown: str) -> None:
+    from bus.config import redact_url
+    assert redact_url(url).startswith(shown) and SECRET not in redact_url(url)
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://bus@127.0.0.1:5432/bus_0a1b", "postgresql://u@[::1]:5432/db",
+    "postgresql:///db?host=/run/postgresql&port=5433", "postgresql://h/d%20b?sslmode=require",
+    "postgresql:///db?host=h1,h2&port=5432,5433",
+])
+def test_a_postgresql_url_without_secrets_is_shown_as_given(url: str) -> None:
+    from bus.config import redact_url
+    assert redact_url(url) == url
+
+
+def test_every_option_libpq_keeps_secret_is_hidden() -> None:
+    """libpq's own list (PQconndefaults' dispchar "*" or "D"), whatever its version."""
+    from psycopg import pq
+
+    from bus.config import redact_url
+    secret = [o.keyword.decode() for o in pq.Conninfo.get_defaults() if o.dispchar == b"*"]
+    assert {"password", "sslpassword"} <= set(secret)
+    for keyword in secret:
+        assert SECRET not in redact_url(f"postgresql://h/db?{keyword}={SECRET}"), keyword
+
+
 # --- batch buffer, metrics, load -------------------------------------------------
 
 ROW = ("t", b"p", None, None, None, None)
