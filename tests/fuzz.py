@@ -46,7 +46,7 @@ COMMANDS = ("ping", "stats", "flush", "history", "utxo_stats", "anchor_proof", "
             "utxo_reserve", "utxo_renew", "utxo_release", "utxo_spend", "utxo_get",
             "utxo_upsert", "utxo_remove", "utxo_sweep", "utxo_tip", "anchor_record",
             "anchor_replace", "anchor_fail", "anchor_update", "anchor_open", "anchor_known",
-            "anchor_leaves", "nope", "")
+            "anchor_leaves", "producers_list", "producer_info", "producer_remove", "nope", "")
 INT_EDGES = (0, 1, -1, 2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, -(2**63))
 META_KEYS = ("producer", "epoch", "seq", "time_ns", "content_type", "headers", "ack", "mac")
 REPLY_WAIT_MS = 2000
@@ -61,11 +61,18 @@ def rss_kib(pid: int) -> int:
 
 
 class Shapes:
-    """Random frames of the shapes that break parsers, from one seeded RNG."""
+    """Random frames of the shapes that break parsers, from one seeded RNG.
+    With a `session` (producer, epoch, session key) of the fuzzer's own, some
+    messages carry that session's valid mac over malformed content, or a mac
+    misplaced, truncated or under another key: the writer's refusal of a
+    message it can attribute, and its mac check, get their share."""
 
-    def __init__(self, rng: random.Random, max_message_bytes: int) -> None:
+    def __init__(self, rng: random.Random, max_message_bytes: int,
+                 session: tuple[str, int, bytes] | None = None) -> None:
         self.rng = rng
         self.max_message_bytes = max_message_bytes
+        self.session = session
+        self.signer = protocol.SessionMac(session[2]) if session else None
 
     def blob(self) -> bytes:
         r = self.rng.random()
@@ -114,7 +121,32 @@ class Shapes:
             meta["producer"] = "fuzz-other"
         return self.packed(meta)
 
+    def signed_message(self) -> list[bytes]:
+        producer, epoch, _key = self.session
+        topic, payload = self.topic(), self.blob()
+        fields = {"producer": producer, "epoch": self.rng.choice((epoch, epoch, epoch + 1,
+                                                                  self.value())),
+                  "seq": self.rng.choice((self.rng.randrange(1, 10**6), self.value()))}
+        for key in self.rng.sample(META_KEYS[3:-1], self.rng.randrange(3)):
+            fields[key] = self.value()
+        r = self.rng.random()
+        if r < 0.6:
+            meta = self.signer.signed_meta(topic, payload, fields)
+        elif r < 0.7:  # another key's mac
+            meta = protocol.SessionMac(self.rng.randbytes(32)).signed_meta(topic, payload, fields)
+        elif r < 0.8:  # the mac entry not last
+            meta = self.packed({"mac": self.rng.randbytes(16), **fields})
+        elif r < 0.9:  # cut inside its tag, or inside its entry
+            meta = self.signer.signed_meta(topic, payload, fields)[:-self.rng.randrange(1, 23)]
+        else:  # signed, then one byte of the map changed
+            meta = bytearray(self.signer.signed_meta(topic, payload, fields))
+            meta[self.rng.randrange(len(meta))] ^= 0x01
+            meta = bytes(meta)
+        return [topic, payload, meta] + [self.blob()] * self.rng.choice((0, 0, 0, 1))
+
     def data_message(self) -> list[bytes]:
+        if self.signer is not None and self.rng.random() < 0.3:
+            return self.signed_message()
         frames = [self.topic(), self.blob()]
         extra = self.rng.choice((0, 1, 1, 1, 2, 4))
         if extra == 0 and self.rng.random() < 0.3:
@@ -132,7 +164,8 @@ class Shapes:
         if r < 0.2:
             return [protocol.encode_request(1, "ping")] * self.rng.randrange(2, 4)
         cmd = self.rng.choice(COMMANDS)
-        if cmd in ("producer_open", "consumer_delete", "consumer_ack"):  # never the valid ones
+        if cmd in ("producer_open", "producer_remove", "consumer_delete", "consumer_ack"):
+            # never the valid ones
             args = {"producer": "fuzz-other", "consumer": "fuzz-consumer",
                     "last_id": self.value()}
         else:
@@ -369,9 +402,14 @@ def fuzz(bus: Bus, frames: int, seconds: float, seed: int = 1, valid_every: floa
     cfg = bus.config()
     ctx = zmq.Context()
     deadline = time.monotonic() + seconds
+    # A session of the fuzzer's own, whose key some malformed messages carry.
+    from bus.client import ControlClient
+    with ControlClient(cfg.control_endpoint, timeout_ms=5000) as control:
+        opened = control.request("producer_open", {"producer": "fuzz-session"})
+    session = ("fuzz-session", opened["epoch"], opened["session_key"])
     # An RNG per sender: one Random shared by threads would interleave its draws.
     senders = [Sender(name, loops_for(name, ctx, cfg, Shapes(random.Random(seed * 100 + n),
-                                                             cfg.max_message_bytes)),
+                                                             cfg.max_message_bytes, session)),
                       frames, deadline) for n, name in enumerate(ENDPOINTS)]
     rss = RssSampler({role: getattr(bus, role).pid for role in ROLES})
     before = rss.now()
@@ -392,6 +430,7 @@ def fuzz(bus: Bus, frames: int, seconds: float, seed: int = 1, valid_every: floa
     ctx.destroy(linger=0)
     stored = query(bus.db, "SELECT count(*), count(DISTINCT producer_seq) FROM messages "
                            "WHERE producer_id = ?", (VALID_PRODUCER,))[0]
+    writer = bus.writer_stats()
     return {
         "frames_per_endpoint": {s.name: s.frames for s in senders},
         "replies": {s.name: s.replies for s in senders if s.replies or s.unanswered},
@@ -405,7 +444,11 @@ def fuzz(bus: Bus, frames: int, seconds: float, seed: int = 1, valid_every: floa
         "rss_kib": {role: {"before": before[role], "peak": rss.peak[role],
                            "after_burst": after_burst[role], "settled": settled[role]}
                     for role in ROLES},
-        "writer_rejected": bus.writer_stats()["ingest"]["rejected"],
+        "writer_rejected": writer["ingest"]["rejected"],
+        "writer_nacked": writer["ingest"]["nacked"],
+        "writer_not_authentic": writer["security"]["messages_not_authentic"],
+        "fuzz_session_stored": query(bus.db, "SELECT count(*) FROM messages WHERE producer_id"
+                                             " = 'fuzz-session'")[0][0],
     }
 
 

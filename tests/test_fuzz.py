@@ -22,5 +22,9 @@ def test_no_malformed_frame_costs_a_process_or_a_valid_message(bus: Bus) -> None
     assert result["valid_stored"] == result["valid_distinct"] == result["valid_published"]
     assert result["integrity"] == "ok"
     assert sum(result["writer_rejected"].values()) > 0
+    # The fuzzer's own session: forged and altered macs dropped, malformed
+    # messages with its valid mac refused with a nack, valid ones stored.
+    assert result["writer_not_authentic"] > 0
+    assert sum(result["writer_nacked"].values()) > 0 and result["fuzz_session_stored"] > 0
     for role, rss in result["rss_kib"].items():
         assert rss["settled"] <= rss["before"] + SETTLED_GROWTH_KIB, (role, rss)

@@ -104,8 +104,9 @@ def test_the_bounds_the_config_checks_limits_against_are_what_they_stand_for() -
         TOPIC_BYTES_MAX,
     )
     most = 2**64 - 1
-    meta = protocol.MetaEncoder("\U0010FFFF" * protocol.MAX_PRODUCER_CHARS, most).encode(
-        most, time_ns=most, ack=True, mac=bytes(32))
+    meta = protocol.MetaEncoder("\U0010FFFF" * protocol.MAX_PRODUCER_CHARS, most,
+                                protocol.SessionMac(bytes(32))).encode(
+        most, time_ns=most, ack=True, content_type="application/octet-stream")
     assert len(meta) <= SESSION_META_MAX_BYTES
     history = protocol.encode_request(f"{2**22}-{most}", "history", {
         "prefixes": ["\U0010FFFF" * (TOPIC_BYTES_MAX // 4)], "after_id": most, "limit": most})
