@@ -4,7 +4,10 @@ A role is an object with `initialize(stop)`, `loop(now=None)`, `shutdown()`
 (huey's shape), `status_line()` (what `systemctl status` shows) and, when its
 HTTP side is on (bus/http.py, an `http` attribute), `snapshot()`: the stats
 its /metrics and /healthz are read from, published once a second. `run_role` calls `loop()` until SIGTERM or SIGINT asks it to stop,
-then `shutdown()`; the signal handlers only set a flag and wake the role's poller
+then `shutdown()`; a role's optional `health(stats)` (the one its /healthz
+answers from) decides whether the systemd watchdog is pinged (the anchor
+worker has none: what makes it unhealthy, bitcoind unreachable or a wallet
+still syncing, is nothing a restart of it mends); the signal handlers only set a flag and wake the role's poller
 through a self-pipe, so a stop is seen at once even inside a long poll.
 Exit status: 0 after a clean stop, 1 after an unexpected exception (systemd's
 Restart=on-failure restarts it).
@@ -13,10 +16,12 @@ Restart=on-failure restarts it).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import setproctitle
@@ -84,6 +89,9 @@ class Role(Protocol):
 
 # How often the STATUS= line shown by `systemctl status` is refreshed.
 STATUS_INTERVAL_S = 2.0
+# While unhealthy, how often health is read again (a ping follows at once
+# when it is back).
+HEALTH_RECHECK_S = 1.0
 
 
 class SystemdNotifier:
@@ -94,7 +102,12 @@ class SystemdNotifier:
 
     WATCHDOG=1 goes out from the run loop itself, at half of $WATCHDOG_USEC, so
     a loop that stops turning (a commit stuck on a lock, a deadlock) stops the
-    pings and systemd restarts the process (WatchdogSec= in the units)."""
+    pings and systemd restarts the process (WatchdogSec= in the units). It goes
+    out only while the role is healthy (the reason its /healthz would give is
+    None): a process that turns but cannot serve (a database not writable, a
+    forwarding loop that cannot capture) for half of WatchdogSec is restarted
+    too, instead of answering 503 for ever. While unhealthy, health is read
+    again every HEALTH_RECHECK_S, so a ping follows as soon as it is back."""
 
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
@@ -110,6 +123,7 @@ class SystemdNotifier:
         self._next_watchdog = 0.0
         self._next_status = 0.0
         self._status = ""
+        self.withheld_reason: str | None = None  # why the last ping was not sent
 
     def send(self, *lines: str) -> None:
         if self._sock is None:
@@ -126,12 +140,27 @@ class SystemdNotifier:
         self._status = status
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}", *extra)
 
-    def tick(self, now: float, role: Role) -> None:
+    def tick(self, now: float, role: Role,
+             unhealthy: Callable[[], str | None] = lambda: None) -> None:
+        """`unhealthy()`: why the role is not healthy (None: it is), read
+        when a watchdog ping is due."""
         if self._sock is None:
             return
         if self.watchdog_s and now >= self._next_watchdog:
-            self._next_watchdog = now + self.watchdog_s
-            self.send("WATCHDOG=1")
+            reason = unhealthy()
+            if reason is None:
+                self._next_watchdog = now + self.watchdog_s
+                self.send("WATCHDOG=1")
+                if self.withheld_reason is not None:
+                    get_logger(role.name).info("watchdog_resumed", was=self.withheld_reason)
+            else:
+                self._next_watchdog = now + min(HEALTH_RECHECK_S, self.watchdog_s)
+                if self.withheld_reason is None:
+                    get_logger(role.name).warning(
+                        "watchdog_withheld", reason=reason,
+                        action="no WATCHDOG=1 while unhealthy: systemd restarts the process "
+                               "if this lasts WatchdogSec")
+            self.withheld_reason = reason
         if now >= self._next_status:
             self._next_status = now + STATUS_INTERVAL_S
             status = role.status_line()
@@ -145,6 +174,47 @@ class SystemdNotifier:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
+
+
+# sd_listen_fds(3): the first file descriptor systemd passes.
+SD_LISTEN_FDS_START = 3
+_LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+_inherited: dict[str, int] | None = None
+
+
+def inherited_sockets(environ: dict[str, str] | None = None) -> dict[str, int]:
+    """The listening sockets systemd passed to this process (socket
+    activation, the `.socket` units in deploy/systemd), by name
+    (FileDescriptorName=): sd_listen_fds(3)'s protocol, read once. They are
+    this process's only when LISTEN_PID is its pid; fds 3 to 3 + LISTEN_FDS - 1,
+    LISTEN_FDNAMES their names separated by ':'. The variables are then
+    removed (sd_listen_fds' unset_environment) and the fds made close-on-exec,
+    so that no child takes them as its own. systemd keeps its copy of each
+    socket across restarts of the process: the port is never free for
+    another process to bind."""
+    global _inherited
+    if environ is None and _inherited is not None:
+        return _inherited
+    env = os.environ if environ is None else environ
+    found: dict[str, int] = {}
+    pid, count = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    if pid == str(os.getpid()) and count.isdigit():
+        names = env.get("LISTEN_FDNAMES", "").split(":")
+        for index in range(int(count)):
+            fd = SD_LISTEN_FDS_START + index
+            name = names[index] if index < len(names) and names[index] else "unknown"
+            try:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+                fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+            except OSError:
+                raise StartupError(f"LISTEN_FDS={count}, but fd {fd} ({name}) is not "
+                                   "open") from None
+            found[name] = fd
+    for name in _LISTEN_VARS:
+        env.pop(name, None)
+    if environ is None:
+        _inherited = found
+    return found
 
 
 # How often a process gives freed heap memory back (MemoryTrim).
@@ -226,13 +296,17 @@ def run_role(role: Role) -> int:
     try:
         role.initialize(stop)  # sockets bound, database open: ready
         http = getattr(role, "http", None)
+        health = getattr(role, "health", None)
+
+        def unhealthy() -> str | None:
+            return None if health is None else health(role.snapshot())
         notifier.ready(role.status_line(), *([f"BUS_HTTP={http.address}"] if http else []))
         trim = MemoryTrim()
         while not stop.requested:
             role.loop()
             now = time.monotonic()
             trim.maybe(now)
-            notifier.tick(now, role)
+            notifier.tick(now, role, unhealthy)
             if http is not None and http.due(now):
                 http.publish(role.snapshot(), now)
         notifier.stopping(stop.signal_name or "requested")

@@ -26,7 +26,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bus import protocol, security
 from bus.config import BusConfig
-from bus.runner import MemoryLimit, StartupError, release_free_memory, resident_bytes
+from bus.runner import (MemoryLimit, StartupError, inherited_sockets, release_free_memory,
+                        resident_bytes)
 
 # Inside the proxy process: the steerable proxy's control pipe.
 PROXY_STEERING_ENDPOINT = "inproc://bus-proxy-steering"
@@ -57,14 +58,29 @@ class EndpointInUse(StartupError):
     """Another process already serves this endpoint."""
 
 
-def bind(sock: zmq.Socket, endpoint: str) -> None:
+def bind(sock: zmq.Socket, endpoint: str, name: str | None = None) -> None:
     """Bind, refusing an endpoint another process serves.
+
+    `name`: the endpoint's socket-activation name (FileDescriptorName= of its
+    `.socket` unit: pub, sub, control, notify, proxy_control, read,
+    anchor_control, capture). When systemd passed a listening socket of that
+    name (bus/runner.inherited_sockets), libzmq takes it over (ZMQ_USE_FD)
+    instead of binding one of its own: the port stays bound by systemd while
+    the process restarts, and nothing else can take it in that window. libzmq
+    closes the fd it is given when the socket closes, so it gets a duplicate,
+    and the process can bind the same socket again (the proxy's memory guard).
 
     tcp fails by itself (EADDRINUSE). For ipc, libzmq silently unlinks the
     other process's socket file and takes the path over, so a second writer or
     proxy would steal the first one's traffic: check for a listener first.
     """
     try:
+        inherited = inherited_sockets().get(name) if name else None
+        if inherited is not None:
+            _check_inherited(inherited, endpoint, name)
+            sock.setsockopt(zmq.USE_FD, os.dup(inherited))
+            sock.bind(endpoint)
+            return
         if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
             directory = os.path.dirname(endpoint[len("ipc://"):]) or "."
             if not os.path.isdir(directory):
@@ -85,6 +101,34 @@ def bind(sock: zmq.Socket, endpoint: str) -> None:
         raise
 
 
+def _check_inherited(fd: int, endpoint: str, name: str) -> None:
+    """A socket systemd passed as `name` must listen where the config says
+    the endpoint is: otherwise clients would look for the bus elsewhere."""
+    with socket.socket(fileno=os.dup(fd)) as listener:
+        local = listener.getsockname()
+        listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        family = listener.family
+    if family == socket.AF_UNIX:
+        path = local.decode(errors="replace") if isinstance(local, bytes) else local
+        where = f"ipc://{path}"
+        matches = endpoint == where
+    else:
+        host, port = local[0], local[1]
+        where = f"tcp://{'[' + host + ']' if family == socket.AF_INET6 else host}:{port}"
+        wanted_host, _, wanted_port = endpoint[len("tcp://"):].rpartition(":")
+        wanted_host = wanted_host.strip("[]")
+        matches = endpoint.startswith("tcp://") and wanted_port == str(port) and (
+            wanted_host in (host, "*", "localhost") or
+            (wanted_host == "0.0.0.0" and host == "0.0.0.0"))
+    if not listening:
+        raise StartupError(f"the socket systemd passed as {name!r} ({where}) is not listening "
+                           "(ListenStream= in its .socket unit)")
+    if not matches:
+        raise StartupError(f"the socket systemd passed as {name!r} listens on {where}, but "
+                           f"the endpoint is {endpoint}: make the .socket unit's ListenStream= "
+                           "and the bus.toml endpoint agree")
+
+
 # How long a socket closed to be opened again may take to free its endpoint:
 # libzmq closes a listener asynchronously.
 REBIND_WAIT_S = 5.0
@@ -103,6 +147,34 @@ def rebind(open_socket: Callable[[], zmq.Socket]) -> zmq.Socket:
             time.sleep(0.02)
 
 
+# Handshake failures after which libzmq 4.3 gives up on a connecting socket's
+# endpoint for good (it never connects there again): the peer spoke another
+# security mechanism (a NULL listener where a CURVE server should be), broke
+# the protocol, or refused this socket's key. A bus process restarting leaves
+# its port free for about RestartSec; whatever bound it meanwhile would end
+# every client that met it. HANDSHAKE_FAILED_NO_DETAIL (the peer closed during
+# the handshake: a CURVE server with another key) is retried by libzmq itself.
+GIVES_UP_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+HANDSHAKE_EVENTS = GIVES_UP_EVENTS | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL \
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+# How soon an endpoint libzmq gave up on is connected again, doubling while
+# the wrong peer stays (libzmq's own RECONNECT_IVL and RECONNECT_IVL_MAX).
+REDIAL_MIN_S = 0.1
+REDIAL_MAX_S = 1.0
+
+
+def describe_handshake_failure(event: int, value: int) -> str:
+    """What a HANDSHAKE_FAILED_* monitor event says of the peer."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"the peer refused this socket's key (ZAP status {value})"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return ("the peer speaks another security mechanism (a NULL listener where a "
+                    "CURVE server was expected, or the reverse)")
+        return f"the peer broke the ZeroMQ handshake (protocol error {value:#x})"
+    return f"the peer closed the connection during the handshake (errno {value})"
+
+
 class Connections:
     """The peers connected to a bound socket, from its monitor (libzmq's
     ACCEPTED and DISCONNECTED events carry each connection's file
@@ -111,6 +183,14 @@ class Connections:
     the socket goes on listening, so that no other process can take the
     endpoint meanwhile (closing and binding again left that window open). The
     peers reconnect by themselves.
+
+    For a connecting socket (`connected=True`) it also watches the handshakes:
+    after a failure libzmq gives up on (GIVES_UP_EVENTS), `gave_up` says why,
+    and `redial()` connects the endpoint again (disconnect + connect: the
+    socket, its options and subscriptions stay; the dead connection's queue is
+    gone). The socket's owner calls `redial()` once `redial_due(now)`: the
+    wrong peer may still be there, so redials back off from REDIAL_MIN_S to
+    REDIAL_MAX_S until a handshake succeeds.
 
     The monitor is attached before the socket binds or connects (no event
     missed; the `on_open` hook of the open_* functions) and before another
@@ -122,19 +202,54 @@ class Connections:
         instead): whether its peer is there, not for dropping."""
         self.endpoint = endpoint
         self.fds: set[int] = set()
+        self.connected = connected
         self._opened = zmq.EVENT_CONNECTED if connected else zmq.EVENT_ACCEPTED
-        self.monitor = sock.get_monitor_socket(self._opened | zmq.EVENT_DISCONNECTED)
+        self.monitor = sock.get_monitor_socket(
+            self._opened | zmq.EVENT_DISCONNECTED | (HANDSHAKE_EVENTS if connected else 0))
         self._family = socket.AF_UNIX if endpoint.startswith("ipc://") else (
             socket.AF_INET6 if endpoint.startswith("tcp://[") else socket.AF_INET)
         self._sock = sock
+        self.gave_up: str | None = None   # why libzmq gave up on the endpoint, until redial()
+        self.wrong_peers = 0              # handshakes that failed (every kind)
+        self.last_wrong_peer: str | None = None
+        self.redials = 0
+        self._redial_at = 0.0
+        self._backoff = REDIAL_MIN_S
 
     def update(self) -> None:
         while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)
-            if event["event"] == self._opened:
-                self.fds.add(event["value"])
-            else:
-                self.fds.discard(event["value"])
+            message = recv_monitor_message(self.monitor)
+            event, value = message["event"], message["value"]
+            if event == self._opened:
+                self.fds.add(value)
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.fds.discard(value)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._backoff = REDIAL_MIN_S
+            elif event & HANDSHAKE_EVENTS:
+                self.wrong_peers += 1
+                self.last_wrong_peer = describe_handshake_failure(event, value)
+                if event & GIVES_UP_EVENTS and self.gave_up is None:
+                    self.gave_up = self.last_wrong_peer
+                    self._redial_at = time.monotonic() + self._backoff
+                    self._backoff = min(self._backoff * 2, REDIAL_MAX_S)
+
+    def redial_due(self, now: float) -> bool:
+        return self.gave_up is not None and now >= self._redial_at
+
+    def redial(self) -> None:
+        """Connect the endpoint again (the owner's thread, see the class doc)."""
+        try:
+            self._sock.disconnect(self.endpoint)
+        except zmq.ZMQError:  # libzmq forgot it already
+            pass
+        self._sock.connect(self.endpoint)
+        self.gave_up = None
+        self.redials += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"wrong_peers": self.wrong_peers, "redials": self.redials,
+                "last_wrong_peer": self.last_wrong_peer}
 
     def drop_all(self) -> int:
         """Shut every connection down; how many were."""
@@ -249,7 +364,7 @@ def open_proxy_frontend(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None
     security.secure_server(sock, cfg, "pub")
     if on_open is not None:
         on_open(sock)
-    bind(sock, cfg.pub_endpoint)
+    bind(sock, cfg.pub_endpoint, "pub")
     return sock
 
 
@@ -267,7 +382,7 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     security.secure_server(sock, cfg, "sub")
     if on_open is not None:
         on_open(sock)
-    bind(sock, cfg.sub_endpoint)
+    bind(sock, cfg.sub_endpoint, "sub")
     return sock
 
 
@@ -297,7 +412,7 @@ def open_reply(ctx: zmq.Context, cfg: BusConfig, endpoint: str, domain: str,
     security.secure_server(sock, cfg, domain)
     if on_open is not None:
         on_open(sock)
-    bind(sock, endpoint)
+    bind(sock, endpoint, domain)
     return sock
 
 
@@ -327,14 +442,14 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None
         on_open(sock)
     if not security.capture_by_file_permissions(cfg):
         security.secure_server(sock, cfg, "capture")
-        bind(sock, cfg.capture_endpoint)
+        bind(sock, cfg.capture_endpoint, "capture")
         return sock
     security.check_capture_directory(cfg)
     # libzmq creates the socket file inside zmq_bind, with the process's umask:
     # owner-only from its first moment, no window for another user to connect.
     umask = os.umask(0o177)
     try:
-        bind(sock, cfg.capture_endpoint)
+        bind(sock, cfg.capture_endpoint, "capture")
     finally:
         os.umask(umask)
     return sock
@@ -362,7 +477,7 @@ def open_writer_notify(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     security.secure_server(sock, cfg, "notify")
     if on_open is not None:
         on_open(sock)
-    bind(sock, cfg.notify_endpoint)
+    bind(sock, cfg.notify_endpoint, "notify")
     return sock
 
 
@@ -380,7 +495,8 @@ def open_anchor_control(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None
 
 # --- clients -----------------------------------------------------------------
 
-def open_publisher(ctx: zmq.Context, cfg: BusConfig, linger_ms: int) -> zmq.Socket:
+def open_publisher(ctx: zmq.Context, cfg: BusConfig, linger_ms: int,
+                   on_open: OnOpen = None) -> zmq.Socket:
     """XPUB (not PUB) so the client sees the proxy's subscriptions arrive and
     can hold its first message until then (the slow-joiner fix). NODROP turns
     a full queue into backpressure instead of silent loss."""
@@ -388,12 +504,14 @@ def open_publisher(ctx: zmq.Context, cfg: BusConfig, linger_ms: int) -> zmq.Sock
     sock.setsockopt(zmq.SNDHWM, cfg.pub_hwm)
     sock.setsockopt(zmq.XPUB_NODROP, 1)
     security.secure_client(sock, security.client_keys(cfg))
+    if on_open is not None:
+        on_open(sock)
     sock.connect(cfg.pub_endpoint)
     return sock
 
 
 def open_subscriber(ctx: zmq.Context, cfg: BusConfig, prefixes: list[bytes],
-                    endpoint: str | None = None) -> zmq.Socket:
+                    endpoint: str | None = None, on_open: OnOpen = None) -> zmq.Socket:
     """SUB to the proxy's data (sub_endpoint), or to the writer's notifications
     (endpoint=cfg.notify_endpoint)."""
     sock = _set_common(ctx.socket(zmq.SUB), 0)
@@ -401,16 +519,66 @@ def open_subscriber(ctx: zmq.Context, cfg: BusConfig, prefixes: list[bytes],
     for prefix in prefixes:
         sock.setsockopt(zmq.SUBSCRIBE, prefix)
     security.secure_client(sock, security.client_keys(cfg))
+    if on_open is not None:
+        on_open(sock)
     sock.connect(endpoint or cfg.sub_endpoint)
     return sock
 
 
 def open_request(ctx: zmq.Context, endpoint: str,
-                 keys: security.ClientKeys | None = None) -> zmq.Socket:
+                 keys: security.ClientKeys | None = None, on_open: OnOpen = None) -> zmq.Socket:
     sock = _set_common(ctx.socket(zmq.REQ), 0)
     security.secure_client(sock, keys)
+    if on_open is not None:
+        on_open(sock)
     sock.connect(endpoint)
     return sock
+
+
+class PeerWatch:
+    """The client side's use of Connections: a connecting socket's handshakes,
+    watched from `attach` (an `on_open` hook) on; `check()` connects again an
+    endpoint libzmq gave up on (its owner calls it wherever it reads the
+    socket). True when it did."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.connections: Connections | None = None
+
+    def attach(self, sock: zmq.Socket) -> None:
+        if self.connections is not None:
+            self.connections.close()
+        self.connections = Connections(sock, self.endpoint, connected=True)
+
+    @property
+    def monitor(self) -> zmq.Socket | None:
+        return None if self.connections is None else self.connections.monitor
+
+    def check(self, now: float | None = None) -> bool:
+        connections = self.connections
+        if connections is None:
+            return False
+        connections.update()
+        if connections.redial_due(time.monotonic() if now is None else now):
+            connections.redial()
+            return True
+        return False
+
+    def gave_up(self) -> bool:
+        """Whether libzmq gave up on the endpoint (the events read first)."""
+        if self.connections is None:
+            return False
+        self.connections.update()
+        return self.connections.gave_up is not None
+
+    @property
+    def redials(self) -> int:
+        return 0 if self.connections is None else self.connections.redials
+
+    def close(self) -> None:
+        if self.connections is not None:
+            self.connections.close()
+            self.connections = None
 
 
 def handshake_error(ctx: zmq.Context, cfg: BusConfig, endpoint: str,

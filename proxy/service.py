@@ -17,6 +17,19 @@ drain_idle_ms (at most 5 such periods), then its capture socket lingers for the
 rest of shutdown_timeout_ms so that what is queued for the writer is still
 delivered.
 
+The capture PUSH meets whatever listens at the capture endpoint. If that is
+not the writer (a process that bound the port while the writer restarted: a
+NULL listener, a CURVE server with another key), libzmq gives up on the
+endpoint for good after the failed handshake, and the forwarding loop would
+block in its next capture send for ever. The proxy watches the capture's
+handshakes (bus/sockets.Connections): on such a failure it logs
+`capture_wrong_peer`, counts it, stops the forwarding loop (a loop blocked in
+a capture send is given a pipe to finish its burst into,
+CAPTURE_RESCUE_ENDPOINT, and what it sent there is kept), connects the
+capture again (backing off to 1 s while the wrong peer stays), sends the kept
+messages first and forwards again. What the dead connection had queued is
+lost; its publishers re-send it (acknowledgements).
+
 Counters come from libzmq's STATISTICS command; libzmq counts frames (message
 parts), not messages, so they are reported as frames.
 
@@ -47,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections import deque
 from collections.abc import Callable
 import threading
 import time
@@ -78,6 +92,10 @@ CUTOFF_GROWTH_FRACTION = 0.125
 # Paused this long since its last action without memory coming back, the guard
 # resumes forwarding anyway (and pauses again if memory grows again).
 PAUSE_GIVE_UP_S = 10.0
+# A forwarding loop that has not ended this long after TERMINATE is blocked
+# in a capture send: it is given the rescue pipe to finish into.
+CAPTURE_RESCUE_AFTER_S = 0.1
+CAPTURE_RESCUE_ENDPOINT = "inproc://bus-proxy-capture-rescue"
 SUBSCRIBERS, PUBLISHERS, CONTROL, WRITER = "subscribers", "publishers", "control", "writer"
 CUTOFF_COUNTERS = {PUBLISHERS: "publisher_cutoffs", SUBSCRIBERS: "subscriber_cutoffs",
                    CONTROL: "control_cutoffs"}
@@ -103,6 +121,10 @@ HTTP_SERIES = [
            lambda s: s["memory"]["publisher_cutoffs"]),
     Series("forwarding_blocked", "gauge", "1 while the forwarding loop does not answer (a full "
            "capture queue?)", lambda s: int(s["forwarding"] == "blocked")),
+    Series("capture_wrong_peers", "counter", "capture handshakes that failed: something other "
+           "than the writer at the capture endpoint", lambda s: s["capture"]["wrong_peers"]),
+    Series("capture_redials", "counter", "capture endpoint connected again after libzmq gave up "
+           "on a wrong peer", lambda s: s["capture"]["redials"]),
     *control_series(),
 ]
 
@@ -112,6 +134,9 @@ def proxy_health(stats: dict[str, Any]) -> str | None:
     if stats["forwarding"] == "blocked":
         return ("capture stalled: the forwarding loop is blocked (its capture queue is full: "
                 "is the writer down?)")
+    if stats["forwarding"] == "reconnecting":
+        return (f"capture reconnecting: {stats['capture']['last_wrong_peer']} at the capture "
+                "endpoint (another process bound it while the writer was down?)")
     if stats["forwarding"] == "paused":
         return (f"forwarding paused: {stats['memory']['rss_bytes'] >> 20} MB, over its memory "
                 f"limit of {stats['memory']['limit_bytes'] >> 20} MB")
@@ -126,6 +151,8 @@ _STAT_NAMES = (
 
 class Proxy:
     name = "proxy"
+    # What /healthz answers from, and what the systemd watchdog is pinged by.
+    health = staticmethod(proxy_health)
 
     def __init__(self, config: BusConfig) -> None:
         self.config = config
@@ -151,6 +178,15 @@ class Proxy:
         self._rss = 0
         self.memory_actions = {"pauses": 0, "subscriber_cutoffs": 0, "publisher_cutoffs": 0,
                                "control_cutoffs": 0}
+        # The capture's recovery from a wrong peer: why the forwarding loop was
+        # stopped for it (None: it was not), when TERMINATE was sent, the
+        # rescue pipe of a loop blocked in a capture send, and the messages the
+        # loop sent into it, to be sent again first.
+        self._capture_down: str | None = None
+        self._capture_stop_sent = 0.0
+        self._rescue: zmq.Socket | None = None
+        self._rescued: deque[list[zmq.Frame]] = deque()
+        self.rescued_total = 0
 
     def initialize(self, stop: StopSignal) -> None:
         cfg = self.config
@@ -169,6 +205,8 @@ class Proxy:
         self.backend = sockets.open_proxy_backend(self.ctx, cfg)
         self.capture = sockets.open_proxy_capture(self.ctx, cfg,
                                                   watch(WRITER, cfg.capture_endpoint))
+        # Nothing connects here but the capture's recovery (see the module's doc).
+        self.capture.bind(CAPTURE_RESCUE_ENDPOINT)
         self.control = sockets.open_proxy_control(self.ctx, cfg,
                                                   watch(CONTROL, cfg.proxy_control_endpoint))
         self.steer = self.ctx.socket(zmq.PAIR)
@@ -189,7 +227,13 @@ class Proxy:
                  config_source=cfg.source, config=cfg.public())
 
     def _start_forwarding(self) -> None:
-        self._unanswered = 0  # a loop that owed answers is gone
+        # A loop that owed answers is gone: its late replies, and commands it
+        # never read (a TERMINATE sent while it was blocked), must not reach
+        # the next one.
+        for sock in (self.steer, self._steered):
+            while sock.poll(0):
+                sock.recv_multipart()
+        self._unanswered = 0
         self._thread = threading.Thread(target=self._run_proxy, name="zmq-proxy", daemon=True)
         self._thread.start()
 
@@ -207,7 +251,8 @@ class Proxy:
         except BaseException as exc:  # reported by the main loop, which exits non-zero
             self._proxy_error = exc
         finally:
-            if self._paused_at is None or self._proxy_error is not None:
+            if (self._paused_at is None and self._capture_down is None) \
+                    or self._proxy_error is not None:
                 self._close_forwarding_sockets()
 
     def _close_forwarding_sockets(self) -> None:
@@ -225,13 +270,16 @@ class Proxy:
     def loop(self, now: float | None = None) -> None:
         events = dict(self.poller.poll(int(MEMORY_CHECK_S * 1000)))
         if self._thread is not None and not self._forwarding() and (
-                self._paused_at is None or self._proxy_error is not None):
+                (self._paused_at is None and self._capture_down is None)
+                or self._proxy_error is not None):
             raise RuntimeError(f"proxy loop ended: {self._proxy_error!r}")
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.control in events:
             self.dispatcher.serve(self.control)
-        self.guard_memory(time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        self.guard_memory(now)
+        self.recover_capture(now)
 
     def _stats_command(self, _request: control.Request) -> dict[str, Any]:
         stats = self.read_stats()
@@ -289,12 +337,15 @@ class Proxy:
         counters are those of the loops before the current one."""
         counters = self.counters(wait_ms)
         forwarding = ("blocked" if counters is None else
+                      "reconnecting" if self._capture_down is not None else
                       "paused" if self._paused_at is not None else "running")
         return {**(counters or self._counted), "forwarding": forwarding,
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
                 "control": self.dispatcher.counters.snapshot(),
                 "security": security.snapshot(self.config),
                 "capture_hwm": self.config.capture_hwm,
+                "capture": {**self.connections[WRITER].snapshot(),
+                            "rescued": self.rescued_total},
                 "memory": {"rss_bytes": resident_bytes(),
                            "limit_bytes": self.config.proxy_memory_limit_bytes,
                            "paused": self._paused_at is not None, **self.memory_actions},
@@ -392,7 +443,68 @@ class Proxy:
             event, action="resumed forwarding", rss_bytes=self._rss, limit_bytes=limit,
             paused_ms=round((now - (self._paused_at or now)) * 1000))
         self._paused_at = None
-        self._start_forwarding()
+        if self._capture_down is None:  # else recover_capture starts it
+            self._start_forwarding()
+
+    # --- a wrong peer at the capture endpoint ------------------------------------
+
+    def recover_capture(self, now: float) -> None:
+        """Connect the capture again after libzmq gave up on a wrong peer (see
+        the module's doc). Called once per pass; never waits long."""
+        writer = self.connections[WRITER]
+        if self._capture_down is None:
+            if writer.gave_up is None:
+                return
+            self._capture_down = writer.gave_up
+            log.warning("capture_wrong_peer", endpoint=self.config.capture_endpoint,
+                        reason=writer.gave_up, wrong_peers=writer.wrong_peers,
+                        action="stopping forwarding to connect the capture again")
+            if self._forwarding():
+                counted = self.counters(wait_ms=50)
+                if counted is not None:
+                    self._counted = counted
+                self._steer(b"TERMINATE", 0)
+                self._capture_stop_sent = now
+        if self._forwarding():
+            if self._rescue is None and now - self._capture_stop_sent >= CAPTURE_RESCUE_AFTER_S:
+                # Blocked in a capture send that no pipe will take: this one does,
+                # so the loop finishes its burst and reads TERMINATE.
+                self._rescue = self.ctx.socket(zmq.PULL)
+                self._rescue.connect(CAPTURE_RESCUE_ENDPOINT)
+            self._take_rescued()
+            return
+        if self._rescue is not None:  # the loop has ended: nothing more comes
+            # Unbound first, so that no send of ours goes there; what the loop
+            # sent is still read (the pipe delivers up to its end).
+            self.capture.unbind(CAPTURE_RESCUE_ENDPOINT)
+            while self._rescue.poll(10):
+                self._take_rescued()
+            self._rescue.close(linger=0)
+            self._rescue = None
+            self.capture.bind(CAPTURE_RESCUE_ENDPOINT)
+        if writer.gave_up is not None:
+            if not writer.redial_due(now):
+                return
+            writer.redial()
+        while self._rescued:  # first, in the order the loop sent them
+            try:
+                self.capture.send_multipart(self._rescued[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return  # the new connection's queue is full: the next pass goes on
+            self._rescued.popleft()
+        log.info("capture_redialed", endpoint=self.config.capture_endpoint,
+                 redials=writer.redials, rescued=self.rescued_total)
+        self._capture_down = None
+        if self._paused_at is None:
+            self._start_forwarding()
+
+    def _take_rescued(self) -> None:
+        while self._rescue is not None:
+            try:
+                self._rescued.append(self._rescue.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                return
+            self.rescued_total += 1
 
     # --- stopping -------------------------------------------------------------
 
@@ -436,12 +548,15 @@ class Proxy:
             thread.join(join_s)
             if not thread.is_alive():  # it may have ended for a pause just before
                 self._close_forwarding_sockets()
-        else:  # never started, or paused by the memory guard: nobody else closes them
+        else:  # never started, paused by the memory guard or stopped for the capture
             self._capture_linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if self._capture_down is not None:
+                log.warning("drain_skipped", reason="forwarding was stopped to connect the "
+                            f"capture again ({self._capture_down})")
             self._close_forwarding_sockets()
         for connections in getattr(self, "connections", {}).values():
             connections.close()
-        for name in ("control", "steer"):
+        for name in ("control", "steer", "_rescue"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)

@@ -170,6 +170,8 @@ def parse_history_args(args: dict[str, Any]) -> dict[str, Any]:
 
 class Reader:
     name = "reader"
+    # What /healthz answers from, and what the systemd watchdog is pinged by.
+    health = staticmethod(reader_health)
 
     def __init__(self, config: BusConfig) -> None:
         self.config = config

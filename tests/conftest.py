@@ -199,10 +199,10 @@ class Proc:
     """A started subprocess whose stdout and stderr are collected line by line."""
 
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path | None = None,
-                 stdin: Any = subprocess.DEVNULL) -> None:
+                 stdin: Any = subprocess.DEVNULL, pass_fds: tuple[int, ...] = ()) -> None:
         self.args = args
         self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdin=stdin, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
+                                      stderr=subprocess.PIPE, text=True, pass_fds=pass_fds)
         self.stdout = LineReader(self.popen.stdout)
         self.stderr = LineReader(self.popen.stderr)
 

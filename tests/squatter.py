@@ -1,105 +1,74 @@
-"""A hostile local process for the trust tests: while a bus process is down,
-it binds that process's endpoints and answers as if it were the bus (forged
-acknowledgements on the notify endpoint, a capture PULL that swallows what
-the proxy sends). It runs in a forked child as user nobody (uid 65534) when
-the tests run as root, as an unprivileged local user would; otherwise as
-the test's own user.
+"""A process that takes a port of the bus while the process that binds it is
+away (tests/test_restarts.py): what any local user could run in the
+RestartSec= window. Standard library only, so that it runs as another user
+(`nobody`) with the system's python3.
 
-A forked child, not a new interpreter: this interpreter lives under a
-directory that nobody cannot enter. The child makes its own zmq.Context
-after the fork and leaves with os._exit, touching nothing of the parent's.
+    squatter.py bind PORT               bind 127.0.0.1:PORT once; print "bound"
+                                        or "bind failed: ERRNO"; exit
+    squatter.py null PORT SECONDS       listen on 127.0.0.1:PORT as a ZeroMQ
+                                        listener of the NULL mechanism (no key,
+                                        no authentication): print "bound", then
+                                        "accepted" for each connection, and
+                                        exit once SECONDS have passed and at
+                                        least one peer came (at most
+                                        SECONDS + 30 s)
+
+A peer that expects a CURVE server fails its handshake on the NULL greeting
+(libzmq: HANDSHAKE_FAILED_PROTOCOL, mechanism mismatch) and libzmq 4.3 never
+connects that endpoint again.
 """
 
 from __future__ import annotations
 
-import os
-import signal
+import socket
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
-import msgpack
-import zmq
-
-from bus import protocol
-
-NOBODY = 65534
+# ZMTP 3.0's greeting: signature, version 3.0, mechanism "NULL" (20 bytes),
+# as-server 0, filler: 64 bytes.
+NULL_GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") \
+    + b"\0" + b"\0" * 31
+MAX_EXTRA_S = 30.0
 
 
-@dataclass
-class Squatter:
-    pid: int
-    ready_fd: int
-
-    def wait_bound(self, timeout: float = 10.0) -> str:
-        """What the child reported once it bound its endpoints ("bound", or the error)."""
-        import select
-        ready, _, _ = select.select([self.ready_fd], [], [], timeout)
-        assert ready, "the squatter did not report within its deadline"
-        return os.read(self.ready_fd, 200).decode()
-
-    def stop(self) -> None:
+def main(argv: list[str]) -> int:
+    mode, port = argv[1], int(argv[2])
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # As a determined squatter would: connections of the process that was
+    # killed may linger in TIME_WAIT on the port.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("127.0.0.1", port))
+        listener.listen(16)
+    except OSError as exc:
+        print(f"bind failed: {exc.errno}", flush=True)
+        return 0
+    print("bound", flush=True)
+    if mode == "bind":
+        listener.close()
+        return 0
+    seconds = float(argv[3])
+    started = time.monotonic()
+    listener.settimeout(0.05)
+    peers = []
+    while time.monotonic() - started < seconds + MAX_EXTRA_S:
+        if peers and time.monotonic() - started >= seconds:
+            break
         try:
-            os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
+            peer, _address = listener.accept()
+        except (TimeoutError, socket.timeout):
+            continue
+        try:
+            peer.sendall(NULL_GREETING)
+        except OSError:
             pass
-        os.waitpid(self.pid, 0)
-        os.close(self.ready_fd)
+        peers.append(peer)
+        print("accepted", flush=True)
+    for peer in peers:
+        peer.close()
+    listener.close()
+    return 0
 
 
-def run_as_nobody(body: Callable[[Callable[[str], None]], None]) -> Squatter:
-    """Fork; the child drops to nobody (if root) and runs body(report)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(read_end)
-            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-            if os.geteuid() == 0:
-                os.setgroups([])
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
-            body(lambda text: os.write(write_end, text.encode()))
-        except BaseException as exc:  # noqa: BLE001 - the child reports and leaves
-            os.write(write_end, f"{type(exc).__name__}: {exc}".encode())
-            code = 1
-        os._exit(code)
-    os.close(write_end)
-    return Squatter(pid, read_end)
-
-
-def forged_acks(notify_endpoint: str, capture_endpoint: str | None, producer: str, epoch: int,
-                seconds: float) -> Squatter:
-    """Bind the notify endpoint (and the capture endpoint) and, for `seconds`,
-    tell `producer`'s session that a million of its messages are stored: with
-    no mac, with a random one, and with a mac entry in the right place."""
-    def body(report: Callable[[str], None]) -> None:
-        ctx = zmq.Context()
-        notify = ctx.socket(zmq.XPUB)
-        notify.setsockopt(zmq.LINGER, 0)
-        notify.setsockopt(zmq.XPUB_VERBOSE, 1)
-        notify.bind(notify_endpoint)
-        pull = None
-        if capture_endpoint:
-            pull = ctx.socket(zmq.PULL)
-            pull.setsockopt(zmq.LINGER, 0)
-            pull.bind(capture_endpoint)
-        report("bound")
-        topic = protocol.ack_topic(producer)
-        fields = {"producer": producer, "epoch": epoch, "contiguous_seq": 1_000_000,
-                  "max_seq": 1_000_000, "refused": 0, "committed_ns": time.time_ns()}
-        forgeries = [msgpack.packb(fields),
-                     msgpack.packb({**fields, "mac": os.urandom(protocol.MAC_BYTES)}),
-                     protocol.SessionMac(os.urandom(32)).notification(topic, fields)]
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            for payload in forgeries:
-                notify.send_multipart([topic, payload])
-            while notify.poll(0):
-                notify.recv()
-            while pull is not None and pull.poll(0):
-                pull.recv_multipart()
-            time.sleep(0.02)
-        ctx.destroy(linger=0)
-    return run_as_nobody(body)
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

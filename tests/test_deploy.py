@@ -28,6 +28,19 @@ INSTALLED_CLI = "/opt/bus/.venv/bin/bus-cli"
 INSTALLED_CONFIG = "/etc/bus/bus.toml"
 SERVICES = ("bus-writer.service", "bus-proxy.service", "bus-reader.service")  # start order
 ANCHOR = "bus-anchor.service"  # optional (needs bitcoind): enabled on its own
+# Each service's tcp endpoints, bound by systemd (socket activation), by the
+# FileDescriptorName= the process looks its endpoint up by (bus/sockets.bind).
+SOCKETS = {
+    "bus-proxy.service": ["bus-proxy-control.socket", "bus-proxy-pub.socket",
+                          "bus-proxy-sub.socket"],
+    "bus-reader.service": ["bus-reader-read.socket"],
+    "bus-writer.service": ["bus-writer-control.socket", "bus-writer-notify.socket"],
+    ANCHOR: ["bus-anchor-control.socket"],
+}
+FD_ENDPOINTS = {"pub": "pub_endpoint", "sub": "sub_endpoint",
+                "proxy_control": "proxy_control_endpoint", "control": "control_endpoint",
+                "notify": "notify_endpoint", "read": "read_endpoint",
+                "anchor_control": "anchor_control_endpoint"}
 
 
 def read_unit(name: str) -> configparser.ConfigParser:
@@ -67,8 +80,8 @@ def localize(text: str, config: Path) -> str:
 
 def test_deploy_has_one_unit_per_process_and_a_target() -> None:
     assert sorted(p.name for p in UNITS.iterdir()) == \
-        ["bus-anchor.service", "bus-proxy.service", "bus-reader.service", "bus-writer.service",
-         "bus.target"]
+        sorted([*SERVICES, ANCHOR, *(name for names in SOCKETS.values() for name in names),
+                "bus.target"])
     target = read_unit("bus.target")
     assert set(target["Unit"]["Wants"].split()) == set(SERVICES)
     for name in (*SERVICES, ANCHOR):
@@ -95,6 +108,21 @@ def test_deploy_has_one_unit_per_process_and_a_target() -> None:
         service = read_unit(name)["Service"]
         assert service["RuntimeDirectory"] == "bus" and service["User"] == "bus"
         assert service["RuntimeDirectoryPreserve"] == "yes"
+    # Every tcp endpoint of deploy/bus.toml is held by a .socket unit of the
+    # service that binds it, named as that process looks it up, and listening
+    # where the config says (a process refuses a socket that does not).
+    cfg = load_config(env={}, config_path=ROOT / "deploy" / "bus.toml")
+    held = set()
+    for service, sockets in SOCKETS.items():
+        assert sorted(read_unit(service)["Service"]["Sockets"].split()) == sockets
+        for name in sockets:
+            unit = read_unit(name)
+            assert unit["Socket"]["Service"] == service
+            assert unit["Unit"]["PartOf"] == "bus.target"
+            endpoint = getattr(cfg, FD_ENDPOINTS[unit["Socket"]["FileDescriptorName"]])
+            assert endpoint == f"tcp://{unit['Socket']['ListenStream']}", name
+            held.add(endpoint)
+    assert held == {getattr(cfg, field) for field in FD_ENDPOINTS.values()}
     # The anchor worker needs no database: another user, started after the bus.
     writer_user = read_unit("bus-writer.service")["Service"]["User"]
     assert read_unit(ANCHOR)["Service"]["User"] != writer_user

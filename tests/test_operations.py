@@ -119,6 +119,43 @@ def test_a_stuck_writer_loop_stops_pinging_the_watchdog(make_bus, tmp_path: Path
         notify.close()
 
 
+def test_an_unhealthy_writer_stops_pinging_the_watchdog_until_it_is_healthy(
+        make_bus, tmp_path: Path) -> None:
+    """A loop that turns but cannot serve (its commits fail: another process
+    holds the database's write lock, busy timeout 50 ms) used to ping the
+    watchdog all along while /healthz said 503, for ever. WATCHDOG=1 now goes
+    out only while healthy, so systemd restarts a process whose failure lasts
+    WatchdogSec=; the pings resume as soon as it is healthy again, and the
+    journal says why they stopped."""
+    bus = make_bus(BUS_SQLITE_BUSY_TIMEOUT_MS=50)
+    notify = NotifySocket(tmp_path / "writer.notify")
+    try:
+        writer = bus.spawn([BUS_CLI, "writer"], env={"NOTIFY_SOCKET": str(notify.path),
+                                                     "WATCHDOG_USEC": WATCHDOG_USEC})
+        notify.wait_for("READY=1")
+        bus.start_proxy()
+        notify.wait_for("WATCHDOG=1")
+        with Publisher(bus.config(), producer_id="unhealthy") as pub:
+            holder = sqlite3.connect(bus.db, isolation_level=None)
+            holder.execute("BEGIN EXCLUSIVE")
+            try:
+                pub.publish("unhealthy.t", b"x")
+                wait_for(lambda: bus.writer_stats()["backlog"]["failing_for_s"] is not None,
+                         message="the writer's commits to fail")
+                notify.read(1.2)  # a ping sent just before
+                lines = notify.read(3.0)
+                assert "WATCHDOG=1" not in lines, "an unhealthy writer kept pinging"
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+            notify.wait_for("WATCHDOG=1", timeout=10)
+            pub.flush(timeout=10)
+        withheld = [e for e in writer.log_events() if e.get("event") == "watchdog_withheld"]
+        assert "database not writable" in withheld[0]["reason"], withheld
+    finally:
+        notify.close()
+
+
 def test_processes_carry_their_names_and_journald_priorities(bus: Bus) -> None:
     """`ps` shows bus-writer, bus-proxy, bus-reader, not python."""
     for proc, title in ((bus.writer, "bus-writer"), (bus.proxy, "bus-proxy"),

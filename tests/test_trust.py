@@ -18,7 +18,7 @@ import zmq.auth
 from bus import protocol, security
 from bus.client import BusTimeout, ControlClient, Publisher
 from tests.conftest import Bus, RawProducer, query, wait_for
-from tests.squatter import forged_acks
+from tests.forger import forged_acks
 
 
 def payloads(bus: Bus, producer: str) -> list[bytes]:

@@ -175,6 +175,8 @@ def producer_arg(request: control.Request) -> str:
 
 class Writer:
     name = "writer"
+    # What /healthz answers from, and what the systemd watchdog is pinged by.
+    health = staticmethod(writer_health)
 
     def __init__(self, config: BusConfig) -> None:
         cfg = config

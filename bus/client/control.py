@@ -1,6 +1,7 @@
 """ControlClient: request/reply with a bus process's control endpoint, with a
 timeout, closing and reopening its REQ socket after one (the ZeroMQ Guide's
-Lazy Pirate)."""
+Lazy Pirate), and connecting it again when libzmq gave up on a wrong peer at
+the endpoint (bus/sockets.PeerWatch)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class ControlClient:
         self._sock: zmq.Socket | None = None
         self._ids = itertools.count(1)
         self._pending: tuple[str, str] | None = None
+        self._watch = sockets.PeerWatch(endpoint)
 
     def request(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         for attempt in range(self.retries + 1):
@@ -51,10 +53,25 @@ class ControlClient:
         if self._pending is not None and self._sock is not None:
             self._sock.close(linger=0)  # an uncollected reply: drop it with its socket
             self._sock = None
-        if self._sock is None:
-            self._sock = sockets.open_request(self._ctx, self.endpoint, self.curve)
-        self._sock.send(protocol.encode_request(request_id, cmd, args))
+        self._send(protocol.encode_request(request_id, cmd, args))
         self._pending = (request_id, cmd)
+
+    def _send(self, request: bytes) -> None:
+        """On a socket whose endpoint libzmq has not given up on: a REQ whose
+        only connection failed its handshake (a wrong peer at the endpoint)
+        has no live pipe, and its send would block for ever or go nowhere; a
+        new socket connects again, and has a pipe from its connect on."""
+        if self._sock is not None:
+            if not self._watch.gave_up():
+                try:
+                    self._sock.send(request, zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    pass
+            self._sock.close(linger=0)
+        self._sock = sockets.open_request(self._ctx, self.endpoint, self.curve,
+                                          self._watch.attach)
+        self._sock.send(request)
 
     def result(self) -> Any:
         """The reply to the request sent last; BusTimeout after timeout_ms."""
@@ -83,6 +100,7 @@ class ControlClient:
         return self._pending is not None
 
     def close(self) -> None:
+        self._watch.close()
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None

@@ -108,13 +108,7 @@ class Publisher:
             return self
         cfg = self.config
         deadline = time.monotonic() + self.connect_timeout
-        self._sock = sockets.open_publisher(self._ctx, cfg, self.linger_ms)
-        if self.send_timeout is not None:
-            self._sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
-        # A nack missed while the nack subscription is still on its way is
-        # learned from the acknowledgements' `refused` count (_learn_refusals).
-        self._acks = sockets.open_subscriber(self._ctx, cfg, [self._ack_topic, self._nack_topic],
-                                             cfg.notify_endpoint)
+        self._open_sockets()
         self._control = ControlClient(cfg.control_endpoint,
                                       max(1, int(self.connect_timeout * 1000)), 0, self._ctx,
                                       security.client_keys(cfg))
@@ -125,6 +119,50 @@ class Publisher:
             self.close(linger_ms=0)
             raise
         return self
+
+    def _open_sockets(self) -> None:
+        """The XPUB to the proxy and the SUB to the writer's notifications,
+        each watched for a wrong peer at its endpoint (bus/sockets.PeerWatch:
+        something that bound the proxy's or the writer's port while it
+        restarted); `_check_peers` connects them again."""
+        cfg = self.config
+        self._peer_watches = (sockets.PeerWatch(cfg.pub_endpoint),
+                              sockets.PeerWatch(cfg.notify_endpoint))
+        self._sock = sockets.open_publisher(self._ctx, cfg, self.linger_ms,
+                                            self._peer_watches[0].attach)
+        if self.send_timeout is not None:
+            self._sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
+        # A nack missed while the nack subscription is still on its way is
+        # learned from the acknowledgements' `refused` count (_learn_refusals).
+        self._acks = sockets.open_subscriber(self._ctx, cfg, [self._ack_topic, self._nack_topic],
+                                             cfg.notify_endpoint, self._peer_watches[1].attach)
+
+    def _check_peers(self) -> None:
+        """Connect again an endpoint libzmq gave up on. The proxy subscribes
+        again on the new connection; what went nowhere meanwhile is re-sent
+        (unacknowledged); the writer answers the new acknowledgement
+        subscription with this producer's current acknowledgement."""
+        for watch in getattr(self, "_peer_watches", ()):
+            watch.check()
+
+    def _wait_notice(self, acks: zmq.Socket, wait: float) -> bool:
+        """Whether `acks` has something to read within `wait` seconds,
+        connecting a socket again meanwhile if its endpoint had a wrong peer
+        (a wait can last 30 s): the sockets' monitors wake it, and it looks
+        at least every REDIAL_MAX_S."""
+        deadline = time.monotonic() + wait
+        poller = zmq.Poller()
+        poller.register(acks, zmq.POLLIN)
+        for watch in self._peer_watches:
+            if watch.monitor is not None:
+                poller.register(watch.monitor, zmq.POLLIN)
+        while True:
+            self._check_peers()
+            remaining = min(deadline - time.monotonic(), sockets.REDIAL_MAX_S)
+            if acks in dict(poller.poll(max(0, int(remaining * 1000)))):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def _open_session(self) -> None:
         deadline = time.monotonic() + self.connect_timeout
@@ -321,7 +359,7 @@ class Publisher:
         acks = self._acks
         if acks is None:
             return self.acked_seq
-        if acks.poll(max(0, int(wait * 1000))):
+        if self._wait_notice(acks, wait):
             while True:
                 try:
                     topic, payload = acks.recv_multipart(zmq.NOBLOCK)[:2]
@@ -443,6 +481,8 @@ class Publisher:
             raise ProducerFenced(self._fenced)
 
     def close(self, linger_ms: int | None = None) -> None:
+        for watch in getattr(self, "_peer_watches", ()):
+            watch.close()
         if self._sock is not None:
             self._sock.close(linger=self.linger_ms if linger_ms is None else linger_ms)
             self._sock = None

@@ -238,14 +238,23 @@ class Subscriber:
             [p.encode("utf-8") for p in self.prefixes if not protocol.is_reserved(p)]
         notices = [p.encode("utf-8") for p in self.prefixes if protocol.is_reserved(p)] + \
             ([protocol.COMMIT_TOPIC.encode()] if self.stored else [])
-        self._sock = sockets.open_subscriber(self._ctx, config, live)
+        # Each socket watched for a wrong peer at its endpoint (something that
+        # bound the proxy's or the writer's port while it restarted: libzmq
+        # gives up on it); its monitor wakes _recv, which connects it again.
+        self._peer_watches = [sockets.PeerWatch(config.sub_endpoint)]
+        self._sock = sockets.open_subscriber(self._ctx, config, live,
+                                             on_open=self._peer_watches[0].attach)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._notify: zmq.Socket | None = None
         if notices:
+            self._peer_watches.append(sockets.PeerWatch(config.notify_endpoint))
             self._notify = sockets.open_subscriber(self._ctx, config, notices,
-                                                   config.notify_endpoint)
+                                                   config.notify_endpoint,
+                                                   self._peer_watches[1].attach)
             self._poller.register(self._notify, zmq.POLLIN)
+        for watch in self._peer_watches:
+            self._poller.register(watch.monitor, zmq.POLLIN)
         if not self.stored:
             return
         self._history = HistoryClient(config, context=self._ctx)
@@ -326,12 +335,28 @@ class Subscriber:
 
     def _recv(self, timeout_ms: int | None) -> list[bytes] | None:
         """A message's frames from the data or the notify socket, whichever has
-        one within timeout_ms (None: no limit), else None."""
-        events = dict(self._poller.poll(timeout_ms))
-        for sock in (self._sock, self._notify):
-            if sock is not None and sock in events:
-                return sock.recv_multipart()
-        return None
+        one within timeout_ms (None: no limit), else None. Meanwhile a socket
+        whose endpoint had a wrong peer is connected again: its monitor wakes
+        the wait, and while a redial is pending it is looked at at least every
+        REDIAL_MAX_S."""
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        watches = self._peer_watches
+        while True:
+            pending = any(w.connections is not None and w.connections.gave_up is not None
+                          for w in watches)
+            wait_ms = None if deadline is None else \
+                max(0, int((deadline - time.monotonic()) * 1000))
+            if pending and (wait_ms is None or wait_ms > sockets.REDIAL_MAX_S * 1000):
+                wait_ms = int(sockets.REDIAL_MAX_S * 1000)
+            events = dict(self._poller.poll(wait_ms))
+            if pending or any(w.monitor in events for w in watches):
+                for watch in watches:
+                    watch.check()
+            for sock in (self._sock, self._notify):
+                if sock is not None and sock in events:
+                    return sock.recv_multipart()
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
 
     def _receive_live(self, deadline: float | None) -> Message | None:
         while True:
@@ -419,6 +444,8 @@ class Subscriber:
             self._position.close()
         if self.stored:
             self._history.close()
+        for watch in self._peer_watches:
+            watch.close()
         self._sock.close(linger=0)
         if self._notify is not None:
             self._notify.close(linger=0)
