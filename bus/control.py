@@ -65,20 +65,24 @@ class Dispatcher:
     processes name their endpoint's ZAP `domain` instead, and a request from
     a key no longer in any of its lists (revoked while connected) is
     refused. `admit` may refuse a request before it runs (the writer's
-    quotas: raise CommandFailed). `retryable`: errors that a retry may get
+    quotas: raise CommandFailed), and `admit_bytes(user, size)` one before it
+    is even decoded (a large request's decoding is what costs: raise
+    CommandFailed). `retryable`: errors that a retry may get
     past (a database that is busy or reconnecting), answered UNAVAILABLE
     rather than as a bug."""
 
     def __init__(self, commands: dict[str, Handler], log: Any, config: BusConfig | None = None,
                  authorized: bool = False,
                  retryable: tuple[type[Exception], ...] = (), domain: str | None = None,
-                 admit: Handler | None = None) -> None:
+                 admit: Handler | None = None,
+                 admit_bytes: Callable[[str | None, int], None] | None = None) -> None:
         self.commands: dict[str, Handler] = {"ping": lambda _request: "pong", **commands}
         self.config = config
         self.authorized = authorized
         self.retryable = retryable
         self.domain = domain
         self.admit = admit
+        self.admit_bytes = admit_bytes
         self.counters = ControlCounters()
         self._log = RateLimitedLog(log)
 
@@ -92,6 +96,12 @@ class Dispatcher:
         counters.requests += 1
         request_id: Any = None
         try:
+            if self.admit_bytes is not None:
+                try:
+                    self.admit_bytes(user, sum(len(frame) for frame in frames))
+                except CommandFailed:
+                    request_id = protocol.request_id_of(frames)
+                    raise
             request_id, cmd, args = protocol.decode_request(frames)
             handler = self.commands.get(cmd)
             if handler is None:

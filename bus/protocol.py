@@ -64,6 +64,8 @@ MAX_INT64 = (1 << 63) - 1
 MIN_INT64 = -(1 << 63)
 MAX_PRODUCER_CHARS = 128
 MAC_BYTES = 16
+# Maps and arrays one meta map may hold (headers, unknown keys): more is meta_bad_value.
+MAX_META_CONTAINERS = 1000
 
 # The first bytes a storable topic can start with: printable ASCII but "$", and
 # the lead bytes of multi-byte UTF-8. The proxy subscribes to exactly these, one
@@ -91,7 +93,7 @@ META_NOT_MAP = "meta_not_map"
 META_BAD_VALUE = "meta_bad_value"
 BAD_REQUEST = "bad_request"
 RESERVED_TOPIC = "reserved_topic"    # raised to clients only: the writer skips these silently
-SESSION_REQUIRED = "session_required"  # (CURVE) meta names a producer but no epoch: no session
+SESSION_REQUIRED = "session_required"  # meta names a producer but no epoch: no session
 # Refusals that only the writer can decide (nacks), beside the reason codes above.
 PRODUCER_FENCED = "producer_fenced"  # an older session of the producer: a newer one was opened
 SEQ_OUT_OF_WINDOW = "seq_out_of_window"  # seq too far above the producer's highest (not decided)
@@ -319,9 +321,21 @@ def encode_topic(topic: str, max_topic_bytes: int) -> bytes:
     return raw
 
 
+def _unpack_meta(raw: bytes) -> Any:
+    """A meta frame's msgpack, at most MAX_META_CONTAINERS maps and arrays
+    (TooManyContainers): an empty map is 1 byte on the wire and 64 in Python,
+    so a meta of the message limit would otherwise take 64 times its size."""
+    counted = _ContainerBudget(MAX_META_CONTAINERS)
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False, object_hook=counted,
+                           list_hook=counted)
+
+
 def decode_meta(raw: bytes) -> dict[str, Any]:
     try:
-        meta = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        meta = _unpack_meta(raw)
+    except TooManyContainers:
+        raise ProtocolError(META_BAD_VALUE, f"more than {MAX_META_CONTAINERS} maps and arrays"
+                                            " in meta") from None
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(META_NOT_MSGPACK, type(exc).__name__) from None
     if not isinstance(meta, dict):
@@ -342,6 +356,18 @@ def decode_meta(raw: bytes) -> dict[str, Any]:
     if time_ns is not None and not (type(time_ns) is int and MIN_INT64 <= time_ns <= MAX_INT64):
         raise ProtocolError(META_BAD_VALUE, "time_ns must be a signed 64-bit integer")
     return meta
+
+
+def decode_notification(payload: bytes) -> dict[str, Any] | None:
+    """A `$bus.*` notification's map, or None if it is not one: a few maps at
+    most (anyone can bind a notify endpoint while the writer restarts, and a
+    client decodes before it can check a mac of another epoch)."""
+    try:
+        note = msgpack.unpackb(payload, raw=False, strict_map_key=False,
+                               object_hook=(counted := _ContainerBudget(8)), list_hook=counted)
+    except Exception:  # msgpack raises several unrelated types; TooManyContainers
+        return None
+    return note if isinstance(note, dict) else None
 
 
 def is_producer_id(value: Any) -> bool:
@@ -366,14 +392,18 @@ def session_identity(meta: dict[str, Any]) -> Identity | None:
     return producer, epoch, seq
 
 
-def refused_session(frames: list[bytes]) -> Identity | None:
+def refused_session(frames: list[bytes], max_meta_bytes: int) -> Identity | None:
     """The session identity of a message the writer refuses, if its meta frame
     still names a valid identity (the refusal can then be told to its
-    producer, once its mac is checked)."""
-    if len(frames) < 3:
+    producer, once its mac is checked). Only a message of exactly the three
+    frames a mac covers: with another frame count, a copy of a real message
+    would get that message's seq refused. A meta over `max_meta_bytes`, or of
+    more containers than a meta may have, is not read (a refusal must not
+    cost more than a message may)."""
+    if len(frames) != 3 or len(frames[2]) > max_meta_bytes:
         return None
     try:
-        meta = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
+        meta = _unpack_meta(frames[2])
     except Exception:
         return None
     if not isinstance(meta, dict):
@@ -457,6 +487,26 @@ def decode_request(frames: list[bytes]) -> tuple[Any, str, dict[str, Any]]:
     return req.get("id"), cmd, args
 
 
+def request_id_of(frames: list[bytes]) -> Any:
+    """The `id` of a request refused before it is decoded (a quota), for its
+    error reply: read from the top map's entries without building the others
+    (msgpack's skip), None if there is none."""
+    if len(frames) != 1:
+        return None
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
+                                max_buffer_size=max(len(frames[0]), 1))
+    try:
+        unpacker.feed(frames[0])
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() == "id":
+                request_id = unpacker.unpack()
+                return request_id if isinstance(request_id, (str, int, bytes)) else None
+            unpacker.skip()
+    except Exception:  # not msgpack, not a map: no id to give back
+        return None
+    return None
+
+
 class TooManyContainers(ValueError):
     pass
 
@@ -466,8 +516,8 @@ class _ContainerBudget:
     a request of empty containers (an empty map is 1 byte on the wire and 64 in
     Python) stops at MAX_REQUEST_CONTAINERS instead of taking 70 times its size."""
 
-    def __init__(self) -> None:
-        self.left = MAX_REQUEST_CONTAINERS
+    def __init__(self, limit: int = 0) -> None:
+        self.left = limit or MAX_REQUEST_CONTAINERS
 
     def __call__(self, container: Any) -> Any:
         self.left -= 1

@@ -37,6 +37,14 @@ class StartupError(RuntimeError):
     exit_status = 1
 
 
+class Misconfigured(StartupError):
+    """A start that cannot succeed until the operator changes the setup (a
+    socket systemd passed for another endpoint): EX_CONFIG, which the units'
+    RestartPreventExitStatus= keeps systemd from retrying every RestartSec=."""
+
+    exit_status = 78
+
+
 class StopSignal:
     """Set by SIGTERM/SIGINT; `fileno()` becomes readable when it is set."""
 
@@ -207,7 +215,7 @@ def inherited_sockets(environ: dict[str, str] | None = None) -> dict[str, int]:
                 flags = fcntl.fcntl(fd, fcntl.F_GETFD)
                 fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
             except OSError:
-                raise StartupError(f"LISTEN_FDS={count}, but fd {fd} ({name}) is not "
+                raise Misconfigured(f"LISTEN_FDS={count}, but fd {fd} ({name}) is not "
                                    "open") from None
             found[name] = fd
     for name in _LISTEN_VARS:

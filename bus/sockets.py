@@ -26,8 +26,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bus import protocol, security
 from bus.config import BusConfig
-from bus.runner import (MemoryLimit, StartupError, inherited_sockets, release_free_memory,
-                        resident_bytes)
+from bus.runner import (MemoryLimit, Misconfigured, StartupError, inherited_sockets,
+                        release_free_memory, resident_bytes)
 
 # Inside the proxy process: the steerable proxy's control pipe.
 PROXY_STEERING_ENDPOINT = "inproc://bus-proxy-steering"
@@ -121,10 +121,10 @@ def _check_inherited(fd: int, endpoint: str, name: str) -> None:
             wanted_host in (host, "*", "localhost") or
             (wanted_host == "0.0.0.0" and host == "0.0.0.0"))
     if not listening:
-        raise StartupError(f"the socket systemd passed as {name!r} ({where}) is not listening "
+        raise Misconfigured(f"the socket systemd passed as {name!r} ({where}) is not listening "
                            "(ListenStream= in its .socket unit)")
     if not matches:
-        raise StartupError(f"the socket systemd passed as {name!r} listens on {where}, but "
+        raise Misconfigured(f"the socket systemd passed as {name!r} listens on {where}, but "
                            f"the endpoint is {endpoint}: make the .socket unit's ListenStream= "
                            "and the bus.toml endpoint agree")
 
@@ -161,6 +161,9 @@ HANDSHAKE_EVENTS = GIVES_UP_EVENTS | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL \
 # the wrong peer stays (libzmq's own RECONNECT_IVL and RECONNECT_IVL_MAX).
 REDIAL_MIN_S = 0.1
 REDIAL_MAX_S = 1.0
+# How long after a connecting socket's disconnect libzmq may take to say it
+# retries (it says so at once: CONNECT_RETRIED) before it is taken as given up.
+NOT_RETRIED_S = 0.5
 
 
 def describe_handshake_failure(event: int, value: int) -> str:
@@ -205,7 +208,8 @@ class Connections:
         self.connected = connected
         self._opened = zmq.EVENT_CONNECTED if connected else zmq.EVENT_ACCEPTED
         self.monitor = sock.get_monitor_socket(
-            self._opened | zmq.EVENT_DISCONNECTED | (HANDSHAKE_EVENTS if connected else 0))
+            self._opened | zmq.EVENT_DISCONNECTED |
+            (HANDSHAKE_EVENTS | zmq.EVENT_CONNECT_RETRIED if connected else 0))
         self._family = socket.AF_UNIX if endpoint.startswith("ipc://") else (
             socket.AF_INET6 if endpoint.startswith("tcp://[") else socket.AF_INET)
         self._sock = sock
@@ -215,6 +219,11 @@ class Connections:
         self.redials = 0
         self._redial_at = 0.0
         self._backoff = REDIAL_MIN_S
+        # A connecting socket's connection ended, and libzmq has not said that
+        # it will connect again (CONNECT_RETRIED, at once after an ordinary
+        # disconnect): after a protocol error (a frame over MAXMSGSIZE, a
+        # malformed frame from whatever answers there) it never will.
+        self._dropped_at: float | None = None
 
     def update(self) -> None:
         while self.monitor.poll(0):
@@ -222,8 +231,13 @@ class Connections:
             event, value = message["event"], message["value"]
             if event == self._opened:
                 self.fds.add(value)
+                self._dropped_at = None
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                self._dropped_at = None
             elif event == zmq.EVENT_DISCONNECTED:
                 self.fds.discard(value)
+                if self.connected and self.gave_up is None:
+                    self._dropped_at = time.monotonic()
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._backoff = REDIAL_MIN_S
             elif event & HANDSHAKE_EVENTS:
@@ -235,6 +249,13 @@ class Connections:
                     self._backoff = min(self._backoff * 2, REDIAL_MAX_S)
 
     def redial_due(self, now: float) -> bool:
+        if self._dropped_at is not None and now - self._dropped_at >= NOT_RETRIED_S:
+            self._dropped_at = None
+            self.wrong_peers += 1
+            self.last_wrong_peer = self.gave_up = ("disconnected for a protocol error (a "
+                                                   "frame too large or malformed), not retried")
+            self._redial_at = now + self._backoff
+            self._backoff = min(self._backoff * 2, REDIAL_MAX_S)
         return self.gave_up is not None and now >= self._redial_at
 
     def redial(self) -> None:

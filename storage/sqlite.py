@@ -100,7 +100,10 @@ def lock_single_writer(path: str) -> int:
     drops this process's POSIX locks, hence the order.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # The bus user's alone (SQLite gives the -wal and -shm files the same
+        # mode): the file holds the session keys (producer_keys), which let
+        # whoever reads them send in a producer's name.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise StartupError(f"cannot open database {path}: {exc.strerror}") from None
     try:
@@ -209,6 +212,9 @@ class Store(WriterHandle):
             raise
         self.checkpointer = Checkpointer(path)
         self.conn.set_wal_hook(self._after_commit)
+        # Group or others may read the file (made so before this version, or
+        # by hand): the writer says so at start (see writer/service.py).
+        self.readable_by_others = bool(os.fstat(self._lock_fd).st_mode & 0o077)
 
     def _after_commit(self, _conn: apsw.Connection, _name: str, frames: int) -> int:
         """SQLite's WAL hook, after each commit of this connection."""

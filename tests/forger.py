@@ -70,10 +70,11 @@ def run_as_nobody(body: Callable[[Callable[[str], None]], None]) -> Squatter:
 
 
 def forged_acks(notify_endpoint: str, capture_endpoint: str | None, producer: str, epoch: int,
-                seconds: float) -> Squatter:
+                seconds: float, bombs: bool = False) -> Squatter:
     """Bind the notify endpoint (and the capture endpoint) and, for `seconds`,
     tell `producer`'s session that a million of its messages are stored: with
-    no mac, with a random one, and with a mac entry in the right place."""
+    no mac, with a random one, and with a mac entry in the right place. With
+    `bombs`, also 16 MiB acknowledgements of a million empty maps each."""
     def body(report: Callable[[str], None]) -> None:
         ctx = zmq.Context()
         notify = ctx.socket(zmq.XPUB)
@@ -92,6 +93,8 @@ def forged_acks(notify_endpoint: str, capture_endpoint: str | None, producer: st
         forgeries = [msgpack.packb(fields),
                      msgpack.packb({**fields, "mac": os.urandom(protocol.MAC_BYTES)}),
                      protocol.SessionMac(os.urandom(32)).notification(topic, fields)]
+        if bombs:
+            forgeries.append(msgpack.packb({**fields, "x": [{}] * (16 << 20)}))
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             for payload in forgeries:

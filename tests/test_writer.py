@@ -198,7 +198,7 @@ def test_bad_input_is_counted_and_valid_messages_around_it_are_stored(make_bus) 
     with RawProducer(bus, "raw") as raw:
         for i, frames in enumerate(bad.values()):
             raw.send_frames([b"good.before", b"%d" % i], frames,
-                            [b"good.after", b"%d" % i, protocol.encode_meta("raw", i + 1)])
+                            raw.frames(i + 1, b"good.after", b"%d" % i))
         raw.send_frames(*dropped)
         # The same bad message many times: counted each time, logged at a bounded rate.
         raw.send_frames(*[bad["meta_not_map"]] * 200, [b"good.last", b"end"])

@@ -77,7 +77,7 @@ class ProducerState:
     owner: str | None = None  # (CURVE) the public key that opened it first
     # The current session's MAC key: stored in producer_keys, apart from the
     # rest of the state, which a database reader may see.
-    session_key: bytes | None = None
+    session_key: bytes | None = field(default=None, repr=False)  # never in a log line
     _signer: protocol.SessionMac | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -29,6 +29,7 @@ only the global limits apply (BUS_MAX_CONSUMERS). Every refusal is answered
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from bus import protocol
@@ -38,6 +39,8 @@ from bus.logging import RateLimitedLog
 
 # The keys whose refusals `stats` shows, most refused first.
 SHOWN_KEYS = 20
+# A request up to this size costs one request of its key's rate; past it, one a KiB.
+FREE_REQUEST_BYTES = 4096
 
 
 class RequestRate:
@@ -47,13 +50,13 @@ class RequestRate:
         self.rate = rate
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
 
-    def admit(self, key: str, now: float) -> bool:
+    def admit(self, key: str, now: float, cost: float = 1.0) -> bool:
         tokens, then = self._buckets.get(key, (float(self.rate), now))
         tokens = min(float(self.rate), tokens + (now - then) * self.rate)
-        if tokens < 1.0:
+        if tokens < cost:
             self._buckets[key] = (tokens, now)
             return False
-        self._buckets[key] = (tokens - 1.0, now)
+        self._buckets[key] = (tokens - cost, now)
         return True
 
 
@@ -62,7 +65,9 @@ class KeyQuotas:
     refusals of all three (writer/consumers.py checks the consumers' own, and
     the writer answers its refusal through `refuse`)."""
 
-    def __init__(self, config: BusConfig, producers_owned: dict[str, int], log: Any) -> None:
+    def __init__(self, config: BusConfig, producers_owned: dict[str, int], log: Any,
+                 is_admin: Callable[[str], bool] = lambda _key: False) -> None:
+        self.is_admin = is_admin
         self.max_producers = config.max_producers_per_key
         self.max_consumers = config.max_consumers_per_key
         self.requests = RequestRate(config.max_requests_per_key_s) \
@@ -88,6 +93,23 @@ class KeyQuotas:
             raise self.refuse("requests_per_key_s", request.user,
                               f"sent more than {self.requests.rate} requests a second "
                               "(BUS_MAX_REQUESTS_PER_KEY_S); retry later")
+
+    def admit_bytes(self, key: str | None, size: int, now: float) -> None:
+        """The Dispatcher's `admit_bytes` hook, before a request is decoded: a
+        request over FREE_REQUEST_BYTES draws one more request from the key's
+        bucket per KiB. Decoding is what a request costs the writer's thread
+        (a 4 MiB request of small integers: 85 ms), so a key's rate bounds its
+        bytes too. Admins' keys (the anchor worker's UTXO and anchor records,
+        megabytes each) are not counted: they may run every command anyway."""
+        if key is None or self.requests is None or size <= FREE_REQUEST_BYTES:
+            return
+        if self.is_admin(key):
+            return
+        if not self.requests.admit(key, now, size / 1024):
+            raise self.refuse("requests_per_key_s", key,
+                              f"sent more than {self.requests.rate} requests a second "
+                              f"(BUS_MAX_REQUESTS_PER_KEY_S; a request of {size:,} bytes counts "
+                              "one per KiB); retry later")
 
     def check_new_producer(self, key: str | None) -> None:
         """May `key` take one more producer id?"""

@@ -239,10 +239,17 @@ class Writer:
                 (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.store = storage.open_store(cfg.db, cfg.sqlite_synchronous,
                                         cfg.sqlite_busy_timeout_ms)
+        if getattr(self.store, "readable_by_others", False):
+            log.warning("database_readable_by_others", db=storage.describe(cfg.db),
+                        reason="its session keys (producer_keys) let whoever reads them send "
+                               "in a producer's name: chmod 600 it and its -wal and -shm files")
         self.producers = ProducerLedger(self.store.load_producer)
         self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers,
                                            cfg.max_consumers_per_key)
-        self.quotas = KeyQuotas(cfg, self.store.producers_by_owner(), log)
+        keys = security.keyring(cfg)
+        self.quotas = KeyQuotas(cfg, self.store.producers_by_owner(), log,
+                                lambda key: keys is not None and
+                                security.ADMINS in keys.roles_of(key))
         self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
                               cfg.utxo_request_ttl_s)
         self.anchors = AnchorBook(self.utxos)
@@ -254,11 +261,16 @@ class Writer:
         self.dispatcher = control.Dispatcher(
             self.control_commands(), log, cfg, authorized=True,
             retryable=self.store.transient_errors,
-            admit=lambda request: self.quotas.admit_request(request, time.monotonic()))
+            admit=lambda request: self.quotas.admit_request(request, time.monotonic()),
+            admit_bytes=lambda user, size: self.quotas.admit_bytes(user, size,
+                                                                   time.monotonic()))
         # Notifications owed to producer sessions, with the session's MAC (None:
         # an epoch whose key the writer does not hold, sent without a mac).
         self._owed_nacks: list[tuple[protocol.SessionMac | None, dict[str, Any]]] = []
-        self._owed_acks: dict[str, tuple[protocol.SessionMac | None, dict[str, Any]]] = {}
+        # By (producer, epoch): a session ended in this pass (producer_remove,
+        # producer_open) still gets the acknowledgement of what was committed.
+        self._owed_acks: dict[tuple[str, int], tuple[protocol.SessionMac | None,
+                                                     dict[str, Any]]] = {}
         self._owed_commit: dict[str, Any] | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.capture, zmq.POLLIN)
@@ -389,11 +401,12 @@ class Writer:
                 raise protocol.ProtocolError(protocol.RESERVED_TOPIC, topic[:64])
             producer, seq = meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ)
             epoch = meta.get(protocol.META_EPOCH)
-            if self.authenticating and producer is not None and epoch is None:
-                # Only a session's MAC shows who sent a message in a producer's name.
+            if producer is not None and (epoch is None or seq is None):
+                # Only a session's mac shows who sent a message in a producer's
+                # name: stored without one, it would pass for the producer's.
                 raise protocol.ProtocolError(protocol.SESSION_REQUIRED,
-                                             "with CURVE, a message naming a producer must "
-                                             "be sent in its session (producer_open)")
+                                             "a message naming a producer must be sent in "
+                                             "its session (producer_open: epoch and seq)")
         except protocol.ProtocolError as exc:
             self.reject(exc, frames)
             return
@@ -418,7 +431,7 @@ class Writer:
         topic = frames[0][:64] if frames else b""
         self._rejects.warning(exc.reason, "message_rejected", detail=exc.detail,
                               frames=len(frames), topic=topic.decode("utf-8", "replace"))
-        session = protocol.refused_session(frames)
+        session = protocol.refused_session(frames, self.config.max_message_bytes)
         if session is not None:
             producer, epoch, seq = session
             # (refused_session names only messages of 3 frames or more.) Refusing
@@ -484,7 +497,8 @@ class Writer:
                 continue
             state = self.producers.peek(producer) if producer else None
             if state is not None and not self.producers.is_dirty(producer):
-                self._owed_acks[producer] = (state.signer, state.ack(time.time_ns()))
+                self._owed_acks[producer, state.epoch] = (state.signer,
+                                                          state.ack(time.time_ns()))
 
     def drop_notify_connections(self) -> None:
         """Past the notify budget: drop every notify connection (its
@@ -616,7 +630,8 @@ class Writer:
         one acknowledgement per producer, not one per commit. Values are copied
         now: the states move on with messages not yet committed."""
         for state in producers:
-            self._owed_acks[state.producer_id] = (state.signer, state.ack(committed_ns))
+            self._owed_acks[state.producer_id, state.epoch] = (state.signer,
+                                                               state.ack(committed_ns))
         if last_id is not None:
             rows = self._owed_commit["rows"] if self._owed_commit else 0
             self._owed_commit = {"last_id": last_id, "rows": rows + messages,
@@ -635,7 +650,7 @@ class Writer:
             send((topic, msgpack.packb(nack) if signer is None
                   else signer.notification(topic, nack)))
         self._owed_nacks.clear()
-        for producer, (signer, ack) in self._owed_acks.items():
+        for (producer, _epoch), (signer, ack) in self._owed_acks.items():
             topic = protocol.ack_topic(producer)
             send((topic, msgpack.packb(ack) if signer is None
                   else signer.notification(topic, ack)))

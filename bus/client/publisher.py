@@ -10,7 +10,6 @@ import uuid
 from collections import deque
 from typing import Any
 
-import msgpack
 import zmq
 
 from bus import protocol, security, sockets
@@ -21,6 +20,11 @@ from bus.config import BusConfig, load_config, with_overrides
 
 # Refusals a Publisher keeps for its next flush() to raise (the count goes on).
 MAX_REFUSALS_REPORTED = 10_000
+# The largest notification frame taken from the notify endpoint (a producer id
+# of 128 characters and a nack's reason fit many times over).
+NOTIFICATION_MAX_BYTES = 64 << 10
+# Notifications applied per read_acks() call at most.
+MAX_NOTIFICATIONS_PER_READ = 10_000
 
 
 def default_producer_id() -> str:
@@ -134,8 +138,14 @@ class Publisher:
             self._sock.setsockopt(zmq.SNDTIMEO, int(self.send_timeout * 1000))
         # A nack missed while the nack subscription is still on its way is
         # learned from the acknowledgements' `refused` count (_learn_refusals).
+        def notify_opened(sock: zmq.Socket) -> None:
+            # A notification is a few hundred bytes: a larger frame (from
+            # whatever bound the notify endpoint) drops that connection in
+            # libzmq instead of costing this process its size.
+            sock.setsockopt(zmq.MAXMSGSIZE, NOTIFICATION_MAX_BYTES)
+            self._peer_watches[1].attach(sock)
         self._acks = sockets.open_subscriber(self._ctx, cfg, [self._ack_topic, self._nack_topic],
-                                             cfg.notify_endpoint, self._peer_watches[1].attach)
+                                             cfg.notify_endpoint, notify_opened)
 
     def _check_peers(self) -> None:
         """Connect again an endpoint libzmq gave up on. The proxy subscribes
@@ -360,7 +370,8 @@ class Publisher:
         if acks is None:
             return self.acked_seq
         if self._wait_notice(acks, wait):
-            while True:
+            # Bounded: a flood of notifications must not hold publish() here.
+            for _ in range(MAX_NOTIFICATIONS_PER_READ):
                 try:
                     topic, payload = acks.recv_multipart(zmq.NOBLOCK)[:2]
                 except zmq.Again:
@@ -395,8 +406,8 @@ class Publisher:
         self.notifications_ignored[why] = self.notifications_ignored.get(why, 0) + 1
 
     def _apply_ack(self, topic: bytes, payload: bytes) -> None:
+        ack = protocol.decode_notification(payload)
         try:
-            ack = msgpack.unpackb(payload)
             epoch, acked, refused = ack["epoch"], int(ack["contiguous_seq"]), int(ack["refused"])
         except Exception:
             return self._ignore("not_authentic")  # not an acknowledgement we understand
@@ -418,8 +429,8 @@ class Publisher:
         self.acked_seq = acked
 
     def _apply_nack(self, topic: bytes, payload: bytes) -> None:
+        nack = protocol.decode_notification(payload)
         try:
-            nack = msgpack.unpackb(payload)
             epoch, seq, code, reason = nack["epoch"], nack["seq"], nack["code"], nack["reason"]
         except Exception:
             return self._ignore("not_authentic")
@@ -473,7 +484,8 @@ class Publisher:
         self._fence_suspected = False
         epoch = status.get("epoch") if isinstance(status, dict) else None
         if isinstance(epoch, int) and epoch > (self.epoch or 0):
-            self._fenced = (f"producer {self.producer_id!r} was opened again (epoch {epoch}); "
+            self._fenced = (f"producer {self.producer_id!r} has a newer session (epoch {epoch}:"
+                            " opened again, or removed by an admin); "
                             f"this publisher's session (epoch {self.epoch}) is fenced")
 
     def _raise_if_fenced(self) -> None:
