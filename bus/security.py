@@ -256,13 +256,14 @@ def enabled(cfg: BusConfig) -> bool:
 
 
 def capture_by_file_permissions(cfg: BusConfig) -> bool:
-    """With CURVE on, is the capture hop guarded by its socket file instead?
-    An ipc:// capture endpoint is bound owner-only (0600): only processes of
-    the bus's own user can connect, the same ones that could read
-    proxy.key_secret, so CURVE would add no protection there, only the cost
-    of encrypting every frame once more (see bench/acked_compare.py). Not an
-    abstract socket (ipc://@name): it has no file, and anyone may connect."""
-    return enabled(cfg) and cfg.capture_endpoint.startswith("ipc://") \
+    """Is the capture hop guarded by its socket file (CURVE on or off)? An
+    ipc:// capture endpoint is bound owner-only (0600) in a directory only the
+    bus's user can write: only processes of that user can connect, the same
+    ones that could read proxy.key_secret, so with CURVE on it is not a CURVE
+    hop (CURVE would add no protection there, only the cost of encrypting
+    every frame once more: see bench/acked_compare.py). Not an abstract
+    socket (ipc://@name): it has no file, and anyone may connect."""
+    return cfg.capture_endpoint.startswith("ipc://") \
         and not cfg.capture_endpoint.startswith("ipc://@")
 
 
@@ -289,8 +290,8 @@ def check_capture_directory(cfg: BusConfig) -> None:
         else:
             continue
         raise SecurityError(f"capture endpoint {cfg.capture_endpoint}: {path} is {problem}; "
-                            "with CURVE, an ipc capture needs a directory only the bus's "
-                            "user can write (e.g. the units' RuntimeDirectory /run/bus, 0700)")
+                            "an ipc capture needs a directory only the bus's user can write "
+                            "(e.g. the units' RuntimeDirectory /run/bus, 0700)")
 
 
 def keyring(cfg: BusConfig) -> Keyring | None:

@@ -238,6 +238,15 @@ def test_the_documented_session_mac_example_is_what_the_code_computes() -> None:
     assert meta[:-16] == bytes.fromhex(head.group(1).replace(" ", ""))
     assert meta[-16:] == bytes.fromhex(tag.group(1).replace(" ", ""))
     assert signer.message_is_authentic(b"t", b"p", meta)
+    ack_head = re.search(r"^ack before the tag +([0-9a-f ]+)$", text, re.M)
+    ack_tag = re.search(r"^ack tag +([0-9a-f ]+)$", text, re.M)
+    assert ack_head and ack_tag, "the acknowledgement example is in docs/protocol.md"
+    topic = protocol.ack_topic("p")
+    ack = signer.notification(topic, {"producer": "p", "epoch": 1, "contiguous_seq": 1,
+                                      "max_seq": 1, "refused": 0, "committed_ns": 0})
+    assert ack[:-16] == bytes.fromhex(ack_head.group(1).replace(" ", ""))
+    assert ack[-16:] == bytes.fromhex(ack_tag.group(1).replace(" ", ""))
+    assert signer.notification_is_authentic(topic, ack)
 
 
 def test_every_control_command_is_in_the_protocol_page(bus: Bus) -> None:

@@ -415,3 +415,24 @@ def test_a_keys_request_rate_counts_its_bytes_before_they_are_decoded(
     with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=5000, curve=security.client_keys(
             security_config(bus, mallory_keys / "clients" / "admin1.key_secret"))) as admin:
         assert all(admin.request("ping", big) == "pong" for _ in range(8))
+
+
+def test_an_ipc_capture_is_guarded_by_its_file_without_curve_too(make_bus,
+                                                                  tmp_path: Path) -> None:
+    """Without CURVE the capture's socket file took the umask's mode and a
+    directory any user could write was accepted: another user could put a
+    socket of its own at the path before the writer, and the proxy would send
+    it every message."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    refused = make_bus(BUS_CAPTURE_ENDPOINT=f"ipc://{shared}/capture.sock")
+    writer = refused.run("writer")
+    assert writer.wait() == 1
+    assert any("writable by other users" in line for line in writer.stderr.collect())
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    bus = make_bus(BUS_CAPTURE_ENDPOINT=f"ipc://{private}/capture.sock").start()
+    assert os.stat(private / "capture.sock").st_mode & 0o777 == 0o600
+    with Publisher(bus.config(), producer_id="ipc") as pub:
+        pub.publish("ipc.t", b"x", wait=True, timeout=10)
