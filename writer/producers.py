@@ -219,9 +219,16 @@ class ProducerLedger:
         else:
             self._states.move_to_end(producer_id)
             state.last_seen_ns = now_ns
-        refusal = self._refusal(state, epoch, seq, signed)
-        if refusal is not None:
-            return False, refusal
+        if epoch == state.epoch and seq <= state.max_seq + MAX_SEQ_AHEAD:
+            # _refusal, inlined for the hot path: the usual message of the
+            # current session, whose mac is all there is to check.
+            signer = state._signer or state.signer
+            if signer is None or not signer.message_is_authentic(*signed):
+                raise NotAuthentic(producer_id)
+        else:
+            refusal = self._refusal(state, epoch, seq, signed)
+            if refusal is not None:
+                return False, refusal
         self._dirty[producer_id] = state
         if state.accept(seq, self.max_holes):
             return True, None
