@@ -1083,21 +1083,37 @@ def keys_revoke(directory: str, name: str, lists: tuple[str, ...]) -> None:
     if not Path(directory).is_dir():
         raise InputError(f"{directory} is not a directory (a BUS_CURVE_DIR)")
     removed = []
-    for role in lists or security.ROLES:
-        path = Path(directory) / role / f"{name}.key"
-        if not path.exists():
+    roles = lists or security.ROLES
+    listed = list(security.listed_keys(directory))
+    revoked = {key.public for key in listed
+               if key.role in roles and key.name == name and key.public}
+    # The key itself is what the lists admit, whatever its file is called: a
+    # copy of NAME.key under another name goes too.
+    for key in listed:
+        if key.role not in roles or not (key.name == name or key.public in revoked):
             continue
-        public = next((key.public for key in security.listed_keys(directory)
-                       if key.role == role and key.name == name), None)
+        path = Path(directory) / key.role / f"{key.name}.key"
         try:
             path.unlink()
+        except FileNotFoundError:
+            continue
         except OSError as exc:
             raise InputError(f"cannot remove {path}: {exc.strerror or exc}") from None
-        removed.append(role)
-        click.echo(f"removed {path}" + (f" (public key {public})" if public else ""))
+        removed.append(key.role)
+        click.echo(f"removed {path}" + (f" (public key {key.public})" if key.public else "")
+                   + (f": the same key as {name}.key" if key.name != name else ""))
+    for role in roles:  # a NAME.key the listing could not read is removed all the same
+        path = Path(directory) / role / f"{name}.key"
+        if path.exists():
+            try:
+                path.unlink()
+            except OSError as exc:
+                raise InputError(f"cannot remove {path}: {exc.strerror or exc}") from None
+            removed.append(role)
+            click.echo(f"removed {path}")
     if not removed:
         raise InputError(f"no {name}.key in {directory}/"
-                         f"{{{','.join(lists or security.ROLES)}}}/")
+                         f"{{{','.join(roles)}}}/")
 
 
 main.add_command(anchor)

@@ -437,3 +437,21 @@ def test_an_ipc_capture_is_guarded_by_its_file_without_curve_too(make_bus,
     assert os.stat(private / "capture.sock").st_mode & 0o777 == 0o600
     with Publisher(bus.config(), producer_id="ipc") as pub:
         pub.publish("ipc.t", b"x", wait=True, timeout=10)
+
+
+def test_revoking_a_key_removes_its_copies_under_other_names(mallory_keys: Path) -> None:
+    """The lists admit a key, not a file name: `keys revoke NAME` removed
+    NAME.key only, and the same public key copied as another name stayed in."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import BUS_CLI
+    curve = mallory_keys / "curve"
+    shutil.copy(curve / "publishers" / "mallory.key", curve / "publishers" / "m2.key")
+    shutil.copy(curve / "readers" / "mallory.key", curve / "readers" / "alias.key")
+    done = subprocess.run([BUS_CLI, "keys", "revoke", str(curve), "mallory"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "the same key as mallory.key" in done.stdout
+    left = {(key.role, key.name) for key in security.listed_keys(curve)}
+    assert left == {("publishers", "pub1"), ("admins", "admin1")}
