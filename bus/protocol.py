@@ -423,10 +423,23 @@ def decode_message(frames: list[bytes], max_topic_bytes: int, max_message_bytes:
     size = len(frames[0]) + len(frames[1]) + (len(frames[2]) if n == 3 else 0)
     if size > max_message_bytes:
         raise ProtocolError(MESSAGE_TOO_LARGE, f"{size} > {max_message_bytes} bytes")
-    topic = decode_topic(frames[0], max_topic_bytes)
+    raw = frames[0]
+    topic = _DECODED_TOPICS.get(raw)
+    if topic is None or len(raw) > max_topic_bytes:
+        topic = decode_topic(raw, max_topic_bytes)
+        if len(_DECODED_TOPICS) >= MAX_DECODED_TOPICS:  # bounded: endless topics
+            _DECODED_TOPICS.clear()
+        _DECODED_TOPICS[raw] = topic
     if n == 2:
         return topic, frames[1], None, {}
     return topic, frames[1], frames[2], decode_meta(frames[2])
+
+
+# Topic frames already found valid, and their text: a bus carries few topics
+# many times, and decode_topic's checks are a tenth of the writer's ingest.
+# The length limit, the caller's, is checked at each use.
+_DECODED_TOPICS: dict[bytes, str] = {}
+MAX_DECODED_TOPICS = 4096
 
 
 def parse_message(frames: list[bytes], max_topic_bytes: int = 1 << 16,
