@@ -230,6 +230,9 @@ class ProducerLedger:
             if refusal is not None:
                 return False, refusal
         self._dirty[producer_id] = state
+        if seq == state.max_seq + 1:  # state.accept's usual case, inlined
+            state.max_seq = seq
+            return True, None
         if state.accept(seq, self.max_holes):
             return True, None
         self.duplicates += 1
