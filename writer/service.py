@@ -369,6 +369,8 @@ class Writer:
         room = max(1, self.buffer.room) if self.config.batch_write_enabled \
             else self.config.batch_size
         self._drain_ns = time.time_ns()  # "last seen" time of producers in this read
+        sequential = not self.config.batch_write_enabled
+        ingest = self.ingest
         received = 0
         idle = False
         while received < room:
@@ -384,8 +386,8 @@ class Writer:
                 if len(frames) <= protocol.MAX_FRAMES:  # keep enough to reject it
                     frames.append(frame.bytes)
             received += 1
-            self.ingest(frames, now)
-            if not self.config.batch_write_enabled and self.buffer:
+            ingest(frames, now)
+            if sequential and self.buffer:
                 self.flush("size", now)
         self.load.record(received, now)
         return idle
