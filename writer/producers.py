@@ -50,9 +50,9 @@ MAX_REFUSALS = 256
 # 100,000 messages in flight.
 MAX_SEQ_AHEAD = 1_000_000
 
-# A session message's frames, which its mac covers: (topic, payload, meta),
+# A session message's frames, which its mac covers: [topic, payload, meta],
 # see protocol.SessionMac.
-Signed = tuple[bytes, bytes, "bytes | None"]
+Signed = Sequence[bytes]
 
 
 class NotAuthentic(Exception):

@@ -415,8 +415,9 @@ class Writer:
         self.messages_received += 1
         if producer is not None and seq is not None and epoch is not None:
             try:
+                # frames: [topic, payload, meta], what the session's mac covers
                 store, nack = self.producers.accept(producer, epoch, seq, self._drain_ns,
-                                                    (frames[0], frames[1], meta_raw))
+                                                    frames)
             except NotAuthentic:
                 self.not_authentic(producer, epoch, seq)
                 return
@@ -436,11 +437,11 @@ class Writer:
         session = protocol.refused_session(frames, self.config.max_message_bytes)
         if session is not None:
             producer, epoch, seq = session
-            # (refused_session names only messages of 3 frames or more.) Refusing
+            # (refused_session names only messages of exactly 3 frames.) Refusing
             # a forgery would decide the real message's seq: its mac is checked.
             try:
                 code = self.producers.refuse(producer, epoch, seq, exc.reason, self._drain_ns,
-                                             (frames[0], frames[1], frames[2]))
+                                             frames)
             except NotAuthentic:
                 self.not_authentic(producer, epoch, seq)
                 return
