@@ -241,21 +241,24 @@ class Connections:
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._backoff = REDIAL_MIN_S
             elif event & HANDSHAKE_EVENTS:
-                self.wrong_peers += 1
-                self.last_wrong_peer = describe_handshake_failure(event, value)
-                if event & GIVES_UP_EVENTS and self.gave_up is None:
-                    self.gave_up = self.last_wrong_peer
-                    self._redial_at = time.monotonic() + self._backoff
-                    self._backoff = min(self._backoff * 2, REDIAL_MAX_S)
+                self._wrong_peer(describe_handshake_failure(event, value),
+                                 gives_up=bool(event & GIVES_UP_EVENTS))
+        if self._dropped_at is not None and time.monotonic() - self._dropped_at >= NOT_RETRIED_S:
+            self._dropped_at = None
+            self._wrong_peer("disconnected for a protocol error (a frame too large or "
+                             "malformed), not retried", gives_up=True)
+
+    def _wrong_peer(self, why: str, gives_up: bool) -> None:
+        """Count a wrong peer; if libzmq gave up on the endpoint, a redial is due
+        after the backoff, which doubles while the wrong peer stays."""
+        self.wrong_peers += 1
+        self.last_wrong_peer = why
+        if gives_up and self.gave_up is None:
+            self.gave_up = why
+            self._redial_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, REDIAL_MAX_S)
 
     def redial_due(self, now: float) -> bool:
-        if self._dropped_at is not None and now - self._dropped_at >= NOT_RETRIED_S:
-            self._dropped_at = None
-            self.wrong_peers += 1
-            self.last_wrong_peer = self.gave_up = ("disconnected for a protocol error (a "
-                                                   "frame too large or malformed), not retried")
-            self._redial_at = now + self._backoff
-            self._backoff = min(self._backoff * 2, REDIAL_MAX_S)
         return self.gave_up is not None and now >= self._redial_at
 
     def redial(self) -> None:

@@ -263,12 +263,11 @@ class PgStore(WriterHandle):
                     cursor.execute(INSERT_UNNESTED, [committed_ns, *columns], binary=True,
                                    prepare=True)
                     cursor.execute(LAST_ID)
-                if producers:
-                    raw.cursor().executemany(pg_sql(sessions.UPSERT_PRODUCER),
-                                             [row[:-1] for row in producers])
-                    keys = [(row[0], row[9], row[-1]) for row in producers if row[-1] is not None]
-                    if keys:
-                        raw.cursor().executemany(pg_sql(sessions.UPSERT_PRODUCER_KEY), keys)
+                states, keys = sessions.producer_rows(producers)
+                if states:
+                    raw.cursor().executemany(pg_sql(sessions.UPSERT_PRODUCER), states)
+                if keys:
+                    raw.cursor().executemany(pg_sql(sessions.UPSERT_PRODUCER_KEY), keys)
                 for name, position, updated_ns, owner in consumptions:
                     if position is None:
                         raw.execute(pg_sql(sessions.DELETE_CONSUMER), (name,))

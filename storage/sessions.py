@@ -34,14 +34,22 @@ UPSERT_CONSUMER = ("INSERT INTO consumers (name, last_id, updated_ns, owner) VAL
 DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
 
 
-def write_producers(conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+def producer_rows(rows: Sequence[tuple[Any, ...]]
+                  ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Producer states (ProducerState.row: the producers columns, then the
-    session key of a session just opened, or None)."""
-    if rows:
-        conn.executemany(UPSERT_PRODUCER, [row[:-1] for row in rows])
-        keys = [(row[0], row[9], row[-1]) for row in rows if row[-1] is not None]
-        if keys:
-            conn.executemany(UPSERT_PRODUCER_KEY, keys)
+    session key of a session just opened, or None) as the rows of producers
+    and of producer_keys."""
+    return ([row[:-1] for row in rows],
+            [(row[0], row[9], row[-1]) for row in rows if row[-1] is not None])
+
+
+def write_producers(conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Producer states, see producer_rows."""
+    states, keys = producer_rows(rows)
+    if states:
+        conn.executemany(UPSERT_PRODUCER, states)
+    if keys:
+        conn.executemany(UPSERT_PRODUCER_KEY, keys)
 
 
 def load_producer(conn: Any, producer_id: str) -> tuple[Any, ...] | None:

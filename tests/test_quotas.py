@@ -17,7 +17,7 @@ import zmq.auth
 from bus import protocol, security
 from bus.client import BusError, BusTimeout, ControlClient, HistoryClient, Publisher
 from tests.conftest import Bus, query, wait_for
-from tests.test_auth import as_client, keys  # noqa: F401  (the CURVE fixture)
+from tests.test_auth import as_client, keys, secure_bus  # noqa: F401  (the CURVE fixtures)
 
 
 def client(bus: Bus, keys: Path, name: str) -> ControlClient:
@@ -172,13 +172,6 @@ def test_the_producer_commands_are_for_admins(secure_bus: Bus, keys: Path) -> No
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines()[1].split()[:2] == ["mine", "publishers/pub1"], \
         "the owner by its list and name, where BUS_CURVE_DIR has the lists"
-
-
-@pytest.fixture
-def secure_bus(make_bus, keys: Path) -> Bus:
-    return make_bus(BUS_CURVE_DIR=keys / "curve",
-                    BUS_CURVE_KEY=keys / "clients" / "admin1.key_secret",
-                    BUS_REQUEST_TIMEOUT_MS=1000).start()
 
 
 # --- keys ------------------------------------------------------------------------

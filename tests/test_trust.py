@@ -19,6 +19,7 @@ from bus import protocol, security
 from bus.client import BusTimeout, ControlClient, Publisher
 from tests.conftest import Bus, RawProducer, query, wait_for
 from tests.forger import forged_acks
+from tests.test_auth import as_client, keys  # noqa: F401  (the CURVE fixture)
 
 
 def payloads(bus: Bus, producer: str) -> list[bytes]:
@@ -107,20 +108,14 @@ def test_without_curve_nobody_without_the_session_key_stores_in_its_name(bus: Bu
 
 
 @pytest.fixture
-def mallory_keys(tmp_path: Path) -> Path:
-    """A BUS_CURVE_DIR where pub1 publishes and mallory both publishes and reads."""
-    curve, clients = tmp_path / "curve", tmp_path / "clients"
-    for directory in (curve, clients, curve / "publishers", curve / "readers", curve / "admins"):
-        directory.mkdir()
-    for name in ("server", "proxy"):
-        zmq.auth.create_certificates(curve, name)
-    for name, roles in (("pub1", ("publishers",)), ("mallory", ("publishers", "readers")),
-                        ("admin1", ("admins",))):
-        public, _ = zmq.auth.create_certificates(clients, name)
-        for role in roles:
-            (curve / role / f"{name}.key").write_bytes(Path(public).read_bytes())
+def mallory_keys(keys: Path) -> Path:
+    """test_auth's keys (pub1, reader1, admin1), and mallory, who both
+    publishes and reads."""
+    public, _ = zmq.auth.create_certificates(keys / "clients", "mallory")
+    for role in ("publishers", "readers"):
+        (keys / "curve" / role / "mallory.key").write_bytes(Path(public).read_bytes())
     security.load_keyring.cache_clear()
-    return tmp_path
+    return keys
 
 
 @pytest.mark.parametrize("curve", [True, False], ids=["curve", "plain"])
@@ -139,7 +134,7 @@ def test_a_captured_message_altered_outside_topic_and_payload_is_not_stored(
 
     def config_of(name: str) -> Any:
         return bus.config() if not curve else \
-            security_config(bus, mallory_keys / "clients" / f"{name}.key_secret")
+            as_client(bus, mallory_keys, name)
 
     lost: list[tuple[bytes, bytes, bytes]] = []
     with Publisher(config_of("pub1"), producer_id="victim4") as victim:
@@ -179,11 +174,6 @@ def test_a_captured_message_altered_outside_topic_and_payload_is_not_stored(
     assert len(metas) == 4
     assert all(m["headers"] == {"approved-by": "alice"} and m["content_type"] ==
                "application/json" and m["time_ns"] > 1 and "approved" not in m for m in metas)
-
-
-def security_config(bus: Bus, key: Path) -> Any:
-    from bus.config import with_overrides
-    return with_overrides(bus.config(), curve_key=str(key))
 
 
 def test_a_session_opened_by_another_process_fences_the_victim_without_curve(bus: Bus) -> None:
@@ -403,7 +393,7 @@ def test_a_keys_request_rate_counts_its_bytes_before_they_are_decoded(
     big = {"x": list(range(100_000))}  # about 300 KiB: 300 of the 1000 a second
     outcomes = []
     with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=5000, curve=security.client_keys(
-            security_config(bus, mallory_keys / "clients" / "pub1.key_secret"))) as client:
+            as_client(bus, mallory_keys, "pub1"))) as client:
         for _ in range(8):
             try:
                 client.request("ping", big)
@@ -414,7 +404,7 @@ def test_a_keys_request_rate_counts_its_bytes_before_they_are_decoded(
     assert bus.writer_stats()["quotas"]["refused"] == {
         "requests_per_key_s": outcomes.count(protocol.QUOTA_EXCEEDED)}
     with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=5000, curve=security.client_keys(
-            security_config(bus, mallory_keys / "clients" / "admin1.key_secret"))) as admin:
+            as_client(bus, mallory_keys, "admin1"))) as admin:
         assert all(admin.request("ping", big) == "pong" for _ in range(8))
 
 
@@ -454,4 +444,18 @@ def test_revoking_a_key_removes_its_copies_under_other_names(mallory_keys: Path)
     assert done.returncode == 0, done.stderr
     assert "the same key as mallory.key" in done.stdout
     left = {(key.role, key.name) for key in security.listed_keys(curve)}
-    assert left == {("publishers", "pub1"), ("admins", "admin1")}
+    assert left == {("publishers", "pub1"), ("readers", "reader1"), ("admins", "admin1")}
+
+
+def test_the_id_of_a_request_refused_undecoded_is_read_only_if_it_is_one() -> None:
+    """A request refused before decoding (its bytes over the key's rate) is
+    answered with its id, read from the top map: an id of a million empty maps
+    was built whole, the cost the refusal was there to avoid."""
+    import msgpack as mp
+    assert protocol.request_id_of([protocol.encode_request("r-1", "ping", {"x": [1] * 10})]) \
+        == "r-1"
+    assert protocol.request_id_of([mp.packb({"cmd": "ping", "args": {"x": [{}] * 10},
+                                             "id": 7})]) == 7
+    assert protocol.request_id_of([mp.packb({"id": [{}] * 1_000_000, "cmd": "ping"})]) is None
+    assert protocol.request_id_of([mp.packb({"id": "x" * 2_000_000})]) is None
+    assert protocol.request_id_of([b"\xc1", b""]) is None

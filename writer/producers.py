@@ -222,7 +222,7 @@ class ProducerLedger:
         if epoch == state.epoch and seq <= state.max_seq + MAX_SEQ_AHEAD:
             # _refusal, inlined for the hot path: the usual message of the
             # current session, whose mac is all there is to check.
-            signer = state._signer or state.signer
+            signer = state.signer
             if signer is None or not signer.message_is_authentic(*signed):
                 raise NotAuthentic(producer_id)
         else:
@@ -230,9 +230,6 @@ class ProducerLedger:
             if refusal is not None:
                 return False, refusal
         self._dirty[producer_id] = state
-        if seq == state.max_seq + 1:  # state.accept's usual case, inlined
-            state.max_seq = seq
-            return True, None
         if state.accept(seq, self.max_holes):
             return True, None
         self.duplicates += 1

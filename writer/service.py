@@ -189,7 +189,6 @@ class Writer:
         self.rejected: dict[str, int] = {}
         self.messages_received = 0
         self.forged = 0     # session messages without their session key's mac
-        self.authenticating = security.enabled(cfg)
         self.nacked: dict[str, int] = {}
         self.notify_subscribed_bytes = 0  # an estimate: see handle_notify_subscriptions
         self.notify_drops = 0
@@ -413,7 +412,7 @@ class Writer:
             self.reject(exc, frames)
             return
         self.messages_received += 1
-        if producer is not None and seq is not None and epoch is not None:
+        if producer is not None:  # in a whole session (epoch and seq): checked above
             try:
                 # frames: [topic, payload, meta], what the session's mac covers
                 store, nack = self.producers.accept(producer, epoch, seq, self._drain_ns,

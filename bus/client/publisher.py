@@ -147,6 +147,12 @@ class Publisher:
             self._peer_watches[1].attach(sock)
         self._acks = sockets.open_subscriber(self._ctx, cfg, [self._ack_topic, self._nack_topic],
                                              cfg.notify_endpoint, notify_opened)
+        # What _wait_notice waits on: the notifications, and the monitors that
+        # tell of a wrong peer (each attached once, with its socket).
+        self._notices = zmq.Poller()
+        self._notices.register(self._acks, zmq.POLLIN)
+        for watch in self._peer_watches:
+            self._notices.register(watch.monitor, zmq.POLLIN)
 
     def _check_peers(self) -> None:
         """Connect again an endpoint libzmq gave up on. The proxy subscribes
@@ -162,15 +168,10 @@ class Publisher:
         (a wait can last 30 s): the sockets' monitors wake it, and it looks
         at least every REDIAL_MAX_S."""
         deadline = time.monotonic() + wait
-        poller = zmq.Poller()
-        poller.register(acks, zmq.POLLIN)
-        for watch in self._peer_watches:
-            if watch.monitor is not None:
-                poller.register(watch.monitor, zmq.POLLIN)
         while True:
             self._check_peers()
             remaining = min(deadline - time.monotonic(), sockets.REDIAL_MAX_S)
-            if acks in dict(poller.poll(max(0, int(remaining * 1000)))):
+            if acks in dict(self._notices.poll(max(0, int(remaining * 1000)))):
                 return True
             if time.monotonic() >= deadline:
                 return False
