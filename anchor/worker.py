@@ -51,7 +51,7 @@ from anchor.sync import WalletSync
 from bus import control, protocol, security, sockets
 from bus.client import BusError, HistoryClient, Publisher, Subscriber
 from bus.config import BusConfig
-from bus.http import HttpSide, Series, control_series
+from bus.http import HttpSide, Series, connection_series, control_series
 from bus.logging import RateLimitedLog, get_logger
 from bus.protocol import REQUEST_ID_REUSED, Message
 from bus.runner import StopSignal
@@ -130,6 +130,7 @@ HTTP_SERIES = [
     Series("wallet_sync_lag_blocks", "gauge", "blocks the UTXO table is behind bitcoind",
            lambda s: s["wallet_sync"]["lag_blocks"]),
     *control_series(),
+    *connection_series(),
 ]
 
 
@@ -192,7 +193,8 @@ class AnchorWorker:
         self.hashblock = open_hashblock(self.ctx, cfg.bitcoind_zmq_hashblock) \
             if cfg.bitcoind_zmq_hashblock else None
         self.auth = security.start_authenticator(self.ctx, cfg)
-        self.guard = sockets.PeerMemoryGuard(cfg.anchor_memory_limit_bytes, log)
+        self.guard = sockets.PeerMemoryGuard(cfg.anchor_memory_limit_bytes, log,
+                                             sockets.connection_cap(cfg, 1, log))
         self.control = sockets.open_anchor_control(
             self.ctx, cfg, self.guard.watch("control", cfg.anchor_control_endpoint))
         self.dispatcher = control.Dispatcher({"stats": lambda _request: self.stats()}, log, cfg,
@@ -263,6 +265,7 @@ class AnchorWorker:
             "retry_in_s": round(max(0.0, self._retry_at - time.monotonic()), 3),
             "control": self.dispatcher.counters.snapshot(),
             "memory": self.guard.snapshot(),
+            "connections": self.guard.connections(),
             "security": security.snapshot(self.config),
             "audit": self.sealer.snapshot() if self.sealer is not None else None,
         }

@@ -219,6 +219,11 @@ SETTINGS: tuple[Setting, ...] = (
             "over this RSS the writer drops its capture and notify connections and what "
             "they queued (nothing acknowledged; 0: off; else at least 96 MiB + "
             "BUS_MAX_MESSAGE_BYTES)"),
+    Setting("max_connections", "BUS_MAX_CONNECTIONS", int, 1024,
+            "connections each bound endpoint of a process keeps open; the newest above it "
+            "is cut at once and counted. A process needs twice this a bound endpoint + 64 "
+            "open files (the units' LimitNOFILE=); under a lower limit it lowers this to fit "
+            "and says so"),
     Setting("shutdown_timeout_ms", "BUS_SHUTDOWN_TIMEOUT_MS", int, 10_000,
             "longest a process spends draining and flushing when stopped"),
     Setting("drain_idle_ms", "BUS_DRAIN_IDLE_MS", int, 200,
@@ -327,6 +332,7 @@ class BusConfig:
     writer_memory_limit_bytes: int
     reader_memory_limit_bytes: int
     anchor_memory_limit_bytes: int
+    max_connections: int
     shutdown_timeout_ms: int
     drain_idle_ms: int
     request_timeout_ms: int
@@ -357,7 +363,7 @@ class BusConfig:
                      "history_page_bytes", "history_scan_rows", "anchor_max_documents",
                      "anchor_confirmations", "anchor_bump_after_blocks", "anchor_sync_page",
                      "anchor_conf_target", "request_timeout_ms", "drain_idle_ms",
-                     "proxy_max_frame_bytes", "audit_max_messages"):
+                     "proxy_max_frame_bytes", "audit_max_messages", "max_connections"):
             if getattr(self, name) < 1:
                 raise _invalid(name, "must be at least 1")
         for name in ("batch_flush_interval_ms", "retention_max_age_s", "retention_max_messages",

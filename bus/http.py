@@ -14,6 +14,7 @@ answers 503.
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import socketserver
 import threading
@@ -36,6 +37,11 @@ STALE_AFTER_S = 10.0
 # A client that sends nothing for this long is dropped (the server's threads
 # are one per connection).
 CLIENT_TIMEOUT_S = 5.0
+# Scrapers and health checks served at once (a thread and a descriptor each);
+# a connection above that is closed at once.
+MAX_CLIENTS = 16
+# How long the server waits after an accept failed for want of a descriptor.
+ACCEPT_RETRY_S = 0.1
 
 Stats = dict[str, Any]
 
@@ -67,6 +73,19 @@ def control_series() -> list[Series]:
     ]
 
 
+def connection_series() -> list[Series]:
+    """Each bound endpoint's connections (BUS_MAX_CONNECTIONS, bus/sockets.Connections),
+    the same in every process: stats' `connections`, by endpoint."""
+    def by_endpoint(key: str) -> Callable[[Stats], dict[str, int]]:
+        return lambda s: {name: counts[key] for name, counts in s["connections"].items()}
+    return [
+        Series("connections_open", "gauge", "connections open on a bound endpoint",
+               by_endpoint("open"), "endpoint"),
+        Series("connections_refused", "counter", "connections cut at once: over "
+               "BUS_MAX_CONNECTIONS on their endpoint", by_endpoint("refused"), "endpoint"),
+    ]
+
+
 class Buckets:
     """A histogram the loop fills without a lock (one bisect and two adds per
     observation; prometheus_client's Histogram takes a lock and walks its
@@ -95,8 +114,49 @@ class Buckets:
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """One thread a connection, at most MAX_CLIENTS at once: a client above
+    that is closed at once (`refused`), so idle connections cannot take the
+    process's descriptors or threads. An accept that fails for want of a
+    descriptor (EMFILE) is counted and waited out, not retried in a busy loop."""
     daemon_threads = True
     allow_reuse_address = True
+
+    def server_activate(self) -> None:
+        self.active = 0
+        self.refused = 0
+        self.accept_failures = 0
+        self._count_lock = threading.Lock()
+        super().server_activate()
+
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:  # the caller (serve_forever) skips this accept
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.accept_failures += 1
+                time.sleep(ACCEPT_RETRY_S)
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._count_lock:
+            if self.active >= MAX_CLIENTS:
+                self.refused += 1
+                self.shutdown_request(request)
+                return
+            self.active += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (none to spare): it ends nothing
+            with self._count_lock:
+                self.active -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self.active -= 1
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -159,6 +219,12 @@ class HttpSide:
         """prometheus_client's collector hook: the metrics of the last snapshot."""
         for histogram in self.histograms:
             yield histogram.family(self.process)
+        yield CounterMetricFamily(f"bus_{self.process}_http_refused", "HTTP connections "
+                                  f"closed at once: {MAX_CLIENTS} served already",
+                                  value=self._server.refused)
+        yield CounterMetricFamily(f"bus_{self.process}_http_accept_failures", "HTTP accepts "
+                                  "that failed for want of a descriptor (EMFILE)",
+                                  value=self._server.accept_failures)
         stats = self._snapshot
         if stats is None:
             return

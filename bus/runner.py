@@ -242,10 +242,39 @@ def release_free_memory() -> None:
         _malloc_trim(0)
 
 
+class _Statm:
+    """/proc/self/statm, opened once and read with pread(2): reading it must
+    not need a free file descriptor. With the table full (a flood of idle
+    connections), an open() here failed with EMFILE and ended the process;
+    now the last value read stands in, and the failure is counted."""
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._pid = 0
+        self.last = 0
+        self.failures = 0
+
+    def read(self) -> int:
+        try:
+            if self._pid != os.getpid():  # first use, or a forked child's own file
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+                self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+                self._pid = os.getpid()
+            self.last = int(os.pread(self._fd, 256, 0).split()[1]) * _PAGE_BYTES
+        except OSError:
+            self.failures += 1
+        return self.last
+
+
+_STATM = _Statm()
+_STATM.read()  # opened at import, when there are descriptors to spare
+
+
 def resident_bytes() -> int:
-    """This process's resident set size (Linux)."""
-    with open("/proc/self/statm", "rb") as statm:
-        return int(statm.read().split()[1]) * _PAGE_BYTES
+    """This process's resident set size (Linux); never opens a file (_Statm)."""
+    return _STATM.read()
 
 
 class MemoryLimit:

@@ -26,6 +26,7 @@ message's User-Id to the client's public key.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import stat
@@ -42,10 +43,11 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from bus.config import BusConfig
-from bus.logging import get_logger
+from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StartupError
 
 log = get_logger("security")
+_reload_failure_log = RateLimitedLog(log, interval=60.0)
 
 ADMINS, PUBLISHERS, READERS, PROXY = "admins", "publishers", "readers", "proxy"
 ROLES = (ADMINS, PUBLISHERS, READERS)
@@ -96,6 +98,7 @@ class Keyring:
     _logged: set[tuple[str, bytes]] = field(default_factory=set)
     root: Path | None = None  # BUS_CURVE_DIR, whose lists refresh() reads again
     reloads: int = 0          # times the lists changed since start
+    reload_failures: int = 0  # looks that could not read the lists (no descriptor)
     _signature: tuple[Any, ...] = ()
     _checked_at: float = 0.0
     _reloading: threading.Lock = field(default_factory=threading.Lock)
@@ -113,10 +116,22 @@ class Keyring:
             return False
         try:
             self._checked_at = now
-            signature = _lists_signature(self.root)
-            if signature == self._signature:
+            try:
+                signature = _lists_signature(self.root)
+                if signature == self._signature:
+                    return False
+                members = {role: _readable_public_keys(self.root / role) for role in ROLES}
+            except OSError as exc:
+                # No descriptor to read the lists with (EMFILE, ENFILE): the
+                # lists stay as they are and are read again at the next look.
+                # Never a key left out for it, and never an exception in the
+                # ZAP handler's thread, which would stop every handshake.
+                self.reload_failures += 1
+                _reload_failure_log.warning("key_lists_unreadable", "key_lists_unreadable",
+                                            error=str(exc), reload_failures=self.reload_failures,
+                                            action="kept the lists as they were; read again "
+                                                   f"in {KEYS_RECHECK_S:g} s")
                 return False
-            members = {role: _readable_public_keys(self.root / role) for role in ROLES}
             members[PROXY] = self.members[PROXY]
             before = frozenset().union(*(self.members[role] for role in ROLES))
             after = frozenset().union(*(members[role] for role in ROLES))
@@ -156,10 +171,19 @@ class Keyring:
         return False
 
 
+# Errors that say nothing of a file, only that the process has no descriptor
+# to open it with: never a reason to take a key out of a list.
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
 def _load_pair(path: Path) -> tuple[bytes, bytes | None]:
     try:
         public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno in OUT_OF_DESCRIPTORS:
+            raise
+        raise SecurityError(f"cannot read CURVE certificate {path}: {exc}") from None
+    except ValueError as exc:
         raise SecurityError(f"cannot read CURVE certificate {path}: {exc}") from None
     for key in (public, secret):
         if key is not None and not _is_z85_key(key):
@@ -392,7 +416,7 @@ def snapshot(cfg: BusConfig) -> dict[str, Any]:
         return {"curve": False, "note": "authentication is off: set BUS_CURVE_DIR"}
     ring.refresh()
     return {"curve": True, "keys": {role: len(ring.members[role]) for role in ROLES},
-            "key_reloads": ring.reloads,
+            "key_reloads": ring.reloads, "key_reload_failures": ring.reload_failures,
             "capture": "ipc socket file, owner only" if capture_by_file_permissions(cfg)
             else "curve, proxy.key only",
             "connections_refused": dict(ring.denied)}

@@ -15,7 +15,9 @@ options of a socket are read in one place:
 
 from __future__ import annotations
 
+import itertools
 import os
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bus import protocol, security
 from bus.config import BusConfig
+from bus.logging import RateLimitedLog
 from bus.runner import (MemoryLimit, Misconfigured, StartupError, inherited_sockets,
                         release_free_memory, resident_bytes)
 
@@ -178,6 +181,59 @@ def describe_handshake_failure(event: int, value: int) -> str:
     return f"the peer closed the connection during the handshake (errno {value})"
 
 
+# Open files a process needs besides its peers' connections: stdio, its
+# sockets' mailboxes and monitors, libzmq's I/O thread and reaper, the ZAP
+# handler, the database (file, WAL and -shm, or a PostgreSQL connection), the
+# HTTP side, /proc/self/statm (measured: 30 to 50).
+OWN_DESCRIPTORS = 64
+# The monitor's queue of events, which libzmq drops when full (it never
+# blocks a socket on its monitor): a lost ACCEPTED or DISCONNECTED would make
+# a connection count wrong. Two events a connection, a burst of thousands.
+MONITOR_QUEUE_EVENTS = 100_000
+# Events one update() reads at most: the loop must turn whatever arrives.
+MONITOR_EVENTS_PER_UPDATE = 20_000
+# How often a count above the cap is checked against the descriptors it names
+# (a DISCONNECTED lost all the same would hold a place for ever).
+RECOUNT_INTERVAL_S = 1.0
+
+
+def descriptors_needed(max_connections: int, endpoints: int) -> int:
+    """The open files a process with `endpoints` capped endpoints needs: each
+    endpoint's cap twice (its connections, and as many accepted over the cap
+    before the loop's next pass cuts them), and its own (OWN_DESCRIPTORS)."""
+    return 2 * endpoints * max_connections + OWN_DESCRIPTORS
+
+
+def connection_cap(cfg: BusConfig, endpoints: int, log: Any) -> int:
+    """BUS_MAX_CONNECTIONS as this process's open-file limit (RLIMIT_NOFILE)
+    allows, what Redis does with maxclients: the soft limit is raised as far
+    as the hard one allows to what the cap needs (descriptors_needed); still
+    short, the cap is lowered to fit, and a warning says so. systemd's units
+    set the limit (LimitNOFILE=, deploy/systemd)."""
+    wanted = descriptors_needed(cfg.max_connections, endpoints)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return cfg.max_connections
+    cap = (soft - OWN_DESCRIPTORS) // (2 * endpoints)
+    if cap < 1:
+        raise Misconfigured(f"the open-file limit ({soft}, hard {hard}) leaves no room for a "
+                            f"connection: at least {descriptors_needed(1, endpoints)} needed "
+                            "(LimitNOFILE= in the unit, ulimit -n)")
+    log.warning("max_connections_lowered", max_connections=cap,
+                wanted=cfg.max_connections, open_file_limit=soft, hard_limit=hard,
+                needed=wanted, reason="the open-file limit is too low for BUS_MAX_CONNECTIONS "
+                "on every endpoint: raise LimitNOFILE= (or ulimit -n) to the needed value")
+    return cap
+
+
 class Connections:
     """The peers connected to a bound socket, from its monitor (libzmq's
     ACCEPTED and DISCONNECTED events carry each connection's file
@@ -186,6 +242,16 @@ class Connections:
     the socket goes on listening, so that no other process can take the
     endpoint meanwhile (closing and binding again left that window open). The
     peers reconnect by themselves.
+
+    `max_connections` caps the connections of a bound socket. libzmq accepts
+    every connection and has no option to refuse one (systemd's
+    MaxConnections= is for Accept=yes sockets only, and here libzmq accepts):
+    `update()` counts them from the events and shuts the newest above the cap
+    down at once, before it costs more than its descriptor. libzmq reads EOF on
+    it, emits DISCONNECTED and closes it itself. Each one is counted
+    (`refused`) and logged at most every 5 s. (Accepts that fail, EMFILE with
+    the table full, are not watched: libzmq retries a failed accept at once,
+    in a loop, and an event each would flood the monitor.)
 
     For a connecting socket (`connected=True`) it also watches the handshakes:
     after a failure libzmq gives up on (GIVES_UP_EVENTS), `gave_up` says why,
@@ -198,20 +264,35 @@ class Connections:
     The monitor is attached before the socket binds or connects (no event
     missed; the `on_open` hook of the open_* functions) and before another
     thread uses it (the proxy's forwarding loop): libzmq sockets are not
-    thread-safe. `update()` reads the events; a role calls it once per pass."""
+    thread-safe. After that, nothing here touches the socket itself: only its
+    monitor and the connections' descriptors, so a thread that does not own
+    the socket may read the events and cut connections. `update()` reads the
+    events; a role calls it once per pass."""
 
-    def __init__(self, sock: zmq.Socket, endpoint: str, connected: bool = False) -> None:
+    def __init__(self, sock: zmq.Socket, endpoint: str, connected: bool = False,
+                 max_connections: int = 0, log: Any = None, name: str = "") -> None:
         """`connected`: the socket connects (its CONNECTED events are counted
-        instead): whether its peer is there, not for dropping."""
+        instead): whether its peer is there, not for dropping. `max_connections`
+        (0: none): the cap of a bound socket; `log` and `name` say so when it
+        cuts a connection."""
         self.endpoint = endpoint
-        self.fds: set[int] = set()
+        self.name = name or endpoint
+        # Open connections by descriptor, oldest first (a dict keeps the order).
+        self.fds: dict[int, None] = {}
         self.connected = connected
+        self.max_connections = 0 if connected else max_connections
+        self.refused = 0                  # connections cut above the cap
+        self._log = RateLimitedLog(log) if log is not None else None
+        self._next_recount = 0.0
         self._opened = zmq.EVENT_CONNECTED if connected else zmq.EVENT_ACCEPTED
-        self.monitor = sock.get_monitor_socket(
-            self._opened | zmq.EVENT_DISCONNECTED |
+        self.monitor = _monitor_socket(
+            sock, self._opened | zmq.EVENT_DISCONNECTED |
             (HANDSHAKE_EVENTS | zmq.EVENT_CONNECT_RETRIED if connected else 0))
         self._family = socket.AF_UNIX if endpoint.startswith("ipc://") else (
             socket.AF_INET6 if endpoint.startswith("tcp://[") else socket.AF_INET)
+        # Where the bound socket listens, as its ACCEPTED events say (its
+        # LAST_ENDPOINT, read without touching the socket).
+        self._listening_at: str | None = None
         self._sock = sock
         self.gave_up: str | None = None   # why libzmq gave up on the endpoint, until redial()
         self.wrong_peers = 0              # handshakes that failed (every kind)
@@ -226,16 +307,21 @@ class Connections:
         self._dropped_at: float | None = None
 
     def update(self) -> None:
-        while self.monitor.poll(0):
+        for _ in range(MONITOR_EVENTS_PER_UPDATE):
+            if not self.monitor.poll(0):
+                break
             message = recv_monitor_message(self.monitor)
             event, value = message["event"], message["value"]
             if event == self._opened:
-                self.fds.add(value)
+                self.fds.pop(value, None)  # a descriptor reused: the newest again
+                self.fds[value] = None
                 self._dropped_at = None
+                if not self.connected:
+                    self._listening_at = message["endpoint"].decode(errors="replace")
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 self._dropped_at = None
             elif event == zmq.EVENT_DISCONNECTED:
-                self.fds.discard(value)
+                self.fds.pop(value, None)
                 if self.connected and self.gave_up is None:
                     self._dropped_at = time.monotonic()
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -247,6 +333,29 @@ class Connections:
             self._dropped_at = None
             self._wrong_peer("disconnected for a protocol error (a frame too large or "
                              "malformed), not retried", gives_up=True)
+        if self.max_connections and len(self.fds) > self.max_connections:
+            self._cut_over_cap()
+
+    def _cut_over_cap(self) -> None:
+        """Shut down the newest connections above the cap (see the class doc)."""
+        now = time.monotonic()
+        if now >= self._next_recount:  # no place held by a descriptor closed unseen
+            self._next_recount = now + RECOUNT_INTERVAL_S
+            for fd in [fd for fd in self.fds if not self._shut_down(fd, check_only=True)]:
+                del self.fds[fd]
+        over = len(self.fds) - self.max_connections
+        if over <= 0:
+            return
+        newest = list(self.fds)[-over:]
+        for fd in newest:
+            self._shut_down(fd)
+            del self.fds[fd]  # its DISCONNECTED is on its way; it holds no place
+        self.refused += over
+        if self._log is not None:
+            self._log.warning(f"over BUS_MAX_CONNECTIONS on {self.name}", "connection_refused",
+                              endpoint=self.name,
+                              max_connections=self.max_connections, refused_now=over,
+                              refused_total=self.refused, action="shut the newest down")
 
     def _wrong_peer(self, why: str, gives_up: bool) -> None:
         """Count a wrong peer; if libzmq gave up on the endpoint, a redial is due
@@ -275,27 +384,41 @@ class Connections:
         return {"wrong_peers": self.wrong_peers, "redials": self.redials,
                 "last_wrong_peer": self.last_wrong_peer}
 
+    def counts(self) -> dict[str, int]:
+        """A bound endpoint's connections: open now, the cap, and how many were
+        cut above it (stats' `connections`)."""
+        return {"open": len(self.fds), "max": self.max_connections, "refused": self.refused}
+
     def drop_all(self) -> int:
         """Shut every connection down; how many were."""
         self.update()
-        dropped = 0
-        for fd in list(self.fds):
-            try:
-                peer = socket.fromfd(fd, self._family, socket.SOCK_STREAM)
-            except OSError:  # closed since: its DISCONNECTED event is on its way
-                continue
-            try:
-                if self._is_ours(peer):  # not a descriptor reused by something else
-                    peer.shutdown(socket.SHUT_RDWR)
-                    dropped += 1
-            except OSError:
-                pass
-            finally:
-                peer.close()  # the duplicate only
-        return dropped
+        return sum(self._shut_down(fd) for fd in list(self.fds))
+
+    def _shut_down(self, fd: int, check_only: bool = False) -> bool:
+        """shutdown(2) a connection libzmq accepted, on its own descriptor:
+        a duplicate would need a free one, and a full table is when a cut is
+        needed most. The descriptor stays libzmq's (detached, never closed
+        here). False if it is not, or no longer, one of this socket's
+        connections (closed since; reused by something else)."""
+        try:
+            peer = socket.socket(fileno=fd)
+        except OSError:  # closed since (its DISCONNECTED is on its way), or not a socket
+            return False
+        try:
+            if not self._is_ours(peer):
+                return False
+            if not check_only:
+                peer.shutdown(socket.SHUT_RDWR)
+            return True
+        except OSError:
+            return False
+        finally:
+            peer.detach()
 
     def _is_ours(self, peer: socket.socket) -> bool:
-        bound = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        bound = self._listening_at
+        if bound is None or peer.family != self._family or peer.type != socket.SOCK_STREAM:
+            return False
         local = peer.getsockname()
         if self._family == socket.AF_UNIX:  # a path, or an abstract name (bytes, from \0)
             name = local.replace(b"\0", b"@", 1).decode(errors="replace") \
@@ -308,23 +431,43 @@ class Connections:
         self._sock = None  # the socket is its owner's to close
 
 
+_MONITOR_NUMBERS = itertools.count()
+
+
+def _monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
+    """pyzmq's get_monitor_socket, with a receive queue of
+    MONITOR_QUEUE_EVENTS: libzmq drops events its monitor's queue (1,000 by
+    default) has no room for."""
+    address = f"inproc://bus-monitor-{os.getpid()}-{next(_MONITOR_NUMBERS)}"
+    sock.monitor(address, events)
+    monitor = sock.context.socket(zmq.PAIR)
+    monitor.setsockopt(zmq.RCVHWM, MONITOR_QUEUE_EVENTS)
+    monitor.connect(address)
+    return monitor
+
+
 class PeerMemoryGuard:
     """A process's memory limit, held by dropping its peers: over the limit
     (bus/runner.MemoryLimit), every connection of the bound sockets it
     watches is shut down (Connections.drop_all). What libzmq holds for peers
     and no count or budget reaches (a multipart message or request of endless
     frames, a burst of subscriptions) goes with them; the sockets keep
-    listening and the peers reconnect."""
+    listening and the peers reconnect.
 
-    def __init__(self, limit_bytes: int, log: Any) -> None:
+    It also holds each watched socket to `max_connections` (connection_cap:
+    BUS_MAX_CONNECTIONS as the open-file limit allows; 0: none)."""
+
+    def __init__(self, limit_bytes: int, log: Any, max_connections: int = 0) -> None:
         self.memory = MemoryLimit(limit_bytes)
         self.peers: dict[str, Connections] = {}
         self.cutoffs = 0
+        self.max_connections = max_connections
         self._log = log
 
     def watch(self, name: str, endpoint: str) -> Callable[[zmq.Socket], None]:
         """An `on_open` hook for an open_* function."""
-        return lambda sock: self.peers.__setitem__(name, Connections(sock, endpoint))
+        return lambda sock: self.peers.__setitem__(name, Connections(
+            sock, endpoint, max_connections=self.max_connections, log=self._log, name=name))
 
     def check(self, now: float) -> bool:
         """Once per loop pass; True if the peers were just dropped."""
@@ -343,6 +486,10 @@ class PeerMemoryGuard:
     def snapshot(self) -> dict[str, int]:
         return {"rss_bytes": resident_bytes(), "limit_bytes": self.memory.limit,
                 "cutoffs": self.cutoffs}
+
+    def connections(self) -> dict[str, dict[str, int]]:
+        """Each watched endpoint's Connections.counts() (stats' `connections`)."""
+        return {name: peers.counts() for name, peers in self.peers.items()}
 
     def close(self) -> None:
         for peers in self.peers.values():

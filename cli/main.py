@@ -64,7 +64,8 @@ BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
                 "batch_max_buffer_size", "batch_max_buffer_bytes", "batch_low_load_threshold",
                 "batch_load_window_seconds", "sqlite_synchronous", "sqlite_busy_timeout_ms")
 # What every long-running process takes.
-PROCESS_FIELDS_COMMON = ("shutdown_timeout_ms", "drain_idle_ms", "log_level", "log_format")
+PROCESS_FIELDS_COMMON = ("shutdown_timeout_ms", "drain_idle_ms", "log_level", "log_format",
+                         "max_connections")
 WRITER_FIELDS = ("capture_endpoint", "control_endpoint", "notify_endpoint", "db", *BATCH_FIELDS,
                  *RETENTION_FIELDS, "max_topic_bytes", "max_message_bytes", "max_consumers",
                  "max_consumers_per_key", "max_producers_per_key", "max_requests_per_key_s",

@@ -70,7 +70,7 @@ import zmq
 
 from bus import control, protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
-from bus.http import HttpSide, Series, control_series
+from bus.http import HttpSide, Series, connection_series, control_series
 from bus.logging import get_logger
 from bus.runner import StopSignal, release_free_memory, resident_bytes
 
@@ -126,6 +126,7 @@ HTTP_SERIES = [
     Series("capture_redials", "counter", "capture endpoint connected again after libzmq gave up "
            "on a wrong peer", lambda s: s["capture"]["redials"]),
     *control_series(),
+    *connection_series(),
 ]
 
 
@@ -197,12 +198,14 @@ class Proxy:
         # whether the writer is connected, and the control's peers (dropped by
         # the memory guard; the main thread owns that socket, so it can).
         self.connections: dict[str, sockets.Connections] = {}
-
-        def watch(side: str, endpoint: str) -> Callable[[zmq.Socket], None]:
-            return lambda sock: self.connections.__setitem__(
-                side, sockets.Connections(sock, endpoint, connected=side == WRITER))
-        self.frontend = sockets.open_proxy_frontend(self.ctx, cfg)
-        self.backend = sockets.open_proxy_backend(self.ctx, cfg)
+        # Each bound endpoint (publishers, subscribers, control) held to
+        # BUS_MAX_CONNECTIONS (bus/sockets.Connections).
+        self.max_connections = sockets.connection_cap(cfg, 3, log)
+        watch = self._watch
+        self.frontend = sockets.open_proxy_frontend(self.ctx, cfg,
+                                                    watch(PUBLISHERS, cfg.pub_endpoint))
+        self.backend = sockets.open_proxy_backend(self.ctx, cfg,
+                                                  watch(SUBSCRIBERS, cfg.sub_endpoint))
         self.capture = sockets.open_proxy_capture(self.ctx, cfg,
                                                   watch(WRITER, cfg.capture_endpoint))
         # Nothing connects here but the capture's recovery (see the module's doc).
@@ -225,6 +228,18 @@ class Proxy:
                  control_endpoint=cfg.proxy_control_endpoint, capture_hwm=cfg.capture_hwm,
                  memory_limit_bytes=cfg.proxy_memory_limit_bytes,
                  config_source=cfg.source, config=cfg.public())
+
+    def _watch(self, side: str, endpoint: str) -> Callable[[zmq.Socket], None]:
+        """An on_open hook: the side's connections, watched from before it binds
+        (a side opened again replaces the watch of the one closed)."""
+        def attach(sock: zmq.Socket) -> None:
+            previous = self.connections.pop(side, None)
+            if previous is not None:
+                previous.close()
+            self.connections[side] = sockets.Connections(
+                sock, endpoint, connected=side == WRITER,
+                max_connections=self.max_connections, log=log, name=side)
+        return attach
 
     def _start_forwarding(self) -> None:
         # A loop that owed answers is gone: its late replies, and commands it
@@ -346,6 +361,9 @@ class Proxy:
                 "capture_hwm": self.config.capture_hwm,
                 "capture": {**self.connections[WRITER].snapshot(),
                             "rescued": self.rescued_total},
+                "connections": {side: self.connections[side].counts()
+                                for side in (PUBLISHERS, SUBSCRIBERS, CONTROL)
+                                if side in self.connections},
                 "memory": {"rss_bytes": resident_bytes(),
                            "limit_bytes": self.config.proxy_memory_limit_bytes,
                            "paused": self._paused_at is not None, **self.memory_actions},
@@ -434,11 +452,12 @@ class Proxy:
 
     def _resume(self, now: float, limit: int, event: str) -> None:
         """Open again the sides that were cut off, and forward."""
-        for name, opener in (("frontend", sockets.open_proxy_frontend),
-                             ("backend", sockets.open_proxy_backend)):
+        for name, opener, side, endpoint in (
+                ("frontend", sockets.open_proxy_frontend, PUBLISHERS, self.config.pub_endpoint),
+                ("backend", sockets.open_proxy_backend, SUBSCRIBERS, self.config.sub_endpoint)):
             if getattr(self, name) is None:
-                setattr(self, name, sockets.rebind(functools.partial(opener, self.ctx,
-                                                                     self.config)))
+                setattr(self, name, sockets.rebind(functools.partial(
+                    opener, self.ctx, self.config, self._watch(side, endpoint))))
         (log.info if event == "memory_back_under_limit" else log.warning)(
             event, action="resumed forwarding", rss_bytes=self._rss, limit_bytes=limit,
             paused_ms=round((now - (self._paused_at or now)) * 1000))

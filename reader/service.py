@@ -21,7 +21,7 @@ import zmq
 
 from bus import control, protocol, security, sockets
 from bus.config import BusConfig
-from bus.http import HttpSide, Series, control_series
+from bus.http import HttpSide, Series, connection_series, control_series
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal
 from proofs.document import make_proof
@@ -52,6 +52,7 @@ HTTP_SERIES = [
     Series("database_readable", "gauge", "1 while the database can be read",
            lambda s: int(s["database_error"] is None)),
     *control_series(),
+    *connection_series(),
 ]
 
 
@@ -195,7 +196,8 @@ class Reader:
         self.stop = stop
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, cfg)
-        self.guard = sockets.PeerMemoryGuard(cfg.reader_memory_limit_bytes, log)
+        self.guard = sockets.PeerMemoryGuard(cfg.reader_memory_limit_bytes, log,
+                                             sockets.connection_cap(cfg, 1, log))
         self.rep = sockets.open_reader(self.ctx, cfg, self.guard.watch("read", cfg.read_endpoint))
         if cfg.reader_http:
             self.http = HttpSide("reader", cfg.reader_http, HTTP_SERIES, reader_health)
@@ -281,6 +283,8 @@ class Reader:
         return {"requests": self.requests, "rows_served": self.rows_served,
                 "control": self.dispatcher.counters.snapshot(),
                 "memory": self.guard.snapshot() if getattr(self, "guard", None) else None,
+                "connections": self.guard.connections() if getattr(self, "guard", None)
+                else {},
                 "max_page_ms": round(self.max_page_ms, 3),
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
                 "database": storage.redact(self.config.db),

@@ -38,7 +38,7 @@ import zmq
 
 from bus import control, protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
-from bus.http import HttpSide, Series, control_series
+from bus.http import HttpSide, Series, connection_series, control_series
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal, release_free_memory
 from writer.anchors import AnchorBook
@@ -120,6 +120,7 @@ HTTP_SERIES = [
     Series("messages_not_authentic", "counter", "session messages without their session key's mac",
            lambda s: s["security"]["messages_not_authentic"]),
     *control_series(),
+    *connection_series(),
 ]
 
 
@@ -216,6 +217,8 @@ class Writer:
         # Endpoints first: a port in use stops the writer before it creates a database.
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, cfg)
+        # Each bound endpoint (capture, control, notify) held to BUS_MAX_CONNECTIONS.
+        self.guard.max_connections = sockets.connection_cap(cfg, 3, log)
         watch = self.guard.watch  # peers watched from before each socket binds
         self.capture = sockets.open_writer_capture(self.ctx, cfg,
                                                    watch("capture", cfg.capture_endpoint))
@@ -924,6 +927,7 @@ class Writer:
                        "budget_bytes": NOTIFY_SUBSCRIPTION_BUDGET_BYTES,
                        "drops": self.notify_drops},
             "memory": self.guard.snapshot(),
+            "connections": self.guard.connections(),
             "backlog": self.backlog(now),
             "wal": self.store.snapshot(),
             "database": {"path": storage.redact(cfg.db), "synchronous": cfg.sqlite_synchronous,
