@@ -15,6 +15,11 @@ ok, and each process's RSS is sampled (peak, and after the burst).
 
     .venv/bin/python -m tests.fuzz --frames 1000000     # per endpoint, on demand
     .venv/bin/python -m tests.fuzz --frames 2000 --seconds 20
+    .venv/bin/python -m tests.fuzz --shape idle --frames 1100 --seconds 10
+
+`idle_connections` is the "idle connections" shape (issue 22): waves of TCP
+connections that send nothing, to every endpoint, past the processes'
+open-file limits, while clients connected before are served.
 
 tests/test_fuzz.py runs it in CI with a short budget.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import socket
 import tempfile
@@ -452,6 +458,112 @@ def fuzz(bus: Bus, frames: int, seconds: float, seed: int = 1, valid_every: floa
     }
 
 
+# The endpoints a hostile local client can open connections to, by setting.
+IDLE_ENDPOINTS = {"pub": "pub_endpoint", "sub": "sub_endpoint", "control": "control_endpoint",
+                  "notify": "notify_endpoint", "proxy_control": "proxy_control_endpoint",
+                  "read": "read_endpoint"}
+
+
+def open_idle(endpoint: str, count: int) -> list[socket.socket]:
+    """`count` TCP connections to a tcp:// endpoint that will never send a
+    byte (not even a ZMTP greeting): non-blocking connects, so a process that
+    cannot accept (its descriptor table full, its backlog full) does not stall
+    the opener."""
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    idle = []
+    for _ in range(count):
+        conn = socket.socket(socket.AF_INET6 if host.startswith("[") else socket.AF_INET)
+        conn.setblocking(False)
+        conn.connect_ex((host.strip("[]"), int(port)))
+        idle.append(conn)
+    return idle
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def idle_connections(bus: Bus, per_endpoint: int, rounds: int, hold_s: float,
+                     client: Any = None, admin: Any = None) -> dict[str, Any]:
+    """The "idle connections" shape (issue 22, item 1): `rounds` waves of
+    `per_endpoint` TCP connections that send nothing, to every tcp endpoint of
+    a started bus, each held `hold_s` seconds, then closed. Clients connected
+    before the first wave (a Publisher, a control client of the writer and of
+    the proxy: `client` and `admin` are their configs, with CURVE their keys)
+    must be served throughout: each wave publishes and waits for every
+    acknowledgement, and pings both control endpoints. The figures: whether
+    each process lived through it, each one's most open descriptors, what was
+    published and acknowledged, the pings answered and missed, and each
+    process's `connections` stats afterwards."""
+    from bus.client import BusError, ControlClient
+    cfg = bus.config()
+    client = client or cfg
+    admin = admin or cfg
+    from bus import security
+    keys = security.client_keys(admin)
+    endpoints = {name: getattr(cfg, field) for name, field in IDLE_ENDPOINTS.items()
+                 if getattr(cfg, field).startswith("tcp://")}
+    pids = {role: getattr(bus, role).pid for role in ROLES if getattr(bus, role) is not None}
+    most_fds = dict.fromkeys(pids, 0)
+    alive = dict.fromkeys(pids, True)
+    pings = {"answered": 0, "missed": 0}
+    published = 0
+    unacknowledged_waves = 0
+    opened = 0
+    with Publisher(client, producer_id="fuzz-idle", connect_timeout=10) as pub, \
+            ControlClient(cfg.control_endpoint, timeout_ms=3000, curve=keys) as writer, \
+            ControlClient(cfg.proxy_control_endpoint, timeout_ms=3000, curve=keys) as proxy:
+        for control in (writer, proxy):
+            control.request("ping")
+        for _ in range(rounds):
+            idle: list[socket.socket] = []
+            try:
+                for endpoint in endpoints.values():
+                    idle += open_idle(endpoint, per_endpoint)
+                opened += len(idle)
+                deadline = time.monotonic() + hold_s
+                while True:
+                    for role, pid in pids.items():
+                        most_fds[role] = max(most_fds[role], open_fds(pid))
+                        alive[role] = alive[role] and getattr(bus, role).popen.poll() is None
+                    for _ in range(20):
+                        pub.publish("fuzz.idle", b"%d" % published)
+                        published += 1
+                    try:
+                        pub.flush(timeout=10)
+                    except BusError:
+                        unacknowledged_waves += 1
+                    for control in (writer, proxy):
+                        try:
+                            pings["answered" if control.request("ping") == "pong"
+                                  else "missed"] += 1
+                        except BusError:
+                            pings["missed"] += 1
+                    if time.monotonic() >= deadline or not all(alive.values()):
+                        break
+            finally:
+                for conn in idle:
+                    conn.close()
+            if not all(alive.values()):
+                break
+        acknowledged = pub.acked_seq
+    stats = {}
+    for role, endpoint in (("writer", "BUS_CONTROL_ENDPOINT"),
+                           ("proxy", "BUS_PROXY_CONTROL_ENDPOINT"),
+                           ("reader", "BUS_READ_ENDPOINT")):
+        if role in pids and alive[role]:
+            stats[role] = bus.request(endpoint, "stats").get("connections")
+    return {"opened": opened, "alive": alive, "most_fds": most_fds, "pings": pings,
+            "published": published, "acknowledged": acknowledged,
+            "unacknowledged_waves": unacknowledged_waves,
+            "stored": query(bus.db, "SELECT count(*), count(DISTINCT producer_seq) FROM "
+                                    "messages WHERE producer_id = 'fuzz-idle'")[0],
+            "connections": stats}
+
+
 def loops_for(name: str, ctx: zmq.Context, cfg: Any, shapes: Shapes) -> Callable[[Sender], None]:
     if name in ("pub", "capture"):
         return send_data(ctx, zmq.XPUB if name == "pub" else zmq.PUSH,
@@ -483,11 +595,17 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1_000_000, help="per endpoint")
     parser.add_argument("--seconds", type=float, default=3600.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--shape", choices=("frames", "idle"), default="frames",
+                        help="malformed frames (default), or idle connections: --frames "
+                             "of them to each endpoint, held --seconds, in 3 waves")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bus-fuzz-") as tmp:
         bus = Bus(Path(tmp)).start()
         try:
-            result = fuzz(bus, args.frames, args.seconds, args.seed)
+            if args.shape == "idle":
+                result = idle_connections(bus, args.frames, 3, args.seconds)
+            else:
+                result = fuzz(bus, args.frames, args.seconds, args.seed)
         finally:
             bus.close()
     print(json.dumps(result, indent=2))
