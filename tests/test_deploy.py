@@ -129,6 +129,34 @@ def test_deploy_has_one_unit_per_process_and_a_target() -> None:
     assert set(SERVICES) <= set(read_unit(ANCHOR)["Unit"]["After"].split())
 
 
+# The endpoints each service binds and caps at BUS_MAX_CONNECTIONS (its
+# socket-activated ones, and the writer's capture).
+CAPPED_ENDPOINTS = {"bus-proxy.service": 3, "bus-writer.service": 3, "bus-reader.service": 1,
+                    ANCHOR: 1}
+
+
+def test_every_service_may_open_the_files_its_connection_caps_need() -> None:
+    """Issue 22: with systemd's default limit (1,024) idle connections filled
+    the descriptor table and every process exited. Each unit's LimitNOFILE=
+    holds BUS_MAX_CONNECTIONS on each endpoint the process binds, with room
+    for the connections over the cap (bus/sockets.descriptors_needed), so the
+    process need not lower its cap; and no socket unit pretends to cap with
+    MaxConnections=, which systemd applies to Accept=yes sockets only."""
+    from bus.sockets import descriptors_needed
+    cfg = load_config(env={}, config_path=ROOT / "deploy" / "bus.toml")
+    assert set(CAPPED_ENDPOINTS) == {*SERVICES, ANCHOR}
+    for name, endpoints in CAPPED_ENDPOINTS.items():
+        limit = read_unit(name)["Service"]["LimitNOFILE"]
+        assert limit.isdigit(), (name, limit)  # one number: soft = hard
+        assert int(limit) >= descriptors_needed(cfg.max_connections, endpoints), name
+        assert int(limit) <= 4 * descriptors_needed(cfg.max_connections, endpoints), name
+    for sockets in SOCKETS.values():
+        for name in sockets:
+            unit = read_unit(name)["Socket"]
+            assert unit["Accept"] == "no"
+            assert "MaxConnections" not in unit and "MaxConnectionsPerSource" not in unit
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_units_pass_systemd_analyze(tmp_path: Path) -> None:
     config = local_config(tmp_path)
