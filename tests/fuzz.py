@@ -41,8 +41,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from bus import protocol, sockets
-from bus.client import Publisher
+from bus import protocol, security, sockets
+from bus.client import BusError, ControlClient, Publisher
 from tests.conftest import Bus, query
 
 VALID_PRODUCER = "fuzz-valid"
@@ -409,7 +409,6 @@ def fuzz(bus: Bus, frames: int, seconds: float, seed: int = 1, valid_every: floa
     ctx = zmq.Context()
     deadline = time.monotonic() + seconds
     # A session of the fuzzer's own, whose key some malformed messages carry.
-    from bus.client import ControlClient
     with ControlClient(cfg.control_endpoint, timeout_ms=5000) as control:
         opened = control.request("producer_open", {"producer": "fuzz-session"})
     session = ("fuzz-session", opened["epoch"], opened["session_key"])
@@ -498,12 +497,9 @@ def idle_connections(bus: Bus, per_endpoint: int, rounds: int, hold_s: float,
     each process lived through it, each one's most open descriptors, what was
     published and acknowledged, the pings answered and missed, and each
     process's `connections` stats afterwards."""
-    from bus.client import BusError, ControlClient
     cfg = bus.config()
     client = client or cfg
-    admin = admin or cfg
-    from bus import security
-    keys = security.client_keys(admin)
+    keys = security.client_keys(admin or cfg)
     endpoints = {name: getattr(cfg, field) for name, field in IDLE_ENDPOINTS.items()
                  if getattr(cfg, field).startswith("tcp://")}
     pids = {role: getattr(bus, role).pid for role in ROLES if getattr(bus, role) is not None}

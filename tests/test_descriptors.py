@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import resource
+import selectors
 import socket
 import sys
 import time
@@ -120,6 +121,26 @@ def ends(conn: socket.socket, within_s: float) -> bool:
     return False
 
 
+def closed_within(conns: list[socket.socket], seconds: float) -> set[socket.socket]:
+    """The connections among `conns` whose other end closes within `seconds`."""
+    closed: set[socket.socket] = set()
+    with selectors.DefaultSelector() as selector:
+        for conn in conns:
+            conn.setblocking(False)
+            selector.register(conn, selectors.EVENT_READ)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and len(closed) < len(conns):
+            for key, _ in selector.select(left):
+                try:
+                    data = key.fileobj.recv(4096)
+                except ConnectionResetError:
+                    data = b""
+                if data == b"":
+                    closed.add(key.fileobj)
+                    selector.unregister(key.fileobj)
+    return closed
+
+
 def test_the_newest_connection_over_the_cap_is_shut_down_and_counted(make_bus: Any) -> None:
     bus = make_bus(BUS_MAX_CONNECTIONS=4)
     bus.start_writer()
@@ -204,3 +225,43 @@ def test_memory_reads_and_key_list_reloads_need_no_free_descriptor(keys: Path) -
         assert ring.members == members and ring.reload_failures == 1
     assert ring.refresh(now=2e9) is True
     assert len(ring.members["readers"]) == len(members["readers"]) + 1
+
+
+def threads_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines()
+                if line.startswith("Threads:"))
+
+
+# The HTTP side's clients at once (bus/http.MAX_CLIENTS).
+MAX_CLIENTS = 16
+
+
+def test_idle_http_clients_take_at_most_sixteen_threads_and_descriptors(make_bus: Any) -> None:
+    from bus.http import CLIENT_TIMEOUT_S
+    from tests.conftest import free_port
+    bus = make_bus(BUS_READER_HTTP=f"127.0.0.1:{free_port()}")
+    bus.start_writer()
+    reader = bus.start_reader()
+    threads_before = threads_of(reader.pid)
+    host, _, port = bus["BUS_READER_HTTP"].rpartition(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(3 * MAX_CLIENTS)]
+    try:
+        # 16 are served (by a thread each, waiting for a request that never
+        # comes, until CLIENT_TIMEOUT_S); the others are closed at once.
+        assert len(closed_within(idle, seconds=2.0)) == 2 * MAX_CLIENTS
+        assert threads_of(reader.pid) <= threads_before + MAX_CLIENTS
+    finally:
+        for conn in idle:
+            conn.close()
+    import urllib.request
+
+    def metrics() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as page:
+                return page.read().decode()
+        except OSError:
+            return None
+    text = wait_for(metrics, timeout=CLIENT_TIMEOUT_S + 10, message="/metrics")
+    assert f"bus_reader_http_refused_total {2 * MAX_CLIENTS}.0" in text
+    assert 'bus_reader_connections_open{endpoint="read"}' in text
