@@ -265,3 +265,30 @@ def test_idle_http_clients_take_at_most_sixteen_threads_and_descriptors(make_bus
     text = wait_for(metrics, timeout=CLIENT_TIMEOUT_S + 10, message="/metrics")
     assert f"bus_reader_http_refused_total {2 * MAX_CLIENTS}.0" in text
     assert 'bus_reader_connections_open{endpoint="read"}' in text
+
+
+def test_the_anchor_worker_lives_through_idle_connections_past_its_limit(
+        make_bus: Any, node: Any, enough_descriptors: None) -> None:
+    from tests.test_anchor import bus_for
+    bus = bus_for(make_bus, node)
+    worker = bus.spawn([sys.executable, "-c", LIMITED, str(OPEN_FILE_LIMIT), BUS_CLI, "anchor"])
+    wait_for(lambda: any(e.get("event") == "anchor_ready" for e in worker.log_events())
+             or worker.popen.poll() is not None, message="the worker ready")
+    endpoint = bus["BUS_ANCHOR_CONTROL_ENDPOINT"]
+    with ControlClient(endpoint, timeout_ms=3000) as client:
+        assert client.request("ping") == "pong"
+        idle = open_idle(endpoint, IDLE_PER_ENDPOINT)
+        try:
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:  # served while the idle ones are held
+                assert client.request("ping") == "pong"
+                assert worker.popen.poll() is None, worker.stderr.collect()[-5:]
+            counts = wait_for(lambda: (c := client.request("stats")["connections"]["control"])
+                              ["refused"] >= IDLE_PER_ENDPOINT - 96 and c,
+                              message="the connections over the cap cut")
+            assert counts["max"] == 96  # (256 - 64) / 2
+        finally:
+            for conn in idle:
+                conn.close()
+    assert wait_for(lambda: ping(endpoint), message="a new client's ping")
+    assert worker.stop() == 0
