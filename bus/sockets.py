@@ -289,7 +289,7 @@ class Connections:
         self._next_recount = 0.0
         self._opened = zmq.EVENT_CONNECTED if connected else zmq.EVENT_ACCEPTED
         self.monitor = _monitor_socket(
-            sock, self._opened | zmq.EVENT_DISCONNECTED |
+            sock, self._opened | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED |
             (HANDSHAKE_EVENTS | zmq.EVENT_CONNECT_RETRIED if connected else 0))
         self._family = socket.AF_UNIX if endpoint.startswith("ipc://") else (
             socket.AF_INET6 if endpoint.startswith("tcp://[") else socket.AF_INET)
@@ -327,6 +327,8 @@ class Connections:
                 self.fds.pop(value, None)
                 if self.connected and self.gave_up is None:
                     self._dropped_at = time.monotonic()
+            elif event == zmq.EVENT_MONITOR_STOPPED:  # the socket closed, and its connections
+                self.fds.clear()
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._backoff = REDIAL_MIN_S
             elif event & HANDSHAKE_EVENTS:
