@@ -550,8 +550,14 @@ def idle_connections(bus: Bus, per_endpoint: int, rounds: int, hold_s: float,
     for role, endpoint in (("writer", "BUS_CONTROL_ENDPOINT"),
                            ("proxy", "BUS_PROXY_CONTROL_ENDPOINT"),
                            ("reader", "BUS_READ_ENDPOINT")):
-        if role in pids and alive[role]:
-            stats[role] = bus.request(endpoint, "stats").get("connections")
+        if role not in pids:
+            continue
+        alive[role] = alive[role] and getattr(bus, role).popen.poll() is None
+        try:
+            stats[role] = bus.request(endpoint, "stats").get("connections") \
+                if alive[role] else None
+        except BusError as exc:
+            stats[role] = repr(exc)
     return {"opened": opened, "alive": alive, "most_fds": most_fds, "pings": pings,
             "published": published, "acknowledged": acknowledged,
             "unacknowledged_waves": unacknowledged_waves,
