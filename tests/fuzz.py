@@ -25,6 +25,7 @@ import argparse
 import json
 import random
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -37,7 +38,7 @@ import zmq
 
 from bus import protocol, sockets
 from bus.client import Publisher
-from tests.conftest import Bus, query
+from tests.conftest import Bus, query, wait_for
 
 VALID_PRODUCER = "fuzz-valid"
 ROLES = ("writer", "proxy", "reader")
@@ -449,6 +450,81 @@ def fuzz(bus: Bus, frames: int, seconds: float, seed: int = 1, valid_every: floa
         "writer_not_authentic": writer["security"]["messages_not_authentic"],
         "fuzz_session_stored": query(bus.db, "SELECT count(*) FROM messages WHERE producer_id"
                                              " = 'fuzz-session'")[0][0],
+    }
+
+
+NOISY_PUBLISHER = str(Path(__file__).with_name("noisy_publisher.py"))
+HONEST_PRODUCER = "honest"
+# An acknowledgement later than this is a publisher's timeout (the issue's figure).
+ACK_TIMEOUT_S = 5.0
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The nearest-rank percentile of `values` (sorted), 0 when empty."""
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, max(0, int(round(fraction * len(values))) - 1))]
+
+
+def noisy_neighbour(bus: Bus, seconds: float, honest_rate: float = 200.0) -> dict[str, Any]:
+    """The noisy-neighbour shape (issue 22, item 6): one publisher connection
+    floods invalid messages as fast as it can (tests/noisy_publisher.py, its
+    own process) while an honest Publisher sends `honest_rate` messages a
+    second for `seconds` and times each one's acknowledgement (publish to the
+    acknowledgement that covers it). The figures: the honest latencies (ms),
+    how many took longer than ACK_TIMEOUT_S or never came, the rate the noise
+    was offered at and the rate the writer refused it at."""
+    cfg = bus.config()
+    before = bus.writer_stats()["ingest"]
+    with Publisher(cfg, producer_id=HONEST_PRODUCER) as pub:
+        pub.publish("honest.t", b"first", wait=True)  # the session and the paths are up
+        noise = bus.spawn([sys.executable, NOISY_PUBLISHER, str(seconds + 3.0)])
+        wait_for(lambda: bus.writer_stats()["ingest"]["rejected_total"] >
+                 before["rejected_total"] + 1000, message="the noise reaching the writer")
+        noise_seen = bus.writer_stats()["ingest"]["rejected_total"]
+        started = time.monotonic()
+        sent_at: dict[int, float] = {}  # seq -> publish time, in seq order
+        latencies: list[float] = []
+
+        def take_acks(wait: float) -> None:
+            acked = pub.read_acks(wait)
+            now = time.monotonic()
+            while sent_at and (seq := next(iter(sent_at))) <= acked:
+                latencies.append(now - sent_at.pop(seq))
+
+        interval = 1.0 / honest_rate
+        next_at = started
+        published = 0
+        while (now := time.monotonic()) < started + seconds:
+            if now >= next_at:
+                sent_at[pub.publish("honest.t", b"%d" % published)] = now
+                published += 1
+                next_at += interval
+            take_acks(max(0.0, min(next_at - time.monotonic(), 0.05)))
+        honest_s = time.monotonic() - started
+        noise_refused = bus.writer_stats()["ingest"]["rejected_total"] - noise_seen
+        # The stragglers: acknowledged within ACK_TIMEOUT_S after the last send, or timeouts.
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while sent_at and time.monotonic() < deadline:
+            take_acks(0.05)
+        noise_line = noise.stdout.wait_line(lambda line: line.startswith("noise "), 30)
+        pub.flush(timeout=60)
+    noise_sent, noise_seconds = noise_line.split()[1:3]
+    latencies.sort()
+    after = bus.writer_stats()
+    return {
+        "seconds": round(honest_s, 1),
+        "honest_published": published,
+        "honest_ms": {name: round(percentile(latencies, q) * 1000, 1) for name, q in
+                      (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0))},
+        "honest_timeouts": sum(t > ACK_TIMEOUT_S for t in latencies) + len(sent_at),
+        "noise_sent_per_s": round(int(noise_sent) / float(noise_seconds)),
+        "noise_refused_per_s": round(noise_refused / honest_s),
+        "writer_rejected": {reason: n - before["rejected"].get(reason, 0)
+                            for reason, n in after["ingest"]["rejected"].items()},
+        "alive": {role: getattr(bus, role).popen.poll() is None for role in ROLES},
+        "honest_stored": query(bus.db, "SELECT count(*), count(DISTINCT producer_seq) FROM "
+                                       "messages WHERE producer_id = ?", (HONEST_PRODUCER,))[0],
     }
 
 
