@@ -192,8 +192,10 @@ SETTINGS: tuple[Setting, ...] = (
             "a history page stops growing past this many payload+meta bytes"),
     Setting("history_scan_rows", "BUS_HISTORY_SCAN_ROWS", int, 200_000,
             "rows one history request examines for a topic filter, at most"),
-    Setting("capture_hwm", "BUS_CAPTURE_HWM", int, 1_000_000,
-            "messages the proxy queues for a stopped or slow writer"),
+    Setting("capture_hwm", "BUS_CAPTURE_HWM", int, 1_000,
+            "messages the proxy queues for a stopped or slow writer; past that they wait in "
+            "each publisher's pipe, served in turn (a flood delays the others by at most "
+            "this queue)"),
     Setting("sub_hwm", "BUS_SUB_HWM", int, 100_000,
             "messages the proxy queues per subscriber before dropping for it"),
     Setting("pub_hwm", "BUS_PUB_HWM", int, 100_000,

@@ -82,6 +82,11 @@ REFUSAL_REASONS = {
 }
 
 
+# Refusals whose meta names no session: it is not a msgpack map (the one
+# refused_session would read again, and fail on, as decode_meta did).
+UNATTRIBUTABLE = frozenset({protocol.META_NOT_MSGPACK, protocol.META_NOT_MAP})
+
+
 # What the writer's /metrics shows (bus/http.py), read from its `stats`.
 HTTP_SERIES = [
     Series("messages_received", "counter", "messages read from the capture pipe",
@@ -355,7 +360,8 @@ class Writer:
     # --- capture pipe -------------------------------------------------------
 
     def drain_capture(self, now: float) -> bool:
-        """Read until the next flush by size is due; True if the socket ran dry.
+        """Read until the next flush by size is due; True if the socket ran dry
+        or brought no valid message.
 
         This loop is the writer's hot path (see bench/). Frames are received as
         zmq.Frame (copy=False) because `Frame.more` is far cheaper than a
@@ -371,6 +377,7 @@ class Writer:
         sequential = not self.config.batch_write_enabled
         ingest = self.ingest
         received = 0
+        valid_before = self.messages_received
         idle = False
         while received < room:
             try:
@@ -388,8 +395,13 @@ class Writer:
             ingest(frames, now)
             if sequential and self.buffer:
                 self.flush("size", now)
-        self.load.record(received, now)
-        return idle
+        valid = self.messages_received - valid_before
+        # The load that batching is for: refused messages cost no commit. A
+        # pass that read only refused ones is as good as a dry socket, which
+        # a flood of them never leaves: the rows buffered are committed then
+        # as at any low load, not after BATCH_FLUSH_INTERVAL_MS (issue 22).
+        self.load.record(valid, now)
+        return idle or not valid
 
     def ingest(self, frames: list[bytes], now: float) -> None:
         """Validate one capture message and buffer its row; bad input is counted,
@@ -429,10 +441,17 @@ class Writer:
                                 len(frames[0]) + len(payload) + (len(meta_raw) if meta_raw else 0))
 
     def reject(self, exc: protocol.ProtocolError, frames: list[bytes]) -> None:
-        self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-        topic = frames[0][:64] if frames else b""
-        self._rejects.warning(exc.reason, "message_rejected", detail=exc.detail,
-                              frames=len(frames), topic=topic.decode("utf-8", "replace"))
+        """Count a refused message (and log it, rate-limited); nack it if it
+        names a session. Cheap: a flood of invalid messages costs the writer
+        what it takes to read them, little more (issue 22)."""
+        reason = exc.reason
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if self._rejects.due(reason):  # the event's fields built only when logged
+            topic = frames[0][:64] if frames else b""
+            self._rejects.warning(reason, "message_rejected", detail=exc.detail,
+                                  frames=len(frames), topic=topic.decode("utf-8", "replace"))
+        if reason in UNATTRIBUTABLE:
+            return
         session = protocol.refused_session(frames, self.config.max_message_bytes)
         if session is not None:
             producer, epoch, seq = session
