@@ -52,12 +52,6 @@ MAX_SMALL_REQUEST_BYTES = 64 << 10
 # What the writer's capture socket may queue, in bytes of the largest messages
 # stored (see capture_receive_hwm).
 CAPTURE_RECEIVE_BYTES = 64 << 20
-# The kernel's buffer at each end of the capture connection (SO_SNDBUF at the
-# proxy, SO_RCVBUF at the writer). It is part of the capture queue, which is
-# first in, first out: 64 KiB is about 2,000 of the smallest messages (4 MiB,
-# before issue 22, held 140,000 and more, seconds of the writer's work), and
-# it does not slow the writer (see open_proxy_capture).
-CAPTURE_SOCKET_BUFFER_BYTES = 16 << 10
 
 
 class EndpointInUse(StartupError):
@@ -427,10 +421,13 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     message from each (fair queuing): a publisher that floods fills its own
     pipe, and another's message waits behind at most this short queue. A long
     one (BUS_CAPTURE_HWM=1000000 before) put a flood's seconds of work in front
-    of everybody."""
+    of everybody. The kernel's socket buffers at both ends are part of the
+    same queue (capture_buffer_bytes, 16 KiB: the kernel doubles it, so about
+    2,000 of the smallest messages in all; 4 MiB before held 280,000 and
+    more, seconds of the writer's work)."""
     sock = _set_common(ctx.socket(zmq.PUSH), cfg.shutdown_timeout_ms)
     sock.setsockopt(zmq.SNDHWM, cfg.capture_hwm)
-    sock.setsockopt(zmq.SNDBUF, CAPTURE_SOCKET_BUFFER_BYTES)
+    sock.setsockopt(zmq.SNDBUF, cfg.capture_buffer_bytes)
     security.check_capture_directory(cfg)  # nobody else's socket can be at the path
     if security.enabled(cfg) and not security.capture_by_file_permissions(cfg):
         # The only key the writer's capture lets in.
@@ -473,7 +470,7 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None
     writer has not read stays in the proxy's larger, restart-proof queue."""
     sock = _set_common(ctx.socket(zmq.PULL), 0)
     sock.setsockopt(zmq.RCVHWM, capture_receive_hwm(cfg))
-    sock.setsockopt(zmq.RCVBUF, CAPTURE_SOCKET_BUFFER_BYTES)
+    sock.setsockopt(zmq.RCVBUF, cfg.capture_buffer_bytes)
     # The proxy passes no larger frame; a peer pushing one straight in is
     # disconnected before the frame costs memory.
     sock.setsockopt(zmq.MAXMSGSIZE, max(MIN_FRAME_LIMIT_BYTES, cfg.proxy_max_frame_bytes))
