@@ -481,7 +481,8 @@ def noisy_neighbour(bus: Bus, seconds: float, honest_rate: float = 50.0, noise: 
     the writer batches, and each acknowledgement waits up to
     BATCH_FLUSH_INTERVAL_MS (50 ms) by design, flood or not."""
     cfg = bus.config()
-    before = bus.writer_stats()["ingest"]
+    stats = bus.writer_stats()
+    before, flushes_before = stats["ingest"], stats["batch"]
     with Publisher(cfg, producer_id=HONEST_PRODUCER) as pub:
         pub.publish("honest.t", b"first", wait=True)  # the session and the paths are up
         flooder = None
@@ -510,7 +511,10 @@ def noisy_neighbour(bus: Bus, seconds: float, honest_rate: float = 50.0, noise: 
                 next_at += interval
             take_acks(max(0.0, min(next_at - time.monotonic(), 0.05)))
         honest_s = time.monotonic() - started
-        noise_refused = bus.writer_stats()["ingest"]["rejected_total"] - noise_seen
+        stats = bus.writer_stats()
+        noise_refused = stats["ingest"]["rejected_total"] - noise_seen
+        flushes = {reason[len("flush_by_"):]: n - flushes_before[reason]
+                   for reason, n in stats["batch"].items() if reason.startswith("flush_by_")}
         # The stragglers: acknowledged within ACK_TIMEOUT_S after the last send, or timeouts.
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while sent_at and time.monotonic() < deadline:
@@ -529,6 +533,7 @@ def noisy_neighbour(bus: Bus, seconds: float, honest_rate: float = 50.0, noise: 
         "honest_timeouts": sum(t > ACK_TIMEOUT_S for t in latencies) + len(sent_at),
         "noise_sent_per_s": round(int(noise_sent) / float(noise_seconds)),
         "noise_refused_per_s": round(noise_refused / honest_s),
+        "writer_flushes": flushes,  # by reason, while the honest publisher published
         "writer_rejected": {reason: n - before["rejected"].get(reason, 0)
                             for reason, n in after["ingest"]["rejected"].items()},
         "alive": {role: getattr(bus, role).popen.poll() is None for role in ROLES},
