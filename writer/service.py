@@ -108,7 +108,8 @@ HTTP_SERIES = [
            lambda s: s["backlog"]["bytes"]),
     Series("commits_failing_seconds", "gauge", "how long commits have been failing (0: they "
            "succeed)", lambda s: s["backlog"]["failing_for_s"] or 0),
-    Series("load_messages_per_second", "gauge", "messages per second over the load window",
+    Series("load_messages_per_second", "gauge", "valid messages per second over the load "
+           "window",
            lambda s: s["load"]["requests_per_second"]),
     Series("last_message_id", "gauge", "id of the newest stored message",
            lambda s: s["database"]["last_message_id"] or 0),
