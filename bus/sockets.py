@@ -467,7 +467,8 @@ def capture_receive_hwm(cfg: BusConfig) -> int:
 
 def open_writer_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
     """PULL bound for the proxy's capture pipe. A small receive queue: what the
-    writer has not read stays in the proxy's larger, restart-proof queue."""
+    writer has not read stays in the proxy's restart-proof queue, then in the
+    publishers' pipes at the proxy (see open_proxy_capture)."""
     sock = _set_common(ctx.socket(zmq.PULL), 0)
     sock.setsockopt(zmq.RCVHWM, capture_receive_hwm(cfg))
     sock.setsockopt(zmq.RCVBUF, cfg.capture_buffer_bytes)
