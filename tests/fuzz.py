@@ -454,6 +454,13 @@ def fuzz(bus: Bus, frames: int, seconds: float, seed: int = 1, valid_every: floa
 
 
 NOISY_PUBLISHER = str(Path(__file__).with_name("noisy_publisher.py"))
+
+
+def refused(writer_stats: dict[str, Any]) -> int:
+    """Messages the writer did not store for what they are: invalid, or not
+    authentic."""
+    return writer_stats["ingest"]["rejected_total"] + \
+        writer_stats["security"]["messages_not_authentic"]
 HONEST_PRODUCER = "honest"
 # An acknowledgement later than this is a publisher's timeout (the issue's figure).
 ACK_TIMEOUT_S = 5.0
@@ -466,16 +473,17 @@ def percentile(values: list[float], fraction: float) -> float:
     return values[min(len(values) - 1, max(0, int(round(fraction * len(values))) - 1))]
 
 
-def noisy_neighbour(bus: Bus, seconds: float, honest_rate: float = 50.0, noise: bool = True
-                    ) -> dict[str, Any]:
+def noisy_neighbour(bus: Bus, seconds: float, honest_rate: float = 50.0, noise: bool = True,
+                    kind: str = "bad_meta") -> dict[str, Any]:
     """The noisy-neighbour shape (issue 22, item 6): one publisher connection
     floods invalid messages as fast as it can (tests/noisy_publisher.py, its
     own process) while an honest Publisher sends `honest_rate` messages a
     second for `seconds` and times each one's acknowledgement (publish to the
     acknowledgement that covers it). The figures: the honest latencies (ms),
     how many took longer than ACK_TIMEOUT_S or never came, the rate the noise
-    was offered at and the rate the writer refused it at. `noise=False`: the
-    same without the flood, for comparison.
+    was offered at and the rate the writer refused it at. `kind`: the noise
+    (tests/noisy_publisher.py: `bad_meta`, or `forged`, macs that are not the
+    session's). `noise=False`: the same without the flood, for comparison.
 
     The default rate is under BATCH_LOW_LOAD_THRESHOLD (100 msg/s): above it
     the writer batches, and each acknowledgement waits up to
@@ -483,14 +491,15 @@ def noisy_neighbour(bus: Bus, seconds: float, honest_rate: float = 50.0, noise: 
     cfg = bus.config()
     stats = bus.writer_stats()
     before, flushes_before = stats["ingest"], stats["batch"]
+    not_authentic = stats["security"]["messages_not_authentic"]
     with Publisher(cfg, producer_id=HONEST_PRODUCER) as pub:
         pub.publish("honest.t", b"first", wait=True)  # the session and the paths are up
         flooder = None
         if noise:
-            flooder = bus.spawn([sys.executable, NOISY_PUBLISHER, str(seconds + 3.0)])
-            wait_for(lambda: bus.writer_stats()["ingest"]["rejected_total"] >
-                     before["rejected_total"] + 1000, message="the noise reaching the writer")
-        noise_seen = bus.writer_stats()["ingest"]["rejected_total"]
+            flooder = bus.spawn([sys.executable, NOISY_PUBLISHER, str(seconds + 3.0), kind])
+            wait_for(lambda: refused(bus.writer_stats()) > refused(stats) + 1000,
+                     message="the noise reaching the writer")
+        noise_seen = refused(bus.writer_stats())
         started = time.monotonic()
         sent_at: dict[int, float] = {}  # seq -> publish time, in seq order
         latencies: list[float] = []
@@ -512,7 +521,7 @@ def noisy_neighbour(bus: Bus, seconds: float, honest_rate: float = 50.0, noise: 
             take_acks(max(0.0, min(next_at - time.monotonic(), 0.05)))
         honest_s = time.monotonic() - started
         stats = bus.writer_stats()
-        noise_refused = stats["ingest"]["rejected_total"] - noise_seen
+        noise_refused = refused(stats) - noise_seen
         flushes = {reason[len("flush_by_"):]: n - flushes_before[reason]
                    for reason, n in stats["batch"].items() if reason.startswith("flush_by_")}
         # The stragglers: acknowledged within ACK_TIMEOUT_S after the last send, or timeouts.
@@ -536,6 +545,7 @@ def noisy_neighbour(bus: Bus, seconds: float, honest_rate: float = 50.0, noise: 
         "writer_flushes": flushes,  # by reason, while the honest publisher published
         "writer_rejected": {reason: n - before["rejected"].get(reason, 0)
                             for reason, n in after["ingest"]["rejected"].items()},
+        "writer_not_authentic": after["security"]["messages_not_authentic"] - not_authentic,
         "alive": {role: getattr(bus, role).popen.poll() is None for role in ROLES},
         "honest_stored": query(bus.db, "SELECT count(*), count(DISTINCT producer_seq) FROM "
                                        "messages WHERE producer_id = ?", (HONEST_PRODUCER,))[0],

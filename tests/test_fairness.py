@@ -3,6 +3,8 @@ flooding invalid messages does not delay another's acknowledgements."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import Bus
 from tests.fuzz import ROLES, noisy_neighbour
 
@@ -17,8 +19,11 @@ HONEST_P99_MS = 4 * 50.0
 HONEST_P50_MS = 50.0
 
 
-def test_a_noisy_publisher_leaves_honest_acknowledgements_fast(bus: Bus) -> None:
-    result = noisy_neighbour(bus, seconds=10)
+@pytest.mark.parametrize("kind", ["bad_meta", "forged"])
+def test_a_noisy_publisher_leaves_honest_acknowledgements_fast(bus: Bus, kind: str) -> None:
+    # bad_meta: messages the writer refuses (meta_not_msgpack); forged:
+    # well-formed messages of a session, dropped at the mac check.
+    result = noisy_neighbour(bus, seconds=10, kind=kind)
     assert result["alive"] == dict.fromkeys(ROLES, True)
     assert result["noise_refused_per_s"] > 10_000, result  # the flood really reached the writer
     assert result["honest_timeouts"] == 0, result
