@@ -10,7 +10,7 @@ acknowledgements later than 5 s or never seen, the rate the noise was offered
 at and the rate the writer refused it at. tests/test_fairness.py runs the same
 shape (tests/fuzz.noisy_neighbour) and asserts the bound.
 
-    python bench/noisy_neighbour.py [--seconds 20] [--rate 50] [--ipc-capture]
+    python bench/noisy_neighbour.py [--seconds 20] [--rate 50] [--kind forged] [--ipc-capture]
                                     [--env NAME=VALUE ...]
 """
 
@@ -32,6 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=50.0, help="honest messages a second")
+    parser.add_argument("--kind", choices=("bad_meta", "forged"), default="bad_meta",
+                        help="the noise: metas that are not msgpack, or a session's messages "
+                             "with wrong macs")
     parser.add_argument("--ipc-capture", action="store_true",
                         help="the capture over ipc, as deploy/bus.toml has it")
     parser.add_argument("--env", action="append", default=[],
@@ -45,10 +48,11 @@ def main() -> None:
         bus = Bus(Path(tmp), **settings).start()
         try:
             quiet = noisy_neighbour(bus, args.seconds, args.rate, noise=False)
-            noisy = noisy_neighbour(bus, args.seconds, args.rate)
+            noisy = noisy_neighbour(bus, args.seconds, args.rate, kind=args.kind)
         finally:
             bus.close()
-    print(f"noisy neighbour, {args.seconds:g} s each, honest {args.rate:g} msg/s, capture over "
+    print(f"noisy neighbour ({args.kind}), {args.seconds:g} s each, honest {args.rate:g} msg/s, "
+          f"capture over "
           f"{'ipc' if args.ipc_capture else 'tcp'}, {platform.machine()}, {os.cpu_count()} "
           f"cores, Python {platform.python_version()}" +
           (f", {' '.join(args.env)}" if args.env else ""))
@@ -60,7 +64,8 @@ def main() -> None:
               f"{result['honest_timeouts']:5d} {result['noise_sent_per_s']:13,} "
               f"{result['noise_refused_per_s']:10,}")
     print(f"honest stored (rows, distinct seqs): {noisy['honest_stored']}; "
-          f"refused by reason: {noisy['writer_rejected']}")
+          f"refused by reason: {noisy['writer_rejected']}, not authentic: "
+          f"{noisy['writer_not_authentic']}")
 
 
 if __name__ == "__main__":

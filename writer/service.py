@@ -477,9 +477,10 @@ class Writer:
         mac: sent by someone else, or altered on the way. Counted and logged
         (rate-limited), never nacked."""
         self.forged += 1
-        self._rejects.warning("forged", "message_not_authentic", producer=producer,
-                              epoch=epoch, seq=seq,
-                              detail="no valid mac: not sent with this session's key")
+        if self._rejects.due("forged"):  # the event's fields built only when logged
+            self._rejects.warning("forged", "message_not_authentic", producer=producer,
+                                  epoch=epoch, seq=seq,
+                                  detail="no valid mac: not sent with this session's key")
 
     def _owe_nack(self, producer: str, epoch: int, seq: int, code: str, reason: str) -> None:
         """Tell the producer, after this loop pass, that (epoch, seq) is not stored."""
