@@ -192,8 +192,13 @@ SETTINGS: tuple[Setting, ...] = (
             "a history page stops growing past this many payload+meta bytes"),
     Setting("history_scan_rows", "BUS_HISTORY_SCAN_ROWS", int, 200_000,
             "rows one history request examines for a topic filter, at most"),
-    Setting("capture_hwm", "BUS_CAPTURE_HWM", int, 1_000_000,
-            "messages the proxy queues for a stopped or slow writer"),
+    Setting("capture_hwm", "BUS_CAPTURE_HWM", int, 1_000,
+            "messages the proxy queues for a stopped or slow writer; past that they wait in "
+            "each publisher's pipe, served in turn (a flood delays the others by at most "
+            "this queue)"),
+    Setting("capture_buffer_bytes", "BUS_CAPTURE_BUFFER_BYTES", int, 16 << 10,
+            "the kernel's socket buffer at each end of the capture connection, part of that "
+            "same queue: more is a little more throughput at full load, less fairness"),
     Setting("sub_hwm", "BUS_SUB_HWM", int, 100_000,
             "messages the proxy queues per subscriber before dropping for it"),
     Setting("pub_hwm", "BUS_PUB_HWM", int, 100_000,
@@ -323,6 +328,7 @@ class BusConfig:
     history_page_bytes: int
     history_scan_rows: int
     capture_hwm: int
+    capture_buffer_bytes: int
     sub_hwm: int
     pub_hwm: int
     max_topic_bytes: int
@@ -363,7 +369,8 @@ class BusConfig:
                      "history_page_bytes", "history_scan_rows", "anchor_max_documents",
                      "anchor_confirmations", "anchor_bump_after_blocks", "anchor_sync_page",
                      "anchor_conf_target", "request_timeout_ms", "drain_idle_ms",
-                     "proxy_max_frame_bytes", "audit_max_messages", "max_connections"):
+                     "proxy_max_frame_bytes", "audit_max_messages", "max_connections",
+                     "capture_buffer_bytes"):
             if getattr(self, name) < 1:
                 raise _invalid(name, "must be at least 1")
         for name in ("batch_flush_interval_ms", "retention_max_age_s", "retention_max_messages",
@@ -398,6 +405,8 @@ class BusConfig:
                ) and self.audit_prefixes:
             raise _invalid("audit_prefixes", "must be topic prefixes separated by commas, none "
                                              "empty")
+        if self.capture_buffer_bytes > 2**31 - 1:  # SO_SNDBUF/SO_RCVBUF are C ints
+            raise _invalid("capture_buffer_bytes", f"must be at most {2**31 - 1}")
         if (problem := database_problem(self.db)) is not None:
             raise _invalid("db", problem)
         for name, most, why in (

@@ -564,10 +564,22 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
 
 def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
     """PUSH connected to the writer. Its pipe outlives writer restarts and holds
-    up to capture_hwm messages; past that the proxy's send blocks (backpressure)."""
+    up to capture_hwm messages; past that the proxy's send blocks (backpressure).
+
+    Kept short on purpose (fairness, issue 22): the capture queue is first in,
+    first out, whoever sent what is in it. When the writer cannot keep up, the
+    proxy's loop waits in its capture send and the rest queues in the
+    publishers' own pipes at the proxy's SUB, which libzmq reads in turn, a
+    message from each (fair queuing): a publisher that floods fills its own
+    pipe, and another's message waits behind at most this short queue. A long
+    one (BUS_CAPTURE_HWM=1000000 before) put a flood's seconds of work in front
+    of everybody. The kernel's socket buffers at both ends are part of the
+    same queue (capture_buffer_bytes, 16 KiB: the kernel doubles it, so about
+    2,000 of the smallest messages in all; 4 MiB before held 280,000 and
+    more, seconds of the writer's work)."""
     sock = _set_common(ctx.socket(zmq.PUSH), cfg.shutdown_timeout_ms)
     sock.setsockopt(zmq.SNDHWM, cfg.capture_hwm)
-    sock.setsockopt(zmq.SNDBUF, 4 << 20)
+    sock.setsockopt(zmq.SNDBUF, cfg.capture_buffer_bytes)
     security.check_capture_directory(cfg)  # nobody else's socket can be at the path
     if security.enabled(cfg) and not security.capture_by_file_permissions(cfg):
         # The only key the writer's capture lets in.
@@ -607,10 +619,11 @@ def capture_receive_hwm(cfg: BusConfig) -> int:
 
 def open_writer_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
     """PULL bound for the proxy's capture pipe. A small receive queue: what the
-    writer has not read stays in the proxy's larger, restart-proof queue."""
+    writer has not read stays in the proxy's restart-proof queue, then in the
+    publishers' pipes at the proxy (see open_proxy_capture)."""
     sock = _set_common(ctx.socket(zmq.PULL), 0)
     sock.setsockopt(zmq.RCVHWM, capture_receive_hwm(cfg))
-    sock.setsockopt(zmq.RCVBUF, 4 << 20)
+    sock.setsockopt(zmq.RCVBUF, cfg.capture_buffer_bytes)
     # The proxy passes no larger frame; a peer pushing one straight in is
     # disconnected before the frame costs memory.
     sock.setsockopt(zmq.MAXMSGSIZE, max(MIN_FRAME_LIMIT_BYTES, cfg.proxy_max_frame_bytes))

@@ -66,13 +66,15 @@ BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
 # What every long-running process takes.
 PROCESS_FIELDS_COMMON = ("shutdown_timeout_ms", "drain_idle_ms", "log_level", "log_format",
                          "max_connections")
-WRITER_FIELDS = ("capture_endpoint", "control_endpoint", "notify_endpoint", "db", *BATCH_FIELDS,
+WRITER_FIELDS = ("capture_endpoint", "capture_buffer_bytes", "control_endpoint",
+                 "notify_endpoint", "db", *BATCH_FIELDS,
                  *RETENTION_FIELDS, "max_topic_bytes", "max_message_bytes", "max_consumers",
                  "max_consumers_per_key", "max_producers_per_key", "max_requests_per_key_s",
                  "utxo_max_lease_s", "utxo_request_ttl_s", "writer_memory_limit_bytes",
                  "writer_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
 PROXY_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",
-                "capture_hwm", "sub_hwm", "pub_hwm", "max_topic_bytes", "proxy_max_frame_bytes",
+                "capture_hwm", "capture_buffer_bytes", "sub_hwm", "pub_hwm", "max_topic_bytes",
+                "proxy_max_frame_bytes",
                 "proxy_memory_limit_bytes", "proxy_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
 READER_FIELDS = ("read_endpoint", "db", "history_page_rows", "history_page_bytes",
                  "history_scan_rows", "sqlite_busy_timeout_ms", "reader_memory_limit_bytes",

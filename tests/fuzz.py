@@ -31,6 +31,7 @@ import json
 import os
 import random
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -43,7 +44,7 @@ import zmq
 
 from bus import protocol, security, sockets
 from bus.client import BusError, ControlClient, Publisher
-from tests.conftest import Bus, query
+from tests.conftest import Bus, query, wait_for
 
 VALID_PRODUCER = "fuzz-valid"
 ROLES = ("writer", "proxy", "reader")
@@ -564,6 +565,105 @@ def idle_connections(bus: Bus, per_endpoint: int, rounds: int, hold_s: float,
             "stored": query(bus.db, "SELECT count(*), count(DISTINCT producer_seq) FROM "
                                     "messages WHERE producer_id = 'fuzz-idle'")[0],
             "connections": stats}
+
+
+NOISY_PUBLISHER = str(Path(__file__).with_name("noisy_publisher.py"))
+
+
+def refused(writer_stats: dict[str, Any]) -> int:
+    """Messages the writer did not store for what they are: invalid, or not
+    authentic."""
+    return writer_stats["ingest"]["rejected_total"] + \
+        writer_stats["security"]["messages_not_authentic"]
+HONEST_PRODUCER = "honest"
+# An acknowledgement later than this is a publisher's timeout (the issue's figure).
+ACK_TIMEOUT_S = 5.0
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """The nearest-rank percentile of `values` (sorted), 0 when empty."""
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, max(0, int(round(fraction * len(values))) - 1))]
+
+
+def noisy_neighbour(bus: Bus, seconds: float, honest_rate: float = 50.0, noise: bool = True,
+                    kind: str = "bad_meta") -> dict[str, Any]:
+    """The noisy-neighbour shape (issue 22, item 6): one publisher connection
+    floods invalid messages as fast as it can (tests/noisy_publisher.py, its
+    own process) while an honest Publisher sends `honest_rate` messages a
+    second for `seconds` and times each one's acknowledgement (publish to the
+    acknowledgement that covers it). The figures: the honest latencies (ms),
+    how many took longer than ACK_TIMEOUT_S or never came, the rate the noise
+    was offered at and the rate the writer refused it at. `kind`: the noise
+    (tests/noisy_publisher.py: `bad_meta`, or `forged`, macs that are not the
+    session's). `noise=False`: the same without the flood, for comparison.
+
+    The default rate is under BATCH_LOW_LOAD_THRESHOLD (100 msg/s): above it
+    the writer batches, and each acknowledgement waits up to
+    BATCH_FLUSH_INTERVAL_MS (50 ms) by design, flood or not."""
+    cfg = bus.config()
+    stats = bus.writer_stats()
+    before, flushes_before = stats["ingest"], stats["batch"]
+    not_authentic = stats["security"]["messages_not_authentic"]
+    with Publisher(cfg, producer_id=HONEST_PRODUCER) as pub:
+        pub.publish("honest.t", b"first", wait=True)  # the session and the paths are up
+        flooder = None
+        if noise:
+            flooder = bus.spawn([sys.executable, NOISY_PUBLISHER, str(seconds + 3.0), kind])
+            wait_for(lambda: refused(bus.writer_stats()) > refused(stats) + 1000,
+                     message="the noise reaching the writer")
+        noise_seen = refused(bus.writer_stats())
+        started = time.monotonic()
+        sent_at: dict[int, float] = {}  # seq -> publish time, in seq order
+        latencies: list[float] = []
+
+        def take_acks(wait: float) -> None:
+            acked = pub.read_acks(wait)
+            now = time.monotonic()
+            while sent_at and (seq := next(iter(sent_at))) <= acked:
+                latencies.append(now - sent_at.pop(seq))
+
+        interval = 1.0 / honest_rate
+        next_at = started
+        published = 0
+        while (now := time.monotonic()) < started + seconds:
+            if now >= next_at:
+                sent_at[pub.publish("honest.t", b"%d" % published)] = now
+                published += 1
+                next_at += interval
+            take_acks(max(0.0, min(next_at - time.monotonic(), 0.05)))
+        honest_s = time.monotonic() - started
+        stats = bus.writer_stats()
+        noise_refused = refused(stats) - noise_seen
+        flushes = {reason[len("flush_by_"):]: n - flushes_before[reason]
+                   for reason, n in stats["batch"].items() if reason.startswith("flush_by_")}
+        # The stragglers: acknowledged within ACK_TIMEOUT_S after the last send, or timeouts.
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while sent_at and time.monotonic() < deadline:
+            take_acks(0.05)
+        noise_line = "noise 0 1" if flooder is None else flooder.stdout.wait_line(
+            lambda line: line.startswith("noise "), 30)
+        pub.flush(timeout=60)
+    noise_sent, noise_seconds = noise_line.split()[1:3]
+    latencies.sort()
+    after = bus.writer_stats()
+    return {
+        "seconds": round(honest_s, 1),
+        "honest_published": published,
+        "honest_ms": {name: round(percentile(latencies, q) * 1000, 1) for name, q in
+                      (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0))},
+        "honest_timeouts": sum(t > ACK_TIMEOUT_S for t in latencies) + len(sent_at),
+        "noise_sent_per_s": round(int(noise_sent) / float(noise_seconds)),
+        "noise_refused_per_s": round(noise_refused / honest_s),
+        "writer_flushes": flushes,  # by reason, while the honest publisher published
+        "writer_rejected": {reason: n - before["rejected"].get(reason, 0)
+                            for reason, n in after["ingest"]["rejected"].items()},
+        "writer_not_authentic": after["security"]["messages_not_authentic"] - not_authentic,
+        "alive": {role: getattr(bus, role).popen.poll() is None for role in ROLES},
+        "honest_stored": query(bus.db, "SELECT count(*), count(DISTINCT producer_seq) FROM "
+                                       "messages WHERE producer_id = ?", (HONEST_PRODUCER,))[0],
+    }
 
 
 def loops_for(name: str, ctx: zmq.Context, cfg: Any, shapes: Shapes) -> Callable[[Sender], None]:

@@ -269,8 +269,11 @@ def test_writer_logs_start_config_and_stop(make_bus) -> None:
 
 def test_writer_down_loses_nothing_and_stalls_no_subscriber(make_bus) -> None:
     # While the writer is stopped the proxy keeps delivering live and queues
-    # the capture (BUS_CAPTURE_HWM); the restarted writer stores all of it once.
-    bus = make_bus().start()
+    # the capture, up to BUS_CAPTURE_HWM (1,000 by default since issue 22, for
+    # fairness: then live delivery waits for the writer, see
+    # test_writer_down_with_a_short_capture_queue_loses_nothing); the
+    # restarted writer stores all of it once.
+    bus = make_bus(BUS_CAPTURE_HWM=1_000_000).start()
     with Subscriber(["down."], bus.config()) as sub, \
             Publisher(bus.config(), producer_id="down") as pub:
         wait_until_delivered(pub, sub, "down.probe")
@@ -293,6 +296,37 @@ def test_writer_down_loses_nothing_and_stalls_no_subscriber(make_bus) -> None:
     assert seqs == list(range(seqs[0], seqs[0] + 20_000)), "each message once, in order"
     assert bus.count("down.probe") == probes
     assert integrity_ok(bus.db)
+
+
+def test_writer_down_with_a_short_capture_queue_loses_nothing(make_bus) -> None:
+    # The default capture queue (BUS_CAPTURE_HWM=1,000) fills while the writer
+    # is stopped: the proxy's loop then waits in its capture send, live
+    # delivery with it, and the rest waits in the publisher's pipe at the
+    # proxy and in the Publisher. Nothing is lost, and live delivery goes on
+    # once the writer is back.
+    bus = make_bus().start()
+    assert bus.config().capture_hwm == 1_000
+    with Subscriber(["short."], bus.config()) as sub, \
+            Publisher(bus.config(), producer_id="short") as pub:
+        wait_until_delivered(pub, sub, "short.probe")
+        assert bus.writer.stop() == 0
+        for i in range(20_000):
+            pub.publish("short.data", b"%d" % i)
+        live = 0
+        while (msg := sub.receive(timeout=1)) is not None:
+            live += msg.topic == "short.data"
+        assert 0 < live < 20_000, "live delivery waits once the capture queue is full"
+        bus.start_writer()
+        while live < 20_000:
+            msg = sub.receive(timeout=5)
+            assert msg is not None, f"live delivery stalled after {live} messages"
+            live += msg.topic == "short.data"
+        pub.flush(timeout=30)
+        bus.wait_count(20_000, "short.data")
+    assert bus.stop() == (0, 0)
+    seqs = [r[0] for r in query(bus.db, "SELECT producer_seq FROM messages "
+                                        "WHERE topic = 'short.data' ORDER BY id")]
+    assert seqs == list(range(seqs[0], seqs[0] + 20_000)), "each message once, in order"
 
 
 def test_a_failed_commit_keeps_its_rows_and_retries(make_bus) -> None:

@@ -82,6 +82,11 @@ REFUSAL_REASONS = {
 }
 
 
+# Refusals whose meta names no session: it is not a msgpack map (the one
+# refused_session would read again, and fail on, as decode_meta did).
+UNATTRIBUTABLE = frozenset({protocol.META_NOT_MSGPACK, protocol.META_NOT_MAP})
+
+
 # What the writer's /metrics shows (bus/http.py), read from its `stats`.
 HTTP_SERIES = [
     Series("messages_received", "counter", "messages read from the capture pipe",
@@ -103,7 +108,8 @@ HTTP_SERIES = [
            lambda s: s["backlog"]["bytes"]),
     Series("commits_failing_seconds", "gauge", "how long commits have been failing (0: they "
            "succeed)", lambda s: s["backlog"]["failing_for_s"] or 0),
-    Series("load_messages_per_second", "gauge", "messages per second over the load window",
+    Series("load_messages_per_second", "gauge", "messages to store per second over the load "
+           "window",
            lambda s: s["load"]["requests_per_second"]),
     Series("last_message_id", "gauge", "id of the newest stored message",
            lambda s: s["database"]["last_message_id"] or 0),
@@ -358,7 +364,8 @@ class Writer:
     # --- capture pipe -------------------------------------------------------
 
     def drain_capture(self, now: float) -> bool:
-        """Read until the next flush by size is due; True if the socket ran dry.
+        """Read until the next flush by size is due; True if the socket ran dry
+        or brought nothing to store.
 
         This loop is the writer's hot path (see bench/). Frames are received as
         zmq.Frame (copy=False) because `Frame.more` is far cheaper than a
@@ -374,6 +381,8 @@ class Writer:
         sequential = not self.config.batch_write_enabled
         ingest = self.ingest
         received = 0
+        rows_before = len(self.buffer.messages)
+        valid_before = self.messages_received
         idle = False
         while received < room:
             try:
@@ -391,8 +400,16 @@ class Writer:
             ingest(frames, now)
             if sequential and self.buffer:
                 self.flush("size", now)
-        self.load.record(received, now)
-        return idle
+        # The load that batching is for is the rows to commit: refused,
+        # forged and repeated messages add none. A pass that read none is as
+        # good as a dry socket, which a flood of them never leaves: the rows
+        # buffered are committed then as at any low load, not after
+        # BATCH_FLUSH_INTERVAL_MS (issue 22). (Sequential mode commits each
+        # row as it comes: its load is the messages that passed validation.)
+        rows = self.messages_received - valid_before if sequential \
+            else len(self.buffer.messages) - rows_before
+        self.load.record(rows, now)
+        return idle or not rows
 
     def ingest(self, frames: list[bytes], now: float) -> None:
         """Validate one capture message and buffer its row; bad input is counted,
@@ -432,10 +449,17 @@ class Writer:
                                 len(frames[0]) + len(payload) + (len(meta_raw) if meta_raw else 0))
 
     def reject(self, exc: protocol.ProtocolError, frames: list[bytes]) -> None:
-        self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-        topic = frames[0][:64] if frames else b""
-        self._rejects.warning(exc.reason, "message_rejected", detail=exc.detail,
-                              frames=len(frames), topic=topic.decode("utf-8", "replace"))
+        """Count a refused message (and log it, rate-limited); nack it if it
+        names a session. Cheap: a flood of invalid messages costs the writer
+        what it takes to read them, little more (issue 22)."""
+        reason = exc.reason
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if self._rejects.due(reason):  # the event's fields built only when logged
+            topic = frames[0][:64] if frames else b""
+            self._rejects.warning(reason, "message_rejected", detail=exc.detail,
+                                  frames=len(frames), topic=topic.decode("utf-8", "replace"))
+        if reason in UNATTRIBUTABLE:
+            return
         session = protocol.refused_session(frames, self.config.max_message_bytes)
         if session is not None:
             producer, epoch, seq = session
@@ -456,9 +480,10 @@ class Writer:
         mac: sent by someone else, or altered on the way. Counted and logged
         (rate-limited), never nacked."""
         self.forged += 1
-        self._rejects.warning("forged", "message_not_authentic", producer=producer,
-                              epoch=epoch, seq=seq,
-                              detail="no valid mac: not sent with this session's key")
+        if self._rejects.due("forged"):  # the event's fields built only when logged
+            self._rejects.warning("forged", "message_not_authentic", producer=producer,
+                                  epoch=epoch, seq=seq,
+                                  detail="no valid mac: not sent with this session's key")
 
     def _owe_nack(self, producer: str, epoch: int, seq: int, code: str, reason: str) -> None:
         """Tell the producer, after this loop pass, that (epoch, seq) is not stored."""
