@@ -149,6 +149,17 @@ _STAT_NAMES = (
 )
 
 
+# libzmq's steering commands (zmq_proxy_steerable(3)), and the shape of each
+# one's reply: STATISTICS eight 64-bit counters, the others one empty frame.
+STEER_STATISTICS, STEER_TERMINATE = b"STATISTICS", b"TERMINATE"
+
+
+def _answers(command: bytes, reply: list[bytes]) -> bool:
+    if command == STEER_STATISTICS:
+        return len(reply) == len(_STAT_NAMES) and all(len(part) == 8 for part in reply)
+    return reply == [b""]
+
+
 class Proxy:
     name = "proxy"
     # What /healthz answers from, and what the systemd watchdog is pinged by.
@@ -159,7 +170,16 @@ class Proxy:
         self.ctx: zmq.Context | None = None
         self._thread: threading.Thread | None = None
         self._proxy_error: BaseException | None = None
-        self._unanswered = 0              # steering commands the loop has not answered yet
+        # The steering pair of the current run of the forwarding loop (a new
+        # pair for each run: see _open_steering), the commands sent on it that
+        # the loop has not answered yet, in order, and the last reply read.
+        self.steer: zmq.Socket | None = None
+        self._steered: zmq.Socket | None = None
+        self._steering_runs = 0
+        self._awaiting: deque[bytes] = deque()
+        self._last_reply: list[bytes] | None = None
+        self._steering_lost = False
+        self.steering_desyncs = 0
         self._capture_linger_ms = 0       # set by shutdown, used by the loop's thread
         self._started = time.monotonic()
         self.dispatcher = control.Dispatcher({"stats": self._stats_command}, log, config,
@@ -209,11 +229,6 @@ class Proxy:
         self.capture.bind(CAPTURE_RESCUE_ENDPOINT)
         self.control = sockets.open_proxy_control(self.ctx, cfg,
                                                   watch(CONTROL, cfg.proxy_control_endpoint))
-        self.steer = self.ctx.socket(zmq.PAIR)
-        self.steer.bind(sockets.PROXY_STEERING_ENDPOINT)
-        steered = self.ctx.socket(zmq.PAIR)
-        steered.connect(sockets.PROXY_STEERING_ENDPOINT)
-        self._steered = steered
         self._start_forwarding()
         if cfg.proxy_http:
             self.http = HttpSide("proxy", cfg.proxy_http, HTTP_SERIES, proxy_health)
@@ -227,24 +242,40 @@ class Proxy:
                  config_source=cfg.source, config=cfg.public())
 
     def _start_forwarding(self) -> None:
-        # A loop that owed answers is gone: its late replies, and commands it
-        # never read (a TERMINATE sent while it was blocked), must not reach
-        # the next one.
-        for sock in (self.steer, self._steered):
-            while sock.poll(0):
-                sock.recv_multipart()
-        self._unanswered = 0
-        self._thread = threading.Thread(target=self._run_proxy, name="zmq-proxy", daemon=True)
+        self._open_steering()
+        self._thread = threading.Thread(target=self._run_proxy, args=(self._steered,),
+                                        name="zmq-proxy", daemon=True)
         self._thread.start()
 
-    def _run_proxy(self) -> None:
+    def _open_steering(self) -> None:
+        """A new steering pair, on an endpoint of its own, for each run of the
+        forwarding loop: what the loop before it owed (late replies of a busy
+        loop, commands a blocked one never read) stays on the old pair, which
+        is closed, and can never be read as an answer to this run's commands
+        (issue 22: a stale TERMINATE reply read as STATISTICS raised
+        struct.error, and the proxy exited). Called while no loop runs: the
+        old pair is this thread's."""
+        for sock in (self.steer, self._steered):
+            if sock is not None:
+                sock.close(linger=0)
+        self._steering_runs += 1
+        endpoint = f"{sockets.PROXY_STEERING_ENDPOINT}-{self._steering_runs}"
+        self.steer = self.ctx.socket(zmq.PAIR)
+        self.steer.bind(endpoint)
+        self._steered = self.ctx.socket(zmq.PAIR)
+        self._steered.connect(endpoint)
+        self._awaiting.clear()
+        self._last_reply = None
+        self._steering_lost = False
+
+    def _run_proxy(self, steered: zmq.Socket) -> None:
         """The forwarding loop's thread. At shutdown its sockets are closed
         here, where they are used: the loop may be blocked in a capture send
         (writer down, queue full) and only the context's termination (ETERM)
         frees it. When the memory guard ends it, the main thread takes the
         sockets over until it starts the loop again."""
         try:
-            zmq.proxy_steerable(self.frontend, self.backend, self.capture, self._steered)
+            zmq.proxy_steerable(self.frontend, self.backend, self.capture, steered)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.ETERM:
                 self._proxy_error = exc
@@ -291,32 +322,47 @@ class Proxy:
         return stats
 
     def _steer(self, command: bytes, wait_ms: int) -> list[bytes] | None:
-        """Send one steering command (libzmq answers each, in order), and its
-        reply, or None if the loop does not answer within `wait_ms` (busy, or
-        blocked in a capture send): the command stays queued for it, and the
-        late replies are read and dropped first."""
+        """Send one steering command and return its reply, or None if the loop
+        does not answer within `wait_ms` (busy, or blocked in a capture send):
+        the command stays queued for it, and its reply is matched later."""
         self.steer.send(command)
-        self._unanswered += 1
+        self._awaiting.append(command)
+        return self._last_reply if self._answered(wait_ms) else None
+
+    def _answered(self, wait_ms: int) -> bool:
+        """Read the replies the loop owes, each matched with its command
+        (libzmq answers every command once, in order: STATISTICS with 8 frames
+        of 8 bytes, the others with one empty frame); whether all came within
+        `wait_ms`. A reply that does not fit its command means the pair is out
+        of step: it is counted and logged, and no reply is trusted until the
+        next run of the loop, on a new pair (counters() answers busy)."""
+        if self._steering_lost:
+            return False
         deadline = time.monotonic() + wait_ms / 1000
-        reply = None
-        while self._unanswered:
+        while self._awaiting:
             if not self.steer.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                return None
+                return False
             reply = self.steer.recv_multipart()
-            self._unanswered -= 1
-        return reply
+            command = self._awaiting.popleft()
+            if not _answers(command, reply):
+                self.steering_desyncs += 1
+                self._steering_lost = True
+                self._awaiting.clear()
+                log.error("steering_desynchronised", command=command.decode(),
+                          reply_frames=len(reply), reply_bytes=sum(map(len, reply)),
+                          action="no reply trusted until the forwarding loop runs again")
+                return False
+            self._last_reply = reply
+        return True
 
     def counters(self, wait_ms: int = STATISTICS_WAIT_MS) -> dict[str, int] | None:
         """libzmq's frame and byte counters since the proxy started, or None if
         the running loop does not answer within `wait_ms`."""
         if not self._forwarding():
             return dict(self._counted)
-        while self._unanswered and self.steer.poll(0):  # late replies of a busy loop
-            self.steer.recv_multipart()
-            self._unanswered -= 1
-        if self._unanswered:  # still busy: no more questions piled up behind
+        if not self._answered(0):  # still busy: no more questions piled up behind
             return None
-        reply = self._steer(b"STATISTICS", wait_ms)
+        reply = self._steer(STEER_STATISTICS, wait_ms)
         if reply is None:
             return None
         return {name: self._counted[name] + struct.unpack("=Q", part)[0]
@@ -344,6 +390,7 @@ class Proxy:
                 "control": self.dispatcher.counters.snapshot(),
                 "security": security.snapshot(self.config),
                 "capture_hwm": self.config.capture_hwm,
+                "steering": {"runs": self._steering_runs, "desyncs": self.steering_desyncs},
                 "capture": {**self.connections[WRITER].snapshot(),
                             "rescued": self.rescued_total},
                 "memory": {"rss_bytes": resident_bytes(),
@@ -409,7 +456,7 @@ class Proxy:
         counted = self.counters(wait_ms=200)
         if counted is not None:
             self._counted = counted
-        self._steer(b"TERMINATE", 200)
+        self._steer(STEER_TERMINATE, 200)
         if self._thread is not None:
             self._thread.join(0.2)
 
@@ -463,7 +510,7 @@ class Proxy:
                 counted = self.counters(wait_ms=50)
                 if counted is not None:
                     self._counted = counted
-                self._steer(b"TERMINATE", 0)
+                self._steer(STEER_TERMINATE, 0)
                 self._capture_stop_sent = now
         if self._forwarding():
             if self._rescue is None and now - self._capture_stop_sent >= CAPTURE_RESCUE_AFTER_S:
@@ -542,7 +589,7 @@ class Proxy:
             join_s = 1.0
             self._capture_linger_ms = max(0, int((deadline - time.monotonic() - join_s) * 1000))
             self._paused_at = None  # the loop's thread closes its sockets
-            self._steer(b"TERMINATE", 0)
+            self._steer(STEER_TERMINATE, 0)
             # Blocked in a capture send, the loop never reads TERMINATE: the
             # context's termination below ends it (ETERM).
             thread.join(join_s)
