@@ -59,6 +59,7 @@ client; libzmq's PUB cannot tell which subscriber is slow, so a whole side goes.
 from __future__ import annotations
 
 import functools
+import socket
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -96,6 +97,17 @@ PAUSE_GIVE_UP_S = 10.0
 # in a capture send: it is given the rescue pipe to finish into.
 CAPTURE_RESCUE_AFTER_S = 0.1
 CAPTURE_RESCUE_ENDPOINT = "inproc://bus-proxy-capture-rescue"
+# Subscription budgets (see SubscriptionBudget): how often the bytes each
+# subscriber connection sent are read, and what libzmq may hold of a connection
+# beyond what was counted (its kernel receive buffer, its pipe of subscriptions
+# the forwarding loop has not applied yet): what still reaches the trie after a
+# cut-off.
+SUBSCRIPTION_CHECK_S = 0.05
+SUBSCRIBER_RECEIVE_BUFFER_BYTES = 64 << 10
+SUBSCRIBER_RECEIVE_HWM = 100
+# struct tcp_info (linux/tcp.h): tcpi_bytes_received, a __u64 at this offset
+# (RFC 4898's ThruOctetsReceived, Linux 4.1 and later).
+TCPI_BYTES_RECEIVED_OFFSET = 128
 SUBSCRIBERS, PUBLISHERS, CONTROL, WRITER = "subscribers", "publishers", "control", "writer"
 CUTOFF_COUNTERS = {PUBLISHERS: "publisher_cutoffs", SUBSCRIBERS: "subscriber_cutoffs",
                    CONTROL: "control_cutoffs"}
@@ -125,6 +137,10 @@ HTTP_SERIES = [
            "than the writer at the capture endpoint", lambda s: s["capture"]["wrong_peers"]),
     Series("capture_redials", "counter", "capture endpoint connected again after libzmq gave up "
            "on a wrong peer", lambda s: s["capture"]["redials"]),
+    Series("subscription_cutoffs", "counter", "subscriber connections cut off over a "
+           "subscription budget", lambda s: sum(s["subscriptions"]["refused"].values())),
+    Series("subscription_bytes", "gauge", "bytes the subscriber connections sent (their "
+           "subscriptions)", lambda s: s["subscriptions"]["sent_bytes"]),
     *control_series(),
 ]
 
@@ -147,6 +163,110 @@ _STAT_NAMES = (
     "frontend_frames_in", "frontend_bytes_in", "frontend_frames_out", "frontend_bytes_out",
     "backend_frames_in", "backend_bytes_in", "backend_frames_out", "backend_bytes_out",
 )
+
+
+def _tcp_peer(fd: int, port: int) -> socket.socket | None:
+    """A socket object over libzmq's descriptor `fd` (no duplicate: detach()
+    it, never close it) if it is a TCP connection on local `port`; None if the
+    descriptor was closed since, or is something else now."""
+    try:
+        peer = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        if peer.family in (socket.AF_INET, socket.AF_INET6) \
+                and peer.type == socket.SOCK_STREAM and peer.getsockname()[1] == port:
+            return peer
+    except OSError:
+        pass
+    peer.detach()
+    return None
+
+
+class SubscriptionBudget:
+    """What subscriber connections may send, each and together (issue 22).
+
+    libzmq's PUB takes in every subscription a peer sends, into a trie of
+    about 80 bytes per subscribed byte (random prefixes), and removes a
+    departing peer by walking the whole trie: held subscriptions cost memory,
+    and every disconnect costs CPU in the forwarding loop in proportion to
+    all of them (10 MB of prefixes: 0.5 s per disconnect). XPUB_MANUAL does
+    not help: libzmq 4.3.5 stores each subscription it passes on in a second
+    trie (`_manual_subscriptions`) before the owner can refuse it, and walks
+    both on a disconnect. What a subscriber sends on its connection is
+    subscriptions (after a handshake of at most a few hundred bytes), so the
+    kernel's count of bytes received on it (TCP_INFO) bounds what it
+    subscribed: bytes, and their number (at least 3 bytes each on the wire).
+    A connection over the budget per connection, or the one that sent most
+    while all together are over the total, is shut down (as the memory guard
+    does, bus/sockets.Connections): libzmq drops its pipe and subscriptions.
+    Counted by reason and logged: a SUB cannot be told. It reconnects and
+    subscribes again: one whose own subscriptions are over the budget is cut
+    off again each time. TCP endpoints only (a Unix socket has no such
+    count)."""
+
+    def __init__(self, per_connection: int, total: int) -> None:
+        self.per_connection = per_connection
+        self.total = total
+        self.refused = {protocol.OVER_CONNECTION_SUBSCRIPTION_BUDGET: 0,
+                        protocol.OVER_TOTAL_SUBSCRIPTION_BUDGET: 0}
+        self.sent_bytes = 0
+        self.connections = 0
+        self._next_check = 0.0
+
+    def check(self, connections: sockets.Connections, port: int, now: float) -> None:
+        """Read what each connection sent; cut off those over a budget."""
+        if not (self.per_connection or self.total) or now < self._next_check:
+            return
+        self._next_check = now + SUBSCRIPTION_CHECK_S
+        sent: dict[int, int] = {}
+        for fd in list(connections.fds):
+            peer = _tcp_peer(fd, port)
+            if peer is None:
+                continue
+            try:
+                info = peer.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                if len(info) >= TCPI_BYTES_RECEIVED_OFFSET + 8:
+                    sent[fd] = struct.unpack_from("=Q", info, TCPI_BYTES_RECEIVED_OFFSET)[0]
+            except OSError:
+                pass
+            finally:
+                peer.detach()
+        over = [(fd, n, protocol.OVER_CONNECTION_SUBSCRIPTION_BUDGET) for fd, n in sent.items()
+                if self.per_connection and n > self.per_connection]
+        for fd, _, _ in over:
+            del sent[fd]
+        total = sum(sent.values())
+        if self.total:
+            for fd, n in sorted(sent.items(), key=lambda item: -item[1]):
+                if total <= self.total:
+                    break
+                over.append((fd, n, protocol.OVER_TOTAL_SUBSCRIPTION_BUDGET))
+                total -= n
+                del sent[fd]
+        for fd, n, reason in over:
+            self._cut_off(fd, port, n, reason, total)
+        self.sent_bytes, self.connections = total, len(sent)
+
+    def _cut_off(self, fd: int, port: int, sent: int, reason: str, total: int) -> None:
+        peer = _tcp_peer(fd, port)
+        if peer is None:
+            return
+        try:
+            peer.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return
+        finally:
+            peer.detach()
+        self.refused[reason] += 1
+        log.warning("subscriptions_over_budget", reason=reason, sent_bytes=sent,
+                    budget_bytes_per_connection=self.per_connection, budget_bytes=self.total,
+                    others_sent_bytes=total, action="cut off the subscriber connection")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"budget_bytes_per_connection": self.per_connection, "budget_bytes": self.total,
+                "sent_bytes": self.sent_bytes, "connections": self.connections,
+                "refused": dict(self.refused)}
 
 
 # libzmq's steering commands (zmq_proxy_steerable(3)), and the shape of each
@@ -185,6 +305,9 @@ class Proxy:
         self.dispatcher = control.Dispatcher({"stats": self._stats_command}, log, config,
                                              domain="proxy_control")
         self.http: HttpSide | None = None
+        self._subscriber_port = 0
+        self.subscriptions = SubscriptionBudget(config.proxy_subscription_bytes_per_connection,
+                                                config.proxy_subscription_bytes)
         # libzmq's counters start from zero with each run of its loop: what the
         # loops before the current one counted.
         self._counted = dict.fromkeys(_STAT_NAMES, 0)
@@ -222,7 +345,12 @@ class Proxy:
             return lambda sock: self.connections.__setitem__(
                 side, sockets.Connections(sock, endpoint, connected=side == WRITER))
         self.frontend = sockets.open_proxy_frontend(self.ctx, cfg)
-        self.backend = sockets.open_proxy_backend(self.ctx, cfg)
+        self.backend = sockets.open_proxy_backend(self.ctx, cfg, self._open_subscriber_side)
+        self._subscriber_port = self._bound_tcp_port(self.backend)
+        if not self._subscriber_port:
+            log.warning("subscription_budget_off", endpoint=cfg.sub_endpoint,
+                        reason="subscription budgets need a TCP endpoint (the kernel's count "
+                               "of bytes received on each connection)")
         self.capture = sockets.open_proxy_capture(self.ctx, cfg,
                                                   watch(WRITER, cfg.capture_endpoint))
         # Nothing connects here but the capture's recovery (see the module's doc).
@@ -240,6 +368,28 @@ class Proxy:
                  control_endpoint=cfg.proxy_control_endpoint, capture_hwm=cfg.capture_hwm,
                  memory_limit_bytes=cfg.proxy_memory_limit_bytes,
                  config_source=cfg.source, config=cfg.public())
+
+    def _open_subscriber_side(self, sock: zmq.Socket) -> None:
+        """Before the backend binds: what each subscriber connection may hold
+        beyond what SubscriptionBudget counted, and its connections watched."""
+        sock.setsockopt(zmq.RCVBUF, SUBSCRIBER_RECEIVE_BUFFER_BYTES)
+        sock.setsockopt(zmq.RCVHWM, SUBSCRIBER_RECEIVE_HWM)
+        old = self.connections.pop(SUBSCRIBERS, None)
+        if old is not None:
+            old.close()
+        self.connections[SUBSCRIBERS] = sockets.Connections(sock, self.config.sub_endpoint)
+
+    @staticmethod
+    def _bound_tcp_port(sock: zmq.Socket) -> int:
+        """The TCP port `sock` is bound to (0: not TCP). Read once, before the
+        forwarding loop's thread uses the socket."""
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return int(endpoint.rsplit(":", 1)[1]) if endpoint.startswith("tcp://") else 0
+
+    def guard_subscriptions(self, now: float) -> None:
+        """Hold subscriber connections to their budgets (SubscriptionBudget)."""
+        if self._subscriber_port and SUBSCRIBERS in self.connections:
+            self.subscriptions.check(self.connections[SUBSCRIBERS], self._subscriber_port, now)
 
     def _start_forwarding(self) -> None:
         self._open_steering()
@@ -310,6 +460,7 @@ class Proxy:
             self.dispatcher.serve(self.control)
         now = time.monotonic() if now is None else now
         self.guard_memory(now)
+        self.guard_subscriptions(now)
         self.recover_capture(now)
 
     def _stats_command(self, _request: control.Request) -> dict[str, Any]:
@@ -390,6 +541,7 @@ class Proxy:
                 "control": self.dispatcher.counters.snapshot(),
                 "security": security.snapshot(self.config),
                 "capture_hwm": self.config.capture_hwm,
+                "subscriptions": self.subscriptions.snapshot(),
                 "steering": {"runs": self._steering_runs, "desyncs": self.steering_desyncs},
                 "capture": {**self.connections[WRITER].snapshot(),
                             "rescued": self.rescued_total},
@@ -473,6 +625,8 @@ class Proxy:
             self.connections[CONTROL].drop_all()
         else:
             name = "backend" if side == SUBSCRIBERS else "frontend"
+            if side == SUBSCRIBERS:
+                self.connections.pop(SUBSCRIBERS).close()
             getattr(self, name).close(linger=0)
             setattr(self, name, None)
         self._last_action = now
@@ -481,11 +635,14 @@ class Proxy:
 
     def _resume(self, now: float, limit: int, event: str) -> None:
         """Open again the sides that were cut off, and forward."""
-        for name, opener in (("frontend", sockets.open_proxy_frontend),
-                             ("backend", sockets.open_proxy_backend)):
+        for name, opener, on_open in (
+                ("frontend", sockets.open_proxy_frontend, None),
+                ("backend", sockets.open_proxy_backend, self._open_subscriber_side)):
             if getattr(self, name) is None:
                 setattr(self, name, sockets.rebind(functools.partial(opener, self.ctx,
-                                                                     self.config)))
+                                                                     self.config, on_open)))
+                if name == "backend":
+                    self._subscriber_port = self._bound_tcp_port(self.backend)
         (log.info if event == "memory_back_under_limit" else log.warning)(
             event, action="resumed forwarding", rss_bytes=self._rss, limit_bytes=limit,
             paused_ms=round((now - (self._paused_at or now)) * 1000))
