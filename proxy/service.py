@@ -31,10 +31,16 @@ messages first and forwards again. What the dead connection had queued is
 lost; its publishers re-send it (acknowledgements).
 
 Counters come from libzmq's STATISTICS command; libzmq counts frames (message
-parts), not messages, so they are reported as frames.
+parts), not messages, so they are reported as frames. Each run of the
+forwarding loop has a steering pair of its own, and each reply is matched with
+the command it answers (_open_steering, _answered).
+
+Subscriptions are held to budgets, per subscriber connection and in all, from
+the kernel's count of the bytes each connection sent (SubscriptionBudget): a
+connection over one is cut off, counted and logged.
 
 libzmq bounds its queues in messages, never in bytes, and cannot limit the
-number of subscriptions or the frames of one message. The memory guard
+frames of one message. The memory guard
 (BUS_PROXY_MEMORY_LIMIT_BYTES) bounds the process in bytes instead. Over the
 limit it pauses: the forwarding loop is ended (libzmq 4.3.5's PAUSE command
 does not stop it) and nothing more is forwarded, while the capture queue
