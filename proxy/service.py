@@ -227,8 +227,12 @@ class SubscriptionBudget:
         self._next_check = now + SUBSCRIPTION_CHECK_S
         sent: dict[int, int] = {}
         for fd in list(connections.fds):
-            peer = _tcp_peer(fd, port)
-            if peer is None:
+            # No check of the local port here (it doubles the cost, about 2 us
+            # a connection): a descriptor reused by another socket is only read
+            # (a non-TCP one fails), and _cut_off checks before it acts.
+            try:
+                peer = socket.socket(fileno=fd)
+            except OSError:  # closed since: its DISCONNECTED event is on its way
                 continue
             try:
                 info = peer.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
