@@ -524,6 +524,8 @@ def subscription_flood_and_churn(bus: Bus, flooders: int = 4, prefixes: int = 15
     for thread in threads:
         thread.start()
     longest, sent = 0.0, 0
+    waits: list[tuple[float, float]] = []  # each round's wait, and when it started
+    begun = time.monotonic()
     try:
         with Publisher(cfg, producer_id="fuzz-churned", connect_timeout=30) as pub:
             end = time.monotonic() + churn_seconds
@@ -533,7 +535,8 @@ def subscription_flood_and_churn(bus: Bus, flooders: int = 4, prefixes: int = 15
                     pub.publish("fuzz.churn", b"%d" % sent)
                     sent += 1
                 pub.flush(timeout=120)
-                longest = max(longest, time.monotonic() - started)
+                waits.append((round(time.monotonic() - started, 3), round(started - begun, 2)))
+                longest = max(longest, waits[-1][0])
     finally:
         stop.set()
         for thread in threads:
@@ -545,8 +548,9 @@ def subscription_flood_and_churn(bus: Bus, flooders: int = 4, prefixes: int = 15
     return {
         "alive": {role: getattr(bus, role).popen.poll() is None for role in ROLES},
         "longest_ack_wait_s": round(longest, 3), "published": sent, "stored": stored,
+        "longest_waits_s_at_s": sorted(waits, reverse=True)[:3],
         "churn_cycles": churns[0],
-        "proxy_rss_kib": {"before": before["proxy"], "peak": rss.peak["proxy"]},
+        "rss_kib": {role: {"before": before[role], "peak": rss.peak[role]} for role in ROLES},
         "subscriptions": bus.proxy_stats().get("subscriptions"),
     }
 
