@@ -62,7 +62,10 @@ def test_the_steering_socket_stays_in_step_under_a_subscription_flood(make_bus,
     notify.bind(str(notify_path))
     notify.setblocking(False)
     bus = make_bus(NOTIFY_SOCKET=str(notify_path), BUS_PROXY_HTTP=f"127.0.0.1:{free_port()}",
-                   BUS_PROXY_MEMORY_LIMIT_BYTES=256 << 20)
+                   BUS_PROXY_MEMORY_LIMIT_BYTES=256 << 20,
+                   # Off, so that the flood is taken in (as on an ipc:// endpoint)
+                   # and keeps the loop busy: with them it is cut off at 64 KiB.
+                   BUS_PROXY_SUBSCRIPTION_BYTES_PER_CONNECTION=0, BUS_PROXY_SUBSCRIPTION_BYTES=0)
     bus.start_writer()
     bus.start_proxy()
     outcomes: dict[str, int] = {}
@@ -87,6 +90,10 @@ def test_the_steering_socket_stays_in_step_under_a_subscription_flood(make_bus,
     assert protocol.INTERNAL_ERROR not in outcomes, outcomes
     stats = bus.proxy_stats()
     assert stats["steering"]["desyncs"] == 0, stats["steering"]
+    # The case was met: the loop was paused (ended) over the memory limit
+    # while it took the flood in, and run again on a new steering pair.
+    assert stats["memory"]["pauses"] >= 1, stats["memory"]
+    assert stats["steering"]["runs"] >= 2, stats["steering"]
 
 
 def churn_subscribers(endpoint: str, stop: threading.Event, cycles: list[int]) -> None:
