@@ -412,8 +412,8 @@ class Proxy:
         forwarding loop: what the loop before it owed (late replies of a busy
         loop, commands a blocked one never read) stays on the old pair, which
         is closed, and can never be read as an answer to this run's commands
-        (issue 22: a stale TERMINATE reply read as STATISTICS raised
-        struct.error, and the proxy exited). Called while no loop runs: the
+        (issue 22 reported a stale TERMINATE reply read as STATISTICS:
+        struct.error, and the proxy's exit). Called while no loop runs: the
         old pair is this thread's."""
         for sock in (self.steer, self._steered):
             if sock is not None:
