@@ -215,6 +215,13 @@ SETTINGS: tuple[Setting, ...] = (
             "over this RSS the proxy stops forwarding and cuts off the side that holds "
             "the memory, until it is back under (0: off; else at least 96 MiB + "
             "BUS_MAX_MESSAGE_BYTES)"),
+    Setting("proxy_subscription_bytes_per_connection",
+            "BUS_PROXY_SUBSCRIPTION_BYTES_PER_CONNECTION", int, 64 << 10,
+            "the proxy cuts off a subscriber connection that sent more (its subscriptions, "
+            "as bytes on the wire; 0: no budget)"),
+    Setting("proxy_subscription_bytes", "BUS_PROXY_SUBSCRIPTION_BYTES", int, 1 << 20,
+            "what all subscriber connections may have sent together; over it the proxy cuts "
+            "off the connection that sent most (0: no budget)"),
     Setting("reader_memory_limit_bytes", "BUS_READER_MEMORY_LIMIT_BYTES", int, 128 << 20,
             "over this RSS the reader drops its clients' connections (an endless request; 0: "
             "off; else at least 96 MiB + BUS_HISTORY_PAGE_BYTES + BUS_MAX_MESSAGE_BYTES)"),
@@ -335,6 +342,8 @@ class BusConfig:
     max_message_bytes: int
     proxy_max_frame_bytes: int
     proxy_memory_limit_bytes: int
+    proxy_subscription_bytes_per_connection: int
+    proxy_subscription_bytes: int
     writer_memory_limit_bytes: int
     reader_memory_limit_bytes: int
     anchor_memory_limit_bytes: int
@@ -376,10 +385,12 @@ class BusConfig:
         for name in ("batch_flush_interval_ms", "retention_max_age_s", "retention_max_messages",
                      "shutdown_timeout_ms", "sqlite_busy_timeout_ms",
                      "anchor_utxo_min_confirmations", "anchor_fee_rate_sat_vb",
-                     "max_consumers_per_key", "max_producers_per_key", "max_requests_per_key_s"):
+                     "max_consumers_per_key", "max_producers_per_key", "max_requests_per_key_s",
+                     "proxy_subscription_bytes_per_connection", "proxy_subscription_bytes"):
             if getattr(self, name) < 0:
                 raise _invalid(name, "must not be negative" + (
-                    " (0 turns the limit off)" if name.startswith(("retention", "max_")) else
+                    " (0 turns the limit off)" if name.startswith(("retention", "max_",
+                                                                   "proxy_subscription")) else
                     " (0: estimate)" if name == "anchor_fee_rate_sat_vb" else ""))
         if self.batch_size > self.batch_max_buffer_size:
             raise _invalid("batch_size", "must not exceed BATCH_MAX_BUFFER_SIZE")

@@ -101,6 +101,10 @@ UNKNOWN_SESSION = "unknown_session"  # an epoch the writer never handed out (dat
 FORBIDDEN = "forbidden"              # (CURVE) the request's key may not run this command
 BUSY = "busy"                        # the process cannot answer this now (proxy stats): retry
 INTERNAL_ERROR = "internal_error"    # a bug in the process: answered and logged, never fatal
+# Why the proxy cut a subscriber connection off (counted and logged: a SUB
+# cannot be told over ZeroMQ; docs/protocol.md, "Subscription budgets").
+OVER_CONNECTION_SUBSCRIPTION_BUDGET = "over_connection_subscription_budget"
+OVER_TOTAL_SUBSCRIPTION_BUDGET = "over_total_subscription_budget"
 # Control replies' other error codes (docs/protocol.md, "Control requests").
 UNKNOWN_COMMAND = "unknown_command"
 UNAVAILABLE = "unavailable"          # a database or node busy or unreachable: retry

@@ -31,10 +31,16 @@ messages first and forwards again. What the dead connection had queued is
 lost; its publishers re-send it (acknowledgements).
 
 Counters come from libzmq's STATISTICS command; libzmq counts frames (message
-parts), not messages, so they are reported as frames.
+parts), not messages, so they are reported as frames. Each run of the
+forwarding loop has a steering pair of its own, and each reply is matched with
+the command it answers (_open_steering, _answered).
+
+Subscriptions are held to budgets, per subscriber connection and in all, from
+the kernel's count of the bytes each connection sent (SubscriptionBudget): a
+connection over one is cut off, counted and logged.
 
 libzmq bounds its queues in messages, never in bytes, and cannot limit the
-number of subscriptions or the frames of one message. The memory guard
+frames of one message. The memory guard
 (BUS_PROXY_MEMORY_LIMIT_BYTES) bounds the process in bytes instead. Over the
 limit it pauses: the forwarding loop is ended (libzmq 4.3.5's PAUSE command
 does not stop it) and nothing more is forwarded, while the capture queue
@@ -59,6 +65,7 @@ client; libzmq's PUB cannot tell which subscriber is slow, so a whole side goes.
 from __future__ import annotations
 
 import functools
+import socket
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -96,6 +103,17 @@ PAUSE_GIVE_UP_S = 10.0
 # in a capture send: it is given the rescue pipe to finish into.
 CAPTURE_RESCUE_AFTER_S = 0.1
 CAPTURE_RESCUE_ENDPOINT = "inproc://bus-proxy-capture-rescue"
+# Subscription budgets (see SubscriptionBudget): how often the bytes each
+# subscriber connection sent are read, and what libzmq may hold of a connection
+# beyond what was counted (its kernel receive buffer, its pipe of subscriptions
+# the forwarding loop has not applied yet): what still reaches the trie after a
+# cut-off.
+SUBSCRIPTION_CHECK_S = 0.05
+SUBSCRIBER_RECEIVE_BUFFER_BYTES = 64 << 10
+SUBSCRIBER_RECEIVE_HWM = 100
+# struct tcp_info (linux/tcp.h): tcpi_bytes_received, a __u64 at this offset
+# (RFC 4898's ThruOctetsReceived, Linux 4.1 and later).
+TCPI_BYTES_RECEIVED_OFFSET = 128
 SUBSCRIBERS, PUBLISHERS, CONTROL, WRITER = "subscribers", "publishers", "control", "writer"
 CUTOFF_COUNTERS = {PUBLISHERS: "publisher_cutoffs", SUBSCRIBERS: "subscriber_cutoffs",
                    CONTROL: "control_cutoffs"}
@@ -125,6 +143,10 @@ HTTP_SERIES = [
            "than the writer at the capture endpoint", lambda s: s["capture"]["wrong_peers"]),
     Series("capture_redials", "counter", "capture endpoint connected again after libzmq gave up "
            "on a wrong peer", lambda s: s["capture"]["redials"]),
+    Series("subscription_cutoffs", "counter", "subscriber connections cut off over a "
+           "subscription budget", lambda s: sum(s["subscriptions"]["refused"].values())),
+    Series("subscription_bytes", "gauge", "bytes the subscriber connections sent (their "
+           "subscriptions)", lambda s: s["subscriptions"]["sent_bytes"]),
     *control_series(),
     *connection_series(),
 ]
@@ -150,6 +172,125 @@ _STAT_NAMES = (
 )
 
 
+def _tcp_peer(fd: int, port: int) -> socket.socket | None:
+    """A socket object over libzmq's descriptor `fd` (no duplicate: detach()
+    it, never close it) if it is a TCP connection on local `port`; None if the
+    descriptor was closed since, or is something else now."""
+    try:
+        peer = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        if peer.family in (socket.AF_INET, socket.AF_INET6) \
+                and peer.type == socket.SOCK_STREAM and peer.getsockname()[1] == port:
+            return peer
+    except OSError:
+        pass
+    peer.detach()
+    return None
+
+
+class SubscriptionBudget:
+    """What subscriber connections may send, each and together (issue 22).
+
+    libzmq's PUB takes in every subscription a peer sends, into a trie of
+    about 80 bytes per subscribed byte (random prefixes), and removes a
+    departing peer by walking the whole trie: held subscriptions cost memory,
+    and every disconnect costs CPU in the forwarding loop in proportion to
+    all of them (10 MB of prefixes: 0.5 s per disconnect). XPUB_MANUAL does
+    not help: libzmq 4.3.5 stores each subscription it passes on in a second
+    trie (`_manual_subscriptions`) before the owner can refuse it, and walks
+    both on a disconnect. What a subscriber sends on its connection is
+    subscriptions (after a handshake of at most a few hundred bytes), so the
+    kernel's count of bytes received on it (TCP_INFO) bounds what it
+    subscribed: bytes, and their number (at least 3 bytes each on the wire).
+    A connection over the budget per connection, or the one that sent most
+    while all together are over the total, is shut down (as the memory guard
+    does, bus/sockets.Connections): libzmq drops its pipe and subscriptions.
+    Counted by reason and logged: a SUB cannot be told. It reconnects and
+    subscribes again: one whose own subscriptions are over the budget is cut
+    off again each time. TCP endpoints only (a Unix socket has no such
+    count)."""
+
+    def __init__(self, per_connection: int, total: int) -> None:
+        self.per_connection = per_connection
+        self.total = total
+        self.refused = {protocol.OVER_CONNECTION_SUBSCRIPTION_BUDGET: 0,
+                        protocol.OVER_TOTAL_SUBSCRIPTION_BUDGET: 0}
+        self.sent_bytes = 0
+        self.connections = 0
+        self._next_check = 0.0
+
+    def check(self, connections: sockets.Connections, port: int, now: float) -> None:
+        """Read what each connection sent; cut off those over a budget."""
+        if not (self.per_connection or self.total) or now < self._next_check:
+            return
+        self._next_check = now + SUBSCRIPTION_CHECK_S
+        sent: dict[int, int] = {}
+        for fd in list(connections.fds):
+            # No check of the local port here (it doubles the cost, about 2 us
+            # a connection): a descriptor reused by another socket is only read
+            # (a non-TCP one fails), and _cut_off checks before it acts.
+            try:
+                peer = socket.socket(fileno=fd)
+            except OSError:  # closed since: its DISCONNECTED event is on its way
+                continue
+            try:
+                info = peer.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                if len(info) >= TCPI_BYTES_RECEIVED_OFFSET + 8:
+                    sent[fd] = struct.unpack_from("=Q", info, TCPI_BYTES_RECEIVED_OFFSET)[0]
+            except OSError:
+                pass
+            finally:
+                peer.detach()
+        over = [(fd, n, protocol.OVER_CONNECTION_SUBSCRIPTION_BUDGET) for fd, n in sent.items()
+                if self.per_connection and n > self.per_connection]
+        for fd, _, _ in over:
+            del sent[fd]
+        total = sum(sent.values())
+        if self.total:
+            for fd, n in sorted(sent.items(), key=lambda item: -item[1]):
+                if total <= self.total:
+                    break
+                over.append((fd, n, protocol.OVER_TOTAL_SUBSCRIPTION_BUDGET))
+                total -= n
+                del sent[fd]
+        for fd, n, reason in over:
+            self._cut_off(fd, port, n, reason, total)
+        self.sent_bytes, self.connections = total, len(sent)
+
+    def _cut_off(self, fd: int, port: int, sent: int, reason: str, total: int) -> None:
+        peer = _tcp_peer(fd, port)
+        if peer is None:
+            return
+        try:
+            peer.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return
+        finally:
+            peer.detach()
+        self.refused[reason] += 1
+        log.warning("subscriptions_over_budget", reason=reason, sent_bytes=sent,
+                    budget_bytes_per_connection=self.per_connection, budget_bytes=self.total,
+                    others_sent_bytes=total, action="cut off the subscriber connection")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"budget_bytes_per_connection": self.per_connection, "budget_bytes": self.total,
+                "sent_bytes": self.sent_bytes, "connections": self.connections,
+                "refused": dict(self.refused)}
+
+
+# libzmq's steering commands (zmq_proxy_steerable(3)), and the shape of each
+# one's reply: STATISTICS eight 64-bit counters, the others one empty frame.
+STEER_STATISTICS, STEER_TERMINATE = b"STATISTICS", b"TERMINATE"
+
+
+def _answers(command: bytes, reply: list[bytes]) -> bool:
+    if command == STEER_STATISTICS:
+        return len(reply) == len(_STAT_NAMES) and all(len(part) == 8 for part in reply)
+    return reply == [b""]
+
+
 class Proxy:
     name = "proxy"
     # What /healthz answers from, and what the systemd watchdog is pinged by.
@@ -160,12 +301,24 @@ class Proxy:
         self.ctx: zmq.Context | None = None
         self._thread: threading.Thread | None = None
         self._proxy_error: BaseException | None = None
-        self._unanswered = 0              # steering commands the loop has not answered yet
+        # The steering pair of the current run of the forwarding loop (a new
+        # pair for each run: see _open_steering), the commands sent on it that
+        # the loop has not answered yet, in order, and the last reply read.
+        self.steer: zmq.Socket | None = None
+        self._steered: zmq.Socket | None = None
+        self._steering_runs = 0
+        self._awaiting: deque[bytes] = deque()
+        self._last_reply: list[bytes] | None = None
+        self._steering_lost = False
+        self.steering_desyncs = 0
         self._capture_linger_ms = 0       # set by shutdown, used by the loop's thread
         self._started = time.monotonic()
         self.dispatcher = control.Dispatcher({"stats": self._stats_command}, log, config,
                                              domain="proxy_control")
         self.http: HttpSide | None = None
+        self._subscriber_port = 0
+        self.subscriptions = SubscriptionBudget(config.proxy_subscription_bytes_per_connection,
+                                                config.proxy_subscription_bytes)
         # libzmq's counters start from zero with each run of its loop: what the
         # loops before the current one counted.
         self._counted = dict.fromkeys(_STAT_NAMES, 0)
@@ -204,19 +357,18 @@ class Proxy:
         watch = self._watch
         self.frontend = sockets.open_proxy_frontend(self.ctx, cfg,
                                                     watch(PUBLISHERS, cfg.pub_endpoint))
-        self.backend = sockets.open_proxy_backend(self.ctx, cfg,
-                                                  watch(SUBSCRIBERS, cfg.sub_endpoint))
+        self.backend = sockets.open_proxy_backend(self.ctx, cfg, self._open_subscriber_side)
+        self._subscriber_port = self._bound_tcp_port(self.backend)
+        if not self._subscriber_port:
+            log.warning("subscription_budget_off", endpoint=cfg.sub_endpoint,
+                        reason="subscription budgets need a TCP endpoint (the kernel's count "
+                               "of bytes received on each connection)")
         self.capture = sockets.open_proxy_capture(self.ctx, cfg,
                                                   watch(WRITER, cfg.capture_endpoint))
         # Nothing connects here but the capture's recovery (see the module's doc).
         self.capture.bind(CAPTURE_RESCUE_ENDPOINT)
         self.control = sockets.open_proxy_control(self.ctx, cfg,
                                                   watch(CONTROL, cfg.proxy_control_endpoint))
-        self.steer = self.ctx.socket(zmq.PAIR)
-        self.steer.bind(sockets.PROXY_STEERING_ENDPOINT)
-        steered = self.ctx.socket(zmq.PAIR)
-        steered.connect(sockets.PROXY_STEERING_ENDPOINT)
-        self._steered = steered
         self._start_forwarding()
         if cfg.proxy_http:
             self.http = HttpSide("proxy", cfg.proxy_http, HTTP_SERIES, proxy_health)
@@ -241,25 +393,60 @@ class Proxy:
                 max_connections=self.max_connections, log=log, name=side)
         return attach
 
+    def _open_subscriber_side(self, sock: zmq.Socket) -> None:
+        """Before the backend binds: what each subscriber connection may hold
+        beyond what SubscriptionBudget counted, and its connections watched."""
+        sock.setsockopt(zmq.RCVBUF, SUBSCRIBER_RECEIVE_BUFFER_BYTES)
+        sock.setsockopt(zmq.RCVHWM, SUBSCRIBER_RECEIVE_HWM)
+        self._watch(SUBSCRIBERS, self.config.sub_endpoint)(sock)
+
+    @staticmethod
+    def _bound_tcp_port(sock: zmq.Socket) -> int:
+        """The TCP port `sock` is bound to (0: not TCP). Read once, before the
+        forwarding loop's thread uses the socket."""
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return int(endpoint.rsplit(":", 1)[1]) if endpoint.startswith("tcp://") else 0
+
+    def guard_subscriptions(self, now: float) -> None:
+        """Hold subscriber connections to their budgets (SubscriptionBudget)."""
+        if self._subscriber_port and SUBSCRIBERS in self.connections:
+            self.subscriptions.check(self.connections[SUBSCRIBERS], self._subscriber_port, now)
+
     def _start_forwarding(self) -> None:
-        # A loop that owed answers is gone: its late replies, and commands it
-        # never read (a TERMINATE sent while it was blocked), must not reach
-        # the next one.
-        for sock in (self.steer, self._steered):
-            while sock.poll(0):
-                sock.recv_multipart()
-        self._unanswered = 0
-        self._thread = threading.Thread(target=self._run_proxy, name="zmq-proxy", daemon=True)
+        self._open_steering()
+        self._thread = threading.Thread(target=self._run_proxy, args=(self._steered,),
+                                        name="zmq-proxy", daemon=True)
         self._thread.start()
 
-    def _run_proxy(self) -> None:
+    def _open_steering(self) -> None:
+        """A new steering pair, on an endpoint of its own, for each run of the
+        forwarding loop: what the loop before it owed (late replies of a busy
+        loop, commands a blocked one never read) stays on the old pair, which
+        is closed, and can never be read as an answer to this run's commands
+        (issue 22 reported a stale TERMINATE reply read as STATISTICS:
+        struct.error, and the proxy's exit). Called while no loop runs: the
+        old pair is this thread's."""
+        for sock in (self.steer, self._steered):
+            if sock is not None:
+                sock.close(linger=0)
+        self._steering_runs += 1
+        endpoint = f"{sockets.PROXY_STEERING_ENDPOINT}-{self._steering_runs}"
+        self.steer = self.ctx.socket(zmq.PAIR)
+        self.steer.bind(endpoint)
+        self._steered = self.ctx.socket(zmq.PAIR)
+        self._steered.connect(endpoint)
+        self._awaiting.clear()
+        self._last_reply = None
+        self._steering_lost = False
+
+    def _run_proxy(self, steered: zmq.Socket) -> None:
         """The forwarding loop's thread. At shutdown its sockets are closed
         here, where they are used: the loop may be blocked in a capture send
         (writer down, queue full) and only the context's termination (ETERM)
         frees it. When the memory guard ends it, the main thread takes the
         sockets over until it starts the loop again."""
         try:
-            zmq.proxy_steerable(self.frontend, self.backend, self.capture, self._steered)
+            zmq.proxy_steerable(self.frontend, self.backend, self.capture, steered)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.ETERM:
                 self._proxy_error = exc
@@ -294,6 +481,7 @@ class Proxy:
             self.dispatcher.serve(self.control)
         now = time.monotonic() if now is None else now
         self.guard_memory(now)
+        self.guard_subscriptions(now)
         self.recover_capture(now)
 
     def _stats_command(self, _request: control.Request) -> dict[str, Any]:
@@ -306,32 +494,47 @@ class Proxy:
         return stats
 
     def _steer(self, command: bytes, wait_ms: int) -> list[bytes] | None:
-        """Send one steering command (libzmq answers each, in order), and its
-        reply, or None if the loop does not answer within `wait_ms` (busy, or
-        blocked in a capture send): the command stays queued for it, and the
-        late replies are read and dropped first."""
+        """Send one steering command and return its reply, or None if the loop
+        does not answer within `wait_ms` (busy, or blocked in a capture send):
+        the command stays queued for it, and its reply is matched later."""
         self.steer.send(command)
-        self._unanswered += 1
+        self._awaiting.append(command)
+        return self._last_reply if self._answered(wait_ms) else None
+
+    def _answered(self, wait_ms: int) -> bool:
+        """Read the replies the loop owes, each matched with its command
+        (libzmq answers every command once, in order: STATISTICS with 8 frames
+        of 8 bytes, the others with one empty frame); whether all came within
+        `wait_ms`. A reply that does not fit its command means the pair is out
+        of step: it is counted and logged, and no reply is trusted until the
+        next run of the loop, on a new pair (counters() answers busy)."""
+        if self._steering_lost:
+            return False
         deadline = time.monotonic() + wait_ms / 1000
-        reply = None
-        while self._unanswered:
+        while self._awaiting:
             if not self.steer.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                return None
+                return False
             reply = self.steer.recv_multipart()
-            self._unanswered -= 1
-        return reply
+            command = self._awaiting.popleft()
+            if not _answers(command, reply):
+                self.steering_desyncs += 1
+                self._steering_lost = True
+                self._awaiting.clear()
+                log.error("steering_desynchronised", command=command.decode(),
+                          reply_frames=len(reply), reply_bytes=sum(map(len, reply)),
+                          action="no reply trusted until the forwarding loop runs again")
+                return False
+            self._last_reply = reply
+        return True
 
     def counters(self, wait_ms: int = STATISTICS_WAIT_MS) -> dict[str, int] | None:
         """libzmq's frame and byte counters since the proxy started, or None if
         the running loop does not answer within `wait_ms`."""
         if not self._forwarding():
             return dict(self._counted)
-        while self._unanswered and self.steer.poll(0):  # late replies of a busy loop
-            self.steer.recv_multipart()
-            self._unanswered -= 1
-        if self._unanswered:  # still busy: no more questions piled up behind
+        if not self._answered(0):  # still busy: no more questions piled up behind
             return None
-        reply = self._steer(b"STATISTICS", wait_ms)
+        reply = self._steer(STEER_STATISTICS, wait_ms)
         if reply is None:
             return None
         return {name: self._counted[name] + struct.unpack("=Q", part)[0]
@@ -359,6 +562,8 @@ class Proxy:
                 "control": self.dispatcher.counters.snapshot(),
                 "security": security.snapshot(self.config),
                 "capture_hwm": self.config.capture_hwm,
+                "subscriptions": self.subscriptions.snapshot(),
+                "steering": {"runs": self._steering_runs, "desyncs": self.steering_desyncs},
                 "capture": {**self.connections[WRITER].snapshot(),
                             "rescued": self.rescued_total},
                 "connections": {side: self.connections[side].counts()
@@ -427,7 +632,7 @@ class Proxy:
         counted = self.counters(wait_ms=200)
         if counted is not None:
             self._counted = counted
-        self._steer(b"TERMINATE", 200)
+        self._steer(STEER_TERMINATE, 200)
         if self._thread is not None:
             self._thread.join(0.2)
 
@@ -444,6 +649,8 @@ class Proxy:
             self.connections[CONTROL].drop_all()
         else:
             name = "backend" if side == SUBSCRIBERS else "frontend"
+            if side == SUBSCRIBERS:
+                self.connections.pop(SUBSCRIBERS).close()
             getattr(self, name).close(linger=0)
             setattr(self, name, None)
         self._last_action = now
@@ -452,12 +659,15 @@ class Proxy:
 
     def _resume(self, now: float, limit: int, event: str) -> None:
         """Open again the sides that were cut off, and forward."""
-        for name, opener, side, endpoint in (
-                ("frontend", sockets.open_proxy_frontend, PUBLISHERS, self.config.pub_endpoint),
-                ("backend", sockets.open_proxy_backend, SUBSCRIBERS, self.config.sub_endpoint)):
+        for name, opener, on_open in (
+                ("frontend", sockets.open_proxy_frontend,
+                 self._watch(PUBLISHERS, self.config.pub_endpoint)),
+                ("backend", sockets.open_proxy_backend, self._open_subscriber_side)):
             if getattr(self, name) is None:
-                setattr(self, name, sockets.rebind(functools.partial(
-                    opener, self.ctx, self.config, self._watch(side, endpoint))))
+                setattr(self, name, sockets.rebind(functools.partial(opener, self.ctx,
+                                                                     self.config, on_open)))
+                if name == "backend":
+                    self._subscriber_port = self._bound_tcp_port(self.backend)
         (log.info if event == "memory_back_under_limit" else log.warning)(
             event, action="resumed forwarding", rss_bytes=self._rss, limit_bytes=limit,
             paused_ms=round((now - (self._paused_at or now)) * 1000))
@@ -482,7 +692,7 @@ class Proxy:
                 counted = self.counters(wait_ms=50)
                 if counted is not None:
                     self._counted = counted
-                self._steer(b"TERMINATE", 0)
+                self._steer(STEER_TERMINATE, 0)
                 self._capture_stop_sent = now
         if self._forwarding():
             if self._rescue is None and now - self._capture_stop_sent >= CAPTURE_RESCUE_AFTER_S:
@@ -561,7 +771,7 @@ class Proxy:
             join_s = 1.0
             self._capture_linger_ms = max(0, int((deadline - time.monotonic() - join_s) * 1000))
             self._paused_at = None  # the loop's thread closes its sockets
-            self._steer(b"TERMINATE", 0)
+            self._steer(STEER_TERMINATE, 0)
             # Blocked in a capture send, the loop never reads TERMINATE: the
             # context's termination below ends it (ETERM).
             thread.join(join_s)

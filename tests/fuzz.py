@@ -16,10 +16,13 @@ ok, and each process's RSS is sampled (peak, and after the burst).
     .venv/bin/python -m tests.fuzz --frames 1000000     # per endpoint, on demand
     .venv/bin/python -m tests.fuzz --frames 2000 --seconds 20
     .venv/bin/python -m tests.fuzz --shape idle --frames 1100 --seconds 10
+    .venv/bin/python -m tests.fuzz --subscription-flood  # subscription_flood_and_churn
 
 `idle_connections` is the "idle connections" shape (issue 22): waves of TCP
 connections that send nothing, to every endpoint, past the processes'
 open-file limits, while clients connected before are served.
+`subscription_flood_and_churn` and `noisy_neighbour` are issue 22's other
+shapes (subscriptions, a publisher flooding invalid messages).
 
 tests/test_fuzz.py runs it in CI with a short budget.
 """
@@ -692,6 +695,82 @@ def _settle(rss: RssSampler, seconds: float = 10.0) -> dict[str, int]:
     return last
 
 
+def subscription_flood_and_churn(bus: Bus, flooders: int = 4, prefixes: int = 15_000,
+                                 prefix_bytes: int = 1000, churn_seconds: float = 8.0,
+                                 seed: int = 1) -> dict[str, Any]:
+    """Issue 22's subscription shape: `flooders` SUBs each subscribing to
+    `prefixes` random prefixes of `prefix_bytes` (held, and sent again on each
+    reconnect), then 50 SUBs connecting and leaving over and over (each
+    departure makes libzmq walk the proxy's whole subscription trie) while a
+    Publisher sends acknowledged rounds of 20 messages. The figures: the
+    longest round's wait for its acknowledgements, the proxy's peak RSS, its
+    refusals, and whether every process lived and every message is stored."""
+    cfg = bus.config()
+    ctx = zmq.Context()
+    rss = RssSampler({role: getattr(bus, role).pid for role in ROLES}, interval=0.02)
+    before = rss.now()
+    stop = threading.Event()
+    churns = [0]
+
+    def flood(n: int) -> None:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SNDHWM, 0)
+        sub.connect(cfg.sub_endpoint)
+        rng = random.Random(seed * 1000 + n)
+        for _ in range(prefixes):
+            sub.setsockopt(zmq.SUBSCRIBE, rng.randbytes(prefix_bytes))
+        stop.wait()
+        sub.close()
+
+    def churn() -> None:
+        while not stop.is_set():
+            subs = [ctx.socket(zmq.SUB) for _ in range(50)]
+            for i, sub in enumerate(subs):
+                sub.setsockopt(zmq.LINGER, 0)
+                sub.connect(cfg.sub_endpoint)
+                sub.setsockopt(zmq.SUBSCRIBE, b"churn.%d" % i)
+            stop.wait(0.05)
+            for sub in subs:
+                sub.close()
+            churns[0] += 1
+
+    threads = [threading.Thread(target=flood, args=(n,), daemon=True) for n in range(flooders)]
+    threads.append(threading.Thread(target=churn, daemon=True))
+    for thread in threads:
+        thread.start()
+    longest, sent = 0.0, 0
+    waits: list[tuple[float, float]] = []  # each round's wait, and when it started
+    begun = time.monotonic()
+    try:
+        with Publisher(cfg, producer_id="fuzz-churned", connect_timeout=30) as pub:
+            end = time.monotonic() + churn_seconds
+            while time.monotonic() < end:
+                started = time.monotonic()
+                for _ in range(20):
+                    pub.publish("fuzz.churn", b"%d" % sent)
+                    sent += 1
+                pub.flush(timeout=120)
+                waits.append((round(time.monotonic() - started, 3), round(started - begun, 2)))
+                longest = max(longest, waits[-1][0])
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        rss.stop()
+        ctx.destroy(linger=0)
+    stored = query(bus.db, "SELECT count(DISTINCT producer_seq) FROM messages WHERE "
+                           "producer_id = 'fuzz-churned'")[0][0]
+    return {
+        "alive": {role: getattr(bus, role).popen.poll() is None for role in ROLES},
+        "longest_ack_wait_s": round(longest, 3), "published": sent, "stored": stored,
+        "longest_waits_s_at_s": sorted(waits, reverse=True)[:3],
+        "churn_cycles": churns[0],
+        "rss_kib": {role: {"before": before[role], "peak": rss.peak[role]} for role in ROLES},
+        "subscriptions": bus.proxy_stats().get("subscriptions"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=1_000_000, help="per endpoint")
@@ -700,11 +779,15 @@ def main() -> None:
     parser.add_argument("--shape", choices=("frames", "idle"), default="frames",
                         help="malformed frames (default), or idle connections: --frames "
                              "of them to each endpoint, held --seconds, in 3 waves")
+    parser.add_argument("--subscription-flood", action="store_true",
+                        help="issue 22's shape instead: SUBs flooding prefixes, then churning")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bus-fuzz-") as tmp:
         bus = Bus(Path(tmp)).start()
         try:
-            if args.shape == "idle":
+            if args.subscription_flood:
+                result = subscription_flood_and_churn(bus, seed=args.seed)
+            elif args.shape == "idle":
                 result = idle_connections(bus, args.frames, 3, args.seconds)
             else:
                 result = fuzz(bus, args.frames, args.seconds, args.seed)

@@ -4,7 +4,7 @@ malformed frames of every shape while valid messages are published."""
 from __future__ import annotations
 
 from tests.conftest import Bus
-from tests.fuzz import ENDPOINTS, ROLES, fuzz
+from tests.fuzz import ENDPOINTS, ROLES, fuzz, subscription_flood_and_churn
 
 FRAMES_PER_ENDPOINT = 3000
 # What a burst may leave behind in each process once it is over (allocator
@@ -28,3 +28,14 @@ def test_no_malformed_frame_costs_a_process_or_a_valid_message(bus: Bus) -> None
     assert sum(result["writer_nacked"].values()) > 0 and result["fuzz_session_stored"] > 0
     for role, rss in result["rss_kib"].items():
         assert rss["settled"] <= rss["before"] + SETTLED_GROWTH_KIB, (role, rss)
+
+
+def test_a_subscription_flood_and_churn_stall_nothing(bus: Bus) -> None:
+    """Issue 22's shape with a short budget: 2 SUBs flooding 5,000 prefixes of
+    1,000 bytes, then churning subscribers while acknowledged rounds go on.
+    The stall bound is generous: a stall, not a benchmark."""
+    result = subscription_flood_and_churn(bus, flooders=2, prefixes=5000, churn_seconds=4)
+    assert result["alive"] == dict.fromkeys(ROLES, True)
+    assert result["stored"] == result["published"] > 0
+    assert result["longest_ack_wait_s"] < 3.0, result
+    assert sum(result["subscriptions"]["refused"].values()) >= 2, result
