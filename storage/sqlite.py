@@ -44,6 +44,13 @@ MIN_CHECKPOINT_PAGES = 64
 # holding an old snapshot keeps them incomplete, and every commit asks again).
 CHECKPOINT_MIN_INTERVAL_S = 0.2
 
+# How often the writer's own checkpoint looks again for a moment when no
+# reader reads from the WAL (Checkpointer.run_on).
+BUSY_POLL_S = 0.0002
+# The longest wait between two checkpoints of the writer's own while a
+# reader's snapshot holds the WAL back (see Store._bound_wal).
+BOUND_RETRY_MAX_S = 10.0
+
 # What a later attempt may get past: a busy or locked database, a full disk,
 # an I/O error. Anything else is a bug or a damaged database.
 TRANSIENT_ERRORS = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError,
@@ -98,6 +105,26 @@ def open_read_only(path: str, busy_timeout_ms: int) -> apsw.Connection:
         raise NotReadable(f"{path} cannot be read as a bus database: {exc}") from None
     return conn
 
+
+# SQLite virtual machine steps between two looks at a read's deadline (a
+# Python call each: about 0.1 ms of a scan).
+DEADLINE_CHECK_STEPS = 10_000
+
+
+@contextlib.contextmanager
+def read_deadline(conn: apsw.Connection, max_s: float | None) -> Iterator[None]:
+    """Statements of `conn` still running `max_s` seconds from now are
+    interrupted (apsw.InterruptError): SQLite's progress handler. None: no
+    deadline."""
+    if max_s is None:
+        yield
+        return
+    deadline = time.monotonic() + max_s
+    conn.set_progress_handler(lambda: time.monotonic() > deadline, DEADLINE_CHECK_STEPS)
+    try:
+        yield
+    finally:
+        conn.set_progress_handler(None)
 
 
 class DatabaseInUse(StartupError):
@@ -218,23 +245,45 @@ class Checkpointer:
             if self._stopping.wait(CHECKPOINT_MIN_INTERVAL_S):
                 return
 
-    def run_on(self, conn: apsw.Connection) -> int | None:
-        """A checkpoint on the writer's connection, between its transactions,
-        after the thread's if one is running: nothing is committed meanwhile,
-        so it copies the whole WAL (but what a reader's snapshot holds back)
-        and the next commit starts it over. The frames left behind (None if
-        it failed)."""
+    def run_on(self, conn: apsw.Connection, wait_s: float) -> bool | None:
+        """A RESTART checkpoint on the writer's connection, between its
+        transactions, after the thread's if one is running: nothing is
+        committed meanwhile, so it copies the whole WAL, and it waits (up to
+        `wait_s`) until no reader reads from the WAL, so that the next commit
+        starts it over. SQLite waits on a reader's lock, not its snapshot, so
+        a reader that reads again at once (a client paging through history)
+        holds it for as long as the checkpoint looks only now and then (the
+        busy timeout's sleeps grow to 100 ms): this one looks every
+        BUSY_POLL_S, and finds the gap between two of its transactions. A reader that began in the
+        meantime reads the database file alone and does not hold it back:
+        readers whose transactions are short (the bus's reader: see
+        reader/service.py READ_MAX_S) delay it by one transaction at most.
+        True if the WAL starts over, False if a reader held it back, None if
+        the checkpoint failed (a full disk)."""
+        deadline = time.monotonic() + wait_s
+
+        def busy(_prior_calls: int) -> bool:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(BUSY_POLL_S)
+            return True
         with self._running:
             self.writer_checkpoints += 1
-            return self.behind_frames if self._checkpoint(conn) else None
+            conn.set_busy_handler(busy)
+            try:
+                return self._checkpoint(conn, "RESTART")
+            finally:
+                conn.set_busy_handler(None)
 
-    def _checkpoint(self, conn: apsw.Connection) -> bool:
+    def _checkpoint(self, conn: apsw.Connection, mode: str = "PASSIVE") -> bool | None:
+        """True if it copied all of the WAL (RESTART: and no reader reads
+        it), False if not, None if it failed."""
         started = time.perf_counter()
         try:
-            _busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            busy, frames, done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         except apsw.Error:
             self.errors += 1  # e.g. a full disk: tried again when a commit asks
-            return False
+            return None
         self.last_ms = (time.perf_counter() - started) * 1000.0
         self.max_ms = max(self.max_ms, self.last_ms)
         self.checkpoints += 1
@@ -243,7 +292,7 @@ class Checkpointer:
             self._incomplete_since = None
         elif self._incomplete_since is None:
             self._incomplete_since = time.monotonic()
-        return True
+        return not busy and self.behind_frames == 0
 
     def snapshot(self) -> dict[str, Any]:
         wal = self.path + "-wal"
@@ -275,6 +324,7 @@ class Store(WriterHandle):
 
     def __init__(self, path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> None:
         self.path = path
+        self._busy_timeout_ms = busy_timeout_ms
         self._lock_fd = lock_single_writer(path)
         try:
             self.conn = connect(path, synchronous, busy_timeout_ms)
@@ -293,7 +343,8 @@ class Store(WriterHandle):
         self._directory = os.path.dirname(os.path.abspath(path))
         self._frame_bytes = self.conn.execute("PRAGMA page_size").fetchone()[0] + 24
         self._wal_frames = 0          # after the last commit (the WAL hook says)
-        self._held_back_at = float("-inf")  # a checkpoint of _bound_wal left frames behind
+        self._bound_retry_at = float("-inf")  # _bound_wal after a reader held it back
+        self._bound_backoff = CHECKPOINT_MIN_INTERVAL_S
         self._fit_wal_to_disk()
         self.conn.set_wal_hook(self._after_commit)
         # Group or others may read the file (made so before this version, or
@@ -331,19 +382,32 @@ class Store(WriterHandle):
 
     def _bound_wal(self) -> None:
         """Past its bound (the thread's checkpoints outrun by commits that
-        never leave it a gap), the WAL is checkpointed here before anything
-        more is written, and the next commit starts it over; while a reader's
-        snapshot keeps it from starting over, at most once per
-        CHECKPOINT_MIN_INTERVAL_S."""
+        never leave it a gap, or readers that never do), the writer
+        checkpoints the WAL itself before it writes anything more (run_on),
+        and the next commit starts it over. While a reader's snapshot keeps
+        it from starting over (a snapshot older than the wait: another
+        process's long query), tried again after 0.2 s, then twice as long
+        each time up to BOUND_RETRY_MAX_S: each try makes a commit wait up to
+        the busy timeout."""
         if self._wal_frames * self._frame_bytes < self.checkpointer.budget.size_limit:
             return
         now = time.monotonic()
-        if now < self._held_back_at + CHECKPOINT_MIN_INTERVAL_S:
+        if now < self._bound_retry_at:
             return
-        left = self.checkpointer.run_on(self.conn)
-        if left is not None:
-            self._wal_frames = left
-        self._held_back_at = now if left else float("-inf")
+        try:
+            restarts = self.checkpointer.run_on(self.conn, self._busy_timeout_ms / 1000.0)
+        finally:
+            self.conn.set_busy_timeout(self._busy_timeout_ms)
+        if restarts:
+            self._wal_frames = 0
+            self._bound_retry_at, self._bound_backoff = float("-inf"), CHECKPOINT_MIN_INTERVAL_S
+        elif restarts is None or self.checkpointer.behind_frames == 0:
+            # Failed (a full disk), or all copied but readers that began
+            # meanwhile were still reading: none of them is a long one.
+            self._bound_retry_at = now + CHECKPOINT_MIN_INTERVAL_S
+        else:  # a snapshot older than the wait: another process's long read
+            self._bound_retry_at = now + self._bound_backoff
+            self._bound_backoff = min(2 * self._bound_backoff, BOUND_RETRY_MAX_S)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[apsw.Connection]:
