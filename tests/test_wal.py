@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from bus.client import Publisher
@@ -142,3 +143,55 @@ def test_the_wal_stays_bounded_while_clients_page_through_history_during_ingest(
     assert pages[0] > 10 and pages[1] > 10, pages
     assert bus.count("ingest.t") == 150_000
     assert stats["writer_checkpoints"] > 0
+
+
+def seeded_history(path: Path, rows: int, last: str) -> None:
+    """`rows` messages of seed.t, then one of `last` (its payload b"found")."""
+    from storage.sqlite import Store
+    store = Store(str(path))
+    try:
+        for _ in range(rows // 1000):
+            store.write_batch([("seed.t", b"x" * 100, None, None, None, None)] * 1000)
+        store.write_batch([(last, b"found", None, None, None, None)])
+    finally:
+        store.close()
+
+
+def test_a_filtered_page_stops_at_its_time_budget_and_the_client_pages_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 7: a page with a topic filter examines windows of SCAN_WINDOW_ROWS
+    ids and stops after the one that ends past READ_BUDGET_S; its after_id
+    says how far it looked, so paging on finds what lies further."""
+    from bus import protocol
+    from bus.config import load_config
+    from reader import service
+    seeded_history(tmp_path / "bus.db", 20_000, "wanted.t")
+    monkeypatch.setattr(service, "READ_BUDGET_S", 0.0)  # every window past the budget
+    history = service.History(str(tmp_path / "bus.db"), 5000, 4 << 20, 200_000, 200)
+    try:
+        page = history.page(["wanted."])
+        assert page["messages"] == [] and page["more"]
+        assert page["after_id"] == service.SCAN_WINDOW_ROWS
+        pages, after_id, found = 1, page["after_id"], []
+        while page["more"] and pages < 10:
+            page = history.page(["wanted."], after_id=after_id)
+            after_id, pages = page["after_id"], pages + 1
+            found += page["messages"]
+        assert [row[2] for row in found] == [b"found"] and not page["more"]
+        assert pages == 20_001 // service.SCAN_WINDOW_ROWS + 1
+    finally:
+        history.close()
+    # Past READ_MAX_S whatever still runs is interrupted: read_failed, and
+    # the reader goes on.
+    monkeypatch.setattr(service, "READ_MAX_S", 0.0)
+    reader = service.Reader(load_config(env={"BUS_DB": str(tmp_path / "bus.db")}))
+    try:
+        reply = msgpack.unpackb(reader.handle([protocol.encode_request(
+            1, "history", {"prefixes": ["nothing."]})]))
+        assert reply["error"]["code"] == protocol.READ_FAILED, reply
+        monkeypatch.setattr(service, "READ_MAX_S", 0.5)
+        reply = msgpack.unpackb(reader.handle([protocol.encode_request(
+            2, "history", {"prefixes": ["wanted."], "after_id": 20_000})]))
+        assert reply["ok"] and reply["result"]["messages"][0][2] == b"found", reply
+    finally:
+        reader.shutdown()
