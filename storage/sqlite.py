@@ -40,8 +40,9 @@ TRANSACTION_SHARE_OF_FREE_SPACE = 16
 # The smallest checkpoint (a disk nearly full): a batch of 100 messages of
 # 1 KB is about 35 pages, so this is a checkpoint every few commits.
 MIN_CHECKPOINT_PAGES = 64
-# At most one checkpoint this often, however many commits ask for one (a reader
-# holding an old snapshot keeps them incomplete, and every commit asks again).
+# After a checkpoint a reader held back (or one that failed), none again for
+# this long, however many commits ask (a reader holding an old snapshot keeps
+# them incomplete, and every commit asks again).
 CHECKPOINT_MIN_INTERVAL_S = 0.2
 
 # How often the writer's own checkpoint looks again for a moment when no
@@ -241,8 +242,13 @@ class Checkpointer:
                 with contextlib.suppress(apsw.Error):
                     self._conn.execute(f"PRAGMA journal_size_limit={self._size_limit}")
             with self._running:
-                self._checkpoint(self._conn)
-            if self._stopping.wait(CHECKPOINT_MIN_INTERVAL_S):
+                copied_all = self._checkpoint(self._conn)
+            # Held back by a reader (or failed): not again for a while, though
+            # every commit asks. Otherwise at once if asked: commits that
+            # never pause keep the WAL from starting over, and then each
+            # checkpoint copies only what came during the last one, so that
+            # what the writer copies itself past the bound (run_on) is little.
+            if not copied_all and self._stopping.wait(CHECKPOINT_MIN_INTERVAL_S):
                 return
 
     def run_on(self, conn: apsw.Connection, wait_s: float) -> bool | None:
