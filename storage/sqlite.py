@@ -2,7 +2,9 @@
 lock, the checkpoint thread, and the reader's read-only connection.
 
 WAL lets the reader read while the writer commits; checkpoints run on a thread
-of their own so that no commit waits for one (see Checkpointer).
+of their own so that no commit waits for one (see Checkpointer), but for the
+one the writer runs itself when the WAL passes its bound (Store._bound_wal).
+The WAL's size follows the free space of the disk (wal_budget).
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000)
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
     # No checkpoint inside a commit: the Checkpointer's thread does them, so a
-    # commit never waits for one. Each time the WAL starts over (after a complete
-    # checkpoint) it is cut back to WAL_SIZE_LIMIT, however far a long reader
+    # commit does not wait for one. Each time the WAL starts over (after a
+    # complete checkpoint) it is cut back to journal_size_limit (WAL_SIZE_LIMIT,
+    # less on a small disk: Store._fit_wal_to_disk), however far a long reader
     # made it grow.
     conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
@@ -260,10 +263,11 @@ class Checkpointer:
         a reader that reads again at once (a client paging through history)
         holds it for as long as the checkpoint looks only now and then (the
         busy timeout's sleeps grow to 100 ms): this one looks every
-        BUSY_POLL_S, and finds the gap between two of its transactions. A reader that began in the
-        meantime reads the database file alone and does not hold it back:
-        readers whose transactions are short (the bus's reader: see
-        reader/service.py READ_MAX_S) delay it by one transaction at most.
+        BUSY_POLL_S, and finds the gap between two of its transactions. A
+        reader that began once all was copied reads the database file alone
+        and does not hold it back: readers whose transactions are short (the
+        bus's reader: see reader/service.py READ_MAX_S) delay it by about one
+        transaction.
         True if the WAL starts over, False if a reader held it back, None if
         the checkpoint failed (a full disk)."""
         deadline = time.monotonic() + wait_s

@@ -195,3 +195,18 @@ def test_a_filtered_page_stops_at_its_time_budget_and_the_client_pages_on(
         assert reply["ok"] and reply["result"]["messages"][0][2] == b"found", reply
     finally:
         reader.shutdown()
+
+
+def test_the_wal_budget_follows_the_free_space() -> None:
+    """The figures docs/architecture.md states ("Small disks"): as before from
+    about 128 MiB free up, a part of the free space below."""
+    from storage.sqlite import CHECKPOINT_PAGES, WAL_SIZE_LIMIT, wal_budget
+    large = wal_budget(80 << 30, 4096)
+    assert (large.checkpoint_pages, large.size_limit) == (CHECKPOINT_PAGES, WAL_SIZE_LIMIT)
+    for free in (0, 1 << 20, 6 << 20, 20 << 20, 64 << 20, 127 << 20):
+        budget = wal_budget(free, 4096)
+        assert budget.checkpoint_pages >= 64
+        assert budget.transaction_bytes == free // 16
+        if free >= 4 << 20:  # above the floor: a checkpoint, and the WAL, fit the free space
+            assert budget.checkpoint_pages * 4120 <= free // 8
+            assert budget.size_limit <= free // 4
