@@ -124,9 +124,9 @@ class History:
 
     def _scan(self, conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int,
               deadline: float) -> tuple[list[tuple[Any, ...]], bool, int]:
-        """(rows, full, examined up to) of a topic-filtered page: windows of
-        SCAN_WINDOW_ROWS ids, up to `upto`, until the page is full or the
-        window that ends past `deadline`."""
+        """(rows, page full (in rows or bytes), examined up to) of a
+        topic-filtered page: windows of SCAN_WINDOW_ROWS ids, up to `upto`,
+        until the page is full or the window that ends past `deadline`."""
         rows: list[tuple[Any, ...]] = []
         size, examined = 0, after_id
         while examined < upto:

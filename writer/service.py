@@ -581,8 +581,9 @@ class Writer:
         return True
 
     def _commit_part(self, reason: str, now: float) -> bool:
-        """Commit the oldest `_part_rows` buffered messages (and the consumer
-        positions) with their producers' states as of those messages."""
+        """Commit the oldest buffered messages that one transaction may take
+        (_rows_per_transaction), and the consumer positions, with their
+        producers' states as of those messages."""
         count = self._rows_per_transaction()
         part = self.buffer.messages[:count]
         states = self.producers.replay(part)
@@ -598,10 +599,10 @@ class Writer:
                                   batched=self.config.batch_write_enabled)
         self._owe_notifications(committed_ns, last_id, count, states)
         self.buffer.take(count)
-        if self._part_rows is not None:
+        if self._part_rows is not None:  # after a full disk (not a part for a small one)
             self._part_rows = count * 2
-        log.info("backlog_part_committed", rows=count, waiting_rows=len(self.buffer),
-                 waiting_bytes=self.buffer.bytes)
+            log.info("backlog_part_committed", rows=count, waiting_rows=len(self.buffer),
+                     waiting_bytes=self.buffer.bytes)
         return True
 
     def _rows_per_transaction(self) -> int:
