@@ -210,3 +210,21 @@ def test_the_wal_budget_follows_the_free_space() -> None:
         if free >= 4 << 20:  # above the floor: a checkpoint, and the WAL, fit the free space
             assert budget.checkpoint_pages * 4120 <= free // 8
             assert budget.size_limit <= free // 4
+
+
+def test_audit_verify_counts_what_is_not_sealed_in_short_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bus-cli audit verify` runs beside a live writer: its count of the
+    messages stored after the last seal is a window of ids per statement
+    (each its own short read), and adds up to one count over all of them."""
+    from storage import audit
+    from storage.sqlite import open_read_only
+    seeded_history(tmp_path / "bus.db", 2000, "sealed.t")
+    monkeypatch.setattr(audit, "COUNT_WINDOW_IDS", 7)
+    conn = open_read_only(str(tmp_path / "bus.db"), 200)
+    try:
+        assert audit.unsealed_count(conn, 995, [""]) == 1006
+        assert audit.unsealed_count(conn, 0, ["sealed."]) == 1
+        assert audit.unsealed_count(conn, 2001, [""]) == 0
+    finally:
+        conn.close()
