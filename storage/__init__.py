@@ -89,18 +89,24 @@ def open_read_only(db: str, busy_timeout_ms: int) -> Any:
 
 
 @contextlib.contextmanager
-def snapshot(conn: Any) -> Iterator[Any]:
-    """One consistent read on a reader's connection."""
+def snapshot(conn: Any, max_s: float | None = None) -> Iterator[Any]:
+    """One consistent read on a reader's connection. On SQLite, `max_s`
+    bounds it in time: a statement still running then is interrupted (the
+    engine's error, apsw.InterruptError), since a snapshot held open keeps
+    the WAL from starting over (storage/sqlite.py read_deadline)."""
     if getattr(conn, "dialect", "sqlite") == "postgresql":
         from storage import postgres
         with postgres.snapshot(conn) as held:
             yield held
         return
+    from storage import sqlite
     conn.execute("BEGIN")
     try:
-        yield conn
+        with sqlite.read_deadline(conn, max_s):
+            yield conn
     finally:
-        conn.execute("COMMIT")
+        if conn.in_transaction:  # (an interrupt may have ended it)
+            conn.execute("COMMIT")
 
 
 @contextlib.contextmanager

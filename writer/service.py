@@ -578,7 +578,7 @@ class Writer:
         space freed is used at once, until the rest fits in one transaction."""
         if self.store is None or not (self.buffer or self.producers.dirty):
             return True
-        while self._part_rows is not None and len(self.buffer.messages) > self._part_rows:
+        while len(self.buffer.messages) > self._rows_per_transaction():
             if not self._commit_part(reason, now):
                 return False
         items = len(self.buffer)
@@ -609,9 +609,10 @@ class Writer:
         return True
 
     def _commit_part(self, reason: str, now: float) -> bool:
-        """Commit the oldest `_part_rows` buffered messages (and the consumer
-        positions) with their producers' states as of those messages."""
-        count = self._part_rows or 1
+        """Commit the oldest buffered messages that one transaction may take
+        (_rows_per_transaction), and the consumer positions, with their
+        producers' states as of those messages."""
+        count = self._rows_per_transaction()
         part = self.buffer.messages[:count]
         states = self.producers.replay(part)
         positions = len(self.buffer.consumptions)
@@ -626,10 +627,24 @@ class Writer:
                                   batched=self.config.batch_write_enabled)
         self._owe_notifications(committed_ns, last_id, count, states)
         self.buffer.take(count)
-        self._part_rows = count * 2
-        log.info("backlog_part_committed", rows=count, waiting_rows=len(self.buffer),
-                 waiting_bytes=self.buffer.bytes)
+        if self._part_rows is not None:  # after a full disk (not a part for a small one)
+            self._part_rows = count * 2
+            log.info("backlog_part_committed", rows=count, waiting_rows=len(self.buffer),
+                     waiting_bytes=self.buffer.bytes)
         return True
+
+    def _rows_per_transaction(self) -> int:
+        """How many of the buffered messages one transaction takes: after a
+        full disk, `_part_rows`; and on a small disk no more than the store's
+        `transaction_bytes` (a part of the free space, storage/sqlite.py
+        wal_budget): a WAL holding more than the database file has room for
+        could never be checkpointed."""
+        messages = len(self.buffer.messages)
+        rows = messages if self._part_rows is None else self._part_rows
+        budget = getattr(self.store, "transaction_bytes", None)
+        if budget is not None and self.buffer.bytes > budget:
+            rows = min(rows, messages * budget // self.buffer.bytes)
+        return max(1, rows)
 
     def _flush_failed(self, exc: Exception, now: float) -> None:
         self.metrics.flush_errors += 1
