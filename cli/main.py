@@ -74,8 +74,8 @@ WRITER_FIELDS = ("capture_endpoint", "capture_buffer_bytes", "control_endpoint",
                  "writer_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
 PROXY_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",
                 "capture_hwm", "capture_buffer_bytes", "sub_hwm", "pub_hwm", "max_topic_bytes",
-                "proxy_max_frame_bytes",
-                "proxy_memory_limit_bytes", "proxy_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
+                "proxy_max_frame_bytes", "proxy_subscription_bytes_per_connection",
+                "proxy_subscription_bytes", "proxy_memory_limit_bytes", "proxy_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
 READER_FIELDS = ("read_endpoint", "db", "history_page_rows", "history_page_bytes",
                  "history_scan_rows", "sqlite_busy_timeout_ms", "reader_memory_limit_bytes",
                  "reader_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
