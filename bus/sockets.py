@@ -270,8 +270,9 @@ class Connections:
     thread uses it (the proxy's forwarding loop): libzmq sockets are not
     thread-safe. After that, nothing here touches the socket itself: only its
     monitor and the connections' descriptors, so a thread that does not own
-    the socket may read the events and cut connections. `update()` reads the
-    events; a role calls it once per pass."""
+    the socket may read the events and cut connections (but `unwatch()`, for
+    the owner about to close it). `update()` reads the events; a role calls it
+    once per pass."""
 
     def __init__(self, sock: zmq.Socket, endpoint: str, connected: bool = False,
                  max_connections: int = 0, log: Any = None, name: str = "") -> None:
