@@ -186,9 +186,10 @@ def describe_handshake_failure(event: int, value: int) -> str:
 # handler, the database (file, WAL and -shm, or a PostgreSQL connection), the
 # HTTP side, /proc/self/statm (measured: 19 to 36, with CURVE and HTTP on).
 OWN_DESCRIPTORS = 64
-# The monitor's queue of events, which libzmq drops when full (it never
-# blocks a socket on its monitor): a lost ACCEPTED or DISCONNECTED would make
-# a connection count wrong. Two events a connection, a burst of thousands.
+# The monitor's queue of events. libzmq sends each event with a blocking
+# zmq_msg_send (socket_base_t::monitor_event): with the queue full, the thread
+# that emits it (the I/O thread) waits until update() reads. Two events a
+# connection, a burst of thousands.
 MONITOR_QUEUE_EVENTS = 100_000
 # Events one update() reads at most: the loop must turn whatever arrives.
 MONITOR_EVENTS_PER_UPDATE = 20_000
@@ -269,8 +270,9 @@ class Connections:
     thread uses it (the proxy's forwarding loop): libzmq sockets are not
     thread-safe. After that, nothing here touches the socket itself: only its
     monitor and the connections' descriptors, so a thread that does not own
-    the socket may read the events and cut connections. `update()` reads the
-    events; a role calls it once per pass."""
+    the socket may read the events and cut connections (but `unwatch()`, for
+    the owner about to close it). `update()` reads the events; a role calls it
+    once per pass."""
 
     def __init__(self, sock: zmq.Socket, endpoint: str, connected: bool = False,
                  max_connections: int = 0, log: Any = None, name: str = "") -> None:
@@ -289,7 +291,7 @@ class Connections:
         self._next_recount = 0.0
         self._opened = zmq.EVENT_CONNECTED if connected else zmq.EVENT_ACCEPTED
         self.monitor = _monitor_socket(
-            sock, self._opened | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED |
+            sock, self._opened | zmq.EVENT_DISCONNECTED |
             (HANDSHAKE_EVENTS | zmq.EVENT_CONNECT_RETRIED if connected else 0))
         self._family = socket.AF_UNIX if endpoint.startswith("ipc://") else (
             socket.AF_INET6 if endpoint.startswith("tcp://[") else socket.AF_INET)
@@ -327,8 +329,6 @@ class Connections:
                 self.fds.pop(value, None)
                 if self.connected and self.gave_up is None:
                     self._dropped_at = time.monotonic()
-            elif event == zmq.EVENT_MONITOR_STOPPED:  # the socket closed, and its connections
-                self.fds.clear()
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._backoff = REDIAL_MIN_S
             elif event & HANDSHAKE_EVENTS:
@@ -435,14 +435,32 @@ class Connections:
         self.monitor.close(linger=0)
         self._sock = None  # the socket is its owner's to close
 
+    def unwatch(self) -> None:
+        """Stop the socket's monitor, then close ours: for the socket's owner,
+        before it closes the socket while the process goes on (the proxy's
+        memory guard). libzmq sends each event with a blocking send, from the
+        I/O thread that accepts or drops a connection; to a monitor whose
+        reader is closed, that send never returns, and the thread stops for
+        good. disable_monitor() takes libzmq's monitor lock: no event is on its
+        way once it returns, and none is sent after."""
+        if self._sock is not None and not self._sock.closed:
+            self._sock.disable_monitor()
+        self.close()
+
 
 _MONITOR_NUMBERS = itertools.count()
 
 
 def _monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
     """pyzmq's get_monitor_socket, with a receive queue of
-    MONITOR_QUEUE_EVENTS: libzmq drops events its monitor's queue (1,000 by
-    default) has no room for."""
+    MONITOR_QUEUE_EVENTS (libzmq's default is 1,000).
+
+    Never MONITOR_STOPPED among `events`: libzmq sends it from the socket's
+    destructor, in its reaper thread, with a blocking send. A socket closed
+    after its monitor's reader (the proxy's cut-off did so) blocked the reaper
+    for good: no socket of the context was closed after that, their listeners
+    kept their ports and their connections kept reading into queues nobody
+    read (issue: the proxy grew to 850 MB and could not bind again)."""
     address = f"inproc://bus-monitor-{os.getpid()}-{next(_MONITOR_NUMBERS)}"
     sock.monitor(address, events)
     monitor = sock.context.socket(zmq.PAIR)

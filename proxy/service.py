@@ -649,8 +649,11 @@ class Proxy:
             self.connections[CONTROL].drop_all()
         else:
             name = "backend" if side == SUBSCRIBERS else "frontend"
-            if side == SUBSCRIBERS:
-                self.connections.pop(SUBSCRIBERS).close()
+            # Its monitor stopped first (bus/sockets.Connections.unwatch): a
+            # socket closed after its monitor's reader blocked libzmq's reaper
+            # for good, and no socket closed after it released its port or
+            # its connections (they kept reading while nothing was forwarded).
+            self.connections.pop(side).unwatch()
             getattr(self, name).close(linger=0)
             setattr(self, name, None)
         self._last_action = now

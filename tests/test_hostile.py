@@ -10,6 +10,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,8 @@ import zmq
 
 from bus import protocol
 from bus.client import ControlClient, Publisher, Subscriber
-from tests.conftest import Bus, RawProducer, query, wait_for, wait_until_delivered
+from tests.conftest import (Bus, RawProducer, free_port, query, wait_for,
+                            wait_until_delivered)
 from tests.fuzz import RawPeer, RssSampler, rss_kib
 
 INT64_EDGES = (2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63), 0)
@@ -557,6 +559,83 @@ def test_a_slow_subscriber_is_cut_off_before_the_proxy_outgrows_its_limit(make_b
     with Subscriber(["big."], bus.config()) as sub, \
             Publisher(bus.config(), producer_id="big-again") as pub:
         wait_until_delivered(pub, sub, "big.again")  # subscribers come back
+
+
+# Run in a process of its own: a reaper blocked for good blocks the context's
+# termination too, and so the process it is in.
+CLOSE_A_WATCHED_SOCKET = """
+import os, socket, sys, time
+import zmq
+from bus import sockets
+
+
+def port_is_free(port):  # no listener there (a connection that ended may linger)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def within(seconds, condition):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+stop_watching, watched_port, *next_ports = sys.argv[1], *map(int, sys.argv[2:])
+ctx = zmq.Context()
+endpoint = f"tcp://127.0.0.1:{watched_port}"
+watched = ctx.socket(zmq.PUB)
+connections = sockets.Connections(watched, endpoint)
+watched.bind(endpoint)
+peer = ctx.socket(zmq.SUB)
+peer.setsockopt(zmq.LINGER, 0)
+peer.connect(endpoint)
+if not within(10, lambda: connections.update() or connections.fds):
+    print("the peer's connection was not accepted", flush=True)
+    os._exit(2)
+getattr(connections, stop_watching)()
+watched.close(linger=0)
+if not within(5, lambda: port_is_free(watched_port)):
+    print("the watched socket kept its port", flush=True)
+    os._exit(1)
+# Its destructor runs once its connection has ended: the sockets closed after
+# it, one by one, are released only while the reaper is free.
+for port in next_ports:
+    after = ctx.socket(zmq.PUB)
+    after.bind(f"tcp://127.0.0.1:{port}")
+    after.close(linger=0)
+    if not within(5, lambda: port_is_free(port)):
+        print("a socket closed after it kept its port: libzmq's reaper is blocked", flush=True)
+        os._exit(1)
+peer.close()
+ctx.term()
+print("released", flush=True)
+"""
+
+
+@pytest.mark.parametrize("stop_watching", ["unwatch", "close"])
+def test_a_watched_socket_closed_while_running_leaves_libzmqs_reaper_free(
+        stop_watching: str) -> None:
+    """The proxy's memory guard closed a side's socket after the reader of its
+    monitor: libzmq's reaper blocked for good in the socket's destructor,
+    sending MONITOR_STOPPED to a monitor nobody read. No socket closed after
+    that let go of its port or its connections: the slow-subscriber test saw
+    the proxy read 850 MB from a publisher through a socket it had closed, then
+    fail to bind its port again and exit. A socket whose owner stops watching
+    first (unwatch, the proxy's cut-off), or closes it after the reader (a
+    client reopening its socket), is released, and so is the next one."""
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_A_WATCHED_SOCKET, stop_watching,
+         *(str(free_port()) for _ in range(4))], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "released" in result.stdout, \
+        result.stdout + result.stderr[-2000:]
 
 
 def test_an_endless_multipart_message_cuts_off_publishers_not_the_proxy(make_bus) -> None:
