@@ -594,15 +594,9 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     of everybody. The kernel's socket buffers at both ends are part of the
     same queue (capture_buffer_bytes, 16 KiB: the kernel doubles it, so about
     2,000 of the smallest messages in all; 4 MiB before held 280,000 and
-    more, seconds of the writer's work).
-
-    Opened with the long queue of a writer not connected yet
-    (capture_hwm_writer_down): the proxy shortens it once the writer is there
-    and lengthens it again when the writer goes (a restart), so that live
-    delivery does not wait for a writer that is down (proxy.service,
-    Proxy.recover_capture; libzmq applies a new SNDHWM to existing pipes)."""
+    more, seconds of the writer's work)."""
     sock = _set_common(ctx.socket(zmq.PUSH), cfg.shutdown_timeout_ms)
-    sock.setsockopt(zmq.SNDHWM, cfg.capture_hwm_writer_down)
+    sock.setsockopt(zmq.SNDHWM, cfg.capture_hwm)
     sock.setsockopt(zmq.SNDBUF, cfg.capture_buffer_bytes)
     security.check_capture_directory(cfg)  # nobody else's socket can be at the path
     if security.enabled(cfg) and not security.capture_by_file_permissions(cfg):

@@ -337,10 +337,6 @@ class Proxy:
         # rescue pipe of a loop blocked in a capture send, and the messages the
         # loop sent into it, to be sent again first.
         self._capture_down: str | None = None
-        # The capture queue's length now: capture_hwm_writer_down while no
-        # writer is connected (the socket is opened so), capture_hwm while one is.
-        self.capture_hwm = config.capture_hwm_writer_down
-        self.capture_queue_switches = 0
         self._capture_stop_sent = 0.0
         self._rescue: zmq.Socket | None = None
         self._rescued: deque[list[zmq.Frame]] = deque()
@@ -565,8 +561,7 @@ class Proxy:
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
                 "control": self.dispatcher.counters.snapshot(),
                 "security": security.snapshot(self.config),
-                "capture_hwm": self.capture_hwm,
-                "capture_queue_switches": self.capture_queue_switches,
+                "capture_hwm": self.config.capture_hwm,
                 "subscriptions": self.subscriptions.snapshot(),
                 "steering": {"runs": self._steering_runs, "desyncs": self.steering_desyncs},
                 "capture": {**self.connections[WRITER].snapshot(),
@@ -690,17 +685,12 @@ class Proxy:
         the module's doc). Called once per pass; never waits long."""
         writer = self.connections[WRITER]
         if self._capture_down is None:
-            if writer.gave_up is not None:
-                self._capture_down = writer.gave_up
-                log.warning("capture_wrong_peer", endpoint=self.config.capture_endpoint,
-                            reason=writer.gave_up, wrong_peers=writer.wrong_peers,
-                            action="stopping forwarding to connect the capture again")
-            elif self._capture_hwm_wanted() != self.capture_hwm:
-                # Only the thread that owns the capture may set its queue's
-                # length: the loop is stopped for it, as for a redial.
-                self._capture_down = "the capture queue's length changes"
-            else:
+            if writer.gave_up is None:
                 return
+            self._capture_down = writer.gave_up
+            log.warning("capture_wrong_peer", endpoint=self.config.capture_endpoint,
+                        reason=writer.gave_up, wrong_peers=writer.wrong_peers,
+                        action="stopping forwarding to connect the capture again")
             if self._forwarding():
                 counted = self.counters(wait_ms=50)
                 if counted is not None:
@@ -724,45 +714,21 @@ class Proxy:
             self._rescue.close(linger=0)
             self._rescue = None
             self.capture.bind(CAPTURE_RESCUE_ENDPOINT)
-        redialed = writer.gave_up is not None
-        if redialed:
+        if writer.gave_up is not None:
             if not writer.redial_due(now):
                 return
             writer.redial()
-        self._set_capture_hwm(self._capture_hwm_wanted())
         while self._rescued:  # first, in the order the loop sent them
             try:
                 self.capture.send_multipart(self._rescued[0], zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return  # the new connection's queue is full: the next pass goes on
             self._rescued.popleft()
-        if redialed:
-            log.info("capture_redialed", endpoint=self.config.capture_endpoint,
-                     redials=writer.redials, rescued=self.rescued_total)
+        log.info("capture_redialed", endpoint=self.config.capture_endpoint,
+                 redials=writer.redials, rescued=self.rescued_total)
         self._capture_down = None
         if self._paused_at is None:
             self._start_forwarding()
-
-    def _capture_hwm_wanted(self) -> int:
-        """A short capture queue while the writer is connected (fairness: a
-        flood waits in its own publisher's pipe, docs/architecture.md,
-        "Proxy"), a long one while it is not (a restart: live delivery goes on
-        until the writer is back, instead of waiting after 1,000 messages)."""
-        cfg = self.config
-        return cfg.capture_hwm if self.connections[WRITER].fds else cfg.capture_hwm_writer_down
-
-    def _set_capture_hwm(self, hwm: int) -> None:
-        """While no forwarding loop runs (this thread owns the capture then).
-        libzmq applies a new SNDHWM to the pipes the socket has
-        (socket_base_t::update_pipe_options): to the writer's, kept while it
-        reconnects. Shortened under what it holds, sends wait until it drains."""
-        if hwm == self.capture_hwm:
-            return
-        self.capture.setsockopt(zmq.SNDHWM, hwm)
-        self.capture_hwm = hwm
-        self.capture_queue_switches += 1
-        log.info("capture_queue_resized", capture_hwm=hwm,
-                 writer_connected=bool(self.connections[WRITER].fds))
 
     def _take_rescued(self) -> None:
         while self._rescue is not None:
