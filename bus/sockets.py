@@ -132,24 +132,6 @@ def _check_inherited(fd: int, endpoint: str, name: str) -> None:
                            "and the bus.toml endpoint agree")
 
 
-# How long a socket closed to be opened again may take to free its endpoint:
-# libzmq closes a listener asynchronously.
-REBIND_WAIT_S = 5.0
-
-
-def rebind(open_socket: Callable[[], zmq.Socket]) -> zmq.Socket:
-    """`open_socket()`, retried while the endpoint a socket of this process
-    just closed is still in use."""
-    deadline = time.monotonic() + REBIND_WAIT_S
-    while True:
-        try:
-            return open_socket()
-        except EndpointInUse:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 # Handshake failures after which libzmq 4.3 gives up on a connecting socket's
 # endpoint for good (it never connects there again): the peer spoke another
 # security mechanism (a NULL listener where a CURVE server should be), broke

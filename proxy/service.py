@@ -64,7 +64,6 @@ client; libzmq's PUB cannot tell which subscriber is slow, so a whole side goes.
 
 from __future__ import annotations
 
-import functools
 import socket
 import struct
 from collections import deque
@@ -78,7 +77,7 @@ import zmq
 from bus import control, protocol, security, sockets
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.http import HttpSide, Series, connection_series, control_series
-from bus.logging import get_logger
+from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal, release_free_memory, resident_bytes
 
 log = get_logger("proxy")
@@ -331,7 +330,8 @@ class Proxy:
         self._next_memory_check = 0.0
         self._rss = 0
         self.memory_actions = {"pauses": 0, "subscriber_cutoffs": 0, "publisher_cutoffs": 0,
-                               "control_cutoffs": 0}
+                               "control_cutoffs": 0, "resume_retries": 0}
+        self._resume_log = RateLimitedLog(log)
         # The capture's recovery from a wrong peer: why the forwarding loop was
         # stopped for it (None: it was not), when TERMINATE was sent, the
         # rescue pipe of a loop blocked in a capture send, and the messages the
@@ -661,14 +661,26 @@ class Proxy:
         self._rss = self._memory_mark = resident_bytes()
 
     def _resume(self, now: float, limit: int, event: str) -> None:
-        """Open again the sides that were cut off, and forward."""
+        """Open again the sides that were cut off, and forward. A side that
+        cannot be opened yet stays closed, and forwarding paused, until the
+        next memory check tries again: its port still held by the socket just
+        closed (libzmq closes in the background), taken meanwhile by another
+        process (only without socket activation: the units' listening sockets
+        stay open here), or no descriptor free. Never an exit, never a wait
+        that holds the main loop."""
         for name, opener, on_open in (
                 ("frontend", sockets.open_proxy_frontend,
                  self._watch(PUBLISHERS, self.config.pub_endpoint)),
                 ("backend", sockets.open_proxy_backend, self._open_subscriber_side)):
             if getattr(self, name) is None:
-                setattr(self, name, sockets.rebind(functools.partial(opener, self.ctx,
-                                                                     self.config, on_open)))
+                try:
+                    setattr(self, name, opener(self.ctx, self.config, on_open))
+                except (sockets.EndpointInUse, zmq.ZMQError, OSError) as exc:
+                    self.memory_actions["resume_retries"] += 1
+                    self._resume_log.warning(name, "resume_postponed", side=name,
+                                             error=str(exc), action="stays paused; tried "
+                                             "again at the next memory check")
+                    return
                 if name == "backend":
                     self._subscriber_port = self._bound_tcp_port(self.backend)
         (log.info if event == "memory_back_under_limit" else log.warning)(

@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -656,6 +658,52 @@ def test_an_endless_multipart_message_cuts_off_publishers_not_the_proxy(make_bus
     assert (sampler.peak["proxy"] << 10) < PROXY_LIMIT + PROXY_OVERSHOOT, sampler.peak
     publish_acked(bus, "after-endless", "endless.after", 100)
     assert bus.count("endless.after") == 100 and all_alive(bus)
+
+
+def test_a_port_taken_during_a_publisher_cutoff_does_not_end_the_proxy(make_bus) -> None:
+    """A publisher cut-off closes the proxy's publisher side; without socket
+    activation (the units keep their listening sockets) its port is free
+    until forwarding resumes. A local process that binds it then kept the
+    proxy from opening it again, and after 5 s the proxy exited 1. It stays
+    paused instead, tries again at each memory check, and forwards once the
+    port is back."""
+    bus = make_bus(BUS_PROXY_MEMORY_LIMIT_BYTES=PROXY_LIMIT).start()
+    host, port = bus["BUS_PUB_ENDPOINT"][len("tcp://"):].rsplit(":", 1)
+    taken: list[socket.socket] = []
+    stop = threading.Event()
+
+    def squat() -> None:  # as a hostile local process would: bind as soon as it is free
+        while not stop.is_set():
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, int(port)))
+                sock.listen()
+                taken.append(sock)
+                return
+            except OSError:
+                sock.close()
+                stop.wait(0.0005)
+    squatter = threading.Thread(target=squat, daemon=True)
+    squatter.start()
+    try:
+        send_endless_message(bus["BUS_PUB_ENDPOINT"], b"PUB")
+        wait_for(lambda: bool(taken), timeout=10,
+                 message="the publisher port taken while the proxy had it closed")
+        # Held past the 5 s the proxy used to wait for it before it exited.
+        held_until = time.monotonic() + 6.5
+        while time.monotonic() < held_until:
+            assert bus.proxy.popen.poll() is None, bus.proxy.stderr.collect()[-5:]
+            stop.wait(0.1)
+        memory = bus.proxy_stats()["memory"]
+        assert memory["publisher_cutoffs"] >= 1 and memory["resume_retries"] >= 1, memory
+    finally:
+        stop.set()
+        squatter.join(5)
+        for sock in taken:
+            sock.close()
+    publish_acked(bus, "after-squat", "squat.after", 100)
+    assert bus.count("squat.after") == 100 and all_alive(bus)
 
 
 def test_a_subscription_flood_on_the_notify_endpoint_is_given_back_at_once(bus: Bus) -> None:
