@@ -5,7 +5,8 @@ Starts a bus (writer, proxy, reader) on free loopback ports, then, for
 same while another process floods invalid messages (3 frames, a meta that is
 not msgpack) on one publisher connection as fast as it can
 (tests/noisy_publisher.py). Prints the honest acknowledgement latency (publish
-to the acknowledgement that covers it) p50/p99/p99.9/max in ms, the
+to the acknowledgement that covers it) p50/p99/p99.9/max in ms, each
+process's peak RSS during the flood (sampled every 20 ms), the
 acknowledgements later than 5 s or never seen, the rate the noise was offered
 at and the rate the writer refused it at. tests/test_fairness.py runs the same
 shape (tests/fuzz.noisy_neighbour) and asserts the bound.
@@ -24,8 +25,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.fuzz import noisy_neighbour  # noqa: E402
+from tests.fuzz import RssSampler, noisy_neighbour, rss_kib  # noqa: E402
 from tests.conftest import Bus  # noqa: E402
+
+
+ROLES = ("writer", "proxy", "reader")
 
 
 def main() -> None:
@@ -48,7 +52,13 @@ def main() -> None:
         bus = Bus(Path(tmp), **settings).start()
         try:
             quiet = noisy_neighbour(bus, args.seconds, args.rate, noise=False)
-            noisy = noisy_neighbour(bus, args.seconds, args.rate, kind=args.kind)
+            before = {role: rss_kib(getattr(bus, role).pid) for role in ROLES}
+            sampler = RssSampler({role: getattr(bus, role).pid for role in ROLES},
+                                 interval=0.02)
+            try:
+                noisy = noisy_neighbour(bus, args.seconds, args.rate, kind=args.kind)
+            finally:
+                sampler.stop()
         finally:
             bus.close()
     print(f"noisy neighbour ({args.kind}), {args.seconds:g} s each, honest {args.rate:g} msg/s, "
@@ -63,6 +73,8 @@ def main() -> None:
         print(f"{name:14} {ms['p50']:8.1f} {ms['p99']:8.1f} {ms['p99.9']:9.1f} {ms['max']:8.1f} "
               f"{result['honest_timeouts']:5d} {result['noise_sent_per_s']:13,} "
               f"{result['noise_refused_per_s']:10,}")
+    print("RSS before / peak during the flood (MB): " + ", ".join(
+        f"{role} {before[role] / 1024:.0f} / {sampler.peak[role] / 1024:.0f}" for role in ROLES))
     print(f"honest stored (rows, distinct seqs): {noisy['honest_stored']}; "
           f"refused by reason: {noisy['writer_rejected']}, not authentic: "
           f"{noisy['writer_not_authentic']}")
