@@ -7,6 +7,7 @@ a test starts is stopped, and killed if it will not stop, when the test ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -75,6 +76,22 @@ def free_port() -> int:
                 continue
         _HANDED_OUT.add(port)
         return port
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, mib: int) -> Iterator[Path]:
+    """A tmpfs of `mib` MiB mounted at `path` (made here): a disk that really
+    fills up. Needs the right to mount (root, as in CI); skips the test with
+    the reason elsewhere."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, interval: float = 0.02,

@@ -24,7 +24,7 @@ import zmq
 
 from bus import protocol
 from bus.client import ControlClient, Publisher, Subscriber
-from tests.conftest import (Bus, RawProducer, free_port, query, wait_for,
+from tests.conftest import (Bus, RawProducer, free_port, mounted_tmpfs, query, wait_for,
                             wait_until_delivered)
 from tests.fuzz import RawPeer, RssSampler, rss_kib
 
@@ -269,18 +269,9 @@ def test_a_bug_in_a_request_handler_costs_one_request_not_the_process(tmp_path) 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs: a disk that really fills up. Needs the right to mount
-    (root, as in CI); skipped with the reason elsewhere."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    """An 8 MiB tmpfs: a disk that really fills up (skipped where one cannot be mounted)."""
+    with mounted_tmpfs(tmp_path / "disk", 8) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def fill(disk: Path, name: str, leave_free: int) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,24 +16,15 @@ import msgpack
 import pytest
 
 from bus.client import Publisher
-from tests.conftest import query, wait_for
+from tests.conftest import mounted_tmpfs, query, wait_for
 from tests.test_hostile import fill
 
 
 @pytest.fixture
 def tmpfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A tmpfs of request.param MiB: a disk that really fills up. Needs the
-    right to mount (root, as in CI); skipped with the reason elsewhere."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}m", "tmpfs",
-                              str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    """A tmpfs of request.param MiB (skipped where one cannot be mounted)."""
+    with mounted_tmpfs(tmp_path / "disk", request.param) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 @pytest.mark.parametrize("tmpfs", [20, 64], indirect=True, ids=["20MiB", "64MiB"])
