@@ -381,6 +381,11 @@ class Connections:
         self.update()
         return sum(self._shut_down(fd) for fd in list(self.fds))
 
+    def cut(self, fd: int) -> bool:
+        """Shut down one connection of this socket (an fd from `fds`); False if
+        it is not, or no longer, one of them (see _shut_down)."""
+        return self._shut_down(fd)
+
     def _shut_down(self, fd: int, check_only: bool = False) -> bool:
         """shutdown(2) a connection libzmq accepted, on its own descriptor:
         a duplicate would need a free one, and a full table is when a cut is

@@ -171,24 +171,6 @@ _STAT_NAMES = (
 )
 
 
-def _tcp_peer(fd: int, port: int) -> socket.socket | None:
-    """A socket object over libzmq's descriptor `fd` (no duplicate: detach()
-    it, never close it) if it is a TCP connection on local `port`; None if the
-    descriptor was closed since, or is something else now."""
-    try:
-        peer = socket.socket(fileno=fd)
-    except OSError:
-        return None
-    try:
-        if peer.family in (socket.AF_INET, socket.AF_INET6) \
-                and peer.type == socket.SOCK_STREAM and peer.getsockname()[1] == port:
-            return peer
-    except OSError:
-        pass
-    peer.detach()
-    return None
-
-
 class SubscriptionBudget:
     """What subscriber connections may send, each and together (issue 22).
 
@@ -220,7 +202,7 @@ class SubscriptionBudget:
         self.connections = 0
         self._next_check = 0.0
 
-    def check(self, connections: sockets.Connections, port: int, now: float) -> None:
+    def check(self, connections: sockets.Connections, now: float) -> None:
         """Read what each connection sent; cut off those over a budget."""
         if not (self.per_connection or self.total) or now < self._next_check:
             return
@@ -255,19 +237,13 @@ class SubscriptionBudget:
                 total -= n
                 del sent[fd]
         for fd, n, reason in over:
-            self._cut_off(fd, port, n, reason, total)
+            self._cut_off(connections, fd, n, reason, total)
         self.sent_bytes, self.connections = total, len(sent)
 
-    def _cut_off(self, fd: int, port: int, sent: int, reason: str, total: int) -> None:
-        peer = _tcp_peer(fd, port)
-        if peer is None:
+    def _cut_off(self, connections: sockets.Connections, fd: int, sent: int, reason: str,
+                 total: int) -> None:
+        if not connections.cut(fd):  # closed since, or no longer a subscriber's
             return
-        try:
-            peer.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            return
-        finally:
-            peer.detach()
         self.refused[reason] += 1
         log.warning("subscriptions_over_budget", reason=reason, sent_bytes=sent,
                     budget_bytes_per_connection=self.per_connection, budget_bytes=self.total,
@@ -410,7 +386,7 @@ class Proxy:
     def guard_subscriptions(self, now: float) -> None:
         """Hold subscriber connections to their budgets (SubscriptionBudget)."""
         if self._subscriber_port and SUBSCRIBERS in self.connections:
-            self.subscriptions.check(self.connections[SUBSCRIBERS], self._subscriber_port, now)
+            self.subscriptions.check(self.connections[SUBSCRIBERS], now)
 
     def _start_forwarding(self) -> None:
         self._open_steering()
