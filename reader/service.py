@@ -114,8 +114,9 @@ class History:
                 rows, full, upto = self._scan(conn, after_id, upto, prefixes, limit,
                                               started + READ_BUDGET_S)
             else:
-                rows, full = messages.page(conn, after_id, upto, prefixes, limit,
+                rows, size = messages.page(conn, after_id, upto, prefixes, limit,
                                            self.page_bytes)
+                full = size >= self.page_bytes
         if full or len(rows) == limit:
             after_id = rows[-1][0]
         else:
@@ -132,11 +133,11 @@ class History:
         size, examined = 0, after_id
         while examined < upto:
             window = min(upto, examined + SCAN_WINDOW_ROWS)
-            found, full = messages.page(conn, examined, window, prefixes, limit - len(rows),
-                                        self.page_bytes - size)
+            found, found_bytes = messages.page(conn, examined, window, prefixes,
+                                               limit - len(rows), self.page_bytes - size)
             rows += found
-            size += sum(len(row[2]) + len(row[3] or b"") for row in found)
-            if full or len(rows) == limit:
+            size += found_bytes
+            if size >= self.page_bytes or len(rows) == limit:
                 return rows, True, examined
             examined = window
             if time.monotonic() >= deadline:

@@ -65,11 +65,12 @@ def topic_filter(prefixes: list[str]) -> tuple[str, list[Any]]:
 
 
 def page(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int,
-         max_bytes: int) -> tuple[list[tuple[Any, ...]], bool]:
-    """(rows, full): (id, topic, payload, meta, committed_ns) of the messages
-    with after_id < id <= upto whose topic starts with one of `prefixes` (all
-    if none), oldest first, at most `limit`, and none after the one that
-    brings payloads and metas to `max_bytes` (full: that one was reached).
+         max_bytes: int) -> tuple[list[tuple[Any, ...]], int]:
+    """(rows, their bytes): (id, topic, payload, meta, committed_ns) of the
+    messages with after_id < id <= upto whose topic starts with one of
+    `prefixes` (all if none), oldest first, at most `limit`, and none after the
+    one that brings payloads and metas to `max_bytes` (the page is full when
+    its bytes reach it).
     Memory is bounded in bytes on both engines: SQLite's cursor steps one row
     at a time and stops there; a PostgreSQL client receives a whole result at
     once, so there the server cuts the page (a running sum)."""
@@ -83,8 +84,8 @@ def page(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int,
             " octet_length(payload) + coalesce(octet_length(meta), 0) AS size FROM messages"
             f" WHERE {where} ORDER BY id LIMIT ?) AS page) AS sized WHERE running - size < ?",
             [*params, limit, max_bytes], binary=True).fetchall()
-        size = sum(len(row[2]) + (len(row[3]) if row[3] is not None else 0) for row in rows)
-        return rows, size >= max_bytes
+        return rows, sum(len(row[2]) + (len(row[3]) if row[3] is not None else 0)
+                         for row in rows)
     cursor = conn.execute("SELECT id, topic, payload, meta, committed_ns FROM messages"
                           f" WHERE {where} ORDER BY id LIMIT ?", [*params, limit])
     rows, size = [], 0
@@ -93,8 +94,8 @@ def page(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int,
         size += len(row[2]) + (len(row[3]) if row[3] is not None else 0)
         if size >= max_bytes:
             cursor.close()
-            return rows, True
-    return rows, False
+            break
+    return rows, size
 
 
 def topic_counts(conn: Any, after_id: int) -> Any:
