@@ -3,8 +3,11 @@ malformed frames of every shape while valid messages are published."""
 
 from __future__ import annotations
 
-from tests.conftest import Bus
-from tests.fuzz import ENDPOINTS, ROLES, fuzz, subscription_flood_and_churn
+from pathlib import Path
+
+from tests.conftest import Bus, mounted_tmpfs
+from tests.fuzz import (ENDPOINTS, ROLES, fuzz, long_reader, seed_history, small_disk,
+                        subscription_flood_and_churn)
 
 FRAMES_PER_ENDPOINT = 3000
 # What a burst may leave behind in each process once it is over (allocator
@@ -39,3 +42,26 @@ def test_a_subscription_flood_and_churn_stall_nothing(bus: Bus) -> None:
     assert result["stored"] == result["published"] > 0
     assert result["longest_ack_wait_s"] < 3.0, result
     assert sum(result["subscriptions"]["refused"].values()) >= 2, result
+
+
+def test_a_small_disk_fills_and_recovers_round_after_round(make_bus, tmp_path: Path) -> None:
+    """Issue 22's small-disk shape with a short budget: on a 20 MiB tmpfs
+    (skipped where one cannot be mounted), three rounds of a disk filled by
+    acknowledged publishers and then freed; each recovers, every message is
+    stored once, the WAL stays within its bound, SIGTERM exits 0."""
+    with mounted_tmpfs(tmp_path / "disk", 20) as disk:
+        bus = make_bus(BUS_DB=disk / "bus.db", BUS_SHUTDOWN_TIMEOUT_MS=10_000).start()
+        result = small_disk(bus, disk, rounds=3, seconds=30)
+    assert all(result["checks"].values()), result
+    assert len(result["rounds"]) == 3, result
+
+
+def test_a_long_reader_leaves_the_wal_bounded_and_acks_flowing(make_bus) -> None:
+    """Issue 22's long-reader shape with a short budget: 4 history clients
+    (whole pages, scans that match nothing or little) while 2,000 messages a
+    second are published for 5 s."""
+    bus = make_bus()
+    seed_history(bus, 20_000)
+    bus.start()
+    result = long_reader(bus, seconds=5, rate=2000, clients=4)
+    assert all(result["checks"].values()), result
