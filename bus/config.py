@@ -196,6 +196,9 @@ SETTINGS: tuple[Setting, ...] = (
             "messages the proxy queues for a stopped or slow writer; past that they wait in "
             "each publisher's pipe, served in turn (a flood delays the others by at most "
             "this queue)"),
+    Setting("capture_hwm_writer_down", "BUS_CAPTURE_HWM_WRITER_DOWN", int, 1_000_000,
+            "messages the proxy holds itself while no writer is connected (a restart): "
+            "live delivery goes on, and the writer gets them in order once it is back"),
     Setting("capture_buffer_bytes", "BUS_CAPTURE_BUFFER_BYTES", int, 16 << 10,
             "the kernel's socket buffer at each end of the capture connection, part of that "
             "same queue: more is a little more throughput at full load, less fairness"),
@@ -336,6 +339,7 @@ class BusConfig:
     history_scan_rows: int
     capture_hwm: int
     capture_buffer_bytes: int
+    capture_hwm_writer_down: int
     sub_hwm: int
     pub_hwm: int
     max_topic_bytes: int
@@ -379,7 +383,7 @@ class BusConfig:
                      "anchor_confirmations", "anchor_bump_after_blocks", "anchor_sync_page",
                      "anchor_conf_target", "request_timeout_ms", "drain_idle_ms",
                      "proxy_max_frame_bytes", "audit_max_messages", "max_connections",
-                     "capture_buffer_bytes"):
+                     "capture_buffer_bytes", "capture_hwm_writer_down"):
             if getattr(self, name) < 1:
                 raise _invalid(name, "must be at least 1")
         for name in ("batch_flush_interval_ms", "retention_max_age_s", "retention_max_messages",

@@ -282,6 +282,9 @@ class Connections:
         self._listening_at: str | None = None
         self._sock = sock
         self.gave_up: str | None = None   # why libzmq gave up on the endpoint, until redial()
+        # A connecting socket's peer completed the ZMTP handshake (a CONNECTED
+        # peer may still be a wrong one) and has not disconnected since.
+        self.handshaken = False
         self.wrong_peers = 0              # handshakes that failed (every kind)
         self.last_wrong_peer: str | None = None
         self.redials = 0
@@ -309,11 +312,14 @@ class Connections:
                 self._dropped_at = None
             elif event == zmq.EVENT_DISCONNECTED:
                 self.fds.pop(value, None)
+                self.handshaken = False
                 if self.connected and self.gave_up is None:
                     self._dropped_at = time.monotonic()
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._backoff = REDIAL_MIN_S
+                self.handshaken = True
             elif event & HANDSHAKE_EVENTS:
+                self.handshaken = False
                 self._wrong_peer(describe_handshake_failure(event, value),
                                  gives_up=bool(event & GIVES_UP_EVENTS))
         if self._dropped_at is not None and time.monotonic() - self._dropped_at >= NOT_RETRIED_S:
@@ -365,6 +371,7 @@ class Connections:
             pass
         self._sock.connect(self.endpoint)
         self.gave_up = None
+        self.handshaken = False
         self.redials += 1
 
     def snapshot(self) -> dict[str, Any]:
@@ -570,6 +577,8 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
 def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
     """PUSH connected to the writer. Its pipe outlives writer restarts and holds
     up to capture_hwm messages; past that the proxy's send blocks (backpressure).
+    While no writer is connected, the proxy holds the rest itself
+    (proxy.service: the spill).
 
     Kept short on purpose (fairness, issue 22): the capture queue is first in,
     first out, whoever sent what is in it. When the writer cannot keep up, the

@@ -73,7 +73,7 @@ WRITER_FIELDS = ("capture_endpoint", "capture_buffer_bytes", "control_endpoint",
                  "utxo_max_lease_s", "utxo_request_ttl_s", "writer_memory_limit_bytes",
                  "writer_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
 PROXY_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",
-                "capture_hwm", "capture_buffer_bytes", "sub_hwm", "pub_hwm", "max_topic_bytes",
+                "capture_hwm", "capture_hwm_writer_down", "capture_buffer_bytes", "sub_hwm", "pub_hwm", "max_topic_bytes",
                 "proxy_max_frame_bytes", "proxy_subscription_bytes_per_connection",
                 "proxy_subscription_bytes", "proxy_memory_limit_bytes", "proxy_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
 READER_FIELDS = ("read_endpoint", "db", "history_page_rows", "history_page_bytes",

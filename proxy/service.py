@@ -17,6 +17,20 @@ drain_idle_ms (at most 5 such periods), then its capture socket lingers for the
 rest of shutdown_timeout_ms so that what is queued for the writer is still
 delivered.
 
+The capture queue to the writer is short (BUS_CAPTURE_HWM: fairness, see
+bus/sockets.open_proxy_capture). While no writer has completed its handshake
+on it (a restart, a crash, a wrong peer) the proxy holds what it captures
+instead: the forwarding loop is stopped for a moment and run again with the
+spill (CAPTURE_SPILL_ENDPOINT) as its capture, from which the main thread
+copies each message into `held` (up to BUS_CAPTURE_HWM_WRITER_DOWN; then the
+loop waits in its send). Once the writer is back, the main thread sends what
+is held, oldest first, as the capture's queue takes it, and with little left
+runs the loop with the capture straight to the writer again: the loop
+captures to the writer only while nothing is held, so nothing overtakes it.
+libzmq cannot shorten a queue that holds more than its new length (the
+writer side of a pipe learns what was read only at the reader's low-water
+marks, computed from the old length): so the queue is never lengthened.
+
 The capture PUSH meets whatever listens at the capture endpoint. If that is
 not the writer (a process that bound the port while the writer restarted: a
 NULL listener, a CURVE server with another key), libzmq gives up on the
@@ -25,10 +39,10 @@ block in its next capture send for ever. The proxy watches the capture's
 handshakes (bus/sockets.Connections): on such a failure it logs
 `capture_wrong_peer`, counts it, stops the forwarding loop (a loop blocked in
 a capture send is given a pipe to finish its burst into,
-CAPTURE_RESCUE_ENDPOINT, and what it sent there is kept), connects the
-capture again (backing off to 1 s while the wrong peer stays), sends the kept
-messages first and forwards again. What the dead connection had queued is
-lost; its publishers re-send it (acknowledgements).
+CAPTURE_RESCUE_ENDPOINT, and what it sent there is held), runs it again on the
+spill, and connects the capture again (backing off to 1 s while the wrong peer
+stays). What the dead connection had queued is lost; its publishers re-send it
+(acknowledgements).
 
 Counters come from libzmq's STATISTICS command; libzmq counts frames (message
 parts), not messages, so they are reported as frames. Each run of the
@@ -102,6 +116,16 @@ PAUSE_GIVE_UP_S = 10.0
 # in a capture send: it is given the rescue pipe to finish into.
 CAPTURE_RESCUE_AFTER_S = 0.1
 CAPTURE_RESCUE_ENDPOINT = "inproc://bus-proxy-capture-rescue"
+# While no writer is there, the forwarding loop captures into this pipe (the
+# spill) and the main thread holds what arrives, for the writer once it is
+# back (see the module's doc).
+CAPTURE_SPILL_ENDPOINT = "inproc://bus-proxy-capture-spill"
+# Messages moved between the spill, what is held and the capture in one pass
+# of the main loop: control requests and the memory guard keep their turn.
+CAPTURE_MOVES_PER_PASS = 20_000
+# The capture's course, in `stats` (capture.state).
+CAPTURE_DIRECT, CAPTURE_HOLDING, CAPTURE_DRAINING, CAPTURE_WRONG_PEER = (
+    "direct", "holding", "draining", "wrong_peer")
 # Subscription budgets (see SubscriptionBudget): how often the bytes each
 # subscriber connection sent are read, and what libzmq may hold of a connection
 # beyond what was counted (its kernel receive buffer, its pipe of subscriptions
@@ -140,6 +164,8 @@ HTTP_SERIES = [
            "capture queue?)", lambda s: int(s["forwarding"] == "blocked")),
     Series("capture_wrong_peers", "counter", "capture handshakes that failed: something other "
            "than the writer at the capture endpoint", lambda s: s["capture"]["wrong_peers"]),
+    Series("capture_held", "gauge", "messages held for a writer that is not connected (sent "
+           "to it, in order, once it is back)", lambda s: s["capture"]["held"]),
     Series("capture_redials", "counter", "capture endpoint connected again after libzmq gave up "
            "on a wrong peer", lambda s: s["capture"]["redials"]),
     Series("subscription_cutoffs", "counter", "subscriber connections cut off over a "
@@ -156,7 +182,7 @@ def proxy_health(stats: dict[str, Any]) -> str | None:
     if stats["forwarding"] == "blocked":
         return ("capture stalled: the forwarding loop is blocked (its capture queue is full: "
                 "is the writer down?)")
-    if stats["forwarding"] == "reconnecting":
+    if stats["capture"]["state"] == CAPTURE_WRONG_PEER:
         return (f"capture reconnecting: {stats['capture']['last_wrong_peer']} at the capture "
                 "endpoint (another process bound it while the writer was down?)")
     if stats["forwarding"] == "paused":
@@ -315,8 +341,22 @@ class Proxy:
         self._capture_down: str | None = None
         self._capture_stop_sent = 0.0
         self._rescue: zmq.Socket | None = None
-        self._rescued: deque[list[zmq.Frame]] = deque()
         self.rescued_total = 0
+        # What was captured and not yet sent to the writer, oldest first: the
+        # rescued burst of a blocked loop, then what the loop spilled while no
+        # writer was there. The loop captures straight to the writer only
+        # while this is empty, so nothing overtakes it.
+        # Held as bytes: a frame copied costs about 430 bytes a message of
+        # 100 (three frames), a zmq.Frame kept about 990.
+        self.held: deque[list[bytes]] = deque()
+        self.spilled_total = 0
+        self.held_peak = 0
+        # The capture the running (or last) forwarding loop was given, and
+        # whether TERMINATE was sent to it (it must then be read from, to end).
+        self._loop_capture: zmq.Socket | None = None
+        self._loop_ending = False
+        self._wrong_peer_seen: str | None = None
+        self._feeding = False  # self.capture registered for POLLOUT
 
     def initialize(self, stop: StopSignal) -> None:
         cfg = self.config
@@ -343,6 +383,13 @@ class Proxy:
                                                   watch(WRITER, cfg.capture_endpoint))
         # Nothing connects here but the capture's recovery (see the module's doc).
         self.capture.bind(CAPTURE_RESCUE_ENDPOINT)
+        self.spill = self.ctx.socket(zmq.PUSH)
+        self._spill_reader = self.ctx.socket(zmq.PULL)
+        for sock, option in ((self.spill, zmq.SNDHWM), (self._spill_reader, zmq.RCVHWM)):
+            sock.setsockopt(option, cfg.capture_hwm)
+            sock.setsockopt(zmq.LINGER, 0)
+        self.spill.bind(CAPTURE_SPILL_ENDPOINT)
+        self._spill_reader.connect(CAPTURE_SPILL_ENDPOINT)
         self.control = sockets.open_proxy_control(self.ctx, cfg,
                                                   watch(CONTROL, cfg.proxy_control_endpoint))
         self._start_forwarding()
@@ -351,6 +398,7 @@ class Proxy:
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(stop.fileno(), zmq.POLLIN)
+        self.poller.register(self._spill_reader, zmq.POLLIN)
         log.info("started", pub_endpoint=cfg.pub_endpoint, sub_endpoint=cfg.sub_endpoint,
                  capture_endpoint=cfg.capture_endpoint,
                  control_endpoint=cfg.proxy_control_endpoint, capture_hwm=cfg.capture_hwm,
@@ -389,8 +437,14 @@ class Proxy:
             self.subscriptions.check(self.connections[SUBSCRIBERS], now)
 
     def _start_forwarding(self) -> None:
+        """Run the forwarding loop, capturing straight to the writer if it is
+        there and nothing is held for it, else into the spill."""
         self._open_steering()
-        self._thread = threading.Thread(target=self._run_proxy, args=(self._steered,),
+        writer = self.connections[WRITER]
+        direct = not self.held and writer.handshaken and writer.gave_up is None
+        self._loop_capture = self.capture if direct else self.spill
+        self._thread = threading.Thread(target=self._run_proxy,
+                                        args=(self._steered, self._loop_capture),
                                         name="zmq-proxy", daemon=True)
         self._thread.start()
 
@@ -414,15 +468,18 @@ class Proxy:
         self._awaiting.clear()
         self._last_reply = None
         self._steering_lost = False
+        self._loop_ending = False
 
-    def _run_proxy(self, steered: zmq.Socket) -> None:
+    def _run_proxy(self, steered: zmq.Socket, capture: zmq.Socket) -> None:
         """The forwarding loop's thread. At shutdown its sockets are closed
         here, where they are used: the loop may be blocked in a capture send
-        (writer down, queue full) and only the context's termination (ETERM)
-        frees it. When the memory guard ends it, the main thread takes the
-        sockets over until it starts the loop again."""
+        (a writer connected but not reading, queue full) and only the
+        context's termination (ETERM) frees it; the spill stays the main
+        thread's, which reads what is left in it. When the memory guard or
+        the capture's course ends the loop, the main thread takes the sockets
+        over until it starts the loop again."""
         try:
-            zmq.proxy_steerable(self.frontend, self.backend, self.capture, steered)
+            zmq.proxy_steerable(self.frontend, self.backend, capture, steered)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.ETERM:
                 self._proxy_error = exc
@@ -431,14 +488,14 @@ class Proxy:
         finally:
             if (self._paused_at is None and self._capture_down is None) \
                     or self._proxy_error is not None:
-                self._close_forwarding_sockets()
+                self._close_forwarding_sockets(capture_too=capture is self.capture)
 
-    def _close_forwarding_sockets(self) -> None:
+    def _close_forwarding_sockets(self, capture_too: bool = True) -> None:
         for name in ("frontend", "backend", "_steered"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)
-        if getattr(self, "capture", None) is not None:
+        if capture_too and getattr(self, "capture", None) is not None:
             # Queued captures still reach the writer within the shutdown deadline.
             self.capture.close(linger=self._capture_linger_ms)
 
@@ -458,7 +515,8 @@ class Proxy:
         now = time.monotonic() if now is None else now
         self.guard_memory(now)
         self.guard_subscriptions(now)
-        self.recover_capture(now)
+        self.tend_capture(now)
+        self._watch_capture_room()
 
     def _stats_command(self, _request: control.Request) -> dict[str, Any]:
         stats = self.read_stats()
@@ -475,6 +533,7 @@ class Proxy:
         the command stays queued for it, and its reply is matched later."""
         self.steer.send(command)
         self._awaiting.append(command)
+        self._loop_ending |= command == STEER_TERMINATE
         return self._last_reply if self._answered(wait_ms) else None
 
     def _answered(self, wait_ms: int) -> bool:
@@ -538,9 +597,12 @@ class Proxy:
                 "control": self.dispatcher.counters.snapshot(),
                 "security": security.snapshot(self.config),
                 "capture_hwm": self.config.capture_hwm,
+                "capture_hwm_writer_down": self.config.capture_hwm_writer_down,
                 "subscriptions": self.subscriptions.snapshot(),
                 "steering": {"runs": self._steering_runs, "desyncs": self.steering_desyncs},
                 "capture": {**self.connections[WRITER].snapshot(),
+                            "state": self.capture_state(), "held": len(self.held),
+                            "held_peak": self.held_peak, "spilled": self.spilled_total,
                             "rescued": self.rescued_total},
                 "connections": {side: self.connections[side].counts()
                                 for side in (PUBLISHERS, SUBSCRIBERS, CONTROL)
@@ -663,68 +725,169 @@ class Proxy:
             event, action="resumed forwarding", rss_bytes=self._rss, limit_bytes=limit,
             paused_ms=round((now - (self._paused_at or now)) * 1000))
         self._paused_at = None
-        if self._capture_down is None:  # else recover_capture starts it
+        if self._capture_down is None:  # else tend_capture starts it
             self._start_forwarding()
 
-    # --- a wrong peer at the capture endpoint ------------------------------------
+    # --- the capture's course: the writer, held, a wrong peer ------------------
 
-    def recover_capture(self, now: float) -> None:
-        """Connect the capture again after libzmq gave up on a wrong peer (see
-        the module's doc). Called once per pass; never waits long."""
+    def capture_state(self) -> str:
         writer = self.connections[WRITER]
-        if self._capture_down is None:
-            if writer.gave_up is None:
-                return
-            self._capture_down = writer.gave_up
+        if writer.gave_up is not None:
+            return CAPTURE_WRONG_PEER
+        if self._forwarding() and self._loop_capture is self.capture:
+            return CAPTURE_DIRECT
+        return CAPTURE_DRAINING if writer.handshaken and self.held else CAPTURE_HOLDING
+
+    def tend_capture(self, now: float) -> None:
+        """Keep what is captured going to the writer, and live delivery going
+        while no writer takes it (see the module's doc). Called once per pass;
+        never waits long."""
+        writer = self.connections[WRITER]
+        if writer.gave_up is not None and self._wrong_peer_seen is None:
+            self._wrong_peer_seen = writer.gave_up
             log.warning("capture_wrong_peer", endpoint=self.config.capture_endpoint,
                         reason=writer.gave_up, wrong_peers=writer.wrong_peers,
-                        action="stopping forwarding to connect the capture again")
-            if self._forwarding():
-                counted = self.counters(wait_ms=50)
-                if counted is not None:
-                    self._counted = counted
-                self._steer(STEER_TERMINATE, 0)
-                self._capture_stop_sent = now
+                        action="holding what is captured; connecting the capture again")
+        if self._forwarding() and self._capture_down is None:
+            why = self._why_change_course(writer)
+            if why is not None:
+                self._stop_loop_for_capture(why, now)
+        if self._loop_capture is self.spill:
+            self._take_spilled()
         if self._forwarding():
-            if self._rescue is None and now - self._capture_stop_sent >= CAPTURE_RESCUE_AFTER_S:
-                # Blocked in a capture send that no pipe will take: this one does,
-                # so the loop finishes its burst and reads TERMINATE.
-                self._rescue = self.ctx.socket(zmq.PULL)
-                self._rescue.connect(CAPTURE_RESCUE_ENDPOINT)
-            self._take_rescued()
-            return
-        if self._rescue is not None:  # the loop has ended: nothing more comes
-            # Unbound first, so that no send of ours goes there; what the loop
-            # sent is still read (the pipe delivers up to its end).
-            self.capture.unbind(CAPTURE_RESCUE_ENDPOINT)
+            if self._loop_capture is self.capture:
+                if self._capture_down is not None:
+                    self._rescue_blocked_loop(now)
+                return
+        else:
+            self._end_of_loop()
+        # From here the main thread owns the capture: the loop, if it runs,
+        # sends into the spill.
+        if writer.gave_up is not None and writer.redial_due(now):
+            writer.redial()
+            self._wrong_peer_seen = None
+            log.info("capture_redialed", endpoint=self.config.capture_endpoint,
+                     redials=writer.redials, held=len(self.held))
+        self._send_held(writer)
+        if self._forwarding() or self._capture_down is None or self._paused_at is not None:
+            return  # running, or stopped for something else (the memory guard resumes it)
+        if writer.handshaken and writer.gave_up is None and self.held \
+                and len(self.held) <= self.config.capture_hwm:
+            return  # the writer is taking the last of what is held: straight to it after
+        self._capture_down = None
+        self._start_forwarding()
+
+    def _why_change_course(self, writer: sockets.Connections) -> str | None:
+        """Why the running loop must be stopped to capture elsewhere, if it must."""
+        if self._loop_capture is self.capture:
+            if writer.gave_up is not None:
+                return f"a wrong peer at the capture endpoint: {writer.gave_up}"
+            if not writer.handshaken:
+                return "the writer is gone: holding what is captured"
+        elif writer.handshaken and writer.gave_up is None \
+                and len(self.held) <= self.config.capture_hwm:
+            return "the writer is back: capturing straight to it again"
+        return None
+
+    def _stop_loop_for_capture(self, why: str, now: float) -> None:
+        self._capture_down = why
+        log.info("capture_course", action="stopping the forwarding loop for a moment",
+                 reason=why, held=len(self.held))
+        counted = self.counters(wait_ms=50)
+        if counted is not None:
+            self._counted = counted
+        self._steer(STEER_TERMINATE, 0)
+        self._capture_stop_sent = now
+
+    def _rescue_blocked_loop(self, now: float) -> None:
+        """A loop stopped while capturing to the writer may be blocked in a
+        capture send that no pipe will take (no writer, or a wrong peer): the
+        rescue pipe does, so the loop finishes its burst and reads TERMINATE."""
+        if self._rescue is None and now - self._capture_stop_sent >= CAPTURE_RESCUE_AFTER_S:
+            self._rescue = self.ctx.socket(zmq.PULL)
+            self._rescue.connect(CAPTURE_RESCUE_ENDPOINT)
+        self._take_rescued()
+
+    def _end_of_loop(self) -> None:
+        """The loop has ended: what it sent into the rescue pipe or the spill
+        is read to its end (a pipe delivers up to its end) and held."""
+        if self._rescue is not None:
+            open_capture = not self.capture.closed  # (closed by the loop at shutdown)
+            if open_capture:  # unbound first, so that no send of ours goes there
+                self.capture.unbind(CAPTURE_RESCUE_ENDPOINT)
             while self._rescue.poll(10):
                 self._take_rescued()
             self._rescue.close(linger=0)
             self._rescue = None
-            self.capture.bind(CAPTURE_RESCUE_ENDPOINT)
-        if writer.gave_up is not None:
-            if not writer.redial_due(now):
-                return
-            writer.redial()
-        while self._rescued:  # first, in the order the loop sent them
+            if open_capture:
+                self.capture.bind(CAPTURE_RESCUE_ENDPOINT)
+        if self._loop_capture is self.spill:
+            while self._spill_reader.poll(10):
+                self._take_spilled(ending=True)
+        self._loop_capture = None
+
+    def _send_held_until(self, deadline: float) -> None:
+        """At shutdown: what is held goes into the capture's queue as it takes
+        it, until `deadline` (the capture then lingers for what is left of it)."""
+        while self.held and time.monotonic() < deadline:
             try:
-                self.capture.send_multipart(self._rescued[0], zmq.NOBLOCK, copy=False)
+                self.capture.send_multipart(self.held[0], zmq.NOBLOCK)
             except zmq.Again:
-                return  # the new connection's queue is full: the next pass goes on
-            self._rescued.popleft()
-        log.info("capture_redialed", endpoint=self.config.capture_endpoint,
-                 redials=writer.redials, rescued=self.rescued_total)
-        self._capture_down = None
-        if self._paused_at is None:
-            self._start_forwarding()
+                self.capture.poll(min(50, max(1, int((deadline - time.monotonic()) * 1000))),
+                                  zmq.POLLOUT)
+                continue
+            self.held.popleft()
 
     def _take_rescued(self) -> None:
         while self._rescue is not None:
             try:
-                self._rescued.append(self._rescue.recv_multipart(zmq.NOBLOCK, copy=False))
+                self.held.append(self._rescue.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
             self.rescued_total += 1
+        self.held_peak = max(self.held_peak, len(self.held))
+
+    def _take_spilled(self, ending: bool = False) -> None:
+        """Hold what the loop spilled, up to capture_hwm_writer_down messages;
+        past that the loop waits in its send (live delivery with it), unless
+        it is to end, which it must be read from to do."""
+        bound = self.config.capture_hwm_writer_down
+        for _ in range(CAPTURE_MOVES_PER_PASS):
+            if len(self.held) >= bound and not (ending or self._loop_ending):
+                break
+            try:
+                self.held.append(self._spill_reader.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            self.spilled_total += 1
+        self.held_peak = max(self.held_peak, len(self.held))
+
+    def _send_held(self, writer: sockets.Connections) -> None:
+        """Send what is held to the writer, oldest first, as its queue takes
+        it. Only to a writer that completed its handshake: what is queued for
+        a wrong peer is lost with its connection."""
+        if not (writer.handshaken and writer.gave_up is None):
+            return
+        for _ in range(CAPTURE_MOVES_PER_PASS):
+            if not self.held:
+                return
+            try:
+                self.capture.send_multipart(self.held[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.held.popleft()
+
+    def _watch_capture_room(self) -> None:
+        """Wake the main loop when the capture has room while something is
+        held for the writer and the main thread owns the capture."""
+        feeding = bool(self.held) and self.connections[WRITER].handshaken and not (
+            self._forwarding() and self._loop_capture is self.capture)
+        if feeding != self._feeding:
+            if feeding:
+                self.poller.register(self.capture, zmq.POLLOUT)
+            else:
+                self.poller.unregister(self.capture)
+            self._feeding = feeding
 
     # --- stopping -------------------------------------------------------------
 
@@ -748,7 +911,11 @@ class Proxy:
                 seen, quiet_since = counters["frontend_frames_in"], time.monotonic()
             elif time.monotonic() - quiet_since >= idle:
                 return
-            time.sleep(min(0.05, idle))
+            if self._loop_capture is self.spill:  # read, or the loop waits in its send
+                self._spill_reader.poll(int(min(0.05, idle) * 1000))
+                self._take_spilled()
+            else:
+                time.sleep(min(0.05, idle))
         log.warning("drain_cut_short", forwarded_frames=seen,
                     drain_window_ms=int(DRAIN_WINDOW_IDLES * self.config.drain_idle_ms))
 
@@ -761,22 +928,32 @@ class Proxy:
             self.drain_before_exit(deadline)
             join_s = 1.0
             self._capture_linger_ms = max(0, int((deadline - time.monotonic() - join_s) * 1000))
-            self._paused_at = None  # the loop's thread closes its sockets
+            self._paused_at = self._capture_down = None  # the loop's thread closes its sockets
             self._steer(STEER_TERMINATE, 0)
-            # Blocked in a capture send, the loop never reads TERMINATE: the
-            # context's termination below ends it (ETERM).
-            thread.join(join_s)
+            # Blocked in a capture send to the writer, the loop never reads
+            # TERMINATE: the context's termination below ends it (ETERM).
+            # Sending into the spill, it is read from until it ends.
+            ends = time.monotonic() + join_s
+            while thread.is_alive() and time.monotonic() < ends:
+                if self._loop_capture is self.spill:
+                    self._take_spilled(ending=True)
+                thread.join(0.01)
             if not thread.is_alive():  # it may have ended for a pause just before
-                self._close_forwarding_sockets()
+                self._close_forwarding_sockets(capture_too=False)
         else:  # never started, paused by the memory guard or stopped for the capture
             self._capture_linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if self._capture_down is not None:
-                log.warning("drain_skipped", reason="forwarding was stopped to connect the "
-                            f"capture again ({self._capture_down})")
-            self._close_forwarding_sockets()
+            self._close_forwarding_sockets(capture_too=False)
+        if not self._forwarding():  # the capture is this thread's
+            self._end_of_loop()
+            self._send_held_until(deadline)
+            self.capture.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
+        if self.held:
+            log.warning("capture_held_lost", messages=len(self.held),
+                        reason="the writer did not take them before the shutdown deadline; "
+                               "publishers with acknowledgements send theirs again")
         for connections in getattr(self, "connections", {}).values():
             connections.close()
-        for name in ("control", "steer", "_rescue"):
+        for name in ("control", "steer", "_rescue", "spill", "_spill_reader"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)

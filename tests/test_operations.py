@@ -246,7 +246,8 @@ def test_healthz_says_why_a_process_is_not_healthy(make_bus, tmp_path: Path) -> 
     there; 200 again once it is over."""
     bus = make_bus(BUS_WRITER_HTTP=f"127.0.0.1:{free_port()}",
                    BUS_PROXY_HTTP=f"127.0.0.1:{free_port()}",
-                   BUS_READER_HTTP=f"127.0.0.1:{free_port()}", BUS_CAPTURE_HWM=10)
+                   BUS_READER_HTTP=f"127.0.0.1:{free_port()}", BUS_CAPTURE_HWM=10,
+                   BUS_CAPTURE_HWM_WRITER_DOWN=10)
     bus.start_reader()  # before the writer: no database yet
     wait_for(lambda: scrape(bus["BUS_READER_HTTP"], "/healthz")[0] == 503,
              message="the reader to say its database is not there")
@@ -276,7 +277,7 @@ def test_healthz_says_why_a_process_is_not_healthy(make_bus, tmp_path: Path) -> 
     plain.connect(bus["BUS_PUB_ENDPOINT"])
     try:
         def stalled() -> bool:
-            for i in range(50):  # more than the proxy's capture queue (10) holds
+            for i in range(50):  # more than the proxy's capture queue and what it holds (10 each)
                 plain.send_multipart([b"stalled.t", b"%d" % i])
             return scrape(bus["BUS_PROXY_HTTP"], "/healthz")[0] == 503
         wait_for(stalled, interval=0.2, message="the proxy to say its capture is stalled")
