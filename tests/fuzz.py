@@ -519,7 +519,8 @@ def idle_connections(bus: Bus, per_endpoint: int, rounds: int, hold_s: float,
     acknowledgement, and pings both control endpoints. The figures: whether
     each process lived through it, each one's most open descriptors, what was
     published and acknowledged, the pings answered and missed, and each
-    process's `connections` stats afterwards."""
+    process's `connections` stats afterwards, and each one's RSS before and at
+    its peak."""
     cfg = bus.config()
     client = client or cfg
     keys = security.client_keys(admin or cfg)
@@ -532,6 +533,8 @@ def idle_connections(bus: Bus, per_endpoint: int, rounds: int, hold_s: float,
     published = 0
     unacknowledged_waves = 0
     opened = 0
+    rss = RssSampler(pids)
+    before = rss.now()
     with Publisher(client, producer_id="fuzz-idle", connect_timeout=10) as pub, \
             ControlClient(cfg.control_endpoint, timeout_ms=3000, curve=keys) as writer, \
             ControlClient(cfg.proxy_control_endpoint, timeout_ms=3000, curve=keys) as proxy:
@@ -569,6 +572,7 @@ def idle_connections(bus: Bus, per_endpoint: int, rounds: int, hold_s: float,
             if not all(alive.values()):
                 break
         acknowledged = pub.acked_seq
+    rss.stop()
     stats = {}
     for role, endpoint in (("writer", "BUS_CONTROL_ENDPOINT"),
                            ("proxy", "BUS_PROXY_CONTROL_ENDPOINT"),
@@ -582,6 +586,7 @@ def idle_connections(bus: Bus, per_endpoint: int, rounds: int, hold_s: float,
         except BusError as exc:
             stats[role] = repr(exc)
     return {"opened": opened, "alive": alive, "most_fds": most_fds, "pings": pings,
+            "rss_kib": {role: {"before": before[role], "peak": rss.peak[role]} for role in pids},
             "published": published, "acknowledged": acknowledged,
             "unacknowledged_waves": unacknowledged_waves,
             "stored": query(bus.db, "SELECT count(*), count(DISTINCT producer_seq) FROM "
