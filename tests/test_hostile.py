@@ -554,6 +554,39 @@ def test_a_slow_subscriber_is_cut_off_before_the_proxy_outgrows_its_limit(make_b
         wait_until_delivered(pub, sub, "big.again")  # subscribers come back
 
 
+def test_what_the_proxy_holds_for_a_writer_that_is_down_stays_under_its_limit(make_bus) -> None:
+    """While no writer is connected the proxy holds what it captures in its
+    own memory (up to BUS_CAPTURE_HWM_WRITER_DOWN messages): 400 messages of
+    900 KB would take it 360 MB. Its memory guard bounds that in bytes: it
+    pauses over the limit, stays paused while nothing drains, and once the
+    writer is back sends what it holds and forwards again: every message
+    stored once."""
+    bus = make_bus(BUS_PROXY_MEMORY_LIMIT_BYTES=PROXY_LIMIT).start()
+    sampler = RssSampler({"proxy": bus.proxy.pid}, interval=0.02)
+    payload = os.urandom(900_000)
+    try:
+        with Publisher(bus.config(), producer_id="held", connect_timeout=5) as pub:
+            pub.publish("held.probe", b"", wait=True)
+            assert bus.writer.stop() == 0
+            wait_for(lambda: bus.proxy_stats()["capture"]["state"] == "holding",
+                     message="the proxy to hold for the writer that is gone")
+            for _ in range(400):
+                pub.publish("held.x", payload)
+            wait_for(lambda: bus.proxy_stats()["memory"]["pauses"] >= 1, timeout=30,
+                     message="the proxy to pause over its limit")
+            assert bus.proxy.popen.poll() is None
+            bus.start_writer()
+            pub.flush(timeout=120)
+    finally:
+        sampler.stop()
+    assert (sampler.peak["proxy"] << 10) < PROXY_LIMIT + PROXY_OVERSHOOT, sampler.peak
+    assert bus.count("held.x") == 400 and all_alive(bus)
+    assert len({row[0] for row in query(bus.db, "SELECT producer_seq FROM messages "
+                                                 "WHERE topic = 'held.x'")}) == 400
+    wait_for(lambda: bus.proxy_stats()["capture"]["state"] == "direct",
+             message="the capture straight to the writer again")
+
+
 # Run in a process of its own: a reaper blocked for good blocks the context's
 # termination too, and so the process it is in.
 CLOSE_A_WATCHED_SOCKET = """
