@@ -392,13 +392,13 @@ class Proxy:
         self._spill_reader.connect(CAPTURE_SPILL_ENDPOINT)
         self.control = sockets.open_proxy_control(self.ctx, cfg,
                                                   watch(CONTROL, cfg.proxy_control_endpoint))
-        self._start_forwarding()
-        if cfg.proxy_http:
-            self.http = HttpSide("proxy", cfg.proxy_http, HTTP_SERIES, proxy_health)
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(stop.fileno(), zmq.POLLIN)
-        self.poller.register(self._spill_reader, zmq.POLLIN)
+        self._reading_spill = False  # self._spill_reader registered for POLLIN
+        self._start_forwarding()
+        if cfg.proxy_http:
+            self.http = HttpSide("proxy", cfg.proxy_http, HTTP_SERIES, proxy_health)
         log.info("started", pub_endpoint=cfg.pub_endpoint, sub_endpoint=cfg.sub_endpoint,
                  capture_endpoint=cfg.capture_endpoint,
                  control_endpoint=cfg.proxy_control_endpoint, capture_hwm=cfg.capture_hwm,
@@ -443,6 +443,8 @@ class Proxy:
         writer = self.connections[WRITER]
         direct = not self.held and writer.handshaken and writer.gave_up is None
         self._loop_capture = self.capture if direct else self.spill
+        if direct:  # the loop's thread owns the capture now: no longer polled here
+            self._watch_capture_room()
         self._thread = threading.Thread(target=self._run_proxy,
                                         args=(self._steered, self._loop_capture),
                                         name="zmq-proxy", daemon=True)
@@ -879,15 +881,25 @@ class Proxy:
 
     def _watch_capture_room(self) -> None:
         """Wake the main loop when the capture has room while something is
-        held for the writer and the main thread owns the capture."""
-        feeding = bool(self.held) and self.connections[WRITER].handshaken and not (
-            self._forwarding() and self._loop_capture is self.capture)
+        held for the writer and the main thread owns the capture, and when the
+        spill has something while it may be read (not at the bound: a spill
+        left unread would wake the loop at once, for ever)."""
+        feeding = bool(self.held) and self.connections[WRITER].handshaken and \
+            self._loop_capture is not self.capture
         if feeding != self._feeding:
             if feeding:
                 self.poller.register(self.capture, zmq.POLLOUT)
             else:
                 self.poller.unregister(self.capture)
             self._feeding = feeding
+        reading = self._loop_capture is self.spill and (
+            len(self.held) < self.config.capture_hwm_writer_down or self._loop_ending)
+        if reading != self._reading_spill:
+            if reading:
+                self.poller.register(self._spill_reader, zmq.POLLIN)
+            else:
+                self.poller.unregister(self._spill_reader)
+            self._reading_spill = reading
 
     # --- stopping -------------------------------------------------------------
 

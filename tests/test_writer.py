@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import msgpack
 import pytest
@@ -15,6 +16,7 @@ from bus import protocol
 from bus.client import BusError, ControlClient, Publisher, Subscriber
 from tests.conftest import (BUS_CLI, DEADLINE, LOCKED_ERROR, Bus, RawProducer, WriteLock, execute,
                             integrity_ok, query, wait_for, wait_until_delivered)
+from tests.test_anchor import cpu_seconds
 from tests.test_hostile import publish_acked
 
 # A flush interval of ten minutes: anything stored before then was flushed by
@@ -324,6 +326,11 @@ def test_writer_down_past_what_the_proxy_holds_loses_nothing(make_bus) -> None:
         while (msg := sub.receive(timeout=1)) is not None:
             live += msg.topic == "short.data"
         assert 3_000 <= live < 20_000, f"live delivery waits once 3,000 are held ({live})"
+        # Waiting at the bound costs the proxy no CPU (a spill left unread in
+        # its poller woke its main loop at once, for ever).
+        used = cpu_seconds(bus.proxy.pid)
+        time.sleep(2.0)  # the CPU of a process that waits, over a fixed span
+        assert cpu_seconds(bus.proxy.pid) - used < 0.5, "the proxy spins while it waits"
         bus.start_writer()
         while live < 20_000:
             msg = sub.receive(timeout=5)
