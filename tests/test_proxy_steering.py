@@ -1,10 +1,12 @@
 """The proxy's steering socket stays in step with its forwarding loop (issue 22,
 item 3), with real processes: a proxy whose forwarding loop is blocked in a
-capture send (the writer not started, a capture queue of one message) when
-the memory guard pauses it, so that the pause's STATISTICS and TERMINATE are
-answered late, after the guard has stopped waiting for them; then the writer
-comes, the loop reads both, answers and ends, and the guard resumes
-forwarding with a new run of the loop. The proxy runs as its Type=notify unit
+capture send (the writer connected but stopped with SIGSTOP, a capture queue
+of one message) when the memory guard pauses it, so that the pause's
+STATISTICS and TERMINATE are answered late, after the guard has stopped
+waiting for them; then the writer goes on, the loop reads both, answers and
+ends, and the guard resumes forwarding with a new run of the loop. (A writer
+that is not connected no longer blocks the loop: the proxy holds what it
+captures meanwhile.) The proxy runs as its Type=notify unit
 does (NOTIFY_SOCKET, WATCHDOG_USEC) with its HTTP side on.
 
 The code the issue describes (3a5791a) started the new run with the count of
@@ -18,6 +20,7 @@ every reply with its command (proxy/service.py, _open_steering, _answered)."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from pathlib import Path
@@ -138,16 +141,21 @@ def test_late_steering_replies_of_a_paused_loop_do_not_reach_its_next_run(make_b
     notify = NotifySocket(tmp_path / "notify.sock")
     bus = make_bus(BUS_PROXY_HTTP=f"127.0.0.1:{free_port()}",
                    BUS_PROXY_MEMORY_LIMIT_BYTES=MEMORY_LIMIT_BYTES,
-                   # The writer is not started yet: the loop's second capture
-                   # send blocks, and with it every steering command.
+                   # The writer stopped (SIGSTOP) once connected: the loop's
+                   # second capture send blocks, and with it every steering
+                   # command.
                    BUS_CAPTURE_HWM=1)
+    bus.start_writer()
     try:
         proxy = start_proxy_unit(bus, notify)
+        wait_for(lambda: bus.proxy_stats().get("capture", {}).get("state", "direct") == "direct",
+                 message="the capture connected to the writer")  # (no state before issue 22)
+        bus.writer.send_signal(signal.SIGSTOP)
         flood_until_paused(bus, proxy)
         # Paused while blocked: the pause's STATISTICS and TERMINATE wait in
         # the loop's queue, and `stats` says so.
         assert stats_outcome(bus) == protocol.BUSY
-        bus.start_writer()  # the loop sends its burst, answers both, and ends
+        bus.writer.send_signal(signal.SIGCONT)  # the loop sends its burst, answers both, ends
         wait_for(lambda: logged(proxy, *RESUMED) or proxy.popen.poll() is not None,
                  timeout=30, message="forwarding to resume")
         pings = notify.pings()
@@ -160,4 +168,5 @@ def test_late_steering_replies_of_a_paused_loop_do_not_reach_its_next_run(make_b
         outcomes = [stats_outcome(bus) for _ in range(3)]
         assert outcomes == ["running"] * 3, (outcomes, crash_report(proxy))
     finally:
+        bus.writer.send_signal(signal.SIGCONT)
         notify.close()
