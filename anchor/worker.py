@@ -1,7 +1,8 @@
 """bus-anchor: anchors document hashes in Bitcoin transactions.
 
-Reads    anchor.request (durable consumer BUS_ANCHOR_CONSUMER: nothing is lost
-         while the worker is down; its position moves only past requests that
+Reads    anchor.request (durable consumer BUS_ANCHOR_CONSUMER, created before the
+         first stored message: nothing is lost while the worker is down or
+         before it first starts; its position moves only past requests that
          are recorded in an anchor, or refused)
 Asks     the writer (REQ, Lazy Pirate): UTXO leases, anchor records, wallet sync
 Talks to bitcoind: JSON-RPC, and ZMQ hashblock (polling as the fallback)
@@ -321,8 +322,12 @@ class AnchorWorker:
             events.connect()
             self.events = events
         if self.requests is None:
+            # A new consumer starts before the first stored message (after_id=0),
+            # not after the newest: requests stored before the worker's first
+            # start (or while its consumer was gone) are read too. Those already
+            # anchored are left out by _anchor_pending (anchor_known).
             self.requests = Subscriber([protocol.ANCHOR_REQUEST_TOPIC], cfg, context=self.ctx,
-                                       durable=cfg.anchor_consumer, auto_ack=False)
+                                       durable=cfg.anchor_consumer, auto_ack=False, after_id=0)
         if self.sync is None:
             self.sync = WalletSync(self.rpc, self.utxos, cfg.anchor_sync_page)
         if self.sealer is None and cfg.sealed_prefixes:
