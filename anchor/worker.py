@@ -1,7 +1,8 @@
 """bus-anchor: anchors document hashes in Bitcoin transactions.
 
-Reads    anchor.request (durable consumer BUS_ANCHOR_CONSUMER: nothing is lost
-         while the worker is down; its position moves only past requests that
+Reads    anchor.request (durable consumer BUS_ANCHOR_CONSUMER, created before the
+         first stored message: nothing is lost while the worker is down or
+         before it first starts; its position moves only past requests that
          are recorded in an anchor, or refused)
 Asks     the writer (REQ, Lazy Pirate): UTXO leases, anchor records, wallet sync
 Talks to bitcoind: JSON-RPC, and ZMQ hashblock (polling as the fallback)
@@ -197,8 +198,9 @@ class AnchorWorker:
                                              sockets.connection_cap(cfg, 1, log))
         self.control = sockets.open_anchor_control(
             self.ctx, cfg, self.guard.watch("control", cfg.anchor_control_endpoint))
-        self.dispatcher = control.Dispatcher({"stats": lambda _request: self.stats()}, log, cfg,
-                                             domain="anchor_control")
+        self.dispatcher = control.Dispatcher({"stats": lambda _request: self.stats(),
+                                              "request_status": self.request_status},
+                                             log, cfg, domain="anchor_control")
         if cfg.anchor_http:
             self.http = HttpSide("anchor", cfg.anchor_http, HTTP_SERIES, anchor_health)
         self.poller = zmq.Poller()
@@ -270,6 +272,21 @@ class AnchorWorker:
             "audit": self.sealer.snapshot() if self.sealer is not None else None,
         }
 
+    def request_status(self, request: control.Request) -> dict[str, Any]:
+        """`request_status {hash}`: whether this worker has taken a request for
+        `hash` (it waits in the batch to anchor), and how far it has read the
+        stored requests: `anchor submit --wait` tells from it, within seconds,
+        a request no worker takes (docs/protocol.md, "Anchoring")."""
+        digest = request.args.get("hash")
+        if not (isinstance(digest, bytes) and len(digest) == 32):
+            raise control.CommandFailed(protocol.BAD_REQUEST, "'hash' must be 32 bytes (a SHA-256)",
+                                        bad_input=True)
+        return {"hash": digest, "waiting": digest in self._pending_hashes,
+                "consumer": self.config.anchor_consumer, "reading": self.requests is not None,
+                "read_through_id": self.requests.received_through
+                if self.requests is not None else None,
+                "documents": len(self.pending), "max_documents": self.config.anchor_max_documents}
+
     def status_line(self) -> str:
         return (f"{len(self.pending):,} documents waiting; {len(self.open):,} anchors open; "
                 f"{self.counters['anchored']:,} anchored, {self.counters['confirmed']:,} "
@@ -321,8 +338,12 @@ class AnchorWorker:
             events.connect()
             self.events = events
         if self.requests is None:
+            # A new consumer starts before the first stored message (after_id=0),
+            # not after the newest: requests stored before the worker's first
+            # start (or while its consumer was gone) are read too. Those already
+            # anchored are left out by _anchor_pending (anchor_known).
             self.requests = Subscriber([protocol.ANCHOR_REQUEST_TOPIC], cfg, context=self.ctx,
-                                       durable=cfg.anchor_consumer, auto_ack=False)
+                                       durable=cfg.anchor_consumer, auto_ack=False, after_id=0)
         if self.sync is None:
             self.sync = WalletSync(self.rpc, self.utxos, cfg.anchor_sync_page)
         if self.sealer is None and cfg.sealed_prefixes:

@@ -72,6 +72,98 @@ def _document_hash(file: str | None, hex_hash: str | None, hint: str = "--hash")
     return sha.digest()
 
 
+# How long `submit --wait` gives the anchor worker to take a request (read it
+# into its batch) before it says that no worker has; the worker reads a
+# request within a commit of it, unless it is down, reads no more, or is busy
+# reading older ones (which moves the deadline on).
+TAKE_TIMEOUT_S = 10.0
+
+
+class Taking:
+    """Whether an anchor worker has taken the request for `digest`: it waits
+    in the worker's batch (the worker's `request_status`), or is recorded in
+    an anchor (its proof exists). Asked in that order, a request moving from
+    the batch to its anchor between the two questions is seen in one of them.
+    `bound`: the newest stored message id once the request was stored, so its
+    id is at most this; a worker that has read every request up to it and
+    does not hold this one has passed it by."""
+
+    def __init__(self, cfg: Any, digest: bytes, take_timeout: float) -> None:
+        self.cfg = cfg
+        self.digest = digest
+        self.take_timeout = take_timeout
+        self.deadline = time.monotonic() + take_timeout
+        self.taken = False
+        self.read_through: int | None = None
+        self.bound: int | None = None
+        self.consumer_exists: bool | None = None
+        try:
+            with ControlClient(cfg.control_endpoint, timeout_ms=cfg.request_timeout_ms,
+                               curve=security.client_keys(cfg)) as client:
+                known = client.request("consumer_get", {"consumer": cfg.anchor_consumer})
+            self.bound, self.consumer_exists = known["last_message_id"], \
+                known["last_id"] is not None
+        except BusError:
+            pass  # a key that may not ask (a publisher's): no bound, no hint
+
+    def status(self) -> dict[str, Any] | None:
+        """The worker's `request_status` for the digest; None if it does not
+        answer. A worker from before the command: taken, as far as we can tell."""
+        with ControlClient(self.cfg.anchor_control_endpoint,
+                           timeout_ms=min(self.cfg.request_timeout_ms, 1000),
+                           curve=security.client_keys(self.cfg)) as client:
+            try:
+                return client.request("request_status", {"hash": self.digest})
+            except BusError as exc:
+                if exc.code == protocol.UNKNOWN_COMMAND:
+                    self.taken = True
+                return None
+
+    def verdict(self, status: dict[str, Any] | None, proof: dict[str, Any] | None,
+                proof_known: bool = True) -> str | None:
+        """Why no worker has taken the request (the end of a sentence), once
+        that is certain or the take deadline has passed; None meanwhile and
+        once it is taken.
+        `proof_known`: False when the reader did not answer (no proof then
+        says nothing, unless the worker does not answer either)."""
+        if self.taken or (status is not None and status["waiting"]) or proof is not None:
+            self.taken = True
+            return None
+        if status is not None and not proof_known:
+            return None
+        now = time.monotonic()
+        where = f"the anchor worker at {self.cfg.anchor_control_endpoint}"
+        if status is not None:
+            through = status["read_through_id"]
+            if through is not None and self.bound is not None and through >= self.bound:
+                return (f": {where} has read every stored request up to message {through:,} "
+                        "and does not hold this one: a defect; report it (the worker reads "
+                        f"every stored request again after `bus-cli consumers rm "
+                        f"{status['consumer']}` and a restart)")
+            if through is not None and through != self.read_through:
+                if self.read_through is not None:  # reading older requests: progress
+                    self.deadline = now + self.take_timeout
+                self.read_through = through
+        if now < self.deadline:
+            return None
+        waited = f" within {self.take_timeout:g} s"
+        if status is None:
+            why = f"{where} does not answer (is bus-anchor running?)"
+            if self.consumer_exists is False:
+                why += (f"; no anchor worker has started on this bus (no durable consumer "
+                        f"'{self.cfg.anchor_consumer}')")
+            return f"{waited}: {why}. The request is stored: a worker anchors it once it starts"
+        if not status["reading"]:
+            return (f"{waited}: {where} has not opened its durable consumer yet (it needs the "
+                    "writer and the reader: bus-cli health says which does not answer)")
+        if status["documents"] >= status["max_documents"]:
+            return (f"{waited}: {where} holds a full batch of {status['documents']:,} documents "
+                    "(BUS_ANCHOR_MAX_DOCUMENTS) and reads no more requests until it has "
+                    "anchored them (bus-cli health --anchor says why it has not)")
+        return (f"{waited}: {where} has read the stored requests up to message "
+                f"{status['read_through_id'] or 0:,}, not this one yet")
+
+
 def _proof(cfg: Any, digest: bytes) -> dict[str, Any] | None:
     with ControlClient(cfg.read_endpoint, timeout_ms=cfg.request_timeout_ms,
                        curve=security.client_keys(cfg)) as client:
@@ -89,14 +181,21 @@ def _proof(cfg: Any, digest: bytes) -> dict[str, Any] | None:
 @click.option("--timeout", type=FiniteFloat(min=0, max=MAX_SECONDS), default=300.0,
               show_default=True,
               help="seconds --wait waits")
+@click.option("--take-timeout", type=FiniteFloat(min=0, max=MAX_SECONDS), default=TAKE_TIMEOUT_S,
+              show_default=True,
+              help="seconds --wait gives the anchor worker to take the request (longer while "
+                   "it reads older requests); exit 1 if none has")
 @setting_options("pub_endpoint", "sub_endpoint", "control_endpoint", "notify_endpoint",
-                 "read_endpoint", "anchor_control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+                 "read_endpoint", "anchor_control_endpoint", "anchor_consumer",
+                 "request_timeout_ms", *CURVE_FIELDS)
 @click.pass_context
 def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str | None,
-           wait: bool, timeout: float, **flags: Any) -> None:
+           wait: bool, timeout: float, take_timeout: float, **flags: Any) -> None:
     """Request the anchoring of FILE's SHA-256 (or --hash). Exits once the
     request is stored by the bus (so the worker will see it), or with --wait
-    once the document is in a broadcast anchor transaction."""
+    once the document is in a broadcast anchor transaction; --wait exits 1
+    within --take-timeout seconds if no anchor worker has taken the request
+    (the request stays stored)."""
     cfg = build_config(ctx, flags, "anchor")
     digest = _document_hash(file, hex_hash)
     if ref is not None and len(ref) > protocol.MAX_ANCHOR_REF_CHARS:
@@ -118,15 +217,21 @@ def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str 
     # Says on stderr when the worker or the reader stops answering, and again
     # when it is back: --wait never waits silently for a worker that is not there.
     liveness = Liveness(cfg, ["anchor", "reader"])
+    taking = Taking(cfg, digest, take_timeout)
     while True:
         liveness.check()
+        status = None if taking.taken else taking.status()  # before the proof: see Taking
         try:
-            proof = _proof(cfg, digest)
+            proof, proof_known = _proof(cfg, digest), True
         except BusError:
-            proof = None
+            proof, proof_known = None, False
         if proof is not None and proof["status"] in ("submitted", "confirmed"):
             click.echo(json.dumps(proof, indent=2))
             return
+        if (not_taken := taking.verdict(status, proof, proof_known)) is not None:
+            click.echo(f"Error: no anchor worker has taken the request for {digest.hex()}"
+                       f"{not_taken}", err=True)
+            sys.exit(1)
         if time.monotonic() >= deadline:
             down = f" (not answering: {', '.join(liveness.down)})" if liveness.down else \
                 " (bus-cli health --anchor and the worker's log say why)"

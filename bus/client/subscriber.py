@@ -289,6 +289,15 @@ class Subscriber:
     def duplicates_skipped(self) -> int:
         return 0 if self._seam is None else self._seam.duplicates_skipped
 
+    @property
+    def received_through(self) -> int | None:
+        """A durable consumer: every stored message of its prefixes with an id
+        up to this one has been returned by receive() (what it has read, not
+        what it acknowledged). None in the other modes."""
+        if self._position is None:
+            return None
+        return self._pending[0].id - 1 if self._pending else self._after_id
+
     def ack(self, message: Message | int | None = None) -> None:
         """Acknowledge `message` (a message, or its id; default: the last one
         received) and all before it (durable; nothing otherwise)."""
