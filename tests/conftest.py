@@ -539,7 +539,8 @@ def bus(make_bus: Callable[..., Bus]) -> Bus:
 # can be made to do on demand (a lost reply, a held call, a chosen fault).
 NODE_KINDS = ("double", "core")
 # The modules whose node tests run on Core too (the rest: the double only, for now).
-CORE_MODULES: set[str] = set()
+CORE_MODULES = {"test_bitcoind_double", "test_wallet_sync", "test_anchor", "test_anchor_node",
+                "test_audit"}
 
 
 @pytest.fixture(scope="session")

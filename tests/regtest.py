@@ -15,7 +15,8 @@ double's wallet does. Node-wide calls work on the wallet URL too.
 The attributes and methods the tests use on BitcoindDouble that a real node
 can do: `url`, `user`, `password`, `zmq_endpoint`, `fund`, `mine`,
 `mine_min_fee_rate` (blocks are made with `generateblock` from the mempool
-transactions paying at least that rate), `height`, `mempool`, `new_address`,
+transactions paying at least that rate), `double_spend` (a funding payment
+reorged back to the mempool, replaced), `height`, `mempool`, `new_address`,
 `block_txids`, `stop`/`start` (the same datadir and ports), `close`; any
 other attribute is an RPC call on the worker's wallet (`node.gettransaction(txid)`),
 answering as the worker's client parses (amounts as Decimal).
@@ -41,7 +42,7 @@ from typing import Any
 from embit import ec, script
 from embit.networks import NETWORKS
 
-from anchor.bitcoind import BitcoinRpc, RpcError, RpcUnavailable, to_btc
+from anchor.bitcoind import BitcoinRpc, RpcError, RpcUnavailable, to_btc, to_sat
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BITCOIND = REPO_ROOT.parent / "shared" / "bitcoin" / "bin" / "bitcoind"
@@ -98,7 +99,6 @@ class RegtestNode:
                                    self.password, timeout_s=60)
         self.miner = BitcoinRpc(f"http://127.0.0.1:{self.rpc_port}/wallet/miner", self.user,
                                 self.password, timeout_s=60)
-        self._miner_address: str | None = None
         self._wallets: list[str] = []
         self.start()
         try:
@@ -139,9 +139,11 @@ class RegtestNode:
         return self.rpc.call("getnewaddress")
 
     def miner_address(self) -> str:
-        if self._miner_address is None:
-            self._miner_address = self.miner.call("getnewaddress")
-        return self._miner_address
+        """A new address of the miner's wallet at each call: after an
+        invalidateblock, a block of the same height, transactions, address and
+        second as the invalidated one would be that block again, which bitcoind
+        refuses ("block not accepted")."""
+        return self.miner.call("getnewaddress")
 
     def fund(self, amounts_sat: list[int], confirmations: int = 1, per_tx: int = 1000,
              watch_only: bool = False) -> list[str]:
@@ -165,8 +167,9 @@ class RegtestNode:
     def mine(self, n: int = 1) -> list[str]:
         """n blocks to the miner's wallet, each with the mempool's transactions
         that pay at least mine_min_fee_rate (parents first)."""
+        address = self.miner_address()
         if not self.mine_min_fee_rate:
-            return self.rpc.call("generatetoaddress", n, self.miner_address())
+            return self.rpc.call("generatetoaddress", n, address)
         hashes = []
         for _ in range(n):
             entries = self.rpc.call("getrawmempool", True)
@@ -176,8 +179,23 @@ class RegtestNode:
             # A child goes with its parents only.
             taken = [txid for txid in sorted(paying, key=lambda t: entries[t]["ancestorcount"])
                      if all(parent in paying for parent in entries[txid]["depends"])]
-            hashes.append(self.rpc.call("generateblock", self.miner_address(), taken)["hash"])
+            hashes.append(self.rpc.call("generateblock", address, taken)["hash"])
         return hashes
+
+    def double_spend(self, txid: str) -> str:
+        """A payment from the miner (fund()) that is back in the mempool after
+        invalidateblock is replaced by another spend of its inputs, to the
+        miner (a higher fee: full RBF): mined instead, the payment leaves the
+        chain for good (conflicted). Returns the new txid."""
+        decoded = self.miner.call("gettransaction", txid, False, True)["decoded"]
+        inputs = [{"txid": v["txid"], "vout": v["vout"]} for v in decoded["vin"]]
+        total_in = sum(to_sat(self.miner.call("gettransaction", v["txid"], False, True)
+                              ["decoded"]["vout"][v["vout"]]["value"]) for v in decoded["vin"])
+        fee = total_in - sum(to_sat(out["value"]) for out in decoded["vout"])
+        raw = self.miner.call("createrawtransaction", inputs,
+                              [{self.miner_address(): to_btc(total_in - fee - 10_000)}])
+        signed = self.miner.call("signrawtransactionwithwallet", raw)
+        return self.miner.call("sendrawtransaction", signed["hex"])
 
     def _half_key_address(self) -> str:
         secret = hashlib.sha256(b"half-%d-%d" % (os.getpid(), time.time_ns())).digest()
