@@ -28,12 +28,14 @@ from the repository root); `missing()` says in one line why it cannot run here.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import shutil
 import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -75,11 +77,20 @@ def missing(binary: Path | None = None) -> str | None:
     return None
 
 
+def rpcauth(user: str, password: str) -> str:
+    """-rpcauth's USER:SALT$HMAC-SHA256(SALT, PASSWORD) (share/rpcauth/rpcauth.py)."""
+    salt = hashlib.sha256(user.encode()).hexdigest()[:32]
+    digest = hmac.new(salt.encode(), password.encode(), hashlib.sha256).hexdigest()
+    return f"{user}:{salt}${digest}"
+
+
 class RegtestNode:
     """One bitcoind -regtest process on `datadir`; started by the constructor."""
 
-    user = "anchor"
+    user = "anchor"          # the worker's credentials (-rpcuser/-rpcpassword)
     password = "secret"
+    harness_user = "harness"  # the tests' own calls (-rpcauth): not in `calls`
+    harness_password = "harness-secret"
 
     def __init__(self, datadir: Path, free_port: Callable[[], int], *,
                  binary: Path | None = None, wallet: str = "anchoring",
@@ -94,11 +105,11 @@ class RegtestNode:
         self.mine_min_fee_rate = 0.0   # sat/vB: mine() leaves cheaper transactions in the mempool
         self.lock = threading.RLock()  # for tests written against the double's lock: no-op here
         self.process: subprocess.Popen | None = None
-        self.rpc = BitcoinRpc(self.url, self.user, self.password, timeout_s=60)
-        self.node_rpc = BitcoinRpc(f"http://127.0.0.1:{self.rpc_port}", self.user,
-                                   self.password, timeout_s=60)
-        self.miner = BitcoinRpc(f"http://127.0.0.1:{self.rpc_port}/wallet/miner", self.user,
-                                self.password, timeout_s=60)
+        base = f"http://127.0.0.1:{self.rpc_port}"
+        harness = (self.harness_user, self.harness_password)
+        self.rpc = BitcoinRpc(self.url, *harness, timeout_s=60)
+        self.node_rpc = BitcoinRpc(base, *harness, timeout_s=60)
+        self.miner = BitcoinRpc(f"{base}/wallet/miner", *harness, timeout_s=60)
         self._wallets: list[str] = []
         self.start()
         try:
@@ -123,6 +134,21 @@ class RegtestNode:
         if method.startswith("_"):
             raise AttributeError(method)
         return lambda *params: self.rpc.call(method, *params)
+
+    @property
+    def calls(self) -> Counter[str]:
+        """The RPC calls made with the worker's credentials, by method (from
+        -debug=rpc's log lines, written unbuffered), as the double counts them."""
+        counted: Counter[str] = Counter()
+        marker = f" user={self.user}"
+        try:
+            text = (self.datadir / "regtest" / "debug.log").read_text(errors="replace")
+        except OSError:
+            return counted
+        for line in text.splitlines():
+            if "ThreadRPCServer method=" in line and line.endswith(marker):
+                counted[line.split("method=", 1)[1].split(" ", 1)[0]] += 1
+        return counted
 
     @property
     def height(self) -> int:
@@ -216,6 +242,7 @@ class RegtestNode:
                 "-listen=0", "-dnsseed=0", "-fixedseeds=0", "-printtoconsole=0",
                 f"-rpcport={port}", "-rpcbind=127.0.0.1", "-rpcallowip=127.0.0.1",
                 f"-rpcuser={self.user}", f"-rpcpassword={self.password}",
+                f"-rpcauth={rpcauth(self.harness_user, self.harness_password)}", "-debug=rpc",
                 f"-zmqpubhashblock={self.zmq_endpoint}", "-fallbackfee=0.0002",
                 "-keypool=20", "-shrinkdebugfile=0", *self.extra_args]
 

@@ -1,4 +1,4 @@
-"""Wallet sync: the writer's utxos table follows the bitcoind double's wallet,
+"""Wallet sync: the writer's utxos table follows bitcoind's wallet (the double's and Core's),
 a page at a time: full load, new blocks, spends, a reorg."""
 
 from __future__ import annotations
@@ -79,9 +79,11 @@ def test_new_blocks_spends_and_a_reorg_follow_incrementally(sync, node) -> None:
                  (spent["txid"], spent["vout"])) == [(2, spend_txid)]
     assert (spend_txid, 1, 149_000, node.height) in table(bus)  # the change, found too
     assert ws.sync() is False  # nothing new
-    # Reorg: the block with the 70,000 payment is replaced by two without it.
-    paid_block = node.txs[paid].block
+    # Reorg: the block with the 70,000 payment is replaced by two with a
+    # double spend of it instead.
+    paid_block = ws.rpc.call("gettransaction", paid)["blockhash"]
     ws.rpc.call("invalidateblock", paid_block)
+    node.double_spend(paid)
     node.mine(2)
     ws.sync()
     assert ws.counters["reorgs"] == 1
