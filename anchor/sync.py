@@ -13,8 +13,9 @@ watch-only nor unsolvable ones (`spendable`/`solvable` false), which would be
 reserved, fail to sign, and be picked again.
 
 Incremental (each new block): `listsinceblock` from the last synced block
-gives the wallet's spends (their inputs, from `gettransaction ... decoded`, are
-marked spent) and, after a reorg, the transactions of disconnected blocks
+gives the wallet's spends (the inputs of those mined or in the mempool, from
+`gettransaction ... decoded`, are marked spent; it lists replaced and
+conflicted ones too, which spend nothing) and, after a reorg, the transactions of disconnected blocks
 (`removed`). New and moved outputs are the ones with few confirmations:
 `listunspent` limited to the depth of the blocks since the last synced one, or
 since the fork point after a reorg (which also re-dates outputs whose block
@@ -166,7 +167,8 @@ class WalletSync:
                 removed += self.utxos.remove([(entry["txid"], entry["vout"])])
         spent_by: dict[str, list[tuple[str, int]]] = {}
         for entry in since.get("transactions", []):
-            if entry.get("category") == "send" and entry["txid"] not in spent_by:
+            if entry.get("category") == "send" and entry["txid"] not in spent_by \
+                    and self._spends(entry):
                 spent_by[entry["txid"]] = self._inputs(entry["txid"])
         for txid, points in spent_by.items():
             for start in range(0, len(points), UPSERT_ROWS):
@@ -191,6 +193,22 @@ class WalletSync:
             if header["confirmations"] >= 0 or header.get("previousblockhash") is None:
                 return header["height"]
             block_hash = header["previousblockhash"]
+
+    def _spends(self, entry: dict[str, Any]) -> bool:
+        """Whether a listed send spends its inputs: mined, or in the mempool.
+        listsinceblock also lists the wallet's replaced, abandoned and
+        conflicted transactions (0 or fewer confirmations): what they spent
+        is spent by another listed transaction, or unspent again."""
+        confirmations = entry.get("confirmations", 0)
+        if confirmations != 0:
+            return confirmations > 0
+        try:
+            self.rpc.call("getmempoolentry", entry["txid"])
+        except RpcError as exc:
+            if exc.code == RPC_INVALID_ADDRESS_OR_KEY:  # "Transaction not in mempool"
+                return False
+            raise
+        return True
 
     def _inputs(self, txid: str) -> list[tuple[str, int]]:
         try:

@@ -255,7 +255,8 @@ class TxEntry:
 
 class BitcoindDouble:
     def __init__(self, user: str = "anchor", password: str = "secret",
-                 rpcservertimeout: float = 30.0) -> None:
+                 rpcservertimeout: float = 30.0, rpcthreads: int = 16,
+                 rpcworkqueue: int = 64) -> None:
         self.user, self.password = user, password
         # bitcoind's HTTP server keeps connections alive (HTTP/1.1) and closes
         # one idle for -rpcservertimeout seconds (default 30): a client that
@@ -280,10 +281,13 @@ class BitcoindDouble:
         # Core's refusals on demand: -28 while this warm-up status is set (a
         # node starting: "Loading wallet…"), -18 for wallet calls while the
         # wallet is unloaded (unloadwallet, or a restart without it), HTTP 503
-        # while the work queue is full (-rpcworkqueue calls already waiting).
+        # for a call that finds -rpcthreads calls running and -rpcworkqueue
+        # more waiting (hold a call, or waitfornewblock, to fill them).
         self.warmup: str | None = None
         self.wallet_loaded = True
-        self.work_queue_full = False
+        self.rpc_slots = rpcthreads + rpcworkqueue
+        self.in_flight = 0
+        self.new_block = threading.Condition(self.lock)
         self.mine_min_fee_rate = 0.0      # miners leave cheaper transactions in the mempool
         self.calls: Counter[str] = Counter()
         self.gates: dict[str, threading.Event] = {}  # method -> held until set
@@ -419,8 +423,12 @@ class BitcoindDouble:
             handler.end_headers()
             return
         body = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
-        if self.work_queue_full:
-            # As httpserver.cpp when -rpcworkqueue requests already wait: no JSON.
+        with self.lock:
+            full = self.in_flight >= self.rpc_slots
+            if not full:
+                self.in_flight += 1
+        if full:
+            # As httpserver.cpp when the work queue is at -rpcworkqueue: no JSON.
             self.calls["(work queue full)"] += 1
             data = b"Work queue depth exceeded"
             handler.send_response(503)
@@ -429,6 +437,13 @@ class BitcoindDouble:
             handler.end_headers()
             handler.wfile.write(data)
             return
+        try:
+            self._serve_call(handler, body)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _serve_call(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
         request_id = None
         try:
             request = json.loads(body)
@@ -553,6 +568,35 @@ class BitcoindDouble:
 
     # --- blockchain RPCs ------------------------------------------------------------
 
+    def getrawmempool(self, verbose: bool = False) -> Any:
+        if not verbose:
+            return list(self.mempool)
+        return {txid: self.getmempoolentry(txid) for txid in self.mempool}
+
+    def getmempoolentry(self, txid: str) -> dict[str, Any]:
+        if txid not in self.mempool:
+            raise RpcError(-5, "Transaction not in mempool")
+        entry = self.txs[txid]
+        fee = 0 if entry.funding else self._fee(entry.tx)
+        parents = sorted({i.txid.hex() for i in entry.tx.vin} & set(self.mempool))
+        return {"vsize": vsize(entry.tx), "time": entry.time, "height": self.height,
+                "fees": {"base": btc(fee), "modified": btc(fee)}, "depends": parents,
+                "ancestorcount": 1 + len(parents),
+                "bip125-replaceable": "yes" if any(i.sequence < 0xFFFFFFFE
+                                                   for i in entry.tx.vin) else "no"}
+
+    def waitfornewblock(self, timeout: int = 0) -> dict[str, Any]:
+        """Wait (up to `timeout` ms; 0: no limit) for a new block; this call
+        holds the lock only while it checks (a Condition releases it)."""
+        start = self.blocks[-1].hash
+        deadline = time.monotonic() + timeout / 1000 if timeout else None
+        while self.blocks[-1].hash == start:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self.new_block.wait(left)
+        return {"hash": self.blocks[-1].hash, "height": self.height}
+
     def getblockchaininfo(self) -> dict[str, Any]:
         return {"chain": "regtest", "blocks": self.height, "headers": self.height,
                 "bestblockhash": self.blocks[-1].hash}
@@ -571,9 +615,12 @@ class BitcoindDouble:
     def getblockheader(self, block_hash: str, verbose: bool = True) -> dict[str, Any]:
         block = self._block(block_hash)
         active = block_hash not in self.orphans
-        return {"hash": block.hash, "height": block.height, "time": block.time,
-                "confirmations": self.height - block.height + 1 if active else -1,
-                "previousblockhash": block.prev}
+        header = {"hash": block.hash, "height": block.height, "time": block.time,
+                  "merkleroot": block.header[36:68][::-1].hex(),
+                  "confirmations": self.height - block.height + 1 if active else -1}
+        if block.prev is not None:  # as Core: none for the genesis block
+            header["previousblockhash"] = block.prev
+        return header
 
     def generatetoaddress(self, nblocks: int, address: str, maxtries: int = 1000) -> list[str]:
         hashes = []
@@ -588,6 +635,7 @@ class BitcoindDouble:
                 self._zmq_seq += 1
                 self.zmq_pub.send_multipart([b"hashblock", bytes.fromhex(block.hash),
                                              (self._zmq_seq - 1).to_bytes(4, "little")])
+            self.new_block.notify_all()
         return hashes
 
     def _coinbase(self, address: str) -> str:

@@ -473,6 +473,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sqlite_only: a storage test of what only SQLite has")
     config.addinivalue_line("markers", "double_only(reason): an anchor test of what only the "
                                        "bitcoind double can do on demand")
+    config.addinivalue_line("markers", "node_options(**options): bitcoind options of the node "
+                                       "fixture (rpcthreads, rpcworkqueue)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -573,10 +575,14 @@ def make_regtest(tmp_path: Path, bitcoind_missing: str | None
 @pytest.fixture
 def node(request: pytest.FixtureRequest) -> Iterator[BitcoindDouble | RegtestNode]:
     """The bitcoind double (JSON-RPC and ZMQ hashblock on loopback), or a real
-    regtest bitcoind; closed after the test."""
+    regtest bitcoind; closed after the test. A node_options(rpcthreads=...,
+    rpcworkqueue=...) mark sets those of either (bitcoind's -OPTION=VALUE)."""
+    mark = request.node.get_closest_marker("node_options")
+    options = dict(mark.kwargs) if mark else {}
     if request.param == "core":
-        yield request.getfixturevalue("make_regtest")()
+        yield request.getfixturevalue("make_regtest")(
+            extra_args=tuple(f"-{name}={value}" for name, value in options.items()))
         return
-    double = BitcoindDouble(rpcservertimeout=1.0)  # as bitcoind (30 s), sooner
+    double = BitcoindDouble(rpcservertimeout=1.0, **options)  # as bitcoind (30 s), sooner
     yield double
     double.close()

@@ -18,7 +18,7 @@ import msgpack
 import pytest
 import zmq
 
-from anchor.bitcoind import BitcoinRpc, RpcAuthRefused, to_sat
+from anchor.bitcoind import BitcoinRpc, RpcAuthRefused, RpcUnavailable, to_sat
 from tests.bitcoind_double import OUTSIDE_ADDRESS, BitcoindDouble
 from tests.conftest import BUS_CLI, Bus, Proc, query, wait_for
 from tests.test_anchor import (anchor_rows, anchoring, bus_for, doc, events,  # noqa: F401
@@ -372,3 +372,69 @@ def test_verify_with_a_node_checks_the_block_and_says_what_it_did_not_check(
     node.stop()
     down = anchoring.cli("anchor", "verify", str(path), "--node")
     assert down.returncode == 1 and "cannot check with the node" in down.stderr
+
+
+def test_an_unloaded_wallet_holds_the_requests_until_it_is_loaded_again(anchoring, node,
+                                                                       events) -> None:
+    """Every wallet call answers -18 while bitcoind's wallet is not loaded
+    (unloadwallet, a restart without it): the requests wait, the lease is
+    given back, and they are anchored once it is loaded again."""
+    node.fund([200_000])
+    worker = start_worker(anchoring)
+    node.unloadwallet("anchoring")
+    request(anchoring, doc("unloaded"))
+    wait_for(lambda: any(e.get("event") == "anchor_held_back" and "(code -18)" in e.get("error", "")
+                         for e in worker.log_events()), message="the worker refused with -18")
+    assert anchor_rows(anchoring) == []
+    wait_for(lambda: query(anchoring.db, "SELECT status FROM utxos") == [(0,)],
+             message="the lease given back")
+    node.loadwallet("anchoring")
+    [submitted] = events.wait("anchor.submitted", message="anchored once the wallet is back")
+    assert submitted["txid"] in node.mempool and worker.popen.poll() is None
+    assert anchoring.writer_stats()["utxos"]["errors"] == 0
+
+
+@pytest.mark.double_only("Core is warming up (-28) only for a moment at its start")
+def test_a_node_warming_up_holds_the_worker_until_it_answers(anchoring, node, events) -> None:
+    """Every call answers -28 while bitcoind starts (a restart of the node):
+    the worker waits, and anchors once it answers."""
+    node.fund([200_000])
+    worker = start_worker(anchoring)
+    node.warmup = "Loading wallet…"
+    request(anchoring, doc("warming up"))
+    wait_for(lambda: any(e.get("event") == "anchor_held_back" and "(code -28)" in e.get("error", "")
+                         for e in worker.log_events()), message="the worker refused with -28")
+    assert worker.popen.poll() is None and anchor_rows(anchoring) == []
+    node.warmup = None
+    events.wait("anchor.submitted", message="anchored once the node is up")
+
+
+@pytest.mark.node_options(rpcthreads=1, rpcworkqueue=1)
+def test_a_full_rpc_work_queue_is_waited_out(anchoring, node, events) -> None:
+    """HTTP 503 (no JSON-RPC body) while -rpcthreads calls run and
+    -rpcworkqueue wait: the worker waits and anchors once there is room."""
+    node.fund([200_000])
+    worker = start_worker(anchoring)
+
+    def wait_for_a_block() -> None:  # takes the one thread, or the one place in the queue
+        client = BitcoinRpc(node.url, node.user, node.password, timeout_s=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                client.call("waitfornewblock", 2500)
+                break
+            except RpcUnavailable:
+                time.sleep(0.05)
+        client.close()
+
+    callers = [threading.Thread(target=wait_for_a_block) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    wait_for(lambda: any(e.get("event") == "anchor_held_back" and "Work queue depth exceeded"
+                         in e.get("error", "") for e in worker.log_events()),
+             message="the worker refused with HTTP 503")
+    request(anchoring, doc("queued"))
+    for caller in callers:
+        caller.join(20)
+    [submitted] = events.wait("anchor.submitted", message="anchored once there is room")
+    assert submitted["txid"] in node.mempool and worker.popen.poll() is None

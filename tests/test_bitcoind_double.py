@@ -1,18 +1,23 @@
 """The bitcoind double answers like a regtest node for the calls the anchor
 worker makes, and refuses what bitcoind refuses. Talked to through the
-worker's own RPC client (anchor/bitcoind.py)."""
+worker's own RPC client (anchor/bitcoind.py). Each test runs against a real
+regtest Bitcoin Core too (the node fixture): where they differ, the double is
+wrong."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import zmq
 
 from anchor.bitcoind import (BitcoinRpc, RpcAuthRefused, RpcError, RpcUnavailable, parse_hashblock,
                              to_btc, to_sat)
-from tests.bitcoind_double import BitcoindDouble
+from tests.bitcoind_double import BitcoindDouble, parse_merkle_block
 
 
 @pytest.fixture
@@ -168,3 +173,74 @@ def test_unreachable_and_bad_credentials(node, rpc) -> None:
     with pytest.raises(RpcError) as err:
         rpc.call("nosuchmethod")
     assert err.value.code == -32601
+
+
+def test_gettxoutproof_is_a_merkle_block_that_verifytxoutproof_reads(node, rpc) -> None:
+    """A serialized CMerkleBlock (the double's was opaque JSON): the block's
+    header, whose hash is the block's, and a partial Merkle tree that leads
+    to the header's Merkle root through the transaction."""
+    txids = node.fund([100_000, 200_000, 300_000], per_tx=1)
+    block = rpc.call("gettransaction", txids[1])["blockhash"]
+    assert len(node.block_txids(block)) == 4                  # the coinbase first
+    proof = rpc.call("gettxoutproof", [txids[1]], block)
+    block_hash, root, n_tx, matched = parse_merkle_block(bytes.fromhex(proof))
+    assert (block_hash, root[::-1].hex(), n_tx, matched) == \
+        (block, rpc.call("getblockheader", block)["merkleroot"], 4, [txids[1]])
+    assert rpc.call("gettxoutproof", [txids[1]]) == proof     # found by its unspent outputs
+    assert rpc.call("verifytxoutproof", proof) == [txids[1]]
+    tampered = bytearray(bytes.fromhex(proof))
+    tampered[85] ^= 1                                         # in the tree's first hash
+    assert rpc.call("verifytxoutproof", tampered.hex()) == []
+    with pytest.raises(RpcError) as err:
+        rpc.call("verifytxoutproof", proof[:100])
+    assert err.value.code == -1
+    rpc.call("invalidateblock", block)
+    with pytest.raises(RpcError) as err:
+        rpc.call("verifytxoutproof", proof)
+    assert (err.value.code, err.value.message) == (-5, "Block not found in chain")
+
+
+def test_a_young_chain_has_no_fee_estimate(node, rpc) -> None:
+    assert rpc.call("estimatesmartfee", 6) == {
+        "errors": ["Insufficient data or no feerate found"], "blocks": 0}
+
+
+def test_an_unloaded_wallet_is_minus_18_for_wallet_calls_only(node, rpc) -> None:
+    rpc.call("unloadwallet", "anchoring")
+    with pytest.raises(RpcError) as err:
+        rpc.call("listunspent")
+    assert (err.value.code, err.value.message) == (
+        -18, "Requested wallet does not exist or is not loaded")
+    assert rpc.call("getblockcount") >= 0
+    rpc.call("loadwallet", "anchoring")
+    assert rpc.call("listunspent") == []
+
+
+@pytest.mark.node_options(rpcthreads=1, rpcworkqueue=1)
+def test_a_full_work_queue_is_http_503_without_json(node, rpc) -> None:
+    """-rpcthreads calls running and -rpcworkqueue waiting: the next call is
+    refused with HTTP 503 and a plain-text body. Three callers of a call that
+    takes a second and a half, for one thread and one place in the queue:
+    one at least is refused, and tries again."""
+    done: list[Any] = []
+    refused: list[str] = []
+
+    def wait_for_a_block() -> None:
+        client = BitcoinRpc(node.url, node.user, node.password, timeout_s=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                done.append(client.call("waitfornewblock", 1500))
+                break
+            except RpcUnavailable as exc:
+                refused.append(str(exc))
+                time.sleep(0.05)
+        client.close()
+
+    callers = [threading.Thread(target=wait_for_a_block) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(20)
+    assert len(done) == 3 and refused
+    assert "HTTP 503 and no JSON-RPC body: Work queue depth exceeded" in refused[0]
