@@ -15,7 +15,8 @@ reserved, fail to sign, and be picked again.
 Incremental (each new block): `listsinceblock` from the last synced block
 gives the wallet's spends (the inputs of those mined or in the mempool, from
 `gettransaction ... decoded`, are marked spent; it lists replaced and
-conflicted ones too, which spend nothing) and, after a reorg, the transactions of disconnected blocks
+conflicted ones too, which spend nothing: their inputs that a sync marked
+spent and that are unspent now go back to the pool) and, after a reorg, the transactions of disconnected blocks
 (`removed`). New and moved outputs are the ones with few confirmations:
 `listunspent` limited to the depth of the blocks since the last synced one, or
 since the fork point after a reorg (which also re-dates outputs whose block
@@ -52,7 +53,8 @@ class WalletSync:
         self.tip_height, self.tip_hash = utxos.tip()
         self.counters = {"full_loads": 0, "incremental": 0, "listunspent_calls": 0,
                          "upserted": 0, "removed": 0, "reorgs": 0, "tip_unknown": 0,
-                         "unusable": 0}
+                         "unusable": 0, "restored": 0}
+        self._spend_nothing: set[str] = set()  # conflicted sends, their inputs settled
 
     @property
     def loaded(self) -> bool:
@@ -167,9 +169,13 @@ class WalletSync:
                 removed += self.utxos.remove([(entry["txid"], entry["vout"])])
         spent_by: dict[str, list[tuple[str, int]]] = {}
         for entry in since.get("transactions", []):
-            if entry.get("category") == "send" and entry["txid"] not in spent_by \
-                    and self._spends(entry):
-                spent_by[entry["txid"]] = self._inputs(entry["txid"])
+            txid = entry["txid"]
+            if entry.get("category") != "send" or txid in spent_by or txid in self._spend_nothing:
+                continue
+            if self._spends(entry):
+                spent_by[txid] = self._inputs(txid)
+            else:
+                self._restore_inputs(entry)
         for txid, points in spent_by.items():
             for start in range(0, len(points), UPSERT_ROWS):
                 removed += self.utxos.remove(points[start:start + UPSERT_ROWS], spending_txid=txid)
@@ -210,14 +216,40 @@ class WalletSync:
             raise
         return True
 
-    def _inputs(self, txid: str) -> list[tuple[str, int]]:
+    def _restore_inputs(self, entry: dict[str, Any]) -> None:
+        """A send that spends nothing (replaced, conflicted, out of the
+        mempool): the inputs a sync marked spent by it that are unspent now go
+        back to the pool (those spent otherwise are another listed send's),
+        and its outputs that a sync took in (its change, while it was pending)
+        leave it. Conflicted (a conflicting transaction mined) is final: not
+        asked again, though listsinceblock lists it at every sync."""
+        txid = entry["txid"]
+        decoded = self._decoded(txid)
+        if decoded is None:
+            return
+        unspent = [(vin["txid"], vin["vout"]) for vin in decoded["vin"] if "txid" in vin
+                   and self.rpc.call("gettxout", vin["txid"], vin["vout"], True) is not None]
+        if unspent:
+            self.counters["restored"] += self.utxos.restore(unspent, txid)
+        gone = [(txid, out["n"]) for out in decoded["vout"]
+                if self.rpc.call("gettxout", txid, out["n"], True) is None]
+        if gone:
+            self.counters["removed"] += self.utxos.remove(gone)
+        if entry.get("confirmations", 0) < 0:
+            self._spend_nothing.add(txid)
+
+    def _decoded(self, txid: str) -> dict[str, Any] | None:
         try:
-            decoded = self.rpc.call("gettransaction", txid, False, True)["decoded"]
+            return self.rpc.call("gettransaction", txid, False, True)["decoded"]
         except RpcError as exc:
             if exc.code == RPC_INVALID_ADDRESS_OR_KEY:
-                return []
+                return None
             raise
-        return [(vin["txid"], vin["vout"]) for vin in decoded["vin"] if "txid" in vin]
+
+    def _inputs(self, txid: str) -> list[tuple[str, int]]:
+        decoded = self._decoded(txid)
+        return [] if decoded is None else \
+            [(vin["txid"], vin["vout"]) for vin in decoded["vin"] if "txid" in vin]
 
     def _set_tip(self, height: int, block_hash: str) -> None:
         self.utxos.set_tip(height, block_hash)

@@ -140,3 +140,25 @@ def test_a_payment_mined_again_after_a_reorg_stays_in_the_pool_at_its_new_height
     assert query(bus.db, "SELECT status, block_height FROM utxos WHERE txid = ?",
                  (paid,)) == [(0, node.height - 2)]
     assert table(bus) == wallet(node, ws.rpc)
+
+
+def test_a_payment_replaced_after_a_sync_gives_back_the_inputs_it_no_longer_spends(
+        sync, node) -> None:
+    """A sync that saw the payment pending marked its inputs spent; replaced
+    by one that spends 200,000 no more, that output stayed out of the pool."""
+    ws, bus = sync
+    node.fund([100_000, 200_000, 300_000])
+    ws.sync()
+    coins = {to_sat(u["amount"]): u for u in ws.rpc.call("listunspent")}
+    _pay(ws.rpc, [coins[100_000], coins[200_000]], 250_000, 1_000)
+    node.mine_min_fee_rate = 1_000            # a block without it: the sync sees it pending
+    node.mine(1)
+    ws.sync()
+    node.mine_min_fee_rate = 0
+    _pay(ws.rpc, [coins[100_000], coins[300_000]], 350_000, 5_000)
+    node.mine(1)
+    ws.sync()
+    status = dict(query(bus.db, "SELECT amount_sat, status FROM utxos WHERE txid = ?",
+                        (coins[100_000]["txid"],)))
+    assert status == {100_000: 2, 200_000: 0, 300_000: 2}
+    assert table(bus) == wallet(node, ws.rpc) and ws.counters["restored"] == 1
