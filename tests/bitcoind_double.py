@@ -1,32 +1,47 @@
 """A stand-in for bitcoind in regtest mode, for the calls the anchor worker makes.
 
-bitcoind cannot be installed on the test machines; this double serves the same
-JSON-RPC (HTTP, basic auth, JSON-RPC 1.0 error shapes and codes) and the same
-ZMQ `hashblock` notifications, over a small but real chain:
+The anchor tests run against it and against a real Bitcoin Core
+(tests/regtest.py); it is kept for what a real node cannot be made to do on
+demand (a call held or slowed, a lost reply, a warm-up, a fee estimate) and
+for the benchmarks. It answers in Core's shapes (tests/test_bitcoind_double.py
+runs on both: where they differ, the double is wrong): the same JSON-RPC
+(HTTP, basic auth, JSON-RPC 1.0 error shapes and codes) and the same ZMQ
+`hashblock` notifications, over a small but real chain:
 
 - HTTP/1.1 with keep-alive, an idle connection closed after
-  `rpcservertimeout` seconds (bitcoind's -rpcservertimeout), and 401 with no
-  body for bad credentials;
+  `rpcservertimeout` seconds (bitcoind's -rpcservertimeout), 401 with no
+  body for bad credentials, 503 "Work queue depth exceeded" with
+  `rpcthreads` calls running and `rpcworkqueue` waiting; -28 while `warmup`
+  is set, -18 for wallet calls while the wallet is unloaded;
 
 - a wallet of real secp256k1 keys (P2WPKH, regtest bech32 addresses);
 - transactions decoded with embit (a Bitcoin library), signed for real by
   `signrawtransactionwithwallet` and checked by `sendrawtransaction` as
   bitcoind would: unknown or spent inputs, outputs above inputs, fee above
-  `maxfeerate` or below the relay minimum, dust, bad signatures (more than
+  `maxfeerate` or below the relay minimum, dust (one dust output only at a 0
+  fee), under 65 bytes without witness, bad signatures (more than
   one OP_RETURN is standard, as in bitcoind 30); a mined transaction is
   "already in block chain" (-27) only while one of its outputs is unspent,
   else -25 missing-or-spent inputs, as bitcoind answers; a conflicting spend is a replacement (full RBF, as bitcoind
   28+) only if it pays more (BIP 125 rules 3 and 4), else `txn-mempool-conflict`;
-- blocks mined by `generatetoaddress` take the mempool (what pays at least
+- blocks with real headers (their hash is the header's), mined by
+  `generatetoaddress` from the mempool (what pays at least
   `mine_min_fee_rate`: how a fee bump gets tested); `invalidateblock`
-  disconnects blocks (a reorg): their transactions go back to the mempool,
-  except funding transactions (like coinbases), which vanish with what spends them;
-- `listunspent` with query options (unsorted, as bitcoind's), `listsinceblock`
-  with `removed` after a reorg, `gettransaction` with `decoded`.
+  disconnects blocks (a reorg): their transactions go back to the mempool
+  and the next block mines them again, their coinbases are orphans
+  (`double_spend` takes a funding payment away for good);
+- `listunspent` with query options (unsorted, as bitcoind's; every output
+  "spendable", a watched key's "solvable"), `listsinceblock` with the
+  replaced and conflicted transactions and, in `removed`, every wallet
+  transaction of the disconnected blocks, `gettransaction` with `decoded`
+  and the conflicts (no "replaced_by_txid": only bumpfee sets it),
+  `gettxoutproof`/`verifytxoutproof` with a serialized CMerkleBlock,
+  `estimatesmartfee` with only "errors" unless `fee_rate_sat_vb` is set.
 
-Test-only controls are methods and attributes (`fund`, `mine`, `stop`,
-`start`, `hold`/`release` a method, `delays`, `calls`, `mine_min_fee_rate`);
-everything else goes over the wire. Amounts are BTC in JSON, as bitcoind's.
+Test-only controls are methods and attributes (`fund`, `mine`,
+`double_spend`, `stop`, `start`, `hold`/`release` a method, `delays`,
+`calls`, `mine_min_fee_rate`, `fee_rate_sat_vb`, `warmup`); everything else
+goes over the wire. Amounts are BTC in JSON, as bitcoind's.
 """
 
 from __future__ import annotations

@@ -556,8 +556,11 @@ def make_regtest(tmp_path: Path, bitcoind_missing: str | None
                  ) -> Iterator[Callable[..., RegtestNode]]:
     """make_regtest(**RegtestNode options) -> a started regtest bitcoind on a
     private datadir under the test's tmp and free ports; stopped after the
-    test. Skips the test, in one line, where bitcoind cannot run."""
+    test. Skips the test, in one line, where bitcoind cannot run (fails it
+    with BUS_TEST_REQUIRE_BITCOIND=1, as CI sets)."""
     if bitcoind_missing:
+        if os.environ.get("BUS_TEST_REQUIRE_BITCOIND") == "1":
+            pytest.fail(bitcoind_missing)
         pytest.skip(bitcoind_missing)
     nodes: list[RegtestNode] = []
 
