@@ -27,6 +27,7 @@ from the repository root); `missing()` says in one line why it cannot run here.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import os
@@ -49,6 +50,7 @@ from anchor.bitcoind import BitcoinRpc, RpcError, RpcUnavailable, to_btc, to_sat
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BITCOIND = REPO_ROOT.parent / "shared" / "bitcoin" / "bin" / "bitcoind"
 RPC_IN_WARMUP = -28
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 START_DEADLINE = 30.0
 STOP_DEADLINE = 15.0
 COINBASE_MATURITY = 100
@@ -75,6 +77,15 @@ def missing(binary: Path | None = None) -> str | None:
                 "apt-get install libevent-2.1-7 libevent-extra-2.1-7 libevent-pthreads-2.1-7 "
                 "libzmq5 libsqlite3-0)")
     return None
+
+
+def _stop_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies (a killed pytest
+    worker leaves no node behind). Linux only; elsewhere nothing."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def rpcauth(user: str, password: str) -> str:
@@ -250,7 +261,7 @@ class RegtestNode:
         """Start bitcoind and wait (with a deadline) until RPC answers."""
         self.process = subprocess.Popen(self.args(), stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True)
+                                        text=True, preexec_fn=_stop_with_parent)
         deadline = time.monotonic() + START_DEADLINE
         while True:
             if self.process.poll() is not None:
