@@ -134,8 +134,12 @@ class BitcoinRpc:
             reply = json.loads(data, parse_float=Decimal)
         except ValueError:
             self.close()
+            # A full work queue (-rpcworkqueue) is HTTP 503 "Work queue depth
+            # exceeded": the body says which, for the operator.
+            said = data[:200].decode("utf-8", "replace").strip()
             raise RpcUnavailable(f"bitcoind answered {method} with HTTP {response.status} "
-                                 f"and no JSON-RPC body") from None
+                                 f"and no JSON-RPC body" + (f": {said}" if said else "")
+                                 ) from None
         if not isinstance(reply, dict):
             raise RpcUnavailable(f"bitcoind answered {method} with no JSON-RPC object")
         error = reply.get("error")

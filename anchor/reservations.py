@@ -100,6 +100,10 @@ class UtxoClient:
             args["spending_txid"] = spending_txid
         return self.call("utxo_remove", args)["removed"]
 
+    def restore(self, outpoints: list[tuple[str, int]], spent_txid: str) -> int:
+        return self.call("utxo_restore", {"outpoints": [list(p) for p in outpoints],
+                                          "spent_txid": spent_txid})["restored"]
+
     def sweep(self, generation: int) -> int:
         swept = 0
         while True:

@@ -13,8 +13,10 @@ watch-only nor unsolvable ones (`spendable`/`solvable` false), which would be
 reserved, fail to sign, and be picked again.
 
 Incremental (each new block): `listsinceblock` from the last synced block
-gives the wallet's spends (their inputs, from `gettransaction ... decoded`, are
-marked spent) and, after a reorg, the transactions of disconnected blocks
+gives the wallet's spends (the inputs of those mined or in the mempool, from
+`gettransaction ... decoded`, are marked spent; it lists replaced and
+conflicted ones too, which spend nothing: their inputs that a sync marked
+spent and that are unspent now go back to the pool) and, after a reorg, the transactions of disconnected blocks
 (`removed`). New and moved outputs are the ones with few confirmations:
 `listunspent` limited to the depth of the blocks since the last synced one, or
 since the fork point after a reorg (which also re-dates outputs whose block
@@ -51,7 +53,8 @@ class WalletSync:
         self.tip_height, self.tip_hash = utxos.tip()
         self.counters = {"full_loads": 0, "incremental": 0, "listunspent_calls": 0,
                          "upserted": 0, "removed": 0, "reorgs": 0, "tip_unknown": 0,
-                         "unusable": 0}
+                         "unusable": 0, "restored": 0}
+        self._spend_nothing: set[str] = set()  # conflicted sends, their inputs settled
 
     @property
     def loaded(self) -> bool:
@@ -166,8 +169,13 @@ class WalletSync:
                 removed += self.utxos.remove([(entry["txid"], entry["vout"])])
         spent_by: dict[str, list[tuple[str, int]]] = {}
         for entry in since.get("transactions", []):
-            if entry.get("category") == "send" and entry["txid"] not in spent_by:
-                spent_by[entry["txid"]] = self._inputs(entry["txid"])
+            txid = entry["txid"]
+            if entry.get("category") != "send" or txid in spent_by or txid in self._spend_nothing:
+                continue
+            if self._spends(entry):
+                spent_by[txid] = self._inputs(txid)
+            else:
+                self._restore_inputs(entry)
         for txid, points in spent_by.items():
             for start in range(0, len(points), UPSERT_ROWS):
                 removed += self.utxos.remove(points[start:start + UPSERT_ROWS], spending_txid=txid)
@@ -192,14 +200,56 @@ class WalletSync:
                 return header["height"]
             block_hash = header["previousblockhash"]
 
-    def _inputs(self, txid: str) -> list[tuple[str, int]]:
+    def _spends(self, entry: dict[str, Any]) -> bool:
+        """Whether a listed send spends its inputs: mined, or in the mempool.
+        listsinceblock also lists the wallet's replaced, abandoned and
+        conflicted transactions (0 or fewer confirmations): what they spent
+        is spent by another listed transaction, or unspent again."""
+        confirmations = entry.get("confirmations", 0)
+        if confirmations != 0:
+            return confirmations > 0
         try:
-            decoded = self.rpc.call("gettransaction", txid, False, True)["decoded"]
+            self.rpc.call("getmempoolentry", entry["txid"])
+        except RpcError as exc:
+            if exc.code == RPC_INVALID_ADDRESS_OR_KEY:  # "Transaction not in mempool"
+                return False
+            raise
+        return True
+
+    def _restore_inputs(self, entry: dict[str, Any]) -> None:
+        """A send that spends nothing (replaced, conflicted, out of the
+        mempool): the inputs a sync marked spent by it that are unspent now go
+        back to the pool (those spent otherwise are another listed send's),
+        and its outputs that a sync took in (its change, while it was pending)
+        leave it. Conflicted (a conflicting transaction mined) is final: not
+        asked again, though listsinceblock lists it at every sync."""
+        txid = entry["txid"]
+        decoded = self._decoded(txid)
+        if decoded is None:
+            return
+        unspent = [(vin["txid"], vin["vout"]) for vin in decoded["vin"] if "txid" in vin
+                   and self.rpc.call("gettxout", vin["txid"], vin["vout"], True) is not None]
+        if unspent:
+            self.counters["restored"] += self.utxos.restore(unspent, txid)
+        gone = [(txid, out["n"]) for out in decoded["vout"]
+                if self.rpc.call("gettxout", txid, out["n"], True) is None]
+        if gone:
+            self.counters["removed"] += self.utxos.remove(gone)
+        if entry.get("confirmations", 0) < 0:
+            self._spend_nothing.add(txid)
+
+    def _decoded(self, txid: str) -> dict[str, Any] | None:
+        try:
+            return self.rpc.call("gettransaction", txid, False, True)["decoded"]
         except RpcError as exc:
             if exc.code == RPC_INVALID_ADDRESS_OR_KEY:
-                return []
+                return None
             raise
-        return [(vin["txid"], vin["vout"]) for vin in decoded["vin"] if "txid" in vin]
+
+    def _inputs(self, txid: str) -> list[tuple[str, int]]:
+        decoded = self._decoded(txid)
+        return [] if decoded is None else \
+            [(vin["txid"], vin["vout"]) for vin in decoded["vin"] if "txid" in vin]
 
     def _set_tip(self, height: int, block_hash: str) -> None:
         self.utxos.set_tip(height, block_hash)

@@ -154,6 +154,15 @@ def return_to_pool(conn: Any, txid: str, vout: int, now_ns: int) -> None:
                  " AND vout = ?", (now_ns, txid, vout))
 
 
+def restore(conn: Any, txid: str, vout: int, spent_txid: str, now_ns: int) -> int:
+    """A UTXO marked spent by `spent_txid`, which spends it no more (replaced,
+    conflicted, out of the mempool), is available again: 1 if it was."""
+    conn.execute("UPDATE utxos SET status = 0, spent_txid = NULL, updated_ns = ? WHERE txid = ?"
+                 " AND vout = ? AND status = 2 AND spent_txid = ?",
+                 (now_ns, txid, vout, spent_txid))
+    return conn.changes()
+
+
 def drop_unspent_outputs(conn: Any, txid: str) -> None:
     """The available outputs of a transaction that will not be mined (its
     change, after a replacement or a failure)."""

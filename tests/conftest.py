@@ -29,6 +29,7 @@ import zmq
 from bus import protocol
 from bus.client import BusError, ControlClient
 from tests.bitcoind_double import BitcoindDouble
+from tests.regtest import RegtestNode
 
 BUS_CLI = str(Path(sys.executable).with_name("bus-cli"))
 ENDPOINT_VARS = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
@@ -470,9 +471,18 @@ STORAGE_MODULES = {"test_history", "test_consumers", "test_producers", "test_ret
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sqlite_only: a storage test of what only SQLite has")
+    config.addinivalue_line("markers", "double_only(reason): an anchor test of what only the "
+                                       "bitcoind double can do on demand")
+    config.addinivalue_line("markers", "node_options(**options): bitcoind options of the node "
+                                       "fixture (rpcthreads, rpcworkqueue)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "node" in metafunc.fixturenames:
+        module = metafunc.module.__name__.rpartition(".")[2]
+        kinds = ["double"] if metafunc.definition.get_closest_marker("double_only") or \
+            module not in CORE_MODULES else list(NODE_KINDS)
+        metafunc.parametrize("node", kinds, indirect=True)
     if "db_engine" not in metafunc.fixturenames or any(
             "db_engine" in str(mark.args[0]) for mark in metafunc.definition.iter_markers(
                 "parametrize")):
@@ -526,9 +536,56 @@ def bus(make_bus: Callable[..., Bus]) -> Bus:
     return make_bus().start()
 
 
+# The anchor tests run against the bitcoind double and a real Bitcoin Core
+# (tests/regtest.py), except those marked double_only: what only the double
+# can be made to do on demand (a lost reply, a held call, a chosen fault).
+NODE_KINDS = ("double", "core")
+# The modules whose node tests run on Core too (the rest: the double only, for now).
+CORE_MODULES = {"test_bitcoind_double", "test_wallet_sync", "test_anchor", "test_anchor_node",
+                "test_audit"}
+
+
+@pytest.fixture(scope="session")
+def bitcoind_missing() -> str | None:
+    from tests.regtest import missing
+    return missing()
+
+
 @pytest.fixture
-def node() -> Iterator[BitcoindDouble]:
-    """The bitcoind double (JSON-RPC and ZMQ hashblock on loopback), closed after the test."""
-    double = BitcoindDouble(rpcservertimeout=1.0)  # as bitcoind (30 s), sooner
+def make_regtest(tmp_path: Path, bitcoind_missing: str | None
+                 ) -> Iterator[Callable[..., RegtestNode]]:
+    """make_regtest(**RegtestNode options) -> a started regtest bitcoind on a
+    private datadir under the test's tmp and free ports; stopped after the
+    test. Skips the test, in one line, where bitcoind cannot run (fails it
+    with BUS_TEST_REQUIRE_BITCOIND=1, as CI sets)."""
+    if bitcoind_missing:
+        if os.environ.get("BUS_TEST_REQUIRE_BITCOIND") == "1":
+            pytest.fail(bitcoind_missing)
+        pytest.skip(bitcoind_missing)
+    nodes: list[RegtestNode] = []
+
+    def factory(**options: Any) -> RegtestNode:
+        node = RegtestNode(tmp_path / f"bitcoind{len(nodes)}", free_port, **options)
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in nodes:
+        node.close()
+        node.remove()
+
+
+@pytest.fixture
+def node(request: pytest.FixtureRequest) -> Iterator[BitcoindDouble | RegtestNode]:
+    """The bitcoind double (JSON-RPC and ZMQ hashblock on loopback), or a real
+    regtest bitcoind; closed after the test. A node_options(rpcthreads=...,
+    rpcworkqueue=...) mark sets those of either (bitcoind's -OPTION=VALUE)."""
+    mark = request.node.get_closest_marker("node_options")
+    options = dict(mark.kwargs) if mark else {}
+    if request.param == "core":
+        yield request.getfixturevalue("make_regtest")(
+            extra_args=tuple(f"-{name}={value}" for name, value in options.items()))
+        return
+    double = BitcoindDouble(rpcservertimeout=1.0, **options)  # as bitcoind (30 s), sooner
     yield double
     double.close()

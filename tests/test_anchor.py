@@ -1,5 +1,7 @@
-"""The anchor worker, as a real `bus-cli anchor` process on a real bus, with the
-bitcoind double standing in for bitcoind (JSON-RPC and ZMQ hashblock)."""
+"""The anchor worker, as a real `bus-cli anchor` process on a real bus, against
+a real regtest Bitcoin Core (tests/regtest.py) and the bitcoind double
+(tests/bitcoind_double.py): the `node` fixture is each in turn. Marked
+double_only: what only the double can be made to do on demand."""
 
 from __future__ import annotations
 
@@ -159,6 +161,7 @@ def utxo_status(bus: Bus) -> list[tuple]:
     return query(bus.db, "SELECT amount_sat, status FROM utxos ORDER BY amount_sat")
 
 
+@pytest.mark.double_only("holds the worker's signrawtransactionwithwallet call in flight")
 def test_a_crashed_workers_lease_expires_and_its_requests_are_anchored_once(anchoring, node,
                                                                           events) -> None:
     node.fund([200_000])
@@ -182,6 +185,7 @@ def test_a_crashed_workers_lease_expires_and_its_requests_are_anchored_once(anch
     assert query(anchoring.db, "SELECT count(*) FROM utxos WHERE status = 2") == [(1,)]
 
 
+@pytest.mark.double_only("holds sendrawtransaction in flight, then drops the call unanswered")
 def test_a_worker_killed_after_recording_broadcasts_on_restart(anchoring, node, events) -> None:
     node.fund([200_000])
     node.hold("sendrawtransaction")
@@ -266,9 +270,12 @@ def test_a_transaction_not_mined_in_time_is_fee_bumped_never_anchored_twice(anch
 
 
 def test_submit_waits_for_the_proof_of_a_file(make_bus, node, tmp_path) -> None:
-    """Also: with no fee rate set, the rate is bitcoind's estimatesmartfee."""
-    anchoring = bus_for(make_bus, node, BUS_ANCHOR_FEE_RATE_SAT_VB=0)
-    node.fee_rate_sat_vb = 3
+    """Also: with no fee rate set, the rate is bitcoind's estimatesmartfee, which
+    on a chain without fee data (regtest) answers only "errors": the fallback
+    rate is paid."""
+    anchoring = bus_for(make_bus, node, BUS_ANCHOR_FEE_RATE_SAT_VB=0,
+                        BUS_ANCHOR_FALLBACK_FEE_RATE_SAT_VB=3)
+    assert "feerate" not in node.estimatesmartfee(6)
     node.fund([200_000])
     start_worker(anchoring)
     document = tmp_path / "contract.txt"
@@ -281,11 +288,27 @@ def test_submit_waits_for_the_proof_of_a_file(make_bus, node, tmp_path) -> None:
     assert (proof["document"], proof["ref"], proof["status"]) == (digest, "contract-7",
                                                                   "submitted")
     assert node.mempool == [proof["txid"]]
-    tx = node.txs[proof["txid"]].tx
+    tx = parse_tx(node.gettransaction(proof["txid"])["hex"])
     fee = 200_000 - tx.vout[1].value
-    assert 3 * vsize(tx) <= fee <= 3 * vsize(tx) + 3 and node.calls["estimatesmartfee"] >= 1
+    assert 3 * vsize(tx) <= fee <= 3 * vsize(tx) + 3
     bad = anchoring.cli("anchor", "submit", "--hash", "abc")
     assert bad.returncode == 2 and "64 hex characters" in bad.stderr
+
+
+@pytest.mark.double_only("a regtest Core has no fee estimate to give: it needs blocks of "
+                         "fee-paying transactions from the network")
+def test_the_fee_rate_is_bitcoinds_estimate_when_it_has_one(make_bus, node) -> None:
+    anchoring = bus_for(make_bus, node, BUS_ANCHOR_FEE_RATE_SAT_VB=0,
+                        BUS_ANCHOR_FALLBACK_FEE_RATE_SAT_VB=3)
+    node.fee_rate_sat_vb = 4
+    node.fund([200_000])
+    start_worker(anchoring)
+    out = anchoring.cli("anchor", "submit", "--hash", doc("estimated").hex(), "--wait",
+                        "--timeout", "15")
+    assert out.returncode == 0, out.stderr
+    tx = parse_tx(node.gettransaction(json.loads(out.stdout)["txid"])["hex"])
+    fee = 200_000 - tx.vout[1].value
+    assert 4 * vsize(tx) <= fee <= 4 * vsize(tx) + 4 and node.calls["estimatesmartfee"] >= 1
 
 
 def test_verify_says_invalid_for_any_file_and_submit_wait_says_the_worker_is_down(

@@ -1,8 +1,9 @@
 """Anchoring against the unkind parts of a real bitcoind (issue 14): kept-alive
 connections the node closes, refused credentials, lost writer replies, spent
 outputs of a mined anchor, reorgs, a wallet shared with other spends. Each
-test failed on the code before its fix; the bitcoind double behaves as
-Bitcoin Core does in each of these places."""
+test failed on the code before its fix. Each runs against a real regtest
+Bitcoin Core and the bitcoind double, except those marked double_only (a call
+held in flight or slowed down: what only the double does on demand)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import msgpack
 import pytest
 import zmq
 
-from anchor.bitcoind import BitcoinRpc, RpcAuthRefused
+from anchor.bitcoind import BitcoinRpc, RpcAuthRefused, RpcUnavailable, to_sat
 from tests.bitcoind_double import OUTSIDE_ADDRESS, BitcoindDouble
 from tests.conftest import BUS_CLI, Bus, Proc, query, wait_for
 from tests.test_anchor import (anchor_rows, anchoring, bus_for, doc, events,  # noqa: F401
@@ -27,7 +28,9 @@ from tests.test_wallet_sync import sync, table  # noqa: F401
 
 def test_a_connection_the_node_closed_while_idle_is_opened_again_once() -> None:
     """bitcoind closes a connection idle for -rpcservertimeout; the client
-    kept it and failed about every other 30 s poll with a broken pipe."""
+    kept it and failed about every other 30 s poll with a broken pipe.
+    On the double only: it counts the connections it closed, and closes them
+    after 0.2 s (Core's -rpcservertimeout is whole seconds)."""
     node = BitcoindDouble(rpcservertimeout=0.2)
     try:
         rpc = BitcoinRpc(node.url, node.user, node.password)
@@ -161,6 +164,7 @@ def test_a_lost_fee_bump_reply_never_sends_a_transaction_other_than_the_recorded
     assert query(anchoring.db, "SELECT txid, status FROM anchors") == [(recorded, "confirmed")]
 
 
+@pytest.mark.double_only("holds sendrawtransaction in flight while the worker is killed")
 def test_a_mined_anchor_whose_change_is_spent_is_not_failed_on_rebroadcast(
         anchoring, node, events) -> None:
     """After a crash between sendrawtransaction and its record, the restart
@@ -215,19 +219,42 @@ def test_a_stored_tip_the_node_does_not_know_is_a_full_load_again(sync, node) ->
     assert ws.sync() is True and ws.counters["full_loads"] == 2
 
 
-def test_outputs_the_wallet_cannot_spend_never_enter_the_pool(sync, node) -> None:
-    """spendable/solvable/safe were ignored: a watch-only output was reserved,
-    failed to sign, was released and picked again, forever."""
+def test_outputs_the_wallet_would_not_spend_never_enter_the_pool(sync, node) -> None:
+    """safe was ignored: an unconfirmed payment from outside was reserved."""
     ws, bus = sync
-    node.fund([150_000], watch_only=True)
     node.fund([300_000])
     node.fund([400_000], confirmations=0)     # unconfirmed, from outside: not safe
     ws.sync()
     assert {row[2] for row in table(bus)} == {300_000}
-    assert ws.counters["unusable"] == 1
     node.mine(1)                              # confirmed: safe now, and loaded
     ws.sync()
     assert {row[2] for row in table(bus)} == {300_000, 400_000}
+
+
+def test_an_output_the_wallet_cannot_sign_for_is_tried_once_and_leaves_the_pool(
+        anchoring, node, events) -> None:
+    """Core lists every output of a descriptor wallet "spendable", and one of a
+    watched key "solvable", keys or not (the double said false to both, and
+    the sync's filter kept such outputs out): it enters the pool. Reserved, it
+    cannot be signed for: it must leave the pool, and the anchor be made
+    from another output, not be tried again and again."""
+    node.fund([150_000], watch_only=True)     # the smallest that is enough: picked first
+    node.fund([300_000])
+    listed = {to_sat(u["amount"]): (u["spendable"], u["solvable"])
+              for u in node.listunspent()}
+    assert listed == {150_000: (True, True), 300_000: (True, True)}
+    start_worker(anchoring)
+    request(anchoring, doc("signable"))
+    [submitted] = events.wait("anchor.submitted")
+    assert query(anchoring.db, "SELECT amount_sat FROM utxos WHERE spent_txid = ?",
+                 (submitted["txid"],)) == [(300_000,)]
+    [failed] = events.wait("anchor.error", lambda e: e["error"] == "build_failed")
+    assert "cannot sign for UTXO" in failed["reason"]
+    assert query(anchoring.db, "SELECT status FROM utxos WHERE amount_sat = 150000") == [(2,)]
+    node.fund([160_000])                      # a block: the worker syncs again
+    request(anchoring, doc("signable again"))
+    wait_for(lambda: len(events.of("anchor.submitted")) == 2, message="a second anchor")
+    assert len(events.of("anchor.error")) == 1, "the unsignable output was not tried again"
 
 
 def test_a_coinbase_output_joins_the_pool_when_it_matures(sync, node) -> None:
@@ -237,7 +264,7 @@ def test_a_coinbase_output_joins_the_pool_when_it_matures(sync, node) -> None:
     node.fund([10_000])
     ws.sync()
     [coinbase_block] = node.generatetoaddress(1, node.getnewaddress())
-    coinbase = node._block(coinbase_block).txids[0]
+    coinbase = node.block_txids(coinbase_block)[0]
     for _ in range(33):                       # 99 more blocks, synced every 3
         node.mine(3)
         ws.sync()
@@ -247,6 +274,7 @@ def test_a_coinbase_output_joins_the_pool_when_it_matures(sync, node) -> None:
     assert (coinbase, 0, 50 * 100_000_000) in {row[:3] for row in table(bus)}
 
 
+@pytest.mark.double_only("holds the worker's signrawtransactionwithwallet mid-build")
 def test_a_leased_utxo_is_locked_in_the_wallet_against_its_other_spends(
         anchoring, node, events) -> None:
     """The wallet knew nothing of leases: an operator's payment from the same
@@ -269,6 +297,7 @@ def test_a_leased_utxo_is_locked_in_the_wallet_against_its_other_spends(
     assert node.listlockunspent() == [], "spending the UTXO unlocked it"
 
 
+@pytest.mark.double_only("makes each of the worker's build calls take 0.8 s")
 def test_a_lease_is_renewed_while_a_slow_node_builds_the_transaction(anchoring, node,
                                                                     events) -> None:
     """The lease (BUS_ANCHOR_LEASE_S=2 here) ran out during a slow build, since
@@ -306,7 +335,7 @@ def test_a_reorg_deeper_than_the_confirmations_is_followed_after_confirmation(
     [(txid, status, block_hash)] = wait_for(lambda: [
         row for row in query(anchoring.db, "SELECT txid, status, block_hash FROM anchors")
         if row[1] == "confirmed"], message="confirmed again")
-    assert block_hash != old_block and txid in node._block(block_hash).txids
+    assert block_hash != old_block and txid in node.block_txids(block_hash)
     proof = json.loads(anchoring.cli("anchor", "proof", doc("reorged").hex()).stdout)
     assert (proof["status"], proof["block_hash"]) == ("confirmed", block_hash)
 
@@ -343,3 +372,69 @@ def test_verify_with_a_node_checks_the_block_and_says_what_it_did_not_check(
     node.stop()
     down = anchoring.cli("anchor", "verify", str(path), "--node")
     assert down.returncode == 1 and "cannot check with the node" in down.stderr
+
+
+def test_an_unloaded_wallet_holds_the_requests_until_it_is_loaded_again(anchoring, node,
+                                                                       events) -> None:
+    """Every wallet call answers -18 while bitcoind's wallet is not loaded
+    (unloadwallet, a restart without it): the requests wait, the lease is
+    given back, and they are anchored once it is loaded again."""
+    node.fund([200_000])
+    worker = start_worker(anchoring)
+    node.unloadwallet("anchoring")
+    request(anchoring, doc("unloaded"))
+    wait_for(lambda: any(e.get("event") == "anchor_held_back" and "(code -18)" in e.get("error", "")
+                         for e in worker.log_events()), message="the worker refused with -18")
+    assert anchor_rows(anchoring) == []
+    wait_for(lambda: query(anchoring.db, "SELECT status FROM utxos") == [(0,)],
+             message="the lease given back")
+    node.loadwallet("anchoring")
+    [submitted] = events.wait("anchor.submitted", message="anchored once the wallet is back")
+    assert submitted["txid"] in node.mempool and worker.popen.poll() is None
+    assert anchoring.writer_stats()["utxos"]["errors"] == 0
+
+
+@pytest.mark.double_only("Core is warming up (-28) only for a moment at its start")
+def test_a_node_warming_up_holds_the_worker_until_it_answers(anchoring, node, events) -> None:
+    """Every call answers -28 while bitcoind starts (a restart of the node):
+    the worker waits, and anchors once it answers."""
+    node.fund([200_000])
+    worker = start_worker(anchoring)
+    node.warmup = "Loading wallet…"
+    request(anchoring, doc("warming up"))
+    wait_for(lambda: any(e.get("event") == "anchor_held_back" and "(code -28)" in e.get("error", "")
+                         for e in worker.log_events()), message="the worker refused with -28")
+    assert worker.popen.poll() is None and anchor_rows(anchoring) == []
+    node.warmup = None
+    events.wait("anchor.submitted", message="anchored once the node is up")
+
+
+@pytest.mark.node_options(rpcthreads=1, rpcworkqueue=1)
+def test_a_full_rpc_work_queue_is_waited_out(anchoring, node, events) -> None:
+    """HTTP 503 (no JSON-RPC body) while -rpcthreads calls run and
+    -rpcworkqueue wait: the worker waits and anchors once there is room."""
+    node.fund([200_000])
+    worker = start_worker(anchoring)
+
+    def wait_for_a_block() -> None:  # takes the one thread, or the one place in the queue
+        client = BitcoinRpc(node.url, node.user, node.password, timeout_s=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                client.call("waitfornewblock", 2500)
+                break
+            except RpcUnavailable:
+                time.sleep(0.05)
+        client.close()
+
+    callers = [threading.Thread(target=wait_for_a_block) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    wait_for(lambda: any(e.get("event") == "anchor_held_back" and "Work queue depth exceeded"
+                         in e.get("error", "") for e in worker.log_events()),
+             message="the worker refused with HTTP 503")
+    request(anchoring, doc("queued"))
+    for caller in callers:
+        caller.join(20)
+    [submitted] = events.wait("anchor.submitted", message="anchored once there is room")
+    assert submitted["txid"] in node.mempool and worker.popen.poll() is None

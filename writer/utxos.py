@@ -132,12 +132,14 @@ class UtxoBook:
         self.request_ttl_s = request_ttl_s
         self.counters = {"reserved": 0, "renewed": 0, "released": 0, "expired": 0,
                          "spent": 0, "replaced": 0, "no_utxo": 0, "replayed": 0,
-                         "upserted": 0, "removed": 0, "swept": 0, "errors": 0}
+                         "upserted": 0, "removed": 0, "restored": 0, "swept": 0,
+                         "errors": 0}
         self.tip_height, self.tip_hash = read_tip(conn)
         self.handlers: dict[str, Callable[[dict[str, Any], int], Any]] = {
             "utxo_reserve": self.reserve, "utxo_renew": self.renew,
             "utxo_release": self.release, "utxo_spend": self.spend,
             "utxo_upsert": self.upsert, "utxo_remove": self.remove,
+            "utxo_restore": self.restore,
             "utxo_sweep": self.sweep, "utxo_tip": self.set_tip, "utxo_get": self.get,
         }
         # Commands whose reply is stored under their request_id (required if listed).
@@ -335,6 +337,19 @@ class UtxoBook:
             removed += rows_of.mark_removed(self.conn, txid, vout, spending, now_ns)
         self.counters["removed"] += removed
         return {"removed": removed}
+
+    def restore(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """{outpoints: [[txid, vout]...], spent_txid} -> {restored}: outputs
+        marked spent by `spent_txid`, a wallet transaction that no longer
+        spends them (replaced, conflicted, dropped from the mempool), are
+        available again; the wallet sync asks only for those bitcoind says
+        are unspent."""
+        spent_txid = check_txid(args.get("spent_txid"), "spent_txid")
+        restored = 0
+        for txid, vout in (_outpoint(item) for item in _rows(args, "outpoints")):
+            restored += rows_of.restore(self.conn, txid, vout, spent_txid, now_ns)
+        self.counters["restored"] += restored
+        return {"restored": restored}
 
     def sweep(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{generation} -> {swept, more}: after a full load tagged `generation`
