@@ -5,8 +5,10 @@ BUS_AUDIT_PREFIXES topics since the last seal: it reads them from the reader
 (history pages, as any subscriber catching up), computes each one's digest
 and the RFC 6962 root as they stream by (proofs/audit.py: O(log n) memory),
 stores the digests through the writer a chunk at a time (`audit_leaves`),
-closes the seal with its root (`audit_finish`), and hands the root to the
-anchoring like any document hash. One history page per loop pass, so the
+closes the seal with its root (`audit_finish`), and hands what the writer
+stored as the seal's document (the hash of its seal record: its id, id range,
+size, digest version, root and prefixes) to the anchoring like any document
+hash. One history page per loop pass, so the
 worker's loop (blocks, control requests) never waits for a whole seal.
 
 A seal covers an id range: from the message after the last seal's to the
@@ -29,11 +31,12 @@ from anchor.reservations import UtxoClient
 from bus import protocol
 from bus.client.history import HistoryClient
 from bus.logging import get_logger
-from proofs.audit import EMPTY_ROOT, RootBuilder, message_digest
+from proofs.audit import EMPTY_ROOT, SEAL_RECORD, RootBuilder, message_digest
 
 log = get_logger("anchor")
 
 CHUNK_LEAVES = 4096            # leaves per audit_leaves request (storage/audit.py's chunk)
+DIGEST_VERSION = 1             # how this worker's seals digest a message (proofs/audit.py)
 
 
 class Sealer:
@@ -76,7 +79,9 @@ class Sealer:
 
     def _begin(self) -> None:
         begun = self.utxos.call("audit_begin", {"request_id": uuid.uuid4().hex,
-                                                "prefixes": self.prefixes})
+                                                "prefixes": self.prefixes,
+                                                "seal_version": SEAL_RECORD,
+                                                "digest_version": DIGEST_VERSION})
         self._seal = {"seal_id": begun["seal_id"], "after": begun["first_id"] - 1,
                       "upto": None, "root": RootBuilder(), "ids": [], "digests": [],
                       "chunk": 0, "size": 0}
@@ -131,18 +136,22 @@ class Sealer:
         self._store_leaves()
         seal, self._seal = self._seal, None
         root = seal["root"].root if seal["size"] else EMPTY_ROOT
-        self.utxos.call("audit_finish", {"request_id": uuid.uuid4().hex,
-                                         "seal_id": seal["seal_id"], "last_id": seal["after"],
-                                         "size": seal["size"], "root": root})
+        finished = self.utxos.call("audit_finish", {
+            "request_id": uuid.uuid4().hex, "seal_id": seal["seal_id"],
+            "last_id": seal["after"], "size": seal["size"], "root": root})
         self._next = time.monotonic() + (0 if backlog else self.interval_s)
         if not seal["size"]:
             self.counters["empty_seals"] += 1
             return
         self.counters["seals"] += 1
         self.counters["sealed_messages"] += seal["size"]
+        # A writer from before seal records names no document: the root is
+        # what it stored a version 1 seal for.
+        document = finished.get("document", root)
         log.info("audit_sealed", seal_id=seal["seal_id"], messages=seal["size"],
-                 last_id=seal["after"], root=root.hex(), cpu_s=round(self.cpu_s, 3))
-        self.on_sealed(seal["seal_id"], root)
+                 last_id=seal["after"], root=root.hex(), document=document.hex(),
+                 cpu_s=round(self.cpu_s, 3))
+        self.on_sealed(seal["seal_id"], document)
 
     def snapshot(self) -> dict[str, Any]:
         in_progress = self._seal["size"] if self._seal is not None else 0

@@ -19,7 +19,8 @@ import click
 
 import storage
 from cli.common import InputError, build_config, setting_options
-from proofs.audit import AUDIT_PROOF_FORMAT, EMPTY_ROOT, RootBuilder, message_digest
+from proofs.audit import (AUDIT_PROOF_FORMAT, AUDIT_PROOF_FORMAT_RECORD, EMPTY_ROOT, SEAL_RECORD,
+                          RootBuilder, message_digest, seal_document)
 from proofs.document import make_proof, parse_payload, stored_payload
 from proofs.merkle import MerkleTree
 from storage import anchors as anchor_rows
@@ -42,11 +43,19 @@ def _open(ctx: click.Context, flags: dict[str, Any]) -> tuple[Any, tuple[type, .
         raise InputError(str(exc)) from None
 
 
-def _anchoring(conn: Any, root: bytes) -> tuple[str, bool]:
-    """What the database says of a seal root's anchoring, and whether it holds
-    together (the root is a leaf of the anchor's tree, whose root is in the
-    recorded transaction's OP_RETURN)."""
-    found = anchor_rows.proof_rows(conn, root)
+def _document(seal: dict[str, Any]) -> bytes:
+    """What is anchored for the seal, recomputed from its fields as stored:
+    its record's hash (version 2), its root (version 1)."""
+    return seal_document(seal["seal_version"], seal["seal_id"], seal["first_id"],
+                         seal["last_id"], seal["size"], seal["digest_version"], seal["root"],
+                         seal["prefixes"])
+
+
+def _anchoring(conn: Any, document: bytes) -> tuple[str, bool]:
+    """What the database says of a seal document's anchoring, and whether it
+    holds together (the document is a leaf of the anchor's tree, whose root
+    is in the recorded transaction's OP_RETURN)."""
+    found = anchor_rows.proof_rows(conn, document)
     if found is None:
         return "not anchored yet", True
     anchor, _index, _ref, leaves = found
@@ -81,7 +90,7 @@ def _changes(conn: Any, seal: dict[str, Any], oldest: int) -> Iterator[tuple[str
             leaf, row = next(sealed, None), next(stored, None)
 
 
-def _check_seal(conn: Any, seal: dict[str, Any], oldest: int, anchored_root: bytes | None
+def _check_seal(conn: Any, seal: dict[str, Any], oldest: int, anchored: bytes | None
                 ) -> tuple[list[str], tuple[str, int, str] | None, int, str]:
     """(problems, first change (kind, id, topic), sealed messages retention
     took, what its anchoring says) of one seal."""
@@ -100,10 +109,16 @@ def _check_seal(conn: Any, seal: dict[str, Any], oldest: int, anchored_root: byt
             (not seal["size"] and seal["root"] != EMPTY_ROOT):
         problems.append("its stored digests do not give its root (the seal's leaves or root "
                         "were altered)")
-    if anchored_root is not None and anchored_root != seal["root"]:
-        problems.append(f"its root is not the one anchored as audit-seal:{seal['seal_id']} "
-                        f"({anchored_root.hex()})")
-    anchoring, anchor_ok = _anchoring(conn, seal["root"]) if seal["size"] else \
+    document = _document(seal)
+    record = "record (its id, ids, size, digest version, root and prefixes)" \
+        if seal["seal_version"] == SEAL_RECORD else "root"
+    if anchored is not None and anchored != document:
+        problems.append(f"its {record} is not the one anchored as audit-seal:{seal['seal_id']} "
+                        f"({anchored.hex()})")
+    if seal["document"] is not None and seal["document"] != document:
+        problems.append(f"its stored document {seal['document'].hex()} is not its {record}'s "
+                        f"hash {document.hex()}")
+    anchoring, anchor_ok = _anchoring(conn, document) if seal["size"] else \
         ("empty: not anchored", True)
     if not anchor_ok:
         problems.append(anchoring)
@@ -152,16 +167,16 @@ def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
     inserted after sealing. Exit 0 if nothing changed, 1 if something did."""
     conn, errors = _open(ctx, flags)
     first_change: tuple[int, str, int, str] | None = None
-    checked = retained_out = unanchored = 0
+    checked = retained_out = unanchored = bare = 0
     changed: list[str] = []
     try:
         try:
             rows = seal_rows.all_rows(conn)
-            anchored = seal_rows.anchored_roots(conn)
+            anchored = seal_rows.anchored_documents(conn)
             oldest = messages.first_id(conn) or 0
         except errors as exc:
             raise InputError(f"no audit seals can be read here ({exc}): a bus database of "
-                             "schema 8 or later (bus-cli db migrate)") from None
+                             "schema 10 or later (bus-cli db migrate)") from None
         tiling = _tiling(rows)
         changed += tiling
         seals = seal_rows.seals(conn, from_id)
@@ -176,6 +191,7 @@ def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
                     f"its rows are not what a bus writes ({type(exc).__name__}: {exc})"], \
                     None, 0, "not checked"
             unanchored += anchoring == "not anchored yet"
+            bare += seal["seal_version"] != SEAL_RECORD and bool(seal["size"])
             retained_out += gone
             checked += seal["size"] - gone
             if first is not None and (first_change is None or first[1] < first_change[2]):
@@ -202,6 +218,9 @@ def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
         summary += f", {retained_out:,} deleted by retention (not checkable)"
     if unanchored:
         summary += f"; {unanchored:,} seal(s) not anchored yet (only the database vouches for them)"
+    if bare:
+        summary += (f"; {bare:,} seal(s) of version 1 (their root anchored bare: their id, id "
+                    "range and size are the database's word)")
     if last is not None:
         age = (time.time_ns() - last["sealed_ns"]) / 1e9
         summary += (f"; {tail:,} message(s) of {', '.join(last['prefixes'])} stored after the "
@@ -234,7 +253,7 @@ def proof(ctx: click.Context, message_id: int, **flags: Any) -> None:
         built = _message_proof(conn, message_id)
     except errors as exc:
         raise InputError(f"no audit seals can be read here ({exc}): a bus database of "
-                         "schema 8 or later (bus-cli db migrate)") from None
+                         "schema 10 or later (bus-cli db migrate)") from None
     except InputError:
         raise
     except Exception as exc:  # rows no writer wrote (a text payload, a NULL size...)
@@ -268,20 +287,27 @@ def _message_proof(conn: Any, message_id: int) -> dict[str, Any]:
                          "longer stored (retention, or deleted): its digest is all that is left")
     if message_digest(*row) != digests[index]:
         raise InputError(f"message {message_id} was altered after sealing: no proof")
-    anchored = anchor_rows.proof_rows(conn, seal["root"])
+    document = _document(seal)
+    anchored = anchor_rows.proof_rows(conn, document)
     if anchored is None:
         raise InputError(f"seal {seal['seal_id']} is not anchored yet: ask again later")
     tree = MerkleTree(digests)
     anchor, anchor_index, ref, anchor_leaves = anchored
     anchor_tree = MerkleTree(anchor_leaves)
+    bound = seal["seal_version"] == SEAL_RECORD
+    seal_fields = {"seal_id": seal["seal_id"]}
+    if bound:  # the fields the anchored record binds, all of them
+        seal_fields.update(first_id=seal["first_id"], last_id=seal["last_id"],
+                           prefixes=seal["prefixes"], digest_version=seal["digest_version"])
     return {
-        "format": AUDIT_PROOF_FORMAT,
+        "format": AUDIT_PROOF_FORMAT_RECORD if bound else AUDIT_PROOF_FORMAT,
         "message": {"id": row[0], "topic": row[1], "payload": bytes(row[2]).hex(),
                     "meta": None if row[3] is None else bytes(row[3]).hex(),
                     "producer_id": row[4], "producer_seq": row[5]},
         "digest": digests[index].hex(),
-        "seal": {"seal_id": seal["seal_id"], "leaf_index": index, "tree_size": tree.size,
-                 "path": [p.hex() for p in tree.path(index)], "root": tree.root.hex()},
-        "anchor": make_proof(seal["root"], anchor_index, anchor_tree.size,
+        "seal": {**seal_fields, "leaf_index": index, "tree_size": tree.size,
+                 "path": [p.hex() for p in tree.path(index)], "root": tree.root.hex(),
+                 **({"record": document.hex()} if bound else {})},
+        "anchor": make_proof(document, anchor_index, anchor_tree.size,
                              anchor_tree.path(anchor_index), anchor, ref),
     }

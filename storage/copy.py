@@ -41,7 +41,8 @@ TABLES = (
                 " confirmed_ns, block_hash, block_height"),
     ("anchor_documents", "doc_hash, anchor_id, leaf_index, ref, message_id"),
     ("subscriptions", "id, subscribed, prefix, committed_ns"),
-    ("audit_seals", "id, prefixes, first_id, last_id, size, root, status, created_ns, sealed_ns"),
+    ("audit_seals", "id, prefixes, first_id, last_id, size, root, status, created_ns, sealed_ns,"
+                    " seal_version, digest_version, document"),
     ("audit_leaves", "seal_id, chunk, ids, digests"),
 )
 # Verification: per producer, the count and range of its sequence numbers.

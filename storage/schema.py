@@ -14,8 +14,9 @@ from typing import Any
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 9  # 7: utxo_requests.fingerprint; 8: audit_seals, audit_leaves;
-#                     9: producer_keys (session keys out of producers)
+SCHEMA_VERSION = 10  # 7: utxo_requests.fingerprint; 8: audit_seals, audit_leaves;
+#                      9: producer_keys (session keys out of producers);
+#                      10: audit_seals.seal_version, digest_version, document
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -146,7 +147,10 @@ SCHEMA = (
         root        BLOB,                    -- RFC 6962 root of their digests (proofs/audit.py)
         status      TEXT    NOT NULL,        -- open (being built) | sealed
         created_ns  INTEGER NOT NULL,
-        sealed_ns   INTEGER
+        sealed_ns   INTEGER,
+        seal_version    INTEGER NOT NULL DEFAULT 1,  -- 1: root anchored; 2: seal record
+        digest_version  INTEGER NOT NULL DEFAULT 1,  -- how its messages' digests are made
+        document    BLOB                     -- what is anchored for it (record hash, or root)
     )""",
     # Each sealed message's id and digest, packed by chunk of leaves: what
     # `audit verify` names the first changed message from.
@@ -171,6 +175,9 @@ ADDED_COLUMNS = (
     ("producers", "owner", "TEXT"),
     ("consumers", "owner", "TEXT"),
     ("utxo_requests", "fingerprint", "BLOB"),
+    ("audit_seals", "seal_version", "INTEGER NOT NULL DEFAULT 1"),
+    ("audit_seals", "digest_version", "INTEGER NOT NULL DEFAULT 1"),
+    ("audit_seals", "document", "BLOB"),
 )
 
 

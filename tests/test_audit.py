@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from proofs.audit import message_digest
+from proofs.merkle import MerkleTree
 from tests.conftest import Bus, execute, query, wait_for
 from tests.test_anchor import bus_for, start_worker
 from tests.test_hostile import publish_acked
@@ -20,9 +22,10 @@ def sealed(bus: Bus) -> int:
 
 
 def anchored_seals(bus: Bus) -> int:
-    return query(bus.db, "SELECT count(*) FROM audit_seals s JOIN anchor_documents d"
-                         " ON d.doc_hash = s.root JOIN anchors a ON a.id = d.anchor_id"
-                         " WHERE a.status = 'confirmed'")[0][0]
+    """Seals whose anchor is confirmed (the anchor documents named audit-seal:N)."""
+    return query(bus.db, "SELECT count(*) FROM anchor_documents d JOIN anchors a"
+                         " ON a.id = d.anchor_id WHERE a.status = 'confirmed'"
+                         " AND substr(d.ref, 1, 11) = 'audit-seal:'")[0][0]
 
 
 def seals(bus: Bus) -> int:
@@ -32,9 +35,11 @@ def seals(bus: Bus) -> int:
 
 
 def broadcast(bus: Bus) -> None:
-    """Every seal's root in an anchor, and every anchor sent."""
-    wait_for(lambda: query(bus.db, "SELECT count(*) FROM audit_seals s JOIN anchor_documents d"
-                                   " ON d.doc_hash = s.root")[0][0] == seals(bus)
+    """Every seal in an anchor (the writer knows of none left to anchor), and
+    every anchor sent."""
+    wait_for(lambda: not bus.request("BUS_CONTROL_ENDPOINT", "audit_unanchored", {})["seals"]
+             and query(bus.db, "SELECT count(*) FROM anchor_documents WHERE"
+                               " substr(ref, 1, 11) = 'audit-seal:'")[0][0] == seals(bus)
              and not query(bus.db, "SELECT count(*) FROM anchors WHERE status = 'signed'")[0][0],
              message="the seals anchored and broadcast")
 
@@ -158,3 +163,110 @@ def test_retention_keeps_unsealed_messages_and_the_seals_stay_checkable(make_bus
     out = verify(bus)
     assert out.returncode == 0, out.stderr
     assert "deleted by retention" in out.stdout and "their digests still check" in out.stdout
+
+
+def confirmed(bus: Bus, node: Any) -> None:
+    """Every seal anchored, broadcast and confirmed."""
+    broadcast(bus)
+    node.mine(2)
+    wait_for(lambda: anchored_seals(bus) == seals(bus), message="the seals' anchors confirmed")
+
+
+def edited(proof: dict[str, Any], path: Any, **seal_fields: Any) -> Any:
+    """The proof with some of its seal's fields changed, written to `path`."""
+    changed = json.loads(json.dumps(proof))
+    changed["seal"].update(seal_fields)
+    path.write_text(json.dumps(changed))
+    return path
+
+
+def test_what_is_anchored_for_a_seal_binds_its_id_range_and_size(make_bus, node,
+                                                                 tmp_path) -> None:
+    """The issue's edited proof (seal 42, a tree of 8,000 where it had 5,000)
+    verified: neither was committed on chain, and any size from 4,097 to
+    8,192 fits the same path. Here 5 messages: sizes 5 to 8 fit leaf 2's."""
+    node.fund([500_000])
+    bus = bus_for(make_bus, node, BUS_AUDIT_PREFIXES="orders.", BUS_AUDIT_INTERVAL_S=0.5)
+    publish_acked(bus, "feed", "prices.tick", 10)  # not sealed: the seal's ids span 15
+    publish_acked(bus, "desk-1", "orders.new", 5)
+    start_worker(bus)
+    wait_for(lambda: sealed(bus) == 5, message="5 messages sealed")
+    confirmed(bus, node)
+    target = ids_of(bus, "orders.")[2]
+    out = bus.cli("audit", "proof", str(target))
+    assert out.returncode == 0, out.stderr
+    proof = json.loads(out.stdout)
+    # The issue's edit: refused.
+    forged = bus.cli("anchor", "verify", str(edited(proof, tmp_path / "f.json", tree_size=8,
+                                                    seal_id=42)), "--node")
+    assert forged.returncode == 1, forged.stdout
+    assert proof["format"] == "bus-audit-proof/2"
+    seal = proof["seal"]
+    assert (seal["leaf_index"], seal["tree_size"], seal["first_id"], seal["prefixes"],
+            seal["digest_version"]) == (2, 5, 1, ["orders."], 1)
+    assert proof["anchor"]["document"] == seal["record"] != seal["root"]
+    good = tmp_path / "proof.json"
+    good.write_text(out.stdout)
+    checked = bus.cli("anchor", "verify", str(good), "--node")
+    assert checked.returncode == 0, checked.stderr
+    assert f"leaf 2 of 5 of seal {seal['seal_id']} (ids 1..{seal['last_id']} of orders.)" \
+        in checked.stdout
+    assert "the anchored document" in checked.stdout and "NOT CHECKED: that it is leaf" \
+        not in checked.stdout
+
+    # Every field a proof prints of its seal is bound: each edit is refused.
+    for fields in ({"tree_size": 8, "seal_id": 42}, {"tree_size": 8}, {"seal_id": 42},
+                   {"last_id": seal["last_id"] + 1}, {"prefixes": ["orders.", "trades."]},
+                   {"first_id": 0}):
+        refused = bus.cli("anchor", "verify", str(edited(proof, tmp_path / "e.json", **fields)))
+        assert refused.returncode == 1, (fields, refused.stdout)
+        assert "INVALID: the anchor proof's document is not the seal record's hash" \
+            in refused.stderr, fields
+    # ... and one that contradicts its message says so before any hashing.
+    outside = bus.cli("anchor", "verify", str(edited(proof, tmp_path / "o.json",
+                                                     first_id=target + 1)))
+    assert outside.returncode == 1 and "outside the seal's ids" in outside.stderr
+
+
+def test_a_version_1_seal_still_verifies_saying_what_it_does_not_bind(make_bus, node,
+                                                                    tmp_path) -> None:
+    """A seal made before seal records (its root anchored bare): this test
+    plays the worker of then, through the writer's commands as it sent them."""
+    node.fund([500_000])
+    bus = bus_for(make_bus, node)  # no BUS_AUDIT_PREFIXES: the worker does not seal
+    publish_acked(bus, "desk-1", "orders.new", 5)
+    rows = query(bus.db, "SELECT id, topic, payload, meta, producer_id, producer_seq FROM"
+                         " messages ORDER BY id")
+    digests = [message_digest(*row) for row in rows]
+    root = MerkleTree(digests).root
+    seal_id = bus.request("BUS_CONTROL_ENDPOINT", "audit_begin",
+                          {"request_id": "old-begin", "prefixes": ["orders."]})["seal_id"]
+    bus.request("BUS_CONTROL_ENDPOINT", "audit_leaves", {
+        "seal_id": seal_id, "chunk": 0, "digests": b"".join(digests),
+        "ids": b"".join(row[0].to_bytes(8, "big") for row in rows)})
+    finished = bus.request("BUS_CONTROL_ENDPOINT", "audit_finish", {
+        "request_id": "old-finish", "seal_id": seal_id, "last_id": rows[-1][0], "size": 5,
+        "root": root})
+    assert finished["document"] == root  # version 1: its root is what is anchored
+    start_worker(bus)
+    out = bus.cli("anchor", "submit", "--hash", root.hex(), "--ref", f"audit-seal:{seal_id}",
+                  "--wait", "--timeout", "30")
+    assert out.returncode == 0, out.stderr
+    confirmed(bus, node)
+    ok = verify(bus)
+    assert ok.returncode == 0, ok.stderr
+    assert "1 seal(s) of version 1 (their root anchored bare" in ok.stdout
+
+    out = bus.cli("audit", "proof", str(rows[2][0]))
+    assert out.returncode == 0, out.stderr
+    proof = json.loads(out.stdout)
+    assert proof["format"] == "bus-audit-proof/1" and proof["anchor"]["document"] == root.hex()
+    checked = bus.cli("anchor", "verify", str(edited(proof, tmp_path / "p.json")), "--node")
+    assert checked.returncode == 0, checked.stderr
+    assert f"NOT CHECKED: that it is leaf 2 of 5 of seal {seal_id} (a seal of version 1" \
+        in checked.stdout
+    # The issue's edit still verifies, and says what the chain does not vouch for.
+    loose = bus.cli("anchor", "verify", str(edited(proof, tmp_path / "e.json", tree_size=8,
+                                                   seal_id=42)))
+    assert loose.returncode == 0, loose.stderr
+    assert "NOT CHECKED: that it is leaf 2 of 8 of seal 42" in loose.stdout
