@@ -36,7 +36,7 @@ from proofs.audit import EMPTY_ROOT, SEAL_RECORD, RootBuilder, message_digest
 log = get_logger("anchor")
 
 CHUNK_LEAVES = 4096            # leaves per audit_leaves request (storage/audit.py's chunk)
-DIGEST_VERSION = 1             # how this worker's seals digest a message (proofs/audit.py)
+DIGEST_VERSION = 2             # how this worker's seals digest a message: every column
 
 
 class Sealer:
@@ -99,7 +99,7 @@ class Sealer:
                 self._next = time.monotonic() + self.interval_s
                 return 0
         upto, full = seal["upto"], False
-        for row_id, topic, payload, meta_raw, _committed_ns in page.rows:
+        for row_id, topic, payload, meta_raw, committed_ns in page.rows:
             if row_id > upto:
                 break
             if seal["size"] >= self.max_messages:
@@ -107,8 +107,11 @@ class Sealer:
                 break
             meta = {} if meta_raw is None else msgpack.unpackb(meta_raw, raw=False,
                                                                strict_map_key=False)
+            # The columns the writer derives from the meta, derived as it does.
             digest = message_digest(row_id, topic, payload, meta_raw,
-                                    meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ))
+                                    meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ),
+                                    meta.get(protocol.META_TIME_NS), committed_ns,
+                                    version=DIGEST_VERSION)
             seal["root"].add(digest)
             seal["ids"].append(row_id.to_bytes(8, "big"))
             seal["digests"].append(digest)

@@ -25,7 +25,7 @@ from proofs.document import make_proof, parse_payload, stored_payload
 from proofs.merkle import MerkleTree
 from storage import anchors as anchor_rows
 from storage import audit as seal_rows
-from storage import messages
+from storage import messages, retention
 
 
 @click.group()
@@ -69,46 +69,112 @@ def _anchoring(conn: Any, document: bytes) -> tuple[str, bool]:
     return f"anchored in transaction {anchor['txid']}, {where}", True
 
 
-def _changes(conn: Any, seal: dict[str, Any], oldest: int) -> Iterator[tuple[str, int, str]]:
-    """(kind, message id, topic) of each difference between the seal's leaves
-    and the stored messages, in id order: altered, deleted (above `oldest`,
-    the oldest message retention left), inserted."""
-    sealed = seal_rows.leaves(conn, seal["seal_id"])
-    stored = seal_rows.sealed_messages(conn, seal["first_id"], seal["last_id"], seal["prefixes"])
-    leaf, row = next(sealed, None), next(stored, None)
-    while leaf is not None or row is not None:
-        if row is None or (leaf is not None and leaf[0] < row[0]):
-            if leaf[0] >= oldest:
-                yield "deleted", leaf[0], ""
-            leaf = next(sealed, None)
-        elif leaf is None or row[0] < leaf[0]:
-            yield "inserted", row[0], row[1]
-            row = next(stored, None)
-        else:
-            if message_digest(*row) != leaf[1]:
-                yield "altered", row[0], row[1]
-            leaf, row = next(sealed, None), next(stored, None)
+class Comparison:
+    """One pass over a seal's stored leaves and the stored messages it covers
+    (both in id order, a chunk at a time): the root of the stored digests, the
+    root of the digests recomputed from the messages (a stored digest where
+    the message is gone), and the first of each kind of difference."""
+
+    def __init__(self, seal: dict[str, Any], retained: int) -> None:
+        self.seal, self.retained = seal, retained
+        self.stored, self.recomputed = RootBuilder(), RootBuilder()
+        self.first: dict[str, tuple[int, str]] = {}   # kind -> (message id, topic)
+        self.counts = {"differs": 0, "deleted": 0, "inserted": 0}
+        self.gone = 0                                 # sealed messages retention took
+        self.bad_ids: str | None = None
+        self._previous = seal["first_id"] - 1
+
+    def _note(self, kind: str, message_id: int, topic: str) -> None:
+        self.counts[kind] += 1
+        self.first.setdefault(kind, (message_id, topic))
+
+    def _leaf(self, message_id: int, digest: bytes) -> bool:
+        seal = self.seal
+        if not self._previous < message_id <= seal["last_id"]:
+            self.bad_ids = (f"its leaf ids were altered (id {message_id:,} after "
+                            f"{self._previous:,}, outside {seal['first_id']:,}.."
+                            f"{seal['last_id']:,} or out of order)")
+            return False
+        self._previous = message_id
+        self.stored.add(digest)
+        return True
+
+    def run(self, leaves: Iterator[tuple[int, bytes]], rows: Iterator[tuple[Any, ...]]
+            ) -> Comparison:
+        version = self.seal["digest_version"]
+        leaf, row = next(leaves, None), next(rows, None)
+        while leaf is not None or row is not None:
+            if row is None or (leaf is not None and leaf[0] < row[0]):
+                if not self._leaf(*leaf):
+                    break
+                self.recomputed.add(leaf[1])  # gone: its stored digest is all there is
+                if leaf[0] <= self.retained:
+                    self.gone += 1
+                else:
+                    self._note("deleted", leaf[0], "")
+                leaf = next(leaves, None)
+            elif leaf is None or row[0] < leaf[0]:
+                self._note("inserted", row[0], row[1])
+                row = next(rows, None)
+            else:
+                if not self._leaf(*leaf):
+                    break
+                digest = message_digest(*row, version=version)
+                self.recomputed.add(digest)
+                if digest != leaf[1]:
+                    self._note("differs", row[0], row[1])
+                leaf, row = next(leaves, None), next(rows, None)
+        return self
+
+    def gives_root(self, builder: RootBuilder) -> bool:
+        seal = self.seal
+        if not seal["size"]:
+            return builder.size == 0 and seal["root"] == EMPTY_ROOT
+        return self.bad_ids is None and builder.size == seal["size"] and \
+            builder.root == seal["root"]
 
 
-def _check_seal(conn: Any, seal: dict[str, Any], oldest: int, anchored: bytes | None
-                ) -> tuple[list[str], tuple[str, int, str] | None, int, str]:
-    """(problems, first change (kind, id, topic), sealed messages retention
-    took, what its anchoring says) of one seal."""
+def _changes(comparison: Comparison) -> tuple[list[str], tuple[str, int, str] | None]:
+    """(problems, the first message changed (kind, id, topic)) of a seal: a
+    digest that differs is blamed on the message only when the stored digests
+    still give the seal's root; when the messages give it instead, the stored
+    digests were changed, and the messages are as sealed."""
     problems: list[str] = []
-    builder, previous, gone = RootBuilder(), seal["first_id"] - 1, 0
-    for message_id, digest in seal_rows.leaves(conn, seal["seal_id"]):
-        if not previous < message_id <= seal["last_id"]:
-            problems.append(f"its leaf ids were altered (id {message_id:,} after "
-                            f"{previous:,}, outside {seal['first_id']:,}..{seal['last_id']:,} or"
-                            " out of order)")
-            break
-        builder.add(digest)
-        previous = message_id
-        gone += message_id < oldest
-    if builder.size != seal["size"] or (seal["size"] and builder.root != seal["root"]) or \
-            (not seal["size"] and seal["root"] != EMPTY_ROOT):
+    digests_hold = comparison.gives_root(comparison.stored)
+    messages_hold = comparison.gives_root(comparison.recomputed)
+    if comparison.bad_ids is not None:
+        problems.append(comparison.bad_ids)
+    kinds = {"deleted": "deleted", "inserted": "inserted"}
+    differs = comparison.first.get("differs")
+    if differs is not None and messages_hold and not digests_hold:
+        message_id, topic = differs
+        problems.append(f"the stored digest of message {message_id:,} ({topic}) was changed "
+                        f"(and {comparison.counts['differs'] - 1:,} more): the message is as "
+                        "sealed, its stored digests were altered")
+    elif differs is not None:
+        kinds["differs"] = "altered"
+    if not digests_hold and not (differs is not None and messages_hold):
         problems.append("its stored digests do not give its root (the seal's leaves or root "
                         "were altered)")
+    changes = sorted((comparison.first[kind][0], name, comparison.first[kind][1])
+                     for kind, name in kinds.items() if kind in comparison.first)
+    if not changes:
+        return problems, None
+    message_id, kind, topic = changes[0]
+    more = sum(comparison.counts[k] for k in kinds) - 1
+    problems.append(f"message {message_id:,}{' (' + topic + ')' if topic else ''} {kind} "
+                    f"after sealing (and {more:,} more change(s))")
+    return problems, (kind, message_id, topic)
+
+
+def _check_seal(conn: Any, seal: dict[str, Any], retained: int, anchored: bytes | None
+                ) -> tuple[list[str], tuple[str, int, str] | None, int, str]:
+    """(problems, first message changed (kind, id, topic), sealed messages
+    retention took, what its anchoring says) of one seal."""
+    comparison = Comparison(seal, retained).run(
+        seal_rows.leaves(conn, seal["seal_id"]),
+        seal_rows.sealed_messages(conn, seal["first_id"], seal["last_id"], seal["prefixes"]))
+    problems, first = _changes(comparison)
     document = _document(seal)
     record = "record (its id, ids, size, digest version, root and prefixes)" \
         if seal["seal_version"] == SEAL_RECORD else "root"
@@ -123,13 +189,7 @@ def _check_seal(conn: Any, seal: dict[str, Any], oldest: int, anchored: bytes | 
     if not anchor_ok:
         problems.append(anchoring)
         anchoring = "its anchoring does not hold"
-    changes = _changes(conn, seal, oldest)
-    first = next(changes, None)
-    if first is not None:
-        kind, message_id, topic = first
-        problems.append(f"message {message_id:,}{' (' + topic + ')' if topic else ''} {kind} "
-                        f"after sealing (and {sum(1 for _ in changes):,} more change(s))")
-    return problems, first, gone, anchoring
+    return problems, first, comparison.gone, anchoring
 
 
 def _tiling(rows: list[tuple[Any, ...]]) -> list[str]:
@@ -162,9 +222,11 @@ def _tiling(rows: list[tuple[Any, ...]]) -> list[str]:
 def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
     """Recompute every seal from the database: each sealed message's digest
     against the one stored when it was sealed, the stored digests against the
-    seal's root, the root against its anchor, the seals against each other
-    (no ids left out). Names the first message that was altered, deleted or
-    inserted after sealing. Exit 0 if nothing changed, 1 if something did."""
+    seal's root, its record against its anchor, the seals against each other
+    (no ids left out). Names the first message that was altered, deleted (and
+    not by retention, which records how far it went) or inserted after
+    sealing, and a stored digest changed where the message was not. Exit 0 if
+    nothing changed, 1 if something did."""
     conn, errors = _open(ctx, flags)
     first_change: tuple[int, str, int, str] | None = None
     checked = retained_out = unanchored = bare = 0
@@ -173,7 +235,12 @@ def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
         try:
             rows = seal_rows.all_rows(conn)
             anchored = seal_rows.anchored_documents(conn)
-            oldest = messages.first_id(conn) or 0
+            oldest = messages.first_id(conn)
+            # A sealed message is taken as retention's only up to where
+            # retention recorded it went (and below the oldest one stored):
+            # any other missing one was deleted by someone else.
+            retained = retention.retained_upto(conn)
+            retained = retained if oldest is None else min(retained, oldest - 1)
         except errors as exc:
             raise InputError(f"no audit seals can be read here ({exc}): a bus database of "
                              "schema 10 or later (bus-cli db migrate)") from None
@@ -185,7 +252,7 @@ def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
                    f"{seal['size']:,} message(s) of {', '.join(seal['prefixes'])})"
             try:
                 problems, first, gone, anchoring = _check_seal(
-                    conn, seal, oldest, anchored.pop(seal["seal_id"], None))
+                    conn, seal, retained, anchored.pop(seal["seal_id"], None))
             except Exception as exc:  # rows no writer wrote: a text payload, a NULL size...
                 problems, first, gone, anchoring = [
                     f"its rows are not what a bus writes ({type(exc).__name__}: {exc})"], \
@@ -196,13 +263,14 @@ def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
             checked += seal["size"] - gone
             if first is not None and (first_change is None or first[1] < first_change[2]):
                 first_change = (seal["seal_id"], *first)
-            retention = f"; {gone:,} deleted by retention (below id {oldest:,}): their " \
-                        "digests still check against the root" if gone else ""
+            retained_note = f"; {gone:,} deleted by retention (which went up to id " \
+                        f"{retained:,}): their digests still check against the root" \
+                if gone else ""
             if problems:
                 changed.append(span)
-                click.echo(f"CHANGED: {span}: {'; '.join(problems)}; {anchoring}{retention}")
+                click.echo(f"CHANGED: {span}: {'; '.join(problems)}; {anchoring}{retained_note}")
             else:
-                click.echo(f"OK: {span}: unchanged; {anchoring}{retention}")
+                click.echo(f"OK: {span}: unchanged; {anchoring}{retained_note}")
         for seal_id in sorted(anchored):  # anchored as audit-seal:N, and N is gone
             if not from_id:
                 changed.append(f"seal {seal_id}")
@@ -266,8 +334,7 @@ def proof(ctx: click.Context, message_id: int, **flags: Any) -> None:
 
 def _message_proof(conn: Any, message_id: int) -> dict[str, Any]:
     seal = seal_rows.seal_of(conn, message_id)
-    row = conn.execute("SELECT id, topic, payload, meta, producer_id, producer_seq FROM"
-                       " messages WHERE id = ?", (message_id,)).fetchone()
+    row = seal_rows.message_row(conn, message_id)
     if seal is None:
         raise InputError(f"message {message_id} is in no seal" + (
             "" if row is None else " (yet; or its topic is not sealed: BUS_AUDIT_PREFIXES)"))
@@ -285,7 +352,7 @@ def _message_proof(conn: Any, message_id: int) -> dict[str, Any]:
     if row is None:
         raise InputError(f"message {message_id} was sealed (seal {seal['seal_id']}) and is no "
                          "longer stored (retention, or deleted): its digest is all that is left")
-    if message_digest(*row) != digests[index]:
+    if message_digest(*row, version=seal["digest_version"]) != digests[index]:
         raise InputError(f"message {message_id} was altered after sealing: no proof")
     document = _document(seal)
     anchored = anchor_rows.proof_rows(conn, document)
@@ -303,7 +370,9 @@ def _message_proof(conn: Any, message_id: int) -> dict[str, Any]:
         "format": AUDIT_PROOF_FORMAT_RECORD if bound else AUDIT_PROOF_FORMAT,
         "message": {"id": row[0], "topic": row[1], "payload": bytes(row[2]).hex(),
                     "meta": None if row[3] is None else bytes(row[3]).hex(),
-                    "producer_id": row[4], "producer_seq": row[5]},
+                    "producer_id": row[4], "producer_seq": row[5],
+                    **({"publish_ns": row[6], "committed_ns": row[7]}
+                       if seal["digest_version"] == 2 else {})},
         "digest": digests[index].hex(),
         "seal": {**seal_fields, "leaf_index": index, "tree_size": tree.size,
                  "path": [p.hex() for p in tree.path(index)], "root": tree.root.hex(),

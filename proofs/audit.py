@@ -4,9 +4,9 @@ a seal's fields to what is anchored.
 
 A seal covers the messages of some topic prefixes in an id range; its root is
 the RFC 6962 Merkle root (proofs/merkle.py) over their digests in id order. A
-message's digest is SHA-256 of a length-prefixed encoding of what the database
-holds of it, so that any language can recompute it (docs/protocol.md, "Audit
-seals"):
+message's digest is SHA-256 of a length-prefixed encoding of every column the
+database holds of it, so that any language can recompute it (docs/protocol.md,
+"Audit seals"); digest version 2:
 
     id              8 bytes, big-endian
     topic           4-byte length, UTF-8
@@ -14,9 +14,12 @@ seals"):
     meta            4-byte length, msgpack as stored; length 0xFFFFFFFF if none
     producer_id     4-byte length, UTF-8; 0xFFFFFFFF if none
     producer_seq    8 bytes, big-endian; 0xFFFFFFFFFFFFFFFF if none
+    publish_ns      1 byte 0x00 if none, else 0x01 and 8 bytes (two's complement)
+    committed_ns    8 bytes (two's complement)
 
 Changing any of them (a payload edited in place, a producer's sequence
-renumbered, a row moved to another id) changes the digest.
+renumbered, a row moved to another id, its commit time rewritten) changes the
+digest. Digest version 1 (seals made before) stops after producer_seq.
 
 What is anchored for a seal (version 2) is not its bare root but the SHA-256
 of its seal record, which binds everything a message's proof says of the
@@ -37,6 +40,7 @@ from proofs.merkle import leaf_hash, node_hash, root_from_path
 NONE_LENGTH = b"\xff" * 4
 EMPTY_ROOT = hashlib.sha256(b"").digest()  # RFC 6962's root of no leaves: an empty seal
 NONE_SEQ = b"\xff" * 8
+DIGEST_VERSIONS = (1, 2)       # 1: up to producer_seq (seals made before); 2: every column
 
 
 def _field(value: bytes | None) -> bytes:
@@ -44,12 +48,25 @@ def _field(value: bytes | None) -> bytes:
 
 
 def message_digest(message_id: int, topic: str, payload: bytes, meta: bytes | None,
-                   producer_id: str | None, producer_seq: int | None) -> bytes:
-    """The 32-byte digest a seal's Merkle tree has as this message's leaf."""
-    return hashlib.sha256(
-        message_id.to_bytes(8, "big") + _field(topic.encode()) + _field(payload)
-        + _field(meta) + _field(None if producer_id is None else producer_id.encode())
-        + (NONE_SEQ if producer_seq is None else producer_seq.to_bytes(8, "big"))).digest()
+                   producer_id: str | None, producer_seq: int | None,
+                   publish_ns: int | None = None, committed_ns: int | None = None,
+                   version: int = 1) -> bytes:
+    """The 32-byte digest a seal's Merkle tree has as this message's leaf:
+    version 1 over the columns up to producer_seq, version 2 over every one
+    (publish_ns and committed_ns too). Arguments in the messages table's
+    column order, so that a row of them can be passed as it is read."""
+    encoded = (message_id.to_bytes(8, "big") + _field(topic.encode()) + _field(payload)
+               + _field(meta) + _field(None if producer_id is None else producer_id.encode())
+               + (NONE_SEQ if producer_seq is None else producer_seq.to_bytes(8, "big")))
+    if version == 2:
+        if committed_ns is None:
+            raise ValueError("digest version 2 covers committed_ns, which every message has")
+        encoded += (b"\x00" if publish_ns is None else
+                    b"\x01" + publish_ns.to_bytes(8, "big", signed=True))
+        encoded += committed_ns.to_bytes(8, "big", signed=True)
+    elif version != 1:
+        raise ValueError(f"digest version {version} is not one of {DIGEST_VERSIONS}")
+    return hashlib.sha256(encoded).digest()
 
 
 class RootBuilder:
@@ -84,7 +101,6 @@ SEAL_MAGIC = b"BUS-SEAL"
 SEAL_BARE_ROOT = 1             # seal version 1: its root anchored bare (seals made before records)
 SEAL_RECORD = 2                # seal version 2: its seal record's hash anchored
 SEAL_VERSIONS = (SEAL_BARE_ROOT, SEAL_RECORD)
-DIGEST_VERSIONS = (1,)
 MAX_SEAL_PREFIXES = 64
 
 AUDIT_PROOF_FORMAT = "bus-audit-proof/1"     # a version 1 seal: the seal's fields unbound
@@ -142,7 +158,10 @@ def verify_message(proof: Any) -> dict[str, Any]:
             _int(message, "id"), _str(message, "topic"), bytes.fromhex(_str(message, "payload")),
             None if message.get("meta") is None else bytes.fromhex(_str(message, "meta")),
             None if message.get("producer_id") is None else _str(message, "producer_id"),
-            None if message.get("producer_seq") is None else _int(message, "producer_seq"))
+            None if message.get("producer_seq") is None else _int(message, "producer_seq"),
+            *((None if message.get("publish_ns") is None else _signed(message, "publish_ns"),
+               _signed(message, "committed_ns")) if digest_version == 2 else ()),
+            version=digest_version)
         index, size = _int(seal, "leaf_index"), _int(seal, "tree_size")
         steps = seal.get("path")
         if not isinstance(steps, list) or len(steps) > 32 or \
@@ -199,6 +218,13 @@ def _int(obj: dict[str, Any], key: str) -> int:
     value = obj.get(key)
     if type(value) is not int or not 0 <= value < 2**63:
         raise ValueError(f"'{key}' must be an integer from 0 to 2^63 - 1")
+    return value
+
+
+def _signed(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if type(value) is not int or not -2**63 <= value < 2**63:
+        raise ValueError(f"'{key}' must be an integer from -2^63 to 2^63 - 1")
     return value
 
 

@@ -152,15 +152,25 @@ def leaves(conn: Any, seal_id: int) -> Iterator[tuple[int, bytes]]:
             yield int.from_bytes(ids[8 * i:8 * i + 8], "big"), digests[32 * i:32 * i + 32]
 
 
+# Every column of a message, in the order proofs/audit.py's message_digest takes them.
+DIGEST_COLUMNS = "id, topic, payload, meta, producer_id, producer_seq, publish_ns, committed_ns"
+
+
+def message_row(conn: Any, message_id: int) -> tuple[Any, ...] | None:
+    """DIGEST_COLUMNS of one stored message, or None."""
+    return conn.execute(f"SELECT {DIGEST_COLUMNS} FROM messages WHERE id = ?",
+                        (message_id,)).fetchone()
+
+
 def sealed_messages(conn: Any, first_id: int, last_id: int, prefixes: list[str],
                     rows: int = 5000) -> Iterator[tuple[Any, ...]]:
-    """(id, topic, payload, meta, producer_id, producer_seq) of the stored
-    messages a seal covers, in id order, `rows` at a time (memory bounded)."""
+    """DIGEST_COLUMNS of the stored messages a seal covers, in id order,
+    `rows` at a time (memory bounded)."""
     matching, params = messages.topic_filter(prefixes)
     after = first_id - 1
     while after < last_id:
         batch = conn.execute(
-            "SELECT id, topic, payload, meta, producer_id, producer_seq FROM messages"
+            f"SELECT {DIGEST_COLUMNS} FROM messages"
             f" WHERE id > ? AND id <= ? AND {matching} ORDER BY id LIMIT ?",
             (after, last_id, *params, rows)).fetchall()
         if not batch:

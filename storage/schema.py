@@ -234,12 +234,25 @@ def apply(conn: Any, columns_of: Any, version: int | None, where: str) -> None:
     for table, column, definition in ADDED_COLUMNS:
         if column not in columns_of(table):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    if version is not None and version < 10:
+        _retention_before_10(conn)
     if "session_key" in columns_of("producers"):  # schema 6-8 kept the keys there
         conn.execute("INSERT INTO producer_keys (producer_id, epoch, session_key)"
                      " SELECT producer_id, epoch, session_key FROM producers"
                      " WHERE session_key IS NOT NULL ON CONFLICT (producer_id) DO NOTHING")
         conn.execute("ALTER TABLE producers DROP COLUMN session_key")
     set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+
+
+def _retention_before_10(conn: Any) -> None:
+    """Before schema 10 retention left no record of how far it went, and
+    `audit verify` took every message below the oldest stored one as taken
+    by retention: an upgraded database keeps that reading for what was gone
+    then (storage/retention.py records it from now on)."""
+    have = conn.execute("SELECT 1 FROM bus_meta WHERE key = 'retention_upto'").fetchone()
+    first = conn.execute("SELECT min(id) FROM messages").fetchone()[0]
+    if have is None and first is not None and first > 1:
+        set_meta(conn, "retention_upto", str(first - 1))
 
 
 def set_meta(conn: Any, key: str, value: str) -> None:

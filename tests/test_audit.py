@@ -163,6 +163,15 @@ def test_retention_keeps_unsealed_messages_and_the_seals_stay_checkable(make_bus
     out = verify(bus)
     assert out.returncode == 0, out.stderr
     assert "deleted by retention" in out.stdout and "their digests still check" in out.stdout
+    # Retention recorded how far it went: the oldest message left, deleted by
+    # hand, is a deletion, not retention (the bus stopped: its retention would
+    # go on as the worker's events are stored).
+    bus.stop()
+    oldest = ids_of(bus, "orders.")[0]
+    execute(bus.db, "DELETE FROM messages WHERE id = ?", (oldest,))
+    deleted = verify(bus)
+    assert deleted.returncode == 1, deleted.stdout
+    assert f"the first change is message {oldest:,}, deleted" in deleted.stderr
 
 
 def confirmed(bus: Bus, node: Any) -> None:
@@ -203,7 +212,7 @@ def test_what_is_anchored_for_a_seal_binds_its_id_range_and_size(make_bus, node,
     assert proof["format"] == "bus-audit-proof/2"
     seal = proof["seal"]
     assert (seal["leaf_index"], seal["tree_size"], seal["first_id"], seal["prefixes"],
-            seal["digest_version"]) == (2, 5, 1, ["orders."], 1)
+            seal["digest_version"]) == (2, 5, 1, ["orders."], 2)
     assert proof["anchor"]["document"] == seal["record"] != seal["root"]
     good = tmp_path / "proof.json"
     good.write_text(out.stdout)
@@ -270,3 +279,75 @@ def test_a_version_1_seal_still_verifies_saying_what_it_does_not_bind(make_bus, 
                                                    seal_id=42)))
     assert loose.returncode == 0, loose.stderr
     assert "NOT CHECKED: that it is leaf 2 of 8 of seal 42" in loose.stdout
+
+
+def test_the_digest_covers_every_column_and_verify_names_what_changed(make_bus, node) -> None:
+    """The issue's item 3: committed_ns and publish_ns changed went unseen;
+    the oldest message deleted with retention off passed for retention; one
+    stored digest flipped was blamed on a message nobody touched."""
+    node.fund([500_000])
+    bus = bus_for(make_bus, node, BUS_AUDIT_PREFIXES="orders.", BUS_AUDIT_INTERVAL_S=0.5)
+    publish_acked(bus, "desk-1", "orders.new", 10)
+    start_worker(bus)
+    wait_for(lambda: sealed(bus) == 10, message="10 messages sealed")
+    confirmed(bus, node)
+    assert verify(bus).returncode == 0
+    orders = ids_of(bus, "orders.")
+
+    # The bus's clock and the publisher's, as stored: both digested.
+    for column in ("committed_ns", "publish_ns"):
+        execute(bus.db, f"UPDATE messages SET {column} = {column} + 1 WHERE id = ?",
+                (orders[4],))
+        out = verify(bus)
+        assert out.returncode == 1, (column, out.stdout)
+        assert f"the first change is message {orders[4]:,} (orders.new), altered" in out.stderr
+        execute(bus.db, f"UPDATE messages SET {column} = {column} - 1 WHERE id = ?",
+                (orders[4],))
+    assert verify(bus).returncode == 0
+
+    # The oldest message deleted, retention off (it never deleted anything).
+    [row] = query(bus.db, "SELECT id, topic, payload, meta, producer_id, producer_seq,"
+                          " publish_ns, committed_ns FROM messages WHERE id = ?", (orders[0],))
+    execute(bus.db, "DELETE FROM messages WHERE id = ?", (orders[0],))
+    deleted = verify(bus)
+    assert deleted.returncode == 1, deleted.stdout
+    assert f"the first change is message {orders[0]:,}, deleted" in deleted.stderr
+    assert "deleted by retention" not in deleted.stdout + deleted.stderr
+    execute(bus.db, "INSERT INTO messages (id, topic, payload, meta, producer_id, producer_seq,"
+                    " publish_ns, committed_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+    assert verify(bus).returncode == 0
+
+    # One stored digest flipped (leaf 2): the seal's digests changed, and the
+    # message, untouched, is not blamed.
+    [(seal_id, digests)] = query(bus.db, "SELECT seal_id, digests FROM audit_leaves")
+    digests = bytes(digests)
+    flipped = digests[:64] + bytes([digests[64] ^ 1]) + digests[65:]
+    execute(bus.db, "UPDATE audit_leaves SET digests = ? WHERE seal_id = ?", (flipped, seal_id))
+    out = verify(bus)
+    assert out.returncode == 1, out.stdout
+    assert f"the stored digest of message {orders[2]:,} (orders.new) was changed" in out.stdout
+    assert f"message {orders[2]:,} (orders.new) altered" not in out.stdout
+    assert "the first change is message" not in out.stderr
+    assert "the seals themselves were changed" in out.stderr
+    refused = bus.cli("audit", "proof", str(orders[2]))
+    assert refused.returncode == 1 and "altered after sealing" not in refused.stderr
+
+
+def test_a_database_from_before_the_retention_record_keeps_what_was_gone_as_retention(
+        make_bus) -> None:
+    """Schema 9 kept no record of retention, and verify took every message
+    below the oldest stored as retention's: the upgrade keeps that reading for
+    what was gone then, and no more."""
+    bus = make_bus()
+    bus.start()
+    publish_acked(bus, "desk", "orders.new", 6)
+    assert bus.writer.stop() == 0
+    execute(bus.db, "DELETE FROM messages WHERE id <= 3")
+    execute(bus.db, "UPDATE bus_meta SET value = '9' WHERE key = 'schema_version'")
+    migrated = bus.cli("db", "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert query(bus.db, "SELECT value FROM bus_meta WHERE key = 'retention_upto'") == [("3",)]
+    execute(bus.db, "DELETE FROM messages WHERE id = 4")
+    execute(bus.db, "UPDATE bus_meta SET value = '9' WHERE key = 'schema_version'")
+    assert bus.cli("db", "migrate").returncode == 0  # recorded once: not moved on
+    assert query(bus.db, "SELECT value FROM bus_meta WHERE key = 'retention_upto'") == [("3",)]
