@@ -1,10 +1,16 @@
 """bus-cli audit: the tamper-evident message log (docs/protocol.md, "Audit seals").
 
     bus-cli audit verify [--from-id N]   recompute every seal from the database
+    bus-cli audit verify --node          ... and require it to account for every
+                                         anchor the worker's wallet put on chain
     bus-cli audit proof ID               one sealed message's proof (JSON)
 
 Both read the database (BUS_DB) directly, read-only, as `bus-cli db` does:
-they are run where the database is, or against a PostgreSQL replica.
+they are run where the database is, or against a PostgreSQL replica. Without
+--node, verify checks the database against itself only: whoever can write it
+can rewrite seals, digests and anchor rows together (re-sealing altered
+messages, which the worker then anchors again); only the chain keeps what was
+anchored before.
 """
 
 from __future__ import annotations
@@ -214,19 +220,140 @@ def _tiling(rows: list[tuple[Any, ...]]) -> list[str]:
     return problems
 
 
+class ChainCheck:
+    """The database held against the chain (`verify --node`): every root the
+    anchor worker's wallet put in a confirmed transaction must be an anchor of
+    the database whose documents rebuild it, and each seal document among them
+    a seal of the database with that record; every anchor the database says is
+    confirmed must be in the chain. What does not hold is a problem (exit 1);
+    what is merely not confirmed yet is a note."""
+
+    def __init__(self, conn: Any, rpc: Any) -> None:
+        self.conn, self.rpc = conn, rpc
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+        self.proven: set[int] = set()   # seal ids whose record a confirmed anchor holds
+
+    def run(self) -> ChainCheck:
+        from anchor.chain import confirmed_in_chain, wallet_anchors
+        wallet = wallet_anchors(self.rpc)
+        anchors = anchor_rows.every_anchor(self.conn)
+        by_root: dict[bytes, list[dict[str, Any]]] = {}
+        for anchor in anchors:
+            by_root.setdefault(bytes(anchor["root"]), []).append(anchor)
+        self.seals = {seal["seal_id"]: seal for seal in seal_rows.seals(self.conn)}
+        self.wallet = wallet
+        for entry in wallet.roots.values():
+            held = by_root.get(entry.root, [])
+            if entry.confirmed is None:
+                if not held:
+                    self.notes.append(
+                        f"transaction(s) {', '.join(entry.txids)} carry root {entry.root.hex()}"
+                        ", which no anchor of the database has; none is confirmed (in the "
+                        "mempool, replaced or conflicted)")
+                continue
+            self._account(entry.root, entry.size, entry.confirmed, held)
+        for anchor in anchors:  # what the database claims, and the wallet does not show
+            entry = wallet.roots.get(bytes(anchor["root"]))
+            if anchor["status"] == "failed" or (entry is not None and entry.confirmed):
+                continue
+            if anchor["status"] != "confirmed":
+                self.notes.append(f"anchor {anchor['anchor_id']} (transaction {anchor['txid']}, "
+                                  f"{anchor['status']}) is not confirmed in the chain yet")
+                continue
+            payload = stored_payload(anchor)
+            found = confirmed_in_chain(self.rpc, anchor, payload)
+            if found is None:
+                self.problems.append(
+                    f"anchor {anchor['anchor_id']}: the database says transaction "
+                    f"{anchor['txid']} confirmed it in block {anchor['block_hash']} (height "
+                    f"{anchor['block_height']}); the chain does not hold it there (a reorg "
+                    "the worker has not seen yet: run again; or rows no worker wrote)")
+                continue
+            root, size = parse_payload(payload)
+            self._account(root, size, found, by_root.get(root, []))
+        return self
+
+    def _account(self, root: bytes, size: int | None, confirmed: dict[str, Any],
+                 held: list[dict[str, Any]]) -> None:
+        """The database's account of a root confirmed in the chain."""
+        where = f"transaction {confirmed['txid']} (block {confirmed['block_hash']}, height " \
+                f"{confirmed['block_height']:,})"
+        anchor = next((a for a in held if a["status"] != "failed"), held[0] if held else None)
+        if anchor is None:
+            self.problems.append(
+                f"{where} anchors root {bytes(root).hex()}"
+                f"{'' if size is None else f' of {size:,} document(s)'}, which no anchor of "
+                "the database has: what it anchored (seals, documents) was removed from the "
+                "database")
+            return
+        leaves = anchor_rows.leaves(self.conn, anchor["anchor_id"])
+        hashes = [bytes(leaf[0]) for leaf in leaves]
+        if not hashes or MerkleTree(hashes).root != root or \
+                (size is not None and size != len(hashes)):
+            self.problems.append(
+                f"{where} anchors root {bytes(root).hex()}: the {len(hashes):,} document(s) of "
+                f"anchor {anchor['anchor_id']} ({anchor['status']}) in the database do not "
+                "rebuild it (documents removed or altered)")
+            return
+        if anchor["status"] == "confirmed" and anchor["txid"] != confirmed["txid"]:
+            self.problems.append(f"anchor {anchor['anchor_id']}: the database names transaction "
+                                 f"{anchor['txid']}, the chain holds its root in {where}")
+        for document, ref, _message_id in leaves:
+            if not (isinstance(ref, str) and ref.startswith("audit-seal:")
+                    and ref[11:].isdigit()):
+                continue
+            seal = self.seals.get(int(ref[11:]))
+            if seal is None:
+                self.problems.append(f"seal {ref[11:]}, anchored in {where}, is not in the "
+                                     "database")
+            elif _document(seal) != bytes(document):
+                self.problems.append(f"seal {ref[11:]} is not the one anchored in {where}: "
+                                     f"its record's hash is {_document(seal).hex()}, the anchored"
+                                     f" one {bytes(document).hex()} (the seal was rewritten)")
+            else:
+                self.proven.add(seal["seal_id"])
+
+
+def _against_chain(ctx: click.Context, flags: dict[str, Any], conn: Any) -> ChainCheck:
+    """ChainCheck with the node at BUS_BITCOIND_RPC_* (the anchor worker's
+    settings: its wallet's URL), each call given bitcoind's own 30 s as the
+    worker does: a page of a large wallet's list takes a while."""
+    from anchor.bitcoind import BitcoinRpc, RpcAuthRefused, RpcError, RpcUnavailable
+    cfg = build_config(ctx, flags, "audit")
+    try:
+        rpc = BitcoinRpc(cfg.bitcoind_rpc_url, cfg.bitcoind_rpc_user, cfg.bitcoind_rpc_password,
+                         cfg.bitcoind_rpc_cookie)
+    except ValueError as exc:  # the URL
+        raise click.BadParameter(str(exc), param_hint="BUS_BITCOIND_RPC_URL") from None
+    try:
+        return ChainCheck(conn, rpc).run()
+    except (RpcUnavailable, RpcAuthRefused, RpcError) as exc:
+        click.echo(f"Error: cannot check against the chain: {exc}", err=True)
+        sys.exit(1)
+    finally:
+        rpc.close()
+
+
 @audit.command("verify")
 @click.option("--from-id", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
               help="check the seals that cover messages from this id on")
-@setting_options("db", "sqlite_busy_timeout_ms")
+@click.option("--node", is_flag=True,
+              help="also require the database to account for every anchor transaction of the "
+                   "anchor worker's wallet (BUS_BITCOIND_RPC_*), and the chain to hold every "
+                   "anchor the database says is confirmed")
+@setting_options("db", "sqlite_busy_timeout_ms", "bitcoind_rpc_url", "bitcoind_rpc_user",
+                 "bitcoind_rpc_password", "bitcoind_rpc_cookie")
 @click.pass_context
-def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
+def verify(ctx: click.Context, from_id: int, node: bool, **flags: Any) -> None:
     """Recompute every seal from the database: each sealed message's digest
     against the one stored when it was sealed, the stored digests against the
     seal's root, its record against its anchor, the seals against each other
     (no ids left out). Names the first message that was altered, deleted (and
     not by retention, which records how far it went) or inserted after
-    sealing, and a stored digest changed where the message was not. Exit 0 if
-    nothing changed, 1 if something did."""
+    sealing, and a stored digest changed where the message was not. With
+    --node, the chain's anchors too (ChainCheck). Exit 0 if nothing changed,
+    1 if something did."""
     conn, errors = _open(ctx, flags)
     first_change: tuple[int, str, int, str] | None = None
     checked = retained_out = unanchored = bare = 0
@@ -279,8 +406,22 @@ def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
             click.echo(f"CHANGED: {problem}")
         last = seals[-1] if seals else None
         tail = seal_rows.unsealed_count(conn, last["last_id"], last["prefixes"]) if last else 0
+        chain = _against_chain(ctx, flags, conn) if node else None
     finally:
         conn.close()
+    if chain is not None:
+        for note in chain.notes:
+            click.echo(f"NOTE: {note}")
+        for problem in chain.problems:
+            click.echo(f"CHANGED: {problem}")
+        nonempty = [s for s in seals if s["size"]]
+        click.echo(f"the chain: {chain.wallet.transactions:,} anchor transaction(s) in the "
+                   f"worker's wallet ({chain.wallet.sends:,} sends), "
+                   f"{sum(1 for e in chain.wallet.roots.values() if e.confirmed):,} root(s) "
+                   f"confirmed; {sum(s['seal_id'] in chain.proven for s in nonempty):,} of "
+                   f"{len(nonempty):,} seal(s) checked here anchored in it")
+        for unreadable in chain.wallet.unreadable:
+            click.echo(f"NOTE: BUSA data of no version this bus knows: {unreadable}")
     summary = f"{len(seals):,} seals, {checked:,} sealed messages checked"
     if retained_out:
         summary += f", {retained_out:,} deleted by retention (not checkable)"
@@ -293,6 +434,8 @@ def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
         age = (time.time_ns() - last["sealed_ns"]) / 1e9
         summary += (f"; {tail:,} message(s) of {', '.join(last['prefixes'])} stored after the "
                     f"last seal (id {last['last_id']:,}, {age:,.0f} s ago), not sealed yet")
+    if chain is None:
+        summary += "; checked the database against itself only (--node: against the chain)"
     if first_change is not None:
         seal_id, kind, message_id, topic = first_change
         click.echo(f"{summary}: the first change is message {message_id:,}"
@@ -300,6 +443,10 @@ def verify(ctx: click.Context, from_id: int, **flags: Any) -> None:
         sys.exit(1)
     if changed:
         click.echo(f"{summary}: the seals themselves were changed ({changed[0]})", err=True)
+        sys.exit(1)
+    if chain is not None and chain.problems:
+        click.echo(f"{summary}: the database does not account for what the chain holds "
+                   f"({chain.problems[0]})", err=True)
         sys.exit(1)
     if not seals:
         click.echo("no seals (is BUS_AUDIT_PREFIXES set, and the anchor worker running?)")

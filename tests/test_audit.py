@@ -7,7 +7,10 @@ message, checked by `bus-cli anchor verify`. On both engines."""
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
+
+import msgpack
 
 from proofs.audit import message_digest
 from proofs.merkle import MerkleTree
@@ -351,3 +354,163 @@ def test_a_database_from_before_the_retention_record_keeps_what_was_gone_as_rete
     execute(bus.db, "UPDATE bus_meta SET value = '9' WHERE key = 'schema_version'")
     assert bus.cli("db", "migrate").returncode == 0  # recorded once: not moved on
     assert query(bus.db, "SELECT value FROM bus_meta WHERE key = 'retention_upto'") == [("3",)]
+
+
+def verify_node(bus: Bus) -> Any:
+    return bus.cli("audit", "verify", "--node", timeout=60)
+
+
+def seal_txids(bus: Bus) -> dict[int, str]:
+    """seal id -> the transaction of the anchor its record is in."""
+    return dict(query(bus.db, "SELECT CAST(substr(d.ref, 12) AS INTEGER), a.txid FROM"
+                              " anchor_documents d JOIN anchors a ON a.id = d.anchor_id"
+                              " WHERE substr(d.ref, 1, 11) = 'audit-seal:'"))
+
+
+def drop_seals(bus: Bus, after: int = 0) -> None:
+    """The seals after seal `after` removed, with their digests."""
+    execute(bus.db, "DELETE FROM audit_leaves WHERE seal_id > ?", (after,))
+    execute(bus.db, "DELETE FROM audit_seals WHERE id > ?", (after,))
+
+
+def drop_anchors(bus: Bus, txids: list[str]) -> None:
+    """Anchor rows removed with their documents."""
+    for txid in txids:
+        execute(bus.db, "DELETE FROM anchor_documents WHERE anchor_id IN (SELECT id FROM"
+                        " anchors WHERE txid = ?)", (txid,))
+        execute(bus.db, "DELETE FROM anchors WHERE txid = ?", (txid,))
+
+
+def test_the_chain_is_the_ground_truth_a_laundered_database_is_found_out(make_bus, node,
+                                                                        tmp_path) -> None:
+    """The issue's item 1: seal, confirm, alter a sealed message, remove the
+    seals, their digests and their anchor rows, restart the worker: it seals
+    the altered messages again and anchors them, and the database agrees with
+    itself. Only the chain still holds what was anchored before: `audit
+    verify --node` requires the database to account for every anchor
+    transaction of the worker's wallet. A fee bump's replaced transaction
+    carries the same root as its replacement: not a missing seal."""
+    node.fund([500_000] * 4)
+    bus = bus_for(make_bus, node, BUS_AUDIT_PREFIXES="orders.", BUS_AUDIT_INTERVAL_S=0.5)
+    node.mine_min_fee_rate = 2.5   # seal 1's anchor is left in the mempool, then fee-bumped
+    worker = start_worker(bus)
+    for n in (1, 2, 3):            # three seals, each in an anchor of its own
+        publish_acked(bus, f"desk-{n}", "orders.new", 10)
+        wait_for(lambda: sealed(bus) == 10 * n, message=f"{10 * n} messages sealed")
+        broadcast(bus)
+        if n == 1:
+            node.mine(2)           # BUS_ANCHOR_BUMP_AFTER_BLOCKS
+            wait_for(lambda: query(bus.db, "SELECT count(*) FROM anchors WHERE replaced_txids"
+                                           " IS NOT NULL AND status = 'submitted'")[0][0],
+                     message="seal 1's anchor fee-bumped")
+            node.mine_min_fee_rate = 0.0
+    confirmed(bus, node)
+    txids = seal_txids(bus)
+    first, second, third = sorted(txids)   # the seals with messages (empty ones between)
+    assert len(set(txids.values())) == 3
+    [(replaced,)] = query(bus.db, "SELECT replaced_txids FROM anchors WHERE txid = ?",
+                          (txids[first],))
+    [replaced] = msgpack.unpackb(replaced)
+
+    plain = verify(bus)
+    assert plain.returncode == 0, plain.stderr
+    assert "checked the database against itself only" in plain.stdout
+    clean = verify_node(bus)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "3 of 3 seal(s) checked here anchored in it" in clean.stdout
+    assert "CHANGED" not in clean.stdout and replaced not in clean.stdout
+    assert "checked the database against itself only" not in clean.stdout
+    # An anchor the database says is confirmed, which the chain does not hold.
+    execute(bus.db, "INSERT INTO anchors (root, size, txid, raw_tx, fee_sat, vsize, lease_id,"
+                    " utxo_txid, utxo_vout, status, broadcast_height, created_ns, block_hash,"
+                    " block_height) SELECT ?, size, ?, raw_tx, fee_sat, vsize, 'forged',"
+                    " utxo_txid, utxo_vout, status, broadcast_height, created_ns, block_hash,"
+                    " block_height FROM anchors WHERE txid = ?",
+            (b"\x11" * 32, "ab" * 32, txids[first]))
+    claimed = verify_node(bus)
+    assert claimed.returncode == 1, claimed.stdout
+    assert f"the database says transaction {'ab' * 32} confirmed it in block" in claimed.stdout
+    execute(bus.db, "DELETE FROM anchors WHERE txid = ?", ("ab" * 32,))
+
+    orders = ids_of(bus, "orders.")
+    worker.stop()
+    # Seals 2 and 3 dropped with their digests, and a message of seal 2
+    # altered: their anchor rows still name them, and the chain names them.
+    drop_seals(bus, after=first)
+    execute(bus.db, "UPDATE messages SET payload = ? WHERE id = ?", (b"forged", orders[15]))
+    chain = verify_node(bus)
+    assert chain.returncode == 1, chain.stdout
+    for seal_id in (second, third):
+        assert f"seal {seal_id}, anchored in transaction {txids[seal_id]} (block" \
+            in chain.stdout, chain.stdout
+    # ... and their anchor rows dropped too: the database alone shows 20
+    # messages not sealed yet, nothing changed; the chain still holds both.
+    drop_anchors(bus, [txids[second], txids[third]])
+    plain = verify(bus)
+    assert plain.returncode == 0, plain.stderr
+    assert "20 message(s) of orders. stored after the last seal" in plain.stdout
+    chain = verify_node(bus)
+    assert chain.returncode == 1, chain.stdout
+    for seal_id in (second, third):
+        assert f"transaction {txids[seal_id]} (block" in chain.stdout
+    assert "which no anchor of the database has" in chain.stdout
+    assert f"CHANGED: transaction {txids[first]}" not in chain.stdout
+    assert "the database does not account for what the chain holds" in chain.stderr
+
+    # Every seal, digest and anchor row dropped: "0 seals ... nothing changed".
+    drop_seals(bus)
+    drop_anchors(bus, list(txids.values()))
+    plain = verify(bus)
+    assert plain.returncode == 0 and "0 seals" in plain.stdout, plain.stderr
+    chain = verify_node(bus)
+    assert chain.returncode == 1, chain.stdout
+    for txid in txids.values():
+        assert f"transaction {txid}" in chain.stdout, txid
+
+    # The laundering: a message of seal 1 altered too, the worker restarted. It
+    # seals the altered messages and anchors them; the database agrees with
+    # itself, and the altered message has a proof the chain confirms.
+    execute(bus.db, "UPDATE messages SET payload = ? WHERE id = ?", (b"forged", orders[3]))
+    start_worker(bus)
+    wait_for(lambda: sealed(bus) == 30, message="the altered messages sealed again")
+    confirmed(bus, node)
+    plain = verify(bus)
+    assert plain.returncode == 0, plain.stderr
+    out = bus.cli("audit", "proof", str(orders[3]))
+    assert out.returncode == 0, out.stderr
+    laundered = tmp_path / "laundered.json"
+    laundered.write_text(out.stdout)
+    assert bus.cli("anchor", "verify", str(laundered), "--node").returncode == 0
+    chain = verify_node(bus)
+    assert chain.returncode == 1, chain.stdout
+    for txid in txids.values():
+        assert f"transaction {txid}" in chain.stdout, txid
+    [relaundered] = set(seal_txids(bus).values())
+    assert f"CHANGED: transaction {relaundered}" not in chain.stdout
+
+
+def test_the_wallet_is_read_a_page_at_a_time_and_only_anchors_count(node) -> None:
+    """anchor/chain.py reads the wallet with listtransactions pages (Core's:
+    the newest `count` after `skip`, oldest first) of 2 entries here: every
+    anchor transaction found once, a plain payment not taken for one."""
+    from anchor.bitcoind import BitcoinRpc, to_btc
+    from anchor.chain import wallet_anchors
+    from proofs.document import op_return_payload
+    from tests.bitcoind_double import OUTSIDE_ADDRESS
+    node.fund([100_000] * 6)  # 5 anchors, 1 payment
+    rpc = BitcoinRpc(node.url, node.user, node.password)
+    roots = [bytes([n]) * 32 for n in range(5)]
+    coins = [u for u in rpc.call("listunspent") if u["amount"] == Decimal("0.001")]
+    for root, coin in zip(roots, coins):
+        raw = rpc.call("createrawtransaction", [{"txid": coin["txid"], "vout": coin["vout"]}],
+                       [{"data": op_return_payload(root, 1).hex()},
+                        {rpc.call("getrawchangeaddress"): to_btc(99_000)}], 0, True)
+        rpc.call("sendrawtransaction", rpc.call("signrawtransactionwithwallet", raw)["hex"])
+    rpc.call("sendtoaddress", OUTSIDE_ADDRESS, to_btc(50_000))
+    node.mine(1)
+    found = wallet_anchors(rpc, page=2)
+    rpc.close()
+    assert set(found.roots) == set(roots) and found.transactions == 5
+    assert found.sends == 6  # the payment was read, and is no anchor
+    assert all(entry.confirmed and entry.size == 1 and len(entry.txids) == 1
+               for entry in found.roots.values())
