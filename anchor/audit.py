@@ -5,8 +5,10 @@ BUS_AUDIT_PREFIXES topics since the last seal: it reads them from the reader
 (history pages, as any subscriber catching up), computes each one's digest
 and the RFC 6962 root as they stream by (proofs/audit.py: O(log n) memory),
 stores the digests through the writer a chunk at a time (`audit_leaves`),
-closes the seal with its root (`audit_finish`), and hands the root to the
-anchoring like any document hash. One history page per loop pass, so the
+closes the seal with its root (`audit_finish`), and hands what the writer
+stored as the seal's document (the hash of its seal record: its id, id range,
+size, digest version, root and prefixes) to the anchoring like any document
+hash. One history page per loop pass, so the
 worker's loop (blocks, control requests) never waits for a whole seal.
 
 A seal covers an id range: from the message after the last seal's to the
@@ -29,11 +31,12 @@ from anchor.reservations import UtxoClient
 from bus import protocol
 from bus.client.history import HistoryClient
 from bus.logging import get_logger
-from proofs.audit import EMPTY_ROOT, RootBuilder, message_digest
+from proofs.audit import EMPTY_ROOT, SEAL_RECORD, RootBuilder, message_digest
 
 log = get_logger("anchor")
 
 CHUNK_LEAVES = 4096            # leaves per audit_leaves request (storage/audit.py's chunk)
+DIGEST_VERSION = 2             # how this worker's seals digest a message: every column
 
 
 class Sealer:
@@ -76,7 +79,9 @@ class Sealer:
 
     def _begin(self) -> None:
         begun = self.utxos.call("audit_begin", {"request_id": uuid.uuid4().hex,
-                                                "prefixes": self.prefixes})
+                                                "prefixes": self.prefixes,
+                                                "seal_version": SEAL_RECORD,
+                                                "digest_version": DIGEST_VERSION})
         self._seal = {"seal_id": begun["seal_id"], "after": begun["first_id"] - 1,
                       "upto": None, "root": RootBuilder(), "ids": [], "digests": [],
                       "chunk": 0, "size": 0}
@@ -94,7 +99,7 @@ class Sealer:
                 self._next = time.monotonic() + self.interval_s
                 return 0
         upto, full = seal["upto"], False
-        for row_id, topic, payload, meta_raw, _committed_ns in page.rows:
+        for row_id, topic, payload, meta_raw, committed_ns in page.rows:
             if row_id > upto:
                 break
             if seal["size"] >= self.max_messages:
@@ -102,8 +107,11 @@ class Sealer:
                 break
             meta = {} if meta_raw is None else msgpack.unpackb(meta_raw, raw=False,
                                                                strict_map_key=False)
+            # The columns the writer derives from the meta, derived as it does.
             digest = message_digest(row_id, topic, payload, meta_raw,
-                                    meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ))
+                                    meta.get(protocol.META_PRODUCER), meta.get(protocol.META_SEQ),
+                                    meta.get(protocol.META_TIME_NS), committed_ns,
+                                    version=DIGEST_VERSION)
             seal["root"].add(digest)
             seal["ids"].append(row_id.to_bytes(8, "big"))
             seal["digests"].append(digest)
@@ -131,18 +139,22 @@ class Sealer:
         self._store_leaves()
         seal, self._seal = self._seal, None
         root = seal["root"].root if seal["size"] else EMPTY_ROOT
-        self.utxos.call("audit_finish", {"request_id": uuid.uuid4().hex,
-                                         "seal_id": seal["seal_id"], "last_id": seal["after"],
-                                         "size": seal["size"], "root": root})
+        finished = self.utxos.call("audit_finish", {
+            "request_id": uuid.uuid4().hex, "seal_id": seal["seal_id"],
+            "last_id": seal["after"], "size": seal["size"], "root": root})
         self._next = time.monotonic() + (0 if backlog else self.interval_s)
         if not seal["size"]:
             self.counters["empty_seals"] += 1
             return
         self.counters["seals"] += 1
         self.counters["sealed_messages"] += seal["size"]
+        # A writer from before seal records names no document: the root is
+        # what it stored a version 1 seal for.
+        document = finished.get("document", root)
         log.info("audit_sealed", seal_id=seal["seal_id"], messages=seal["size"],
-                 last_id=seal["after"], root=root.hex(), cpu_s=round(self.cpu_s, 3))
-        self.on_sealed(seal["seal_id"], root)
+                 last_id=seal["after"], root=root.hex(), document=document.hex(),
+                 cpu_s=round(self.cpu_s, 3))
+        self.on_sealed(seal["seal_id"], document)
 
     def snapshot(self) -> dict[str, Any]:
         in_progress = self._seal["size"] if self._seal is not None else 0

@@ -280,7 +280,7 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
     its best chain. Exit 0 if everything checked holds, 1 if not."""
     from anchor.bitcoind import BitcoinRpc, RpcAuthRefused, RpcUnavailable
     from anchor.proof import find_in_chain, verify_proof
-    from proofs.audit import AUDIT_PROOF_FORMAT, verify_message
+    from proofs.audit import AUDIT_PROOF_FORMATS, verify_message
     from proofs.document import ProofError
     try:
         proof_json = json.loads(proof_file.read().decode("utf-8"))
@@ -289,7 +289,7 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
         sys.exit(1)
     in_chain = message = None
     try:
-        if isinstance(proof_json, dict) and proof_json.get("format") == AUDIT_PROOF_FORMAT:
+        if isinstance(proof_json, dict) and proof_json.get("format") in AUDIT_PROOF_FORMATS:
             message = verify_message(proof_json)  # then the seal root's anchor proof
             proof_json = proof_json["anchor"]
         checked = verify_proof(proof_json)
@@ -315,10 +315,7 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
         click.echo(f"Error: cannot check with the node: {exc}", err=True)
         sys.exit(1)
     size = f"{checked['tree_size']:,}"
-    lines = [] if message is None else [
-        f"OK: message {message['message_id']:,} ({message['topic']}) has digest "
-        f"{message['digest']}, leaf {message['leaf_index']:,} of {message['tree_size']:,} of "
-        f"seal {message['seal_id']}, whose root {message['seal_root']} is the anchored document"]
+    lines = [] if message is None else _message_lines(message)
     lines += [f"OK: the audit path leads from document {checked['document']} (leaf "
              f"{checked['leaf_index']:,} of {size}) to root {checked['root']}"]
     if checked["size_committed"]:
@@ -341,6 +338,25 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
         lines.append("NOT CHECKED: that the transaction is in a block of the best chain "
                      "(give --node)")
     click.echo("\n".join(lines))
+
+
+def _message_lines(message: dict[str, Any]) -> list[str]:
+    """What `verify` says of an audit proof's message and seal: every number
+    it prints is checked, or NOT CHECKED is printed beside it."""
+    head = f"OK: message {message['message_id']:,} ({message['topic']}) has digest " \
+           f"{message['digest']}"
+    if message["bound"]:
+        return [f"{head} (digest version {message['digest_version']}), leaf "
+                f"{message['leaf_index']:,} of {message['tree_size']:,} of seal "
+                f"{message['seal_id']} (ids {message['first_id']:,}..{message['last_id']:,} of "
+                f"{', '.join(message['prefixes'])}), whose root is {message['seal_root']}",
+                f"OK: the seal record binding that seal id, id range, size, digest version, "
+                f"root and prefixes hashes to {message['document']}, the anchored document"]
+    return [f"{head}, which leads to seal root {message['seal_root']}, the anchored document",
+            f"NOT CHECKED: that it is leaf {message['leaf_index']:,} of "
+            f"{message['tree_size']:,} of seal {message['seal_id']} (a seal of version 1 "
+            "anchors its root alone: its id and size are the proof's word, and any size whose "
+            "tree has the same path shape leads to the same root)"]
 
 
 @click.group()

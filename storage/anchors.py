@@ -136,3 +136,10 @@ def known(conn: Any, hashes: list[bytes]) -> list[bytes]:
             "SELECT doc_hash FROM anchor_documents WHERE doc_hash IN"
             f" ({','.join('?' * len(chunk))})", chunk)]
     return found
+
+
+def every_anchor(conn: Any) -> list[dict[str, Any]]:
+    """Every anchor row, whatever its status, oldest first: what `bus-cli
+    audit verify --node` holds against the chain."""
+    return [describe(row) for row in conn.execute(
+        f"SELECT {ANCHOR_COLUMNS} FROM anchors ORDER BY id").fetchall()]

@@ -16,7 +16,8 @@ from typing import Any
 from storage import messages
 
 CHUNK_LEAVES = 4096            # leaves per audit_leaves row (32 KiB of digests)
-SEAL_COLUMNS = "id, prefixes, first_id, last_id, size, root, status, created_ns, sealed_ns"
+SEAL_COLUMNS = ("id, prefixes, first_id, last_id, size, root, status, created_ns, sealed_ns,"
+                " seal_version, digest_version, document")
 
 
 def describe(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -24,6 +25,7 @@ def describe(row: tuple[Any, ...]) -> dict[str, Any]:
     seal["seal_id"] = seal.pop("id")
     seal["prefixes"] = seal["prefixes"].split("\n") if seal["prefixes"] else []
     seal["root"] = bytes(seal["root"]) if seal["root"] is not None else None
+    seal["document"] = bytes(seal["document"]) if seal["document"] is not None else None
     return seal
 
 
@@ -33,14 +35,16 @@ def last_sealed_id(conn: Any) -> int:
                         " WHERE status = 'sealed'").fetchone()[0]
 
 
-def begin(conn: Any, prefixes: list[str], first_id: int, now_ns: int) -> int:
+def begin(conn: Any, prefixes: list[str], first_id: int, now_ns: int, seal_version: int = 1,
+          digest_version: int = 1) -> int:
     """A new open seal (an unfinished one goes first, with its leaves)."""
     conn.execute("DELETE FROM audit_leaves WHERE seal_id IN (SELECT id FROM audit_seals"
                  " WHERE status = 'open')")
     conn.execute("DELETE FROM audit_seals WHERE status = 'open'")
-    return conn.execute("INSERT INTO audit_seals (prefixes, first_id, status, created_ns)"
-                        " VALUES (?, ?, 'open', ?) RETURNING id",
-                        ("\n".join(prefixes), first_id, now_ns)).fetchone()[0]
+    return conn.execute("INSERT INTO audit_seals (prefixes, first_id, status, created_ns,"
+                        " seal_version, digest_version) VALUES (?, ?, 'open', ?, ?, ?)"
+                        " RETURNING id", ("\n".join(prefixes), first_id, now_ns, seal_version,
+                                          digest_version)).fetchone()[0]
 
 
 def get(conn: Any, seal_id: int) -> dict[str, Any] | None:
@@ -63,16 +67,24 @@ def chunk_bounds(conn: Any, seal_id: int) -> list[tuple[int, int, int]]:
                 " FROM audit_leaves WHERE seal_id = ? ORDER BY chunk", (seal_id,)).fetchall()]
 
 
-def finish(conn: Any, seal_id: int, last_id: int, size: int, root: bytes, now_ns: int) -> None:
-    conn.execute("UPDATE audit_seals SET last_id = ?, size = ?, root = ?, status = 'sealed',"
-                 " sealed_ns = ? WHERE id = ?", (last_id, size, root, now_ns, seal_id))
+def finish(conn: Any, seal_id: int, last_id: int, size: int, root: bytes, document: bytes,
+           now_ns: int) -> None:
+    conn.execute("UPDATE audit_seals SET last_id = ?, size = ?, root = ?, document = ?,"
+                 " status = 'sealed', sealed_ns = ? WHERE id = ?",
+                 (last_id, size, root, document, now_ns, seal_id))
+
+
+# What is anchored for a seal: its document (seals of schema 9 have none
+# stored: their root, anchored bare).
+SEAL_DOCUMENT = "coalesce(document, root)"
 
 
 def unanchored(conn: Any, limit: int) -> list[tuple[int, bytes, int]]:
-    """(seal id, root, size) of non-empty seals whose root is in no anchor yet."""
+    """(seal id, document, size) of non-empty seals whose document (what is
+    anchored for them) is in no anchor yet."""
     return [(row[0], bytes(row[1]), row[2]) for row in conn.execute(
-        "SELECT id, root, size FROM audit_seals WHERE status = 'sealed' AND size > 0 AND"
-        " NOT EXISTS (SELECT 1 FROM anchor_documents WHERE doc_hash = audit_seals.root)"
+        f"SELECT id, {SEAL_DOCUMENT}, size FROM audit_seals WHERE status = 'sealed' AND size > 0"
+        f" AND NOT EXISTS (SELECT 1 FROM anchor_documents WHERE doc_hash = {SEAL_DOCUMENT})"
         " ORDER BY id LIMIT ?", (limit,)).fetchall()]
 
 
@@ -82,9 +94,9 @@ def all_rows(conn: Any) -> list[tuple[Any, ...]]:
     return conn.execute(f"SELECT {SEAL_COLUMNS} FROM audit_seals ORDER BY id").fetchall()
 
 
-def anchored_roots(conn: Any) -> dict[int, bytes]:
-    """seal id -> the root its anchoring recorded (the anchor document whose
-    ref is audit-seal:N, as the anchor worker names it)."""
+def anchored_documents(conn: Any) -> dict[int, bytes]:
+    """seal id -> the document its anchoring recorded (the anchor document
+    whose ref is audit-seal:N, as the anchor worker names it)."""
     found = {}
     for doc_hash, ref in conn.execute("SELECT doc_hash, ref FROM anchor_documents WHERE"
                                       " substr(ref, 1, 11) = 'audit-seal:'").fetchall():
@@ -140,15 +152,25 @@ def leaves(conn: Any, seal_id: int) -> Iterator[tuple[int, bytes]]:
             yield int.from_bytes(ids[8 * i:8 * i + 8], "big"), digests[32 * i:32 * i + 32]
 
 
+# Every column of a message, in the order proofs/audit.py's message_digest takes them.
+DIGEST_COLUMNS = "id, topic, payload, meta, producer_id, producer_seq, publish_ns, committed_ns"
+
+
+def message_row(conn: Any, message_id: int) -> tuple[Any, ...] | None:
+    """DIGEST_COLUMNS of one stored message, or None."""
+    return conn.execute(f"SELECT {DIGEST_COLUMNS} FROM messages WHERE id = ?",
+                        (message_id,)).fetchone()
+
+
 def sealed_messages(conn: Any, first_id: int, last_id: int, prefixes: list[str],
                     rows: int = 5000) -> Iterator[tuple[Any, ...]]:
-    """(id, topic, payload, meta, producer_id, producer_seq) of the stored
-    messages a seal covers, in id order, `rows` at a time (memory bounded)."""
+    """DIGEST_COLUMNS of the stored messages a seal covers, in id order,
+    `rows` at a time (memory bounded)."""
     matching, params = messages.topic_filter(prefixes)
     after = first_id - 1
     while after < last_id:
         batch = conn.execute(
-            "SELECT id, topic, payload, meta, producer_id, producer_seq FROM messages"
+            f"SELECT {DIGEST_COLUMNS} FROM messages"
             f" WHERE id > ? AND id <= ? AND {matching} ORDER BY id LIMIT ?",
             (after, last_id, *params, rows)).fetchall()
         if not batch:

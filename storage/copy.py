@@ -25,8 +25,8 @@ from storage import messages, schema
 MESSAGE_COLUMNS = ("id, topic, payload, meta, producer_id, producer_seq, publish_ns,"
                    " committed_ns")
 # Copied whole after the messages, parents before children (anchor_documents
-# references anchors); bus_meta without its schema_version, which is the
-# destination's own.
+# references anchors); of bus_meta the wallet tip and how far retention went,
+# not the schema_version, which is the destination's own.
 TABLES = (
     ("producers", "producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
                   " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner"),
@@ -41,7 +41,8 @@ TABLES = (
                 " confirmed_ns, block_hash, block_height"),
     ("anchor_documents", "doc_hash, anchor_id, leaf_index, ref, message_id"),
     ("subscriptions", "id, subscribed, prefix, committed_ns"),
-    ("audit_seals", "id, prefixes, first_id, last_id, size, root, status, created_ns, sealed_ns"),
+    ("audit_seals", "id, prefixes, first_id, last_id, size, root, status, created_ns, sealed_ns,"
+                    " seal_version, digest_version, document"),
     ("audit_leaves", "seal_id, chunk, ids, digests"),
 )
 # Verification: per producer, the count and range of its sequence numbers.
@@ -164,10 +165,11 @@ def copy_database(source_db: str, dest_db: str, chunk_rows: int = 5000,
                 if rows:
                     marks = ", ".join("?" * len(columns.split(",")))
                     conn.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
-            tip = source.execute("SELECT value FROM bus_meta WHERE key = 'wallet_tip'"
-                                 ).fetchone()
-            if tip is not None:
-                schema.set_meta(conn, "wallet_tip", tip[0])
+            for key in ("wallet_tip", "retention_upto"):
+                value = source.execute("SELECT value FROM bus_meta WHERE key = ?",
+                                       (key,)).fetchone()
+                if value is not None:
+                    schema.set_meta(conn, key, value[0])
             _continue_ids(conn, ("messages", "anchors", "subscriptions", "audit_seals"))
         return verify(source, dest.conn, last) | {"first_id": first, "last_id": last}
     finally:

@@ -1,10 +1,22 @@
-"""Retention: the oldest messages go, a chunk per transaction."""
+"""Retention: the oldest messages go, a chunk per transaction, and the
+database keeps how far they went (bus_meta 'retention_upto'): a sealed message
+missing above it was deleted by something else, which `bus-cli audit verify`
+reports as a deletion."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from storage import messages
+from storage.schema import set_meta
+
+RETAINED_KEY = "retention_upto"
+
+
+def retained_upto(conn: Any) -> int:
+    """The last message id retention deleted (0: it never deleted any)."""
+    row = conn.execute("SELECT value FROM bus_meta WHERE key = ?", (RETAINED_KEY,)).fetchone()
+    return int(row[0]) if row is not None and row[0].isdigit() else 0
 
 
 def delete_expired(conn: Any, before_ns: int | None, keep: int | None, chunk: int,
@@ -31,6 +43,7 @@ def delete_expired(conn: Any, before_ns: int | None, keep: int | None, chunk: in
         return 0
     conn.execute("DELETE FROM messages WHERE id <= ?", (cut,))
     deleted = conn.changes()
+    set_meta(conn, RETAINED_KEY, str(cut))  # cut grows: each chunk starts after the last
     oldest_ns = conn.execute("SELECT committed_ns FROM messages WHERE id > ? "
                              "ORDER BY id LIMIT 1", (cut,)).fetchone()[0]
     conn.execute("DELETE FROM subscriptions WHERE id IN (SELECT id FROM subscriptions"

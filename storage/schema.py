@@ -14,8 +14,9 @@ from typing import Any
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 9  # 7: utxo_requests.fingerprint; 8: audit_seals, audit_leaves;
-#                     9: producer_keys (session keys out of producers)
+SCHEMA_VERSION = 10  # 7: utxo_requests.fingerprint; 8: audit_seals, audit_leaves;
+#                      9: producer_keys (session keys out of producers);
+#                      10: audit_seals.seal_version, digest_version, document
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -146,7 +147,10 @@ SCHEMA = (
         root        BLOB,                    -- RFC 6962 root of their digests (proofs/audit.py)
         status      TEXT    NOT NULL,        -- open (being built) | sealed
         created_ns  INTEGER NOT NULL,
-        sealed_ns   INTEGER
+        sealed_ns   INTEGER,
+        seal_version    INTEGER NOT NULL DEFAULT 1,  -- 1: root anchored; 2: seal record
+        digest_version  INTEGER NOT NULL DEFAULT 1,  -- how its messages' digests are made
+        document    BLOB                     -- what is anchored for it (record hash, or root)
     )""",
     # Each sealed message's id and digest, packed by chunk of leaves: what
     # `audit verify` names the first changed message from.
@@ -171,6 +175,9 @@ ADDED_COLUMNS = (
     ("producers", "owner", "TEXT"),
     ("consumers", "owner", "TEXT"),
     ("utxo_requests", "fingerprint", "BLOB"),
+    ("audit_seals", "seal_version", "INTEGER NOT NULL DEFAULT 1"),
+    ("audit_seals", "digest_version", "INTEGER NOT NULL DEFAULT 1"),
+    ("audit_seals", "document", "BLOB"),
 )
 
 
@@ -227,12 +234,25 @@ def apply(conn: Any, columns_of: Any, version: int | None, where: str) -> None:
     for table, column, definition in ADDED_COLUMNS:
         if column not in columns_of(table):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    if version is not None and version < 10:
+        _retention_before_10(conn)
     if "session_key" in columns_of("producers"):  # schema 6-8 kept the keys there
         conn.execute("INSERT INTO producer_keys (producer_id, epoch, session_key)"
                      " SELECT producer_id, epoch, session_key FROM producers"
                      " WHERE session_key IS NOT NULL ON CONFLICT (producer_id) DO NOTHING")
         conn.execute("ALTER TABLE producers DROP COLUMN session_key")
     set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+
+
+def _retention_before_10(conn: Any) -> None:
+    """Before schema 10 retention left no record of how far it went, and
+    `audit verify` took every message below the oldest stored one as taken
+    by retention: an upgraded database keeps that reading for what was gone
+    then (storage/retention.py records it from now on)."""
+    have = conn.execute("SELECT 1 FROM bus_meta WHERE key = 'retention_upto'").fetchone()
+    first = conn.execute("SELECT min(id) FROM messages").fetchone()[0]
+    if have is None and first is not None and first > 1:
+        set_meta(conn, "retention_upto", str(first - 1))
 
 
 def set_meta(conn: Any, key: str, value: str) -> None:

@@ -1118,6 +1118,30 @@ class BitcoindDouble:
                                         0, True)
         return self.sendrawtransaction(self.signrawtransactionwithwallet(raw)["hex"])
 
+    # --- listtransactions, as src/wallet/rpc/transactions.cpp pages it -----------------
+
+    def listtransactions(self, label: str | None = None, count: int = 10, skip: int = 0,
+                         include_watchonly: bool = False) -> list[dict[str, Any]]:
+        """The `count` most recent wallet entries after the `skip` most recent,
+        returned oldest first: Core walks its transactions newest first in the
+        order the wallet learned them (wtxOrdered), appends each one's
+        entries, stops once it has count + skip, and returns that slice
+        reversed. No labels here: only "*" (or none) is served."""
+        if label is not None and label != "*":
+            raise RpcError(-8, 'Label argument must be a valid label name or "*".')
+        if count < 0:
+            raise RpcError(-8, "Negative count")
+        if skip < 0:
+            raise RpcError(-8, "Negative from")
+        newest_first: list[dict[str, Any]] = []
+        for txid in reversed(list(self.txs)):
+            newest_first.extend(self._wallet_entries(self.txs[txid]))
+            if len(newest_first) >= count + skip:
+                break
+        skip = min(skip, len(newest_first))
+        count = min(count, len(newest_first) - skip)
+        return list(reversed(newest_first[skip:skip + count]))
+
     def _spent_in_chain(self, txid: str, n: int) -> bool:
         spender = self.spender.get((txid, n))
         return spender is not None and self.txs[spender].block is not None

@@ -270,3 +270,16 @@ def test_every_control_command_is_in_the_protocol_page(bus: Bus) -> None:
         row = next(line for line in page.splitlines() if line.startswith(f"| `{role}/*.key`"))
         documented = set(re.findall(r"`([a-z_]+)`", row.split("|")[3]))
         assert allowed <= documented, (role, allowed - documented)
+
+
+def test_the_documented_seal_record_example_is_what_the_code_computes() -> None:
+    """docs/protocol.md's worked example ("Audit seals", the seal record), for
+    a verifier in another language to check its encoding against."""
+    from proofs.audit import SEAL_RECORD, seal_document, seal_record
+    text = PROTOCOL_MD.read_text()
+    record = re.search(r"^seal record +([0-9a-f ]+)$", text, re.M)
+    digest = re.search(r"^record hash +([0-9a-f]{64})$", text, re.M)
+    assert record and digest, "the example is in docs/protocol.md"
+    fields = (3, 1, 40, 30, 1, bytes(range(32)), ["orders.", "trades."])
+    assert seal_record(*fields) == bytes.fromhex(record.group(1).replace(" ", ""))
+    assert seal_document(SEAL_RECORD, *fields) == bytes.fromhex(digest.group(1))

@@ -13,7 +13,7 @@ from typing import Any
 
 from storage import audit as rows_of
 from storage import messages
-from proofs.audit import EMPTY_ROOT
+from proofs.audit import DIGEST_VERSIONS, EMPTY_ROOT, SEAL_VERSIONS, seal_document
 from storage.audit import CHUNK_LEAVES
 from writer.utxos import UtxoBook, UtxoError, check_int
 
@@ -35,21 +35,30 @@ class AuditBook:
         return {"last_id": rows_of.last_sealed_id(self.conn)}
 
     def unanchored(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        """{} -> {seals: [[seal_id, root, size], ...]}: sealed, not yet in an
-        anchor (a worker that stopped after sealing): at most 1000."""
+        """{} -> {seals: [[seal_id, document, size], ...]}: sealed, not yet in
+        an anchor (a worker that stopped after sealing): at most 1000."""
         return {"seals": [list(s) for s in rows_of.unanchored(self.conn, 1000)]}
 
     def begin(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        """{request_id, prefixes} -> {seal_id, first_id}: an open seal from the
-        message after the last sealed one (an unfinished seal is dropped)."""
+        """{request_id, prefixes, seal_version?, digest_version?} -> {seal_id,
+        first_id}: an open seal from the message after the last sealed one (an
+        unfinished seal is dropped). Without the versions (a worker from
+        before seal records): version 1 of both, the root anchored bare."""
         prefixes = args.get("prefixes")
         if not (isinstance(prefixes, list) and 0 < len(prefixes) <= MAX_PREFIXES and
                 all(isinstance(p, str) and p and "\n" not in p and "\x00" not in p
                     and len(p) <= 256 for p in prefixes)):
             raise UtxoError("bad_request", f"'prefixes' must be 1-{MAX_PREFIXES} non-empty topic"
                                            " prefixes")
+        seal_version = args.get("seal_version", 1)
+        digest_version = args.get("digest_version", 1)
+        if seal_version not in SEAL_VERSIONS or digest_version not in DIGEST_VERSIONS or \
+                type(seal_version) is not int or type(digest_version) is not int:
+            raise UtxoError("bad_request", f"'seal_version' must be one of {SEAL_VERSIONS} and "
+                                           f"'digest_version' one of {DIGEST_VERSIONS}")
         first_id = rows_of.last_sealed_id(self.conn) + 1
-        return {"seal_id": rows_of.begin(self.conn, prefixes, first_id, now_ns),
+        return {"seal_id": rows_of.begin(self.conn, prefixes, first_id, now_ns, seal_version,
+                                         digest_version),
                 "first_id": first_id}
 
     def _open_seal(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -85,8 +94,11 @@ class AuditBook:
         return {"seal_id": seal["seal_id"], "chunk": chunk}
 
     def finish(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
-        """{request_id, seal_id, last_id, size, root} -> {seal_id}: sealed, if
-        its stored leaves are `size` (none: nothing matched, no seal kept)."""
+        """{request_id, seal_id, last_id, size, root} -> {seal_id, document}:
+        sealed, if its stored leaves are `size` (none: nothing matched, no
+        seal kept). `document` is what is anchored for it: the hash of its
+        seal record (version 2, one SHA-256 of its fields as stored), or its
+        root (version 1)."""
         seal = self._open_seal(args)
         # Not past the newest stored message: retention stops at the last
         # sealed id, and must never pass a message not yet stored (nor sealed).
@@ -105,9 +117,11 @@ class AuditBook:
         if bounds and bounds[-1][1] > last_id:
             raise UtxoError("bad_request", f"a leaf has id {bounds[-1][1]}, after last_id "
                                            f"{last_id}")
-        rows_of.finish(self.conn, seal["seal_id"], last_id, size, root, now_ns)
+        document = seal_document(seal["seal_version"], seal["seal_id"], seal["first_id"],
+                                 last_id, size, seal["digest_version"], root, seal["prefixes"])
+        rows_of.finish(self.conn, seal["seal_id"], last_id, size, root, document, now_ns)
         self.counters["seals"] += 1
-        return {"seal_id": seal["seal_id"]}
+        return {"seal_id": seal["seal_id"], "document": document}
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self.counters)
