@@ -355,6 +355,8 @@ class Proxy:
         # whether TERMINATE was sent to it (it must then be read from, to end).
         self._loop_capture: zmq.Socket | None = None
         self._loop_ending = False
+        self.spill: zmq.Socket | None = None   # opened by initialize
+        self._spill_reader: zmq.Socket | None = None
         self._wrong_peer_seen: str | None = None
         self._feeding = False  # self.capture registered for POLLOUT
 
@@ -823,7 +825,7 @@ class Proxy:
             self._rescue = None
             if open_capture:
                 self.capture.bind(CAPTURE_RESCUE_ENDPOINT)
-        if self._loop_capture is self.spill:
+        if self._loop_capture is not None and self._loop_capture is self.spill:
             while self._spill_reader.poll(10):
                 self._take_spilled(ending=True)
         self._loop_capture = None
@@ -955,7 +957,9 @@ class Proxy:
         else:  # never started, paused by the memory guard or stopped for the capture
             self._capture_linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
             self._close_forwarding_sockets(capture_too=False)
-        if not self._forwarding():  # the capture is this thread's
+        if not self._forwarding() and getattr(self, "capture", None) is not None:
+            # The capture is this thread's (and was opened: a start that
+            # failed before it has nothing to send).
             self._end_of_loop()
             self._send_held_until(deadline)
             self.capture.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
