@@ -283,8 +283,11 @@ class Connections:
         self._sock = sock
         self.gave_up: str | None = None   # why libzmq gave up on the endpoint, until redial()
         # A connecting socket's peer completed the ZMTP handshake (a CONNECTED
-        # peer may still be a wrong one) and has not disconnected since.
+        # peer may still be a wrong one) and has not disconnected since; and
+        # whether the last handshake failed (libzmq retries some failures by
+        # itself, HANDSHAKE_FAILED_NO_DETAIL: a CURVE server of another key).
         self.handshaken = False
+        self.failing = False
         self.wrong_peers = 0              # handshakes that failed (every kind)
         self.last_wrong_peer: str | None = None
         self.redials = 0
@@ -317,9 +320,9 @@ class Connections:
                     self._dropped_at = time.monotonic()
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._backoff = REDIAL_MIN_S
-                self.handshaken = True
+                self.handshaken, self.failing = True, False
             elif event & HANDSHAKE_EVENTS:
-                self.handshaken = False
+                self.handshaken, self.failing = False, True
                 self._wrong_peer(describe_handshake_failure(event, value),
                                  gives_up=bool(event & GIVES_UP_EVENTS))
         if self._dropped_at is not None and time.monotonic() - self._dropped_at >= NOT_RETRIED_S:

@@ -25,8 +25,10 @@ spill (CAPTURE_SPILL_ENDPOINT) as its capture, from which the main thread
 copies each message into `held` (up to BUS_CAPTURE_HWM_WRITER_DOWN; then the
 loop waits in its send). Once the writer is back, the main thread sends what
 is held, oldest first, as the capture's queue takes it, and with little left
-runs the loop with the capture straight to the writer again: the loop
+runs the loop with the capture straight to the writer again (or on the
+spill again, if the writer stops taking: CAPTURE_TAIL_WAIT_S): the loop
 captures to the writer only while nothing is held, so nothing overtakes it.
+Steering replies are waited for reading the spill (_wait_reply).
 libzmq cannot shorten a queue that holds more than its new length (the
 writer side of a pipe learns what was read only at the reader's low-water
 marks, computed from the old length): so the queue is never lengthened.
@@ -109,6 +111,10 @@ MEMORY_CHECK_S = 0.02
 MEMORY_RESUME_FRACTION = 0.75
 SUBSCRIBER_CUTOFF_AFTER_S = 1.0
 CUTOFF_GROWTH_FRACTION = 0.125
+# Memory coming back by this fraction of the limit since the lowest point of
+# a pause is progress (a capture queue draining into a slow writer, what is
+# held going to it): the 1 s to a subscriber cut-off starts again from it.
+PROGRESS_FRACTION = 1 / 64
 # Paused this long since its last action without memory coming back, the guard
 # resumes forwarding anyway (and pauses again if memory grows again).
 PAUSE_GIVE_UP_S = 10.0
@@ -123,6 +129,11 @@ CAPTURE_SPILL_ENDPOINT = "inproc://bus-proxy-capture-spill"
 # Messages moved between the spill, what is held and the capture in one pass
 # of the main loop: control requests and the memory guard keep their turn.
 CAPTURE_MOVES_PER_PASS = 20_000
+# The forwarding loop waits (stopped) for a connected writer to take the last
+# of what is held only while the writer takes something at least this often;
+# a writer that stops reading then (SIGSTOP, a stuck commit) gets the loop
+# running on the spill again, not live delivery stopped for as long.
+CAPTURE_TAIL_WAIT_S = 0.5
 # The capture's course, in `stats` (capture.state).
 CAPTURE_DIRECT, CAPTURE_HOLDING, CAPTURE_DRAINING, CAPTURE_WRONG_PEER = (
     "direct", "holding", "draining", "wrong_peer")
@@ -182,9 +193,6 @@ def proxy_health(stats: dict[str, Any]) -> str | None:
     if stats["forwarding"] == "blocked":
         return ("capture stalled: the forwarding loop is blocked (its capture queue is full: "
                 "is the writer down?)")
-    if stats["capture"]["state"] == CAPTURE_WRONG_PEER:
-        return (f"capture reconnecting: {stats['capture']['last_wrong_peer']} at the capture "
-                "endpoint (another process bound it while the writer was down?)")
     if stats["forwarding"] == "paused":
         return (f"forwarding paused: {stats['memory']['rss_bytes'] >> 20} MB, over its memory "
                 f"limit of {stats['memory']['limit_bytes'] >> 20} MB")
@@ -321,14 +329,18 @@ class Proxy:
         self.subscriptions = SubscriptionBudget(config.proxy_subscription_bytes_per_connection,
                                                 config.proxy_subscription_bytes)
         # libzmq's counters start from zero with each run of its loop: what the
-        # loops before the current one counted.
+        # loops before the current one counted (the current run's base), and
+        # the current run's last STATISTICS reply (read late or not).
         self._counted = dict.fromkeys(_STAT_NAMES, 0)
+        self._run_base = dict(self._counted)
+        self._run_statistics: list[bytes] | None = None
         # The memory guard's state: when forwarding was paused (None: running),
         # when it last acted, RSS after that, when to read RSS next, and what it
         # did so far.
         self._paused_at: float | None = None
         self._last_action = 0.0
         self._memory_mark = 0
+        self._memory_low = 0
         self._next_memory_check = 0.0
         self._rss = 0
         self.memory_actions = {"pauses": 0, "subscriber_cutoffs": 0, "publisher_cutoffs": 0,
@@ -356,6 +368,10 @@ class Proxy:
         self._loop_capture: zmq.Socket | None = None
         self._loop_ending = False
         self.spill: zmq.Socket | None = None   # opened by initialize
+        self._held_taken_at = 0.0  # when the writer last took a held message
+        # (when, how many) the writer took of what is held, over the last
+        # CAPTURE_TAIL_WAIT_S: how fast it takes the tail.
+        self._takes: deque[tuple[float, int]] = deque()
         self._spill_reader: zmq.Socket | None = None
         self._wrong_peer_seen: str | None = None
         self._feeding = False  # self.capture registered for POLLOUT
@@ -441,6 +457,8 @@ class Proxy:
     def _start_forwarding(self) -> None:
         """Run the forwarding loop, capturing straight to the writer if it is
         there and nothing is held for it, else into the spill."""
+        if self._loop_capture is not None:  # what the run before left in its pipes
+            self._end_of_loop()
         self._open_steering()
         writer = self.connections[WRITER]
         direct = not self.held and writer.handshaken and writer.gave_up is None
@@ -459,7 +477,16 @@ class Proxy:
         is closed, and can never be read as an answer to this run's commands
         (issue 22 reported a stale TERMINATE reply read as STATISTICS:
         struct.error, and the proxy's exit). Called while no loop runs: the
-        old pair is this thread's."""
+        old pair is this thread's. What the old pair owes is read first: the
+        last STATISTICS of the run that ended (answered late, after its
+        waiter gave up) counts its frames, so that the counters never go
+        backwards (a reset to Prometheus)."""
+        if self.steer is not None:
+            self._answered(0)
+            if self._run_statistics is not None:
+                self._counted = self._counts_of(self._run_statistics)
+        self._run_base = dict(self._counted)
+        self._run_statistics = None
         for sock in (self.steer, self._steered):
             if sock is not None:
                 sock.close(linger=0)
@@ -551,7 +578,7 @@ class Proxy:
             return False
         deadline = time.monotonic() + wait_ms / 1000
         while self._awaiting:
-            if not self.steer.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            if not self._wait_reply(deadline):
                 return False
             reply = self.steer.recv_multipart()
             command = self._awaiting.popleft()
@@ -564,7 +591,34 @@ class Proxy:
                           action="no reply trusted until the forwarding loop runs again")
                 return False
             self._last_reply = reply
+            if command == STEER_STATISTICS:
+                self._run_statistics = reply
         return True
+
+    def _wait_reply(self, deadline: float) -> bool:
+        """Wait for the loop's next steering reply until `deadline`. A loop
+        capturing into the spill may be waiting in its spill send: the spill
+        is read meanwhile (up to the held bound, where the loop is blocked
+        indeed), or the wait itself would stall live delivery and read as
+        "blocked"."""
+        while True:
+            remaining = max(0, int((deadline - time.monotonic()) * 1000))
+            spilling = self.spill is not None and self._loop_capture is self.spill and (
+                len(self.held) < self.config.capture_hwm_writer_down or self._loop_ending)
+            if not spilling:
+                return bool(self.steer.poll(remaining))
+            if self.steer.poll(0):
+                return True
+            if remaining == 0:
+                return False
+            self._take_spilled()
+            zmq.select([self.steer, self._spill_reader], [], [], min(remaining, 10) / 1000)
+
+    def _counts_of(self, reply: list[bytes]) -> dict[str, int]:
+        """The counters since the proxy started, from a STATISTICS reply of
+        the current run (libzmq's count from the run's start)."""
+        return {name: self._run_base[name] + struct.unpack("=Q", part)[0]
+                for name, part in zip(_STAT_NAMES, reply)}
 
     def counters(self, wait_ms: int = STATISTICS_WAIT_MS) -> dict[str, int] | None:
         """libzmq's frame and byte counters since the proxy started, or None if
@@ -576,8 +630,7 @@ class Proxy:
         reply = self._steer(STEER_STATISTICS, wait_ms)
         if reply is None:
             return None
-        return {name: self._counted[name] + struct.unpack("=Q", part)[0]
-                for name, part in zip(_STAT_NAMES, reply)}
+        return self._counts_of(reply)
 
     def status_line(self) -> str:
         counters = self.counters(wait_ms=100) or self._counted
@@ -646,6 +699,16 @@ class Proxy:
             release_free_memory()
             self._rss = resident_bytes()
         writer_connected = bool(self.connections[WRITER].fds)
+        if self.held and now - self._held_taken_at < CAPTURE_TAIL_WAIT_S:
+            # What is held is going to the writer: that is what brings memory
+            # back, not a cut-off, and memory in transit to the capture is no
+            # one streaming in (the clocks and the mark below start again once
+            # it is sent, or once the writer stops taking it).
+            self._last_action, self._memory_mark = now, self._rss
+        if self._rss < self._memory_low - limit * PROGRESS_FRACTION:
+            # Memory is coming back: something drains. Not the slow
+            # subscriber's queue a cut-off is for (that one does not move).
+            self._last_action, self._memory_low = now, self._rss
         if self._rss < limit * MEMORY_RESUME_FRACTION:
             self._resume(now, limit, "memory_back_under_limit")
         elif self._rss > self._memory_mark + limit * CUTOFF_GROWTH_FRACTION:
@@ -653,10 +716,12 @@ class Proxy:
             # one side or the other (or an endless request on the control).
             self._cut_off(PUBLISHERS if self.frontend is not None else
                           SUBSCRIBERS if self.backend is not None else CONTROL, now, limit)
-        elif (writer_connected and self.backend is not None
-              and now - self._paused_at >= SUBSCRIBER_CUTOFF_AFTER_S):
+        elif (writer_connected and self.backend is not None and not self.held
+              and now - self._last_action >= SUBSCRIBER_CUTOFF_AFTER_S):
             # The capture queue drains into a connected writer; what does not
-            # drain is a slow subscriber's queue, or held subscriptions.
+            # drain is a slow subscriber's queue, or held subscriptions. (What
+            # the proxy holds for the writer is no subscriber's: while there
+            # is some, the subscribers stay.)
             self._cut_off(SUBSCRIBERS, now, limit)
         elif writer_connected and now - self._last_action >= PAUSE_GIVE_UP_S:
             # What holds the memory is no queue of this process that drains:
@@ -667,7 +732,7 @@ class Proxy:
         """End the forwarding loop, keeping its sockets and their queues. A
         loop blocked in a capture send takes the TERMINATE once it is free."""
         self._paused_at = self._last_action = now
-        self._memory_mark = self._rss
+        self._memory_mark = self._memory_low = self._rss
         self.memory_actions["pauses"] += 1
         log.warning("memory_limit_reached", action="paused forwarding", rss_bytes=self._rss,
                     limit_bytes=limit, writer_connected=bool(self.connections[WRITER].fds))
@@ -700,7 +765,7 @@ class Proxy:
             setattr(self, name, None)
         self._last_action = now
         release_free_memory()
-        self._rss = self._memory_mark = resident_bytes()
+        self._rss = self._memory_mark = self._memory_low = resident_bytes()
 
     def _resume(self, now: float, limit: int, event: str) -> None:
         """Open again the sides that were cut off, and forward. A side that
@@ -736,7 +801,7 @@ class Proxy:
 
     def capture_state(self) -> str:
         writer = self.connections[WRITER]
-        if writer.gave_up is not None:
+        if writer.gave_up is not None or writer.failing:
             return CAPTURE_WRONG_PEER
         if self._forwarding() and self._loop_capture is self.capture:
             return CAPTURE_DIRECT
@@ -753,7 +818,7 @@ class Proxy:
                         reason=writer.gave_up, wrong_peers=writer.wrong_peers,
                         action="holding what is captured; connecting the capture again")
         if self._forwarding() and self._capture_down is None:
-            why = self._why_change_course(writer)
+            why = self._why_change_course(writer, now)
             if why is not None:
                 self._stop_loop_for_capture(why, now)
         if self._loop_capture is self.spill:
@@ -772,24 +837,35 @@ class Proxy:
             self._wrong_peer_seen = None
             log.info("capture_redialed", endpoint=self.config.capture_endpoint,
                      redials=writer.redials, held=len(self.held))
-        self._send_held(writer)
+        self._send_held(writer, now)
         if self._forwarding() or self._capture_down is None or self._paused_at is not None:
             return  # running, or stopped for something else (the memory guard resumes it)
-        if writer.handshaken and writer.gave_up is None and self.held \
-                and len(self.held) <= self.config.capture_hwm:
+        if self.held and self._writer_taking(writer, now):
             return  # the writer is taking the last of what is held: straight to it after
         self._capture_down = None
         self._start_forwarding()
 
-    def _why_change_course(self, writer: sockets.Connections) -> str | None:
+    def _writer_taking(self, writer: sockets.Connections, now: float) -> bool:
+        """Whether a connected writer is taking what is held, with little of it
+        left: the loop may wait (stopped) for it, then capture straight to it."""
+        while self._takes and now - self._takes[0][0] >= CAPTURE_TAIL_WAIT_S:
+            self._takes.popleft()
+        taken = sum(count for _at, count in self._takes)
+        # What is left is what the writer took in the last half second, or
+        # less: it will be sent in about that time. A writer that takes
+        # nothing (or a message now and then) leaves the loop running.
+        return writer.handshaken and writer.gave_up is None and \
+            len(self.held) <= min(self.config.capture_hwm, taken)
+
+    def _why_change_course(self, writer: sockets.Connections, now: float) -> str | None:
         """Why the running loop must be stopped to capture elsewhere, if it must."""
         if self._loop_capture is self.capture:
             if writer.gave_up is not None:
                 return f"a wrong peer at the capture endpoint: {writer.gave_up}"
             if not writer.handshaken:
                 return "the writer is gone: holding what is captured"
-        elif writer.handshaken and writer.gave_up is None \
-                and len(self.held) <= self.config.capture_hwm:
+        elif not self.held and writer.handshaken and writer.gave_up is None \
+                or self.held and self._writer_taking(writer, now):
             return "the writer is back: capturing straight to it again"
         return None
 
@@ -833,7 +909,7 @@ class Proxy:
     def _send_held_until(self, deadline: float) -> None:
         """At shutdown: what is held goes into the capture's queue as it takes
         it, until `deadline` (the capture then lingers for what is left of it)."""
-        while self.held and time.monotonic() < deadline:
+        while self.held and time.monotonic() < deadline and not self.capture.closed:
             try:
                 self.capture.send_multipart(self.held[0], zmq.NOBLOCK)
             except zmq.Again:
@@ -866,20 +942,25 @@ class Proxy:
             self.spilled_total += 1
         self.held_peak = max(self.held_peak, len(self.held))
 
-    def _send_held(self, writer: sockets.Connections) -> None:
+    def _send_held(self, writer: sockets.Connections, now: float) -> None:
         """Send what is held to the writer, oldest first, as its queue takes
         it. Only to a writer that completed its handshake: what is queued for
         a wrong peer is lost with its connection."""
         if not (writer.handshaken and writer.gave_up is None):
             return
+        sent = 0
         for _ in range(CAPTURE_MOVES_PER_PASS):
             if not self.held:
-                return
+                break
             try:
                 self.capture.send_multipart(self.held[0], zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             self.held.popleft()
+            sent += 1
+        if sent:
+            self._held_taken_at = now
+            self._takes.append((now, sent))
 
     def _watch_capture_room(self) -> None:
         """Wake the main loop when the capture has room while something is
