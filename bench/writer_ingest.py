@@ -1,6 +1,6 @@
 """The writer's CPU per acknowledged message, in one process (not a test).
 
-One Writer (this tree's, or another revision's) runs in the process with its
+One Writer (this tree's, or another revision's) runs in a process with its
 real sockets and SQLite database; a PUSH socket of another ZeroMQ context,
 connected to its capture endpoint, is handed --messages acknowledged
 messages of one producer session as a Publisher sends them (100-byte
@@ -13,19 +13,19 @@ divided by the messages: what the writer's Python does for each one
 ingest` times Writer.ingest alone on the same frames, without sockets or
 commits.
 
-Against another revision, rounds alternate the two trees (a fresh process
-each, from that tree's code; the other revision checked out in a temporary
-git worktree), so that both see the same noise; the medians and the ratio of
-each pair are what to read:
+Against another revision (checked out in a temporary git worktree), the two
+writers run side by side, each in its own process, and take turns, one batch
+each (in turn order ABBA...), so that both see the same noise of a shared
+machine; the median of each side's batches and of the ratio of each pair are
+what to read:
 
-    python bench/writer_ingest.py [--baseline REV] [--rounds 8] [--messages 20000]
+    python bench/writer_ingest.py [--baseline REV] [--rounds 40] [--messages 20000]
                                   [--kind loop|ingest] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -35,17 +35,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Run in the tree under test (cwd first on sys.path), so that its own packages are imported.
+# Run in the tree under test (cwd first on sys.path), so that its own packages
+# are imported. Reads a command a line: "run" times one batch and answers
+# "RESULT <us per message>", "profile" prints a cProfile of one batch to
+# stderr, end of input stops it.
 CHILD = r"""
-import json, os, socket, sys, tempfile, time
+import os, shutil, socket, sys, tempfile, time
 import zmq
 from bus import protocol
 from bus.config import load_config
 from bus.runner import StopSignal
 from writer.service import Writer
 
-messages, repeats, kind, profile = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
-                                    sys.argv[4] == "1")
+messages, kind = int(sys.argv[1]), sys.argv[2]
 
 def free_port():
     with socket.socket() as s:
@@ -70,6 +72,7 @@ push = sender_ctx.socket(zmq.PUSH)
 push.setsockopt(zmq.SNDHWM, 0)
 push.connect(env["BUS_CAPTURE_ENDPOINT"])
 seq = 0
+profiler = None
 
 def batch():
     global seq
@@ -106,79 +109,97 @@ def run_ingest(frames):
     writer.send_notifications()
     return spent
 
-profiler = None
 run = run_loop if kind == "loop" else run_ingest
 run(batch())  # warm up: caches, the database's first pages
-if profile:
-    import cProfile, pstats
+print("READY", flush=True)
+for command in sys.stdin:
     frames = batch()
-    profiler = cProfile.Profile(time.thread_time)
-    run(frames)
-    pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(40)
-    profiler = None
-results = [run(batch()) / messages * 1e6 for _ in range(repeats)]
+    if command.strip() == "profile":
+        import cProfile, pstats
+        profiler = cProfile.Profile(time.thread_time)
+        run(frames)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(40)
+        profiler = None
+        print("RESULT 0", flush=True)
+    else:
+        print(f"RESULT {run(frames) / messages * 1e6}", flush=True)
 assert writer.forged == 0 and not writer.rejected, (writer.forged, writer.rejected)
-print("RESULTS " + json.dumps(results), flush=True)
 push.close(linger=0)
 sender_ctx.term()
 writer.shutdown()
+shutil.rmtree(workdir)
 """
 
 
-def measure(tree: Path, messages: int, repeats: int, kind: str, profile: bool = False
-            ) -> list[float]:
-    """CPU microseconds per message of the writer's thread, `repeats` times."""
-    out = subprocess.run([sys.executable, "-c", CHILD, str(messages), str(repeats), kind,
-                          "1" if profile else "0"], cwd=tree, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    # The writer logs to stdout too.
-    return json.loads(next(line for line in out.splitlines()
-                           if line.startswith("RESULTS "))[len("RESULTS "):])
+class Side:
+    """One writer process of one tree, timing a batch when asked."""
+
+    def __init__(self, tree: Path, messages: int, kind: str) -> None:
+        # The same hash seed on both sides: the same dict and set layouts.
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(messages), kind],
+                                     cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+        self._answer("READY")
+
+    def _answer(self, prefix: str) -> str:
+        for line in self.proc.stdout:  # the writer logs to stdout too
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"the writer process exited ({self.proc.wait()})")
+
+    def run(self, command: str = "run") -> float:
+        """CPU microseconds per message of the writer's thread, one batch."""
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return float(self._answer("RESULT "))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="git revision to compare with (default: none)")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--repeats", type=int, default=3, help="batches timed per process")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--messages", type=int, default=20_000, help="messages a batch")
     parser.add_argument("--kind", choices=("loop", "ingest"), default="loop")
     parser.add_argument("--profile", action="store_true",
                         help="print a cProfile (thread CPU) of one batch of this tree and exit")
     args = parser.parse_args()
     if args.profile:
-        measure(ROOT, args.messages, 1, args.kind, profile=True)
+        side = Side(ROOT, args.messages, args.kind)
+        side.run("profile")
+        side.close()
         return
-    trees = {"this": ROOT}
     with tempfile.TemporaryDirectory() as scratch:
+        trees = {"this": ROOT}
         if args.baseline:
             other = Path(scratch) / "baseline"
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(other),
                             args.baseline], check=True, capture_output=True)
             trees = {"baseline": other, "this": ROOT}
+        sides: dict[str, Side] = {}
         try:
-            medians: dict[str, list[float]] = {name: [] for name in trees}
+            sides.update((name, Side(tree, args.messages, args.kind))
+                         for name, tree in trees.items())
+            results: dict[str, list[float]] = {name: [] for name in trees}
             for round_no in range(args.rounds):
-                # Alternate which goes first, so neither always follows the other.
                 order = list(trees) if round_no % 2 == 0 else list(reversed(trees))
-                line = []
                 for name in order:
-                    median = statistics.median(measure(trees[name], args.messages,
-                                                       args.repeats, args.kind))
-                    medians[name].append(median)
-                    line.append(f"{name} {median:.3f}")
-                ratio = "" if len(trees) < 2 else \
-                    f"  this/baseline {medians['this'][-1] / medians['baseline'][-1]:.3f}"
-                print(f"round {round_no + 1}: " + ", ".join(line) + " us/msg" + ratio,
-                      flush=True)
-            for name, values in medians.items():
+                    results[name].append(sides[name].run())
+            for name, values in results.items():
                 print(f"{name}: median {statistics.median(values):.3f} us/msg "
-                      f"(min {min(values):.3f}, max {max(values):.3f})")
+                      f"(min {min(values):.3f}, max {max(values):.3f}, {len(values)} batches "
+                      f"of {args.messages})")
             if len(trees) == 2:
-                ratios = [t / b for t, b in zip(medians["this"], medians["baseline"])]
+                ratios = sorted(t / b for t, b in zip(results["this"], results["baseline"]))
+                quartiles = statistics.quantiles(ratios, n=4)
                 print(f"this/baseline: median {statistics.median(ratios):.3f} "
-                      f"({min(ratios):.3f}-{max(ratios):.3f})")
+                      f"(quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})")
         finally:
+            for side in sides.values():
+                side.close()
             if args.baseline:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                                 str(trees["baseline"])], check=False, capture_output=True)
