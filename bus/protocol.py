@@ -351,7 +351,9 @@ def decode_meta(raw: bytes) -> dict[str, Any]:
     # Checked inline, not in a loop or helper: this runs for every message the
     # writer stores (see bench/).
     producer = meta.get(META_PRODUCER)
-    if producer is not None and not is_producer_id(producer):
+    if producer is not None and not (isinstance(producer, str)  # is_producer_id, inlined
+                                     and 0 < len(producer) <= MAX_PRODUCER_CHARS
+                                     and "\x00" not in producer):
         raise ProtocolError(META_BAD_VALUE, f"producer must be a string of 1-{MAX_PRODUCER_CHARS}"
                                             " chars, no NUL")
     seq = meta.get(META_SEQ)
