@@ -428,23 +428,27 @@ def decode_message(frames: list[bytes], max_topic_bytes: int, max_message_bytes:
                    ) -> tuple[str, bytes, bytes | None, dict[str, Any]]:
     """Validate a data message; returns (topic, payload, raw meta or None, meta)."""
     n = len(frames)
-    if n < 2:
+    if n == 3:  # the usual message, tested first (the writer decodes every one)
+        raw, payload, meta_raw = frames
+        size = len(raw) + len(payload) + len(meta_raw)
+    elif n == 2:
+        raw, payload = frames
+        meta_raw, size = None, len(raw) + len(payload)
+    elif n < 2:
         raise ProtocolError(TOO_FEW_FRAMES, "a data message needs [topic, payload]")
-    if n > MAX_FRAMES:
+    else:
         raise ProtocolError(TOO_MANY_FRAMES, f"{n} frames")
-    size = len(frames[0]) + len(frames[1]) + (len(frames[2]) if n == 3 else 0)
     if size > max_message_bytes:
         raise ProtocolError(MESSAGE_TOO_LARGE, f"{size} > {max_message_bytes} bytes")
-    raw = frames[0]
     topic = _DECODED_TOPICS.get(raw)
     if topic is None or len(raw) > max_topic_bytes:
         topic = decode_topic(raw, max_topic_bytes)
         if len(_DECODED_TOPICS) >= MAX_DECODED_TOPICS:  # bounded: endless topics
             _DECODED_TOPICS.clear()
         _DECODED_TOPICS[raw] = topic
-    if n == 2:
-        return topic, frames[1], None, {}
-    return topic, frames[1], frames[2], decode_meta(frames[2])
+    if meta_raw is None:
+        return topic, payload, None, {}
+    return topic, payload, meta_raw, decode_meta(meta_raw)
 
 
 # Topic frames already found valid, and their text: a bus carries few topics
