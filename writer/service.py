@@ -70,6 +70,9 @@ NOTIFY_READS_PER_PASS = 10_000
 # count them, and its trie takes about 50 bytes per subscribed byte (1 MiB:
 # about 17,000 clients with their ack and nack subscriptions; 50 MB at worst).
 NOTIFY_SUBSCRIPTION_BUDGET_BYTES = 1 << 20
+# pyzmq's send without its Python wrapper (see Writer._notify_send).
+_backend_send = zmq.backend.Socket.send
+COMMIT_TOPIC = protocol.COMMIT_TOPIC.encode()
 # A client's subscription to its acknowledgements, as the notify XPUB passes it on.
 ACK_SUBSCRIPTION = bytes((protocol.SUBSCRIBE,)) + protocol.ACK_TOPIC_PREFIX.encode()
 # The reason a nack gives for the refusals that only the writer decides.
@@ -689,20 +692,29 @@ class Writer:
         first: an acknowledgement passes the seqs it refused. Each ends with the
         mac of its session (protocol.SessionMac.notification), so that only the
         writer can tell a publisher what is stored."""
-        send = self.notify.send_multipart
+        send = self._notify_send
         for signer, nack in self._owed_nacks:
             topic = protocol.nack_topic(nack["producer"])
-            send((topic, msgpack.packb(nack) if signer is None
-                  else signer.notification(topic, nack)))
+            send(topic, msgpack.packb(nack) if signer is None
+                 else signer.notification(topic, nack))
         self._owed_nacks.clear()
         for (producer, _epoch), (signer, ack) in self._owed_acks.items():
             topic = protocol.ack_topic(producer)
-            send((topic, msgpack.packb(ack) if signer is None
-                  else signer.notification(topic, ack)))
+            send(topic, msgpack.packb(ack) if signer is None
+                 else signer.notification(topic, ack))
         self._owed_acks.clear()
         if self._owed_commit:
-            send((protocol.COMMIT_TOPIC.encode(), msgpack.packb(self._owed_commit)))
+            send(COMMIT_TOPIC, msgpack.packb(self._owed_commit))
             self._owed_commit = None
+
+    def _notify_send(self, topic: bytes, payload: bytes) -> None:
+        """One notification: pyzmq's own send (its Cython layer) twice, not
+        send_multipart, whose Python wrapper costs 4 us a message here (its
+        flags are Python enums): a commit's acknowledgement and watermark
+        are sent after every batch. An XPUB never blocks: past its
+        high-water mark a subscriber's notifications are dropped, as before."""
+        _backend_send(self.notify, topic, zmq.SNDMORE)
+        _backend_send(self.notify, payload)
 
     # --- retention ----------------------------------------------------------
 
