@@ -70,6 +70,9 @@ NOTIFY_READS_PER_PASS = 10_000
 # count them, and its trie takes about 50 bytes per subscribed byte (1 MiB:
 # about 17,000 clients with their ack and nack subscriptions; 50 MB at worst).
 NOTIFY_SUBSCRIPTION_BUDGET_BYTES = 1 << 20
+# zmq.NOBLOCK as a plain int: pyzmq converts its Python enum at every call,
+# 0.05 us each, three calls a message in drain_capture.
+NOBLOCK = int(zmq.NOBLOCK)
 # pyzmq's send without its Python wrapper (see Writer._notify_send).
 _backend_send = zmq.backend.Socket.send
 COMMIT_TOPIC = protocol.COMMIT_TOPIC.encode()
@@ -376,6 +379,7 @@ class Writer:
         msgpack and SQLite handle fastest.
         """
         recv = self.capture.recv
+        noblock, max_frames = NOBLOCK, protocol.MAX_FRAMES  # looked up once a read
         # One transaction per message in sequential mode, but still many messages
         # per poll: the comparison is about commits, not system calls.
         room = max(1, self.buffer.room) if self.config.batch_write_enabled \
@@ -389,15 +393,15 @@ class Writer:
         idle = False
         while received < room:
             try:
-                frame = recv(zmq.NOBLOCK, copy=False)
+                frame = recv(noblock, copy=False)
             except zmq.Again:
                 idle = True
                 break
             frames = [frame.bytes]
             # ZeroMQ delivers a multipart message whole: the other parts are here.
             while frame.more:
-                frame = recv(zmq.NOBLOCK, copy=False)
-                if len(frames) <= protocol.MAX_FRAMES:  # keep enough to reject it
+                frame = recv(noblock, copy=False)
+                if len(frames) <= max_frames:  # keep enough to reject it
                     frames.append(frame.bytes)
             received += 1
             ingest(frames, now)
