@@ -8,7 +8,6 @@ with them: a time is found by a binary search over ids, with no index on time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain
 from typing import Any
 
 # A message row as buffered: (topic, payload, meta, producer_id, producer_seq, publish_ns).
@@ -38,7 +37,10 @@ def insert(conn: Any, rows: Sequence[MessageRow], committed_ns: int) -> None:
     start, left = 0, len(rows)
     for size, statement in INSERT_CHUNKS.items():  # largest first
         while left >= size:
-            conn.execute(statement, (committed_ns, *chain.from_iterable(rows[start:start + size])))
+            values = [committed_ns]
+            for row in rows[start:start + size]:
+                values += row  # half the time of chain.from_iterable here
+            conn.execute(statement, values)
             start += size
             left -= size
 
