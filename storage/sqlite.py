@@ -26,6 +26,14 @@ from storage.handle import WriterHandle
 
 # The WAL file is truncated back to this size whenever it starts over.
 WAL_SIZE_LIMIT = 32 << 20
+# Prepared statements the writer's connection keeps. apsw's cache is a ring
+# that each statement re-enters when it finishes, and executemany finishes its
+# statement once per row: with apsw's default of 100, an executemany of 100
+# rows (the messages of a batch, before messages.INSERT_CHUNKS; the producers
+# of a busy batch; a wallet's outputs) pushes every other statement out, and
+# BEGIN, COMMIT and the inserts are parsed again for the next batch. A cache
+# looks its statements up one by one, so it is not made much larger.
+STATEMENT_CACHE_SIZE = 256
 # WAL frames after a commit that make a checkpoint due (16 MiB of 4 KiB pages):
 # fewer, larger checkpoints cost less per message (each one syncs the database).
 CHECKPOINT_PAGES = 4000
@@ -68,7 +76,7 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def connect(path: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> apsw.Connection:
     """Open the database for writing with the bus's pragmas and schema."""
-    conn = apsw.Connection(path)
+    conn = apsw.Connection(path, statementcachesize=STATEMENT_CACHE_SIZE)
     conn.set_busy_timeout(busy_timeout_ms)
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode.lower() != "wal":

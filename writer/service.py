@@ -70,6 +70,12 @@ NOTIFY_READS_PER_PASS = 10_000
 # count them, and its trie takes about 50 bytes per subscribed byte (1 MiB:
 # about 17,000 clients with their ack and nack subscriptions; 50 MB at worst).
 NOTIFY_SUBSCRIPTION_BUDGET_BYTES = 1 << 20
+# zmq.NOBLOCK as a plain int: pyzmq converts its Python enum at every call,
+# 0.05 us each, three calls a message in drain_capture.
+NOBLOCK = int(zmq.NOBLOCK)
+# pyzmq's send without its Python wrapper (see Writer._notify_send).
+_backend_send = zmq.backend.Socket.send
+COMMIT_TOPIC = protocol.COMMIT_TOPIC.encode()
 # A client's subscription to its acknowledgements, as the notify XPUB passes it on.
 ACK_SUBSCRIPTION = bytes((protocol.SUBSCRIBE,)) + protocol.ACK_TOPIC_PREFIX.encode()
 # The reason a nack gives for the refusals that only the writer decides.
@@ -373,6 +379,7 @@ class Writer:
         msgpack and SQLite handle fastest.
         """
         recv = self.capture.recv
+        noblock, max_frames = NOBLOCK, protocol.MAX_FRAMES  # looked up once a read
         # One transaction per message in sequential mode, but still many messages
         # per poll: the comparison is about commits, not system calls.
         room = max(1, self.buffer.room) if self.config.batch_write_enabled \
@@ -386,15 +393,15 @@ class Writer:
         idle = False
         while received < room:
             try:
-                frame = recv(zmq.NOBLOCK, copy=False)
+                frame = recv(noblock, copy=False)
             except zmq.Again:
                 idle = True
                 break
             frames = [frame.bytes]
             # ZeroMQ delivers a multipart message whole: the other parts are here.
             while frame.more:
-                frame = recv(zmq.NOBLOCK, copy=False)
-                if len(frames) <= protocol.MAX_FRAMES:  # keep enough to reject it
+                frame = recv(noblock, copy=False)
+                if len(frames) <= max_frames:  # keep enough to reject it
                     frames.append(frame.bytes)
             received += 1
             ingest(frames, now)
@@ -689,20 +696,29 @@ class Writer:
         first: an acknowledgement passes the seqs it refused. Each ends with the
         mac of its session (protocol.SessionMac.notification), so that only the
         writer can tell a publisher what is stored."""
-        send = self.notify.send_multipart
+        send = self._notify_send
         for signer, nack in self._owed_nacks:
             topic = protocol.nack_topic(nack["producer"])
-            send((topic, msgpack.packb(nack) if signer is None
-                  else signer.notification(topic, nack)))
+            send(topic, msgpack.packb(nack) if signer is None
+                 else signer.notification(topic, nack))
         self._owed_nacks.clear()
         for (producer, _epoch), (signer, ack) in self._owed_acks.items():
             topic = protocol.ack_topic(producer)
-            send((topic, msgpack.packb(ack) if signer is None
-                  else signer.notification(topic, ack)))
+            send(topic, msgpack.packb(ack) if signer is None
+                 else signer.notification(topic, ack))
         self._owed_acks.clear()
         if self._owed_commit:
-            send((protocol.COMMIT_TOPIC.encode(), msgpack.packb(self._owed_commit)))
+            send(COMMIT_TOPIC, msgpack.packb(self._owed_commit))
             self._owed_commit = None
+
+    def _notify_send(self, topic: bytes, payload: bytes) -> None:
+        """One notification: pyzmq's own send (its Cython layer) twice, not
+        send_multipart, whose Python wrapper costs 4 us a message here (its
+        flags are Python enums): a commit's acknowledgement and watermark
+        are sent after every batch. An XPUB never blocks: past its
+        high-water mark a subscriber's notifications are dropped, as before."""
+        _backend_send(self.notify, topic, zmq.SNDMORE)
+        _backend_send(self.notify, payload)
 
     # --- retention ----------------------------------------------------------
 
