@@ -231,6 +231,7 @@ class WalletSync:
     # --- incremental ------------------------------------------------------------------
 
     def incremental(self, best: str) -> None:
+        started = time.monotonic()
         height = self.rpc.call("getblockheader", best)["height"]
         self._node_tip = None
         try:
@@ -277,7 +278,7 @@ class WalletSync:
         self._set_tip(height, best)
         self.counters["incremental"] += 1
         log.info("wallet_synced", tip_height=height, recent_outputs=recent, spent=removed,
-                 sends=sends)
+                 sends=sends, seconds=round(time.monotonic() - started, 3))
 
     def _disconnected(self, entry: dict[str, Any]) -> int:
         """A payment whose transaction left the chain and did not come back
