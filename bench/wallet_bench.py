@@ -8,14 +8,14 @@ wallet pre-split for anchoring is) and size (--utxos):
      miner's wallet pays it --per-tx outputs a transaction (`sendmany`, each
      paid from a coinbase of its own), --per-block transactions a block:
      distinct amounts are 10,000 + i sat, equal ones 20,000 sat;
-  2. bitcoind's own `listunspent` of everything, once, timed to the last
-     byte of its answer (not parsed), and bitcoind's peak RSS while it
-     answers (VmHWM, reset through /proc/PID/clear_refs);
-  3. the real writer, proxy and reader, then the anchor worker (`bus-cli
+  2. the real writer, proxy and reader, then the anchor worker (`bus-cli
      anchor`, BUS_ANCHOR_SYNC_PAGE --page): the full load's time (its
      `wallet_loaded` log line, and from the worker's start to
      `anchor_ready`), the worker's peak RSS (VmHWM) and bitcoind's during the
-     load;
+     load (VmHWM, reset through /proc/PID/clear_refs);
+  3. bitcoind's own `listunspent` of everything, once, timed to the last
+     byte of its answer (not parsed), and bitcoind's peak RSS while it
+     answers;
   4. an incremental sync: 1,000 more outputs of the same shape in one
      transaction, mined; the time from the block's `generatetoaddress`
      returning to the worker's `stats` showing that tip (bitcoind's wallet
@@ -126,8 +126,6 @@ def core_listunspent(node: Any) -> dict[str, float]:
     pid = node.process.pid
     reset_peak_rss(pid)
     before = rss_mb(pid)
-    # The wallet may still be taking in the last blocks: listunspent waits for it.
-    node.rpc.call("listunspent", 0, 9_999_999, [], False, {"maximumCount": 1})
     auth = base64.b64encode(f"{node.user}:{node.password}".encode()).decode()
     body = json.dumps({"jsonrpc": "1.0", "id": 1, "method": "listunspent",
                        "params": [0, 9_999_999, [], False, {}]})
@@ -226,18 +224,21 @@ def run(shape: str, size: int, args: argparse.Namespace, workdir: Path) -> dict:
         print(f"{shape} {size:,}: wallet built in {built['build_s']:.0f} s "
               f"(descriptor import {built['import_s']:.1f} s, {built['blocks']} blocks)",
               flush=True)
-        core = core_listunspent(node)
         settings = {"BUS_BITCOIND_RPC_URL": node.url, "BUS_BITCOIND_RPC_USER": node.user,
                     "BUS_BITCOIND_RPC_PASSWORD": node.password,
                     "BUS_BITCOIND_ZMQ_HASHBLOCK": node.zmq_endpoint,
                     "BUS_ANCHOR_CONTROL_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
                     "BUS_ANCHOR_INTERVAL_S": "1", "BUS_ANCHOR_SYNC_PAGE": str(args.page)}
         bus = Bus(workdir, **settings)
+        # The wallet may still be taking in the last blocks: listunspent waits for it.
+        node.rpc.call("listunspent", 0, 9_999_999, [], False, {"maximumCount": 1})
         reset_peak_rss(node.process.pid)
+        core_before_load = rss_mb(node.process.pid)
         synced: list[dict] = []
         worker, loaded, ready_s = start_worker(bus, Path(args.worker_root).resolve(), synced)
         load_rss = peak_rss_mb(worker.pid)
         core_load_rss = peak_rss_mb(node.process.pid)
+        core = core_listunspent(node)  # after the load: glibc keeps what a large answer took
         table_rows = worker_stats(bus.env)
         synced_s = incremental(node, bus, shape, built["desc"], size)
         submit_s = submit_wait(bus, workdir)
@@ -246,9 +247,11 @@ def run(shape: str, size: int, args: argparse.Namespace, workdir: Path) -> dict:
         return {"shape": shape, "size": size, "built": built, "core": core,
                 "load_s": loaded.get("seconds"), "loaded": loaded.get("utxos"),
                 "ready_s": ready_s, "load_rss": load_rss, "core_load_rss": core_load_rss,
+                "core_before_load": core_before_load,
                 "incremental_s": synced_s, "submit_s": submit_s, "reserve": reserved,
                 "sync_s": synced[0].get("seconds") if synced else None,
-                "rss": peak_rss_mb(worker.pid), "counters": stats["wallet_sync"]["counters"],
+                "rss": peak_rss_mb(worker.pid),
+                "counters": stats["wallet_sync"].get("counters", {}),  # none before 6a4af6a
                 "lag": table_rows["wallet_sync"]["lag_blocks"]}
     finally:
         if worker is not None:
@@ -285,8 +288,8 @@ def main() -> None:
           f"{platform.python_version()}, {version}; page {args.page}, {args.per_tx} outputs a "
           f"transaction, {args.per_block} transactions a block")
     print("| wallet | full load (worker's log / to anchor_ready) | worker peak RSS: load / end "
-          "| bitcoind's listunspent of all (answer) | bitcoind peak RSS: its listunspent / the "
-          "load | incremental sync of 1,000: block to synced (the sync's own) | submit --wait | reserve p50 / p99 "
+          "| bitcoind's listunspent of all (answer) | bitcoind peak RSS: the load / its "
+          "listunspent of all | incremental sync of 1,000: block to synced (the sync's own) | submit --wait | reserve p50 / p99 "
           "| listunspent calls (streamed) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -294,7 +297,8 @@ def main() -> None:
         print(f"| {r['size']:,} {r['shape']} ({r['built']['blocks']} blocks) "
               f"| {r['load_s']:.1f} / {r['ready_s']:.1f} s | {r['load_rss']:.0f} / {r['rss']:.0f} MB "
               f"| {core['seconds']:.1f} s ({core['mb']:.0f} MB) "
-              f"| {core['rss_peak']:.0f} / {r['core_load_rss']:.0f} MB (from {core['rss_before']:.0f}) "
+              f"| {r['core_load_rss']:.0f} MB (from {r['core_before_load']:.0f}) / "
+              f"{core['rss_peak']:.0f} MB (from {core['rss_before']:.0f}) "
               f"| {r['incremental_s']:.2f} s ({r['sync_s'] or float('nan'):.2f} s) "
               f"| {r['submit_s']:.2f} s "
               f"| {r['reserve']['p50_ms']:.2f} / {r['reserve']['p99_ms']:.2f} ms "

@@ -54,15 +54,15 @@ def outside_address() -> str:
 
 def test_full_load_pages_and_matches_the_wallet(sync, node) -> None:
     ws, bus = sync
-    # 43 outputs, 12 of one amount in one block (more than a page of 5 that
-    # no filter divides: read as a stream).
+    # 43 outputs in two blocks (more than a page of 5 each: read as streams),
+    # 12 of one amount.
     amounts = [1_000 + 37 * i for i in range(31)] + [5_000] * 12
     node.fund(amounts[:20], confirmations=3)
     node.fund(amounts[20:], confirmations=1)
     ws.sync()
     assert table(bus) == wallet(node, ws.rpc) and len(table(bus)) == 43
-    assert ws.counters["full_loads"] == 1 and ws.counters["listunspent_calls"] > 43 // 5
-    assert ws.counters["streamed"] == 1 and ws.counters["largest_page"] == 5
+    assert ws.counters["full_loads"] == 1 and ws.counters["streamed"] >= 2
+    assert ws.counters["largest_page"] == 5
     # Heights come from confirmations: the first 20 are 3 blocks below the tip.
     assert query(bus.db, "SELECT count(*) FROM utxos WHERE block_height = ?",
                  (node.height - 3,)) == [(20,)]
