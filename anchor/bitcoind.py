@@ -1,6 +1,10 @@
 """bitcoind, as the anchor worker sees it: JSON-RPC calls, block notifications,
 and the few transaction facts the worker computes itself.
 
+An answer too large to hold (the wallet sync's `listunspent` of a block,
+`listsinceblock`) is read as a stream (`BitcoinRpc.stream`): the HTTP body is
+parsed as it arrives, one element of the result at a time.
+
 Amounts cross the RPC boundary as BTC; they are parsed as Decimal (never a
 float) and converted to integer satoshis at once. `RpcUnavailable` means the
 node could not be asked (connection refused, timeout, HTTP error without a
@@ -111,7 +115,8 @@ class BitcoinRpc:
         (key, item) for each item of an array member of an object result and
         (key, value) for its other members. Memory holds one element and a
         read buffer. It has a connection of its own, so calls can be made
-        while it is read; close() it (contextlib.closing) if not read to the end."""
+        while it is read (one stream at a time); close() it
+        (contextlib.closing) if not read to the end."""
         response, data = self._request(method, params, stream=True)
         if data is not None:  # not 200: an error (raised), or a body that is none
             return _elements(self._answer(method, response, data, "_stream_conn"))
@@ -185,7 +190,7 @@ class BitcoinRpc:
                   ) -> Iterator[tuple[str | None, Any]]:
         complete = False
         try:
-            text = _JsonStream(response.read)
+            text = _JsonStream(lambda size: _read_body(response, size))
             text.take("{")
             scalar: list[Any] = []  # a result that is no array or object: given after `error`
             while text.peek() != "}":
@@ -288,6 +293,16 @@ class _JsonStream:
                 continue
             self._pos = end
             return value
+
+
+def _read_body(response: http.client.HTTPResponse, size: int) -> bytes:
+    """Up to `size` bytes more of the body; a body that ends before its
+    Content-Length is the node gone mid-answer, not the end of the JSON
+    (http.client's read() says neither)."""
+    chunk = response.read(size)
+    if not chunk and response.length:
+        raise http.client.IncompleteRead(b"", response.length)
+    return chunk
 
 
 def _result_elements(text: _JsonStream, scalar: list[Any]) -> Iterator[tuple[str | None, Any]]:

@@ -8,14 +8,15 @@ wallet pre-split for anchoring is) and size (--utxos):
      miner's wallet pays it --per-tx outputs a transaction (`sendmany`, each
      paid from a coinbase of its own), --per-block transactions a block:
      distinct amounts are 10,000 + i sat, equal ones 20,000 sat;
-  2. the real writer, proxy and reader, then the anchor worker (`bus-cli
-     anchor`, BUS_ANCHOR_SYNC_PAGE --page): the full load's time (its
-     `wallet_loaded` log line, and from the worker's start to
-     `anchor_ready`), the worker's peak RSS (VmHWM) and bitcoind's during the
-     load (VmHWM, reset through /proc/PID/clear_refs);
-  3. bitcoind's own `listunspent` of everything, once, timed to the last
-     byte of its answer (not parsed), and bitcoind's peak RSS while it
-     answers;
+  2. bitcoind restarted (a cold wallet, a fresh RSS), then its own
+     `listunspent` of everything, once, timed to the last byte of its answer
+     (not parsed), and bitcoind's peak RSS (VmHWM, reset through
+     /proc/PID/clear_refs) from its RSS before;
+  3. bitcoind restarted again; the real writer, proxy and reader, then the
+     anchor worker (`bus-cli anchor`, BUS_ANCHOR_SYNC_PAGE --page): the full
+     load's time (its `wallet_loaded` log line, and from the worker's start
+     to `anchor_ready`), the worker's peak RSS (VmHWM) and bitcoind's during
+     the load;
   4. an incremental sync: 1,000 more outputs of the same shape in one
      transaction, mined; the time from the block's `generatetoaddress`
      returning to the worker's `stats` showing that tip (bitcoind's wallet
@@ -117,6 +118,16 @@ def build_wallet(node: Any, shape: str, size: int, per_tx: int, per_block: int) 
     node.mine(1)
     return {"desc": desc, "import_s": import_s, "build_s": time.monotonic() - started,
             "blocks": blocks + 1}
+
+
+def restart(node: Any) -> None:
+    """bitcoind stopped and started again on its datadir (its wallets load
+    again), then asked once so that the wallet has caught up with the chain."""
+    import tests.regtest
+    tests.regtest.START_DEADLINE = 600.0  # loading a wallet of 173,000 outputs takes a while
+    node.stop()
+    node.start()
+    node.rpc.call("listunspent", 0, 9_999_999, [], False, {"maximumCount": 1})
 
 
 def core_listunspent(node: Any) -> dict[str, float]:
@@ -224,21 +235,21 @@ def run(shape: str, size: int, args: argparse.Namespace, workdir: Path) -> dict:
         print(f"{shape} {size:,}: wallet built in {built['build_s']:.0f} s "
               f"(descriptor import {built['import_s']:.1f} s, {built['blocks']} blocks)",
               flush=True)
+        restart(node)  # a cold wallet (Core's caches empty) and a fresh RSS for each measure
+        core = core_listunspent(node)
+        restart(node)
         settings = {"BUS_BITCOIND_RPC_URL": node.url, "BUS_BITCOIND_RPC_USER": node.user,
                     "BUS_BITCOIND_RPC_PASSWORD": node.password,
                     "BUS_BITCOIND_ZMQ_HASHBLOCK": node.zmq_endpoint,
                     "BUS_ANCHOR_CONTROL_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
                     "BUS_ANCHOR_INTERVAL_S": "1", "BUS_ANCHOR_SYNC_PAGE": str(args.page)}
         bus = Bus(workdir, **settings)
-        # The wallet may still be taking in the last blocks: listunspent waits for it.
-        node.rpc.call("listunspent", 0, 9_999_999, [], False, {"maximumCount": 1})
         reset_peak_rss(node.process.pid)
         core_before_load = rss_mb(node.process.pid)
         synced: list[dict] = []
         worker, loaded, ready_s = start_worker(bus, Path(args.worker_root).resolve(), synced)
         load_rss = peak_rss_mb(worker.pid)
         core_load_rss = peak_rss_mb(node.process.pid)
-        core = core_listunspent(node)  # after the load: glibc keeps what a large answer took
         table_rows = worker_stats(bus.env)
         synced_s = incremental(node, bus, shape, built["desc"], size)
         submit_s = submit_wait(bus, workdir)

@@ -7,7 +7,9 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from embit import ec, script
 from embit.networks import NETWORKS
 
 from anchor import bitcoind
-from anchor.bitcoind import BitcoinRpc, RpcError, to_btc, to_sat
+from anchor.bitcoind import BitcoinRpc, RpcError, RpcUnavailable, to_btc, to_sat
 from anchor.reservations import UtxoClient
 from anchor.sync import WalletSync
 from tests.bitcoind_double import BitcoindDouble
@@ -292,3 +294,47 @@ def test_listunspent_filters_addresses_after_maximum_count_so_they_page_nothing(
     with pytest.raises(RpcError) as err:
         ws.rpc.call("listunspent", 0, 9_999_999, [outputs[0]["address"]] * 2)
     assert err.value.code == -8
+
+
+def test_a_streamed_answer_cut_short_or_not_json_is_the_node_unavailable() -> None:
+    """What a stream read as it arrives meets that a whole answer would not:
+    a body cut short (the node gone mid-answer), or one that turns out not to
+    be JSON after elements were given. Both are RpcUnavailable naming the
+    call (the sync keeps its work and retries); the next stream is answered."""
+    bodies = [(b'{"result":[{"txid":"aa","vout":0},{"txid":"bb","vo', 400),
+              (b'{"result":[{"vout":0},{"vout":1},,{"vout":2}],"error":null,"id":1}', None),
+              (b'{"result":[{"vout":0},{"vout":1}],"error":null,"id":1}\n', None)]
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body, length = bodies.pop(0)
+            self.send_response(200)
+            self.send_header("Content-Length", str(length or len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            if length:
+                self.close_connection = True
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rpc = BitcoinRpc(f"http://127.0.0.1:{server.server_address[1]}", "u", "p", timeout_s=5)
+    try:
+        got: list[Any] = []
+        with pytest.raises(RpcUnavailable, match="stopped answering listunspent"):
+            got.extend(item for _, item in rpc.stream("listunspent"))
+        assert got == [{"txid": "aa", "vout": 0}]
+        got.clear()
+        with pytest.raises(RpcUnavailable, match="answered listunspent with no JSON-RPC object"):
+            got.extend(item for _, item in rpc.stream("listunspent"))
+        assert got == [{"vout": 0}, {"vout": 1}]
+        assert [item for _, item in rpc.stream("listunspent")] == [{"vout": 0}, {"vout": 1}]
+    finally:
+        rpc.close()
+        server.shutdown()
+        server.server_close()
