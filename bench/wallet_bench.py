@@ -263,7 +263,8 @@ def run(shape: str, size: int, args: argparse.Namespace, workdir: Path) -> dict:
                 "sync_s": synced[0].get("seconds") if synced else None,
                 "rss": peak_rss_mb(worker.pid),
                 "counters": stats["wallet_sync"].get("counters", {}),  # none before 6a4af6a
-                "lag": table_rows["wallet_sync"]["lag_blocks"]}
+                "lag": table_rows["wallet_sync"]["lag_blocks"],
+                "loadavg": os.getloadavg()}  # a shared machine: what else ran meanwhile
     finally:
         if worker is not None:
             worker.terminate()
