@@ -1,6 +1,10 @@
 """bitcoind, as the anchor worker sees it: JSON-RPC calls, block notifications,
 and the few transaction facts the worker computes itself.
 
+An answer too large to hold (the wallet sync's `listunspent` of a block,
+`listsinceblock`) is read as a stream (`BitcoinRpc.stream`): the HTTP body is
+parsed as it arrives, one element of the result at a time.
+
 Amounts cross the RPC boundary as BTC; they are parsed as Decimal (never a
 float) and converted to integer satoshis at once. `RpcUnavailable` means the
 node could not be asked (connection refused, timeout, HTTP error without a
@@ -12,10 +16,12 @@ credentials, which no retry mends.
 from __future__ import annotations
 
 import base64
+import codecs
 import http.client
 import json
 import math
 import urllib.parse
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -85,6 +91,7 @@ class BitcoinRpc:
         self.user, self.password, self.cookie_file = user, password, cookie_file
         self.timeout_s = timeout_s
         self._conn: http.client.HTTPConnection | None = None
+        self._stream_conn: http.client.HTTPConnection | None = None  # stream()'s
         self._ids = 0
 
     def _auth(self) -> str:
@@ -98,22 +105,44 @@ class BitcoinRpc:
         return "Basic " + base64.b64encode(credentials.encode()).decode()
 
     def call(self, method: str, *params: Any) -> Any:
+        response, data = self._request(method, params)
+        return self._answer(method, response, data)
+
+    def stream(self, method: str, *params: Any) -> Iterator[tuple[str | None, Any]]:
+        """call(), for an answer too large to hold: the request is sent (and
+        an error raised) now; the result is then read as it is iterated, one
+        element at a time: (None, item) for each item of an array result,
+        (key, item) for each item of an array member of an object result and
+        (key, value) for its other members. Memory holds one element and a
+        read buffer. It has a connection of its own, so calls can be made
+        while it is read (one stream at a time); close() it
+        (contextlib.closing) if not read to the end."""
+        response, data = self._request(method, params, stream=True)
+        if data is not None:  # not 200: an error (raised), or a body that is none
+            return _elements(self._answer(method, response, data, "_stream_conn"))
+        return self._streamed(method, response)
+
+    def _request(self, method: str, params: tuple[Any, ...], stream: bool = False
+                 ) -> tuple[http.client.HTTPResponse, bytes | None]:
+        """The HTTP exchange of a call: the response, and its body read
+        unless `stream` and 200 (then read by the caller)."""
         self._ids += 1
         body = json.dumps({"jsonrpc": "1.0", "id": self._ids, "method": method,
                            "params": list(params)}, default=str)
+        slot = "_stream_conn" if stream else "_conn"
         for attempt in range(2):
-            reused = self._conn is not None
+            conn = getattr(self, slot)
+            reused = conn is not None
             try:
-                if self._conn is None:
-                    self._conn = http.client.HTTPConnection(self.host, self.port,
-                                                            timeout=self.timeout_s)
-                self._conn.request("POST", self.path, body,
-                                   {"Authorization": self._auth(),
-                                    "Content-Type": "application/json"})
-                response = self._conn.getresponse()
-                data = response.read()
+                if conn is None:
+                    conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+                    setattr(self, slot, conn)
+                conn.request("POST", self.path, body,
+                             {"Authorization": self._auth(), "Content-Type": "application/json"})
+                response = conn.getresponse()
+                data = None if stream and response.status == 200 else response.read()
             except (OSError, http.client.HTTPException) as exc:
-                self.close()
+                self._drop(slot)
                 # bitcoind closes a connection idle for -rpcservertimeout (30 s):
                 # a kept-alive one is found closed only when used. Once more on
                 # a new connection; every call the worker makes may be repeated
@@ -124,16 +153,20 @@ class BitcoinRpc:
                                      f"{method}: {exc}") from None
             if response.status != 401:
                 break
-            self.close()
+            self._drop(slot)
             if attempt == 1 or not self.cookie_file:  # a cookie may just have been rewritten
                 how = f"the cookie in {self.cookie_file}" if self.cookie_file else \
                     "BUS_BITCOIND_RPC_USER and BUS_BITCOIND_RPC_PASSWORD"
                 raise RpcAuthRefused(f"bitcoind at {self.host}:{self.port} refused the RPC "
                                      f"credentials (HTTP 401): check {how}")
+        return response, data
+
+    def _answer(self, method: str, response: http.client.HTTPResponse, data: bytes,
+                slot: str = "_conn") -> Any:
         try:
             reply = json.loads(data, parse_float=Decimal)
         except ValueError:
-            self.close()
+            self._drop(slot)
             # A full work queue (-rpcworkqueue) is HTTP 503 "Work queue depth
             # exceeded": the body says which, for the operator.
             said = data[:200].decode("utf-8", "replace").strip()
@@ -142,18 +175,179 @@ class BitcoinRpc:
                                  ) from None
         if not isinstance(reply, dict):
             raise RpcUnavailable(f"bitcoind answered {method} with no JSON-RPC object")
-        error = reply.get("error")
+        self._raise_error(method, reply.get("error"))
+        return reply.get("result")
+
+    @staticmethod
+    def _raise_error(method: str, error: Any) -> None:
         if error:
             if not isinstance(error, dict):
                 raise RpcUnavailable(f"bitcoind answered {method} with an error of no "
                                      f"JSON-RPC shape: {str(error)[:200]}")
             raise RpcError(error.get("code", 0), error.get("message", ""), method)
-        return reply.get("result")
+
+    def _streamed(self, method: str, response: http.client.HTTPResponse
+                  ) -> Iterator[tuple[str | None, Any]]:
+        complete = False
+        try:
+            text = _JsonStream(lambda size: _read_body(response, size))
+            text.take("{")
+            scalar: list[Any] = []  # a result that is no array or object: given after `error`
+            while text.peek() != "}":
+                key = text.value()
+                text.take(":")
+                if key == "result":
+                    yield from _result_elements(text, scalar)
+                elif key == "error":
+                    self._raise_error(method, text.value())
+                else:
+                    text.value()  # id
+                if text.peek() == ",":
+                    text.take(",")
+            text.take("}")
+            if text.peek() != "":  # also reads the body to its end: the connection is kept
+                raise ValueError("more after the JSON-RPC object")
+            complete = True
+            for value in scalar:
+                yield None, value
+        except (OSError, http.client.HTTPException) as exc:
+            raise RpcUnavailable(f"bitcoind at {self.host}:{self.port} stopped answering "
+                                 f"{method}: {exc}") from None
+        except ValueError as exc:
+            raise RpcUnavailable(f"bitcoind answered {method} with no JSON-RPC object: "
+                                 f"{exc}") from None
+        finally:
+            if not complete:  # the rest of the body is unread: the connection cannot serve again
+                self._drop("_stream_conn")
+
+    def _drop(self, slot: str) -> None:
+        conn = getattr(self, slot)
+        if conn is not None:
+            conn.close()
+            setattr(self, slot, None)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._drop("_conn")
+        self._drop("_stream_conn")
+
+
+STREAM_CHUNK = 1 << 16          # bytes read at a time from a streamed answer
+STREAM_MAX_ELEMENT = 16 << 20   # characters one element of it may span
+
+
+class _JsonStream:
+    """A JSON text read in chunks: its structure a character at a time
+    (`peek`, `take`), its values whole (`value`, json's own decoder on the
+    buffer). What has been decoded is dropped from the buffer."""
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._read = read
+        self._decoder = json.JSONDecoder(parse_float=Decimal)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._buf = ""
+        self._pos = 0
+        self._eof = False
+
+    def _more(self) -> bool:
+        if self._eof:
+            return False
+        chunk = self._read(STREAM_CHUNK)
+        if self._pos:
+            self._buf, self._pos = self._buf[self._pos:], 0
+        if not chunk:
+            self._eof = True
+            self._buf += self._utf8.decode(b"", final=True)
+            return False
+        self._buf += self._utf8.decode(chunk)
+        if len(self._buf) > STREAM_MAX_ELEMENT:
+            raise ValueError(f"an element of over {STREAM_MAX_ELEMENT:,} characters")
+        return True
+
+    def peek(self) -> str:
+        """The next character that is not white space; "" at the end."""
+        while True:
+            while self._pos < len(self._buf) and self._buf[self._pos] in " \t\r\n":
+                self._pos += 1
+            if self._pos < len(self._buf):
+                return self._buf[self._pos]
+            if not self._more():
+                return ""
+
+    def take(self, expected: str) -> None:
+        found = self.peek()
+        if found != expected:
+            raise ValueError(f"{expected!r} expected, {found or 'the end'!r} found")
+        self._pos += 1
+
+    def value(self) -> Any:
+        self.peek()
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self._buf, self._pos)
+            except json.JSONDecodeError as exc:
+                if self._more():
+                    continue
+                raise ValueError(str(exc)) from None
+            # A number at the buffer's end may go on in the next chunk.
+            if end == len(self._buf) and self._more():
+                continue
+            self._pos = end
+            return value
+
+
+def _read_body(response: http.client.HTTPResponse, size: int) -> bytes:
+    """Up to `size` bytes more of the body; a body that ends before its
+    Content-Length is the node gone mid-answer, not the end of the JSON
+    (http.client's read() says neither)."""
+    chunk = response.read(size)
+    if not chunk and response.length:
+        raise http.client.IncompleteRead(b"", response.length)
+    return chunk
+
+
+def _result_elements(text: _JsonStream, scalar: list[Any]) -> Iterator[tuple[str | None, Any]]:
+    """What BitcoinRpc.stream yields of a JSON-RPC `result`."""
+    if text.peek() == "[":
+        for item in _array(text):
+            yield None, item
+    elif text.peek() == "{":
+        text.take("{")
+        while text.peek() != "}":
+            key = text.value()
+            text.take(":")
+            if text.peek() == "[":
+                for item in _array(text):
+                    yield key, item
+            else:
+                yield key, text.value()
+            if text.peek() == ",":
+                text.take(",")
+        text.take("}")
+    else:
+        scalar.append(text.value())
+
+
+def _elements(result: Any) -> Iterator[tuple[str | None, Any]]:
+    """What BitcoinRpc.stream yields of a result already read whole."""
+    if isinstance(result, dict):
+        for key, value in result.items():
+            if isinstance(value, list):
+                yield from ((key, item) for item in value)
+            else:
+                yield key, value
+    elif isinstance(result, list):
+        yield from ((None, item) for item in result)
+    else:
+        yield None, result
+
+
+def _array(text: _JsonStream) -> Iterator[Any]:
+    text.take("[")
+    while text.peek() != "]":
+        yield text.value()
+        if text.peek() == ",":
+            text.take(",")
+    text.take("]")
 
 
 def open_hashblock(ctx: zmq.Context, endpoint: str) -> zmq.Socket:

@@ -263,7 +263,8 @@ class AnchorWorker:
             "wallet_sync": {"tip_height": tip, "node_height": node_height,
                             "lag_blocks": node_height - tip
                             if node_height is not None and tip is not None else None,
-                            "ready": self._ready},
+                            "ready": self._ready,
+                            "counters": dict(self.sync.counters) if self.sync is not None else {}},
             "retry_in_s": round(max(0.0, self._retry_at - time.monotonic()), 3),
             "control": self.dispatcher.counters.snapshot(),
             "memory": self.guard.snapshot(),

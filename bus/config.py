@@ -174,7 +174,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("anchor_consumer", "BUS_ANCHOR_CONSUMER", str, "anchor",
             "durable consumer name under which anchor.request messages are read"),
     Setting("anchor_sync_page", "BUS_ANCHOR_SYNC_PAGE", int, 1000,
-            "most UTXOs one listunspent page of the wallet sync brings"),
+            "most wallet outputs the wallet sync holds at once (one listunspent page)"),
     Setting("anchor_retry_max_s", "BUS_ANCHOR_RETRY_MAX_S", float, 30.0,
             "longest wait between retries when bitcoind or the writer is unavailable"),
     Setting("audit_prefixes", "BUS_AUDIT_PREFIXES", str, "",

@@ -31,7 +31,8 @@ runs on both: where they differ, the double is wrong): the same JSON-RPC
   and the next block mines them again, their coinbases are orphans
   (`double_spend` takes a funding payment away for good);
 - `listunspent` with query options (unsorted, as bitcoind's; every output
-  "spendable", a watched key's "solvable"), `listsinceblock` with the
+  "spendable", a watched key's "solvable"; `addresses` applied after
+  `maximumCount`, as Core applies them), `listsinceblock` with the
   replaced and conflicted transactions and, in `removed`, every wallet
   transaction of the disconnected blocks, `gettransaction` with `decoded`
   and the conflicts (no "replaced_by_txid": only bumpfee sets it),
@@ -750,7 +751,16 @@ class BitcoindDouble:
         low = sat(options.get("minimumAmount", 0))
         high = sat(options["maximumAmount"]) if "maximumAmount" in options else None
         count = options.get("maximumCount")
-        result = []
+        wanted = set()
+        for address in addresses or []:
+            try:
+                script.Script.from_address(address)
+            except Exception:
+                raise RpcError(-5, f"Invalid Bitcoin address: {address}") from None
+            if address in wanted:
+                raise RpcError(-8, f"Invalid parameter, duplicated address: {address}")
+            wanted.add(address)
+        selected = []
         # bitcoind's order is its map's, not by amount: callers must not rely on one.
         # As AvailableCoins: no immature coinbase (unless asked), no locked coin
         # (lockunspent), no unsafe one unless include_unsafe.
@@ -770,14 +780,19 @@ class BitcoindDouble:
                 # As Core since the legacy wallet's removal: "spendable" is
                 # always true, and a watched P2WPKH (its public key known) is
                 # solvable; the wallet still cannot sign for it.
-                result.append({"txid": txid, "vout": n,
-                               "address": out.script_pubkey.address(NET),
-                               "scriptPubKey": out.script_pubkey.data.hex(),
-                               "amount": btc(out.value), "confirmations": confirmations,
-                               "spendable": True, "solvable": True, "safe": safe})
-                if count and len(result) >= count:
-                    return result
-        return result
+                selected.append({"txid": txid, "vout": n,
+                                 "address": out.script_pubkey.address(NET),
+                                 "scriptPubKey": out.script_pubkey.data.hex(),
+                                 "amount": btc(out.value), "confirmations": confirmations,
+                                 "spendable": True, "solvable": True, "safe": safe})
+                if count and len(selected) >= count:
+                    break
+            else:
+                continue
+            break
+        # As Core: the addresses filter the outputs maximumCount let through
+        # (a page of them by address is not a page).
+        return [o for o in selected if not wanted or o["address"] in wanted]
 
     def _tx_fields(self, entry: TxEntry) -> dict[str, Any]:
         """What Core's WalletTxToJSON says of a wallet transaction: its block,
