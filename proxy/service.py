@@ -102,6 +102,8 @@ log = get_logger("proxy")
 # or blocked (e.g. the capture queue is full while the writer is down) when it
 # does not answer in time: `stats` then answers `busy`.
 STATISTICS_WAIT_MS = 2000
+# How long a reply the loop still owes is waited for before a new question.
+OWED_REPLY_WAIT_MS = 100
 
 # The memory guard: how often it reads RSS (what arrives between two reads is
 # the most the limit can be overshot by), the fraction of the limit under which
@@ -625,7 +627,11 @@ class Proxy:
         the running loop does not answer within `wait_ms`."""
         if not self._forwarding():
             return dict(self._counted)
-        if not self._answered(0):  # still busy: no more questions piled up behind
+        # A reply still owed (a question that timed out before) is waited for
+        # first, briefly: without it the loop is busy, and no more questions
+        # pile up behind. (Not waited for at all, it read as "blocked" while
+        # the loop was only slow under a flood: /healthz 503.)
+        if not self._answered(min(wait_ms, OWED_REPLY_WAIT_MS)):
             return None
         reply = self._steer(STEER_STATISTICS, wait_ms)
         if reply is None:
