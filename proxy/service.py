@@ -104,6 +104,12 @@ log = get_logger("proxy")
 STATISTICS_WAIT_MS = 2000
 # How long a reply the loop still owes is waited for before a new question.
 OWED_REPLY_WAIT_MS = 100
+# How long the loop may owe a reply before /healthz (and with it the watchdog)
+# calls the capture stalled. A loop that answers late is slow, not stalled:
+# under a flood on a loaded machine, or behind a writer that takes its
+# captures in bursts, it answers within a second or two, and a restart would
+# lose what the proxy holds. Well under the units' WatchdogSec (30 s).
+STALLED_AFTER_S = 5.0
 
 # The memory guard: how often it reads RSS (what arrives between two reads is
 # the most the limit can be overshot by), the fraction of the limit under which
@@ -175,6 +181,9 @@ HTTP_SERIES = [
            lambda s: s["memory"]["publisher_cutoffs"]),
     Series("forwarding_blocked", "gauge", "1 while the forwarding loop does not answer (a full "
            "capture queue?)", lambda s: int(s["forwarding"] == "blocked")),
+    Series("steering_unanswered_seconds", "gauge", "how long the forwarding loop has owed a "
+           "reply to a steering command (0: none owed)",
+           lambda s: s["steering"]["unanswered_s"]),
     Series("capture_wrong_peers", "counter", "capture handshakes that failed: something other "
            "than the writer at the capture endpoint", lambda s: s["capture"]["wrong_peers"]),
     Series("capture_held", "gauge", "messages held for a writer that is not connected (sent "
@@ -192,9 +201,10 @@ HTTP_SERIES = [
 
 def proxy_health(stats: dict[str, Any]) -> str | None:
     """Why the proxy is not healthy, for /healthz (None: it is)."""
-    if stats["forwarding"] == "blocked":
-        return ("capture stalled: the forwarding loop is blocked (its capture queue is full: "
-                "is the writer down?)")
+    unanswered_s = stats["steering"]["unanswered_s"]
+    if stats["forwarding"] == "blocked" and unanswered_s >= STALLED_AFTER_S:
+        return (f"capture stalled: the forwarding loop has not answered for {unanswered_s:.0f} "
+                "s (its capture queue is full: is the writer down?)")
     if stats["forwarding"] == "paused":
         return (f"forwarding paused: {stats['memory']['rss_bytes'] >> 20} MB, over its memory "
                 f"limit of {stats['memory']['limit_bytes'] >> 20} MB")
@@ -318,7 +328,7 @@ class Proxy:
         self.steer: zmq.Socket | None = None
         self._steered: zmq.Socket | None = None
         self._steering_runs = 0
-        self._awaiting: deque[bytes] = deque()
+        self._awaiting: deque[tuple[bytes, float]] = deque()  # (command, sent at)
         self._last_reply: list[bytes] | None = None
         self._steering_lost = False
         self.steering_desyncs = 0
@@ -565,7 +575,7 @@ class Proxy:
         does not answer within `wait_ms` (busy, or blocked in a capture send):
         the command stays queued for it, and its reply is matched later."""
         self.steer.send(command)
-        self._awaiting.append(command)
+        self._awaiting.append((command, time.monotonic()))
         self._loop_ending |= command == STEER_TERMINATE
         return self._last_reply if self._answered(wait_ms) else None
 
@@ -583,7 +593,7 @@ class Proxy:
             if not self._wait_reply(deadline):
                 return False
             reply = self.steer.recv_multipart()
-            command = self._awaiting.popleft()
+            command, _ = self._awaiting.popleft()
             if not _answers(command, reply):
                 self.steering_desyncs += 1
                 self._steering_lost = True
@@ -662,7 +672,8 @@ class Proxy:
                 "capture_hwm": self.config.capture_hwm,
                 "capture_hwm_writer_down": self.config.capture_hwm_writer_down,
                 "subscriptions": self.subscriptions.snapshot(),
-                "steering": {"runs": self._steering_runs, "desyncs": self.steering_desyncs},
+                "steering": {"runs": self._steering_runs, "desyncs": self.steering_desyncs,
+                             "unanswered_s": self.unanswered_s()},
                 "capture": {**self.connections[WRITER].snapshot(),
                             "state": self.capture_state(), "held": len(self.held),
                             "held_peak": self.held_peak, "spilled": self.spilled_total,
@@ -678,6 +689,12 @@ class Proxy:
 
     def snapshot(self) -> dict[str, Any]:
         return self.read_stats(wait_ms=500)
+
+    def unanswered_s(self) -> float:
+        """How long the loop has owed a steering reply (0.0: none owed)."""
+        if not self._awaiting:
+            return 0.0
+        return round(time.monotonic() - self._awaiting[0][1], 3)
 
     # --- the memory guard -----------------------------------------------------
 
