@@ -13,36 +13,15 @@ from typing import Any
 # A message row as buffered: (topic, payload, meta, producer_id, producer_seq, publish_ns).
 MessageRow = tuple[str, bytes, "bytes | None", "str | None", "int | None", "int | None"]
 
-INSERT_MESSAGES = ("INSERT INTO messages (topic, payload, meta, producer_id, producer_seq,"
-                   " publish_ns, committed_ns) VALUES ")
-# SQLite: a batch's rows go in as a few INSERTs of many rows each, which take
-# the commit time once (?1) and then each row's six values. executemany ran
-# its statement once a row, each run through apsw's statement cache with a
-# parameter tuple built for it: 0.1 us a row more. The rows go in chunks of a
-# power of two (100: 64, 32 and 4), so that at most eight statements are ever
-# prepared and kept (one of 128 rows holds about 120 KB).
-MAX_INSERT_ROWS = 128
-INSERT_CHUNKS = {
-    rows: INSERT_MESSAGES + ", ".join(
-        f"(?{i + 2}, ?{i + 3}, ?{i + 4}, ?{i + 5}, ?{i + 6}, ?{i + 7}, ?1)"
-        for i in range(0, 6 * rows, 6))
-    for rows in (MAX_INSERT_ROWS >> shift for shift in range(MAX_INSERT_ROWS.bit_length()))}
+INSERT_MESSAGE = ("INSERT INTO messages (topic, payload, meta, producer_id, producer_seq,"
+                  " publish_ns, committed_ns) VALUES (?, ?, ?, ?, ?, ?, ?)")
 # min() and max() in one SELECT would scan the table: SQLite's min/max shortcut
 # (one index seek) applies to a query with a single min() or max() only.
 SELECT_ID_RANGE = "SELECT (SELECT min(id) FROM messages), (SELECT max(id) FROM messages)"
 
 
 def insert(conn: Any, rows: Sequence[MessageRow], committed_ns: int) -> None:
-    """SQLite's insert of a batch (see INSERT_CHUNKS), in the rows' order."""
-    start, left = 0, len(rows)
-    for size, statement in INSERT_CHUNKS.items():  # largest first
-        while left >= size:
-            values = [committed_ns]
-            for row in rows[start:start + size]:
-                values += row  # half the time of chain.from_iterable here
-            conn.execute(statement, values)
-            start += size
-            left -= size
+    conn.executemany(INSERT_MESSAGE, [(*row, committed_ns) for row in rows])
 
 
 def id_range(conn: Any) -> tuple[int | None, int | None]:

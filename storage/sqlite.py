@@ -28,11 +28,11 @@ from storage.handle import WriterHandle
 WAL_SIZE_LIMIT = 32 << 20
 # Prepared statements the writer's connection keeps. apsw's cache is a ring
 # that each statement re-enters when it finishes, and executemany finishes its
-# statement once per row: with apsw's default of 100, an executemany of 100
-# rows (the messages of a batch, before messages.INSERT_CHUNKS; the producers
-# of a busy batch; a wallet's outputs) pushes every other statement out, and
-# BEGIN, COMMIT and the inserts are parsed again for the next batch. A cache
-# looks its statements up one by one, so it is not made much larger.
+# statement once per row: with apsw's default of 100, a batch of 100 messages
+# (BATCH_SIZE) pushed every other statement out, so BEGIN, COMMIT and the
+# producers' upsert were parsed again for each batch (0.1 us a message). A
+# cache looks its statements up one by one, so it is not made larger than the
+# batches it has to outlast need.
 STATEMENT_CACHE_SIZE = 256
 # WAL frames after a commit that make a checkpoint due (16 MiB of 4 KiB pages):
 # fewer, larger checkpoints cost less per message (each one syncs the database).
