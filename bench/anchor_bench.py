@@ -19,7 +19,12 @@ The table's amounts are below what an anchoring needs (it reserves at least
 fee x 4 + 546 sat), so the worker's smallest-sufficient pick seeks past a
 million rows to one of the double's UTXOs, the only ones it can sign.
 
+With --node core, the anchoring alone through a real regtest Bitcoin Core
+(tests/regtest.py; BUS_TEST_BITCOIND names it): --single anchors of one
+document, then one of --documents, each then confirmed (see run_core).
+
     python bench/anchor_bench.py [--sizes 1000,1000000] [--reservations 5000]
+    python bench/anchor_bench.py --node core [--single 20] [--documents 10000]
 """
 
 from __future__ import annotations
@@ -35,13 +40,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bus_bench import Bus, peak_rss_mb  # noqa: E402
+from bus_bench import Bus, cpu_seconds, free_port, peak_rss_mb  # noqa: E402
 
 
 def fill_table(db: str, size: int, real: list[dict], tip: tuple[int, str]) -> float:
@@ -104,8 +110,24 @@ def reservations(env: dict[str, str], count: int, clients: int) -> dict[str, flo
             "count": clients * count}
 
 
-def anchor_documents(bus: Bus, node, documents: int) -> dict[str, float]:
-    """Start the worker, publish the requests, wait for the anchor; check every proof."""
+def raw_tx_of(node) -> Callable[[str], str]:
+    """How to read a transaction's hex from the node: the double keeps what it
+    received; Core answers getrawtransaction (mempool or wallet)."""
+    from tests.bitcoind_double import BitcoindDouble
+    if isinstance(node, BitcoindDouble):
+        return lambda txid: node.txs[txid].tx.serialize().hex()
+    return lambda txid: node.getrawtransaction(txid)
+
+
+def anchor_documents(bus: Bus, node, documents: int, rounds: int = 1, label: str = "",
+                     confirm: Callable[[], object] | None = None) -> dict:
+    """Start the worker; `rounds` times, publish `documents` requests and wait
+    for their anchor (BUS_ANCHOR_MAX_DOCUMENTS = documents: anchored as soon
+    as they are all in); check every proof against its transaction's
+    OP_RETURN as the node has it. Wall time of each round, the worker's CPU
+    during the rounds and from its start (wallet sync included). With
+    `confirm` (mining the blocks needed): how long from those blocks to the
+    last anchor.confirmed."""
     import msgpack
 
     from anchor.bitcoind import op_return_outputs, parse_tx
@@ -113,39 +135,69 @@ def anchor_documents(bus: Bus, node, documents: int) -> dict[str, float]:
     from bus.client import Publisher, Subscriber
     from bus.config import load_config
     cfg = load_config(env=bus.env)
-    events = Subscriber(["anchor.submitted"], cfg)
+    raw_tx = raw_tx_of(node)
+    events = Subscriber(["anchor.submitted", "anchor.confirmed"], cfg)
     worker = subprocess.Popen([sys.executable, "-m", "cli.main", "anchor"], cwd=ROOT,
-                              env=dict(bus.env, BUS_LOG_LEVEL="info"), stderr=subprocess.PIPE,
-                              text=True)
-    for line in worker.stderr:
-        if '"anchor_ready"' in line:
-            break
-    threading.Thread(target=worker.stderr.read, daemon=True).start()  # keep the pipe empty
-    hashes = [hashlib.sha256(b"bench document %d" % i).digest() for i in range(documents)]
-    started = time.monotonic()
-    with Publisher(cfg) as pub:
-        for h in hashes:
-            pub.publish("anchor.request", msgpack.packb({"hash": h}))
-        pub.flush(60)
-    proofs: dict[bytes, dict] = {}
-    while len(proofs) < documents:
-        msg = events.receive(120)
-        if msg is None:
-            raise TimeoutError(f"{len(proofs)} of {documents} documents anchored after 120 s")
-        body = msgpack.unpackb(msg.payload, raw=False)
-        for d in body["documents"]:
-            proofs[d["hash"]] = {**d, "txid": body["txid"], "size": body["tree_size"]}
-    elapsed = time.monotonic() - started
-    txids = {p["txid"] for p in proofs.values()}
-    [(_, payload)] = op_return_outputs(parse_tx(node.txs[next(iter(txids))].tx.serialize().hex()))
-    verified = sum(payload[5:37] == root_from_path(h, p["leaf_index"], p["size"], p["path"])
-                   for h, p in proofs.items())
-    rss = peak_rss_mb(worker.pid)
-    worker.terminate()
-    worker.wait(30)
-    events.close()
-    return {"seconds": elapsed, "transactions": len(txids), "verified": verified,
-            "documents": len(proofs), "rss": rss}
+                              env=dict(bus.env, BUS_LOG_LEVEL="info",
+                                       BUS_ANCHOR_MAX_DOCUMENTS=str(documents)),
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        for line in worker.stderr:
+            if '"anchor_ready"' in line:
+                break
+        threading.Thread(target=worker.stderr.read, daemon=True).start()  # keep the pipe empty
+        cpu_ready = cpu_seconds(worker.pid)
+        walls, verified, txids = [], 0, set()
+        with Publisher(cfg) as pub:
+            for r in range(rounds):
+                hashes = [hashlib.sha256(b"bench document %s%d.%d" % (label.encode(), r, i))
+                          .digest() for i in range(documents)]
+                started = time.monotonic()
+                for h in hashes:
+                    pub.publish("anchor.request", msgpack.packb({"hash": h}))
+                pub.flush(60)
+                proofs: dict[bytes, dict] = {}
+                while len(proofs) < documents:
+                    msg = events.receive(120)
+                    if msg is None:
+                        raise TimeoutError(f"{len(proofs)} of {documents} documents anchored "
+                                           "after 120 s")
+                    if msg.topic != "anchor.submitted":
+                        continue
+                    body = msgpack.unpackb(msg.payload, raw=False)
+                    for d in body["documents"]:
+                        proofs[d["hash"]] = {**d, "txid": body["txid"], "size": body["tree_size"]}
+                walls.append(time.monotonic() - started)
+                payloads = {}
+                for h, p in proofs.items():
+                    if p["txid"] not in payloads:
+                        [(_, payloads[p["txid"]])] = op_return_outputs(parse_tx(raw_tx(p["txid"])))
+                    verified += payloads[p["txid"]][5:37] == root_from_path(
+                        h, p["leaf_index"], p["size"], p["path"])
+                txids |= set(payloads)
+        cpu_anchoring = cpu_seconds(worker.pid) - cpu_ready
+        confirm_s = None
+        if confirm is not None:
+            mined = time.monotonic()
+            confirm()
+            unconfirmed = set(txids)
+            while unconfirmed:
+                msg = events.receive(120)
+                if msg is None:
+                    raise TimeoutError(f"{len(unconfirmed)} anchors unconfirmed 120 s after "
+                                       "the blocks")
+                if msg.topic == "anchor.confirmed":
+                    unconfirmed.discard(msgpack.unpackb(msg.payload, raw=False)["txid"])
+            confirm_s = time.monotonic() - mined
+        rss = peak_rss_mb(worker.pid)
+        cpu_total = cpu_seconds(worker.pid)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        events.close()
+    return {"seconds": sum(walls), "walls": walls, "transactions": len(txids),
+            "verified": verified, "documents": documents * rounds, "rss": rss,
+            "cpu_anchoring_s": cpu_anchoring, "cpu_total_s": cpu_total, "confirm_s": confirm_s}
 
 
 def run_size(size: int, args: argparse.Namespace, workdir: Path) -> dict:
@@ -180,6 +232,39 @@ def run_size(size: int, args: argparse.Namespace, workdir: Path) -> dict:
         node.close()
 
 
+def run_core(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """Anchoring through a real regtest Bitcoin Core (tests/regtest.py): its
+    wallet funded with 50 outputs, a fresh bus, the worker syncing its wallet
+    from the node; --single anchors of one document, one after the other,
+    then one of --documents, each anchored as soon as its documents are in
+    (BUS_ANCHOR_MAX_DOCUMENTS), then confirmed (3 blocks mined)."""
+    from tests.regtest import RegtestNode, missing
+    if missing():
+        sys.exit(f"--node core: {missing()}")
+    node = RegtestNode(workdir / "bitcoind", free_port)
+    try:
+        node.fund([1_000_000] * 50)
+        (workdir / "bus").mkdir()
+        bus = Bus(workdir / "bus", BUS_BITCOIND_RPC_URL=node.url,
+                  BUS_BITCOIND_RPC_USER=node.user, BUS_BITCOIND_RPC_PASSWORD=node.password,
+                  BUS_BITCOIND_ZMQ_HASHBLOCK=node.zmq_endpoint,
+                  BUS_ANCHOR_FEE_RATE_SAT_VB="2", BUS_ANCHOR_INTERVAL_S="60",
+                  BUS_ANCHOR_CONTROL_ENDPOINT=f"tcp://127.0.0.1:{free_port()}")
+        try:
+            results = []
+            for n, (documents, rounds) in enumerate(((1, args.single), (args.documents, 1))):
+                node_cpu = cpu_seconds(node.process.pid)
+                anchored = anchor_documents(bus, node, documents, rounds, label=f"core {n} ",
+                                            confirm=lambda: node.mine(3))
+                anchored["node_cpu_s"] = cpu_seconds(node.process.pid) - node_cpu
+                results.append(anchored)
+        finally:
+            bus.stop()
+        return results
+    finally:
+        node.close()
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_reserve":
         return child_reserve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
@@ -187,7 +272,30 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,1000000")
     ap.add_argument("--reservations", type=int, default=5000)
     ap.add_argument("--documents", type=int, default=10_000)
+    ap.add_argument("--node", choices=("double", "core"), default="double",
+                    help="core: anchoring alone, through a real regtest Bitcoin Core")
+    ap.add_argument("--single", type=int, default=20,
+                    help="with --node core: anchors of one document, one after the other")
     args = ap.parse_args()
+    if args.node == "core":
+        with tempfile.TemporaryDirectory() as tmp:
+            results = run_core(args, Path(tmp))
+        print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
+              f"{platform.python_version()}; a real regtest Bitcoin Core")
+        print("| anchors x documents | published -> proofs received, per anchor (p50 / max) "
+              "| worker CPU per anchor | worker CPU from its start (wallet sync included) "
+              "| bitcoind CPU | 3 blocks mined -> every anchor.confirmed | worker peak RSS "
+              "| proofs verified |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for a in results:
+            walls = sorted(a["walls"])
+            print(f"| {len(walls)} x {a['documents'] // len(walls):,} "
+                  f"| {walls[len(walls) // 2] * 1000:,.0f} / {walls[-1] * 1000:,.0f} ms "
+                  f"| {a['cpu_anchoring_s'] / len(walls) * 1000:,.0f} ms "
+                  f"| {a['cpu_total_s']:.2f} s | {a['node_cpu_s']:.2f} s "
+                  f"| {a['confirm_s'] * 1000:,.0f} ms | {a['rss']:.1f} MB "
+                  f"| {a['verified']:,} of {a['documents']:,} |")
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):

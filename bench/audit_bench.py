@@ -4,11 +4,15 @@
    payloads, producer and seq in their meta), written straight into the
    database through the writer's own storage handle; the real writer, proxy
    and reader on it, then the anchor worker with BUS_AUDIT_PREFIXES=orders.
-   against the bitcoind double (tests/bitcoind_double.py), unpaced
+   against the bitcoind double (tests/bitcoind_double.py) or, with --node
+   core, a real regtest Bitcoin Core (tests/regtest.py), unpaced
    (BUS_AUDIT_MAX_RATE very high: the cost of sealing as such). Measured from
-   the worker's start until every message is sealed: its CPU (user + system
-   from /proc: libzmq's threads and its start-up included), the sealer's own
-   CPU as the worker's stats report it, wall time, peak RSS.
+   the worker's start until every message is sealed: the CPU of every process
+   of the bus (user + system from /proc, libzmq's threads included): the
+   worker's (its start-up included), the reader's (the pages the sealer
+   reads), the writer's (the digests and seals it stores) and the proxy's,
+   and bitcoind's; the sealer's own CPU as the worker's stats report it; wall
+   time; peak RSS.
 2. Persisted throughput while a seal runs, against with none: --rounds rounds,
    alternating which goes first, each on a fresh bus prefilled the same way,
    the worker started and settled (the reader quiet after the start-up's
@@ -21,6 +25,7 @@
    each flood. The worker runs at nice 10, as its systemd unit does.
 
     python bench/audit_bench.py [--messages 1000000] [--flood 300000] [--rounds 3]
+                                [--node double|core]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bus.config import SETTINGS  # noqa: E402
-from bus_bench import Bus, free_port, peak_rss_mb, persisted_rate  # noqa: E402
+from bus_bench import Bus, cpu_seconds, free_port, peak_rss_mb, persisted_rate  # noqa: E402
 
 
 def prefill(db: str, count: int) -> float:
@@ -61,11 +66,6 @@ def prefill(db: str, count: int) -> float:
     finally:
         store.close()
     return time.monotonic() - started
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def worker_stats(bus: Bus) -> dict:
@@ -108,9 +108,19 @@ def new_bus(workdir: Path, node, messages: int, sealed: bool = True,
     return Bus(workdir, **settings), fill_s
 
 
+def node_pid(node) -> int | None:
+    """bitcoind's pid (a real node), or None (the double runs in this process)."""
+    process = getattr(node, "process", None)
+    return process.pid if process is not None else None
+
+
 def seal_run(workdir: Path, node, messages: int) -> dict:
     bus, fill_s = new_bus(workdir, node, messages, max_rate=1e9)
     try:
+        processes = {"writer": bus.writer.pid, "proxy": bus.proxy.pid, "reader": bus.reader.pid}
+        if node_pid(node) is not None:
+            processes["bitcoind"] = node_pid(node)
+        before = {name: cpu_seconds(pid) for name, pid in processes.items()}
         started = time.monotonic()
         worker = start_worker(bus)
         while sealed(bus) < messages:
@@ -121,12 +131,13 @@ def seal_run(workdir: Path, node, messages: int) -> dict:
             time.sleep(0.1)
         wall = time.monotonic() - started
         cpu = cpu_seconds(worker.pid)
+        others = {name: cpu_seconds(pid) - before[name] for name, pid in processes.items()}
         stats = worker_stats(bus)["audit"]
         rss = peak_rss_mb(worker.pid)
         worker.terminate()
         worker.wait(30)
         writer_rss, _, _ = bus.stop()
-        return {"fill_s": fill_s, "wall_s": wall, "worker_cpu_s": cpu,
+        return {"fill_s": fill_s, "wall_s": wall, "worker_cpu_s": cpu, "others_cpu_s": others,
                 "sealer_cpu_s": stats["cpu_s"], "seals": stats["seals"], "worker_rss": rss,
                 "writer_rss": writer_rss, "db_mb": os.path.getsize(bus.db) / 1e6}
     except BaseException:
@@ -186,20 +197,32 @@ def progress(bus: Bus) -> int:
     return audit["sealed_messages"] + audit["in_progress"]
 
 
-def main() -> None:
+def start_node(kind: str, workdir: Path):
+    """The double, or a real regtest node on a private datadir and free ports."""
+    if kind == "core":
+        from tests.regtest import RegtestNode, missing
+        if missing():
+            sys.exit(f"--node core: {missing()}")
+        return RegtestNode(workdir / "bitcoind", free_port)
     from tests.bitcoind_double import BitcoindDouble
+    return BitcoindDouble()
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--flood", type=int, default=300_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate", type=float, default=DEFAULT_RATE,
                     help="BUS_AUDIT_MAX_RATE while the floods run")
+    ap.add_argument("--node", choices=("double", "core"), default="double",
+                    help="the bitcoind double, or a real regtest Bitcoin Core (tests/regtest.py)")
     args = ap.parse_args()
-    node = BitcoindDouble()
-    node.fund([1_000_000] * 20)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        node = start_node(args.node, work)
+        try:
+            node.fund([1_000_000] * 20)
             seal = seal_run(work / "seal", node, args.messages)
             print(f"sealed {args.messages:,} in {seal['wall_s']:.1f} s: worker CPU "
                   f"{seal['worker_cpu_s']:.2f} s (sealer {seal['sealer_cpu_s']:.2f} s), "
@@ -217,17 +240,27 @@ def main() -> None:
                       f"{result[True]['rate']:,.0f} msg/s while sealing "
                       f"({result[True]['sealed_during']:,} sealed meanwhile): "
                       f"{ratios[-1]:.3f}", flush=True)
-    finally:
-        node.close()
+        finally:
+            node.close()
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; {args.messages:,} stored messages of 100 bytes")
+          f"{platform.python_version()}; {args.messages:,} stored messages of 100 bytes; "
+          f"node: {args.node}")
     print("| | |\n|---|---:|")
     print(f"| worker CPU to seal {args.messages:,}, unpaced (from its start) | "
           f"{seal['worker_cpu_s']:.2f} s |")
     print(f"| the sealer's own CPU | {seal['sealer_cpu_s']:.2f} s |")
+    others = seal["others_cpu_s"]
+    print("| meanwhile, the other processes: " + ", ".join(others) + " | "
+          + " / ".join(f"{cpu:.2f}" for cpu in others.values()) + " s |")
+    bus_cpu = seal["worker_cpu_s"] + sum(cpu for name, cpu in others.items()
+                                        if name != "bitcoind")
+    print(f"| CPU of the whole bus to seal them (worker + writer + proxy + reader) | "
+          f"{bus_cpu:.2f} s |")
     print(f"| wall time to seal, unpaced | {seal['wall_s']:.1f} s ({seal['seals']} seals) |")
     print(f"| peak RSS: worker / writer | {seal['worker_rss']:.0f} / {seal['writer_rss']:.0f} MB |")
     print(f"| database: {args.messages:,} messages and their seals | {seal['db_mb']:.0f} MB |")
+    if not ratios:
+        return
     print(f"| persisted msg/s while sealing (BUS_AUDIT_MAX_RATE {args.rate:,.0f}) / without,"
           " by round | "
           f"{', '.join(f'{r:.3f}' for r in ratios)} |")

@@ -57,6 +57,12 @@ def endpoints() -> dict[str, str]:
     return {n: f"tcp://127.0.0.1:{free_port()}" for n in names}
 
 
+def cpu_seconds(pid: int) -> float:
+    """A running process's user + system CPU time so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
