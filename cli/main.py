@@ -42,7 +42,7 @@ import zmq.auth
 
 from bus import protocol, security
 from bus.client import BusError, ControlClient, HistoryClient, Publisher, Subscriber, since_to_ns
-from bus.config import SETTINGS, BusConfig
+from bus.config import SETTINGS, BusConfig, http_address_problem, role_fields
 import storage
 from cli.anchoring import anchor, utxo
 from cli.audit import audit
@@ -52,33 +52,15 @@ from cli.common import (CURVE_FIELDS, MAX_SECONDS, PROCESS_FIELDS, FiniteFloat, 
                         ask_all, build_config, jsonable, print_sections, setting_options,
                         stop_on_sigterm)
 
-ENDPOINT_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "control_endpoint",
-                   "proxy_control_endpoint", "read_endpoint", "notify_endpoint")
 # What a Publisher talks to: the proxy, and the writer for its session and acknowledgements.
-PUBLISHER_FIELDS = ("pub_endpoint", "control_endpoint", "notify_endpoint", "request_timeout_ms")
-RETENTION_FIELDS = ("retention_max_age_s", "retention_max_messages", "retention_chunk_rows",
-                    "audit_prefixes")
-HTTP_FIELDS = ("writer_http", "proxy_http", "reader_http")
+PUBLISHER_FIELDS = role_fields("publisher")
+# The HTTP sides of the processes `up` runs.
+HTTP_FIELDS = tuple(s.field for s in SETTINGS if s.form is http_address_problem
+                    and set(s.roles) & {"writer", "proxy", "reader"})
 SETTING_ENV = {s.field: s.env for s in SETTINGS}
-BATCH_FIELDS = ("batch_write_enabled", "batch_size", "batch_flush_interval_ms",
-                "batch_max_buffer_size", "batch_max_buffer_bytes", "batch_low_load_threshold",
-                "batch_load_window_seconds", "sqlite_synchronous", "sqlite_busy_timeout_ms")
-# What every long-running process takes.
-PROCESS_FIELDS_COMMON = ("shutdown_timeout_ms", "drain_idle_ms", "log_level", "log_format",
-                         "max_connections")
-WRITER_FIELDS = ("capture_endpoint", "capture_buffer_bytes", "control_endpoint",
-                 "notify_endpoint", "db", *BATCH_FIELDS,
-                 *RETENTION_FIELDS, "max_topic_bytes", "max_message_bytes", "max_consumers",
-                 "max_consumers_per_key", "max_producers_per_key", "max_requests_per_key_s",
-                 "utxo_max_lease_s", "utxo_request_ttl_s", "writer_memory_limit_bytes",
-                 "writer_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
-PROXY_FIELDS = ("pub_endpoint", "sub_endpoint", "capture_endpoint", "proxy_control_endpoint",
-                "capture_hwm", "capture_hwm_writer_down", "capture_buffer_bytes", "sub_hwm", "pub_hwm", "max_topic_bytes",
-                "proxy_max_frame_bytes", "proxy_subscription_bytes_per_connection",
-                "proxy_subscription_bytes", "proxy_memory_limit_bytes", "proxy_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
-READER_FIELDS = ("read_endpoint", "db", "history_page_rows", "history_page_bytes",
-                 "history_scan_rows", "sqlite_busy_timeout_ms", "reader_memory_limit_bytes",
-                 "reader_http", *PROCESS_FIELDS_COMMON, *CURVE_FIELDS)
+WRITER_FIELDS = role_fields("writer")
+PROXY_FIELDS = role_fields("proxy")
+READER_FIELDS = role_fields("reader")
 
 
 class BusCli(click.Group):
@@ -169,8 +151,7 @@ def reader(ctx: click.Context, **flags: Any) -> None:
 
 
 @main.command()
-@setting_options(*dict.fromkeys((*ENDPOINT_FIELDS, *WRITER_FIELDS, *PROXY_FIELDS,
-                                 *READER_FIELDS)))
+@setting_options(*role_fields("writer", "proxy", "reader"))
 @click.pass_context
 def up(ctx: click.Context, **flags: Any) -> None:
     """Run proxy + writer + reader in the foreground until Ctrl-C.
@@ -381,7 +362,7 @@ def input_lines(stream: Any, encoding: str) -> Iterator[tuple[str, bytes, str]]:
               default=10.0,
               show_default=True,
               help="seconds --wait waits for the commit acknowledgements")
-@setting_options(*PUBLISHER_FIELDS, "max_topic_bytes", "max_message_bytes", *CURVE_FIELDS)
+@setting_options(*PUBLISHER_FIELDS, *CURVE_FIELDS)
 @click.pass_context
 def publish(ctx: click.Context, topic: str, data: str | None, path: str | None, encoding: str,
             count: int, rate: float, producer_id: str | None, header: tuple[str, ...],
