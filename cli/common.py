@@ -195,3 +195,14 @@ class Liveness:
             if fail_fast:
                 raise InputError(f"not answering: {', '.join(sorted(self.down))}")
             time.sleep(0.2)
+
+
+def request_once(cfg: BusConfig, endpoint: str, cmd: str, args: dict[str, Any] | None = None
+                 ) -> Any:
+    """One control request; what went wrong as the command's one-line error."""
+    with ControlClient(endpoint, timeout_ms=cfg.request_timeout_ms,
+                       curve=security.client_keys(cfg)) as client:
+        try:
+            return client.request(cmd, args)
+        except BusError as exc:
+            raise InputError(str(exc)) from None
