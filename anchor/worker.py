@@ -46,6 +46,7 @@ from anchor.bitcoind import (RPC_INVALID_ADDRESS_OR_KEY, RPC_INVALID_PARAMETER,
                              parse_hashblock, parse_tx, to_btc, vsize)
 from proofs.merkle import MerkleTree
 from proofs.document import op_return_payload, stored_payload
+from anchor.health import anchor_health
 from anchor.reservations import RETRYABLE, NoUtxo, UtxoClient
 from anchor.audit import Sealer
 from anchor.sync import WalletSync
@@ -133,15 +134,6 @@ HTTP_SERIES = [
     *control_series(),
     *connection_series(),
 ]
-
-
-def anchor_health(stats: dict[str, Any]) -> str | None:
-    bitcoind = stats["bitcoind"]
-    if bitcoind["error"] is not None:
-        return f"bitcoind unreachable at {bitcoind['url']}: {bitcoind['error']}"
-    if not stats["wallet_sync"]["ready"]:
-        return "starting: the wallet's UTXOs are not synced yet"
-    return None
 
 
 class AnchorWorker:

@@ -23,25 +23,15 @@ import msgpack
 
 from bus import protocol, security
 from bus.client import BusError, ControlClient, Publisher
+from bus.config import role_fields
 from cli.common import (CURVE_FIELDS, MAX_SECONDS, FiniteFloat, Liveness, build_config,
                         print_sections, setting_options)
 
-ANCHOR_FIELDS = ("control_endpoint", "read_endpoint", "pub_endpoint", "sub_endpoint",
-                 "notify_endpoint", "anchor_control_endpoint", "anchor_http",
-                 "request_timeout_ms", "bitcoind_rpc_url", "bitcoind_rpc_user",
-                 "bitcoind_rpc_password", "bitcoind_rpc_cookie", "bitcoind_zmq_hashblock",
-                 "anchor_block_poll_s", "anchor_interval_s", "anchor_max_documents",
-                 "anchor_fee_rate_sat_vb", "anchor_fallback_fee_rate_sat_vb",
-                 "anchor_max_fee_rate_sat_vb", "anchor_conf_target", "anchor_confirmations",
-                 "anchor_bump_after_blocks", "anchor_lease_s", "anchor_utxo_min_confirmations",
-                 "anchor_consumer", "anchor_sync_page", "anchor_retry_max_s",
-                 "anchor_memory_limit_bytes", "audit_prefixes", "audit_interval_s",
-                 "audit_max_messages", "audit_max_rate", "shutdown_timeout_ms", "log_level",
-                 "log_format")
+ANCHOR_FIELDS = role_fields("anchor")
 
 
 @click.group(invoke_without_command=True)
-@setting_options(*ANCHOR_FIELDS, *CURVE_FIELDS)
+@setting_options(*ANCHOR_FIELDS)
 @click.pass_context
 def anchor(ctx: click.Context, **flags: Any) -> None:
     """Run the anchor worker (without a sub-command), or talk to it."""

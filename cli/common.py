@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -18,12 +19,13 @@ import zmq
 
 from bus import security, sockets
 from bus.client import BusError, ControlClient
-from bus.config import SETTINGS, BusConfig, ConfigError, load_config
-from bus.logging import configure_logging
+from bus.config import (SETTINGS, BusConfig, ConfigError, load_config, role_fields,
+                        unknown_variables)
+from bus.logging import configure_logging, get_logger
 
 _SETTING = {s.field: s for s in SETTINGS}
 # Every command that talks to the bus takes its CURVE keys (bus/security.py).
-CURVE_FIELDS = ("curve_dir", "curve_key")
+CURVE_FIELDS = role_fields("curve")
 # The processes that only bind (their keys come from BUS_CURVE_DIR alone).
 SERVER_PROCESSES = ("writer", "proxy", "reader")
 # Each process's control endpoint, by the name commands give it.
@@ -52,6 +54,10 @@ def build_config(ctx: click.Context, flags: dict[str, Any], process: str | None 
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     configure_logging(cfg.log_level, cfg.log_format, process=process)
+    for variable, closest in unknown_variables(os.environ):
+        # As an unknown key of the config file is refused; a variable may be
+        # meant for something else, so it is named, not refused.
+        get_logger("config").warning("unknown_setting", variable=variable, closest=closest)
     if cfg.curve_dir:
         try:  # what is wrong with the keys, as one line, before any socket is opened
             security.load_keyring(cfg.curve_dir)
@@ -189,3 +195,14 @@ class Liveness:
             if fail_fast:
                 raise InputError(f"not answering: {', '.join(sorted(self.down))}")
             time.sleep(0.2)
+
+
+def request_once(cfg: BusConfig, endpoint: str, cmd: str, args: dict[str, Any] | None = None
+                 ) -> Any:
+    """One control request; what went wrong as the command's one-line error."""
+    with ControlClient(endpoint, timeout_ms=cfg.request_timeout_ms,
+                       curve=security.client_keys(cfg)) as client:
+        try:
+            return client.request(cmd, args)
+        except BusError as exc:
+            raise InputError(str(exc)) from None

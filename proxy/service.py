@@ -95,6 +95,7 @@ from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.http import HttpSide, Series, connection_series, control_series
 from bus.logging import RateLimitedLog, get_logger
 from bus.runner import StopSignal, release_free_memory, resident_bytes
+from proxy.health import proxy_health
 
 log = get_logger("proxy")
 
@@ -104,12 +105,6 @@ log = get_logger("proxy")
 STATISTICS_WAIT_MS = 2000
 # How long a reply the loop still owes is waited for before a new question.
 OWED_REPLY_WAIT_MS = 100
-# How long the loop may owe a reply before /healthz (and with it the watchdog)
-# calls the capture stalled. A loop that answers late is slow, not stalled:
-# under a flood on a loaded machine, or behind a writer that takes its
-# captures in bursts, it answers within a second or two, and a restart would
-# lose what the proxy holds. Well under the units' WatchdogSec (30 s).
-STALLED_AFTER_S = 5.0
 
 # The memory guard: how often it reads RSS (what arrives between two reads is
 # the most the limit can be overshot by), the fraction of the limit under which
@@ -197,18 +192,6 @@ HTTP_SERIES = [
     *control_series(),
     *connection_series(),
 ]
-
-
-def proxy_health(stats: dict[str, Any]) -> str | None:
-    """Why the proxy is not healthy, for /healthz (None: it is)."""
-    unanswered_s = stats["steering"]["unanswered_s"]
-    if stats["forwarding"] == "blocked" and unanswered_s >= STALLED_AFTER_S:
-        return (f"capture stalled: the forwarding loop has not answered for {unanswered_s:.0f} "
-                "s (its capture queue is full: is the writer down?)")
-    if stats["forwarding"] == "paused":
-        return (f"forwarding paused: {stats['memory']['rss_bytes'] >> 20} MB, over its memory "
-                f"limit of {stats['memory']['limit_bytes'] >> 20} MB")
-    return None
 
 
 _STAT_NAMES = (

@@ -27,6 +27,7 @@ from bus.runner import StopSignal
 from proofs.document import make_proof
 from proofs.merkle import MerkleTree
 import storage
+from reader.health import reader_health
 from storage import NotReadable, anchors, messages, utxos
 
 log = get_logger("reader")
@@ -67,11 +68,6 @@ HTTP_SERIES = [
     *control_series(),
     *connection_series(),
 ]
-
-
-def reader_health(stats: dict[str, Any]) -> str | None:
-    error = stats["database_error"]
-    return None if error is None else f"database not readable: {error}"
 
 
 class History:

@@ -45,6 +45,7 @@ from writer.anchors import AnchorBook
 from writer.audit import AuditBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.consumers import ConsumerError, ConsumerPositions
+from writer.health import writer_health
 from writer.producers import MAX_SEQ_AHEAD, NotAuthentic, ProducerLedger, ProducerState, describe
 from writer.quotas import KeyQuotas
 import storage
@@ -134,15 +135,6 @@ HTTP_SERIES = [
     *control_series(),
     *connection_series(),
 ]
-
-
-def writer_health(stats: dict[str, Any]) -> str | None:
-    """Why the writer is not healthy, for /healthz (None: it is)."""
-    backlog = stats["backlog"]
-    if backlog["failing_for_s"] is not None:
-        return (f"database not writable for {backlog['failing_for_s']:.0f} s: "
-                f"{backlog['last_error']} ({backlog['rows']} rows waiting)")
-    return None
 
 
 def batch_page(stats: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,46 @@
+"""bus-cli proxy | writer | reader: run one process (what the systemd units
+run), with a flag for each setting its role uses (bus/config.py)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from bus.config import role_fields
+from cli.common import build_config, setting_options
+
+WRITER_FIELDS = role_fields("writer")
+PROXY_FIELDS = role_fields("proxy")
+READER_FIELDS = role_fields("reader")
+
+
+@click.command(short_help='Run the proxy (what bus-proxy.service runs).')
+@setting_options(*PROXY_FIELDS)
+@click.pass_context
+def proxy(ctx: click.Context, **flags: Any) -> None:
+    """Run the proxy (publishers in, subscribers out) with its capture pipe to the writer."""
+    from proxy.service import Proxy
+    from bus.runner import run_role
+    sys.exit(run_role(Proxy(build_config(ctx, flags, "proxy"))))
+
+
+@click.command()
+@setting_options(*WRITER_FIELDS)
+@click.pass_context
+def writer(ctx: click.Context, **flags: Any) -> None:
+    """Run the batching SQLite writer."""
+    from bus.runner import run_role
+    from writer.service import Writer
+    sys.exit(run_role(Writer(build_config(ctx, flags, "writer"))))
+
+
+@click.command()
+@setting_options(*READER_FIELDS)
+@click.pass_context
+def reader(ctx: click.Context, **flags: Any) -> None:
+    """Serve history pages from a read-only database connection."""
+    from bus.runner import run_role
+    from reader.service import Reader
+    sys.exit(run_role(Reader(build_config(ctx, flags, "reader"))))

@@ -1,0 +1,98 @@
+"""The one settings source (bus/config.py): every setting declared once, as a
+field of BusConfig, and everything else generated from the declarations."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bus import config
+from bus.config import SETTINGS, BusConfig, ConfigError, load_config, role_fields
+from tests.conftest import BUS_CLI, DEADLINE
+
+
+def run_config_command(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    """`bus-cli config --json` with only these BUS_* variables set."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("BUS_", "BATCH_"))}
+    env.update(variables, BUS_CONFIG=str(tmp_path / "empty.toml"), BUS_LOG_FORMAT="json")
+    (tmp_path / "empty.toml").write_text("")
+    return subprocess.run([BUS_CLI, "config", "--json"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=DEADLINE)
+
+
+def log_events(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_a_misspelt_bus_variable_is_warned_about_with_the_closest_name(tmp_path: Path) -> None:
+    """A misspelt variable was ignored in silence (the writer ran without its
+    HTTP side), while a misspelt key of the config file is refused."""
+    done = run_config_command(tmp_path, BUS_WRITER_HTPP="127.0.0.1:0")
+    assert done.returncode == 0, done.stderr
+    warnings = [event for event in log_events(done.stderr) if event["event"] == "unknown_setting"]
+    assert [(w["variable"], w["closest"], w["level"]) for w in warnings] == \
+        [("BUS_WRITER_HTPP", "BUS_WRITER_HTTP", "warning")]
+    shown = json.loads(done.stdout)  # the output is unchanged: the variable sets nothing
+    assert shown["BUS_WRITER_HTTP"] == {"value": "", "from": "default"}
+
+
+def test_known_variables_are_not_warned_about(tmp_path: Path) -> None:
+    done = run_config_command(tmp_path, BUS_WRITER_HTTP="127.0.0.1:0",
+                              BUS_TEST_REQUIRE_BITCOIND="1", BUS_TEST_BITCOIND="/bin/false")
+    assert done.returncode == 0, done.stderr
+    assert [e for e in log_events(done.stderr) if e["event"] == "unknown_setting"] == []
+    assert json.loads(done.stdout)["BUS_WRITER_HTTP"]["value"] == "127.0.0.1:0"
+
+
+def test_unknown_variables_names_each_with_the_closest_setting() -> None:
+    env = {"BUS_WRITER_HTPP": "x", "BUS_BATCH_SIZE": "5", "BATCH_SIZE": "5", "HOME": "/",
+           "BUS_CONFIG": "/etc/bus/bus.toml", "BUS_DB": "bus.db"}
+    assert config.unknown_variables(env) == [("BUS_BATCH_SIZE", "BATCH_SIZE"),
+                                             ("BUS_WRITER_HTPP", "BUS_WRITER_HTTP")]
+
+
+def test_each_setting_is_one_field_of_busconfig() -> None:
+    fields = [f.name for f in dataclasses.fields(BusConfig)]
+    assert fields == [s.field for s in SETTINGS] + ["source", "origins"]
+    assert len({s.env for s in SETTINGS}) == len(SETTINGS)
+    assert BusConfig() == dataclasses.replace(load_config(env={}, config_path="/dev/null"),
+                                              source="defaults")  # the defaults
+    assert {s.type for s in SETTINGS} == {str, int, float, bool}
+
+
+def test_the_bounds_checked_are_the_declared_ones() -> None:
+    """No list of names: a setting's bounds are in its declaration."""
+    for s in SETTINGS:
+        if s.at_least is not None:
+            with pytest.raises(ConfigError, match=f"^{s.env} must (be at least|not be neg)"):
+                load_config({s.field: s.at_least - 1}, env={}, config_path="/dev/null")
+        if s.positive:
+            with pytest.raises(ConfigError, match=f"^{s.env} must be positive"):
+                load_config({s.field: 0}, env={}, config_path="/dev/null")
+        if s.choices:
+            with pytest.raises(ConfigError, match=f"^{s.env} must be one of"):
+                load_config({s.field: "nothing"}, env={}, config_path="/dev/null")
+
+
+def test_each_process_takes_the_flags_of_its_role() -> None:
+    from cli.main import main
+    for role in ("proxy", "writer", "reader", "anchor"):
+        flags = {p.name for p in main.commands[role].params}
+        assert flags == set(role_fields(role)), role
+    assert {p.name for p in main.commands["up"].params} == \
+        set(role_fields("writer", "proxy", "reader"))
+    with pytest.raises(ValueError, match="no role wirter"):
+        role_fields("wirter")
+
+
+def test_a_setting_must_say_who_uses_it() -> None:
+    with pytest.raises(TypeError, match="roles must be"):
+        config.setting("BUS_X", 1, "x", roles=())
+    with pytest.raises(TypeError, match="roles must be"):
+        config.setting("BUS_X", 1, "x", roles=("wirter",))
