@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from bus.protocol import FORBIDDEN, QUOTA_EXCEEDED, TOO_MANY_CONSUMERS
+from bus.protocol import BAD_REQUEST, FORBIDDEN, QUOTA_EXCEEDED, TOO_MANY_CONSUMERS
 from storage.sessions import ConsumptionRow
 
 MAX_NAME_CHARS = 128
@@ -33,7 +33,7 @@ class ConsumerError(ValueError):
 
 def check_name(name: Any) -> str:
     if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS and name.isprintable()):
-        raise ConsumerError("bad_request",
+        raise ConsumerError(BAD_REQUEST,
                             f"'consumer' must be a printable string of 1-{MAX_NAME_CHARS} chars")
     return name
 
@@ -61,10 +61,10 @@ class ConsumerPositions:
             raise ConsumerError(FORBIDDEN, f"consumer {name!r} belongs to another key: "
                                            "acknowledge under your own consumer name")
         if type(last_id) is not int or last_id < 0:
-            raise ConsumerError("bad_request", "'last_id' must be a non-negative integer")
+            raise ConsumerError(BAD_REQUEST, "'last_id' must be a non-negative integer")
         if last_id > newest_id:
-            raise ConsumerError("bad_request", f"'last_id' {last_id} is beyond the newest "
-                                               f"stored message ({newest_id})")
+            raise ConsumerError(BAD_REQUEST, f"'last_id' {last_id} is beyond the newest "
+                                             f"stored message ({newest_id})")
         if current is None and len(self.positions) >= self.max_consumers:
             raise ConsumerError(TOO_MANY_CONSUMERS,
                                 f"{self.max_consumers} consumers exist (BUS_MAX_CONSUMERS); "
