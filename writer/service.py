@@ -45,7 +45,7 @@ from writer.anchors import AnchorBook
 from writer.audit import AuditBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 from writer.commands import writer_table
-from writer.consumers import ConsumerError, ConsumerPositions
+from writer.consumers import ConsumerPositions
 from writer.producers import MAX_SEQ_AHEAD, NotAuthentic, ProducerLedger, ProducerState, describe
 from writer.quotas import KeyQuotas
 import storage
@@ -166,15 +166,13 @@ def load_page(stats: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def consumer_errors(quotas: KeyQuotas | None = None, user: str | None = None) -> Iterator[None]:
-    """writer/consumers.py's refusals, as control replies (a quota's counted
-    and named by `quotas`)."""
+    """writer/consumers.py's refusals, a quota's counted and named by `quotas`."""
     try:
         yield
-    except ConsumerError as exc:
+    except control.CommandFailed as exc:
         if exc.code == protocol.QUOTA_EXCEEDED and quotas is not None and user is not None:
-            raise quotas.refuse("consumers_per_key", user, str(exc)) from None
-        raise control.CommandFailed(exc.code, str(exc),
-                                    bad_input=exc.code == protocol.BAD_REQUEST) from None
+            raise quotas.refuse("consumers_per_key", user, exc.reason) from None
+        raise
 
 
 def producer_arg(request: control.Request) -> str:
