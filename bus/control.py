@@ -17,7 +17,7 @@ checked against these tables (tests/test_docs.py).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,7 +118,7 @@ class CommandTable:
         if self.transactions is None and any(c.transaction for c in self.commands):
             raise ValueError("a command runs in a transaction: the table needs a runner")
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Command]:
         return iter(self.commands)
 
     def get(self, name: str) -> Command | None:
