@@ -17,11 +17,12 @@ from typing import Any
 
 import zmq
 
+from bus import protocol
 from bus.client import BusError, ControlClient
 from bus.security import ClientKeys
 
 # Errors after which the same request may succeed later.
-RETRYABLE = ("timeout", "unavailable")
+RETRYABLE = (protocol.TIMEOUT, protocol.UNAVAILABLE)
 
 
 class NoUtxo(BusError):
@@ -47,7 +48,7 @@ class UtxoClient:
             try:
                 return self._control.request(cmd, args)
             except BusError as exc:
-                if exc.code == "no_utxo":
+                if exc.code == protocol.NO_UTXO:
                     raise NoUtxo(str(exc), exc.code) from None
                 if exc.code not in RETRYABLE or time.monotonic() + backoff >= deadline:
                     raise

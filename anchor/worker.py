@@ -170,6 +170,11 @@ class AnchorWorker:
         self.events: Publisher | None = None
         self.sync: WalletSync | None = None
         self.sealer: Sealer | None = None
+        everyone = (security.PUBLISHERS, security.READERS)
+        self.dispatcher = control.Dispatcher(
+            [control.Command("stats", lambda _request: self.stats(), roles=everyone),
+             control.Command("request_status", self.request_status, roles=everyone,
+                             args=("hash",))], log, config, domain="anchor_control")
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -190,9 +195,6 @@ class AnchorWorker:
                                              sockets.connection_cap(cfg, 1, log))
         self.control = sockets.open_anchor_control(
             self.ctx, cfg, self.guard.watch("control", cfg.anchor_control_endpoint))
-        self.dispatcher = control.Dispatcher({"stats": lambda _request: self.stats(),
-                                              "request_status": self.request_status},
-                                             log, cfg, domain="anchor_control")
         if cfg.anchor_http:
             self.http = HttpSide("anchor", cfg.anchor_http, HTTP_SERIES, anchor_health)
         self.poller = zmq.Poller()

@@ -2,17 +2,22 @@
 table, errors with codes, and the counters each process reports
 (docs/protocol.md, "Control requests").
 
-A process builds one `Dispatcher` with its commands (name -> handler), polls
-its REP socket and hands each request's frames to `handle`, which always
-returns exactly one reply frame: a request of the wrong shape, a command the
-client's key may not run, a handler that refuses (`CommandFailed`) and a bug in
-a handler (`internal_error`, logged with its traceback) are all answered,
-counted and never cost the process.
+A process declares each of its commands once, as a `Command` (name, handler,
+arguments, who may run it, the error codes it answers, whether it takes a
+request id and replays its reply, whether it runs in one transaction), builds
+one `Dispatcher` over that table, polls its REP socket and hands each
+request's frames to `handle`, which always returns exactly one reply frame: a
+request of the wrong shape, a command the client's key may not run, a handler
+that refuses (`CommandFailed`, the one error type of every command) and a bug
+in a handler (`internal_error`, logged with its traceback) are all answered,
+counted and never cost the process. docs/protocol.md's command tables are
+checked against these tables (tests/test_docs.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,17 +37,138 @@ class Request:
 
 
 class CommandFailed(Exception):
-    """A command that was understood but not done: answered with `code`.
-    `bad_input` counts it with the bad requests (the client's fault)."""
+    """A command that was understood but not done: answered with `code` (a
+    bus/protocol.py constant). `bad_input` counts it with the bad requests (the
+    client's fault): by default, a `bad_request` is."""
 
-    def __init__(self, code: str, reason: str, *, bad_input: bool = False) -> None:
+    def __init__(self, code: str, reason: str, *, bad_input: bool | None = None) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
-        self.bad_input = bad_input
+        self.bad_input = code == protocol.BAD_REQUEST if bad_input is None else bad_input
 
 
 Handler = Callable[[Request], Any]
+# A command that runs in one transaction is handed its arguments and the time
+# the transaction started (ns since the epoch), by its process's TransactionRunner.
+TransactionHandler = Callable[[dict[str, Any], int], Any]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One control command, declared once: the process's table is what the
+    Dispatcher runs, what bus/security.authorize reads who may run it from,
+    and what tests/test_docs.py checks docs/protocol.md against.
+
+    `roles`: the key lists (security.PUBLISHERS, security.READERS) whose keys
+    may run it besides the admins', who may run every command (with CURVE;
+    a process that admits keys by endpoint, `domain`, lets in each key its
+    endpoint lets in). `args`: the names of its arguments, as documented.
+    `errors`: the codes its handler answers besides those of every command
+    (bad_request for a malformed request, unknown_command, forbidden,
+    internal_error; the writer's quota_exceeded). `request_id`: None, it takes
+    none; False, optional; True, required; with one, its reply is stored with
+    its change and a retry with the same id gets that reply. `transaction`:
+    it runs in one database transaction, committed before the reply (its
+    handler is then a TransactionHandler, run by the process's runner)."""
+
+    name: str
+    handler: Handler | TransactionHandler
+    roles: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    request_id: bool | None = None
+    transaction: bool = False
+
+    def __post_init__(self) -> None:
+        if self.request_id is not None and not self.transaction:
+            raise ValueError(f"{self.name}: a reply is stored with its change, in the "
+                             "command's transaction: request_id needs transaction=True")
+
+    @property
+    def codes(self) -> frozenset[str]:
+        """The codes this command may answer beside those of every command."""
+        implied = set()
+        if self.args or self.request_id is not None:
+            implied.add(protocol.BAD_REQUEST)
+        if self.request_id is not None:
+            implied.add(protocol.REQUEST_ID_REUSED)
+        if self.transaction:
+            implied.add(protocol.UNAVAILABLE)
+        return frozenset({*self.errors, *implied})
+
+
+# A TransactionRunner runs a `transaction` command: (command, request) -> result.
+TransactionRunner = Callable[[Command, Request], Any]
+
+
+@dataclass(frozen=True)
+class CommandTable:
+    """A process's commands (`ping` is every process's), and the runner of
+    those that run in one transaction (the writer's: writer/commands.py)."""
+
+    commands: tuple[Command, ...]
+    transactions: TransactionRunner | None = None
+
+    def __post_init__(self) -> None:
+        names = [command.name for command in self.commands]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"commands declared twice: {', '.join(duplicates)}")
+        if self.transactions is None and any(c.transaction for c in self.commands):
+            raise ValueError("a command runs in a transaction: the table needs a runner")
+
+    def __iter__(self) -> Iterator[Command]:
+        return iter(self.commands)
+
+    def get(self, name: str) -> Command | None:
+        return next((command for command in self.commands if command.name == name), None)
+
+
+def ping(roles: Iterable[str]) -> Command:
+    return Command("ping", lambda _request: "pong", roles=tuple(roles))
+
+
+# --- argument checks: each refusal a bad_request, the client's fault ---------
+
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def check_int(args: dict[str, Any], key: str, low: int, high: int, default: Any = ...) -> int:
+    """args[key], an integer in low..high (not a bool); `default` if absent and given."""
+    value = args.get(key, default)
+    if value is ...:
+        raise CommandFailed(protocol.BAD_REQUEST, f"missing '{key}'")
+    if type(value) is not int or not low <= value <= high:
+        raise CommandFailed(protocol.BAD_REQUEST, f"'{key}' must be an integer in {low}..{high}")
+    return value
+
+
+def check_str(args: dict[str, Any], key: str, required: bool = True,
+              max_len: int = 128) -> str | None:
+    """args[key], a printable string of 1-max_len characters (None if absent
+    and not required)."""
+    value = args.get(key)
+    if value is None and not required:
+        return None
+    if not (isinstance(value, str) and 0 < len(value) <= max_len and value.isprintable()):
+        raise CommandFailed(protocol.BAD_REQUEST,
+                            f"'{key}' must be a printable string of 1-{max_len} chars")
+    return value
+
+
+def check_txid(value: Any, key: str = "txid") -> str:
+    """A txid or block hash as bitcoind prints it: 64 lowercase hex characters."""
+    if not (isinstance(value, str) and _HEX64.match(value)):
+        raise CommandFailed(protocol.BAD_REQUEST, f"'{key}' must be 64 lowercase hex characters")
+    return value
+
+
+def check_hash32(value: Any, what: str = "hash") -> bytes:
+    """A SHA-256: 32 bytes."""
+    if not (isinstance(value, bytes) and len(value) == 32):
+        raise CommandFailed(protocol.BAD_REQUEST, f"'{what}' must be 32 bytes (a SHA-256)")
+    return value
 
 
 @dataclass
@@ -60,23 +186,35 @@ class ControlCounters:
 
 
 class Dispatcher:
-    """Decode, authorize, run, answer. `authorized` limits which commands a
-    CURVE key may run (the writer's: security.authorize); the other
-    processes name their endpoint's ZAP `domain` instead, and a request from
-    a key no longer in any of its lists (revoked while connected) is
-    refused. `admit` may refuse a request before it runs (the writer's
-    quotas: raise CommandFailed), and `admit_bytes(user, size)` one before it
-    is even decoded (a large request's decoding is what costs: raise
-    CommandFailed). `retryable`: errors that a retry may get
-    past (a database that is busy or reconnecting), answered UNAVAILABLE
-    rather than as a bug."""
+    """Decode, authorize, run, answer. `authorized`: a CURVE key may run a
+    command if it is in one of the command's `roles` or in admins/ (the
+    writer's: security.authorize); the other processes name their endpoint's
+    ZAP `domain` instead, and a request from a key no longer in any of its
+    lists (revoked while connected) is refused. `admit` may refuse a request
+    before it runs (the writer's quotas: raise CommandFailed), and
+    `admit_bytes(user, size)` one before it is even decoded (a large
+    request's decoding is what costs: raise CommandFailed). `retryable`:
+    errors that a retry may get past (a database that is busy or
+    reconnecting), answered UNAVAILABLE rather than as a bug. Every process
+    answers `ping`, run by whoever may reach its endpoint."""
 
-    def __init__(self, commands: dict[str, Handler], log: Any, config: BusConfig | None = None,
-                 authorized: bool = False,
+    def __init__(self, commands: CommandTable | Iterable[Command], log: Any,
+                 config: BusConfig | None = None, authorized: bool = False,
                  retryable: tuple[type[Exception], ...] = (), domain: str | None = None,
                  admit: Handler | None = None,
                  admit_bytes: Callable[[str | None, int], None] | None = None) -> None:
-        self.commands: dict[str, Handler] = {"ping": lambda _request: "pong", **commands}
+        table = commands if isinstance(commands, CommandTable) else CommandTable(tuple(commands))
+        everyone = [role for role in security.DOMAIN_ROLES.get(domain or "control", ())
+                    if role != security.ADMINS]
+        if table.get("ping") is None:
+            table = CommandTable((ping(everyone), *table.commands), table.transactions)
+        if domain is not None:
+            for command in table:  # a command cannot let in a key its endpoint does not
+                if not set(command.roles) <= set(everyone):
+                    raise ValueError(f"{command.name}: roles {command.roles} beyond the "
+                                     f"{domain!r} endpoint's {everyone}")
+        self.table = table
+        self.commands: dict[str, Command] = {command.name: command for command in table}
         self.config = config
         self.authorized = authorized
         self.retryable = retryable
@@ -103,20 +241,26 @@ class Dispatcher:
                     request_id = protocol.request_id_of(frames)
                     raise
             request_id, cmd, args = protocol.decode_request(frames)
-            handler = self.commands.get(cmd)
-            if handler is None:
+            command = self.commands.get(cmd)
+            if command is None:
                 raise protocol.RequestError(request_id, protocol.UNKNOWN_COMMAND,
                                             f"no command {cmd!r}; this process has "
                                             f"{', '.join(sorted(self.commands))}")
             if self.config is not None:
-                refusal = security.authorize(self.config, user, cmd) if self.authorized else \
+                refusal = security.authorize(self.config, user, cmd, command.roles) \
+                    if self.authorized else \
                     security.admitted(self.config, self.domain, user) if self.domain else None
                 if refusal is not None:
                     raise protocol.RequestError(request_id, protocol.FORBIDDEN, refusal)
             request = Request(request_id, cmd, args, user)
             if self.admit is not None:
                 self.admit(request)
-            return protocol.encode_reply_ok(request_id, handler(request))
+            if command.transaction:
+                assert self.table.transactions is not None  # CommandTable checks it
+                result = self.table.transactions(command, request)
+            else:
+                result = command.handler(request)  # type: ignore[call-arg]
+            return protocol.encode_reply_ok(request_id, result)
         except protocol.ProtocolError as exc:
             request_id = getattr(exc, "request_id", request_id)
             if exc.reason == protocol.FORBIDDEN:

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 
+from bus import protocol
 from bus.runner import StartupError
 
 # How often the loop publishes its snapshot, and how old one may get before
@@ -267,7 +268,7 @@ class HttpSide:
             reason = self._unhealthy()
             if reason is not None:
                 return _json(start_response, "503 Service Unavailable",
-                             {"status": "unavailable", "reason": reason})
+                             {"status": protocol.UNAVAILABLE, "reason": reason})
             return _json(start_response, "200 OK", {"status": "ok"})
         page = self.pages.get(path)
         if page is not None and self._snapshot is not None:

@@ -116,6 +116,28 @@ QUOTA_EXCEEDED = "quota_exceeded"    # (CURVE) the key is over a quota; the reas
 # utxo_* and anchor_* replies' error codes the anchor worker acts on.
 NO_UTXO = "no_utxo"                  # no UTXO matches the reservation
 REQUEST_ID_REUSED = "request_id_reused"  # a stored request id, sent with other arguments
+LEASE_EXPIRED = "lease_expired"      # the lease is unknown or has run out: reserve again
+UTXO_SPENT = "utxo_spent"            # utxo_renew of a lease whose UTXO is spent
+NOT_FOUND = "not_found"              # no such UTXO, anchor or open seal
+ALREADY_ANCHORED = "already_anchored"  # anchor_record of a document hash anchored before
+# The anchor worker's anchor.error codes, beside bad_request, no_utxo and unavailable.
+BUILD_FAILED = "build_failed"        # the transaction could not be built or signed
+TRANSACTION_REFUSED = "transaction_refused"  # bitcoind refused it for good: anchored again
+# The client library's code for a request that got no reply in time (BusTimeout).
+TIMEOUT = "timeout"
+
+# Every code above: the only way an error code is written outside this module
+# (tests/test_layout.py fails on one written as a bare string).
+ERROR_CODES = frozenset({
+    TOO_FEW_FRAMES, TOO_MANY_FRAMES, EMPTY_TOPIC, TOPIC_NOT_UTF8, TOPIC_TOO_LONG,
+    TOPIC_CONTROL_CHAR, MESSAGE_TOO_LARGE, META_NOT_MSGPACK, META_NOT_MAP, META_BAD_VALUE,
+    BAD_REQUEST, RESERVED_TOPIC, SESSION_REQUIRED, PRODUCER_FENCED, SEQ_OUT_OF_WINDOW,
+    UNKNOWN_SESSION, FORBIDDEN, BUSY, INTERNAL_ERROR, OVER_CONNECTION_SUBSCRIPTION_BUDGET,
+    OVER_TOTAL_SUBSCRIPTION_BUDGET, UNKNOWN_COMMAND, UNAVAILABLE, FLUSH_FAILED, READ_FAILED,
+    PROOF_FAILED, TOO_MANY_CONSUMERS, QUOTA_EXCEEDED, NO_UTXO, REQUEST_ID_REUSED,
+    LEASE_EXPIRED, UTXO_SPENT, NOT_FOUND, ALREADY_ANCHORED, BUILD_FAILED, TRANSACTION_REFUSED,
+    TIMEOUT,
+})
 
 
 class ProtocolError(ValueError):

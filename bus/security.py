@@ -64,9 +64,6 @@ DOMAIN_ROLES: dict[str, tuple[str, ...]] = {
     "capture": (PROXY,),
 }
 
-# Writer commands by the role that may run them; admins may run every command.
-PUBLISHER_COMMANDS = frozenset({"producer_open", "producer_status", "ping", "stats"})
-READER_COMMANDS = frozenset({"consumer_ack", "consumer_get", "ping", "stats"})
 # How many refused keys are remembered, to log each once.
 MAX_LOGGED_KEYS = 1000
 # How often a running process looks whether the key lists changed.
@@ -377,21 +374,21 @@ def start_authenticator(ctx: zmq.Context, cfg: BusConfig) -> ThreadAuthenticator
     return auth
 
 
-def authorize(cfg: BusConfig, user_id: str | None, cmd: str) -> str | None:
-    """Why the key `user_id` may not run the writer command `cmd`, or None if
-    it may (always, with CURVE off)."""
+def authorize(cfg: BusConfig, user_id: str | None, cmd: str,
+              roles: Iterable[str]) -> str | None:
+    """Why the key `user_id` may not run the command `cmd`, which keys in the
+    lists `roles` or in admins/ may run (its declaration in the process's
+    command table, bus/control.py), or None if it may (always, with CURVE off)."""
     ring = keyring(cfg)
     if ring is None:
         return None
     ring.refresh()
-    roles = ring.roles_of(user_id)
-    if ADMINS in roles or (PUBLISHERS in roles and cmd in PUBLISHER_COMMANDS) or \
-            (READERS in roles and cmd in READER_COMMANDS):
+    held = ring.roles_of(user_id)
+    allowed = [role for role in (PUBLISHERS, READERS) if role in roles]
+    if ADMINS in held or held & set(allowed):
         return None
-    needs = [role for role, allowed in ((PUBLISHERS, PUBLISHER_COMMANDS),
-                                        (READERS, READER_COMMANDS)) if cmd in allowed]
-    return f"{cmd!r} needs a key in {'/ or '.join([*needs, ADMINS])}/; this key is in " \
-           f"{'/, '.join(sorted(roles)) + '/' if roles else 'no list (revoked?)'}"
+    return f"{cmd!r} needs a key in {'/ or '.join([*allowed, ADMINS])}/; this key is in " \
+           f"{'/, '.join(sorted(held)) + '/' if held else 'no list (revoked?)'}"
 
 
 def admitted(cfg: BusConfig, domain: str, user_id: str | None) -> str | None:

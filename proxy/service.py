@@ -317,8 +317,10 @@ class Proxy:
         self.steering_desyncs = 0
         self._capture_linger_ms = 0       # set by shutdown, used by the loop's thread
         self._started = time.monotonic()
-        self.dispatcher = control.Dispatcher({"stats": self._stats_command}, log, config,
-                                             domain="proxy_control")
+        self.dispatcher = control.Dispatcher(
+            [control.Command("stats", self._stats_command, errors=(protocol.BUSY,),
+                             roles=(security.PUBLISHERS, security.READERS))],
+            log, config, domain="proxy_control")
         self.http: HttpSide | None = None
         self._subscriber_port = 0
         self.subscriptions = SubscriptionBudget(config.proxy_subscription_bytes_per_connection,

@@ -218,11 +218,19 @@ class Reader:
         self.requests = 0
         self.rows_served = 0
         self.max_page_ms = 0.0
-        self.dispatcher = control.Dispatcher({
-            "history": self._history, "anchor_proof": self._anchor_proof,
-            "utxo_stats": lambda _request: self._read(self.history.utxo_stats),
-            "topics": self._topics, "stats": lambda _request: self.snapshot()}, log, config,
-            domain="read")
+        # The reader's commands (docs/protocol.md, "Control requests"): readers' and admins'.
+        reads = (protocol.READ_FAILED, protocol.UNAVAILABLE)
+        self.dispatcher = control.Dispatcher([
+            control.Command("history", self._history, roles=(security.READERS,),
+                            args=("prefixes", "after_id", "since_ns", "limit"), errors=reads),
+            control.Command("anchor_proof", self._anchor_proof, roles=(security.READERS,),
+                            args=("hash",), errors=(protocol.PROOF_FAILED, *reads)),
+            control.Command("topics", self._topics, roles=(security.READERS,), args=("depth",),
+                            errors=reads),
+            control.Command("utxo_stats", lambda _request: self._read(self.history.utxo_stats),
+                            roles=(security.READERS,), errors=reads),
+            control.Command("stats", lambda _request: self.snapshot(),
+                            roles=(security.READERS,))], log, config, domain="read")
         self._started = time.monotonic()
         self._rejects = RateLimitedLog(log)
         self.ctx: zmq.Context | None = None

@@ -12,6 +12,7 @@ must sign its messages with the session MAC or nothing is stored.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import msgpack
 import pytest
 import zmq.auth
 
-from bus import protocol, security
+from bus import control, protocol, security
 from bus.client import Publisher
 from tests.conftest import Bus, Proc, query, wait_for
 
@@ -252,8 +253,8 @@ def test_the_documented_session_mac_example_is_what_the_code_computes() -> None:
 def test_every_control_command_is_in_the_protocol_page(bus: Bus) -> None:
     """The writer's, the reader's and the proxy's commands, as each names them
     (the unknown_command reply lists them), are each documented; the
-    Authentication table gives publishers and readers exactly the commands
-    bus/security.py lets them run."""
+    Authentication table gives publishers and readers the writer commands its
+    command table lets them run."""
     from bus.client import BusError, ControlClient
     page = PROTOCOL_MD.read_text()
     for endpoint in ("BUS_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT"):
@@ -265,8 +266,9 @@ def test_every_control_command_is_in_the_protocol_page(bus: Bus) -> None:
         missing = [cmd for cmd in commands if f"| `{cmd}`" not in page and
                    f"`{cmd}` `" not in page and f" `{cmd}` |" not in page]
         assert not missing, f"{endpoint}: not in docs/protocol.md's command tables: {missing}"
-    for role, allowed in (("publishers", security.PUBLISHER_COMMANDS),
-                          ("readers", security.READER_COMMANDS)):
+    writer = {command.name: command for command in code_tables()["writer"]}
+    for role in (security.PUBLISHERS, security.READERS):
+        allowed = {name for name, command in writer.items() if role in command.roles}
         row = next(line for line in page.splitlines() if line.startswith(f"| `{role}/*.key`"))
         documented = set(re.findall(r"`([a-z_]+)`", row.split("|")[3]))
         assert allowed <= documented, (role, allowed - documented)
@@ -283,3 +285,124 @@ def test_the_documented_seal_record_example_is_what_the_code_computes() -> None:
     fields = (3, 1, 40, 30, 1, bytes(range(32)), ["orders.", "trades."])
     assert seal_record(*fields) == bytes.fromhex(record.group(1).replace(" ", ""))
     assert seal_document(SEAL_RECORD, *fields) == bytes.fromhex(digest.group(1))
+
+
+# --- the command tables: docs/protocol.md against each process's table -------
+
+class _Parts:
+    """Stands in for a process's parts where only its command table is read:
+    every attribute is another stand-in (a handler is never called)."""
+
+    def __getattr__(self, name: str) -> _Parts:
+        return _Parts()
+
+
+def code_tables() -> dict[str, list[control.Command]]:
+    """Each process's command table, as its code declares it (no process
+    started: the writer's over stand-in parts, the others' as constructed)."""
+    from anchor.worker import AnchorWorker
+    from bus.config import load_config
+    from proxy.service import Proxy
+    from reader.service import Reader
+    from writer.commands import writer_table
+    config = load_config({"db": "/nonexistent/bus.db"}, env={})
+    tables = {"writer": control.Dispatcher(writer_table(_Parts()), None).table}  # type: ignore
+    for process, kind in (("reader", Reader), ("proxy", Proxy), ("anchor worker", AnchorWorker)):
+        tables[process] = kind(config).dispatcher.table
+    return {process: list(table) for process, table in tables.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentedCommand:
+    process: str
+    name: str
+    args: frozenset[str]
+    roles: frozenset[str]
+    errors: frozenset[str]
+    line: int
+
+
+def documented_commands(text: str) -> list[DocumentedCommand]:
+    """Every row of a command table of the page: a table whose header has
+    `cmd`, `args`, who and errors columns (and Process, or the writer's).
+    Arguments and codes are the lowercase names in backticks of their cells
+    (a value is written quoted, `"smallest"`; a setting in capitals); who, the
+    key lists named in its cell."""
+    rows: list[DocumentedCommand] = []
+    columns: list[str] | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.startswith("|"):
+            columns = None
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if columns is None:
+            columns = cells if {"`cmd`", "`args`", "who", "errors"} <= set(cells) else []
+            continue
+        if not columns or set(line) <= set("|- "):
+            continue
+        row = dict(zip(columns, cells))
+        names = re.findall(r"`([a-z_]+)`", row["`cmd`"])
+        assert len(names) == 1, f"docs/protocol.md:{number}: one command a row: {line[:80]}"
+        rows.append(DocumentedCommand(
+            row.get("Process", "writer"), names[0],
+            frozenset(re.findall(r"`([a-z_][a-z0-9_]*)`", row["`args`"])),
+            frozenset(re.findall(r"\b(admins|publishers|readers)\b", row["who"])),
+            frozenset(re.findall(r"`([a-z_][a-z0-9_]*)`", row["errors"])), number))
+    return rows
+
+
+def table_differences(text: str, tables: dict[str, list[control.Command]]) -> list[str]:
+    """What docs/protocol.md's command tables say otherwise than the code's."""
+    documented = documented_commands(text)
+    problems = []
+    seen = [(row.process, row.name) for row in documented]
+    problems += [f"{process} {name}: documented twice" for process, name in sorted(set(seen))
+                 if seen.count((process, name)) > 1]
+    by_name = {(row.process, row.name): row for row in documented}
+    for process, commands in tables.items():
+        for command in commands:
+            row = by_name.pop((process, command.name), None)
+            if row is None:
+                problems.append(f"{process} {command.name}: in no table of docs/protocol.md")
+                continue
+            args = {*command.args, *(["request_id"] if command.request_id is not None else [])}
+            roles = {*command.roles, security.ADMINS}
+            for what, code, doc in (("args", args, row.args), ("who", roles, row.roles),
+                                    ("errors", command.codes, row.errors)):
+                if set(code) != set(doc):
+                    problems.append(f"docs/protocol.md:{row.line}: {process} {command.name} "
+                                    f"{what}: the code has {sorted(code)}, the page "
+                                    f"{sorted(doc)}")
+    problems += [f"docs/protocol.md:{row.line}: {row.process} {row.name}: no such command in "
+                 "its code" for row in by_name.values()]
+    return problems
+
+
+def test_the_command_tables_are_the_code_s() -> None:
+    """Every command of every process is in a table of docs/protocol.md, with
+    the arguments, the key lists that may run it and the error codes its
+    declaration in the code names (bus/control.Command), and every command
+    documented exists."""
+    tables = code_tables()
+    assert min(len(commands) for commands in tables.values()) > 1, tables
+    assert table_differences(PROTOCOL_MD.read_text(), tables) == []
+
+
+def test_the_table_check_sees_a_wrong_row() -> None:
+    """A row with an argument, a key list or a code the code does not have,
+    or a command the code does not have, is named."""
+    tables = code_tables()
+    text = PROTOCOL_MD.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| writer | `consumer_get`"))
+    wrong = row.replace("| `consumer` | readers, admins | `bad_request` |",
+                        "| `consumer`, `limit` | publishers, admins | `bad_request`, `busy` |")
+    assert wrong != row
+    problems = table_differences(text.replace(row, wrong + "\n" + row.replace(
+        "`consumer_get`", "`consumer_gone`")), tables)
+    assert [problem.split(": ", 1)[1] for problem in problems] == [
+        "writer consumer_get args: the code has ['consumer'], the page ['consumer', 'limit']",
+        "writer consumer_get who: the code has ['admins', 'readers'], the page "
+        "['admins', 'publishers']",
+        "writer consumer_get errors: the code has ['bad_request'], the page "
+        "['bad_request', 'busy']",
+        "writer consumer_gone: no such command in its code"], problems

@@ -19,21 +19,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from bus.protocol import FORBIDDEN, QUOTA_EXCEEDED, TOO_MANY_CONSUMERS
+from bus.control import CommandFailed
+from bus.protocol import BAD_REQUEST, FORBIDDEN, QUOTA_EXCEEDED, TOO_MANY_CONSUMERS
 from storage.sessions import ConsumptionRow
 
 MAX_NAME_CHARS = 128
 
 
-class ConsumerError(ValueError):
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-
-
 def check_name(name: Any) -> str:
     if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS and name.isprintable()):
-        raise ConsumerError("bad_request",
+        raise CommandFailed(BAD_REQUEST,
                             f"'consumer' must be a printable string of 1-{MAX_NAME_CHARS} chars")
     return name
 
@@ -58,15 +53,15 @@ class ConsumerPositions:
         # A name first acknowledged while CURVE was off is its first key's now.
         owner = (current[2] if current is not None else None) or user
         if user is not None and owner != user:
-            raise ConsumerError(FORBIDDEN, f"consumer {name!r} belongs to another key: "
+            raise CommandFailed(FORBIDDEN, f"consumer {name!r} belongs to another key: "
                                            "acknowledge under your own consumer name")
         if type(last_id) is not int or last_id < 0:
-            raise ConsumerError("bad_request", "'last_id' must be a non-negative integer")
+            raise CommandFailed(BAD_REQUEST, "'last_id' must be a non-negative integer")
         if last_id > newest_id:
-            raise ConsumerError("bad_request", f"'last_id' {last_id} is beyond the newest "
-                                               f"stored message ({newest_id})")
+            raise CommandFailed(BAD_REQUEST, f"'last_id' {last_id} is beyond the newest "
+                                             f"stored message ({newest_id})")
         if current is None and len(self.positions) >= self.max_consumers:
-            raise ConsumerError(TOO_MANY_CONSUMERS,
+            raise CommandFailed(TOO_MANY_CONSUMERS,
                                 f"{self.max_consumers} consumers exist (BUS_MAX_CONSUMERS); "
                                 "delete unused ones")
         claims = current is not None and current[2] is None and user is not None
@@ -84,7 +79,7 @@ class ConsumerPositions:
         """May `user` own one more consumer name? (The writer names the quota
         and the key in its reply, and counts the refusal: writer/quotas.py.)"""
         if self.max_per_key and self.owned[user] >= self.max_per_key:
-            raise ConsumerError(QUOTA_EXCEEDED,
+            raise CommandFailed(QUOTA_EXCEEDED,
                                 f"owns {self.owned[user]} durable consumers "
                                 f"(BUS_MAX_CONSUMERS_PER_KEY={self.max_per_key}); an admin can "
                                 "delete unused ones (bus-cli consumers rm)")

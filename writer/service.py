@@ -44,13 +44,14 @@ from bus.runner import StopSignal, release_free_memory
 from writer.anchors import AnchorBook
 from writer.audit import AuditBook
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
-from writer.consumers import ConsumerError, ConsumerPositions
+from writer.commands import writer_table
+from writer.consumers import ConsumerPositions
 from writer.health import writer_health
 from writer.producers import MAX_SEQ_AHEAD, NotAuthentic, ProducerLedger, ProducerState, describe
 from writer.quotas import KeyQuotas
 import storage
 from storage import audit as audit_rows
-from writer.utxos import UtxoBook, UtxoError
+from writer.utxos import UtxoBook
 
 log = get_logger("writer")
 
@@ -157,15 +158,13 @@ def load_page(stats: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def consumer_errors(quotas: KeyQuotas | None = None, user: str | None = None) -> Iterator[None]:
-    """writer/consumers.py's refusals, as control replies (a quota's counted
-    and named by `quotas`)."""
+    """writer/consumers.py's refusals, a quota's counted and named by `quotas`."""
     try:
         yield
-    except ConsumerError as exc:
+    except control.CommandFailed as exc:
         if exc.code == protocol.QUOTA_EXCEEDED and quotas is not None and user is not None:
-            raise quotas.refuse("consumers_per_key", user, str(exc)) from None
-        raise control.CommandFailed(exc.code, str(exc),
-                                    bad_input=exc.code == protocol.BAD_REQUEST) from None
+            raise quotas.refuse("consumers_per_key", user, exc.reason) from None
+        raise
 
 
 def producer_arg(request: control.Request) -> str:
@@ -258,8 +257,8 @@ class Writer:
                                 security.ADMINS in keys.roles_of(key))
         self.utxos = UtxoBook(self.store.conn, self.store.transaction, cfg.utxo_max_lease_s,
                               cfg.utxo_request_ttl_s)
-        self.anchors = AnchorBook(self.utxos)
-        self.audit = AuditBook(self.utxos)
+        self.anchors = AnchorBook(self.store.conn, self.utxos.spend)
+        self.audit = AuditBook(self.store.conn)
         if not cfg.audit_prefixes and audit_rows.last_sealed_id(self.store.conn):
             log.warning("retention_ignores_seals", reason="the database has audit seals and "
                         "BUS_AUDIT_PREFIXES is not set here: retention does not wait for the "
@@ -779,22 +778,10 @@ class Writer:
 
     # --- control endpoint ---------------------------------------------------
 
-    def control_commands(self) -> dict[str, control.Handler]:
-        """The writer's control commands (docs/protocol.md, "Control requests")."""
-        commands: dict[str, control.Handler] = {
-            "stats": lambda _request: self.stats(time.monotonic()),
-            "flush": self._flush_command,
-            "consumer_ack": self._consumer_ack, "consumer_get": self._consumer_get,
-            "consumer_delete": self._consumer_delete,
-            "producer_open": self._producer_open, "producer_status": self._producer_status,
-            # Admins only (bus/security.py): `bus-cli producers ls|info|rm`.
-            "producers_list": self._producers_list, "producer_info": self._producer_info,
-            "producer_remove": self._producer_remove,
-        }
-        # The wallet's and the anchor records' commands (writer/utxos.py,
-        # writer/anchors.py); each is committed before its reply.
-        commands.update(dict.fromkeys(self.utxos.handlers, self._wallet_command))
-        return commands
+    def control_commands(self) -> control.CommandTable:
+        """The writer's control commands (writer/commands.py; docs/protocol.md,
+        "Control requests")."""
+        return writer_table(self)
 
     def _flush_command(self, _request: control.Request) -> dict[str, int]:
         items = len(self.buffer)
@@ -911,18 +898,6 @@ class Writer:
                  max_seq=state.max_seq, by_key=request.user)
         return {"producer": producer, "removed": True, "epoch": state.epoch,
                 "max_seq": state.max_seq, "owner": owner}
-
-    def _wallet_command(self, request: control.Request) -> Any:
-        """A busy database is answered `unavailable`: retry."""
-        try:
-            return self.utxos.handle(request.cmd, request.args)
-        except UtxoError as exc:
-            raise control.CommandFailed(exc.code, str(exc),
-                                        bad_input=exc.code == protocol.BAD_REQUEST) from None
-        except self.store.transient_errors as exc:
-            log.warning("wallet_request_failed", cmd=request.cmd, error=str(exc))
-            raise control.CommandFailed(protocol.UNAVAILABLE,
-                                        f"database busy ({type(exc).__name__}); retry") from None
 
     def snapshot(self) -> dict[str, Any]:
         return self.stats(time.monotonic())

@@ -1,10 +1,11 @@
 """The wallet's UTXOs: reservations under leases, spends, and wallet sync.
 
 The writer owns the `utxos` table (schema in storage/schema.py and
-docs/protocol.md; its queries in storage/utxos.py); the anchor worker reaches it over the control endpoint with
-the `utxo_*` commands handled here. Each command that changes a row is one
-transaction, committed before the reply is sent: a reply always describes
-what is on disk, so a crash of either side never hands out a UTXO twice.
+docs/protocol.md; its queries in storage/utxos.py); the anchor worker reaches
+it over the control endpoint with the `utxo_*` commands handled here. Each
+command is one transaction (writer/commands.py runs it), committed before the
+reply is sent: a reply always describes what is on disk, so a crash of either
+side never hands out a UTXO twice.
 
 Why it holds:
 - The writer is single-threaded and answers one request at a time; a
@@ -13,8 +14,8 @@ Why it holds:
 - A lease has an expiry; expired leases are returned to the pool before every
   command and once a second, so a crashed worker's UTXOs come back.
 - A mutating request carries a `request_id`; its reply is stored with the
-  change, and a retry with the same id (a lost reply, a writer restart)
-  gets that stored reply instead of a second change.
+  change (writer/commands.py), and a retry with the same id (a lost reply, a
+  writer restart) gets that stored reply instead of a second change.
 
 Confirmations are not stored per row: a row keeps the height of the block that
 confirmed it, and the wallet's tip height is kept once, so a new block is one
@@ -25,73 +26,25 @@ available answers with one range seek on the amount.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import secrets
 import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
-import storage
-from bus.protocol import REQUEST_ID_REUSED
-from storage import utxos as rows_of
+from bus.control import CommandFailed, check_int, check_str, check_txid
+from bus.protocol import BAD_REQUEST, LEASE_EXPIRED, NO_UTXO, NOT_FOUND, UTXO_SPENT
+from storage import utxos as utxo_rows
 from storage.utxos import RESERVED, SPENT, STATUS_NAMES, read_tip, write_tip
 
 MAX_SAT = 21_000_000 * 100_000_000
 MAX_ROWS_PER_REQUEST = 5000      # utxo_upsert / utxo_remove rows per request
 SWEEP_CHUNK_ROWS = 5000          # rows one utxo_sweep or request pruning touches
 POLICIES = ("smallest", "largest")
-_TXID = re.compile(r"[0-9a-f]{64}\Z")
-
-class UtxoError(ValueError):
-    """A request that cannot be carried out; `code` is the error reply's code."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-
-
-def request_fingerprint(cmd: str, args: dict[str, Any]) -> bytes:
-    """What a retry must repeat: the command and its arguments (but the id).
-    A stored reply answers only the request it was the reply to: the same id
-    with other arguments (a fee bump rebuilt after a lost reply) would get a
-    reply about a transaction it does not carry."""
-    body = sorted((key, value) for key, value in args.items() if key != "request_id")
-    return hashlib.sha256(msgpack.packb([cmd, body])).digest()
-
-
-# --- argument checks (shared with writer/anchors.py) -------------------------
-
-def check_int(args: dict[str, Any], key: str, low: int, high: int, default: Any = ...) -> int:
-    value = args.get(key, default)
-    if value is ...:
-        raise UtxoError("bad_request", f"missing '{key}'")
-    if type(value) is not int or not low <= value <= high:
-        raise UtxoError("bad_request", f"'{key}' must be an integer in {low}..{high}")
-    return value
-
-
-def check_str(args: dict[str, Any], key: str, required: bool = True,
-              max_len: int = 128) -> str | None:
-    value = args.get(key)
-    if value is None and not required:
-        return None
-    if not (isinstance(value, str) and 0 < len(value) <= max_len and value.isprintable()):
-        raise UtxoError("bad_request", f"'{key}' must be a printable string of 1-{max_len} chars")
-    return value
-
-
-def check_txid(value: Any, key: str = "txid") -> str:
-    if not (isinstance(value, str) and _TXID.match(value)):
-        raise UtxoError("bad_request", f"'{key}' must be 64 lowercase hex characters")
-    return value
 
 
 def _utxo_row(item: Any, generation: int, now_ns: int) -> tuple[Any, ...]:
     if not isinstance(item, dict):
-        raise UtxoError("bad_request", "each UTXO must be a map")
+        raise CommandFailed(BAD_REQUEST, "each UTXO must be a map")
     height = item.get("block_height")
     if height is not None:
         height = check_int(item, "block_height", 0, 10**9)
@@ -106,23 +59,23 @@ def _utxo_row(item: Any, generation: int, now_ns: int) -> tuple[Any, ...]:
 
 def _outpoint(item: Any) -> tuple[str, int]:
     if not (isinstance(item, (list, tuple)) and len(item) == 2):
-        raise UtxoError("bad_request", "an outpoint is [txid, vout]")
+        raise CommandFailed(BAD_REQUEST, "an outpoint is [txid, vout]")
     return check_txid(item[0]), check_int({"vout": item[1]}, "vout", 0, 2**32 - 1)
 
 
 def _rows(args: dict[str, Any], key: str) -> list[Any]:
     items = args.get(key)
     if not isinstance(items, list) or len(items) > MAX_ROWS_PER_REQUEST:
-        raise UtxoError("bad_request",
-                        f"'{key}' must be a list of at most {MAX_ROWS_PER_REQUEST} items")
+        raise CommandFailed(BAD_REQUEST,
+                            f"'{key}' must be a list of at most {MAX_ROWS_PER_REQUEST} items")
     return items
 
 
 class UtxoBook:
-    """The `utxo_*` commands over the writer's connection.
-
-    `transaction` is Store.transaction: one BEGIN IMMEDIATE ... COMMIT.
-    """
+    """The `utxo_*` commands over the writer's connection, each run in one
+    transaction by writer/commands.py (which returns run-out leases to the
+    pool first: `expire`). `transaction` is Store.transaction, one BEGIN
+    IMMEDIATE ... COMMIT, for the upkeep that runs outside a command."""
 
     def __init__(self, conn: Any, transaction: Callable[[], Any],
                  max_lease_s: float, request_ttl_s: float) -> None:
@@ -135,70 +88,6 @@ class UtxoBook:
                          "upserted": 0, "removed": 0, "restored": 0, "swept": 0,
                          "errors": 0}
         self.tip_height, self.tip_hash = read_tip(conn)
-        self.handlers: dict[str, Callable[[dict[str, Any], int], Any]] = {
-            "utxo_reserve": self.reserve, "utxo_renew": self.renew,
-            "utxo_release": self.release, "utxo_spend": self.spend,
-            "utxo_upsert": self.upsert, "utxo_remove": self.remove,
-            "utxo_restore": self.restore,
-            "utxo_sweep": self.sweep, "utxo_tip": self.set_tip, "utxo_get": self.get,
-        }
-        # Commands whose reply is stored under their request_id (required if listed).
-        self.idempotent = {"utxo_reserve": True, "utxo_renew": False, "utxo_release": False,
-                           "utxo_spend": False}
-
-    def register(self, cmd: str, handler: Callable[[dict[str, Any], int], Any],
-                 request_id: bool | None = None) -> None:
-        """Add a command run like the utxo_* ones (the anchor records use it):
-        one transaction; request_id True: required and its reply stored,
-        False: optional, None: not used."""
-        self.handlers[cmd] = handler
-        if request_id is not None:
-            self.idempotent[cmd] = request_id
-
-    # --- dispatch -------------------------------------------------------------
-
-    def handle(self, cmd: str, args: dict[str, Any]) -> Any:
-        """Run one command; raises UtxoError for a refused request.
-
-        A mutating command with a `request_id` seen before returns the stored
-        reply of its first run without running again.
-        """
-        handler = self.handlers.get(cmd)
-        if handler is None:
-            raise UtxoError("unknown_command", f"no command {cmd!r}")
-        now_ns = time.time_ns()
-        request_id = None
-        if cmd in self.idempotent:
-            request_id = check_str(args, "request_id", required=self.idempotent[cmd])
-        refused: UtxoError | None = None
-        fingerprint = request_fingerprint(cmd, args) if request_id is not None else b""
-        with self.transaction():
-            if request_id is not None:
-                stored = rows_of.stored_reply(self.conn, request_id)
-                if stored is not None:
-                    reply, stored_fingerprint = stored
-                    if stored_fingerprint not in (None, fingerprint):
-                        self.counters["errors"] += 1
-                        raise UtxoError(REQUEST_ID_REUSED, f"request id {request_id!r} was used"
-                                        " for another request (other arguments), whose reply"
-                                        " stands: a new request needs a new id")
-                    self.counters["replayed"] += 1
-                    return msgpack.unpackb(reply, raw=False)
-            # Leases that have run out go back to the pool first, so that every
-            # command sees them as expired (an index probe when none has).
-            self._expire(now_ns)
-            try:
-                with storage.savepoint(self.conn, rollback_on=UtxoError):
-                    result = handler(args, now_ns)  # a refused command leaves nothing behind
-                    if request_id is not None:
-                        rows_of.store_reply(self.conn, request_id, msgpack.packb(result),
-                                            fingerprint, now_ns)
-            except UtxoError as exc:
-                refused = exc
-        if refused is not None:
-            self.counters["errors"] += 1
-            raise refused
-        return result
 
     # --- leases ---------------------------------------------------------------
 
@@ -209,18 +98,18 @@ class UtxoBook:
         lease_s = self._lease_seconds(args)
         policy = args.get("policy", "smallest")
         if policy not in POLICIES:
-            raise UtxoError("bad_request", f"'policy' must be one of {', '.join(POLICIES)}")
+            raise CommandFailed(BAD_REQUEST, f"'policy' must be one of {', '.join(POLICIES)}")
         min_conf = check_int(args, "min_confirmations", 0, 10**6, 1)
         owner = check_str(args, "owner", required=False)
         if min_conf and self.tip_height is None:
             raise self._no_utxo(amount, min_conf, "the wallet tip is unknown (no sync yet)")
-        row = rows_of.pick(self.conn, policy, amount,
-                           self.tip_height - min_conf + 1 if min_conf else None)
+        row = utxo_rows.pick(self.conn, policy, amount,
+                             self.tip_height - min_conf + 1 if min_conf else None)
         if row is None:
             raise self._no_utxo(amount, min_conf, "")
         lease_id = secrets.token_hex(12)
         expires_ns = now_ns + int(lease_s * 1e9)
-        if not rows_of.lease(self.conn, row[0], row[1], lease_id, expires_ns, owner, now_ns):
+        if not utxo_rows.lease(self.conn, row[0], row[1], lease_id, expires_ns, owner, now_ns):
             # Cannot happen: one thread, one transaction.
             raise RuntimeError(f"UTXO {row[0]}:{row[1]} changed under a reservation")
         self.counters["reserved"] += 1
@@ -230,23 +119,23 @@ class UtxoBook:
         lease_s = args.get("lease_seconds")
         if not isinstance(lease_s, (int, float)) or isinstance(lease_s, bool) \
                 or not 0 < lease_s <= self.max_lease_s:
-            raise UtxoError("bad_request", f"'lease_seconds' must be in (0, {self.max_lease_s}]"
-                                           " (BUS_UTXO_MAX_LEASE_S)")
+            raise CommandFailed(BAD_REQUEST, f"'lease_seconds' must be in (0, {self.max_lease_s}]"
+                                             " (BUS_UTXO_MAX_LEASE_S)")
         return lease_s
 
-    def _no_utxo(self, amount: int, min_conf: int, why: str) -> UtxoError:
-        self.counters["no_utxo"] += 1
-        largest = rows_of.largest_available(self.conn)
-        return UtxoError("no_utxo", why or (
+    def _no_utxo(self, amount: int, min_conf: int, why: str) -> CommandFailed:
+        self.counters[NO_UTXO] += 1
+        largest = utxo_rows.largest_available(self.conn)
+        return CommandFailed(NO_UTXO, why or (
             f"no available UTXO of at least {amount} sat with {min_conf} confirmations "
             f"(largest available: {largest if largest is not None else 'none'} sat)"))
 
     def _leased(self, args: dict[str, Any], now_ns: int) -> tuple[Any, ...]:
         lease_id = check_str(args, "lease_id", max_len=64)
-        row = rows_of.by_lease(self.conn, lease_id)
+        row = utxo_rows.by_lease(self.conn, lease_id)
         if row is None or (row[7] == RESERVED and row[8] <= now_ns):
-            raise UtxoError("lease_expired", f"lease {lease_id} does not exist or has expired;"
-                                             " its UTXO is back in the pool")
+            raise CommandFailed(LEASE_EXPIRED, f"lease {lease_id} does not exist or has expired;"
+                                               " its UTXO is back in the pool")
         return row
 
     def renew(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
@@ -254,9 +143,9 @@ class UtxoBook:
         lease_s = self._lease_seconds(args)
         row = self._leased(args, now_ns)
         if row[7] != RESERVED:
-            raise UtxoError("utxo_spent", f"lease {args['lease_id']} already spent its UTXO")
+            raise CommandFailed(UTXO_SPENT, f"lease {args['lease_id']} already spent its UTXO")
         expires_ns = now_ns + int(lease_s * 1e9)
-        rows_of.renew(self.conn, args["lease_id"], expires_ns, now_ns)
+        utxo_rows.renew(self.conn, args["lease_id"], expires_ns, now_ns)
         self.counters["renewed"] += 1
         return {"lease_id": args["lease_id"], "expires_ns": expires_ns}
 
@@ -264,7 +153,7 @@ class UtxoBook:
         """{lease_id} -> {released}: the UTXO is available again. Releasing an
         unknown or expired lease is not an error (released: false)."""
         lease_id = check_str(args, "lease_id", max_len=64)
-        released = rows_of.release(self.conn, lease_id, now_ns)
+        released = utxo_rows.release(self.conn, lease_id, now_ns)
         self.counters["released"] += released
         return {"lease_id": lease_id, "released": released}
 
@@ -279,29 +168,32 @@ class UtxoBook:
                                                                 "change")]
         for item in change:
             if item[0] != spending:
-                raise UtxoError("bad_request", "change outputs must belong to 'spending_txid'")
+                raise CommandFailed(BAD_REQUEST, "change outputs must belong to 'spending_txid'")
         row = self._leased(args, now_ns)
         txid, vout, status, previous = row[0], row[1], row[7], row[9]
         replaced = None
         if status == SPENT:
             if previous != spending:
                 replaced = previous
-                rows_of.drop_unspent_outputs(self.conn, previous)
+                utxo_rows.drop_unspent_outputs(self.conn, previous)
                 self.counters["replaced"] += 1
         else:
             self.counters["spent"] += 1
-        rows_of.mark_spent(self.conn, txid, vout, spending, now_ns)
-        rows_of.upsert(self.conn, change)
+        utxo_rows.mark_spent(self.conn, txid, vout, spending, now_ns)
+        utxo_rows.upsert(self.conn, change)
         return {"txid": txid, "vout": vout, "spending_txid": spending,
                 "replaced_txid": replaced, "change": len(change)}
 
     def expire_leases(self) -> int:
         """Return every expired lease's UTXO to the pool (its own transaction)."""
         with self.transaction():
-            return self._expire(time.time_ns())
+            return self.expire(time.time_ns())
 
-    def _expire(self, now_ns: int) -> int:
-        expired = rows_of.expire_leases(self.conn, now_ns)
+    def expire(self, now_ns: int) -> int:
+        """Return the UTXOs of leases run out by `now_ns` to the pool, in the
+        caller's transaction: before every command, so that each sees them as
+        expired (an index probe when none has)."""
+        expired = utxo_rows.expire_leases(self.conn, now_ns)
         self.counters["expired"] += expired
         return expired
 
@@ -309,7 +201,7 @@ class UtxoBook:
         """Forget stored replies older than BUS_UTXO_REQUEST_TTL_S, a chunk at a time."""
         cutoff = time.time_ns() - int(self.request_ttl_s * 1e9)
         with self.transaction():
-            return rows_of.prune_replies(self.conn, cutoff, SWEEP_CHUNK_ROWS)
+            return utxo_rows.prune_replies(self.conn, cutoff, SWEEP_CHUNK_ROWS)
 
     # --- wallet sync ----------------------------------------------------------
 
@@ -319,7 +211,7 @@ class UtxoBook:
         known ones get their block and generation, never a new status."""
         generation = check_int(args, "generation", 0, 2**62, 0)
         rows = [_utxo_row(item, generation, now_ns) for item in _rows(args, "utxos")]
-        rows_of.upsert(self.conn, rows)
+        utxo_rows.upsert(self.conn, rows)
         self.counters["upserted"] += len(rows)
         return {"upserted": len(rows)}
 
@@ -334,7 +226,7 @@ class UtxoBook:
         removed = 0
         for txid, vout in points:
             # The lease goes too: its holder's spend or renew is refused.
-            removed += rows_of.mark_removed(self.conn, txid, vout, spending, now_ns)
+            removed += utxo_rows.mark_removed(self.conn, txid, vout, spending, now_ns)
         self.counters["removed"] += removed
         return {"removed": removed}
 
@@ -347,7 +239,7 @@ class UtxoBook:
         spent_txid = check_txid(args.get("spent_txid"), "spent_txid")
         restored = 0
         for txid, vout in (_outpoint(item) for item in _rows(args, "outpoints")):
-            restored += rows_of.restore(self.conn, txid, vout, spent_txid, now_ns)
+            restored += utxo_rows.restore(self.conn, txid, vout, spent_txid, now_ns)
         self.counters["restored"] += restored
         return {"restored": restored}
 
@@ -357,7 +249,7 @@ class UtxoBook:
         that nothing touched since it started are gone from the wallet; marks
         up to SWEEP_CHUNK_ROWS of them spent. Repeat while `more`."""
         generation = check_int(args, "generation", 0, 2**62)
-        swept = rows_of.sweep(self.conn, generation, now_ns, SWEEP_CHUNK_ROWS)
+        swept = utxo_rows.sweep(self.conn, generation, now_ns, SWEEP_CHUNK_ROWS)
         self.counters["swept"] += swept
         return {"swept": swept, "more": swept == SWEEP_CHUNK_ROWS}
 
@@ -375,9 +267,9 @@ class UtxoBook:
     def get(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{txid, vout} -> the row with its status and lease."""
         txid, vout = _outpoint([args.get("txid"), args.get("vout")])
-        row = rows_of.get(self.conn, txid, vout)
+        row = utxo_rows.get(self.conn, txid, vout)
         if row is None:
-            raise UtxoError("not_found", f"no UTXO {txid}:{vout}")
+            raise CommandFailed(NOT_FOUND, f"no UTXO {txid}:{vout}")
         return {**self._describe(row), "status": STATUS_NAMES[row[7]], "expires_ns": row[8],
                 "spending_txid": row[9], "lease_id": row[10]}
 

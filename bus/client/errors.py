@@ -17,7 +17,7 @@ class BusTimeout(BusError):
     """No answer within the timeout."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, "timeout")
+        super().__init__(message, protocol.TIMEOUT)
 
 
 class ProducerFenced(BusError):
