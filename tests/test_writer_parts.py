@@ -189,6 +189,15 @@ def test_sequential_mode_commits_each_message_on_its_own(build) -> None:
     assert batch_page({"batch": parts.commits.snapshot()})["batch_enabled"] is False
 
 
+def test_batch_write_enabled_is_read_in_one_place() -> None:
+    """Commits.sequential is the writer's one decision of BATCH_WRITE_ENABLED;
+    every other part asks it (issue 24: it was decided in three places)."""
+    package = Path(__file__).resolve().parent.parent / "writer"
+    reads = {path.name: path.read_text().count("batch_write_enabled")
+             for path in package.glob("*.py")}
+    assert {name: count for name, count in reads.items() if count} == {"commits.py": 1}
+
+
 # --- commits ----------------------------------------------------------------
 
 def test_commits_are_due_by_time_and_at_low_load_when_idle(build) -> None:
