@@ -27,6 +27,7 @@ from writer.notifications import Notifications
 from writer.producers import ProducerLedger
 from writer.retention import RETENTION_IDLE_SECONDS, Retention
 from writer.service import Writer
+from writer.upkeep import UTXO_UPKEEP_SECONDS, UtxoUpkeep
 
 # A receive that takes longer than this fails the test (pyzmq's test helpers' way).
 RECEIVE_TIMEOUT_MS = 5000
@@ -332,6 +333,34 @@ def test_retention_after_a_backlog_runs_again_at_once(build) -> None:
     retention.step(7.0)
     retention.step(7.0)
     assert len(stored(parts)) == 1 and retention.due_at == 7.0 + RETENTION_IDLE_SECONDS
+
+
+# --- UTXO upkeep -------------------------------------------------------------
+
+def test_utxo_upkeep_runs_once_a_second_and_outlives_a_busy_database() -> None:
+    class Book:  # writer/utxos.py UtxoBook's upkeep side
+        def __init__(self) -> None:
+            self.runs, self.busy = 0, False
+
+        def expire_leases(self) -> int:
+            if self.busy:
+                raise TimeoutError("database busy")
+            self.runs += 1
+            return 0
+
+        def prune_requests(self) -> int:
+            return 0
+
+    book = Book()
+    upkeep = UtxoUpkeep(book, (TimeoutError,))  # type: ignore[arg-type]
+    upkeep.step(10.0)
+    upkeep.step(10.0 + UTXO_UPKEEP_SECONDS / 2)
+    assert book.runs == 1
+    book.busy = True
+    upkeep.step(10.0 + UTXO_UPKEEP_SECONDS)  # logged, left for the next turn
+    book.busy = False
+    upkeep.step(10.0 + 2 * UTXO_UPKEEP_SECONDS)
+    assert book.runs == 2
 
 
 # --- the whole writer, stepped: metrics ---------------------------------------
