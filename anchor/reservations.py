@@ -7,12 +7,18 @@ reply is stuck), open a new one and send again, backing off, until
 safe because a mutating request carries a request id that stays the same
 across its retries: the writer answers a repeated id with the reply it stored
 the first time (see writer/utxos.py).
+
+The retries run to a deadline on `clock`, and `pause(seconds)` waits between
+them: the anchor worker's returns at once when the process is asked to stop
+(the call then raises its last error, as at the deadline), and a test's
+steps a clock of its own without sleeping.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -29,11 +35,20 @@ class NoUtxo(BusError):
     """No spendable UTXO matches the reservation."""
 
 
+def sleep_for(seconds: float) -> bool:
+    """The pause between retries outside a process that can be stopped."""
+    time.sleep(seconds)
+    return True
+
+
 class UtxoClient:
     def __init__(self, endpoint: str, *, timeout_ms: int = 1000, retry_for_s: float = 30.0,
                  owner: str | None = None, context: zmq.Context | None = None,
-                 curve: ClientKeys | None = None) -> None:
+                 curve: ClientKeys | None = None, clock: Callable[[], float] = time.monotonic,
+                 pause: Callable[[float], bool] = sleep_for) -> None:
         self.retry_for_s = retry_for_s
+        self.clock = clock
+        self.pause = pause    # waits between retries; False: stop retrying
         self.owner = owner
         self.retries = 0  # requests sent again after a timeout or a busy writer
         self._control = ControlClient(endpoint, timeout_ms=timeout_ms, context=context,
@@ -42,7 +57,7 @@ class UtxoClient:
     def call(self, cmd: str, args: dict[str, Any]) -> Any:
         """Send until answered or retry_for_s has passed; BusTimeout then.
         Other error replies raise BusError (NoUtxo for `no_utxo`) at once."""
-        deadline = time.monotonic() + self.retry_for_s
+        deadline = self.clock() + self.retry_for_s
         backoff = 0.05
         while True:
             try:
@@ -50,10 +65,12 @@ class UtxoClient:
             except BusError as exc:
                 if exc.code == protocol.NO_UTXO:
                     raise NoUtxo(str(exc), exc.code) from None
-                if exc.code not in RETRYABLE or time.monotonic() + backoff >= deadline:
+                if exc.code not in RETRYABLE or self.clock() + backoff >= deadline:
                     raise
+                failed = exc
             self.retries += 1
-            time.sleep(backoff)
+            if not self.pause(backoff):  # the process stops: no further retry
+                raise failed
             backoff = min(backoff * 2, 1.0)
 
     @staticmethod

@@ -22,6 +22,7 @@ import hmac
 import struct
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import msgpack
@@ -41,6 +42,22 @@ MAX_ANCHOR_REF_CHARS = 256
 ANCHOR_SUBMITTED_TOPIC = "anchor.submitted"  # txid, root, each document's inclusion proof
 ANCHOR_CONFIRMED_TOPIC = "anchor.confirmed"  # after BUS_ANCHOR_CONFIRMATIONS
 ANCHOR_ERROR_TOPIC = "anchor.error"          # a request refused, or anchoring held back
+
+
+class AnchorStatus(StrEnum):
+    """An anchor's state: stored in `anchors.status` and sent as is (anchor_*
+    replies, proofs), so the values never change. The anchor worker moves an
+    anchor along; the writer's `anchor_update` checks the move."""
+    SIGNED = "signed"          # recorded with its signed transaction, not yet broadcast
+    SUBMITTED = "submitted"    # broadcast (again `submitted` after a reorg took its block)
+    CONFIRMED = "confirmed"    # BUS_ANCHOR_CONFIRMATIONS deep in a block
+    FAILED = "failed"          # bitcoind refused its first transaction for good
+
+
+OPEN_ANCHOR_STATUSES = (AnchorStatus.SIGNED, AnchorStatus.SUBMITTED)  # not yet confirmed
+# `anchor_update`'s status asking a confirmed anchor back to `submitted`: a
+# reorg took its block away (a move, not a state an anchor is in).
+ANCHOR_UNCONFIRMED = "unconfirmed"
 
 # A history page (reader `history` reply) lists each message as an array in this order;
 # meta is the msgpack map as published (bytes), or nil.

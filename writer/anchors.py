@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bus.control import CommandFailed, check_hash32, check_int, check_str, check_txid
-from bus.protocol import ALREADY_ANCHORED, BAD_REQUEST, NOT_FOUND
+from bus.protocol import (ALREADY_ANCHORED, ANCHOR_UNCONFIRMED, BAD_REQUEST, NOT_FOUND,
+                          OPEN_ANCHOR_STATUSES, AnchorStatus)
 from storage import anchors as anchor_rows
 from storage import utxos as utxo_rows
 
@@ -106,7 +107,7 @@ class AnchorBook:
         -> {anchor_id, txid, replaced_txid}: a fee bump of the same input."""
         anchor = self._anchor(args)
         raw_tx, fee, size, tip = self._tx_fields(args)
-        if anchor["status"] not in ("signed", "submitted"):
+        if anchor["status"] not in OPEN_ANCHOR_STATUSES:
             raise CommandFailed(BAD_REQUEST, f"anchor {anchor['anchor_id']} is {anchor['status']}")
         if fee <= anchor["fee_sat"]:
             raise CommandFailed(BAD_REQUEST, "a replacement must pay a higher fee")
@@ -126,14 +127,16 @@ class AnchorBook:
         block away (it is `submitted` again)."""
         anchor = self._anchor(args)
         status = args.get("status")
-        allowed = {"submitted": ("signed", "submitted"), "unconfirmed": ("confirmed",),
-                   "confirmed": ("signed", "submitted", "confirmed")}.get(status)
+        allowed = {AnchorStatus.SUBMITTED: OPEN_ANCHOR_STATUSES,
+                   ANCHOR_UNCONFIRMED: (AnchorStatus.CONFIRMED,),
+                   AnchorStatus.CONFIRMED: (*OPEN_ANCHOR_STATUSES, AnchorStatus.CONFIRMED),
+                   }.get(status)
         if allowed is not None and anchor["status"] not in allowed:
             raise CommandFailed(BAD_REQUEST, f"anchor {anchor['anchor_id']} is {anchor['status']}:"
                                              f" it cannot become {status}")
-        if status == "submitted":
+        if status == AnchorStatus.SUBMITTED:
             anchor_rows.mark_submitted(self.conn, anchor["anchor_id"], now_ns)
-        elif status == "confirmed":
+        elif status == AnchorStatus.CONFIRMED:
             txid = check_txid(args.get("txid", anchor["txid"]))
             if txid not in [anchor["txid"], *anchor["replaced_txids"]]:
                 raise CommandFailed(BAD_REQUEST, f"{txid} is not a transaction of this anchor")
@@ -144,14 +147,14 @@ class AnchorBook:
                 utxo_rows.set_spender(self.conn, anchor["utxo_txid"], anchor["utxo_vout"], txid,
                                       now_ns)
             anchor_rows.mark_confirmed(self.conn, anchor["anchor_id"], txid,
-                                       check_txid(args.get("block_hash"), "block_hash"),
-                                       check_int(args, "block_height", 0, 10**9), now_ns)
-            self.counters["confirmed"] += anchor["status"] != "confirmed"
-        elif status == "unconfirmed":
+                                   check_txid(args.get("block_hash"), "block_hash"),
+                                   check_int(args, "block_height", 0, 10**9), now_ns)
+            self.counters["confirmed"] += anchor["status"] != AnchorStatus.CONFIRMED
+        elif status == ANCHOR_UNCONFIRMED:
             # A reorg took its block away: tracked (and confirmed) again.
             self.counters["unconfirmed"] += anchor_rows.mark_unconfirmed(self.conn,
-                                                                         anchor["anchor_id"])
-            status = "submitted"
+                                                                     anchor["anchor_id"])
+            status = AnchorStatus.SUBMITTED
         else:
             raise CommandFailed(BAD_REQUEST, "'status' must be submitted, confirmed or unconfirmed")
         return {"anchor_id": anchor["anchor_id"], "status": status}
@@ -162,7 +165,7 @@ class AnchorBook:
         UTXO goes back to the pool, unless `inputs_spent` (spent elsewhere)."""
         anchor = self._anchor(args)
         reason = check_str(args, "reason", max_len=500)
-        if anchor["status"] != "signed":
+        if anchor["status"] != AnchorStatus.SIGNED:
             raise CommandFailed(BAD_REQUEST, f"anchor {anchor['anchor_id']} is {anchor['status']};"
                                              " only a transaction never accepted can fail")
         anchor_rows.mark_failed(self.conn, anchor["anchor_id"], reason)
@@ -170,7 +173,7 @@ class AnchorBook:
         if not args.get("inputs_spent"):
             utxo_rows.return_to_pool(self.conn, anchor["utxo_txid"], anchor["utxo_vout"], now_ns)
         self.counters["failed"] += 1
-        return {"anchor_id": anchor["anchor_id"], "status": "failed"}
+        return {"anchor_id": anchor["anchor_id"], "status": AnchorStatus.FAILED}
 
     def open_anchors(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """{} -> {anchors: [...]}: every anchor not yet confirmed, oldest first."""
