@@ -278,7 +278,7 @@ class Transactions:
         log.error("anchor_refused", anchor_id=anchor["anchor_id"], txid=anchor["txid"],
                   error=exc.message, documents_requeued=len(docs))
         self.events.emit(protocol.ANCHOR_ERROR_TOPIC, {
-            "error": "transaction_refused", "reason": exc.message, "txid": anchor["txid"],
+            "error": protocol.TRANSACTION_REFUSED, "reason": exc.message, "txid": anchor["txid"],
             "anchor_id": anchor["anchor_id"], "documents": len(docs)})
         self.events.flush()
 

@@ -196,18 +196,18 @@ class AnchorWorker:
             self.counters["no_utxo"] += 1
             self.events.emit(protocol.ANCHOR_ERROR_TOPIC, {
                 "error": protocol.NO_UTXO, "reason": str(exc), "documents": len(self.intake)})
-            self._hold_back(exc, "no_utxo", at())
+            self._hold_back(exc, protocol.NO_UTXO, at())
         except (RpcUnavailable, BusError) as exc:
             self.counters["unavailable"] += 1
             if isinstance(exc, RpcUnavailable):
                 self.blocks.error = str(exc)
-            self._hold_back(exc, "unavailable", at())
+            self._hold_back(exc, protocol.UNAVAILABLE, at())
         except RpcError as exc:  # bitcoind refused a call (wallet locked, say): not fatal
             self._hold_back(exc, "bitcoind_refused", at())
         except BuildFailed as exc:
             self.events.emit(protocol.ANCHOR_ERROR_TOPIC, {
-                "error": "build_failed", "reason": str(exc), "documents": len(self.intake)})
-            self._hold_back(exc, "build_failed", at())
+                "error": protocol.BUILD_FAILED, "reason": str(exc), "documents": len(self.intake)})
+            self._hold_back(exc, protocol.BUILD_FAILED, at())
         if self.events.publisher is not None:
             self.events.publisher.read_acks()
 

@@ -232,9 +232,6 @@ def test_bus_cli_health_loads_no_process() -> None:
 CODES_MODULE = ROOT / "bus" / "protocol.py"
 # The packages whose code answers, raises or compares error codes.
 CODE_PACKAGES = ("bus", "proxy", "writer", "reader", "anchor")
-# Files another change of issue 24 owns (the anchor worker's split): their
-# bare codes go when that change lands, and this entry with them.
-BARE_CODES_PENDING = {"anchor/worker.py"}
 LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
 
 
@@ -271,8 +268,7 @@ def test_no_error_code_is_written_as_a_bare_string() -> None:
     raised or compared: one spelling, which docs/protocol.md and the tests can
     find."""
     from bus import protocol
-    found = [hit for hit in bare_error_codes(ROOT, protocol.ERROR_CODES)
-             if hit.split(":")[0] not in BARE_CODES_PENDING]
+    found = bare_error_codes(ROOT, protocol.ERROR_CODES)
     assert found == [], "use bus/protocol.py's constant:\n" + "\n".join(found)
 
 
