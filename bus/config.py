@@ -156,9 +156,28 @@ def redact_url(value: str) -> str:
 
 
 # Who uses a setting: each process role (its flags: `bus-cli proxy --help`),
-# "publisher" (what a bus.client.Publisher reads: `bus-cli publish`), "curve"
-# (a client's CURVE keys: every command that talks to the bus takes them).
-ROLES = ("proxy", "writer", "reader", "anchor", "publisher", "curve")
+# then the clients, each named for what it talks to; a command's flags are the
+# settings of the roles it is a client of (role_fields: `bus-cli tail` is a
+# subscriber, a reader client and a proxy client, with CURVE keys).
+PROCESS_ROLES = ("proxy", "writer", "reader", "anchor")
+CLIENT_ROLES: dict[str, str] = {
+    "publisher": "what a bus.client.Publisher reads: the proxy, the writer's acks, the limits",
+    "subscriber": "what a bus.client.Subscriber reads: the proxy, the writer's (durable) acks",
+    "writer_client": "asks the writer (control endpoint)",
+    "reader_client": "asks the reader (history, proofs)",
+    "proxy_client": "asks the proxy (its control endpoint)",
+    "anchor_client": "asks the anchor worker, and the writer about its durable consumer",
+    "database": "opens the database itself (read-only or offline)",
+    "bitcoind": "calls bitcoind's RPC, each call given bitcoind's own 30 s",
+    "curve": "a client's CURVE keys: every command that talks to the bus takes them",
+    # Three narrower ones, where a command takes less than the roles above
+    # would give it (its flags are what they were):
+    "prober": "pings each process's control endpoint with its own --timeout-ms (ping, health)",
+    "anchor_requester": "publishes an anchor request (anchor submit): a Publisher without the "
+                        "size limits (one topic, a 32-byte hash)",
+    "bitcoind_deadline": "bounds each bitcoind call by BUS_REQUEST_TIMEOUT_MS (anchor verify)",
+}
+ROLES = (*PROCESS_ROLES, *CLIENT_ROLES)
 
 
 @dataclass(frozen=True)
@@ -219,10 +238,10 @@ def setting(env: str, default: Any, help: str, *, roles: tuple[str, ...],
 class BusConfig:
     pub_endpoint: str = setting(
         "BUS_PUB_ENDPOINT", "tcp://127.0.0.1:5550", "proxy SUB; publishers connect here",
-        roles=("proxy", "anchor", "publisher"), form=endpoint_problem)
+        roles=("proxy", "anchor", "publisher", "anchor_requester"), form=endpoint_problem)
     sub_endpoint: str = setting(
         "BUS_SUB_ENDPOINT", "tcp://127.0.0.1:5551", "proxy PUB; subscribers connect here",
-        roles=("proxy", "anchor"), form=endpoint_problem)
+        roles=("proxy", "anchor", "subscriber", "anchor_requester"), form=endpoint_problem)
     capture_endpoint: str = setting(
         "BUS_CAPTURE_ENDPOINT", "tcp://127.0.0.1:5552",
         "writer PULL (bound); the proxy's capture PUSH connects here",
@@ -230,21 +249,23 @@ class BusConfig:
     control_endpoint: str = setting(
         "BUS_CONTROL_ENDPOINT", "tcp://127.0.0.1:5553",
         "writer REP for trusted commands (stats, flush)",
-        roles=("writer", "anchor", "publisher"), form=endpoint_problem)
+        roles=("writer", "anchor", "publisher", "subscriber", "writer_client", "prober",
+               "anchor_requester"), form=endpoint_problem)
     proxy_control_endpoint: str = setting(
         "BUS_PROXY_CONTROL_ENDPOINT", "tcp://127.0.0.1:5554", "proxy REP for stats",
-        roles=("proxy",), form=endpoint_problem)
+        roles=("proxy", "proxy_client", "prober"), form=endpoint_problem)
     read_endpoint: str = setting(
         "BUS_READ_ENDPOINT", "tcp://127.0.0.1:5555",
         "reader REP: history pages from a read-only connection",
-        roles=("reader", "anchor"), form=endpoint_problem)
+        roles=("reader", "anchor", "reader_client", "prober"), form=endpoint_problem)
     notify_endpoint: str = setting(
         "BUS_NOTIFY_ENDPOINT", "tcp://127.0.0.1:5556",
         "writer XPUB: $bus.ack/nack/commit notifications; only the writer sends there",
-        roles=("writer", "anchor", "publisher"), form=endpoint_problem)
+        roles=("writer", "anchor", "publisher", "subscriber", "anchor_requester"),
+        form=endpoint_problem)
     anchor_control_endpoint: str = setting(
         "BUS_ANCHOR_CONTROL_ENDPOINT", "tcp://127.0.0.1:5557", "anchor worker REP: ping, stats",
-        roles=("anchor",), form=endpoint_problem)
+        roles=("anchor", "anchor_client", "prober"), form=endpoint_problem)
     writer_http: str = setting(
         "BUS_WRITER_HTTP", "",
         "host:port of the writer's HTTP side: /metrics, /metrics/batch, /metrics/load, /healthz "
@@ -272,7 +293,7 @@ class BusConfig:
         "BUS_DB", "bus.db",
         "SQLite database file (the writer creates it), or "
         "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
-        roles=("writer", "reader"), form=database_problem)
+        roles=("writer", "reader", "database"), form=database_problem)
     batch_write_enabled: bool = setting(
         "BATCH_WRITE_ENABLED", True, "false: one transaction per message (debug / comparison)",
         roles=("writer",))
@@ -305,7 +326,7 @@ class BusConfig:
         "BUS_SQLITE_BUSY_TIMEOUT_MS", 200,
         "a commit waits this long for a lock held by another process, then keeps its rows and "
         "retries in 0.5 s (the writer answers requests meanwhile)",
-        roles=("writer", "reader"), at_least=0)
+        roles=("writer", "reader", "database"), at_least=0)
     retention_max_age_s: float = setting(
         "BUS_RETENTION_MAX_AGE_S", 0.0, "delete messages committed longer ago than this (0: keep)",
         roles=("writer",), at_least=0, zero="0 turns the limit off")
@@ -343,16 +364,16 @@ class BusConfig:
     bitcoind_rpc_url: str = setting(
         "BUS_BITCOIND_RPC_URL", "http://127.0.0.1:8332",
         "bitcoind JSON-RPC (add /wallet/NAME for a named wallet)",
-        roles=("anchor",))
+        roles=("anchor", "bitcoind"))
     bitcoind_rpc_user: str = setting(
         "BUS_BITCOIND_RPC_USER", "", "RPC user (rpcauth)",
-        roles=("anchor",))
+        roles=("anchor", "bitcoind"))
     bitcoind_rpc_password: str = setting(
         "BUS_BITCOIND_RPC_PASSWORD", "", "RPC password",
-        roles=("anchor",), secret=True)
+        roles=("anchor", "bitcoind"), secret=True)
     bitcoind_rpc_cookie: str = setting(
         "BUS_BITCOIND_RPC_COOKIE", "", "bitcoind's .cookie file, instead of user and password",
-        roles=("anchor",))
+        roles=("anchor", "bitcoind"))
     bitcoind_zmq_hashblock: str = setting(
         "BUS_BITCOIND_ZMQ_HASHBLOCK", "",
         "bitcoind's -zmqpubhashblock endpoint (empty: learn blocks by polling only)",
@@ -407,7 +428,7 @@ class BusConfig:
     anchor_consumer: str = setting(
         "BUS_ANCHOR_CONSUMER", "anchor",
         "durable consumer name under which anchor.request messages are read",
-        roles=("anchor",))
+        roles=("anchor", "anchor_client"))
     anchor_sync_page: int = setting(
         "BUS_ANCHOR_SYNC_PAGE", 1000,
         "most wallet outputs the wallet sync holds at once (one listunspent page)",
@@ -529,7 +550,9 @@ class BusConfig:
     request_timeout_ms: int = setting(
         "BUS_REQUEST_TIMEOUT_MS", 3000,
         "client wait for a control reply or for the proxy's subscription",
-        roles=("anchor", "publisher"), at_least=1)
+        roles=("anchor", "publisher", "subscriber", "writer_client", "reader_client",
+               "proxy_client", "anchor_client", "anchor_requester", "bitcoind_deadline"),
+        at_least=1)
     log_level: str = setting(
         "BUS_LOG_LEVEL", "info", "debug, info, warning, error",
         roles=("proxy", "writer", "reader", "anchor"),

@@ -24,14 +24,12 @@ import msgpack
 from bus import protocol, security
 from bus.client import BusError, ControlClient, Publisher
 from bus.config import role_fields
-from cli.common import (CURVE_FIELDS, MAX_SECONDS, FiniteFloat, Liveness, build_config,
-                        print_sections, setting_options)
-
-ANCHOR_FIELDS = role_fields("anchor")
+from cli.common import (MAX_SECONDS, FiniteFloat, Liveness, build_config, print_sections,
+                        setting_options)
 
 
 @click.group(invoke_without_command=True)
-@setting_options(*ANCHOR_FIELDS)
+@setting_options(*role_fields("anchor"))
 @click.pass_context
 def anchor(ctx: click.Context, **flags: Any) -> None:
     """Run the anchor worker (without a sub-command), or talk to it."""
@@ -175,9 +173,7 @@ def _proof(cfg: Any, digest: bytes) -> dict[str, Any] | None:
               show_default=True,
               help="seconds --wait gives the anchor worker to take the request (longer while "
                    "it reads older requests); exit 1 if none has")
-@setting_options("pub_endpoint", "sub_endpoint", "control_endpoint", "notify_endpoint",
-                 "read_endpoint", "anchor_control_endpoint", "anchor_consumer",
-                 "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("anchor_requester", "reader_client", "anchor_client", "curve"))
 @click.pass_context
 def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str | None,
            wait: bool, timeout: float, take_timeout: float, **flags: Any) -> None:
@@ -233,7 +229,7 @@ def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str 
 
 @anchor.command()
 @click.argument("hex_hash", metavar="HASH")
-@setting_options("read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("reader_client", "curve"))
 @click.pass_context
 def proof(ctx: click.Context, hex_hash: str, **flags: Any) -> None:
     """Print the inclusion proof (JSON) of the document whose SHA-256 is HASH."""
@@ -256,8 +252,7 @@ def proof(ctx: click.Context, hex_hash: str, **flags: Any) -> None:
 @click.option("--node", is_flag=True,
               help="ask bitcoind (BUS_BITCOIND_RPC_*) that the transaction is in the proof's "
                    "block, and the block in its best chain")
-@setting_options("bitcoind_rpc_url", "bitcoind_rpc_user", "bitcoind_rpc_password",
-                 "bitcoind_rpc_cookie", "request_timeout_ms")
+@setting_options(*role_fields("bitcoind", "bitcoind_deadline"))
 @click.pass_context
 def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
            **flags: Any) -> None:
@@ -356,7 +351,7 @@ def utxo() -> None:
 
 @utxo.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@setting_options("control_endpoint", "read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("writer_client", "reader_client", "curve"))
 @click.pass_context
 def utxo_stats(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     """Available, reserved and spent UTXOs, the wallet tip, and the writer's

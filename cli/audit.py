@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 import storage
+from bus.config import role_fields
 from cli.common import InputError, build_config, setting_options
 from proofs.audit import (AUDIT_PROOF_FORMAT, AUDIT_PROOF_FORMAT_RECORD, EMPTY_ROOT, SEAL_RECORD,
                           RootBuilder, message_digest, seal_document)
@@ -342,8 +343,7 @@ def _against_chain(ctx: click.Context, flags: dict[str, Any], conn: Any) -> Chai
               help="also require the database to account for every anchor transaction of the "
                    "anchor worker's wallet (BUS_BITCOIND_RPC_*), and the chain to hold every "
                    "anchor the database says is confirmed")
-@setting_options("db", "sqlite_busy_timeout_ms", "bitcoind_rpc_url", "bitcoind_rpc_user",
-                 "bitcoind_rpc_password", "bitcoind_rpc_cookie")
+@setting_options(*role_fields("database", "bitcoind"))
 @click.pass_context
 def verify(ctx: click.Context, from_id: int, node: bool, **flags: Any) -> None:
     """Recompute every seal from the database: each sealed message's digest
@@ -455,7 +455,7 @@ def verify(ctx: click.Context, from_id: int, node: bool, **flags: Any) -> None:
 
 @audit.command("proof")
 @click.argument("message_id", type=click.IntRange(1, 2**63 - 1))
-@setting_options("db", "sqlite_busy_timeout_ms")
+@setting_options(*role_fields("database"))
 @click.pass_context
 def proof(ctx: click.Context, message_id: int, **flags: Any) -> None:
     """A proof that stored message MESSAGE_ID existed, as it is now, before

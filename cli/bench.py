@@ -30,8 +30,8 @@ import setproctitle
 
 from bus import protocol
 from bus.client import BusError, Publisher, Subscriber
-from bus.config import BusConfig
-from cli.common import CURVE_FIELDS, MAX_SECONDS, FiniteFloat, build_config, setting_options
+from bus.config import BusConfig, role_fields
+from cli.common import MAX_SECONDS, FiniteFloat, build_config, setting_options
 
 # Latencies kept per child: beyond this many messages, every k-th one is sampled.
 MAX_SAMPLES = 200_000
@@ -298,8 +298,7 @@ def summarize(reports: dict[int, dict[str, Any]], size: int, key: str) -> dict[s
               show_default=True,
               help="seconds the whole run may take")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
-@setting_options("pub_endpoint", "sub_endpoint", "control_endpoint", "notify_endpoint",
-                 "request_timeout_ms", "max_topic_bytes", "max_message_bytes", *CURVE_FIELDS)
+@setting_options(*role_fields("publisher", "subscriber", "curve"))
 @click.pass_context
 def bench(ctx: click.Context, topic: str | None, publishers: int, subscribers: int,
           messages: int, size: int, acked: bool, rate: float, timeout: float, as_json: bool,

@@ -19,13 +19,10 @@ import zmq
 
 from bus import security, sockets
 from bus.client import BusError, ControlClient
-from bus.config import (SETTINGS, BusConfig, ConfigError, load_config, role_fields,
-                        unknown_variables)
+from bus.config import SETTINGS, BusConfig, ConfigError, load_config, unknown_variables
 from bus.logging import configure_logging, get_logger
 
 _SETTING = {s.field: s for s in SETTINGS}
-# Every command that talks to the bus takes its CURVE keys (bus/security.py).
-CURVE_FIELDS = role_fields("curve")
 # The processes that only bind (their keys come from BUS_CURVE_DIR alone).
 SERVER_PROCESSES = ("writer", "proxy", "reader")
 # Each process's control endpoint, by the name commands give it.

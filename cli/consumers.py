@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from cli.common import CURVE_FIELDS, InputError, build_config, request_once, setting_options
+from bus.config import role_fields
+from cli.common import InputError, build_config, request_once, setting_options
 
 
 @click.group(short_help='Durable consumers: list, show, remove.')
@@ -18,7 +19,7 @@ def consumers() -> None:
 
 @consumers.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
-@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("writer_client", "curve"))
 @click.pass_context
 def consumers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     """Every durable consumer (the 100 most behind), with its position and lag."""
@@ -41,7 +42,7 @@ def consumers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
 
 @consumers.command("info")
 @click.argument("name")
-@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("writer_client", "curve"))
 @click.pass_context
 def consumers_info(ctx: click.Context, name: str, **flags: Any) -> None:
     """One consumer's position (JSON); exit 1 if there is none of that name."""
@@ -54,7 +55,7 @@ def consumers_info(ctx: click.Context, name: str, **flags: Any) -> None:
 
 @consumers.command("rm")
 @click.argument("name")
-@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("writer_client", "curve"))
 @click.pass_context
 def consumers_rm(ctx: click.Context, name: str, **flags: Any) -> None:
     """Delete a consumer's position (with CURVE: an admin key); exit 1 if none."""

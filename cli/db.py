@@ -15,7 +15,7 @@ import click
 
 import storage
 from bus import pgurl
-from bus.config import database_problem
+from bus.config import database_problem, role_fields
 from bus.runner import StartupError
 from cli.common import InputError, build_config, setting_options
 from storage import schema
@@ -27,7 +27,7 @@ def db() -> None:
 
 
 @db.command()
-@setting_options("db", "sqlite_busy_timeout_ms")
+@setting_options(*role_fields("database"))
 @click.pass_context
 def migrate(ctx: click.Context, **flags: Any) -> None:
     """Bring the schema up to this version's, in one transaction (a writer

@@ -20,11 +20,8 @@ import msgpack
 from bus import protocol
 from bus.client import BusError, HistoryClient, Publisher, Subscriber, since_to_ns
 from bus.config import role_fields
-from cli.common import (CURVE_FIELDS, MAX_SECONDS, FiniteFloat, InputError, Liveness, build_config,
-                        jsonable, request_once, setting_options, stop_on_sigterm)
-
-# What a Publisher talks to: the proxy, and the writer for its session and acknowledgements.
-PUBLISHER_FIELDS = role_fields("publisher")
+from cli.common import (MAX_SECONDS, FiniteFloat, InputError, Liveness, build_config, jsonable,
+                        request_once, setting_options, stop_on_sigterm)
 
 
 def encode_payload(data: bytes, encoding: str, where: str) -> tuple[bytes, str]:
@@ -79,7 +76,7 @@ def input_lines(stream: Any, encoding: str) -> Iterator[tuple[str, bytes, str]]:
               default=10.0,
               show_default=True,
               help="seconds --wait waits for the commit acknowledgements")
-@setting_options(*PUBLISHER_FIELDS, *CURVE_FIELDS)
+@setting_options(*role_fields("publisher", "curve"))
 @click.pass_context
 def publish(ctx: click.Context, topic: str, data: str | None, path: str | None, encoding: str,
             count: int, rate: float, producer_id: str | None, header: tuple[str, ...],
@@ -266,8 +263,7 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
               help="first print stored messages from this id on, then live")
 @click.option("--durable", default=None, metavar="NAME",
               help="resume after the last message NAME printed, across restarts")
-@setting_options("sub_endpoint", "read_endpoint", "control_endpoint", "notify_endpoint",
-                 "proxy_control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("subscriber", "reader_client", "proxy_client", "curve"))
 @click.pass_context
 def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: int | None,
          fail_fast: bool, since: str | None, from_id: int | None, durable: str | None,
@@ -318,7 +314,7 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
 @click.option("--last", type=click.IntRange(min=1, max=100_000), default=None,
               help="the newest N matching messages (oldest of them first)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
-@setting_options("read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("reader_client", "curve"))
 @click.pass_context
 def history(ctx: click.Context, prefixes: tuple[str, ...], since: str | None,
             from_id: int | None, limit: int | None, last: int | None, as_json: bool,
@@ -371,7 +367,7 @@ def last_window(client: HistoryClient, prefixes: tuple[str, ...], count: int) ->
 @click.option("--depth", "-d", type=click.IntRange(1, 16), default=2, show_default=True,
               help="group topics by their first DEPTH dot-separated parts")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
-@setting_options("read_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("reader_client", "curve"))
 @click.pass_context
 def topics(ctx: click.Context, depth: int, as_json: bool, **flags: Any) -> None:
     """Messages and last activity per topic prefix, among the newest

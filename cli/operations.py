@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
-from bus.config import SETTINGS, BusConfig
-from cli.common import (CURVE_FIELDS, MAX_SECONDS, PROCESS_FIELDS, FiniteFloat, ask_all,
-                        build_config, print_sections, setting_options)
+from bus.config import SETTINGS, BusConfig, role_fields
+from cli.common import (MAX_SECONDS, PROCESS_FIELDS, FiniteFloat, ask_all, build_config,
+                        print_sections, setting_options)
 
 
 @click.command("config", short_help="Every setting's value and where it came from.")
@@ -45,7 +45,7 @@ def processes_option(fn: Callable) -> Callable:
 @processes_option
 @click.option("--timeout-ms", type=click.IntRange(min=1, max=60_000), default=1000,
               show_default=True, help="how long each process may take to answer")
-@setting_options(*PROCESS_FIELDS.values(), *CURVE_FIELDS)
+@setting_options(*role_fields("prober", "curve"))
 @click.pass_context
 def ping(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any) -> None:
     """Ping every process at once; exit 1 if any does not answer."""
@@ -63,7 +63,7 @@ def ping(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any) -
 @processes_option
 @click.option("--timeout-ms", type=click.IntRange(min=1, max=60_000), default=2000,
               show_default=True, help="how long each process may take to answer")
-@setting_options(*PROCESS_FIELDS.values(), *CURVE_FIELDS)
+@setting_options(*role_fields("prober", "curve"))
 @click.pass_context
 def health(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any) -> None:
     """What /healthz says, for every process at once, from their `stats`
@@ -91,8 +91,7 @@ def health(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any)
 @click.option("--watch", "-w", "interval", type=FiniteFloat(min=0.1, max=MAX_SECONDS),
               default=None, is_flag=False, flag_value=1.0, metavar="[SECONDS]",
               help="a line of rolling figures every SECONDS (1), like redis-cli --stat")
-@setting_options("control_endpoint", "proxy_control_endpoint", "read_endpoint",
-                 "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("writer_client", "proxy_client", "reader_client", "curve"))
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool, interval: float | None, **flags: Any) -> None:
     """Show the writer's batch, load, producer and consumer metrics, the

@@ -11,13 +11,9 @@ import click
 from bus.config import role_fields
 from cli.common import build_config, setting_options
 
-WRITER_FIELDS = role_fields("writer")
-PROXY_FIELDS = role_fields("proxy")
-READER_FIELDS = role_fields("reader")
-
 
 @click.command(short_help='Run the proxy (what bus-proxy.service runs).')
-@setting_options(*PROXY_FIELDS)
+@setting_options(*role_fields("proxy"))
 @click.pass_context
 def proxy(ctx: click.Context, **flags: Any) -> None:
     """Run the proxy (publishers in, subscribers out) with its capture pipe to the writer."""
@@ -27,7 +23,7 @@ def proxy(ctx: click.Context, **flags: Any) -> None:
 
 
 @click.command()
-@setting_options(*WRITER_FIELDS)
+@setting_options(*role_fields("writer"))
 @click.pass_context
 def writer(ctx: click.Context, **flags: Any) -> None:
     """Run the batching SQLite writer."""
@@ -37,7 +33,7 @@ def writer(ctx: click.Context, **flags: Any) -> None:
 
 
 @click.command()
-@setting_options(*READER_FIELDS)
+@setting_options(*role_fields("reader"))
 @click.pass_context
 def reader(ctx: click.Context, **flags: Any) -> None:
     """Serve history pages from a read-only database connection."""

@@ -11,8 +11,8 @@ import click
 
 from bus import security
 from bus.client import BusError, ControlClient
-from bus.config import BusConfig
-from cli.common import CURVE_FIELDS, InputError, build_config, request_once, setting_options
+from bus.config import BusConfig, role_fields
+from cli.common import InputError, build_config, request_once, setting_options
 
 # Producers asked for per producers_list request (the writer answers 1000 at most).
 PRODUCERS_PAGE = 1000
@@ -44,7 +44,7 @@ def format_ns(ns: int | None) -> str:
 
 @producers.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
-@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("writer_client", "curve"))
 @click.pass_context
 def producers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     """Every producer id, in id order: owner key (its list and name where
@@ -83,7 +83,7 @@ def producers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
 
 @producers.command("info")
 @click.argument("producer")
-@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("writer_client", "curve"))
 @click.pass_context
 def producers_info(ctx: click.Context, producer: str, **flags: Any) -> None:
     """One producer id (JSON); exit 1 if the writer knows none of that id."""
@@ -98,7 +98,7 @@ def producers_info(ctx: click.Context, producer: str, **flags: Any) -> None:
 
 @producers.command("rm")
 @click.argument("producer")
-@setting_options("control_endpoint", "request_timeout_ms", *CURVE_FIELDS)
+@setting_options(*role_fields("writer_client", "curve"))
 @click.pass_context
 def producers_rm(ctx: click.Context, producer: str, **flags: Any) -> None:
     """Free a producer id for any key (with CURVE: an admin key); exit 1 if
