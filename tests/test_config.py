@@ -3,6 +3,7 @@ field of BusConfig, and everything else generated from the declarations."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 
 from bus import config
 from bus.config import SETTINGS, BusConfig, ConfigError, load_config, role_fields
+from cli.common import PROCESS_FIELDS
 from tests.conftest import BUS_CLI, DEADLINE
 
 
@@ -80,15 +82,70 @@ def test_the_bounds_checked_are_the_declared_ones() -> None:
                 load_config({s.field: "nothing"}, env={}, config_path="/dev/null")
 
 
-def test_each_process_takes_the_flags_of_its_role() -> None:
+# The roles each command is a client of (or the process it runs): its setting
+# flags are exactly role_fields of these. A command missing here takes none.
+COMMAND_ROLES: dict[str, tuple[str, ...]] = {
+    "proxy": ("proxy",), "writer": ("writer",), "reader": ("reader",), "anchor": ("anchor",),
+    "up": ("writer", "proxy", "reader"),
+    "publish": ("publisher", "curve"),
+    "tail": ("subscriber", "reader_client", "proxy_client", "curve"),
+    "history": ("reader_client", "curve"), "topics": ("reader_client", "curve"),
+    "bench": ("publisher", "subscriber", "curve"),
+    **{f"{group} {cmd}": ("writer_client", "curve")
+       for group in ("producers", "consumers") for cmd in ("ls", "info", "rm")},
+    "anchor submit": ("anchor_requester", "reader_client", "anchor_client", "curve"),
+    "anchor proof": ("reader_client", "curve"),
+    "anchor verify": ("bitcoind", "bitcoind_deadline"),
+    "utxo stats": ("writer_client", "reader_client", "curve"),
+    "audit verify": ("database", "bitcoind"), "audit proof": ("database",),
+    "db migrate": ("database",),  # db copy: --from and --to, no setting
+    "ping": ("prober", "curve"), "health": ("prober", "curve"),
+    "stats": ("writer_client", "proxy_client", "reader_client", "curve"),
+    "config": config.ROLES,  # every setting
+}
+
+
+def setting_flags_by_command() -> dict[str, set[str]]:
+    """Each bus-cli command and sub-command (by its path), and its setting flags."""
+    import click
+
     from cli.main import main
-    for role in ("proxy", "writer", "reader", "anchor"):
-        flags = {p.name for p in main.commands[role].params}
-        assert flags == set(role_fields(role)), role
-    assert {p.name for p in main.commands["up"].params} == \
-        set(role_fields("writer", "proxy", "reader"))
+    fields = {s.field for s in SETTINGS}
+    found: dict[str, set[str]] = {}
+
+    def walk(command: click.Command, path: str) -> None:
+        found[path] = {p.name for p in command.params if p.name in fields}
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}".strip())
+    walk(main, "")
+    return found
+
+
+def test_each_command_takes_the_flags_of_its_roles() -> None:
+    """A command's setting flags are those of the roles it is a client of (or
+    runs): adding a role to a setting's declaration gives its clients the flag."""
+    flags = setting_flags_by_command()
+    assert set(COMMAND_ROLES) <= set(flags)
+    for path, taken in flags.items():
+        assert taken == set(role_fields(*COMMAND_ROLES.get(path, ()))), path
+    assert flags["config"] == {s.field for s in SETTINGS}
+    assert set(role_fields("prober")) == set(PROCESS_FIELDS.values())
     with pytest.raises(ValueError, match="no role wirter"):
         role_fields("wirter")
+
+
+def test_no_command_lists_its_settings_by_hand() -> None:
+    """cli/ names the roles a command is a client of, never a setting's field:
+    a setting's clients are declared on the setting (bus/config.py)."""
+    fields = {s.field for s in SETTINGS}
+    listed = []
+    for path in sorted((Path(__file__).parent.parent / "cli").glob("*.py")):
+        for call in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "setting_options":
+                listed += [f"{path.name}:{node.lineno} {node.value}"
+                           for node in ast.walk(call)
+                           if isinstance(node, ast.Constant) and node.value in fields]
+    assert listed == []
 
 
 def test_a_setting_must_say_who_uses_it() -> None:
