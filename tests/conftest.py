@@ -37,6 +37,14 @@ ENDPOINT_VARS = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
                  "BUS_NOTIFY_ENDPOINT", "BUS_ANCHOR_CONTROL_ENDPOINT")
 DEADLINE = 15.0
 
+# A suite started in the background by a shell without job control (`cmd &`
+# in a script) inherits SIGINT ignored, and passes that on to every process it
+# starts: the Ctrl-C tests' SIGINT would then do nothing (bus-cli tail never
+# exits). A handler is reset by exec where an ignored signal is not: the
+# processes under test get SIGINT as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def _ephemeral_low() -> int:
     try:
