@@ -6,7 +6,7 @@ keeps memory growing is cut off, and forwarding resumes under 75% of the limit
 `MemoryGuard.step(now)` once a pass of the proxy's loop, or a test's; RSS is
 read, and free memory released, by the functions it is given. What it acts
 on is its host's (`GuardedProxy`): the forwarding loop and the sockets of each
-side.
+side (proxy/forwarding.py).
 """
 
 from __future__ import annotations
@@ -48,16 +48,17 @@ SIDE_SOCKETS = {PUBLISHERS: "frontend", SUBSCRIBERS: "backend"}
 
 
 class GuardedProxy(Protocol):
-    """What the memory guard acts on (the proxy)."""
+    """What the memory guard acts on: the forwarding loop and the sides it
+    forwards between (proxy/forwarding.py)."""
     connections: dict[str, sockets.Connections]
     frontend: zmq.Socket | None   # None: cut off
     backend: zmq.Socket | None
 
-    def forwarding(self) -> bool: ...
+    def running(self) -> bool: ...
 
-    def stop_forwarding(self) -> None: ...
+    def stop(self) -> None: ...
 
-    def resume_forwarding(self) -> None: ...
+    def resume(self) -> None: ...
 
     def close_side(self, side: str) -> None: ...
 
@@ -112,7 +113,7 @@ class MemoryGuard:
                 return
             self._pause(now, limit)
             return
-        if self.host.forwarding():  # a blocked loop has not taken the pause yet
+        if self.host.running():  # a blocked loop has not taken the pause yet
             return
         if self.rss >= limit * MEMORY_RESUME_FRACTION:
             self.release()
@@ -156,7 +157,7 @@ class MemoryGuard:
         self.actions["pauses"] += 1
         log.warning("memory_limit_reached", action="paused forwarding", rss_bytes=self.rss,
                     limit_bytes=limit, writer_connected=bool(self.host.connections[WRITER].fds))
-        self.host.stop_forwarding()
+        self.host.stop()
 
     def _cut_off(self, side: str, now: float, limit: int) -> None:
         """Close one side's socket while forwarding is paused: its connections,
@@ -194,7 +195,7 @@ class MemoryGuard:
             event, action="resumed forwarding", rss_bytes=self.rss, limit_bytes=limit,
             paused_ms=round((now - (self.paused_at or now)) * 1000))
         self.paused_at = None
-        self.host.resume_forwarding()
+        self.host.resume()
 
     def snapshot(self) -> dict[str, Any]:
         return {"rss_bytes": self.rss_of(), "limit_bytes": self.config.proxy_memory_limit_bytes,

@@ -81,6 +81,8 @@ thread, its own loop (control requests, then each part stepped with the
 pass's `now`) and shutdown. The parts, each of one job, are stepped with the
 time (`now`) by that loop or by a test (tests/test_proxy_parts.py):
 
+    proxy/forwarding.py ForwardingLoop: libzmq's loop on its thread, started,
+                        stopped; the sides it forwards between
     proxy/steering.py   Steering: the steering pair of each run, its commands
                         and their replies matched, the counters
     proxy/capture.py    CaptureCourse: direct, holding, draining, wrong_peer;
@@ -92,7 +94,6 @@ time (`now`) by that loop or by a test (tests/test_proxy_parts.py):
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -106,9 +107,9 @@ from bus.logging import get_logger
 from bus.runner import StopSignal, resident_bytes
 from proxy.budget import SubscriptionBudget
 from proxy.capture import CaptureCourse
+from proxy.forwarding import ForwardingLoop
 from proxy.health import proxy_health
-from proxy.memory import (CONTROL, MEMORY_CHECK_S, PUBLISHERS, SIDE_SOCKETS, SUBSCRIBERS, WRITER,
-                          MemoryGuard)
+from proxy.memory import CONTROL, MEMORY_CHECK_S, PUBLISHERS, SUBSCRIBERS, WRITER, MemoryGuard
 from proxy.stats import HTTP_SERIES, proxy_stats
 from proxy.steering import STATISTICS_WAIT_MS, STEER_TERMINATE, Steering
 
@@ -130,9 +131,6 @@ class Proxy:
     def __init__(self, config: BusConfig) -> None:
         self.config = config
         self.ctx: zmq.Context | None = None
-        self._thread: threading.Thread | None = None
-        self._proxy_error: BaseException | None = None
-        self._capture_linger_ms = 0       # set by shutdown, used by the loop's thread
         self.started = time.monotonic()
         self.dispatcher = control.Dispatcher(
             [control.Command("stats", self._stats_command, errors=(protocol.BUSY,),
@@ -141,16 +139,19 @@ class Proxy:
         self.http: HttpSide | None = None
         self._subscriber_port = 0
         self.connections: dict[str, sockets.Connections] = {}
-        self.frontend: zmq.Socket | None = None
-        self.backend: zmq.Socket | None = None
         self.subscriptions = SubscriptionBudget(config.proxy_subscription_bytes_per_connection,
                                                 config.proxy_subscription_bytes)
-        self.steering = Steering(None, self.forwarding)
+        # The parts (see the module's doc), each holding the hooks it needs.
+        self.steering = Steering(None, lambda: self.forwarding.running())
         self.course = CaptureCourse(config, self.steering, lambda: self.connections[WRITER],
-                                    self.forwarding, self._start_forwarding,
-                                    lambda: self.guard.paused)
+                                    lambda: self.forwarding.running(),
+                                    lambda: self.forwarding.start(), lambda: self.guard.paused)
         self.steering.spill = self.course
-        self.guard = MemoryGuard(config, self, self.course)
+        self.forwarding = ForwardingLoop(
+            self.steering, self.course, self.connections,
+            {PUBLISHERS: self._open_publisher_side, SUBSCRIBERS: self._open_subscriber_side},
+            keeps_sockets=lambda: self.guard.paused or self.course.down is not None)
+        self.guard = MemoryGuard(config, self.forwarding, self.course)
 
     def initialize(self, stop: StopSignal) -> None:
         cfg = self.config
@@ -163,24 +164,21 @@ class Proxy:
         # Each bound endpoint (publishers, subscribers, control) held to
         # BUS_MAX_CONNECTIONS (bus/sockets.Connections).
         self.max_connections = sockets.connection_cap(cfg, 3, log)
-        watch = self._watch
-        self.frontend = sockets.open_proxy_frontend(self.ctx, cfg,
-                                                    watch(PUBLISHERS, cfg.pub_endpoint))
-        self.backend = sockets.open_proxy_backend(self.ctx, cfg, self._open_subscriber_side)
-        self._subscriber_port = self._bound_tcp_port(self.backend)
+        self.forwarding.frontend = self._open_publisher_side()
+        self.forwarding.backend = self._open_subscriber_side()
         if not self._subscriber_port:
             log.warning("subscription_budget_off", endpoint=cfg.sub_endpoint,
                         reason="subscription budgets need a TCP endpoint (the kernel's count "
                                "of bytes received on each connection)")
-        self.capture = sockets.open_proxy_capture(self.ctx, cfg,
-                                                  watch(WRITER, cfg.capture_endpoint))
+        self.capture = self.forwarding.capture = sockets.open_proxy_capture(
+            self.ctx, cfg, self._watch(WRITER, cfg.capture_endpoint))
         self.course.open(self.ctx, self.capture)
         self.control = sockets.open_proxy_control(self.ctx, cfg,
-                                                  watch(CONTROL, cfg.proxy_control_endpoint))
+                                                  self._watch(CONTROL, cfg.proxy_control_endpoint))
         self.poller = self.course.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(stop.fileno(), zmq.POLLIN)
-        self._start_forwarding()
+        self.forwarding.start()
         if cfg.proxy_http:
             self.http = HttpSide("proxy", cfg.proxy_http, HTTP_SERIES, proxy_health)
         log.info("started", pub_endpoint=cfg.pub_endpoint, sub_endpoint=cfg.sub_endpoint,
@@ -201,110 +199,29 @@ class Proxy:
                 max_connections=self.max_connections, log=log, name=side)
         return attach
 
-    def _open_subscriber_side(self, sock: zmq.Socket) -> None:
-        """Before the backend binds: what each subscriber connection may hold
-        beyond what SubscriptionBudget counted, and its connections watched."""
-        sock.setsockopt(zmq.RCVBUF, SUBSCRIBER_RECEIVE_BUFFER_BYTES)
-        sock.setsockopt(zmq.RCVHWM, SUBSCRIBER_RECEIVE_HWM)
-        self._watch(SUBSCRIBERS, self.config.sub_endpoint)(sock)
+    def _open_publisher_side(self) -> zmq.Socket:
+        return sockets.open_proxy_frontend(self.ctx, self.config,
+                                           self._watch(PUBLISHERS, self.config.pub_endpoint))
 
-    @staticmethod
-    def _bound_tcp_port(sock: zmq.Socket) -> int:
-        """The TCP port `sock` is bound to (0: not TCP). Read once, before the
+    def _open_subscriber_side(self) -> zmq.Socket:
+        """The backend, and before it binds, what each subscriber connection
+        may hold beyond what SubscriptionBudget counted, and its connections
+        watched; the TCP port it is bound to (0: not TCP), read before the
         forwarding loop's thread uses the socket."""
-        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        return int(endpoint.rsplit(":", 1)[1]) if endpoint.startswith("tcp://") else 0
-
-    # --- the sides the memory guard closes and opens (proxy/memory.py) -------
-
-    def close_side(self, side: str) -> None:
-        if side == CONTROL:
-            self.connections[CONTROL].drop_all()
-            return
-        # Its monitor stopped first (bus/sockets.Connections.unwatch): a socket
-        # closed after its monitor's reader blocked libzmq's reaper for good,
-        # and no socket closed after it released its port or its connections
-        # (they kept reading while nothing was forwarded).
-        self.connections.pop(side).unwatch()
-        getattr(self, SIDE_SOCKETS[side]).close(linger=0)
-        setattr(self, SIDE_SOCKETS[side], None)
-
-    def open_side(self, side: str) -> None:
-        if side == PUBLISHERS:
-            self.frontend = sockets.open_proxy_frontend(
-                self.ctx, self.config, self._watch(PUBLISHERS, self.config.pub_endpoint))
-        else:
-            self.backend = sockets.open_proxy_backend(self.ctx, self.config,
-                                                      self._open_subscriber_side)
-            self._subscriber_port = self._bound_tcp_port(self.backend)
-
-    # --- the forwarding loop's thread ----------------------------------------
-
-    def forwarding(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _start_forwarding(self) -> None:
-        """Run the forwarding loop, capturing straight to the writer if it is
-        there and nothing is held for it, else into the spill."""
-        if self.course.loop_capture is not None:  # what the run before left in its pipes
-            self.course.end_of_loop()
-        steered = self.steering.open()
-        capture = self.course.next_run_capture()
-        self._thread = threading.Thread(target=self._run_proxy, args=(steered, capture),
-                                        name="zmq-proxy", daemon=True)
-        self._thread.start()
-
-    def stop_forwarding(self) -> None:
-        """For a pause: the loop's counters kept, TERMINATE sent; a loop
-        blocked in a capture send takes it once it is free."""
-        self.steering.settle(wait_ms=200)
-        self.steering.send(STEER_TERMINATE, 200)
-        if self._thread is not None:
-            self._thread.join(0.2)
-
-    def resume_forwarding(self) -> None:
-        if self.course.down is None:  # else the capture's course starts it
-            self._start_forwarding()
-
-    def _stopped_for_a_part(self) -> bool:
-        """Whether the loop was ended by the memory guard or the capture's
-        course (not by shutdown, nor by an error)."""
-        return self.guard.paused or self.course.down is not None
-
-    def _run_proxy(self, steered: zmq.Socket, capture: zmq.Socket) -> None:
-        """The forwarding loop's thread. At shutdown its sockets are closed
-        here, where they are used: the loop may be blocked in a capture send
-        (a writer connected but not reading, queue full) and only the
-        context's termination (ETERM) frees it; the spill stays the main
-        thread's, which reads what is left in it. When the memory guard or
-        the capture's course ends the loop, the main thread takes the sockets
-        over until it starts the loop again."""
-        try:
-            zmq.proxy_steerable(self.frontend, self.backend, capture, steered)
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.ETERM:
-                self._proxy_error = exc
-        except BaseException as exc:  # reported by the main loop, which exits non-zero
-            self._proxy_error = exc
-        finally:
-            if not self._stopped_for_a_part() or self._proxy_error is not None:
-                self._close_forwarding_sockets(capture_too=capture is self.capture)
-
-    def _close_forwarding_sockets(self, capture_too: bool = True) -> None:
-        for sock in (self.frontend, self.backend, self.steering.steered):
-            if sock is not None:
-                sock.close(linger=0)
-        if capture_too and getattr(self, "capture", None) is not None:
-            # Queued captures still reach the writer within the shutdown deadline.
-            self.capture.close(linger=self._capture_linger_ms)
-
-    # --- the main loop ----------------------------------------------------------
+        def before_bind(sock: zmq.Socket) -> None:
+            sock.setsockopt(zmq.RCVBUF, SUBSCRIBER_RECEIVE_BUFFER_BYTES)
+            sock.setsockopt(zmq.RCVHWM, SUBSCRIBER_RECEIVE_HWM)
+            self._watch(SUBSCRIBERS, self.config.sub_endpoint)(sock)
+        backend = sockets.open_proxy_backend(self.ctx, self.config, before_bind)
+        endpoint = backend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._subscriber_port = \
+            int(endpoint.rsplit(":", 1)[1]) if endpoint.startswith("tcp://") else 0
+        return backend
 
     def loop(self, now: float | None = None) -> None:
         events = dict(self.poller.poll(int(MEMORY_CHECK_S * 1000)))
-        if self._thread is not None and not self.forwarding() and (
-                not self._stopped_for_a_part() or self._proxy_error is not None):
-            raise RuntimeError(f"proxy loop ended: {self._proxy_error!r}")
+        if self.forwarding.ended():
+            raise RuntimeError(f"proxy loop ended: {self.forwarding.error!r}")
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
         if self.control in events:
@@ -383,11 +300,12 @@ class Proxy:
         if self.ctx is None:
             return
         deadline = time.monotonic() + self.config.shutdown_timeout_ms / 1000.0
-        thread, course = self._thread, self.course
-        if self.forwarding():
+        loop, course = self.forwarding, self.course
+        thread = loop.thread
+        if loop.running():
             self.drain_before_exit(deadline)
             join_s = 1.0
-            self._capture_linger_ms = max(0, int((deadline - time.monotonic() - join_s) * 1000))
+            loop.capture_linger_ms = max(0, int((deadline - time.monotonic() - join_s) * 1000))
             # The loop's thread closes its sockets.
             self.guard.paused_at = course.down = None
             self.steering.send(STEER_TERMINATE, 0)
@@ -400,11 +318,11 @@ class Proxy:
                     course.take_spilled(ending=True)
                 thread.join(0.01)
             if not thread.is_alive():  # it may have ended for a pause just before
-                self._close_forwarding_sockets(capture_too=False)
+                loop.close_sockets(capture_too=False)
         else:  # never started, paused by the memory guard or stopped for the capture
-            self._capture_linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            self._close_forwarding_sockets(capture_too=False)
-        if not self.forwarding() and getattr(self, "capture", None) is not None:
+            loop.capture_linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            loop.close_sockets(capture_too=False)
+        if not loop.running() and getattr(self, "capture", None) is not None:
             # The capture is this thread's (and was opened: a start that
             # failed before it has nothing to send).
             course.end_of_loop()
