@@ -25,9 +25,8 @@ import zmq
 
 from bus import sockets
 from bus.config import BusConfig, load_config
-from proxy.capture import (CAPTURE_DIRECT, CAPTURE_DRAINING, CAPTURE_HOLDING, CaptureCourse)
-from proxy.memory import (CONTROL, MEMORY_CHECK_S, PUBLISHERS, SUBSCRIBER_CUTOFF_AFTER_S,
-                          SUBSCRIBERS, WRITER, MemoryGuard)
+from proxy.capture import CAPTURE_DIRECT, CAPTURE_DRAINING, CAPTURE_HOLDING, CaptureCourse
+from proxy.memory import CONTROL, MEMORY_CHECK_S, PUBLISHERS, SUBSCRIBERS, WRITER, MemoryGuard
 from proxy.steering import STAT_NAMES, STEER_STATISTICS, STEER_TERMINATE, Steering
 
 # A receive or a condition that takes longer than this fails the test.
@@ -385,21 +384,29 @@ def test_memory_guard_cuts_off_a_side_that_keeps_growing(guarded) -> None:
     assert host.calls[-3:] == [f"open {PUBLISHERS}", f"open {SUBSCRIBERS}", "resume"]
 
 
-def test_memory_guard_keeps_subscribers_while_held_messages_go_to_the_writer(guarded) -> None:
-    """Paused with memory not coming back for a second while the writer is
-    connected: the subscribers are cut off, unless what brings memory back is
-    what is held going to the writer."""
+def test_memory_guard_cuts_no_side_off_for_what_it_holds_for_the_writer(guarded) -> None:
+    """Paused, memory growing while what is held goes to the writer is that
+    memory in transit (no one streaming in: no side cut off); held and not
+    taken, it is the writer's, not a slow subscriber's (the subscribers stay);
+    nothing held, memory not coming back for a second with the writer
+    connected: the subscribers are cut off."""
     guard, host, rss = guarded
     limit = guard.config.proxy_memory_limit_bytes
     rss[0] = limit + MIB
     guard.step(0.0)
     guard.course.held.append([b"t", b"held"])
     now = 0.0
-    while now < 3 * SUBSCRIBER_CUTOFF_AFTER_S:
+    for _ in range(30):  # 3 s, growing by 30/64 of the limit
         now += 0.1
+        rss[0] += limit // 64
         guard.course.held_taken_at = now  # the writer takes what is held
         guard.step(now)
-    assert guard.actions["subscriber_cutoffs"] == 0 and guard.paused
+    for _ in range(20):  # 2 s more: the writer takes nothing
+        now += 0.1
+        guard.step(now)
+    assert guard.paused and host.calls == ["stop"], host.calls
     guard.course.held.clear()
-    guard.step(now + SUBSCRIBER_CUTOFF_AFTER_S)
+    now += 0.1
+    guard.step(now)
     assert host.calls[-1] == f"close {SUBSCRIBERS}" and guard.actions["subscriber_cutoffs"] == 1
+    assert guard.actions["publisher_cutoffs"] == 0
