@@ -76,9 +76,10 @@ reconnect (subscribers subscribe again and lose what was queued for them;
 publishers re-send what was not acknowledged). Redis's
 client-output-buffer-limit and NATS's slow-consumer cut-off do the same per
 client; libzmq's PUB cannot tell which subscriber is slow, so a whole side goes.
-`Proxy` is the coordinator: the process's sockets, the forwarding loop's
-thread, its own loop (control requests, then each part stepped with the
-pass's `now`) and shutdown. The parts, each of one job, are stepped with the
+
+`Proxy` is the coordinator: the process's sockets, its own loop (control
+requests, then each part stepped with the pass's `now`), `stats` and
+shutdown. The parts, each of one job, are stepped with the
 time (`now`) by that loop or by a test (tests/test_proxy_parts.py):
 
     proxy/forwarding.py ForwardingLoop: libzmq's loop on its thread, started,
