@@ -586,7 +586,7 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     """PUSH connected to the writer. Its pipe outlives writer restarts and holds
     up to capture_hwm messages; past that the proxy's send blocks (backpressure).
     While no writer is connected, the proxy holds the rest itself
-    (proxy.service: the spill).
+    (proxy/capture.py: the spill).
 
     Kept short on purpose (fairness, issue 22): the capture queue is first in,
     first out, whoever sent what is in it. When the writer cannot keep up, the

@@ -16,7 +16,7 @@ the empty TERMINATE reply (struct.error), and the proxy exited 1 from its own
 status line or HTTP snapshot (an internal_error when a `stats` request met it
 first). Issue 21's change (06a1839) already read the late replies before a
 new run; issue 22's gives each run a steering pair of its own and matches
-every reply with its command (proxy/service.py, _open_steering, _answered)."""
+every reply with its command (proxy/steering.py, Steering.open, Steering.answered)."""
 
 from __future__ import annotations
 
