@@ -215,8 +215,12 @@ def test_bitcoind_unreachable_keeps_the_requests_until_it_is_back(anchoring, nod
     # try must be a new reservation, not a replay of the released one.
     wait_for(lambda: anchoring.writer_stats()["utxos"]["released"] >= 1,
              message="a try while bitcoind is down")
-    assert any(e.get("event") == "anchor_held_back" and "did not answer" in e.get("error", "")
-               for e in worker.log_events())
+    # The lease goes back before the worker logs why (its reader thread
+    # collects the line after that): waited for, not read at once.
+    wait_for(lambda: any(e.get("event") == "anchor_held_back"
+                         and "did not answer" in e.get("error", "")
+                         for e in worker.log_events()),
+             message="the worker to say bitcoind did not answer")
     assert anchor_rows(anchoring) == []
     # `stats` says why, from the worker's own control endpoint.
     held = anchoring.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")
