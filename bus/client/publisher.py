@@ -280,10 +280,19 @@ class Publisher:
             raise protocol.ProtocolError(protocol.MESSAGE_TOO_LARGE,
                                          f"{size} > {self.config.max_message_bytes} bytes "
                                          "(topic, payload and meta)")
-        self._send(frames)
-        # Only now is the seq used: a message that was not sent leaves no hole.
+        # Recorded before it is sent: a KeyboardInterrupt (Ctrl-C) that lands
+        # between the send and the record left a message sent and never
+        # counted, its acknowledgement ignored as past the last seq sent, and
+        # flush() waiting out its timeout. Recorded and not sent, it is sent
+        # again by flush() as any unacknowledged message is.
         self._unacked.append((seq, frames))
         self.last_seq = seq
+        try:
+            self._send(frames)
+        except BusTimeout:  # not sent (the queue was full): the seq is not used
+            self._unacked.pop()
+            self.last_seq = seq - 1
+            raise
         if wait:
             self.flush(timeout)
         elif seq & 0xFF == 0:
