@@ -41,7 +41,6 @@ import http.client
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,16 +54,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from anchor_bench import reservations  # noqa: E402
-from bus_bench import Bus, peak_rss_mb  # noqa: E402
+from bus_bench import Bus, free_port, peak_rss_mb  # noqa: E402
 
 INCREMENT = 1_000          # outputs of the incremental sync
 EQUAL_SAT = 20_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reset_peak_rss(pid: int) -> None:
