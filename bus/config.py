@@ -248,15 +248,15 @@ class BusConfig:
         roles=("proxy", "writer"), form=endpoint_problem)
     control_endpoint: str = setting(
         "BUS_CONTROL_ENDPOINT", "tcp://127.0.0.1:5553",
-        "writer REP for trusted commands (stats, flush)",
+        "writer control endpoint (ROUTER; REQ clients) for trusted commands (stats, flush)",
         roles=("writer", "anchor", "publisher", "subscriber", "writer_client", "prober",
                "anchor_requester"), form=endpoint_problem)
     proxy_control_endpoint: str = setting(
-        "BUS_PROXY_CONTROL_ENDPOINT", "tcp://127.0.0.1:5554", "proxy REP for stats",
+        "BUS_PROXY_CONTROL_ENDPOINT", "tcp://127.0.0.1:5554", "proxy control endpoint (ROUTER) for stats",
         roles=("proxy", "proxy_client", "prober"), form=endpoint_problem)
     read_endpoint: str = setting(
         "BUS_READ_ENDPOINT", "tcp://127.0.0.1:5555",
-        "reader REP: history pages from a read-only connection",
+        "reader (ROUTER): history pages from a read-only connection",
         roles=("reader", "anchor", "reader_client", "prober"), form=endpoint_problem)
     notify_endpoint: str = setting(
         "BUS_NOTIFY_ENDPOINT", "tcp://127.0.0.1:5556",
@@ -264,7 +264,7 @@ class BusConfig:
         roles=("writer", "anchor", "publisher", "subscriber", "anchor_requester"),
         form=endpoint_problem)
     anchor_control_endpoint: str = setting(
-        "BUS_ANCHOR_CONTROL_ENDPOINT", "tcp://127.0.0.1:5557", "anchor worker REP: ping, stats",
+        "BUS_ANCHOR_CONTROL_ENDPOINT", "tcp://127.0.0.1:5557", "anchor worker control endpoint (ROUTER): ping, stats",
         roles=("anchor", "anchor_client", "prober"), form=endpoint_problem)
     writer_http: str = setting(
         "BUS_WRITER_HTTP", "",

@@ -1,12 +1,12 @@
-"""One control surface for every process: the REQ/REP envelope, a command
+"""One control surface for every process: the REQ envelope, a command
 table, errors with codes, and the counters each process reports
 (docs/protocol.md, "Control requests").
 
 A process declares each of its commands once, as a `Command` (name, handler,
 arguments, who may run it, the error codes it answers, whether it takes a
 request id and replays its reply, whether it runs in one transaction), builds
-one `Dispatcher` over that table, polls its REP socket and hands each
-request's frames to `handle`, which always returns exactly one reply frame: a
+one `Dispatcher` over that table, polls its control ROUTER socket and has
+`serve` hand each request's frames to `handle`, which always returns exactly one reply frame: a
 request of the wrong shape, a command the client's key may not run, a handler
 that refuses (`CommandFailed`, the one error type of every command) and a bug
 in a handler (`internal_error`, logged with its traceback) are all answered,
@@ -178,11 +178,14 @@ class ControlCounters:
     forbidden: int = 0
     internal_errors: int = 0
     failed: dict[str, int] = field(default_factory=dict)  # by code
+    # Messages without a REQ envelope (no empty delimiter frame): answered
+    # bad_request to their routing id, counted apart from bad_requests.
+    unenveloped: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         return {"requests": self.requests, "bad_requests": self.bad_requests,
                 "forbidden": self.forbidden, "internal_errors": self.internal_errors,
-                "failed": dict(self.failed)}
+                "failed": dict(self.failed), "unenveloped": self.unenveloped}
 
 
 class Dispatcher:
@@ -225,9 +228,35 @@ class Dispatcher:
         self._log = RateLimitedLog(log)
 
     def serve(self, sock: zmq.Socket) -> None:
-        """Answer the one request waiting on a REP socket."""
-        frames = sock.recv_multipart(copy=False)
-        sock.send(self.handle([frame.bytes for frame in frames], security.user_id(frames)))
+        """Answer the request waiting on a control endpoint's ROUTER socket
+        (bus/sockets.open_reply), if one is, without waiting.
+
+        A request comes as a REQ sends it: routing ids, an empty delimiter
+        frame, the request. A ROUTER and not a REP: a message without the
+        delimiter (as a DEALER may send) made a REP readable, then libzmq
+        dropped it, and a blocking recv waited for the next well-formed
+        request with the process's whole loop (the writer's capture, every
+        process's SIGTERM); and when its sender had gone already, libzmq's
+        REP routed the reply to the next valid request nowhere
+        (router_t::rollback). Such a message is answered bad_request after
+        its routing id, which a DEALER reads, and counted in `unenveloped`."""
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        delimiter = next((i for i, frame in enumerate(frames) if i and not frame.bytes), None)
+        if delimiter is None:
+            self.counters.unenveloped += 1
+            self._log.warning("unenveloped", "bad_control_request",
+                              detail=f"{len(frames) - 1} frame(s) without the empty delimiter "
+                                     "frame a REQ socket sends before its request")
+            sock.send_multipart([frames[0].bytes, protocol.encode_reply_error(
+                None, protocol.BAD_REQUEST, "a request is an empty delimiter frame, then the "
+                "request (what a REQ socket sends)")])
+            return
+        envelope, request = frames[:delimiter + 1], frames[delimiter + 1:]
+        reply = self.handle([frame.bytes for frame in request], security.user_id(request))
+        sock.send_multipart([*(frame.bytes for frame in envelope), reply])
 
     def handle(self, frames: list[bytes], user: str | None = None) -> bytes:
         counters = self.counters

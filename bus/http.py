@@ -72,6 +72,9 @@ def control_series() -> list[Series]:
                lambda s: s["control"]["internal_errors"]),
         Series("control_failed", "counter", "control requests refused for another reason",
                lambda s: s["control"]["failed"], "code"),
+        Series("control_unenveloped", "counter", "control messages without a REQ envelope "
+               "(no empty delimiter frame), answered bad_request",
+               lambda s: s["control"]["unenveloped"]),
     ]
 
 

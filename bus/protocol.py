@@ -6,7 +6,7 @@ Data message (publisher -> proxy -> subscribers and writer), multipart:
 Subscription frame (a SUB to the socket it connects to): one frame, first byte
     0x01 (subscribe) or 0x00 (unsubscribe), then the prefix. The proxy's own
     subscriptions (PROXY_SUBSCRIPTIONS) decide which topics it takes in.
-Control request / reply (REQ -> REP, one frame each, msgpack maps):
+Control request / reply (REQ -> ROUTER, one frame each after the envelope, msgpack maps):
     {"id": any, "cmd": str, "args": map}  ->  {"id": same, "ok": true, "result": any}
                                           or  {"id": same, "ok": false,
                                                "error": {"code": str, "reason": str}}
@@ -524,8 +524,8 @@ MAX_REQUEST_CONTAINERS = 50_000
 
 
 def decode_request(frames: list[bytes]) -> tuple[Any, str, dict[str, Any]]:
-    """A request's frames (all of them: a REP socket must read every frame
-    before it can reply) -> (id, cmd, args). The id is recovered when possible,
+    """A request's frames (all those after the envelope: every frame is
+    read before the reply) -> (id, cmd, args). The id is recovered when possible,
     for the error reply."""
     if len(frames) != 1:
         raise ProtocolError(BAD_REQUEST, f"a request is one frame, not {len(frames)}")

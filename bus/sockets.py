@@ -7,10 +7,10 @@ options of a socket are read in one place:
     subscribers SUB  --connect--> sub_endpoint      (proxy PUB, bound)
     proxy       PUSH --connect--> capture_endpoint  (writer PULL, bound)
     clients     SUB  --connect--> notify_endpoint   (writer XPUB, bound: $bus.* notifications)
-    clients     REQ  --connect--> control_endpoint  (writer REP, bound)
-    clients     REQ  --connect--> proxy_control_endpoint (proxy REP, bound)
-    clients     REQ  --connect--> read_endpoint     (reader REP, bound)
-    clients     REQ  --connect--> anchor_control_endpoint (anchor worker REP, bound)
+    clients     REQ  --connect--> control_endpoint  (writer ROUTER, bound)
+    clients     REQ  --connect--> proxy_control_endpoint (proxy ROUTER, bound)
+    clients     REQ  --connect--> read_endpoint     (reader ROUTER, bound)
+    clients     REQ  --connect--> anchor_control_endpoint (anchor worker ROUTER, bound)
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ MIN_FRAME_LIMIT_BYTES = 1024
 # to "$bus.nack." + the longest producer id (128 chars of up to 4 UTF-8 bytes).
 NOTIFY_MAX_FRAME_BYTES = max(MIN_FRAME_LIMIT_BYTES, SUBSCRIPTION_OVERHEAD_BYTES
                              + len(protocol.NACK_TOPIC_PREFIX) + 4 * protocol.MAX_PRODUCER_CHARS)
-# Largest control request a REP socket reads; a peer sending more is
+# Largest control request frame a control endpoint reads; a peer sending more is
 # disconnected before it costs memory. The writer's take a utxo_upsert of 5,000
 # outputs (about 1.5 MB); the reader's and the proxy's are small (64 history
 # prefixes are about 17 KB). Decoded, msgpack's worst case is about 17 times
@@ -616,8 +616,11 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
 def open_reply(ctx: zmq.Context, cfg: BusConfig, endpoint: str, domain: str,
                max_request_bytes: int = MAX_SMALL_REQUEST_BYTES,
                on_open: OnOpen = None) -> zmq.Socket:
-    """REP bound for control requests (proxy, writer, reader, anchor worker)."""
-    sock = _set_common(ctx.socket(zmq.REP), 0)
+    """ROUTER bound for control requests (proxy, writer, reader, anchor
+    worker), answered by bus/control.Dispatcher.serve: a ROUTER, not a REP,
+    so that no message a client sends can block the process or lose another
+    client's reply (see serve)."""
+    sock = _set_common(ctx.socket(zmq.ROUTER), 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_request_bytes)
     security.secure_server(sock, cfg, domain)
     if on_open is not None:

@@ -3,7 +3,7 @@
 Binds   SUB   pub_endpoint            publishers connect here
 Binds   PUB   sub_endpoint            subscribers connect here
 Connects PUSH capture_endpoint        every data message taken in, to the writer
-Binds   REP   proxy_control_endpoint  `stats`, `ping`
+Binds   ROUTER proxy_control_endpoint  `stats`, `ping`
 
 Messages are forwarded by libzmq's own steerable proxy loop on a thread of its
 own (it runs without the GIL); this process's Python loop only answers control

@@ -1,6 +1,6 @@
 """bus-reader: pages of stored messages, served from a read-only connection.
 
-Binds REP read_endpoint   `history`, `utxo_stats`, `anchor_proof`, `stats`, `ping`
+Binds ROUTER read_endpoint   `history`, `utxo_stats`, `anchor_proof`, `stats`, `ping`
 
 History reads never touch the write path: this is its own process (its own
 core and GIL) with its own read-only SQLite connection, and WAL lets it read

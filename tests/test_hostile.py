@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -832,3 +832,67 @@ def test_over_the_limit_with_the_writer_down_the_proxy_waits_for_it(make_bus) ->
     finally:
         plain.close()
         ctx.term()
+
+
+def send_without_envelope(endpoint: str, before_send: Callable[[], None] = lambda: None
+                          ) -> None:
+    """A request as a DEALER sends it without REQ's empty delimiter frame:
+    libzmq's REP drops it, after its arrival has already woken the poll.
+    `before_send` runs once the DEALER's handshake is done."""
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 1000)
+    monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        dealer.connect(endpoint)
+        assert monitor.poll(5000), f"no handshake with {endpoint}"
+        before_send()
+        dealer.send(protocol.encode_request(1, "ping"))
+    finally:
+        dealer.disable_monitor()
+        monitor.close(0)
+        dealer.close()
+        ctx.term()
+
+
+def test_a_request_without_its_envelope_stalls_no_process(bus: Bus) -> None:
+    """A message a REP socket drops (no delimiter frame) still made the
+    socket readable, and each process's loop then waited in a blocking recv
+    for the next well-formed request: the writer stopped reading the capture
+    (acknowledged publishing stopped, and the proxy's forwarding with it) and
+    no process answered SIGTERM until someone sent a valid request. Found by
+    tests/fuzz.py (a closing flush timed out after 120 s)."""
+    with Publisher(bus.config(), producer_id="after-dealer", connect_timeout=5) as pub:
+        # After the Publisher's own producer_open, a valid request, which
+        # would have freed the writer.
+        send_without_envelope(bus["BUS_CONTROL_ENDPOINT"])
+        for i in range(100):
+            pub.publish("dealer.after", b"%d" % i)
+        pub.flush(timeout=10)
+    assert bus.count("dealer.after") == 100
+    assert bus.writer_stats()["control"]["unenveloped"] >= 1
+    for endpoint in ("BUS_READ_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT"):
+        send_without_envelope(bus[endpoint])
+    # No control request from here on: a process blocked in its recv would
+    # take SIGTERM only at the next one.
+    for proc in (bus.proxy, bus.reader, bus.writer):
+        assert proc.stop(timeout=15) == 0, proc.stderr.collect()[-5:]
+
+
+def test_a_request_without_its_envelope_from_a_peer_gone_costs_no_reply(bus: Bus) -> None:
+    """libzmq's REP (router_t::rollback) leaves its routing half-done when it
+    drops a message without envelope whose sender has already gone: the
+    reply to the next valid request went nowhere, and that client timed out.
+    The sender is made to be gone by the time the process reads (stopped
+    meanwhile)."""
+    for endpoint, proc in (("BUS_CONTROL_ENDPOINT", bus.writer),
+                           ("BUS_READ_ENDPOINT", bus.reader),
+                           ("BUS_PROXY_CONTROL_ENDPOINT", bus.proxy)):
+        try:
+            send_without_envelope(bus[endpoint], lambda: proc.send_signal(signal.SIGSTOP))
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        for _ in range(3):
+            assert raw_request(bus[endpoint], [protocol.encode_request(1, "ping")]
+                               )["result"] == "pong", endpoint
+    assert all_alive(bus)

@@ -9,8 +9,8 @@ User-Id), and a key is the principal that quotas count against:
 - control requests a second (BUS_MAX_REQUESTS_PER_KEY_S).
 
 The last is a rate, not a count of requests in flight: the control endpoint is
-a REP socket, which takes one request at a time from the connections it
-fair-queues, and a REQ connection has one request outstanding at most. What a
+answered one request at a time, taken from its connections in turn
+(libzmq fair-queues them), and a REQ connection has one request outstanding at most. What a
 key has "in flight" is then the number of its connections with a request
 waiting, which libzmq does not show (nor can the ZAP handler count a key's
 connections: it is told when one opens, never when it closes). A key opening

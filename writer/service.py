@@ -2,7 +2,7 @@
 
 Binds PULL capture_endpoint   the proxy's capture pipe: data messages
                               (untrusted: never commands)
-Binds REP  control_endpoint   trusted commands: `stats`, `flush`, `ping`, producer
+Binds ROUTER control_endpoint   trusted commands: `stats`, `flush`, `ping`, producer
                               sessions (`producer_open`, `producer_status`; the
                               admins' `producers_list`, `producer_info`,
                               `producer_remove`), the
