@@ -523,12 +523,13 @@ def encode_request(request_id: Any, cmd: str, args: dict[str, Any] | None = None
 MAX_REQUEST_CONTAINERS = 50_000
 
 
-def decode_request(frames: list[bytes]) -> tuple[Any, str, dict[str, Any]]:
-    """A request's frames (all those after the envelope: every frame is
-    read before the reply) -> (id, cmd, args). The id is recovered when possible,
-    for the error reply."""
-    if len(frames) != 1:
-        raise ProtocolError(BAD_REQUEST, f"a request is one frame, not {len(frames)}")
+def decode_request(frames: list[bytes], count: int | None = None
+                   ) -> tuple[Any, str, dict[str, Any]]:
+    """A request's frames (those after the envelope; `count` of them, when
+    only the first are kept) -> (id, cmd, args). The id is recovered when
+    possible, for the error reply."""
+    if (count := len(frames) if count is None else count) != 1:
+        raise ProtocolError(BAD_REQUEST, f"a request is one frame, not {count}")
     raw = frames[0]
     try:
         req = msgpack.unpackb(raw, raw=False, strict_map_key=False,

@@ -15,6 +15,7 @@ options of a socket are read in one place:
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import resource
@@ -55,6 +56,13 @@ MAX_SMALL_REQUEST_BYTES = 64 << 10
 # What the writer's capture socket may queue, in bytes of the largest messages
 # stored (see capture_receive_hwm).
 CAPTURE_RECEIVE_BYTES = 64 << 20
+
+
+# libc, for srand (seed_routing_ids): libzmq takes its routing ids from rand().
+_LIBC = ctypes.CDLL(None)
+if hasattr(_LIBC, "srand"):
+    _LIBC.srand.argtypes = [ctypes.c_uint]
+    _LIBC.srand.restype = None
 
 
 class EndpointInUse(StartupError):
@@ -613,6 +621,19 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     return sock
 
 
+def seed_routing_ids() -> None:
+    """libzmq names a ROUTER's peers 0x00 + a counter that starts at libc's
+    rand(), which libzmq does not seed in this build (glibc starts from 1):
+    a peer that took the next few names as its own ROUTING_ID made libzmq
+    abort the process (add_out_pipe's assertion) at the next plain
+    connection, with no message sent. Seeded from os.urandom before each
+    ROUTER is made, the counter starts at one of 2^32 values, which a peer
+    cannot learn (tests/test_hostile.py)."""
+    srand = getattr(_LIBC, "srand", None)
+    if srand is not None:
+        srand(int.from_bytes(os.urandom(4), "little"))
+
+
 def open_reply(ctx: zmq.Context, cfg: BusConfig, endpoint: str, domain: str,
                max_request_bytes: int = MAX_SMALL_REQUEST_BYTES,
                on_open: OnOpen = None) -> zmq.Socket:
@@ -620,6 +641,7 @@ def open_reply(ctx: zmq.Context, cfg: BusConfig, endpoint: str, domain: str,
     worker), answered by bus/control.Dispatcher.serve: a ROUTER, not a REP,
     so that no message a client sends can block the process or lose another
     client's reply (see serve)."""
+    seed_routing_ids()
     sock = _set_common(ctx.socket(zmq.ROUTER), 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_request_bytes)
     security.secure_server(sock, cfg, domain)

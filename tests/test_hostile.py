@@ -896,3 +896,90 @@ def test_a_request_without_its_envelope_from_a_peer_gone_costs_no_reply(bus: Bus
             assert raw_request(bus[endpoint], [protocol.encode_request(1, "ping")]
                                )["result"] == "pong", endpoint
     assert all_alive(bus)
+
+
+def libc_rand_routing_ids(count: int) -> list[int]:
+    """The first `count` starting points of libzmq's routing-id counter from
+    an unseeded libc (glibc: seed 1), two rand() calls each, as libzmq's
+    generate_random takes them; libc's rand is reseeded at random after."""
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.srand.argtypes = [ctypes.c_uint]
+    libc.srand(1)
+    try:
+        starts = []
+        for _ in range(count):
+            low = libc.rand()
+            starts.append(((libc.rand() << 31) | low) & 0xFFFFFFFF)
+        return starts
+    finally:
+        libc.srand(int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.mark.parametrize("endpoint, role", [("BUS_CONTROL_ENDPOINT", "writer"),
+                                            ("BUS_PROXY_CONTROL_ENDPOINT", "proxy")])
+def test_routing_ids_taken_in_advance_abort_no_process(bus: Bus, endpoint: str, role: str
+                                                       ) -> None:
+    """A peer may name itself (ROUTING_ID). libzmq names the others 0x00 + a
+    counter started from libc's rand(), unseeded: a local process that took
+    the next names made libzmq abort the process ("Assertion failed: ok",
+    SIGABRT) at the next plain connection, without sending anything. Found
+    by a hostile review; on 9ea7007 the writer and the proxy died of -6."""
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.MAX_SOCKETS, 2000)
+    squatters = []
+    try:
+        for start in libc_rand_routing_ids(6):
+            for offset in range(60):
+                dealer = ctx.socket(zmq.DEALER)
+                dealer.setsockopt(zmq.LINGER, 0)
+                dealer.setsockopt(zmq.ROUTING_ID,
+                                  b"\x00" + ((start + offset) & 0xFFFFFFFF).to_bytes(4, "big"))
+                dealer.connect(bus[endpoint])
+                squatters.append(dealer)
+        # Every squatter's handshake done, its name taken, before the plain client.
+        wait_for(lambda: getattr(bus, role + "_stats")()["connections"]["control"]["open"]
+                 >= len(squatters), message="the squatters connected")
+        for _ in range(3):
+            assert raw_request(bus[endpoint], [protocol.encode_request(1, "ping")]
+                               )["result"] == "pong"
+        assert all_alive(bus), getattr(bus, role).stderr.collect()[-3:]
+    finally:
+        for dealer in squatters:
+            dealer.close()
+        ctx.term()
+
+
+def test_a_request_of_a_million_frames_costs_a_read_each_and_no_memory(bus: Bus) -> None:
+    """A control message's frames were gathered into a list (and copied)
+    before the envelope was looked at: 5,000,000 one-byte frames took the
+    writer to 1.76 GB against its 384 MiB limit (hostile review of 9ea7007).
+    Only the first few are kept now; the envelope's size is answered."""
+    rss_before = rss_kib(bus.writer.pid)
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(bus["BUS_CONTROL_ENDPOINT"])
+        frames = 1_000_000
+        for _ in range(frames):
+            dealer.send(b"r", zmq.SNDMORE)
+        dealer.send(b"", zmq.SNDMORE)
+        dealer.send(protocol.encode_request(1, "ping"))
+        assert dealer.poll(30_000), "no answer to a request of a million frames"
+        answer = dealer.recv()
+        assert not dealer.getsockopt(zmq.RCVMORE), "the million-frame envelope came back"
+        reply = msgpack.unpackb(answer, strict_map_key=False)
+        assert reply["ok"] is False and reply["error"]["code"] == protocol.BAD_REQUEST
+        assert "envelope" in reply["error"]["reason"]
+        stats = bus.writer_stats()
+        assert stats["control"]["unenveloped"] == 1
+        # libzmq holds the message whole until it is read (tens of MB); a
+        # Python object per frame was 300 MB more at this size.
+        peak = next(int(line.split()[1]) for line in
+                    open(f"/proc/{bus.writer.pid}/status") if line.startswith("VmHWM:"))
+        assert peak - rss_before < 150_000, (rss_before, peak)
+    finally:
+        dealer.close()
+        ctx.term()
+    assert all_alive(bus)
