@@ -58,6 +58,12 @@ MAX_SMALL_REQUEST_BYTES = 64 << 10
 CAPTURE_RECEIVE_BYTES = 64 << 20
 
 
+# Replies a control endpoint queues for one connection before it drops the
+# next: a REQ waits for each of its replies, so one is all it ever has
+# queued. libzmq's default (1,000) let a client that sends `history` and never
+# reads queue 1,000 pages of up to 4 MiB: the reader reached 1.9 GB against its
+# 128 MiB limit before its memory guard cut every connection.
+CONTROL_REPLIES_QUEUED = 4
 # libc, for srand (seed_routing_ids): libzmq takes its routing ids from rand().
 _LIBC = ctypes.CDLL(None)
 if hasattr(_LIBC, "srand"):
@@ -643,6 +649,7 @@ def open_reply(ctx: zmq.Context, cfg: BusConfig, endpoint: str, domain: str,
     client's reply (see serve)."""
     seed_routing_ids()
     sock = _set_common(ctx.socket(zmq.ROUTER), 0)
+    sock.setsockopt(zmq.SNDHWM, CONTROL_REPLIES_QUEUED)
     sock.setsockopt(zmq.MAXMSGSIZE, max_request_bytes)
     security.secure_server(sock, cfg, domain)
     if on_open is not None:

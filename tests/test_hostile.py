@@ -5,6 +5,7 @@ refused and counted, and that valid messages around it are stored."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -982,4 +983,45 @@ def test_a_request_of_a_million_frames_costs_a_read_each_and_no_memory(bus: Bus)
     finally:
         dealer.close()
         ctx.term()
+    assert all_alive(bus)
+
+
+def test_a_client_that_never_reads_its_replies_costs_the_reader_a_few_pages(bus: Bus) -> None:
+    """A DEALER that sends `history` requests and never reads the replies:
+    libzmq queued up to 1,000 replies (pages of up to 4 MiB) for it, and the
+    reader reached 1.9 GB against its 128 MiB limit before its memory guard
+    cut every connection, honest ones too (hostile review of 9ea7007). A
+    control endpoint now queues a few replies a connection and drops the
+    rest; the guard never has to act."""
+    with Publisher(bus.config(), producer_id="pages", connect_timeout=5) as pub:
+        for i in range(1500):
+            pub.publish("pages.x", os.urandom(2500))
+        pub.flush(timeout=60)
+    pid = bus.reader.pid
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVBUF, 4096)
+    dealer.setsockopt(zmq.RCVHWM, 1)
+    request = [b"", protocol.encode_request(1, "history", {"prefix": "pages."})]
+    peak_kib, answered = 0, 0
+    try:
+        dealer.connect(bus["BUS_READ_ENDPOINT"])
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            for _ in range(100):
+                with contextlib.suppress(zmq.Again):
+                    dealer.send_multipart(request, zmq.NOBLOCK)
+            peak_kib = max(peak_kib, rss_kib(pid))
+            time.sleep(0.05)
+        stats = bus.request("BUS_READ_ENDPOINT", "stats")
+        answered = stats["control"]["requests"]
+    finally:
+        dealer.close()
+        ctx.term()
+    assert answered > 100, "the reader did not take the requests: the test shows nothing"
+    assert stats["memory"]["cutoffs"] == 0, stats["memory"]
+    assert peak_kib * 1024 < stats["memory"]["limit_bytes"], peak_kib
+    assert raw_request(bus["BUS_READ_ENDPOINT"], [protocol.encode_request(1, "ping")]
+                       )["result"] == "pong"
     assert all_alive(bus)
