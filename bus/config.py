@@ -99,6 +99,18 @@ def endpoint_problem(value: str) -> str | None:
     return None
 
 
+def connect_problem(value: str) -> str | None:
+    """What keeps a client from connecting to endpoint `value` (a valid one):
+    a wildcard host is for the process that binds it, and libzmq cannot
+    connect to it (it refused, or waited for ever)."""
+    match = _ENDPOINT.fullmatch(value)
+    if match is not None and match.group(2) == "*":
+        return (f"is {value!r}: * is for the process that binds it, to listen on every "
+                f"address; a client connects to one of them, e.g. "
+                f"tcp://127.0.0.1:{match.group(3)}")
+    return None
+
+
 def http_address_problem(address: str) -> str | None:
     host, colon, port = address.rpartition(":")
     if address and not (colon and host and port.isdigit() and 0 <= int(port) <= 65535):
@@ -200,6 +212,7 @@ class Setting:
     normalize: Callable[[str], str] | None = None  # applied to a loaded value (case)
     form: Callable[[Any], str | None] | None = None
     secret: bool = False             # "***" in stats, logs and `bus-cli config`
+    bound_by: str = ""               # an endpoint: the process that binds it (the rest connect)
     comma_list: bool = False         # a TOML list is taken as the comma-separated string
 
     def problem(self, value: Any) -> str | None:
@@ -238,34 +251,42 @@ def setting(env: str, default: Any, help: str, *, roles: tuple[str, ...],
 class BusConfig:
     pub_endpoint: str = setting(
         "BUS_PUB_ENDPOINT", "tcp://127.0.0.1:5550", "proxy SUB; publishers connect here",
-        roles=("proxy", "anchor", "publisher", "anchor_requester"), form=endpoint_problem)
+        roles=("proxy", "anchor", "publisher", "anchor_requester"), form=endpoint_problem,
+        bound_by="proxy")
     sub_endpoint: str = setting(
         "BUS_SUB_ENDPOINT", "tcp://127.0.0.1:5551", "proxy PUB; subscribers connect here",
-        roles=("proxy", "anchor", "subscriber", "anchor_requester"), form=endpoint_problem)
+        roles=("proxy", "anchor", "subscriber", "anchor_requester"), form=endpoint_problem,
+        bound_by="proxy")
     capture_endpoint: str = setting(
         "BUS_CAPTURE_ENDPOINT", "tcp://127.0.0.1:5552",
         "writer PULL (bound); the proxy's capture PUSH connects here",
-        roles=("proxy", "writer"), form=endpoint_problem)
+        roles=("proxy", "writer"), form=endpoint_problem,
+        bound_by="writer")
     control_endpoint: str = setting(
         "BUS_CONTROL_ENDPOINT", "tcp://127.0.0.1:5553",
         "writer control endpoint (ROUTER; REQ clients) for trusted commands (stats, flush)",
         roles=("writer", "anchor", "publisher", "subscriber", "writer_client", "prober",
-               "anchor_requester"), form=endpoint_problem)
+               "anchor_requester"), form=endpoint_problem,
+        bound_by="writer")
     proxy_control_endpoint: str = setting(
         "BUS_PROXY_CONTROL_ENDPOINT", "tcp://127.0.0.1:5554", "proxy control endpoint (ROUTER) for stats",
-        roles=("proxy", "proxy_client", "prober"), form=endpoint_problem)
+        roles=("proxy", "proxy_client", "prober"), form=endpoint_problem,
+        bound_by="proxy")
     read_endpoint: str = setting(
         "BUS_READ_ENDPOINT", "tcp://127.0.0.1:5555",
         "reader (ROUTER): history pages from a read-only connection",
-        roles=("reader", "anchor", "reader_client", "prober"), form=endpoint_problem)
+        roles=("reader", "anchor", "reader_client", "prober"), form=endpoint_problem,
+        bound_by="reader")
     notify_endpoint: str = setting(
         "BUS_NOTIFY_ENDPOINT", "tcp://127.0.0.1:5556",
         "writer XPUB: $bus.ack/nack/commit notifications; only the writer sends there",
         roles=("writer", "anchor", "publisher", "subscriber", "anchor_requester"),
-        form=endpoint_problem)
+        form=endpoint_problem,
+        bound_by="writer")
     anchor_control_endpoint: str = setting(
         "BUS_ANCHOR_CONTROL_ENDPOINT", "tcp://127.0.0.1:5557", "anchor worker control endpoint (ROUTER): ping, stats",
-        roles=("anchor", "anchor_client", "prober"), form=endpoint_problem)
+        roles=("anchor", "anchor_client", "prober"), form=endpoint_problem,
+        bound_by="anchor")
     writer_http: str = setting(
         "BUS_WRITER_HTTP", "",
         "host:port of the writer's HTTP side: /metrics, /metrics/batch, /metrics/load, /healthz "

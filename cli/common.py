@@ -19,7 +19,8 @@ import zmq
 
 from bus import security, sockets
 from bus.client import BusError, ControlClient
-from bus.config import SETTINGS, BusConfig, ConfigError, load_config, unknown_variables
+from bus.config import (SETTINGS, BusConfig, ConfigError, connect_problem, load_config,
+                        unknown_variables)
 from bus.logging import configure_logging, get_logger
 
 _SETTING = {s.field: s for s in SETTINGS}
@@ -50,6 +51,12 @@ def build_config(ctx: click.Context, flags: dict[str, Any], process: str | None 
                           config_path=ctx.obj.get("config_path"))
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    if process not in (None, "up"):  # `config` shows the settings; `up` binds every endpoint
+        for name in flags:
+            declared = _SETTING.get(name)
+            if declared is not None and declared.bound_by not in ("", process) and \
+                    (problem := connect_problem(getattr(cfg, name))) is not None:
+                raise click.UsageError(f"--{name.replace('_', '-')} ({declared.env}) {problem}")
     configure_logging(cfg.log_level, cfg.log_format, process=process)
     for variable, closest in unknown_variables(os.environ):
         # As an unknown key of the config file is refused; a variable may be

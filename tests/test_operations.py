@@ -585,3 +585,38 @@ def test_the_default_settings_and_their_edges_work_together(tmp_path: Path) -> N
                                env={**env, **{k: str(v) for k, v in settings.items()}},
                                capture_output=True, text=True)
         assert shown.returncode == 0, (settings, shown.stderr)
+
+
+@pytest.mark.parametrize("args", [
+    ("history", "x", "--read-endpoint", "tcp://*:5555"),
+    ("topics", "--read-endpoint", "tcp://*:5555"),
+    ("stats", "--control-endpoint", "tcp://*:5553"),
+    ("ping", "--control-endpoint", "tcp://*:5553"),
+    ("tail", "x", "-n", "1", "--sub-endpoint", "tcp://*:5551"),
+    ("publish", "x", "p", "--pub-endpoint", "tcp://*:5550"),
+])
+def test_a_client_given_a_wildcard_endpoint_says_so_at_once(make_bus, args: tuple[str, ...]
+                                                              ) -> None:
+    """Issue 25, item 1: `history --read-endpoint 'tcp://*:5555'` printed
+    nothing for 10 minutes, `stats`/`ping` hung and swallowed Ctrl-C, `tail`
+    and `publish` printed libzmq's traceback. A client connects to an
+    address; * is for the process that binds."""
+    bus = make_bus()  # not started: nothing is waited for
+    done = bus.cli(*args, timeout=20)
+    assert done.returncode == 2, (done.returncode, done.stderr[-500:])
+    assert "Traceback" not in done.stderr
+    flag = args[args.index(next(a for a in args if a.startswith("tcp://"))) - 1]
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: ") and flag in error and "tcp://127.0.0.1:" in error, error
+
+
+def test_a_wildcard_is_still_what_a_process_binds(make_bus) -> None:
+    """The check is for clients: the proxy binds `tcp://*:PORT` as before (on
+    loopback here: the test's ports), and `config` shows such a setting."""
+    port = free_port()
+    bus = make_bus(BUS_SUB_ENDPOINT=f"tcp://*:{port}")
+    bus.start()
+    shown = bus.cli("config")
+    assert shown.returncode == 0 and f"tcp://*:{port}" in shown.stdout
+    assert bus.proxy_stats()["endpoints"]["sub"] == f"tcp://*:{port}"
+    assert bus.cli("ping", timeout=20).returncode == 0
