@@ -183,7 +183,24 @@ def decode_payload(msg: protocol.Message) -> tuple[str, Any]:
         return "base64", base64.b64encode(msg.payload).decode("ascii")
 
 
-def format_line(msg: protocol.Message) -> str:
+# What a terminal would act on rather than show: C0 controls but tab (ESC
+# starts the sequences that recolour, clear or retitle it; CR and newline
+# overwrite or forge lines), DEL, the C1 controls (0x9b is an 8-bit CSI) and
+# the bidirectional overrides that reorder what is shown.
+_TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f"
+                              "\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every character a terminal would act on shown escaped
+    (\\x1b, \\u202e) instead (issue 25: a published topic or payload cleared
+    the screen of whoever ran history or tail)."""
+    return _TERMINAL_UNSAFE.sub(
+        lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+def format_line(msg: protocol.Message, safe: bool = False) -> str:
+    """One message as a line; `safe`: for a terminal (terminal_safe)."""
     ts = msg.time_ns or msg.committed_ns or time.time_ns()
     when = dt.datetime.fromtimestamp(ts / 1e9, dt.timezone.utc).isoformat(timespec="milliseconds")
     kind, value = decode_payload(msg)
@@ -191,7 +208,8 @@ def format_line(msg: protocol.Message) -> str:
         (value if kind == "text" else f"base64:{value}")
     origin = f" {msg.producer}#{msg.seq}" if msg.producer else ""
     stored = f" [{msg.id}]" if msg.id is not None else ""
-    return f"{when.replace('+00:00', 'Z')}{stored} {msg.topic}{origin} {shown}"
+    line = f"{when.replace('+00:00', 'Z')}{stored} {msg.topic}{origin} {shown}"
+    return terminal_safe(line) if safe else line
 
 
 def format_json(msg: protocol.Message) -> str:
@@ -226,13 +244,16 @@ def parse_since(text: str) -> dt.datetime | dt.timedelta:
 
 def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
                    limit: int | None, stop: Callable[[], bool] = lambda: False,
-                   printed: Callable[[protocol.Message], None] = lambda msg: None) -> int:
+                   printed: Callable[[protocol.Message], None] = lambda msg: None,
+                   raw: bool = False) -> int:
     """Print messages until `limit`, `stop()` or the end; None items are waits.
     `printed(msg)` follows each line that reached standard output: a durable
     tail acknowledges there, so a message taken but not written (Ctrl-C, a
     closed pipe) is not acknowledged. The limit is checked before the next
-    message is taken."""
-    fmt = format_json if as_json else format_line
+    message is taken. Lines to a terminal have their control characters
+    escaped unless `raw` (JSON escapes them itself)."""
+    safe = not raw and sys.stdout.isatty()
+    fmt = format_json if as_json else (lambda msg: format_line(msg, safe))
     shown = 0
     try:
         while not stop() and (limit is None or shown < limit):
@@ -263,11 +284,14 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
               help="first print stored messages from this id on, then live")
 @click.option("--durable", default=None, metavar="NAME",
               help="resume after the last message NAME printed, across restarts")
+@click.option("--raw", is_flag=True,
+              help="print control characters of topics and payloads as they are (a terminal "
+                   "gets them escaped, \\x1b; a pipe gets them as they are)")
 @setting_options(*role_fields("subscriber", "reader_client", "proxy_client", "curve"))
 @click.pass_context
 def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: int | None,
          fail_fast: bool, since: str | None, from_id: int | None, durable: str | None,
-         **flags: Any) -> None:
+         raw: bool, **flags: Any) -> None:
     """Print messages whose topic starts with one of PREFIXES (all if none).
 
     With --since or --from-id, stored messages come first, then live ones,
@@ -301,7 +325,7 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
         return sub.receive(timeout=0.2)
 
     with sub:
-        print_messages(iter(receive, False), as_json, limit, stopped, sub.ack)
+        print_messages(iter(receive, False), as_json, limit, stopped, sub.ack, raw)
 
 
 @click.command(short_help='Print stored messages, oldest first.')
@@ -314,11 +338,14 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
 @click.option("--last", type=click.IntRange(min=1, max=100_000), default=None,
               help="the newest N matching messages (oldest of them first)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.option("--raw", is_flag=True,
+              help="print control characters of topics and payloads as they are (a terminal "
+                   "gets them escaped, \\x1b; a pipe gets them as they are)")
 @setting_options(*role_fields("reader_client", "curve"))
 @click.pass_context
 def history(ctx: click.Context, prefixes: tuple[str, ...], since: str | None,
             from_id: int | None, limit: int | None, last: int | None, as_json: bool,
-            **flags: Any) -> None:
+            raw: bool, **flags: Any) -> None:
     """Print stored messages whose topic starts with one of PREFIXES, oldest first.
 
     From the oldest kept message, or --since / --from-id, to the newest one
@@ -340,7 +367,7 @@ def history(ctx: click.Context, prefixes: tuple[str, ...], since: str | None,
                                        limit=limit)
             if last is not None:
                 messages = iter(collections.deque(messages, maxlen=last))
-            if not print_messages(messages, as_json, limit):
+            if not print_messages(messages, as_json, limit, raw=raw):
                 click.echo("no stored message matches"
                            + (f" (prefixes: {', '.join(prefixes)})" if prefixes else ""), err=True)
         except BusError as exc:
@@ -378,7 +405,9 @@ def topics(ctx: click.Context, depth: int, as_json: bool, **flags: Any) -> None:
         click.echo(json.dumps(found, indent=2))
         return
     click.echo(f"{'topic prefix':<40} {'messages':>10} {'last id':>12}  last stored")
+    safe = sys.stdout.isatty()  # a topic is the publisher's text (terminal_safe)
     for name, count, last_id, last_ns in found["topics"]:
+        name = terminal_safe(name) if safe else name
         stored = dt.datetime.fromtimestamp(last_ns / 1e9, dt.timezone.utc)
         click.echo(f"{name:<40} {count:>10,} {last_id:>12,}  {stored:%Y-%m-%d %H:%M:%S}Z")
     if not found["last_id"]:

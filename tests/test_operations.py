@@ -620,3 +620,46 @@ def test_a_wildcard_is_still_what_a_process_binds(make_bus) -> None:
     assert shown.returncode == 0 and f"tcp://*:{port}" in shown.stdout
     assert bus.proxy_stats()["endpoints"]["sub"] == f"tcp://*:{port}"
     assert bus.cli("ping", timeout=20).returncode == 0
+
+
+def run_on_a_terminal(bus: Bus, *args: str, timeout: float = 20) -> tuple[int, bytes]:
+    """`bus-cli ARGS` with standard output a pseudo-terminal, as a person runs
+    it: (exit status, what it wrote)."""
+    import pty
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen([BUS_CLI, *args], env=bus.env, stdout=secondary,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        os.close(secondary)
+        written = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal's other side closed: the command is done
+                break
+            if not chunk:
+                break
+            written += chunk
+        return proc.wait(timeout=max(0.1, deadline - time.monotonic())), written
+    finally:
+        os.close(primary)
+
+
+def test_what_was_published_cannot_drive_the_terminal_of_who_reads_it(bus: Bus) -> None:
+    """Issue 25, item 3: `publish $'esc.\\x1b[31mRED' $'payload\\x1b[2J'`, then
+    `history esc.` or `tail` on a terminal cleared the screen and left it red.
+    A terminal now gets control characters escaped; a pipe and --raw get
+    them as they are."""
+    topic, payload = "esc.\x1b[31mRED\u202e", "payload\x1b[2J\r\x9b"
+    published = bus.cli("publish", topic, payload, "--wait")
+    assert published.returncode == 0, published.stderr
+    for command in (("history", "esc."), ("tail", "esc.", "--from-id", "1", "-n", "1"),
+                    ("topics", "--depth", "1")):
+        status, written = run_on_a_terminal(bus, *command)
+        assert status == 0, (command, written)
+        assert b"\x1b" not in written and b"\xe2\x80\xae" not in written, (command, written)
+    status, written = run_on_a_terminal(bus, "history", "esc.")
+    assert b"esc.\\x1b[31mRED\\u202e" in written and b"payload\\x1b[2J\\x0d\\x9b" in written
+    assert b"\x1b[2J" in run_on_a_terminal(bus, "history", "esc.", "--raw")[1]
+    assert "\x1b[2J" in bus.cli("history", "esc.").stdout  # a pipe: as it was published
