@@ -278,6 +278,9 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
               help="stop after this many messages")
 @click.option("--fail-fast", is_flag=True,
               help="exit 1 when a process tail needs does not answer, instead of waiting")
+@click.option("--timeout", type=FiniteFloat(min=0, max=MAX_SECONDS), default=None,
+              metavar="SECONDS",
+              help="stop after SECONDS (exit 0); with -n N, exit 1 if fewer than N came")
 @click.option("--since", "since", default=None,
               help="first print what was stored since then (10m, 2h, ISO time), then live")
 @click.option("--from-id", type=click.IntRange(min=1), default=None,
@@ -290,8 +293,8 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
 @setting_options(*role_fields("subscriber", "reader_client", "proxy_client", "curve"))
 @click.pass_context
 def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: int | None,
-         fail_fast: bool, since: str | None, from_id: int | None, durable: str | None,
-         raw: bool, **flags: Any) -> None:
+         fail_fast: bool, timeout: float | None, since: str | None, from_id: int | None,
+         durable: str | None, raw: bool, **flags: Any) -> None:
     """Print messages whose topic starts with one of PREFIXES (all if none).
 
     With --since or --from-id, stored messages come first, then live ones,
@@ -303,12 +306,18 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
     cfg = build_config(ctx, flags, "tail")
     if since is not None and from_id is not None:
         raise click.UsageError("give --since or --from-id, not both")
-    stopped = stop_on_sigterm()
+    asked_to_stop = stop_on_sigterm()
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def stopped() -> bool:  # SIGTERM, or --timeout reached
+        return asked_to_stop() or (deadline is not None and time.monotonic() >= deadline)
+
     needed = ["proxy"] + (["reader"] if since or from_id or durable else []) \
         + (["writer"] if durable else [])
     liveness = Liveness(cfg, needed)
     liveness.wait(fail_fast, stopped)
-    if stopped():  # SIGTERM while waiting: a clean stop
+    if stopped():  # SIGTERM (or the timeout) while waiting: a clean stop
+        missing_after_timeout(0, limit, timeout, asked_to_stop())
         return
     try:
         # A durable tail acknowledges a message once its line is written, not
@@ -325,7 +334,16 @@ def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: in
         return sub.receive(timeout=0.2)
 
     with sub:
-        print_messages(iter(receive, False), as_json, limit, stopped, sub.ack, raw)
+        shown = print_messages(iter(receive, False), as_json, limit, stopped, sub.ack, raw)
+    missing_after_timeout(shown, limit, timeout, asked_to_stop())
+
+
+def missing_after_timeout(shown: int, limit: int | None, timeout: float | None,
+                          sigterm: bool) -> None:
+    """tail --timeout with -n N: fewer than N messages is a failure (exit 1)."""
+    if timeout is not None and limit is not None and shown < limit and not sigterm:
+        raise InputError(f"{shown} of {limit} message{'s' if limit != 1 else ''} within "
+                         f"--timeout {timeout:g}s")
 
 
 @click.command(short_help='Print stored messages, oldest first.')

@@ -663,3 +663,21 @@ def test_what_was_published_cannot_drive_the_terminal_of_who_reads_it(bus: Bus) 
     assert b"esc.\\x1b[31mRED\\u202e" in written and b"payload\\x1b[2J\\x0d\\x9b" in written
     assert b"\x1b[2J" in run_on_a_terminal(bus, "history", "esc.", "--raw")[1]
     assert "\x1b[2J" in bus.cli("history", "esc.").stdout  # a pipe: as it was published
+
+
+def test_tail_waits_at_most_its_timeout(bus: Bus) -> None:
+    """Issue 25, item 2: `tail never.arrives -n 1` could only be killed.
+    --timeout bounds it: fewer than -n N messages is exit 1, in one line;
+    without -n it is a bounded watch, exit 0."""
+    started = time.monotonic()
+    waited = bus.cli("tail", "never.arrives", "-n", "1", "--timeout", "1", timeout=30)
+    assert waited.returncode == 1, (waited.returncode, waited.stderr)
+    assert waited.stderr.strip().splitlines() == \
+        ["Error: 0 of 1 message within --timeout 1s"], waited.stderr
+    watched = bus.cli("tail", "never.arrives", "--timeout", "1", timeout=30)
+    assert watched.returncode == 0 and watched.stdout == "", watched.stderr
+    assert time.monotonic() - started < 20
+    publish_acked(bus, "timeout-pub", "arrives.t", 1)
+    came = bus.cli("tail", "arrives.", "--from-id", "1", "-n", "1", "--timeout", "20",
+                   timeout=30)
+    assert came.returncode == 0 and "arrives.t" in came.stdout, came.stderr
