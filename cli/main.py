@@ -47,6 +47,14 @@ class BusCli(click.Group):
     (click says "Aborted!" and exits 1), quiet when the reader of standard
     output goes away (`bus-cli tail | head`), one line for a usage error."""
 
+    def invoke(self, ctx: click.Context) -> Any:
+        # Here, not only in main: click's own main takes a broken pipe (EPIPE)
+        # first and exits 1, saying nothing, as if the command had failed.
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            exit_quietly_after_broken_pipe()
+
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         try:
@@ -64,9 +72,15 @@ class BusCli(click.Group):
                        err=True)
             sys.exit(2)
         except BrokenPipeError:
-            # Python would complain again when it flushes stdout at exit.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(141)
+            exit_quietly_after_broken_pipe()
+
+
+def exit_quietly_after_broken_pipe() -> None:
+    """The reader of standard output went away (`| head`): exit 141, what a
+    shell reports for a command ended by SIGPIPE, with nothing on stderr.
+    Python would complain again when it flushes stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(141)
 
 
 @click.group(cls=BusCli, context_settings={"help_option_names": ["-h", "--help"]})

@@ -266,8 +266,9 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
             sys.stdout.flush()
             shown += 1
             printed(msg)
-    except BrokenPipeError:  # `| head` has what it wanted
+    except BrokenPipeError:  # `| head` has what it wanted: exit 141 (cli/main.py)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise
     return shown
 
 

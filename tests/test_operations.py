@@ -681,3 +681,23 @@ def test_tail_waits_at_most_its_timeout(bus: Bus) -> None:
     came = bus.cli("tail", "arrives.", "--from-id", "1", "-n", "1", "--timeout", "20",
                    timeout=30)
     assert came.returncode == 0 and "arrives.t" in came.stdout, came.stderr
+
+
+@pytest.mark.parametrize("args", [("config",), ("history", "pipe."), ("ping",), ("stats",)])
+def test_a_reader_of_standard_output_gone_is_a_quiet_exit_141(bus: Bus, args: tuple[str, ...]
+                                                               ) -> None:
+    """`bus-cli config | head -0`-like: the reader of standard output has
+    gone. click took the broken pipe first and exited 1, saying nothing, as
+    if the command had failed; `history` then said "no stored message
+    matches" (new-user review). Now: 141, what a shell reports for a command
+    ended by SIGPIPE, and nothing on stderr."""
+    publish_acked(bus, "pipe-pub", "pipe.t", 3)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the first line
+    try:
+        done = subprocess.run([BUS_CLI, *args], env=bus.env, stdout=write_end,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                              timeout=30)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, ""), (done.returncode, done.stderr)
