@@ -51,6 +51,15 @@ def input_lines(stream: Any, encoding: str) -> Iterator[tuple[str, bytes, str]]:
         yield (where, *encode_payload(line, encoding, where))
 
 
+ENCODINGS_GIVEN = "publish_encodings"
+
+
+def _encoding_given(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--raw, --json, --msgpack: which were given (publish refuses two)."""
+    if value:
+        ctx.meta.setdefault(ENCODINGS_GIVEN, []).append(param.name)
+
+
 @click.command(short_help="Publish DATA, a file, or standard input's lines.")
 @click.argument("topic")
 @click.argument("data", required=False)
@@ -58,11 +67,12 @@ def input_lines(stream: Any, encoding: str) -> Iterator[tuple[str, bytes, str]]:
                                                       allow_dash=True),
               default=None, help="publish the whole file as one message (binary-safe; - for "
                                  "standard input)")
-@click.option("--raw", "encoding", flag_value="raw", default=True,
+@click.option("--raw", "raw", is_flag=True, expose_value=False, callback=_encoding_given,
               help="payload is DATA's bytes (default; text/plain if UTF-8, else "
                    "application/octet-stream)")
-@click.option("--json", "encoding", flag_value="json", help="DATA is JSON; payload is JSON")
-@click.option("--msgpack", "encoding", flag_value="msgpack",
+@click.option("--json", "json", is_flag=True, expose_value=False, callback=_encoding_given,
+              help="DATA is JSON; payload is JSON")
+@click.option("--msgpack", "msgpack", is_flag=True, expose_value=False, callback=_encoding_given,
               help="DATA is JSON; payload is its msgpack encoding")
 @click.option("--count", "-c", type=click.IntRange(min=1), default=1,
               help="publish DATA this many times")
@@ -78,7 +88,7 @@ def input_lines(stream: Any, encoding: str) -> Iterator[tuple[str, bytes, str]]:
               help="seconds --wait waits for the commit acknowledgements")
 @setting_options(*role_fields("publisher", "curve"))
 @click.pass_context
-def publish(ctx: click.Context, topic: str, data: str | None, path: str | None, encoding: str,
+def publish(ctx: click.Context, topic: str, data: str | None, path: str | None,
             count: int, rate: float, producer_id: str | None, header: tuple[str, ...],
             wait: bool, wait_timeout: float, **flags: Any) -> None:
     """Publish DATA to TOPIC, the file of --file, or one message per line of
@@ -91,6 +101,11 @@ def publish(ctx: click.Context, topic: str, data: str | None, path: str | None, 
     JSON with --json, too large, ...), named by its line number: the lines
     before it are published (and, with --wait, committed), the rest are not.
     """
+    given = ctx.meta.get(ENCODINGS_GIVEN, [])
+    if len(given) > 1:  # each was a flag_value of one option: the last won, silently
+        raise click.UsageError(f"give one of --raw, --json and --msgpack, not "
+                               f"{' and '.join('--' + name for name in given)}")
+    encoding = given[0] if given else "raw"
     cfg = build_config(ctx, flags, "publish")
     headers = {}
     for item in header:

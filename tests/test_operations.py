@@ -701,3 +701,18 @@ def test_a_reader_of_standard_output_gone_is_a_quiet_exit_141(bus: Bus, args: tu
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (141, ""), (done.returncode, done.stderr)
+
+
+def test_publish_refuses_two_payload_encodings(bus: Bus) -> None:
+    """Issue 25, item 4: `publish --json --msgpack` was accepted, the last
+    flag silently winning. Now a usage error, in one line; each alone works."""
+    both = bus.cli("publish", "enc.t", '{"a": 1}', "--json", "--msgpack")
+    assert both.returncode == 2, (both.returncode, both.stderr)
+    assert both.stderr.strip().splitlines()[-1] == \
+        "Error: give one of --raw, --json and --msgpack, not --json and --msgpack"
+    for flag in ("--json", "--msgpack", "--raw"):
+        alone = bus.cli("publish", "enc.t", '{"a": 1}', flag, "--wait")
+        assert alone.returncode == 0, (flag, alone.stderr)
+    stored = bus.cli("history", "enc.", "--json")
+    payloads = [json.loads(line).get("payload") for line in stored.stdout.splitlines()]
+    assert payloads == [{"a": 1}, {"a": 1}, '{"a": 1}'], payloads
