@@ -269,7 +269,8 @@ class BusConfig:
                "anchor_requester"), form=endpoint_problem,
         bound_by="writer")
     proxy_control_endpoint: str = setting(
-        "BUS_PROXY_CONTROL_ENDPOINT", "tcp://127.0.0.1:5554", "proxy control endpoint (ROUTER) for stats",
+        "BUS_PROXY_CONTROL_ENDPOINT", "tcp://127.0.0.1:5554",
+        "proxy control endpoint (ROUTER) for stats",
         roles=("proxy", "proxy_client", "prober"), form=endpoint_problem,
         bound_by="proxy")
     read_endpoint: str = setting(
@@ -284,7 +285,8 @@ class BusConfig:
         form=endpoint_problem,
         bound_by="writer")
     anchor_control_endpoint: str = setting(
-        "BUS_ANCHOR_CONTROL_ENDPOINT", "tcp://127.0.0.1:5557", "anchor worker control endpoint (ROUTER): ping, stats",
+        "BUS_ANCHOR_CONTROL_ENDPOINT", "tcp://127.0.0.1:5557",
+        "anchor worker control endpoint (ROUTER): ping, stats",
         roles=("anchor", "anchor_client", "prober"), form=endpoint_problem,
         bound_by="anchor")
     writer_http: str = setting(

@@ -256,17 +256,14 @@ class Dispatcher:
         except zmq.Again:
             return
         envelope: list[bytes] = [frame.bytes]  # the routing id the ROUTER added
-        request: list[bytes] = []
-        first: zmq.Frame | None = None  # the request's frame, which carries its CURVE key
+        request: list[zmq.Frame] = []  # the first two: one is a request, a second says it is not
         delimited, envelope_frames, request_frames = False, 1, 0
         while frame.more:  # libzmq delivers a message whole: the rest is here
             frame = sock.recv(copy=False)
             if delimited:
                 request_frames += 1
-                if request_frames == 1:
-                    first = frame
-                if request_frames <= 2:  # one is a request; a second says it is not
-                    request.append(frame.bytes)
+                if request_frames <= 2:
+                    request.append(frame)
             elif len(frame) == 0:
                 delimited = True
             else:
@@ -284,7 +281,8 @@ class Dispatcher:
                 f"frame after at most {MAX_ENVELOPE_FRAMES - 1} routing ids, then comes the "
                 "request (what a REQ socket sends)")])
             return
-        reply = self.handle(request, security.user_id([first] if first else []),
+        # The request's frame carries the client's CURVE key (security.user_id).
+        reply = self.handle([frame.bytes for frame in request], security.user_id(request),
                             request_frames)
         sock.send_multipart([*envelope, b"", reply])
 

@@ -64,11 +64,11 @@ CAPTURE_RECEIVE_BYTES = 64 << 20
 # reads queue 1,000 pages of up to 4 MiB: the reader reached 1.9 GB against its
 # 128 MiB limit before its memory guard cut every connection.
 CONTROL_REPLIES_QUEUED = 4
-# libc, for srand (seed_routing_ids): libzmq takes its routing ids from rand().
-_LIBC = ctypes.CDLL(None)
-if hasattr(_LIBC, "srand"):
-    _LIBC.srand.argtypes = [ctypes.c_uint]
-    _LIBC.srand.restype = None
+# libc's srand (seed_routing_ids): libzmq takes its routing ids from rand().
+_SRAND = getattr(ctypes.CDLL(None), "srand", None)
+if _SRAND is not None:
+    _SRAND.argtypes = [ctypes.c_uint]
+    _SRAND.restype = None
 
 
 class EndpointInUse(StartupError):
@@ -635,9 +635,8 @@ def seed_routing_ids() -> None:
     connection, with no message sent. Seeded from os.urandom before each
     ROUTER is made, the counter starts at one of 2^32 values, which a peer
     cannot learn (tests/test_hostile.py)."""
-    srand = getattr(_LIBC, "srand", None)
-    if srand is not None:
-        srand(int.from_bytes(os.urandom(4), "little"))
+    if _SRAND is not None:
+        _SRAND(int.from_bytes(os.urandom(4), "little"))
 
 
 def open_reply(ctx: zmq.Context, cfg: BusConfig, endpoint: str, domain: str,
