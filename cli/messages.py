@@ -7,7 +7,6 @@ import collections
 import datetime as dt
 import itertools
 import json
-import os
 import re
 import sys
 import time
@@ -266,25 +265,29 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
     tail acknowledges there, so a message taken but not written (Ctrl-C, a
     closed pipe) is not acknowledged. The limit is checked before the next
     message is taken. Lines to a terminal have their control characters
-    escaped unless `raw` (JSON escapes them itself)."""
+    escaped unless `raw` (JSON escapes them itself). A closed standard
+    output (`| head`) ends the command with 141 (cli/main.BusCli)."""
     safe = not raw and sys.stdout.isatty()
     fmt = format_json if as_json else (lambda msg: format_line(msg, safe))
     shown = 0
-    try:
-        while not stop() and (limit is None or shown < limit):
-            msg = next(messages, False)
-            if msg is False:
-                break
-            if msg is None:
-                continue
-            sys.stdout.write(fmt(msg) + "\n")
-            sys.stdout.flush()
-            shown += 1
-            printed(msg)
-    except BrokenPipeError:  # `| head` has what it wanted: exit 141 (cli/main.py)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise
+    while not stop() and (limit is None or shown < limit):
+        msg = next(messages, False)
+        if msg is False:
+            break
+        if msg is None:
+            continue
+        sys.stdout.write(fmt(msg) + "\n")
+        sys.stdout.flush()
+        shown += 1
+        printed(msg)
     return shown
+
+
+# tail's and history's --raw (print_messages: what a terminal gets escaped).
+raw_option = click.option(
+    "--raw", is_flag=True,
+    help="print control characters of topics and payloads as they are (a terminal gets them "
+         "escaped, \\x1b; a pipe gets them as they are)")
 
 
 @click.command(short_help='Print messages as they pass (--since: stored first).')
@@ -303,9 +306,7 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
               help="first print stored messages from this id on, then live")
 @click.option("--durable", default=None, metavar="NAME",
               help="resume after the last message NAME printed, across restarts")
-@click.option("--raw", is_flag=True,
-              help="print control characters of topics and payloads as they are (a terminal "
-                   "gets them escaped, \\x1b; a pipe gets them as they are)")
+@raw_option
 @setting_options(*role_fields("subscriber", "reader_client", "proxy_client", "curve"))
 @click.pass_context
 def tail(ctx: click.Context, prefixes: tuple[str, ...], as_json: bool, limit: int | None,
@@ -372,9 +373,7 @@ def missing_after_timeout(shown: int, limit: int | None, timeout: float | None,
 @click.option("--last", type=click.IntRange(min=1, max=100_000), default=None,
               help="the newest N matching messages (oldest of them first)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
-@click.option("--raw", is_flag=True,
-              help="print control characters of topics and payloads as they are (a terminal "
-                   "gets them escaped, \\x1b; a pipe gets them as they are)")
+@raw_option
 @setting_options(*role_fields("reader_client", "curve"))
 @click.pass_context
 def history(ctx: click.Context, prefixes: tuple[str, ...], since: str | None,
