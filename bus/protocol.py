@@ -81,6 +81,10 @@ MAX_INT64 = (1 << 63) - 1
 MIN_INT64 = -(1 << 63)
 MAX_PRODUCER_CHARS = 128
 MAC_BYTES = 16
+# Hole ranges an acknowledgement lists (the lowest first): enough for a
+# publisher to re-send what a dropped message left missing, bounded so an
+# acknowledgement stays a few hundred bytes whatever the holes.
+ACK_MAX_HOLES = 32
 # Maps and arrays read of a refused message's meta to find its session.
 MAX_META_CONTAINERS = 1000
 

@@ -12,20 +12,26 @@ must sign its messages with the session MAC or nothing is stored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import queue
 import re
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
 import pytest
+import zmq
 import zmq.auth
 
 from bus import control, protocol, security
 from bus.client import Publisher
 from tests.conftest import Bus, Proc, query, wait_for
+from writer.producers import ProducerState
 
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -150,18 +156,20 @@ def test_c_examples_publish_on_every_run_and_subscribe(docs_bus: tuple[Bus, dict
         result = subprocess.run([str(publisher)], capture_output=True, text=True, timeout=30,
                                 env={**bus.env, **example_env})
         assert result.returncode == 0, f"run {run}: exit {result.returncode} (3: bad keys, " \
-                                       "2: no writer, 1: no proxy)"
-        bus.wait_count(run, "orders.new")
-    assert [row[:3] for row in stored_sessions(bus, "orders.new")] == [("c-1", 1, 1),
-                                                                       ("c-1", 2, 2)]
+                                       "2: no writer, 1: no proxy, 4: no acknowledgement)"
+        first = 3 * run - 2
+        assert result.stdout == f"stored: c-1 epoch {run} seqs {first}-{first + 2} " \
+                                "(0 sent again)\n"
+    assert [row[:3] for row in stored_sessions(bus, "orders.new")] == \
+        [("c-1", 1, 1), ("c-1", 1, 2), ("c-1", 1, 3), ("c-1", 2, 4), ("c-1", 2, 5), ("c-1", 2, 6)]
     meta = msgpack.unpackb(query(bus.db, "SELECT meta FROM messages "
                                          "WHERE topic = 'orders.new'")[0][0])
     assert {k: meta[k] for k in ("producer", "epoch", "seq")} == \
         {"producer": "c-1", "epoch": 1, "seq": 1}
     assert list(meta) == ["producer", "epoch", "seq", "mac"], "signed with CURVE or without"
     session_macs_checked(bus)
-    wait_for(lambda: sub.stdout.collect().count("frame 0: 10") == 2,
-             message="both messages at the C subscriber")
+    wait_for(lambda: sub.stdout.collect().count("frame 0: 10") == 6,
+             message="the six messages at the C subscriber")
     lines = sub.stdout.collect()
     first = lines.index("frame 0: 10")
     assert lines[first:first + 3] == ["frame 0: 10", "frame 1: 8",
@@ -186,7 +194,7 @@ def test_javascript_example_publishes_on_every_run_and_subscribes(
                 node = bus.spawn(["node", str(script)], env=example_env)
                 # It exits 0 only after its message was acknowledged and a
                 # "orders.done" reached its subscriber (published until one does).
-                bus.wait_count(run, "orders.new")
+                bus.wait_count(3 * run, "orders.new")
 
                 def exited() -> bool:
                     if node.popen.poll() is not None:
@@ -195,11 +203,15 @@ def test_javascript_example_publishes_on_every_run_and_subscribes(
                     return False
                 wait_for(exited, interval=0.05, message="the JavaScript example to exit")
                 assert node.wait() == 0, node.stderr.collect()
+                first = 3 * run - 2
+                assert f"stored: js-1 epoch {run} seqs {first}-{first + 2} (0 sent again)" \
+                    in node.stdout.collect()
     finally:
         script.unlink()
     rows = stored_sessions(bus, "orders.new")
-    assert [row[:3] for row in rows] == [("js-1", 1, 1), ("js-1", 2, 2)]
-    assert all(row[3] == b'{"id":7}' for row in rows)
+    assert [row[:3] for row in rows] == [("js-1", 1, 1), ("js-1", 1, 2), ("js-1", 1, 3),
+                                         ("js-1", 2, 4), ("js-1", 2, 5), ("js-1", 2, 6)]
+    assert [row[3] for row in rows] == [b'{"id":7}', b'{"id":8}', b'{"id":9}'] * 2
     session_macs_checked(bus)
     publish_ns = query(bus.db, "SELECT publish_ns FROM messages WHERE topic = 'orders.new'")
     assert all(ns > 10**18 for (ns,) in publish_ns)
@@ -243,8 +255,9 @@ def test_the_documented_session_mac_example_is_what_the_code_computes() -> None:
     ack_tag = re.search(r"^ack tag +([0-9a-f ]+)$", text, re.M)
     assert ack_head and ack_tag, "the acknowledgement example is in docs/protocol.md"
     topic = protocol.ack_topic("p")
-    ack = signer.notification(topic, {"producer": "p", "epoch": 1, "contiguous_seq": 1,
-                                      "max_seq": 1, "refused": 0, "committed_ns": 0})
+    # The writer's own acknowledgement of seqs 1 and 3 (2 never arrived).
+    ack = signer.notification(topic, ProducerState("p", max_seq=3, holes=[[2, 2]],
+                                                   epoch=1).ack(0))
     assert ack[:-16] == bytes.fromhex(ack_head.group(1).replace(" ", ""))
     assert ack[-16:] == bytes.fromhex(ack_tag.group(1).replace(" ", ""))
     assert signer.notification_is_authentic(topic, ack)
@@ -406,3 +419,106 @@ def test_the_table_check_sees_a_wrong_row() -> None:
         "writer consumer_get errors: the code has ['bad_request'], the page "
         "['bad_request', 'busy']",
         "writer consumer_gone: no such command in its code"], problems
+
+
+# --- the publisher examples against a dropped message and forged notifications
+
+# Each example's send of its three messages, and the same with the second
+# message's mac damaged the first time it is sent (the writer drops it as not
+# authentic, and never nacks it: the hole it leaves is what tells the client).
+DAMAGED_SEND = {
+    "c": ("        send_kept(pub, topic, m);\n    }",
+          "        if (i == 1) m->meta.data[m->meta.size - 1] ^= 1;\n"
+          "        send_kept(pub, topic, m);\n"
+          "        if (i == 1) m->meta.data[m->meta.size - 1] ^= 1;\n    }"),
+    "js": ("  await pub.send([topic, payload, meta]);\n}",
+           "  await pub.send([topic, payload, i !== 1 ? meta : Buffer.concat(\n"
+           "    [meta.subarray(0, -1), Buffer.from([meta[meta.length - 1] ^ 1])])]);\n}"),
+}
+
+
+def publisher_example(language: str, bus: Bus, tmp_path: Path, notify: str | None = None,
+                      damaged: bool = False) -> list[str]:
+    """The command that runs the page's publisher example in `language`, its
+    notify endpoint `notify` (else the bus's), its second message damaged."""
+    if language == "c":
+        source = re.findall(r"```c\n(.*?)```", PROTOCOL_MD.read_text(), re.S)[0]
+    else:
+        source = js_examples()[0]
+        source = source[:source.index("const s = new Subscriber(curve);")]  # no subscriber
+    if notify is not None:
+        source = source.replace("tcp://127.0.0.1:5556", notify)
+    if damaged:
+        before, after = DAMAGED_SEND[language]
+        assert before in source
+        source = source.replace(before, after)
+    source = local_endpoints(source, bus)
+    if language == "c":
+        return [str(compile_c(source, tmp_path / "pub"))]
+    script = JS_DIR / f"example-{os.getpid()}-{tmp_path.name}.mjs"  # beside node_modules
+    script.write_text(source)
+    return ["node", str(script)]
+
+
+def run_example(argv: list[str], bus: Bus) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=bus.env)
+    finally:
+        if argv[0] == "node":
+            Path(argv[1]).unlink()
+
+
+LANGUAGES = [pytest.param("c", marks=needs_c), pytest.param("js", marks=needs_js)]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_publisher_examples_send_again_only_the_hole_a_dropped_message_leaves(
+        language: str, bus: Bus, tmp_path: Path) -> None:
+    result = run_example(publisher_example(language, bus, tmp_path, damaged=True), bus)
+    assert result.returncode == 0, result.stderr
+    producer = {"c": "c-1", "js": "js-1"}[language]
+    assert result.stdout.splitlines()[-1] == f"stored: {producer} epoch 1 seqs 1-3 " \
+                                             "(1 sent again)", "the hole alone, once"
+    assert [row[:3] for row in stored_sessions(bus, "orders.new")] == \
+        [(producer, 1, 1), (producer, 1, 3), (producer, 1, 2)]
+    assert bus.writer_stats()["security"]["messages_not_authentic"] == 1
+
+
+@contextlib.contextmanager
+def relay_with_forged_tags(bus: Bus) -> Iterator[str]:
+    """A notify endpoint that passes on every notification of the writer's
+    with the last byte of its tag changed: a process that took the endpoint
+    while the writer restarted, telling the truth without the session key."""
+    ready: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+
+    def relay() -> None:
+        ctx = zmq.Context.instance()
+        with ctx.socket(zmq.SUB) as real, ctx.socket(zmq.XPUB) as fake:
+            real.connect(bus["BUS_NOTIFY_ENDPOINT"])
+            real.subscribe(protocol.RESERVED_PREFIX.encode())
+            ready.put(f"tcp://127.0.0.1:{fake.bind_to_random_port('tcp://127.0.0.1')}")
+            while not stop.is_set():
+                if real.poll(50):
+                    topic, payload = real.recv_multipart()[:2]
+                    fake.send_multipart([topic, payload[:-1] + bytes((payload[-1] ^ 1,))])
+                while fake.poll(0):
+                    fake.recv()  # subscriptions
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    try:
+        yield ready.get(timeout=10)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_publisher_examples_believe_no_acknowledgement_without_the_session_s_mac(
+        language: str, bus: Bus, tmp_path: Path) -> None:
+    with relay_with_forged_tags(bus) as notify:
+        result = run_example(publisher_example(language, bus, tmp_path, notify=notify), bus)
+    assert "stored:" not in result.stdout, "believed an acknowledgement the writer did not sign"
+    assert result.returncode != 0
+    assert bus.count("orders.new") == 3, "the messages were stored: only the tags were forged"

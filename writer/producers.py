@@ -178,9 +178,13 @@ class ProducerState:
                    msgpack.unpackb(refusals) if refusals else [], owner, session_key)
 
     def ack(self, committed_ns: int) -> dict[str, Any]:
-        """The acknowledgement ($bus.ack.<producer>) of this state."""
+        """The acknowledgement ($bus.ack.<producer>) of this state. `holes`:
+        the lowest ACK_MAX_HOLES ranges of seqs below `max_seq` not received,
+        copied (the state moves on): a publisher re-sends just those."""
         return {"producer": self.producer_id, "epoch": self.epoch,
                 "contiguous_seq": self.contiguous_seq, "max_seq": self.max_seq,
+                "holes": [(first, last) for first, last in
+                          self.holes[:protocol.ACK_MAX_HOLES]],
                 "refused": self.refused, "committed_ns": committed_ns}
 
     def status(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import socket as _socket
 import time
 import uuid
 from collections import deque
+from itertools import islice
 from typing import Any
 
 import zmq
@@ -49,7 +50,8 @@ class Publisher:
     `flush()` waits for that, re-sending what is still unacknowledged when
     acknowledgements stop for `resend_after` seconds (then 2x, 4x, ... up to
     30 s), with the same sequence numbers: the writer stores each (producer,
-    seq) once. It raises MessageRefused for messages the writer refused since
+    seq) once. What an acknowledgement lists in its `holes` (seqs the writer
+    never received, below one it did) is sent again at once, and alone. It raises MessageRefused for messages the writer refused since
     the last flush, and ProducerFenced once a newer session of the same
     producer id was opened. `publish(..., wait=True)` is publish + flush. At
     most `max_unacked` messages are kept: past that, `publish` waits for
@@ -86,6 +88,9 @@ class Publisher:
         self.last_seq = 0
         self.acked_seq = 0      # every message up to this one is decided (stored or refused)
         self.resent = 0
+        self.holes_resent = 0   # of `resent`: messages re-sent because an ack listed their seq
+        self._holes_resent_at = 0.0
+        self._holes_resent_upto = 0
         self.refused_total = 0  # messages of this session the writer refused
         # (seq, frames) in seq order, oldest first: acknowledgements pop from the left.
         self._unacked: deque[tuple[int, tuple[bytes, bytes, bytes]]] = deque()
@@ -435,11 +440,44 @@ class Publisher:
         if acked > self.last_seq:  # nothing sent can be acknowledged past what was sent
             return self._ignore("beyond_sent")
         self._session_acked = True
+        holes = ack.get("holes")
+        if holes:
+            self._resend_holes(holes)
         if acked <= self.acked_seq:
             return
         if refused > self.refused_total and not self._learn_refusals(refused):
             return  # which seqs were refused is not known yet: keep them unacknowledged
         self.acked_seq = acked
+
+    def _resend_holes(self, holes: Any) -> None:
+        """An authentic acknowledgement lists seqs below its `max_seq` that
+        the writer never received (a copy dropped on the way, e.g. for a
+        mac that did not check): send those again now, and only those,
+        rather than the whole window when acknowledgements stall. A hole is
+        re-sent again only after `resend_after` (its copy may be on its way)."""
+        unacked = self._unacked
+        if not unacked:
+            return
+        now = time.monotonic()
+        floor = 0 if now - self._holes_resent_at >= self.resend_after else self._holes_resent_upto
+        first_kept, resent = unacked[0][0], 0
+        for hole in holes[:protocol.ACK_MAX_HOLES]:
+            try:
+                first, last = (int(bound) for bound in hole)
+            except (TypeError, ValueError):
+                return
+            start, end = max(first, floor + 1, first_kept), min(last, self.last_seq)
+            # Kept messages have consecutive seqs: the hole's are a slice.
+            for seq, frames in islice(unacked, start - first_kept, max(end - first_kept + 1, 0)):
+                if not self._resend(frames):
+                    break  # the queue is full: the next acknowledgement tries again
+                resent += 1
+                self._holes_resent_upto = max(self._holes_resent_upto, seq)
+        if resent:
+            self.resent += resent
+            self.holes_resent += resent
+            if floor == 0:
+                self._holes_resent_at = now
 
     def _apply_nack(self, topic: bytes, payload: bytes) -> None:
         nack = protocol.decode_notification(payload)
