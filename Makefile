@@ -32,12 +32,15 @@ bench: $(STAMP)
 # without the test tools, not editable (the checkout can go), and the docs and
 # deploy files the units point to. PYTHON must be one the units' dynamic user
 # can run: Debian's /usr/bin/python3 (apt-get install python3-venv), not one
-# under a home directory.
+# under a home directory. The commit installed is kept beside the environment
+# (bus/build.py: `bus-cli ping` and bus_build_info show it).
 install:
 	$(PYTHON) -m venv $(PREFIX)/.venv
 	$(PREFIX)/.venv/bin/python -m pip install --quiet --disable-pip-version-check .
 	install -d $(PREFIX)/docs $(PREFIX)/deploy/systemd
+	install -m 0644 README.md $(PREFIX)/
 	install -m 0644 docs/*.md $(PREFIX)/docs/
+	(git rev-parse HEAD 2>/dev/null || echo unknown) > $(PREFIX)/.venv/bus-revision
 	install -m 0644 deploy/bus.toml $(PREFIX)/deploy/
 	install -m 0644 deploy/systemd/* $(PREFIX)/deploy/systemd/
 	@echo "installed in $(PREFIX): $(PREFIX)/.venv/bin/bus-cli --version"

@@ -63,6 +63,7 @@ from anchor.reservations import NoUtxo, UtxoClient
 from anchor.sync import WalletSync
 from anchor.transactions import BuildFailed, Transactions
 from bus import control, protocol, security, sockets
+from bus.build import build_info
 from bus.client import BusError, HistoryClient
 from bus.config import BusConfig
 from bus.http import HttpSide, Series, connection_series, control_series
@@ -237,6 +238,7 @@ class AnchorWorker:
             "connections": self.guard.connections(),
             "security": security.snapshot(self.config),
             "audit": self.sealer.snapshot() if self.sealer is not None else None,
+            "build": build_info(),
         }
 
     def request_status(self, request: control.Request) -> dict[str, Any]:

@@ -16,7 +16,9 @@ checked against these tables (tests/test_docs.py).
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +26,8 @@ from typing import Any
 import zmq
 
 from bus import protocol, security
-from bus.config import BusConfig
+from bus.build import build_info
+from bus.config import SETTINGS, BusConfig, role_fields
 from bus.logging import RateLimitedLog
 
 # Frames before a request's empty delimiter: a REQ's envelope is its routing
@@ -130,8 +133,37 @@ class CommandTable:
         return next((command for command in self.commands if command.name == name), None)
 
 
-def ping(roles: Iterable[str]) -> Command:
-    return Command("ping", lambda _request: "pong", roles=tuple(roles))
+def ping(roles: Iterable[str], process: str, started_ns: int) -> Command:
+    """`ping`: "pong", or with `about`, which process this is and what it is
+    built from (bus/build.py): an old process answers "pong" to both."""
+    def answer(request: Request) -> Any:
+        if request.args.get("about") is not True:
+            return "pong"
+        return {"pong": True, "process": process, "pid": os.getpid(),
+                "started_ns": started_ns, **build_info()}
+    return Command("ping", answer, roles=tuple(roles), args=("about",))
+
+
+def running_config(roles: Iterable[str], process: str, config: BusConfig | None) -> Command:
+    """`config`: the settings this process runs with, each with where it came
+    from (`bus-cli config --running`); secrets as "***" (BusConfig.public)."""
+    fields = set(role_fields(process))
+
+    def answer(_request: Request) -> dict[str, Any]:
+        if config is None:  # a dispatcher made without settings (tests)
+            return {"process": process, "source": "", "settings": {}}
+        public = config.public()
+        return {"process": process, "source": config.source,
+                "settings": {s.env: {"value": public[s.env],
+                                     "from": config.origins.get(s.field, "default")}
+                             for s in SETTINGS if s.field in fields}}
+    return Command("config", answer, roles=tuple(roles))
+
+
+# The process behind each control endpoint, by its ZAP domain (the writer's
+# authorizes per command and names none).
+PROCESS_OF_DOMAIN = {None: "writer", "read": "reader", "proxy_control": "proxy",
+                     "anchor_control": "anchor"}
 
 
 # --- argument checks: each refusal a bad_request, the client's fault ---------
@@ -204,7 +236,7 @@ class Dispatcher:
     request's decoding is what costs: raise CommandFailed). `retryable`:
     errors that a retry may get past (a database that is busy or
     reconnecting), answered UNAVAILABLE rather than as a bug. Every process
-    answers `ping`, run by whoever may reach its endpoint."""
+    answers `ping` and `config`, run by whoever may reach its endpoint."""
 
     def __init__(self, commands: CommandTable | Iterable[Command], log: Any,
                  config: BusConfig | None = None, authorized: bool = False,
@@ -214,8 +246,11 @@ class Dispatcher:
         table = commands if isinstance(commands, CommandTable) else CommandTable(tuple(commands))
         everyone = [role for role in security.DOMAIN_ROLES.get(domain or "control", ())
                     if role != security.ADMINS]
-        if table.get("ping") is None:
-            table = CommandTable((ping(everyone), *table.commands), table.transactions)
+        process = PROCESS_OF_DOMAIN.get(domain, domain or "writer")
+        builtins = [ping(everyone, process, time.time_ns()),
+                    running_config(everyone, process, config)]
+        table = CommandTable((*(c for c in builtins if table.get(c.name) is None),
+                              *table.commands), table.transactions)
         if domain is not None:
             for command in table:  # a command cannot let in a key its endpoint does not
                 if not set(command.roles) <= set(everyone):

@@ -26,10 +26,11 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily,
                                     HistogramMetricFamily, Metric)
 
 from bus import protocol
+from bus.build import build_info
 from bus.runner import StartupError
 
 # How often the loop publishes its snapshot, and how old one may get before
@@ -241,6 +242,11 @@ class HttpSide:
         yield CounterMetricFamily(f"bus_{self.process}_http_accept_failures", "HTTP accepts "
                                   "that failed for want of a descriptor (EMFILE)",
                                   value=self._server.accept_failures)
+        # Which code this process runs (bus/build.py), as Prometheus' own
+        # *_build_info: value 1, the versions as labels.
+        yield InfoMetricFamily("bus_build", "the version and revision this process runs, and "
+                               "its Python's, pyzmq's and libzmq's",
+                               value={"process": self.process, **build_info()})
         stats = self._snapshot
         if stats is None:
             return

@@ -126,8 +126,9 @@ class InputError(click.ClickException):
     """Bad input, or a bus that cannot be reached: one line on stderr, exit 1."""
 
 
-def ask_all(cfg: BusConfig, names: Iterable[str], cmd: str,
-            timeout_ms: int) -> dict[str, tuple[Any, float | None, str | None]]:
+def ask_all(cfg: BusConfig, names: Iterable[str], cmd: str, timeout_ms: int,
+            args: dict[str, Any] | None = None
+            ) -> dict[str, tuple[Any, float | None, str | None]]:
     """`cmd` to each process at once: {name: (result, seconds, error)}."""
     keys = security.client_keys(cfg)
 
@@ -136,7 +137,7 @@ def ask_all(cfg: BusConfig, names: Iterable[str], cmd: str,
         started = time.perf_counter()
         with ControlClient(endpoint, timeout_ms=timeout_ms, curve=keys) as client:
             try:
-                result = client.request(cmd)
+                result = client.request(cmd, args)
             except BusError as exc:
                 return None, None, str(exc)
         return result, time.perf_counter() - started, None

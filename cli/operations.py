@@ -18,14 +18,30 @@ from cli.common import (MAX_SECONDS, PROCESS_FIELDS, FiniteFloat, ask_all, build
                         print_sections, setting_options)
 
 
+def processes_option(fn: Callable) -> Callable:
+    return click.option("--anchor/--no-anchor", "with_anchor", default=False,
+                        help="the anchor worker too (BUS_ANCHOR_CONTROL_ENDPOINT)")(fn)
+
+
 @click.command("config", short_help="Every setting's value and where it came from.")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@click.option("--running", is_flag=True,
+              help="the settings each running process uses (its `config`), not this shell's")
+@processes_option
 @setting_options(*(s.field for s in SETTINGS))
 @click.pass_context
-def show_config(ctx: click.Context, as_json: bool, **flags: Any) -> None:
+def show_config(ctx: click.Context, as_json: bool, running: bool, with_anchor: bool,
+                **flags: Any) -> None:
     """Print every setting's effective value and where it came from (flag,
-    environment, config file, default); secrets as ***."""
-    cfg = build_config(ctx, flags)
+    environment, config file, default); secrets as ***. With --running, ask
+    the writer, proxy and reader (--anchor: the anchor worker too) for the
+    settings they run with, which may differ from this shell's: exit 1 if one
+    does not answer."""
+    cfg = build_config(ctx, flags, "config" if running else None)  # --running connects
+    if running:
+        show_running_config(cfg, ["writer", "proxy", "reader"] + ["anchor"] * with_anchor,
+                            as_json)
+        return
     public = cfg.public()
     if as_json:
         click.echo(json.dumps({s.env: {"value": public[s.env], "from": cfg.origins[s.field]}
@@ -36,26 +52,52 @@ def show_config(ctx: click.Context, as_json: bool, **flags: Any) -> None:
         click.echo(f"{s.env:<{width}}  {public[s.env]!s:<28}  {cfg.origins[s.field]}")
 
 
-def processes_option(fn: Callable) -> Callable:
-    return click.option("--anchor/--no-anchor", "with_anchor", default=False,
-                        help="the anchor worker too (BUS_ANCHOR_CONTROL_ENDPOINT)")(fn)
+def show_running_config(cfg: BusConfig, names: list[str], as_json: bool) -> None:
+    """Each process's own settings and their origins, from its `config` command."""
+    answers = ask_all(cfg, names, "config", cfg.request_timeout_ms)
+    if as_json:
+        click.echo(json.dumps({name: {"error": error} if error else result
+                               for name, (result, _seconds, error) in answers.items()},
+                              indent=2, default=str))
+    else:
+        for name, (result, _seconds, error) in answers.items():
+            click.echo(f"# {name}: " + (f"DOWN  {error}" if error else
+                                        f"{result['process']}, from {result['source']}"))
+            settings = (result or {}).get("settings", {})
+            width = max((len(env) for env in settings), default=0)
+            for env, setting in settings.items():
+                click.echo(f"{env:<{width}}  {setting['value']!s:<28}  {setting['from']}")
+    sys.exit(1 if any(error for _, _, error in answers.values()) else 0)
 
 
 @click.command()
 @processes_option
 @click.option("--timeout-ms", type=click.IntRange(min=1, max=60_000), default=1000,
               show_default=True, help="how long each process may take to answer")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
 @setting_options(*role_fields("prober", "curve"))
 @click.pass_context
-def ping(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any) -> None:
-    """Ping every process at once; exit 1 if any does not answer."""
+def ping(ctx: click.Context, with_anchor: bool, timeout_ms: int, as_json: bool,
+         **flags: Any) -> None:
+    """Ping every process at once, with the version and revision each runs;
+    exit 1 if any does not answer."""
     cfg = build_config(ctx, flags, "ping")
     names = ["writer", "proxy", "reader"] + (["anchor"] if with_anchor else [])
-    answers = ask_all(cfg, names, "ping", timeout_ms)
-    for name, (_result, seconds, error) in answers.items():
+    answers = ask_all(cfg, names, "ping", timeout_ms, {"about": True})
+    if as_json:
+        click.echo(json.dumps({name: {"error": error} if error else
+                               {"ms": round(seconds * 1000, 3),
+                                **(result if isinstance(result, dict) else {})}
+                               for name, (result, seconds, error) in answers.items()}, indent=2))
+    for name, (result, seconds, error) in answers.items():
+        if as_json:
+            break
         endpoint = getattr(cfg, PROCESS_FIELDS[name])
-        click.echo(f"{name:<7} {endpoint:<28} " + (f"ok  {seconds * 1000:.1f} ms" if error is None
-                                                   else f"DOWN  {error}"))
+        # A process of a bus before `about` answers "pong" alone.
+        built = (f"  {result['version']} {result['revision'][:12]}  pid {result['pid']}"
+                 if isinstance(result, dict) else "  (version unknown: an older bus)")
+        click.echo(f"{name:<7} {endpoint:<28} " + (f"ok  {seconds * 1000:.1f} ms{built}"
+                                                   if error is None else f"DOWN  {error}"))
     sys.exit(1 if any(error for _, _, error in answers.values()) else 0)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bus import security
+from bus.build import build_info
 from bus.http import Series, connection_series, control_series
 from proxy.memory import CONTROL, PUBLISHERS, SUBSCRIBERS
 
@@ -65,6 +66,7 @@ def proxy_stats(proxy: Any, counters: dict[str, int] | None, now: float) -> dict
             "forwarding": forwarding_state(counters, proxy.course.down is not None,
                                            proxy.guard.paused),
             "uptime_seconds": round(now - proxy.started, 3),
+            "build": build_info(),
             "control": proxy.dispatcher.counters.snapshot(),
             "security": security.snapshot(config),
             "capture_hwm": config.capture_hwm,

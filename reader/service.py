@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from bus import control, protocol, security, sockets
+from bus.build import build_info
 from bus.config import BusConfig
 from bus.http import HttpSide, Series, connection_series, control_series
 from bus.logging import RateLimitedLog, get_logger
@@ -332,6 +333,7 @@ class Reader:
                 else {},
                 "max_page_ms": round(self.max_page_ms, 3),
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
+                "build": build_info(),
                 "database": storage.redact(self.config.db),
                 "read_endpoint": self.config.read_endpoint,
                 "security": security.snapshot(self.config)}

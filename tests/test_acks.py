@@ -13,7 +13,7 @@ import zmq
 
 from bus import protocol
 from bus.client import BusTimeout, ControlClient, Publisher, Subscriber
-from tests.conftest import Bus, RawProducer, integrity_ok, query, wait_for
+from tests.conftest import Bus, integrity_ok, query, wait_for
 
 
 def seqs_of(bus: Bus, producer: str) -> list[int]:

@@ -125,9 +125,9 @@ def test_who_may_run_a_command_is_read_from_the_table(writer: StandInWriter,
             assert (reply.get("error", {}).get("code") != protocol.FORBIDDEN) == may, \
                 (role, name, reply)
     assert {name for name, c in table.items() if "publishers" in c.roles} == \
-        {"ping", "stats", "producer_open", "producer_status"}
+        {"ping", "config", "stats", "producer_open", "producer_status"}
     assert {name for name, c in table.items() if "readers" in c.roles} == \
-        {"ping", "stats", "consumer_ack", "consumer_get"}
+        {"ping", "config", "stats", "consumer_ack", "consumer_get"}
     refused = ask(dispatcher, "flush", {}, keys["publishers"])["error"]
     assert refused["reason"] == \
         "forbidden: 'flush' needs a key in admins/; this key is in publishers/"

@@ -215,3 +215,29 @@ def test_unit_command_lines_run_and_stop_cleanly(tmp_path: Path) -> None:
         for proc in procs.values():
             proc.kill()
         node.close()
+
+
+def test_make_install_installs_every_page_the_units_point_to(tmp_path: Path) -> None:
+    """Each unit's Documentation= is a file:///opt/bus/... page: `make install`
+    puts every one there (README.md was missing), and records the commit it
+    installed, which its processes then report (bus/build.py)."""
+    prefix = tmp_path / "opt-bus"
+    result = subprocess.run(["make", "-s", "install", f"PREFIX={prefix}",
+                             f"PYTHON={shutil.which('python3.11') or shutil.which('python3')}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    pages = set()
+    for unit in (ROOT / "deploy" / "systemd").iterdir():
+        for line in unit.read_text().splitlines():
+            if line.startswith("Documentation="):
+                pages.update(url.removeprefix("file:///opt/bus/")
+                             for url in line.split("=", 1)[1].split() if url.startswith("file:"))
+    assert "README.md" in pages
+    missing = sorted(page for page in pages if not (prefix / page).is_file())
+    assert missing == [], f"pointed to by a unit, not installed: {missing}"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+    build = subprocess.run([str(prefix / ".venv" / "bin" / "python"), "-c",
+                            "from bus.build import build_info; print(build_info()['revision'])"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert build.stdout.strip() == head, build.stderr

@@ -4,8 +4,10 @@ process titles."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -716,3 +718,54 @@ def test_publish_refuses_two_payload_encodings(bus: Bus) -> None:
     stored = bus.cli("history", "enc.", "--json")
     payloads = [json.loads(line).get("payload") for line in stored.stdout.splitlines()]
     assert payloads == [{"a": 1}, {"a": 1}, '{"a": 1}'], payloads
+
+
+def test_every_process_tells_its_version_and_the_settings_it_runs_with(make_bus) -> None:
+    """`bus-cli ping` and `stats` name the version and revision each process
+    runs, /metrics has bus_build_info, and `bus-cli config --running` shows
+    the settings of the running processes, not those of the calling shell."""
+    bus = make_bus(BUS_WRITER_HTTP=f"127.0.0.1:{free_port()}", BUS_MAX_TOPIC_BYTES=300,
+                   BUS_HISTORY_PAGE_ROWS=77).start()
+    expected = {"version": importlib.metadata.version("zmq-sqlite-bus"),
+                "revision": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                           text=True, cwd=Path(__file__).parent
+                                           ).stdout.strip() or "unknown"}
+    pinged = bus.cli("ping", "--json")
+    assert pinged.returncode == 0, pinged.stderr
+    answers = json.loads(pinged.stdout)
+    for name, proc in (("writer", bus.writer), ("proxy", bus.proxy), ("reader", bus.reader)):
+        assert {k: answers[name][k] for k in ("process", "pid", "version", "revision")} == \
+            {"process": name, "pid": proc.pid, **expected}
+    for endpoint in ("BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT"):
+        build = bus.request(endpoint, "stats")["build"]
+        assert {k: build[k] for k in expected} == expected
+    text = bus.cli("ping").stdout
+    assert f"0.1.0 {expected['revision'][:12]}" in text or expected["revision"] == "unknown"
+    info = wait_for(lambda: {k: v for k, v in metrics(bus["BUS_WRITER_HTTP"]).items()
+                             if k.startswith("bus_build_info")}, message="bus_build_info")
+    assert list(info.values()) == [1.0] and "('process', 'writer')" in next(iter(info))
+
+    # The shell that asks has neither setting: its own config shows the defaults.
+    shell_env = {k: v for k, v in bus.env.items()
+                 if k not in ("BUS_MAX_TOPIC_BYTES", "BUS_HISTORY_PAGE_ROWS")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([BUS_CLI, *args], env=shell_env, capture_output=True, text=True,
+                              timeout=30)
+    shell = json.loads(cli("config", "--json").stdout)
+    assert shell["BUS_MAX_TOPIC_BYTES"] == {"value": 256, "from": "default"}
+    running = cli("config", "--running", "--json")
+    assert running.returncode == 0, running.stderr
+    processes = json.loads(running.stdout)
+    writer, reader = processes["writer"]["settings"], processes["reader"]["settings"]
+    assert writer["BUS_MAX_TOPIC_BYTES"] == {"value": 300,
+                                             "from": "environment BUS_MAX_TOPIC_BYTES"}
+    assert reader["BUS_HISTORY_PAGE_ROWS"]["value"] == 77
+    assert "BUS_HISTORY_PAGE_ROWS" not in writer, "a process shows the settings of its role"
+    assert processes["proxy"]["process"] == "proxy"
+    table = cli("config", "--running").stdout
+    assert re.search(r"^BUS_MAX_TOPIC_BYTES +300 +environment BUS_MAX_TOPIC_BYTES$", table, re.M)
+
+    bus.proxy.stop()
+    down = cli("config", "--running")
+    assert down.returncode == 1 and "# proxy: DOWN" in down.stdout

@@ -9,6 +9,7 @@ from typing import Any
 
 import storage
 from bus import control, security, sockets
+from bus.build import build_info
 from bus.config import BusConfig
 from bus.http import HttpSide, Series, connection_series, control_series
 from writer.commits import Commits
@@ -149,6 +150,7 @@ class WriterStats:
             "database": {"path": storage.redact(cfg.db), "synchronous": cfg.sqlite_synchronous,
                          "first_message_id": first_id, "last_message_id": last_id},
             "uptime_seconds": round(now - self.started, 3),
+            "build": build_info(),
             "config": cfg.public(),
         }
 
