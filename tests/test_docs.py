@@ -62,9 +62,9 @@ def docs_bus(request: pytest.FixtureRequest, make_bus, tmp_path: Path
     return curve_bus(make_bus, tmp_path)
 
 
-def curve_bus(make_bus, tmp_path: Path) -> tuple[Bus, dict[str, str]]:
-    """docs_bus's bus with CURVE: its own client an admin, and the examples'
-    environment with a key in publishers/ and readers/."""
+def curve_bus(make_bus, tmp_path: Path, **settings: Any) -> tuple[Bus, dict[str, str]]:
+    """docs_bus's bus with CURVE (and `settings`): its own client an admin,
+    and the examples' environment with a key in publishers/ and readers/."""
     curve, clients = tmp_path / "curve", tmp_path / "clients"
     for directory in (curve / "publishers", curve / "readers", curve / "admins", clients):
         directory.mkdir(parents=True)
@@ -76,7 +76,8 @@ def curve_bus(make_bus, tmp_path: Path) -> tuple[Bus, dict[str, str]]:
     for role in ("publishers", "readers"):
         (curve / role / "example.key").write_text(Path(example).read_text())
     security.load_keyring.cache_clear()
-    bus = make_bus(BUS_CURVE_DIR=curve, BUS_CURVE_KEY=clients / "admin.key_secret").start()
+    bus = make_bus(BUS_CURVE_DIR=curve, BUS_CURVE_KEY=clients / "admin.key_secret",
+                   **settings).start()
     return bus, {"BUS_CURVE_KEY": str(clients / "example.key_secret")}
 
 
@@ -418,8 +419,8 @@ def test_the_table_check_sees_a_wrong_row() -> None:
 # --- the stats replies: docs/protocol.md's field lists against the processes' --
 
 STATS_HEADINGS = {"writer": "Writer `stats`:", "reader": "Reader `stats`:",
-                  "proxy": "Proxy `stats`:"}
-_SECTION = re.compile(r"^([a-z_]+):\s")
+                  "proxy": "Proxy `stats`:", "anchor worker": "Anchor worker `stats`:"}
+_SECTION = re.compile(r"^([a-z_]+)(\??):\s")
 # Innermost (...), [...] or {...}: stripped over and over, what is inside
 # (explanations, a map's or a list's own fields) is no field of the section.
 _BRACKETED = re.compile(r"\([^()\[\]{}]*\)|\[[^()\[\]{}]*\]|\{[^()\[\]{}]*\}")
@@ -428,7 +429,7 @@ _FIELD = re.compile(r"([a-z_][a-z0-9_]*)(\??)\s*$")
 
 @dataclasses.dataclass(frozen=True)
 class StatsField:
-    conditional: bool                   # written `name?`: there in some cases only
+    conditional: bool                   # `name?`: there in some cases only; `name?:` nil
     fields: dict[str, bool] | None      # a section's fields (name -> conditional), or None
 
 
@@ -450,7 +451,7 @@ def _field_names(text: str) -> dict[str, bool]:
 def documented_stats(text: str) -> dict[str, dict[str, StatsField]]:
     """Each process's `stats` reply as docs/protocol.md lists it: the code
     block after its heading, where a line `name: fields` is a section (a map
-    of those fields) and other lines name top-level fields."""
+    of those fields; `name?:`, or nil) and other lines name top-level fields."""
     processes = {}
     for process, heading in STATS_HEADINGS.items():
         opening = heading + "\n\n```\n"
@@ -462,7 +463,7 @@ def documented_stats(text: str) -> dict[str, dict[str, StatsField]]:
         for line in block.splitlines():
             section = _SECTION.match(line)
             if section:
-                groups.append((section.group(1), [line[section.end():]]))
+                groups.append((section.group(1) + section.group(2), [line[section.end():]]))
             elif line[:1] not in ("", " ") and (not groups or groups[-1][0] is not None):
                 groups.append((None, [line]))
             else:
@@ -473,7 +474,8 @@ def documented_stats(text: str) -> dict[str, dict[str, StatsField]]:
                 documented.update({field: StatsField(conditional, None) for field, conditional
                                    in _field_names("\n".join(lines)).items()})
             else:
-                documented[name] = StatsField(False, _field_names("\n".join(lines)))
+                documented[name.rstrip("?")] = StatsField(name.endswith("?"),
+                                                          _field_names("\n".join(lines)))
         processes[process] = documented
     return processes
 
@@ -500,9 +502,9 @@ def stats_differences(process: str, documented: dict[str, StatsField] | None,
     for name, field in documented.items():
         if name not in reply:
             continue
-        if field.conditional:
+        if field.conditional and reply[name] is not None:
             seen.add((process, name))
-        if field.fields is None:
+        if field.fields is None or (field.conditional and reply[name] is None):
             continue
         if not isinstance(reply[name], dict):
             problems.append(f"{process}: {name} is documented as a map of fields, the reply's "
@@ -525,15 +527,24 @@ def conditional_fields(documented: dict[str, dict[str, StatsField]]) -> set[tupl
     return paths
 
 
-def test_the_stats_field_lists_are_the_processes_replies(make_bus, tmp_path: Path,
+def test_the_stats_field_lists_are_the_processes_replies(make_bus, node, tmp_path: Path,
                                                          request: pytest.FixtureRequest) -> None:
-    """docs/protocol.md's lists of the writer's, the reader's and the proxy's
-    `stats` fields against each process's real reply, both ways: every field
-    of a reply is listed, and every field listed is in every reply unless
-    marked `name?`; each field so marked is seen in at least one of the buses
-    (CURVE off and on, SQLite and, with its binaries, PostgreSQL)."""
-    buses = {"CURVE off": make_bus().start(),
-             "CURVE on": curve_bus(make_bus, tmp_path / "curve-bus")[0]}
+    """docs/protocol.md's lists of the writer's, the reader's, the proxy's and
+    the anchor worker's `stats` fields against each process's real reply,
+    both ways: every field of a reply is listed, and every field listed is in
+    every reply unless marked `name?`; each field so marked is seen in at
+    least one of the buses (CURVE off, with an anchor worker sealing; CURVE
+    on; SQLite and, with its binaries, PostgreSQL)."""
+    from tests.test_anchor import FAST, bus_for, start_worker
+    anchoring = [bus_for(make_bus, node, BUS_AUDIT_PREFIXES="orders."),
+                 curve_bus(make_bus, tmp_path / "curve-bus", **FAST, **{
+                     "BUS_BITCOIND_RPC_URL": node.url, "BUS_BITCOIND_RPC_USER": node.user,
+                     "BUS_BITCOIND_RPC_PASSWORD": node.password})[0]]
+    for bus in anchoring:  # the worker runs as the bus's own client: an admin with CURVE
+        start_worker(bus)
+        wait_for(lambda bus=bus: "height" in bus.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")[
+            "bitcoind"], message="the anchor worker to have asked bitcoind for its best block")
+    buses = {"CURVE off": anchoring[0], "CURVE on": anchoring[1]}
     try:
         buses["PostgreSQL"] = make_bus(
             BUS_DB=request.getfixturevalue("pg_server").create_database()).start()
@@ -545,6 +556,8 @@ def test_the_stats_field_lists_are_the_processes_replies(make_bus, tmp_path: Pat
     for name, bus in buses.items():
         replies = {"writer": bus.writer_stats(), "proxy": bus.proxy_stats(),
                    "reader": bus.request("BUS_READ_ENDPOINT", "stats")}
+        if bus in anchoring:
+            replies["anchor worker"] = bus.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")
         for process, reply in replies.items():
             found, conditional = stats_differences(process, documented.get(process), reply)
             problems += [f"{name}: {problem}" for problem in found]
