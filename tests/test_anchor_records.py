@@ -132,3 +132,28 @@ def test_the_writer_refuses_impossible_seals_and_anchor_states(writer: Bus) -> N
                                          "status": "unconfirmed"}) == "bad_request"
     assert query(writer.db, "SELECT status FROM anchors ORDER BY id") == [("failed",),
                                                                           ("signed",)]
+
+
+def test_a_record_whose_root_is_not_its_documents_root_is_refused(writer: Bus) -> None:
+    """Issue 25 (docs/protocol.md, anchor_record): the writer stored any 32
+    bytes as an anchor's root. Every proof of its documents then failed
+    (`proof_failed`: the leaves do not give the root) and, the hashes being
+    anchored, none could be anchored again. The root must be the RFC 6962
+    root of the documents in their order: otherwise bad_request, nothing
+    stored, the lease still live."""
+    docs = [doc(1), doc(2), doc(3)]
+    with client(writer) as c:
+        lease = c.reserve(50_000, 60)
+        fields = {"request_id": "rec-bad", "size": 3, "txid": txid("a"), "raw_tx": b"\x02signed",
+                  "fee_sat": 300, "vsize": 150, "lease_id": lease["lease_id"], "change": [],
+                  "tip_height": 100, "documents": [[d, None, None] for d in docs]}
+        for root in (bytes(32), MerkleTree(docs[::-1]).root, MerkleTree(docs[:2]).root):
+            with pytest.raises(BusError) as err:
+                c.call("anchor_record", {**fields, "root": root})
+            assert err.value.code == "bad_request", err.value
+            assert "root" in str(err.value)
+        assert c.call("anchor_known", {"hashes": docs}) == {"known": []}
+        assert query(writer.db, "SELECT count(*) FROM anchors") == [(0,)]
+        recorded = c.call("anchor_record", {**fields, "request_id": "rec-good",
+                                            "root": MerkleTree(docs).root})
+        assert recorded["txid"] == txid("a")

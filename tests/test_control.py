@@ -18,6 +18,7 @@ import storage
 from bus import control, protocol, security
 from bus.config import load_config
 from bus.logging import get_logger
+from proofs.merkle import MerkleTree
 from writer.anchors import AnchorBook
 from writer.audit import AuditBook
 from writer.commands import writer_table
@@ -92,11 +93,12 @@ def test_a_refused_command_leaves_nothing_of_its_transaction(writer: StandInWrit
     funded(dispatcher)
     lease = result(ask(dispatcher, "utxo_reserve", {"request_id": "r", "min_amount_sat": 1,
                                                      "lease_seconds": 60}))["lease_id"]
-    record = {"request_id": "a-1", "root": b"\x01" * 32, "size": 1,
+    record = {"request_id": "a-1", "root": MerkleTree([b"\x02" * 32]).root, "size": 1,
               "documents": [[b"\x02" * 32, None, None]], "txid": FIRST, "raw_tx": b"tx",
               "fee_sat": 200, "vsize": 150, "lease_id": lease, "change": [], "tip_height": 100}
     result(ask(dispatcher, "anchor_record", record))
     again = ask(dispatcher, "anchor_record", {**record, "request_id": "a-2", "txid": SECOND,
+                                              "root": MerkleTree([b"\x03" * 32]).root,
                                               "documents": [[b"\x03" * 32, None, None]]})
     assert again["error"]["code"] == protocol.BAD_REQUEST, again
     utxo = result(ask(dispatcher, "utxo_get", {"txid": FUNDING, "vout": 0}))

@@ -22,6 +22,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -64,6 +65,12 @@ def docs_bus(request: pytest.FixtureRequest, make_bus, tmp_path: Path
     clients use an admin key."""
     if request.param == "plain":
         return make_bus().start(), {}
+    return curve_bus(make_bus, tmp_path)
+
+
+def curve_bus(make_bus, tmp_path: Path, **settings: Any) -> tuple[Bus, dict[str, str]]:
+    """docs_bus's bus with CURVE (and `settings`): its own client an admin,
+    and the examples' environment with a key in publishers/ and readers/."""
     curve, clients = tmp_path / "curve", tmp_path / "clients"
     for directory in (curve / "publishers", curve / "readers", curve / "admins", clients):
         directory.mkdir(parents=True)
@@ -75,7 +82,8 @@ def docs_bus(request: pytest.FixtureRequest, make_bus, tmp_path: Path
     for role in ("publishers", "readers"):
         (curve / role / "example.key").write_text(Path(example).read_text())
     security.load_keyring.cache_clear()
-    bus = make_bus(BUS_CURVE_DIR=curve, BUS_CURVE_KEY=clients / "admin.key_secret").start()
+    bus = make_bus(BUS_CURVE_DIR=curve, BUS_CURVE_KEY=clients / "admin.key_secret",
+                   **settings).start()
     return bus, {"BUS_CURVE_KEY": str(clients / "example.key_secret")}
 
 
@@ -522,3 +530,178 @@ def test_publisher_examples_believe_no_acknowledgement_without_the_session_s_mac
     assert "stored:" not in result.stdout, "believed an acknowledgement the writer did not sign"
     assert result.returncode != 0
     assert bus.count("orders.new") == 3, "the messages were stored: only the tags were forged"
+
+
+# --- the stats replies: docs/protocol.md's field lists against the processes' --
+
+STATS_HEADINGS = {"writer": "Writer `stats`:", "reader": "Reader `stats`:",
+                  "proxy": "Proxy `stats`:", "anchor worker": "Anchor worker `stats`:"}
+_SECTION = re.compile(r"^([a-z_]+)(\??):\s")
+# Innermost (...), [...] or {...}: stripped over and over, what is inside
+# (explanations, a map's or a list's own fields) is no field of the section.
+_BRACKETED = re.compile(r"\([^()\[\]{}]*\)|\[[^()\[\]{}]*\]|\{[^()\[\]{}]*\}")
+_FIELD = re.compile(r"([a-z_][a-z0-9_]*)(\??)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsField:
+    conditional: bool                   # `name?`: there in some cases only; `name?:` nil
+    fields: dict[str, bool] | None      # a section's fields (name -> conditional), or None
+
+
+def _field_names(text: str) -> dict[str, bool]:
+    """The fields a list names, each the last word of an item between commas
+    once every bracketed part is gone ("with SQLite only: bytes?" -> bytes,
+    conditional)."""
+    while (stripped := _BRACKETED.sub("", text)) != text:
+        text = stripped
+    fields = {}
+    for item in text.split(","):
+        if item.strip():
+            found = _FIELD.search(item)
+            assert found, f"docs/protocol.md: not a stats field: {item.strip()!r}"
+            fields[found.group(1)] = bool(found.group(2))
+    return fields
+
+
+def documented_stats(text: str) -> dict[str, dict[str, StatsField]]:
+    """Each process's `stats` reply as docs/protocol.md lists it: the code
+    block after its heading, where a line `name: fields` is a section (a map
+    of those fields; `name?:`, or nil) and other lines name top-level fields."""
+    processes = {}
+    for process, heading in STATS_HEADINGS.items():
+        opening = heading + "\n\n```\n"
+        start = text.find(opening)
+        if start < 0:
+            continue
+        block = text[start + len(opening):].split("```", 1)[0]
+        groups: list[tuple[str | None, list[str]]] = []
+        for line in block.splitlines():
+            section = _SECTION.match(line)
+            if section:
+                groups.append((section.group(1) + section.group(2), [line[section.end():]]))
+            elif line[:1] not in ("", " ") and (not groups or groups[-1][0] is not None):
+                groups.append((None, [line]))
+            else:
+                groups[-1][1].append(line)
+        documented: dict[str, StatsField] = {}
+        for name, lines in groups:
+            if name is None:
+                documented.update({field: StatsField(conditional, None) for field, conditional
+                                   in _field_names("\n".join(lines)).items()})
+            else:
+                documented[name.rstrip("?")] = StatsField(name.endswith("?"),
+                                                          _field_names("\n".join(lines)))
+        processes[process] = documented
+    return processes
+
+
+def stats_differences(process: str, documented: dict[str, StatsField] | None,
+                      reply: dict[str, Any]) -> tuple[list[str], set[tuple[str, ...]]]:
+    """What `reply` (a process's real `stats`) has that the page does not list,
+    and what the page lists as always there that the reply lacks; and the
+    conditional fields the reply has (as paths)."""
+    if documented is None:
+        return [f"{process}: no list of its stats fields in docs/protocol.md "
+                f"({STATS_HEADINGS[process]!r} and a code block)"], set()
+    problems, seen = [], set()
+
+    def compare(where: str, listed: dict[str, bool], actual: dict[str, Any]) -> list[str]:
+        return ([f"{process}: {where}{name} is in the reply, not in docs/protocol.md"
+                 for name in actual if name not in listed] +
+                [f"{process}: {where}{name} is in docs/protocol.md (not marked `?`), not in "
+                 "the reply" for name, conditional in listed.items()
+                 if not conditional and name not in actual])
+
+    problems += compare("", {name: field.conditional for name, field in documented.items()},
+                        reply)
+    for name, field in documented.items():
+        if name not in reply:
+            continue
+        if field.conditional and reply[name] is not None:
+            seen.add((process, name))
+        if field.fields is None or (field.conditional and reply[name] is None):
+            continue
+        if not isinstance(reply[name], dict):
+            problems.append(f"{process}: {name} is documented as a map of fields, the reply's "
+                            f"is {reply[name]!r}")
+            continue
+        problems += compare(f"{name}.", field.fields, reply[name])
+        seen |= {(process, name, sub) for sub, conditional in field.fields.items()
+                 if conditional and sub in reply[name]}
+    return problems, seen
+
+
+def conditional_fields(documented: dict[str, dict[str, StatsField]]) -> set[tuple[str, ...]]:
+    paths = set()
+    for process, fields in documented.items():
+        for name, field in fields.items():
+            if field.conditional:
+                paths.add((process, name))
+            paths |= {(process, name, sub) for sub, conditional in (field.fields or {}).items()
+                      if conditional}
+    return paths
+
+
+def test_the_stats_field_lists_are_the_processes_replies(make_bus, node, tmp_path: Path,
+                                                         request: pytest.FixtureRequest) -> None:
+    """docs/protocol.md's lists of the writer's, the reader's, the proxy's and
+    the anchor worker's `stats` fields against each process's real reply,
+    both ways: every field of a reply is listed, and every field listed is in
+    every reply unless marked `name?`; each field so marked is seen in at
+    least one of the buses (CURVE off, with an anchor worker sealing; CURVE
+    on; SQLite and, with its binaries, PostgreSQL)."""
+    from tests.test_anchor import FAST, bus_for, start_worker
+    anchoring = [bus_for(make_bus, node, BUS_AUDIT_PREFIXES="orders."),
+                 curve_bus(make_bus, tmp_path / "curve-bus", **FAST, **{
+                     "BUS_BITCOIND_RPC_URL": node.url, "BUS_BITCOIND_RPC_USER": node.user,
+                     "BUS_BITCOIND_RPC_PASSWORD": node.password})[0]]
+    for bus in anchoring:  # the worker runs as the bus's own client: an admin with CURVE
+        start_worker(bus)
+        wait_for(lambda bus=bus: "height" in bus.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")[
+            "bitcoind"], message="the anchor worker to have asked bitcoind for its best block")
+    buses = {"CURVE off": anchoring[0], "CURVE on": anchoring[1]}
+    try:
+        buses["PostgreSQL"] = make_bus(
+            BUS_DB=request.getfixturevalue("pg_server").create_database()).start()
+    except pytest.skip.Exception:  # no PostgreSQL here: its fields are not checked
+        pass
+    documented = documented_stats(PROTOCOL_MD.read_text())
+    assert "load:     requests_per_second" in PROTOCOL_MD.read_text()
+    problems, seen = [], set()
+    for name, bus in buses.items():
+        replies = {"writer": bus.writer_stats(), "proxy": bus.proxy_stats(),
+                   "reader": bus.request("BUS_READ_ENDPOINT", "stats")}
+        if bus in anchoring:
+            replies["anchor worker"] = bus.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")
+        for process, reply in replies.items():
+            found, conditional = stats_differences(process, documented.get(process), reply)
+            problems += [f"{name}: {problem}" for problem in found]
+            seen |= conditional
+    never = conditional_fields(documented) - seen
+    if "PostgreSQL" not in buses:
+        never = {path for path in never if path[:2] != ("writer", "wal")}
+    problems += [f"{'.'.join(path)} is marked `?` in docs/protocol.md and was in no reply"
+                 for path in sorted(never)]
+    assert problems == [], "\n".join(problems)
+
+
+def test_the_stats_check_sees_a_wrong_list() -> None:
+    """A field the page lists that a reply lacks, a field a reply has that the
+    page does not list, and a `?` field are each told apart."""
+    text = PROTOCOL_MD.read_text()
+    documented = documented_stats(text.replace(
+        "load:     requests_per_second, is_low_load,",
+        "load:     requests_per_second, was_low_load, maybe_later?, is_low_load,"))
+    reply = {name: ({sub: 0 for sub in field.fields if not field.fields[sub]}
+                    if field.fields is not None else 0)
+             for name, field in documented["writer"].items() if not field.conditional}
+    reply["load"].pop("was_low_load")
+    reply["load"]["window_minutes"] = 1
+    reply["uptime_hours"] = 1
+    problems, seen = stats_differences("writer", documented["writer"], reply)
+    assert sorted(problems) == [
+        "writer: load.was_low_load is in docs/protocol.md (not marked `?`), not in the reply",
+        "writer: load.window_minutes is in the reply, not in docs/protocol.md",
+        "writer: uptime_hours is in the reply, not in docs/protocol.md"], problems
+    assert ("writer", "load", "maybe_later") in conditional_fields(documented) - seen

@@ -22,6 +22,7 @@ from typing import Any
 from bus.control import CommandFailed, check_hash32, check_int, check_str, check_txid
 from bus.protocol import (ALREADY_ANCHORED, ANCHOR_UNCONFIRMED, BAD_REQUEST, NOT_FOUND,
                           OPEN_ANCHOR_STATUSES, AnchorStatus)
+from proofs.merkle import MerkleTree
 from storage import anchors as anchor_rows
 from storage import utxos as utxo_rows
 
@@ -48,6 +49,15 @@ def _documents(args: dict[str, Any]) -> list[tuple[bytes, str | None, int | None
     return docs
 
 
+def _check_root(root: bytes, docs: list[tuple[bytes, str | None, int | None]]) -> None:
+    """A record's root must be its documents' (RFC 6962, in leaf order): a
+    root stored otherwise makes every proof of them fail, and its documents,
+    anchored, could never be anchored again. 100,000 documents: ~0.1 s."""
+    if MerkleTree([hash_ for hash_, _ref, _message_id in docs]).root != root:
+        raise CommandFailed(BAD_REQUEST, "'root' is not the RFC 6962 Merkle root of "
+                                         "'documents' in their order")
+
+
 class AnchorBook:
     """The `anchor_*` commands over the writer's connection. `spend` spends a
     leased UTXO (UtxoBook.spend: an anchor's transaction spends the UTXO the
@@ -68,6 +78,7 @@ class AnchorBook:
         docs = _documents(args)
         if check_int(args, "size", 1, MAX_DOCUMENTS) != len(docs):
             raise CommandFailed(BAD_REQUEST, "'size' must be the number of documents")
+        _check_root(root, docs)
         raw_tx, fee, size, tip = self._tx_fields(args)
         hashes = [d[0] for d in docs]
         if len(set(hashes)) != len(hashes):
