@@ -202,7 +202,7 @@ def _check_seal(conn: Any, seal: dict[str, Any], retained: int, anchored: bytes 
 def _tiling(rows: list[tuple[Any, ...]]) -> list[str]:
     """What is wrong with the seals as a whole: states a writer never leaves
     (a seal hidden by editing its status), ids covered by no seal (a seal
-    removed), more than one open seal."""
+    deleted), more than one open seal."""
     problems, expected, open_seals = [], 1, 0
     for row in rows:
         seal_id, _prefixes, first_id, last_id, size, root, status = row[:7]
@@ -213,7 +213,7 @@ def _tiling(rows: list[tuple[Any, ...]]) -> list[str]:
                 or root is None or first_id != expected or last_id < first_id - 1:
             problems.append(f"seal {seal_id} is not as a writer leaves one (status {status!r}, "
                             f"ids {first_id}..{last_id}; the ids from {expected:,} on should "
-                            "come next): the seals were altered or removed")
+                            "come next): the seals were altered or deleted")
             break
         expected = last_id + 1
     if open_seals > 1:
@@ -285,7 +285,7 @@ class ChainCheck:
             self.problems.append(
                 f"{where} anchors root {bytes(root).hex()}"
                 f"{'' if size is None else f' of {size:,} document(s)'}, which no anchor of "
-                "the database has: what it anchored (seals, documents) was removed from the "
+                "the database has: what it anchored (seals, documents) was deleted from the "
                 "database")
             return
         leaves = anchor_rows.leaves(self.conn, anchor["anchor_id"])
@@ -295,7 +295,7 @@ class ChainCheck:
             self.problems.append(
                 f"{where} anchors root {bytes(root).hex()}: the {len(hashes):,} document(s) of "
                 f"anchor {anchor['anchor_id']} ({anchor['status']}) in the database do not "
-                "rebuild it (documents removed or altered)")
+                "rebuild it (documents deleted or altered)")
             return
         if anchor["status"] == "confirmed" and anchor["txid"] != confirmed["txid"]:
             self.problems.append(f"anchor {anchor['anchor_id']}: the database names transaction "
