@@ -1,8 +1,9 @@
 """Messages: the batched insert, id bounds, and the reads of history pages.
 
-Ids are the commit order and never reused; rows are only ever deleted from
-the oldest end (storage/retention.py), so ids are dense and commit times grow
-with them: a time is found by a binary search over ids, with no index on time.
+Ids are the commit order and never reused; rows are deleted from the oldest
+end (storage/retention.py) or, by an admin's purge, those of some topics, so
+commit times grow with ids (ids are dense but for purged ones): a time is
+found by a binary search over ids, with no index on time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def first_id(conn: Any) -> int | None:
 
 def last_id(conn: Any) -> int | None:
     return conn.execute("SELECT max(id) FROM messages").fetchone()[0]
+
+
+def topic_and_time(conn: Any, message_id: int) -> tuple[str, int] | None:
+    """(topic, committed_ns) of one message; None if it is not stored."""
+    row = conn.execute("SELECT topic, committed_ns FROM messages WHERE id = ?",
+                       (message_id,)).fetchone()
+    return None if row is None else (row[0], row[1])
 
 
 def id_before(conn: Any, since_ns: int, first: int | None, last: int) -> int:
