@@ -72,6 +72,15 @@ def topic_filter(prefixes: list[str]) -> tuple[str, list[Any]]:
         params
 
 
+def count_matching(conn: Any, after_id: int, upto: int, prefixes: list[str]) -> int:
+    """How many messages after_id < id <= upto have a topic under one of
+    `prefixes` (every topic if none): upto - after_id rows examined at most,
+    one range of the primary key (there is no index on topic)."""
+    matching, params = topic_filter(prefixes)
+    return conn.execute(f"SELECT count(*) FROM messages WHERE id > ? AND id <= ? AND {matching}",
+                        (after_id, upto, *params)).fetchone()[0]
+
+
 def page(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int,
          max_bytes: int) -> tuple[list[tuple[Any, ...]], int]:
     """(rows, their bytes): (id, topic, payload, meta, committed_ns) of the

@@ -122,7 +122,7 @@ def writer_table(writer: Writer) -> CommandTable:
                 errors=(UNAVAILABLE,)),
         # Durable consumers (writer/consumers.py).
         Command("consumer_ack", writer._consumer_ack, roles=(READERS,),
-                args=("consumer", "last_id"),
+                args=("consumer", "last_id", "prefixes"),
                 errors=(FORBIDDEN, TOO_MANY_CONSUMERS, QUOTA_EXCEEDED)),
         Command("consumer_get", writer._consumer_get, roles=(READERS,), args=("consumer",)),
         Command("consumer_delete", writer._consumer_delete, args=("consumer",)),
