@@ -7,7 +7,8 @@ Binds ROUTER control_endpoint   trusted commands: `stats`, `flush`, `ping`, prod
                               admins' `producers_list`, `producer_info`,
                               `producer_remove`), the
                               durable consumers' `consumer_ack` / `consumer_get` /
-                              `consumer_delete`, the wallet's `utxo_*`
+                              `consumer_delete`, the admins' `purge` of a topic
+                              prefix (writer/purge.py), the wallet's `utxo_*`
                               (reservations and sync, writer/utxos.py) and the
                               `anchor_*` records (writer/anchors.py)
 Binds XPUB notify_endpoint    $bus.nack.<producer> for refused messages, then
