@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import pty
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from bus import protocol
 from bus.client import BusError, HistoryClient, Subscriber
-from tests.conftest import Bus, query, wait_for
+from tests.conftest import BUS_CLI, Bus, query, wait_for
 from tests.test_anchor import bus_for, start_worker
 from tests.test_audit import anchored_seals, broadcast, seals
 from tests.test_auth import keys  # noqa: F401  (the fixture)
@@ -58,6 +61,32 @@ def test_purge_deletes_a_prefix_and_leaves_other_topics(make_bus) -> None:
     assert dollar.returncode == 1 and "never stored" in dollar.stderr, dollar
     publish_acked(bus, "p5", "after.purge", 3)
     assert query(bus.db, "SELECT count(*), count(DISTINCT id) FROM messages") == [(4, 4)]
+
+
+def purge_answering(bus: Bus, prefix: str, answer: str) -> subprocess.CompletedProcess:
+    """`bus-cli purge PREFIX` on a terminal (a pty), answering its question."""
+    primary, secondary = pty.openpty()
+    try:
+        os.write(primary, answer.encode() + b"\n")
+        return subprocess.run([BUS_CLI, "purge", prefix], env=bus.env, stdin=secondary,
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+
+
+def test_purge_asks_on_a_terminal(make_bus) -> None:
+    bus = make_bus().start()
+    publish_acked(bus, "p1", "ask.t", 3)
+    publish_acked(bus, "p2", "zeta", 1)
+    declined = purge_answering(bus, "ask.", "n")
+    assert "Delete the stored messages of topics starting with 'ask.'?" in declined.stdout
+    assert declined.returncode == 1 and "nothing purged" in declined.stderr, declined
+    assert topics(bus) == {"ask.t": 3, "zeta": 1}
+    accepted = purge_answering(bus, "ask.", "y")
+    assert accepted.returncode == 0, accepted
+    assert accepted.stdout.rstrip().endswith("purged 3 messages of topics starting with 'ask.'")
+    assert topics(bus) == {"zeta": 1}
 
 
 def test_purge_before_an_id_or_a_time(make_bus) -> None:
