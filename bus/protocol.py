@@ -134,6 +134,7 @@ READ_FAILED = "read_failed"          # the reader's query failed (SQLite error):
 PROOF_FAILED = "proof_failed"        # the reader could not build a document's proof
 TOO_MANY_CONSUMERS = "too_many_consumers"  # BUS_MAX_CONSUMERS durable consumers exist
 QUOTA_EXCEEDED = "quota_exceeded"    # (CURVE) the key is over a quota; the reason names it
+SEALED_TOPIC = "sealed_topic"        # a purge of topics a seal covers (BUS_AUDIT_PREFIXES)
 # utxo_* and anchor_* replies' error codes the anchor worker acts on.
 NO_UTXO = "no_utxo"                  # no UTXO matches the reservation
 REQUEST_ID_REUSED = "request_id_reused"  # a stored request id, sent with other arguments
@@ -155,7 +156,7 @@ ERROR_CODES = frozenset({
     BAD_REQUEST, RESERVED_TOPIC, SESSION_REQUIRED, PRODUCER_FENCED, SEQ_OUT_OF_WINDOW,
     UNKNOWN_SESSION, FORBIDDEN, BUSY, INTERNAL_ERROR, OVER_CONNECTION_SUBSCRIPTION_BUDGET,
     OVER_TOTAL_SUBSCRIPTION_BUDGET, UNKNOWN_COMMAND, UNAVAILABLE, FLUSH_FAILED, READ_FAILED,
-    PROOF_FAILED, TOO_MANY_CONSUMERS, QUOTA_EXCEEDED, NO_UTXO, REQUEST_ID_REUSED,
+    PROOF_FAILED, TOO_MANY_CONSUMERS, QUOTA_EXCEEDED, SEALED_TOPIC, NO_UTXO, REQUEST_ID_REUSED,
     LEASE_EXPIRED, UTXO_SPENT, NOT_FOUND, ALREADY_ANCHORED, BUILD_FAILED, TRANSACTION_REFUSED,
     TIMEOUT,
 })

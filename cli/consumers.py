@@ -22,7 +22,10 @@ def consumers() -> None:
 @setting_options(*role_fields("writer_client", "curve"))
 @click.pass_context
 def consumers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
-    """Every durable consumer (the 100 most behind), with its position and lag."""
+    """Every durable consumer (the 100 most behind), with its position and lag:
+    the messages of its prefixes stored after its position, counted among the
+    next 10,000 ids (">=N": it is further behind than that; "?": the database
+    could not say)."""
     cfg = build_config(ctx, flags, "consumers")
     reply = request_once(cfg, cfg.control_endpoint, "stats")
     summary = reply.get("consumers") if isinstance(reply, dict) else None
@@ -35,9 +38,18 @@ def consumers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     click.echo(f"{'consumer':<32} {'last_id':>12} {'lag':>10}  acknowledged")
     for name, position in summary["positions"].items():
         updated = dt.datetime.fromtimestamp(position["updated_ns"] / 1e9, dt.timezone.utc)
-        click.echo(f"{name:<32} {position['last_id']:>12,} {position['lag']:>10,}  "
+        click.echo(f"{name:<32} {position['last_id']:>12,} {shown_lag(position):>10}  "
                    f"{updated:%Y-%m-%d %H:%M:%S}Z")
     click.echo(f"{summary['count']} consumer{'s' if summary['count'] != 1 else ''}", err=True)
+
+
+def shown_lag(position: dict[str, Any]) -> str:
+    """A consumer's lag as `consumers ls` prints it (a writer from before
+    lag_exact counted exactly, if on every topic)."""
+    lag = position.get("lag")
+    if lag is None:
+        return "?"
+    return f"{lag:,}" if position.get("lag_exact", True) else f">={lag:,}"
 
 
 @consumers.command("info")

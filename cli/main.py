@@ -5,6 +5,7 @@
     bus-cli publish TOPIC [DATA]    publish DATA, or one message per stdin line
     bus-cli tail [PREFIX...]        print messages as they pass (--since, --durable)
     bus-cli history [PREFIX...]     print stored messages
+    bus-cli purge PREFIX            delete the stored messages of a topic prefix (admin)
     bus-cli stats                   writer/reader metrics and proxy counters
     bus-cli consumers | producers   durable consumers; producer ids (ls, info, rm)
     bus-cli keys                    CURVE keys: generate, ls, revoke
@@ -17,7 +18,7 @@ Every setting is a flag here, an environment variable, or a key of the config
 file (see `bus.config.SETTINGS`); flags win.
 
 This module only assembles the group: each command lives in the module of its
-concern (cli/messages.py, consumers.py, producers.py, operations.py, keys.py,
+concern (cli/messages.py, purge.py, consumers.py, producers.py, operations.py, keys.py,
 processes.py, up.py, anchoring.py, audit.py, bench.py, db.py).
 """
 
@@ -39,6 +40,7 @@ from cli.messages import history, publish, tail, topics
 from cli.operations import health, ping, show_config, stats
 from cli.processes import proxy, reader, writer
 from cli.producers import producers
+from cli.purge import purge
 from cli.up import up
 
 
@@ -94,7 +96,7 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 
 for command in (show_config, proxy, writer, reader, up, publish, tail, history, topics,
-                consumers, producers, ping, health, stats, keys, anchor, audit, bench, db, utxo):
+                consumers, producers, purge, ping, health, stats, keys, anchor, audit, bench, db, utxo):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -35,6 +35,12 @@ def last_sealed_id(conn: Any) -> int:
                         " WHERE status = 'sealed'").fetchone()[0]
 
 
+def sealed_prefixes(conn: Any) -> set[str]:
+    """Every topic prefix a seal (open or finished) of the database names."""
+    return {prefix for (lines,) in conn.execute("SELECT DISTINCT prefixes FROM audit_seals")
+            for prefix in (lines or "").split("\n") if prefix}
+
+
 def begin(conn: Any, prefixes: list[str], first_id: int, now_ns: int, seal_version: int = 1,
           digest_version: int = 1) -> int:
     """A new open seal (an unfinished one goes first, with its leaves)."""

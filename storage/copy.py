@@ -31,7 +31,7 @@ TABLES = (
     ("producers", "producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
                   " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner"),
     ("producer_keys", "producer_id, epoch, session_key"),
-    ("consumers", "name, last_id, updated_ns, owner"),
+    ("consumers", "name, last_id, updated_ns, owner, prefixes"),
     ("utxos", "txid, vout, amount_sat, address, script_pubkey, block_height, block_time, status,"
               " lease_id, lease_expires_ns, lease_owner, spent_txid, sync_generation,"
               " updated_ns"),

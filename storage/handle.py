@@ -22,7 +22,7 @@ class WriterHandle:
         with self.transaction() as conn:
             return retention.delete_expired(conn, before_ns, keep, chunk, upto)
 
-    def load_consumers(self) -> dict[str, tuple[int, int, str | None]]:
+    def load_consumers(self) -> dict[str, sessions.StoredConsumer]:
         return sessions.load_consumers(self.conn)
 
     def load_producer(self, producer_id: str) -> tuple[Any, ...] | None:

@@ -1,8 +1,9 @@
 """Messages: the batched insert, id bounds, and the reads of history pages.
 
-Ids are the commit order and never reused; rows are only ever deleted from
-the oldest end (storage/retention.py), so ids are dense and commit times grow
-with them: a time is found by a binary search over ids, with no index on time.
+Ids are the commit order and never reused; rows are deleted from the oldest
+end (storage/retention.py) or, by an admin's purge, those of some topics, so
+commit times grow with ids (ids are dense but for purged ones): a time is
+found by a binary search over ids, with no index on time.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def last_id(conn: Any) -> int | None:
     return conn.execute("SELECT max(id) FROM messages").fetchone()[0]
 
 
+def topic_and_time(conn: Any, message_id: int) -> tuple[str, int] | None:
+    """(topic, committed_ns) of one message; None if it is not stored."""
+    row = conn.execute("SELECT topic, committed_ns FROM messages WHERE id = ?",
+                       (message_id,)).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
 def id_before(conn: Any, since_ns: int, first: int | None, last: int) -> int:
     """The largest id committed before since_ns (0 if none): a binary search
     over ids, since commit times grow with ids."""
@@ -62,6 +70,15 @@ def topic_filter(prefixes: list[str]) -> tuple[str, list[Any]]:
         params += (len(prefix), prefix)
     return "(" + (" OR ".join("substr(topic, 1, ?) = ?" for _ in prefixes) or "1 = 1") + ")", \
         params
+
+
+def count_matching(conn: Any, after_id: int, upto: int, prefixes: list[str]) -> int:
+    """How many messages after_id < id <= upto have a topic under one of
+    `prefixes` (every topic if none): upto - after_id rows examined at most,
+    one range of the primary key (there is no index on topic)."""
+    matching, params = topic_filter(prefixes)
+    return conn.execute(f"SELECT count(*) FROM messages WHERE id > ? AND id <= ? AND {matching}",
+                        (after_id, upto, *params)).fetchone()[0]
 
 
 def page(conn: Any, after_id: int, upto: int, prefixes: list[str], limit: int,

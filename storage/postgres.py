@@ -268,12 +268,10 @@ class PgStore(WriterHandle):
                     raw.cursor().executemany(pg_sql(sessions.UPSERT_PRODUCER), states)
                 if keys:
                     raw.cursor().executemany(pg_sql(sessions.UPSERT_PRODUCER_KEY), keys)
-                for name, position, updated_ns, owner in consumptions:
-                    if position is None:
-                        raw.execute(pg_sql(sessions.DELETE_CONSUMER), (name,))
-                    else:
-                        raw.execute(pg_sql(sessions.UPSERT_CONSUMER),
-                                    (name, position, updated_ns, owner))
+                for row in consumptions:
+                    raw.execute(pg_sql(sessions.DELETE_CONSUMER if row[1] is None
+                                       else sessions.UPSERT_CONSUMER),
+                                sessions.consumer_params(row))
                 raw.execute("COMMIT")
             last = cursor.fetchone()[0] if rows else None
         except BaseException:

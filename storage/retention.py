@@ -1,7 +1,8 @@
 """Retention: the oldest messages go, a chunk per transaction, and the
 database keeps how far they went (bus_meta 'retention_upto'): a sealed message
 missing above it was deleted by something else, which `bus-cli audit verify`
-reports as a deletion."""
+reports as a deletion. And an admin's purge of a topic prefix (writer/purge.py),
+a window of ids per transaction, which never touches a sealed topic."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def delete_expired(conn: Any, before_ns: int | None, keep: int | None, chunk: in
     messages that were committed before `before_ns` or are not among the
     newest `keep`, and none after `upto` (the last sealed message, when
     topics are sealed); returns how many. Examines at most `chunk` rows: ids
-    are dense and commit times grow with ids. The newest message is never
+    are dense but where a purge left holes (fewer rows then), and commit
+    times grow with ids. The newest message is never
     deleted, so ids are never reused. Subscription events older than the
     oldest message left go too."""
     first, last = messages.id_range(conn)
@@ -49,3 +51,14 @@ def delete_expired(conn: Any, before_ns: int | None, keep: int | None, chunk: in
     conn.execute("DELETE FROM subscriptions WHERE id IN (SELECT id FROM subscriptions"
                  " WHERE committed_ns < ? ORDER BY id LIMIT ?)", (oldest_ns, chunk))
     return deleted
+
+
+def purge_window(conn: Any, prefix: str, after_id: int, upto: int) -> int:
+    """Delete (inside the caller's transaction) the messages after_id < id <=
+    upto whose topic starts with `prefix` (every topic if it is empty), the
+    same match as history reads (messages.topic_filter); returns how many.
+    Examines at most upto - after_id rows: one range of the primary key."""
+    matching, params = messages.topic_filter([prefix] if prefix else [])
+    conn.execute(f"DELETE FROM messages WHERE id > ? AND id <= ? AND {matching}",
+                 (after_id, upto, *params))
+    return conn.changes()

@@ -14,9 +14,10 @@ from typing import Any
 
 from bus.runner import StartupError
 
-SCHEMA_VERSION = 10  # 7: utxo_requests.fingerprint; 8: audit_seals, audit_leaves;
+SCHEMA_VERSION = 11  # 7: utxo_requests.fingerprint; 8: audit_seals, audit_leaves;
 #                      9: producer_keys (session keys out of producers);
-#                      10: audit_seals.seal_version, digest_version, document
+#                      10: audit_seals.seal_version, digest_version, document;
+#                      11: consumers.prefixes
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS messages (
@@ -64,7 +65,9 @@ SCHEMA = (
         name        TEXT    PRIMARY KEY,     -- durable consumer name
         last_id     INTEGER NOT NULL,        -- messages.id it acknowledged last
         updated_ns  INTEGER NOT NULL,
-        owner       TEXT                     -- (CURVE) public key that acknowledged first
+        owner       TEXT,                    -- (CURVE) public key that acknowledged first
+        prefixes    BLOB                     -- msgpack list of its topic prefixes ([]: every
+                                             -- topic); NULL: never said (lag counts every topic)
     ) WITHOUT ROWID""",
     # The wallet's outputs (see storage/utxos.py, writer/utxos.py). Confirmations are counted from
     # block_height and the wallet tip (bus_meta 'wallet_tip'), not stored per row.
@@ -174,6 +177,7 @@ ADDED_COLUMNS = (
     ("producers", "refusals", "BLOB"),
     ("producers", "owner", "TEXT"),
     ("consumers", "owner", "TEXT"),
+    ("consumers", "prefixes", "BLOB"),
     ("utxo_requests", "fingerprint", "BLOB"),
     ("audit_seals", "seal_version", "INTEGER NOT NULL DEFAULT 1"),
     ("audit_seals", "digest_version", "INTEGER NOT NULL DEFAULT 1"),

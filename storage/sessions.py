@@ -7,8 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-# A consumer position: (name, last_id, updated_ns, owner); last_id None deletes the consumer.
-ConsumptionRow = tuple[str, "int | None", int, "str | None"]
+import msgpack
+
+# A consumer position: (name, last_id, updated_ns, owner, prefixes); last_id None
+# deletes the consumer; prefixes: the topic prefixes it reads, None if never said.
+ConsumptionRow = tuple[str, "int | None", int, "str | None", "tuple[str, ...] | None"]
+# A stored position: name -> (last_id, updated_ns, owner, prefixes).
+StoredConsumer = tuple[int, int, "str | None", "tuple[str, ...] | None"]
 
 PRODUCER_COLUMNS = ("producer_id, contiguous_seq, max_seq, holes, gaps, abandoned, duplicates,"
                     " first_seen_ns, last_seen_ns, epoch, refused, refusals, owner")
@@ -28,9 +33,10 @@ SELECT_PRODUCER = ("SELECT " + ", ".join(f"p.{c.strip()}" for c in PRODUCER_COLU
 # A page of producers after an id, in SELECT_PRODUCER's row shape (whatever it
 # joins): `bus-cli producers ls`.
 LIST_PRODUCERS = SELECT_PRODUCER.rpartition("= ?")[0] + "> ? ORDER BY 1 LIMIT ?"
-UPSERT_CONSUMER = ("INSERT INTO consumers (name, last_id, updated_ns, owner) VALUES (?, ?, ?, ?)"
-                   " ON CONFLICT (name) DO UPDATE SET last_id = excluded.last_id,"
-                   " updated_ns = excluded.updated_ns, owner = excluded.owner")
+UPSERT_CONSUMER = ("INSERT INTO consumers (name, last_id, updated_ns, owner, prefixes)"
+                   " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+                   " last_id = excluded.last_id, updated_ns = excluded.updated_ns,"
+                   " owner = excluded.owner, prefixes = excluded.prefixes")
 DELETE_CONSUMER = "DELETE FROM consumers WHERE name = ?"
 
 
@@ -72,15 +78,24 @@ def producers_by_owner(conn: Any) -> dict[str, int]:
                              " GROUP BY owner").fetchall())
 
 
+def consumer_params(row: ConsumptionRow) -> tuple[Any, ...]:
+    """UPSERT_CONSUMER's parameters (or DELETE_CONSUMER's, for a deletion)."""
+    name, position, updated_ns, owner, prefixes = row
+    if position is None:
+        return (name,)
+    return (name, position, updated_ns, owner,
+            None if prefixes is None else msgpack.packb(list(prefixes)))
+
+
 def write_consumptions(conn: Any, rows: Sequence[ConsumptionRow]) -> None:
-    for name, position, updated_ns, owner in rows:
-        if position is None:
-            conn.execute(DELETE_CONSUMER, (name,))
-        else:
-            conn.execute(UPSERT_CONSUMER, (name, position, updated_ns, owner))
+    for row in rows:
+        conn.execute(DELETE_CONSUMER if row[1] is None else UPSERT_CONSUMER,
+                     consumer_params(row))
 
 
-def load_consumers(conn: Any) -> dict[str, tuple[int, int, str | None]]:
-    """name -> (last_id, updated_ns, owner) of every durable consumer."""
-    return {name: (last_id, updated_ns, owner) for name, last_id, updated_ns, owner in
-            conn.execute("SELECT name, last_id, updated_ns, owner FROM consumers")}
+def load_consumers(conn: Any) -> dict[str, StoredConsumer]:
+    """name -> (last_id, updated_ns, owner, prefixes) of every durable consumer."""
+    return {name: (last_id, updated_ns, owner,
+                   None if prefixes is None else tuple(msgpack.unpackb(bytes(prefixes))))
+            for name, last_id, updated_ns, owner, prefixes in
+            conn.execute("SELECT name, last_id, updated_ns, owner, prefixes FROM consumers")}

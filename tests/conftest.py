@@ -473,7 +473,7 @@ class Bus:
 # The storage-facing tests: each runs on SQLite and on PostgreSQL (a private
 # server, tests/pgserver.py), except those marked sqlite_only (what only a
 # file has: its size, its WAL, a full disk, a file that is not a database).
-STORAGE_MODULES = {"test_history", "test_consumers", "test_producers", "test_retention",
+STORAGE_MODULES = {"test_history", "test_consumers", "test_purge", "test_producers", "test_retention",
                    "test_utxos", "test_anchor_records", "test_acks", "test_writer", "test_audit"}
 
 

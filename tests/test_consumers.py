@@ -61,7 +61,8 @@ def test_explicit_acks_survive_a_restart_of_every_bus_process(make_bus) -> None:
     bus.start()
     stats = bus.writer_stats()["consumers"]
     assert stats == {"count": 1, "positions": {"worker": {
-        "last_id": 10, "lag": 20, "updated_ns": stats["positions"]["worker"]["updated_ns"]}}}
+        "last_id": 10, "lag": 20, "lag_exact": True, "behind": 20, "prefixes": ["acked."],
+        "updated_ns": stats["positions"]["worker"]["updated_ns"]}}}
     with Subscriber(["acked."], bus.config(), durable="worker") as sub:
         assert [sub.receive(timeout=5).id for _ in range(20)] == list(range(11, 31))
         assert sub.receive(timeout=0.3) is None
@@ -137,3 +138,54 @@ def test_tail_says_when_nothing_answers_at_its_subscriber_endpoint(bus: Bus) -> 
         wait_for(lambda: pub.publish("subside.t", b"x") and tail.popen.poll() is not None,
                  message="the tail to print one message and exit")
     assert tail.popen.returncode == 0 and tail.stderr.collect() == []
+
+
+def test_lag_counts_only_the_messages_of_the_consumer_s_own_prefixes(bus: Bus) -> None:
+    """Issue 25, item 4: `consumers ls` counted every message stored after a
+    consumer's position (2,513 shown, 2,512 of its prefix)."""
+    publish(bus, "mine.a", 3)
+    with Subscriber(["mine."], bus.config(), durable="own", after_id=0) as sub:
+        assert sub.receive(timeout=5).payload == b"0"
+        sub.ack()
+    publish(bus, "other.t", 4, producer="elsewhere")
+    publish(bus, "mine.b", 2, producer="again")
+    publish(bus, "minefield", 1, producer="near")   # 'mine' without the dot: not its prefix
+    out = bus.cli("consumers", "ls", "--json")
+    assert out.returncode == 0, out.stderr
+    position = json.loads(out.stdout)["positions"]["own"]
+    assert position["lag"] == 2 + 2, position
+    listed = bus.cli("consumers", "ls")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[:3] == ["own", "1", "4"], listed.stdout
+
+
+def test_lag_is_counted_on_a_bounded_window_and_says_when_it_is_a_lower_bound(bus: Bus) -> None:
+    """No index on topic: a lag is counted among the 10,000 ids after the
+    position at most (writer/consumers.py, LAG_COUNT_IDS), so that `stats`
+    stays cheap however far behind a consumer is."""
+    with Publisher(bus.config(), producer_id="many") as pub:
+        for i in range(10_010):
+            pub.publish("far.t" if i % 2 else "near.t", b"x")
+        pub.flush(timeout=30)
+    with ControlClient(bus["BUS_CONTROL_ENDPOINT"]) as client:
+        for args in ({"prefixes": "far."}, {"prefixes": []}, {"prefixes": ["a\x00"]},
+                     {"prefixes": ["p"] * 65}):
+            with pytest.raises(BusError) as err:
+                client.request("consumer_ack", {"consumer": "x", "last_id": 1, **args})
+            assert err.value.code == "bad_request", args
+        client.request("consumer_ack", {"consumer": "far", "last_id": 0, "prefixes": ["far."]})
+        client.request("consumer_ack", {"consumer": "all", "last_id": 10, "prefixes": [""]})
+        client.request("consumer_ack", {"consumer": "close", "last_id": 10_000,
+                                        "prefixes": ["far.", "near.", "far."]})
+        client.request("consumer_ack", {"consumer": "unsaid", "last_id": 10_005})
+    positions = bus.writer_stats()["consumers"]["positions"]
+    assert {name: (p["lag"], p["lag_exact"], p["behind"], p["prefixes"])
+            for name, p in positions.items()} == {
+        "far": (5_000, False, 10_010, ["far."]),      # counted on ids 1-10,000 only
+        "all": (10_000, True, 10_000, []),
+        "close": (10, True, 10, ["far.", "near."]),
+        "unsaid": (5, True, 5, None)}                  # never said: every topic
+    listed = bus.cli("consumers", "ls")
+    assert [line.split()[:3] for line in listed.stdout.splitlines()[1:]] == [
+        ["far", "0", ">=5,000"], ["all", "10", "10,000"], ["close", "10,000", "10"],
+        ["unsaid", "10,005", "5"]], listed.stdout

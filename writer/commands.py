@@ -21,10 +21,11 @@ import storage
 from bus.control import Command, CommandFailed, CommandTable, Request, check_str
 from bus.logging import get_logger
 from bus.protocol import (ALREADY_ANCHORED, FLUSH_FAILED, FORBIDDEN, LEASE_EXPIRED, NO_UTXO,
-                          NOT_FOUND, QUOTA_EXCEEDED, REQUEST_ID_REUSED, TOO_MANY_CONSUMERS,
-                          UNAVAILABLE, UTXO_SPENT)
+                          NOT_FOUND, QUOTA_EXCEEDED, REQUEST_ID_REUSED, SEALED_TOPIC,
+                          TOO_MANY_CONSUMERS, UNAVAILABLE, UTXO_SPENT)
 from bus.security import PUBLISHERS, READERS
 from storage import utxos as utxo_rows
+from writer.purge import purge
 
 if TYPE_CHECKING:
     from writer.service import Writer
@@ -121,10 +122,14 @@ def writer_table(writer: Writer) -> CommandTable:
                 errors=(UNAVAILABLE,)),
         # Durable consumers (writer/consumers.py).
         Command("consumer_ack", writer._consumer_ack, roles=(READERS,),
-                args=("consumer", "last_id"),
+                args=("consumer", "last_id", "prefixes"),
                 errors=(FORBIDDEN, TOO_MANY_CONSUMERS, QUOTA_EXCEEDED)),
         Command("consumer_get", writer._consumer_get, roles=(READERS,), args=("consumer",)),
         Command("consumer_delete", writer._consumer_delete, args=("consumer",)),
+        # Stored messages of a topic prefix deleted (writer/purge.py); admins only.
+        Command("purge", lambda request: purge(writer.store, writer.config, request),
+                args=("prefix", "before_id", "before_ns", "after_id"),
+                errors=(SEALED_TOPIC, UNAVAILABLE)),
         # The wallet's UTXOs (writer/utxos.py).
         Command("utxo_reserve", utxos.reserve, request_id=True, transaction=True,
                 args=("min_amount_sat", "lease_seconds", "policy", "min_confirmations",

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import storage
+from storage import messages
 from bus import control, security, sockets
 from bus.build import build_info
 from bus.config import BusConfig
@@ -134,7 +135,7 @@ class WriterStats:
             "control": self.dispatcher.counters.snapshot(),
             "producers": self.producers.snapshot(),
             "quotas": self.quotas.snapshot(),
-            "consumers": self.consumers.snapshot(last_id),
+            "consumers": self.consumers.snapshot(last_id, self._count_lag),
             "utxos": self.utxos.snapshot(),
             "anchors": self.anchors.snapshot(),
             "audit": self.audit.snapshot(),
@@ -153,6 +154,15 @@ class WriterStats:
             "build": build_info(),
             "config": cfg.public(),
         }
+
+    def _count_lag(self, after_id: int, upto: int, prefixes: tuple[str, ...] | None
+                   ) -> int | None:
+        """A consumer's lag (writer/consumers.py, LagCounter); None while the
+        database cannot be read (busy, reconnecting)."""
+        try:
+            return messages.count_matching(self.store.conn, after_id, upto, list(prefixes or ()))
+        except self.store.transient_errors:
+            return None
 
     def status_line(self, now: float) -> str:
         """What `systemctl status` shows (bus/runner.py)."""

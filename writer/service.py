@@ -7,7 +7,8 @@ Binds ROUTER control_endpoint   trusted commands: `stats`, `flush`, `ping`, prod
                               admins' `producers_list`, `producer_info`,
                               `producer_remove`), the
                               durable consumers' `consumer_ack` / `consumer_get` /
-                              `consumer_delete`, the wallet's `utxo_*`
+                              `consumer_delete`, the admins' `purge` of a topic
+                              prefix (writer/purge.py), the wallet's `utxo_*`
                               (reservations and sync, writer/utxos.py) and the
                               `anchor_*` records (writer/anchors.py)
 Binds XPUB notify_endpoint    $bus.nack.<producer> for refused messages, then
@@ -142,7 +143,7 @@ class Writer:
         self.buffer = self.commits.buffer
         self.ingest = Ingest(cfg, self.capture, self.commits, self.producers, self.notifications)
         self.consumers = ConsumerPositions(self.store.load_consumers(), cfg.max_consumers,
-                                           cfg.max_consumers_per_key)
+                                           cfg.max_consumers_per_key, cfg.max_topic_bytes)
         keys = security.keyring(cfg)
         self.quotas = KeyQuotas(cfg, self.store.producers_by_owner(), log,
                                 lambda key: keys is not None and
@@ -262,14 +263,15 @@ class Writer:
         return {"flushed": items}
 
     def _consumer_ack(self, request: control.Request) -> dict[str, Any]:
-        """{consumer, last_id} -> {consumer, last_id}: the position moves forward
-        and is committed with the next batch. With CURVE, only the key that
-        owns a consumer name moves it."""
+        """{consumer, last_id, prefixes?} -> {consumer, last_id}: the position
+        moves forward and is committed with the next batch, with the topic
+        prefixes the consumer reads (its lag is counted on them). With CURVE,
+        only the key that owns a consumer name moves it."""
         args = request.args
         with consumer_errors(self.quotas, request.user):
             position, row = self.consumers.ack(args.get("consumer"), args.get("last_id"),
                                                time.time_ns(), self.store.last_message_id() or 0,
-                                               request.user)
+                                               request.user, args.get("prefixes"))
         if row is not None:
             self.buffer.add_consumption(row, time.monotonic())
         return {"consumer": args["consumer"], "last_id": position}

@@ -109,6 +109,7 @@ class DurablePosition:
         self.auto_ack = auto_ack
         self.ack_interval = ack_interval
         self._on_error = on_error
+        self.prefixes: list[str] = []   # what it reads: the writer counts its lag on them
         self.taken: int | None = None   # the id of the message returned last
         self.acked_id = self._sent_id = 0
         self._sent_at = time.monotonic()
@@ -118,12 +119,13 @@ class DurablePosition:
               since_ns: int | None) -> int:
         """The id to resume after: NAME's stored position, or for a new NAME the
         requested start (or the newest stored id), stored at once."""
+        self.prefixes = list(prefixes)
         known = self.control.request("consumer_get", {"consumer": self.name})
         if known["last_id"] is not None:
             # An ack that does not move it: with CURVE, NAME must be this key's
-            # (forbidden otherwise), which is better learned before reading.
-            self.control.request("consumer_ack", {"consumer": self.name,
-                                                  "last_id": known["last_id"]})
+            # (forbidden otherwise), which is better learned before reading;
+            # it tells the writer the prefixes read now.
+            self.control.request("consumer_ack", self._ack_args(known["last_id"]))
             start = known["last_id"]
         else:
             if after_id is None and since_ns is None:
@@ -133,10 +135,13 @@ class DurablePosition:
                 start = page.rows[0][0] - 1 if page.rows else page.after_id
             else:
                 start = after_id
-            self.control.request("consumer_ack", {"consumer": self.name, "last_id": start})
+            self.control.request("consumer_ack", self._ack_args(start))
         self.acked_id = self._sent_id = start
         self._sent_at = time.monotonic()
         return start
+
+    def _ack_args(self, last_id: int) -> dict[str, Any]:
+        return {"consumer": self.name, "last_id": last_id, "prefixes": self.prefixes}
 
     def before_receive(self, page_empty: bool) -> None:
         """With auto_ack, the message returned last counts as acknowledged once
@@ -168,8 +173,7 @@ class DurablePosition:
             return
         self._sent_at = time.monotonic()
         try:
-            self.control.request("consumer_ack", {"consumer": self.name,
-                                                  "last_id": self.acked_id})
+            self.control.request("consumer_ack", self._ack_args(self.acked_id))
             self._sent_id = self.acked_id
         except BusError as exc:
             if exc.code in PERMANENT_ERRORS:  # retrying cannot help: stop reading
