@@ -59,6 +59,15 @@ def _encoding_given(ctx: click.Context, param: click.Parameter, value: bool) -> 
         ctx.meta.setdefault(ENCODINGS_GIVEN, []).append(param.name)
 
 
+def _producer_id_given(_ctx: click.Context, _param: click.Parameter, value: str | None
+                       ) -> str | None:
+    """A producer id the writer takes, or a usage error before anything is sent."""
+    if value is not None and not protocol.is_producer_id(value):
+        raise click.BadParameter(f"must be 1-{protocol.MAX_PRODUCER_CHARS} characters, no NUL "
+                                 f"(given {len(value)})")
+    return value
+
+
 @click.command(short_help="Publish DATA, a file, or standard input's lines.")
 @click.argument("topic")
 @click.argument("data", required=False)
@@ -77,7 +86,9 @@ def _encoding_given(ctx: click.Context, param: click.Parameter, value: bool) -> 
               help="publish DATA this many times")
 @click.option("--rate", "-r", type=FiniteFloat(min=0, max=1e7), default=0.0,
               help="messages per second with --count (0: as fast as possible)")
-@click.option("--producer-id", default=None, help="producer id in meta (default: host-pid-random)")
+@click.option("--producer-id", default=None, callback=_producer_id_given,
+              help=f"producer id in meta, 1-{protocol.MAX_PRODUCER_CHARS} characters "
+                   "(default: host-pid-random)")
 @click.option("--header", "-H", multiple=True, help="KEY=VALUE header in meta (repeatable)")
 @click.option("--wait", is_flag=True,
               help="exit 0 only once the writer has committed every message")
