@@ -594,6 +594,9 @@ def test_the_default_settings_and_their_edges_work_together(tmp_path: Path) -> N
     ("ping", "--control-endpoint", "tcp://*:5553"),
     ("tail", "x", "-n", "1", "--sub-endpoint", "tcp://*:5551"),
     ("publish", "x", "p", "--pub-endpoint", "tcp://*:5550"),
+    # The anchor worker's own clients: logged as "anchor", they connect to it.
+    ("anchor", "submit", "--hash", "00" * 32, "--wait", "--anchor-control-endpoint",
+     "tcp://*:5556"),
 ])
 def test_a_client_given_a_wildcard_endpoint_says_so_at_once(make_bus, args: tuple[str, ...]
                                                               ) -> None:
