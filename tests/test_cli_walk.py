@@ -42,7 +42,7 @@ import click
 from bus.config import (SETTINGS, ConfigError, database_problem, endpoint_problem,
                         http_address_problem, load_config)
 from cli.main import main
-from tests.conftest import BUS_CLI, ENDPOINT_VARS, free_port
+from tests.conftest import BUS_CLI, ENDPOINT_VARS, Bus, free_port
 
 _SETTING = {s.field: s for s in SETTINGS}
 # Commands that serve until stopped: each run is given a short while, then SIGINT.
@@ -131,8 +131,8 @@ def hostile_values(kind: str, tmp: Path) -> list[str | bytes]:
     paths: list[str | bytes] = [str(afile / "sub"), "/proc/nope", str(adir), str(afile),
                                 str(tmp / "unreadable"), "", NOT_UTF8]
     if kind == "endpoint":
-        return [f"tcp://*:{free_port()}", f"tcp://{TEST_NET}:5555", "udp://x", "ws://", "foo", "tcp://127.0.0.1:0", "tcp://127.0.0.1:65536",
-                "tcp://127.0.0.1:-1", f"ipc://{afile}/sub", "", HUGE, NOT_UTF8]
+        return [f"tcp://*:{free_port()}", f"tcp://{TEST_NET}:5555", "udp://x", "ws://", "foo",
+                "tcp://127.0.0.1:0", "tcp://127.0.0.1:65536", "tcp://127.0.0.1:-1", f"ipc://{afile}/sub", "", HUGE, NOT_UTF8]
     if kind == "listen":
         return ["*:80", f"{TEST_NET}:9101", "127.0.0.1:65536", "127.0.0.1:-1", "foo", HUGE,
                 NOT_UTF8]
@@ -400,3 +400,15 @@ def test_every_command_and_option_takes_hostile_values_without_a_hang_or_traceba
                             f"{outcome.seconds:.1f}s) {' | '.join(t[:300] for t in tail)}")
     print(f"{len(runs)} runs in {took:.0f}s", file=sys.stderr)
     assert not failures, f"{len(failures)} of {len(runs)} runs:\n" + "\n".join(failures)
+
+
+def test_audit_proof_of_an_id_past_the_last_says_there_is_no_such_message(bus: Bus) -> None:
+    """`audit proof 999` on a database of fewer messages said "message 999 is
+    in no seal", as if it existed and were waiting for its seal."""
+    done = bus.cli("audit", "proof", "999")
+    assert (done.returncode, done.stderr.strip()) == (
+        1, "Error: no message 999: the database holds no message yet")
+    assert bus.cli("publish", "walk.t", "one", "--wait").returncode == 0
+    done = bus.cli("audit", "proof", "999")
+    assert (done.returncode, done.stderr.strip()) == (
+        1, "Error: no message 999: the last stored is 1")
