@@ -719,3 +719,46 @@ def test_publish_refuses_two_payload_encodings(bus: Bus) -> None:
     stored = bus.cli("history", "enc.", "--json")
     payloads = [json.loads(line).get("payload") for line in stored.stdout.splitlines()]
     assert payloads == [{"a": 1}, {"a": 1}, '{"a": 1}'], payloads
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler of its own for `sig` (SigCgt)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("point", ["handler+0s", "handler+0.2s", "handler+0.4s", "writer started",
+                                   "proxy and reader started"])
+def test_ctrl_c_while_up_starts_stops_what_started_and_exits_0(make_bus, point: str) -> None:
+    """Issue 25, item 1: Ctrl-C 0.4 s into `bus-cli up` exited 1 blaming "an
+    endpoint in use". Once `up` runs (its handler set), Ctrl-C at any point of
+    its start stops the children started so far and exits 0, as it does
+    once the bus is up."""
+    bus = make_bus()
+    up = bus.run("up")
+    wait_for(lambda: catches(up.pid, signal.SIGTERM) or up.popen.poll() is not None,
+             message="up's signal handler")
+    if point.startswith("handler+"):
+        time.sleep(float(point[len("handler+"):-1]))  # a point in its start, by time
+    else:
+        wanted = 1 if point == "writer started" else 3
+        wait_for(lambda: len(children_of(up.pid)) >= wanted or up.popen.poll() is not None,
+                 message=point)
+    children = children_of(up.pid)
+    assert up.popen.poll() is None, up.stderr.collect()
+    up.send_signal(signal.SIGINT)
+    code = up.wait(30)
+    said = up.stderr.collect()
+    assert code == 0, said
+    assert not any("in use" in line or "Traceback" in line for line in said), said
+    assert said[-1] == "bus stopped", said
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children), "a child left running"
