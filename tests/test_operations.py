@@ -4,12 +4,14 @@ process titles."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -762,3 +764,53 @@ def test_ctrl_c_while_up_starts_stops_what_started_and_exits_0(make_bus, point: 
     assert not any("in use" in line or "Traceback" in line for line in said), said
     assert said[-1] == "bus stopped", said
     assert not any(Path(f"/proc/{pid}").exists() for pid in children), "a child left running"
+
+
+def test_make_up_then_ctrl_c_on_a_terminal_exits_as_bus_cli_up_does(make_bus) -> None:
+    """Issue 25, item 2: `make up`, then Ctrl-C, exited 130 through make
+    (make, given the terminal's SIGINT, kills itself with it) although
+    `bus-cli up` stopped the bus and exited 0. Run on a pseudo-terminal, with
+    Ctrl-C typed as a terminal sends it (the INTR character)."""
+    import pty
+    import select
+    bus = make_bus()
+    venv = Path(sys.executable).parent.parent
+    repo = Path(__file__).resolve().parent.parent
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: make on the terminal, the bus's settings
+        try:
+            os.chdir(bus.tmp_path)
+            os.execvpe("make", ["make", "-s", "-C", str(repo), f"VENV={venv}",
+                                "-o", f"{venv}/.installed", "up"], bus.env)
+        finally:
+            os._exit(127)
+    output = b""
+
+    def read_some(timeout: float) -> bool:
+        if not select.select([terminal], [], [], timeout)[0]:
+            return True
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # EIO: the terminal's last holder closed it
+            return False
+        nonlocal output
+        output += chunk
+        return bool(chunk)
+
+    try:
+        wait_for(lambda: b"Ctrl-C stops all three." in output or not read_some(0.2),
+                 timeout=60, message="make up's bus")
+        assert b"Ctrl-C stops all three." in output, output[-2000:]
+        os.write(terminal, b"\x03")
+        deadline = time.monotonic() + 30
+        while read_some(1) and time.monotonic() < deadline:
+            pass
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(terminal)
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    text = output.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert "bus stopped" in text and "Interrupt" not in text, text[-2000:]
