@@ -814,3 +814,22 @@ def test_make_up_then_ctrl_c_on_a_terminal_exits_as_bus_cli_up_does(make_bus) ->
     text = output.decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
     assert "bus stopped" in text and "Interrupt" not in text, text[-2000:]
+
+
+def test_bench_says_on_stderr_what_it_does_and_how_far_it_is(bus: Bus) -> None:
+    """Issue 25, item 2: `bench` printed nothing for the whole run (12 s and
+    more). Its progress goes to stderr, at most about once a second;
+    stdout is the figures alone (here one JSON object)."""
+    started = time.monotonic()
+    run = bus.run("bench", "bench.progress", "--msgs", "6000", "--rate", "2000", "--sub", "1",
+                  "--acked", "--json")
+    first = run.stderr.wait_line(lambda line: line.startswith("bench: "), timeout=10)
+    assert time.monotonic() - started < 2.0, f"first progress line after 2 s: {first}"
+    counted = run.stderr.wait_line(lambda line: line.startswith("bench: publishing")
+                                   and "sent " in line and not line.count("sent 0 "))
+    assert "acknowledged" in counted and "received" in counted, counted
+    assert run.wait(60) == 0, run.stderr.collect()[-5:]
+    result = json.loads("\n".join(run.stdout.collect()))
+    assert result["publish"]["messages"] == 6000
+    publishing = [line for line in run.stderr.collect() if line.startswith("bench: publishing")]
+    assert 2 <= len(publishing) <= 6, publishing  # about 3 s of publishing, once a second
