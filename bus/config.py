@@ -744,7 +744,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
         data = tomllib.load(f)
     unknown = sorted(set(data) - set(_BY_ENV))
     if unknown:
-        raise ConfigError(f"{path}: unknown settings {', '.join(unknown)}")
+        closest = {name: difflib.get_close_matches(name, list(_BY_ENV), n=1, cutoff=0.0)
+                   for name in unknown}
+        raise ConfigError(f"{path}: unknown settings " + ", ".join(
+            f"{name} (closest: {closest[name][0]})" if closest[name] else name
+            for name in unknown))
     return {_BY_ENV[k].field: v for k, v in data.items()}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from bus.config import SETTINGS, http_address_problem, role_fields
+from bus.config import SETTINGS, http_address_problem, role_fields, unknown_variables
 import storage
 from cli.common import build_config, setting_options
 
@@ -57,6 +57,9 @@ def up(ctx: click.Context, **flags: Any) -> None:
     env = dict(os.environ)
     env.update({s.env: str(getattr(cfg, s.field)).lower() if s.type is bool
                 else str(getattr(cfg, s.field)) for s in SETTINGS})
+    for variable, _closest in unknown_variables(env):
+        # build_config named it once, for `up`: its children would name it thrice more.
+        del env[variable]
     for field in HTTP_FIELDS:
         if not getattr(cfg, field):
             env[SETTING_ENV[field]] = "127.0.0.1:0"

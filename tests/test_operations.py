@@ -833,3 +833,23 @@ def test_bench_says_on_stderr_what_it_does_and_how_far_it_is(bus: Bus) -> None:
     assert result["publish"]["messages"] == 6000
     publishing = [line for line in run.stderr.collect() if line.startswith("bench: publishing")]
     assert 2 <= len(publishing) <= 6, publishing  # about 3 s of publishing, once a second
+
+
+def test_an_unknown_variable_is_named_once_with_the_closest_setting(make_bus,
+                                                                     tmp_path: Path) -> None:
+    """Issue 25, item 4: a misspelt BUS_* variable is named on stderr with the
+    closest setting, once (`up` named it four times: itself and each child),
+    and is not an error; an unknown key of the config file is refused, with
+    the closest setting too."""
+    bus = make_bus(BUS_BATCH_SIZ="5")
+    up = bus.run("up")
+    up.stdout.wait_line(lambda line: line == "Ctrl-C stops all three.")
+    assert up.stop(signal.SIGINT) == 0
+    named = [e for e in up.log_events() if e.get("event") == "unknown_setting"]
+    assert [(e["variable"], e["closest"]) for e in named] == [("BUS_BATCH_SIZ", "BATCH_SIZE")]
+    config = tmp_path / "bus.toml"
+    config.write_text("BATCH_SIZ = 5\n")
+    done = bus.cli("--config", str(config), "config")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == \
+        f"Error: {config}: unknown settings BATCH_SIZ (closest: BATCH_SIZE)"
