@@ -294,7 +294,7 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
     return shown
 
 
-# tail's and history's --raw (print_messages: what a terminal gets escaped).
+# tail's, history's and topics' --raw (what a terminal gets escaped: terminal_safe).
 raw_option = click.option(
     "--raw", is_flag=True,
     help="print control characters of topics and payloads as they are (a terminal gets them "
@@ -438,9 +438,10 @@ def last_window(client: HistoryClient, prefixes: tuple[str, ...], count: int) ->
 @click.option("--depth", "-d", type=click.IntRange(1, 16), default=2, show_default=True,
               help="group topics by their first DEPTH dot-separated parts")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@raw_option
 @setting_options(*role_fields("reader_client", "curve"))
 @click.pass_context
-def topics(ctx: click.Context, depth: int, as_json: bool, **flags: Any) -> None:
+def topics(ctx: click.Context, depth: int, as_json: bool, raw: bool, **flags: Any) -> None:
     """Messages and last activity per topic prefix, among the newest
     BUS_HISTORY_SCAN_ROWS stored messages (the reader bounds the scan)."""
     cfg = build_config(ctx, flags, "topics")
@@ -449,7 +450,7 @@ def topics(ctx: click.Context, depth: int, as_json: bool, **flags: Any) -> None:
         click.echo(json.dumps(found, indent=2))
         return
     click.echo(f"{'topic prefix':<40} {'messages':>10} {'last id':>12}  last stored")
-    safe = sys.stdout.isatty()  # a topic is the publisher's text (terminal_safe)
+    safe = not raw and sys.stdout.isatty()  # a topic is the publisher's text (terminal_safe)
     for name, count, last_id, last_ns in found["topics"]:
         name = terminal_safe(name) if safe else name
         stored = dt.datetime.fromtimestamp(last_ns / 1e9, dt.timezone.utc)

@@ -667,6 +667,8 @@ def test_what_was_published_cannot_drive_the_terminal_of_who_reads_it(bus: Bus) 
     status, written = run_on_a_terminal(bus, "history", "esc.")
     assert b"esc.\\x1b[31mRED\\u202e" in written and b"payload\\x1b[2J\\x0d\\x9b" in written
     assert b"\x1b[2J" in run_on_a_terminal(bus, "history", "esc.", "--raw")[1]
+    # topics too, as tail and history (it had no --raw: the topic could not be seen as it is)
+    assert b"esc.\x1b[31mRED" in run_on_a_terminal(bus, "topics", "--raw")[1]
     assert "\x1b[2J" in bus.cli("history", "esc.").stdout  # a pipe: as it was published
 
 
