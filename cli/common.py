@@ -132,6 +132,11 @@ def stop_on_sigterm() -> Callable[[], bool]:
 class InputError(click.ClickException):
     """Bad input, or a bus that cannot be reached: one line on stderr, exit 1."""
 
+    def __init__(self, message: str) -> None:
+        # What a library says can span lines (libpq: "connection ... failed:
+        # server closed the connection unexpectedly\n\tThis probably means...").
+        super().__init__(" ".join(part.strip() for part in message.splitlines() if part.strip()))
+
 
 def ask_all(cfg: BusConfig, names: Iterable[str], cmd: str,
             timeout_ms: int) -> dict[str, tuple[Any, float | None, str | None]]:

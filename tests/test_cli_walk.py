@@ -3,14 +3,16 @@ the click group (a new command is walked without a change here), is given
 hostile values for each of its options and arguments, chosen by the option's
 kind: wildcard endpoints, other schemes, unreachable hosts (TEST-NET), ports
 0/65536/-1, 2^63, -1, 0, NaN and infinities, empty, huge and non-UTF-8
-strings, paths that are a file, a directory, under a file, under /proc.
+strings, paths that are a file, a directory, under a file, under /proc, a
+directory nothing can be created in, a file of mode 000.
 
 No bus runs: each endpoint of the environment is a free loopback port nothing
 listens on, so a command that talks to a process must give up (or say what it
 waits for) in bounded time. Each run has a hard deadline (its process group
-killed after it) and must end without a traceback, with exit 0, 1 or 2 (130
-after the SIGINT the walk sends a command still running), and a failing
-client command says why in one line.
+killed after it) and must end without a traceback, with exit 0, 1 or 2 (0 or
+130 after the SIGINT the walk sends, as Ctrl-C, to a command still running
+after its grace, or to a process once it says READY=1 as to systemd), and a
+failing client command says why in one line.
 
 Not the cross product: each kind has a handful of hostile values; a setting
 shared by many commands gets each of its values in one of them (in turn), an
@@ -20,7 +22,6 @@ connects and who binds), a command's own options each value.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -45,7 +46,9 @@ from cli.main import main
 from tests.conftest import BUS_CLI, ENDPOINT_VARS, Bus, free_port
 
 _SETTING = {s.field: s for s in SETTINGS}
-# Commands that serve until stopped: each run is given a short while, then SIGINT.
+# Commands that serve until stopped: each is stopped (SIGINT) once it says
+# READY=1, or after SERVER_GRACE_S (a new one not listed here is walked as a
+# client: stopped after CLIENT_GRACE_S, the same checks).
 SERVE_UNTIL_STOPPED = {("proxy",), ("writer",), ("reader",), ("up",), ("anchor",)}
 SERVER_GRACE_S = 10.0
 # A client command still running after this long is asked to stop (SIGINT):
@@ -121,15 +124,16 @@ def kind_of(param: click.Parameter) -> str:
 
 
 # How many of a kind's first values every client command that has such a
-# setting is given (who connects checks them; they hung or raised before).
-CORE_VALUES = {"endpoint": 2, "path": 2, "database": 2}
+# setting is given: how a command connects, or opens a database, is its own
+# (a wildcard or an unreachable host hung or raised in some and not others).
+CORE_VALUES = {"endpoint": 2, "database": 1}
 
 
 def hostile_values(kind: str, tmp: Path) -> list[str | bytes]:
     afile = tmp / "afile"
     adir = tmp / "adir"
     paths: list[str | bytes] = [str(afile / "sub"), "/proc/nope", str(adir), str(afile),
-                                str(tmp / "unreadable"), "", NOT_UTF8]
+                                unwritable_directory(tmp), str(tmp / "unreadable"), "", NOT_UTF8]
     if kind == "endpoint":
         return [f"tcp://*:{free_port()}", f"tcp://{TEST_NET}:5555", "udp://x", "ws://", "foo",
                 "tcp://127.0.0.1:0", "tcp://127.0.0.1:65536", "tcp://127.0.0.1:-1", f"ipc://{afile}/sub", "", HUGE, NOT_UTF8]
@@ -149,6 +153,12 @@ def hostile_values(kind: str, tmp: Path) -> list[str | bytes]:
     if kind == "choice":
         return ["bogus", "", NOT_UTF8]
     return ["", HUGE, NOT_UTF8, "\x1b[2J\x1b[31m"]
+
+
+def unwritable_directory(tmp: Path) -> str:
+    """A directory nothing can be created in: a read-only one, or /proc for
+    root (who writes in any directory of mode 0555)."""
+    return "/proc" if os.geteuid() == 0 else str(tmp / "readonly")
 
 
 # Values that make every command have a working start: arguments it requires,
@@ -175,11 +185,12 @@ def option_flag(param: click.Option) -> str:
 def plan(tmp: Path) -> list[Run]:
     """Every run of the walk."""
     runs: list[Run] = []
-    # A shared setting's value goes to the next command that has the setting, in turn.
-    turns: dict[str, Iterator[tuple[str, ...]]] = {}
+    # A shared setting's hostile values go to the commands that have it in
+    # turn: value i to owners[setting][i % len(owners)].
+    owners: dict[str, list[tuple[str, ...]]] = {}
     having: dict[str, list[tuple[str, ...]]] = {}
     commands = list(walked_commands())
-    refused_shown: set[tuple[tuple[str, ...], str]] = set()
+    refused_shown: set[tuple[tuple[str, ...], str]] = set()  # (command, refusal)
     for path, command in commands:
         for param in command.params:
             if param.name in _SETTING:
@@ -189,8 +200,8 @@ def plan(tmp: Path) -> list[Run]:
         paths = [p for p in paths if p not in (("config",), ("up",))] or paths
         # First the process that uses the setting, then the clients.
         roles = _SETTING[name].roles
-        turns[name] = itertools.cycle(sorted(paths, key=lambda p: (
-            not (p in SERVE_UNTIL_STOPPED and p[-1] in roles), p)))
+        owners[name] = sorted(paths, key=lambda p: (
+            not (p in SERVE_UNTIL_STOPPED and p[-1] in roles), p))
 
     for path, command in commands:
         arguments = [p for p in command.params if isinstance(p, click.Argument)]
@@ -211,19 +222,20 @@ def plan(tmp: Path) -> list[Run]:
             kind = kind_of(param)
             values = hostile_values(kind, tmp)
             # Of the values refused before the command does anything (by the
-            # option's type or the setting's declaration, the same check for
-            # every value), each command runs one of each kind. A shared
-            # setting's other values each go to the command whose turn it is;
+            # option's type, the setting's declaration or the decoding: the
+            # same check for every value), each command runs one of each refusal. A shared
+            # setting's other values each go to one of its commands in turn;
             # a client's endpoints and paths each take the core ones too.
             core = CORE_VALUES.get(kind, 0) if not serves and path != ("config",) else 0
             kept = values[:core]
-            for value in values[core:]:
-                if not accepted(param, value):
-                    if (path, kind) not in refused_shown:
-                        refused_shown.add((path, kind))
+            for position, value in enumerate(values[core:], core):
+                refusal = refused_by(param, value)
+                if refusal is not None:
+                    if (path, refusal) not in refused_shown:
+                        refused_shown.add((path, refusal))
                         kept.append(value)
-                elif param.name not in _SETTING or (
-                        param.name in turns and next(turns[param.name]) == path):
+                elif param.name not in owners or (
+                        owners[param.name][position % len(owners[param.name])] == path):
                     kept.append(value)
             values = kept
             for value in values:
@@ -243,18 +255,22 @@ def plan(tmp: Path) -> list[Run]:
     return runs
 
 
-def accepted(param: click.Parameter, value: str | bytes) -> bool:
-    """Whether the option's type and a setting's declaration take `value`
-    (the command then runs with it), checked here as bus-cli checks it."""
+def refused_by(param: click.Parameter, value: str | bytes) -> str | None:
+    """What refuses `value` before the command does anything with it, checked
+    here as bus-cli checks it: the option's type, the setting's declaration,
+    or (bytes that are not UTF-8) the decoding; None: the command runs with it."""
     if isinstance(value, bytes):
-        return False  # click refuses it, or takes it as the same surrogates each time
+        return "decoding"
     try:
         typed = param.type.convert(value, param, None)
-        if param.name in _SETTING:
+    except click.BadParameter:
+        return "type"
+    if param.name in _SETTING:
+        try:
             load_config({param.name: typed}, env={}, config_path=os.devnull)
-    except (click.BadParameter, ConfigError):
-        return False
-    return True
+        except ConfigError:
+            return "declaration"
+    return None
 
 
 def environment(tmp: Path) -> dict[str, str]:
@@ -351,10 +367,10 @@ def problems(outcome: Outcome) -> list[str]:
     elif outcome.code != 0 and not outcome.run.serves:
         # One line says why: click's usage errors come after its two lines of
         # usage, log lines are the logger's (JSON here), and what a command
-        # waited for it said as it waited. A command that reports on each
+        # waited for (or how far it was: bench) it said as it went. A command that reports on each
         # process (ping, stats) says it on standard output.
         error_lines = [ln for ln in said if not is_log_line(ln)
-                       and not ln.startswith(("Usage: ", "Try '", "waiting for "))]
+                       and not ln.startswith(("Usage: ", "Try '", "waiting for ", "bench: "))]
         if len(error_lines) > 1 or not (error_lines or outcome.stdout.strip()):
             found.append(f"{len(error_lines)} error lines")
     return found
@@ -366,6 +382,7 @@ def test_every_command_and_option_takes_hostile_values_without_a_hang_or_traceba
     (tmp_path / "adir").mkdir()
     (tmp_path / "unreadable").write_text("")
     (tmp_path / "unreadable").chmod(0)  # readable all the same by root: the others are not
+    (tmp_path / "readonly").mkdir(mode=0o555)
     runs = plan(tmp_path)
     commands = {run.command for run in runs}
     assert {("publish",), ("keys", "generate"), ("anchor",), ("db", "copy")} <= commands
@@ -412,3 +429,17 @@ def test_audit_proof_of_an_id_past_the_last_says_there_is_no_such_message(bus: B
     done = bus.cli("audit", "proof", "999")
     assert (done.returncode, done.stderr.strip()) == (
         1, "Error: no message 999: the last stored is 1")
+
+
+def test_an_error_of_several_lines_from_a_library_is_said_in_one(tmp_path: Path) -> None:
+    """libpq's errors span lines ("Connection refused\\n\\tIs the server
+    running on that host ..."), and bus-cli printed them as they were: the
+    walk found `audit verify --db postgresql://...` saying its error in three."""
+    url = f"postgresql://nobody@127.0.0.1:{free_port()}/x?connect_timeout=2"
+    for command in (("db", "migrate"), ("audit", "verify")):
+        done = subprocess.run([BUS_CLI, *command, "--db", url], env=environment(tmp_path),
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1, done.stderr
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith("Error: cannot connect to postgresql://nobody@127.0.0.1:") \
+            and "Connection refused Is the server running" in line, line
