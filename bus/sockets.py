@@ -112,7 +112,7 @@ def bind(sock: zmq.Socket, endpoint: str, name: str | None = None) -> None:
                 raise EndpointInUse(f"{endpoint} is in use by another process") from None
             # Not an address of this host (EADDRNOTAVAIL), a path it may not
             # create (EACCES), ...: one line at start, not a crash.
-            raise StartupError(f"{endpoint}: cannot bind: {exc.strerror}") from None
+            raise StartupError(f"{endpoint}: cannot bind: {zmq.strerror(exc.errno)}") from None
     except BaseException:
         # Nobody else holds the socket yet: left open, it would keep the
         # context from terminating, and the process from exiting.

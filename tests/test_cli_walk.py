@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import pytest
 
 from bus.config import (SETTINGS, ConfigError, database_problem, endpoint_problem,
                         http_address_problem, load_config)
@@ -443,3 +444,20 @@ def test_an_error_of_several_lines_from_a_library_is_said_in_one(tmp_path: Path)
         [line] = done.stderr.strip().splitlines()
         assert line.startswith("Error: cannot connect to postgresql://nobody@127.0.0.1:") \
             and "Connection refused Is the server running" in line, line
+
+
+@pytest.mark.parametrize("process, flag", [("writer", "--control-endpoint"),
+                                           ("proxy", "--pub-endpoint"),
+                                           ("reader", "--read-endpoint")])
+def test_a_process_given_an_address_it_cannot_bind_says_so_in_one_line(
+        tmp_path: Path, process: str, flag: str) -> None:
+    """libzmq's EADDRNOTAVAIL (an address of no interface of this host)
+    crashed the process with a traceback (the walk found it for the reader)."""
+    endpoint = f"tcp://{TEST_NET}:{free_port()}"
+    done = subprocess.run([BUS_CLI, process, flag, endpoint], env=environment(tmp_path),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    [refused] = [event for line in done.stderr.splitlines() if is_log_line(line)
+                 for event in [json.loads(line)] if event["level"] == "error"]
+    assert refused["event"] == "cannot_start"
+    assert refused["error"] == f"{endpoint}: cannot bind: Cannot assign requested address"
