@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# On a terminal, bus-cli up runs as a job of its own (set -m): the terminal's
+# Ctrl-C reaches it alone, it stops the bus and exits 0, and make exits as it
+# did. make itself, given the SIGINT, would exit 130 whatever bus-cli did.
+# Elsewhere it replaces the shell (exec): a signal from make reaches it.
 up: $(STAMP)
-	$(VENV)/bin/bus-cli up
+	@if [ -t 0 ]; then set -m; $(VENV)/bin/bus-cli up; else exec $(VENV)/bin/bus-cli up; fi
 
 # Two test processes (pytest-xdist); TEST_WORKERS=0 runs the suite in one.
 TEST_WORKERS ?= 2

@@ -24,6 +24,7 @@ import os
 import re
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,22 @@ def connect_problem(value: str) -> str | None:
         return (f"is {value!r}: * is for the process that binds it, to listen on every "
                 f"address; a client connects to one of them, e.g. "
                 f"tcp://127.0.0.1:{match.group(3)}")
+    return None
+
+
+def connect_endpoint_problem(value: str) -> str | None:
+    """An endpoint of a program outside the bus (bitcoind's ZMQ), or empty: off."""
+    return endpoint_problem(value) if value else None
+
+
+def rpc_url_problem(url: str) -> str | None:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port == -1 or port == 0:
+        return f"must be http://HOST:PORT[/wallet/NAME], not {url!r}"
     return None
 
 
@@ -387,7 +404,7 @@ class BusConfig:
     bitcoind_rpc_url: str = setting(
         "BUS_BITCOIND_RPC_URL", "http://127.0.0.1:8332",
         "bitcoind JSON-RPC (add /wallet/NAME for a named wallet)",
-        roles=("anchor", "bitcoind"))
+        roles=("anchor", "bitcoind"), form=rpc_url_problem)
     bitcoind_rpc_user: str = setting(
         "BUS_BITCOIND_RPC_USER", "", "RPC user (rpcauth)",
         roles=("anchor", "bitcoind"))
@@ -400,7 +417,7 @@ class BusConfig:
     bitcoind_zmq_hashblock: str = setting(
         "BUS_BITCOIND_ZMQ_HASHBLOCK", "",
         "bitcoind's -zmqpubhashblock endpoint (empty: learn blocks by polling only)",
-        roles=("anchor",))
+        roles=("anchor",), form=connect_endpoint_problem, bound_by="bitcoind")
     anchor_block_poll_s: float = setting(
         "BUS_ANCHOR_BLOCK_POLL_S", 30.0,
         "ask bitcoind for its best block this often (the fallback for ZMQ)",
@@ -714,7 +731,12 @@ def _coerce(setting: Setting, value: Any) -> Any:
         return ",".join(value)  # a TOML list of prefixes, as the comma-separated string
     if isinstance(value, (list, dict)):
         raise ConfigError(f"{setting.env}: expected a string, got {value!r}", setting.field)
-    return str(value)
+    text = str(value)
+    try:  # bytes that are not UTF-8 (a flag or variable, as surrogates) fail later, at use
+        text.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"{setting.env}: not valid UTF-8: {text!r}", setting.field) from None
+    return text
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -722,7 +744,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
         data = tomllib.load(f)
     unknown = sorted(set(data) - set(_BY_ENV))
     if unknown:
-        raise ConfigError(f"{path}: unknown settings {', '.join(unknown)}")
+        closest = {name: difflib.get_close_matches(name, list(_BY_ENV), n=1, cutoff=0.0)
+                   for name in unknown}
+        raise ConfigError(f"{path}: unknown settings " + ", ".join(
+            f"{name} (closest: {closest[name][0]})" if closest[name] else name
+            for name in unknown))
     return {_BY_ENV[k].field: v for k, v in data.items()}
 
 

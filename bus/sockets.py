@@ -110,7 +110,9 @@ def bind(sock: zmq.Socket, endpoint: str, name: str | None = None) -> None:
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EADDRINUSE:
                 raise EndpointInUse(f"{endpoint} is in use by another process") from None
-            raise
+            # Not an address of this host (EADDRNOTAVAIL), a path it may not
+            # create (EACCES), ...: one line at start, not a crash.
+            raise StartupError(f"{endpoint}: cannot bind: {zmq.strerror(exc.errno)}") from None
     except BaseException:
         # Nobody else holds the socket yet: left open, it would keep the
         # context from terminating, and the process from exiting.

@@ -182,7 +182,7 @@ def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str 
     once the document is in a broadcast anchor transaction; --wait exits 1
     within --take-timeout seconds if no anchor worker has taken the request
     (the request stays stored)."""
-    cfg = build_config(ctx, flags, "anchor")
+    cfg = build_config(ctx, flags, "anchor", client_of=True)
     digest = _document_hash(file, hex_hash)
     if ref is not None and len(ref) > protocol.MAX_ANCHOR_REF_CHARS:
         raise click.BadParameter(f"{len(ref)} characters; at most "
@@ -233,7 +233,7 @@ def submit(ctx: click.Context, file: str | None, hex_hash: str | None, ref: str 
 @click.pass_context
 def proof(ctx: click.Context, hex_hash: str, **flags: Any) -> None:
     """Print the inclusion proof (JSON) of the document whose SHA-256 is HASH."""
-    cfg = build_config(ctx, flags, "anchor")
+    cfg = build_config(ctx, flags, "anchor", client_of=True)
     digest = _document_hash(None, hex_hash, hint="HASH")
     try:
         found = _proof(cfg, digest)
@@ -279,7 +279,7 @@ def verify(ctx: click.Context, proof_file: Any, tx_hex: str | None, node: bool,
             proof_json = proof_json["anchor"]
         checked = verify_proof(proof_json)
         if node:
-            cfg = build_config(ctx, flags, "anchor")
+            cfg = build_config(ctx, flags, "anchor", client_of=True)
             try:
                 rpc = BitcoinRpc(cfg.bitcoind_rpc_url, cfg.bitcoind_rpc_user,
                                  cfg.bitcoind_rpc_password, cfg.bitcoind_rpc_cookie,

@@ -482,6 +482,13 @@ def proof(ctx: click.Context, message_id: int, **flags: Any) -> None:
 def _message_proof(conn: Any, message_id: int) -> dict[str, Any]:
     seal = seal_rows.seal_of(conn, message_id)
     row = seal_rows.message_row(conn, message_id)
+    if seal is None and row is None:
+        last = messages.last_id(conn)
+        if last is None or message_id > last:
+            raise InputError(f"no message {message_id}: " + (
+                "the database holds no message yet" if last is None
+                else f"the last stored is {last}"))
+        raise InputError(f"message {message_id} is not stored (deleted: retention?) and in no seal")
     if seal is None:
         raise InputError(f"message {message_id} is in no seal" + (
             "" if row is None else " (yet; or its topic is not sealed: BUS_AUDIT_PREFIXES)"))

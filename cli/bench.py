@@ -40,6 +40,10 @@ PERCENTILES = (50, 90, 99, 99.9)
 SUBSCRIBER_GRACE_S = 2.0
 PROBE_INTERVAL_S = 0.1
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# A child notes how far it is every this many messages (a store to shared memory).
+COUNT_EVERY = 256
+# The progress line on stderr at most this often.
+PROGRESS_EVERY_S = 1.0
 
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -69,9 +73,10 @@ def _child_setup(title: str) -> None:
 
 def publisher_main(cfg: BusConfig, index: int, producer_id: str, topic: str, count: int,
                    size: int, rate: float, acked: bool, timeout: float,
-                   go: Any, results: Any) -> None:
+                   go: Any, counts: Counts, results: Any) -> None:
     """Publish `count` messages of `size` bytes once `go` is set; with `acked`,
-    time each sampled message from publish() until its acknowledgement."""
+    time each sampled message from publish() until its acknowledgement.
+    How far it is goes into `counts` (sent, acknowledged) now and then."""
     _child_setup(f"bus-bench publisher {index + 1} {topic}")
     try:
         payload = os.urandom(size)
@@ -88,6 +93,7 @@ def publisher_main(cfg: BusConfig, index: int, producer_id: str, topic: str, cou
                 for seq in range(first, acked_seq + 1, stride):
                     ack_latency.append(now - sent_at[seq // stride])
                 noted = acked_seq
+                counts.acknowledged[index] = acked_seq
 
         pub = Publisher(cfg, producer_id=producer_id, linger_ms=int(timeout * 1000),
                         send_timeout=timeout)
@@ -106,12 +112,15 @@ def publisher_main(cfg: BusConfig, index: int, producer_id: str, topic: str, cou
                 if delay > 0:
                     time.sleep(delay)
             seq = pub.publish(topic, payload, content_type=protocol.CONTENT_BYTES)
+            if i % COUNT_EVERY == 0:
+                counts.sent[index] = i
             if acked:
                 if (seq - base) % stride == 0:
                     sent_at[(seq - base) // stride] = time.perf_counter()
                 if i % read_every == 0:
                     note_acks(pub.read_acks() - base)
         published = time.perf_counter()
+        counts.sent[index] = count
         if acked:
             deadline = published + timeout
             while pub.acked_seq < pub.last_seq and time.perf_counter() < deadline:
@@ -128,7 +137,7 @@ def publisher_main(cfg: BusConfig, index: int, producer_id: str, topic: str, cou
 
 
 def subscriber_main(cfg: BusConfig, index: int, prefix: str, data_topic: str, expected: int,
-                    ready: Any, stop: Any, results: Any) -> None:
+                    ready: Any, stop: Any, counts: Counts, results: Any) -> None:
     """Count the messages of `data_topic` until `expected` arrived, or `stop` is
     set and nothing came for SUBSCRIBER_GRACE_S; time each sampled one from
     its meta time_ns (the publisher's clock: same machine, or synchronised)."""
@@ -158,8 +167,11 @@ def subscriber_main(cfg: BusConfig, index: int, prefix: str, data_topic: str, ex
                     first = now
                 received += 1
                 last = now
+                if received % COUNT_EVERY == 0:
+                    counts.received[index] = received
                 if received % stride == 0 and msg.time_ns:
                     latency.append((time.time_ns() - msg.time_ns) / 1e9)
+        counts.received[index] = received
         results.put(("done", f"subscriber:{index}",
                      {"count": received, "started": first, "done": last,
                       "latency": latency.tolist()}))
@@ -179,14 +191,70 @@ def _terminate(*_: Any) -> None:
     raise Terminated
 
 
+class Counts:
+    """How far each child is, in memory shared with it: messages sent and
+    acknowledged per publisher, received per subscriber. Written without a
+    lock (each slot by one child), read by the parent for its progress line."""
+
+    def __init__(self, publishers: int, subscribers: int) -> None:
+        self.sent = _SPAWN.Array("q", publishers, lock=False)
+        self.acknowledged = _SPAWN.Array("q", publishers, lock=False)
+        self.received = _SPAWN.Array("q", max(subscribers, 1), lock=False)
+
+
+class Progress:
+    """What the run is doing and how far it is, on stderr (never stdout, which
+    is the figures) at most once a second, so that a long run is not a
+    silent one. Always: a run in a script or CI shows where it stands in its
+    log; on a terminal the line is rewritten in place and erased at the end."""
+
+    def __init__(self, messages: int, acked: bool, subscribers: int) -> None:
+        self.messages, self.acked, self.subscribers = messages, acked, subscribers
+        self.counts: Counts | None = None
+        self.doing = "starting"
+        self.started = time.monotonic()
+        self.shown_at: float | None = None
+        self.terminal = click.get_text_stream("stderr").isatty()
+        self.width = 0
+
+    def phase(self, doing: str) -> None:
+        self.doing = doing
+        self.tick(force=self.shown_at is None)
+
+    def tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and self.shown_at is not None and now - self.shown_at < PROGRESS_EVERY_S:
+            return
+        self.shown_at = now
+        line = f"bench: {self.doing}, {now - self.started:.0f}s"
+        if self.counts is not None:
+            line += f"; sent {sum(self.counts.sent):,} of {self.messages:,}"
+            if self.acked:
+                line += f", acknowledged {sum(self.counts.acknowledged):,}"
+            if self.subscribers:
+                line += (f", received {sum(self.counts.received):,} of "
+                         f"{self.messages * self.subscribers:,}")
+        if self.terminal:
+            click.echo("\r" + line.ljust(self.width), nl=False, err=True)
+            self.width = len(line)
+        else:
+            click.echo(line, err=True)
+
+    def clear(self) -> None:
+        if self.terminal and self.width:
+            click.echo("\r" + " " * self.width + "\r", nl=False, err=True)
+            self.width = 0
+
+
 class Run:
     """The children of one bench run and the queue they report on."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, progress: Progress | None = None) -> None:
         self.deadline = time.monotonic() + timeout
         self.results = _SPAWN.Queue()
         self.children: dict[str, Any] = {}
         self.reports: dict[tuple[str, str], Any] = {}  # (kind, "role:index") -> value
+        self.progress = progress
 
     def start(self, role: str, index: int, target: Any, *args: Any) -> None:
         proc = _SPAWN.Process(target=target, args=(*args, self.results), daemon=True,
@@ -203,6 +271,8 @@ class Run:
                    if report == kind and name.startswith(f"{role}:")}
             if len(got) >= count:
                 return got
+            if self.progress is not None:
+                self.progress.tick()
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise BenchFailed(f"timed out waiting for {count - len(got)} {role}s to "
@@ -247,6 +317,8 @@ def probe_until_ready(cfg: BusConfig, topic: str, producer_id: str, ready: list[
                                   f"{timeout:g}s (is that the proxy's subscriber endpoint?)")
             probe.publish(topic, b"probe")
             run._check_alive()
+            if run.progress is not None:
+                run.progress.tick()
             for event in ready:
                 event.wait(PROBE_INTERVAL_S)
                 if not event.is_set():
@@ -326,34 +398,46 @@ def bench(ctx: click.Context, topic: str | None, publishers: int, subscribers: i
         raise click.BadParameter(f"{size} bytes leave no room for topic and meta under "
                                  f"BUS_MAX_MESSAGE_BYTES={cfg.max_message_bytes}",
                                  param_hint="--size")
-    run = Run(timeout)
+    progress = Progress(messages, acked, subscribers)
+    counts = Counts(publishers, subscribers)
+    run = Run(timeout, progress)
     per_publisher_rate = rate / publishers
     stop = _SPAWN.Event()
     producer_ids = [f"bench-{run_id}-{i + 1}" for i in range(publishers)]
     signal.signal(signal.SIGTERM, _terminate)
     try:
         ready = [_SPAWN.Event() for _ in range(subscribers)]
+        if subscribers:
+            progress.phase(f"starting {subscribers} subscriber{'s' * (subscribers != 1)}")
         for i in range(subscribers):
             run.start("subscriber", i, subscriber_main, cfg, i, f"{topic}.", data_topic,
-                      messages, ready[i], stop)
+                      messages, ready[i], stop, counts)
         run.collect("subscriber", "connected", subscribers, "connect")
         if subscribers:
+            progress.phase("waiting for the subscriptions to reach the proxy")
             probe_until_ready(cfg, probe_topic, f"bench-{run_id}-probe", ready, run,
                               max(1.0, cfg.request_timeout_ms / 1000))
         go = _SPAWN.Event()
+        progress.phase(f"starting {publishers} publisher{'s' * (publishers != 1)}")
         for i, count in enumerate(spread(messages, publishers)):
             run.start("publisher", i, publisher_main, cfg, i, producer_ids[i], data_topic,
-                      count, size, per_publisher_rate, acked, timeout, go)
+                      count, size, per_publisher_rate, acked, timeout, go, counts)
         run.collect("publisher", "connected", publishers, "connect")
+        progress.counts = counts
+        progress.phase("publishing")
         go.set()
         published = run.collect("publisher", "done", publishers, "finish")
         stop.set()
+        if subscribers:
+            progress.phase("subscribers receiving the last messages")
         received = run.collect("subscriber", "done", subscribers, "finish")
     except Terminated:
+        progress.clear()
         run.close()
         click.echo("stopped by SIGTERM before the run finished: no figures", err=True)
         raise SystemExit(143) from None
     finally:  # Ctrl-C too: BusCli says "interrupted" and exits 130
+        progress.clear()
         run.close()
     result = {"topic": data_topic, "producers": producer_ids, "messages": messages, "size": size,
               "publishers": publishers, "subscribers": subscribers, "acked": acked,

@@ -45,7 +45,14 @@ def setting_options(*fields: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def build_config(ctx: click.Context, flags: dict[str, Any], process: str | None = None) -> BusConfig:
+def build_config(ctx: click.Context, flags: dict[str, Any], process: str | None = None,
+                 client_of: bool = False) -> BusConfig:
+    """The command's config from its flags, the environment and the config
+    file; what cannot work as one usage error. `process` names the command in
+    its logs; `client_of`: the command talks to that process (`anchor submit`
+    logs as the anchor worker's part), so the process's own endpoints are
+    connected to, not bound, and a wildcard in them is refused too."""
+    own = "" if client_of else process
     try:
         cfg = load_config({k: v for k, v in flags.items() if k in _SETTING},
                           config_path=ctx.obj.get("config_path"))
@@ -54,7 +61,7 @@ def build_config(ctx: click.Context, flags: dict[str, Any], process: str | None 
     if process not in (None, "up"):  # `config` shows the settings; `up` binds every endpoint
         for name in flags:
             declared = _SETTING.get(name)
-            if declared is not None and declared.bound_by not in ("", process) and \
+            if declared is not None and declared.bound_by not in ("", own) and \
                     (problem := connect_problem(getattr(cfg, name))) is not None:
                 raise click.UsageError(f"--{name.replace('_', '-')} ({declared.env}) {problem}")
     configure_logging(cfg.log_level, cfg.log_format, process=process)
@@ -124,6 +131,11 @@ def stop_on_sigterm() -> Callable[[], bool]:
 
 class InputError(click.ClickException):
     """Bad input, or a bus that cannot be reached: one line on stderr, exit 1."""
+
+    def __init__(self, message: str) -> None:
+        # What a library says can span lines (libpq: "connection ... failed:
+        # server closed the connection unexpectedly\n\tThis probably means...").
+        super().__init__(" ".join(part.strip() for part in message.splitlines() if part.strip()))
 
 
 def ask_all(cfg: BusConfig, names: Iterable[str], cmd: str, timeout_ms: int,

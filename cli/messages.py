@@ -59,6 +59,15 @@ def _encoding_given(ctx: click.Context, param: click.Parameter, value: bool) -> 
         ctx.meta.setdefault(ENCODINGS_GIVEN, []).append(param.name)
 
 
+def _producer_id_given(_ctx: click.Context, _param: click.Parameter, value: str | None
+                       ) -> str | None:
+    """A producer id the writer takes, or a usage error before anything is sent."""
+    if value is not None and not protocol.is_producer_id(value):
+        raise click.BadParameter(f"must be 1-{protocol.MAX_PRODUCER_CHARS} characters, no NUL "
+                                 f"(given {len(value)})")
+    return value
+
+
 @click.command(short_help="Publish DATA, a file, or standard input's lines.")
 @click.argument("topic")
 @click.argument("data", required=False)
@@ -77,7 +86,9 @@ def _encoding_given(ctx: click.Context, param: click.Parameter, value: bool) -> 
               help="publish DATA this many times")
 @click.option("--rate", "-r", type=FiniteFloat(min=0, max=1e7), default=0.0,
               help="messages per second with --count (0: as fast as possible)")
-@click.option("--producer-id", default=None, help="producer id in meta (default: host-pid-random)")
+@click.option("--producer-id", default=None, callback=_producer_id_given,
+              help=f"producer id in meta, 1-{protocol.MAX_PRODUCER_CHARS} characters "
+                   "(default: host-pid-random)")
 @click.option("--header", "-H", multiple=True, help="KEY=VALUE header in meta (repeatable)")
 @click.option("--wait", is_flag=True,
               help="exit 0 only once the writer has committed every message")
@@ -283,7 +294,7 @@ def print_messages(messages: Iterator[protocol.Message | None], as_json: bool,
     return shown
 
 
-# tail's and history's --raw (print_messages: what a terminal gets escaped).
+# tail's, history's and topics' --raw (what a terminal gets escaped: terminal_safe).
 raw_option = click.option(
     "--raw", is_flag=True,
     help="print control characters of topics and payloads as they are (a terminal gets them "
@@ -427,9 +438,10 @@ def last_window(client: HistoryClient, prefixes: tuple[str, ...], count: int) ->
 @click.option("--depth", "-d", type=click.IntRange(1, 16), default=2, show_default=True,
               help="group topics by their first DEPTH dot-separated parts")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@raw_option
 @setting_options(*role_fields("reader_client", "curve"))
 @click.pass_context
-def topics(ctx: click.Context, depth: int, as_json: bool, **flags: Any) -> None:
+def topics(ctx: click.Context, depth: int, as_json: bool, raw: bool, **flags: Any) -> None:
     """Messages and last activity per topic prefix, among the newest
     BUS_HISTORY_SCAN_ROWS stored messages (the reader bounds the scan)."""
     cfg = build_config(ctx, flags, "topics")
@@ -438,7 +450,7 @@ def topics(ctx: click.Context, depth: int, as_json: bool, **flags: Any) -> None:
         click.echo(json.dumps(found, indent=2))
         return
     click.echo(f"{'topic prefix':<40} {'messages':>10} {'last id':>12}  last stored")
-    safe = sys.stdout.isatty()  # a topic is the publisher's text (terminal_safe)
+    safe = not raw and sys.stdout.isatty()  # a topic is the publisher's text (terminal_safe)
     for name, count, last_id, last_ns in found["topics"]:
         name = terminal_safe(name) if safe else name
         stored = dt.datetime.fromtimestamp(last_ns / 1e9, dt.timezone.utc)

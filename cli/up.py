@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from bus.config import SETTINGS, http_address_problem, role_fields
+from bus.config import SETTINGS, http_address_problem, role_fields, unknown_variables
 import storage
 from cli.common import build_config, setting_options
 
@@ -36,37 +36,48 @@ def up(ctx: click.Context, **flags: Any) -> None:
     (sd_notify READY=1, on a socket of this process's own), so "up" means
     these three children serve, not that something answers on the ports.
     Their HTTP sides (/metrics, /healthz) are on, on free loopback ports,
-    unless set. Ctrl-C stops the proxy first, so that everything it captured
-    reaches the writer, then the writer, which flushes and closes the
-    database, then the reader.
+    unless set. Ctrl-C (or SIGTERM) stops the proxy first, so that everything
+    it captured reaches the writer, then the writer, which flushes and closes
+    the database, then the reader.
+
+    Exit status: 0 when Ctrl-C or SIGTERM stopped the bus cleanly, also while
+    it was still starting (the children started so far are stopped); 1 when
+    it could not start or a process failed.
     """
+    stopping: dict[str, int | None] = {"signal": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping["signal"] = signum
+
+    # First: a Ctrl-C while the config is read or a child starts stops what
+    # has started and exits as a Ctrl-C later does.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     cfg = build_config(ctx, flags, "up")
     env = dict(os.environ)
     env.update({s.env: str(getattr(cfg, s.field)).lower() if s.type is bool
                 else str(getattr(cfg, s.field)) for s in SETTINGS})
+    for variable, _closest in unknown_variables(env):
+        # build_config named it once, for `up`: its children would name it thrice more.
+        del env[variable]
     for field in HTTP_FIELDS:
         if not getattr(cfg, field):
             env[SETTING_ENV[field]] = "127.0.0.1:0"
     cmd = [sys.executable, "-m", "cli.main"]
     if ctx.obj.get("config_path"):
         cmd += ["--config", ctx.obj["config_path"]]
-    stopping = {"signal": None}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stopping["signal"] = signum
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     status = 0
     children: dict[str, subprocess.Popen] = {}
+    ready: dict[str, dict[str, str]] | None = {}
     with tempfile.TemporaryDirectory(prefix="bus-up-") as tmp:
         notify = {name: _notify_socket(Path(tmp, f"{name}.notify"))
                   for name in ("writer", "proxy", "reader")}
         try:
-            ready: dict[str, dict[str, str]] | None = {}
             # The writer first: the reader would warn that the database it
             # creates is not there yet.
             for group in (("writer",), ("proxy", "reader")):
+                if stopping["signal"] is not None:
+                    break
                 for name in group:
                     # Own sessions: the terminal's Ctrl-C reaches only this
                     # process, which then stops the children in the safe order.
@@ -76,10 +87,14 @@ def up(ctx: click.Context, **flags: Any) -> None:
                         start_new_session=True)
                 started = _wait_ready({name: children[name] for name in group}, notify, stopping)
                 if started is None:
-                    ready = None
+                    if stopping["signal"] is None:
+                        ready = None  # a child failed: said above
                     break
                 ready.update(started)
-            if ready is None:
+            if stopping["signal"] is not None:
+                click.echo("stopping before the bus was up (asked by "
+                           f"{signal.Signals(stopping['signal']).name})", err=True)
+            elif ready is None:
                 status = 1
                 click.echo("the bus did not start; the lines above say why. An endpoint in use "
                            "is often another bus (bus-cli ping finds it): stop it, or give this "
@@ -126,7 +141,10 @@ def up(ctx: click.Context, **flags: Any) -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     code = proc.wait()
-                if code != 0:
+                # A child stopped while it started may die of the SIGTERM
+                # before its handler is set: asked for, not a failure.
+                asked_to_stop = stopping["signal"] is not None and name not in (ready or {})
+                if code != 0 and not (asked_to_stop and code == -signal.SIGTERM):
                     status = 1
             for sock in notify.values():
                 sock.close()
@@ -171,7 +189,8 @@ def _wait_ready(children: dict[str, subprocess.Popen], notify: dict[str, socket.
             if name in ready:
                 continue
             if proc.poll() is not None:
-                click.echo(f"{name} exited with status {proc.returncode}", err=True)
+                if stopping["signal"] is None:
+                    click.echo(f"{name} exited with status {proc.returncode}", err=True)
                 return None
             lines = _read_notifications(notify[name])
             if lines.get("READY") == "1":

@@ -4,6 +4,7 @@ process titles."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -598,6 +600,9 @@ def test_the_default_settings_and_their_edges_work_together(tmp_path: Path) -> N
     ("ping", "--control-endpoint", "tcp://*:5553"),
     ("tail", "x", "-n", "1", "--sub-endpoint", "tcp://*:5551"),
     ("publish", "x", "p", "--pub-endpoint", "tcp://*:5550"),
+    # The anchor worker's own clients: logged as "anchor", they connect to it.
+    ("anchor", "submit", "--hash", "00" * 32, "--wait", "--anchor-control-endpoint",
+     "tcp://*:5556"),
 ])
 def test_a_client_given_a_wildcard_endpoint_says_so_at_once(make_bus, args: tuple[str, ...]
                                                               ) -> None:
@@ -666,6 +671,8 @@ def test_what_was_published_cannot_drive_the_terminal_of_who_reads_it(bus: Bus) 
     status, written = run_on_a_terminal(bus, "history", "esc.")
     assert b"esc.\\x1b[31mRED\\u202e" in written and b"payload\\x1b[2J\\x0d\\x9b" in written
     assert b"\x1b[2J" in run_on_a_terminal(bus, "history", "esc.", "--raw")[1]
+    # topics too, as tail and history (it had no --raw: the topic could not be seen as it is)
+    assert b"esc.\x1b[31mRED" in run_on_a_terminal(bus, "topics", "--raw")[1]
     assert "\x1b[2J" in bus.cli("history", "esc.").stdout  # a pipe: as it was published
 
 
@@ -771,3 +778,135 @@ def test_every_process_tells_its_version_and_the_settings_it_runs_with(make_bus)
     bus.proxy.stop()
     down = cli("config", "--running")
     assert down.returncode == 1 and "# proxy: DOWN" in down.stdout
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler of its own for `sig` (SigCgt)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("point", ["handler+0s", "handler+0.2s", "handler+0.4s", "writer started",
+                                   "proxy and reader started"])
+def test_ctrl_c_while_up_starts_stops_what_started_and_exits_0(make_bus, point: str) -> None:
+    """Issue 25, item 1: Ctrl-C 0.4 s into `bus-cli up` exited 1 blaming "an
+    endpoint in use". Once `up` runs (its handler set), Ctrl-C at any point of
+    its start stops the children started so far and exits 0, as it does
+    once the bus is up."""
+    bus = make_bus()
+    up = bus.run("up")
+    wait_for(lambda: catches(up.pid, signal.SIGTERM) or up.popen.poll() is not None,
+             message="up's signal handler")
+    if point.startswith("handler+"):
+        time.sleep(float(point[len("handler+"):-1]))  # a point in its start, by time
+    else:
+        wanted = 1 if point == "writer started" else 3
+        wait_for(lambda: len(children_of(up.pid)) >= wanted or up.popen.poll() is not None,
+                 message=point)
+    children = children_of(up.pid)
+    assert up.popen.poll() is None, up.stderr.collect()
+    up.send_signal(signal.SIGINT)
+    code = up.wait(30)
+    said = up.stderr.collect()
+    assert code == 0, said
+    assert not any("in use" in line or "Traceback" in line for line in said), said
+    assert said[-1] == "bus stopped", said
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children), "a child left running"
+
+
+def test_make_up_then_ctrl_c_on_a_terminal_exits_as_bus_cli_up_does(make_bus) -> None:
+    """Issue 25, item 2: `make up`, then Ctrl-C, exited 130 through make
+    (make, given the terminal's SIGINT, kills itself with it) although
+    `bus-cli up` stopped the bus and exited 0. Run on a pseudo-terminal, with
+    Ctrl-C typed as a terminal sends it (the INTR character)."""
+    import pty
+    import select
+    bus = make_bus()
+    venv = Path(sys.executable).parent.parent
+    repo = Path(__file__).resolve().parent.parent
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: make on the terminal, the bus's settings
+        try:
+            os.chdir(bus.tmp_path)
+            os.execvpe("make", ["make", "-s", "-C", str(repo), f"VENV={venv}",
+                                "-o", f"{venv}/.installed", "up"], bus.env)
+        finally:
+            os._exit(127)
+    output = b""
+
+    def read_some(timeout: float) -> bool:
+        if not select.select([terminal], [], [], timeout)[0]:
+            return True
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # EIO: the terminal's last holder closed it
+            return False
+        nonlocal output
+        output += chunk
+        return bool(chunk)
+
+    try:
+        wait_for(lambda: b"Ctrl-C stops all three." in output or not read_some(0.2),
+                 timeout=60, message="make up's bus")
+        assert b"Ctrl-C stops all three." in output, output[-2000:]
+        os.write(terminal, b"\x03")
+        deadline = time.monotonic() + 30
+        while read_some(1) and time.monotonic() < deadline:
+            pass
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(terminal)
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    text = output.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert "bus stopped" in text and "Interrupt" not in text, text[-2000:]
+
+
+def test_bench_says_on_stderr_what_it_does_and_how_far_it_is(bus: Bus) -> None:
+    """Issue 25, item 2: `bench` printed nothing for the whole run (12 s and
+    more). Its progress goes to stderr, at most about once a second;
+    stdout is the figures alone (here one JSON object)."""
+    started = time.monotonic()
+    run = bus.run("bench", "bench.progress", "--msgs", "6000", "--rate", "2000", "--sub", "1",
+                  "--acked", "--json")
+    first = run.stderr.wait_line(lambda line: line.startswith("bench: "), timeout=10)
+    assert time.monotonic() - started < 2.0, f"first progress line after 2 s: {first}"
+    counted = run.stderr.wait_line(lambda line: line.startswith("bench: publishing")
+                                   and "sent " in line and not line.count("sent 0 "))
+    assert "acknowledged" in counted and "received" in counted, counted
+    assert run.wait(60) == 0, run.stderr.collect()[-5:]
+    result = json.loads("\n".join(run.stdout.collect()))
+    assert result["publish"]["messages"] == 6000
+    publishing = [line for line in run.stderr.collect() if line.startswith("bench: publishing")]
+    assert 2 <= len(publishing) <= 6, publishing  # about 3 s of publishing, once a second
+
+
+def test_an_unknown_variable_is_named_once_with_the_closest_setting(make_bus,
+                                                                     tmp_path: Path) -> None:
+    """Issue 25, item 4: a misspelt BUS_* variable is named on stderr with the
+    closest setting, once (`up` named it four times: itself and each child),
+    and is not an error; an unknown key of the config file is refused, with
+    the closest setting too."""
+    bus = make_bus(BUS_BATCH_SIZ="5")
+    up = bus.run("up")
+    up.stdout.wait_line(lambda line: line == "Ctrl-C stops all three.")
+    assert up.stop(signal.SIGINT) == 0
+    named = [e for e in up.log_events() if e.get("event") == "unknown_setting"]
+    assert [(e["variable"], e["closest"]) for e in named] == [("BUS_BATCH_SIZ", "BATCH_SIZE")]
+    config = tmp_path / "bus.toml"
+    config.write_text("BATCH_SIZ = 5\n")
+    done = bus.cli("--config", str(config), "config")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == \
+        f"Error: {config}: unknown settings BATCH_SIZ (closest: BATCH_SIZE)"
