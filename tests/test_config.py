@@ -93,6 +93,7 @@ COMMAND_ROLES: dict[str, tuple[str, ...]] = {
     "bench": ("publisher", "subscriber", "curve"),
     **{f"{group} {cmd}": ("writer_client", "curve")
        for group in ("producers", "consumers") for cmd in ("ls", "info", "rm")},
+    "purge": ("writer_client", "curve"),
     "anchor submit": ("anchor_requester", "reader_client", "anchor_client", "curve"),
     "anchor proof": ("reader_client", "curve"),
     "anchor verify": ("bitcoind", "bitcoind_deadline"),
