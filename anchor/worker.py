@@ -266,7 +266,7 @@ class AnchorWorker:
                 self.sealer.history.close()
             self.rpc.close()
         if self.ctx is not None:
-            if self.hashblock is not None:
+            if getattr(self, "hashblock", None) is not None:  # a start cut short has none
                 self.hashblock.close()
             if getattr(self, "guard", None) is not None:
                 self.guard.close()
