@@ -304,7 +304,7 @@ raw_option = click.option(
 @click.command(short_help='Print messages as they pass (--since: stored first).')
 @click.argument("prefixes", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
-@click.option("-n", "limit", type=click.IntRange(min=1), default=None,
+@click.option("-n", "--count", "limit", type=click.IntRange(min=1), default=None,
               help="stop after this many messages")
 @click.option("--fail-fast", is_flag=True,
               help="exit 1 when a process tail needs does not answer, instead of waiting")

@@ -689,7 +689,7 @@ def test_tail_waits_at_most_its_timeout(bus: Bus) -> None:
     assert watched.returncode == 0 and watched.stdout == "", watched.stderr
     assert time.monotonic() - started < 20
     publish_acked(bus, "timeout-pub", "arrives.t", 1)
-    came = bus.cli("tail", "arrives.", "--from-id", "1", "-n", "1", "--timeout", "20",
+    came = bus.cli("tail", "arrives.", "--from-id", "1", "--count", "1", "--timeout", "20",
                    timeout=30)
     assert came.returncode == 0 and "arrives.t" in came.stdout, came.stderr
 
