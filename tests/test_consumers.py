@@ -6,11 +6,12 @@ the positions and `stats` shows each consumer's lag."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from bus.client import BusError, ControlClient, Publisher, Subscriber
-from tests.conftest import Bus, free_port, query, wait_for
+from tests.conftest import Bus, execute, free_port, query, wait_for
 
 
 def publish(bus: Bus, topic: str, count: int, producer: str = "src") -> None:
@@ -189,3 +190,41 @@ def test_lag_is_counted_on_a_bounded_window_and_says_when_it_is_a_lower_bound(bu
     assert [line.split()[:3] for line in listed.stdout.splitlines()[1:]] == [
         ["far", "0", ">=5,000"], ["all", "10", "10,000"], ["close", "10,000", "10"],
         ["unsaid", "10,005", "5"]], listed.stdout
+
+
+def test_a_consumer_s_many_prefixes_do_not_make_stats_costly(make_bus) -> None:
+    """A reader key's consumer_ack may name 64 prefixes: with no index on
+    topic each id of a lag's window is compared with every one, so a window
+    budget in ids let ten such consumers make one `stats` (which the writer
+    also builds every second with HTTP on, in its loop) examine 100,000 ids
+    x 64 prefixes, about 40 times one prefix's cost: ingest waited that long.
+    The budget is in ids x prefixes."""
+    bus = make_bus()
+    bus.start_writer()
+    ids = 100_000
+    payload, topic = (("x'00'", "i % 97") if bus.engine == "sqlite"
+                      else ("decode('00', 'hex')", "mod(i, 97)"))
+    execute(bus.db, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE "
+                    f"i < {ids}) INSERT INTO messages (id, topic, payload, committed_ns) "
+                    f"SELECT i, 'noise.' || ({topic}), {payload}, i FROM n")
+    wide = [f"wanted.{k}." + "p" * 50 for k in range(64)]  # 4,096 characters at most
+
+    def stats_seconds(prefixes: list[str]) -> float:
+        """The fastest of three stats, with ten consumers 10,000 ids apart."""
+        with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=20_000) as client:
+            for i in range(10):
+                client.request("consumer_delete", {"consumer": f"c{i}"})
+                client.request("consumer_ack", {"consumer": f"c{i}", "last_id": i * 10_000,
+                                                "prefixes": prefixes})
+            took = []
+            for _ in range(3):
+                started = time.perf_counter()
+                lags = client.request("stats")["consumers"]["positions"]
+                took.append(time.perf_counter() - started)
+        assert {name: p["prefixes"] for name, p in lags.items()} == {
+            f"c{i}": prefixes for i in range(10)}
+        return min(took)
+
+    narrow = stats_seconds(["wanted."])
+    many = stats_seconds(wide)
+    assert many < 5 * narrow + 0.05, (many, narrow)
