@@ -27,10 +27,11 @@ from storage.sessions import ConsumptionRow, StoredConsumer
 MAX_NAME_CHARS = 128
 # The topic prefixes a consumer may name (as a history read: reader/service.py).
 MAX_PREFIXES = 64
-# The most characters of prefixes kept for one consumer (BUS_MAX_CONSUMERS of
+# The most bytes (UTF-8) of prefixes kept for one consumer (BUS_MAX_CONSUMERS of
 # them are in memory): a consumer naming more has its lag counted on every
-# topic, as one that names none.
-MAX_PREFIX_CHARS_KEPT = 4096
+# topic, as one that names none. Bytes, not characters: 4,096 characters of
+# four bytes each were 21 KB a consumer in the writer (UCS-4 strings).
+MAX_PREFIX_BYTES_KEPT = 4096
 # A consumer's lag is counted among at most this many ids after its position
 # (exact if the newest is among them, else a lower bound: `lag_exact`), and
 # one `stats` counts among at most LAG_BUDGET_IDS ids for all consumers: the
@@ -51,7 +52,7 @@ def check_prefixes(prefixes: Any, max_topic_bytes: int) -> tuple[str, ...] | Non
     no NUL, as a history read takes them; () if one is "" (every topic). One
     longer than BUS_MAX_TOPIC_BYTES matches no stored topic: it is kept cut to
     one character more, which matches none either; more than
-    MAX_PREFIX_CHARS_KEPT in all are not kept (None), so that what the writer
+    MAX_PREFIX_BYTES_KEPT in all are not kept (None), so that what the writer
     holds for 10,000 consumers stays bounded."""
     if prefixes is None:
         return None
@@ -62,7 +63,7 @@ def check_prefixes(prefixes: Any, max_topic_bytes: int) -> tuple[str, ...] | Non
     if "" in prefixes:
         return ()
     kept = tuple(dict.fromkeys(p[:max_topic_bytes + 1] for p in prefixes))
-    return kept if sum(map(len, kept)) <= MAX_PREFIX_CHARS_KEPT else None
+    return kept if sum(len(p.encode()) for p in kept) <= MAX_PREFIX_BYTES_KEPT else None
 
 
 def check_name(name: Any) -> str:
