@@ -85,6 +85,9 @@ MAC_BYTES = 16
 # publisher to re-send what a dropped message left missing, bounded so an
 # acknowledgement stays a few hundred bytes whatever the holes.
 ACK_MAX_HOLES = 32
+# Maps and arrays a client reads of a notification before its mac is checked:
+# an acknowledgement is a map, its holes an array of ACK_MAX_HOLES arrays.
+NOTIFICATION_CONTAINERS = ACK_MAX_HOLES + 8
 # Maps and arrays read of a refused message's meta to find its session.
 MAX_META_CONTAINERS = 1000
 
@@ -413,12 +416,14 @@ def decode_meta(raw: bytes) -> dict[str, Any]:
 
 
 def decode_notification(payload: bytes) -> dict[str, Any] | None:
-    """A `$bus.*` notification's map, or None if it is not one: a few maps at
-    most (anyone can bind a notify endpoint while the writer restarts, and a
-    client decodes before it can check a mac of another epoch)."""
+    """A `$bus.*` notification's map, or None if it is not one: a few maps and
+    arrays at most (anyone can bind a notify endpoint while the writer
+    restarts, and a client decodes before it can check a mac of another
+    epoch), enough for an acknowledgement's ACK_MAX_HOLES holes."""
     try:
         note = msgpack.unpackb(payload, raw=False, strict_map_key=False,
-                               object_hook=(counted := _ContainerBudget(8)), list_hook=counted)
+                               object_hook=(counted := _ContainerBudget(NOTIFICATION_CONTAINERS)),
+                               list_hook=counted)
     except Exception:  # msgpack raises several unrelated types; TooManyContainers
         return None
     return note if isinstance(note, dict) else None

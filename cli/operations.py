@@ -16,6 +16,7 @@ import click
 from bus.config import SETTINGS, BusConfig, role_fields
 from cli.common import (MAX_SECONDS, PROCESS_FIELDS, FiniteFloat, ask_all, build_config,
                         print_sections, setting_options)
+from cli.messages import terminal_safe
 
 
 def processes_option(fn: Callable) -> Callable:
@@ -52,22 +53,46 @@ def show_config(ctx: click.Context, as_json: bool, running: bool, with_anchor: b
         click.echo(f"{s.env:<{width}}  {public[s.env]!s:<28}  {cfg.origins[s.field]}")
 
 
+def shown(value: Any) -> str:
+    """What a process answered, as a line may show it: whoever bound the
+    endpoint wrote it, so nothing in it may drive the terminal."""
+    return terminal_safe(str(value))
+
+
+def answered_json(answers: dict[str, Any]) -> str:
+    """Answers as JSON, whatever types they hold (bytes as their repr;
+    a key that is no string, left out)."""
+    return json.dumps(answers, indent=2, default=repr, skipkeys=True)
+
+
+def _config_answer(result: Any, error: str | None) -> tuple[Any, str | None]:
+    """A `config` reply that is no map of settings maps (not a bus process's)
+    counts as an error."""
+    settings = result.get("settings") if isinstance(result, dict) else None
+    if error is None and not (isinstance(settings, dict)
+                              and all(isinstance(s, dict) for s in settings.values())):
+        return None, "the answer is no map of settings (is a bus process at that endpoint?)"
+    return result, error
+
+
 def show_running_config(cfg: BusConfig, names: list[str], as_json: bool) -> None:
     """Each process's own settings and their origins, from its `config` command."""
-    answers = ask_all(cfg, names, "config", cfg.request_timeout_ms)
+    answers = {name: _config_answer(result, error) for name, (result, _seconds, error)
+               in ask_all(cfg, names, "config", cfg.request_timeout_ms).items()}
     if as_json:
-        click.echo(json.dumps({name: {"error": error} if error else result
-                               for name, (result, _seconds, error) in answers.items()},
-                              indent=2, default=str))
+        click.echo(answered_json({name: {"error": error} if error else result
+                                  for name, (result, error) in answers.items()}))
     else:
-        for name, (result, _seconds, error) in answers.items():
-            click.echo(f"# {name}: " + (f"DOWN  {error}" if error else
-                                        f"{result['process']}, from {result['source']}"))
+        for name, (result, error) in answers.items():
+            click.echo(f"# {name}: " + (f"DOWN  {shown(error)}" if error else
+                                        f"{shown(result.get('process'))}, from "
+                                        f"{shown(result.get('source'))}"))
             settings = (result or {}).get("settings", {})
-            width = max((len(env) for env in settings), default=0)
+            width = max((len(shown(env)) for env in settings), default=0)
             for env, setting in settings.items():
-                click.echo(f"{env:<{width}}  {setting['value']!s:<28}  {setting['from']}")
-    sys.exit(1 if any(error for _, _, error in answers.values()) else 0)
+                click.echo(f"{shown(env):<{width}}  {shown(setting.get('value')):<28}  "
+                           f"{shown(setting.get('from'))}")
+    sys.exit(1 if any(error for _, error in answers.values()) else 0)
 
 
 @click.command()
@@ -85,19 +110,20 @@ def ping(ctx: click.Context, with_anchor: bool, timeout_ms: int, as_json: bool,
     names = ["writer", "proxy", "reader"] + (["anchor"] if with_anchor else [])
     answers = ask_all(cfg, names, "ping", timeout_ms, {"about": True})
     if as_json:
-        click.echo(json.dumps({name: {"error": error} if error else
-                               {"ms": round(seconds * 1000, 3),
-                                **(result if isinstance(result, dict) else {})}
-                               for name, (result, seconds, error) in answers.items()}, indent=2))
+        click.echo(answered_json({name: {"error": error} if error else
+                                  {"ms": round(seconds * 1000, 3),
+                                   **(result if isinstance(result, dict) else {})}
+                                  for name, (result, seconds, error) in answers.items()}))
     for name, (result, seconds, error) in answers.items():
         if as_json:
             break
         endpoint = getattr(cfg, PROCESS_FIELDS[name])
         # A process of a bus before `about` answers "pong" alone.
-        built = (f"  {result['version']} {result['revision'][:12]}  pid {result['pid']}"
+        built = (f"  {shown(result.get('version'))} {shown(str(result.get('revision'))[:12])}"
+                 f"  pid {shown(result.get('pid'))}"
                  if isinstance(result, dict) else "  (version unknown: an older bus)")
         click.echo(f"{name:<7} {endpoint:<28} " + (f"ok  {seconds * 1000:.1f} ms{built}"
-                                                   if error is None else f"DOWN  {error}"))
+                                                   if error is None else f"DOWN  {shown(error)}"))
     sys.exit(1 if any(error for _, _, error in answers.values()) else 0)
 
 

@@ -40,6 +40,17 @@ def describe(prefix: str, before: str | None) -> str:
                    else f", committed before {before}")
 
 
+def is_purge_reply(reply: Any) -> bool:
+    """Whether `reply` has the writer's purge reply's fields and types (whoever
+    bound the endpoint wrote it)."""
+    def integer(value: Any) -> bool:
+        return type(value) is int
+    return (isinstance(reply, dict) and integer(reply.get("deleted"))
+            and isinstance(reply.get("more"), bool) and integer(reply.get("after_id"))
+            and integer(reply.get("upto"))
+            and (reply.get("newest_kept") is None or integer(reply["newest_kept"])))
+
+
 @click.command(short_help="Delete the stored messages of a topic prefix (admin).")
 @click.argument("prefix")
 @click.option("--before", "before", default=None, metavar="ID|TIME",
@@ -70,7 +81,7 @@ def purge(ctx: click.Context, prefix: str, before: str | None, yes: bool, as_jso
     deleted, reply = 0, None
     while True:
         reply = request_once(cfg, cfg.control_endpoint, "purge", args)
-        if not isinstance(reply, dict) or not isinstance(reply.get("deleted"), int):
+        if not is_purge_reply(reply):
             raise InputError(f"{cfg.control_endpoint} answered, but not as the writer does (is "
                              "it the writer's BUS_CONTROL_ENDPOINT?)")
         deleted += reply["deleted"]

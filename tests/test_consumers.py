@@ -6,11 +6,13 @@ the positions and `stats` shows each consumer's lag."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from bus.client import BusError, ControlClient, Publisher, Subscriber
-from tests.conftest import Bus, free_port, query, wait_for
+from tests.conftest import Bus, execute, free_port, query, wait_for
+from tests.test_trust import vm_kib
 
 
 def publish(bus: Bus, topic: str, count: int, producer: str = "src") -> None:
@@ -189,3 +191,67 @@ def test_lag_is_counted_on_a_bounded_window_and_says_when_it_is_a_lower_bound(bu
     assert [line.split()[:3] for line in listed.stdout.splitlines()[1:]] == [
         ["far", "0", ">=5,000"], ["all", "10", "10,000"], ["close", "10,000", "10"],
         ["unsaid", "10,005", "5"]], listed.stdout
+
+
+def test_a_consumer_s_many_prefixes_do_not_make_stats_costly(make_bus) -> None:
+    """A reader key's consumer_ack may name 64 prefixes: with no index on
+    topic each id of a lag's window is compared with every one, so a window
+    budget in ids let ten such consumers make one `stats` (which the writer
+    also builds every second with HTTP on, in its loop) examine 100,000 ids
+    x 64 prefixes, about 40 times one prefix's cost: ingest waited that long.
+    The budget is in ids x prefixes."""
+    bus = make_bus()
+    bus.start_writer()
+    ids = 100_000
+    payload, topic = (("x'00'", "i % 97") if bus.engine == "sqlite"
+                      else ("decode('00', 'hex')", "mod(i, 97)"))
+    execute(bus.db, "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE "
+                    f"i < {ids}) INSERT INTO messages (id, topic, payload, committed_ns) "
+                    f"SELECT i, 'noise.' || ({topic}), {payload}, i FROM n")
+    wide = [f"wanted.{k}." + "p" * 50 for k in range(64)]  # 4,096 characters at most
+
+    def stats_seconds(prefixes: list[str]) -> float:
+        """The fastest of three stats, with ten consumers 10,000 ids apart."""
+        with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=20_000) as client:
+            for i in range(10):
+                client.request("consumer_delete", {"consumer": f"c{i}"})
+                client.request("consumer_ack", {"consumer": f"c{i}", "last_id": i * 10_000,
+                                                "prefixes": prefixes})
+            took = []
+            for _ in range(3):
+                started = time.perf_counter()
+                lags = client.request("stats")["consumers"]["positions"]
+                took.append(time.perf_counter() - started)
+        assert {name: p["prefixes"] for name, p in lags.items()} == {
+            f"c{i}": prefixes for i in range(10)}
+        return min(took)
+
+    narrow = stats_seconds(["wanted."])
+    many = stats_seconds(wide)
+    assert many < 5 * narrow + 0.05, (many, narrow)
+
+
+def test_what_the_writer_keeps_of_a_consumer_s_prefixes_is_bounded_in_bytes(make_bus) -> None:
+    """The writer keeps each consumer's prefixes (BUS_MAX_CONSUMERS of them,
+    in memory and in every stats) up to 4,096 of them together: counted in
+    characters, 64 prefixes of 64 four-byte characters were kept, about 21 KB
+    a consumer in the writer (UCS-4 strings, one object each), and 16 KB in
+    its database: 10,000 such consumers, any local process's without CURVE,
+    took 210 MB of the writer's 384 MiB BUS_WRITER_MEMORY_LIMIT_BYTES, from
+    then on and after every restart. The bound is in bytes (UTF-8)."""
+    bus = make_bus()
+    writer = bus.start_writer()
+    wide = ["\U0001d11e" * 63 + chr(0x10000 + k) for k in range(64)]
+    consumers = 2000
+    with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=10_000) as client:
+        for i in range(100):  # the allocator's and the connection's first growth
+            client.request("consumer_ack", {"consumer": f"warm{i}", "last_id": 0,
+                                            "prefixes": ["warm."]})
+        client.request("flush")
+        before = vm_kib(writer.pid, "VmRSS")
+        for i in range(consumers):
+            client.request("consumer_ack", {"consumer": f"c{i}", "last_id": 0,
+                                            "prefixes": wide})
+        client.request("flush")
+        grown = vm_kib(writer.pid, "VmRSS") - before
+    assert grown < consumers * 8, f"{grown} KiB for {consumers} consumers"

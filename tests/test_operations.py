@@ -910,3 +910,81 @@ def test_an_unknown_variable_is_named_once_with_the_closest_setting(make_bus,
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == \
         f"Error: {config}: unknown settings BATCH_SIZ (closest: BATCH_SIZE)"
+
+
+class ImpostorControl:
+    """A local process bound at a control endpoint before the bus process
+    (a ROUTER on a thread of the test): it answers every request with the
+    next of `replies`, a reply's raw bytes or a function of the request's id."""
+
+    def __init__(self, endpoint: str) -> None:
+        import threading
+        self.replies: list[Any] = []
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.bind(endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import msgpack
+        while not self._stop.is_set():
+            if not self._sock.poll(50):
+                continue
+            *envelope, request = self._sock.recv_multipart()
+            request_id = msgpack.unpackb(request)["id"]
+            reply = self.replies.pop(0) if self.replies else b"\xc1"
+            self._sock.send_multipart([*envelope, reply(request_id) if callable(reply)
+                                       else reply])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
+def test_an_impostor_at_an_endpoint_cannot_drive_the_terminal_or_crash_ping_and_config(
+        make_bus) -> None:
+    """Issue 25, item 4: `bus-cli ping` and `config --running` print what each
+    process answered. A local process bound at the proxy's control endpoint
+    before it wrote escapes to the operator's terminal (\\x1b[2J cleared it)
+    and, answering other types than the bus's, made both end in a traceback."""
+    import msgpack
+    bus = make_bus()
+    bus.start_writer()
+    bus.start_reader()
+    impostor = ImpostorControl(bus["BUS_PROXY_CONTROL_ENDPOINT"])
+
+    def ok(result: Any) -> Callable[[Any], bytes]:
+        return lambda request_id: msgpack.packb({"id": request_id, "ok": True,
+                                                 "result": result})
+
+    escapes = "\x1b[2J\x1b]0;owned\x07\u202e\x9b"
+    error = lambda request_id: msgpack.packb(  # noqa: E731
+        {"id": request_id, "ok": False, "error": {"code": escapes, "reason": escapes}})
+    answers = {
+        "ping": [ok({"pong": True, "process": escapes, "pid": escapes, "version": escapes,
+                     "revision": escapes}), ok({"pong": True, "revision": 7}),
+                 ok({b"bytes": b"\x1b[2J"}), error, ok(["pong"]), b"\xc1"],
+        "config": [ok({"process": escapes, "source": escapes,
+                       "settings": {escapes: {"value": escapes, "from": escapes}}}),
+                   ok("pong"), ok({"process": "proxy", "source": "", "settings": [1, 2]}),
+                   ok({"process": "proxy", "source": "", "settings": {"BUS_X": "v"}}),
+                   ok({"process": "proxy", "source": b"\x1b", "settings": {b"\x1b": {}}}),
+                   error, b"\xc1"]}
+    try:
+        for command, replies in answers.items():
+            args = ("ping", "--timeout-ms", "2000") if command == "ping" else \
+                ("config", "--running")
+            for reply in replies:
+                for as_json in ((), ("--json",)):
+                    impostor.replies = [reply]
+                    out = bus.cli(*args, *as_json)
+                    shown = (command, reply, as_json, out.stdout, out.stderr)
+                    assert out.returncode in (0, 1) and "Traceback" not in out.stderr, shown
+                    assert not re.search("[\x1b\x07\x9b\u202e]", out.stdout + out.stderr), shown
+                    assert "writer" in out.stdout and "reader" in out.stdout, shown
+    finally:
+        impostor.close()

@@ -11,6 +11,7 @@ import os
 import pty
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,3 +198,32 @@ def test_audit_verify_is_ok_after_a_purge_of_an_unsealed_topic(make_bus, node,
     (tmp_path / "proof.json").write_text(proof.stdout)
     checked = bus.cli("anchor", "verify", str(tmp_path / "proof.json"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_purge_says_so_when_what_answered_is_not_the_writer(make_bus) -> None:
+    """An impostor bound at the writer's control endpoint (while it restarts)
+    answering purge with a map of other types ended bus-cli purge in a
+    traceback (TypeError, KeyError, ValueError)."""
+    import msgpack
+    from tests.test_operations import ImpostorControl
+    bus = make_bus()
+    impostor = ImpostorControl(bus["BUS_CONTROL_ENDPOINT"])
+
+    def ok(result: Any) -> Any:
+        return lambda request_id: msgpack.packb({"id": request_id, "ok": True,
+                                                 "result": result})
+    try:
+        for result in ({"deleted": 0, "more": True, "after_id": "5", "upto": 9},
+                       {"deleted": 1, "more": True, "after_id": 1, "upto": "z"},
+                       {"deleted": 0, "more": False, "after_id": 0, "upto": 0,
+                        "newest_kept": "\x1b[2J"},
+                       {"deleted": 0},
+                       {"deleted": True, "more": False, "after_id": 0, "upto": 0,
+                        "newest_kept": None}):
+            impostor.replies = [ok(result)] * 3
+            out = bus.cli("purge", "x.", "--yes")
+            assert out.returncode == 1 and "Traceback" not in out.stderr, (result, out)
+            assert "not as the writer does" in out.stderr, (result, out)
+            assert "\x1b" not in out.stdout + out.stderr, (result, out)
+    finally:
+        impostor.close()

@@ -27,15 +27,18 @@ from storage.sessions import ConsumptionRow, StoredConsumer
 MAX_NAME_CHARS = 128
 # The topic prefixes a consumer may name (as a history read: reader/service.py).
 MAX_PREFIXES = 64
-# The most characters of prefixes kept for one consumer (BUS_MAX_CONSUMERS of
+# The most bytes (UTF-8) of prefixes kept for one consumer (BUS_MAX_CONSUMERS of
 # them are in memory): a consumer naming more has its lag counted on every
-# topic, as one that names none.
-MAX_PREFIX_CHARS_KEPT = 4096
+# topic, as one that names none. Bytes, not characters: 4,096 characters of
+# four bytes each were 21 KB a consumer in the writer (UCS-4 strings).
+MAX_PREFIX_BYTES_KEPT = 4096
 # A consumer's lag is counted among at most this many ids after its position
 # (exact if the newest is among them, else a lower bound: `lag_exact`), and
 # one `stats` counts among at most LAG_BUDGET_IDS ids for all consumers: the
 # writer's loop answers stats, and with HTTP on makes one every second. On
-# SQLite 10,000 ids take about 1 ms (1,000,000: 100 ms) with no index on topic.
+# SQLite 10,000 ids take about 1 ms (1,000,000: 100 ms) with no index on topic,
+# for one prefix: each id is compared with every prefix, so both bounds count
+# ids times prefixes (64 prefixes cost 40 times one: 100,000 ids, 0.2-0.4 s).
 LAG_COUNT_IDS = 10_000
 LAG_BUDGET_IDS = 100_000
 
@@ -49,7 +52,7 @@ def check_prefixes(prefixes: Any, max_topic_bytes: int) -> tuple[str, ...] | Non
     no NUL, as a history read takes them; () if one is "" (every topic). One
     longer than BUS_MAX_TOPIC_BYTES matches no stored topic: it is kept cut to
     one character more, which matches none either; more than
-    MAX_PREFIX_CHARS_KEPT in all are not kept (None), so that what the writer
+    MAX_PREFIX_BYTES_KEPT in all are not kept (None), so that what the writer
     holds for 10,000 consumers stays bounded."""
     if prefixes is None:
         return None
@@ -60,7 +63,7 @@ def check_prefixes(prefixes: Any, max_topic_bytes: int) -> tuple[str, ...] | Non
     if "" in prefixes:
         return ()
     kept = tuple(dict.fromkeys(p[:max_topic_bytes + 1] for p in prefixes))
-    return kept if sum(map(len, kept)) <= MAX_PREFIX_CHARS_KEPT else None
+    return kept if sum(len(p.encode()) for p in kept) <= MAX_PREFIX_BYTES_KEPT else None
 
 
 def check_name(name: Any) -> str:
@@ -167,7 +170,8 @@ class ConsumerPositions:
     def _lags(head: int, ranked: list[tuple[str, StoredConsumer]],
               count: LagCounter) -> dict[str, dict[str, Any]]:
         """{name: {lag, lag_exact}}: the nearest to the head counted first,
-        each on at most LAG_COUNT_IDS ids, all on at most LAG_BUDGET_IDS;
+        each on at most LAG_COUNT_IDS ids, all on at most LAG_BUDGET_IDS (ids
+        times the consumer's prefixes: LAG_COUNT_IDS / 64 ids for 64);
         consumers at the same position reading the same prefixes counted once."""
         budget = LAG_BUDGET_IDS
         counted: dict[tuple[int, tuple[str, ...] | None], tuple[int | None, bool]] = {}
@@ -175,9 +179,12 @@ class ConsumerPositions:
         for name, (last_id, _updated, _owner, prefixes) in reversed(ranked):
             key = (last_id, prefixes)
             if key not in counted:
-                upto = min(head, last_id + LAG_COUNT_IDS, last_id + budget)
+                # Each id is compared with every prefix (no index on topic):
+                # the windows are in ids x prefixes, so 64 cost what one does.
+                weight = max(1, len(prefixes or ()))
+                upto = min(head, last_id + LAG_COUNT_IDS // weight, last_id + budget // weight)
                 lag = count(last_id, upto, prefixes) if upto > last_id else 0
-                budget -= max(0, upto - last_id)
+                budget -= max(0, upto - last_id) * weight
                 counted[key] = (lag, lag is not None and upto >= head)
             lag, exact = counted[key]
             lags[name] = {"lag": lag, "lag_exact": exact}

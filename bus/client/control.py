@@ -85,14 +85,20 @@ class ControlClient:
                              f"{self.timeout_ms} ms (is the process running?"
                              + (" With CURVE: is this key in a list that endpoint lets in?"
                                 if self.curve is not None else "") + ")")
-        reply = protocol.decode_reply(self._sock.recv())
+        try:  # whoever bound the endpoint wrote it: a BusError, whatever it holds
+            reply = protocol.decode_reply(self._sock.recv())
+        except protocol.ProtocolError as exc:
+            raise BusError(f"{cmd}: {exc.detail} from {self.endpoint}", "bad_reply") from None
         if reply.get("id") != request_id:
             raise BusError(f"reply id {reply.get('id')!r} does not match {request_id!r}",
                            "bad_reply")
         if reply["ok"]:
             return reply.get("result")
-        error = reply.get("error") or {}
-        raise BusError(f"{cmd}: {error.get('reason', 'error')}", error.get("code", "error"))
+        error = reply.get("error")
+        error = error if isinstance(error, dict) else {}
+        code = error.get("code")
+        raise BusError(f"{cmd}: {error.get('reason', 'error')}",
+                       code if isinstance(code, str) else "error")
 
     @property
     def waiting(self) -> bool:

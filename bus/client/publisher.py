@@ -467,6 +467,8 @@ class Publisher:
             except (TypeError, ValueError):
                 return
             start, end = max(first, floor + 1, first_kept), min(last, self.last_seq)
+            if start > end:  # re-sent already: islice would still walk the deque up to it
+                continue
             # Kept messages have consecutive seqs: the hole's are a slice.
             for seq, frames in islice(unacked, start - first_kept, max(end - first_kept + 1, 0)):
                 if not self._resend(frames):
