@@ -326,3 +326,42 @@ def test_an_acknowledgement_s_holes_already_re_sent_cost_the_publisher_nothing(b
             pub._apply_ack(*last)
         per_ack = (time.process_time() - started) / 50
     assert per_ack < 0.001, f"{per_ack * 1000:.2f} ms an acknowledgement"
+
+
+class DropsOneSeqAlways(Publisher):
+    """Every copy of message `drop_seq` leaves with a damaged mac, until told
+    otherwise: drops that go on (a flood at the proxy, say)."""
+
+    drop_seq = 10
+    copies = 0
+
+    def _send(self, frames: tuple[bytes, bytes, bytes]) -> None:
+        super()._send(self._damaged(frames, self.last_seq))
+
+    def _resend(self, frames: tuple[bytes, bytes, bytes]) -> bool:
+        seq = msgpack.unpackb(frames[2][:-16] + bytes(16))["seq"]
+        return super()._resend(self._damaged(frames, seq))
+
+    def _damaged(self, frames: tuple[bytes, bytes, bytes], seq: int
+                 ) -> tuple[bytes, bytes, bytes]:
+        if seq != self.drop_seq:
+            return frames
+        self.copies += 1
+        topic, payload, meta = frames
+        return topic, payload, meta[:-1] + bytes((meta[-1] ^ 1,))
+
+
+def test_a_hole_that_stays_is_sent_again_less_and_less_often(bus: Bus) -> None:
+    # 6 s of publishing while every copy of seq 10 is dropped: every
+    # acknowledgement lists the hole, which is sent again after 1, 2, 4 s
+    # (backing off as the re-sends of a stalled window do), not every second.
+    with DropsOneSeqAlways(bus.config(), producer_id="stubborn", resend_after=1.0) as pub:
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline:
+            pub.publish("holes.t", b"x")
+            pub.read_acks(0.01)
+        copies = pub.copies
+        pub.drop_seq = 0
+        pub.flush(timeout=40)
+    assert 3 <= copies <= 4, f"{copies} copies of the dropped message in 6 s"
+    assert seqs_of(bus, "stubborn") == list(range(1, pub.last_seq + 1))

@@ -27,6 +27,8 @@ MAX_REFUSALS_REPORTED = 10_000
 NOTIFICATION_MAX_BYTES = 64 << 10
 # Notifications applied per read_acks() call at most.
 MAX_NOTIFICATIONS_PER_READ = 10_000
+# The longest wait between two rounds of re-sending the same messages.
+MAX_RESEND_INTERVAL_S = 30.0
 
 
 def default_producer_id() -> str:
@@ -90,6 +92,10 @@ class Publisher:
         self.resent = 0
         self.holes_resent = 0   # of `resent`: messages re-sent because an ack listed their seq
         self._holes_resent_at = 0.0
+        # Between two rounds of the same holes: resend_after, doubling while
+        # nothing is acknowledged (drops that go on are not answered with
+        # ever more copies), back to resend_after on progress.
+        self._holes_interval = resend_after
         self._holes_resent_upto = 0
         self.refused_total = 0  # messages of this session the writer refused
         # (seq, frames) in seq order, oldest first: acknowledgements pop from the left.
@@ -372,7 +378,7 @@ class Publisher:
                     if not self._resend(frames):
                         break
                     self.resent += 1
-                interval = min(interval * 2, 30.0)
+                interval = min(interval * 2, MAX_RESEND_INTERVAL_S)
                 resend_at = now + interval
             before = len(self._unacked)
             self.read_acks(min(resend_at, deadline or resend_at) - now)
@@ -448,18 +454,20 @@ class Publisher:
         if refused > self.refused_total and not self._learn_refusals(refused):
             return  # which seqs were refused is not known yet: keep them unacknowledged
         self.acked_seq = acked
+        self._holes_interval = self.resend_after
 
     def _resend_holes(self, holes: Any) -> None:
         """An authentic acknowledgement lists seqs below its `max_seq` that
         the writer never received (a copy dropped on the way, e.g. for a
         mac that did not check): send those again now, and only those,
         rather than the whole window when acknowledgements stall. A hole is
-        re-sent again only after `resend_after` (its copy may be on its way)."""
+        re-sent again only after `_holes_interval` (its copy may be on its way)."""
         unacked = self._unacked
         if not unacked:
             return
         now = time.monotonic()
-        floor = 0 if now - self._holes_resent_at >= self.resend_after else self._holes_resent_upto
+        again = now - self._holes_resent_at >= self._holes_interval
+        floor = 0 if again else self._holes_resent_upto
         first_kept, resent = unacked[0][0], 0
         for hole in holes[:protocol.ACK_MAX_HOLES]:
             try:
@@ -478,7 +486,9 @@ class Publisher:
         if resent:
             self.resent += resent
             self.holes_resent += resent
-            if floor == 0:
+            if again:
+                if self._holes_resent_at:  # a second round of the same holes: back off
+                    self._holes_interval = min(self._holes_interval * 2, MAX_RESEND_INTERVAL_S)
                 self._holes_resent_at = now
 
     def _apply_nack(self, topic: bytes, payload: bytes) -> None:
