@@ -30,7 +30,7 @@ def _git_revision(tree: Path) -> str | None:
     git = tree / ".git"
     try:
         if git.is_file():  # a worktree: "gitdir: <path>"
-            git = Path(git.read_text().split(":", 1)[1].strip())
+            git = tree / git.read_text().split(":", 1)[1].strip()  # relative to the tree
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head  # detached

@@ -148,9 +148,13 @@ def health(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any)
     answers = ask_all(cfg, names, "stats", timeout_ms)
     bad = False
     for name, (result, _seconds, error) in answers.items():
-        reason = error or checks[name](result)
+        try:
+            reason = error or checks[name](result)
+        except (KeyError, TypeError, AttributeError, ValueError):
+            reason = f"what answered is not a bus {name}'s stats (another process at " \
+                     f"{getattr(cfg, PROCESS_FIELDS[name])}?)"
         bad |= reason is not None
-        click.echo(f"{name:<7} " + ("ok" if reason is None else f"UNHEALTHY  {reason}"))
+        click.echo(f"{name:<7} " + ("ok" if reason is None else f"UNHEALTHY  {shown(reason)}"))
     sys.exit(1 if bad else 0)
 
 
@@ -172,10 +176,27 @@ def stats(ctx: click.Context, as_json: bool, interval: float | None, **flags: An
         watch_stats(cfg, interval)
         return
     answers = ask_all(cfg, ["writer", "proxy", "reader"], "stats", cfg.request_timeout_ms)
-    result = {name: answer if error is None else {"error": error}
+    failed = {name: error or (None if isinstance(answer, dict) else
+                              "what answered is not a stats map (another process at "
+                              f"{getattr(cfg, PROCESS_FIELDS[name])}?)")
               for name, (answer, _seconds, error) in answers.items()}
-    print_sections(result, as_json)
-    sys.exit(1 if any(error for _, _, error in answers.values()) else 0)
+    result = {name: answer if failed[name] is None else {"error": failed[name]}
+              for name, (answer, _seconds, _error) in answers.items()}
+    print_sections(printable(result, as_json), as_json)
+    sys.exit(1 if any(failed.values()) else 0)
+
+
+def printable(value: Any, as_json: bool) -> Any:
+    """What processes answered, fit to print: on a terminal every string made
+    safe (whoever bound an endpoint wrote it), in JSON every key a string."""
+    if isinstance(value, dict):
+        return {(shown(key) if not as_json or not isinstance(key, str) else key):
+                printable(item, as_json) for key, item in value.items()}
+    if isinstance(value, list):
+        return [printable(item, as_json) for item in value]
+    if isinstance(value, (str, bytes)) and not as_json:
+        return shown(value)
+    return value
 
 
 # (header, width, value from this and the previous answers over `seconds`)
