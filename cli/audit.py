@@ -25,7 +25,7 @@ import click
 
 import storage
 from bus.config import role_fields
-from cli.common import InputError, build_config, setting_options
+from cli.common import InputError, build_config, said_if_slow, setting_options
 from proofs.audit import (AUDIT_PROOF_FORMAT, AUDIT_PROOF_FORMAT_RECORD, EMPTY_ROOT, SEAL_RECORD,
                           RootBuilder, message_digest, seal_document)
 from proofs.document import make_proof, parse_payload, stored_payload
@@ -44,8 +44,9 @@ def _open(ctx: click.Context, flags: dict[str, Any]) -> tuple[Any, tuple[type, .
     """The database, read-only, and the errors its engine raises."""
     cfg = build_config(ctx, flags, "audit")
     try:
-        return storage.open_read_only(cfg.db, cfg.sqlite_busy_timeout_ms), \
-            storage.errors_of(cfg.db)[1]
+        with said_if_slow(storage.describe(cfg.db)):
+            return storage.open_read_only(cfg.db, cfg.sqlite_busy_timeout_ms), \
+                storage.errors_of(cfg.db)[1]
     except storage.NotReadable as exc:
         raise InputError(str(exc)) from None
 

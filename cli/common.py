@@ -4,13 +4,14 @@ from flags, and printing of nested results."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -77,6 +78,21 @@ def build_config(ctx: click.Context, flags: dict[str, Any], process: str | None 
         except security.SecurityError as exc:
             raise click.UsageError(str(exc)) from None
     return cfg
+
+
+@contextlib.contextmanager
+def said_if_slow(what: str, after_s: float = 1.0) -> Iterator[threading.Timer]:
+    """Say on stderr what the command waits for once it has waited `after_s`
+    (a database on a host that does not answer: PostgreSQL's connect timeout):
+    no command waits without saying so. Cancel what it yields once the wait
+    is over and the block goes on."""
+    timer = threading.Timer(after_s, lambda: click.echo(f"waiting for {what} ...", err=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield timer
+    finally:
+        timer.cancel()
 
 
 def jsonable(value: Any) -> Any:

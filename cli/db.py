@@ -17,7 +17,7 @@ import storage
 from bus import pgurl
 from bus.config import database_problem, role_fields
 from bus.runner import StartupError
-from cli.common import InputError, build_config, setting_options
+from cli.common import InputError, build_config, said_if_slow, setting_options
 from storage import schema
 
 
@@ -35,8 +35,9 @@ def migrate(ctx: click.Context, **flags: Any) -> None:
     running on it."""
     cfg = build_config(ctx, flags, "db")
     try:
-        before = storage.schema_version(cfg.db)
-        storage.open_store(cfg.db, busy_timeout_ms=cfg.sqlite_busy_timeout_ms).close()
+        with said_if_slow(storage.describe(cfg.db)):
+            before = storage.schema_version(cfg.db)
+            storage.open_store(cfg.db, busy_timeout_ms=cfg.sqlite_busy_timeout_ms).close()
     except StartupError as exc:
         raise InputError(str(exc)) from None
     where = storage.describe(cfg.db)
@@ -72,7 +73,10 @@ def copy(ctx: click.Context, source: str, dest: str, chunk_rows: int) -> None:
         raise click.UsageError("--from and --to are the same database")
     bar: dict[str, Any] = {}
 
+    notice: dict[str, Any] = {}
+
     def progress(done: int, total: int) -> None:
+        notice["wait"].cancel()  # connected: the bar says the rest
         if "bar" not in bar:
             bar["bar"] = click.progressbar(length=max(total, 1), label="copying messages",
                                            show_pos=True, file=click.get_text_stream("stderr"))
@@ -80,7 +84,9 @@ def copy(ctx: click.Context, source: str, dest: str, chunk_rows: int) -> None:
         bar["bar"].update(done - bar["bar"].pos)
 
     try:
-        result = copy_database(source, dest, chunk_rows, progress)
+        with said_if_slow(f"{storage.describe(source)} and {storage.describe(dest)}") as wait:
+            notice["wait"] = wait
+            result = copy_database(source, dest, chunk_rows, progress)
     except (StartupError, storage.NotReadable, CopyMismatch) as exc:
         raise InputError(str(exc)) from None
     finally:

@@ -127,6 +127,9 @@ def copy_database(source_db: str, dest_db: str, chunk_rows: int = 5000,
                   ) -> dict[str, Any]:
     """Copy (or resume copying) source_db into dest_db; returns what was
     copied and verified. Raises CopyMismatch if the verification fails."""
+    if storage.is_url(source_db):  # a server that does not answer, said as such
+        from storage import postgres
+        postgres.connect(source_db, "bus-cli").close()
     version = storage.schema_version(source_db)
     if version is None:
         raise storage.NotReadable(f"{storage.describe(source_db)} holds no bus database")

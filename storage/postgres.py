@@ -98,9 +98,12 @@ class PgConnection:
 def connect(url: str, application: str) -> PgConnection:
     if (problem := pgurl.problem(url)) is not None:  # libpq's error would quote the password
         raise StartupError(f"cannot connect to {redact(url)}: {problem}")
+    # The URL's own connect_timeout, if it has one (a keyword argument would
+    # override it), else ours.
+    timeout = {} if "connect_timeout" in psycopg.conninfo.conninfo_to_dict(url) \
+        else {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                               application_name=application)
+        conn = psycopg.connect(url, autocommit=True, application_name=application, **timeout)
     except psycopg.Error as exc:
         raise StartupError(f"cannot connect to {redact(url)}: {exc}".strip()) from None
     return PgConnection(conn)

@@ -461,3 +461,22 @@ def test_a_process_given_an_address_it_cannot_bind_says_so_in_one_line(
                  for event in [json.loads(line)] if event["level"] == "error"]
     assert refused["event"] == "cannot_start"
     assert refused["error"] == f"{endpoint}: cannot bind: Cannot assign requested address"
+
+
+def test_a_database_server_that_does_not_answer_is_waited_for_aloud(tmp_path: Path) -> None:
+    """A PostgreSQL URL whose host never answers: each database command says
+    within about a second what it waits for, waits no longer than the URL's
+    own connect_timeout (the walk found audit verify silent for 10 s: ours
+    overrode it), and names the server, not "no bus database" (db copy)."""
+    url = f"postgresql://nobody@{TEST_NET}:1/x?connect_timeout=3"
+    for command in (("audit", "verify", "--db", url), ("db", "migrate", "--db", url),
+                    ("db", "copy", "--from", url, "--to", str(tmp_path / "c.db"))):
+        started = time.monotonic()
+        done = subprocess.run([BUS_CLI, *command], env=environment(tmp_path), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30)
+        took = time.monotonic() - started
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and took < 8, (command, took, lines)
+        assert lines[-1].startswith(f"Error: cannot connect to {url}"), (command, lines)
+        if took > 2:  # the host did not refuse at once (no route here can be as fast)
+            assert lines[0].startswith(f"waiting for {url}"), (command, lines)
