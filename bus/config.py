@@ -773,8 +773,8 @@ def load_config(overrides: Mapping[str, Any] | None = None,
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         values.update(from_file)
-        origins.update(dict.fromkeys(from_file, f"config file {path}"))
-        sources.append(str(path))
+        origins.update(dict.fromkeys(from_file, f"config file {path.absolute()}"))
+        sources.append(str(path.absolute()))
 
     from_env = {s.field: env[s.env] for s in SETTINGS if s.env in env}
     if from_env:

@@ -26,6 +26,19 @@ HTTP_FIELDS = tuple(s.field for s in SETTINGS if s.form is http_address_problem
 SETTING_ENV = {s.field: s.env for s in SETTINGS}
 
 
+def flags_of(process: str, flags: dict[str, Any]) -> list[str]:
+    """The flags given to `up` that `process` takes (those of its role)."""
+    args = []
+    for field in role_fields(process):
+        value = flags.get(field)
+        if value is None:
+            continue
+        flag = field.replace("_", "-")
+        args += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) \
+            else [f"--{flag}", str(value)]
+    return args
+
+
 @click.command()
 @setting_options(*role_fields("writer", "proxy", "reader"))
 @click.pass_context
@@ -54,9 +67,11 @@ def up(ctx: click.Context, **flags: Any) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     cfg = build_config(ctx, flags, "up")
+    # Each child reads what `up` read, the same config file (--config) and
+    # environment, and takes up's flags as its own: `bus-cli config --running`
+    # then says where each of its settings came from (all of them passed as
+    # environment said "environment" for a flag, a file and a default alike).
     env = dict(os.environ)
-    env.update({s.env: str(getattr(cfg, s.field)).lower() if s.type is bool
-                else str(getattr(cfg, s.field)) for s in SETTINGS})
     for variable, _closest in unknown_variables(env):
         # build_config named it once, for `up`: its children would name it thrice more.
         del env[variable]
@@ -82,7 +97,7 @@ def up(ctx: click.Context, **flags: Any) -> None:
                     # Own sessions: the terminal's Ctrl-C reaches only this
                     # process, which then stops the children in the safe order.
                     children[name] = subprocess.Popen(
-                        cmd + [name],
+                        cmd + [name, *flags_of(name, flags)],
                         env={**env, "NOTIFY_SOCKET": str(Path(tmp, f"{name}.notify"))},
                         start_new_session=True)
                 started = _wait_ready({name: children[name] for name in group}, notify, stopping)

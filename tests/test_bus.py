@@ -205,3 +205,25 @@ def test_publisher_refuses_what_the_writer_would_not_store(bus: Bus) -> None:
     bus.wait_count(1, "ok.")
     result = bus.cli("publish", "$bus.fake", "x")
     assert result.returncode == 2 and "reserved_topic" in result.stderr
+
+
+def test_the_processes_up_starts_say_where_each_of_their_settings_came_from(make_bus) -> None:
+    """`up` passed every setting to its children in their environment, so
+    `config --running` said "environment" for a flag, a file and a default
+    alike. Now each child reads up's file and environment and takes its flags."""
+    bus = make_bus(BATCH_FLUSH_INTERVAL_MS=20)  # the environment's
+    config = bus.tmp_path / "bus.toml"
+    config.write_text("BUS_MAX_TOPIC_BYTES = 300\n")
+    up = bus.run("--config", "bus.toml", "up", "--batch-size", "7", "--no-batch-write-enabled")
+    up.stdout.wait_line(lambda ln: ln == "Ctrl-C stops all three.")
+    running = bus.cli("config", "--running", "--json")
+    assert running.returncode == 0, running.stderr
+    writer = json.loads(running.stdout)["writer"]["settings"]
+    assert writer["BATCH_SIZE"] == {"value": 7, "from": "flag --batch-size"}
+    assert writer["BATCH_WRITE_ENABLED"] == {"value": False,
+                                             "from": "flag --batch-write-enabled"}
+    assert writer["BATCH_FLUSH_INTERVAL_MS"] == {"value": 20,
+                                                 "from": "environment BATCH_FLUSH_INTERVAL_MS"}
+    assert writer["BUS_MAX_TOPIC_BYTES"] == {"value": 300, "from": f"config file {config}"}
+    assert writer["BUS_LOG_LEVEL"]["from"] == "default"
+    assert up.stop(signal.SIGINT) == 0, up.stderr.collect()
