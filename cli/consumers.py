@@ -25,7 +25,8 @@ def consumers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     """Every durable consumer (the 100 most behind), with its position and lag:
     the messages of its prefixes stored after its position, counted among the
     next 10,000 ids (">=N": it is further behind than that; "?": the database
-    could not say)."""
+    could not say), and how many ids of every topic are stored after it
+    (behind)."""
     cfg = build_config(ctx, flags, "consumers")
     reply = request_once(cfg, cfg.control_endpoint, "stats")
     summary = reply.get("consumers") if isinstance(reply, dict) else None
@@ -35,10 +36,15 @@ def consumers_ls(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{'consumer':<32} {'last_id':>12} {'lag':>10}  acknowledged")
+    # `behind`: every topic's ids after the position. Beside a lag that is a
+    # lower bound (">=0" for a quiet prefix on a busy bus), it says how far
+    # the count would have to go.
+    click.echo(f"{'consumer':<32} {'last_id':>12} {'lag':>10} {'behind':>12}  acknowledged")
     for name, position in summary["positions"].items():
         updated = dt.datetime.fromtimestamp(position["updated_ns"] / 1e9, dt.timezone.utc)
-        click.echo(f"{name:<32} {position['last_id']:>12,} {shown_lag(position):>10}  "
+        behind = position.get("behind")
+        click.echo(f"{name:<32} {position['last_id']:>12,} {shown_lag(position):>10} "
+                   f"{'?' if behind is None else f'{behind:,}':>12}  "
                    f"{updated:%Y-%m-%d %H:%M:%S}Z")
     click.echo(f"{summary['count']} consumer{'s' if summary['count'] != 1 else ''}", err=True)
 

@@ -188,9 +188,9 @@ def test_lag_is_counted_on_a_bounded_window_and_says_when_it_is_a_lower_bound(bu
         "close": (10, True, 10, ["far.", "near."]),
         "unsaid": (5, True, 5, None)}                  # never said: every topic
     listed = bus.cli("consumers", "ls")
-    assert [line.split()[:3] for line in listed.stdout.splitlines()[1:]] == [
-        ["far", "0", ">=5,000"], ["all", "10", "10,000"], ["close", "10,000", "10"],
-        ["unsaid", "10,005", "5"]], listed.stdout
+    assert [line.split()[:4] for line in listed.stdout.splitlines()[1:]] == [
+        ["far", "0", ">=5,000", "10,010"], ["all", "10", "10,000", "10,000"],
+        ["close", "10,000", "10", "10"], ["unsaid", "10,005", "5", "5"]], listed.stdout
 
 
 def test_a_consumer_s_many_prefixes_do_not_make_stats_costly(make_bus) -> None:
