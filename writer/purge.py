@@ -54,11 +54,10 @@ def _optional_int(args: dict[str, Any], key: str, low: int) -> int | None:
     return None if args.get(key) is None else check_int(args, key, low, protocol.MAX_INT64)
 
 
-def sealed_overlap(prefix: str, sealed: set[str]) -> str | None:
-    """A sealed prefix some topic under `prefix` could fall under (a topic
-    under both), or None."""
-    return next((s for s in sorted(sealed) if prefix.startswith(s) or s.startswith(prefix)),
-                None)
+def sealed_overlap(prefix: str, sealed: set[str]) -> list[str]:
+    """The sealed prefixes some topic under `prefix` could fall under (a topic
+    under both)."""
+    return [s for s in sorted(sealed) if prefix.startswith(s) or s.startswith(prefix)]
 
 
 def purge(store: Any, config: BusConfig, request: Request) -> dict[str, Any]:
@@ -72,11 +71,15 @@ def purge(store: Any, config: BusConfig, request: Request) -> dict[str, Any]:
     conn = store.conn
     sealed = sealed_overlap(prefix, set(config.sealed_prefixes)
                             | audit_rows.sealed_prefixes(conn))
-    if sealed is not None:
-        raise CommandFailed(protocol.SEALED_TOPIC,
-                            f"topics under {prefix!r} include sealed ones ({sealed!r}, "
-                            "BUS_AUDIT_PREFIXES or a seal): their messages leave by retention "
-                            "only, once sealed; purge a narrower prefix")
+    if sealed:
+        inside = any(prefix.startswith(s) for s in sealed)
+        raise CommandFailed(protocol.SEALED_TOPIC, (
+            f"topics under {prefix!r} are sealed" if inside else
+            f"topics under {prefix!r} include sealed ones") +
+            f" ({', '.join(map(repr, sealed))}: BUS_AUDIT_PREFIXES or a seal): their messages "
+            "leave by retention only (BUS_RETENTION_MAX_AGE_S, BUS_RETENTION_MAX_MESSAGES), "
+            "once sealed" + ("" if inside else "; a prefix that names no sealed topic can be "
+                             "purged"))
     first, last = messages.id_range(conn)
     if first is None:
         return {"prefix": prefix, "deleted": 0, "after_id": after_id, "upto": 0,
