@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 # On a terminal, bus-cli up runs as a job of its own (set -m): the terminal's
 # Ctrl-C reaches it alone, it stops the bus and exits 0, and make exits as it
 # did. make itself, given the SIGINT, would exit 130 whatever bus-cli did.
-# Elsewhere it replaces the shell (exec): a signal from make reaches it.
+# Elsewhere it replaces the shell (exec): a signal to make's process group
+# reaches it (it stops the bus cleanly), and make, signalled too, exits 130;
+# make does not pass on a signal sent to its pid alone. A supervisor runs
+# bus-cli up itself (or the units: deploy/systemd).
 up: $(STAMP)
 	@if [ -t 0 ]; then set -m; $(VENV)/bin/bus-cli up; else exec $(VENV)/bin/bus-cli up; fi
 
