@@ -163,7 +163,8 @@ class AnchorWorker:
         self.poller.register(self.control, zmq.POLLIN)
         if self.hashblock is not None:
             self.poller.register(self.hashblock, zmq.POLLIN)
-        log.info("started", bitcoind=cfg.bitcoind_rpc_url, hashblock=cfg.bitcoind_zmq_hashblock,
+        log.info("started", **build_info(),
+                 bitcoind=cfg.bitcoind_rpc_url, hashblock=cfg.bitcoind_zmq_hashblock,
                  consumer=cfg.anchor_consumer, config_source=cfg.source, config=cfg.public())
 
     def assemble(self, rpc: BitcoinRpc, utxos: UtxoClient, hashblock: zmq.Socket | None) -> None:

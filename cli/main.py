@@ -30,6 +30,7 @@ from typing import Any
 
 import click
 
+from bus.build import revision
 from cli.anchoring import anchor, utxo
 from cli.audit import audit
 from cli.bench import bench
@@ -86,7 +87,8 @@ def exit_quietly_after_broken_pipe() -> None:
 
 
 @click.group(cls=BusCli, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="zmq-sqlite-bus", prog_name="bus-cli")
+@click.version_option(package_name="zmq-sqlite-bus", prog_name="bus-cli",
+                      message=f"%(prog)s, version %(version)s ({revision()})")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML config file [env BUS_CONFIG; default /etc/bus/bus.toml if present]")
 @click.pass_context

@@ -102,6 +102,7 @@ from typing import Any
 import zmq
 
 from bus import control, protocol, security, sockets
+from bus.build import build_info
 from bus.config import DRAIN_WINDOW_IDLES, BusConfig
 from bus.http import HttpSide
 from bus.logging import get_logger
@@ -182,7 +183,8 @@ class Proxy:
         self.forwarding.start()
         if cfg.proxy_http:
             self.http = HttpSide("proxy", cfg.proxy_http, HTTP_SERIES, proxy_health)
-        log.info("started", pub_endpoint=cfg.pub_endpoint, sub_endpoint=cfg.sub_endpoint,
+        log.info("started", **build_info(),
+                 pub_endpoint=cfg.pub_endpoint, sub_endpoint=cfg.sub_endpoint,
                  capture_endpoint=cfg.capture_endpoint,
                  control_endpoint=cfg.proxy_control_endpoint, capture_hwm=cfg.capture_hwm,
                  memory_limit_bytes=cfg.proxy_memory_limit_bytes,

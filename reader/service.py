@@ -250,7 +250,8 @@ class Reader:
         self.poller = zmq.Poller()
         self.poller.register(self.rep, zmq.POLLIN)
         self.poller.register(stop.fileno(), zmq.POLLIN)
-        log.info("started", db=storage.redact(cfg.db), read_endpoint=cfg.read_endpoint,
+        log.info("started", **build_info(),
+                 db=storage.redact(cfg.db), read_endpoint=cfg.read_endpoint,
                  config_source=cfg.source, config=cfg.public())
 
     def loop(self, now: float | None = None) -> None:

@@ -751,6 +751,11 @@ def test_every_process_tells_its_version_and_the_settings_it_runs_with(make_bus)
         assert {k: build[k] for k in expected} == expected
     text = bus.cli("ping").stdout
     assert f"0.1.0 {expected['revision'][:12]}" in text or expected["revision"] == "unknown"
+    # The logs and the client say it too.
+    started = [e for e in bus.writer.log_events() if e.get("event") == "started"]
+    assert {k: started[0][k] for k in expected} == expected, started
+    assert bus.cli("--version").stdout.strip() == \
+        f"bus-cli, version {expected['version']} ({expected['revision']})"
     info = wait_for(lambda: {k: v for k, v in metrics(bus["BUS_WRITER_HTTP"]).items()
                              if k.startswith("bus_build_info")}, message="bus_build_info")
     assert list(info.values()) == [1.0] and "('process', 'writer')" in next(iter(info))

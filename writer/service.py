@@ -47,6 +47,7 @@ from typing import Any
 import zmq
 
 from bus import control, protocol, security, sockets
+from bus.build import build_info
 from bus.config import BusConfig
 from bus.http import HttpSide
 from bus.logging import get_logger
@@ -174,7 +175,8 @@ class Writer:
         self.paused_poller = zmq.Poller()
         for sock in (self.control, self.notify, stop.fileno()):
             self.paused_poller.register(sock, zmq.POLLIN)
-        log.info("started", db=storage.redact(cfg.db), capture_endpoint=cfg.capture_endpoint,
+        log.info("started", **build_info(),
+                 db=storage.redact(cfg.db), capture_endpoint=cfg.capture_endpoint,
                  control_endpoint=cfg.control_endpoint, notify_endpoint=cfg.notify_endpoint,
                  config_source=cfg.source, config=cfg.public())
 
