@@ -699,9 +699,15 @@ def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str]]:
     names no setting: a misspelt one would otherwise be ignored in silence
     (an unknown key of the config file is refused, read_config_file)."""
     known = [*_BY_ENV, *OTHER_VARIABLES]
-    return [(name, difflib.get_close_matches(name, known, n=1, cutoff=0.0)[0])
-            for name in sorted(env) if name.startswith("BUS_") and name not in known
+    return [(name, closest_setting(name, known))
+            for name in sorted(env) if name.startswith(("BUS_", "BATCH_")) and name not in known
             and not name.startswith(TEST_VARIABLES_PREFIX)]
+
+
+def closest_setting(name: str, known: list[str]) -> str:
+    """The known name most like `name`, case aside (`batch_size` in a config
+    file is BATCH_SIZE's, not BUS_DB's)."""
+    return difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.0)[0]
 
 
 def _coerce(setting: Setting, value: Any) -> Any:
@@ -744,10 +750,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         data = tomllib.load(f)
     unknown = sorted(set(data) - set(_BY_ENV))
     if unknown:
-        closest = {name: difflib.get_close_matches(name, list(_BY_ENV), n=1, cutoff=0.0)
-                   for name in unknown}
         raise ConfigError(f"{path}: unknown settings " + ", ".join(
-            f"{name} (closest: {closest[name][0]})" if closest[name] else name
+            f"{name} (closest: {closest_setting(str(name), list(_BY_ENV))})"
             for name in unknown))
     return {_BY_ENV[k].field: v for k, v in data.items()}
 

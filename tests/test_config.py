@@ -54,9 +54,21 @@ def test_known_variables_are_not_warned_about(tmp_path: Path) -> None:
 
 def test_unknown_variables_names_each_with_the_closest_setting() -> None:
     env = {"BUS_WRITER_HTPP": "x", "BUS_BATCH_SIZE": "5", "BATCH_SIZE": "5", "HOME": "/",
-           "BUS_CONFIG": "/etc/bus/bus.toml", "BUS_DB": "bus.db"}
-    assert config.unknown_variables(env) == [("BUS_BATCH_SIZE", "BATCH_SIZE"),
+           "BUS_CONFIG": "/etc/bus/bus.toml", "BUS_DB": "bus.db", "BATCH_SIZ": "5"}
+    # BATCH_SIZ: the seed's BATCH_* names are settings too, a misspelt one named.
+    assert config.unknown_variables(env) == [("BATCH_SIZ", "BATCH_SIZE"),
+                                             ("BUS_BATCH_SIZE", "BATCH_SIZE"),
                                              ("BUS_WRITER_HTPP", "BUS_WRITER_HTTP")]
+
+
+def test_an_unknown_key_of_the_config_file_is_named_with_the_closest_setting(
+        tmp_path: Path) -> None:
+    file = tmp_path / "bus.toml"
+    file.write_text("batch_size = 3\nBUS_WRITER_HTPP = 'x'\n")
+    with pytest.raises(config.ConfigError) as err:  # case aside: not BUS_DB
+        load_config(env={}, config_path=file)
+    assert str(err.value) == (f"{file}: unknown settings BUS_WRITER_HTPP (closest: "
+                              "BUS_WRITER_HTTP), batch_size (closest: BATCH_SIZE)")
 
 
 def test_each_setting_is_one_field_of_busconfig() -> None:
