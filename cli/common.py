@@ -113,10 +113,12 @@ def print_sections(result: dict[str, Any], as_json: bool) -> None:
 
 def _print_tree(data: dict[str, Any], indent: str) -> None:
     for key, value in data.items():
-        if isinstance(value, dict) and value and key != "config":
+        if key == "config" and indent == "  ":
+            continue  # a process's settings: bus-cli config --running shows them
+        if isinstance(value, dict) and value:
             click.echo(f"{indent}{key}:")
             _print_tree(value, indent + "  ")
-        elif key != "config":
+        else:
             click.echo(f"{indent}{key}: {value}")
 
 

@@ -169,6 +169,8 @@ def test_stats_report_the_seed_metrics_and_proxy_counters(make_bus) -> None:
     human = bus.cli("stats")
     assert human.returncode == 0 and "[writer]" in human.stdout and "flush_by_size: 3" in \
         human.stdout and "[proxy]" in human.stdout
+    # The batch's own config (the seed's fields) is shown; the settings are not.
+    assert "      batch_size: 10" in human.stdout and "BUS_DB" not in human.stdout, human.stdout
 
 
 def test_stats_exits_non_zero_when_a_process_is_down(make_bus) -> None:
