@@ -131,9 +131,12 @@ def ping(ctx: click.Context, with_anchor: bool, timeout_ms: int, as_json: bool,
 @processes_option
 @click.option("--timeout-ms", type=click.IntRange(min=1, max=60_000), default=2000,
               show_default=True, help="how long each process may take to answer")
+@click.option("--json", "as_json", is_flag=True,
+              help='one JSON object: {process: {"healthy": bool, "reason": str or null}}')
 @setting_options(*role_fields("prober", "curve"))
 @click.pass_context
-def health(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any) -> None:
+def health(ctx: click.Context, with_anchor: bool, timeout_ms: int, as_json: bool,
+           **flags: Any) -> None:
     """What /healthz says, for every process at once, from their `stats`
     (no HTTP needed); exit 1 if any is down or unhealthy."""
     from anchor.health import anchor_health
@@ -146,16 +149,21 @@ def health(ctx: click.Context, with_anchor: bool, timeout_ms: int, **flags: Any)
     cfg = build_config(ctx, flags, "health")
     names = ["writer", "proxy", "reader"] + (["anchor"] if with_anchor else [])
     answers = ask_all(cfg, names, "stats", timeout_ms)
-    bad = False
+    reasons: dict[str, str | None] = {}
     for name, (result, _seconds, error) in answers.items():
         try:
-            reason = error or checks[name](result)
+            reasons[name] = error or checks[name](result)
         except (KeyError, TypeError, AttributeError, ValueError):
-            reason = f"what answered is not a bus {name}'s stats (another process at " \
-                     f"{getattr(cfg, PROCESS_FIELDS[name])}?)"
-        bad |= reason is not None
-        click.echo(f"{name:<7} " + ("ok" if reason is None else f"UNHEALTHY  {shown(reason)}"))
-    sys.exit(1 if bad else 0)
+            reasons[name] = f"what answered is not a bus {name}'s stats (another process " \
+                            f"at {getattr(cfg, PROCESS_FIELDS[name])}?)"
+    if as_json:
+        click.echo(json.dumps({name: {"healthy": reason is None, "reason": reason}
+                               for name, reason in reasons.items()}, indent=2, default=str))
+    for name, reason in reasons.items():
+        if not as_json:
+            click.echo(f"{name:<7} " + ("ok" if reason is None else
+                                        f"UNHEALTHY  {shown(reason)}"))
+    sys.exit(1 if any(reason is not None for reason in reasons.values()) else 0)
 
 
 @click.command(short_help="Every process's metrics (--watch: rates).")

@@ -368,6 +368,10 @@ def test_ping_health_and_stats_watch_answer_for_every_process(bus: Bus) -> None:
     assert down.returncode == 1 and "reader" in down.stdout and "DOWN" in down.stdout
     unhealthy = bus.cli("health", "--timeout-ms", "200")
     assert unhealthy.returncode == 1 and "reader  UNHEALTHY" in unhealthy.stdout
+    as_json = bus.cli("health", "--timeout-ms", "200", "--json")
+    said = json.loads(as_json.stdout)
+    assert as_json.returncode == 1 and said["writer"] == {"healthy": True, "reason": None}
+    assert said["reader"]["healthy"] is False and "no reply" in said["reader"]["reason"]
 
 
 def test_topics_consumers_and_the_last_messages_from_the_command_line(bus: Bus) -> None:
