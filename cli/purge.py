@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from bus import protocol
 from bus.client import since_to_ns
 from bus.config import role_fields
 from cli.common import InputError, build_config, request_once, setting_options
@@ -36,7 +37,10 @@ def describe(prefix: str, before: str | None) -> str:
     what = f"topics starting with {prefix!r}" if prefix else "every topic"
     if before is None:
         return what
-    return what + (f", ids below {before.strip()}" if before.strip().isdigit()
+    if before.strip().isdigit():
+        return what + f", ids below {before.strip()}"
+    return what + (f", committed more than {before} ago" if before[-1:] in "smhd"
+                   and before[:-1].strip().replace(".", "", 1).isdigit()
                    else f", committed before {before}")
 
 
@@ -70,6 +74,9 @@ def purge(ctx: click.Context, prefix: str, before: str | None, yes: bool, as_jso
     covers one is refused: they leave by retention only) and the newest
     stored message (ids are never reused). Durable consumers and history
     readers skip what is gone."""
+    if protocol.is_reserved(prefix):  # the writer would refuse it: a usage error, said here
+        raise click.UsageError(f"topics starting with {protocol.RESERVED_PREFIX!r} are never "
+                               "stored: nothing to purge")
     cfg = build_config(ctx, flags, "purge")
     args: dict[str, Any] = {"prefix": prefix, **(parse_before(before) if before else {})}
     what = describe(prefix, before)
