@@ -17,29 +17,46 @@ from tests.conftest import Bus
 from tests.test_acks import seqs_of
 
 
-class DropsOneMessage(Publisher):
-    """A Publisher whose message `seq` leaves with a damaged mac the first
-    time: the writer drops it as not authentic (and never nacks it, as a
-    forger's copy must not decide the real message's seq)."""
+def damaged(frames: tuple[bytes, bytes, bytes]) -> tuple[bytes, bytes, bytes]:
+    """A message whose mac's last byte is changed: the writer drops it as not
+    authentic (and never nacks it, as a forger's copy must not decide the
+    real message's seq)."""
+    topic, payload, meta = frames
+    return topic, payload, meta[:-1] + bytes((meta[-1] ^ 1,))
 
-    def __init__(self, *args, drop_seq: int, **kwargs) -> None:
+
+class DropsMessages(Publisher):
+    """A Publisher whose messages `drop_seqs` each leave damaged the first
+    time (copies lost on the way)."""
+
+    def __init__(self, *args, drop_seqs: set[int], **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.drop_seq = drop_seq
+        self.drop_seqs = set(drop_seqs)
 
     def _send(self, frames: tuple[bytes, bytes, bytes]) -> None:
-        if self.last_seq == self.drop_seq:
-            self.drop_seq = 0
-            topic, payload, meta = frames
-            frames = (topic, payload, meta[:-1] + bytes((meta[-1] ^ 1,)))
+        if self.last_seq in self.drop_seqs:
+            self.drop_seqs.discard(self.last_seq)
+            frames = damaged(frames)
         super()._send(frames)
+
+
+def first_acknowledgement(bus: Bus, pub: Publisher, acks: zmq.Socket) -> None:
+    """Connect `pub`, subscribe `acks` to its acknowledgements and read the
+    one the writer answers a new subscription with: from then on `acks`
+    hears every acknowledgement of the session."""
+    pub.connect()
+    acks.connect(bus["BUS_NOTIFY_ENDPOINT"])
+    acks.subscribe(protocol.ack_topic(pub.producer_id))
+    assert acks.poll(5000), "no acknowledgement for the new subscription"
+    acks.recv_multipart()
 
 
 def test_a_dropped_message_is_re_sent_alone_from_the_acknowledgement_s_holes(bus: Bus) -> None:
     # Before acknowledgements listed holes, the publisher learnt of the
     # missing seq only from contiguous_seq stalling, and after resend_after
     # sent its whole window again: 991 of 1,000 messages for one dropped.
-    with DropsOneMessage(bus.config(), producer_id="holey", drop_seq=10,
-                         resend_after=5.0) as pub:
+    with DropsMessages(bus.config(), producer_id="holey", drop_seqs={10},
+                       resend_after=5.0) as pub:
         for i in range(1000):
             pub.publish("holes.t", b"%d" % i)
         pub.flush(timeout=20)
@@ -55,14 +72,9 @@ def test_a_dropped_message_is_re_sent_alone_from_the_acknowledgement_s_holes(bus
 
 def test_an_acknowledgement_lists_the_session_s_holes_under_its_mac(bus: Bus) -> None:
     ctx = zmq.Context.instance()
-    with DropsOneMessage(bus.config(), producer_id="gappy", drop_seq=3) as pub, \
+    with DropsMessages(bus.config(), producer_id="gappy", drop_seqs={3}) as pub, \
             ctx.socket(zmq.SUB) as acks:
-        pub.connect()
-        acks.connect(bus["BUS_NOTIFY_ENDPOINT"])
-        acks.subscribe(protocol.ack_topic("gappy"))
-        # The writer answers a new subscription with the current acknowledgement.
-        assert acks.poll(5000), "no acknowledgement for the new subscription"
-        acks.recv_multipart()
+        first_acknowledgement(bus, pub, acks)
         for i in range(5):
             pub.publish("holes.t", b"%d" % i)
         pub.flush(timeout=10)
@@ -75,22 +87,6 @@ def test_an_acknowledgement_lists_the_session_s_holes_under_its_mac(bus: Bus) ->
             seen.append((ack["contiguous_seq"], ack["max_seq"], ack["holes"]))
     assert (2, 5, [[3, 3]]) in seen, seen
     assert seen[-1] == (5, 5, [])
-
-
-class DropsMessages(Publisher):
-    """DropsOneMessage for a set of seqs: each leaves with a damaged mac the
-    first time (a burst of copies lost on the way)."""
-
-    def __init__(self, *args, drop_seqs: set[int], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.drop_seqs = set(drop_seqs)
-
-    def _send(self, frames: tuple[bytes, bytes, bytes]) -> None:
-        if self.last_seq in self.drop_seqs:
-            self.drop_seqs.discard(self.last_seq)
-            topic, payload, meta = frames
-            frames = (topic, payload, meta[:-1] + bytes((meta[-1] ^ 1,)))
-        super()._send(frames)
 
 
 def test_an_acknowledgement_with_many_holes_is_read_not_taken_for_a_forgery(bus: Bus) -> None:
@@ -119,20 +115,15 @@ class LosesMessages(Publisher):
         self.lost_seqs = lost_seqs
         self._lost: list[tuple[bytes, bytes, bytes]] = []
 
-    @staticmethod
-    def _damaged(frames: tuple[bytes, bytes, bytes]) -> tuple[bytes, bytes, bytes]:
-        topic, payload, meta = frames
-        return (topic, payload, meta[:-1] + bytes((meta[-1] ^ 1,)))
-
     def _send(self, frames: tuple[bytes, bytes, bytes]) -> None:
         if self.last_seq in self.lost_seqs:
             self._lost.append(frames)
-            frames = self._damaged(frames)
+            frames = damaged(frames)
         super()._send(frames)
 
     def _resend(self, frames: tuple[bytes, bytes, bytes]) -> bool:
         if any(frames is lost for lost in self._lost):
-            frames = self._damaged(frames)
+            frames = damaged(frames)
         return super()._resend(frames)
 
 
@@ -147,11 +138,7 @@ def test_an_acknowledgement_s_holes_already_re_sent_cost_the_publisher_nothing(b
     with LosesMessages(bus.config(), producer_id="deep", lost_seqs=lost,
                        resend_after=60.0, max_unacked=100_000) as pub, \
             ctx.socket(zmq.SUB) as acks:
-        pub.connect()
-        acks.connect(bus["BUS_NOTIFY_ENDPOINT"])
-        acks.subscribe(protocol.ack_topic("deep"))
-        assert acks.poll(5000), "no acknowledgement for the new subscription"
-        acks.recv_multipart()
+        first_acknowledgement(bus, pub, acks)
         for i in range(60_000):
             pub.publish("deep.t", b"x")
         last = None
@@ -176,19 +163,18 @@ class DropsOneSeqAlways(Publisher):
     copies = 0
 
     def _send(self, frames: tuple[bytes, bytes, bytes]) -> None:
-        super()._send(self._damaged(frames, self.last_seq))
+        super()._send(self._dropped(frames, self.last_seq))
 
     def _resend(self, frames: tuple[bytes, bytes, bytes]) -> bool:
         seq = msgpack.unpackb(frames[2][:-16] + bytes(16))["seq"]
-        return super()._resend(self._damaged(frames, seq))
+        return super()._resend(self._dropped(frames, seq))
 
-    def _damaged(self, frames: tuple[bytes, bytes, bytes], seq: int
+    def _dropped(self, frames: tuple[bytes, bytes, bytes], seq: int
                  ) -> tuple[bytes, bytes, bytes]:
         if seq != self.drop_seq:
             return frames
         self.copies += 1
-        topic, payload, meta = frames
-        return topic, payload, meta[:-1] + bytes((meta[-1] ^ 1,))
+        return damaged(frames)
 
 
 def test_a_hole_that_stays_is_sent_again_less_and_less_often(bus: Bus) -> None:
