@@ -53,7 +53,8 @@ class Publisher:
     acknowledgements stop for `resend_after` seconds (then 2x, 4x, ... up to
     30 s), with the same sequence numbers: the writer stores each (producer,
     seq) once. What an acknowledgement lists in its `holes` (seqs the writer
-    never received, below one it did) is sent again at once, and alone. It raises MessageRefused for messages the writer refused since
+    never received, below one it did) is sent again at once, and alone. It
+    raises MessageRefused for messages the writer refused since
     the last flush, and ProducerFenced once a newer session of the same
     producer id was opened. `publish(..., wait=True)` is publish + flush. At
     most `max_unacked` messages are kept: past that, `publish` waits for
@@ -478,7 +479,7 @@ class Publisher:
             if start > end:  # re-sent already: islice would still walk the deque up to it
                 continue
             # Kept messages have consecutive seqs: the hole's are a slice.
-            for seq, frames in islice(unacked, start - first_kept, max(end - first_kept + 1, 0)):
+            for seq, frames in islice(unacked, start - first_kept, end - first_kept + 1):
                 if not self._resend(frames):
                     break  # the queue is full: the next acknowledgement tries again
                 resent += 1
