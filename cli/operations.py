@@ -15,7 +15,7 @@ import click
 
 from bus.config import SETTINGS, BusConfig, role_fields
 from cli.common import (MAX_SECONDS, PROCESS_FIELDS, FiniteFloat, ask_all, build_config,
-                        print_sections, setting_options)
+                        jsonable, print_sections, setting_options)
 from cli.messages import terminal_safe
 
 
@@ -60,9 +60,12 @@ def shown(value: Any) -> str:
 
 
 def answered_json(answers: dict[str, Any]) -> str:
-    """Answers as JSON, whatever types they hold (bytes as their repr;
-    a key that is no string, left out)."""
-    return json.dumps(answers, indent=2, default=repr, skipkeys=True)
+    """Answers as JSON, whatever types they hold (bytes as everywhere in
+    bus-cli's JSON, anything else as its repr; a key that is no string, left
+    out)."""
+    return json.dumps(answers, indent=2, skipkeys=True,
+                      default=lambda value: jsonable(value) if isinstance(value, bytes)
+                      else repr(value))
 
 
 def _config_answer(result: Any, error: str | None) -> tuple[Any, str | None]:
@@ -114,9 +117,8 @@ def ping(ctx: click.Context, with_anchor: bool, timeout_ms: int, as_json: bool,
                                   {"ms": round(seconds * 1000, 3),
                                    **(result if isinstance(result, dict) else {})}
                                   for name, (result, seconds, error) in answers.items()}))
+        sys.exit(1 if any(error for _, _, error in answers.values()) else 0)
     for name, (result, seconds, error) in answers.items():
-        if as_json:
-            break
         endpoint = getattr(cfg, PROCESS_FIELDS[name])
         # A process of a bus before `about` answers "pong" alone.
         built = (f"  {shown(result.get('version'))} {shown(str(result.get('revision'))[:12])}"
@@ -159,8 +161,8 @@ def health(ctx: click.Context, with_anchor: bool, timeout_ms: int, as_json: bool
     if as_json:
         click.echo(json.dumps({name: {"healthy": reason is None, "reason": reason}
                                for name, reason in reasons.items()}, indent=2, default=str))
-    for name, reason in reasons.items():
-        if not as_json:
+    else:
+        for name, reason in reasons.items():
             click.echo(f"{name:<7} " + ("ok" if reason is None else
                                         f"UNHEALTHY  {shown(reason)}"))
     sys.exit(1 if any(reason is not None for reason in reasons.values()) else 0)
@@ -190,19 +192,21 @@ def stats(ctx: click.Context, as_json: bool, interval: float | None, **flags: An
               for name, (answer, _seconds, error) in answers.items()}
     result = {name: answer if failed[name] is None else {"error": failed[name]}
               for name, (answer, _seconds, _error) in answers.items()}
-    print_sections(printable(result, as_json), as_json)
+    if as_json:
+        click.echo(answered_json(result))
+    else:
+        print_sections(printable(result), as_json=False)
     sys.exit(1 if any(failed.values()) else 0)
 
 
-def printable(value: Any, as_json: bool) -> Any:
-    """What processes answered, fit to print: on a terminal every string made
-    safe (whoever bound an endpoint wrote it), in JSON every key a string."""
+def printable(value: Any) -> Any:
+    """What processes answered, fit for a terminal: every string and key made
+    safe (whoever bound an endpoint wrote it)."""
     if isinstance(value, dict):
-        return {(shown(key) if not as_json or not isinstance(key, str) else key):
-                printable(item, as_json) for key, item in value.items()}
+        return {shown(key): printable(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [printable(item, as_json) for item in value]
-    if isinstance(value, (str, bytes)) and not as_json:
+        return [printable(item) for item in value]
+    if isinstance(value, (str, bytes)):
         return shown(value)
     return value
 
