@@ -3,6 +3,7 @@ admin command `purge`, like NATS `stream purge --subject` or Redis `XTRIM`)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from typing import Any
@@ -21,7 +22,7 @@ def parse_before(text: str) -> dict[str, int]:
     or an ISO 8601 time (UTC if no zone). As the purge request's arguments."""
     if text.strip().isdigit():
         before_id = int(text)
-        if not 1 <= before_id <= 2**63 - 1:
+        if not 1 <= before_id <= protocol.MAX_INT64:
             raise click.BadParameter(f"{text!r}: an id is 1 to 2^63-1", param_hint="--before")
         return {"before_id": before_id}
     try:
@@ -39,8 +40,9 @@ def describe(prefix: str, before: str | None) -> str:
         return what
     if before.strip().isdigit():
         return what + f", ids below {before.strip()}"
-    return what + (f", committed more than {before} ago" if before[-1:] in "smhd"
-                   and before[:-1].strip().replace(".", "", 1).isdigit()
+    # parse_before has read it already: a duration ago, or a time.
+    ago = isinstance(parse_since(before), dt.timedelta)
+    return what + (f", committed more than {before.strip()} ago" if ago
                    else f", committed before {before}")
 
 
