@@ -13,7 +13,7 @@ from storage.messages import MessageRow
 from storage.sessions import ConsumptionRow
 
 # Why a batch was flushed; each has a counter `flush_by_<reason>`.
-FLUSH_REASONS = ("size", "time", "shutdown", "low_load", "request")
+FLUSH_REASONS = ("size", "time", "shutdown", "low_load", "drained", "request")
 
 
 class BatchBuffer:

@@ -75,6 +75,10 @@ class Commits:
         self.failing_since: float | None = None  # first failed commit of a failing run
         self.last_error: str | None = None
         self._part_rows: int | None = None  # after a full disk: rows per transaction
+        # Group commit's pace: when the last commit ended (the loop's clock)
+        # and what it took.
+        self._committed_at = 0.0
+        self._commit_cost = 0.0
 
     def step(self, now: float, idle: bool) -> None:
         """Commit if a commit is due (`idle`: the capture ran dry or brought
@@ -89,8 +93,16 @@ class Commits:
                 self.flush("ack", now)
             return
         reason = self.buffer.due(now)
-        if reason is None and idle and self.load.is_low_load(now):
-            reason = "low_load"
+        if reason is None and idle:
+            if self.load.is_low_load(now):
+                reason = "low_load"
+            elif now - self._committed_at >= 4 * self._commit_cost:
+                # Group commit: the capture ran dry, so whatever arrived is
+                # committed now rather than when the batch fills. At most
+                # half the time goes to commits: what arrives during one is
+                # the next batch, and small commits one after another would
+                # cost more than they store.
+                reason = "drained"
         if reason is not None:
             self.flush(reason, now)
 
@@ -125,6 +137,8 @@ class Commits:
         self.notifications.owe_commit(committed_ns, last_id, len(self.buffer.messages),
                                       self.producers.committed())
         self.buffer.clear()
+        self._commit_cost = time.perf_counter() - started
+        self._committed_at = now + self._commit_cost
         return True
 
     def _commit_part(self, reason: str, now: float) -> bool:
