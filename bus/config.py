@@ -351,6 +351,11 @@ class BusConfig:
         "BATCH_MAX_BUFFER_BYTES", 64 << 20,
         "bytes of messages held when flushes fail; the writer stops reading at this size too",
         roles=("writer",), at_least=1)
+    batch_group_commit: bool = setting(
+        "BATCH_GROUP_COMMIT", True,
+        "commit what has arrived as soon as the capture runs dry (paced: commits take at most "
+        "a fifth of the writer's time); false: by size, time and low load only",
+        roles=("writer",))
     batch_low_load_threshold: float = setting(
         "BATCH_LOW_LOAD_THRESHOLD", 100.0,
         "below this many messages/s the writer flushes as soon as it is idle",

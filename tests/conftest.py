@@ -36,6 +36,9 @@ ENDPOINT_VARS = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
                  "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT",
                  "BUS_NOTIFY_ENDPOINT", "BUS_ANCHOR_CONTROL_ENDPOINT")
 DEADLINE = 15.0
+# Writer settings under which rows wait for BATCH_SIZE or BATCH_FLUSH_INTERVAL_MS:
+# no commit at low load, none when the capture runs dry (group commit).
+HOLD_ROWS = {"BATCH_LOW_LOAD_THRESHOLD": 0, "BATCH_GROUP_COMMIT": False}
 
 # A suite started in the background by a shell without job control (`cmd &`
 # in a script) inherits SIGINT ignored, and passes that on to every process it
@@ -474,7 +477,8 @@ class Bus:
 # server, tests/pgserver.py), except those marked sqlite_only (what only a
 # file has: its size, its WAL, a full disk, a file that is not a database).
 STORAGE_MODULES = {"test_history", "test_consumers", "test_purge", "test_producers", "test_retention",
-                   "test_utxos", "test_anchor_records", "test_acks", "test_writer", "test_audit"}
+                   "test_utxos", "test_anchor_records", "test_acks", "test_writer", "test_audit",
+                   "test_group_commit"}
 
 
 def pytest_configure(config: pytest.Config) -> None:

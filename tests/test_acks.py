@@ -12,7 +12,7 @@ import pytest
 
 from bus import protocol
 from bus.client import BusTimeout, ControlClient, Publisher, Subscriber
-from tests.conftest import Bus, integrity_ok, query, wait_for
+from tests.conftest import HOLD_ROWS, Bus, integrity_ok, query, wait_for
 
 
 def seqs_of(bus: Bus, producer: str) -> list[int]:
@@ -24,7 +24,7 @@ def test_publish_wait_returns_after_the_commit(make_bus) -> None:
     # Nothing is committed by size, time or low load; the test asks for the
     # commit itself, a little later, from another thread. wait=True must wait for it.
     bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=600_000,
-                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+                   **HOLD_ROWS).start()
 
     def request_flush() -> None:
         with ControlClient(bus["BUS_CONTROL_ENDPOINT"]) as client:

@@ -17,7 +17,7 @@ import zmq.auth
 
 from bus import protocol, security
 from bus.client import BusTimeout, ControlClient, Publisher
-from tests.conftest import Bus, RawProducer, query, wait_for
+from tests.conftest import HOLD_ROWS, Bus, RawProducer, query, wait_for
 from tests.forger import forged_acks
 from tests.test_auth import as_client, keys  # noqa: F401  (the CURVE fixture)
 
@@ -368,7 +368,7 @@ def test_a_producer_removed_still_gets_the_acknowledgement_of_what_was_committed
     acknowledgement replaced the committed session's in the same pass: its
     publisher never learned that its messages were stored."""
     bus = make_bus(BATCH_FLUSH_INTERVAL_MS=5000, BATCH_SIZE=10_000,
-                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+                   **HOLD_ROWS).start()
     with Publisher(bus.config(), producer_id="removed") as pub:
         for i in range(300):
             pub.publish("rm.t", b"%d" % i)

@@ -14,8 +14,9 @@ import zmq
 
 from bus import protocol
 from bus.client import BusError, ControlClient, Publisher, Subscriber
-from tests.conftest import (BUS_CLI, DEADLINE, LOCKED_ERROR, Bus, RawProducer, WriteLock, execute,
-                            integrity_ok, query, wait_for, wait_until_delivered)
+from tests.conftest import (BUS_CLI, DEADLINE, HOLD_ROWS, LOCKED_ERROR, Bus, RawProducer,
+                            WriteLock, execute, integrity_ok, query, wait_for,
+                            wait_until_delivered)
 from tests.test_anchor import cpu_seconds
 from tests.test_hostile import publish_acked
 
@@ -41,7 +42,7 @@ def wait_received(bus: Bus, n: int) -> dict:
 
 def test_flush_by_size_and_everything_else_on_sigterm(make_bus) -> None:
     bus = make_bus(BATCH_SIZE=10, BATCH_FLUSH_INTERVAL_MS=NEVER_MS,
-                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+                   **HOLD_ROWS).start()
     publish_many(bus, "size.t", 25)
     stats = wait_received(bus, 25)
     assert bus.count() == 20, "two full batches committed, five rows waiting"
@@ -59,7 +60,7 @@ def test_flush_by_size_and_everything_else_on_sigterm(make_bus) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_flushes_a_partial_batch_with_minutes_interval(make_bus, sig) -> None:
     bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=NEVER_MS,
-                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+                   **HOLD_ROWS).start()
     publish_many(bus, "term.t", 7)
     wait_received(bus, 7)
     assert bus.count() == 0
@@ -96,7 +97,7 @@ def test_proxy_forwards_what_publishers_already_sent_before_it_exits(make_bus) -
 
 def test_flush_by_time(make_bus) -> None:
     bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=200,
-                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+                   **HOLD_ROWS).start()
     publish_many(bus, "time.t", 3)
     bus.wait_count(3, "time.t", timeout=5)
     batch = bus.writer_stats()["batch"]
@@ -115,7 +116,7 @@ def test_low_load_flushes_when_idle_without_waiting_for_the_timer(make_bus) -> N
 
 def test_flush_request_commits_the_buffer(make_bus) -> None:
     bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=NEVER_MS,
-                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+                   **HOLD_ROWS).start()
     publish_many(bus, "req.t", 4)
     wait_received(bus, 4)
     assert bus.count() == 0
@@ -141,7 +142,7 @@ def test_sequential_mode_commits_each_message_alone(make_bus) -> None:
 
 def test_stats_report_the_seed_metrics_and_proxy_counters(make_bus) -> None:
     bus = make_bus(BATCH_SIZE=10, BATCH_FLUSH_INTERVAL_MS=NEVER_MS,
-                   BATCH_LOW_LOAD_THRESHOLD=0).start()
+                   **HOLD_ROWS).start()
     publish_many(bus, "stats.t", 30)
     bus.wait_count(30, "stats.t")
     result = bus.cli("stats", "--json")
@@ -409,7 +410,7 @@ def test_ipc_endpoints_are_not_stolen_from_a_running_bus(make_bus, tmp_path) -> 
 
 @pytest.mark.parametrize("release_lock", [True, False])
 def test_shutdown_retries_a_failed_commit_until_its_deadline(make_bus, release_lock) -> None:
-    bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=NEVER_MS, BATCH_LOW_LOAD_THRESHOLD=0,
+    bus = make_bus(BATCH_SIZE=1000, BATCH_FLUSH_INTERVAL_MS=NEVER_MS, **HOLD_ROWS,
                    BUS_SQLITE_BUSY_TIMEOUT_MS=50, BUS_SHUTDOWN_TIMEOUT_MS=3000).start()
     publish_many(bus, "late.t", 5)
     wait_received(bus, 5)

@@ -20,7 +20,8 @@ import zmq
 from bus import protocol, sockets
 from bus.config import BusConfig, load_config
 from storage import messages, open_store
-from writer.commits import FLUSH_RETRY_SECONDS, Commits
+from tests.conftest import HOLD_ROWS
+from writer.commits import FLUSH_RETRY_SECONDS, GROUP_COMMIT_PACE, Commits
 from writer.ingest import Ingest
 from writer.metrics import HTTP_SERIES, batch_page, load_page, writer_health
 from writer.notifications import Notifications
@@ -202,7 +203,7 @@ def test_batch_write_enabled_is_read_in_one_place() -> None:
 # --- commits ----------------------------------------------------------------
 
 def test_commits_are_due_by_time_and_at_low_load_when_idle(build) -> None:
-    parts = build(BATCH_SIZE=100, BATCH_FLUSH_INTERVAL_MS=500, BATCH_LOW_LOAD_THRESHOLD=0)
+    parts = build(BATCH_SIZE=100, BATCH_FLUSH_INTERVAL_MS=500, **HOLD_ROWS)
     meta = parts.open_session("p1", 0.0)
     parts.ingest.message([TOPIC, b"x", meta.encode(1, topic=TOPIC, payload=b"x")], 10.0)
     assert parts.commits.poll_timeout_ms(10.0) == (501, False)
@@ -210,6 +211,28 @@ def test_commits_are_due_by_time_and_at_low_load_when_idle(build) -> None:
     assert stored(parts) == []
     parts.commits.step(10.5, idle=False)
     assert len(stored(parts)) == 1 and parts.commits.metrics.flush_by["time"] == 1
+
+
+def test_a_drained_capture_is_committed_at_once_then_paced_by_the_commit_cost(build) -> None:
+    """Group commit: an idle (drained) capture is committed without waiting for
+    size or time; the next drained commit waits GROUP_COMMIT_PACE times what the
+    last one cost, and the loop's poll wakes for it."""
+    parts = build(BATCH_SIZE=100, BATCH_FLUSH_INTERVAL_MS=500, BATCH_LOW_LOAD_THRESHOLD=0)
+    meta = parts.open_session("p1", 0.0)
+    parts.ingest.message([TOPIC, b"x", meta.encode(1, topic=TOPIC, payload=b"x")], 10.0)
+    parts.commits.step(10.0, idle=False)  # the read stopped at its room: not drained
+    assert stored(parts) == []
+    parts.commits.step(10.0, idle=True)
+    assert len(stored(parts)) == 1 and parts.commits.metrics.flush_by["drained"] == 1
+    cost = parts.commits.metrics.last_flush_ms / 1000
+    paced = parts.commits.group_commit_at
+    assert paced == pytest.approx(10.0 + cost * (1 + GROUP_COMMIT_PACE), abs=1e-4)
+    parts.ingest.message([TOPIC, b"y", meta.encode(2, topic=TOPIC, payload=b"y")], 10.0)
+    assert parts.commits.poll_timeout_ms(10.0) == (int((paced - 10.0) * 1000) + 1, False)
+    parts.commits.step((10.0 + paced) / 2, idle=True)  # too soon after the last
+    assert len(stored(parts)) == 1
+    parts.commits.step(paced, idle=True)
+    assert len(stored(parts)) == 2 and parts.commits.metrics.flush_by["drained"] == 2
 
 
 def test_a_failed_commit_keeps_its_rows_and_is_retried_after_the_pause(build) -> None:
@@ -389,7 +412,7 @@ def test_the_writer_stepped_in_process_and_its_stats(tmp_path: Path) -> None:
     `now`: a message in, committed by time, acknowledged; stats assembled
     from the parts, and every /metrics series and page read from them."""
     writer, stop = Writer(config_of(tmp_path, BATCH_FLUSH_INTERVAL_MS=100,
-                                    BATCH_LOW_LOAD_THRESHOLD=0)), Stop()
+                                    **HOLD_ROWS)), Stop()
     writer.initialize(stop)  # type: ignore[arg-type]
     push = writer.ctx.socket(zmq.PUSH)
     try:
