@@ -612,9 +612,10 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     pipe, and another's message waits behind at most this short queue. A long
     one (BUS_CAPTURE_HWM=1000000 before) put a flood's seconds of work in front
     of everybody. The kernel's socket buffers at both ends are part of the
-    same queue (capture_buffer_bytes, 16 KiB: the kernel doubles it, so about
-    2,000 of the smallest messages in all; 4 MiB before held 280,000 and
-    more, seconds of the writer's work)."""
+    same queue (capture_buffer_bytes, 64 KiB: the kernel doubles it; 4 MiB
+    before held 280,000 messages and more, seconds of the writer's work).
+    16 KiB, 2,000 of the smallest messages, stalled a tcp capture: its
+    window could not hold one segment (config.MIN_TCP_CAPTURE_BUFFER_BYTES)."""
     sock = _set_common(ctx.socket(zmq.PUSH), cfg.shutdown_timeout_ms)
     sock.setsockopt(zmq.SNDHWM, cfg.capture_hwm)
     sock.setsockopt(zmq.SNDBUF, cfg.capture_buffer_bytes)
