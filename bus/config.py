@@ -75,16 +75,6 @@ MEMORY_LIMIT_MIN = 96 << 20
 # 8-byte name, an 8-byte nonce, a 16-byte MAC and a flags byte), which the
 # proxy's BUS_PROXY_MAX_FRAME_BYTES (libzmq's MAXMSGSIZE) counts too.
 CURVE_FRAME_OVERHEAD_BYTES = 33
-# The least kernel socket buffer (SO_SNDBUF / SO_RCVBUF, which Linux doubles)
-# of a tcp capture connection. Its receive window must hold a whole segment:
-# loopback's MTU of 64 KiB makes segments of 65,483 bytes, and with 16 KiB
-# buffers the proxy's sender could not send one, waiting on its zero-window
-# probe timer instead (exponential back-off: captures stalled 1.5 to 198 s
-# at 40,000 msg/s, bench/group_commit.py; issue 26). 64 KiB, doubled, makes a
-# window of 64 KiB here (tcp_adv_win_scale 1); the default is that least,
-# since every byte of it is queue in front of the honest publishers under a
-# flood (with 128 KiB their p50 was 56 ms, over tests/test_fairness.py's 50).
-MIN_TCP_CAPTURE_BUFFER_BYTES = 64 << 10
 # A producer session's meta at most, without content_type and headers: the
 # longest producer id (128 characters of up to 4 UTF-8 bytes), epoch, seq,
 # time_ns, ack and the session MAC take about 600 bytes.
@@ -531,10 +521,9 @@ class BusConfig:
         "goes on, and the writer gets them in order once it is back",
         roles=("proxy",), at_least=1)
     capture_buffer_bytes: int = setting(
-        "BUS_CAPTURE_BUFFER_BYTES", 64 << 10,
+        "BUS_CAPTURE_BUFFER_BYTES", 16 << 10,
         "the kernel's socket buffer at each end of the capture connection, part of that same "
-        f"queue: more is a little more throughput at full load, less fairness (over tcp at "
-        f"least {MIN_TCP_CAPTURE_BUFFER_BYTES})",
+        "queue: more is a little more throughput at full load, less fairness",
         roles=("proxy", "writer"), at_least=1, at_most=2**31 - 1)
     sub_hwm: int = setting(
         "BUS_SUB_HWM", 100_000, "messages the proxy queues per subscriber before dropping for it",
@@ -669,14 +658,6 @@ class BusConfig:
                     f"{MEMORY_LIMIT_MIN} (the process) + "
                     + " + ".join(f"{_BY_FIELD[size].env} ({getattr(self, size)})"
                                  for size in sizes) + f"; {why}"))
-        if self.capture_endpoint.startswith("tcp://") and \
-                self.capture_buffer_bytes < MIN_TCP_CAPTURE_BUFFER_BYTES:
-            raise _conflict(("capture_buffer_bytes", "capture_endpoint"), (
-                f"BUS_CAPTURE_BUFFER_BYTES ({self.capture_buffer_bytes}) must be at least "
-                f"{MIN_TCP_CAPTURE_BUFFER_BYTES} with a tcp:// BUS_CAPTURE_ENDPOINT: a TCP "
-                "window under one segment (65,483 bytes on loopback) stalls the capture for "
-                "as long as the kernel's zero-window probes back off (minutes); an ipc:// "
-                "capture may take less"))
         if self.anchor_lease_s > self.utxo_max_lease_s:
             raise _conflict(("anchor_lease_s", "utxo_max_lease_s"), (
                 f"BUS_ANCHOR_LEASE_S ({self.anchor_lease_s:g}) must not exceed "

@@ -16,6 +16,7 @@ options of a socket are read in one place:
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import os
 import resource
@@ -75,7 +76,8 @@ class EndpointInUse(StartupError):
     """Another process already serves this endpoint."""
 
 
-def bind(sock: zmq.Socket, endpoint: str, name: str | None = None) -> None:
+def bind(sock: zmq.Socket, endpoint: str, name: str | None = None,
+         max_segment: int | None = None) -> None:
     """Bind, refusing an endpoint another process serves.
 
     `name`: the endpoint's socket-activation name (FileDescriptorName= of its
@@ -90,12 +92,25 @@ def bind(sock: zmq.Socket, endpoint: str, name: str | None = None) -> None:
     tcp fails by itself (EADDRINUSE). For ipc, libzmq silently unlinks the
     other process's socket file and takes the path over, so a second writer or
     proxy would steal the first one's traffic: check for a listener first.
+
+    `max_segment`: over tcp, the largest segment the peers may send
+    (TCP_MAXSEG on the listening socket, which its connections inherit and
+    announce), for a receive buffer too small to hold loopback's 64 KiB
+    segments (open_writer_capture). libzmq has no option for it: the
+    listening socket is made here and handed over as an inherited one is.
     """
     try:
         inherited = inherited_sockets().get(name) if name else None
         if inherited is not None:
             _check_inherited(inherited, endpoint, name)
-            sock.setsockopt(zmq.USE_FD, os.dup(inherited))
+            listener = os.dup(inherited)
+            if max_segment and endpoint.startswith("tcp://"):
+                _limit_segments(listener, max_segment)
+            sock.setsockopt(zmq.USE_FD, listener)
+            sock.bind(endpoint)
+            return
+        if max_segment and endpoint.startswith("tcp://"):
+            sock.setsockopt(zmq.USE_FD, _tcp_listener(endpoint, max_segment))
             sock.bind(endpoint)
             return
         if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
@@ -118,6 +133,38 @@ def bind(sock: zmq.Socket, endpoint: str, name: str | None = None) -> None:
         # context from terminating, and the process from exiting.
         sock.close(linger=0)
         raise
+
+
+def _limit_segments(fd: int, max_segment: int) -> None:
+    with socket.socket(fileno=os.dup(fd)) as listener:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max_segment)
+
+
+def _tcp_listener(endpoint: str, max_segment: int) -> int:
+    """A listening socket at tcp://HOST:PORT (HOST: *, an address, [IPv6] or
+    a name) whose connections take segments of at most `max_segment` bytes;
+    its fd. Refused as bind() refuses libzmq's own."""
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    host = "" if host == "*" else host.strip("[]")
+    # IPv4 unless the address is IPv6, as libzmq resolves without ZMQ_IPV6.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, int(port), family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise StartupError(f"{endpoint}: cannot bind: {exc.strerror}") from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq does
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max_segment)
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise EndpointInUse(f"{endpoint} is in use by another process") from None
+        raise StartupError(f"{endpoint}: cannot bind: {os.strerror(exc.errno)}") from None
+    return listener.detach()
 
 
 def _check_inherited(fd: int, endpoint: str, name: str) -> None:
@@ -612,10 +659,10 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     pipe, and another's message waits behind at most this short queue. A long
     one (BUS_CAPTURE_HWM=1000000 before) put a flood's seconds of work in front
     of everybody. The kernel's socket buffers at both ends are part of the
-    same queue (capture_buffer_bytes, 64 KiB: the kernel doubles it; 4 MiB
-    before held 280,000 messages and more, seconds of the writer's work).
-    16 KiB, 2,000 of the smallest messages, stalled a tcp capture: its
-    window could not hold one segment (config.MIN_TCP_CAPTURE_BUFFER_BYTES)."""
+    same queue (capture_buffer_bytes, 16 KiB: the kernel doubles it, so about
+    2,000 of the smallest messages in all; 4 MiB before held 280,000 and
+    more, seconds of the writer's work). Over tcp, the writer's end takes
+    segments that such a window holds (capture_max_segment)."""
     sock = _set_common(ctx.socket(zmq.PUSH), cfg.shutdown_timeout_ms)
     sock.setsockopt(zmq.SNDHWM, cfg.capture_hwm)
     sock.setsockopt(zmq.SNDBUF, cfg.capture_buffer_bytes)
@@ -673,6 +720,17 @@ def capture_receive_hwm(cfg: BusConfig) -> int:
     return max(100, min(cfg.batch_max_buffer_size, CAPTURE_RECEIVE_BYTES // cfg.max_message_bytes))
 
 
+def capture_max_segment(cfg: BusConfig) -> int:
+    """The largest TCP segment of the capture connection: a quarter of its
+    receive buffer (Linux doubles BUS_CAPTURE_BUFFER_BYTES and offers half
+    of that as the window), within what TCP_MAXSEG takes (536 to 32,767).
+    The window must hold whole segments: with loopback's 65,483-byte ones
+    and 16 KiB buffers, once the writer had paused, the proxy's kernel sent
+    the rest only on its zero-window probe timer (200 ms, backing off), and
+    the capture stalled for 1.5 to 198 s at 40,000 msg/s (issue 26)."""
+    return max(536, min(32_767, cfg.capture_buffer_bytes // 4))
+
+
 def open_writer_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
     """PULL bound for the proxy's capture pipe. A small receive queue: what the
     writer has not read stays in the proxy's restart-proof queue, then in the
@@ -687,7 +745,7 @@ def open_writer_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None
         on_open(sock)
     if not security.capture_by_file_permissions(cfg):
         security.secure_server(sock, cfg, "capture")
-        bind(sock, cfg.capture_endpoint, "capture")
+        bind(sock, cfg.capture_endpoint, "capture", capture_max_segment(cfg))
         return sock
     security.check_capture_directory(cfg)
     # libzmq creates the socket file inside zmq_bind, with the process's umask:
