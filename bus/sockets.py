@@ -109,10 +109,6 @@ def bind(sock: zmq.Socket, endpoint: str, name: str | None = None,
             sock.setsockopt(zmq.USE_FD, listener)
             sock.bind(endpoint)
             return
-        if max_segment and endpoint.startswith("tcp://"):
-            sock.setsockopt(zmq.USE_FD, _tcp_listener(endpoint, max_segment))
-            sock.bind(endpoint)
-            return
         if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
             directory = os.path.dirname(endpoint[len("ipc://"):]) or "."
             if not os.path.isdir(directory):
@@ -121,6 +117,8 @@ def bind(sock: zmq.Socket, endpoint: str, name: str | None = None,
             if _unix_listener_at(endpoint[len("ipc://"):]):
                 raise EndpointInUse(f"{endpoint} is in use by another process")
         try:
+            if max_segment and endpoint.startswith("tcp://"):
+                sock.setsockopt(zmq.USE_FD, _tcp_listener(sock, endpoint, max_segment))
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EADDRINUSE:
@@ -140,30 +138,36 @@ def _limit_segments(fd: int, max_segment: int) -> None:
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max_segment)
 
 
-def _tcp_listener(endpoint: str, max_segment: int) -> int:
-    """A listening socket at tcp://HOST:PORT (HOST: *, an address, [IPv6] or
-    a name) whose connections take segments of at most `max_segment` bytes;
-    its fd. Refused as bind() refuses libzmq's own."""
+def _tcp_listener(sock: zmq.Socket, endpoint: str, max_segment: int) -> int:
+    """A listening socket where libzmq would bind tcp://HOST:PORT for `sock`,
+    as libzmq makes one (SO_REUSEADDR, its ZMQ_BACKLOG), whose connections
+    take segments of at most `max_segment` bytes; its fd. Failures are
+    libzmq's errors (bind() words them)."""
     host, _, port = endpoint[len("tcp://"):].rpartition(":")
-    host = "" if host == "*" else host.strip("[]")
-    # IPv4 unless the address is IPv6, as libzmq resolves without ZMQ_IPV6.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # libzmq's own resolver says where HOST is (*, an address, a name, an
+    # interface name; IPv4 unless ZMQ_IPV6): the proxy connects with it, and a
+    # listener it would refuse (an IPv6 address) is one the proxy never reaches.
+    probe = sock.context.socket(zmq.PULL)
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host or None, int(port), family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise StartupError(f"{endpoint}: cannot bind: {exc.strerror}") from None
-    listener = socket.socket(family, kind, proto)
+        probe.setsockopt(zmq.LINGER, 0)
+        probe.setsockopt(zmq.IPV6, sock.getsockopt(zmq.IPV6))
+        probe.bind(f"tcp://{host}:0")  # a port of the kernel's choosing, at once let go
+        address = probe.getsockopt(zmq.LAST_ENDPOINT).decode()[len("tcp://"):].rpartition(":")[0]
+    finally:
+        probe.close()
+    family = socket.AF_INET6 if address.startswith("[") else socket.AF_INET
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq does
+        listener = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise zmq.ZMQError(exc.errno) from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, max_segment)
-        listener.bind(address)
-        listener.listen(socket.SOMAXCONN)
+        listener.bind((address.strip("[]"), int(port)))
+        listener.listen(sock.getsockopt(zmq.BACKLOG))
     except OSError as exc:
         listener.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise EndpointInUse(f"{endpoint} is in use by another process") from None
-        raise StartupError(f"{endpoint}: cannot bind: {os.strerror(exc.errno)}") from None
+        raise zmq.ZMQError(exc.errno) from None
     return listener.detach()
 
 
