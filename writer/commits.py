@@ -27,8 +27,9 @@ log = get_logger("writer")
 
 # After a failed flush, wait this long before trying again.
 FLUSH_RETRY_SECONDS = 0.5
-# Group commit's pace: after a commit that took C seconds, a drained capture is
-# committed no sooner than GROUP_COMMIT_PACE x C after it ended, so that commits
+# Group commit's pace: after a commit that took C seconds (all its parts), a
+# drained capture is committed no sooner than (1 + GROUP_COMMIT_PACE) x C after
+# the loop pass that made it began (its read counts as pause), so that commits
 # take at most 1 / (1 + GROUP_COMMIT_PACE) of the writer's time. What arrives
 # meanwhile is the next batch: under load the batches grow by themselves, at a
 # trickle each message is committed at once. Unpaced (a commit at every dry
@@ -120,6 +121,7 @@ class Commits:
         space freed is used at once, until the rest fits in one transaction."""
         if self.store is None or not (self.buffer or self.producers.dirty):
             return True
+        flush_started = time.perf_counter()  # the pace counts every part of it
         while len(self.buffer.messages) > self._rows_per_transaction():
             if not self._commit_part(reason, now):
                 return False
@@ -143,7 +145,7 @@ class Commits:
         self.notifications.owe_commit(committed_ns, last_id, len(self.buffer.messages),
                                       self.producers.committed())
         self.buffer.clear()
-        self._paced(now, seconds)
+        self._paced(now, time.perf_counter() - flush_started)
         return True
 
     def _commit_part(self, reason: str, now: float) -> bool:
@@ -161,10 +163,8 @@ class Commits:
         except self.store.transient_errors as exc:
             self._flush_failed(exc, now)
             return False
-        seconds = time.perf_counter() - started
-        self.metrics.record_flush(count + positions, reason, seconds,
+        self.metrics.record_flush(count + positions, reason, time.perf_counter() - started,
                                   batched=not self.sequential)
-        self._paced(now, seconds)
         self.notifications.owe_commit(committed_ns, last_id, count, states)
         self.buffer.take(count)
         if self._part_rows is not None:  # after a full disk (not a part for a small one)
@@ -174,8 +174,9 @@ class Commits:
         return True
 
     def _paced(self, now: float, seconds: float) -> None:
-        """After a commit begun at `now` that took `seconds`: when a drained
-        capture may be committed next (GROUP_COMMIT_PACE)."""
+        """After a flush in the pass begun at `now` whose commits (all its
+        parts) took `seconds`: when a drained capture may be committed next
+        (GROUP_COMMIT_PACE)."""
         self.group_commit_at = now + seconds * (1 + GROUP_COMMIT_PACE)
 
     def _rows_per_transaction(self) -> int:
