@@ -16,7 +16,6 @@ options of a socket are read in one place:
 from __future__ import annotations
 
 import ctypes
-import errno
 import itertools
 import os
 import resource
