@@ -354,7 +354,7 @@ class BusConfig:
     batch_group_commit: bool = setting(
         "BATCH_GROUP_COMMIT", True,
         "commit what has arrived as soon as the capture runs dry (paced: commits take at most "
-        "a fifth of the writer's time); false: by size, time and low load only",
+        "a third of the writer's time); false: by size, time and low load only",
         roles=("writer",))
     batch_low_load_threshold: float = setting(
         "BATCH_LOW_LOAD_THRESHOLD", 100.0,
