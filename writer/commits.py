@@ -4,11 +4,11 @@ One transaction per BATCH_SIZE rows, or when the oldest row has waited
 BATCH_FLUSH_INTERVAL_MS, or at once when the capture is idle and the load is
 low, or (group commit, BATCH_GROUP_COMMIT) when the capture ran dry and the
 last commit is far enough behind (`step`); BATCH_WRITE_ENABLED=false commits
-every message on its own (`sequential`: decided here, and only here). A failed commit keeps its rows
-and is retried after FLUSH_RETRY_SECONDS; after a full disk, the backlog is
-committed in parts that fit. Every commit owes its notifications
-(writer/notifications.py). Every method takes `now` (time.monotonic()
-seconds).
+every message on its own (`sequential`: decided here, and only here). A failed
+commit keeps its rows and is retried after FLUSH_RETRY_SECONDS; after a full
+disk, the backlog is committed in parts that fit. Every commit owes its
+notifications (writer/notifications.py). Every method takes `now`
+(time.monotonic() seconds).
 """
 
 from __future__ import annotations
