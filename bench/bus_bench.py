@@ -449,9 +449,17 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, {args.messages:,} x {PAYLOAD_BYTES}-byte messages, "
           f"synchronous={args.synchronous}")
-    print("| measure | result | note |\n|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    print_table(("measure", "result", "note"), rows)
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]],
+                align: str = "---") -> None:
+    """A Markdown table, as the README shows them (`align`: each cell's rule
+    under the header, e.g. "---:" for figures)."""
+    print("| " + " | ".join(header) + " |")
+    print("|---|" + "|".join([align] * (len(header) - 1)) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -154,9 +154,8 @@ def main() -> None:
     ]
     print(f"\nprototype, raw frames: {cell('proto', 'raw_rate', 0)} msg/s, "
           f"{cell('proto', 'raw_proto_us')} CPU us per stored message (proxy and store)")
-    print("| medians (each round) | seed: by size or time | group commit |\n|---|---:|---:|")
-    for row in rows:
-        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+    bus_bench.print_table(("medians (each round)", "seed: by size or time", "group commit"),
+                          rows, align="---:")
 
 
 if __name__ == "__main__":

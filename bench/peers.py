@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -89,19 +90,13 @@ def c_round(workdir: Path, count: int, size: int) -> float:
         bus.stop()
 
 
+@functools.cache
 def c_publisher() -> Path:
     """bench/c_publisher.c compiled (once a run) into a temporary directory."""
-    global _C_BINARY
-    if _C_BINARY is None:
-        out = Path(tempfile.mkdtemp(prefix="peers-c-")) / "c_publisher"
-        subprocess.run(["gcc", "-O2", "-o", str(out), str(Path(__file__).with_name(
-            "c_publisher.c")), "-lzmq", "-lmsgpackc", "-lsodium"], check=True,
-                       capture_output=True)
-        _C_BINARY = out
-    return _C_BINARY
-
-
-_C_BINARY: Path | None = None
+    out = Path(tempfile.mkdtemp(prefix="peers-c-")) / "c_publisher"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(Path(__file__).with_name("c_publisher.c")),
+                    "-lzmq", "-lmsgpackc", "-lsodium"], check=True, capture_output=True)
+    return out
 
 
 def redis_round(workdir: Path, count: int, size: int) -> float:

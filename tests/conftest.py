@@ -36,6 +36,8 @@ ENDPOINT_VARS = ("BUS_PUB_ENDPOINT", "BUS_SUB_ENDPOINT", "BUS_CAPTURE_ENDPOINT",
                  "BUS_CONTROL_ENDPOINT", "BUS_PROXY_CONTROL_ENDPOINT", "BUS_READ_ENDPOINT",
                  "BUS_NOTIFY_ENDPOINT", "BUS_ANCHOR_CONTROL_ENDPOINT")
 DEADLINE = 15.0
+# A BATCH_FLUSH_INTERVAL_MS no test waits out.
+NEVER_MS = 600_000
 # Writer settings under which rows wait for BATCH_SIZE or BATCH_FLUSH_INTERVAL_MS:
 # no commit at low load, none when the capture runs dry (group commit).
 HOLD_ROWS = {"BATCH_LOW_LOAD_THRESHOLD": 0, "BATCH_GROUP_COMMIT": False}

@@ -12,7 +12,8 @@ import zmq
 
 from bus import protocol
 from bus.client import BusTimeout, Publisher, Subscriber
-from tests.conftest import ENDPOINT_VARS, HOLD_ROWS, Bus, query, wait_for, wait_until_delivered
+from tests.conftest import (ENDPOINT_VARS, HOLD_ROWS, NEVER_MS, Bus, query, wait_for,
+                            wait_until_delivered)
 
 
 def test_published_message_is_stored_with_its_meta(bus: Bus) -> None:
@@ -175,7 +176,7 @@ def test_plain_zmq_pub_without_meta_is_stored(bus: Bus) -> None:
 
 
 def test_bus_cli_up_runs_all_three_and_ctrl_c_stores_everything(make_bus) -> None:
-    bus = make_bus(BATCH_FLUSH_INTERVAL_MS=600_000, **HOLD_ROWS)
+    bus = make_bus(BATCH_FLUSH_INTERVAL_MS=NEVER_MS, **HOLD_ROWS)
     up = bus.run("up")
     up.stdout.wait_line(lambda ln: ln == "Ctrl-C stops all three.")
     shown = "\n".join(up.stdout.collect())

@@ -9,9 +9,7 @@ from __future__ import annotations
 import pytest
 
 from bus.client import Publisher
-from tests.conftest import Bus, RawProducer, query, wait_for
-
-NEVER_MS = 600_000
+from tests.conftest import NEVER_MS, Bus, RawProducer, query, wait_for
 
 
 def test_a_drained_capture_is_committed_at_once_with_every_guarantee(make_bus) -> None:

@@ -14,7 +14,7 @@ import zmq
 
 from bus import protocol
 from bus.client import BusError, ControlClient, Publisher, Subscriber
-from tests.conftest import (BUS_CLI, DEADLINE, HOLD_ROWS, LOCKED_ERROR, Bus, RawProducer,
+from tests.conftest import (BUS_CLI, DEADLINE, HOLD_ROWS, LOCKED_ERROR, NEVER_MS, Bus, RawProducer,
                             WriteLock, execute, integrity_ok, query, wait_for,
                             wait_until_delivered)
 from tests.test_anchor import cpu_seconds
@@ -23,7 +23,6 @@ from tests.test_hostile import publish_acked
 # A flush interval of ten minutes: anything stored before then was flushed by
 # size, by request or by shutdown. A low-load threshold of 0 turns off the
 # "flush at once when idle" path.
-NEVER_MS = 600_000
 
 
 def publish_many(bus: Bus, topic: str, n: int, producer_id: str = "p") -> None:
