@@ -356,6 +356,12 @@ class BusConfig:
         "commit what has arrived as soon as the capture runs dry (paced: commits take at most "
         "a third of the writer's time); false: by size, time and low load only",
         roles=("writer",))
+    pg_overlap_commits: bool = setting(
+        "BUS_PG_OVERLAP_COMMITS", True,
+        "PostgreSQL: each batch commits on a thread of its own while the writer gathers the "
+        "next one (one commit at a time, acknowledged once committed); false: the writer "
+        "waits for each commit, with less CPU a message",
+        roles=("writer",))
     batch_low_load_threshold: float = setting(
         "BATCH_LOW_LOAD_THRESHOLD", 100.0,
         "below this many messages/s the writer flushes as soon as it is idle",

@@ -22,6 +22,7 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -74,16 +75,31 @@ class PgConnection:
     def __init__(self, conn: psycopg.Connection) -> None:
         self.raw = conn
         self._changes = 0
+        # The writer's batch being committed on PgStore's committer thread: no
+        # other statement may join its pipeline, so each waits for it first.
+        self.pending: Future[Any] | None = None
+
+    def wait_for_commit(self) -> None:
+        """Wait for the batch in flight, if any. Its outcome, failure included,
+        is for whoever started it (writer/commits.py), not for this caller."""
+        pending = self.pending
+        if pending is not None:
+            pending.exception()  # waits; does not raise what the commit raised
+            self.pending = None
 
     def execute(self, sql: str, params: Sequence[Any] = (), binary: bool = False
                 ) -> psycopg.Cursor:
         """binary: results in PostgreSQL's binary format, where bytea needs no
         hex encoding on the server and decoding here (history pages)."""
+        if self.pending is not None:
+            self.wait_for_commit()
         cursor = self.raw.execute(pg_sql(sql), params, binary=binary)
         self._changes = cursor.rowcount
         return cursor
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if self.pending is not None:
+            self.wait_for_commit()
         with self.raw.cursor() as cursor:
             cursor.executemany(pg_sql(sql), rows)
             self._changes = cursor.rowcount
@@ -178,6 +194,11 @@ class PgStore(WriterHandle):
 
     transient_errors = TRANSIENT_ERRORS
     is_disk_full = staticmethod(is_disk_full)
+    # A batch's commit (its round trip and the server's WAL flush) can run on a
+    # thread of its own while the writer gathers the next batch (start_batch,
+    # writer/commits.py). SQLite's commit in WAL mode is a write to the page
+    # cache: nothing to overlap there.
+    overlaps_commits = True
 
     def __init__(self, url: str, lock_timeout_ms: int = 5000) -> None:
         self.path = redact(url)
@@ -186,6 +207,7 @@ class PgStore(WriterHandle):
         self._conn = self._open()
         apply_schema(self._conn, url)
         self.reconnects = 0
+        self._committer: ThreadPoolExecutor | None = None  # start_batch's thread
 
     def _open(self) -> PgConnection:
         conn = connect(self._url, "bus-writer")
@@ -208,8 +230,10 @@ class PgStore(WriterHandle):
 
     @property
     def conn(self) -> PgConnection:
-        """The connection, opened again first if it was lost: every read and
-        write of the writer's (a batch, a control command, a read at start)."""
+        """The connection, once the batch in flight is committed, opened again
+        first if it was lost: every read and write of the writer's (a control
+        command, a read at start) but the batches."""
+        self._conn.wait_for_commit()
         self._reconnect_if_lost()
         return self._conn
 
@@ -231,7 +255,7 @@ class PgStore(WriterHandle):
         """After an error: end the transaction, unless the connection is lost
         (it is opened again at the next use) or none is open."""
         if not self._conn.raw.broken and self._conn.raw.info.transaction_status:
-            self._conn.execute("ROLLBACK")
+            self._conn.raw.execute("ROLLBACK")  # not execute: on the committer, it would wait for itself
 
     @contextlib.contextmanager
     def transaction(self, commit: bool = True) -> Iterator[PgConnection]:
@@ -256,7 +280,8 @@ class PgStore(WriterHandle):
         three more round trips (BEGIN, the COPY's start and its end) and about
         15% more time a batch of 100 rows."""
         committed_ns = time.time_ns()
-        raw = self.conn.raw
+        self._reconnect_if_lost()  # not self.conn: on the committer, it would wait for itself
+        raw = self._conn.raw
         try:
             cursor = raw.cursor()
             with raw.pipeline():
@@ -282,10 +307,27 @@ class PgStore(WriterHandle):
             raise
         return committed_ns, last
 
+    def start_batch(self, rows: Sequence[messages.MessageRow],
+                    producers: Sequence[tuple[Any, ...]] = (),
+                    consumptions: Sequence[sessions.ConsumptionRow] = ()
+                    ) -> Future[tuple[int, int | None]]:
+        """write_batch on the committer thread; the caller gathers the next
+        batch meanwhile (psycopg waits for the server with the GIL released).
+        Every other statement waits for it (PgConnection.execute)."""
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="bus-commit")
+        self._conn.wait_for_commit()  # one batch in flight at a time
+        future = self._committer.submit(self.write_batch, rows, producers, consumptions)
+        self._conn.pending = future
+        return future
+
     def snapshot(self) -> dict[str, Any]:
         return {"engine": "postgresql", "database": self.path, "reconnects": self.reconnects}
 
     def close(self) -> None:
+        self._conn.wait_for_commit()
+        if self._committer is not None:
+            self._committer.shutdown()
         self._conn.close()  # the advisory lock goes with the session
 
 

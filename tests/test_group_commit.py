@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from bus.client import Publisher
-from tests.conftest import NEVER_MS, Bus, RawProducer, query, wait_for
+from bus.client import BusTimeout, ControlClient, Publisher
+from tests.conftest import NEVER_MS, Bus, RawProducer, WriteLock, query, wait_for
 
 
 def test_a_drained_capture_is_committed_at_once_with_every_guarantee(make_bus) -> None:
@@ -54,4 +54,43 @@ def test_group_commit_off_leaves_the_seed_batches(make_bus) -> None:
         bus.wait_count(3, "idem.t")
     batch = bus.writer_stats()["batch"]
     assert batch["flush_by_time"] >= 1 and batch["flush_by_drained"] == 0
+    assert bus.stop() == (0, 0)
+
+
+def writer_waits_for_a_lock(db: str) -> bool:
+    """Is the writer's session (application_name bus-writer) waiting for a lock?"""
+    return query(db, "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                     " 'bus-writer' AND wait_event_type = 'Lock'") == [(1,)]
+
+
+@pytest.mark.parametrize("db_engine", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_an_overlapped_commit_lets_the_loop_serve_and_is_acknowledged_once_committed(
+        make_bus, overlap: bool) -> None:
+    """BUS_PG_OVERLAP_COMMITS: a batch commits on a thread of its own. While
+    another session's lock holds that commit (within lock_timeout), the
+    writer still answers `ping`, and nothing of the batch is acknowledged;
+    once the lock goes, the batch commits and is acknowledged. Off (the
+    default), the loop waits for the commit: no answer meanwhile."""
+    bus: Bus = make_bus(BUS_PG_OVERLAP_COMMITS=overlap, BATCH_LOW_LOAD_THRESHOLD=0,
+                        BUS_SQLITE_BUSY_TIMEOUT_MS=20_000).start()
+    with Publisher(bus.config(), producer_id="overlap") as pub:
+        pub.publish("overlap.t", b"0", wait=True, timeout=5)
+        lock = WriteLock(bus.db)
+        try:
+            seq = pub.publish("overlap.t", b"1")
+            wait_for(lambda: writer_waits_for_a_lock(bus.db),
+                     message="the writer's commit to wait for the lock")
+            with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=1000) as client:
+                if overlap:
+                    assert client.request("ping")
+                else:
+                    with pytest.raises(BusTimeout):
+                        client.request("ping")
+            assert pub.read_acks(0.3) < seq  # not committed, not acknowledged
+            assert query(bus.db, "SELECT count(*) FROM messages") == [(1,)]
+        finally:
+            lock.release()
+        pub.flush(10)
+        assert query(bus.db, "SELECT producer_seq FROM messages ORDER BY id") == [(1,), (2,)]
     assert bus.stop() == (0, 0)

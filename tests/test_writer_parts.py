@@ -7,8 +7,10 @@ explicit `now` (as huey's consumer loop is in its tests). The process tests
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,8 @@ def build(tmp_path: Path) -> Iterator[Any]:
     ctx = zmq.Context()
     opened: list[Any] = []
 
-    def make(**settings: Any) -> Parts:
+    def make(wrap: Any = None, **settings: Any) -> Parts:
+        """wrap(store): the store the commits are given (a double around it)."""
         cfg = config_of(tmp_path, **settings)
         store = open_store(cfg.db, cfg.sqlite_synchronous, cfg.sqlite_busy_timeout_ms)
         capture = sockets.open_writer_capture(ctx, cfg)
@@ -104,7 +107,9 @@ def build(tmp_path: Path) -> Iterator[Any]:
         producers = ProducerLedger(store.load_producer)
         dropped: list[int] = []
         notifications = Notifications(notify, producers, lambda: dropped.append(1))
-        commits = Commits(cfg, store, producers, notifications)
+        wrapped = store if wrap is None else wrap(store)
+        commits = Commits(cfg, wrapped, producers, notifications)
+        opened.extend([wrapped, commits] if wrap is not None else [commits])
         ingest = Ingest(cfg, capture, commits, producers, notifications)
         return Parts(cfg, store, producers, notifications, commits, ingest, push, sub, dropped)
 
@@ -291,6 +296,100 @@ def test_a_failed_commit_keeps_its_rows_and_is_retried_after_the_pause(build) ->
     assert stored(parts) == []
     parts.commits.step(5.0 + FLUSH_RETRY_SECONDS, idle=False)
     assert len(stored(parts)) == 1 and parts.commits.failing_since is None
+
+
+class _HeldStore:
+    """A store whose commits run beside the loop (as PostgreSQL's can,
+    storage/postgres.PgStore.start_batch), each held until `release` and
+    failing with a transient error if `fail` says so."""
+
+    overlaps_commits = True
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._pool = ThreadPoolExecutor(1)
+        self._gates: list[threading.Event] = []
+        self.fail: list[bool] = []  # one entry a commit, popped in turn
+
+    def start_batch(self, *args: Any) -> Future[Any]:
+        gate = threading.Event()
+        self._gates.append(gate)
+        fails = self.fail.pop(0) if self.fail else False
+
+        def commit() -> Any:
+            assert gate.wait(RECEIVE_TIMEOUT_MS / 1000), "the commit was never released"
+            if fails:
+                raise self._store.transient_errors[0]("database is locked")
+            return self._store.write_batch(*args)
+        return self._pool.submit(commit)
+
+    def release(self) -> None:
+        self._gates.pop(0).set()
+
+    def close(self) -> None:  # the store itself is closed by `build`
+        self._pool.shutdown()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def landed(parts: Parts) -> None:
+    """Until the commit in flight has ended (its wakeup is readable): bounded."""
+    poller = zmq.Poller()
+    poller.register(parts.commits.wakeup_fd, zmq.POLLIN)
+    assert poller.poll(RECEIVE_TIMEOUT_MS), "the commit did not end"
+
+
+def test_an_overlapped_commit_acknowledges_only_what_it_carried_once_landed(build) -> None:
+    """BUS_PG_OVERLAP_COMMITS: a batch commits while the loop reads on. Until
+    it has landed, nothing of it is acknowledged, its producer counts as
+    uncommitted (a new acknowledgement subscription is not answered from
+    it), and once the next batch is complete the capture is left unread. The
+    acknowledgement is the state the batch carried, not the newer one; a
+    failed commit puts its rows back before the newer ones, its producer
+    dirty again, and the retry commits all of them in order."""
+    parts = build(wrap=_HeldStore, BATCH_SIZE=2, BATCH_LOW_LOAD_THRESHOLD=0,
+                  BUS_PG_OVERLAP_COMMITS="true")
+    commits, held = parts.commits, parts.commits.store
+    assert commits.overlapped
+    meta = parts.open_session("p1", 0.0)
+    for seq in (1, 2):
+        parts.ingest.message([TOPIC, b"%d" % seq, meta.encode(seq, topic=TOPIC,
+                                                              payload=b"%d" % seq)], 1.0)
+    commits.step(1.0, idle=True)  # by size: handed to the committer, held there
+    assert commits.in_flight is not None and len(commits.buffer) == 0
+    assert not parts.notifications.owed_acks and parts.producers.is_dirty("p1")
+    assert not commits.holding_capture
+    for seq in (3, 4):  # the next batch, complete: the capture is left unread
+        parts.ingest.message([TOPIC, b"%d" % seq, meta.encode(seq, topic=TOPIC,
+                                                              payload=b"%d" % seq)], 1.1)
+    assert commits.holding_capture
+    commits.step(1.1, idle=True)  # still in flight: nothing more starts
+    assert not parts.notifications.owed_acks and stored(parts) == []
+    held.fail = [True]  # the next commit (of 3 and 4) will fail
+    held.release()
+    landed(parts)
+    commits.step(1.2, idle=True)  # lands 1-2, starts 3-4
+    (_, ack), = parts.notifications.owed_acks.values()
+    assert ack["contiguous_seq"] == 2  # what the batch carried, though 4 is accepted
+    assert [seq for _, seq in stored(parts)] == [1, 2]
+    assert parts.producers.is_dirty("p1") and commits.in_flight is not None
+    parts.notifications.send()
+    parts.ingest.message([TOPIC, b"5", meta.encode(5, topic=TOPIC, payload=b"5")], 1.3)
+    held.release()
+    landed(parts)
+    commits.step(1.3, idle=True)  # the failed commit lands: rows back, retried later
+    assert commits.metrics.flush_errors == 1 and commits.in_flight is None
+    assert [row[4] for row in commits.buffer.messages] == [3, 4, 5]
+    assert not parts.notifications.owed_acks and parts.producers.is_dirty("p1")
+    commits.step(1.3 + FLUSH_RETRY_SECONDS, idle=True)
+    held.release()
+    landed(parts)
+    commits.step(1.4 + FLUSH_RETRY_SECONDS, idle=True)
+    assert [seq for _, seq in stored(parts)] == [1, 2, 3, 4, 5]
+    (_, ack), = parts.notifications.owed_acks.values()
+    assert ack["contiguous_seq"] == 5 and not parts.producers.is_dirty("p1")
+    assert commits.buffer.held_rows == 0 and not commits.holding_capture
 
 
 # --- notifications ----------------------------------------------------------

@@ -7,13 +7,21 @@ Pure bookkeeping, no I/O and no clock of its own: every method takes `now`
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 from storage.messages import MessageRow
 from storage.sessions import ConsumptionRow
 
 # Why a batch was flushed; each has a counter `flush_by_<reason>`.
 FLUSH_REASONS = ("size", "time", "shutdown", "low_load", "drained", "request")
+
+
+class DetachedRows(NamedTuple):
+    """A buffer's rows as a commit in flight took them (BatchBuffer.detach)."""
+    messages: list[MessageRow]
+    consumptions: list[ConsumptionRow]
+    oldest_at: float | None
+    bytes: int
 
 
 class BatchBuffer:
@@ -36,6 +44,10 @@ class BatchBuffer:
         # Durable-consumer positions join the batch here (the seed's "consumptions").
         self.consumptions: list[ConsumptionRow] = []
         self.oldest_at: float | None = None
+        # Rows handed to a commit still in flight (detach): counted against the
+        # limits until that commit lands (release) or fails (restore).
+        self.held_rows = 0
+        self.held_bytes = 0
 
     def __len__(self) -> int:
         return len(self.messages) + len(self.consumptions)
@@ -59,7 +71,8 @@ class BatchBuffer:
 
     @property
     def is_full(self) -> bool:
-        return len(self) >= self.max_size or self.bytes >= self.max_bytes
+        return len(self) + self.held_rows >= self.max_size or \
+            self.bytes + self.held_bytes >= self.max_bytes
 
     def due(self, now: float) -> str | None:
         """The reason a flush is due now, or None."""
@@ -90,6 +103,28 @@ class BatchBuffer:
         self.consumptions = []
         if not self.messages:
             self.clear()
+
+    def detach(self) -> DetachedRows:
+        """Hand every row to a commit that runs while more are buffered: the
+        buffer is empty, and still holds their count and bytes."""
+        rows = DetachedRows(self.messages, self.consumptions, self.oldest_at, self.bytes)
+        self.clear()
+        self.held_rows, self.held_bytes = len(rows.messages) + len(rows.consumptions), rows.bytes
+        return rows
+
+    def release(self) -> None:
+        """The detached rows are committed."""
+        self.held_rows = self.held_bytes = 0
+
+    def restore(self, rows: DetachedRows) -> None:
+        """The commit of the detached `rows` failed: they are buffered again,
+        before those buffered since."""
+        self.release()
+        self.messages = rows.messages + self.messages
+        self.consumptions = rows.consumptions + self.consumptions
+        self.bytes += rows.bytes
+        if rows.oldest_at is not None:
+            self.oldest_at = rows.oldest_at
 
     def sizes(self) -> dict[str, int]:
         # "subscriptions" stays for the seed's metrics shape: the proxy no longer

@@ -6,27 +6,36 @@ low, or (group commit, BATCH_GROUP_COMMIT) when the capture ran dry and the
 last commit is far enough behind (`step`); BATCH_WRITE_ENABLED=false commits
 every message on its own (`sequential`: decided here, and only here). A failed
 commit keeps its rows and is retried after FLUSH_RETRY_SECONDS; after a full
-disk, the backlog is committed in parts that fit. Every commit owes its
-notifications (writer/notifications.py). Every method takes `now`
+disk, the backlog is committed in parts that fit. On PostgreSQL
+(BUS_PG_OVERLAP_COMMITS), a batch commits on the store's thread while the loop
+gathers the next: one in flight at a time, landed by `step`. Every commit
+owes its notifications (writer/notifications.py). Every method takes `now`
 (time.monotonic() seconds).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 from bus.config import BusConfig
 from bus.http import HttpSide
 from bus.logging import get_logger
-from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
-from writer.notifications import Notifications
+from writer.batch import BatchBuffer, BatchMetrics, DetachedRows, LoadMeter
+from writer.notifications import Notifications, OwedAck, acks_of
 from writer.producers import ProducerLedger
 
 log = get_logger("writer")
 
 # After a failed flush, wait this long before trying again.
 FLUSH_RETRY_SECONDS = 0.5
+# Longest wait for a landed commit's callback (microseconds, on its thread).
+CALLBACK_WAIT_S = 1.0
 # Group commit's pace: after a commit that took C seconds (all its parts), a
 # drained capture is committed no sooner than (1 + GROUP_COMMIT_PACE) x C after
 # the loop pass that made it began (its read counts as pause), so that commits
@@ -66,6 +75,20 @@ class CommitTimings:
             self.batch_wait_seconds.observe(max(0.0, time.monotonic() - oldest_at))
 
 
+@dataclass
+class InFlight:
+    """A commit running while the loop goes on (Commits.overlapped)."""
+    future: Future[tuple[int, int | None]]
+    rows: DetachedRows
+    acks: list[OwedAck]  # as of the rows it carries
+    reason: str
+    started: float  # perf_counter(): when it was handed over, and when it ended
+    ended: float = 0.0
+    # Set by the future's callback, on the committer thread, after `ended` and
+    # the wakeup: once it is, nothing of this commit touches the writer's state.
+    told: threading.Event = field(default_factory=threading.Event)
+
+
 class Commits:
     """The buffer and its commits to `store` (storage.open_store's), with the
     producers' states (`producers`) and what each commit owes (`notifications`)."""
@@ -93,10 +116,23 @@ class Commits:
         self._part_rows: int | None = None  # after a full disk: rows per transaction
         self.group_commit = cfg.batch_group_commit and not self.sequential
         self.group_commit_at = 0.0  # a drained capture is committed from then on
+        # BUS_PG_OVERLAP_COMMITS, on a store whose commits can run beside the
+        # loop (storage/postgres.py, start_batch): one at a time, and what it
+        # carries is acknowledged only once it has landed. `wakeup_fd` is
+        # readable when it has (docs/architecture.md, "One commit in flight").
+        self.overlapped = cfg.pg_overlap_commits and not self.sequential and \
+            getattr(store, "overlaps_commits", False)
+        self.in_flight: InFlight | None = None
+        self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) \
+            if self.overlapped else None
 
     def step(self, now: float, idle: bool) -> None:
         """Commit if a commit is due (`idle`: the capture ran dry or brought
         nothing to store in this pass)."""
+        if self.in_flight is not None:
+            if not self.in_flight.future.done():
+                return  # what arrives meanwhile is the next batch
+            self._land(now)
         if now < self.retry_at:
             return
         if not self.buffer:
@@ -113,20 +149,27 @@ class Commits:
             elif self.group_commit and now >= self.group_commit_at:
                 reason = "drained"
         if reason is not None:
-            self.flush(reason, now)
+            self.flush(reason, now, overlap=self.overlapped)
 
-    def flush(self, reason: str, now: float) -> bool:
-        """Commit the whole buffer as one transaction; True once it is. On a
-        transient database error the rows stay buffered and the flush is retried
-        later. After a full disk, the backlog is committed in parts that fit
-        (halved after each failure, doubled after each success), so that any
-        space freed is used at once, until the rest fits in one transaction."""
+    def flush(self, reason: str, now: float, overlap: bool = False) -> bool:
+        """Commit the whole buffer as one transaction; True once it is (or,
+        with `overlap`, once it is on its way: `step` lands it). A commit in
+        flight lands first. On a transient database error the rows stay
+        buffered and the flush is retried later. After a full disk, the
+        backlog is committed in parts that fit (halved after each failure,
+        doubled after each success), so that any space freed is used at once,
+        until the rest fits in one transaction."""
+        if self.in_flight is not None:
+            self._land(now)  # waits; its rows are buffered again if it failed
         if self.store is None or not (self.buffer or self.producers.dirty):
             return True
         flush_started = time.perf_counter()  # the pace counts every part of it
         while len(self.buffer.messages) > self._rows_per_transaction():
             if not self._commit_part(reason, now):
                 return False
+        if overlap and self._part_rows is None:
+            self._start(reason)
+            return True
         items = len(self.buffer)
         started = time.perf_counter()
         try:
@@ -136,19 +179,84 @@ class Commits:
             self._flush_failed(exc, now)
             return False
         seconds = time.perf_counter() - started
-        if self.failing_since is not None:
-            log.info("flush_recovered", failed_for_s=round(now - self.failing_since, 3),
-                     rows=items)
-            self.failing_since = self._part_rows = self.last_error = None
+        self._recovered(now, items)
         if items:  # not for a write of producer counters alone
             self.metrics.record_flush(items, reason, seconds, batched=not self.sequential)
             if self.timings is not None:
                 self.timings.observe(seconds, items, self.buffer.oldest_at)
         self.notifications.owe_commit(committed_ns, last_id, len(self.buffer.messages),
-                                      self.producers.committed())
+                                      acks_of(self.producers.committed()))
         self.buffer.clear()
         self._paced(now, time.perf_counter() - flush_started)
         return True
+
+    def _start(self, reason: str) -> None:
+        """Hand the whole buffer to the store's committer (start_batch), with
+        the producers' rows and acknowledgements as of its rows."""
+        producer_rows = self.producers.dirty_rows()
+        acks = acks_of(self.producers.committing())
+        rows = self.buffer.detach()
+        flight = InFlight(self.store.start_batch(rows.messages, producer_rows,
+                                                 rows.consumptions),
+                          rows, acks, reason, time.perf_counter())
+        self.in_flight = flight
+        wakeup_fd = self.wakeup_fd
+
+        def ended(_future: Future[Any]) -> None:  # on the committer thread
+            flight.ended = time.perf_counter()
+            os.eventfd_write(wakeup_fd, 1)
+            flight.told.set()
+        flight.future.add_done_callback(ended)
+
+    def _land(self, now: float) -> bool:
+        """The commit in flight, waited for if need be: its acknowledgements
+        owed and its rows released if it committed, its rows and producer
+        states back in the buffer if it failed (retried as any failed
+        flush). True if it committed."""
+        flight, self.in_flight = self.in_flight, None
+        failure = flight.future.exception()  # waits
+        # Its callback runs just after done(): its wakeup must not be left for
+        # a closed descriptor, nor its `ended` be read before it is set.
+        flight.told.wait(CALLBACK_WAIT_S)
+        self._clear_wakeup()
+        if failure is not None:
+            self.buffer.restore(flight.rows)
+            self.producers.failed()
+            if not isinstance(failure, self.store.transient_errors):
+                raise failure
+            self._flush_failed(failure, now)
+            return False
+        committed_ns, last_id = flight.future.result()
+        self.buffer.release()
+        self.producers.landed()
+        seconds = (flight.ended or time.perf_counter()) - flight.started
+        items = len(flight.rows.messages) + len(flight.rows.consumptions)
+        self._recovered(now, items)
+        if items:
+            self.metrics.record_flush(items, flight.reason, seconds, batched=True)
+            if self.timings is not None:
+                self.timings.observe(seconds, items, flight.rows.oldest_at)
+        self.notifications.owe_commit(committed_ns, last_id, len(flight.rows.messages),
+                                      flight.acks)
+        # Not paced (GROUP_COMMIT_PACE): the commit did not stop the loop, so
+        # the next drained capture is committed as soon as this one landed.
+        return True
+
+    def _clear_wakeup(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.wakeup_fd)
+
+    def close(self) -> None:
+        """After the last flush: the wakeup's descriptor."""
+        if self.wakeup_fd is not None:
+            os.close(self.wakeup_fd)
+            self.wakeup_fd = None
+
+    def _recovered(self, now: float, rows: int) -> None:
+        if self.failing_since is not None:
+            log.info("flush_recovered", failed_for_s=round(now - self.failing_since, 3),
+                     rows=rows)
+            self.failing_since = self._part_rows = self.last_error = None
 
     def _commit_part(self, reason: str, now: float) -> bool:
         """Commit the oldest buffered messages that one transaction may take
@@ -167,7 +275,7 @@ class Commits:
             return False
         self.metrics.record_flush(count + positions, reason, time.perf_counter() - started,
                                   batched=not self.sequential)
-        self.notifications.owe_commit(committed_ns, last_id, count, states)
+        self.notifications.owe_commit(committed_ns, last_id, count, acks_of(states))
         self.buffer.take(count)
         if self._part_rows is not None:  # after a full disk (not a part for a small one)
             self._part_rows = count * 2
@@ -209,9 +317,18 @@ class Commits:
                   failing_for_s=round(now - self.failing_since, 3),
                   will_retry_in_s=FLUSH_RETRY_SECONDS, next_part_rows=self._part_rows)
 
+    @property
+    def holding_capture(self) -> bool:
+        """Is the capture left unread? While the buffer is full, and while a
+        commit is in flight and the next batch is complete (its rows would
+        only make that batch larger than BATCH_SIZE)."""
+        return self.buffer.is_full or (self.in_flight is not None and self.buffer.room == 0)
+
     def poll_timeout_ms(self, now: float) -> tuple[int, bool]:
         """How long the loop may wait for input before a commit is due, and
         whether that wait is for a retry (nothing else is then waited for)."""
+        if self.in_flight is not None:  # its end wakes the poll (wakeup_fd)
+            return 1000, False
         if self.buffer.is_full or (self.buffer and now < self.retry_at):
             return max(1, int((self.retry_at - now) * 1000) + 1), True
         wait = self.buffer.seconds_until_due(now)
@@ -222,7 +339,8 @@ class Commits:
 
     def backlog(self, now: float) -> dict[str, Any]:
         """stats: what waits for a commit, and since when commits fail."""
-        return {"rows": len(self.buffer), "bytes": self.buffer.bytes,
+        return {"rows": len(self.buffer) + self.buffer.held_rows,
+                "bytes": self.buffer.bytes + self.buffer.held_bytes,
                 "failing_for_s": None if self.failing_since is None
                 else round(now - self.failing_since, 3),
                 "last_error": self.last_error, "part_rows": self._part_rows}
@@ -231,7 +349,7 @@ class Commits:
         """stats' `batch`: the commits' counters, the buffer and the batch settings."""
         cfg = self.config
         batch = self.metrics.snapshot()
-        batch.update(buffer_sizes=self.buffer.sizes(), db_queue_size=len(self.buffer),
+        batch.update(buffer_sizes=self.buffer.sizes(), db_queue_size=len(self.buffer) + self.buffer.held_rows,
                      config={"enabled": not self.sequential, "batch_size": cfg.batch_size,
                              "flush_interval_ms": cfg.batch_flush_interval_ms,
                              "max_buffer_size": cfg.batch_max_buffer_size})

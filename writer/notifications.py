@@ -56,6 +56,15 @@ REFUSAL_REASONS = {
 }
 
 
+# An acknowledgement owed to a producer session, and the mac of its session.
+OwedAck = tuple[protocol.SessionMac | None, dict[str, Any]]
+
+
+def acks_of(states: list[ProducerState]) -> list[OwedAck]:
+    """The acknowledgements of `states` as they are now (a copy), for owe_commit."""
+    return [(state.signer, state.ack(0)) for state in states]
+
+
 class Notifications:
     """The notify XPUB `sock` and what is owed on it. `drop_peers` drops
     every connection of the endpoint (bus/sockets.Connections.drop_all): past
@@ -89,13 +98,14 @@ class Notifications:
                                          "reason": reason or REFUSAL_REASONS.get(code, code)}))
 
     def owe_commit(self, committed_ns: int, last_id: int | None, messages: int,
-                   producers: list[ProducerState]) -> None:
+                   acks: list[OwedAck]) -> None:
         """Note what was just committed: `messages` rows up to `last_id`, and
-        the acknowledgement of each of `producers`. Values are copied now: the
-        states move on with messages not yet committed."""
-        for state in producers:
-            self.owed_acks[state.producer_id, state.epoch] = (state.signer,
-                                                              state.ack(committed_ns))
+        the acknowledgements `acks` (acks_of the states it committed, as they
+        were when it was written: the states move on with messages not yet
+        committed), stamped `committed_ns`."""
+        for signer, ack in acks:
+            ack["committed_ns"] = committed_ns
+            self.owed_acks[ack["producer"], ack["epoch"]] = (signer, ack)
         if last_id is not None:
             rows = self.owed_commit["rows"] if self.owed_commit else 0
             self.owed_commit = {"last_id": last_id, "rows": rows + messages,

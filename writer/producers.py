@@ -207,6 +207,10 @@ class ProducerLedger:
         self._states: OrderedDict[str, ProducerState] = OrderedDict()
         self._dirty: dict[str, ProducerState] = {}
         self._new_keys: dict[str, ProducerState] = {}  # sessions opened, keys not yet stored
+        # Sent in the commit now in flight (writer/commits.py, an overlapped
+        # commit): still uncommitted until it lands, and back to dirty if it fails.
+        self._in_flight: dict[str, ProducerState] = {}
+        self._in_flight_keys: dict[str, ProducerState] = {}
         self.duplicates = 0
 
     def accept(self, producer_id: str, epoch: int, seq: int, now_ns: int,
@@ -333,9 +337,9 @@ class ProducerLedger:
         self._states[state.producer_id] = state
         if len(self._states) > self.max_cached:
             # The least recently used clean state other than this one (about to be
-            # used); dirty ones wait for their commit.
+            # used); dirty ones, and those in flight, wait for their commit.
             victim = next((pid for pid in self._states
-                           if pid not in self._dirty and pid != state.producer_id), None)
+                           if not self.is_dirty(pid) and pid != state.producer_id), None)
             if victim is not None:
                 del self._states[victim]
         return state
@@ -345,8 +349,8 @@ class ProducerLedger:
         return bool(self._dirty)
 
     def is_dirty(self, producer_id: str) -> bool:
-        """Has `producer_id` changes not yet committed?"""
-        return producer_id in self._dirty
+        """Has `producer_id` changes not yet committed (or in flight)?"""
+        return producer_id in self._dirty or producer_id in self._in_flight
 
     def dirty_rows(self) -> list[tuple[Any, ...]]:
         """Rows for the producers table (and the keys of the sessions opened
@@ -359,6 +363,29 @@ class ProducerLedger:
         self._dirty.clear()
         self._new_keys.clear()
         return states
+
+    def committing(self) -> list[ProducerState]:
+        """The dirty states, as a commit that overlaps the loop takes them
+        (`dirty_rows` first): in flight, and still dirty to `is_dirty`, until
+        `landed` or `failed`. One such commit at a time."""
+        assert not self._in_flight, "one commit in flight at a time"
+        self._in_flight, self._dirty = self._dirty, {}
+        self._in_flight_keys, self._new_keys = self._new_keys, {}
+        return list(self._in_flight.values())
+
+    def landed(self) -> None:
+        """The commit in flight is committed: its states are clean, unless
+        changed since (then they are dirty again, and stay so)."""
+        self._in_flight, self._in_flight_keys = {}, {}
+
+    def failed(self) -> None:
+        """The commit in flight failed: its states are dirty again (their rows,
+        and a session key not yet stored, go with the next commit)."""
+        for pid, state in self._in_flight.items():
+            self._dirty.setdefault(pid, state)
+        for pid, state in self._in_flight_keys.items():
+            self._new_keys.setdefault(pid, state)
+        self._in_flight, self._in_flight_keys = {}, {}
 
     def snapshot(self, limit: int = 20) -> dict[str, Any]:
         with_holes = [s for s in self._states.values() if s.holes]

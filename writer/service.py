@@ -168,12 +168,14 @@ class Writer:
             utxos=self.utxos, anchors=self.anchors, audit=self.audit,
             dispatcher=self.dispatcher, guard=self.guard)
         self.poller = zmq.Poller()
-        for sock in (self.capture, self.control, self.notify, stop.fileno()):
+        # The end of a commit in flight (PostgreSQL) wakes the loop to land it.
+        landed = () if self.commits.wakeup_fd is None else (self.commits.wakeup_fd,)
+        for sock in (self.capture, self.control, self.notify, stop.fileno(), *landed):
             self.poller.register(sock, zmq.POLLIN)
-        # While the buffer is full the capture is not read: its pending input must
-        # not wake the poll either, or the loop would spin.
+        # While the capture is not read (Commits.holding_capture), its pending
+        # input must not wake the poll either, or the loop would spin.
         self.paused_poller = zmq.Poller()
-        for sock in (self.control, self.notify, stop.fileno()):
+        for sock in (self.control, self.notify, stop.fileno(), *landed):
             self.paused_poller.register(sock, zmq.POLLIN)
         log.info("started", **build_info(),
                  db=storage.redact(cfg.db), capture_endpoint=cfg.capture_endpoint,
@@ -184,7 +186,7 @@ class Writer:
         """One pass: wait for input or the next thing due, then each part in
         turn (`now`: time.monotonic() after the wait, unless given)."""
         timeout_ms = self._poll_timeout_ms(time.monotonic() if now is None else now)
-        poller = self.paused_poller if self.buffer.is_full else self.poller
+        poller = self.paused_poller if self.commits.holding_capture else self.poller
         events = dict(poller.poll(timeout_ms))
         now = time.monotonic() if now is None else now
         if self.stop.fileno() in events:
@@ -231,6 +233,7 @@ class Writer:
                 time.sleep(FLUSH_RETRY_SECONDS)
             unsaved = len(self.buffer)
             self.notifications.send()
+            self.commits.close()
         if self.ctx is not None:
             self.guard.close()
             for sock in (getattr(self, "capture", None), getattr(self, "control", None)):
