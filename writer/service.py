@@ -262,7 +262,7 @@ class Writer:
         return writer_table(self)
 
     def _flush_command(self, _request: control.Request) -> dict[str, int]:
-        items = len(self.buffer)
+        items = len(self.buffer) + self.buffer.held_rows  # and those of a commit in flight
         if not self.flush("request", time.monotonic()):
             raise control.CommandFailed(protocol.FLUSH_FAILED, "database write failed; rows kept")
         return {"flushed": items}
