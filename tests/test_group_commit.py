@@ -6,6 +6,8 @@ is stepped with an explicit `now` in tests/test_writer_parts.py."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from bus.client import BusTimeout, ControlClient, Publisher
@@ -89,6 +91,41 @@ def test_an_overlapped_commit_lets_the_loop_serve_and_is_acknowledged_once_commi
                         client.request("ping")
             assert pub.read_acks(0.3) < seq  # not committed, not acknowledged
             assert query(bus.db, "SELECT count(*) FROM messages") == [(1,)]
+        finally:
+            lock.release()
+        pub.flush(10)
+        assert query(bus.db, "SELECT producer_seq FROM messages ORDER BY id") == [(1,), (2,)]
+    assert bus.stop() == (0, 0)
+
+
+@pytest.mark.parametrize("db_engine", ["postgresql"], indirect=True)
+def test_a_held_commit_leaves_the_loop_serving_past_its_once_a_second_upkeep(make_bus) -> None:
+    """The loop's once-a-second upkeep (UTXO leases, retention) runs
+    statements that wait for the commit in flight: while another session's
+    lock holds that commit, they are left for a later pass instead of
+    stopping the loop, so `ping` is answered throughout, not only until the
+    next upkeep (writer/upkeep.py, UTXO_UPKEEP_SECONDS)."""
+    from writer.upkeep import UTXO_UPKEEP_SECONDS
+    bus: Bus = make_bus(BATCH_LOW_LOAD_THRESHOLD=0, BUS_SQLITE_BUSY_TIMEOUT_MS=20_000,
+                        BUS_RETENTION_MAX_MESSAGES=1000).start()
+    with Publisher(bus.config(), producer_id="held") as pub:
+        pub.publish("held.t", b"0", wait=True, timeout=5)
+        lock = WriteLock(bus.db)
+        try:
+            seq = pub.publish("held.t", b"1")
+            wait_for(lambda: writer_waits_for_a_lock(bus.db),
+                     message="the writer's commit to wait for the lock")
+            # Pings over two upkeep periods (paced: 20 ms apart), each answered
+            # within 1 s.
+            answered = 0
+            with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=1000) as client:
+                until = time.monotonic() + 2 * UTXO_UPKEEP_SECONDS + 0.2
+                while time.monotonic() < until and answered < 1000:
+                    assert client.request("ping"), "no answer while the commit was held"
+                    answered += 1
+                    time.sleep(0.02)
+            assert writer_waits_for_a_lock(bus.db)  # still held all along
+            assert pub.read_acks(0) < seq
         finally:
             lock.release()
         pub.flush(10)

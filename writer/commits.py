@@ -242,6 +242,11 @@ class Commits:
         # the next drained capture is committed as soon as this one landed.
         return True
 
+    def commit_ended(self, timeout: float) -> bool:
+        """Has the commit in flight ended (True if there is none), waited for
+        at most `timeout` seconds? Not landed: `step` does that."""
+        return self.in_flight is None or self.in_flight.told.wait(timeout)
+
     def _clear_wakeup(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.wakeup_fd)

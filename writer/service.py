@@ -72,6 +72,11 @@ log = get_logger("writer")
 
 # Most producers one `producers_list` answers.
 MAX_PRODUCERS_LISTED = 1000
+# Retention and the UTXO upkeep run statements, which wait for a commit in
+# flight (BUS_PG_OVERLAP_COMMITS): the loop waits this long at most for it to
+# end, else leaves them for a later pass. Unbounded, a commit held by another
+# session's lock stopped the loop within a second (the upkeep's period).
+UPKEEP_COMMIT_WAIT_S = 0.05
 
 
 @contextlib.contextmanager
@@ -200,8 +205,9 @@ class Writer:
             idle = self.ingest.drain(now)
         self.commits.step(now, idle)
         self.notifications.send()
-        self.retention.step(now)
-        self.upkeep.step(now)
+        if not self._upkeep_due(now) or self.commits.commit_ended(UPKEEP_COMMIT_WAIT_S):
+            self.retention.step(now)
+            self.upkeep.step(now)
         # Over BUS_WRITER_MEMORY_LIMIT_BYTES, what peers made the writer hold in
         # libzmq, where no count or budget reaches (the capture's receive queue,
         # the notify endpoint's subscriptions, an endless control request), is
@@ -210,6 +216,11 @@ class Writer:
         # subscribers subscribe again.
         if self.guard.check(now):
             self.notifications.connections_dropped()
+
+    def _upkeep_due(self, now: float) -> bool:
+        """Is retention's chunk or the UTXO upkeep due at `now`?"""
+        return (self.retention.enabled and now >= self.retention.due_at) or \
+            now >= self.upkeep.due_at
 
     def _poll_timeout_ms(self, now: float) -> int:
         timeout_ms, retrying = self.commits.poll_timeout_ms(now)
