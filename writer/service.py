@@ -23,7 +23,8 @@ steppable on its own (tests/test_writer_parts.py):
   writer/ingest.py         Ingest: the capture read, decoded, validated (macs
                            checked) into the batch buffer; refusals counted
   writer/commits.py        Commits: the buffer, one transaction per batch (when
-                           due, retried, in parts after a full disk)
+                           due, retried, in parts after a full disk; on
+                           PostgreSQL one in flight while the loop reads on)
   writer/notifications.py  Notifications: the nacks, acknowledgements and commit
                            watermark owed, sent once a pass; the notify
                            endpoint's subscriptions and their budget
