@@ -121,6 +121,16 @@ def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE, interval: 
         time.sleep(interval)
 
 
+def subcommands(command: Any) -> dict[str, Any]:
+    """A click group's commands by name (bus-cli's are loaded when asked
+    for: cli/main.py COMMANDS); {} for a command."""
+    import click
+    if not isinstance(command, click.Group):
+        return {}
+    ctx = click.Context(command)
+    return {name: command.get_command(ctx, name) for name in command.list_commands(ctx)}
+
+
 def query(db: str | Path, sql: str, params: tuple = ()) -> list[tuple]:
     """Read the writer's database through a separate read-only connection
     (SQLite file, or PostgreSQL URL: `?` placeholders either way)."""

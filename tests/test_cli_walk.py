@@ -44,7 +44,7 @@ import pytest
 from bus.config import (SETTINGS, ConfigError, database_problem, endpoint_problem,
                         http_address_problem, load_config)
 from cli.main import main
-from tests.conftest import BUS_CLI, ENDPOINT_VARS, Bus, free_port
+from tests.conftest import BUS_CLI, ENDPOINT_VARS, Bus, free_port, subcommands
 
 _SETTING = {s.field: s for s in SETTINGS}
 # Commands that serve until stopped: each is stopped (SIGINT) once it says
@@ -89,8 +89,7 @@ def walked_commands(group: click.Group = main, path: tuple[str, ...] = ()
                     ) -> Iterator[tuple[tuple[str, ...], click.Command]]:
     """Every command of the group, groups with a behaviour of their own
     (`anchor` alone runs the worker) included."""
-    for name in sorted(group.commands):
-        command = group.commands[name]
+    for name, command in subcommands(group).items():
         if isinstance(command, click.Group):
             if command.invoke_without_command:
                 yield path + (name,), command

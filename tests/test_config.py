@@ -15,7 +15,7 @@ import pytest
 from bus import config
 from bus.config import SETTINGS, BusConfig, ConfigError, load_config, role_fields
 from cli.common import PROCESS_FIELDS
-from tests.conftest import BUS_CLI, DEADLINE
+from tests.conftest import BUS_CLI, DEADLINE, subcommands
 
 
 def run_config_command(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
@@ -128,7 +128,7 @@ def setting_flags_by_command() -> dict[str, set[str]]:
 
     def walk(command: click.Command, path: str) -> None:
         found[path] = {p.name for p in command.params if p.name in fields}
-        for name, sub in getattr(command, "commands", {}).items():
+        for name, sub in subcommands(command).items():
             walk(sub, f"{path} {name}".strip())
     walk(main, "")
     return found

@@ -226,6 +226,23 @@ def test_bus_cli_health_loads_no_process() -> None:
     assert {f"{role}.health" for role in ROLES} <= loaded
 
 
+
+def test_a_process_started_by_bus_cli_imports_only_its_own_command() -> None:
+    """bus-cli loads a command's module when the command runs (cli/main.py
+    COMMANDS): `bus-cli writer`, what a unit and every test start, imported
+    every command's module, the bench's and the anchor client's with them:
+    0.05 s of each start."""
+    loaded = loaded_modules(
+        "from cli.main import main\n"
+        "try:\n"
+        "    main(['writer', '--help'])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n")
+    assert "cli.processes" in loaded
+    others = {f"cli.{path.stem}" for path in (ROOT / "cli").glob("*.py")} - {
+        "cli.__init__", "cli.main", "cli.entry", "cli.common", "cli.processes"}
+    assert sorted(others & loaded) == []
+
 # --- error codes: named constants (bus/protocol.py), never bare strings ------
 
 # Where a code may be spelled: the module that names them.

@@ -10,6 +10,7 @@ import pytest
 from bus import protocol
 from bus.config import ConfigError, load_config
 from bus.logging import RateLimitedLog
+from tests.conftest import subcommands
 from writer.batch import BatchBuffer, BatchMetrics, LoadMeter
 
 # --- config ----------------------------------------------------------------------
@@ -385,7 +386,7 @@ def test_every_setting_is_a_flag_of_some_command() -> None:
 
     def walk(command: click.Command) -> None:
         flags.update(param.name for param in command.params)
-        for name, sub in getattr(command, "commands", {}).items():
+        for name, sub in subcommands(command).items():
             if name != "config":  # it takes them all
                 walk(sub)
     walk(main)
