@@ -16,9 +16,14 @@ from tests.fuzz import ROLES, noisy_neighbour
 # any flood was 3-115 ms in the same hour), so the test allows 5 times the
 # bound for p99, and the bound itself for p50. Before the fix: p50 4.6 s
 # (forged 6.3 s), p99 8.2-8.7 s (9.4 s), 320-393 of 500 acknowledgements
-# later than 5 s.
-HONEST_P99_MS = 5 * 50.0
-HONEST_P50_MS = 50.0
+# later than 5 s. On 2026-12-07 the forged flood's honest p50 was bimodal,
+# alone on the machine: 14-17 ms in most runs, 33-87 ms in one run of five,
+# at this tree and at the one before (4b6a077) alike; in CI, beside the other
+# worker's tests, one run read p50 119 ms, p99 218 ms. So p50 is held to 3
+# times the bound and p99 to 8 times: still 30 and 20 times below the
+# starvation this test is for (bench/noisy_neighbour.py measures the figures).
+HONEST_P99_MS = 8 * 50.0
+HONEST_P50_MS = 3 * 50.0
 
 
 @pytest.mark.parametrize("kind", ["bad_meta", "forged"])
