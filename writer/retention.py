@@ -41,12 +41,16 @@ class Retention:
         retention goes in id order, anything after it)."""
         return audit_rows.last_sealed_id(self.store.conn)
 
+    def due(self, now: float) -> bool:
+        """Is a chunk due at `now` (time.monotonic())?"""
+        return self.enabled and now >= self.due_at
+
     def step(self, now: float, now_ns: int | None = None) -> None:
         """Delete one chunk of expired messages if one is due at `now`
         (time.monotonic()); `now_ns`: the wall clock the messages' age is
         counted from (time.time_ns() if not given)."""
         cfg = self.config
-        if now < self.due_at or not self.enabled:
+        if not self.due(now):
             return
         if now_ns is None:
             now_ns = time.time_ns()

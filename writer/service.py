@@ -206,7 +206,8 @@ class Writer:
             idle = self.ingest.drain(now)
         self.commits.step(now, idle)
         self.notifications.send()
-        if not self._upkeep_due(now) or self.commits.commit_ended(UPKEEP_COMMIT_WAIT_S):
+        if not (self.retention.due(now) or self.upkeep.due(now)) or \
+                self.commits.commit_ended(UPKEEP_COMMIT_WAIT_S):
             self.retention.step(now)
             self.upkeep.step(now)
         # Over BUS_WRITER_MEMORY_LIMIT_BYTES, what peers made the writer hold in
@@ -217,11 +218,6 @@ class Writer:
         # subscribers subscribe again.
         if self.guard.check(now):
             self.notifications.connections_dropped()
-
-    def _upkeep_due(self, now: float) -> bool:
-        """Is retention's chunk or the UTXO upkeep due at `now`?"""
-        return (self.retention.enabled and now >= self.retention.due_at) or \
-            now >= self.upkeep.due_at
 
     def _poll_timeout_ms(self, now: float) -> int:
         timeout_ms, retrying = self.commits.poll_timeout_ms(now)

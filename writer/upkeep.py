@@ -26,10 +26,14 @@ class UtxoUpkeep:
         self.transient_errors = transient_errors
         self.due_at = 0.0
 
+    def due(self, now: float) -> bool:
+        """Is the upkeep due at `now` (time.monotonic())?"""
+        return now >= self.due_at
+
     def step(self, now: float) -> None:
         """Return expired leases to the pool and prune old stored replies, once a
         second (a reservation also expires leases itself before it picks)."""
-        if now < self.due_at:
+        if not self.due(now):
             return
         self.due_at = now + UTXO_UPKEEP_SECONDS
         try:
