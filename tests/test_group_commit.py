@@ -6,7 +6,9 @@ is stepped with an explicit `now` in tests/test_writer_parts.py."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -65,6 +67,25 @@ def writer_waits_for_a_lock(db: str) -> bool:
                      " 'bus-writer' AND wait_event_type = 'Lock'") == [(1,)]
 
 
+@contextlib.contextmanager
+def held_commit(bus: Bus, pub: Publisher, topic: str) -> Iterator[int]:
+    """A message committed and acknowledged, then another whose commit waits
+    for another session's lock on the messages table (seen in
+    pg_stat_activity); its seq. The lock goes at the end, and the test's
+    publisher then flushes: both rows are there, in order."""
+    pub.publish(topic, b"0", wait=True, timeout=5)
+    lock = WriteLock(bus.db)
+    try:
+        seq = pub.publish(topic, b"1")
+        wait_for(lambda: writer_waits_for_a_lock(bus.db),
+                 message="the writer's commit to wait for the lock")
+        yield seq
+    finally:
+        lock.release()
+    pub.flush(10)
+    assert query(bus.db, "SELECT producer_seq FROM messages ORDER BY id") == [(1,), (2,)]
+
+
 @pytest.mark.parametrize("db_engine", ["postgresql"], indirect=True)
 @pytest.mark.parametrize("overlap", [True, False])
 def test_an_overlapped_commit_lets_the_loop_serve_and_is_acknowledged_once_committed(
@@ -72,29 +93,20 @@ def test_an_overlapped_commit_lets_the_loop_serve_and_is_acknowledged_once_commi
     """BUS_PG_OVERLAP_COMMITS: a batch commits on a thread of its own. While
     another session's lock holds that commit (within lock_timeout), the
     writer still answers `ping`, and nothing of the batch is acknowledged;
-    once the lock goes, the batch commits and is acknowledged. Off (the
-    default), the loop waits for the commit: no answer meanwhile."""
+    once the lock goes, the batch commits and is acknowledged. Off, the loop
+    waits for the commit: no answer meanwhile."""
     bus: Bus = make_bus(BUS_PG_OVERLAP_COMMITS=overlap, BATCH_LOW_LOAD_THRESHOLD=0,
                         BUS_SQLITE_BUSY_TIMEOUT_MS=20_000).start()
-    with Publisher(bus.config(), producer_id="overlap") as pub:
-        pub.publish("overlap.t", b"0", wait=True, timeout=5)
-        lock = WriteLock(bus.db)
-        try:
-            seq = pub.publish("overlap.t", b"1")
-            wait_for(lambda: writer_waits_for_a_lock(bus.db),
-                     message="the writer's commit to wait for the lock")
-            with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=1000) as client:
-                if overlap:
-                    assert client.request("ping")
-                else:
-                    with pytest.raises(BusTimeout):
-                        client.request("ping")
-            assert pub.read_acks(0.3) < seq  # not committed, not acknowledged
-            assert query(bus.db, "SELECT count(*) FROM messages") == [(1,)]
-        finally:
-            lock.release()
-        pub.flush(10)
-        assert query(bus.db, "SELECT producer_seq FROM messages ORDER BY id") == [(1,), (2,)]
+    with Publisher(bus.config(), producer_id="overlap") as pub, \
+            held_commit(bus, pub, "overlap.t") as seq:
+        with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=1000) as client:
+            if overlap:
+                assert client.request("ping")
+            else:
+                with pytest.raises(BusTimeout):
+                    client.request("ping")
+        assert pub.read_acks(0.3) < seq  # not committed, not acknowledged
+        assert query(bus.db, "SELECT count(*) FROM messages") == [(1,)]
     assert bus.stop() == (0, 0)
 
 
@@ -108,26 +120,17 @@ def test_a_held_commit_leaves_the_loop_serving_past_its_once_a_second_upkeep(mak
     from writer.upkeep import UTXO_UPKEEP_SECONDS
     bus: Bus = make_bus(BATCH_LOW_LOAD_THRESHOLD=0, BUS_SQLITE_BUSY_TIMEOUT_MS=20_000,
                         BUS_RETENTION_MAX_MESSAGES=1000).start()
-    with Publisher(bus.config(), producer_id="held") as pub:
-        pub.publish("held.t", b"0", wait=True, timeout=5)
-        lock = WriteLock(bus.db)
-        try:
-            seq = pub.publish("held.t", b"1")
-            wait_for(lambda: writer_waits_for_a_lock(bus.db),
-                     message="the writer's commit to wait for the lock")
-            # Pings over two upkeep periods (paced: 20 ms apart), each answered
-            # within 1 s.
-            answered = 0
-            with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=1000) as client:
-                until = time.monotonic() + 2 * UTXO_UPKEEP_SECONDS + 0.2
-                while time.monotonic() < until and answered < 1000:
-                    assert client.request("ping"), "no answer while the commit was held"
-                    answered += 1
-                    time.sleep(0.02)
-            assert writer_waits_for_a_lock(bus.db)  # still held all along
-            assert pub.read_acks(0) < seq
-        finally:
-            lock.release()
-        pub.flush(10)
-        assert query(bus.db, "SELECT producer_seq FROM messages ORDER BY id") == [(1,), (2,)]
+    with Publisher(bus.config(), producer_id="held") as pub, \
+            held_commit(bus, pub, "held.t") as seq:
+        # Pings over two upkeep periods (paced: 20 ms apart), each answered
+        # within 1 s.
+        answered = 0
+        with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=1000) as client:
+            until = time.monotonic() + 2 * UTXO_UPKEEP_SECONDS + 0.2
+            while time.monotonic() < until and answered < 1000:
+                assert client.request("ping"), "no answer while the commit was held"
+                answered += 1
+                time.sleep(0.02)
+        assert writer_waits_for_a_lock(bus.db)  # still held all along
+        assert pub.read_acks(0) < seq
     assert bus.stop() == (0, 0)
