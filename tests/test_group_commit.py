@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -107,6 +108,31 @@ def test_an_overlapped_commit_lets_the_loop_serve_and_is_acknowledged_once_commi
                     client.request("ping")
         assert pub.read_acks(0.3) < seq  # not committed, not acknowledged
         assert query(bus.db, "SELECT count(*) FROM messages") == [(1,)]
+    assert bus.stop() == (0, 0)
+
+
+@pytest.mark.parametrize("db_engine", ["postgresql"], indirect=True)
+def test_stats_asked_during_a_commit_in_flight_agree_with_the_rows_they_read(make_bus) -> None:
+    """`stats` reads the database, so it waits for the commit in flight; its
+    counters must then count that commit (both messages written, none queued),
+    as `last_message_id` does. CI once saw the counters of before the commit
+    beside its rows (tests/test_writer.py, flush by size)."""
+    bus: Bus = make_bus(BATCH_LOW_LOAD_THRESHOLD=0, BUS_SQLITE_BUSY_TIMEOUT_MS=20_000).start()
+
+    def loop_waits() -> bool:
+        with ControlClient(bus["BUS_CONTROL_ENDPOINT"], timeout_ms=200) as client:
+            try:
+                return not client.request("ping")
+            except BusTimeout:
+                return True
+
+    with Publisher(bus.config(), producer_id="stats") as pub, ThreadPoolExecutor(1) as pool:
+        with held_commit(bus, pub, "stats.t"):
+            asked = pool.submit(bus.writer_stats)
+            wait_for(loop_waits, message="the writer to wait in stats for the held commit")
+        stats = asked.result(timeout=30)
+    assert stats["database"]["last_message_id"] == 2
+    assert (stats["batch"]["total_writes"], stats["batch"]["db_queue_size"]) == (2, 0)
     assert bus.stop() == (0, 0)
 
 

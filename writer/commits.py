@@ -242,6 +242,13 @@ class Commits:
         # the next drained capture is committed as soon as this one landed.
         return True
 
+    def settle(self, now: float) -> None:
+        """Land the commit in flight, waiting for it if need be: for a reader
+        of the counters that also reads the database (`stats`), which would
+        otherwise see the commit's rows before its counters."""
+        if self.in_flight is not None:
+            self._land(now)
+
     def commit_ended(self, timeout: float) -> bool:
         """Has the commit in flight ended (True if there is none), waited for
         at most `timeout` seconds? Not landed: `step` does that."""

@@ -127,6 +127,9 @@ class WriterStats:
     def snapshot(self, now: float) -> dict[str, Any]:
         """`stats` at `now` (time.monotonic())."""
         cfg = self.config
+        # Its database reads wait for the commit in flight anyway; landed
+        # first, the counters agree with the rows they read.
+        self.commits.settle(now)
         first_id, last_id = stored_ids(self.store)
         return {
             "batch": self.commits.snapshot(),
