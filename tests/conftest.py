@@ -8,6 +8,7 @@ a test starts is stopped, and killed if it will not stop, when the test ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -366,6 +367,11 @@ def ping(endpoint: str, curve: Any = None) -> bool:
             return False
 
 
+# The processes `Bus.start` runs, and the endpoint each answers ping on.
+ROLE_ENDPOINTS = {"writer": "BUS_CONTROL_ENDPOINT", "proxy": "BUS_PROXY_CONTROL_ENDPOINT",
+                  "reader": "BUS_READ_ENDPOINT"}
+
+
 class Bus:
     """One bus (writer + proxy + reader) with its own ports and database file."""
 
@@ -422,16 +428,25 @@ class Bus:
 
     def _start_role(self, role: str, control_endpoint: str) -> Proc:
         """Start `bus-cli ROLE` and wait until it answers ping (or fails)."""
-        proc = self.run(role)
+        return self._answering(self.run(role), role, control_endpoint)
+
+    def _answering(self, proc: Proc, role: str, control_endpoint: str) -> Proc:
         wait_for(lambda: ping(self[control_endpoint], self.curve()) or self._exited(proc),
                  message=f"{role} ping")
         assert proc.popen.poll() is None, proc.stderr.collect()
         return proc
 
     def start(self) -> Bus:
-        self.start_writer()
-        self.start_proxy()
-        self.start_reader()
+        """The three processes started side by side, as systemd starts them:
+        none waits for another (the reader opens the database on first use,
+        ZeroMQ connects whenever the peer binds)."""
+        started = {role: self.run(role) for role in ROLE_ENDPOINTS}
+        for role, endpoint in ROLE_ENDPOINTS.items():
+            setattr(self, role, self._answering(started[role], role, endpoint))
+        # Started means connected: the proxy captures straight to the writer
+        # (what a test that stops the writer next counts on).
+        wait_for(lambda: self.proxy_stats()["capture"]["state"] == "direct",
+                 message="the proxy's capture to reach the writer")
         return self
 
     @staticmethod
@@ -439,10 +454,15 @@ class Bus:
         return proc.popen.poll() is not None
 
     def stop(self) -> tuple[int, int]:
-        """SIGTERM the proxy, then the writer (the order systemd and `up` use)."""
+        """SIGTERM the proxy, then the writer (the order systemd and `up` use),
+        and the reader meanwhile (nothing waits for it)."""
+        reader = self.reader if self.reader and self.reader.popen.poll() is None else None
+        if reader:
+            reader.send_signal(signal.SIGTERM)
         codes = (self.proxy.stop() if self.proxy else 0, self.writer.stop() if self.writer else 0)
         if self.reader:
-            assert self.reader.stop() == 0, self.reader.stderr.collect()[-5:]
+            code = reader.wait() if reader else self.reader.stop()
+            assert code == 0, self.reader.stderr.collect()[-5:]
         return codes
 
     def writer_stats(self) -> dict[str, Any]:
@@ -474,13 +494,19 @@ class Bus:
         return self.count(topic_prefix)
 
     def close(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.popen.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.popen.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        """Every process still running is sent SIGTERM at once, then each is
+        waited for (killed after 10 s): the test is over, so the order no
+        longer matters."""
+        running = [proc for proc in reversed(self.procs) if proc.popen.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in running:
+            try:
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for proc in self.procs:
             for stream in (proc.popen.stdout, proc.popen.stderr):
                 stream.close()
 
@@ -504,8 +530,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "node" in metafunc.fixturenames:
         module = metafunc.module.__name__.rpartition(".")[2]
-        kinds = ["double"] if metafunc.definition.get_closest_marker("double_only") or \
-            module not in CORE_MODULES else list(NODE_KINDS)
+        if metafunc.definition.get_closest_marker("double_only") or module not in CORE_MODULES:
+            kinds = ["double"]
+        elif module == CONFORMANCE_MODULE:
+            kinds = list(NODE_KINDS)
+        else:
+            kinds = [core_or_double()]
         metafunc.parametrize("node", kinds, indirect=True)
     if "db_engine" not in metafunc.fixturenames or any(
             "db_engine" in str(mark.args[0]) for mark in metafunc.definition.iter_markers(
@@ -560,13 +590,32 @@ def bus(make_bus: Callable[..., Bus]) -> Bus:
     return make_bus().start()
 
 
-# The anchor tests run against the bitcoind double and a real Bitcoin Core
-# (tests/regtest.py), except those marked double_only: what only the double
-# can be made to do on demand (a lost reply, a held call, a chosen fault).
+# The anchor tests of CORE_MODULES run against a real Bitcoin Core
+# (tests/regtest.py), or the bitcoind double where none can run here (the
+# report's header says why; BUS_TEST_REQUIRE_BITCOIND=1 fails them instead,
+# as CI sets). Those marked double_only stay on the double: what only it can
+# be made to do on demand (a lost reply, a held call, a chosen fault). The
+# double's own tests (CONFORMANCE_MODULE) run on both: the double must answer
+# as Core does.
 NODE_KINDS = ("double", "core")
-# The modules whose node tests run on Core too (the rest: the double only, for now).
 CORE_MODULES = {"test_bitcoind_double", "test_wallet_sync", "test_anchor", "test_anchor_node",
                 "test_audit"}
+CONFORMANCE_MODULE = "test_bitcoind_double"
+
+
+@functools.cache
+def core_or_double() -> str:
+    """The node the anchor tests run on: "core" if a bitcoind can run here (or
+    one is required), else "double"."""
+    from tests.regtest import missing
+    required = os.environ.get("BUS_TEST_REQUIRE_BITCOIND") == "1"
+    return "core" if required or missing() is None else "double"
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    from tests.regtest import missing
+    reason = None if core_or_double() == "core" else missing()
+    return None if reason is None else f"anchor tests on the bitcoind double: {reason}"
 
 
 @pytest.fixture(scope="session")
