@@ -445,9 +445,16 @@ class Bus:
             setattr(self, role, self._answering(started[role], role, endpoint))
         # Started means connected: the proxy captures straight to the writer
         # (what a test that stops the writer next counts on).
-        wait_for(lambda: self.proxy_stats()["capture"]["state"] == "direct",
-                 message="the proxy's capture to reach the writer")
+        wait_for(self._capturing_directly, message="the proxy's capture to reach the writer")
         return self
+
+    def _capturing_directly(self) -> bool:
+        try:
+            return self.proxy_stats()["capture"]["state"] == "direct"
+        except BusError as exc:  # busy: its forwarding loop is being started on the capture
+            if exc.code != protocol.BUSY:
+                raise
+            return False
 
     @staticmethod
     def _exited(proc: Proc) -> bool:
