@@ -100,15 +100,38 @@ def endpoint_problem(value: str) -> str | None:
     return None
 
 
+def endpoints_of(value: str) -> list[str]:
+    """The endpoints of a setting that may list several, comma-separated (the
+    writer's: BUS_CAPTURE_ENDPOINT, BUS_CONTROL_ENDPOINT, BUS_NOTIFY_ENDPOINT).
+    The writer binds the first; the proxy and the clients connect to each, so
+    that they reach whichever writer holds the lock (writer/standby.py)."""
+    return [part.strip() for part in value.split(",")]
+
+
+def writer_endpoints_problem(value: str) -> str | None:
+    """One endpoint, or several separated by commas (endpoints_of)."""
+    endpoints = endpoints_of(value)
+    if len(set(endpoints)) != len(endpoints):
+        return f"lists an endpoint twice: {value!r}"
+    if len(endpoints) > 1 and not all(e.startswith("tcp://") for e in endpoints):
+        return (f"lists several endpoints, not all tcp:// ones: {value!r} (a list names "
+                "writers on several hosts)")
+    for endpoint in endpoints:
+        if (problem := endpoint_problem(endpoint)) is not None:
+            return problem
+    return None
+
+
 def connect_problem(value: str) -> str | None:
-    """What keeps a client from connecting to endpoint `value` (a valid one):
-    a wildcard host is for the process that binds it, and libzmq cannot
-    connect to it (it refused, or waited for ever)."""
-    match = _ENDPOINT.fullmatch(value)
-    if match is not None and match.group(2) == "*":
-        return (f"is {value!r}: * is for the process that binds it, to listen on every "
-                f"address; a client connects to one of them, e.g. "
-                f"tcp://127.0.0.1:{match.group(3)}")
+    """What keeps a client from connecting to endpoint `value` (a valid one, or
+    a list of them): a wildcard host is for the process that binds it, and
+    libzmq cannot connect to it (it refused, or waited for ever)."""
+    for endpoint in endpoints_of(value):
+        match = _ENDPOINT.fullmatch(endpoint)
+        if match is not None and match.group(2) == "*":
+            return (f"is {endpoint!r}: * is for the process that binds it, to listen on "
+                    f"every address; a client connects to one of them, e.g. "
+                    f"tcp://127.0.0.1:{match.group(3)}")
     return None
 
 
@@ -277,13 +300,13 @@ class BusConfig:
     capture_endpoint: str = setting(
         "BUS_CAPTURE_ENDPOINT", "tcp://127.0.0.1:5552",
         "writer PULL (bound); the proxy's capture PUSH connects here",
-        roles=("proxy", "writer"), form=endpoint_problem,
+        roles=("proxy", "writer"), form=writer_endpoints_problem,
         bound_by="writer")
     control_endpoint: str = setting(
         "BUS_CONTROL_ENDPOINT", "tcp://127.0.0.1:5553",
         "writer control endpoint (ROUTER; REQ clients) for trusted commands (stats, flush)",
         roles=("writer", "anchor", "publisher", "subscriber", "writer_client", "prober",
-               "anchor_requester"), form=endpoint_problem,
+               "anchor_requester"), form=writer_endpoints_problem,
         bound_by="writer")
     proxy_control_endpoint: str = setting(
         "BUS_PROXY_CONTROL_ENDPOINT", "tcp://127.0.0.1:5554",
@@ -299,7 +322,7 @@ class BusConfig:
         "BUS_NOTIFY_ENDPOINT", "tcp://127.0.0.1:5556",
         "writer XPUB: $bus.ack/nack/commit notifications; only the writer sends there",
         roles=("writer", "anchor", "publisher", "subscriber", "anchor_requester"),
-        form=endpoint_problem,
+        form=writer_endpoints_problem,
         bound_by="writer")
     anchor_control_endpoint: str = setting(
         "BUS_ANCHOR_CONTROL_ENDPOINT", "tcp://127.0.0.1:5557",
@@ -362,6 +385,23 @@ class BusConfig:
         "next one (one commit at a time, acknowledged once committed); false: the writer "
         "waits for each commit, with less CPU a message",
         roles=("writer",))
+    standby: bool = setting(
+        "BUS_STANDBY", False,
+        "PostgreSQL: start as a standby writer, which binds nothing until it holds the writer's "
+        "advisory lock (it tries every BUS_STANDBY_RETRY_MS), then serves as the writer: run "
+        "one on each writer host, and the first takes the lock",
+        roles=("writer",))
+    standby_retry_ms: int = setting(
+        "BUS_STANDBY_RETRY_MS", 500,
+        "how often a standby writer tries to take the writer's lock (part of a takeover's time)",
+        roles=("writer",), at_least=10)
+    pg_session_timeout_s: int = setting(
+        "BUS_PG_SESSION_TIMEOUT_S", 10,
+        "PostgreSQL: how long the writer's session may go without a sign of life from the "
+        "other side (TCP keepalives and tcp_user_timeout both ways, the server's "
+        "idle_session_timeout against a writer that stopped turning) before that side ends "
+        "it; its lock goes with it. The bound on a takeover after a writer's host is lost",
+        roles=("writer",), at_least=2)
     batch_low_load_threshold: float = setting(
         "BATCH_LOW_LOAD_THRESHOLD", 100.0,
         "below this many messages/s the writer flushes as soon as it is idle",
@@ -633,6 +673,11 @@ class BusConfig:
         bus would accept something it then cannot deliver, store or serve."""
         if self.batch_size > self.batch_max_buffer_size:
             raise _invalid("batch_size", "must not exceed BATCH_MAX_BUFFER_SIZE")
+        if self.standby and not self.db.startswith(("postgresql://", "postgres://")):
+            raise _conflict(("standby", "db"), (
+                "BUS_STANDBY needs a PostgreSQL database (BUS_DB=postgresql://...): the "
+                "writer's lock a standby waits for is PostgreSQL's (a SQLite file has one "
+                "writer on one host)"))
         curve = CURVE_FRAME_OVERHEAD_BYTES if self.curve_dir else 0
         if self.max_message_bytes + curve > self.proxy_max_frame_bytes:
             raise _conflict(("max_message_bytes", "proxy_max_frame_bytes"), (

@@ -29,6 +29,7 @@ from bus import protocol, security
 from bus.build import build_info
 from bus.config import SETTINGS, BusConfig, role_fields
 from bus.logging import RateLimitedLog
+from bus.runner import CannotGoOn
 
 # Frames before a request's empty delimiter: a REQ's envelope is its routing
 # id alone (the ROUTER adds it), and each ROUTER-DEALER broker on the way
@@ -377,6 +378,8 @@ class Dispatcher:
             else:
                 counters.failed[exc.code] = counters.failed.get(exc.code, 0) + 1
             return protocol.encode_reply_error(request_id, exc.code, exc.reason)
+        except CannotGoOn:
+            raise  # the process stops (bus/runner.py), not one request
         except Exception as exc:  # a bug must cost one request, not the process
             if isinstance(exc, self.retryable):
                 counters.failed[protocol.UNAVAILABLE] = \

@@ -9,8 +9,9 @@ answers from) decides whether the systemd watchdog is pinged (the anchor
 worker has none: what makes it unhealthy, bitcoind unreachable or a wallet
 still syncing, is nothing a restart of it mends); the signal handlers only set a flag and wake the role's poller
 through a self-pipe, so a stop is seen at once even inside a long poll.
-Exit status: 0 after a clean stop, 1 after an unexpected exception (systemd's
-Restart=on-failure restarts it).
+Exit status: 0 after a clean stop, 1 after an unexpected exception, 75
+(EX_TEMPFAIL) when a running role cannot go on (CannotGoOn): systemd's
+Restart=on-failure restarts it after either.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class StartupError(RuntimeError):
     logged as one line, no traceback; the process exits with `exit_status`."""
 
     exit_status = 1
+
+
+class CannotGoOn(RuntimeError):
+    """A running role that must stop for a restart to mend it (the writer's
+    database session lost, and the writer's lock with it): logged as one line
+    (`event`, no traceback); the process exits with EX_TEMPFAIL, which
+    systemd's Restart=on-failure restarts."""
+
+    event = "cannot_go_on"
+    exit_status = 75
 
 
 class Misconfigured(StartupError):
@@ -331,7 +342,7 @@ def run_role(role: Role) -> int:
     notifier = SystemdNotifier()
     status = 0
     try:
-        role.initialize(stop)  # sockets bound, database open: ready
+        role.initialize(stop)  # sockets bound, database open: ready (a standby: waiting)
         http = getattr(role, "http", None)
         health = getattr(role, "health", None)
 
@@ -344,12 +355,16 @@ def run_role(role: Role) -> int:
             now = time.monotonic()
             trim.maybe(now)
             notifier.tick(now, role, unhealthy)
+            http = getattr(role, "http", None)  # a standby's, once it serves
             if http is not None and http.due(now):
                 http.publish(role.snapshot(), now)
         notifier.stopping(stop.signal_name or "requested")
         log.info("stopping", signal=stop.signal_name)
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
+        status = exc.exit_status
+    except CannotGoOn as exc:
+        log.error(exc.event, error=str(exc))
         status = exc.exit_status
     except Exception:
         log.exception("crashed")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import contextlib
 import os
 import resource
 import socket
@@ -28,7 +29,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bus import protocol, security
-from bus.config import BusConfig
+from bus.config import BusConfig, endpoints_of
 from bus.logging import RateLimitedLog
 from bus.runner import (MemoryLimit, Misconfigured, StartupError, inherited_sockets,
                         release_free_memory, resident_bytes)
@@ -97,7 +98,11 @@ def bind(sock: zmq.Socket, endpoint: str, name: str | None = None,
     announce), for a receive buffer too small to hold loopback's 64 KiB
     segments (open_writer_capture). libzmq has no option for it: the
     listening socket is made here and handed over as an inherited one is.
+
+    Of a list (bus.config.endpoints_of: the writers of a standby pair), the
+    first: this process's own; the others are the other writers'.
     """
+    endpoint = endpoints_of(endpoint)[0]
     try:
         inherited = inherited_sockets().get(name) if name else None
         if inherited is not None:
@@ -329,6 +334,9 @@ class Connections:
         (0: none): the cap of a bound socket; `log` and `name` say so when it
         cuts a connection."""
         self.endpoint = endpoint
+        # A connecting socket may connect to several (the writers of a
+        # standby pair: bus.config.endpoints_of); one of them serves.
+        self.endpoints = endpoints_of(endpoint)
         self.name = name or endpoint
         # Open connections by descriptor, oldest first (a dict keeps the order).
         self.fds: dict[int, None] = {}
@@ -352,13 +360,17 @@ class Connections:
         # LAST_ENDPOINT, read without touching the socket).
         self._listening_at: str | None = None
         self._sock = sock
-        self.gave_up: str | None = None   # why libzmq gave up on the endpoint, until redial()
-        # A connecting socket's peer completed the ZMTP handshake (a CONNECTED
-        # peer may still be a wrong one) and has not disconnected since; and
-        # whether the last handshake failed (libzmq retries some failures by
-        # itself, HANDSHAKE_FAILED_NO_DETAIL: a CURVE server of another key).
-        self.handshaken = False
+        # Why libzmq gave up on an endpoint, by the endpoint its events name,
+        # until redial().
+        self._gave_up: dict[str, str] = {}
+        # The endpoints (as events name them) whose peer completed the ZMTP
+        # handshake (a CONNECTED peer may still be a wrong one) and has not
+        # disconnected since; and whether the last handshake failed (libzmq
+        # retries some failures by itself, HANDSHAKE_FAILED_NO_DETAIL: a CURVE
+        # server of another key).
+        self._handshaken: dict[str, None] = {}  # in the order they succeeded
         self.failing = False
+        self.superseded = 0  # older writers' connections dropped for a newer one (stale())
         self.wrong_peers = 0              # handshakes that failed (every kind)
         self.last_wrong_peer: str | None = None
         self.redials = 0
@@ -369,6 +381,23 @@ class Connections:
         # disconnect): after a protocol error (a frame over MAXMSGSIZE, a
         # malformed frame from whatever answers there) it never will.
         self._dropped_at: float | None = None
+        self._dropped_endpoint = ""
+
+    @property
+    def handshaken(self) -> bool:
+        """A peer completed its handshake and is still there."""
+        return bool(self._handshaken)
+
+    @property
+    def gave_up(self) -> str | None:
+        """Why libzmq gave up on the endpoint (None: it did not). Of several,
+        only while none is handshaken: a socket connected to several queues
+        only for a live peer (bus.sockets.connect), so one endpoint's wrong
+        peer blocks nothing while another serves (it is redialed all the
+        same)."""
+        if not self._gave_up or (len(self.endpoints) > 1 and self._handshaken):
+            return None
+        return next(iter(self._gave_up.values()))
 
     def update(self) -> None:
         for _ in range(MONITOR_EVENTS_PER_UPDATE):
@@ -376,6 +405,7 @@ class Connections:
                 break
             message = recv_monitor_message(self.monitor)
             event, value = message["event"], message["value"]
+            at = message["endpoint"].decode(errors="replace")
             if event == self._opened:
                 self.fds.pop(value, None)  # a descriptor reused: the newest again
                 self.fds[value] = None
@@ -386,20 +416,23 @@ class Connections:
                 self._dropped_at = None
             elif event == zmq.EVENT_DISCONNECTED:
                 self.fds.pop(value, None)
-                self.handshaken = False
-                if self.connected and self.gave_up is None:
-                    self._dropped_at = time.monotonic()
+                self._handshaken.pop(at, None)
+                if self.connected and at not in self._gave_up:
+                    self._dropped_at, self._dropped_endpoint = time.monotonic(), at
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._backoff = REDIAL_MIN_S
-                self.handshaken, self.failing = True, False
+                self._handshaken.pop(at, None)
+                self._handshaken[at] = None
+                self.failing = False
             elif event & HANDSHAKE_EVENTS:
-                self.handshaken, self.failing = False, True
-                self._wrong_peer(describe_handshake_failure(event, value),
+                self._handshaken.pop(at, None)
+                self.failing = True
+                self._wrong_peer(describe_handshake_failure(event, value), at,
                                  gives_up=bool(event & GIVES_UP_EVENTS))
         if self._dropped_at is not None and time.monotonic() - self._dropped_at >= NOT_RETRIED_S:
             self._dropped_at = None
             self._wrong_peer("disconnected for a protocol error (a frame too large or "
-                             "malformed), not retried", gives_up=True)
+                             "malformed), not retried", self._dropped_endpoint, gives_up=True)
         if self.max_connections and len(self.fds) > self.max_connections:
             self._cut_over_cap()
 
@@ -424,33 +457,62 @@ class Connections:
                               max_connections=self.max_connections, refused_now=over,
                               refused_total=self.refused, action="shut the newest down")
 
-    def _wrong_peer(self, why: str, gives_up: bool) -> None:
-        """Count a wrong peer; if libzmq gave up on the endpoint, a redial is due
-        after the backoff, which doubles while the wrong peer stays."""
+    def _wrong_peer(self, why: str, at: str, gives_up: bool) -> None:
+        """Count a wrong peer (at endpoint `at`); if libzmq gave up on the
+        endpoint, a redial is due after the backoff, which doubles while the
+        wrong peer stays."""
         self.wrong_peers += 1
         self.last_wrong_peer = why
-        if gives_up and self.gave_up is None:
-            self.gave_up = why
-            self._redial_at = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, REDIAL_MAX_S)
+        if gives_up and at not in self._gave_up:
+            if not self._gave_up:
+                self._redial_at = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, REDIAL_MAX_S)
+            self._gave_up[at] = why
 
     def redial_due(self, now: float) -> bool:
-        return self.gave_up is not None and now >= self._redial_at
+        return bool(self._gave_up) and now >= self._redial_at
 
     def redial(self) -> None:
-        """Connect the endpoint again (the owner's thread, see the class doc)."""
-        try:
-            self._sock.disconnect(self.endpoint)
-        except zmq.ZMQError:  # libzmq forgot it already
-            pass
-        self._sock.connect(self.endpoint)
-        self.gave_up = None
-        self.handshaken = False
+        """Connect again the endpoints libzmq gave up on (the owner's thread,
+        see the class doc): those the events named, or, where the events name
+        an endpoint otherwise (a host name resolved), every one not
+        handshaken."""
+        again = [e for e in self.endpoints if e in self._gave_up] or \
+            [e for e in self.endpoints if e not in self._handshaken]
+        for endpoint in again:
+            try:
+                self._sock.disconnect(endpoint)
+            except zmq.ZMQError:  # libzmq forgot it already
+                pass
+            self._sock.connect(endpoint)
+            self._handshaken.pop(endpoint, None)
+        self._gave_up.clear()
         self.redials += 1
+
+    def stale(self) -> list[str]:
+        """Of several endpoints handshaken (writers of a standby pair), those
+        before the newest. A standby binds only once it holds the writer's
+        lock, so the newest is the writer that holds it, and an older one is
+        a writer that lost it (frozen, cut off, about to find out and exit):
+        what was sent there would be lost."""
+        return list(self._handshaken)[:-1]
+
+    def drop_stale(self) -> list[str]:
+        """Connect the stale() endpoints again (the owner's thread): their
+        connections, and what was queued on them, go; a writer there that
+        still serves completes a new handshake, and becomes the newest."""
+        stale = self.stale()
+        for endpoint in stale:
+            with contextlib.suppress(zmq.ZMQError):  # libzmq forgot it already
+                self._sock.disconnect(endpoint)
+            self._sock.connect(endpoint)
+            self._handshaken.pop(endpoint, None)
+        self.superseded += len(stale)
+        return stale
 
     def snapshot(self) -> dict[str, Any]:
         return {"wrong_peers": self.wrong_peers, "redials": self.redials,
-                "last_wrong_peer": self.last_wrong_peer}
+                "last_wrong_peer": self.last_wrong_peer, "superseded": self.superseded}
 
     def counts(self) -> dict[str, int]:
         """A bound endpoint's connections: open now, the cap, and how many were
@@ -676,7 +738,7 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
             cfg, own_key=f"{cfg.curve_dir}/proxy.key_secret"))
     if on_open is not None:
         on_open(sock)
-    sock.connect(cfg.capture_endpoint)
+    connect(sock, cfg.capture_endpoint)
     return sock
 
 
@@ -801,6 +863,18 @@ def open_anchor_control(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None
 
 # --- clients -----------------------------------------------------------------
 
+def connect(sock: zmq.Socket, value: str) -> None:
+    """Connect to each endpoint of `value` (bus.config.endpoints_of). To
+    several (writers on several hosts, one of them serving), a message is
+    queued only for a connection that is made (ZMQ_IMMEDIATE): none waits for
+    a writer that is not there."""
+    endpoints = endpoints_of(value)
+    if len(endpoints) > 1:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    for endpoint in endpoints:
+        sock.connect(endpoint)
+
+
 def open_publisher(ctx: zmq.Context, cfg: BusConfig, linger_ms: int,
                    on_open: OnOpen = None) -> zmq.Socket:
     """XPUB (not PUB) so the client sees the proxy's subscriptions arrive and
@@ -827,7 +901,7 @@ def open_subscriber(ctx: zmq.Context, cfg: BusConfig, prefixes: list[bytes],
     security.secure_client(sock, security.client_keys(cfg))
     if on_open is not None:
         on_open(sock)
-    sock.connect(endpoint or cfg.sub_endpoint)
+    connect(sock, endpoint or cfg.sub_endpoint)
     return sock
 
 
@@ -837,7 +911,7 @@ def open_request(ctx: zmq.Context, endpoint: str,
     security.secure_client(sock, keys)
     if on_open is not None:
         on_open(sock)
-    sock.connect(endpoint)
+    connect(sock, endpoint)
     return sock
 
 

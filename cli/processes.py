@@ -26,10 +26,14 @@ def proxy(ctx: click.Context, **flags: Any) -> None:
 @setting_options(*role_fields("writer"))
 @click.pass_context
 def writer(ctx: click.Context, **flags: Any) -> None:
-    """Run the batching SQLite writer."""
+    """Run the batching writer (with --standby: once it holds the writer's lock)."""
     from bus.runner import run_role
     from writer.service import Writer
-    sys.exit(run_role(Writer(build_config(ctx, flags, "writer"))))
+    config = build_config(ctx, flags, "writer")
+    if config.standby:
+        from writer.standby import StandbyWriter
+        sys.exit(run_role(StandbyWriter(config, Writer)))
+    sys.exit(run_role(Writer(config)))
 
 
 @click.command()

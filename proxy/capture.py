@@ -169,6 +169,11 @@ class CaptureCourse:
             self.wrong_peer_seen = None
             log.info("capture_redialed", endpoint=self.config.capture_endpoint,
                      redials=writer.redials, held=len(self.held))
+        if writer.stale():
+            log.warning("capture_superseded", dropped=writer.drop_stale(),
+                        reason="a newer writer completed its handshake: the older one lost "
+                               "the writer's lock (what was queued for it is sent again by "
+                               "its publishers)")
         self.send_held(writer, now)
         if self.forwarding() or self.down is None or self.paused():
             return  # running, or stopped for something else (the memory guard resumes it)
@@ -196,6 +201,8 @@ class CaptureCourse:
                 return f"a wrong peer at the capture endpoint: {writer.gave_up}"
             if not writer.handshaken:
                 return "the writer is gone: holding what is captured"
+            if writer.stale():
+                return "a newer writer took over: dropping the older one's connection"
         elif not self.held and writer.handshaken and writer.gave_up is None \
                 or self.held and self._writer_taking(writer, now):
             return "the writer is back: capturing straight to it again"

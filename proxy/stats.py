@@ -40,6 +40,9 @@ HTTP_SERIES = [
            "to it, in order, once it is back)", lambda s: s["capture"]["held"]),
     Series("capture_redials", "counter", "capture endpoint connected again after libzmq gave up "
            "on a wrong peer", lambda s: s["capture"]["redials"]),
+    Series("capture_superseded", "counter", "capture connections to a writer dropped once a "
+           "newer one (a standby that took the lock over) completed its handshake",
+           lambda s: s["capture"]["superseded"]),
     Series("subscription_cutoffs", "counter", "subscriber connections cut off over a "
            "subscription budget", lambda s: sum(s["subscriptions"]["refused"].values())),
     Series("subscription_bytes", "gauge", "bytes the subscriber connections sent (their "

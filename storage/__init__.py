@@ -59,13 +59,16 @@ def schema_version(db: str) -> int | None:
 # psycopg is imported only for a PostgreSQL database: a tenth of a second at
 # every process start (bus-cli's included) that SQLite users need not pay.
 
-def open_store(db: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000) -> Any:
+def open_store(db: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000,
+               session_timeout_s: int | None = None, fence: bool = False) -> Any:
     """The writer's handle (sqlite.Store or postgres.PgStore): the one-writer
     lock, the schema brought up to date, write_batch, delete_expired, and the
-    engine's `transient_errors` and `is_disk_full`."""
+    engine's `transient_errors` and `is_disk_full`. `session_timeout_s`
+    (PostgreSQL): how soon each side finds the session dead (the writer's);
+    `fence` (a standby's): end a lock holder silent for that long."""
     if is_url(db):
         from storage import postgres
-        return postgres.PgStore(db, busy_timeout_ms)
+        return postgres.PgStore(db, busy_timeout_ms, session_timeout_s, fence)
     from storage import sqlite
     return sqlite.Store(sqlite_path(db), synchronous, busy_timeout_ms)
 

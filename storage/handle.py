@@ -16,6 +16,14 @@ class WriterHandle:
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError
 
+    def heartbeat(self, now: float) -> None:
+        """Keep the session alive and find it lost (PostgreSQL: PgStore);
+        SQLite has no session to lose."""
+
+    def heartbeat_due_ms(self, now: float) -> int | None:
+        """In how long `heartbeat` has something to do (None: never)."""
+        return None
+
     def delete_expired(self, before_ns: int | None, keep: int | None, chunk: int,
                        upto: int | None = None) -> int:
         """retention.delete_expired in a transaction of its own."""

@@ -29,7 +29,7 @@ import psycopg
 import psycopg.errors
 
 from bus import pgurl
-from bus.runner import StartupError
+from bus.runner import CannotGoOn, StartupError
 from storage import NotReadable, messages, redact, schema, sessions
 from storage.handle import WriterHandle
 
@@ -111,15 +111,17 @@ class PgConnection:
         self.raw.close()
 
 
-def connect(url: str, application: str) -> PgConnection:
+def connect(url: str, application: str, **defaults: Any) -> PgConnection:
+    """`defaults`: libpq parameters the URL may set otherwise (its own win)."""
     if (problem := pgurl.problem(url)) is not None:  # libpq's error would quote the password
         raise StartupError(f"cannot connect to {redact(url)}: {problem}")
-    # The URL's own connect_timeout, if it has one (a keyword argument would
-    # override it), else ours.
-    timeout = {} if "connect_timeout" in psycopg.conninfo.conninfo_to_dict(url) \
-        else {"connect_timeout": CONNECT_TIMEOUT_S}
+    # The URL's own parameters, where it has them (a keyword argument would
+    # override them), else ours.
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    options = {name: value for name, value in
+               {"connect_timeout": CONNECT_TIMEOUT_S, **defaults}.items() if name not in given}
     try:
-        conn = psycopg.connect(url, autocommit=True, application_name=application, **timeout)
+        conn = psycopg.connect(url, autocommit=True, application_name=application, **options)
     except psycopg.Error as exc:
         raise StartupError(f"cannot connect to {redact(url)}: {exc}".strip()) from None
     return PgConnection(conn)
@@ -184,7 +186,71 @@ def open_read_only(url: str) -> PgConnection:
 
 
 class DatabaseInUse(StartupError):
-    """Another writer holds this database's advisory lock."""
+    """Another writer holds this database's advisory lock; `holder`: which
+    session (client address, pid, since), as pg_stat_activity shows it."""
+
+    def __init__(self, message: str, holder: str | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class SessionLost(CannotGoOn):
+    """The writer's session ended (the server restarted or ended it, the
+    network cut it): the writer's lock went with it, and another writer may
+    hold it by now. The writer stops at once, without another session:
+    its unit restarts it, a standby until it holds the lock again
+    (writer/standby.py). A batch whose commit was cut off is not
+    acknowledged; whether it committed, the next writer's producer ledger
+    says (its publishers send it again, and what was stored is skipped)."""
+
+    event = "database_session_lost"
+
+
+# The session holding the writer's lock (pg_locks shows a bigint advisory key
+# as its high and low 32 bits, classid and objid, objsubid 1): its pid, who it
+# is, and for how long it has sent nothing (NULL while a statement runs).
+LOCK_HOLDER = """SELECT a.pid,
+                        coalesce(host(a.client_addr), 'local') || ' pid ' || a.pid || ' since '
+                        || to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                        CASE WHEN a.state LIKE 'idle%'
+                             THEN extract(epoch FROM clock_timestamp() - a.state_change) END
+                 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.classid = ?
+                       AND l.objid = ? AND l.objsubid = 1 AND l.database = (
+                         SELECT oid FROM pg_database WHERE datname = current_database())"""
+
+
+def session_settings(timeout_s: int) -> tuple[dict[str, Any], list[str]]:
+    """How the writer's session is found dead within about `timeout_s` on both
+    sides (BUS_PG_SESSION_TIMEOUT_S): libpq's keepalive and user-timeout
+    parameters for the writer's end, and the SETs for the server's end of the
+    same session (PostgreSQL's own settings, which any role may set on its
+    session). The server ends a session whose peer is gone (keepalives), whose
+    data goes unacknowledged (tcp_user_timeout), whose client left during a
+    statement (client_connection_check_interval) or that sent nothing at all
+    (idle_session_timeout, and idle_in_transaction_session_timeout for one
+    stopped in the middle of its pipeline: a writer stopped or frozen; the
+    running writer sends a statement every HEARTBEAT_S)."""
+    idle = max(1, timeout_s // 2)
+    count = max(1, timeout_s - idle)  # probes a second apart
+    client = {"keepalives": 1, "keepalives_idle": idle, "keepalives_interval": 1,
+              "keepalives_count": count, "tcp_user_timeout": timeout_s * 1000}
+    server = [f"SET tcp_keepalives_idle = {idle}", "SET tcp_keepalives_interval = 1",
+              f"SET tcp_keepalives_count = {count}",
+              f"SET tcp_user_timeout = {timeout_s * 1000}",
+              "SET client_connection_check_interval = 1000",
+              f"SET idle_session_timeout = {timeout_s * 1000}",
+              f"SET idle_in_transaction_session_timeout = {timeout_s * 1000}"]
+    return client, server
+
+
+# How long a standby waits for a silent writer's session to end once it has
+# asked the server to end it (pg_terminate_backend's timeout).
+FENCE_WAIT_MS = 5000
+# The running writer sends a statement at least this often (PgStore.heartbeat):
+# the server's idle_session_timeout ends only a writer that stopped turning,
+# and a session lost while the writer is idle is found within this.
+HEARTBEAT_S = 1.0
 
 
 class PgStore(WriterHandle):
@@ -200,21 +266,34 @@ class PgStore(WriterHandle):
     # cache: nothing to overlap there.
     overlaps_commits = True
 
-    def __init__(self, url: str, lock_timeout_ms: int = 5000) -> None:
+    def __init__(self, url: str, lock_timeout_ms: int = 5000,
+                 session_timeout_s: int | None = None, fence: bool = False) -> None:
+        """`fence` (a standby's): end the session holding the lock if it has
+        sent nothing for `session_timeout_s` (PgStore._open)."""
         self.path = redact(url)
         self._url = url
         self.lock_timeout_ms = lock_timeout_ms
+        self.session_timeout_s = session_timeout_s
+        self.fence = fence and bool(session_timeout_s)
+        self.holder: str | None = None  # who held the lock when it was refused
+        self.fenced: str | None = None  # whose session was ended to take it
         self._conn = self._open()
         apply_schema(self._conn, url)
-        self.reconnects = 0
+        self.lost: str | None = None  # why the session ended (SessionLost)
+        self.last_used = time.monotonic()  # the last statement sent (heartbeat)
         self._committer: ThreadPoolExecutor | None = None  # start_batch's thread
 
     def _open(self) -> PgConnection:
-        conn = connect(self._url, "bus-writer")
-        if not conn.execute("SELECT pg_try_advisory_lock(?)", (WRITER_LOCK_KEY,)).fetchone()[0]:
+        client, server = session_settings(self.session_timeout_s) \
+            if self.session_timeout_s else ({}, [])
+        conn = connect(self._url, "bus-writer", **client)
+        if not self._take_lock(conn):
             conn.close()
             raise DatabaseInUse(f"{self.path} is open in another bus writer (it holds "
-                                f"advisory lock {WRITER_LOCK_KEY})")
+                                f"advisory lock {WRITER_LOCK_KEY}"
+                                + (f": {self.holder})" if self.holder else ")"), self.holder)
+        for statement in server:
+            conn.execute(statement)
         # A table locked by someone else fails the commit after this long (and
         # the rows are kept and retried), as SQLite's busy timeout does, instead
         # of stopping the writer's loop, its acknowledgements and its watchdog.
@@ -228,28 +307,68 @@ class PgStore(WriterHandle):
         conn.raw.prepare_threshold = None
         return conn
 
+    def _take_lock(self, conn: PgConnection) -> bool:
+        """The writer's lock, if no other session holds it (`holder` says
+        which does). With `fence`, a holder that sent nothing for
+        session_timeout_s (a writer frozen, or cut off before the server's
+        keepalives gave up on it) is ended first (pg_terminate_backend, which
+        a role may do to its own sessions): its lock goes with its session, so
+        it can never commit again. The running writer sends a statement each
+        HEARTBEAT_S; the server's idle_session_timeout alone does not do this:
+        after a pipeline, psycopg's closing flush request leaves it unarmed."""
+        take = "SELECT pg_try_advisory_lock(?)"
+        if conn.execute(take, (WRITER_LOCK_KEY,)).fetchone()[0]:
+            return True
+        key = WRITER_LOCK_KEY & 0xFFFF_FFFF_FFFF_FFFF
+        row = conn.execute(LOCK_HOLDER, (key >> 32, key & 0xFFFF_FFFF)).fetchone()
+        self.holder = row[1] if row else None
+        if row is None or not self.fence or row[2] is None or row[2] < self.session_timeout_s:
+            return False
+        self.fenced = f"{row[1]}, silent for {row[2]:.1f} s"
+        conn.execute("SELECT pg_terminate_backend(?, ?)", (row[0], FENCE_WAIT_MS))
+        return bool(conn.execute(take, (WRITER_LOCK_KEY,)).fetchone()[0])
+
     @property
     def conn(self) -> PgConnection:
-        """The connection, once the batch in flight is committed, opened again
-        first if it was lost: every read and write of the writer's (a control
-        command, a read at start) but the batches."""
+        """The connection, once the batch in flight is committed: every read
+        and write of the writer's (a control command, a read at start) but the
+        batches. SessionLost once the session has ended."""
         self._conn.wait_for_commit()
-        self._reconnect_if_lost()
+        self._check_session()
+        self.last_used = time.monotonic()
         return self._conn
 
-    def _reconnect_if_lost(self) -> None:
-        """A lost connection is opened again at the next transaction. A server
-        that does not answer yet is a transient error (the batch is kept and
-        retried); another writer holding the lock by then is not."""
-        if self._conn.raw.closed or self._conn.raw.broken:
-            self._conn.raw.close()
-            try:
-                self._conn.raw = self._open().raw  # the same object: UtxoBook holds it
-            except DatabaseInUse:
-                raise
-            except StartupError as exc:
-                raise psycopg.OperationalError(str(exc)) from None
-            self.reconnects += 1
+    def _check_session(self, cause: BaseException | None = None) -> None:
+        """SessionLost if the session has ended (`cause`: the error that
+        showed it). Never another session: the lock may be another writer's."""
+        raw = self._conn.raw
+        if self.lost is None and (raw.closed or raw.broken):
+            self.lost = f"{self.path}: {cause or 'connection closed'}".strip()
+        if self.lost is not None:
+            raise SessionLost(f"the writer's session ended ({self.lost}); its lock went with "
+                              "it: exiting for a restart") from cause
+
+    def heartbeat_due_ms(self, now: float) -> int | None:
+        """None while a commit runs: its end wakes the writer's loop."""
+        pending = self._conn.pending
+        if pending is not None and not pending.done():
+            return None
+        return max(0, int((self.last_used + HEARTBEAT_S - now) * 1000) + 1)
+
+    def heartbeat(self, now: float) -> None:
+        """A statement if none went out for HEARTBEAT_S (`now`:
+        time.monotonic()) and no commit is still running: shows the server
+        (and a standby, PgStore._take_lock) that the writer turns, and finds a
+        session lost while idle, or while the writer was frozen. SessionLost
+        if it is."""
+        pending = self._conn.pending
+        if now - self.last_used < HEARTBEAT_S or (pending is not None and not pending.done()):
+            return
+        try:
+            self.conn.execute("SELECT 1")
+        except TRANSIENT_ERRORS as exc:
+            self._check_session(exc)
+            raise
 
     def _rollback_if_open(self) -> None:
         """After an error: end the transaction, unless the connection is lost
@@ -280,7 +399,8 @@ class PgStore(WriterHandle):
         three more round trips (BEGIN, the COPY's start and its end) and about
         15% more time a batch of 100 rows."""
         committed_ns = time.time_ns()
-        self._reconnect_if_lost()  # not self.conn: on the committer, it would wait for itself
+        self._check_session()  # not self.conn: on the committer, it would wait for itself
+        self.last_used = time.monotonic()
         raw = self._conn.raw
         try:
             cursor = raw.cursor()
@@ -302,6 +422,10 @@ class PgStore(WriterHandle):
                                 sessions.consumer_params(row))
                 raw.execute("COMMIT")
             last = cursor.fetchone()[0] if rows else None
+        except TRANSIENT_ERRORS as exc:
+            self._rollback_if_open()
+            self._check_session(exc)  # cut off: not retried on another session
+            raise
         except BaseException:
             self._rollback_if_open()
             raise
@@ -322,7 +446,7 @@ class PgStore(WriterHandle):
         return future
 
     def snapshot(self) -> dict[str, Any]:
-        return {"engine": "postgresql", "database": self.path, "reconnects": self.reconnects}
+        return {"engine": "postgresql", "database": self.path}
 
     def close(self) -> None:
         self._conn.wait_for_commit()

@@ -13,7 +13,7 @@ import pytest
 from anchor.reservations import UtxoClient
 from bus.client import Publisher, Subscriber
 from storage.schema import SCHEMA_VERSION
-from tests.conftest import Bus, execute, query, wait_for
+from tests.conftest import Bus, execute, query
 from tests.test_hostile import publish_acked
 
 
@@ -134,21 +134,24 @@ def test_db_migrate_brings_an_older_schema_up_and_says_so(make_bus, db_engine) -
     assert refused.returncode == 1 and "open in another bus writer" in refused.stderr
 
 
-def test_a_lost_postgresql_connection_costs_nothing_acknowledged(make_bus, pg_server) -> None:
+def test_a_lost_postgresql_session_ends_the_writer_and_costs_nothing_acknowledged(
+        make_bus, pg_server) -> None:
     """The writer's session is killed (a failover, an admin, a restarted
-    server): the batch fails, is kept, and is committed on a new connection
-    that takes the writer's advisory lock again."""
+    server): its lock went with it, so the writer exits (75) instead of taking
+    it again on another session, which stored a batch twice when only the
+    commit's reply was lost. Restarted as its unit would, it goes on: nothing
+    acknowledged is lost, nothing stored twice."""
     bus = make_bus(BUS_DB=pg_server.create_database(), BUS_SQLITE_BUSY_TIMEOUT_MS=200).start()
     publish_acked(bus, "lost", "lost.t", 100)
     killed = query(bus.db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE"
                            " application_name = 'bus-writer' AND datname = current_database()")
     assert killed == [(True,)]
+    assert bus.writer.wait(15) == 75
+    assert query(bus.db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == [(0,)]
+    bus.start_writer()
     publish_acked(bus, "lost", "lost.t", 100)  # acknowledged only once stored
     assert query(bus.db, "SELECT count(*), count(DISTINCT producer_seq) FROM messages") == \
         [(200, 200)]
-    assert bus.writer_stats()["wal"]["reconnects"] == 1
-    held = query(bus.db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
-    assert held == [(1,)], "the new session holds the writer's lock"
     assert bus.stop() == (0, 0)
 
 
@@ -188,9 +191,10 @@ def test_db_copy_refuses_another_buss_database_and_a_live_source(make_bus, tmp_p
 
 def test_a_postgresql_server_refusing_connections_for_a_while_costs_nothing(
         make_bus, pg_server) -> None:
-    """The writer crashed when its reconnect found the server not accepting
-    connections (a restart, a failover): now that is a failed batch, kept and
-    retried."""
+    """The server ends the writer's session and refuses new ones for a while
+    (a restart, a failover): the writer exits (75), a restart meanwhile is
+    refused in one line (exit 1: its unit tries again), and once the server
+    accepts, the restarted writer stores everything its publisher sent."""
     url = pg_server.create_database()
     database = url.rpartition("/")[2]
     bus = make_bus(BUS_DB=url).start()
@@ -202,10 +206,13 @@ def test_a_postgresql_server_refusing_connections_for_a_while_costs_nothing(
                        f" datname = '{database}' AND application_name = 'bus-writer'")
         for i in range(50):
             pub.publish("down.t", b"%d" % i)
-        wait_for(lambda: bus.writer_stats()["batch"]["flush_errors"] > 0,
-                 message="a batch failed while the server refused connections")
-        assert bus.writer.popen.poll() is None, "the writer lives"
+        assert bus.writer.wait(15) == 75
+        refused = bus.run("writer")
+        assert refused.wait(30) == 1
+        [line] = [e for e in refused.log_events() if e["level"] == "error"]
+        assert line["event"] == "cannot_start" and "cannot connect" in line["error"]
         execute(admin, f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+        bus.start_writer()
         pub.flush(timeout=30)
     assert query(url, "SELECT count(*) FROM messages") == [(100,)]
     assert bus.stop() == (0, 0)

@@ -101,6 +101,13 @@ def producer_arg(request: control.Request) -> str:
     return producer
 
 
+def open_writer_store(cfg: BusConfig, fence: bool = False) -> Any:
+    """The writer's database, its lock taken (storage.open_store; `fence`: a
+    standby's, from a holder silent for BUS_PG_SESSION_TIMEOUT_S)."""
+    return storage.open_store(cfg.db, cfg.sqlite_synchronous, cfg.sqlite_busy_timeout_ms,
+                              cfg.pg_session_timeout_s, fence)
+
+
 class Writer:
     """The writer role: its endpoints, its database and its parts (the
     module's doc), and the control commands."""
@@ -120,7 +127,9 @@ class Writer:
 
     # --- life cycle ---------------------------------------------------------
 
-    def initialize(self, stop: StopSignal) -> None:
+    def initialize(self, stop: StopSignal, store: Any = None) -> None:
+        """`store`: the database a standby opened once it held the lock
+        (writer/standby.py); else the writer opens it, after its endpoints."""
         cfg = self.config
         self.stop = stop
         # Endpoints first: a port in use stops the writer before it creates a database.
@@ -136,8 +145,7 @@ class Writer:
         self.notify = sockets.open_writer_notify(self.ctx, cfg,
                                                  watch("notify", cfg.notify_endpoint))
         self.http = open_http(cfg)
-        self.store = storage.open_store(cfg.db, cfg.sqlite_synchronous,
-                                        cfg.sqlite_busy_timeout_ms)
+        self.store = store or open_writer_store(cfg)
         if getattr(self.store, "readable_by_others", False):
             log.warning("database_readable_by_others", db=storage.describe(cfg.db),
                         reason="its session keys (producer_keys) let whoever reads them send "
@@ -197,6 +205,11 @@ class Writer:
         now = time.monotonic() if now is None else now
         if self.stop.fileno() in events:
             self.stop.clear_wakeup()
+        # PostgreSQL: a statement once a second at least, and before anything
+        # is read after a pause (a frozen writer, thawed after a standby took
+        # over, must not take in what it can no longer commit): SessionLost
+        # ends the process.
+        self.store.heartbeat(now)
         if self.control in events:
             self.dispatcher.serve(self.control)
         if self.notify in events:
@@ -226,6 +239,9 @@ class Writer:
             timeout_ms = min(timeout_ms, retention_ms)
         if self.guard.memory.limit:  # what grows the writer unseen wakes no poll
             timeout_ms = min(timeout_ms, int(self.guard.memory.interval_s * 1000))
+        heartbeat_ms = self.store.heartbeat_due_ms(now)
+        if heartbeat_ms is not None:
+            timeout_ms = min(timeout_ms, heartbeat_ms)
         return timeout_ms
 
     def flush(self, reason: str, now: float) -> bool:
@@ -234,7 +250,10 @@ class Writer:
 
     def shutdown(self) -> None:
         unsaved = 0
-        if self.ingest is not None and self.store is not None:
+        # A lost session (SessionLost) ends the writer without another word to
+        # the database: nothing more is committed, nothing more acknowledged.
+        lost = getattr(self.store, "lost", None)
+        if self.ingest is not None and self.store is not None and lost is None:
             deadline = time.monotonic() + self.config.shutdown_timeout_ms / 1000.0
             self.ingest.drain_before_exit(deadline)
             while not self.flush("shutdown", time.monotonic()) and time.monotonic() < deadline:
@@ -254,8 +273,9 @@ class Writer:
             self.ctx.term()
             self.ctx = None
         if self.store is not None:
-            log.info("database_closed", db=storage.redact(self.config.db),
-                     last_message_id=stored_ids(self.store)[1])
+            if lost is None:
+                log.info("database_closed", db=storage.redact(self.config.db),
+                         last_message_id=stored_ids(self.store)[1])
             self.store.close()
             self.store = None
         if unsaved:

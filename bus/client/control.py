@@ -38,8 +38,8 @@ class ControlClient:
 
     def request(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         for attempt in range(self.retries + 1):
-            self.send(cmd, args)
             try:
+                self.send(cmd, args)
                 return self.result()
             except BusTimeout:
                 if attempt == self.retries:
@@ -71,6 +71,14 @@ class ControlClient:
             self._sock.close(linger=0)
         self._sock = sockets.open_request(self._ctx, self.endpoint, self.curve,
                                           self._watch.attach)
+        # Connected to several (the writers of a standby pair), a request
+        # waits for a connection that is made (sockets.connect): for
+        # timeout_ms at most, as for its reply.
+        if not self._sock.poll(self.timeout_ms, zmq.POLLOUT):
+            self._sock.close(linger=0)
+            self._sock = None
+            raise BusTimeout(f"none of {self.endpoint} answered within {self.timeout_ms} ms "
+                             "(is a writer running there?)")
         self._sock.send(request)
 
     def result(self) -> Any:

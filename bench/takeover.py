@@ -1,0 +1,177 @@
+"""A standby writer's takeover (issue 27), on one machine: a private
+PostgreSQL server (tests/pgserver.py, durable), writer A and a standby B with
+endpoints of their own (as on two hosts: each lists its own first, and the
+proxy and the publisher connect to both), a proxy, and a publisher child
+sending acknowledged messages at a steady rate. After 2 s, A is
+
+    kill -9       killed: its kernel closes its connection, the server frees the lock
+    terminated    its session ended by the server (pg_terminate_backend): A exits 75
+    frozen        SIGSTOP: the server ends nothing by itself; B ends A's session once
+                  it has sent nothing for BUS_PG_SESSION_TIMEOUT_S (--session-timeout),
+                  then A is thawed and must exit 75 without committing
+
+and the table says, for each round: how long until B said `took_over`
+(from the moment A was hit), the publisher's longest and 99th-percentile wait
+for an acknowledgement (what its application saw of the takeover), and what
+the database holds: acknowledged messages missing (must be 0) and stored
+twice (must be 0).
+
+    python bench/takeover.py [--rounds 3] [--rate 2000] [--seconds 6] [--session-timeout 3]
+
+Rounds alternate the three ways. Figures are of this machine; the takeover
+after a lost host is bounded by BUS_PG_SESSION_TIMEOUT_S the same way as
+`frozen` (README, "A standby writer").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bus_bench  # noqa: E402 (the children, free ports)
+
+ROOT = bus_bench.ROOT
+WRITER_VARS = ("BUS_CAPTURE_ENDPOINT", "BUS_CONTROL_ENDPOINT", "BUS_NOTIFY_ENDPOINT")
+WAYS = ("kill -9", "terminated", "frozen")
+
+
+class Child:
+    """A bus process whose JSON log lines are read as they come (`seen`:
+    event -> when it was first read, time.monotonic())."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.popen = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env,
+                                      cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True)
+        self.seen: dict[str, float] = {}
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.popen.stderr:
+            try:
+                event = json.loads(line).get("event")
+            except ValueError:
+                continue
+            self.seen.setdefault(event, time.monotonic())
+
+    def wait_for(self, event: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while event not in self.seen:
+            if time.monotonic() > deadline or self.popen.poll() is not None:
+                raise RuntimeError(f"no {event} within {timeout}s (exit {self.popen.poll()})")
+            time.sleep(0.005)
+        return self.seen[event]
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(30)
+
+
+def ping(endpoint: str, timeout: float = 15) -> None:
+    from bus.client import BusError, ControlClient
+    deadline = time.monotonic() + timeout
+    while True:
+        with ControlClient(endpoint, timeout_ms=300) as client:
+            try:
+                client.request("ping")
+                return
+            except BusError:
+                if time.monotonic() > deadline:
+                    raise
+
+
+def one_round(url: str, way: str, rate: int, seconds: float, session_timeout: int) -> dict:
+    import psycopg
+    ports = {name: (bus_bench.free_port(), bus_bench.free_port()) for name in WRITER_VARS}
+    base = dict(os.environ, **bus_bench.endpoints(), BUS_DB=url, BUS_LOG_FORMAT="json",
+                BUS_LOG_LEVEL="info", BUS_STANDBY_RETRY_MS="100",
+                BUS_PG_SESSION_TIMEOUT_S=str(session_timeout))
+    env_a = dict(base, **{n: f"tcp://127.0.0.1:{a},tcp://127.0.0.1:{b}"
+                          for n, (a, b) in ports.items()})
+    env_b = dict(base, **{n: f"tcp://127.0.0.1:{b},tcp://127.0.0.1:{a}"
+                          for n, (a, b) in ports.items()})
+    writer_a = Child(["writer"], env_a)
+    ping(env_a["BUS_CONTROL_ENDPOINT"])
+    writer_b = Child(["writer", "--standby"], env_b)
+    writer_b.wait_for("standby_waiting", 15)
+    proxy = Child(["proxy"], env_a)
+    ping(env_a["BUS_PROXY_CONTROL_ENDPOINT"])
+    count = int(rate * seconds)
+    publisher = bus_bench.run_child(["_publish_acked", env_a["BUS_PUB_ENDPOINT"],
+                                     env_a["BUS_SUB_ENDPOINT"], str(count), str(rate)], env_a)
+    time.sleep(2.0)  # a steady load first (the child paces itself)
+    hit = time.monotonic()
+    if way == "kill -9":
+        writer_a.popen.kill()
+    elif way == "terminated":
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                         "application_name = 'bus-writer' AND pid IN (SELECT pid FROM pg_locks"
+                         " WHERE locktype = 'advisory' AND granted)")
+    else:
+        writer_a.popen.send_signal(signal.SIGSTOP)
+    took_over = writer_b.wait_for("took_over", session_timeout + 30) - hit
+    if way == "frozen":
+        writer_a.popen.send_signal(signal.SIGCONT)
+    old_exit = writer_a.popen.wait(30)
+    figures = json.loads(publisher.stdout.readline())
+    publisher.wait(30)
+    with psycopg.connect(url, autocommit=True) as conn:
+        stored, distinct = conn.execute(
+            "SELECT count(*), count(DISTINCT producer_seq) FROM messages").fetchone()
+    codes = (proxy.stop(), writer_b.stop())
+    if codes != (0, 0):
+        raise RuntimeError(f"proxy, new writer exited {codes}")
+    return {"way": way, "takeover_s": took_over, "old_exit": old_exit,
+            "p99_ms": figures["p99_ms"], "max_ms": figures["max_ms"],
+            "missing": count - distinct, "twice": stored - distinct}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--session-timeout", type=int, default=3)
+    args = parser.parse_args()
+    from tests.pgserver import PACKAGE_HINT, PgServer, find_bindir
+    bindir = find_bindir()
+    if bindir is None:
+        print(f"bench: skipped: {PACKAGE_HINT}")
+        return
+    print(f"bench: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}; {args.rate} acknowledged msg/s for {args.seconds} s, "
+          f"BUS_PG_SESSION_TIMEOUT_S={args.session_timeout}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="takeover-"):
+        server = PgServer(bindir, bus_bench.free_port(), durable=True).start()
+        rows = []
+        try:
+            for round_no in range(args.rounds):
+                for way in WAYS:
+                    row = one_round(server.create_database(), way, args.rate, args.seconds,
+                                    args.session_timeout)
+                    rows.append(row)
+                    print(f"bench: round {round_no + 1} {way}: {row}", file=sys.stderr,
+                          flush=True)
+        finally:
+            server.stop()
+    bus_bench.print_table(
+        ("old writer", "takeover s", "old exit", "ack p99 ms", "ack max ms", "missing", "twice"),
+        [(r["way"], f"{r['takeover_s']:.2f}", str(r["old_exit"]), f"{r['p99_ms']:.1f}",
+          f"{r['max_ms']:.0f}", str(r["missing"]), str(r["twice"])) for r in rows])
+
+
+if __name__ == "__main__":
+    main()
