@@ -110,6 +110,8 @@ def endpoints_of(value: str) -> list[str]:
 
 def writer_endpoints_problem(value: str) -> str | None:
     """One endpoint, or several separated by commas (endpoints_of)."""
+    if any(c.isspace() for c in value):
+        return f"has white space: {value!r} (a list is separated by commas alone)"
     endpoints = endpoints_of(value)
     if len(set(endpoints)) != len(endpoints):
         return f"lists an endpoint twice: {value!r}"

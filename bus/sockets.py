@@ -336,7 +336,7 @@ class Connections:
         self.endpoint = endpoint
         # A connecting socket may connect to several (the writers of a
         # standby pair: bus.config.endpoints_of); one of them serves.
-        self.endpoints = endpoints_of(endpoint)
+        self.endpoints = connect_endpoints(endpoint) if connected else [endpoint]
         self.name = name or endpoint
         # Open connections by descriptor, oldest first (a dict keeps the order).
         self.fds: dict[int, None] = {}
@@ -380,8 +380,8 @@ class Connections:
         # it will connect again (CONNECT_RETRIED, at once after an ordinary
         # disconnect): after a protocol error (a frame over MAXMSGSIZE, a
         # malformed frame from whatever answers there) it never will.
-        self._dropped_at: float | None = None
-        self._dropped_endpoint = ""
+        # By endpoint (several: each its own), when it dropped.
+        self._dropped: dict[str, float] = {}
 
     @property
     def handshaken(self) -> bool:
@@ -409,16 +409,16 @@ class Connections:
             if event == self._opened:
                 self.fds.pop(value, None)  # a descriptor reused: the newest again
                 self.fds[value] = None
-                self._dropped_at = None
+                self._dropped.pop(at, None)
                 if not self.connected:
-                    self._listening_at = message["endpoint"].decode(errors="replace")
+                    self._listening_at = at
             elif event == zmq.EVENT_CONNECT_RETRIED:
-                self._dropped_at = None
+                self._dropped.pop(at, None)
             elif event == zmq.EVENT_DISCONNECTED:
                 self.fds.pop(value, None)
                 self._handshaken.pop(at, None)
                 if self.connected and at not in self._gave_up:
-                    self._dropped_at, self._dropped_endpoint = time.monotonic(), at
+                    self._dropped[at] = time.monotonic()
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._backoff = REDIAL_MIN_S
                 self._handshaken.pop(at, None)
@@ -429,10 +429,11 @@ class Connections:
                 self.failing = True
                 self._wrong_peer(describe_handshake_failure(event, value), at,
                                  gives_up=bool(event & GIVES_UP_EVENTS))
-        if self._dropped_at is not None and time.monotonic() - self._dropped_at >= NOT_RETRIED_S:
-            self._dropped_at = None
-            self._wrong_peer("disconnected for a protocol error (a frame too large or "
-                             "malformed), not retried", self._dropped_endpoint, gives_up=True)
+        for at, dropped_at in list(self._dropped.items()):
+            if time.monotonic() - dropped_at >= NOT_RETRIED_S:
+                del self._dropped[at]
+                self._wrong_peer("disconnected for a protocol error (a frame too large or "
+                                 "malformed), not retried", at, gives_up=True)
         if self.max_connections and len(self.fds) > self.max_connections:
             self._cut_over_cap()
 
@@ -501,11 +502,12 @@ class Connections:
         """Connect the stale() endpoints again (the owner's thread): their
         connections, and what was queued on them, go; a writer there that
         still serves completes a new handshake, and becomes the newest."""
-        stale = self.stale()
+        stale = [e for e in self.stale() if e in self.endpoints]
         for endpoint in stale:
             with contextlib.suppress(zmq.ZMQError):  # libzmq forgot it already
                 self._sock.disconnect(endpoint)
             self._sock.connect(endpoint)
+        for endpoint in self.stale():  # those named otherwise too: not asked again
             self._handshaken.pop(endpoint, None)
         self.superseded += len(stale)
         return stale
@@ -863,12 +865,43 @@ def open_anchor_control(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None
 
 # --- clients -----------------------------------------------------------------
 
-def connect(sock: zmq.Socket, value: str) -> None:
-    """Connect to each endpoint of `value` (bus.config.endpoints_of). To
-    several (writers on several hosts, one of them serving), a message is
-    queued only for a connection that is made (ZMQ_IMMEDIATE): none waits for
-    a writer that is not there."""
+def connect_endpoints(value: str) -> list[str]:
+    """The endpoints a socket given `value` connects to. One: as given. Several
+    (bus.config.endpoints_of): each host name resolved to its address, as
+    libzmq's events name a connection once it reconnected (Connections keys
+    its peers by them), and aliases of one address taken once."""
     endpoints = endpoints_of(value)
+    if len(endpoints) == 1:
+        return endpoints
+    resolved: dict[str, None] = {}
+    for endpoint in endpoints:
+        resolved[_resolved(endpoint)] = None
+    return list(resolved)
+
+
+def _resolved(endpoint: str) -> str:
+    """tcp://HOST:PORT with HOST's first address (IPv4 first), or as it was
+    where HOST is an address already or does not resolve now (libzmq tries
+    again itself)."""
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if host.startswith("["):
+        return endpoint
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        return endpoint
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    address = infos[0][4][0]
+    return f"tcp://{address}:{port}" if infos[0][0] == socket.AF_INET \
+        else f"tcp://[{address}]:{port}"
+
+
+def connect(sock: zmq.Socket, value: str) -> None:
+    """Connect to each endpoint of `value` (connect_endpoints). To several
+    (writers on several hosts, one of them serving), a message is queued only
+    for a connection that is made (ZMQ_IMMEDIATE): none waits for a writer
+    that is not there."""
+    endpoints = connect_endpoints(value)
     if len(endpoints) > 1:
         sock.setsockopt(zmq.IMMEDIATE, 1)
     for endpoint in endpoints:

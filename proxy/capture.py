@@ -164,7 +164,7 @@ class CaptureCourse:
             self.end_of_loop()
         # From here the main thread owns the capture: the loop, if it runs,
         # sends into the spill.
-        if writer.gave_up is not None and writer.redial_due(now):
+        if writer.redial_due(now):  # of several endpoints, even while another serves
             writer.redial()
             self.wrong_peer_seen = None
             log.info("capture_redialed", endpoint=self.config.capture_endpoint,

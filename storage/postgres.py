@@ -208,11 +208,13 @@ class SessionLost(CannotGoOn):
 
 # The session holding the writer's lock (pg_locks shows a bigint advisory key
 # as its high and low 32 bits, classid and objid, objsubid 1): its pid, who it
-# is, and for how long it has sent nothing (NULL while a statement runs).
+# is, and for how long it has sent nothing (NULL while a statement runs): idle,
+# or in the middle of a pipeline the writer stopped sending (active, waiting
+# for the client: ClientRead).
 LOCK_HOLDER = """SELECT a.pid,
                         coalesce(host(a.client_addr), 'local') || ' pid ' || a.pid || ' since '
                         || to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ'),
-                        CASE WHEN a.state LIKE 'idle%'
+                        CASE WHEN a.state LIKE 'idle%' OR a.wait_event = 'ClientRead'
                              THEN extract(epoch FROM clock_timestamp() - a.state_change) END
                  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                  WHERE l.locktype = 'advisory' AND l.granted AND l.classid = ?
@@ -287,13 +289,16 @@ class PgStore(WriterHandle):
         client, server = session_settings(self.session_timeout_s) \
             if self.session_timeout_s else ({}, [])
         conn = connect(self._url, "bus-writer", **client)
-        if not self._take_lock(conn):
+        try:
+            if not self._take_lock(conn):
+                raise DatabaseInUse(f"{self.path} is open in another bus writer (it holds "
+                                    f"advisory lock {WRITER_LOCK_KEY}"
+                                    + (f": {self.holder})" if self.holder else ")"), self.holder)
+            for statement in server:
+                conn.execute(statement)
+        except BaseException:
             conn.close()
-            raise DatabaseInUse(f"{self.path} is open in another bus writer (it holds "
-                                f"advisory lock {WRITER_LOCK_KEY}"
-                                + (f": {self.holder})" if self.holder else ")"), self.holder)
-        for statement in server:
-            conn.execute(statement)
+            raise
         # A table locked by someone else fails the commit after this long (and
         # the rows are kept and retried), as SQLite's busy timeout does, instead
         # of stopping the writer's loop, its acknowledgements and its watchdog.
@@ -311,7 +316,8 @@ class PgStore(WriterHandle):
         """The writer's lock, if no other session holds it (`holder` says
         which does). With `fence`, a holder that sent nothing for
         session_timeout_s (a writer frozen, or cut off before the server's
-        keepalives gave up on it) is ended first (pg_terminate_backend, which
+        keepalives gave up on it; idle, or stopped in the middle of a pipeline,
+        which the server shows as active, waiting for the client) is ended first (pg_terminate_backend, which
         a role may do to its own sessions): its lock goes with its session, so
         it can never commit again. The running writer sends a statement each
         HEARTBEAT_S; the server's idle_session_timeout alone does not do this:
@@ -366,9 +372,8 @@ class PgStore(WriterHandle):
             return
         try:
             self.conn.execute("SELECT 1")
-        except TRANSIENT_ERRORS as exc:
+        except DATABASE_ERRORS as exc:  # cancelled, say: the next statement tells again
             self._check_session(exc)
-            raise
 
     def _rollback_if_open(self) -> None:
         """After an error: end the transaction, unless the connection is lost

@@ -166,3 +166,14 @@ def test_a_setting_must_say_who_uses_it() -> None:
         config.setting("BUS_X", 1, "x", roles=())
     with pytest.raises(TypeError, match="roles must be"):
         config.setting("BUS_X", 1, "x", roles=("wirter",))
+
+
+def test_endpoint_lists_resolve_host_names_and_take_an_alias_once() -> None:
+    """Review of issue 27: libzmq's events name a reconnected connection by
+    its address, not the host name it was given, so the proxy could not tell
+    which writer was the older one; and an alias of the same address was a
+    second connection to one writer, dropped as "older" over and over."""
+    from bus.sockets import connect_endpoints
+    assert connect_endpoints("tcp://localhost:5600,tcp://127.0.0.1:5600,tcp://127.0.0.1:5601") \
+        == ["tcp://127.0.0.1:5600", "tcp://127.0.0.1:5601"]
+    assert connect_endpoints("tcp://localhost:5600") == ["tcp://localhost:5600"]  # one: as given

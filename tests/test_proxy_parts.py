@@ -159,6 +159,9 @@ class WriterLink:
     def redial(self) -> None:
         self.redials += 1
 
+    def stale(self) -> list[str]:
+        return []
+
     def snapshot(self) -> dict[str, Any]:
         return {"wrong_peers": self.wrong_peers, "redials": self.redials}
 

@@ -7,6 +7,7 @@ address does across hosts; tests/test_cluster.py runs them on three)."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -214,3 +215,27 @@ def test_a_frozen_writer_loses_its_lock_and_never_commits_after_the_takeover(mak
     assert bus.proxy_stats()["capture"]["superseded"] >= 1
     bus.writer = waiting
     assert bus.stop() == (0, 0)
+
+
+def test_a_writer_given_several_endpoints_takes_the_lock_before_it_binds(make_bus) -> None:
+    """Review of issue 27: a writer started without --standby where another
+    holds the lock bound its endpoints first; the proxy, taking it for the
+    newer writer, dropped its connection to the one that serves. With a list
+    it takes the lock first: refused, it binds nothing, and the proxy stays
+    with the writer it has."""
+    first, second = pair_endpoints()
+    bus: Bus = make_bus(**first).start()
+    # Its own capture port is taken: a writer that binds first says so, one
+    # that takes the lock first is refused the lock before it tries.
+    port = int(second["BUS_CAPTURE_ENDPOINT"].split(",")[0].rpartition(":")[2])
+    with socket.create_server(("127.0.0.1", port)):
+        intruder = bus.spawn([BUS_CLI, "writer"], env=second)
+        assert intruder.wait(30) == 1
+    [refused] = [e for e in intruder.log_events() if e["level"] == "error"]
+    assert "open in another bus writer" in refused["error"], refused
+    assert not [e for e in intruder.log_events() if e["event"] == "started"]
+    with Publisher(bus.config(), producer_id="stays", connect_timeout=10) as pub:
+        pub.publish("stays.t", b"x", wait=True, timeout=10)
+    assert bus.proxy_stats()["capture"]["superseded"] == 0
+    assert bus.stop() == (0, 0)
+

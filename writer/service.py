@@ -49,7 +49,7 @@ import zmq
 
 from bus import control, protocol, security, sockets
 from bus.build import build_info
-from bus.config import BusConfig
+from bus.config import BusConfig, endpoints_of
 from bus.http import HttpSide
 from bus.logging import get_logger
 from bus.runner import StopSignal
@@ -132,7 +132,12 @@ class Writer:
         (writer/standby.py); else the writer opens it, after its endpoints."""
         cfg = self.config
         self.stop = stop
-        # Endpoints first: a port in use stops the writer before it creates a database.
+        # Endpoints first: a port in use stops the writer before it creates a
+        # database. But with several writer endpoints (writers on several
+        # hosts), the lock first: a writer that binds is the one that holds it
+        # (the proxy drops an older writer's connection for a newer one).
+        if store is None and len(endpoints_of(cfg.capture_endpoint)) > 1:
+            store = open_writer_store(cfg)
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, cfg)
         # Each bound endpoint (capture, control, notify) held to BUS_MAX_CONNECTIONS.

@@ -43,8 +43,10 @@ class LockWait:
     `open_store()` (which takes it, or is refused with DatabaseInUse) once
     every `retry_s`, and returns the store once it holds it."""
 
-    def __init__(self, open_store: Callable[[], Any], retry_s: float, started: float) -> None:
+    def __init__(self, open_store: Callable[[], Any], retry_s: float, started: float,
+                 database_errors: tuple[type[BaseException], ...] = ()) -> None:
         self.open_store = open_store
+        self.database_errors = database_errors
         self.retry_s = retry_s
         self.started = started
         self.next_try = started
@@ -65,10 +67,13 @@ class LockWait:
                 log.info("standby_waiting", holder=exc.holder)
             self.holder, self.last_error = exc.holder, None
             return None
-        except StartupError as exc:  # no server, refused credentials: tried again
+        except (StartupError, *self.database_errors) as exc:
+            # No server, refused credentials, a server restarting, a role that
+            # may not see or end the holder's session: tried again.
             if str(exc) != self.last_error:
-                log.warning("standby_cannot_reach_database", error=str(exc))
-            self.last_error = str(exc)
+                log.warning("standby_cannot_reach_database", error=str(exc).strip(),
+                            error_type=type(exc).__name__)
+            self.last_error = str(exc).strip()
             return None
         return store
 
@@ -94,7 +99,7 @@ class StandbyWriter:
         self.writer: Any = None
         self.http: Any = None  # the writer's, once it serves
         self.wait = LockWait(lambda: open_writer_store(config, fence=True), config.standby_retry_ms / 1000.0,
-                             time.monotonic())
+                             time.monotonic(), storage.errors_of(config.db)[1])
 
 
     def initialize(self, stop: StopSignal) -> None:
@@ -126,7 +131,8 @@ class StandbyWriter:
         if self.writer is not None:
             return self.writer.status_line()
         held = f"held by {self.wait.holder}" if self.wait.holder else \
-            (self.wait.last_error or "trying")
+            (self.wait.last_error or "held by a session this role cannot see: run every "
+                                     "writer as the same database role")
         return f"standby: waiting for the writer's lock ({held})"
 
     def snapshot(self) -> dict[str, Any]:
