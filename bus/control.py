@@ -226,6 +226,23 @@ class ControlCounters:
                 "failed": dict(self.failed), "unenveloped": self.unenveloped}
 
 
+# Frames of one control message read in one call of Dispatcher.serve.
+FRAMES_PER_PASS = 20_000
+
+
+@dataclass
+class _PartialRequest:
+    """What serve keeps of a control message while it reads it: its routing
+    ids (the first MAX_ENVELOPE_FRAMES), its first two request frames, counts."""
+
+    envelope: list[bytes]
+    more: bool
+    request: list[zmq.Frame] = field(default_factory=list)
+    delimited: bool = False
+    envelope_frames: int = 1
+    request_frames: int = 0
+
+
 class Dispatcher:
     """Decode, authorize, run, answer. `authorized`: a CURVE key may run a
     command if it is in one of the command's `roles` or in admins/ (the
@@ -267,6 +284,7 @@ class Dispatcher:
         self.admit_bytes = admit_bytes
         self.counters = ControlCounters()
         self._log = RateLimitedLog(log)
+        self._partial: _PartialRequest | None = None  # a message read in part (serve)
 
     def serve(self, sock: zmq.Socket) -> None:
         """Answer the request waiting on a control endpoint's ROUTER socket
@@ -286,26 +304,39 @@ class Dispatcher:
         Frames are read one at a time and only the first few kept, so that a
         message of millions of frames costs a read each, no memory and no
         copy (a list of them took the writer 1.76 GB and 0.33 s of CPU a
-        100,000 frames; tests/test_hostile.py)."""
-        try:
-            frame = sock.recv(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return
-        envelope: list[bytes] = [frame.bytes]  # the routing id the ROUTER added
-        request: list[zmq.Frame] = []  # the first two: one is a request, a second says it is not
-        delimited, envelope_frames, request_frames = False, 1, 0
-        while frame.more:  # libzmq delivers a message whole: the rest is here
+        100,000 frames; tests/test_hostile.py). At most FRAMES_PER_PASS a
+        call: the rest of such a message is read at the next ones (the socket
+        stays readable), so that the process's loop goes on meanwhile (its
+        capture, its database session's heartbeat: 3,000,000 frames held the
+        writer's loop 4 s, its session timed out)."""
+        partial = self._partial
+        if partial is None:
+            try:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            partial = self._partial = _PartialRequest([frame.bytes], frame.more)
+        budget = FRAMES_PER_PASS
+        while partial.more:  # libzmq delivers a message whole: the rest is here
+            if budget == 0:
+                return  # the rest at the next call
+            budget -= 1
             frame = sock.recv(copy=False)
-            if delimited:
-                request_frames += 1
-                if request_frames <= 2:
-                    request.append(frame)
+            partial.more = frame.more
+            if partial.delimited:
+                partial.request_frames += 1
+                if partial.request_frames <= 2:
+                    partial.request.append(frame)
             elif len(frame) == 0:
-                delimited = True
+                partial.delimited = True
             else:
-                envelope_frames += 1
-                if envelope_frames <= MAX_ENVELOPE_FRAMES:
-                    envelope.append(frame.bytes)
+                partial.envelope_frames += 1
+                if partial.envelope_frames <= MAX_ENVELOPE_FRAMES:
+                    partial.envelope.append(frame.bytes)
+        self._partial = None
+        envelope, request = partial.envelope, partial.request
+        delimited, envelope_frames = partial.delimited, partial.envelope_frames
+        request_frames = partial.request_frames
         if not delimited or envelope_frames > MAX_ENVELOPE_FRAMES:
             self.counters.unenveloped += 1
             self._log.warning("unenveloped", "bad_control_request",

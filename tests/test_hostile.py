@@ -28,6 +28,7 @@ from bus.client import ControlClient, Publisher, Subscriber
 from tests.conftest import (Bus, RawProducer, free_port, mounted_tmpfs, query, wait_for,
                             wait_until_delivered)
 from tests.fuzz import RawPeer, RssSampler, rss_kib
+from tests.test_anchor import cpu_seconds
 
 INT64_EDGES = (2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63), 0)
 
@@ -988,6 +989,40 @@ def test_a_request_of_a_million_frames_costs_a_read_each_and_no_memory(bus: Bus)
         dealer.close()
         ctx.term()
     assert all_alive(bus)
+
+
+def test_a_request_of_a_million_frames_leaves_the_writer_loop_turning(bus: Bus) -> None:
+    """Its frames were all read in one pass of the writer's loop (1.3 s a
+    million here): meanwhile nothing was captured or acknowledged, and on
+    PostgreSQL the session's heartbeat lapsed (hostile review of issue 27: 3
+    million frames, and the writer lost its session). The rest of such a
+    message is now read at the next passes: a message published while it is
+    read is acknowledged before the request is answered."""
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        with Publisher(bus.config(), producer_id="turning", connect_timeout=5) as pub:
+            pub.publish("turning.t", b"before", wait=True, timeout=5)
+            dealer.connect(bus["BUS_CONTROL_ENDPOINT"])
+            for _ in range(1_000_000):
+                dealer.send(b"r", zmq.SNDMORE)
+            dealer.send(b"", zmq.SNDMORE)
+            sent_cpu = cpu_seconds(bus.writer.pid)
+            dealer.send(protocol.encode_request(1, "ping"))
+            # The writer is reading it once its CPU time climbs (idle, it
+            # spends next to none; the whole read takes about a second).
+            wait_for(lambda: cpu_seconds(bus.writer.pid) - sent_cpu >= 0.2,
+                     message="the writer to read the request")
+            pub.publish("turning.t", b"during", wait=True, timeout=10)
+            assert not dealer.poll(0), "the request was answered before the publish"
+        assert dealer.poll(30_000), "no answer to a request of a million frames"
+        reply = msgpack.unpackb(dealer.recv(), strict_map_key=False)
+        assert reply["ok"] is False and "envelope" in reply["error"]["reason"]
+    finally:
+        dealer.close()
+        ctx.term()
+    assert bus.count("turning.t") == 2 and all_alive(bus)
 
 
 def test_a_client_that_never_reads_its_replies_costs_the_reader_a_few_pages(bus: Bus) -> None:
