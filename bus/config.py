@@ -342,6 +342,12 @@ class BusConfig:
     reader_http: str = setting(
         "BUS_READER_HTTP", "", "host:port of the reader's /metrics, /healthz (empty: off)",
         roles=("reader",), form=http_address_problem)
+    reader_max_lag_s: float = setting(
+        "BUS_READER_MAX_LAG_S", 30.0,
+        "a reader on a PostgreSQL hot standby is unhealthy (/healthz 503, no watchdog ping) "
+        "while the standby's newest replayed commit is older than this and more is to come, "
+        "or while it receives nothing from its primary",
+        roles=("reader",), at_least=0.1)
     anchor_http: str = setting(
         "BUS_ANCHOR_HTTP", "", "host:port of the anchor worker's /metrics, /healthz (empty: off)",
         roles=("anchor",), form=http_address_problem)

@@ -344,7 +344,10 @@ def run_role(role: Role) -> int:
     try:
         role.initialize(stop)  # sockets bound, database open: ready (a standby: waiting)
         http = getattr(role, "http", None)
-        health = getattr(role, "health", None)
+        # What withholds the watchdog's ping: the role's health, unless it
+        # has a narrower rule for what a restart mends (the reader's: a
+        # lagging standby answers /healthz 503, and a restart mends nothing).
+        health = getattr(role, "watchdog_health", getattr(role, "health", None))
 
         def unhealthy() -> str | None:
             return None if health is None else health(role.snapshot())

@@ -28,7 +28,7 @@ from bus.runner import StopSignal
 from proofs.document import make_proof
 from proofs.merkle import MerkleTree
 import storage
-from reader.health import reader_health
+from reader.health import database_health, reader_health
 from storage import NotReadable, anchors, messages, utxos
 
 log = get_logger("reader")
@@ -66,6 +66,12 @@ HTTP_SERIES = [
            lambda s: s["max_page_ms"] / 1000),
     Series("database_readable", "gauge", "1 while the database can be read",
            lambda s: int(s["database_error"] is None)),
+    Series("replica_behind_bytes", "gauge", "on a PostgreSQL hot standby: bytes of the "
+           "primary's WAL not replayed yet (0 elsewhere)",
+           lambda s: (s["replica"] or {}).get("behind_bytes") or 0),
+    Series("replica_behind_seconds", "gauge", "on a PostgreSQL hot standby: age of the newest "
+           "replayed commit while more is to come (0 elsewhere)",
+           lambda s: (s["replica"] or {}).get("behind_s") or 0),
     *control_series(),
     *connection_series(),
 ]
@@ -141,6 +147,15 @@ class History:
                 break
         return rows, False, examined
 
+    def replication(self) -> dict[str, Any] | None:
+        """A hot standby's lag (storage/postgres.replication); None on SQLite
+        or a primary."""
+        conn = self.connection()
+        if getattr(conn, "dialect", "sqlite") != "postgresql":
+            return None
+        from storage import postgres
+        return postgres.replication(conn)
+
     def utxo_stats(self) -> dict[str, Any]:
         return self._snapshot(utxos.summarize)
 
@@ -209,8 +224,9 @@ def parse_history_args(args: dict[str, Any]) -> dict[str, Any]:
 
 class Reader:
     name = "reader"
-    # What /healthz answers from, and what the systemd watchdog is pinged by.
+    # What /healthz answers from; what the systemd watchdog is pinged by.
     health = staticmethod(reader_health)
+    watchdog_health = staticmethod(database_health)
 
     def __init__(self, config: BusConfig) -> None:
         self.config = config
@@ -318,13 +334,17 @@ class Reader:
         return f"served {self.requests:,} history pages, {self.rows_served:,} rows"
 
     def snapshot(self) -> dict[str, Any]:
-        """stats, and whether the database can be read now (one indexed lookup)."""
+        """stats, whether the database can be read now (one indexed lookup),
+        and on a PostgreSQL hot standby how far it is behind its primary."""
+        replica = None
         try:
             self._read(lambda: messages.last_id(self.history.connection()))
+            replica = self._read(self.history.replication)
             error = None
         except control.CommandFailed as exc:
             error = exc.reason
-        return {**self.stats(), "database_error": error}
+        return {**self.stats(), "database_error": error, "replica": replica,
+                "max_lag_s": self.config.reader_max_lag_s}
 
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "rows_served": self.rows_served,

@@ -185,6 +185,36 @@ def open_read_only(url: str) -> PgConnection:
     return conn
 
 
+# How far a hot standby is behind its primary: the bytes of WAL the primary
+# has (as its WAL sender last said) that are not replayed here, the seconds
+# since the newest replayed commit (0 while everything received is replayed
+# and streaming goes on), the WAL receiver's status (NULL: not connected), and
+# the seconds since the primary last said anything.
+REPLICATION = """SELECT pg_is_in_recovery(),
+                        pg_wal_lsn_diff(r.latest_end_lsn, pg_last_wal_replay_lsn()),
+                        CASE WHEN r.status = 'streaming' AND pg_last_wal_receive_lsn()
+                                  IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0
+                             ELSE extract(epoch FROM clock_timestamp()
+                                                     - pg_last_xact_replay_timestamp()) END,
+                        r.status,
+                        extract(epoch FROM clock_timestamp() - r.last_msg_receipt_time)
+                 FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true"""
+
+
+def replication(conn: PgConnection) -> dict[str, Any] | None:
+    """A hot standby's lag behind its primary (REPLICATION), or None on a
+    primary. Rows are replayed in commit order, and the writer commits one
+    batch at a time, ids in order: a standby holds the first rows up to its
+    replay point, never a later row without the ones below it."""
+    in_recovery, behind_bytes, behind_s, status, heard_s = conn.execute(REPLICATION).fetchone()
+    if not in_recovery:
+        return None
+    return {"behind_bytes": None if behind_bytes is None else int(behind_bytes),
+            "behind_s": None if behind_s is None else round(float(behind_s), 3),
+            "receiver": status, "primary_heard_s": None if heard_s is None
+            else round(float(heard_s), 3)}
+
+
 class DatabaseInUse(StartupError):
     """Another writer holds this database's advisory lock; `holder`: which
     session (client address, pid, since), as pg_stat_activity shows it."""

@@ -88,6 +88,24 @@ class PgServer:
             stderr=subprocess.DEVNULL)
         return self
 
+    def start_replica_of(self, primary: PgServer) -> PgServer:
+        """A hot standby of `primary` (streaming replication): its data copied
+        by pg_basebackup (-R writes standby.signal and primary_conninfo), then
+        started read-only on this server's port. initdb's pg_hba lets the
+        bus user replicate from 127.0.0.1 (trust), and wal_level is replica."""
+        self._run(str(self.bindir / "pg_basebackup"), "-D", str(self.data), "-h", "127.0.0.1",
+                  "-p", str(primary.port), "-U", self.user, "-X", "stream", "-R", "-c", "fast",
+                  *([] if self.durable else ["--no-sync"]))
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
+                  str(self.dir / "server.log"), "-w", "-t", "60", "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                  "-c hot_standby=on -c max_connections=200", "start")
+        self._watch = subprocess.Popen(
+            [sys.executable, "-c", ORPHAN_WATCH, str(os.getpid()), *self._stop_command(),
+             str(self.dir)], start_new_session=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        return self
+
     def _stop_command(self) -> list[str]:
         return [*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m",
                 "immediate", "stop"]
