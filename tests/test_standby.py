@@ -239,3 +239,29 @@ def test_a_writer_given_several_endpoints_takes_the_lock_before_it_binds(make_bu
     assert bus.proxy_stats()["capture"]["superseded"] == 0
     assert bus.stop() == (0, 0)
 
+
+
+def test_a_standby_tells_systemd_it_is_ready_and_who_holds_the_lock(make_bus, tmp_path) -> None:
+    """Waiting is a standby's job: READY=1 at once (its unit is active, not
+    stuck starting), and a STATUS= line (`systemctl status`) that names the
+    session holding the lock."""
+    bus: Bus = make_bus().start()
+    [(active_pid,)] = writer_sessions(bus.db)
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(0.5)
+        waiting = standby(bus, {"NOTIFY_SOCKET": path})
+        said: list[str] = []
+
+        def status_names_the_holder() -> bool:
+            try:
+                said.extend(notify.recv(4096).decode().splitlines())
+            except TimeoutError:
+                pass
+            return any(line.startswith("STATUS=standby") and f"pid {active_pid}" in line
+                       for line in said)
+        wait_for(status_names_the_holder, message="a STATUS= naming the lock's holder")
+    assert "READY=1" in said
+    assert waiting.stop() == 0
+    assert bus.stop() == (0, 0)

@@ -98,9 +98,9 @@ class StandbyWriter:
         self.make_writer = make_writer
         self.writer: Any = None
         self.http: Any = None  # the writer's, once it serves
-        self.wait = LockWait(lambda: open_writer_store(config, fence=True), config.standby_retry_ms / 1000.0,
-                             time.monotonic(), storage.errors_of(config.db)[1])
-
+        self.wait = LockWait(lambda: open_writer_store(config, fence=True),
+                             config.standby_retry_ms / 1000.0, time.monotonic(),
+                             storage.errors_of(config.db)[1])
 
     def initialize(self, stop: StopSignal) -> None:
         self.stop = stop
@@ -130,6 +130,8 @@ class StandbyWriter:
     def status_line(self) -> str:
         if self.writer is not None:
             return self.writer.status_line()
+        if self.wait.tries == 0:
+            return "standby: about to try the writer's lock"
         held = f"held by {self.wait.holder}" if self.wait.holder else \
             (self.wait.last_error or "held by a session this role cannot see: run every "
                                      "writer as the same database role")
