@@ -229,7 +229,11 @@ def child_publish_acked(endpoint: str, sub_endpoint: str, count: int, rate: floa
         sent[pub.publish("bench.acked", payload)] = time.perf_counter()
         if rate:
             note_acks(pub.read_acks())
+    deadline = time.monotonic() + 120  # a writer that never answers ends the child
     while seen < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {count - seen} of {count} messages not acknowledged "
+                             "within 120 s")
         note_acks(pub.read_acks(0.001) if rate else count)
         if not rate:
             pub.flush(timeout=120)

@@ -93,7 +93,6 @@ def ping(endpoint: str, timeout: float = 15) -> None:
 
 
 def one_round(url: str, way: str, rate: int, seconds: float, session_timeout: int) -> dict:
-    import psycopg
     ports = {name: (bus_bench.free_port(), bus_bench.free_port()) for name in WRITER_VARS}
     base = dict(os.environ, **bus_bench.endpoints(), BUS_DB=url, BUS_LOG_FORMAT="json",
                 BUS_LOG_LEVEL="info", BUS_STANDBY_RETRY_MS="100",
@@ -102,15 +101,33 @@ def one_round(url: str, way: str, rate: int, seconds: float, session_timeout: in
                           for n, (a, b) in ports.items()})
     env_b = dict(base, **{n: f"tcp://127.0.0.1:{b},tcp://127.0.0.1:{a}"
                           for n, (a, b) in ports.items()})
+    children: list[subprocess.Popen] = []
+    try:
+        return _hit(url, way, rate, seconds, session_timeout, env_a, env_b, children)
+    finally:  # whatever went wrong, no process of the round is left behind
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGCONT)
+                child.kill()
+                child.wait(10)
+
+
+def _hit(url: str, way: str, rate: int, seconds: float, session_timeout: int,
+         env_a: dict[str, str], env_b: dict[str, str], children: list[subprocess.Popen]) -> dict:
+    import psycopg
     writer_a = Child(["writer"], env_a)
+    children.append(writer_a.popen)
     ping(env_a["BUS_CONTROL_ENDPOINT"])
     writer_b = Child(["writer", "--standby"], env_b)
+    children.append(writer_b.popen)
     writer_b.wait_for("standby_waiting", 15)
     proxy = Child(["proxy"], env_a)
+    children.append(proxy.popen)
     ping(env_a["BUS_PROXY_CONTROL_ENDPOINT"])
     count = int(rate * seconds)
     publisher = bus_bench.run_child(["_publish_acked", env_a["BUS_PUB_ENDPOINT"],
                                      env_a["BUS_SUB_ENDPOINT"], str(count), str(rate)], env_a)
+    children.append(publisher)
     time.sleep(2.0)  # a steady load first (the child paces itself)
     hit = time.monotonic()
     if way == "kill -9":
