@@ -103,6 +103,20 @@ def stored_rows(db: str) -> int:
     return last_id(db)
 
 
+def wait_answering(endpoint: str, timeout: float = 15) -> None:
+    """Until a process answers ping at `endpoint` (BusError after `timeout` s)."""
+    from bus.client import BusError, ControlClient
+    deadline = time.monotonic() + timeout
+    while True:
+        with ControlClient(endpoint, timeout_ms=300) as client:
+            try:
+                client.request("ping")
+                return
+            except BusError:
+                if time.monotonic() > deadline:
+                    raise
+
+
 def run_child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     """A child of this script with the settings of the bus in `env` (a
     Publisher also needs the writer's control and notify endpoints)."""
@@ -121,18 +135,9 @@ class Bus:
         self.writer = subprocess.Popen(cmd + ["writer"], env=self.env, cwd=ROOT)
         self.proxy = subprocess.Popen(cmd + ["proxy"], env=self.env, cwd=ROOT)
         self.reader = subprocess.Popen(cmd + ["reader"], env=self.env, cwd=ROOT)
-        from bus.client import BusError, ControlClient
         for endpoint in (self.env["BUS_CONTROL_ENDPOINT"], self.env["BUS_PROXY_CONTROL_ENDPOINT"],
                          self.env["BUS_READ_ENDPOINT"]):
-            deadline = time.monotonic() + 15
-            while True:
-                with ControlClient(endpoint, timeout_ms=300) as c:
-                    try:
-                        c.request("ping")
-                        break
-                    except BusError:
-                        if time.monotonic() > deadline:
-                            raise
+            wait_answering(endpoint)
 
     def writer_stats(self) -> dict:
         from bus.client import ControlClient

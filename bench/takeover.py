@@ -79,19 +79,6 @@ class Child:
         return self.popen.wait(30)
 
 
-def ping(endpoint: str, timeout: float = 15) -> None:
-    from bus.client import BusError, ControlClient
-    deadline = time.monotonic() + timeout
-    while True:
-        with ControlClient(endpoint, timeout_ms=300) as client:
-            try:
-                client.request("ping")
-                return
-            except BusError:
-                if time.monotonic() > deadline:
-                    raise
-
-
 def one_round(url: str, way: str, rate: int, seconds: float, session_timeout: int) -> dict:
     ports = {name: (bus_bench.free_port(), bus_bench.free_port()) for name in WRITER_VARS}
     base = dict(os.environ, **bus_bench.endpoints(), BUS_DB=url, BUS_LOG_FORMAT="json",
@@ -117,13 +104,13 @@ def _hit(url: str, way: str, rate: int, seconds: float, session_timeout: int,
     import psycopg
     writer_a = Child(["writer"], env_a)
     children.append(writer_a.popen)
-    ping(env_a["BUS_CONTROL_ENDPOINT"])
+    bus_bench.wait_answering(env_a["BUS_CONTROL_ENDPOINT"])
     writer_b = Child(["writer", "--standby"], env_b)
     children.append(writer_b.popen)
     writer_b.wait_for("standby_waiting", 15)
     proxy = Child(["proxy"], env_a)
     children.append(proxy.popen)
-    ping(env_a["BUS_PROXY_CONTROL_ENDPOINT"])
+    bus_bench.wait_answering(env_a["BUS_PROXY_CONTROL_ENDPOINT"])
     count = int(rate * seconds)
     publisher = bus_bench.run_child(["_publish_acked", env_a["BUS_PUB_ENDPOINT"],
                                      env_a["BUS_SUB_ENDPOINT"], str(count), str(rate)], env_a)

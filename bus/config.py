@@ -105,7 +105,7 @@ def endpoints_of(value: str) -> list[str]:
     writer's: BUS_CAPTURE_ENDPOINT, BUS_CONTROL_ENDPOINT, BUS_NOTIFY_ENDPOINT).
     The writer binds the first; the proxy and the clients connect to each, so
     that they reach whichever writer holds the lock (writer/standby.py)."""
-    return [part.strip() for part in value.split(",")]
+    return value.split(",")
 
 
 def writer_endpoints_problem(value: str) -> str | None:

@@ -334,14 +334,12 @@ class Dispatcher:
                 if partial.envelope_frames <= MAX_ENVELOPE_FRAMES:
                     partial.envelope.append(frame.bytes)
         self._partial = None
-        envelope, request = partial.envelope, partial.request
-        delimited, envelope_frames = partial.delimited, partial.envelope_frames
-        request_frames = partial.request_frames
-        if not delimited or envelope_frames > MAX_ENVELOPE_FRAMES:
+        envelope, envelope_frames = partial.envelope, partial.envelope_frames
+        if not partial.delimited or envelope_frames > MAX_ENVELOPE_FRAMES:
             self.counters.unenveloped += 1
             self._log.warning("unenveloped", "bad_control_request",
                               detail=f"{envelope_frames - 1} frame(s) before any empty delimiter "
-                                     "frame" if not delimited else
+                                     "frame" if not partial.delimited else
                                      f"an envelope of {envelope_frames} frames")
             sock.send_multipart([envelope[0], protocol.encode_reply_error(
                 None, protocol.BAD_REQUEST, "a request's envelope is an empty delimiter "
@@ -349,8 +347,8 @@ class Dispatcher:
                 "request (what a REQ socket sends)")])
             return
         # The request's frame carries the client's CURVE key (security.user_id).
-        reply = self.handle([frame.bytes for frame in request], security.user_id(request),
-                            request_frames)
+        reply = self.handle([frame.bytes for frame in partial.request],
+                            security.user_id(partial.request), partial.request_frames)
         sock.send_multipart([*envelope, b"", reply])
 
     def handle(self, frames: list[bytes], user: str | None = None,

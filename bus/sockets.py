@@ -478,17 +478,20 @@ class Connections:
         see the class doc): those the events named, or, where the events name
         an endpoint otherwise (a host name resolved), every one not
         handshaken."""
-        again = [e for e in self.endpoints if e in self._gave_up] or \
-            [e for e in self.endpoints if e not in self._handshaken]
-        for endpoint in again:
-            try:
-                self._sock.disconnect(endpoint)
-            except zmq.ZMQError:  # libzmq forgot it already
-                pass
-            self._sock.connect(endpoint)
-            self._handshaken.pop(endpoint, None)
+        self._connect_again([e for e in self.endpoints if e in self._gave_up] or
+                            [e for e in self.endpoints if e not in self._handshaken])
         self._gave_up.clear()
         self.redials += 1
+
+    def _connect_again(self, endpoints: list[str]) -> None:
+        """Disconnect and connect each of `endpoints`: its connection, and
+        what was queued on it, go (the socket, its options and subscriptions
+        stay)."""
+        for endpoint in endpoints:
+            with contextlib.suppress(zmq.ZMQError):  # libzmq forgot it already
+                self._sock.disconnect(endpoint)
+            self._sock.connect(endpoint)
+            self._handshaken.pop(endpoint, None)
 
     def stale(self) -> list[str]:
         """Of several endpoints handshaken (writers of a standby pair), those
@@ -502,15 +505,13 @@ class Connections:
         """Connect the stale() endpoints again (the owner's thread): their
         connections, and what was queued on them, go; a writer there that
         still serves completes a new handshake, and becomes the newest."""
-        stale = [e for e in self.stale() if e in self.endpoints]
-        for endpoint in stale:
-            with contextlib.suppress(zmq.ZMQError):  # libzmq forgot it already
-                self._sock.disconnect(endpoint)
-            self._sock.connect(endpoint)
-        for endpoint in self.stale():  # those named otherwise too: not asked again
+        stale = self.stale()
+        dropped = [e for e in stale if e in self.endpoints]
+        self._connect_again(dropped)
+        for endpoint in stale:  # those named otherwise too: not asked again
             self._handshaken.pop(endpoint, None)
-        self.superseded += len(stale)
-        return stale
+        self.superseded += len(dropped)
+        return dropped
 
     def snapshot(self) -> dict[str, Any]:
         return {"wrong_peers": self.wrong_peers, "redials": self.redials,

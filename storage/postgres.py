@@ -347,9 +347,9 @@ class PgStore(WriterHandle):
         which does). With `fence`, a holder that sent nothing for
         session_timeout_s (a writer frozen, or cut off before the server's
         keepalives gave up on it; idle, or stopped in the middle of a pipeline,
-        which the server shows as active, waiting for the client) is ended first (pg_terminate_backend, which
-        a role may do to its own sessions): its lock goes with its session, so
-        it can never commit again. The running writer sends a statement each
+        which the server shows as active, waiting for the client) is ended
+        first (pg_terminate_backend, which a role may do to its own sessions):
+        its lock goes with its session, so it can never commit again. The running writer sends a statement each
         HEARTBEAT_S; the server's idle_session_timeout alone does not do this:
         after a pipeline, psycopg's closing flush request leaves it unarmed."""
         take = "SELECT pg_try_advisory_lock(?)"
@@ -384,12 +384,17 @@ class PgStore(WriterHandle):
             raise SessionLost(f"the writer's session ended ({self.lost}); its lock went with "
                               "it: exiting for a restart") from cause
 
-    def heartbeat_due_ms(self, now: float) -> int | None:
-        """None while a commit runs: its end wakes the writer's loop."""
+    def _heartbeat_at(self) -> float | None:
+        """When the next heartbeat is due (time.monotonic()); None while a
+        commit runs: its end wakes the writer's loop."""
         pending = self._conn.pending
         if pending is not None and not pending.done():
             return None
-        return max(0, int((self.last_used + HEARTBEAT_S - now) * 1000) + 1)
+        return self.last_used + HEARTBEAT_S
+
+    def heartbeat_due_ms(self, now: float) -> int | None:
+        at = self._heartbeat_at()
+        return None if at is None else max(0, int((at - now) * 1000) + 1)
 
     def heartbeat(self, now: float) -> None:
         """A statement if none went out for HEARTBEAT_S (`now`:
@@ -397,8 +402,8 @@ class PgStore(WriterHandle):
         (and a standby, PgStore._take_lock) that the writer turns, and finds a
         session lost while idle, or while the writer was frozen. SessionLost
         if it is."""
-        pending = self._conn.pending
-        if now - self.last_used < HEARTBEAT_S or (pending is not None and not pending.done()):
+        at = self._heartbeat_at()
+        if at is None or now < at:
             return
         try:
             self.conn.execute("SELECT 1")

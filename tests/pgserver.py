@@ -78,9 +78,14 @@ class PgServer:
                   self.user, "-E", "UTF8", *([] if self.durable else ["--no-sync"]))
         fast = "" if self.durable else \
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        return self._serve(fast)
+
+    def _serve(self, options: str) -> PgServer:
+        """pg_ctl start on this server's data, port and socket directory, with
+        `options` (-c ...), and the watch that stops it if the test run dies."""
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
                   str(self.dir / "server.log"), "-w", "-t", "60", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 {fast}"
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 {options}"
                   "-c max_connections=200", "start")
         self._watch = subprocess.Popen(
             [sys.executable, "-c", ORPHAN_WATCH, str(os.getpid()), *self._stop_command(),
@@ -96,15 +101,7 @@ class PgServer:
         self._run(str(self.bindir / "pg_basebackup"), "-D", str(self.data), "-h", "127.0.0.1",
                   "-p", str(primary.port), "-U", self.user, "-X", "stream", "-R", "-c", "fast",
                   *([] if self.durable else ["--no-sync"]))
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
-                  str(self.dir / "server.log"), "-w", "-t", "60", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                  "-c hot_standby=on -c max_connections=200", "start")
-        self._watch = subprocess.Popen(
-            [sys.executable, "-c", ORPHAN_WATCH, str(os.getpid()), *self._stop_command(),
-             str(self.dir)], start_new_session=True, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        return self
+        return self._serve("-c hot_standby=on ")
 
     def _stop_command(self) -> list[str]:
         return [*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m",

@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -86,6 +87,23 @@ class AckedLoad:
         return self.sent
 
 
+def taken_over(load: AckedLoad, waiting: Proc, hit: Callable[[], None]
+               ) -> tuple[dict[str, Any], float]:
+    """Once `load` has 200 acknowledged, `hit()` the active writer; the
+    standby's took_over line and the seconds from the hit to it, once 200
+    more are acknowledged, by the new writer."""
+    wait_for(lambda: load.acked >= 200 or None, message="acknowledged load")
+    hit()
+    hit_at = time.monotonic()
+    [took_over] = wait_for(lambda: events(waiting, "took_over"),
+                           message="the standby to take over")
+    taken = time.monotonic() - hit_at
+    acked_then = load.acked
+    wait_for(lambda: load.acked > acked_then + 200 or None,
+             message="acknowledgements from the new writer")
+    return took_over, taken
+
+
 def stored_once(db: str, producer: str, sent: int) -> None:
     """Every seq 1..sent is stored, and once."""
     seqs = [seq for (seq,) in query(db, "SELECT producer_seq FROM messages WHERE producer_id ="
@@ -107,15 +125,7 @@ def test_a_standby_binds_nothing_and_takes_over_after_a_kill_9(make_bus) -> None
     [(active_pid,)] = writer_sessions(bus.db)
     assert f"pid {active_pid}" in holder, holder
     load = AckedLoad(bus, "kill9", rate=500)
-    wait_for(lambda: load.acked >= 200 or None, message="acknowledged load")
-    bus.writer.popen.kill()
-    killed_at = time.monotonic()
-    [took_over] = wait_for(lambda: events(waiting, "took_over"),
-                           message="the standby to take over")
-    taken = time.monotonic() - killed_at
-    acked_then = load.acked
-    wait_for(lambda: load.acked > acked_then + 200 or None,
-             message="acknowledgements from the new writer")
+    took_over, taken = taken_over(load, waiting, bus.writer.popen.kill)
     sent = load.finish()
     stored_once(bus.db, "kill9", sent)
     assert took_over["tries"] >= 2 and taken < 10, (took_over, taken)
@@ -192,17 +202,9 @@ def test_a_frozen_writer_loses_its_lock_and_never_commits_after_the_takeover(mak
     bus: Bus = make_bus(BUS_STANDBY_RETRY_MS=100, BUS_PG_SESSION_TIMEOUT_S=2, **first).start()
     waiting = standby(bus, second)
     load = AckedLoad(bus, "frozen", rate=500)
-    wait_for(lambda: load.acked >= 200 or None, message="acknowledged load")
     old = bus.writer
-    old.send_signal(signal.SIGSTOP)
     try:
-        frozen_at = time.monotonic()
-        [took_over] = wait_for(lambda: events(waiting, "took_over"),
-                               message="the standby to take over from the frozen writer")
-        taken = time.monotonic() - frozen_at
-        acked_then = load.acked
-        wait_for(lambda: load.acked > acked_then + 200 or None,
-                 message="acknowledgements from the new writer")
+        _took_over, taken = taken_over(load, waiting, lambda: old.send_signal(signal.SIGSTOP))
     finally:
         old.send_signal(signal.SIGCONT)
     assert old.wait(15) == SESSION_LOST_EXIT

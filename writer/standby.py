@@ -32,6 +32,7 @@ from bus.config import BusConfig
 from bus.logging import get_logger
 from bus.runner import StartupError, StopSignal
 import storage
+from storage.postgres import DatabaseInUse  # a standby's database is PostgreSQL
 from writer.health import writer_health
 from writer.service import open_writer_store
 
@@ -59,7 +60,6 @@ class LockWait:
             return None
         self.next_try = now + self.retry_s
         self.tries += 1
-        from storage.postgres import DatabaseInUse
         try:
             store = self.open_store()
         except DatabaseInUse as exc:
