@@ -315,6 +315,12 @@ class BusConfig:
         "proxy control endpoint (ROUTER) for stats",
         roles=("proxy", "proxy_client", "prober"), form=endpoint_problem,
         bound_by="proxy")
+    upstream: str = setting(
+        "BUS_PROXY_UPSTREAM", "",
+        "run as an edge proxy: its subscriber side is fed by the proxy whose subscriber "
+        "endpoint this is (tcp://HOST:PORT; subscriptions go upstream, nothing is captured "
+        "here, no publisher endpoint is bound); empty: the main proxy",
+        roles=("proxy",), form=connect_endpoint_problem, bound_by="upstream proxy")
     read_endpoint: str = setting(
         "BUS_READ_ENDPOINT", "tcp://127.0.0.1:5555",
         "reader (ROUTER): history pages from a read-only connection",
@@ -686,6 +692,10 @@ class BusConfig:
                 "BUS_STANDBY needs a PostgreSQL database (BUS_DB=postgresql://...): the "
                 "writer's lock a standby waits for is PostgreSQL's (a SQLite file has one "
                 "writer on one host)"))
+        if self.upstream and self.upstream == self.sub_endpoint:
+            raise _conflict(("upstream", "sub_endpoint"), (
+                "BUS_PROXY_UPSTREAM is this proxy's own BUS_SUB_ENDPOINT: an edge proxy is fed "
+                "by another proxy's subscriber endpoint"))
         curve = CURVE_FRAME_OVERHEAD_BYTES if self.curve_dir else 0
         if self.max_message_bytes + curve > self.proxy_max_frame_bytes:
             raise _conflict(("max_message_bytes", "proxy_max_frame_bytes"), (

@@ -6,6 +6,8 @@ options of a socket are read in one place:
     publishers  XPUB --connect--> pub_endpoint      (proxy SUB, bound)
     subscribers SUB  --connect--> sub_endpoint      (proxy PUB, bound)
     proxy       PUSH --connect--> capture_endpoint  (writer PULL, bound)
+    edge proxy  XSUB --connect--> upstream          (another proxy's sub_endpoint;
+                                                     its own sub_endpoint an XPUB)
     clients     SUB  --connect--> notify_endpoint   (writer XPUB, bound: $bus.* notifications)
     clients     REQ  --connect--> control_endpoint  (writer ROUTER, bound)
     clients     REQ  --connect--> proxy_control_endpoint (proxy ROUTER, bound)
@@ -701,8 +703,15 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     data sent by a peer on this side reaches publishers or the writer. A
     subscription much longer than a topic can be is refused (the peer is
     disconnected): it could never match, and libzmq's subscription trie is
-    recursive in the prefix length."""
-    sock = _set_common(ctx.socket(zmq.PUB), 0)
+    recursive in the prefix length.
+
+    An edge proxy's (BUS_PROXY_UPSTREAM) is an XPUB: the proxy loop passes
+    its subscriptions to the upstream XSUB (open_edge_upstream), as libzmq's
+    XPUB/XSUB chains do, so the upstream proxy sends an edge only what its
+    subscribers want. Each prefix goes up once, while some subscriber holds it
+    (not XPUB_VERBOSE). Anything else a peer sends here reaches the upstream
+    proxy's PUB, which drops it."""
+    sock = _set_common(ctx.socket(zmq.XPUB if cfg.upstream else zmq.PUB), 0)
     sock.setsockopt(zmq.SNDHWM, cfg.sub_hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, max(MIN_FRAME_LIMIT_BYTES,
                                         cfg.max_topic_bytes + SUBSCRIPTION_OVERHEAD_BYTES))
@@ -710,6 +719,23 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     if on_open is not None:
         on_open(sock)
     bind(sock, cfg.sub_endpoint, "sub")
+    return sock
+
+
+def open_edge_upstream(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
+    """An edge proxy's publisher side: an XSUB connected to the upstream
+    proxy's subscriber endpoint (BUS_PROXY_UPSTREAM), as a subscriber of it
+    (with CURVE, this process's BUS_CURVE_KEY, a key of readers/). It
+    subscribes to nothing itself: what the edge's subscribers subscribe to
+    comes through the proxy loop, and libzmq's XSUB sends it all again on
+    each new connection (an upstream restarted)."""
+    sock = _set_common(ctx.socket(zmq.XSUB), 0)
+    sock.setsockopt(zmq.RCVHWM, cfg.sub_hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, cfg.proxy_max_frame_bytes)
+    security.secure_client(sock, security.client_keys(cfg))
+    if on_open is not None:
+        on_open(sock)
+    sock.connect(cfg.upstream)
     return sock
 
 

@@ -264,6 +264,10 @@ class CaptureCourse:
             self.rescued_total += 1
         self.held_peak = max(self.held_peak, len(self.held))
 
+    def spilling(self) -> bool:
+        """Whether the loop captures into the spill (which must be read)."""
+        return self.spill is not None and self.loop_capture is self.spill
+
     def must_read_spill(self) -> bool:
         """Whether the spill is to be read now: the loop captures into it, and
         what is held is under its bound (or the loop is to end, which it must

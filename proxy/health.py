@@ -14,7 +14,20 @@ STALLED_AFTER_S = 5.0
 
 
 def proxy_health(stats: dict[str, Any]) -> str | None:
-    """Why the proxy is not healthy, for /healthz (None: it is)."""
+    """Why the proxy is not healthy, for /healthz (None: it is): its
+    forwarding, and an edge's upstream."""
+    why = forwarding_health(stats)
+    upstream = stats.get("upstream")
+    if why is None and upstream is not None and not upstream["connected"]:
+        why = (f"no upstream: not connected to the upstream proxy at {upstream['endpoint']}"
+               + (f" ({upstream['last_wrong_peer']})" if upstream["last_wrong_peer"] else ""))
+    return why
+
+
+def forwarding_health(stats: dict[str, Any]) -> str | None:
+    """Why the forwarding loop is not healthy (None: it is): what the systemd
+    watchdog is pinged by, since a restart cures that and not an upstream
+    that is away."""
     unanswered_s = stats["steering"]["unanswered_s"]
     if stats["forwarding"] == "blocked" and unanswered_s >= STALLED_AFTER_S:
         return (f"capture stalled: the forwarding loop has not answered for {unanswered_s:.0f} "

@@ -118,7 +118,7 @@ class MemoryGuard:
         if self.rss >= limit * MEMORY_RESUME_FRACTION:
             self.release()
             self.rss = self.rss_of()
-        writer_connected = bool(self.host.connections[WRITER].fds)
+        writer_connected = self._writer_connected()
         held = self.course.held
         if held and now - self.course.held_taken_at < CAPTURE_TAIL_WAIT_S:
             # What is held is going to the writer: that is what brings memory
@@ -149,6 +149,13 @@ class MemoryGuard:
             # forwarding goes on (and pauses again if memory grows).
             self._resume(now, limit, "memory_still_over_limit")
 
+    def _writer_connected(self) -> bool:
+        """Whether the capture queue drains into a writer. An edge proxy has
+        none (proxy/upstream.py): nothing of its memory waits for a writer,
+        as with a writer connected."""
+        writer = self.host.connections.get(WRITER)
+        return writer is None or bool(writer.fds)
+
     def _pause(self, now: float, limit: int) -> None:
         """End the forwarding loop, keeping its sockets and their queues. A
         loop blocked in a capture send takes the TERMINATE once it is free."""
@@ -156,7 +163,7 @@ class MemoryGuard:
         self.mark = self.low = self.rss
         self.actions["pauses"] += 1
         log.warning("memory_limit_reached", action="paused forwarding", rss_bytes=self.rss,
-                    limit_bytes=limit, writer_connected=bool(self.host.connections[WRITER].fds))
+                    limit_bytes=limit, writer_connected=self._writer_connected())
         self.host.stop()
 
     def _cut_off(self, side: str, now: float, limit: int) -> None:

@@ -5,6 +5,11 @@ Binds   PUB   sub_endpoint            subscribers connect here
 Connects PUSH capture_endpoint        every data message taken in, to the writer
 Binds   ROUTER proxy_control_endpoint  `stats`, `ping`
 
+An edge proxy (BUS_PROXY_UPSTREAM) has an XSUB connected to another proxy's
+sub_endpoint in the place of the SUB, an XPUB for its subscribers (their
+subscriptions go up) and no capture: proxy/upstream.py takes the capture
+course's place (docs/protocol.md, "Edge proxies").
+
 Messages are forwarded by libzmq's own steerable proxy loop on a thread of its
 own (it runs without the GIL); this process's Python loop only answers control
 requests and watches for SIGTERM/SIGINT, which end the proxy with TERMINATE.
@@ -88,6 +93,7 @@ time (`now`) by that loop or by a test (tests/test_proxy_parts.py):
                         and their replies matched, the counters
     proxy/capture.py    CaptureCourse: direct, holding, draining, wrong_peer;
                         what is held for the writer
+    proxy/upstream.py   UpstreamCourse: an edge's, in its place
     proxy/memory.py     MemoryGuard: pause, cut-offs, resume
     proxy/budget.py     SubscriptionBudget: what subscribers may send
     proxy/stats.py      the `stats` answer and the /metrics series
@@ -110,10 +116,11 @@ from bus.runner import StopSignal, resident_bytes
 from proxy.budget import SubscriptionBudget
 from proxy.capture import CaptureCourse
 from proxy.forwarding import ForwardingLoop
-from proxy.health import proxy_health
+from proxy.health import forwarding_health, proxy_health
 from proxy.memory import CONTROL, MEMORY_CHECK_S, PUBLISHERS, SUBSCRIBERS, WRITER, MemoryGuard
 from proxy.stats import HTTP_SERIES, proxy_stats
 from proxy.steering import STATISTICS_WAIT_MS, STEER_TERMINATE, Steering
+from proxy.upstream import UpstreamCourse
 
 log = get_logger("proxy")
 
@@ -127,8 +134,10 @@ SUBSCRIBER_RECEIVE_HWM = 100
 
 class Proxy:
     name = "proxy"
-    # What /healthz answers from, and what the systemd watchdog is pinged by.
+    # What /healthz answers from, and what the systemd watchdog is pinged by
+    # (an edge whose upstream is away is not served by its own restart).
     health = staticmethod(proxy_health)
+    watchdog_health = staticmethod(forwarding_health)
 
     def __init__(self, config: BusConfig) -> None:
         self.config = config
@@ -145,9 +154,15 @@ class Proxy:
                                                 config.proxy_subscription_bytes)
         # The parts (see the module's doc), each holding the hooks it needs.
         self.steering = Steering(None, lambda: self.forwarding.running())
-        self.course = CaptureCourse(config, self.steering, lambda: self.connections[WRITER],
-                                    lambda: self.forwarding.running(),
-                                    lambda: self.forwarding.start(), lambda: self.guard.paused)
+        # An edge proxy (BUS_PROXY_UPSTREAM) captures nothing: its publisher
+        # side is the upstream proxy (proxy/upstream.py).
+        self.edge = bool(config.upstream)
+        hooks = (lambda: self.forwarding.running(), lambda: self.forwarding.start(),
+                 lambda: self.guard.paused)
+        self.course: CaptureCourse | UpstreamCourse = (
+            UpstreamCourse(config.upstream, self.steering, lambda: self.connections[PUBLISHERS],
+                           *hooks) if self.edge else
+            CaptureCourse(config, self.steering, lambda: self.connections[WRITER], *hooks))
         self.steering.spill = self.course
         self.forwarding = ForwardingLoop(
             self.steering, self.course, self.connections,
@@ -172,9 +187,11 @@ class Proxy:
             log.warning("subscription_budget_off", endpoint=cfg.sub_endpoint,
                         reason="subscription budgets need a TCP endpoint (the kernel's count "
                                "of bytes received on each connection)")
-        self.capture = self.forwarding.capture = sockets.open_proxy_capture(
-            self.ctx, cfg, self._watch(WRITER, cfg.capture_endpoint))
-        self.course.open(self.ctx, self.capture)
+        self.capture: zmq.Socket | None = None
+        if not self.edge:
+            self.capture = self.forwarding.capture = sockets.open_proxy_capture(
+                self.ctx, cfg, self._watch(WRITER, cfg.capture_endpoint))
+            self.course.open(self.ctx, self.capture)
         self.control = sockets.open_proxy_control(self.ctx, cfg,
                                                   self._watch(CONTROL, cfg.proxy_control_endpoint))
         self.poller = self.course.poller = zmq.Poller()
@@ -183,26 +200,38 @@ class Proxy:
         self.forwarding.start()
         if cfg.proxy_http:
             self.http = HttpSide("proxy", cfg.proxy_http, HTTP_SERIES, proxy_health)
-        log.info("started", **build_info(),
-                 pub_endpoint=cfg.pub_endpoint, sub_endpoint=cfg.sub_endpoint,
-                 capture_endpoint=cfg.capture_endpoint,
+        log.info("started", **build_info(), **self.endpoints(),
                  control_endpoint=cfg.proxy_control_endpoint, capture_hwm=cfg.capture_hwm,
                  memory_limit_bytes=cfg.proxy_memory_limit_bytes,
                  config_source=cfg.source, config=cfg.public())
 
+    def endpoints(self) -> dict[str, str]:
+        """What this proxy binds and connects to (`stats` endpoints, its log)."""
+        cfg = self.config
+        if self.edge:
+            return {"upstream": cfg.upstream, "sub": cfg.sub_endpoint}
+        return {"pub": cfg.pub_endpoint, "sub": cfg.sub_endpoint, "capture": cfg.capture_endpoint}
+
     def _watch(self, side: str, endpoint: str) -> Callable[[zmq.Socket], None]:
         """An on_open hook: the side's connections, watched from before it binds
-        (a side opened again replaces the watch of the one closed)."""
+        or connects (a side opened again replaces the watch of the one
+        closed). The sides that connect: the capture, and an edge's upstream."""
         def attach(sock: zmq.Socket) -> None:
             previous = self.connections.pop(side, None)
             if previous is not None:
                 previous.close()
             self.connections[side] = sockets.Connections(
-                sock, endpoint, connected=side == WRITER,
+                sock, endpoint, connected=side == WRITER or self.edge and side == PUBLISHERS,
                 max_connections=self.max_connections, log=log, name=side)
         return attach
 
     def _open_publisher_side(self) -> zmq.Socket:
+        """The frontend: publishers' SUB, or an edge's XSUB to its upstream
+        (watched under the same name: what the memory guard cuts off and
+        opens again is the side data comes in from)."""
+        if self.edge:
+            return sockets.open_edge_upstream(self.ctx, self.config,
+                                              self._watch(PUBLISHERS, self.config.upstream))
         return sockets.open_proxy_frontend(self.ctx, self.config,
                                            self._watch(PUBLISHERS, self.config.pub_endpoint))
 
@@ -291,7 +320,7 @@ class Proxy:
                 seen, quiet_since = counters["frontend_frames_in"], time.monotonic()
             elif time.monotonic() - quiet_since >= idle:
                 return
-            if self.course.loop_capture is self.course.spill:  # read, or the loop waits
+            if self.course.spilling():  # read, or the loop waits
                 self.course.spill_reader.poll(int(min(0.05, idle) * 1000))
                 self.course.take_spilled()
             else:
@@ -306,7 +335,8 @@ class Proxy:
         loop, course = self.forwarding, self.course
         thread = loop.thread
         if loop.running():
-            self.drain_before_exit(deadline)
+            if not self.edge:  # an edge's messages in flight are lost with its subscribers'
+                self.drain_before_exit(deadline)
             join_s = 1.0
             loop.capture_linger_ms = max(0, int((deadline - time.monotonic() - join_s) * 1000))
             # The loop's thread closes its sockets.
@@ -317,7 +347,7 @@ class Proxy:
             # Sending into the spill, it is read from until it ends.
             ends = time.monotonic() + join_s
             while thread.is_alive() and time.monotonic() < ends:
-                if course.loop_capture is course.spill:
+                if course.spilling():
                     course.take_spilled(ending=True)
                 thread.join(0.01)
             if not thread.is_alive():  # it may have ended for a pause just before

@@ -43,6 +43,9 @@ HTTP_SERIES = [
     Series("capture_superseded", "counter", "capture connections to a writer dropped once a "
            "newer one (a standby that took the lock over) completed its handshake",
            lambda s: s["capture"]["superseded"]),
+    Series("upstream_connected", "gauge", "an edge proxy: 1 while its upstream proxy is "
+           "connected (absent on the main proxy)",
+           lambda s: int(s["upstream"]["connected"]) if "upstream" in s else None),
     Series("subscription_cutoffs", "counter", "subscriber connections cut off over a "
            "subscription budget", lambda s: sum(s["subscriptions"]["refused"].values())),
     Series("subscription_bytes", "gauge", "bytes the subscriber connections sent (their "
@@ -81,5 +84,5 @@ def proxy_stats(proxy: Any, counters: dict[str, int] | None, now: float) -> dict
                             for side in (PUBLISHERS, SUBSCRIBERS, CONTROL)
                             if side in proxy.connections},
             "memory": proxy.guard.snapshot(),
-            "endpoints": {"pub": config.pub_endpoint, "sub": config.sub_endpoint,
-                          "capture": config.capture_endpoint}}
+            **({"upstream": proxy.course.upstream_snapshot()} if proxy.edge else {}),
+            "endpoints": proxy.endpoints()}

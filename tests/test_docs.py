@@ -652,6 +652,7 @@ def test_the_stats_field_lists_are_the_processes_replies(make_bus, node, tmp_pat
     least one of the buses (CURVE off, with an anchor worker sealing; CURVE
     on; SQLite and, with its binaries, PostgreSQL)."""
     from tests.test_anchor import FAST, bus_for, start_worker
+    from tests.test_edge import Edge
     anchoring = [bus_for(make_bus, node, BUS_AUDIT_PREFIXES="orders."),
                  curve_bus(make_bus, tmp_path / "curve-bus", **FAST, **{
                      "BUS_BITCOIND_RPC_URL": node.url, "BUS_BITCOIND_RPC_USER": node.user,
@@ -674,9 +675,12 @@ def test_the_stats_field_lists_are_the_processes_replies(make_bus, node, tmp_pat
                    "reader": bus.request("BUS_READ_ENDPOINT", "stats")}
         if bus in anchoring:
             replies["anchor worker"] = bus.request("BUS_ANCHOR_CONTROL_ENDPOINT", "stats")
-        for process, reply in replies.items():
+        checked = [(name, process, reply) for process, reply in replies.items()]
+        if bus is anchoring[0]:  # an edge proxy's reply is held to the proxy's list too
+            checked.append((f"{name}, an edge", "proxy", Edge(bus).stats()))
+        for label, process, reply in checked:
             found, conditional = stats_differences(process, documented.get(process), reply)
-            problems += [f"{name}: {problem}" for problem in found]
+            problems += [f"{label}: {problem}" for problem in found]
             seen |= conditional
     # A hot standby's reader: its fields are checked by tests/test_replica.py.
     never = conditional_fields(documented) - seen - {("reader", "replica")}

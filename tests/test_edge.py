@@ -1,0 +1,199 @@
+"""Edge proxies (issue 27): `bus-cli proxy --upstream` runs a proxy whose
+subscriber side is fed by another proxy's, so that subscribers on many hosts
+share one upstream stream. Real processes: a bus (writer, proxy, reader) and
+an edge proxy beside it; subscribers, `tail` and the history+live join
+through the edge; subscriptions propagating upstream; CURVE between the two;
+an edge that meets something else at its upstream's port while the upstream
+restarts. The netns tests (tests/test_cluster.py) put the edge on a host of
+its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bus.client import ControlClient, Publisher, Subscriber
+from bus.config import with_overrides
+from tests.conftest import BUS_CLI, Bus, Proc, free_port, ping, wait_for
+from tests.test_auth import keys  # noqa: F401,F811 (a fixture)
+from tests.test_restarts import kill_9, met, squat
+
+
+class Edge:
+    """An edge proxy fed by `bus`'s proxy, with endpoints of its own."""
+
+    def __init__(self, bus: Bus, **env: Any) -> None:
+        self.bus = bus
+        self.env = {"BUS_SUB_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
+                    "BUS_PROXY_CONTROL_ENDPOINT": f"tcp://127.0.0.1:{free_port()}",
+                    **{k: str(v) for k, v in env.items()}}
+        self.proc: Proc = bus.spawn([BUS_CLI, "proxy", "--upstream", bus["BUS_SUB_ENDPOINT"]],
+                                    env=self.env)
+        wait_for(lambda: ping(self.env["BUS_PROXY_CONTROL_ENDPOINT"], bus.curve())
+                 or self.proc.popen.poll() is not None, message="the edge's ping")
+        assert self.proc.popen.poll() is None, self.proc.stderr.collect()
+
+    def stats(self) -> dict[str, Any]:
+        with ControlClient(self.env["BUS_PROXY_CONTROL_ENDPOINT"], timeout_ms=3000,
+                           curve=self.bus.curve()) as client:
+            return client.request("stats")
+
+    def connected(self) -> bool:
+        return self.stats()["upstream"]["connected"]
+
+    def config(self) -> Any:
+        """A client's config that subscribes through the edge."""
+        return with_overrides(self.bus.config(), sub_endpoint=self.env["BUS_SUB_ENDPOINT"],
+                              proxy_control_endpoint=self.env["BUS_PROXY_CONTROL_ENDPOINT"])
+
+
+def delivered_through(pub: Publisher, sub: Subscriber, topic: str) -> None:
+    """Publish probes on `topic` until one comes out of `sub` (a subscription
+    goes up an edge to its upstream before anything comes down)."""
+    def arrives() -> bool:
+        pub.publish(topic, b"probe")
+        msg = sub.receive(timeout=0.1)
+        return msg is not None and msg.topic == topic
+    wait_for(arrives, message=f"a probe on {topic} through the edge")
+
+
+def drain(sub: Subscriber, seconds: float = 0.5) -> list[Any]:
+    got = []
+    while (msg := sub.receive(timeout=seconds)) is not None:
+        got.append(msg)
+    return got
+
+
+def test_an_edge_forwards_what_its_subscribers_want_and_stores_nothing(bus: Bus) -> None:
+    """Subscribers of the edge get every message of their prefix, in order;
+    the upstream proxy sends the edge only what they subscribed to (the
+    subscription went up: libzmq's XPUB/XSUB chain), and every message is
+    stored once (the edge captures nothing: the writer has one capture
+    connection, the main proxy's)."""
+    edge = Edge(bus)
+    wait_for(edge.connected, message="the edge's upstream handshake")
+    cfg = bus.config()
+    with Subscriber(["edge.a."], edge.config()) as sub, \
+            Publisher(cfg, producer_id="edge-pub") as pub:
+        delivered_through(pub, sub, "edge.a.probe")
+        pub.flush(timeout=10)
+        drain(sub, 0.3)
+        before_up, before_edge = bus.proxy_stats(), edge.stats()
+        for i in range(300):
+            pub.publish("edge.a.t" if i % 3 == 0 else "edge.b.t", b"%d" % i)
+        pub.flush(timeout=30)
+        got = [m for m in drain(sub) if m.topic == "edge.a.t"]
+        assert [int(m.payload) for m in got] == list(range(0, 300, 3))
+        after_up, after_edge = bus.proxy_stats(), edge.stats()
+    # The upstream's PUB was given all 300 (libzmq counts what a socket is
+    # given, before its subscribers' filters); the edge took in the 100
+    # "edge.a." ones alone: the upstream filtered by the subscription that
+    # went up. Each message is the same number of frames.
+    given_up = after_up["backend_frames_out"] - before_up["backend_frames_out"]
+    taken_in = after_edge["frontend_frames_in"] - before_edge["frontend_frames_in"]
+    frames_each = given_up // 300
+    assert given_up == 300 * frames_each and frames_each >= 2, given_up
+    assert taken_in == 100 * frames_each
+    assert bus.count("edge.") == 300 + bus.count("edge.a.probe")
+    assert bus.writer_stats()["connections"]["capture"]["open"] == 1
+    stats = edge.stats()
+    assert stats["capture"]["state"] == "none" and "pub" not in stats["endpoints"]
+    assert stats["endpoints"]["upstream"] == bus["BUS_SUB_ENDPOINT"]
+
+
+def test_tail_and_the_history_and_live_join_work_through_an_edge(bus: Bus) -> None:
+    """`bus-cli tail --since` pointed at the edge prints what was stored
+    before it started, then live, with no gap or duplicate; `tail` alone
+    prints live messages."""
+    edge = Edge(bus)
+    wait_for(edge.connected, message="the edge's upstream handshake")
+    cfg = bus.config()
+    with Publisher(cfg, producer_id="edge-join") as pub:
+        for i in range(200):
+            pub.publish("join.t", b"%d" % i)
+        pub.flush(timeout=30)
+        env = {**bus.env, **edge.env}
+        since = subprocess.Popen([BUS_CLI, "tail", "join.", "--since", "1h", "--json",
+                                  "-n", "400", "--timeout", "60"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        live = subprocess.Popen([BUS_CLI, "tail", "live.", "--json", "-n", "1",
+                                 "--timeout", "60"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        # Live messages published while the first page is read and after:
+        # until the live tail saw one, its subscription is on its way up.
+        i = 200
+        deadline = time.monotonic() + 60
+        while live.poll() is None and time.monotonic() < deadline:
+            pub.publish("live.t", b"x")
+            if i < 400:
+                pub.publish("join.t", b"%d" % i)
+                i += 1
+            time.sleep(0.01)
+        while i < 400:
+            pub.publish("join.t", b"%d" % i)
+            i += 1
+        pub.flush(timeout=30)
+        out, err = since.communicate(timeout=90)
+        live_out, live_err = live.communicate(timeout=30)
+    assert since.returncode == 0, err[-2000:]
+    payloads = [int(json.loads(line)["payload"]) for line in out.splitlines()]
+    assert payloads == list(range(400)), (len(payloads), payloads[:5], payloads[-5:])
+    assert live.returncode == 0 and json.loads(live_out.splitlines()[0])["topic"] == "live.t", \
+        live_err[-2000:]
+
+
+def test_an_edge_authenticates_with_curve_and_comes_back_after_a_squatter(
+        make_bus, keys: Path) -> None:  # noqa: F811 (the fixture)
+    """With CURVE on, the edge is a reader of its upstream (its BUS_CURVE_KEY).
+    While the upstream proxy restarts, a NULL listener binds its port: the
+    edge's handshake fails there, and libzmq 4.3 never connects that
+    endpoint again by itself. The edge connects it again (backing off) and is
+    fed again once the upstream is back; its /healthz says why meanwhile.
+    Before the edge redialed, it stayed deaf for good."""
+    bus = make_bus(BUS_CURVE_DIR=keys / "curve",
+                   BUS_CURVE_KEY=keys / "clients" / "admin1.key_secret",
+                   BUS_REQUEST_TIMEOUT_MS=1000).start()
+    edge = Edge(bus, BUS_CURVE_KEY=keys / "clients" / "reader1.key_secret")
+    wait_for(edge.connected, message="the edge's CURVE handshake upstream")
+    cfg = bus.config()
+    with Subscriber(["sq."], edge.config()) as sub, Publisher(cfg, producer_id="edge-sq") as pub:
+        delivered_through(pub, sub, "sq.before")
+        kill_9(bus.proxy)
+        squatter = squat(bus, bus["BUS_SUB_ENDPOINT"])
+        met(squatter)  # the edge reconnected to it, and failed its handshake
+        wait_for(lambda: edge.stats()["upstream"]["wrong_peers"] >= 1,
+                 message="the edge's failed handshake")
+        assert not edge.connected()
+        assert squatter.wait(timeout=40) == 0
+        bus.start_proxy()
+        delivered_through(pub, sub, "sq.after")
+        pub.flush(timeout=30)
+    stats = edge.stats()
+    assert stats["upstream"]["connected"] and stats["upstream"]["redials"] >= 1
+    assert stats["forwarding"] == "running"
+    events = [e["event"] for e in edge.proc.log_events()]
+    assert "upstream_wrong_peer" in events and "upstream_redialed" in events
+
+
+def test_an_edge_with_a_key_its_upstream_does_not_let_in_says_so(
+        make_bus, keys: Path) -> None:  # noqa: F811 (the fixture)
+    """A publisher's key is not a reader's: the upstream refuses the edge,
+    and the edge's stats and /healthz say it has no upstream."""
+    bus = make_bus(BUS_CURVE_DIR=keys / "curve",
+                   BUS_CURVE_KEY=keys / "clients" / "admin1.key_secret").start()
+    http = f"127.0.0.1:{free_port()}"
+    edge = Edge(bus, BUS_CURVE_KEY=keys / "clients" / "pub1.key_secret",
+                BUS_PROXY_HTTP=http)
+    wait_for(lambda: bus.proxy_stats()["security"].get("connections_refused", {}).get("sub"),
+             message="the upstream refusing the edge's key")
+    assert not edge.connected()
+    try:
+        urllib.request.urlopen(f"http://{http}/healthz", timeout=5)
+        raise AssertionError("/healthz answered 200 with no upstream")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503 and "no upstream" in exc.read().decode()
