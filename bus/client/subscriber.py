@@ -9,6 +9,7 @@ durable consumer adds (where to resume, acknowledgements sent to the writer).
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import time
 from collections import deque
@@ -32,6 +33,56 @@ PERMANENT_ERRORS = frozenset({protocol.FORBIDDEN, protocol.BAD_REQUEST,
                               protocol.TOO_MANY_CONSUMERS})
 
 
+# What a subscriber remembers of each producer's delivered seqs (Delivered):
+# runs of consecutive seqs, at most this many a producer (the oldest merged
+# past it), and producers (all forgotten past it).
+MAX_RUNS_PER_PRODUCER = 1024
+MAX_PRODUCERS = 100_000
+
+
+class Delivered:
+    """The seqs delivered of each producer, as sorted runs of consecutive
+    seqs [first, last]: a seq is new unless a run holds it.
+
+    Not a highest-seq mark: a producer's seqs are not stored in seq order.
+    After a writer's crash (or a takeover) its publisher sends again what the
+    lost commit held, and the new writer stores it after later seqs that
+    reached it first (a hole filled, writer/producers.py): a mark dropped
+    those as seen, and a subscriber catching up missed them for good. Runs
+    stay few: one, plus one per hole still open. A live subscriber that
+    lost messages (SUB's high-water mark) has a run per loss; past
+    MAX_RUNS_PER_PRODUCER the two oldest are merged (what lies between them
+    counts as seen: the old mark's rule, for the oldest holes alone)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, list[list[int]]] = {}
+
+    def add(self, producer: str, seq: int) -> bool:
+        """Whether `seq` of `producer` is new (then it is delivered now)."""
+        runs = self.runs.get(producer)
+        if runs is None:
+            if len(self.runs) >= MAX_PRODUCERS:
+                self.runs.clear()  # bounded; a forgotten producer only loses its dedupe
+            self.runs[producer] = [[seq, seq]]
+            return True
+        i = bisect.bisect_right(runs, seq, key=lambda run: run[0])  # runs[i - 1] starts <= seq
+        if i and runs[i - 1][1] >= seq:
+            return False
+        joins_before = i > 0 and runs[i - 1][1] == seq - 1
+        joins_after = i < len(runs) and runs[i][0] == seq + 1
+        if joins_before and joins_after:
+            runs[i - 1][1] = runs.pop(i)[1]
+        elif joins_before:
+            runs[i - 1][1] = seq
+        elif joins_after:
+            runs[i][0] = seq
+        else:
+            runs.insert(i, [seq, seq])
+            if len(runs) > MAX_RUNS_PER_PRODUCER:
+                runs[0][1] = runs.pop(1)[1]
+        return True
+
+
 class Seam:
     """Catching up (`since=` / `after_id=`): live messages are held while the
     stored ones are delivered, until a stored message is also one held, where
@@ -44,7 +95,7 @@ class Seam:
         self.duplicates_skipped = 0
         self._held: deque[Message] = deque()
         self._held_keys: set[protocol.Identity] = set()
-        self._delivered: dict[str, int] = {}  # producer -> highest seq delivered
+        self._delivered = Delivered()
 
     def hold(self, msg: Message) -> None:
         if len(self._held) >= self.hold_limit:  # bounded; the stored stream has them all
@@ -87,14 +138,10 @@ class Seam:
         if key is None:
             return True
         producer, _epoch, seq = key
-        delivered = self._delivered
-        if seq <= delivered.get(producer, 0):
-            self.duplicates_skipped += 1
-            return False
-        if len(delivered) >= 100_000 and producer not in delivered:
-            delivered.clear()  # bounded; a forgotten producer only loses its dedupe
-        delivered[producer] = seq
-        return True
+        if self._delivered.add(producer, seq):
+            return True
+        self.duplicates_skipped += 1
+        return False
 
 
 class DurablePosition:
