@@ -142,6 +142,13 @@ def connect_endpoint_problem(value: str) -> str | None:
     return endpoint_problem(value) if value else None
 
 
+def upstream_problem(value: str) -> str | None:
+    """An edge proxy's upstream: another process's endpoint, or empty (off)."""
+    if value.startswith("inproc://"):
+        return f"is {value!r}: an upstream proxy is another process (tcp:// or ipc://)"
+    return connect_endpoint_problem(value)
+
+
 def rpc_url_problem(url: str) -> str | None:
     parts = urllib.parse.urlsplit(url)
     try:
@@ -318,9 +325,10 @@ class BusConfig:
     upstream: str = setting(
         "BUS_PROXY_UPSTREAM", "",
         "run as an edge proxy: its subscriber side is fed by the proxy whose subscriber "
-        "endpoint this is (tcp://HOST:PORT; subscriptions go upstream, nothing is captured "
-        "here, no publisher endpoint is bound); empty: the main proxy",
-        roles=("proxy",), form=connect_endpoint_problem, bound_by="upstream proxy")
+        "endpoint this is (tcp://HOST:PORT; it takes that stream whole and filters it for its "
+        "own subscribers, captures nothing and binds no publisher endpoint); empty: the main "
+        "proxy",
+        roles=("proxy",), form=upstream_problem, bound_by="upstream proxy")
     read_endpoint: str = setting(
         "BUS_READ_ENDPOINT", "tcp://127.0.0.1:5555",
         "reader (ROUTER): history pages from a read-only connection",

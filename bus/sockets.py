@@ -6,8 +6,8 @@ options of a socket are read in one place:
     publishers  XPUB --connect--> pub_endpoint      (proxy SUB, bound)
     subscribers SUB  --connect--> sub_endpoint      (proxy PUB, bound)
     proxy       PUSH --connect--> capture_endpoint  (writer PULL, bound)
-    edge proxy  XSUB --connect--> upstream          (another proxy's sub_endpoint;
-                                                     its own sub_endpoint an XPUB)
+    edge proxy  SUB  --connect--> upstream          (another proxy's sub_endpoint;
+                                                     its own sub_endpoint a PUB)
     clients     SUB  --connect--> notify_endpoint   (writer XPUB, bound: $bus.* notifications)
     clients     REQ  --connect--> control_endpoint  (writer ROUTER, bound)
     clients     REQ  --connect--> proxy_control_endpoint (proxy ROUTER, bound)
@@ -703,15 +703,9 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     data sent by a peer on this side reaches publishers or the writer. A
     subscription much longer than a topic can be is refused (the peer is
     disconnected): it could never match, and libzmq's subscription trie is
-    recursive in the prefix length.
-
-    An edge proxy's (BUS_PROXY_UPSTREAM) is an XPUB: the proxy loop passes
-    its subscriptions to the upstream XSUB (open_edge_upstream), as libzmq's
-    XPUB/XSUB chains do, so the upstream proxy sends an edge only what its
-    subscribers want. Each prefix goes up once, while some subscriber holds it
-    (not XPUB_VERBOSE). Anything else a peer sends here reaches the upstream
-    proxy's PUB, which drops it."""
-    sock = _set_common(ctx.socket(zmq.XPUB if cfg.upstream else zmq.PUB), 0)
+    recursive in the prefix length. An edge proxy's too (open_edge_upstream:
+    what its subscribers send stays here)."""
+    sock = _set_common(ctx.socket(zmq.PUB), 0)
     sock.setsockopt(zmq.SNDHWM, cfg.sub_hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, max(MIN_FRAME_LIMIT_BYTES,
                                         cfg.max_topic_bytes + SUBSCRIPTION_OVERHEAD_BYTES))
@@ -723,15 +717,26 @@ def open_proxy_backend(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
 
 
 def open_edge_upstream(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None) -> zmq.Socket:
-    """An edge proxy's publisher side: an XSUB connected to the upstream
-    proxy's subscriber endpoint (BUS_PROXY_UPSTREAM), as a subscriber of it
-    (with CURVE, this process's BUS_CURVE_KEY, a key of readers/). It
-    subscribes to nothing itself: what the edge's subscribers subscribe to
-    comes through the proxy loop, and libzmq's XSUB sends it all again on
-    each new connection (an upstream restarted)."""
-    sock = _set_common(ctx.socket(zmq.XSUB), 0)
+    """An edge proxy's publisher side: a SUB connected to the upstream proxy's
+    subscriber endpoint (BUS_PROXY_UPSTREAM), as a subscriber of it (with
+    CURVE, this process's BUS_CURVE_KEY, a key of readers/), subscribed to
+    every first byte a storable topic can have, as the main proxy's frontend
+    is: a reserved `$` topic never passes an edge either.
+
+    A SUB and a PUB, not libzmq's XSUB/XPUB chain: an XPUB passes up
+    whatever its peers send, so each edge subscriber's subscribe and
+    unsubscribe churn, and any data frame, reached the upstream on the
+    edge's one connection, where the subscription budget counts every byte
+    a connection ever sent: one local subscriber got the edge cut off, and
+    every subscriber of it with it, again and again (an XSUB also dropped
+    what it re-sends past its high-water mark, 1,000 subscriptions, after
+    each reconnect). So an edge takes the whole stream and filters for its
+    subscribers itself (docs/protocol.md, "Edge proxies")."""
+    sock = _set_common(ctx.socket(zmq.SUB), 0)
     sock.setsockopt(zmq.RCVHWM, cfg.sub_hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, cfg.proxy_max_frame_bytes)
+    for prefix in protocol.PROXY_SUBSCRIPTIONS:
+        sock.setsockopt(zmq.SUBSCRIBE, prefix)
     security.secure_client(sock, security.client_keys(cfg))
     if on_open is not None:
         on_open(sock)

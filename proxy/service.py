@@ -5,10 +5,10 @@ Binds   PUB   sub_endpoint            subscribers connect here
 Connects PUSH capture_endpoint        every data message taken in, to the writer
 Binds   ROUTER proxy_control_endpoint  `stats`, `ping`
 
-An edge proxy (BUS_PROXY_UPSTREAM) has an XSUB connected to another proxy's
-sub_endpoint in the place of the SUB, an XPUB for its subscribers (their
-subscriptions go up) and no capture: proxy/upstream.py takes the capture
-course's place (docs/protocol.md, "Edge proxies").
+An edge proxy (BUS_PROXY_UPSTREAM) has its SUB connected to another proxy's
+sub_endpoint instead of bound for publishers, and no capture:
+proxy/upstream.py takes the capture course's place (docs/protocol.md, "Edge
+proxies").
 
 Messages are forwarded by libzmq's own steerable proxy loop on a thread of its
 own (it runs without the GIL); this process's Python loop only answers control
@@ -226,7 +226,7 @@ class Proxy:
         return attach
 
     def _open_publisher_side(self) -> zmq.Socket:
-        """The frontend: publishers' SUB, or an edge's XSUB to its upstream
+        """The frontend: publishers' SUB, or an edge's SUB to its upstream
         (watched under the same name: what the memory guard cuts off and
         opens again is the side data comes in from)."""
         if self.edge:

@@ -1,19 +1,19 @@
 """An edge proxy's upstream (BUS_PROXY_UPSTREAM): what takes the capture's
 course's place in a proxy that captures nothing.
 
-An edge's publisher side is an XSUB connected to the upstream proxy's
-subscriber endpoint (bus/sockets.open_edge_upstream), its subscriber side an
-XPUB; libzmq's forwarding loop passes data down and subscriptions up, as in
-the ZeroMQ Guide's proxy chains. Nothing is captured here: every message an
-edge forwards was captured by the upstream proxy, which the writer stores
-once.
+An edge's publisher side is a SUB connected to the upstream proxy's
+subscriber endpoint (bus/sockets.open_edge_upstream, which says why not an
+XSUB), its subscriber side a PUB, with libzmq's forwarding loop between
+them, as in the ZeroMQ Guide's proxy chains. Nothing is captured here: every
+message an edge forwards was captured by the upstream proxy, which the
+writer stores once.
 
-libzmq reconnects the XSUB by itself after an upstream restart, and sends
-its subscriptions again on the new connection. Only a failed handshake makes
-it give up on the endpoint for good: something other than the bus listening
+libzmq reconnects the SUB by itself after an upstream restart, and
+subscribes again on the new connection. Only a failed handshake makes it
+give up on the endpoint for good: something other than the bus listening
 there (a process that bound the upstream's port while it restarted, a CURVE
 server with another key). Then `tend(now)` stops the forwarding loop (which
-owns the socket while it runs), connects the XSUB again on the main thread,
+owns the socket while it runs), connects the SUB again on the main thread,
 backing off as the capture does (bus/sockets.Connections.redial_due), and
 runs the loop again. Stepped with the pass's `now` by the proxy's loop or a
 test (tests/test_edge.py).
@@ -26,10 +26,13 @@ from collections.abc import Callable
 from typing import Any
 
 from bus import sockets
-from bus.logging import get_logger
+from bus.logging import RateLimitedLog, get_logger
 from proxy.steering import STEER_TERMINATE, Steering
 
 log = get_logger("proxy")
+# A wrong peer that stays at the upstream's port is met at each redial (about
+# every second): said once a minute.
+_wrong_peer_log = RateLimitedLog(log, interval=60.0)
 
 # The capture's course of an edge (`stats` capture.state): it captures nothing.
 CAPTURE_NONE = "none"
@@ -70,21 +73,23 @@ class UpstreamCourse:
         upstream = self.upstream()
         if upstream.gave_up is not None and self.wrong_peer_seen is None:
             self.wrong_peer_seen = upstream.gave_up
-            log.warning("upstream_wrong_peer", endpoint=self.endpoint, reason=upstream.gave_up,
-                        wrong_peers=upstream.wrong_peers,
-                        action="connecting to the upstream proxy again")
-        if not upstream.redial_due(now):
-            return
-        if self.forwarding():
-            if self.down is None:
-                self.down = f"a wrong peer at the upstream endpoint: {upstream.gave_up}"
-                self.steering.settle(wait_ms=50)
-                self.steering.send(STEER_TERMINATE, 0)
-            return
-        upstream.redial()
-        self.wrong_peer_seen = None
-        log.info("upstream_redialed", endpoint=self.endpoint, redials=upstream.redials)
-        if self.down is not None and not self.paused():
+            _wrong_peer_log.warning(
+                "something other than the upstream proxy at its endpoint",
+                "upstream_wrong_peer", now, endpoint=self.endpoint,
+                error=upstream.gave_up, wrong_peers=upstream.wrong_peers,
+                redials=upstream.redials, action="connecting to the upstream proxy again")
+        if upstream.redial_due(now):
+            if self.forwarding():  # it owns the socket: stopped first
+                if self.down is None:
+                    self.down = f"a wrong peer at the upstream endpoint: {upstream.gave_up}"
+                    self.steering.settle(wait_ms=50)
+                    self.steering.send(STEER_TERMINATE, 0)
+                return
+            upstream.redial()
+            self.wrong_peer_seen = None
+        # Stopped here, and not held stopped by the memory guard (whose
+        # resume leaves the loop to this course while `down` is set).
+        if self.down is not None and not self.forwarding() and not self.paused():
             self.down = None
             self.start_forwarding()
 
