@@ -668,11 +668,41 @@ def _unix_listener_at(path: str) -> bool:
 OnOpen = Callable[[zmq.Socket], Any] | None
 
 
+# A client's connection to a peer that went silent (its host cut off, a link
+# down) is given up after CLIENT_HEARTBEAT_TIMEOUT_MS without a sign of life
+# (ZMTP 3.1 PING every CLIENT_HEARTBEAT_IVL_MS, answered by libzmq's own I/O
+# thread, however busy the peer's application), and each new connection
+# attempt after CONNECT_TIMEOUT_MS. Without them a connection outlived a
+# 30-second cut by another 23 s, in TCP's retransmission backoff (the
+# acknowledgements queued on it: bench/cluster_bench.py), and a new one
+# waits out the SYN backoff (up to 2 minutes).
+CLIENT_HEARTBEAT_IVL_MS = 1000
+CLIENT_HEARTBEAT_TIMEOUT_MS = 5000
+CONNECT_TIMEOUT_MS = 1000
+
+
 def _set_common(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, linger_ms)
     # Reconnect quickly after a restart of the peer, backing off to 1 s.
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    return sock
+
+
+def _set_client(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
+    """_set_common, and for a socket that connects across hosts: heartbeats
+    and a connect timeout (CLIENT_HEARTBEAT_IVL_MS). Publishers, requests
+    and notifications: what a connection given up loses is sent again
+    (unacknowledged messages, a request retried, an acknowledgement asked
+    for again by subscribing). Not a live data subscription (an edge's
+    upstream, a subscriber): a connection made again misses what is published
+    before its subscriptions reach the proxy (661 messages after a 12 s cut,
+    tests/test_cluster.py), where the old connection, once its link is back,
+    loses nothing."""
+    _set_common(sock, linger_ms)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, CLIENT_HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, CLIENT_HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
     return sock
 
 
@@ -732,7 +762,7 @@ def open_edge_upstream(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     what it re-sends past its high-water mark, 1,000 subscriptions, after
     each reconnect). So an edge takes the whole stream and filters for its
     subscribers itself (docs/protocol.md, "Edge proxies")."""
-    sock = _set_common(ctx.socket(zmq.SUB), 0)
+    sock = _set_common(ctx.socket(zmq.SUB), 0)  # no heartbeats: see _set_client
     sock.setsockopt(zmq.RCVHWM, cfg.sub_hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, cfg.proxy_max_frame_bytes)
     for prefix in protocol.PROXY_SUBSCRIPTIONS:
@@ -945,7 +975,7 @@ def open_publisher(ctx: zmq.Context, cfg: BusConfig, linger_ms: int,
     """XPUB (not PUB) so the client sees the proxy's subscriptions arrive and
     can hold its first message until then (the slow-joiner fix). NODROP turns
     a full queue into backpressure instead of silent loss."""
-    sock = _set_common(ctx.socket(zmq.XPUB), linger_ms)
+    sock = _set_client(ctx.socket(zmq.XPUB), linger_ms)
     sock.setsockopt(zmq.SNDHWM, cfg.pub_hwm)
     sock.setsockopt(zmq.XPUB_NODROP, 1)
     security.secure_client(sock, security.client_keys(cfg))
@@ -958,8 +988,8 @@ def open_publisher(ctx: zmq.Context, cfg: BusConfig, linger_ms: int,
 def open_subscriber(ctx: zmq.Context, cfg: BusConfig, prefixes: list[bytes],
                     endpoint: str | None = None, on_open: OnOpen = None) -> zmq.Socket:
     """SUB to the proxy's data (sub_endpoint), or to the writer's notifications
-    (endpoint=cfg.notify_endpoint)."""
-    sock = _set_common(ctx.socket(zmq.SUB), 0)
+    (endpoint=cfg.notify_endpoint: with heartbeats, _set_client)."""
+    sock = (_set_common if endpoint is None else _set_client)(ctx.socket(zmq.SUB), 0)
     sock.setsockopt(zmq.RCVHWM, cfg.sub_hwm)
     for prefix in prefixes:
         sock.setsockopt(zmq.SUBSCRIBE, prefix)
@@ -972,7 +1002,7 @@ def open_subscriber(ctx: zmq.Context, cfg: BusConfig, prefixes: list[bytes],
 
 def open_request(ctx: zmq.Context, endpoint: str,
                  keys: security.ClientKeys | None = None, on_open: OnOpen = None) -> zmq.Socket:
-    sock = _set_common(ctx.socket(zmq.REQ), 0)
+    sock = _set_client(ctx.socket(zmq.REQ), 0)
     security.secure_client(sock, keys)
     if on_open is not None:
         on_open(sock)

@@ -56,19 +56,25 @@ class PgServer:
     server's data need not survive the machine; True (benchmarks): the
     defaults, so that a commit costs what it costs in production."""
 
-    def __init__(self, bindir: Path, port: int, durable: bool = False) -> None:
+    def __init__(self, bindir: Path, port: int, durable: bool = False, host: str = "127.0.0.1",
+                 allow: str = "", wrapper: list[str] | None = None) -> None:
+        """`host`: the address it listens on; `allow`: a network (CIDR) whose
+        clients it lets in too, replication included; `wrapper`: what its
+        commands run under (`ip netns exec NS`: a host of tests/cluster.py)."""
         self.bindir = bindir
         self.port = port
         self.durable = durable
+        self.host = host
+        self.allow = allow
         self.version = bindir.parent.name
         self.dir = Path(tempfile.mkdtemp(prefix="bus-pg-"))
         self.data = self.dir / "data"
         self.user = "bus"
-        self._as: list[str] = []
+        self._as: list[str] = list(wrapper or [])
         if os.geteuid() == 0:
             owner = pwd.getpwnam("postgres")
             os.chown(self.dir, owner.pw_uid, owner.pw_gid)
-            self._as = ["runuser", "-u", "postgres", "--"]
+            self._as += ["runuser", "-u", "postgres", "--"]
 
     def _run(self, *args: str) -> None:
         subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=60)
@@ -76,6 +82,10 @@ class PgServer:
     def start(self) -> PgServer:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
                   self.user, "-E", "UTF8", *([] if self.durable else ["--no-sync"]))
+        if self.allow:
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {self.allow} trust\n"
+                          f"host replication all {self.allow} trust\n")
         fast = "" if self.durable else \
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
         return self._serve(fast)
@@ -83,9 +93,10 @@ class PgServer:
     def _serve(self, options: str) -> PgServer:
         """pg_ctl start on this server's data, port and socket directory, with
         `options` (-c ...), and the watch that stops it if the test run dies."""
+        self._options = options
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
                   str(self.dir / "server.log"), "-w", "-t", "60", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 {options}"
+                  f"-p {self.port} -k {self.dir} -c listen_addresses={self.host} {options}"
                   "-c max_connections=200", "start")
         self._watch = subprocess.Popen(
             [sys.executable, "-c", ORPHAN_WATCH, str(os.getpid()), *self._stop_command(),
@@ -98,17 +109,27 @@ class PgServer:
         by pg_basebackup (-R writes standby.signal and primary_conninfo), then
         started read-only on this server's port. initdb's pg_hba lets the
         bus user replicate from 127.0.0.1 (trust), and wal_level is replica."""
-        self._run(str(self.bindir / "pg_basebackup"), "-D", str(self.data), "-h", "127.0.0.1",
+        self._run(str(self.bindir / "pg_basebackup"), "-D", str(self.data), "-h", primary.host,
                   "-p", str(primary.port), "-U", self.user, "-X", "stream", "-R", "-c", "fast",
                   *([] if self.durable else ["--no-sync"]))
         return self._serve("-c hot_standby=on ")
+
+    def stop_server(self) -> None:
+        """Stop the server (fast shutdown), keeping its data for start_again."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                  "stop")
+        self._watch.terminate()
+        self._watch.wait(10)
+
+    def start_again(self) -> PgServer:
+        return self._serve(self._options)
 
     def _stop_command(self) -> list[str]:
         return [*self._as, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m",
                 "immediate", "stop"]
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
 
     def create_database(self) -> str:
         """A new empty database; its URL."""

@@ -241,3 +241,41 @@ def test_make_install_installs_every_page_the_units_point_to(tmp_path: Path) -> 
                             "from bus.build import build_info; print(build_info()['revision'])"],
                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert build.stdout.strip() == head, build.stderr
+
+
+def test_the_three_host_files_describe_one_deployment() -> None:
+    """deploy/cluster/ (deploy/cluster.md): each host's bus.toml loads, and
+    they agree. The writers' lists name the same endpoints, each writer
+    host's own first (a writer binds the first); the edge's upstream is A's
+    subscriber endpoint; every host's clients reach the same proxy, writers
+    and reader; the writer's drop-in holds no socket for a standby, the
+    edge's holds no publisher socket; and cluster.md names every file."""
+    from bus.config import endpoints_of
+    cluster = ROOT / "deploy" / "cluster"
+    cfg = {host: load_config(env={}, config_path=cluster / f"host-{host}.toml")
+           for host in "abc"}
+    a, b, c = cfg["a"], cfg["b"], cfg["c"]
+    for field in ("capture_endpoint", "control_endpoint", "notify_endpoint"):
+        on_a, on_b = endpoints_of(getattr(a, field)), endpoints_of(getattr(b, field))
+        assert on_a == on_b[::-1] and len(on_a) == 2, field
+        assert on_a[0].startswith("tcp://10.0.0.1:") and on_b[0].startswith("tcp://10.0.0.2:")
+        if field != "capture_endpoint":
+            assert set(endpoints_of(getattr(c, field))) == set(on_a), field
+    assert a.standby and b.standby and not c.standby
+    assert c.upstream == a.sub_endpoint and not a.upstream and not b.upstream
+    assert a.pub_endpoint == b.pub_endpoint == c.pub_endpoint
+    assert a.read_endpoint == b.read_endpoint == c.read_endpoint == "tcp://10.0.0.2:5555"
+    assert a.db == b.db and a.db.startswith("postgresql://") and a.curve_dir and c.curve_key
+
+    def drop_in(name: str) -> configparser.ConfigParser:
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        parser.optionxform = str
+        parser.read(cluster / name)
+        return parser
+    assert drop_in("bus-writer-cluster.conf")["Service"]["Sockets"] == ""
+    edge_sockets = drop_in("bus-proxy-edge.conf")["Service"]["Sockets"].split()
+    assert sorted(edge_sockets) == ["bus-proxy-control.socket", "bus-proxy-sub.socket"]
+    assert all((UNITS / name).exists() for name in edge_sockets)
+    assert "127.0.0.1" in drop_in("bus-reader-standby.conf")["Service"]["Environment"]
+    guide = (ROOT / "deploy" / "cluster.md").read_text()
+    assert all(path.name in guide for path in cluster.iterdir())
