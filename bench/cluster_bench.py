@@ -59,13 +59,13 @@ def main() -> None:
     print(f"bench: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, {platform.node()}; three network namespaces on one "
           f"machine; BUS_PG_SESSION_TIMEOUT_S={args.session_timeout}", flush=True)
-    hosts = Hosts().up()
-    deployment = None
+    hosts = Hosts()
     rows = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="cluster-bench-") as workdir:
-            deployment = Deployment(hosts, Path(workdir),
-                                    session_timeout_s=args.session_timeout).start()
+    with tempfile.TemporaryDirectory(prefix="cluster-bench-") as workdir:
+        deployment = Deployment(hosts, Path(workdir), session_timeout_s=args.session_timeout)
+        try:  # whatever fails, from the first namespace on, is undone
+            hosts.up()
+            deployment.start()
             rounds = (lambda: deployment.kill_writer(args.rate, 8),
                       lambda: deployment.cut("b", args.cut_rate, args.cut_s),
                       lambda: deployment.cut("a", args.cut_rate, args.cut_s),
@@ -79,10 +79,11 @@ def main() -> None:
             caught_up = deployment.catch_up()
             stored = deployment.query(
                 "SELECT count(*) FROM messages WHERE topic = 'bench.acked'")[0][0]
-    finally:
-        if deployment is not None:
-            deployment.close()
-        hosts.close()
+        finally:
+            try:
+                deployment.close()
+            finally:
+                hosts.close()
     bus_bench.print_table(
         ("scenario", "takeover s", "old writer", "lost", "twice", "live missing",
          "live silence s", "ack p99 ms", "ack max ms"),

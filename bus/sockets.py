@@ -679,6 +679,9 @@ OnOpen = Callable[[zmq.Socket], Any] | None
 CLIENT_HEARTBEAT_IVL_MS = 1000
 CLIENT_HEARTBEAT_TIMEOUT_MS = 5000
 CONNECT_TIMEOUT_MS = 1000
+# A data subscriber's TCP keepalives (_set_subscriber): 30 s idle, then 6
+# probes 5 s apart.
+SUBSCRIBER_KEEPALIVE_IDLE_S, SUBSCRIBER_KEEPALIVE_INTVL_S, SUBSCRIBER_KEEPALIVE_CNT = 30, 5, 6
 
 
 def _set_common(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
@@ -686,6 +689,21 @@ def _set_common(sock: zmq.Socket, linger_ms: int) -> zmq.Socket:
     # Reconnect quickly after a restart of the peer, backing off to 1 s.
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    return sock
+
+
+def _set_subscriber(sock: zmq.Socket) -> zmq.Socket:
+    """_set_common, and for a live data subscription across hosts (a
+    subscriber, an edge's upstream): a connect timeout, and TCP keepalives
+    instead of heartbeats (see _set_client) that find, in a minute, a
+    connection whose peer's host restarted: a SUB sends nothing on its own,
+    so nothing else would ever reset it."""
+    _set_common(sock, 0)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, SUBSCRIBER_KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, SUBSCRIBER_KEEPALIVE_INTVL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, SUBSCRIBER_KEEPALIVE_CNT)
     return sock
 
 
@@ -762,7 +780,7 @@ def open_edge_upstream(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     what it re-sends past its high-water mark, 1,000 subscriptions, after
     each reconnect). So an edge takes the whole stream and filters for its
     subscribers itself (docs/protocol.md, "Edge proxies")."""
-    sock = _set_common(ctx.socket(zmq.SUB), 0)  # no heartbeats: see _set_client
+    sock = _set_subscriber(ctx.socket(zmq.SUB))
     sock.setsockopt(zmq.RCVHWM, cfg.sub_hwm)
     sock.setsockopt(zmq.MAXMSGSIZE, cfg.proxy_max_frame_bytes)
     for prefix in protocol.PROXY_SUBSCRIPTIONS:
@@ -793,6 +811,9 @@ def open_proxy_capture(ctx: zmq.Context, cfg: BusConfig, on_open: OnOpen = None)
     more, seconds of the writer's work). Over tcp, the writer's end takes
     segments that such a window holds (capture_max_segment)."""
     sock = _set_common(ctx.socket(zmq.PUSH), cfg.shutdown_timeout_ms)
+    # A writer on another host (a standby pair) that its network lost: each
+    # new attempt given up after a second, not the kernel's SYN backoff.
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
     sock.setsockopt(zmq.SNDHWM, cfg.capture_hwm)
     sock.setsockopt(zmq.SNDBUF, cfg.capture_buffer_bytes)
     security.check_capture_directory(cfg)  # nobody else's socket can be at the path
@@ -989,7 +1010,8 @@ def open_subscriber(ctx: zmq.Context, cfg: BusConfig, prefixes: list[bytes],
                     endpoint: str | None = None, on_open: OnOpen = None) -> zmq.Socket:
     """SUB to the proxy's data (sub_endpoint), or to the writer's notifications
     (endpoint=cfg.notify_endpoint: with heartbeats, _set_client)."""
-    sock = (_set_common if endpoint is None else _set_client)(ctx.socket(zmq.SUB), 0)
+    sock = _set_subscriber(ctx.socket(zmq.SUB)) if endpoint is None else \
+        _set_client(ctx.socket(zmq.SUB), 0)
     sock.setsockopt(zmq.RCVHWM, cfg.sub_hwm)
     for prefix in prefixes:
         sock.setsockopt(zmq.SUBSCRIBE, prefix)

@@ -50,8 +50,8 @@ PORTS = {"BUS_PUB_ENDPOINT": 5550, "BUS_SUB_ENDPOINT": 5551, "BUS_CAPTURE_ENDPOI
          "BUS_CONTROL_ENDPOINT": 5553, "BUS_PROXY_CONTROL_ENDPOINT": 5554,
          "BUS_READ_ENDPOINT": 5555, "BUS_NOTIFY_ENDPOINT": 5556}
 WRITER_VARS = ("BUS_CAPTURE_ENDPOINT", "BUS_CONTROL_ENDPOINT", "BUS_NOTIFY_ENDPOINT")
-TOPIC = "cluster.t"
 LOG_LINES_KEPT = 2000
+SUBNET_LOCK = "/tmp/bus-cluster-subnets.lock"
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -76,24 +76,34 @@ def missing() -> str | None:
 
 class Hosts:
     """Three network namespaces on a bridge of their own, on a /24 of
-    10.231.0.0/16 that no interface here uses."""
+    10.231.0.0/16 that no interface here uses (chosen and taken under a
+    lock: test processes run side by side)."""
 
     def __init__(self) -> None:
         tag = f"{os.getpid() % 100000}{uuid.uuid4().hex[:2]}"
         self.ns = {h: f"bus{tag}{h}" for h in HOSTS}
         self.bridge = f"bbr{tag}"
         self.port = {h: f"bv{tag}{h}" for h in HOSTS}   # the bridge's side of each veth
-        used = ip("-o", "-4", "addr").stdout
-        net = next(f"10.231.{n}" for n in range(os.getpid() % 200, 256)
-                   if f" 10.231.{n}." not in used)
-        self.addr = {h: f"{net}.{i + 1}" for i, h in enumerate(HOSTS)}
-        self.root_addr = f"{net}.254"
+        self.addr: dict[str, str] = {}
+        self.root_addr = ""
         self.made: list[str] = []
 
     def up(self) -> Hosts:
+        """Make them; close() undoes what was made, whatever failed."""
+        import fcntl
         ip("link", "add", self.bridge, "type", "bridge")
         self.made.append("bridge")
-        ip("addr", "add", f"{self.root_addr}/24", "dev", self.bridge)
+        with open(SUBNET_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            used = ip("-o", "-4", "addr").stdout + ip("-4", "route").stdout
+            start = os.getpid() % 256
+            net = next((f"10.231.{n % 256}" for n in range(start, start + 256)
+                        if f"10.231.{n % 256}." not in used), None)
+            if net is None:
+                raise RuntimeError("no free /24 in 10.231.0.0/16 for three hosts")
+            self.addr = {h: f"{net}.{i + 1}" for i, h in enumerate(HOSTS)}
+            self.root_addr = f"{net}.254"
+            ip("addr", "add", f"{self.root_addr}/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
         for h in HOSTS:
             ip("netns", "add", self.ns[h])
@@ -132,8 +142,10 @@ class Process:
                  stdout: Any = subprocess.DEVNULL) -> None:
         self.name = name
         self.popen = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=stdout,
-                                      stderr=subprocess.PIPE, text=True)
+                                      stderr=subprocess.PIPE, text=True, errors="replace",
+                                      preexec_fn=_die_with_parent)
         self.seen: dict[str, float] = {}
+        self.last: dict[str, dict[str, Any]] = {}  # event -> its last line
         self.events: list[dict[str, Any]] = []
         self.lines: list[str] = []
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -148,6 +160,7 @@ class Process:
                 continue
             if isinstance(event, dict) and "event" in event:
                 self.seen.setdefault(event["event"], time.monotonic())
+                self.last[event["event"]] = event
                 self.events = (self.events + [event])[-LOG_LINES_KEPT:]
 
     def wait_for(self, event: str, timeout: float) -> float:
@@ -162,6 +175,15 @@ class Process:
     def running(self) -> bool:
         return self.popen.poll() is None
 
+    def read_line(self, timeout: float) -> str:
+        """Its stdout's next line, or RuntimeError after `timeout` s."""
+        import select
+        ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
+        if not ready:
+            raise RuntimeError(f"{self.name}: nothing printed within {timeout:.0f} s: "
+                               f"{''.join(self.lines[-10:])}")
+        return self.popen.stdout.readline()
+
     def stop(self, timeout: float = 30) -> int:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGCONT)
@@ -171,6 +193,14 @@ class Process:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             return self.popen.wait(10)
+
+
+def _die_with_parent() -> None:
+    """In a child before it execs: killed with the test run, however that
+    ends (`ip netns exec` execs the command, which keeps this)."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def make_keys(directory: Path) -> dict[str, str]:
@@ -359,14 +389,17 @@ class Deployment:
         self.live = self.spawn("live subscriber", "c", [
             sys.executable, "-m", "tests.cluster", "live"], self.edge_env(),
             stdout=subprocess.PIPE)
+        # The scenario's hit comes once the live subscriber receives: what it
+        # missed after its first message is what the scenario cost it.
+        self.live.wait_for("live_seq", 60)
         return time.monotonic()
 
     def finish_load(self, timeout: float = 180) -> dict[str, Any]:
         """Wait for every message to be acknowledged; what the publisher and
         the live subscriber saw, and what the database holds."""
         assert self.load is not None
-        line = self.load.popen.stdout.readline()
-        code = self.load.popen.wait(timeout)
+        line = self.load.read_line(timeout)
+        code = self.load.popen.wait(30)
         if code != 0 or not line:
             raise RuntimeError(f"publisher exited {code}: {''.join(self.load.lines[-10:])}")
         figures = json.loads(line)
@@ -376,25 +409,27 @@ class Deployment:
             self.producers_before]
         if len(producers) != 1:
             raise RuntimeError(f"the load's producer: {producers}")
-        _producer, stored, distinct = producers[0]
+        producer, stored, distinct = producers[0]
         # What is acknowledged has passed the proxy: the edge has it too, or soon.
         self.wait(lambda: self.live_saw(self.load_count), 5, "the last message, live")
         self.live.popen.send_signal(signal.SIGTERM)
-        live = json.loads(self.live.popen.stdout.readline() or "{}")
+        live = json.loads(self.live.read_line(30) or "{}").get(producer)
         self.live.popen.wait(30)
-        first = live.get("first_seq") or self.load_count + 1
+        if not live:
+            raise RuntimeError(f"the live subscriber saw nothing of {producer}: "
+                               f"{''.join(self.live.lines[-10:])}")
+        first = live["first_seq"]
         return {"ack_p99_ms": round(figures["p99_ms"], 1), "ack_max_ms": round(figures["max_ms"]),
                 "lost": self.load_count - distinct, "twice": stored - distinct,
                 # Seqs the live subscriber never saw, after the first it saw (its
                 # subscription takes a moment to reach the main proxy).
-                "live_missing": (self.load_count - first + 1) - live.get("distinct", 0),
-                "live_longest_silence_s": live.get("longest_silence_s")}
+                "live_missing": (self.load_count - first + 1) - live["distinct"],
+                "live_first_seq": first, "live_longest_silence_s": live["longest_silence_s"]}
 
     def live_saw(self, seq: int) -> bool:
-        """Whether the live subscriber printed that it saw `seq` (its stdout
-        is read only at the end: it says so on stderr, as a log line)."""
-        return any(e.get("event") == "live_seq" and e.get("seq", 0) >= seq
-                   for e in self.live.events[-5:])
+        """Whether the live subscriber said it saw `seq` (its stdout is read
+        only at the end: it says how far it got on stderr, as a log line)."""
+        return self.live.last.get("live_seq", {}).get("seq", 0) >= seq
 
     def catch_up(self, timeout: float = 120) -> dict[str, Any]:
         """A subscriber on C that catches up from the reader on B (the hot
@@ -404,8 +439,8 @@ class Deployment:
         proc = self.spawn("catching-up subscriber", "c", [
             sys.executable, "-m", "tests.cluster", "catchup", str(stored)],
             self.edge_env(), stdout=subprocess.PIPE)
-        line = proc.popen.stdout.readline()
-        proc.popen.wait(timeout)
+        line = proc.read_line(timeout)
+        proc.popen.wait(30)
         return json.loads(line) if line else {"error": "".join(proc.lines[-10:])}
 
     def commits_after_takeover(self, old: str, new: str, since: Any) -> tuple[int, int]:
@@ -423,7 +458,7 @@ class Deployment:
 
     def restart_writer(self, host: str) -> None:
         """What the writer's unit does after it exited: start it again, as a
-        standby (Restart=always)."""
+        standby (Restart=on-failure: exit 75, a kill -9)."""
         old = self.writers[host]
         if old.running():
             raise RuntimeError(f"writer {host.upper()} is still running")
@@ -454,14 +489,16 @@ class Deployment:
         active = self.active_writer()
         other = next(h for h in self.writers if h != active)
         old_writer = self.writers[active]
-        self.start_load(rate, before_s + cut_s + 4)
+        self.start_load(rate, before_s + cut_s + 2)
         time.sleep(before_s)
         cut_at = self.query("SELECT clock_timestamp()")[0][0]
         hit = time.monotonic()
         self.hosts.cut(host)
+        standby = self.writers[other]
+        took_over_before = standby.seen.get("took_over")
         takeover: float | None = None
         if active == host and "a" != host:  # the primary is on A: B's writer lost it
-            takeover = self.writers[other].wait_for("took_over", cut_s + 60) - hit
+            takeover = standby.wait_for("took_over", cut_s + 60) - hit
         time.sleep(max(0.0, hit + cut_s - time.monotonic()))
         self.hosts.mend(host)
         old_exit: int | None = None
@@ -471,10 +508,17 @@ class Deployment:
         row = self.finish_load()
         split, new_commits = self.commits_after_takeover(active, other, cut_at) \
             if takeover is not None else (0, 0)
+        # No takeover: the active writer served throughout, and the standby
+        # neither took the lock nor died (a standby that exited would not be
+        # seen otherwise).
+        kept = takeover is None and old_writer.running() and standby.running() and \
+            standby.seen.get("took_over") == took_over_before
         return {"scenario": f"{host.upper()}'s link down {cut_s:.0f} s at {rate:,} msg/s",
                 "takeover_s": None if takeover is None else round(takeover, 2),
-                "old_writer": ("kept the lock" if takeover is None else
-                               f"exit {old_exit}, {split} commits after the takeover"),
+                "old_writer": (f"exit {old_exit}, {split} commits after the takeover"
+                               if takeover is not None else
+                               "kept the lock" if kept else "lost the lock (see the logs)"),
+                "kept_the_lock": kept,
                 "commits_after_takeover": split, "new_writer_commits": new_commits,
                 "old_exit": old_exit, **row}
 
@@ -482,7 +526,7 @@ class Deployment:
                         ) -> dict[str, Any]:
         """B's hot standby stopped for `down_s` under load, then started again:
         what the reader said meanwhile, and whether it caught up."""
-        self.start_load(rate, before_s + down_s + 4)
+        self.start_load(rate, before_s + down_s + 2)
         time.sleep(before_s)
         self.replica.stop_server()
         down_at = time.monotonic()
@@ -495,8 +539,12 @@ class Deployment:
         self.wait(lambda: (self.stats(reader_env, "BUS_READ_ENDPOINT").get("replica") or {})
                   .get("receiver") == "streaming", 60, "the hot standby to stream again")
         row = self.finish_load()
+        active = self.active_writer()
+        kept = all(w.running() for w in self.writers.values())
         return {"scenario": f"B's hot standby stopped {down_s:.0f} s at {rate:,} msg/s",
-                "takeover_s": None, "old_writer": "kept the lock",
+                "takeover_s": None,
+                "old_writer": f"{active.upper()}'s kept the lock" if kept else
+                "a writer exited (see the logs)", "kept_the_lock": kept,
                 "reader_said": health, "streaming_again_s": round(time.monotonic() - back, 2),
                 **row}
 
@@ -507,6 +555,8 @@ class Deployment:
         return reader_health(self.stats(env, "BUS_READ_ENDPOINT"))
 
     def close(self) -> None:
+        """Every process stopped (killed after 10 s), then both servers, each
+        whatever the others did."""
         for proc in reversed(self.procs):
             if proc.running():
                 proc.popen.send_signal(signal.SIGCONT)
@@ -520,19 +570,25 @@ class Deployment:
                 proc.popen.wait(10)
         for server in (self.replica, self.primary):
             if server is not None:
-                server.stop()
+                try:
+                    server.stop()
+                except (OSError, subprocess.SubprocessError):
+                    pass  # already down (a replica stopped by its scenario)
 
 
 # --- children: subscribers on host C ----------------------------------------------
 
 def child_live() -> None:
-    """Live through the edge until SIGTERM: distinct (producer, seq) seen,
-    and the longest time between two messages once the first came."""
+    """Live through the edge until SIGTERM: for each producer, the distinct
+    seqs seen, the first, and the longest time between two messages once
+    the first came."""
     from bus.client import Subscriber
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    seen: set[int] = set()
-    received, longest, last, told, highest = 0, 0.0, None, 0.0, 0
+    seen: dict[str, set[int]] = {}
+    longest: dict[str, float] = {}
+    last: dict[str, float] = {}
+    told, highest = 0.0, 0
     with Subscriber(["bench."]) as sub:
         while not stop.is_set():
             msg = sub.receive(timeout=0.1)
@@ -543,15 +599,15 @@ def child_live() -> None:
                 told = now
             if msg is None:
                 continue
-            if last is not None:
-                longest = max(longest, now - last)
-            last = now
-            received += 1
-            seen.add(msg.seq)
+            producer = msg.producer
+            if producer in last:
+                longest[producer] = max(longest.get(producer, 0.0), now - last[producer])
+            last[producer] = now
+            seen.setdefault(producer, set()).add(msg.seq)
             highest = max(highest, msg.seq)
-    print(json.dumps({"received": received, "distinct": len(seen),
-                      "first_seq": min(seen) if seen else None,
-                      "longest_silence_s": round(longest, 3)}), flush=True)
+    print(json.dumps({producer: {"distinct": len(seqs), "first_seq": min(seqs),
+                                 "longest_silence_s": round(longest.get(producer, 0.0), 3)}
+                      for producer, seqs in seen.items()}), flush=True)
 
 
 def child_catchup(expected: int) -> None:
@@ -564,11 +620,13 @@ def child_catchup(expected: int) -> None:
     received = 0
     deadline = time.monotonic() + 90
     with Subscriber(["bench."], after_id=0) as sub:
-        while sum(len(s) for s in seqs.values()) < expected and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             msg = sub.receive(timeout=1.0)
             if msg is not None:
                 received += 1
                 seqs.setdefault(msg.producer, []).append(msg.seq)
+            elif received >= expected:  # and a quiet second after: no duplicate comes
+                break
     gaps = sum(max(s) - len(set(s)) for s in seqs.values() if s)
     print(json.dumps({"received": received, "distinct": sum(len(set(s)) for s in seqs.values()),
                       "gaps": gaps, "seconds": round(time.monotonic() - deadline + 90, 1),

@@ -243,17 +243,36 @@ def test_make_install_installs_every_page_the_units_point_to(tmp_path: Path) -> 
     assert build.stdout.strip() == head, build.stderr
 
 
+def directives(path: Path, section: str) -> dict[str, list[str]]:
+    """A unit file's (or drop-in's) directives of `section`, each with every
+    value it is given, in order (an empty one resets a list in systemd)."""
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section:
+            key, _, value = line.partition("=")
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
 def test_the_three_host_files_describe_one_deployment() -> None:
     """deploy/cluster/ (deploy/cluster.md): each host's bus.toml loads, and
     they agree. The writers' lists name the same endpoints, each writer
     host's own first (a writer binds the first); the edge's upstream is A's
     subscriber endpoint; every host's clients reach the same proxy, writers
-    and reader; the writer's drop-in holds no socket for a standby, the
-    edge's holds no publisher socket; and cluster.md names every file."""
+    and reader. On each host, every socket unit not masked there has a
+    drop-in that listens where that host's bus.toml says (first resetting
+    the unit's own ListenStream=), and none that is masked has one; the
+    writers' sockets are masked on A and B (an empty Sockets= does not clear
+    systemd's list: a review found the first version relied on it)."""
     from bus.config import endpoints_of
     cluster = ROOT / "deploy" / "cluster"
-    cfg = {host: load_config(env={}, config_path=cluster / f"host-{host}.toml")
-           for host in "abc"}
+    cfg = {host: load_config(env={}, config_path=cluster / host / "bus.toml") for host in "abc"}
     a, b, c = cfg["a"], cfg["b"], cfg["c"]
     for field in ("capture_endpoint", "control_endpoint", "notify_endpoint"):
         on_a, on_b = endpoints_of(getattr(a, field)), endpoints_of(getattr(b, field))
@@ -265,17 +284,51 @@ def test_the_three_host_files_describe_one_deployment() -> None:
     assert c.upstream == a.sub_endpoint and not a.upstream and not b.upstream
     assert a.pub_endpoint == b.pub_endpoint == c.pub_endpoint
     assert a.read_endpoint == b.read_endpoint == c.read_endpoint == "tcp://10.0.0.2:5555"
-    assert a.db == b.db and a.db.startswith("postgresql://") and a.curve_dir and c.curve_key
-
-    def drop_in(name: str) -> configparser.ConfigParser:
-        parser = configparser.ConfigParser(strict=False, interpolation=None)
-        parser.optionxform = str
-        parser.read(cluster / name)
-        return parser
-    assert drop_in("bus-writer-cluster.conf")["Service"]["Sockets"] == ""
-    edge_sockets = drop_in("bus-proxy-edge.conf")["Service"]["Sockets"].split()
-    assert sorted(edge_sockets) == ["bus-proxy-control.socket", "bus-proxy-sub.socket"]
-    assert all((UNITS / name).exists() for name in edge_sockets)
-    assert "127.0.0.1" in drop_in("bus-reader-standby.conf")["Service"]["Environment"]
+    assert a.db == b.db and a.db.startswith("postgresql://") and a.curve_dir and c.curve_dir
     guide = (ROOT / "deploy" / "cluster.md").read_text()
-    assert all(path.name in guide for path in cluster.iterdir())
+    masked = {row.split("|")[1].strip(): set(row.split("|")[2].strip(" `").split())
+              for row in guide.splitlines() if row.startswith(("| A |", "| B |", "| C |"))}
+    assert set(masked) == {"A", "B", "C"}, masked
+    all_units = {path.name for path in UNITS.iterdir()}
+    for host in "abc":
+        off = masked[host.upper()]
+        assert off <= all_units, off - all_units
+        if host in "ab":
+            assert {"bus-writer-control.socket", "bus-writer-notify.socket"} <= off
+        drop_ins = {path.parent.name.removesuffix(".d"): path
+                    for path in (cluster / host / "systemd").glob("*.d/cluster.conf")}
+        assert not set(drop_ins) & off, (host, set(drop_ins) & off)
+        assert all(name in all_units for name in drop_ins), drop_ins
+        for name in sorted(all_units - off - set(SOCKETS[ANCHOR])):  # the anchor: its own
+            if not name.endswith(".socket"):
+                continue
+            assert name in drop_ins, f"{host}: {name} listens on 127.0.0.1 there"
+            listen = directives(drop_ins[name], "Socket")["ListenStream"]
+            assert listen[0] == "" and len(listen) == 2, (host, name, listen)
+            fd_name = read_unit(name)["Socket"]["FileDescriptorName"]
+            assert getattr(cfg[host], FD_ENDPOINTS[fd_name]) == f"tcp://{listen[1]}", (host, name)
+        for name, path in drop_ins.items():  # no reset systemd does not do
+            section = "Socket" if name.endswith(".socket") else "Service"
+            assert directives(path, section).get("Sockets", ["x"])[0] != "", (host, name)
+    edge = directives(cluster / "c" / "systemd" / "bus-proxy.service.d" / "cluster.conf", "Service")
+    assert any(e.startswith("BUS_CURVE_KEY=") for e in edge["Environment"])
+    reader = directives(cluster / "b" / "systemd" / "bus-reader.service.d" / "cluster.conf",
+                        "Service")
+    assert reader["Environment"] == ["BUS_DB=postgresql://bus@127.0.0.1/bus"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize("host", ["a", "b", "c"])
+def test_each_host_s_units_with_their_drop_ins_pass_systemd_analyze(host: str,
+                                                                    tmp_path: Path) -> None:
+    """deploy/cluster/X/systemd's drop-ins beside the units, as in
+    /etc/systemd/system: systemd-analyze reads them and finds nothing wrong."""
+    config = local_config(tmp_path)
+    for src in UNITS.iterdir():
+        (tmp_path / src.name).write_text(localize(src.read_text(), config))
+    shutil.copytree(ROOT / "deploy" / "cluster" / host / "systemd", tmp_path, dirs_exist_ok=True)
+    units = sorted(str(tmp_path / d.name.removesuffix(".d"))
+                   for d in (ROOT / "deploy" / "cluster" / host / "systemd").iterdir())
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
