@@ -413,3 +413,57 @@ def test_memory_guard_cuts_no_side_off_for_what_it_holds_for_the_writer(guarded)
     guard.step(now)
     assert host.calls[-1] == f"close {SUBSCRIBERS}" and guard.actions["subscriber_cutoffs"] == 1
     assert guard.actions["publisher_cutoffs"] == 0
+
+
+class UpstreamLink:
+    """A stand-in for an edge's upstream bus/sockets.Connections: a failed
+    handshake libzmq gave up on, and the redials made."""
+
+    def __init__(self) -> None:
+        self.gave_up: str | None = "HANDSHAKE_FAILED_PROTOCOL (mechanism mismatch)"
+        self.wrong_peers, self.redials, self.handshaken = 1, 0, False
+
+    def redial_due(self, now: float) -> bool:
+        return self.gave_up is not None
+
+    def redial(self) -> None:
+        self.gave_up = None
+        self.redials += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"wrong_peers": self.wrong_peers, "redials": self.redials,
+                "last_wrong_peer": None, "superseded": 0}
+
+
+def test_an_edge_s_loop_stopped_for_a_redial_starts_again_once_no_pause_holds_it() -> None:
+    """UpstreamCourse, stepped with `now`: a wrong peer at the upstream stops
+    the loop (TERMINATE) before the redial, which waits until the loop has
+    ended; a memory pause then keeps the loop stopped; once the pause ends,
+    the course starts the loop again. Before (the hostile review of the
+    edge), a pause at that moment left `down` set for good, and the memory
+    guard's resume does not start a loop the course stopped: forwarding
+    stayed stopped."""
+    from proxy.upstream import UpstreamCourse
+    link = UpstreamLink()
+    state = SimpleNamespace(running=True, paused=False, starts=0, sent=[])
+    steering = SimpleNamespace(settle=lambda wait_ms: None,
+                               send=lambda command, wait_ms: state.sent.append(command))
+
+    def start() -> None:
+        state.running, state.starts = True, state.starts + 1
+    course = UpstreamCourse("tcp://10.0.0.1:5551", steering, lambda: link,
+                            lambda: state.running, start, lambda: state.paused)
+    course.tend(now=1.0)
+    assert state.sent == [STEER_TERMINATE] and course.down is not None and link.redials == 0
+    course.tend(now=1.1)  # the loop has not ended yet: no redial under its feet
+    assert link.redials == 0 and state.sent == [STEER_TERMINATE]
+    state.running, state.paused = False, True  # it ended; the memory guard pauses now
+    course.tend(now=1.2)
+    assert link.redials == 1 and state.starts == 0  # redialed, held stopped by the pause
+    course.tend(now=1.3)
+    assert state.starts == 0
+    state.paused = False
+    course.tend(now=1.4)
+    assert state.starts == 1 and state.running and course.down is None
+    course.tend(now=1.5)
+    assert state.starts == 1 and course.snapshot()["state"] == "none"
