@@ -16,7 +16,7 @@ server with another key). Then `tend(now)` stops the forwarding loop (which
 owns the socket while it runs), connects the SUB again on the main thread,
 backing off as the capture does (bus/sockets.Connections.redial_due), and
 runs the loop again. Stepped with the pass's `now` by the proxy's loop or a
-test (tests/test_edge.py).
+test (tests/test_proxy_parts.py; the edge's processes: tests/test_edge.py).
 """
 
 from __future__ import annotations
