@@ -42,7 +42,7 @@ import click
 import pytest
 
 from bus.config import (SETTINGS, ConfigError, database_problem, endpoint_problem,
-                        writer_endpoints_problem,
+                        upstream_problem, writer_endpoints_problem,
                         http_address_problem, load_config)
 from cli.main import main
 from tests.conftest import BUS_CLI, ENDPOINT_VARS, Bus, free_port, subcommands
@@ -103,7 +103,7 @@ def kind_of(param: click.Parameter) -> str:
     """Which hostile values suit the parameter."""
     setting = _SETTING.get(param.name or "")
     if setting is not None:
-        if setting.form in (endpoint_problem, writer_endpoints_problem) or \
+        if setting.form in (endpoint_problem, writer_endpoints_problem, upstream_problem) or \
                 param.name == "bitcoind_zmq_hashblock":
             return "endpoint"
         if setting.form is http_address_problem:
