@@ -60,6 +60,7 @@ def lost_nothing(row: dict) -> None:
     assert (row["lost"], row["twice"], row["live_missing"]) == (0, 0, 0), row
 
 
+@pytest.mark.xdist_group("cpu_heavy")  # never beside tests/test_hostile.py's memory bounds
 def test_three_hosts_lose_nothing_through_a_kill_two_partitions_and_a_replica_restart(
         deployment: Deployment) -> None:
     killed = deployment.kill_writer(rate=5000, seconds=4)
