@@ -57,11 +57,10 @@ class UpstreamCourse:
         # Why the loop was stopped here (None: it was not): the forwarding
         # loop keeps its sockets while this is set.
         self.down: str | None = None
-        # What CaptureCourse holds for a writer: nothing, ever.
+        # What CaptureCourse holds for a writer, and the capture the loop was
+        # given: nothing, ever.
         self.held: deque[list[bytes]] = deque()
-        self.held_taken_at = 0.0
         self.loop_capture = None
-        self.spill = self.spill_reader = None
         self.wrong_peer_seen: str | None = None
 
     def next_run_capture(self) -> None:
@@ -93,9 +92,6 @@ class UpstreamCourse:
             self.down = None
             self.start_forwarding()
 
-    def state(self) -> str:
-        return CAPTURE_NONE
-
     def snapshot(self) -> dict[str, Any]:
         """`stats` capture: an edge captures nothing (the fields of the main
         proxy's, at zero, so that one /metrics reads both)."""
@@ -109,10 +105,8 @@ class UpstreamCourse:
         return {"endpoint": self.endpoint, "connected": upstream.handshaken,
                 **upstream.snapshot()}
 
-    # What the proxy asks of a capture's course, which an edge has nothing for.
-
-    def end_of_loop(self) -> None:
-        pass
+    # What the proxy asks of a capture's course on an edge too (the rest it
+    # asks only of a proxy with a capture), which an edge has nothing for.
 
     def watch_room(self) -> None:
         pass
@@ -122,12 +116,6 @@ class UpstreamCourse:
 
     def must_read_spill(self) -> bool:
         return False
-
-    def take_spilled(self, ending: bool = False) -> None:
-        pass
-
-    def send_held_until(self, deadline: float) -> None:
-        pass
 
     def close(self) -> None:
         pass
