@@ -33,50 +33,22 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bus_bench  # noqa: E402 (the children, free ports)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.cluster import Process  # noqa: E402 (a process's log events as they come)
 
-ROOT = bus_bench.ROOT
 WRITER_VARS = ("BUS_CAPTURE_ENDPOINT", "BUS_CONTROL_ENDPOINT", "BUS_NOTIFY_ENDPOINT")
 WAYS = ("kill -9", "terminated", "frozen")
 
 
-class Child:
-    """A bus process whose JSON log lines are read as they come (`seen`:
-    event -> when it was first read, time.monotonic())."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.popen = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env,
-                                      cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True)
-        self.seen: dict[str, float] = {}
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        for line in self.popen.stderr:
-            try:
-                event = json.loads(line).get("event")
-            except ValueError:
-                continue
-            self.seen.setdefault(event, time.monotonic())
-
-    def wait_for(self, event: str, timeout: float) -> float:
-        deadline = time.monotonic() + timeout
-        while event not in self.seen:
-            if time.monotonic() > deadline or self.popen.poll() is not None:
-                raise RuntimeError(f"no {event} within {timeout}s (exit {self.popen.poll()})")
-            time.sleep(0.005)
-        return self.seen[event]
-
-    def stop(self) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        return self.popen.wait(30)
+def bus_process(name: str, args: list[str], env: dict[str, str]) -> Process:
+    """`bus-cli ARGS` whose JSON log lines are read as they come
+    (tests/cluster.Process: `seen`, event -> when it was first read)."""
+    return Process(name, [sys.executable, "-m", "cli.main", *args], env)
 
 
 def one_round(url: str, way: str, rate: int, seconds: float, session_timeout: int) -> dict:
@@ -102,13 +74,13 @@ def one_round(url: str, way: str, rate: int, seconds: float, session_timeout: in
 def _hit(url: str, way: str, rate: int, seconds: float, session_timeout: int,
          env_a: dict[str, str], env_b: dict[str, str], children: list[subprocess.Popen]) -> dict:
     import psycopg
-    writer_a = Child(["writer"], env_a)
+    writer_a = bus_process("writer A", ["writer"], env_a)
     children.append(writer_a.popen)
     bus_bench.wait_answering(env_a["BUS_CONTROL_ENDPOINT"])
-    writer_b = Child(["writer", "--standby"], env_b)
+    writer_b = bus_process("writer B", ["writer", "--standby"], env_b)
     children.append(writer_b.popen)
     writer_b.wait_for("standby_waiting", 15)
-    proxy = Child(["proxy"], env_a)
+    proxy = bus_process("proxy", ["proxy"], env_a)
     children.append(proxy.popen)
     bus_bench.wait_answering(env_a["BUS_PROXY_CONTROL_ENDPOINT"])
     count = int(rate * seconds)
