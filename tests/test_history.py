@@ -247,3 +247,21 @@ def test_a_producer_s_seqs_stored_out_of_order_are_each_delivered_once() -> None
     runs = lossy._delivered.runs["q"]
     assert len(runs) == MAX_RUNS_PER_PRODUCER and runs[-1] == [4 * MAX_RUNS_PER_PRODUCER - 1] * 2
     assert lossy.cut([msg(4 * MAX_RUNS_PER_PRODUCER - 2, "q")]) != []
+
+
+def test_what_a_subscriber_remembers_of_delivered_seqs_is_bounded_in_all() -> None:
+    """Live messages come from any publisher: one forging many producer ids,
+    each with seqs full of holes, makes the subscriber remember a run per
+    hole. Per producer that is bounded (MAX_RUNS_PER_PRODUCER); in all it
+    stays under MAX_RUNS (about 13 MB), past which it is forgotten (the old
+    mark kept one int per producer, up to 100,000 producers; runs could have
+    reached 100,000 x 1,024)."""
+    from bus.client.subscriber import MAX_RUNS, MAX_RUNS_PER_PRODUCER, Delivered
+    delivered = Delivered()
+    producers = 2 * MAX_RUNS // MAX_RUNS_PER_PRODUCER + 1
+    for p in range(producers):
+        for seq in range(1, 2 * MAX_RUNS_PER_PRODUCER + 2, 2):
+            assert delivered.add(f"forged-{p}", seq)
+            assert delivered.count <= MAX_RUNS
+    assert delivered.count == sum(len(runs) for runs in delivered.runs.values())
+    assert not delivered.add(f"forged-{producers - 1}", 2 * MAX_RUNS_PER_PRODUCER + 1)

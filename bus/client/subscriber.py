@@ -35,9 +35,10 @@ PERMANENT_ERRORS = frozenset({protocol.FORBIDDEN, protocol.BAD_REQUEST,
 
 # What a subscriber remembers of each producer's delivered seqs (Delivered):
 # runs of consecutive seqs, at most this many a producer (the oldest merged
-# past it), and producers (all forgotten past it).
+# past it), and in all (all forgotten past it: about 13 MB; each producer
+# holds a run at least, so producers are bounded by it too).
 MAX_RUNS_PER_PRODUCER = 1024
-MAX_PRODUCERS = 100_000
+MAX_RUNS = 100_000
 
 
 class Delivered:
@@ -56,14 +57,17 @@ class Delivered:
 
     def __init__(self) -> None:
         self.runs: dict[str, list[list[int]]] = {}
+        self.count = 0  # runs in all
 
     def add(self, producer: str, seq: int) -> bool:
         """Whether `seq` of `producer` is new (then it is delivered now)."""
+        if self.count >= MAX_RUNS:  # a publisher forging producer ids and seqs live
+            self.runs.clear()  # bounded; a forgotten producer only loses its dedupe
+            self.count = 0
         runs = self.runs.get(producer)
         if runs is None:
-            if len(self.runs) >= MAX_PRODUCERS:
-                self.runs.clear()  # bounded; a forgotten producer only loses its dedupe
             self.runs[producer] = [[seq, seq]]
+            self.count += 1
             return True
         i = bisect.bisect_right(runs, seq, key=lambda run: run[0])  # runs[i - 1] starts <= seq
         if i and runs[i - 1][1] >= seq:
@@ -72,14 +76,17 @@ class Delivered:
         joins_after = i < len(runs) and runs[i][0] == seq + 1
         if joins_before and joins_after:
             runs[i - 1][1] = runs.pop(i)[1]
+            self.count -= 1
         elif joins_before:
             runs[i - 1][1] = seq
         elif joins_after:
             runs[i][0] = seq
         else:
             runs.insert(i, [seq, seq])
+            self.count += 1
             if len(runs) > MAX_RUNS_PER_PRODUCER:
                 runs[0][1] = runs.pop(1)[1]
+                self.count -= 1
         return True
 
 
