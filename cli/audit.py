@@ -15,6 +15,7 @@ anchored before.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -40,15 +41,24 @@ def audit() -> None:
     """The tamper-evident log of the sealed topics (BUS_AUDIT_PREFIXES)."""
 
 
-def _open(ctx: click.Context, flags: dict[str, Any]) -> tuple[Any, tuple[type, ...]]:
-    """The database, read-only, and the errors its engine raises."""
+@contextlib.contextmanager
+def _snapshot(ctx: click.Context, flags: dict[str, Any]
+              ) -> Iterator[tuple[Any, tuple[type, ...]]]:
+    """The database, read-only, in one snapshot, and the errors its engine
+    raises. One snapshot: the bus goes on while the audit reads, and a message
+    its retention deleted after the audit read how far retention went would
+    look deleted behind its back."""
     cfg = build_config(ctx, flags, "audit")
     try:
         with said_if_slow(storage.describe(cfg.db)):
-            return storage.open_read_only(cfg.db, cfg.sqlite_busy_timeout_ms), \
-                storage.errors_of(cfg.db)[1]
+            conn = storage.open_read_only(cfg.db, cfg.sqlite_busy_timeout_ms)
     except storage.NotReadable as exc:
         raise InputError(str(exc)) from None
+    try:
+        with storage.snapshot(conn):
+            yield conn, storage.errors_of(cfg.db)[1]
+    finally:
+        conn.close()
 
 
 def _document(seal: dict[str, Any]) -> bytes:
@@ -355,11 +365,10 @@ def verify(ctx: click.Context, from_id: int, node: bool, **flags: Any) -> None:
     sealing, and a stored digest changed where the message was not. With
     --node, the chain's anchors too (ChainCheck). Exit 0 if nothing changed,
     1 if something did."""
-    conn, errors = _open(ctx, flags)
     first_change: tuple[int, str, int, str] | None = None
     checked = retained_out = unanchored = bare = 0
     changed: list[str] = []
-    try:
+    with _snapshot(ctx, flags) as (conn, errors):
         try:
             rows = seal_rows.all_rows(conn)
             anchored = seal_rows.anchored_documents(conn)
@@ -408,8 +417,6 @@ def verify(ctx: click.Context, from_id: int, node: bool, **flags: Any) -> None:
         last = seals[-1] if seals else None
         tail = seal_rows.unsealed_count(conn, last["last_id"], last["prefixes"]) if last else 0
         chain = _against_chain(ctx, flags, conn) if node else None
-    finally:
-        conn.close()
     if chain is not None:
         for note in chain.notes:
             click.echo(f"NOTE: {note}")
@@ -464,19 +471,18 @@ def proof(ctx: click.Context, message_id: int, **flags: Any) -> None:
     seal's root, and the seal root's anchor proof. `bus-cli anchor verify`
     checks it offline (--tx-hex, --node: with the transaction and a node).
     Refused when the database does not hold together (`audit verify` says how)."""
-    conn, errors = _open(ctx, flags)
-    try:
-        built = _message_proof(conn, message_id)
-    except errors as exc:
-        raise InputError(f"no audit seals can be read here ({exc}): a bus database of "
-                         "schema 10 or later (bus-cli db migrate)") from None
-    except InputError:
-        raise
-    except Exception as exc:  # rows no writer wrote (a text payload, a NULL size...)
-        raise InputError(f"the database's rows for message {message_id} are not what a bus "
-                         f"writes ({type(exc).__name__}: {exc}): bus-cli audit verify") from None
-    finally:
-        conn.close()
+    with _snapshot(ctx, flags) as (conn, errors):
+        try:
+            built = _message_proof(conn, message_id)
+        except errors as exc:
+            raise InputError(f"no audit seals can be read here ({exc}): a bus database of "
+                             "schema 10 or later (bus-cli db migrate)") from None
+        except InputError:
+            raise
+        except Exception as exc:  # rows no writer wrote (a text payload, a NULL size...)
+            raise InputError(f"the database's rows for message {message_id} are not what a "
+                             f"bus writes ({type(exc).__name__}: {exc}): bus-cli audit verify"
+                             ) from None
     click.echo(json.dumps(built, indent=2))
 
 
