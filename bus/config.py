@@ -220,7 +220,7 @@ def redact_url(value: str) -> str:
 # then the clients, each named for what it talks to; a command's flags are the
 # settings of the roles it is a client of (role_fields: `bus-cli tail` is a
 # subscriber, a reader client and a proxy client, with CURVE keys).
-PROCESS_ROLES = ("proxy", "writer", "reader", "anchor")
+PROCESS_ROLES = ("proxy", "writer", "reader", "anchor", "gateway")
 CLIENT_ROLES: dict[str, str] = {
     "publisher": "what a bus.client.Publisher reads: the proxy, the writer's acks, the limits",
     "subscriber": "what a bus.client.Subscriber reads: the proxy, the writer's (durable) acks",
@@ -362,6 +362,70 @@ class BusConfig:
         "while the standby's newest replayed commit is older than this and more is to come, "
         "or while it receives nothing from its primary",
         roles=("reader",), at_least=0.1)
+    gateway_listen: str = setting(
+        "BUS_GATEWAY_LISTEN", "127.0.0.1:5560",
+        "host:port where the gateway serves WebSocket clients (and its console at /)",
+        roles=("gateway",), form=http_address_problem)
+    gateway_http: str = setting(
+        "BUS_GATEWAY_HTTP", "", "host:port of the gateway's /metrics, /healthz (empty: off)",
+        roles=("gateway",), form=http_address_problem)
+    gateway_tokens_dir: str = setting(
+        "BUS_GATEWAY_TOKENS_DIR", "",
+        "the gateway's token directory (bus-cli tokens); empty: no token asked, every "
+        "connection may read and publish every topic (as every local process may with CURVE "
+        "off)",
+        roles=("gateway",))
+    gateway_origins: str = setting(
+        "BUS_GATEWAY_ORIGINS", "",
+        "the web origins whose pages may connect (https://desk.example.com, comma-separated; "
+        "* any); a request with no Origin (not a browser) is let in. Empty: the gateway's own "
+        "pages alone (its console)",
+        roles=("gateway",), comma_list=True)
+    gateway_tls_cert: str = setting(
+        "BUS_GATEWAY_TLS_CERT", "",
+        "PEM certificate chain: the gateway serves wss:// and https:// (with "
+        "BUS_GATEWAY_TLS_KEY); empty: plain, for loopback or behind a TLS reverse proxy",
+        roles=("gateway",))
+    gateway_tls_key: str = setting(
+        "BUS_GATEWAY_TLS_KEY", "", "the PEM private key of BUS_GATEWAY_TLS_CERT",
+        roles=("gateway",))
+    gateway_max_connections: int = setting(
+        "BUS_GATEWAY_MAX_CONNECTIONS", 2048,
+        "WebSocket connections the gateway keeps in all; a new one above it is refused (HTTP "
+        "503)",
+        roles=("gateway",), at_least=1)
+    gateway_max_connections_per_token: int = setting(
+        "BUS_GATEWAY_MAX_CONNECTIONS_PER_TOKEN", 256,
+        "connections one token may have open (a token's file may set its own)",
+        roles=("gateway",), at_least=1)
+    gateway_send_buffer_bytes: int = setting(
+        "BUS_GATEWAY_SEND_BUFFER_BYTES", 1 << 20,
+        "what the gateway holds for one slow connection (queued and in the kernel's send "
+        "buffer); past it the connection is closed (1008, \"slow consumer\") and counted",
+        roles=("gateway",), at_least=64 << 10)
+    gateway_max_prefixes: int = setting(
+        "BUS_GATEWAY_MAX_PREFIXES", 64,
+        "topic prefixes one connection may subscribe to (live and in its streams)",
+        roles=("gateway",), at_least=1)
+    gateway_max_streams: int = setting(
+        "BUS_GATEWAY_MAX_STREAMS", 8,
+        "replays and durable consumers one connection may run at once",
+        roles=("gateway",), at_least=1)
+    gateway_max_producers: int = setting(
+        "BUS_GATEWAY_MAX_PRODUCERS", 64,
+        "producer sessions the gateway holds for its clients in all (a thread and three "
+        "sockets each); one connection may hold 4",
+        roles=("gateway",), at_least=1)
+    gateway_max_unacked: int = setting(
+        "BUS_GATEWAY_MAX_UNACKED", 1000,
+        "publishes one connection may have waiting for the writer's acknowledgement; past it "
+        "a publish is refused (busy)",
+        roles=("gateway",), at_least=1)
+    gateway_memory_limit_bytes: int = setting(
+        "BUS_GATEWAY_MEMORY_LIMIT_BYTES", 512 << 20,
+        "over this RSS the gateway closes the connections that hold most (1013), until it is "
+        "back under (0: off)",
+        roles=("gateway",), form=memory_limit_problem)
     anchor_http: str = setting(
         "BUS_ANCHOR_HTTP", "", "host:port of the anchor worker's /metrics, /healthz (empty: off)",
         roles=("anchor",), form=http_address_problem)
@@ -654,7 +718,7 @@ class BusConfig:
     shutdown_timeout_ms: int = setting(
         "BUS_SHUTDOWN_TIMEOUT_MS", 10_000,
         "longest a process spends draining and flushing when stopped",
-        roles=("proxy", "writer", "reader", "anchor"), at_least=0)
+        roles=("proxy", "writer", "reader", "anchor", "gateway"), at_least=0)
     drain_idle_ms: int = setting(
         "BUS_DRAIN_IDLE_MS", 200,
         "on stop, proxy and writer keep forwarding/storing until quiet this long (for at most 5 "
@@ -668,11 +732,11 @@ class BusConfig:
         at_least=1)
     log_level: str = setting(
         "BUS_LOG_LEVEL", "info", "debug, info, warning, error",
-        roles=("proxy", "writer", "reader", "anchor"),
+        roles=("proxy", "writer", "reader", "anchor", "gateway"),
         choices=("debug", "info", "warning", "error"), normalize=str.lower)
     log_format: str = setting(
         "BUS_LOG_FORMAT", "auto", "auto (JSON unless stderr is a terminal), json, console",
-        roles=("proxy", "writer", "reader", "anchor"), choices=("auto", "json", "console"))
+        roles=("proxy", "writer", "reader", "anchor", "gateway"), choices=("auto", "json", "console"))
 
     source: str = "defaults"
     # Where each setting's value came from ("default", "flag --db", "environment

@@ -2,6 +2,7 @@
 
     bus-cli up                      proxy + writer + reader in the foreground (development)
     bus-cli proxy | writer | reader one process each (what the systemd units run)
+    bus-cli gateway                 the WebSocket gateway and its console (browsers)
     bus-cli publish TOPIC [DATA]    publish DATA, or one message per stdin line
     bus-cli tail [PREFIX...]        print messages as they pass (--since, --durable)
     bus-cli history [PREFIX...]     print stored messages
@@ -9,6 +10,7 @@
     bus-cli stats                   writer/reader metrics and proxy counters
     bus-cli consumers | producers   durable consumers; producer ids (ls, info, rm)
     bus-cli keys                    CURVE keys: generate, ls, revoke
+    bus-cli tokens                  the gateway's tokens: generate, ls, revoke
     bus-cli bench                   publish/acknowledge/subscribe rates and latencies
     bus-cli db migrate | copy       the schema; a copy to another engine (SQLite, PostgreSQL)
     bus-cli anchor [submit|proof|verify]  the anchor worker, and anchoring requests/proofs
@@ -18,7 +20,7 @@ Every setting is a flag here, an environment variable, or a key of the config
 file (see `bus.config.SETTINGS`); flags win.
 
 This module only assembles the group: each command lives in the module of its
-concern (cli/messages.py, purge.py, consumers.py, producers.py, operations.py, keys.py,
+concern (cli/messages.py, purge.py, consumers.py, producers.py, operations.py, keys.py, tokens.py,
 processes.py, up.py, anchoring.py, audit.py, bench.py, db.py).
 """
 
@@ -42,11 +44,12 @@ COMMANDS = {
     "config": "cli.operations:show_config", "health": "cli.operations:health",
     "ping": "cli.operations:ping", "stats": "cli.operations:stats",
     "proxy": "cli.processes:proxy", "writer": "cli.processes:writer",
-    "reader": "cli.processes:reader", "up": "cli.up:up",
+    "reader": "cli.processes:reader", "gateway": "cli.processes:gateway", "up": "cli.up:up",
     "publish": "cli.messages:publish", "tail": "cli.messages:tail",
     "history": "cli.messages:history", "topics": "cli.messages:topics",
     "consumers": "cli.consumers:consumers", "producers": "cli.producers:producers",
-    "purge": "cli.purge:purge", "keys": "cli.keys:keys", "anchor": "cli.anchoring:anchor",
+    "purge": "cli.purge:purge", "keys": "cli.keys:keys",
+    "tokens": "cli.tokens:tokens", "anchor": "cli.anchoring:anchor",
     "utxo": "cli.anchoring:utxo", "audit": "cli.audit:audit", "bench": "cli.bench:bench",
     "db": "cli.db:db",
 }

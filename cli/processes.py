@@ -1,4 +1,4 @@
-"""bus-cli proxy | writer | reader: run one process (what the systemd units
+"""bus-cli proxy | writer | reader | gateway: run one process (what the systemd units
 run), with a flag for each setting its role uses (bus/config.py)."""
 
 from __future__ import annotations
@@ -44,3 +44,19 @@ def reader(ctx: click.Context, **flags: Any) -> None:
     from bus.runner import run_role
     from reader.service import Reader
     sys.exit(run_role(Reader(build_config(ctx, flags, "reader"))))
+
+
+# The gateway is a client of the proxy, the writer and the reader: their
+# endpoints, the message limits and its CURVE key are its flags too.
+GATEWAY_ROLES = ("gateway", "publisher", "subscriber", "reader_client", "writer_client",
+                 "curve")
+
+
+@click.command()
+@setting_options(*role_fields(*GATEWAY_ROLES))
+@click.pass_context
+def gateway(ctx: click.Context, **flags: Any) -> None:
+    """Serve WebSocket clients (browsers) and the console, with per-token permissions."""
+    from bus.runner import run_role
+    from gateway.service import Gateway
+    sys.exit(run_role(Gateway(build_config(ctx, flags, "gateway"))))

@@ -98,6 +98,8 @@ class Publisher:
         # ever more copies), back to resend_after on progress.
         self._holes_interval = resend_after
         self._holes_resent_upto = 0
+        # tend()'s: (next re-send at, its interval, acked_seq when it was set).
+        self._tend_clock: tuple[float, float, int] | None = None
         self.refused_total = 0  # messages of this session the writer refused
         # (seq, frames) in seq order, oldest first: acknowledgements pop from the left.
         self._unacked: deque[tuple[int, tuple[bytes, bytes, bytes]]] = deque()
@@ -351,9 +353,7 @@ class Publisher:
         self._wait_acked(0, self.config.request_timeout_ms / 1000.0 if timeout is None
                          else timeout)
         if self._refused_report or self._refusals_unknown:
-            refused, unknown = self._refused_report, self._refusals_unknown
-            self._refused_report, self._refusals_unknown = [], 0
-            raise MessageRefused(refused, unknown)
+            raise MessageRefused(*self.take_refusals())
 
     def _wait_acked(self, at_most: int, timeout: float | None) -> None:
         """Read acknowledgements until at most `at_most` messages are unacknowledged,
@@ -373,12 +373,7 @@ class Publisher:
                                  f"within {timeout:g}s (is bus-writer running? is the disk "
                                  "full? bus-cli health says)")
             if now >= resend_at:
-                # Without waiting: a queue that is full (the proxy gone) takes
-                # the rest at the next round; blocking here ignored the timeout.
-                for _seq, frames in list(self._unacked):
-                    if not self._resend(frames):
-                        break
-                    self.resent += 1
+                self._resend_unacked()
                 interval = min(interval * 2, MAX_RESEND_INTERVAL_S)
                 resend_at = now + interval
             before = len(self._unacked)
@@ -386,6 +381,44 @@ class Publisher:
             if len(self._unacked) < before:  # progress: start the re-send clock again
                 interval = self.resend_after
                 resend_at = time.monotonic() + interval
+
+    def _resend_unacked(self) -> None:
+        """Every unacknowledged message again, without waiting: a queue that
+        is full (the proxy gone) takes the rest at the next round; blocking
+        here ignored flush()'s timeout."""
+        for _seq, frames in list(self._unacked):
+            if not self._resend(frames):
+                break
+            self.resent += 1
+
+    def tend(self, now: float) -> None:
+        """What flush() does between its waits, for a caller that must not
+        block (the gateway's producer sessions call it with read_acks()):
+        re-send every unacknowledged message once acknowledgements stopped
+        for `resend_after` s, then 2x, 4x... up to 30 s while nothing is
+        acknowledged; back to `resend_after` on progress."""
+        if not self._unacked:
+            self._tend_clock = None
+            return
+        clock = self._tend_clock
+        if clock is None or clock[2] != self.acked_seq:  # progress (or a first message)
+            self._tend_clock = (now + self.resend_after, self.resend_after, self.acked_seq)
+        elif now >= clock[0]:
+            self._resend_unacked()
+            interval = min(clock[1] * 2, MAX_RESEND_INTERVAL_S)
+            self._tend_clock = (now + interval, interval, self.acked_seq)
+
+    def take_refusals(self) -> tuple[list[tuple[int, str, str]], int]:
+        """The refusals flush() would raise (seq, code, reason), and how many
+        more the writer counted without saying which; forgotten once taken."""
+        refused, unknown = self._refused_report, self._refusals_unknown
+        self._refused_report, self._refusals_unknown = [], 0
+        return refused, unknown
+
+    @property
+    def fenced(self) -> str | None:
+        """Why this session is fenced (a newer one of the producer id exists), or None."""
+        return self._fenced
 
     def read_acks(self, wait: float = 0.0) -> int:
         """Apply the acknowledgements and nacks that arrive within `wait` seconds

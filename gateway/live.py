@@ -1,0 +1,165 @@
+"""The gateway's view of live traffic: one SUB on the proxy's subscriber
+side, one on the writer's notifications (commit watermarks), and the index of
+who wants which topic prefix.
+
+The SUB takes the whole stream (every storable first byte,
+protocol.PROXY_SUBSCRIPTIONS, as an edge proxy does) and the gateway filters
+it for its clients: what browsers subscribe and unsubscribe never reaches the
+proxy, whose subscription budget counts every byte a connection ever sent
+(one connection for thousands of browsers would be cut off), and no "$" topic
+comes this way. The sockets are read from the event loop (ZMQ_FD is
+edge-triggered: each wake reads until libzmq has nothing, at most
+READ_BATCH messages a turn of the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol as TypingProtocol
+
+import msgpack
+import zmq
+
+from bus import protocol, sockets
+from bus.config import BusConfig
+from gateway.frames import Encoded
+
+# Messages read from a socket before the loop turns to its other work.
+READ_BATCH = 512
+
+
+class Sink(TypingProtocol):
+    """Who takes live messages of its prefixes: a connection's live
+    subscriptions, a replay stream."""
+
+    def take(self, encoded: Encoded) -> None: ...
+
+
+class PrefixIndex:
+    """prefix -> its sinks; the sinks whose prefixes a topic starts with, each once."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, set[Sink]] = {}
+        self._lengths: list[int] = []
+
+    def add(self, prefix: str, sink: Sink) -> None:
+        self.sinks.setdefault(prefix, set()).add(sink)
+        self._lengths = sorted({len(p) for p in self.sinks})
+
+    def remove(self, prefix: str, sink: Sink) -> None:
+        found = self.sinks.get(prefix)
+        if found is None:
+            return
+        found.discard(sink)
+        if not found:
+            del self.sinks[prefix]
+            self._lengths = sorted({len(p) for p in self.sinks})
+
+    def matching(self, topic: str) -> set[Sink]:
+        matched: set[Sink] = set()
+        sinks = self.sinks
+        for length in self._lengths:
+            if length > len(topic):
+                break
+            found = sinks.get(topic[:length])
+            if found:
+                matched |= found
+        return matched
+
+
+class LiveFeed:
+    """The two SUB sockets, read from the loop; `received`, `invalid` and
+    `last_commit_id` for stats; `commits` wakes the streams waiting for more
+    stored messages."""
+
+    def __init__(self, ctx: zmq.Context, config: BusConfig,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.index = PrefixIndex()
+        self.received = self.invalid = self.delivered = 0
+        self.last_commit_id = 0
+        self.commits = asyncio.Event()
+        self.watches = [sockets.PeerWatch(config.sub_endpoint),
+                        sockets.PeerWatch(config.notify_endpoint)]
+        self.data = sockets.open_subscriber(ctx, config, list(protocol.PROXY_SUBSCRIPTIONS),
+                                            on_open=self.watches[0].attach)
+
+        def notify_opened(sock: zmq.Socket) -> None:
+            sock.setsockopt(zmq.MAXMSGSIZE, 64 << 10)  # a commit notice is tens of bytes
+            self.watches[1].attach(sock)
+        self.notices = sockets.open_subscriber(ctx, config, [protocol.COMMIT_TOPIC.encode()],
+                                               config.notify_endpoint, notify_opened)
+        self._readers: list[int] = []
+        self._watch(self.data, self._read_data)
+        self._watch(self.notices, self._read_notices)
+
+    def _watch(self, sock: zmq.Socket, read: Callable[[], bool]) -> None:
+        fd = sock.getsockopt(zmq.FD)
+
+        def wake() -> None:
+            if read():  # more to read: after the loop's other work
+                self.loop.call_soon(wake)
+        self.loop.add_reader(fd, wake)
+        self._readers.append(fd)
+        self.loop.call_soon(wake)  # what came before the reader was added
+
+    def check_peers(self, now: float) -> None:
+        """Connect again a socket whose endpoint had a wrong peer (something
+        bound the proxy's or the writer's port while it restarted: libzmq
+        gives up on it); the service calls this each turn."""
+        for watch in self.watches:
+            watch.check(now)
+
+    def _read_data(self) -> bool:
+        sock, index = self.data, self.index
+        for _ in range(READ_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            self.received += 1
+            try:
+                msg = protocol.parse_message(frames)
+            except protocol.ProtocolError:
+                self.invalid += 1
+                continue
+            if protocol.is_reserved(msg.topic):
+                continue
+            sinks = index.matching(msg.topic)
+            if sinks:
+                encoded = Encoded(msg)
+                for sink in sinks:
+                    sink.take(encoded)
+                self.delivered += 1
+        return True
+
+    def _read_notices(self) -> bool:
+        for _ in range(READ_BATCH):
+            try:
+                frames = self.notices.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            if len(frames) < 2 or frames[0] != protocol.COMMIT_TOPIC.encode():
+                continue
+            try:
+                last_id = msgpack.unpackb(frames[1])["last_id"]
+            except Exception:
+                continue
+            if type(last_id) is int and last_id > self.last_commit_id:
+                self.last_commit_id = last_id
+                self.commits.set()
+                self.commits = asyncio.Event()
+        return True
+
+    def gave_up(self) -> bool:
+        return any(watch.gave_up() for watch in self.watches)
+
+    def close(self) -> None:
+        for fd in self._readers:
+            self.loop.remove_reader(fd)
+        for watch in self.watches:
+            watch.close()
+        self.data.close(linger=0)
+        self.notices.close(linger=0)

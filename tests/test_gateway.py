@@ -1,0 +1,229 @@
+"""The WebSocket gateway (gateway/), with the real processes: a bus, `bus-cli
+gateway`, and WebSocket clients (the `websockets` package's, as a browser
+speaks it: frames, close codes, Origin). What one connection can do, the
+permission matrix of tokens, revocation, a slow consumer cut off, hostile
+frames and a clean stop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from bus.client import Publisher
+from tests.conftest import BUS_CLI, Bus, free_port, query, wait_for
+from tests.test_hostile import publish_acked
+
+
+class Gateway:
+    """`bus-cli gateway` on a free port, for `bus`."""
+
+    def __init__(self, bus: Bus, **settings: Any) -> None:
+        self.bus = bus
+        self.port = free_port()
+        env = {"BUS_GATEWAY_LISTEN": f"127.0.0.1:{self.port}",
+               **{k: str(v) for k, v in settings.items()}}
+        self.proc = bus.spawn([BUS_CLI, "gateway"], env=env)
+        self.url = f"ws://127.0.0.1:{self.port}/"
+        wait_for(self._listening, message="the gateway listening")
+
+    def _listening(self) -> bool:
+        assert self.proc.popen.poll() is None, self.proc.stderr.collect()
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def connect(self, token: str | None = None, *, binary: bool = False,
+                header: bool = False, **options: Any) -> Ws:
+        headers = {"Authorization": f"Bearer {token}"} if header and token else None
+        # Entered: websockets (17.1 on) wants a client used as a context manager.
+        ws = Ws(connect(self.url, additional_headers=headers, open_timeout=5,
+                        **options).__enter__(), binary)
+        if token is not None and not header:
+            ws.auth = ws.request("auth", token=token)
+        return ws
+
+    def stats(self, token: str | None = None) -> dict[str, Any]:
+        with self.connect(token) as ws:
+            reply = ws.request("stats")
+        assert reply["ok"], reply
+        return reply["result"]
+
+    def peak_rss(self) -> int:
+        """The gateway's peak resident set (VmHWM), in bytes."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("VmHWM:"))) * 1024
+
+
+class Ws:
+    """A client connection: requests answered by id, and the frames that
+    came meanwhile (deliveries, notices) kept in order."""
+
+    def __init__(self, conn: ClientConnection, binary: bool) -> None:
+        self.conn = conn
+        self.binary = binary
+        self.frames: list[dict[str, Any]] = []
+        self.replies: dict[Any, dict[str, Any]] = {}
+        self.ids = iter(range(1, 1 << 30))
+        self.auth: dict[str, Any] | None = None
+
+    def send(self, op: str, **args: Any) -> int:
+        request_id = next(self.ids)
+        request = {"op": op, "id": request_id, **args}
+        self.conn.send(msgpack.packb(request) if self.binary else json.dumps(request))
+        return request_id
+
+    def _read(self, timeout: float) -> bool:
+        try:
+            data = self.conn.recv(timeout=timeout)
+        except TimeoutError:
+            return False
+        frame = msgpack.unpackb(data) if isinstance(data, bytes) else json.loads(data)
+        if frame.get("type") == "reply":
+            self.replies[frame["id"]] = frame
+        else:
+            self.frames.append(frame)
+        return True
+
+    def reply(self, request_id: int, timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while request_id not in self.replies:
+            assert time.monotonic() < deadline, f"no reply to request {request_id}"
+            self._read(0.2)
+        return self.replies.pop(request_id)
+
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        return self.reply(self.send(op, **args))
+
+    def messages(self, stream: int) -> list[dict[str, Any]]:
+        return [m for f in self.frames if f.get("type") == "messages" and f["stream"] == stream
+                for m in f["messages"]]
+
+    def wait(self, condition: Any, timeout: float = 15, message: str = "frames") -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {message}"
+            self._read(0.2)
+
+    def closed(self, timeout: float = 10) -> tuple[int, str]:
+        """(code, reason) the gateway closed the connection with."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert time.monotonic() < deadline, "the gateway did not close the connection"
+            try:
+                self._read(0.2)
+            except ConnectionClosed as exc:
+                return exc.rcvd.code, exc.rcvd.reason
+            if self.conn.close_code is not None:
+                return self.conn.close_code, self.conn.close_reason or ""
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Ws:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def seqs_by_producer(messages: list[dict[str, Any]]) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = defaultdict(list)
+    for m in messages:
+        found[m["producer"]].append(m["seq"])
+    return found
+
+
+def stored(bus: Bus, producer: str, seq: int) -> bool:
+    return bool(query(bus.db, "SELECT count(*) FROM messages WHERE producer_id = ? AND "
+                              "producer_seq = ?", (producer, seq))[0][0])
+
+
+def test_one_connection_subscribes_replays_consumes_and_publishes(bus: Bus) -> None:
+    gw = Gateway(bus)
+    publish_acked(bus, "before", "orders.a", 50)
+    ws = gw.connect()
+    assert ws.request("subscribe", prefixes=["orders."])["result"]["prefixes"] == ["orders."]
+    # A replay from the start while a publisher goes on: the stored and the
+    # live stream meet with no gap and no duplicate.
+    done = threading.Event()
+
+    def publish_meanwhile() -> None:
+        with Publisher(bus.config(), producer_id="during", connect_timeout=5) as pub:
+            for i in range(2000):
+                pub.publish("orders.b", b"%d" % i)
+                if i % 200 == 0:
+                    time.sleep(0.01)
+            pub.flush(timeout=30)
+        done.set()
+    publisher = threading.Thread(target=publish_meanwhile)
+    publisher.start()
+    assert ws.request("replay", stream=1, prefixes=["orders."], after_id=0)["ok"]
+    publisher.join(timeout=60)
+    assert done.is_set()
+    ws.wait(lambda: len(ws.messages(1)) >= 2050 and len(ws.messages(0)) >= 2000,
+            message="the replay and the live stream")
+    replayed = seqs_by_producer(ws.messages(1))
+    assert replayed == {"before": list(range(1, 51)), "during": list(range(1, 2001))}
+    assert [m["id"] for m in ws.messages(1)[:50]] == list(range(1, 51))  # stored: with ids
+    assert seqs_by_producer(ws.messages(0))["during"] == list(range(1, 2001))
+    assert any(f["type"] == "stream_live" and f["stream"] == 1 for f in ws.frames)
+
+    # Publishing: each reply comes once the writer stored the message.
+    ids = [ws.send("publish", topic="orders.web", payload=f"m{i}") for i in range(100)]
+    producers = set()
+    for request_id in ids:
+        reply = ws.reply(request_id)
+        assert reply["ok"], reply
+        producer = next(m["producer"] for m in ws.messages(0) if m["topic"] == "orders.web") \
+            if not producers else next(iter(producers))
+        producers.add(producer)
+    ws.wait(lambda: len([m for m in ws.messages(0) if m["topic"] == "orders.web"]) == 100)
+    (producer,) = producers
+    assert producer.startswith("anonymous/")
+    # ... and acknowledged means stored: every seq answered is in the database.
+    assert all(stored(bus, producer, seq) for seq in range(1, 101))
+    binary = ws.request("publish", topic="orders.bin", payload="AP8=", encoding="base64")
+    assert binary["ok"]
+    ws.wait(lambda: any(m["topic"] == "orders.bin" for m in ws.messages(0)))
+    delivered = next(m for m in ws.messages(0) if m["topic"] == "orders.bin")
+    assert (delivered["payload"], delivered["encoding"]) == ("AP8=", "base64")  # not UTF-8
+
+    # Refusals come back with the writer's (or the library's) reason.
+    refusals = {
+        "reserved_topic": ws.request("publish", topic="$bus.ack.x", payload="x"),
+        "topic_too_long": ws.request("publish", topic="orders." + "x" * 300, payload="x"),
+        "message_too_large": ws.request("publish", topic="orders.big",
+                                        payload="x" * (1 << 20)),
+        "bad_request": ws.request("publish", topic="orders.x", payload="@@",
+                                  encoding="base64"),
+    }
+    assert {code: reply["error"]["code"] for code, reply in refusals.items()} == \
+        {code: code for code in refusals}
+
+    # A durable consumer: what it acknowledged is where a new connection resumes.
+    assert ws.request("consume", stream=2, consumer="audit", prefixes=["orders.a"],
+                      after_id=0)["ok"]
+    ws.wait(lambda: len(ws.messages(2)) == 50)
+    thirtieth = ws.messages(2)[29]["id"]
+    assert ws.request("ack", stream=2, last_id=thirtieth)["result"]["acked_id"] == thirtieth
+    ws.close()
+    with gw.connect() as again:
+        assert again.request("consume", stream=5, consumer="audit",
+                             prefixes=["orders.a"])["ok"]
+        again.wait(lambda: len(again.messages(5)) == 20)
+        assert [m["seq"] for m in again.messages(5)] == list(range(31, 51))
