@@ -96,6 +96,7 @@ class Client:
         self.outbox = Outbox()
         self.sending = 0                 # the bytes of the frame being sent
         self.closing: str | None = None
+        self.close_task: asyncio.Task[None] | None = None
         self.received = self.sent_messages = 0
 
     @property
@@ -173,7 +174,8 @@ class Client:
         self.outbox.clear()
         self.outbox.ready.set()  # the send loop ends
         self.on_cut(self, reason, detail)
-        asyncio.get_running_loop().create_task(self.ws.close(code, reason[:120]))
+        self.close_task = asyncio.get_running_loop().create_task(
+            self.ws.close(code, reason[:120]))
 
     def snapshot(self) -> dict[str, Any]:
         return {"connection": self.number, "peer": self.peer, "token": self.token_name,

@@ -70,12 +70,12 @@ class ProducerSession(threading.Thread):
         self.error: str | None = None
         self.stored = self.refused = 0
         self.epoch: int | None = None
-        self._stop = threading.Event()
+        self._ending = threading.Event()
 
     def submit(self, item: Submitted) -> bool:
         """Hand a message over (from the event loop); False if the session
         holds max_pending already, or is ending."""
-        if self._stop.is_set() or self.error is not None or self.pending >= self.max_pending:
+        if self._ending.is_set() or self.error is not None or self.pending >= self.max_pending:
             return False
         self.pending += 1
         self.used_at = time.monotonic()
@@ -83,7 +83,7 @@ class ProducerSession(threading.Thread):
         return True
 
     def stop(self) -> None:
-        self._stop.set()
+        self._ending.set()
         self.inbox.put(None)
 
     def run(self) -> None:
@@ -98,7 +98,7 @@ class ProducerSession(threading.Thread):
                 self.error = f"no producer session: {exc}"
                 log.warning("producer_session_failed", producer=self.producer_id,
                             error=str(exc))
-            while self.error is None and not self._stop.is_set():
+            while self.error is None and not self._ending.is_set():
                 decided = self._publish_waiting(publisher, refs)
                 publisher.read_acks(0 if decided or not refs else ACK_WAIT_S)
                 publisher.tend(time.monotonic())

@@ -222,18 +222,16 @@ class Gateway:
         return context
 
     def _origins(self) -> list[str | None] | None:
-        """The Origin values let in: the configured ones, or the gateway's own
+        """The Origin values let in: the configured ones and the gateway's own
         (its console); None (no header: not a browser) always."""
         listed = [o for o in self.config.gateway_origins.split(",") if o]
         if "*" in listed:
             return None
-        if listed:
-            return [*listed, None]
         scheme = "https" if self.config.gateway_tls_cert else "http"
         host, _, port = self.config.gateway_listen.rpartition(":")
         hosts = {host, "localhost", "127.0.0.1", "[::1]"} if host in (
             "127.0.0.1", "localhost", "::1", "[::1]") else {host}
-        return [*(f"{scheme}://{h}:{port}" for h in sorted(hosts)), None]
+        return [*listed, *(f"{scheme}://{h}:{port}" for h in sorted(hosts)), None]
 
     def _max_frame_bytes(self) -> int:
         """The largest request: a publish of the largest message, its payload
@@ -336,7 +334,11 @@ class Gateway:
                 await self._request(client, data)
         except websockets.ConnectionClosed:
             pass
+        except Exception:  # a bug: this connection ends (1011), the gateway goes on
+            log.exception("connection_failed", peer=client.peer, token=client.token_name)
         finally:
+            if client.close_task is not None:  # closed with its code before the handler ends
+                await client.close_task
             await self._forget(client)
             sender.cancel()
             try:
@@ -397,8 +399,7 @@ class Gateway:
 
     def _refuse(self, client: Client, reason: str, detail: str) -> None:
         code = CLOSE_PROTOCOL_ERROR if reason == "protocol_error" else CLOSE_POLICY
-        self._rejects.warning(reason, "connection_refused", peer=client.peer, reason=reason,
-                              detail=detail)
+        self._rejects.warning(reason, "connection_refused", peer=client.peer, detail=detail)
         client.cut(code, reason.replace("_", " "), detail)
 
     def _cut(self, client: Client, reason: str, detail: str) -> None:
@@ -406,8 +407,8 @@ class Gateway:
         if key in self.closed:
             self.closed[key] += 1
         if key not in ("no_token", "bad_token", "auth_timeout", "protocol_error"):
-            self._rejects.warning(key, "connection_closed", peer=client.peer, reason=reason,
-                                  detail=detail, token=client.token_name)
+            self._rejects.warning(key, "connection_closed", peer=client.peer, detail=detail,
+                                  token=client.token_name)
 
     async def _forget(self, client: Client) -> None:
         self.clients.discard(client)

@@ -227,3 +227,114 @@ def test_one_connection_subscribes_replays_consumes_and_publishes(bus: Bus) -> N
                              prefixes=["orders.a"])["ok"]
         again.wait(lambda: len(again.messages(5)) == 20)
         assert [m["seq"] for m in again.messages(5)] == list(range(31, 51))
+
+
+def tokens_for(bus: Bus, directory: Path, specs: dict[str, list[str]]) -> dict[str, str]:
+    """Each token generated with `bus-cli tokens generate` (its flags)."""
+    made = {}
+    for name, flags in specs.items():
+        out = bus.cli("tokens", "generate", str(directory), name, *flags)
+        assert out.returncode == 0, out.stderr
+        made[name] = out.stdout.split()[1]
+    return made
+
+
+# The rights of each token, as an operator would write them down: what it may
+# read, what it may publish to. The expected outcomes below are written out
+# by hand from this, not computed by the code under test.
+TOKEN_SPECS = {
+    "reader": ["--list", "readers", "--read", "orders."],
+    "writer": ["--list", "publishers", "--publish", "orders."],
+    "both": ["--list", "publishers", "--list", "readers", "--publish", "prices.",
+             "--read", "prices.", "--read", "orders.eu."],
+    "admin": ["--list", "admins", "--publish", "", "--read", ""],
+    "capped": ["--list", "readers", "--read", "x.", "--max-connections", "2"],
+}
+READ_PREFIXES = ["orders.", "orders.eu.", "prices.", ""]
+TOPICS = ["orders.x", "prices.x", "misc"]
+ALLOWED = {
+    ("reader", "read", "orders."), ("reader", "read", "orders.eu."),
+    ("writer", "publish", "orders.x"),
+    ("both", "read", "orders.eu."), ("both", "read", "prices."),
+    ("both", "publish", "prices.x"),
+    *{("admin", "read", p) for p in READ_PREFIXES},
+    *{("admin", "publish", t) for t in TOPICS}, ("admin", "stats", ""),
+}
+
+
+def test_each_token_may_do_what_its_lists_and_prefixes_say(bus: Bus, tmp_path: Path) -> None:
+    directory = tmp_path / "tokens"
+    made = tokens_for(bus, directory, TOKEN_SPECS)
+    gw = Gateway(bus, BUS_GATEWAY_TOKENS_DIR=directory,
+                 BUS_GATEWAY_ORIGINS="https://desk.example")
+    outcomes: dict[tuple[str, str, str, str], bool] = {}
+    for name in ("reader", "writer", "both", "admin"):
+        with gw.connect(made[name], binary=name == "both") as ws:
+            assert ws.auth is not None and ws.auth["result"]["token"] == name
+            stream = 0
+            for prefix in READ_PREFIXES:
+                for op in ("subscribe", "replay", "consume"):
+                    stream += 1
+                    args: dict[str, Any] = {"prefixes": [prefix]}
+                    if op != "subscribe":
+                        args.update(stream=stream, after_id=0)
+                    if op == "consume":
+                        args["consumer"] = f"c{stream}"
+                    reply = ws.request(op, **args)
+                    outcomes[(name, op, "read", prefix)] = reply["ok"]
+                    if not reply["ok"]:
+                        assert reply["error"]["code"] == "forbidden", reply
+                    elif op != "subscribe":
+                        assert ws.request("close", stream=stream)["ok"]
+            for topic in TOPICS:
+                reply = ws.request("publish", topic=topic, payload="x")
+                outcomes[(name, "publish", "publish", topic)] = reply["ok"]
+                if not reply["ok"]:
+                    assert reply["error"]["code"] == "forbidden", reply
+            reply = ws.request("stats")
+            outcomes[(name, "stats", "stats", "")] = reply["ok"]
+    expected = {key: (key[0], key[2], key[3]) in ALLOWED for key in outcomes}
+    assert outcomes == expected
+    assert len(outcomes) == 4 * (4 * 3 + 3 + 1)
+
+    # A token in a header (a client that can set one) instead of the first frame.
+    with gw.connect(made["reader"], header=True) as ws:
+        assert ws.request("subscribe", prefixes=["orders."])["ok"]
+    # No token, a wrong one: closed with 1008.
+    with gw.connect() as ws:
+        ws.send("subscribe", prefixes=["orders."])
+        assert ws.closed() == (1008, "no token")
+    with gw.connect() as ws:
+        ws.send("auth", token="bus_" + "A" * 43)
+        assert ws.closed() == (1008, "bad token")
+    # A page of another site cannot use a browser's connection; a listed
+    # origin and the gateway's own (its console) can.
+    with pytest.raises(InvalidStatus) as refused:
+        gw.connect(made["reader"], origin="https://evil.example")
+    assert refused.value.response.status_code == 403
+    for origin in ("https://desk.example", f"http://127.0.0.1:{gw.port}"):
+        with gw.connect(made["reader"], origin=origin) as ws:
+            assert ws.request("ping")["result"] == "pong"
+    # A token's own connection cap.
+    first, second = gw.connect(made["capped"]), gw.connect(made["capped"])
+    with gw.connect() as third:
+        third.send("auth", token=made["capped"])
+        assert third.closed() == (1008, "too many for token")
+    first.close()
+    second.close()
+
+    # Revoked without a restart: its connection is closed, a new one refused.
+    ws = gw.connect(made["reader"])
+    assert ws.request("subscribe", prefixes=["orders."])["ok"]
+    revoked = bus.cli("tokens", "revoke", str(directory), "reader")
+    assert revoked.returncode == 0, revoked.stderr
+    assert ws.closed() == (1008, "revoked")
+    with gw.connect() as again:
+        again.send("auth", token=made["reader"])
+        assert again.closed() == (1008, "bad token")
+    closed = gw.stats(made["admin"])["connections"]["closed"]
+    assert (closed["revoked"], closed["no_token"], closed["too_many_for_token"]) == (1, 1, 1)
+    assert closed["bad_token"] == 2
+    listed = bus.cli("tokens", "ls", str(directory), "--json")
+    assert sorted(t["name"] for t in json.loads(listed.stdout)) == \
+        ["admin", "both", "capped", "writer"]
