@@ -94,7 +94,6 @@ class Client:
         self.producers: dict[str, ProducerSession] = {}
         self.unacked = 0
         self.outbox = Outbox()
-        self.sending = 0                 # the bytes of the frame being sent
         self.closing: str | None = None
         self.close_task: asyncio.Task[None] | None = None
         self.received = self.sent_messages = 0
@@ -110,8 +109,10 @@ class Client:
     def buffered(self) -> int:
         """Bytes held for this connection: its outbox and the kernel's share."""
         transport = self.ws.transport
-        return self.outbox.bytes + self.sending + (transport.get_write_buffer_size()
-                                                   if transport is not None else 0)
+        # A frame taken from the outbox is in the transport's buffer as soon
+        # as send() is called: it writes, then waits for the buffer to drain.
+        return self.outbox.bytes + (transport.get_write_buffer_size()
+                                    if transport is not None else 0)
 
     # --- what the gateway sends -------------------------------------------
 
@@ -160,11 +161,7 @@ class Client:
             frame = outbox.next_frame(bool(self.binary))
             if frame is None:
                 continue
-            self.sending = len(frame)
-            try:
-                await ws.send(frame)
-            finally:
-                self.sending = 0
+            await ws.send(frame)
 
     def cut(self, code: int, reason: str, detail: str = "") -> None:
         """Close the connection with `code`, dropping what waits for it."""

@@ -20,8 +20,9 @@ import msgpack
 from bus.protocol import Message
 
 # Delivery frames carry up to this much of a stream's messages (a message
-# larger than it goes alone).
-FRAME_TARGET_BYTES = 256 << 10
+# larger than it goes alone): enough to batch small messages, little beside
+# the smallest BUS_GATEWAY_SEND_BUFFER_BYTES (64 KiB).
+FRAME_TARGET_BYTES = 16 << 10
 # The most maps and arrays a request may hold (a publish's headers: 64 pairs).
 MAX_REQUEST_CONTAINERS = 256
 

@@ -25,8 +25,16 @@ from bus import protocol, sockets
 from bus.config import BusConfig
 from gateway.frames import Encoded
 
-# Messages read from a socket before the loop turns to its other work.
+# Messages, and bytes, read from a socket before the loop turns to its other
+# work (the connections' sends): what one turn adds to a connection's outbox
+# stays well under its budget (BUS_GATEWAY_SEND_BUFFER_BYTES, 64 KiB at least).
 READ_BATCH = 512
+READ_BATCH_BYTES = 32 << 10
+# Messages libzmq queues for the gateway when its loop falls behind (then the
+# proxy drops for it, as for any slow subscriber): at most LIVE_HWM x
+# BUS_MAX_MESSAGE_BYTES of the gateway's memory (docs/protocol.md, "WebSocket
+# gateway": its memory).
+LIVE_HWM = 1000
 
 
 class Sink(TypingProtocol):
@@ -83,8 +91,11 @@ class LiveFeed:
         self.commits = asyncio.Event()
         self.watches = [sockets.PeerWatch(config.sub_endpoint),
                         sockets.PeerWatch(config.notify_endpoint)]
+        def data_opened(sock: zmq.Socket) -> None:
+            sock.setsockopt(zmq.RCVHWM, LIVE_HWM)
+            self.watches[0].attach(sock)
         self.data = sockets.open_subscriber(ctx, config, list(protocol.PROXY_SUBSCRIPTIONS),
-                                            on_open=self.watches[0].attach)
+                                            on_open=data_opened)
 
         def notify_opened(sock: zmq.Socket) -> None:
             sock.setsockopt(zmq.MAXMSGSIZE, 64 << 10)  # a commit notice is tens of bytes
@@ -114,12 +125,16 @@ class LiveFeed:
 
     def _read_data(self) -> bool:
         sock, index = self.data, self.index
+        size = 0
         for _ in range(READ_BATCH):
+            if size >= READ_BATCH_BYTES:
+                break
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return False
             self.received += 1
+            size += sum(len(frame) for frame in frames)
             try:
                 msg = protocol.parse_message(frames)
             except protocol.ProtocolError:

@@ -170,6 +170,7 @@ class Gateway:
             control.Command("ping", lambda client, args: "pong", roles=(*reads, *publishes)),
         ))
         self.http: HttpSide | None = None
+        self.stopping = False
 
     # --- the run loop's side ---------------------------------------------------
 
@@ -406,7 +407,7 @@ class Gateway:
         key = reason.replace(" ", "_")
         if key in self.closed:
             self.closed[key] += 1
-        if key not in ("no_token", "bad_token", "auth_timeout", "protocol_error"):
+        if key not in ("no_token", "bad_token", "auth_timeout", "protocol_error", "going_away"):
             self._rejects.warning(key, "connection_closed", peer=client.peer, detail=detail,
                                   token=client.token_name)
 
@@ -439,6 +440,8 @@ class Gateway:
         try:
             if token is None:  # revoked since (tend closes the connection)
                 raise Failed(protocol.FORBIDDEN, "the token was revoked")
+            if self.stopping:
+                raise Failed(protocol.UNAVAILABLE, "the gateway is stopping")
             if command is None:
                 raise Failed(protocol.UNKNOWN_COMMAND, f"no op {op!r} (ops: "
                              f"{', '.join(c.name for c in self.commands)})")
@@ -707,16 +710,8 @@ class Gateway:
         aio = getattr(self, "aio", None)
         if aio is None:
             return
-        server = getattr(self, "server", None)
-        if server is not None:
-            for client in list(self.clients):
-                client.cut(CLOSE_GOING_AWAY, "going away", "the gateway stops")
-            server.close()
-            try:
-                aio.run_until_complete(asyncio.wait_for(server.wait_closed(),
-                                                        self.config.shutdown_timeout_ms / 1000))
-            except TimeoutError:
-                pass
+        if getattr(self, "server", None) is not None:
+            aio.run_until_complete(self._close(self.config.shutdown_timeout_ms / 1000))
         for session in self.producer_sessions.values():
             session.stop()
         for session in self.producer_sessions.values():
@@ -727,6 +722,22 @@ class Gateway:
         aio.remove_reader(self.stop.fileno())
         aio.close()
         self.ctx.term()
+
+    async def _close(self, timeout_s: float) -> None:
+        """Stop: no new connection; the publishes in flight answered (stored or
+        refused) for up to half of `timeout_s`; then every connection closed
+        with 1001, "going away"."""
+        self.stopping = True
+        self.server.close(close_connections=False)
+        deadline = time.monotonic() + timeout_s / 2
+        while any(c.unacked for c in self.clients) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for client in list(self.clients):
+            client.cut(CLOSE_GOING_AWAY, "going away", "the gateway stops")
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), max(0.1, timeout_s / 2))
+        except TimeoutError:
+            pass
 
 
 # A handler's answer that comes later (a publish's, once the writer decided).

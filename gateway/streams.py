@@ -66,10 +66,18 @@ class Stream:
         self.errors = 0
         self.failing: str | None = None
         self.task: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Future[Any] | None = None
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn` in a worker thread, one at a time: a ZeroMQ socket is never
+        used by two threads at once. A call outlives its stream's task when
+        that is cancelled (shielded); the next call, and close(), wait for it
+        (the client library's request timeout bounds it)."""
+        while self._inflight is not None and not self._inflight.done():
+            await asyncio.wait([self._inflight])
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+        self._inflight = loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+        return await asyncio.shield(self._inflight)
 
     async def _page(self, after_id: int | None, since_ns: int | None) -> Any:
         """The next page, retrying every RETRY_S while the reader cannot answer."""

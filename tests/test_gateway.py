@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
+import struct
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -185,18 +186,15 @@ def test_one_connection_subscribes_replays_consumes_and_publishes(bus: Bus) -> N
 
     # Publishing: each reply comes once the writer stored the message.
     ids = [ws.send("publish", topic="orders.web", payload=f"m{i}") for i in range(100)]
-    producers = set()
+    ws.wait(lambda: len([m for m in ws.messages(0) if m["topic"] == "orders.web"]) >= 1)
+    (producer,) = {m["producer"] for m in ws.messages(0) if m["topic"] == "orders.web"}
+    assert producer.startswith("anonymous/")
     for request_id in ids:
         reply = ws.reply(request_id)
         assert reply["ok"], reply
-        producer = next(m["producer"] for m in ws.messages(0) if m["topic"] == "orders.web") \
-            if not producers else next(iter(producers))
-        producers.add(producer)
-    ws.wait(lambda: len([m for m in ws.messages(0) if m["topic"] == "orders.web"]) == 100)
-    (producer,) = producers
-    assert producer.startswith("anonymous/")
-    # ... and acknowledged means stored: every seq answered is in the database.
-    assert all(stored(bus, producer, seq) for seq in range(1, 101))
+        # Acknowledged means stored: the seq answered is in the database now.
+        assert stored(bus, producer, reply["result"]["seq"])
+    assert sorted(ws.replies) == []
     binary = ws.request("publish", topic="orders.bin", payload="AP8=", encoding="base64")
     assert binary["ok"]
     ws.wait(lambda: any(m["topic"] == "orders.bin" for m in ws.messages(0)))
@@ -338,3 +336,178 @@ def test_each_token_may_do_what_its_lists_and_prefixes_say(bus: Bus, tmp_path: P
     listed = bus.cli("tokens", "ls", str(directory), "--json")
     assert sorted(t["name"] for t in json.loads(listed.stdout)) == \
         ["admin", "both", "capped", "writer"]
+
+
+class RawWs:
+    """A WebSocket client written by hand on a plain socket: it sends what it
+    is told (any frame, masked or not) and reads only when asked, so it can
+    be as slow, or as wrong, as a test needs."""
+
+    def __init__(self, port: int, receive_buffer: int = 0) -> None:
+        self.sock = socket.socket()
+        if receive_buffer:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.settimeout(10)
+        self.sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"Sec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def send(self, payload: bytes, opcode: int = 1, masked: bool = True,
+             length: int | None = None) -> None:
+        """One frame; `length` claims another length than the payload's."""
+        size = len(payload) if length is None else length
+        mask_bit = 0x80 if masked else 0
+        if size < 126:
+            head = struct.pack("!BB", 0x80 | opcode, mask_bit | size)
+        elif size < 1 << 16:
+            head = struct.pack("!BBH", 0x80 | opcode, mask_bit | 126, size)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, mask_bit | 127, size)
+        self.sock.sendall(head + (b"\0\0\0\0" if masked else b"") + payload)  # mask 0: as is
+
+    def close_code(self, timeout: float = 10) -> int | None:
+        """Read until the gateway's close frame (its code), or the end."""
+        self.sock.settimeout(timeout)
+        data = b""
+        try:
+            while chunk := self.sock.recv(1 << 16):
+                data += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        at = data.rfind(b"\x88")
+        return struct.unpack("!H", data[at + 2:at + 4])[0] if at >= 0 and \
+            len(data) >= at + 4 else None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# A publisher in a process of its own (the test's reader keeps the GIL to itself).
+FLOOD = """
+import sys
+from bus.client import Publisher
+count, size = int(sys.argv[1]), int(sys.argv[2])
+with Publisher(producer_id="flood", connect_timeout=5) as pub:
+    for i in range(count):
+        pub.publish("flood.x", bytes([65 + i % 26]) * size)
+    pub.flush(timeout=60)
+"""
+
+
+def test_a_slow_consumer_is_cut_off_and_the_gateway_stays_within_its_memory(
+        bus: Bus, tmp_path: Path) -> None:
+    """A client that stops reading is closed (1008, "slow consumer") once
+    what waits for it passes BUS_GATEWAY_SEND_BUFFER_BYTES; the others get
+    every message; the gateway's peak RSS stays under its bound."""
+    made = tokens_for(bus, tmp_path / "tokens", {"admin": ["--list", "admins", "--read", ""]})
+    gw = Gateway(bus, BUS_GATEWAY_TOKENS_DIR=tmp_path / "tokens")
+    slow = RawWs(gw.port, receive_buffer=4096)
+    slow.send(json.dumps({"op": "auth", "token": made["admin"]}).encode())
+    slow.send(json.dumps({"op": "subscribe", "prefixes": ["flood."]}).encode())
+    good = gw.connect(made["admin"], max_queue=None)  # reads as fast as it comes
+    assert good.request("subscribe", prefixes=["flood."])["ok"]
+    before = gw.peak_rss()
+    count, size = 6000, 8 << 10  # 48 MB through the gateway, from another process
+    flood = bus.spawn([sys.executable, "-c", FLOOD, str(count), str(size)])
+    assert flood.wait(timeout=60) == 0, flood.stderr.collect()
+    good.wait(lambda: len(good.messages(0)) == count, timeout=60, message="every message")
+    assert [m["seq"] for m in good.messages(0)] == list(range(1, count + 1))
+    closed = good.request("stats")["result"]["connections"]["closed"]
+    assert closed["slow_consumer"] == 1
+    assert slow.close_code() == 1008
+    peak = gw.peak_rss()
+    # Each connection may hold 1 MiB (BUS_GATEWAY_SEND_BUFFER_BYTES), libzmq
+    # 1,000 messages (8 MB here) for the gateway; holding the flood for the
+    # slow one would be 48 MB.
+    assert peak - before < 32 << 20, (before, peak)
+    good.close()
+    slow.close()
+
+
+def test_hostile_frames_get_an_error_and_cost_nothing_else(bus: Bus) -> None:
+    """Frames no client library would send: each is answered bad_request (or
+    the connection closed with the RFC's code, where the frame breaks
+    WebSocket itself); a well-behaved connection beside them goes on."""
+    gw = Gateway(bus, BUS_MAX_MESSAGE_BYTES=64 << 10)
+    good = gw.connect()
+    assert good.request("subscribe", prefixes=["ok."])["ok"]
+    bad_text = ["", "{", "[]", "42", "null", '"op"', '{"op": 1}', '{"id": 1}',
+                '{"op": "subscribe", "id": 18446744073709551616, "prefixes": ["a"]}',
+                '{"op": "subscribe", "id": {"a": 1}, "prefixes": ["a"]}',
+                "[" * 30_000 + "]" * 30_000, '{"op": "x", "a": ' + "[" * 300 + "]" * 300 + "}"]
+    with gw.connect() as ws:
+        for text in bad_text:
+            ws.conn.send(text)
+            reply = ws.reply(None)
+            assert reply["error"]["code"] == "bad_request", (text[:40], reply)
+        for data in (b"", b"\xc1", b"\x91\x01", b"\xdd\xff\xff\xff\xff", b"\x81\xa2op\xc0"):
+            ws.conn.send(data)
+            assert ws.reply(None)["error"]["code"] == "bad_request", data
+        not_stream_ids = [0, -1, 2**31, 2**63, -(2**63) - 1, 1.5, "1", True, None]
+        not_ids = [-1, 2**63, 2**64, -(2**63) - 1, 1.5, "1", True, [1]]
+        cases = [("replay", {"stream": v, "prefixes": ["a"]}) for v in not_stream_ids] + \
+            [("ack", {"stream": v, "last_id": 1}) for v in not_stream_ids] + \
+            [("replay", {"stream": 1, "prefixes": ["a"], "after_id": v}) for v in not_ids] + \
+            [("consume", {"stream": 1, "prefixes": ["a"], "consumer": "c", "since_ns": v})
+             for v in not_ids] + \
+            [("consume", {"stream": 1, "prefixes": ["a"], "consumer": c})
+             for c in ("", "x" * 129, "a\nb", 7)]
+        for op, args in cases:
+            reply = ws.request(op, **args)
+            assert not reply["ok"] and reply["error"]["code"] == "bad_request", (op, args, reply)
+        for args in ({"prefixes": "a"}, {"prefixes": []}, {"prefixes": [1]},
+                     {"prefixes": ["a\x00"]}, {"prefixes": ["p"] * 65}, {"prefixes": ["a"], "x": 1}):
+            assert ws.request("subscribe", **args)["error"]["code"] == "bad_request", args
+        assert ws.request("subscribe", prefixes=["$bus."])["error"]["code"] == "forbidden"
+        assert ws.request("nope")["error"]["code"] == "unknown_command"
+        for args in ({"topic": "ok.t", "payload": "\ud800"}, {"topic": "", "payload": "x"},
+                     {"topic": "ok.t", "payload": 5}, {"topic": "ok.t", "payload": "x",
+                                                        "headers": {"a": 1}},
+                     {"topic": "ok.t", "payload": "x", "encoding": "rot13"},
+                     {"topic": "ok.t", "payload": "x", "producer": ""}):
+            assert ws.request("publish", **args)["error"]["code"] == "bad_request", args
+        # A frame over the largest request (a publish of the largest message):
+        # closed with 1009, as RFC 6455 says.
+        ws.conn.send("x" * (200 << 10))
+        assert ws.closed()[0] == 1009
+    # Frames that break WebSocket itself: an unmasked client frame (1002), a
+    # length of 2^63 - 1 (1009), a reserved opcode (1002), a peer that
+    # vanishes mid-frame.
+    for frame, code in ((dict(payload=b"{}", masked=False), 1002),
+                        (dict(payload=b"", length=2**63 - 1), 1009),
+                        (dict(payload=b"{}", opcode=3), 1002)):
+        raw = RawWs(gw.port)
+        raw.send(**frame)
+        assert raw.close_code() == code, frame
+        raw.close()
+    raw = RawWs(gw.port)
+    raw.send(b"x" * 10, length=1000)  # and gone
+    raw.close()
+    # Nothing else was lost: the good connection still gets what it asked for.
+    with Publisher(bus.config(), producer_id="after", connect_timeout=5) as pub:
+        pub.publish("ok.t", b"still")
+        pub.flush(timeout=10)
+    good.wait(lambda: [m["payload"] for m in good.messages(0)] == ["still"])
+    assert good.request("ping")["result"] == "pong"
+    good.close()
+    assert gw.proc.popen.poll() is None
+
+
+def test_sigterm_closes_every_connection_with_1001_and_exits_0(bus: Bus) -> None:
+    gw = Gateway(bus)
+    clients = [gw.connect() for _ in range(3)]
+    for ws in clients:
+        assert ws.request("subscribe", prefixes=["x."])["ok"]
+    assert clients[0].request("publish", topic="x.t", payload="before")["ok"]
+    assert clients[1].request("replay", stream=1, prefixes=["x."], after_id=0)["ok"]
+    gw.proc.send_signal(signal.SIGTERM)
+    for ws in clients:
+        assert ws.closed() == (1001, "going away")
+    assert gw.proc.wait(timeout=15) == 0
+    events = [e["event"] for e in gw.proc.log_events()]
+    assert events[-2:] == ["stopping", "stopped"]
