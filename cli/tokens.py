@@ -36,11 +36,11 @@ def _check_name(name: str) -> None:
               help="a topic prefix it may publish to (repeatable; '' for every topic)")
 @click.option("--read", "read", multiple=True, metavar="PREFIX",
               help="a topic prefix it may read (repeatable; '' for every topic)")
-@click.option("--max-connections", type=click.IntRange(0, 1 << 20), default=0,
+@click.option("--connections", "connections", type=click.IntRange(0, 1 << 20), default=0,
               show_default=True, help="connections it may have open (0: the gateway's "
                                       "BUS_GATEWAY_MAX_CONNECTIONS_PER_TOKEN)")
 def tokens_generate(directory: str, name: str, lists: tuple[str, ...], publish: tuple[str, ...],
-                    read: tuple[str, ...], max_connections: int) -> None:
+                    read: tuple[str, ...], connections: int) -> None:
     """Write DIRECTORY/NAME.json for a new token and print the token, once:
     only its SHA-256 is kept. A running gateway takes it within a second."""
     _check_name(name)
@@ -48,7 +48,7 @@ def tokens_generate(directory: str, name: str, lists: tuple[str, ...], publish: 
         raise InputError(f"{directory} is not a directory")
     try:
         secret, path = token_files.generate(directory, name, lists, publish, read,
-                                            max_connections, time.time_ns())
+                                            connections, time.time_ns())
     except FileExistsError:
         click.echo(f"error: {directory}/{name}.json exists; a token is never overwritten "
                    "(revoke it first)", err=True)

@@ -49,6 +49,7 @@ from bus.logging import RateLimitedLog, get_logger
 from bus.runner import MemoryLimit, StartupError, StopSignal
 from bus.tokens import TokenStore
 from gateway import frames
+from gateway.health import gateway_health
 from gateway.clients import (CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_PROTOCOL_ERROR,
                              CLOSE_TRY_AGAIN_LATER, LIVE_STREAM, Client)
 from gateway.live import LiveFeed
@@ -99,13 +100,6 @@ HTTP_SERIES = [
     Series("requests", "counter", "WebSocket requests, by outcome",
            lambda s: s["requests"], label="outcome"),
 ]
-
-
-def gateway_health(stats: dict[str, Any]) -> str | None:
-    """Why the gateway cannot serve (None: it can)."""
-    if stats["live"]["gave_up"]:
-        return "a wrong peer at the proxy's or the writer's endpoint"
-    return None
 
 
 class Failed(Exception):

@@ -246,7 +246,7 @@ TOKEN_SPECS = {
     "both": ["--list", "publishers", "--list", "readers", "--publish", "prices.",
              "--read", "prices.", "--read", "orders.eu."],
     "admin": ["--list", "admins", "--publish", "", "--read", ""],
-    "capped": ["--list", "readers", "--read", "x.", "--max-connections", "2"],
+    "capped": ["--list", "readers", "--read", "x.", "--connections", "2"],
 }
 READ_PREFIXES = ["orders.", "orders.eu.", "prices.", ""]
 TOPICS = ["orders.x", "prices.x", "misc"]
