@@ -145,11 +145,9 @@ class Gateway:
             control.Command("subscribe", self._subscribe, roles=reads, args=("prefixes",)),
             control.Command("unsubscribe", self._unsubscribe, roles=reads, args=("prefixes",)),
             control.Command("replay", self._replay, roles=reads,
-                            args=("stream", "prefixes", "after_id", "since_ns"),
-                            errors=(protocol.FORBIDDEN,)),
+                            args=("stream", "prefixes", "after_id", "since_ns")),
             control.Command("consume", self._consume, roles=reads,
-                            args=("stream", "consumer", "prefixes", "after_id", "since_ns"),
-                            errors=(protocol.FORBIDDEN,)),
+                            args=("stream", "consumer", "prefixes", "after_id", "since_ns")),
             control.Command("ack", self._ack, roles=reads, args=("stream", "last_id"),
                             errors=(protocol.NOT_FOUND,)),
             control.Command("close", self._close_stream, roles=reads, args=("stream",),
@@ -157,11 +155,14 @@ class Gateway:
             control.Command("publish", self._publish, roles=publishes,
                             args=("topic", "payload", "encoding", "content_type", "headers",
                                   "producer"),
-                            errors=(protocol.FORBIDDEN, protocol.BUSY, protocol.UNAVAILABLE,
-                                    protocol.PRODUCER_FENCED, protocol.RESERVED_TOPIC)),
+                            errors=(protocol.BUSY, protocol.UNAVAILABLE, protocol.PRODUCER_FENCED,
+                                    protocol.RESERVED_TOPIC)),
             control.Command("stats", lambda client, args: self.snapshot(),
                             roles=(security.ADMINS,)),
             control.Command("ping", lambda client, args: "pong", roles=(*reads, *publishes)),
+            # The first request's, with tokens (_authenticate); later, or
+            # without tokens, it says who the connection is.
+            control.Command("auth", self._whoami, roles=(*reads, *publishes), args=("token",)),
         ))
         self.http: HttpSide | None = None
         self.stopping = False
@@ -374,8 +375,7 @@ class Gateway:
             client.token_hash, client.token_name = found[0], found[1].name
             if not self._token_has_room(client, found[1]):
                 return False
-            client.reply(request.get("id"), {"token": found[1].name,
-                                             "lists": list(found[1].lists)})
+            client.reply(request.get("id"), self._whoami(client, {"_token": found[1]}))
             return True
         found = self.tokens.lookup(secret)
         if found is None:
@@ -463,6 +463,10 @@ class Gateway:
             client.reply(request_id, result)
 
     # --- the ops ------------------------------------------------------------------
+
+    def _whoami(self, client: Client, args: dict[str, Any]) -> Any:
+        token = args["_token"]
+        return {"token": token.name, "lists": list(token.lists)}
 
     def _prefixes(self, client: Client, args: dict[str, Any], adding: int = 0) -> list[str]:
         """The request's readable prefixes: a list of 1-64 strings, each within

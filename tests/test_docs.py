@@ -247,6 +247,37 @@ def test_javascript_durable_consumer_example_pages_and_stores_its_position(bus: 
     assert again.stdout.collect() == ["8 orders.new late 1"], "resumed after its position"
 
 
+def gateway_js_example() -> str:
+    (example,) = [code for code in js_examples() if "new WebSocket(url)" in code]
+    return example
+
+
+@needs_js
+def test_the_gateway_javascript_example_runs_in_node(bus: Bus, tmp_path: Path) -> None:
+    """The browser's WebSocket API, in Node (20: the `ws` package's, as the
+    page says): it presents its token, replays, subscribes, publishes, and
+    its publish is stored when it is answered."""
+    from tests.test_gateway import Gateway, tokens_for
+    made = tokens_for(bus, tmp_path / "tokens", {"desk": [
+        "--list", "publishers", "--list", "readers", "--publish", "orders.", "--read",
+        "orders."]})
+    gw = Gateway(bus, BUS_GATEWAY_TOKENS_DIR=tmp_path / "tokens")
+    with Publisher(bus.config(), producer_id="py") as pub:
+        pub.publish("orders.old", b"before")
+        pub.publish("other.t", b"not read")
+        pub.flush(timeout=10)
+    example = gateway_js_example().replace('"ws://127.0.0.1:5560/"', f'"{gw.url}"').replace(
+        '"bus_TOKEN"', f'"{made["desk"]}"')
+    node = run_js(bus, 'globalThis.WebSocket = (await import("ws")).WebSocket;\n' + example)
+    out = node.stdout.collect()
+    assert node.popen.returncode == 0, (out, node.stderr.collect())
+    assert "stored: seq 1" in out and "stream 1: orders.old before" in out
+    assert "stream 0: orders.web hello from js" in out and "closed 1005" in out
+    assert not any("other.t" in line for line in out)
+    assert query(bus.db, "SELECT payload FROM messages WHERE producer_id LIKE 'desk/%'") == \
+        [(b"hello from js",)]
+
+
 def test_the_documented_session_mac_example_is_what_the_code_computes() -> None:
     """docs/protocol.md's worked example ("Authenticating a session"): its meta
     bytes and tag, for a foreign client to check its own code against."""
@@ -330,6 +361,8 @@ def code_tables() -> dict[str, list[control.Command]]:
     tables = {"writer": control.Dispatcher(writer_table(_Parts()), None).table}  # type: ignore
     for process, kind in (("reader", Reader), ("proxy", Proxy), ("anchor worker", AnchorWorker)):
         tables[process] = kind(config).dispatcher.table
+    from gateway.service import Gateway
+    tables["gateway"] = Gateway(config).commands
     return {process: list(table) for process, table in tables.items()}
 
 
