@@ -177,6 +177,16 @@ def _tcp_listener(sock: zmq.Socket, endpoint: str, max_segment: int) -> int:
     return listener.detach()
 
 
+def inherited_listener(name: str, endpoint: str) -> int | None:
+    """The listening socket systemd passed as `name` (socket activation) for
+    a server that is not libzmq's (the gateway's HTTP), checked to listen at
+    `endpoint` (tcp://HOST:PORT); None when systemd passed none."""
+    fd = inherited_sockets().get(name)
+    if fd is not None:
+        _check_inherited(fd, endpoint, name)
+    return fd
+
+
 def _check_inherited(fd: int, endpoint: str, name: str) -> None:
     """A socket systemd passed as `name` must listen where the config says
     the endpoint is: otherwise clients would look for the bus elsewhere."""

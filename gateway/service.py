@@ -29,6 +29,7 @@ import http
 import inspect
 import itertools
 import mimetypes
+import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request as HttpRequest, Response
 
-from bus import control, protocol, security
+from bus import control, protocol, security, sockets
 from bus.build import build_info
 from bus.config import BusConfig
 from bus.http import HttpSide, Series
@@ -181,9 +182,14 @@ class Gateway:
         self.aio.add_reader(stop.fileno(), self._wake)
         self.feed = LiveFeed(self.ctx, cfg, self.aio)
         host, _, port = cfg.gateway_listen.rpartition(":")
+        # Socket activation (bus-gateway.socket): systemd holds the port while
+        # the gateway restarts, so nothing else can take it meanwhile.
+        inherited = sockets.inherited_listener("gateway", f"tcp://{cfg.gateway_listen}")
+        where: dict[str, Any] = {"host": host.strip("[]"), "port": int(port)} \
+            if inherited is None else {"sock": socket.socket(fileno=inherited)}
         try:
             self.server = self.aio.run_until_complete(self._listen(
-                host.strip("[]"), int(port), ssl=self._tls(),
+                **where, ssl=self._tls(),
                 origins=self._origins(), process_request=self._http_request,
                 max_size=self._max_frame_bytes(), max_queue=READ_AHEAD_FRAMES,
                 write_limit=WRITE_LIMIT_BYTES, ping_interval=PING_INTERVAL_S,
@@ -203,8 +209,8 @@ class Gateway:
             log.warning("no_tokens", action="every connection may read and publish every "
                         "topic: set BUS_GATEWAY_TOKENS_DIR (bus-cli tokens generate)")
 
-    async def _listen(self, host: str, port: int, **options: Any) -> Any:
-        return await serve(self._serve, host, port, **options)
+    async def _listen(self, **options: Any) -> Any:
+        return await serve(self._serve, **options)
 
     def _tls(self) -> ssl.SSLContext | None:
         cfg = self.config

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,7 @@ INSTALLED_CLI = "/opt/bus/.venv/bin/bus-cli"
 INSTALLED_CONFIG = "/etc/bus/bus.toml"
 SERVICES = ("bus-writer.service", "bus-proxy.service", "bus-reader.service")  # start order
 ANCHOR = "bus-anchor.service"  # optional (needs bitcoind): enabled on its own
+GATEWAY = "bus-gateway.service"  # optional too (browsers)
 # Each service's tcp endpoints, bound by systemd (socket activation), by the
 # FileDescriptorName= the process looks its endpoint up by (bus/sockets.bind).
 SOCKETS = {
@@ -36,11 +38,12 @@ SOCKETS = {
     "bus-reader.service": ["bus-reader-read.socket"],
     "bus-writer.service": ["bus-writer-control.socket", "bus-writer-notify.socket"],
     ANCHOR: ["bus-anchor-control.socket"],
+    GATEWAY: ["bus-gateway.socket"],
 }
 FD_ENDPOINTS = {"pub": "pub_endpoint", "sub": "sub_endpoint",
                 "proxy_control": "proxy_control_endpoint", "control": "control_endpoint",
                 "notify": "notify_endpoint", "read": "read_endpoint",
-                "anchor_control": "anchor_control_endpoint"}
+                "anchor_control": "anchor_control_endpoint", "gateway": "gateway_listen"}
 
 
 def read_unit(name: str) -> configparser.ConfigParser:
@@ -78,13 +81,20 @@ def localize(text: str, config: Path) -> str:
     return text.replace(INSTALLED_CLI, BUS_CLI).replace(INSTALLED_CONFIG, str(config))
 
 
+def endpoint_of(cfg: Any, fd_name: str) -> str:
+    """The endpoint the socket passed as `fd_name` must listen at (the
+    gateway's setting is host:port, an HTTP server's)."""
+    value = getattr(cfg, FD_ENDPOINTS[fd_name])
+    return value if "://" in value else f"tcp://{value}"
+
+
 def test_deploy_has_one_unit_per_process_and_a_target() -> None:
     assert sorted(p.name for p in UNITS.iterdir()) == \
-        sorted([*SERVICES, ANCHOR, *(name for names in SOCKETS.values() for name in names),
-                "bus.target"])
+        sorted([*SERVICES, ANCHOR, GATEWAY,
+                *(name for names in SOCKETS.values() for name in names), "bus.target"])
     target = read_unit("bus.target")
     assert set(target["Unit"]["Wants"].split()) == set(SERVICES)
-    for name in (*SERVICES, ANCHOR):
+    for name in (*SERVICES, ANCHOR, GATEWAY):
         unit = read_unit(name)
         assert unit["Service"]["Restart"] == "on-failure"
         # A crash loop must not leave the bus down for good (systemd's default
@@ -119,14 +129,15 @@ def test_deploy_has_one_unit_per_process_and_a_target() -> None:
             unit = read_unit(name)
             assert unit["Socket"]["Service"] == service
             assert unit["Unit"]["PartOf"] == "bus.target"
-            endpoint = getattr(cfg, FD_ENDPOINTS[unit["Socket"]["FileDescriptorName"]])
+            endpoint = endpoint_of(cfg, unit["Socket"]["FileDescriptorName"])
             assert endpoint == f"tcp://{unit['Socket']['ListenStream']}", name
             held.add(endpoint)
-    assert held == {getattr(cfg, field) for field in FD_ENDPOINTS.values()}
+    assert held == {endpoint_of(cfg, name) for name in FD_ENDPOINTS}
     # The anchor worker needs no database: another user, started after the bus.
     writer_user = read_unit("bus-writer.service")["Service"]["User"]
-    assert read_unit(ANCHOR)["Service"]["User"] != writer_user
-    assert set(SERVICES) <= set(read_unit(ANCHOR)["Unit"]["After"].split())
+    for optional in (ANCHOR, GATEWAY):
+        assert read_unit(optional)["Service"]["User"] != writer_user
+        assert set(SERVICES) <= set(read_unit(optional)["Unit"]["After"].split())
 
 
 # The endpoints each service binds and caps at BUS_MAX_CONNECTIONS (its
@@ -177,9 +188,25 @@ def test_units_pass_systemd_analyze(tmp_path: Path) -> None:
             assert level <= 2.0, security.stdout
 
 
+def gateway_replays(listen: str, token: str) -> bool:
+    """Whether the gateway at `listen` lets `token` in and replays unit.*."""
+    from websockets.sync.client import connect
+    try:
+        with connect(f"ws://{listen}/", open_timeout=2) as ws:
+            ws.send('{"op": "auth", "token": "%s"}' % token)
+            ws.recv(timeout=5)
+            ws.send('{"op": "replay", "stream": 1, "prefixes": ["unit."]}')
+            return "stored through the units" in ws.recv(timeout=5) + ws.recv(timeout=5)
+    except (OSError, TimeoutError):
+        return False
+
+
 def test_unit_command_lines_run_and_stop_cleanly(tmp_path: Path) -> None:
     node = BitcoindDouble()
     config = local_config(tmp_path, BUS_BITCOIND_RPC_URL=node.url,
+                          BUS_GATEWAY_LISTEN=f"127.0.0.1:{free_port()}",
+                          BUS_GATEWAY_HTTP=f"127.0.0.1:{free_port()}",
+                          BUS_GATEWAY_TOKENS_DIR=str(tmp_path / "tokens"),
                           BUS_BITCOIND_ZMQ_HASHBLOCK=node.zmq_endpoint,
                           BUS_BITCOIND_RPC_COOKIE=str(tmp_path / ".cookie"))
     (tmp_path / ".cookie").write_text(f"{node.user}:{node.password}")
@@ -207,7 +234,16 @@ def test_unit_command_lines_run_and_stop_cleanly(tmp_path: Path) -> None:
         with HistoryClient(cfg) as history:
             assert [m.payload for m in history.messages(["unit."])] == \
                 [b"stored through the units' command lines"]
-        for name in reversed((*SERVICES, ANCHOR)):  # reverse order on stop
+        # The gateway, with a token of its directory.
+        tokens = subprocess.run([BUS_CLI, "tokens", "generate", str(tmp_path / "tokens"), "ops",
+                                 "--list", "readers", "--read", "unit."], capture_output=True,
+                                text=True, check=True).stdout.split()[1]
+        gateway = read_unit(GATEWAY)["Service"]
+        procs[GATEWAY] = Proc(shlex.split(localize(gateway["ExecStart"], config)), env,
+                              cwd=tmp_path)
+        wait_for(lambda: gateway_replays(cfg.gateway_listen, tokens),
+                 message="the gateway to replay what is stored")
+        for name in reversed((*SERVICES, ANCHOR, GATEWAY)):  # reverse order on stop
             kill = getattr(signal, read_unit(name)["Service"]["KillSignal"])
             assert procs[name].stop(kill) == 0, procs[name].stderr.collect()
         assert count_messages(tmp_path / "bus.db", "unit.") == 1
@@ -299,7 +335,8 @@ def test_the_three_host_files_describe_one_deployment() -> None:
                     for path in (cluster / host / "systemd").glob("*.d/cluster.conf")}
         assert not set(drop_ins) & off, (host, set(drop_ins) & off)
         assert all(name in all_units for name in drop_ins), drop_ins
-        for name in sorted(all_units - off - set(SOCKETS[ANCHOR])):  # the anchor: its own
+        # The anchor worker and the gateway are optional, enabled on their own.
+        for name in sorted(all_units - off - set(SOCKETS[ANCHOR]) - set(SOCKETS[GATEWAY])):
             if not name.endswith(".socket"):
                 continue
             assert name in drop_ins, f"{host}: {name} listens on 127.0.0.1 there"

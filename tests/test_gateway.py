@@ -511,3 +511,43 @@ def test_sigterm_closes_every_connection_with_1001_and_exits_0(bus: Bus) -> None
     assert gw.proc.wait(timeout=15) == 0
     events = [e["event"] for e in gw.proc.log_events()]
     assert events[-2:] == ["stopping", "stopped"]
+
+
+def test_socket_activated_the_port_stays_held_across_a_kill_9(bus: Bus) -> None:
+    """bus-gateway.socket's listening socket, passed as systemd passes it: a
+    kill -9 leaves the port bound (nothing else can take it and collect
+    browsers' tokens), the restarted gateway serves on it, and a socket that
+    listens elsewhere is refused (exit 78)."""
+    from tests.test_restarts import activated, kill_9
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as systemd does
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    env = {"BUS_GATEWAY_LISTEN": f"127.0.0.1:{port}"}
+    bus.env.update(env)
+    try:
+        gateway = activated(bus, {"gateway": listener}, BUS_CLI, "gateway")
+        url = f"ws://127.0.0.1:{port}/"
+
+        def answers() -> bool:
+            assert gateway.popen.poll() is None, gateway.stderr.collect()
+            try:
+                with connect(url, open_timeout=1) as ws:
+                    ws.send('{"op": "ping", "id": 1}')
+                    return "pong" in ws.recv(timeout=2)
+            except (OSError, TimeoutError):
+                return False
+        wait_for(answers, message="the socket-activated gateway")
+        kill_9(gateway)
+        squatter = socket.socket()
+        with pytest.raises(OSError):
+            squatter.bind(("127.0.0.1", port))
+        squatter.close()
+        gateway = activated(bus, {"gateway": listener}, BUS_CLI, "gateway")
+        wait_for(answers, message="the restarted gateway")
+        bus.env["BUS_GATEWAY_LISTEN"] = f"127.0.0.1:{free_port()}"
+        elsewhere = activated(bus, {"gateway": listener}, BUS_CLI, "gateway")
+        assert elsewhere.wait(timeout=15) == 78
+    finally:
+        listener.close()
