@@ -372,8 +372,8 @@ class BusConfig:
     gateway_tokens_dir: str = setting(
         "BUS_GATEWAY_TOKENS_DIR", "",
         "the gateway's token directory (bus-cli tokens); empty: no token asked, every "
-        "connection may read and publish every topic (as every local process may with CURVE "
-        "off)",
+        "connection may do everything (read, publish, the console: as every local process may "
+        "with CURVE off)",
         roles=("gateway",))
     gateway_origins: str = setting(
         "BUS_GATEWAY_ORIGINS", "",

@@ -78,8 +78,8 @@ class Token:
 
 
 # With no BUS_GATEWAY_TOKENS_DIR every connection has these rights, as every
-# local process has with CURVE off: read and publish, no admin's.
-ANONYMOUS = Token("anonymous", (PUBLISHERS, READERS), ("",), ("",))
+# local process has with CURVE off: every list's, every topic.
+ANONYMOUS = Token("anonymous", (ADMINS, PUBLISHERS, READERS), ("",), ("",))
 
 
 def digest(secret: str) -> str:

@@ -35,6 +35,10 @@ READ_BATCH_BYTES = 32 << 10
 # BUS_MAX_MESSAGE_BYTES of the gateway's memory (docs/protocol.md, "WebSocket
 # gateway": its memory).
 LIVE_HWM = 1000
+# Live messages are counted per topic group (the first two dot-separated
+# parts, as `bus-cli topics` groups them) for the console's rates: at most
+# this many groups, the rest counted under "(other)".
+MAX_TOPIC_GROUPS = 1000
 
 
 class Sink(TypingProtocol):
@@ -87,6 +91,7 @@ class LiveFeed:
         self.loop = loop
         self.index = PrefixIndex()
         self.received = self.invalid = self.delivered = 0
+        self.topics: dict[str, int] = {}
         self.last_commit_id = 0
         self.commits = asyncio.Event()
         self.watches = [sockets.PeerWatch(config.sub_endpoint),
@@ -142,6 +147,7 @@ class LiveFeed:
                 continue
             if protocol.is_reserved(msg.topic):
                 continue
+            self._count(msg.topic)
             sinks = index.matching(msg.topic)
             if sinks:
                 encoded = Encoded(msg)
@@ -149,6 +155,16 @@ class LiveFeed:
                     sink.take(encoded)
                 self.delivered += 1
         return True
+
+    def _count(self, topic: str) -> None:
+        group = ".".join(topic.split(".", 2)[:2])
+        topics = self.topics
+        if group in topics:
+            topics[group] += 1
+        elif len(topics) < MAX_TOPIC_GROUPS:
+            topics[group] = 1
+        else:
+            topics["(other)"] = topics.get("(other)", 0) + 1
 
     def _read_notices(self) -> bool:
         for _ in range(READ_BATCH):

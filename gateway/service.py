@@ -54,6 +54,7 @@ from gateway.health import gateway_health
 from gateway.clients import (CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_PROTOCOL_ERROR,
                              CLOSE_TRY_AGAIN_LATER, LIVE_STREAM, Client)
 from gateway.live import LiveFeed
+from gateway.overview import Overview
 from gateway.producers import Decision, ProducerSession, Submitted
 from gateway.streams import Durable, Replay, Stream
 
@@ -160,6 +161,7 @@ class Gateway:
                                     protocol.RESERVED_TOPIC)),
             control.Command("stats", lambda client, args: self.snapshot(),
                             roles=(security.ADMINS,)),
+            control.Command("console", self._console, roles=(security.ADMINS,)),
             control.Command("ping", lambda client, args: "pong", roles=(*reads, *publishes)),
             # The first request's, with tokens (_authenticate); later, or
             # without tokens, it says who the connection is.
@@ -181,6 +183,7 @@ class Gateway:
         self._woken = asyncio.Event()
         self.aio.add_reader(stop.fileno(), self._wake)
         self.feed = LiveFeed(self.ctx, cfg, self.aio)
+        self.overview = Overview(cfg, self.ctx, self.executor)
         host, _, port = cfg.gateway_listen.rpartition(":")
         # Socket activation (bus-gateway.socket): systemd holds the port while
         # the gateway restarts, so nothing else can take it meanwhile.
@@ -206,8 +209,9 @@ class Gateway:
                  tokens=cfg.gateway_tokens_dir or None, tls=bool(cfg.gateway_tls_cert),
                  config_source=cfg.source, config=cfg.public())
         if not self.tokens.required:
-            log.warning("no_tokens", action="every connection may read and publish every "
-                        "topic: set BUS_GATEWAY_TOKENS_DIR (bus-cli tokens generate)")
+            log.warning("no_tokens", action="every connection may do everything (read, "
+                        "publish, the console): set BUS_GATEWAY_TOKENS_DIR (bus-cli tokens "
+                        "generate)")
 
     async def _listen(self, **options: Any) -> Any:
         return await serve(self._serve, **options)
@@ -470,6 +474,11 @@ class Gateway:
 
     # --- the ops ------------------------------------------------------------------
 
+    async def _console(self, client: Client, args: dict[str, Any]) -> Any:
+        """What the console page shows, in one answer (gateway/overview.py)."""
+        return {"at_ns": time.time_ns(), "processes": await self.overview.read(time.monotonic()),
+                "topics": dict(self.feed.topics), "gateway": self.snapshot()}
+
     def _whoami(self, client: Client, args: dict[str, Any]) -> Any:
         token = args["_token"]
         return {"token": token.name, "lists": list(token.lists)}
@@ -722,6 +731,8 @@ class Gateway:
             session.join(timeout=2)
         if getattr(self, "feed", None) is not None:
             self.feed.close()
+        if getattr(self, "overview", None) is not None:
+            self.overview.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         aio.remove_reader(self.stop.fileno())
         aio.close()
