@@ -270,7 +270,8 @@ def descriptors_needed(max_connections: int, endpoints: int) -> int:
     return 2 * endpoints * max_connections + OWN_DESCRIPTORS
 
 
-def connection_cap(cfg: BusConfig, endpoints: int, log: Any) -> int:
+def connection_cap(cfg: BusConfig, endpoints: int, log: Any,
+                   max_connections: int | None = None) -> int:
     """BUS_MAX_CONNECTIONS as this process's open-file limit (RLIMIT_NOFILE)
     allows, what Redis does with maxclients: the soft limit is raised as far
     as the hard one allows to what the cap needs (descriptors_needed); still
@@ -278,8 +279,10 @@ def connection_cap(cfg: BusConfig, endpoints: int, log: Any) -> int:
     set the limit (LimitNOFILE=, deploy/systemd). A soft limit over 1,024 is
     safe here: nothing in these processes waits with select(2), which cannot
     take higher descriptors (libzmq uses epoll and poll, socketserver its
-    PollSelector, psycopg's wait_c poll)."""
-    wanted = descriptors_needed(cfg.max_connections, endpoints)
+    PollSelector, psycopg's wait_c poll). `max_connections`: another cap
+    than BUS_MAX_CONNECTIONS (the gateway's)."""
+    max_connections = cfg.max_connections if max_connections is None else max_connections
+    wanted = descriptors_needed(max_connections, endpoints)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
@@ -290,14 +293,14 @@ def connection_cap(cfg: BusConfig, endpoints: int, log: Any) -> int:
             except (ValueError, OSError):
                 pass
     if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return cfg.max_connections
+        return max_connections
     cap = (soft - OWN_DESCRIPTORS) // (2 * endpoints)
     if cap < 1:
         raise Misconfigured(f"the open-file limit ({soft}, hard {hard}) leaves no room for a "
                             f"connection: at least {descriptors_needed(1, endpoints)} needed "
                             "(LimitNOFILE= in the unit, ulimit -n)")
     log.warning("max_connections_lowered", max_connections=cap,
-                wanted=cfg.max_connections, open_file_limit=soft, hard_limit=hard,
+                wanted=max_connections, open_file_limit=soft, hard_limit=hard,
                 needed=wanted, reason="the open-file limit is too low for BUS_MAX_CONNECTIONS "
                 "on every endpoint: raise LimitNOFILE= (or ulimit -n) to the needed value")
     return cap

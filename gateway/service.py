@@ -180,6 +180,9 @@ class Gateway:
         self.ctx = zmq.Context()
         self.executor = ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix="request")
         self.memory = MemoryLimit(cfg.gateway_memory_limit_bytes, interval_s=0.5)
+        # Its connections, and as many again in their handshake (10 s at most):
+        # the open-file limit raised to fit, or the cap lowered (and said).
+        self.max_connections = sockets.connection_cap(cfg, 1, log, cfg.gateway_max_connections)
         self._woken = asyncio.Event()
         self.aio.add_reader(stop.fileno(), self._wake)
         self.feed = LiveFeed(self.ctx, cfg, self.aio)
@@ -196,7 +199,8 @@ class Gateway:
                 origins=self._origins(), process_request=self._http_request,
                 max_size=self._max_frame_bytes(), max_queue=READ_AHEAD_FRAMES,
                 write_limit=WRITE_LIMIT_BYTES, ping_interval=PING_INTERVAL_S,
-                ping_timeout=PING_TIMEOUT_S, close_timeout=2, compression=None,
+                ping_timeout=PING_TIMEOUT_S, close_timeout=2, open_timeout=AUTH_TIMEOUT_S,
+                compression=None,
                 server_header=None, logger=None))
         except OSError as exc:
             raise StartupError(f"cannot listen on {cfg.gateway_listen}: "
@@ -297,7 +301,7 @@ class Gateway:
         connection cap (503) for upgrades."""
         if "upgrade" not in request.headers.get("Connection", "").lower():
             return self._static(connection, request.path)
-        if len(self.clients) >= self.config.gateway_max_connections:
+        if len(self.clients) >= self.max_connections:
             self.closed["too_many_connections"] += 1
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                       "too many connections\n")
