@@ -113,6 +113,13 @@ def test_the_console_shows_the_bus_live(bus: Bus, tmp_path: Path, browser: Any) 
                             ".map((tr) => tr.cells[0].textContent)")
     assert "rates.t" in topics, topics
 
+    # A durable consumer behind, with its lag.
+    bus.request("BUS_CONTROL_ENDPOINT", "consumer_ack",
+                {"consumer": "billing", "last_id": 2, "prefixes": ["rates."]})
+    wait_for(lambda: shown(browser, "return [...document.querySelectorAll('#consumers tbody tr')]"
+                                    ".map((tr) => tr.cells[0].textContent)") == ["billing"],
+             message="the consumer listed")
+
     # A process going down shows.
     def reader_state() -> str:
         return shown(browser, "const tr = document.querySelector('tr[data-process=\"reader\"]');"
