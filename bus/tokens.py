@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bus import protocol
+from bus.runner import StartupError
 from bus.security import ADMINS, PUBLISHERS, READERS, ROLES
 
 # What a token looks like: a prefix that secret scanners can match, then 32
@@ -46,6 +47,10 @@ TOKENS_RECHECK_S = 1.0
 MAX_TOKENS = 10_000
 MAX_TOKEN_PREFIXES = 64
 MAX_TOKEN_FILE_BYTES = 64 << 10
+
+
+class TokenDirectoryError(StartupError):
+    """BUS_GATEWAY_TOKENS_DIR cannot be read: the gateway does not start."""
 
 
 class TokenFileError(ValueError):
@@ -175,6 +180,11 @@ class TokenStore:
         self._signature: list[tuple[str, int, int]] | None = None
         self._next = 0.0
         if directory:
+            try:
+                self._signature = self._read_signature()
+            except OSError as exc:  # a typo would refuse every connection: say it now
+                raise TokenDirectoryError(f"BUS_GATEWAY_TOKENS_DIR {directory[:200]!r}: "
+                                          f"{exc.strerror or exc}") from None
             self.reload()
 
     @property

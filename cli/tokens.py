@@ -30,8 +30,8 @@ def _check_name(name: str) -> None:
 @click.argument("directory", type=click.Path())
 @click.argument("name")
 @click.option("--list", "lists", type=click.Choice(security.ROLES), multiple=True,
-              required=True, help="publishers (may publish), readers (may read), admins "
-                                  "(both, and the console's stats); repeatable")
+              help="publishers (may publish), readers (may read), admins (both, and the "
+                   "console's stats); repeatable, at least one")
 @click.option("--publish", "publish", multiple=True, metavar="PREFIX",
               help="a topic prefix it may publish to (repeatable; '' for every topic)")
 @click.option("--read", "read", multiple=True, metavar="PREFIX",
@@ -44,6 +44,8 @@ def tokens_generate(directory: str, name: str, lists: tuple[str, ...], publish: 
     """Write DIRECTORY/NAME.json for a new token and print the token, once:
     only its SHA-256 is kept. A running gateway takes it within a second."""
     _check_name(name)
+    if not lists:
+        raise click.UsageError(f"give --list at least once ({', '.join(security.ROLES)})")
     if Path(directory).exists() and not Path(directory).is_dir():
         raise InputError(f"{directory} is not a directory")
     try:

@@ -129,7 +129,7 @@ class Gateway:
 
     def __init__(self, config: BusConfig) -> None:
         self.config = config
-        self.tokens = TokenStore(config.gateway_tokens_dir)
+        self.tokens = TokenStore("")  # read in initialize (a StartupError is said there)
         self.clients: set[Client] = set()
         self.producer_sessions: dict[str, ProducerSession] = {}
         self.numbers = itertools.count(1)
@@ -175,6 +175,7 @@ class Gateway:
     def initialize(self, stop: StopSignal) -> None:
         cfg = self.config
         self.stop = stop
+        self.tokens = TokenStore(cfg.gateway_tokens_dir)
         self.aio = asyncio.new_event_loop()
         asyncio.set_event_loop(self.aio)
         self.ctx = zmq.Context()

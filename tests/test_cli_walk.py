@@ -51,7 +51,7 @@ _SETTING = {s.field: s for s in SETTINGS}
 # Commands that serve until stopped: each is stopped (SIGINT) once it says
 # READY=1, or after SERVER_GRACE_S (a new one not listed here is walked as a
 # client: stopped after CLIENT_GRACE_S, the same checks).
-SERVE_UNTIL_STOPPED = {("proxy",), ("writer",), ("reader",), ("up",), ("anchor",)}
+SERVE_UNTIL_STOPPED = {("proxy",), ("writer",), ("reader",), ("up",), ("anchor",), ("gateway",)}
 SERVER_GRACE_S = 10.0
 # A client command still running after this long is asked to stop (SIGINT):
 # it must have said what it waits for by then.
@@ -281,7 +281,7 @@ def environment(tmp: Path) -> dict[str, str]:
     env.update({name: f"tcp://127.0.0.1:{free_port()}" for name in ENDPOINT_VARS})
     env.update(BUS_DB=str(tmp / "bus.db"), BUS_LOG_FORMAT="json", BUS_REQUEST_TIMEOUT_MS="1000",
                BUS_SHUTDOWN_TIMEOUT_MS="2000", BUS_CONFIG="", BUS_BITCOIND_RPC_URL=
-               f"http://127.0.0.1:{free_port()}")
+               f"http://127.0.0.1:{free_port()}", BUS_GATEWAY_LISTEN=f"127.0.0.1:{free_port()}")
     return env
 
 
