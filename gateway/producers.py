@@ -157,7 +157,10 @@ class ProducerSession(threading.Thread):
 
     def _hand_over(self, decided: list[Decision]) -> None:
         self.pending -= len(decided)
-        self.on_decided(decided)
+        try:
+            self.on_decided(decided)
+        except RuntimeError:  # the gateway's loop closed (a stop past its deadline): nobody to tell
+            pass
 
     def _fail_rest(self, refs: dict[int, Any]) -> None:
         """What was not decided when the session ended: answered unavailable

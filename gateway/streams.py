@@ -27,9 +27,11 @@ from bus.config import BusConfig
 from bus.protocol import Message
 from gateway.frames import Encoded
 
-# Live messages a replay holds while it reads the stored ones, at most (then
-# it forgets them: the stored stream has them all).
+# Live messages a replay holds while it reads the stored ones, at most, in
+# count and in payload bytes (then it forgets them: the stored stream has them
+# all, and the two meet at a later live message).
 HOLD_LIMIT = 10_000
+HOLD_BYTES = 1 << 20
 # With no commit notice, the reader is asked again this often.
 POLL_S = 1.0
 # After a failed request to the reader or the writer, a stream tries again
@@ -160,7 +162,7 @@ class Replay(Stream):
         super().__init__(*args, **kwargs)
         self.after_id = after_id
         self.since_ns = since_ns
-        self.seam = Seam(HOLD_LIMIT)
+        self.seam = Seam(HOLD_LIMIT, HOLD_BYTES)
 
     def take(self, encoded: Encoded) -> None:
         if not self.seam.met:
@@ -222,6 +224,9 @@ class Durable(Stream):
             page = await self._page(after_id, None)
             after_id = page.after_id
             await self._send(page.messages)
+            # What the client acknowledged reaches the writer within about a
+            # second even when it acknowledges no more.
+            await self._call(self.position.send_if_due)
             if not page.more:
                 await self._wait_for_commit(after_id)
 

@@ -218,7 +218,14 @@ def test_one_connection_subscribes_replays_consumes_and_publishes(bus: Bus) -> N
                       after_id=0)["ok"]
     ws.wait(lambda: len(ws.messages(2)) == 50)
     thirtieth = ws.messages(2)[29]["id"]
+    # Two acks at once: the second comes within the 0.2 s between two stores
+    # of a position, and must still reach the writer while the stream is open.
+    assert ws.request("ack", stream=2, last_id=thirtieth - 1)["ok"]
     assert ws.request("ack", stream=2, last_id=thirtieth)["result"]["acked_id"] == thirtieth
+    # ... and reaches the writer while the stream goes on, not only when it closes.
+    wait_for(lambda: bus.request("BUS_CONTROL_ENDPOINT", "consumer_get",
+                                 {"consumer": "audit"})["last_id"] == thirtieth,
+             message="the position stored with the writer")
     ws.close()
     with gw.connect() as again:
         assert again.request("consume", stream=5, consumer="audit",

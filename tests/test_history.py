@@ -265,3 +265,26 @@ def test_what_a_subscriber_remembers_of_delivered_seqs_is_bounded_in_all() -> No
             assert delivered.count <= MAX_RUNS
     assert delivered.count == sum(len(runs) for runs in delivered.runs.values())
     assert not delivered.add(f"forged-{producers - 1}", 2 * MAX_RUNS_PER_PRODUCER + 1)
+
+
+def test_what_a_seam_holds_is_bounded_in_bytes_too() -> None:
+    """The gateway's replays hold live messages while they read stored ones:
+    a count alone let 10,000 messages of 1 MiB be held (10 GB). Past
+    `hold_bytes` of payloads the held ones are forgotten (the stored stream
+    has them), and the seam still meets at a later live message."""
+    from bus.client.subscriber import Seam
+    from bus.protocol import META_EPOCH, META_PRODUCER, META_SEQ, Message
+
+    def msg(seq: int, size: int) -> Message:
+        return Message("t", b"x" * size, {META_PRODUCER: "p", META_EPOCH: 1, META_SEQ: seq})
+
+    seam = Seam(hold_limit=100, hold_bytes=1000)
+    for seq in range(1, 4):
+        seam.hold(msg(seq, 600))
+    assert [m.seq for m in seam._held] == [3]  # 1 and 2 (1,200 bytes) forgotten at 3
+    assert [m.seq for m in seam.cut([msg(1, 600), msg(2, 600), msg(3, 600)])] == [1, 2, 3]
+    assert seam.met
+    unbounded = Seam(hold_limit=100)
+    for seq in range(1, 4):
+        unbounded.hold(msg(seq, 600))
+    assert len(unbounded._held) == 3

@@ -96,8 +96,10 @@ class Seam:
     the two streams meet (see `cut`); from then on only live ones, with each
     (producer, seq) delivered once across the seam and across re-sends."""
 
-    def __init__(self, hold_limit: int) -> None:
+    def __init__(self, hold_limit: int, hold_bytes: int | None = None) -> None:
         self.hold_limit = hold_limit
+        self.hold_bytes = hold_bytes  # and at most this much of their payloads (None: no bound)
+        self._held_size = 0
         self.met = False
         self.duplicates_skipped = 0
         self._held: deque[Message] = deque()
@@ -105,10 +107,13 @@ class Seam:
         self._delivered = Delivered()
 
     def hold(self, msg: Message) -> None:
-        if len(self._held) >= self.hold_limit:  # bounded; the stored stream has them all
+        if len(self._held) >= self.hold_limit or (  # bounded; the stored stream has them all
+                self.hold_bytes is not None and self._held_size >= self.hold_bytes):
             self._held.clear()
             self._held_keys.clear()
+            self._held_size = 0
         self._held.append(msg)
+        self._held_size += len(msg.payload)
         if (key := msg.identity) is not None:
             self._held_keys.add(key)
 
@@ -131,6 +136,7 @@ class Seam:
                     after = [m for m in held[:cut] if m.identity is not None] + held[cut + 1:]
                     self._held.clear()
                     keys.clear()
+                    self._held_size = 0
                     self.met = True
                     stored = stored[:i + 1] + after
                     break
