@@ -133,10 +133,14 @@ def generate(directory: str | Path, name: str, lists: tuple[str, ...],
             "created_ns": now_ns}
     parse(json.dumps(data))  # what a gateway would refuse is never written
     target = Path(directory)
-    target.mkdir(parents=True, exist_ok=True)
+    target.mkdir(mode=0o755, parents=True, exist_ok=True)
     path = target / f"{name}.json"
     # Created whole or not at all (O_EXCL: a name is never reused by mistake).
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    # Readable by all: it holds the token's SHA-256, not the token (a hash of
+    # 32 random bytes gives nothing back), and the gateway runs as a user of
+    # its own (the unit's DynamicUser=), not as whoever generated it.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.fchmod(fd, 0o644)  # whatever the umask
     with os.fdopen(fd, "w") as out:
         json.dump(data, out, indent=2)
         out.write("\n")

@@ -46,10 +46,11 @@ def reader(ctx: click.Context, **flags: Any) -> None:
     sys.exit(run_role(Reader(build_config(ctx, flags, "reader"))))
 
 
-# The gateway is a client of the proxy, the writer and the reader: their
-# endpoints, the message limits and its CURVE key are its flags too.
+# The gateway is a client of the proxy, the writer and the reader (the
+# console asks each for its stats): their endpoints, the message limits and
+# its CURVE key are its flags too.
 GATEWAY_ROLES = ("gateway", "publisher", "subscriber", "reader_client", "writer_client",
-                 "curve")
+                 "proxy_client", "curve")
 
 
 @click.command()

@@ -60,6 +60,14 @@ def tokens_generate(directory: str, name: str, lists: tuple[str, ...], publish: 
     except OSError as exc:
         raise InputError(f"cannot write {directory}/{name}.json: {exc.strerror or exc}") from None
     click.echo(f"token {secret}\nfile  {path}\n(shown once: only its hash is stored)")
+    may_read = bool({"readers", "admins"} & set(lists))
+    may_publish = bool({"publishers", "admins"} & set(lists))
+    if may_read and not read:
+        click.echo("note: no --read prefix: it may read no topic ('--read \"\"' for every one)",
+                   err=True)
+    if may_publish and not publish:
+        click.echo("note: no --publish prefix: it may publish to no topic ('--publish \"\"' for "
+                   "every one)", err=True)
 
 
 @tokens.command("ls")

@@ -80,7 +80,8 @@ STREAM_ID_MAX = 2**31 - 1
 CONSUMER_MAX_CHARS = 128
 
 # Why connections were refused or closed (stats "closed"); each counted.
-CLOSE_REASONS = ("no_token", "bad_token", "revoked", "slow_consumer", "too_many_connections",
+CLOSE_REASONS = ("no_token", "bad_token", "bad_origin", "revoked", "slow_consumer",
+                 "too_many_connections",
                  "too_many_for_token", "memory", "protocol_error", "auth_timeout",
                  "going_away")
 
@@ -181,6 +182,7 @@ class Gateway:
         self.ctx = zmq.Context()
         self.executor = ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix="request")
         self.memory = MemoryLimit(cfg.gateway_memory_limit_bytes, interval_s=0.5)
+        self.origins = self._origins()
         # Its connections, and as many again in their handshake (10 s at most):
         # the open-file limit raised to fit, or the cap lowered (and said).
         self.max_connections = sockets.connection_cap(cfg, 1, log, cfg.gateway_max_connections)
@@ -197,7 +199,7 @@ class Gateway:
         try:
             self.server = self.aio.run_until_complete(self._listen(
                 **where, ssl=self._tls(),
-                origins=self._origins(), process_request=self._http_request,
+                process_request=self._http_request,
                 max_size=self._max_frame_bytes(), max_queue=READ_AHEAD_FRAMES,
                 write_limit=WRITE_LIMIT_BYTES, ping_interval=PING_INTERVAL_S,
                 ping_timeout=PING_TIMEOUT_S, close_timeout=2, open_timeout=AUTH_TIMEOUT_S,
@@ -213,6 +215,7 @@ class Gateway:
         log.info("started", **build_info(), listen=self.address,
                  tokens=cfg.gateway_tokens_dir or None, tls=bool(cfg.gateway_tls_cert),
                  config_source=cfg.source, config=cfg.public())
+        self._tokens_read()
         if not self.tokens.required:
             log.warning("no_tokens", action="every connection may do everything (read, "
                         "publish, the console): set BUS_GATEWAY_TOKENS_DIR (bus-cli tokens "
@@ -220,6 +223,17 @@ class Gateway:
 
     async def _listen(self, **options: Any) -> Any:
         return await serve(self._serve, **options)
+
+    def _tokens_read(self) -> None:
+        """Say what the token directory holds, and each file it could not
+        take (unreadable by the gateway's user, not a token file): otherwise
+        an operator sees only "bad token"."""
+        if not self.tokens.required:
+            return
+        log.info("tokens_read", tokens=len(self.tokens.by_hash),
+                 directory=self.config.gateway_tokens_dir)
+        for name, problem in sorted(self.tokens.problems.items())[:20]:
+            log.warning("token_file_not_taken", file=name, problem=problem)
 
     def _tls(self) -> ssl.SSLContext | None:
         cfg = self.config
@@ -268,6 +282,8 @@ class Gateway:
 
     def tend(self, now: float) -> None:
         revoked = self.tokens.check(now)
+        if revoked is not None:
+            self._tokens_read()
         if revoked:
             for client in list(self.clients):
                 if client.token_hash in revoked:
@@ -298,10 +314,20 @@ class Gateway:
 
     def _http_request(self, connection: ServerConnection,
                       request: HttpRequest) -> Response | None:
-        """The console's files at / (not a WebSocket upgrade), and the
-        connection cap (503) for upgrades."""
+        """The console's files at / (not a WebSocket upgrade); for upgrades
+        the Origin check (403) and the connection cap (503)."""
         if "upgrade" not in request.headers.get("Connection", "").lower():
             return self._static(connection, request.path)
+        # The Origin check (websockets' own, done here to be counted and said).
+        origins = request.headers.get_all("Origin")
+        if len(origins) > 1 or self.origins is not None and (origins[0] if origins else None) \
+                not in self.origins:
+            self.closed["bad_origin"] += 1
+            self._rejects.warning("bad_origin", "origin_refused",
+                                  origin=", ".join(origins)[:200],
+                                  action="a page of another site: BUS_GATEWAY_ORIGINS lists "
+                                         "the ones let in")
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
         if len(self.clients) >= self.max_connections:
             self.closed["too_many_connections"] += 1
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
@@ -310,11 +336,18 @@ class Gateway:
 
     def _static(self, connection: ServerConnection, path: str) -> Response:
         name = path.split("?", 1)[0].lstrip("/") or "index.html"
+        if name == "console.json":  # what the page asks first: whether to ask for a token
+            response = connection.respond(http.HTTPStatus.OK, "")
+            return self._body(response, b'{"tokens": %s}' % (
+                b"true" if self.tokens.required else b"false"), "console.json")
         files = resources.files("gateway") / "console"
         if "/" in name or name.startswith(".") or not (files / name).is_file():
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
-        body = (files / name).read_bytes()
-        response = connection.respond(http.HTTPStatus.OK, "")
+        return self._body(connection.respond(http.HTTPStatus.OK, ""),
+                          (files / name).read_bytes(), name)
+
+    @staticmethod
+    def _body(response: Response, body: bytes, name: str) -> Response:
         response.body = body
         headers = Headers(response.headers)
         del headers["Content-Type"], headers["Content-Length"]
@@ -459,8 +492,9 @@ class Gateway:
                 raise Failed(protocol.BAD_REQUEST, f"{op} takes no {', '.join(sorted(unknown))}"
                              f" (its arguments: {', '.join(command.args) or 'none'})")
             if not token.in_lists(command.roles):
-                raise Failed(protocol.FORBIDDEN, f"token {token.name!r} may not {op} (lists: "
-                             f"{', '.join(token.lists)})")
+                raise Failed(protocol.FORBIDDEN, f"token {token.name!r} may not run {op!r} "
+                             f"(its lists: {', '.join(token.lists)}; {op!r} is for "
+                             f"{', '.join((*command.roles, security.ADMINS))})")
             result = command.handler(client, {**request, "_token": token, "_id": request_id})
             if inspect.isawaitable(result):
                 result = await result
@@ -486,6 +520,12 @@ class Gateway:
 
     def _whoami(self, client: Client, args: dict[str, Any]) -> Any:
         token = args["_token"]
+        secret = args.get("token")
+        if secret is not None and self.tokens.required:
+            found = self.tokens.lookup(secret)
+            if found is None or found[0] != client.token_hash:
+                raise Failed(protocol.BAD_REQUEST, f"this connection is {token.name!r}'s: one "
+                             "token a connection (open another for another token)")
         return {"token": token.name, "lists": list(token.lists)}
 
     def _prefixes(self, client: Client, args: dict[str, Any], adding: int = 0) -> list[str]:

@@ -98,7 +98,8 @@ def test_the_bounds_checked_are_the_declared_ones() -> None:
 # flags are exactly role_fields of these. A command missing here takes none.
 COMMAND_ROLES: dict[str, tuple[str, ...]] = {
     "proxy": ("proxy",), "writer": ("writer",), "reader": ("reader",), "anchor": ("anchor",),
-    "gateway": ("gateway", "publisher", "subscriber", "reader_client", "writer_client", "curve"),
+    "gateway": ("gateway", "publisher", "subscriber", "reader_client", "writer_client",
+                "proxy_client", "curve"),
     **{f"tokens {cmd}": () for cmd in ("generate", "ls", "revoke")},
     "up": ("writer", "proxy", "reader"),
     "publish": ("publisher", "curve"),

@@ -52,13 +52,20 @@ def shown(driver: Any, script: str) -> Any:
 def test_the_console_shows_the_bus_live(bus: Bus, tmp_path: Path, browser: Any) -> None:
     from selenium.webdriver.common.by import By
     made = tokens_for(bus, tmp_path / "tokens", {"ops": ["--list", "admins", "--read", "",
-                                                         "--publish", ""]})
+                                                         "--publish", ""],
+                                                 "desk": ["--list", "readers", "--read", ""]})
     gw = Gateway(bus, BUS_GATEWAY_TOKENS_DIR=tmp_path / "tokens")
     browser.get(f"http://127.0.0.1:{gw.port}/")
     assert browser.title == "bus console"
     # This gateway asks for a token: the page says so, and takes one.
     wait_for(lambda: browser.find_element(By.ID, "token-form").is_displayed(),
              message="the token form")
+    # A token that is not an admin's: the page says so and asks again.
+    browser.find_element(By.ID, "token").send_keys(made["desk"])
+    browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+    wait_for(lambda: "not an admin" in browser.find_element(By.ID, "status").text
+             and browser.find_element(By.ID, "token-form").is_displayed(),
+             message="the page asking for an admin's token")
     browser.find_element(By.ID, "token").send_keys(made["ops"])
     browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
     wait_for(lambda: browser.find_element(By.ID, "status").get_attribute("data-state") == "open",
@@ -146,4 +153,4 @@ def test_the_console_shows_the_bus_live(bus: Bus, tmp_path: Path, browser: Any) 
                             || Date.now() > deadline) ? done(lines) : setTimeout(wait, 50);
         wait();""")
     assert "stored: seq 1" in lines, lines
-    assert "stream 0: orders.web hello from js" in lines and "closed 1005" in lines, lines
+    assert "stream 0: orders.web hello from js" in lines and "closed 1000 done" in lines, lines

@@ -305,6 +305,10 @@ def test_each_token_may_do_what_its_lists_and_prefixes_say(bus: Bus, tmp_path: P
     # A token in a header (a client that can set one) instead of the first frame.
     with gw.connect(made["reader"], header=True) as ws:
         assert ws.request("subscribe", prefixes=["orders."])["ok"]
+        # One token a connection: another's is refused, the connection keeps its own.
+        assert ws.request("auth", token=made["admin"])["error"]["code"] == "bad_request"
+        assert ws.request("auth")["result"]["token"] == "reader"
+        assert ws.request("stats")["error"]["code"] == "forbidden"
     # No token, a wrong one: closed with 1008.
     with gw.connect() as ws:
         ws.send("subscribe", prefixes=["orders."])
@@ -339,10 +343,21 @@ def test_each_token_may_do_what_its_lists_and_prefixes_say(bus: Bus, tmp_path: P
         assert again.closed() == (1008, "bad token")
     closed = gw.stats(made["admin"])["connections"]["closed"]
     assert (closed["revoked"], closed["no_token"], closed["too_many_for_token"]) == (1, 1, 1)
-    assert closed["bad_token"] == 2
+    assert (closed["bad_token"], closed["bad_origin"]) == (2, 1)
+    assert any(e.get("event") == "origin_refused" and e["origin"] == "https://evil.example"
+               for e in gw.proc.log_events())
+    # Token files hold hashes, readable by the gateway's own user; one it
+    # cannot take is said in its log (else an operator sees only "bad token").
+    assert all((directory / f"{name}.json").stat().st_mode & 0o777 == 0o644
+               for name in ("admin", "writer"))
+    (directory / "broken.json").write_text("{not json")
+    wait_for(lambda: any(e.get("event") == "token_file_not_taken" and e["file"] == "broken.json"
+                         for e in gw.proc.log_events()), message="the broken file said")
     listed = bus.cli("tokens", "ls", str(directory), "--json")
-    assert sorted(t["name"] for t in json.loads(listed.stdout)) == \
-        ["admin", "both", "capped", "writer"]
+    entries = json.loads(listed.stdout)
+    assert sorted(t["name"] for t in entries if "name" in t) == ["admin", "both", "capped",
+                                                                  "writer"]
+    assert [t["file"] for t in entries if "problem" in t] == ["broken.json"]
 
 
 class RawWs:

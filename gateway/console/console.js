@@ -9,7 +9,7 @@ const HISTORY_S = 300;          // what the plot shows
 const TAIL_ROWS = 50;
 const POLL_MS = 1000;
 const state = { ws: null, nextId: 1, waiting: new Map(), samples: [], topics: null,
-                tailPrefix: null, timer: null };
+                tailPrefix: null, timer: null, forbidden: false };
 const $ = (id) => document.getElementById(id);
 
 function request(op, args = {}) {
@@ -21,6 +21,23 @@ function request(op, args = {}) {
 function setStatus(text, kind) {
   $("status").textContent = text;
   $("status").dataset.state = kind;
+}
+
+async function start() {
+  // Whether this gateway asks for a token: ask for one before connecting.
+  const config = await fetch("console.json").then((r) => r.json()).catch(() => ({ tokens: false }));
+  if (config.tokens && !sessionStorage.getItem("bus-token")) {
+    setStatus("this gateway asks for a token (an admin's)", "closed");
+    $("token-form").hidden = false;
+    return;
+  }
+  connect();
+}
+
+function askToken(why) {
+  sessionStorage.removeItem("bus-token");
+  setStatus(why, "closed");
+  $("token-form").hidden = false;
 }
 
 function connect() {
@@ -44,11 +61,11 @@ function connect() {
     clearInterval(state.timer);
     for (const waiter of state.waiting.values()) waiter.reject(new Error("closed"));
     state.waiting.clear();
+    if (state.forbidden) return;             // closed by us: the page asks for another token
     const why = event.reason || `code ${event.code}`;
     setStatus(`disconnected (${why})`, "closed");
     if (event.code === 1008 && /token|revoked/.test(why)) {
-      sessionStorage.removeItem("bus-token");
-      $("token-form").hidden = false;
+      askToken(`disconnected (${why})`);
       return;
     }
     setTimeout(connect, 2000);            // the gateway restarting: come back
@@ -61,7 +78,7 @@ function connect() {
       $("token-form").hidden = true;
       if (state.tailPrefix !== null) await follow(state.tailPrefix);
       await poll();
-      state.timer = setInterval(poll, POLL_MS);
+      if (!state.forbidden) state.timer = setInterval(poll, POLL_MS);
     } catch (error) {
       setStatus(String(error.message), "closed");
     }
@@ -73,6 +90,13 @@ async function poll() {
   try {
     view = await request("console");
   } catch (error) {
+    if (/^forbidden/.test(error.message)) {    // a token, not an admin's: ask for another
+      state.forbidden = true;
+      clearInterval(state.timer);
+      state.ws.close(1000, "another token");
+      askToken("this token is not an admin's: the console needs one");
+      return;
+    }
     setStatus(String(error.message), "closed");
     return;
   }
@@ -137,7 +161,8 @@ function renderRates() {
     for (const key of ["stored", "refused"]) points[key].push([s[i].t, Math.max(0, (s[i][key] - s[i - 1][key]) / dt)]);
   }
   const now = s.length ? s[s.length - 1].t : 0;
-  const top = Math.max(1, ...points.stored.map((p) => p[1]), ...points.refused.map((p) => p[1])) * 1.1;
+  const peak = Math.max(0, ...points.stored.map((p) => p[1]), ...points.refused.map((p) => p[1]));
+  const top = Math.max(10, Math.ceil(peak * 1.1 / 10) * 10);   // whole numbers on the axis
   g.strokeStyle = "#ddd"; g.fillStyle = "#667"; g.font = "11px sans-serif";
   for (const frac of [0, 0.5, 1]) {
     const y = h - pad + frac * -(h - pad - 8);
@@ -221,6 +246,7 @@ $("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
   sessionStorage.setItem("bus-token", $("token").value.trim());
   $("token").value = "";
+  state.forbidden = false;
   connect();
 });
-connect();
+start();
