@@ -412,6 +412,15 @@ def decode_meta(raw: bytes) -> dict[str, Any]:
     time_ns = meta.get(META_TIME_NS)
     if time_ns is not None and not (type(time_ns) is int and MIN_INT64 <= time_ns <= MAX_INT64):
         raise ProtocolError(META_BAD_VALUE, "time_ns must be a signed 64-bit integer")
+    # What subscribers are handed as text: a header of bytes or a float (NaN)
+    # stored once stopped every JSON client after it (the WebSocket gateway's).
+    content_type = meta.get(META_CONTENT_TYPE)
+    if content_type is not None and type(content_type) is not str:
+        raise ProtocolError(META_BAD_VALUE, "content_type must be a string")
+    headers = meta.get(META_HEADERS)
+    if headers is not None and not (type(headers) is dict and all(
+            type(k) is str and type(v) is str for k, v in headers.items())):
+        raise ProtocolError(META_BAD_VALUE, "headers must map strings to strings")
     return meta
 
 

@@ -120,6 +120,8 @@ class Client:
         if self.closing is not None:
             return False
         item = encoded.item(bool(self.binary))
+        if item is None:
+            return False
         if self.buffered() + len(item) > self.send_budget:
             self.cut(CLOSE_POLICY, "slow consumer", f"more than {self.send_budget} bytes "
                                                     "waiting to be sent")

@@ -66,23 +66,32 @@ def packed_item(msg: Message) -> bytes:
 
 
 class Encoded:
-    """One message and its two encodings, each made when first asked for."""
+    """One message and its two encodings, each made when first asked for.
+    A message that cannot be encoded (a meta value the writer never stores,
+    from a publisher that went round it) is None: skipped and counted, and
+    the messages after it go on."""
 
     __slots__ = ("msg", "_json", "_packed")
+    unencodable = 0  # in all, for the gateway's stats
 
     def __init__(self, msg: Message) -> None:
         self.msg = msg
-        self._json: str | None = None
-        self._packed: bytes | None = None
+        self._json: str | None | bool = None
+        self._packed: bytes | None | bool = None
 
-    def item(self, binary: bool) -> str | bytes:
-        if binary:
-            if self._packed is None:
-                self._packed = packed_item(self.msg)
-            return self._packed
-        if self._json is None:
-            self._json = json_item(self.msg)
-        return self._json
+    def item(self, binary: bool) -> str | bytes | None:
+        cached = self._packed if binary else self._json
+        if cached is None:
+            try:
+                cached = packed_item(self.msg) if binary else json_item(self.msg)
+            except (TypeError, ValueError, OverflowError):
+                Encoded.unencodable += 1
+                cached = False
+            if binary:
+                self._packed = cached
+            else:
+                self._json = cached
+        return cached or None
 
 
 def batch(binary: bool, stream: int, items: list[str | bytes]) -> str | bytes:

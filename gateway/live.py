@@ -23,7 +23,10 @@ import zmq
 
 from bus import protocol, sockets
 from bus.config import BusConfig
+from bus.logging import get_logger
 from gateway.frames import Encoded
+
+log = get_logger("gateway")
 
 # Messages, and bytes, read from a socket before the loop turns to its other
 # work (the connections' sends): what one turn adds to a connection's outbox
@@ -90,7 +93,7 @@ class LiveFeed:
         self.config = config
         self.loop = loop
         self.index = PrefixIndex()
-        self.received = self.invalid = self.delivered = 0
+        self.received = self.invalid = self.delivered = self.failed = 0
         self.topics: dict[str, int] = {}
         self.last_commit_id = 0
         self.commits = asyncio.Event()
@@ -115,7 +118,12 @@ class LiveFeed:
         fd = sock.getsockopt(zmq.FD)
 
         def wake() -> None:
-            if read():  # more to read: after the loop's other work
+            try:
+                more = read()
+            except Exception:  # the fd is edge-triggered: a wake lost is a socket deaf for good
+                log.exception("live_read_failed")
+                more = True
+            if more:  # more to read: after the loop's other work
                 self.loop.call_soon(wake)
         self.loop.add_reader(fd, wake)
         self._readers.append(fd)
@@ -152,7 +160,11 @@ class LiveFeed:
             if sinks:
                 encoded = Encoded(msg)
                 for sink in sinks:
-                    sink.take(encoded)
+                    try:
+                        sink.take(encoded)
+                    except Exception:  # a bug must not stop the loop's reading for good
+                        self.failed += 1
+                        log.exception("delivery_failed", topic=msg.topic[:200])
                 self.delivered += 1
         return True
 

@@ -20,12 +20,15 @@ from typing import Any, Protocol as TypingProtocol
 
 import zmq
 
-from bus import security
+from bus import protocol, security
+from bus.logging import get_logger
 from bus.client import BusError, ControlClient, HistoryClient
 from bus.client.subscriber import PERMANENT_ERRORS, DurablePosition, Seam
 from bus.config import BusConfig
 from bus.protocol import Message
 from gateway.frames import Encoded
+
+log = get_logger("gateway")
 
 # Live messages a replay holds while it reads the stored ones, at most, in
 # count and in payload bytes (then it forgets them: the stored stream has them
@@ -131,6 +134,10 @@ class Stream:
             raise
         except BusError as exc:  # no retry can cure it (forbidden, bad request)
             self.receiver.tell("stream_ended", stream=self.id, code=exc.code, reason=str(exc))
+        except Exception as exc:  # out of sockets, a bug: said, never silent
+            log.exception("stream_failed", stream=self.id, kind=self.kind)
+            self.receiver.tell("stream_ended", stream=self.id, code=protocol.INTERNAL_ERROR,
+                               reason=f"{type(exc).__name__}: {str(exc)[:200]}")
 
     async def run(self) -> None:
         raise NotImplementedError
