@@ -33,7 +33,12 @@ _MESSAGES_KEY = _packer.pack("messages")
 
 
 class BadFrame(ValueError):
-    """A frame that is not a request of this protocol."""
+    """A frame that is not a request of this protocol; `request_id` is its
+    id when that much could be read (the reply carries it)."""
+
+    def __init__(self, reason: str, request_id: Any = None) -> None:
+        super().__init__(reason)
+        self.request_id = request_id
 
 
 def message_fields(msg: Message) -> dict[str, Any]:
@@ -137,13 +142,24 @@ def notice(binary: bool, kind: str, **fields: Any) -> str | bytes:
     return encode(binary, {"type": kind, **fields})
 
 
-def _count_containers(value: Any, budget: list[int]) -> None:
-    if isinstance(value, (dict, list)):
+def _check_values(value: Any, budget: list[int]) -> None:
+    """At most MAX_REQUEST_CONTAINERS maps and arrays; map keys strings;
+    strings encodable as UTF-8 (JSON lets a lone surrogate through, "\ud800",
+    which no reply, log or stored topic could carry)."""
+    if isinstance(value, str):
+        if not _encodable(value):
+            raise BadFrame("a string with a lone surrogate (not UTF-8)")
+    elif isinstance(value, (dict, list)):
         budget[0] -= 1
         if budget[0] < 0:
             raise BadFrame(f"more than {MAX_REQUEST_CONTAINERS} maps and arrays")
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str):
+                    raise BadFrame("map keys must be strings")
+                _check_values(key, budget)
         for item in value.values() if isinstance(value, dict) else value:
-            _count_containers(item, budget)
+            _check_values(item, budget)
 
 
 def parse_request(data: str | bytes) -> dict[str, Any]:
@@ -153,7 +169,7 @@ def parse_request(data: str | bytes) -> dict[str, Any]:
         if isinstance(data, str):
             request = json.loads(data)
         else:
-            request = msgpack.unpackb(data, raw=False, strict_map_key=True,
+            request = msgpack.unpackb(data, raw=False, strict_map_key=False,
                                       max_array_len=4096, max_map_len=4096)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
             RecursionError) as exc:
@@ -161,11 +177,23 @@ def parse_request(data: str | bytes) -> dict[str, Any]:
                        f"{str(exc)[:200]}") from None
     if not isinstance(request, dict):
         raise BadFrame("a request is a map")
-    _count_containers(request, [MAX_REQUEST_CONTAINERS])
-    if not isinstance(request.get("op"), str):
-        raise BadFrame("a request names its 'op' (a string)")
     request_id = request.get("id")
     if not (request_id is None or isinstance(request_id, str) and len(request_id) <= 128
-            or type(request_id) is int and -2**63 <= request_id < 2**64):
+            and _encodable(request_id) or type(request_id) is int
+            and -2**63 <= request_id < 2**64):
         raise BadFrame("'id' must be a string of at most 128 characters or an integer")
+    try:
+        _check_values(request, [MAX_REQUEST_CONTAINERS])
+    except BadFrame as exc:
+        raise BadFrame(str(exc), request_id) from None
+    if not isinstance(request.get("op"), str):
+        raise BadFrame("a request names its 'op' (a string)", request_id)
     return request
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

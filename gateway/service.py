@@ -60,8 +60,15 @@ from gateway.streams import Durable, Replay, Stream
 
 log = get_logger("gateway")
 
-# A connection must present its token within this long (header, or the first frame).
-AUTH_TIMEOUT_S = 10.0
+# A connection must finish its handshake, and present its token (header, or
+# the first frame), within this long each.
+AUTH_TIMEOUT_S = 5.0
+# Until then its frames are at most this large (an auth request is a few
+# hundred bytes): a connection without a token holds no large frame.
+AUTH_FRAME_MAX_BYTES = 4096
+# Connections not yet past their token at most (the rest get HTTP 503): a
+# flood of them cannot fill BUS_GATEWAY_MAX_CONNECTIONS.
+UNAUTHENTICATED_MAX = 128
 # Threads that run requests to the reader and the writer for streams.
 REQUEST_THREADS = 8
 # Producer sessions one connection may hold.
@@ -70,8 +77,9 @@ PRODUCERS_PER_CONNECTION = 4
 # takes longer than this (a browser answers pings itself).
 PING_INTERVAL_S = 20.0
 PING_TIMEOUT_S = 20.0
-# Frames websockets reads ahead of the handler (each up to max_size).
-READ_AHEAD_FRAMES = 4
+# Frames websockets reads ahead of the handler (each up to max_size): with
+# the one being read, two frames of the largest request a connection.
+READ_AHEAD_FRAMES = 1
 # The kernel's send buffer, as websockets' write limit: its send() waits
 # past it, and what it holds counts against BUS_GATEWAY_SEND_BUFFER_BYTES.
 WRITE_LIMIT_BYTES = 64 << 10
@@ -200,7 +208,7 @@ class Gateway:
             self.server = self.aio.run_until_complete(self._listen(
                 **where, ssl=self._tls(),
                 process_request=self._http_request,
-                max_size=self._max_frame_bytes(), max_queue=READ_AHEAD_FRAMES,
+                max_size=AUTH_FRAME_MAX_BYTES, max_queue=READ_AHEAD_FRAMES,
                 write_limit=WRITE_LIMIT_BYTES, ping_interval=PING_INTERVAL_S,
                 ping_timeout=PING_TIMEOUT_S, close_timeout=2, open_timeout=AUTH_TIMEOUT_S,
                 compression=None,
@@ -328,7 +336,8 @@ class Gateway:
                                   action="a page of another site: BUS_GATEWAY_ORIGINS lists "
                                          "the ones let in")
             return connection.respond(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
-        if len(self.clients) >= self.max_connections:
+        waiting = sum(1 for c in self.clients if c.token_name is None)
+        if len(self.clients) >= self.max_connections or waiting >= UNAUTHENTICATED_MAX:
             self.closed["too_many_connections"] += 1
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                       "too many connections\n")
@@ -336,15 +345,14 @@ class Gateway:
 
     def _static(self, connection: ServerConnection, path: str) -> Response:
         name = path.split("?", 1)[0].lstrip("/") or "index.html"
+        if name in CONSOLE_FILES:
+            return self._body(connection.respond(http.HTTPStatus.OK, ""), CONSOLE_FILES[name],
+                              name)
         if name == "console.json":  # what the page asks first: whether to ask for a token
             response = connection.respond(http.HTTPStatus.OK, "")
             return self._body(response, b'{"tokens": %s}' % (
                 b"true" if self.tokens.required else b"false"), "console.json")
-        files = resources.files("gateway") / "console"
-        if "/" in name or name.startswith(".") or not (files / name).is_file():
-            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
-        return self._body(connection.respond(http.HTTPStatus.OK, ""),
-                          (files / name).read_bytes(), name)
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
 
     @staticmethod
     def _body(response: Response, body: bytes, name: str) -> Response:
@@ -372,6 +380,7 @@ class Gateway:
         try:
             if not await self._authenticate(client):
                 return
+            ws.protocol.max_message_size = self._max_frame_bytes()  # past its token: a publish's
             async for data in ws:
                 if client.closing is not None:
                     break
@@ -433,6 +442,8 @@ class Gateway:
         return self._token_has_room(client, found[1])
 
     def _token_has_room(self, client: Client, token: Any) -> bool:
+        if not self.tokens.required:  # one anonymous identity: BUS_GATEWAY_MAX_CONNECTIONS alone
+            return True
         cap = token.max_connections or self.config.gateway_max_connections_per_token
         if sum(1 for c in self.clients if c.token_hash == client.token_hash) > cap:
             self._refuse(client, "too_many_for_token", f"token {token.name!r} has {cap} "
@@ -474,7 +485,7 @@ class Gateway:
             request = frames.parse_request(data)
         except frames.BadFrame as exc:
             self.requests["bad"] += 1
-            client.reply(None, error=(protocol.BAD_REQUEST, str(exc)))
+            client.reply(exc.request_id, error=(protocol.BAD_REQUEST, str(exc)))
             return
         request_id, op = request.get("id"), request["op"]
         command = self.commands.get(op)
@@ -799,6 +810,12 @@ class Gateway:
         except TimeoutError:
             pass
 
+
+# The console's files, read once: a request names one of them or gets 404
+# (no path of the request ever reaches the file system).
+CONSOLE_FILES = {entry.name: entry.read_bytes()
+                 for entry in (resources.files("gateway") / "console").iterdir()
+                 if entry.is_file()}
 
 # A handler's answer that comes later (a publish's, once the writer decided).
 DEFERRED = object()

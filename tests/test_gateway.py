@@ -316,6 +316,19 @@ def test_each_token_may_do_what_its_lists_and_prefixes_say(bus: Bus, tmp_path: P
     with gw.connect() as ws:
         ws.send("auth", token="bus_" + "A" * 43)
         assert ws.closed() == (1008, "bad token")
+    # Before its token a connection sends small frames only (an auth is a few
+    # hundred bytes; 600 of them sending 1.4 MB each held 887 MB), and at
+    # most 128 connections wait for their token: the rest get HTTP 503.
+    with gw.connect() as ws:
+        ws.conn.send("x" * 10_000)
+        assert ws.closed()[0] == 1009
+    waiting = [RawWs(gw.port) for _ in range(128)]
+    with pytest.raises(AssertionError, match="HTTP/1.1 503"):
+        RawWs(gw.port)
+    for raw in waiting:
+        raw.close()
+    wait_for(lambda: gw.stats(made["admin"])["connections"]["open"] == 1,
+             message="the waiting connections gone")
     # A page of another site cannot use a browser's connection; a listed
     # origin and the gateway's own (its console) can.
     with pytest.raises(InvalidStatus) as refused:
@@ -343,6 +356,7 @@ def test_each_token_may_do_what_its_lists_and_prefixes_say(bus: Bus, tmp_path: P
         assert again.closed() == (1008, "bad token")
     closed = gw.stats(made["admin"])["connections"]["closed"]
     assert (closed["revoked"], closed["no_token"], closed["too_many_for_token"]) == (1, 1, 1)
+    assert closed["too_many_connections"] == 1
     assert (closed["bad_token"], closed["bad_origin"]) == (2, 1)
     assert any(e.get("event") == "origin_refused" and e["origin"] == "https://evil.example"
                for e in gw.proc.log_events())
@@ -458,7 +472,7 @@ def test_hostile_frames_get_an_error_and_cost_nothing_else(bus: Bus) -> None:
     gw = Gateway(bus, BUS_MAX_MESSAGE_BYTES=64 << 10)
     good = gw.connect()
     assert good.request("subscribe", prefixes=["ok."])["ok"]
-    bad_text = ["", "{", "[]", "42", "null", '"op"', '{"op": 1}', '{"id": 1}',
+    bad_text = ["", "{", "[]", "42", "null", '"op"', '{"op": 1}',
                 '{"op": "subscribe", "id": 18446744073709551616, "prefixes": ["a"]}',
                 '{"op": "subscribe", "id": {"a": 1}, "prefixes": ["a"]}',
                 "[" * 30_000 + "]" * 30_000, '{"op": "x", "a": ' + "[" * 300 + "]" * 300 + "}"]
@@ -467,6 +481,10 @@ def test_hostile_frames_get_an_error_and_cost_nothing_else(bus: Bus) -> None:
             ws.conn.send(text)
             reply = ws.reply(None)
             assert reply["error"]["code"] == "bad_request", (text[:40], reply)
+        ws.conn.send('{"id": 1}')  # an id that can be read is the reply's
+        assert ws.reply(1)["error"]["code"] == "bad_request"
+        ws.conn.send(msgpack.packb({"op": "ping", "id": 2, b"k": 1}))  # a key of bytes
+        assert ws.reply(2)["error"]["reason"] == "map keys must be strings"
         for data in (b"", b"\xc1", b"\x91\x01", b"\xdd\xff\xff\xff\xff", b"\x81\xa2op\xc0"):
             ws.conn.send(data)
             assert ws.reply(None)["error"]["code"] == "bad_request", data
