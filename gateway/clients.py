@@ -7,6 +7,7 @@ consumer" instead of growing the gateway)."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import deque
 from typing import Any
 
@@ -88,11 +89,15 @@ class Client:
         self.on_cut = on_cut             # (client, reason) for the gateway's counters
         self.token_hash: str | None = None
         self.token_name: str | None = None
+        self.token: Any = None           # its rights when it presented it
+        # Its default producer name: random, so that no other connection names it.
+        self.own_producer = f"ws-{secrets.token_hex(8)}"
         self.binary: bool | None = None
         self.live: set[str] = set()
         self.streams: dict[int, Stream] = {}
         self.producers: dict[str, ProducerSession] = {}
         self.unacked = 0
+        self.unacked_bytes = 0           # the payloads of those publishes
         self.outbox = Outbox()
         self.closing: str | None = None
         self.close_task: asyncio.Task[None] | None = None
@@ -135,10 +140,15 @@ class Client:
         self.deliver(LIVE_STREAM, encoded)
 
     def send_frame(self, frame: str | bytes) -> None:
-        """A reply or a notice: never refused for size (a client that reads
-        nothing sends few requests before its outbox passes the budget)."""
-        if self.closing is None:
-            self.outbox.put(None, frame)
+        """A reply or a notice, within the same budget as messages: a client
+        that sends requests and reads no reply is a slow consumer too."""
+        if self.closing is not None:
+            return
+        if self.buffered() + len(frame) > self.send_budget:
+            self.cut(CLOSE_POLICY, "slow consumer", f"more than {self.send_budget} bytes "
+                                                    "waiting to be sent (replies)")
+            return
+        self.outbox.put(None, frame)
 
     def reply(self, request_id: Any, result: Any = None,
               error: tuple[str, str] | None = None) -> None:
@@ -165,16 +175,33 @@ class Client:
                 continue
             await ws.send(frame)
 
-    def cut(self, code: int, reason: str, detail: str = "") -> None:
-        """Close the connection with `code`, dropping what waits for it."""
+    def held(self) -> int:
+        """Bytes the gateway holds for this connection: what waits to be sent
+        and its publishes not yet decided."""
+        return self.buffered() + self.unacked_bytes
+
+    def cut(self, code: int, reason: str, detail: str = "", keep_outbox: bool = False) -> None:
+        """Close the connection with `code`, dropping what waits for it (but
+        the replies already queued, with `keep_outbox`: a clean stop)."""
         if self.closing is not None:
             return
         self.closing = reason
+        if keep_outbox:
+            self.on_cut(self, reason, detail)
+            self.close_task = asyncio.get_running_loop().create_task(self._close_after_sending(
+                code, reason))
+            return
         self.outbox.clear()
         self.outbox.ready.set()  # the send loop ends
         self.on_cut(self, reason, detail)
         self.close_task = asyncio.get_running_loop().create_task(
             self.ws.close(code, reason[:120]))
+
+    async def _close_after_sending(self, code: int, reason: str) -> None:
+        outbox = self.outbox
+        while (frame := outbox.next_frame(bool(self.binary))) is not None:
+            await self.ws.send(frame)
+        await self.ws.close(code, reason[:120])
 
     def snapshot(self) -> dict[str, Any]:
         return {"connection": self.number, "peer": self.peer, "token": self.token_name,

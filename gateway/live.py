@@ -15,6 +15,7 @@ READ_BATCH messages a turn of the loop).
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
@@ -56,11 +57,18 @@ class PrefixIndex:
 
     def __init__(self) -> None:
         self.sinks: dict[str, set[Sink]] = {}
-        self._lengths: list[int] = []
+        self._lengths: list[int] = []           # sorted, each length once
+        self._per_length: dict[int, int] = {}   # prefixes of each length
 
     def add(self, prefix: str, sink: Sink) -> None:
-        self.sinks.setdefault(prefix, set()).add(sink)
-        self._lengths = sorted({len(p) for p in self.sinks})
+        found = self.sinks.get(prefix)
+        if found is None:
+            found = self.sinks[prefix] = set()
+            count = self._per_length.get(len(prefix), 0)
+            if not count:  # a new length: the one change that costs a sort's insertion
+                bisect.insort(self._lengths, len(prefix))
+            self._per_length[len(prefix)] = count + 1
+        found.add(sink)
 
     def remove(self, prefix: str, sink: Sink) -> None:
         found = self.sinks.get(prefix)
@@ -69,7 +77,12 @@ class PrefixIndex:
         found.discard(sink)
         if not found:
             del self.sinks[prefix]
-            self._lengths = sorted({len(p) for p in self.sinks})
+            count = self._per_length[len(prefix)] - 1
+            if count:
+                self._per_length[len(prefix)] = count
+            else:
+                del self._per_length[len(prefix)]
+                self._lengths.remove(len(prefix))
 
     def matching(self, topic: str) -> set[Sink]:
         matched: set[Sink] = set()

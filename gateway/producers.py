@@ -22,7 +22,7 @@ import zmq
 
 from bus import protocol
 from bus.client import BusError, ProducerFenced, Publisher
-from bus.config import BusConfig
+from bus.config import BusConfig, with_overrides
 from bus.logging import get_logger
 
 log = get_logger("gateway")
@@ -30,8 +30,9 @@ log = get_logger("gateway")
 # How long a session thread waits for acknowledgements between two looks at
 # what the loop handed it.
 ACK_WAIT_S = 0.02
-# A session no connection has used for this long is closed.
-IDLE_CLOSE_S = 60.0
+# Messages a session's socket queues for the proxy at most (copies sent
+# again included); past it a publish is answered busy.
+SEND_QUEUE = 256
 # Some of the messages decided with this one were refused, and the writer
 # could not say which (more than the 256 refusals it keeps were missed):
 # it may or may not be stored.
@@ -87,7 +88,10 @@ class ProducerSession(threading.Thread):
         self.inbox.put(None)
 
     def run(self) -> None:
-        publisher = Publisher(self.config, producer_id=self.producer_id, context=self.context,
+        # A short queue to the proxy: what the session sends again when the
+        # writer is slow piles up there, at most SEND_QUEUE messages.
+        publisher = Publisher(with_overrides(self.config, pub_hwm=SEND_QUEUE),
+                              producer_id=self.producer_id, context=self.context,
                               send_timeout=0, linger_ms=0)
         refs: dict[int, Any] = {}
         try:
@@ -129,6 +133,8 @@ class ProducerSession(threading.Thread):
                 seq = publisher.publish(item.topic, item.payload, content_type=item.content_type,
                                         headers=item.headers)
                 refs[seq] = item.ref
+            except (UnicodeError, TypeError) as exc:  # what the gateway let through: one refused
+                decided.append((item.ref, None, (protocol.BAD_REQUEST, str(exc)[:200])))
             except protocol.ProtocolError as exc:
                 decided.append((item.ref, None, (exc.reason, str(exc))))
             except ProducerFenced as exc:

@@ -83,12 +83,24 @@ READ_AHEAD_FRAMES = 1
 # The kernel's send buffer, as websockets' write limit: its send() waits
 # past it, and what it holds counts against BUS_GATEWAY_SEND_BUFFER_BYTES.
 WRITE_LIMIT_BYTES = 64 << 10
-# How long shutdown waits for producer sessions' acknowledgements.
 STREAM_ID_MAX = 2**31 - 1
+# The gateway's producer ids: gw/TOKEN/NAME (gw/anonymous/NAME without tokens),
+# apart from the ids of the bus's other publishers.
+PRODUCER_PREFIX = "gw/"
+# A producer session no publish used for this long is closed (its slot freed).
+PRODUCER_IDLE_S = 60.0
+# The payloads of one connection's publishes not yet decided, at most: what
+# its producer sessions hold (and send again) for it.
+UNACKED_BYTES = 16 << 20
+# Streams (replays, consumers) in all: each holds a REQ socket to the reader
+# (and one to the writer), of libzmq's MAX_SOCKETS (ZMQ_SOCKET_LIMIT_SETTINGS).
+MAX_STREAMS_TOTAL = 512
+ZMQ_MAX_SOCKETS = 4096
 CONSUMER_MAX_CHARS = 128
 
 # Why connections were refused or closed (stats "closed"); each counted.
-CLOSE_REASONS = ("no_token", "bad_token", "bad_origin", "revoked", "slow_consumer",
+CLOSE_REASONS = ("no_token", "bad_token", "bad_origin", "revoked", "token_changed",
+                 "slow_consumer",
                  "too_many_connections",
                  "too_many_for_token", "memory", "protocol_error", "auth_timeout",
                  "going_away")
@@ -141,6 +153,7 @@ class Gateway:
         self.tokens = TokenStore("")  # read in initialize (a StartupError is said there)
         self.clients: set[Client] = set()
         self.producer_sessions: dict[str, ProducerSession] = {}
+        self.session_owners: dict[str, Client] = {}
         self.numbers = itertools.count(1)
         self.accepted = 0
         self.closed = {reason: 0 for reason in CLOSE_REASONS}
@@ -188,6 +201,7 @@ class Gateway:
         self.aio = asyncio.new_event_loop()
         asyncio.set_event_loop(self.aio)
         self.ctx = zmq.Context()
+        self.ctx.set(zmq.MAX_SOCKETS, ZMQ_MAX_SOCKETS)
         self.executor = ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix="request")
         self.memory = MemoryLimit(cfg.gateway_memory_limit_bytes, interval_s=0.5)
         self.origins = self._origins()
@@ -292,25 +306,36 @@ class Gateway:
         revoked = self.tokens.check(now)
         if revoked is not None:
             self._tokens_read()
-        if revoked:
             for client in list(self.clients):
+                if client.token_hash is None or not self.tokens.required:
+                    continue
                 if client.token_hash in revoked:
                     client.cut(CLOSE_POLICY, "revoked", "the token was revoked")
+                elif self.tokens.current(client.token_hash) != client.token:
+                    # Its rights changed: what it opened under the old ones goes with it.
+                    client.cut(CLOSE_POLICY, "token changed", "the token's rights changed: "
+                               "connect again")
         self.feed.check_peers(now)
         if self.memory.exceeded(now):
             self._shed_memory()
-        for producer_id, session in list(self.producer_sessions.items()):
+        for key, session in list(self.producer_sessions.items()):
+            if session.pending == 0 and session.is_alive() and \
+                    now - session.used_at > PRODUCER_IDLE_S:
+                session.stop()
             if not session.is_alive() and session.pending == 0:
-                del self.producer_sessions[producer_id]
+                del self.producer_sessions[key]
+                owner = self.session_owners.pop(key, None)
+                if owner is not None and owner.producers.get(session.producer_id) is session:
+                    del owner.producers[session.producer_id]
 
     def _shed_memory(self) -> None:
         """Over the memory limit: close the connections that hold most,
         until what they held is an eighth of the limit."""
         to_free = self.config.gateway_memory_limit_bytes // 8
-        for client in sorted(self.clients, key=Client.buffered, reverse=True):
-            if to_free <= 0 or client.buffered() == 0:
+        for client in sorted(self.clients, key=Client.held, reverse=True):
+            if to_free <= 0 or client.held() == 0:
                 break
-            to_free -= client.buffered()
+            to_free -= client.held()
             client.cut(CLOSE_TRY_AGAIN_LATER, "memory",
                        f"the gateway is over its memory limit ({self.memory.rss} bytes)")
 
@@ -430,6 +455,7 @@ class Gateway:
                 self._refuse(client, "bad_token", "not a token of this gateway")
                 return False
             client.token_hash, client.token_name = found[0], found[1].name
+            client.token = found[1]
             if not self._token_has_room(client, found[1]):
                 return False
             client.reply(request.get("id"), self._whoami(client, {"_token": found[1]}))
@@ -439,6 +465,7 @@ class Gateway:
             self._refuse(client, "bad_token", "not a token of this gateway")
             return False
         client.token_hash, client.token_name = found[0], found[1].name
+        client.token = found[1]
         return self._token_has_room(client, found[1])
 
     def _token_has_room(self, client: Client, token: Any) -> bool:
@@ -566,14 +593,15 @@ class Gateway:
         for prefix in prefixes:
             client.live.add(prefix)
             self.feed.index.add(prefix, client)
-        return {"stream": LIVE_STREAM, "prefixes": sorted(client.live)}
+        # The request's own prefixes, and how many it has: a reply no larger than its request.
+        return {"stream": LIVE_STREAM, "prefixes": args["prefixes"], "count": len(client.live)}
 
     def _unsubscribe(self, client: Client, args: dict[str, Any]) -> Any:
         for prefix in self._prefixes(client, args):
             if prefix in client.live:
                 client.live.discard(prefix)
                 self.feed.index.remove(prefix, client)
-        return {"stream": LIVE_STREAM, "prefixes": sorted(client.live)}
+        return {"stream": LIVE_STREAM, "prefixes": args["prefixes"], "count": len(client.live)}
 
     def _new_stream_id(self, client: Client, args: dict[str, Any]) -> int:
         stream_id = _int_arg(args, "stream", 1, STREAM_ID_MAX, required=True)
@@ -583,6 +611,9 @@ class Gateway:
         if len(client.streams) >= self.config.gateway_max_streams:
             raise Failed(protocol.BAD_REQUEST, f"a connection runs at most "
                          f"{self.config.gateway_max_streams} streams (BUS_GATEWAY_MAX_STREAMS)")
+        if sum(len(c.streams) for c in self.clients) >= MAX_STREAMS_TOTAL:
+            raise Failed(protocol.BUSY, f"the gateway runs {MAX_STREAMS_TOTAL} streams: "
+                         "try again later")
         return stream_id  # type: ignore[return-value]
 
     def _start_from(self, args: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -624,7 +655,8 @@ class Gateway:
         # A token's consumers are its own: one token cannot move another's position.
         token = args["_token"]
         stream = Durable(*self._stream_parts(client, stream_id, prefixes),
-                         name=name if not self.tokens.required else f"{token.name}/{name}",
+                         name=name if not self.tokens.required else
+                         f"{PRODUCER_PREFIX}{token.name}/{name}",
                          after_id=after_id, since_ns=since_ns)
         client.streams[stream_id] = stream
         stream.start()
@@ -643,6 +675,9 @@ class Gateway:
         if not isinstance(stream, Durable):
             raise Failed(protocol.BAD_REQUEST, f"stream {stream.id} is a {stream.kind}: "
                          "only a durable consumer (consume) takes acks")
+        if last_id > stream.last_delivered_id:  # type: ignore[operator]
+            raise Failed(protocol.BAD_REQUEST, f"last_id {last_id} is past the last message "
+                         f"this stream delivered ({stream.last_delivered_id})")
         await stream.ack(last_id)  # type: ignore[arg-type]
         return {"stream": stream.id, "acked_id": stream.position.acked_id}
 
@@ -673,16 +708,19 @@ class Gateway:
                 isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
             raise Failed(protocol.BAD_REQUEST, "'headers' must map strings to strings (at "
                          "most 64)")
-        if client.unacked >= self.config.gateway_max_unacked:
-            raise Failed(protocol.BUSY, f"{client.unacked} publishes wait for the writer "
-                         "(BUS_GATEWAY_MAX_UNACKED): wait for their replies")
+        if client.unacked >= self.config.gateway_max_unacked or \
+                client.unacked_bytes + len(payload) > UNACKED_BYTES:
+            raise Failed(protocol.BUSY, f"{client.unacked} publishes ({client.unacked_bytes} "
+                         "bytes) wait for the writer (BUS_GATEWAY_MAX_UNACKED, and "
+                         f"{UNACKED_BYTES >> 20} MiB): wait for their replies")
         session = self._producer(client, args)
         request_id = args["_id"]
-        if not session.submit(Submitted((client, request_id), topic, payload, content_type,
-                                        headers)):
+        if not session.submit(Submitted((client, request_id, len(payload)), topic, payload,
+                                        content_type, headers)):
             raise Failed(protocol.UNAVAILABLE if session.error else protocol.BUSY,
                          session.error or "the producer session is full")
         client.unacked += 1
+        client.unacked_bytes += len(payload)
         return DEFERRED
 
     def _payload(self, args: dict[str, Any]) -> tuple[bytes, str | None]:
@@ -714,15 +752,20 @@ class Gateway:
         default), opened on first use. A client-named id is the token's:
         TOKEN/NAME, so one token cannot fence another's producer."""
         token, name = args["_token"], args.get("producer")
-        if name is None:
-            name = f"ws{client.number}-{id(client) & 0xffffff:06x}"
+        if name is None:  # the connection's own: nobody else can name it
+            name = client.own_producer
         if not (isinstance(name, str) and name and len(name) <= 64 and name.isprintable()):
             raise Failed(protocol.BAD_REQUEST, "'producer' must be a name of 1-64 printable "
                          "characters")
-        producer_id = f"{token.name}/{name}"
+        producer_id = f"{PRODUCER_PREFIX}{token.name}/{name}"
         session = client.producers.get(producer_id)
         if session is not None and session.is_alive():
             return session
+        # One connection a producer id: another opening it would fence the first.
+        if any(producer_id in other.producers and other.producers[producer_id].is_alive()
+               for other in self.clients if other is not client):
+            raise Failed(protocol.BUSY, f"producer {name!r} is another connection's: name "
+                         "another, or close that one first")
         if len(client.producers) >= PRODUCERS_PER_CONNECTION and session is None:
             raise Failed(protocol.BUSY, f"a connection holds at most {PRODUCERS_PER_CONNECTION}"
                          " producer sessions")
@@ -737,12 +780,14 @@ class Gateway:
                                   self.config.gateway_max_unacked)
         client.producers[producer_id] = session
         self.producer_sessions[f"{producer_id}#{client.number}"] = session
+        self.session_owners[f"{producer_id}#{client.number}"] = client
         session.start()
         return session
 
     def _decided(self, decided: list[Decision]) -> None:
-        for (client, request_id), seq, error in decided:
+        for (client, request_id, size), seq, error in decided:
             client.unacked -= 1
+            client.unacked_bytes -= size
             if error is None:
                 self.published["stored"] += 1
                 client.reply(request_id, {"seq": seq})
@@ -803,8 +848,8 @@ class Gateway:
         deadline = time.monotonic() + timeout_s / 2
         while any(c.unacked for c in self.clients) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for client in list(self.clients):
-            client.cut(CLOSE_GOING_AWAY, "going away", "the gateway stops")
+        for client in list(self.clients):  # the answers already queued go first
+            client.cut(CLOSE_GOING_AWAY, "going away", "the gateway stops", keep_outbox=True)
         try:
             await asyncio.wait_for(self.server.wait_closed(), max(0.1, timeout_s / 2))
         except TimeoutError:

@@ -68,6 +68,7 @@ class Stream:
         self.commits = commits
         self.history = HistoryClient(config, context=ctx)
         self.delivered = 0
+        self.last_delivered_id = 0   # a consumer acknowledges up to this id at most
         self.errors = 0
         self.failing: str | None = None
         self.task: asyncio.Task[None] | None = None
@@ -123,6 +124,8 @@ class Stream:
             await self.receiver.room()
             if self.receiver.deliver(self.id, Encoded(msg)):
                 self.delivered += 1
+            if msg.id is not None:  # delivered, or skipped as one it could not encode
+                self.last_delivered_id = max(self.last_delivered_id, msg.id)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run_and_report())

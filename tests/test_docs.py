@@ -274,7 +274,7 @@ def test_the_gateway_javascript_example_runs_in_node(bus: Bus, tmp_path: Path) -
     assert "stored: seq 1" in out and "stream 1: orders.old before" in out
     assert "stream 0: orders.web hello from js" in out and "closed 1000 done" in out
     assert not any("other.t" in line for line in out)
-    assert query(bus.db, "SELECT payload FROM messages WHERE producer_id LIKE 'desk/%'") == \
+    assert query(bus.db, "SELECT payload FROM messages WHERE producer_id LIKE 'gw/desk/%'") == \
         [(b"hello from js",)]
 
 

@@ -188,7 +188,7 @@ def test_one_connection_subscribes_replays_consumes_and_publishes(bus: Bus) -> N
     ids = [ws.send("publish", topic="orders.web", payload=f"m{i}") for i in range(100)]
     ws.wait(lambda: len([m for m in ws.messages(0) if m["topic"] == "orders.web"]) >= 1)
     (producer,) = {m["producer"] for m in ws.messages(0) if m["topic"] == "orders.web"}
-    assert producer.startswith("anonymous/")
+    assert producer.startswith("gw/anonymous/ws-")
     for request_id in ids:
         reply = ws.reply(request_id)
         assert reply["ok"], reply
@@ -220,6 +220,7 @@ def test_one_connection_subscribes_replays_consumes_and_publishes(bus: Bus) -> N
     thirtieth = ws.messages(2)[29]["id"]
     # Two acks at once: the second comes within the 0.2 s between two stores
     # of a position, and must still reach the writer while the stream is open.
+    assert ws.request("ack", stream=2, last_id=2**63 - 1)["error"]["code"] == "bad_request"
     assert ws.request("ack", stream=2, last_id=thirtieth - 1)["ok"]
     assert ws.request("ack", stream=2, last_id=thirtieth)["result"]["acked_id"] == thirtieth
     # ... and reaches the writer while the stream goes on, not only when it closes.
@@ -337,6 +338,13 @@ def test_each_token_may_do_what_its_lists_and_prefixes_say(bus: Bus, tmp_path: P
     for origin in ("https://desk.example", f"http://127.0.0.1:{gw.port}"):
         with gw.connect(made["reader"], origin=origin) as ws:
             assert ws.request("ping")["result"] == "pong"
+    # A producer name another connection holds is refused (two would fence
+    # each other); the default one is random, nobody else's.
+    with gw.connect(made["writer"]) as one, gw.connect(made["writer"]) as two:
+        assert one.request("publish", topic="orders.x", payload="1", producer="till")["ok"]
+        assert two.request("publish", topic="orders.x", payload="2",
+                           producer="till")["error"]["code"] == "busy"
+        assert one.request("publish", topic="orders.x", payload="3", producer="till")["ok"]
     # A token's own connection cap.
     first, second = gw.connect(made["capped"]), gw.connect(made["capped"])
     with gw.connect() as third:
@@ -345,6 +353,16 @@ def test_each_token_may_do_what_its_lists_and_prefixes_say(bus: Bus, tmp_path: P
     first.close()
     second.close()
 
+    # Its rights narrowed in its file: what it opened under the old ones goes
+    # (the connection is closed), and a new connection has the new rights.
+    ws = gw.connect(made["both"])
+    assert ws.request("subscribe", prefixes=["prices."])["ok"]
+    token_file = directory / "both.json"
+    data = json.loads(token_file.read_text())
+    token_file.write_text(json.dumps({**data, "read": ["orders.eu."]}))
+    assert ws.closed() == (1008, "token changed")
+    with gw.connect(made["both"]) as again:
+        assert again.request("subscribe", prefixes=["prices."])["error"]["code"] == "forbidden"
     # Revoked without a restart: its connection is closed, a new one refused.
     ws = gw.connect(made["reader"])
     assert ws.request("subscribe", prefixes=["orders."])["ok"]
@@ -545,6 +563,18 @@ def test_hostile_frames_get_an_error_and_cost_nothing_else(bus: Bus) -> None:
     # They are not valid messages (protocol.decode_meta, as the writer checks them).
     assert [m for m in good.messages(0) if m["topic"] == "ok.poison"] == []
     assert good.request("ping")["result"] == "pong"
+    # Requests whose replies are never read: a slow consumer too (the replies
+    # once grew the gateway past its memory limit).
+    reader_of_nothing = RawWs(gw.port, receive_buffer=4096)
+    request = json.dumps({"op": "stats"}).encode()
+    try:
+        for _ in range(20_000):
+            reader_of_nothing.send(request)
+    except OSError:
+        pass  # closed by then
+    assert reader_of_nothing.close_code() == 1008
+    reader_of_nothing.close()
+    assert good.request("ping")["result"] == "pong"
     good.close()
     assert gw.proc.popen.poll() is None
 
@@ -556,9 +586,17 @@ def test_sigterm_closes_every_connection_with_1001_and_exits_0(bus: Bus) -> None
         assert ws.request("subscribe", prefixes=["x."])["ok"]
     assert clients[0].request("publish", topic="x.t", payload="before")["ok"]
     assert clients[1].request("replay", stream=1, prefixes=["x."], after_id=0)["ok"]
+    in_flight = [clients[2].send("publish", topic="x.t", payload=f"p{i}") for i in range(200)]
     gw.proc.send_signal(signal.SIGTERM)
     for ws in clients:
         assert ws.closed() == (1001, "going away")
+    # Every publish in flight was answered before the close: stored, or not.
+    answered = [clients[2].replies.pop(i) for i in in_flight if i in clients[2].replies]
+    assert len(answered) == 200
+    stored_ok = sum(1 for reply in answered if reply["ok"])
+    assert all(r["ok"] or r["error"]["code"] == "unavailable" for r in answered)
+    assert query(bus.db, "SELECT count(*) FROM messages WHERE topic = 'x.t'")[0][0] >= \
+        stored_ok + 1
     assert gw.proc.wait(timeout=15) == 0
     events = [e["event"] for e in gw.proc.log_events()]
     assert events[-2:] == ["stopping", "stopped"]
