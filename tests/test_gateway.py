@@ -10,6 +10,7 @@ import json
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -640,3 +641,48 @@ def test_socket_activated_the_port_stays_held_across_a_kill_9(bus: Bus) -> None:
         assert elsewhere.wait(timeout=15) == 78
     finally:
         listener.close()
+
+
+def test_with_curve_the_gateway_is_a_client_with_its_key_and_serves_tls(
+        make_bus: Any, tmp_path: Path) -> None:
+    """With CURVE the gateway reaches the bus with its own key (in publishers/
+    and readers/), as any client; a gateway whose key the bus does not list
+    gets nothing from it, and says so. wss:// with BUS_GATEWAY_TLS_CERT/KEY."""
+    import ssl
+    import zmq.auth
+    curve, clients = tmp_path / "curve", tmp_path / "clients"
+    for directory in (curve, clients, curve / "publishers", curve / "readers",
+                      curve / "admins"):
+        directory.mkdir()
+    for name in ("server", "proxy"):
+        zmq.auth.create_certificates(curve, name)
+    for name in ("gw", "admin1", "stranger"):
+        zmq.auth.create_certificates(clients, name)
+    for listed in ("publishers", "readers"):
+        (curve / listed / "gw.key").write_bytes((clients / "gw.key").read_bytes())
+    (curve / "admins" / "admin1.key").write_bytes((clients / "admin1.key").read_bytes())
+    bus = make_bus(BUS_CURVE_DIR=curve, BUS_CURVE_KEY=clients / "admin1.key_secret",
+                   BUS_REQUEST_TIMEOUT_MS=1000).start()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True, timeout=30)
+    gw = Gateway(bus, BUS_CURVE_KEY=clients / "gw.key_secret",
+                 BUS_GATEWAY_TLS_CERT=tmp_path / "cert.pem",
+                 BUS_GATEWAY_TLS_KEY=tmp_path / "key.pem")
+    trust = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    url = f"wss://127.0.0.1:{gw.port}/"
+    with Ws(connect(url, ssl=trust, open_timeout=5).__enter__(), False) as ws:
+        assert ws.request("subscribe", prefixes=["sec."])["ok"]
+        assert ws.request("publish", topic="sec.t", payload="over tls")["ok"]
+        ws.wait(lambda: [m["payload"] for m in ws.messages(0)] == ["over tls"])
+        assert ws.request("replay", stream=1, prefixes=["sec."], after_id=0)["ok"]
+        ws.wait(lambda: [m["payload"] for m in ws.messages(1)] == ["over tls"])
+    with pytest.raises(Exception):  # no plain WebSocket on a TLS port
+        with connect(gw.url, open_timeout=2):
+            pass
+    stranger = Gateway(bus, BUS_CURVE_KEY=clients / "stranger.key_secret")
+    with stranger.connect() as ws:
+        refused = ws.request("publish", topic="sec.t", payload="x")
+        assert refused["error"]["code"] == "unavailable", refused

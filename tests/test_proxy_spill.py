@@ -102,7 +102,9 @@ def test_stats_while_holding_under_a_flood_answer_and_do_not_stall_delivery(make
     said busy, /healthz 503 "capture stalled", and live delivery stopped for
     the whole wait (1.7-2 s at each request)."""
     http = f"127.0.0.1:{free_port()}"
-    bus = make_bus(BUS_PROXY_HTTP=http).start()
+    # (A short shutdown: the proxy stopped with the writer gone holds what it
+    # took for BUS_SHUTDOWN_TIMEOUT_MS, 10 s of the suite by default.)
+    bus = make_bus(BUS_PROXY_HTTP=http, BUS_SHUTDOWN_TIMEOUT_MS=1000).start()
     assert bus.writer.stop() == 0
     receiver = Receiver(bus, b"t.a")
     flood = bus.spawn([sys.executable, "-c", FLOOD, bus["BUS_PUB_ENDPOINT"]])
@@ -129,7 +131,7 @@ def test_the_frame_counters_never_go_backwards_when_the_writer_dies_under_load(
     writer died: its STATISTICS reply came after the proxy stopped waiting,
     and was closed with the old steering pair, so the run's frames were not
     counted (60,000 -> 21,015: a counter reset to Prometheus)."""
-    bus = make_bus().start()
+    bus = make_bus(BUS_SHUTDOWN_TIMEOUT_MS=1000).start()
     producer = RawProducer(bus, "c")
     try:
         producer.send(*range(1, 20_001), topic=b"c.t")
@@ -183,7 +185,7 @@ def test_a_writer_that_stops_reading_at_the_tail_of_the_drain_stops_no_live_deli
     """With the loop stopped to send the last of what is held, a connected
     writer that stopped reading (SIGSTOP, a stuck commit) kept the loop
     stopped for good: no live delivery, `stats` "reconnecting", /healthz 200."""
-    bus = make_bus()
+    bus = make_bus(BUS_SHUTDOWN_TIMEOUT_MS=1000)  # (what it holds at the end: no 10 s stop)
     bus.start_proxy()
     receiver = Receiver(bus, b"t.")
     producer = RawProducer(bus, "a", session=False)
@@ -245,7 +247,7 @@ def test_a_forwarding_loop_slow_to_answer_is_not_a_stalled_capture(make_bus) -> 
     STALLED_AFTER_S) is still 503: test_operations'
     test_healthz_says_why_a_process_is_not_healthy."""
     http = f"127.0.0.1:{free_port()}"
-    bus = make_bus(BUS_PROXY_HTTP=http).start()
+    bus = make_bus(BUS_PROXY_HTTP=http, BUS_SHUTDOWN_TIMEOUT_MS=1000).start()
     flood = bus.spawn([sys.executable, "-c", FLOOD, bus["BUS_PUB_ENDPOINT"]])
     statuses: list[tuple[int, str]] = []
     slowest = 0.0
