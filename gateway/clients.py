@@ -94,6 +94,7 @@ class Client:
         self.own_producer = f"ws-{secrets.token_hex(8)}"
         self.binary: bool | None = None
         self.live: set[str] = set()
+        self.group: Any = None           # its live group (gateway/live.LiveGroup)
         self.streams: dict[int, Stream] = {}
         self.producers: dict[str, ProducerSession] = {}
         self.unacked = 0
@@ -135,9 +136,18 @@ class Client:
         self.sent_messages += 1
         return True
 
-    def take(self, encoded: Encoded) -> None:
-        """A live message of one of this connection's prefixes."""
-        self.deliver(LIVE_STREAM, encoded)
+    def deliver_frames(self, frames: list[str | bytes], messages: int) -> None:
+        """A tick of its live group's messages, as frames built once for the group."""
+        if self.closing is not None:
+            return
+        size = sum(len(frame) for frame in frames)
+        if self.buffered() + size > self.send_budget:
+            self.cut(CLOSE_POLICY, "slow consumer", f"more than {self.send_budget} bytes "
+                                                    "waiting to be sent")
+            return
+        for frame in frames:
+            self.outbox.put(None, frame)
+        self.sent_messages += messages
 
     def send_frame(self, frame: str | bytes) -> None:
         """A reply or a notice, within the same budget as messages: a client

@@ -53,7 +53,7 @@ from gateway import frames
 from gateway.health import gateway_health
 from gateway.clients import (CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_PROTOCOL_ERROR,
                              CLOSE_TRY_AGAIN_LATER, LIVE_STREAM, Client)
-from gateway.live import LiveFeed
+from gateway.live import LiveFeed, LiveGroup
 from gateway.overview import Overview
 from gateway.producers import Decision, ProducerSession, Submitted
 from gateway.streams import Durable, Replay, Stream
@@ -154,6 +154,7 @@ class Gateway:
         self.clients: set[Client] = set()
         self.producer_sessions: dict[str, ProducerSession] = {}
         self.session_owners: dict[str, Client] = {}
+        self.groups: dict[tuple[frozenset[str], bool], LiveGroup] = {}
         self.numbers = itertools.count(1)
         self.accepted = 0
         self.closed = {reason: 0 for reason in CLOSE_REASONS}
@@ -494,9 +495,8 @@ class Gateway:
     async def _forget(self, client: Client) -> None:
         self.clients.discard(client)
         self.messages_sent_closed += client.sent_messages
-        for prefix in client.live:
-            self.feed.index.remove(prefix, client)
         client.live.clear()
+        self._regroup(client)
         for stream in list(client.streams.values()):
             await self._end_stream(stream)
         client.streams.clear()
@@ -590,18 +590,39 @@ class Gateway:
     def _subscribe(self, client: Client, args: dict[str, Any]) -> Any:
         prefixes = [p for p in self._prefixes(client, args) if p not in client.live]
         self._prefixes(client, args, adding=len(prefixes))
-        for prefix in prefixes:
-            client.live.add(prefix)
-            self.feed.index.add(prefix, client)
+        client.live.update(prefixes)
+        self._regroup(client)
         # The request's own prefixes, and how many it has: a reply no larger than its request.
         return {"stream": LIVE_STREAM, "prefixes": args["prefixes"], "count": len(client.live)}
 
     def _unsubscribe(self, client: Client, args: dict[str, Any]) -> Any:
-        for prefix in self._prefixes(client, args):
-            if prefix in client.live:
-                client.live.discard(prefix)
-                self.feed.index.remove(prefix, client)
+        client.live.difference_update(self._prefixes(client, args))
+        self._regroup(client)
         return {"stream": LIVE_STREAM, "prefixes": args["prefixes"], "count": len(client.live)}
+
+    def _regroup(self, client: Client) -> None:
+        """Move the connection to the live group of its prefixes now (and its
+        kind of frames), leaving the old one, which goes once empty."""
+        key = (frozenset(client.live), bool(client.binary))
+        old = client.group
+        if old is not None and old.key == key:
+            return
+        if old is not None:
+            old.members.discard(client)
+            if not old.members:
+                for prefix in old.key[0]:
+                    self.feed.index.remove(prefix, old)
+                del self.groups[old.key]
+        client.group = None
+        if not client.live:
+            return
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = LiveGroup(key, self.aio)
+            for prefix in key[0]:
+                self.feed.index.add(prefix, group)
+        group.members.add(client)
+        client.group = group
 
     def _new_stream_id(self, client: Client, args: dict[str, Any]) -> int:
         stream_id = _int_arg(args, "stream", 1, STREAM_ID_MAX, required=True)
@@ -802,6 +823,7 @@ class Gateway:
                                 "closed": dict(self.closed)},
                 "live": {"received": self.feed.received, "invalid": self.feed.invalid,
                          "matched": self.feed.delivered, "prefixes": len(self.feed.index.sinks),
+                         "groups": len(self.groups),
                          "last_commit_id": self.feed.last_commit_id,
                          "gave_up": self.feed.gave_up()},
                 "messages_sent": self.messages_sent_closed + sum(c.sent_messages
