@@ -417,7 +417,10 @@ class Gateway:
             log.exception("connection_failed", peer=client.peer, token=client.token_name)
         finally:
             if client.close_task is not None:  # closed with its code before the handler ends
-                await client.close_task
+                try:
+                    await client.close_task
+                except Exception:  # the peer gone meanwhile: what it held is forgotten below
+                    pass
             await self._forget(client)
             sender.cancel()
             try:
