@@ -53,6 +53,7 @@ from gateway import frames
 from gateway.health import gateway_health
 from gateway.clients import (CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_PROTOCOL_ERROR,
                              CLOSE_TRY_AGAIN_LATER, LIVE_STREAM, Client)
+from gateway.frames import Encoded
 from gateway.live import LiveFeed, LiveGroup
 from gateway.overview import Overview
 from gateway.producers import Decision, ProducerSession, Submitted
@@ -435,7 +436,7 @@ class Gateway:
         ws = client.ws
         header = ws.request.headers.get("Authorization", "") if ws.request else ""
         secret = header[7:].strip() if header[:7].lower() == "bearer " else None
-        first: str | bytes | None = None
+        request: dict[str, Any] | None = None
         if secret is None and self.tokens.required:
             try:
                 first = await asyncio.wait_for(ws.recv(), AUTH_TIMEOUT_S)
@@ -454,23 +455,17 @@ class Gateway:
                              "{\"op\": \"auth\", \"token\": ...} (or an Authorization header)")
                 return False
             secret = request.get("token")
-            found = self.tokens.lookup(secret)
-            if found is None:
-                self._refuse(client, "bad_token", "not a token of this gateway")
-                return False
-            client.token_hash, client.token_name = found[0], found[1].name
-            client.token = found[1]
-            if not self._token_has_room(client, found[1]):
-                return False
-            client.reply(request.get("id"), self._whoami(client, {"_token": found[1]}))
-            return True
         found = self.tokens.lookup(secret)
         if found is None:
             self._refuse(client, "bad_token", "not a token of this gateway")
             return False
-        client.token_hash, client.token_name = found[0], found[1].name
-        client.token = found[1]
-        return self._token_has_room(client, found[1])
+        client.token_hash, client.token = found
+        client.token_name = client.token.name
+        if not self._token_has_room(client, client.token):
+            return False
+        if request is not None:  # the first frame's auth is answered as any request
+            client.reply(request.get("id"), self._whoami(client, {"_token": client.token}))
+        return True
 
     def _token_has_room(self, client: Client, token: Any) -> bool:
         if not self.tokens.required:  # one anonymous identity: BUS_GATEWAY_MAX_CONNECTIONS alone
@@ -825,6 +820,7 @@ class Gateway:
         return {"connections": {"open": len(self.clients), "accepted": self.accepted,
                                 "closed": dict(self.closed)},
                 "live": {"received": self.feed.received, "invalid": self.feed.invalid,
+                         "unencodable": Encoded.unencodable, "delivery_failures": self.feed.failed,
                          "matched": self.feed.delivered, "prefixes": len(self.feed.index.sinks),
                          "groups": len(self.groups),
                          "last_commit_id": self.feed.last_commit_id,
@@ -841,9 +837,6 @@ class Gateway:
                 "memory": {"rss": self.memory.rss, "limit": self.memory.limit},
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
                 "listen": getattr(self, "address", None), "build": build_info()}
-
-    def stats(self) -> dict[str, Any]:
-        return self.snapshot()
 
     def shutdown(self) -> None:
         aio = getattr(self, "aio", None)
