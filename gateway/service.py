@@ -564,10 +564,9 @@ class Gateway:
                              "token a connection (open another for another token)")
         return {"token": token.name, "lists": list(token.lists)}
 
-    def _prefixes(self, client: Client, args: dict[str, Any], adding: int = 0) -> list[str]:
+    def _prefixes(self, client: Client, args: dict[str, Any]) -> list[str]:
         """The request's readable prefixes: a list of 1-64 strings, each within
-        the token's `read` prefixes, the connection's total within
-        BUS_GATEWAY_MAX_PREFIXES."""
+        the token's `read` prefixes."""
         prefixes = args.get("prefixes")
         if not (isinstance(prefixes, list) and 0 < len(prefixes) <= 64
                 and all(isinstance(p, str) and "\x00" not in p and len(p) <= 1024
@@ -579,15 +578,19 @@ class Gateway:
             if not token.may_read(prefix):
                 raise Failed(protocol.FORBIDDEN, f"token {token.name!r} may not read "
                              f"{prefix!r} (its prefixes: {', '.join(map(repr, token.read))})")
+        return list(dict.fromkeys(prefixes))
+
+    def _room_for(self, client: Client, adding: int) -> None:
+        """The connection's prefixes, live and in its streams, stay within
+        BUS_GATEWAY_MAX_PREFIXES with `adding` more."""
         held = len(client.live) + sum(len(s.prefixes) for s in client.streams.values())
-        if adding and held + adding > self.config.gateway_max_prefixes:
+        if held + adding > self.config.gateway_max_prefixes:
             raise Failed(protocol.BAD_REQUEST, f"a connection subscribes to at most "
                          f"{self.config.gateway_max_prefixes} prefixes (BUS_GATEWAY_MAX_PREFIXES)")
-        return list(dict.fromkeys(prefixes))
 
     def _subscribe(self, client: Client, args: dict[str, Any]) -> Any:
         prefixes = [p for p in self._prefixes(client, args) if p not in client.live]
-        self._prefixes(client, args, adding=len(prefixes))
+        self._room_for(client, len(prefixes))
         client.live.update(prefixes)
         self._regroup(client)
         # The request's own prefixes, and how many it has: a reply no larger than its request.
@@ -651,7 +654,7 @@ class Gateway:
     def _replay(self, client: Client, args: dict[str, Any]) -> Any:
         stream_id = self._new_stream_id(client, args)
         prefixes = self._prefixes(client, args)
-        self._prefixes(client, args, adding=len(prefixes))
+        self._room_for(client, len(prefixes))
         after_id, since_ns = self._start_from(args)
         stream = Replay(*self._stream_parts(client, stream_id, prefixes), after_id=after_id,
                         since_ns=since_ns)
@@ -664,7 +667,7 @@ class Gateway:
     def _consume(self, client: Client, args: dict[str, Any]) -> Any:
         stream_id = self._new_stream_id(client, args)
         prefixes = self._prefixes(client, args)
-        self._prefixes(client, args, adding=len(prefixes))
+        self._room_for(client, len(prefixes))
         name = args.get("consumer")
         if not (isinstance(name, str) and 0 < len(name) <= CONSUMER_MAX_CHARS
                 and name.isprintable()):
